@@ -1,0 +1,62 @@
+"""Where fly-vault keeps its files, per the XDG base directory spec (Linux) or macOS conventions.
+
+The original put the config under ``~/Library/Application Support`` on macOS while its docs
+said ``~/.config`` (flaw B11). We use ``$XDG_CONFIG_HOME`` or ``~/.config`` on every platform,
+which is what the docs say and what users of CLI tools expect.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from flyvault.errors import ConfigError
+
+APP_DIR = "fly-vault"
+
+
+def _home() -> Path:
+    home = os.environ.get("HOME")
+    if home:
+        return Path(home)
+    try:
+        return Path.home()
+    except RuntimeError as exc:  # no HOME and no passwd entry
+        raise ConfigError(
+            "unable to determine the home directory",
+            hint="set HOME (or XDG_CONFIG_HOME / XDG_CACHE_HOME / XDG_DATA_HOME)",
+        ) from exc
+
+
+def _xdg(var: str, default: str) -> Path:
+    value = os.environ.get(var)
+    # The spec says relative values are invalid and must be ignored.
+    if value and os.path.isabs(value):
+        return Path(value)
+    return _home() / default
+
+
+def config_dir() -> Path:
+    return _xdg("XDG_CONFIG_HOME", ".config") / APP_DIR
+
+
+def config_file() -> Path:
+    override = os.environ.get("FLY_VAULT_CONFIG")
+    if override:
+        return Path(override).expanduser()
+    return config_dir() / "config.toml"
+
+
+def cache_dir() -> Path:
+    if sys.platform == "darwin" and not os.environ.get("XDG_CACHE_HOME"):
+        return _home() / "Library" / "Caches" / APP_DIR
+    return _xdg("XDG_CACHE_HOME", ".cache") / APP_DIR
+
+
+def data_dir() -> Path:
+    return _xdg("XDG_DATA_HOME", ".local/share") / APP_DIR
+
+
+def state_dir() -> Path:
+    return _xdg("XDG_STATE_HOME", ".local/state") / APP_DIR
