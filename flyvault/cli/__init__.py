@@ -1,0 +1,1 @@
+"""The fly-vault command line."""

@@ -1,0 +1,114 @@
+"""``fly-vault`` entry point.
+
+Imports are lazy on purpose: ``--help``, usage errors and config errors must not load QUIC
+or crypto (a cold Python CLI spends most of its start-up importing them, and ``exec`` has
+to beat ``ssh host true``). Each command's module is imported only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+EXIT_CODES_HELP = """\
+exit codes:
+  0   success (exec/connect: the remote command's own code, 0-255)
+  1   other fly-vault error          2   usage error (bad flag or argument)
+  3   config error                   4   vault unreachable / connection lost
+  5   attestation failed (token not sent)
+  6   access token refused           7   protocol error
+  8   provisioning failed            9   not found (e.g. exec session)
+  10  other error reported by the vault
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fly-vault",
+        description="Attested remote development VMs on Fly.io.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--log-file",
+        default=os.environ.get("FLY_VAULT_LOG_FILE"),
+        help="also write JSON debug logs to this file (env FLY_VAULT_LOG_FILE)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="check a vault step by step: config, QUIC, attestation, access token",
+        description="Check a vault step by step and say what to fix. The exit code names "
+        "the failed step (3 config, 4 unreachable, 5 attestation, 6 token, 7 protocol).",
+    )
+    doctor.add_argument("vault", help="name of a [vault.NAME] entry in the config")
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+    doctor.set_defaults(run=_lazy("flyvault.cli.doctor", "run"))
+
+    local = commands.add_parser(
+        "local",
+        help="run a local dev vault on 127.0.0.1 (the embedded default)",
+        description="Start, stop or inspect the local dev vault: an init server on "
+        "127.0.0.1 with local stand-ins for Fly's OIDC issuer and API socket. 'up' adds "
+        "[vault.local] to the config without touching other entries.",
+    )
+    local_commands = local.add_subparsers(dest="local_command", metavar="ACTION", required=True)
+    up = local_commands.add_parser("up", help="start the local vault (idempotent)")
+    up.add_argument("--port", type=int, default=0, help="UDP port (default: any free port)")
+    up.add_argument("--name", default="local", help="config entry name (default: local)")
+    local_commands.add_parser("down", help="stop the local vault")
+    status = local_commands.add_parser("status", help="is it running, where, in which mode")
+    status.add_argument("--json", action="store_true")
+    local.set_defaults(run=_lazy("flyvault.cli.local", "run"))
+    return parser
+
+
+def _lazy(module: str, attribute: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        function: Callable[[argparse.Namespace], int] = getattr(
+            importlib.import_module(module), attribute
+        )
+        return function(args)
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from flyvault import __version__
+
+        print(f"fly-vault {__version__}")
+        return 0
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    from flyvault.cli.output import configure_logging, report_error
+    from flyvault.errors import VaultError
+
+    configure_logging(args.log_file, args.verbose)
+    try:
+        code: int = args.run(args)
+        return code
+    except VaultError as exc:
+        report_error(exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("fly-vault: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    raise SystemExit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,234 @@
+"""Open an attested, authenticated connection to a vault.
+
+The order is the security property: QUIC handshake, then the attestation JWT is verified
+against *this* connection's TLS exporter, the org/app/machine in the config and the issuer's
+keys — and only after every check passed is the access token sent. Nothing cached can skip
+a check; the caches only save network round trips (JWKS) or record history (fingerprints).
+
+No printing here: progress goes to an optional ``ConnectObserver`` (the CLI's spinner and
+``doctor`` use it; the MCP server turns it into progress notifications).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from flyvault.config import VaultConfig
+from flyvault.errors import (
+    AttestationError,
+    ConnectionLost,
+    RemoteProtocolError,
+    TransportError,
+    VaultError,
+)
+from flyvault.protocol.constants import (
+    CHANNEL_BINDING_LABEL,
+    CHANNEL_BINDING_LENGTH,
+    RuntimeStatus,
+    StreamTag,
+    VmState,
+)
+from flyvault.protocol.control import (
+    AttestationReceived,
+    ControlClient,
+    ControlEvent,
+    ErrorReceived,
+    ProgressReported,
+    SetupCompleted,
+)
+from flyvault.protocol.messages import Attestation, RootfsNone, SetupRequest
+from flyvault.transport import QuicChannel, QuicStream, TransportSettings, connect
+
+# Step names, in order; doctor prints them and maps a failure to its exit code.
+STEP_RESOLVE = "resolve"
+STEP_HANDSHAKE = "handshake"
+STEP_ATTEST = "attestation"
+STEP_AUTH = "authenticate"
+
+
+class ConnectObserver(Protocol):
+    def step_started(self, step: str, detail: str) -> None: ...
+
+    def step_finished(self, step: str, elapsed: float, detail: str) -> None: ...
+
+    def step_failed(self, step: str, elapsed: float, error: VaultError) -> None: ...
+
+
+class _NullObserver:
+    def step_started(self, step: str, detail: str) -> None:
+        pass
+
+    def step_finished(self, step: str, elapsed: float, detail: str) -> None:
+        pass
+
+    def step_failed(self, step: str, elapsed: float, error: VaultError) -> None:
+        pass
+
+
+@dataclass
+class VaultConnection:
+    """An authenticated connection. Open streams with ``open_stream``."""
+
+    vault: VaultConfig
+    channel: QuicChannel
+    attestation: Attestation
+    claims: object
+    fingerprint: str
+    vm_state: VmState
+    runtime_status: RuntimeStatus
+    boot_id: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def open_stream(self, tag: StreamTag) -> QuicStream:
+        stream = self.channel.open_stream()
+        stream.write(bytes((tag,)))
+        return stream
+
+    @property
+    def is_closed(self) -> bool:
+        return self.channel.is_closed
+
+    def close(self) -> None:
+        """Close at once (no drain wait): right for one-shot commands."""
+        self.channel.close_now()
+
+
+def announce_issuer_override(vault: VaultConfig, stream: object = None) -> None:
+    """The dev-only issuer override is always announced on stderr."""
+    if vault.is_issuer_overridden:
+        out = stream if stream is not None else sys.stderr
+        print(
+            f"fly-vault: vault '{vault.name}' uses the development OIDC issuer "
+            f"{vault.issuer_base_url()} instead of Fly's; this is not a Fly attestation",
+            file=out,  # type: ignore[arg-type]
+        )
+
+
+async def open_vault(
+    vault: VaultConfig,
+    *,
+    observer: ConnectObserver | None = None,
+    settings: TransportSettings | None = None,
+    verifier_factory: Callable[[VaultConfig], object] | None = None,
+) -> VaultConnection:
+    """Connect, verify the attestation, then authenticate. Raises a ``VaultError``."""
+    from flyvault.attest import AttestationCache, AttestationVerifier, JwksCache
+
+    obs: ConnectObserver = observer or _NullObserver()
+    timings: dict[str, float] = {}
+
+    async def run_step(name: str, detail: str, action):  # type: ignore[no-untyped-def]
+        obs.step_started(name, detail)
+        started = time.perf_counter()
+        try:
+            result, done_detail = await action()
+        except VaultError as exc:
+            obs.step_failed(name, time.perf_counter() - started, exc)
+            raise
+        elapsed = time.perf_counter() - started
+        timings[name] = elapsed
+        obs.step_finished(name, elapsed, done_detail)
+        return result
+
+    host, port = vault.host_port()
+
+    async def do_handshake() -> tuple[QuicChannel, str]:
+        channel = await connect(host, port, settings)
+        return channel, f"QUIC to {host}:{port} (ALPN {channel.quic.negotiated_alpn})"
+
+    channel: QuicChannel = await run_step(STEP_HANDSHAKE, f"{host}:{port}", do_handshake)
+    try:
+        certificate = channel.quic.peer_certificate_der()
+        if certificate is None:
+            raise AttestationError("the server presented no certificate")
+        fingerprint = hashlib.sha256(certificate).hexdigest()
+        control = ControlClient()
+        stream = channel.open_stream()
+        stream.write(bytes((StreamTag.CONTROL,)))
+        cache = AttestationCache()
+        verifier = AttestationVerifier(
+            vault.org,
+            vault.app,
+            vault.machine_id,
+            issuer_base=vault.issuer_base_url(),
+            jwks=JwksCache(cache=cache),
+        )
+
+        async def do_attest() -> tuple[tuple[Attestation, object], str]:
+            control.request_attestation()
+            stream.write(control.data_to_send())
+            event = await _next_event(control, stream)
+            if isinstance(event, ErrorReceived):
+                raise event.error.to_exception()
+            if not isinstance(event, AttestationReceived):
+                raise RemoteProtocolError(f"expected an attestation, got {type(event).__name__}")
+            attestation = event.attestation
+            audience = channel.export_keying_material(
+                CHANNEL_BINDING_LABEL, CHANNEL_BINDING_LENGTH
+            ).hex()
+            claims = await verifier.verify(attestation.jwt, audience=audience)
+            cache.record_verified(vault.org, vault.app, claims.machine_id, fingerprint)
+            detail = (
+                f"app {claims.app_name}, machine {claims.machine_id}"
+                f"{' in ' + claims.region if claims.region else ''}; "
+                f"{attestation.vm_state.name.lower()}, runtime "
+                f"{attestation.runtime_status.name.lower().replace('_', ' ')}"
+            )
+            return (attestation, claims), detail
+
+        attestation, claims = await run_step(STEP_ATTEST, vault.issuer_base_url(), do_attest)
+
+        # Only now, with the attestation verified, does the token leave this machine.
+        token = vault.require_access_token()
+
+        async def do_auth() -> tuple[SetupCompleted, str]:
+            control.send_setup(SetupRequest(token, RootfsNone()))
+            stream.write(control.data_to_send())
+            while True:
+                event = await _next_event(control, stream)
+                if isinstance(event, ProgressReported):
+                    continue
+                if isinstance(event, ErrorReceived):
+                    raise event.error.to_exception()
+                if isinstance(event, SetupCompleted):
+                    stream.write_eof()
+                    return event, "access token accepted"
+                raise RemoteProtocolError(f"unexpected {type(event).__name__} during setup")
+
+        completed: SetupCompleted = await run_step(STEP_AUTH, "access token", do_auth)
+    except BaseException:
+        channel.close_now()
+        raise
+    return VaultConnection(
+        vault=vault,
+        channel=channel,
+        attestation=attestation,
+        claims=claims,
+        fingerprint=fingerprint,
+        vm_state=completed.complete.vm_state,
+        runtime_status=completed.complete.runtime_status,
+        boot_id=completed.complete.boot_id,
+        timings=timings,
+    )
+
+
+async def _next_event(control: ControlClient, stream: QuicStream) -> ControlEvent:
+    while True:
+        event = control.next_event()
+        if event is not None:
+            return event
+        try:
+            data = await stream.read()
+        except ConnectionLost:
+            raise
+        except TransportError as exc:
+            raise ConnectionLost(f"control stream failed: {exc}") from None
+        if data:
+            control.receive_data(data)
+        else:
+            control.receive_eof()

@@ -1,0 +1,588 @@
+"""The user's config file: ``[vault.<name>]`` tables in ``~/.config/fly-vault/config.toml``.
+
+Unlike the original (which silently ignored unknown keys, reference §8.2), every key is
+checked: a typo such as ``adress`` would otherwise surface much later as a confusing
+"missing address". Relational rootfs rules stay lazy as in the original (§8.3): a vault
+that is already provisioned must keep working even while both rootfs keys are set.
+
+The file holds access tokens, so no error text built here ever contains one. Pydantic puts
+input values into its messages; we never show them, format every problem ourselves, and
+finally scrub any configured token string out of the text in case one was pasted into
+another key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fcntl
+import ipaddress
+import os
+import re
+import stat
+import tempfile
+import tomllib
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import tomli_w
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from flyvault import paths
+from flyvault.errors import ConfigError
+
+DEFAULT_ISSUER_BASE_URL = "https://oidc.fly.io"
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+_HOST_RE = re.compile(r"[A-Za-z0-9_.-]+")  # DNS name or IPv4 literal; IPv6 goes in brackets
+_ADDRESS_FORM = "HOST:PORT or [IPV6]:PORT, e.g. my-app.fly.dev:443"
+_FORWARD_FORM = "LOCAL_PORT:HOST:REMOTE_PORT, e.g. 8080:localhost:80"
+_EXAMPLE = """[vault.NAME]
+address = "my-app.fly.dev:443"
+org = "my-org"
+app = "my-app"
+access_token = "..."\
+"""
+# TOML names of the types tomllib produces (float, datetime, date, time match already).
+_TOML_TYPES = {str: "string", bool: "boolean", int: "integer", list: "array", dict: "table"}
+
+
+def _show(text: str) -> str:
+    # repr() escapes control characters (no terminal tricks from a config value) and quotes.
+    return repr(text if len(text) <= 80 else text[:77] + "...")
+
+
+def _ref(name: str) -> str:
+    # A dotted name must be quoted in TOML, so show the table header the user has to write.
+    return f"[vault.{name}]" if "." not in name else f'[vault."{name}"]'
+
+
+def _port(text: str, what: str) -> int:
+    if not text:
+        raise ValueError(f"{what} is empty")
+    # isdigit() alone accepts '²'; int() alone accepts '+1', ' 1' and '1_0'.
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"{what} {_show(text)} is not a number")
+    digits = text.lstrip("0") or "0"
+    # Check the length first: int() of a huge digit string raises past 4300 digits.
+    if len(digits) > 5 or not 1 <= int(digits) <= 65535:
+        raise ValueError(f"{what} {text} is out of range 1-65535")
+    return int(digits)
+
+
+def _host(text: str) -> str:
+    """Validate a host as written (IPv6 in brackets) and return it without brackets."""
+    if text.startswith("["):
+        inner = text[1:-1]
+        try:
+            ipaddress.IPv6Address(inner)
+        except ValueError:
+            raise ValueError(f"{_show(inner)} is not a valid IPv6 address") from None
+        return inner
+    if not text:
+        raise ValueError("host is empty")
+    if ":" in text:
+        raise ValueError("an IPv6 host must be written in brackets, e.g. [::1]")
+    if not _HOST_RE.fullmatch(text):
+        raise ValueError(f"host {_show(text)} has characters not allowed in a host name")
+    return text
+
+
+def _split_host_port(text: str) -> tuple[str, str]:
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError("'[' without a closing ']'")
+        if not text[end + 1 :].startswith(":"):
+            raise ValueError("expected ':PORT' after ']'")
+        return text[: end + 1], text[end + 2 :]
+    if ":" not in text:
+        raise ValueError("missing ':PORT'")
+    host, _, port = text.rpartition(":")
+    return host, port
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """Parse ``host:port`` or ``[v6]:port``; the host is returned without brackets."""
+    try:
+        host, port = _split_host_port(text)
+        return _host(host), _port(port, "port")
+    except ValueError as exc:
+        raise ConfigError(
+            f"invalid address {_show(text)}: {exc}; expected {_ADDRESS_FORM}"
+        ) from None
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+@dataclass(frozen=True)
+class ForwardSpec:
+    """Listen on 127.0.0.1:``local_port`` and tunnel each connection to ``host:remote_port``."""
+
+    local_port: int
+    host: str
+    remote_port: int
+
+    def __post_init__(self) -> None:
+        # Checked here too so a spec built in code holds the same invariants as a parsed one.
+        for what, port in (("local port", self.local_port), ("remote port", self.remote_port)):
+            if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+                raise ConfigError(f"invalid forward spec: {what} {port!r} is out of range 1-65535")
+        try:
+            _host(_bracket(self.host) if isinstance(self.host, str) else "")
+        except ValueError as exc:
+            raise ConfigError(f"invalid forward spec: {exc}") from None
+
+    @property
+    def target(self) -> str:
+        """``host:port`` as sent to the server (IPv6 bracketed)."""
+        return f"{_bracket(self.host)}:{self.remote_port}"
+
+    def __str__(self) -> str:
+        return f"{self.local_port}:{self.target}"
+
+
+def parse_forward_spec(text: str) -> ForwardSpec:
+    """Parse ``L:host:R`` or ``L:[v6]:R``."""
+    local, sep, rest = text.partition(":")
+    if not sep or (":" not in rest):
+        raise ConfigError(f"invalid forward spec {_show(text)}: expected {_FORWARD_FORM}")
+    try:
+        host, remote = _split_host_port(rest)
+        spec = (_port(local, "local port"), _host(host), _port(remote, "remote port"))
+    except ValueError as exc:
+        raise ConfigError(
+            f"invalid forward spec {_show(text)}: {exc}; expected {_FORWARD_FORM}"
+        ) from None
+    return ForwardSpec(*spec)
+
+
+@dataclass(frozen=True)
+class RootfsFile:
+    path: Path
+
+
+@dataclass(frozen=True)
+class RootfsUrl:
+    url: str
+
+
+def _check_http_url(url: str, key: str) -> str:
+    """Return the host. Never echoes the URL: a presigned URL carries a credential."""
+    # urlsplit silently drops tabs and newlines, but the raw string is what gets sent.
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise ValueError(f"{key} must not contain spaces or control characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError on a bad port
+    except ValueError:
+        raise ValueError(f"{key} is not a valid URL") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{key} must use http or https scheme, got {parts.scheme or 'none'}")
+    if not parts.hostname or port == 0:
+        raise ValueError(f"{key} has no host" if not parts.hostname else f"{key} has port 0")
+    return parts.hostname
+
+
+def _check_issuer(url: str) -> None:
+    # Development only: a stand-in issuer on this machine. Anything else would let a config
+    # file silently redirect attestation to a server of someone else's choosing.
+    host = _check_http_url(url, "oidc_issuer_url")
+    parts = urlsplit(url)
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError("oidc_issuer_url must be a plain base URL (no credentials, ?query, #)")
+    loopback = host == "localhost"
+    with suppress(ValueError):
+        loopback = loopback or ipaddress.ip_address(host).is_loopback
+    if not loopback:
+        raise ValueError(
+            f"oidc_issuer_url is a development-only override and must point at a loopback "
+            f"address (127.0.0.0/8, ::1 or localhost), got host {_show(host)}"
+        )
+
+
+class VaultConfig(BaseModel):
+    """One ``[vault.<name>]`` table. Construction raises ConfigError, never ValidationError."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+    name: str
+    address: str
+    org: str
+    app: str
+    access_token: SecretStr | None = None
+    machine_id: str | None = None
+    forward: tuple[str, ...] = ()
+    rootfs: str | None = None
+    rootfs_url: str | None = None
+    oidc_issuer_url: str | None = None
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            name = data.get("name")
+            shown = name if isinstance(name, str) else "?"
+            problems = _describe(shown, exc)
+            # "from None": the ValidationError holds the raw input, token included.
+            raise ConfigError(_scrub("\n".join(problems), _tokens_in(data))) from None
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if not _NAME_RE.fullmatch(value):
+            raise ValueError(
+                f"invalid vault name {_show(value)}: use only letters, digits, '_', '.' and '-'"
+            )
+        return value
+
+    @field_validator("org", "app", "machine_id", "rootfs")
+    @classmethod
+    def _not_blank(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError(f"{info.field_name} must not be empty")
+        # org goes into the issuer URL path, app and machine_id are compared verbatim.
+        if info.field_name != "rootfs" and value and any(c.isspace() or c in "/?#%" for c in value):
+            raise ValueError(f"{info.field_name} must not contain spaces or any of / ? # %")
+        return value
+
+    @field_validator("address", "forward")
+    @classmethod
+    def _parses(cls, value: str | tuple[str, ...], info: ValidationInfo) -> str | tuple[str, ...]:
+        # pydantic turns only ValueError into a validation error; ConfigError would escape.
+        try:
+            if isinstance(value, str):
+                parse_address(value)
+            else:
+                for spec in value:
+                    parse_forward_spec(spec)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
+        return value
+
+    @field_validator("rootfs_url", "oidc_issuer_url")
+    @classmethod
+    def _valid_url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.field_name == "rootfs_url":
+            _check_http_url(value, "rootfs_url")
+        elif value is not None:
+            _check_issuer(value)
+        return value
+
+    def host_port(self) -> tuple[str, int]:
+        return parse_address(self.address)
+
+    def forwards(self) -> list[ForwardSpec]:
+        return [parse_forward_spec(spec) for spec in self.forward]
+
+    def require_access_token(self) -> str:
+        token = self.access_token.get_secret_value() if self.access_token else ""
+        if not token:
+            hint = f'set {_ref(self.name)} access_token = "..." in the config file'
+            raise ConfigError("access_token is required", hint=hint)
+        return token
+
+    def rootfs_source(self, purpose: Literal["cold boot", "reprovision"]) -> RootfsFile | RootfsUrl:
+        """The rootfs to send; only asked for when one is needed (cold boot or reprovision)."""
+        ref = _ref(self.name)
+        if self.rootfs is not None and self.rootfs_url is not None:
+            raise ConfigError(
+                "both rootfs and rootfs_url are set; configure exactly one",
+                hint=f"remove one of them from {ref}",
+            )
+        if self.rootfs_url is not None:
+            try:
+                _check_http_url(self.rootfs_url, "rootfs_url")
+            except ValueError as exc:
+                raise ConfigError(str(exc), hint=f"fix rootfs_url in {ref}") from None
+            return RootfsUrl(self.rootfs_url)
+        if self.rootfs is None:
+            raise ConfigError(
+                f"either rootfs path or rootfs_url is required for {purpose}",
+                hint=f'set rootfs = "~/rootfs.tar.gz" or rootfs_url = "https://..." in {ref}',
+            )
+        return RootfsFile(_readable_file(self.rootfs, ref))
+
+    @property
+    def is_issuer_overridden(self) -> bool:
+        return self.oidc_issuer_url is not None
+
+    def issuer_base_url(self) -> str:
+        """Base of the issuer URL; the issuer itself is ``<base>/<org>``."""
+        return (self.oidc_issuer_url or DEFAULT_ISSUER_BASE_URL).rstrip("/")
+
+    def to_toml(self) -> dict[str, Any]:
+        """The table as written to the file: token in plain text, defaults left out."""
+        table: dict[str, Any] = {}
+        for key in VAULT_KEYS:
+            value = getattr(self, key)
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            if value is not None and value != ():
+                table[key] = list(value) if isinstance(value, tuple) else value
+        return table
+
+
+# The keys a [vault.<name>] table may hold, in the order they are written back.
+VAULT_KEYS = tuple(key for key in VaultConfig.model_fields if key != "name")
+
+
+def _readable_file(raw: str, ref: str) -> Path:
+    # Only a leading "~/" is expanded, as in the original; "~user" and $VARS are literal.
+    path = paths._home() / raw[2:] if raw == "~" or raw.startswith("~/") else Path(raw)
+    hint = f"set rootfs in {ref} to an existing .tar.gz file, or use rootfs_url instead"
+    try:
+        # stat before open: opening a FIFO for reading would block.
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise ConfigError(f"rootfs file {path} is not a regular file", hint=hint)
+        with path.open("rb"):
+            pass
+    except FileNotFoundError:
+        raise ConfigError(f"rootfs file {path} not found", hint=hint) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"rootfs file {path} is not readable: {exc.strerror}", hint=hint
+        ) from None
+    return path
+
+
+def _type_name(value: object) -> str:
+    return _TOML_TYPES.get(type(value), type(value).__name__)
+
+
+def _unknown_key(key: str, where: str, known: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    suggestion = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown key {_show(key)} in {where}{suggestion}"
+
+
+def _describe(name: str, exc: ValidationError) -> list[str]:
+    """One line per problem, built from loc and type only: never from the input value."""
+    ref, out = _ref(name), []
+    for err in exc.errors(include_url=False):
+        loc = [str(part) for part in err["loc"]]
+        key = loc[0] if loc else "?"
+        if len(loc) > 1:
+            key = f"{key}[{loc[1]}]"
+        kind = err["type"]
+        if kind == "missing":
+            out.append(f"{ref} is missing required key {key!r}")
+        elif kind == "extra_forbidden":
+            out.append(_unknown_key(key, ref, VAULT_KEYS))
+        elif kind == "value_error":
+            out.append(f"{ref} {err['ctx']['error']}")
+        elif kind in ("string_type", "tuple_type", "list_type"):
+            want = "a string" if kind == "string_type" else "an array of strings"
+            out.append(f"{ref} {key} must be {want}, got {_type_name(err.get('input'))}")
+        else:  # pydantic's own msg names the rule, not the input
+            out.append(f"{ref} {key}: {err['msg']}")
+    return out
+
+
+def _tokens_in(table: Mapping[str, Any]) -> list[str]:
+    token = table.get("access_token")
+    if isinstance(token, SecretStr):
+        token = token.get_secret_value()
+    return [token] if isinstance(token, str) and token else []
+
+
+def _scrub(text: str, secrets: list[str]) -> str:
+    # Last line of defence: a token pasted into the wrong key would be echoed as that value.
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "<redacted>")
+    return text
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    vaults: dict[str, VaultConfig] = field(default_factory=dict)
+
+    def get(self, name: str) -> VaultConfig:
+        if name in self.vaults:
+            return self.vaults[name]
+        if self.vaults:
+            hint = "configured vaults: " + ", ".join(sorted(self.vaults))
+        else:
+            hint = f"no vaults are configured; add a table such as\n{_EXAMPLE}"
+        raise ConfigError(f"vault {name} not found in {self.path}", hint=hint)
+
+
+def _resolve(path: Path | None) -> Path:
+    return Path(path) if path is not None else paths.config_file()
+
+
+def _read_document(path: Path) -> dict[str, Any] | None:
+    """The parsed TOML document, or None when the file does not exist."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not valid UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib (3.11) puts the position in the text; pull it out to lead with it.
+        # Its messages quote keys and single characters, never values.
+        text = str(exc)
+        m = re.search(r"\s*\(at line (\d+), column (\d+)\)$", text)
+        where = f"line {m[1]}, column {m[2]}: " if m else ""
+        reason = text[: m.start()] if m else text
+        raise ConfigError(
+            f"config file {path} is not valid TOML: {where}{reason}",
+            hint="fix the syntax (see https://toml.io); strings need double quotes",
+        ) from None
+
+
+def _parse_document(doc: dict[str, Any], path: Path) -> dict[str, VaultConfig]:
+    vaults = doc.get("vault", {})
+    tables = vaults if isinstance(vaults, dict) else {}
+    secrets = [t for v in tables.values() if isinstance(v, dict) for t in _tokens_in(v)]
+    problems = [_unknown_key(k, "the top level", ("vault",)) for k in doc if k != "vault"]
+    if not isinstance(vaults, dict):
+        problems.append(f"'vault' must hold [vault.<name>] tables, got {_type_name(vaults)}")
+    result: dict[str, VaultConfig] = {}
+    for name, table in tables.items():
+        if not _NAME_RE.fullmatch(name):
+            problems.append(
+                f"invalid vault name {_show(name)}: use only letters, digits, '_', '.' and '-'"
+            )
+            continue
+        if not isinstance(table, dict):
+            problems.append(f"{_ref(name)} must be a table, got {_type_name(table)}")
+            continue
+        # Checked here rather than by pydantic so "name" (filled from the header) is refused too.
+        problems += [_unknown_key(k, _ref(name), VAULT_KEYS) for k in table if k not in VAULT_KEYS]
+        known = {k: v for k, v in table.items() if k in VAULT_KEYS}
+        try:
+            entry = VaultConfig(**known, name=name)
+        except ConfigError as exc:
+            problems += exc.message.splitlines()
+            continue
+        result[name] = entry
+    if problems:
+        hint = f"edit {path}"
+        if any(p.startswith("unknown key") for p in problems):
+            hint += "; keys of a [vault.<name>] table: " + ", ".join(VAULT_KEYS)
+        raise ConfigError(_scrub("\n".join(problems), secrets), hint=hint)
+    return result
+
+
+def load_config(path: Path | None = None, *, missing_ok: bool = False) -> Config:
+    """Read and validate the whole file; any broken entry is an error for every command."""
+    path = _resolve(path)
+    doc = _read_document(path)
+    if doc is None:
+        if missing_ok:
+            return Config(path)
+        raise ConfigError(
+            f"config file {path} not found", hint=f"create it with at least:\n{_EXAMPLE}"
+        )
+    return Config(path, _parse_document(doc, path))
+
+
+def load_vault(name: str, path: Path | None = None) -> VaultConfig:
+    return load_config(path).get(name)
+
+
+@contextmanager
+def _locked(target: Path) -> Iterator[None]:
+    # flock, unlike the original's O_EXCL lock file (B6), is released if we crash.
+    # The lock file is never deleted: unlinking it would let two writers lock different inodes.
+    lock = target.with_name(target.name + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(target: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o600)  # the file holds tokens, whatever the umask says
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+    # Make the rename itself durable; some filesystems refuse fsync on a directory.
+    with suppress(OSError):
+        dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _update(path: Path | None, change: Callable[[dict[str, Any]], bool]) -> bool:
+    """Run ``change(doc) -> bool`` under the lock; write the document back if it said so."""
+    # Write through a symlink (dotfile managers) rather than replacing it with a plain file.
+    target = Path(os.path.realpath(_resolve(path)))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with _locked(target):
+            try:  # a file we cannot parse is never overwritten
+                doc = _read_document(target) or {}
+            except ConfigError as exc:
+                hint = "fix the file by hand; it was left untouched"
+                raise ConfigError(f"{exc.message}; not modifying it", hint=hint) from None
+            if not isinstance(doc.get("vault", {}), dict):
+                raise ConfigError(f"'vault' in {target} is not a table; not modifying it")
+            if not change(doc):
+                return False
+            _write_atomic(target, tomli_w.dumps(doc).encode("utf-8"))
+            return True
+    except OSError as exc:
+        raise ConfigError(f"cannot write config file {target}: {exc.strerror}") from None
+
+
+def save_vault(entry: VaultConfig, path: Path | None = None) -> None:
+    """Add or replace ``[vault.<entry.name>]``, keeping everything else in the file.
+
+    Values are kept; comments and formatting are not (tomllib -> tomli-w round trip).
+    """
+
+    def change(doc: dict[str, Any]) -> bool:
+        doc.setdefault("vault", {})[entry.name] = entry.to_toml()
+        return True
+
+    _update(path, change)
+
+
+def remove_vault(name: str, path: Path | None = None) -> bool:
+    """Remove ``[vault.<name>]``; False (file untouched) if there was no such entry."""
+    if not _NAME_RE.fullmatch(name):
+        raise ConfigError(f"invalid vault name {_show(name)}")
+    if not _resolve(path).exists():
+        return False
+
+    def change(doc: dict[str, Any]) -> bool:
+        vaults = doc.get("vault", {})
+        if name not in vaults:
+            return False
+        del vaults[name]
+        if not vaults:  # no empty [vault] header left behind
+            del doc["vault"]
+        return True
+
+    return _update(path, change)

@@ -1,0 +1,240 @@
+"""Frame codec and the bounded primitive readers/writers every message is built from.
+
+Theory of operation: a ``FrameDecoder`` is fed arbitrary byte chunks (``feed``) and yields
+complete ``Frame`` objects (``next_frame``). The 5-byte header is parsed as soon as it is
+complete and the declared length is checked against the decoder's current limit *before*
+any payload byte is buffered, so a peer cannot make us allocate more than ``max_payload``
+plus one read chunk. The limit can be raised once the peer has authenticated.
+
+``PayloadReader`` parses a payload with strict bounds: every read checks the remaining
+length first and every failure is a ``RemoteProtocolError`` naming the field, never an
+``IndexError``, ``struct.error`` or ``UnicodeDecodeError``.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from flyvault.errors import LocalProtocolError, RemoteProtocolError
+from flyvault.protocol.constants import FRAME_HEADER_SIZE
+
+_HEADER = struct.Struct(">BI")
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One decoded frame: its type byte and its payload."""
+
+    type: int
+    payload: bytes
+
+
+def encode_frame(frame_type: int, payload: bytes = b"", *, max_payload: int | None = None) -> bytes:
+    """Encode one frame. Refuses payloads the u32 length cannot carry (flaw B5)."""
+    if not 0 <= frame_type <= 0xFF:
+        raise LocalProtocolError(f"frame type {frame_type} does not fit in a byte")
+    limit = 0xFFFFFFFF if max_payload is None else max_payload
+    if len(payload) > limit:
+        raise LocalProtocolError(
+            f"frame payload of {len(payload)} bytes exceeds the limit of {limit} bytes"
+        )
+    return _HEADER.pack(frame_type, len(payload)) + payload
+
+
+class FrameDecoder:
+    """Incremental decoder for ``u8 type | u32 length | payload`` frames."""
+
+    def __init__(self, max_payload: int) -> None:
+        self._buffer = bytearray()
+        self._max_payload = max_payload
+        self._eof = False
+
+    @property
+    def max_payload(self) -> int:
+        return self._max_payload
+
+    @max_payload.setter
+    def max_payload(self, value: int) -> None:
+        self._max_payload = value
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as frames."""
+        return len(self._buffer)
+
+    @property
+    def at_frame_boundary(self) -> bool:
+        return not self._buffer
+
+    def feed(self, data: bytes) -> None:
+        if self._eof and data:
+            raise RemoteProtocolError("data received after the end of the stream")
+        self._buffer += data
+        # Validate the header as soon as it is complete, so an oversized declaration is
+        # refused before its payload accumulates.
+        if len(self._buffer) >= FRAME_HEADER_SIZE:
+            self._check_header()
+
+    def feed_eof(self) -> None:
+        """The peer finished the stream. Raises if it stopped in the middle of a frame."""
+        self._eof = True
+
+    def next_frame(self) -> Frame | None:
+        """Return the next complete frame, or ``None`` if more data is needed.
+
+        Raises ``RemoteProtocolError`` for an oversized declaration or a frame truncated
+        by the end of the stream.
+        """
+        if len(self._buffer) < FRAME_HEADER_SIZE:
+            if self._eof and self._buffer:
+                raise RemoteProtocolError(
+                    f"stream ended inside a frame header ({len(self._buffer)} of "
+                    f"{FRAME_HEADER_SIZE} bytes)"
+                )
+            return None
+        frame_type, length = self._check_header()
+        end = FRAME_HEADER_SIZE + length
+        if len(self._buffer) < end:
+            if self._eof:
+                raise RemoteProtocolError(
+                    f"stream ended inside a frame (type 0x{frame_type:02x}, "
+                    f"{len(self._buffer) - FRAME_HEADER_SIZE} of {length} payload bytes)"
+                )
+            return None
+        payload = bytes(self._buffer[FRAME_HEADER_SIZE:end])
+        del self._buffer[:end]
+        return Frame(frame_type, payload)
+
+    @property
+    def finished(self) -> bool:
+        """True when the peer ended the stream and every frame has been returned."""
+        return self._eof and not self._buffer
+
+    def _check_header(self) -> tuple[int, int]:
+        frame_type, length = _HEADER.unpack_from(self._buffer, 0)
+        if length > self._max_payload:
+            raise RemoteProtocolError(
+                f"frame of type 0x{frame_type:02x} declares {length} bytes, more than the "
+                f"{self._max_payload} allowed here"
+            )
+        return frame_type, length
+
+
+class PayloadReader:
+    """Strict, bounded reader over one frame payload."""
+
+    def __init__(self, payload: bytes, what: str) -> None:
+        self._data = payload
+        self._offset = 0
+        self._what = what
+
+    @property
+    def remaining(self) -> int:
+        return len(self._data) - self._offset
+
+    def _take(self, size: int, field: str) -> bytes:
+        if size > self.remaining:
+            raise RemoteProtocolError(
+                f"{self._what}: {field} truncated (needs {size} bytes, {self.remaining} left)"
+            )
+        chunk = self._data[self._offset : self._offset + size]
+        self._offset += size
+        return chunk
+
+    def u8(self, field: str) -> int:
+        return self._take(1, field)[0]
+
+    def u16(self, field: str) -> int:
+        value: int = _U16.unpack(self._take(2, field))[0]
+        return value
+
+    def u32(self, field: str) -> int:
+        value: int = _U32.unpack(self._take(4, field))[0]
+        return value
+
+    def u64(self, field: str) -> int:
+        value: int = _U64.unpack(self._take(8, field))[0]
+        return value
+
+    def raw(self, size: int, field: str) -> bytes:
+        return self._take(size, field)
+
+    def blob(self, field: str, max_length: int) -> bytes:
+        """``u32 length | bytes`` with the length checked before the bytes are taken."""
+        length = self.u32(f"{field} length")
+        if length > max_length:
+            raise RemoteProtocolError(
+                f"{self._what}: {field} is {length} bytes, more than the {max_length} allowed"
+            )
+        return self._take(length, field)
+
+    def text(self, field: str, max_length: int) -> str:
+        data = self.blob(field, max_length)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RemoteProtocolError(f"{self._what}: {field} is not valid UTF-8") from None
+
+    def optional_text(self, field: str, max_length: int) -> str | None:
+        flag = self.u8(f"{field} flag")
+        if flag == 0:
+            return None
+        if flag != 1:
+            raise RemoteProtocolError(f"{self._what}: {field} flag must be 0 or 1, got {flag}")
+        return self.text(field, max_length)
+
+    def rest(self) -> bytes:
+        chunk = self._data[self._offset :]
+        self._offset = len(self._data)
+        return chunk
+
+    def end(self) -> None:
+        if self.remaining:
+            raise RemoteProtocolError(f"{self._what} has {self.remaining} trailing bytes")
+
+
+class PayloadWriter:
+    """Builds a payload; the counterpart of ``PayloadReader``."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+
+    def u8(self, value: int) -> PayloadWriter:
+        self._parts.append(bytes((value,)))
+        return self
+
+    def u16(self, value: int) -> PayloadWriter:
+        self._parts.append(_U16.pack(value))
+        return self
+
+    def u32(self, value: int) -> PayloadWriter:
+        self._parts.append(_U32.pack(value))
+        return self
+
+    def u64(self, value: int) -> PayloadWriter:
+        self._parts.append(_U64.pack(value))
+        return self
+
+    def raw(self, data: bytes) -> PayloadWriter:
+        self._parts.append(data)
+        return self
+
+    def blob(self, data: bytes) -> PayloadWriter:
+        if len(data) > 0xFFFFFFFF:
+            raise LocalProtocolError(f"field of {len(data)} bytes does not fit a u32 length")
+        return self.u32(len(data)).raw(data)
+
+    def text(self, value: str) -> PayloadWriter:
+        return self.blob(value.encode("utf-8"))
+
+    def optional_text(self, value: str | None) -> PayloadWriter:
+        if value is None:
+            return self.u8(0)
+        return self.u8(1).text(value)
+
+    def getvalue(self) -> bytes:
+        return b"".join(self._parts)

@@ -1,0 +1,103 @@
+"""Wire constants: stream tags, frame types, limits, versions and error codes.
+
+Integers on the wire are big-endian. Every stream starts with one tag byte written by the
+client, then carries frames of the form ``u8 type | u32 length | payload``. Frame type
+``0xFF`` is the error frame on every stream kind, so a refusal is never a silent close.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final
+
+#: The protocol this code speaks. Version 1 was the Rust original (ALPN ``h3``); version 2
+#: is this implementation: negotiated versions, coded error frames on every stream, bounded
+#: frames and a chunked rootfs upload. A peer outside the range gets a clear refusal.
+PROTOCOL_VERSION: Final = 2
+MIN_PROTOCOL_VERSION: Final = 2
+MAX_PROTOCOL_VERSION: Final = 2
+
+#: ALPN labels. The server accepts both: ``h3`` is what the original used as a bare label.
+ALPN_PROTOCOLS: Final = ("fly-vault", "h3")
+
+#: Label of the TLS exporter whose output is the attestation JWT's ``aud`` (hex encoded).
+CHANNEL_BINDING_LABEL: Final = b"fly-vault-channel-binding"
+CHANNEL_BINDING_LENGTH: Final = 32
+
+FRAME_HEADER_SIZE: Final = 5
+
+#: Largest payload accepted before the peer has authenticated. Enough for a setup request
+#: (token, URL, checksum) and an attestation (JWT), small enough that an anonymous peer can
+#: make us allocate nothing worth speaking of (flaw S4 of the original).
+MAX_PREAUTH_PAYLOAD: Final = 64 * 1024
+
+#: Largest payload accepted once the peer is authenticated (rootfs chunks, output chunks).
+MAX_PAYLOAD: Final = 1024 * 1024
+
+#: Size of the rootfs chunks the client sends (well under MAX_PAYLOAD).
+ROOTFS_CHUNK_SIZE: Final = 256 * 1024
+
+MAX_TOKEN_LENGTH: Final = 4096
+MAX_URL_LENGTH: Final = 8192
+MAX_JWT_LENGTH: Final = 32 * 1024
+MAX_MESSAGE_LENGTH: Final = 16 * 1024
+
+
+class StreamTag(enum.IntEnum):
+    """First byte of every client-opened bidirectional stream."""
+
+    CONTROL = 0x01
+    PORT_FORWARD = 0x02
+    CONSOLE = 0x03
+    EXEC_LIST = 0x04
+
+
+class ControlFrame(enum.IntEnum):
+    REQUEST_ATTESTATION = 0x01
+    ATTESTATION = 0x02
+    SETUP_REQUEST = 0x03
+    SETUP_COMPLETE = 0x04
+    ROOTFS_CHUNK = 0x06
+    ROOTFS_END = 0x07
+    PROGRESS = 0x08
+
+
+#: The error frame type, the same on every stream kind.
+ERROR_FRAME: Final = 0xFF
+
+
+class VmState(enum.IntEnum):
+    COLD = 0x00
+    READY = 0x01
+
+
+class RuntimeStatus(enum.IntEnum):
+    NOT_STARTED = 0x00
+    SYSTEM_INIT = 0x01
+    FALLBACK_INIT = 0x02
+    #: No namespaces: commands run directly on the host as the server's user (local dev
+    #: vault without root). Reported so that the client can say so.
+    HOST_MODE = 0x03
+
+
+class RootfsKind(enum.IntEnum):
+    NONE = 0x00
+    INLINE = 0x01
+    URL = 0x02
+
+
+class ErrorCode(enum.IntEnum):
+    """Codes of the error frame. Each maps to one exception class (see protocol.errors)."""
+
+    PROTOCOL = 1
+    VERSION_MISMATCH = 2
+    AUTH_FAILED = 3
+    RATE_LIMITED = 4
+    NOT_AUTHENTICATED = 5
+    PROVISION_FAILED = 6
+    ATTESTATION_UNAVAILABLE = 7
+    NOT_FOUND = 8
+    UNSUPPORTED = 9
+    INTERNAL = 10
+    BUSY = 11
+    INVALID_REQUEST = 12

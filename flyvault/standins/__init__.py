@@ -1,0 +1,12 @@
+"""Faithful local stand-ins for the parts of Fly.io that fly-vault talks to.
+
+Fly is not reachable from test and dev machines, so these run the real protocols on
+loopback: ``OidcIssuer`` (OIDC discovery + JWKS + token signing, like ``oidc.fly.io``) and
+``FlyApiSocket`` (the ``/.fly/api`` unix socket token endpoint inside a machine). Tests and the
+local dev vault use the same code; ``python -m flyvault.standins`` starts both.
+"""
+
+from flyvault.standins.flyapi import FlyApiSocket, MachineIdentity, fly_claims
+from flyvault.standins.oidc import OidcIssuer, SigningKey
+
+__all__ = ["FlyApiSocket", "MachineIdentity", "OidcIssuer", "SigningKey", "fly_claims"]

@@ -1,0 +1,1 @@
+"""fly-vault init: the QUIC server inside the Fly Machine."""

@@ -1,0 +1,381 @@
+"""The init server: QUIC connections, the control exchange, and per-stream dispatch.
+
+Per connection the server keeps one flag, ``authenticated``. The control stream sets it
+when a token matches; a later failed control exchange does NOT clear it (the original
+de-authenticated a working connection on any failed retry, flaw 13). Control streams run
+as their own tasks, never inline in an accept loop (flaw 10), and every refusal is an
+error frame on the stream concerned: unknown stream tags, streams opened before
+authentication, attestation failures (flaws 11 and 12).
+
+A connection that has not authenticated within ``auth_timeout`` seconds is closed, and at
+most ``MAX_PREAUTH_STREAMS`` streams may be open before authentication, so an anonymous
+peer holds only small, fixed resources.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from flyvault.errors import RemoteProtocolError, TransportError, VaultError
+from flyvault.protocol.codec import encode_frame
+from flyvault.protocol.constants import (
+    CHANNEL_BINDING_LABEL,
+    CHANNEL_BINDING_LENGTH,
+    ERROR_FRAME,
+    ErrorCode,
+    RuntimeStatus,
+    StreamTag,
+    VmState,
+)
+from flyvault.protocol.control import (
+    AttestationRequested,
+    ControlServer,
+    RootfsChunkReceived,
+    RootfsUploaded,
+    ServerState,
+    SetupRequested,
+    StreamEnded,
+    VersionRejected,
+)
+from flyvault.protocol.messages import (
+    ErrorMessage,
+    RootfsNone,
+    SetupComplete,
+    SetupRequest,
+)
+from flyvault.transport import QuicChannel, QuicListener, QuicStream, TransportSettings, listen
+from server.auth import AccessToken, FailureLimiter
+
+log = logging.getLogger("flyvault.server")
+
+MAX_PREAUTH_STREAMS = 4
+TAG_TIMEOUT = 10.0
+
+
+class Attestor(Protocol):
+    async def token(self, audience: str) -> str: ...
+
+
+@dataclass
+class ServerOptions:
+    listen_host: str = "::"
+    listen_port: int = 8443
+    data_dir: Path = Path("/data")
+    #: No namespaces and no rootfs: commands run on this host as this user (local vault).
+    host_mode: bool = False
+    auth_timeout: float = 30.0
+    max_connections: int = 256
+    transport: TransportSettings = field(
+        default_factory=lambda: TransportSettings(idle_timeout=60.0, keepalive_interval=5.0)
+    )
+
+
+class VaultState:
+    """Cold/Ready from the marker file, and the runtime's status and boot identity."""
+
+    def __init__(self, options: ServerOptions) -> None:
+        self.options = options
+        self.marker = options.data_dir / ".provisioned"
+        #: Changes whenever the workload runtime (re)starts; clients wait on it after a
+        #: reprovision instead of sleeping for a fixed time.
+        self.boot_id = uuid.uuid4().hex
+
+    def vm_state(self) -> VmState:
+        if self.options.host_mode or self.marker.exists():
+            return VmState.READY
+        return VmState.COLD
+
+    def runtime_status(self) -> RuntimeStatus:
+        if self.options.host_mode:
+            return RuntimeStatus.HOST_MODE
+        return RuntimeStatus.NOT_STARTED
+
+
+StreamHandler = Callable[["ServerConnection", QuicStream, bytes], Awaitable[None]]
+
+
+class VaultServer:
+    def __init__(
+        self,
+        options: ServerOptions,
+        token: AccessToken,
+        attestor: Attestor,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.options = options
+        self.token = token
+        self.attestor = attestor
+        self.state = VaultState(options)
+        self.limiter = FailureLimiter()
+        self.clock = clock
+        self.listener: QuicListener | None = None
+        #: Handlers for authenticated stream kinds; the shell/exec/forward modules add theirs.
+        self.handlers: dict[StreamTag, StreamHandler] = {}
+        self.connections: set[ServerConnection] = set()
+        self.failed_token_attempts = 0
+
+    async def start(self) -> QuicListener:
+        self.listener = await listen(
+            self.options.listen_host,
+            self.options.listen_port,
+            self._on_channel,
+            self.options.transport,
+            max_connections=self.options.max_connections,
+        )
+        return self.listener
+
+    def close(self) -> None:
+        for connection in list(self.connections):
+            connection.close()
+        if self.listener is not None:
+            self.listener.close()
+
+    def _on_channel(self, channel: QuicChannel) -> None:
+        connection = ServerConnection(self, channel)
+        self.connections.add(connection)
+
+
+class ServerConnection:
+    def __init__(self, server: VaultServer, channel: QuicChannel) -> None:
+        self.server = server
+        self.channel = channel
+        self.authenticated = False
+        self._preauth_streams = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.call_later(server.options.auth_timeout, self._auth_deadline)
+        channel.on_stream = self._on_stream
+        previous = channel.on_terminated
+
+        def terminated(ch: QuicChannel) -> None:
+            if previous is not None:
+                previous(ch)
+            self._closed()
+
+        channel.on_terminated = terminated
+
+    @property
+    def source(self) -> str:
+        address = self.channel.peer_address
+        return str(address[0]) if address else "unknown"
+
+    def close(self) -> None:
+        self.channel.close_now(reason="server shutting down")
+
+    def _closed(self) -> None:
+        self._deadline.cancel()
+        for task in self._tasks:
+            task.cancel()
+        self.server.connections.discard(self)
+
+    def _auth_deadline(self) -> None:
+        if not self.authenticated:
+            log.info("closing unauthenticated connection from %s (auth timeout)", self.source)
+            self.channel.close_now(error_code=0, reason="not authenticated in time")
+
+    def _on_stream(self, stream: QuicStream) -> None:
+        if not self.authenticated:
+            self._preauth_streams += 1
+            if self._preauth_streams > MAX_PREAUTH_STREAMS:
+                stream.abort()
+                return
+        task = asyncio.get_running_loop().create_task(self._serve_stream(stream))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve_stream(self, stream: QuicStream) -> None:
+        try:
+            first = await asyncio.wait_for(stream.read(), timeout=TAG_TIMEOUT)
+        except (TimeoutError, TransportError):
+            stream.abort()
+            return
+        if not first:
+            stream.write_eof()
+            return
+        tag, rest = first[0], first[1:]
+        try:
+            if tag == StreamTag.CONTROL:
+                await self._control(stream, rest)
+                return
+            if not self.authenticated:
+                await send_error(
+                    stream,
+                    ErrorCode.NOT_AUTHENTICATED,
+                    "this connection is not authenticated: complete the control exchange "
+                    "(attestation and access token) first",
+                )
+                return
+            handler = self.server.handlers.get(StreamTag(tag)) if tag in _TAGS else None
+            if handler is None:
+                await send_error(
+                    stream,
+                    ErrorCode.UNSUPPORTED,
+                    f"unknown stream type 0x{tag:02x}; this server speaks fly-vault protocol 2",
+                )
+                return
+            await handler(self, stream, rest)
+        except TransportError as exc:
+            log.debug("stream %d from %s ended: %s", stream.stream_id, self.source, exc)
+        except asyncio.CancelledError:
+            stream.abort()
+            raise
+        except Exception:
+            log.exception("stream handler failed for %s", self.source)
+            await send_error(stream, ErrorCode.INTERNAL, "internal server error (see init logs)")
+
+    # Control exchange ------------------------------------------------------------------
+
+    async def _control(self, stream: QuicStream, initial: bytes) -> None:
+        machine = ControlServer()
+        machine.receive_data(initial)
+        request: SetupRequest | None = None
+        while True:
+            try:
+                event = machine.next_event()
+            except RemoteProtocolError as exc:
+                log.info("control stream error from %s: %s", self.source, exc)
+                await _flush(stream, machine, end=True)
+                return
+            if event is None:
+                await _flush(stream, machine)
+                data = await stream.read()
+                if data:
+                    machine.receive_data(data)
+                else:
+                    machine.receive_eof()
+                continue
+            if isinstance(event, VersionRejected):
+                log.info(
+                    "refused protocol %d..%d from %s",
+                    event.client_min,
+                    event.client_max,
+                    self.source,
+                )
+                await _flush(stream, machine, end=True)
+                return
+            if isinstance(event, StreamEnded):
+                await _flush(stream, machine, end=True)
+                return
+            if isinstance(event, AttestationRequested):
+                await self._attest(machine)
+                if machine.state is ServerState.FAILED:
+                    await _flush(stream, machine, end=True)
+                    return
+            elif isinstance(event, SetupRequested):
+                request = event.request
+                if not self._check_token(machine, request):
+                    await _flush(stream, machine, end=True)
+                    return
+                if isinstance(request.rootfs, RootfsNone):
+                    await self._finish_setup(machine, request)
+                    await _flush(stream, machine, end=True)
+                    return
+                # A rootfs is coming (inline) or must be fetched (URL).
+                await self._provision(machine, request)
+                if machine.state in (ServerState.FAILED, ServerState.COMPLETE):
+                    await _flush(stream, machine, end=True)
+                    return
+            elif isinstance(event, RootfsChunkReceived | RootfsUploaded):
+                # Only reachable once provisioning accepts uploads.
+                machine.send_error(ErrorCode.PROTOCOL, "unexpected rootfs data")
+                await _flush(stream, machine, end=True)
+                return
+
+    async def _attest(self, machine: ControlServer) -> None:
+        audience = self.channel.export_keying_material(
+            CHANNEL_BINDING_LABEL, CHANNEL_BINDING_LENGTH
+        ).hex()
+        try:
+            jwt = await self.server.attestor.token(audience)
+        except VaultError as exc:
+            log.warning("attestation for %s failed: %s", self.source, exc)
+            machine.send_error(
+                ErrorCode.ATTESTATION_UNAVAILABLE, f"server cannot attest: {exc.message}"
+            )
+            return
+        state = self.server.state
+        machine.send_attestation(state.vm_state(), state.runtime_status(), state.boot_id, jwt)
+
+    def _check_token(self, machine: ControlServer, request: SetupRequest) -> bool:
+        server = self.server
+        now = server.clock()
+        wait = server.limiter.retry_after(self.source, now)
+        if wait > 0:
+            machine.send_error(
+                ErrorCode.RATE_LIMITED,
+                f"setup failed: too many wrong access tokens from {self.source}; "
+                f"retry in {wait:.0f} s",
+            )
+            return False
+        if not server.token.configured:
+            machine.send_error(
+                ErrorCode.AUTH_FAILED, "setup failed: no ACCESS_TOKEN configured on this machine"
+            )
+            return False
+        if not server.token.matches(request.access_token):
+            server.limiter.failed(self.source, now)
+            server.failed_token_attempts += 1
+            log.warning("wrong access token from %s", self.source)
+            machine.send_error(ErrorCode.AUTH_FAILED, "setup failed: access token verification failed")
+            return False
+        server.limiter.succeeded(self.source)
+        machine.accept_token()
+        return True
+
+    async def _finish_setup(self, machine: ControlServer, request: SetupRequest) -> None:
+        state = self.server.state
+        if state.vm_state() is VmState.COLD:
+            machine.send_error(
+                ErrorCode.PROVISION_FAILED,
+                "setup failed: cold boot requires a rootfs payload (set rootfs or rootfs_url "
+                "in the vault's config entry)",
+            )
+            return
+        self._authenticated()
+        machine.send_setup_complete(
+            SetupComplete(state.vm_state(), state.runtime_status(), state.boot_id)
+        )
+
+    async def _provision(self, machine: ControlServer, request: SetupRequest) -> None:
+        # Rootfs provisioning (streamed extraction, atomic activation, the namespaced
+        # runtime) is not part of this server yet: refuse clearly rather than pretend.
+        machine.send_error(
+            ErrorCode.PROVISION_FAILED,
+            "setup failed: this init server cannot provision a rootfs yet "
+            "(fly-vault 0.1 supports host-mode vaults and vaults already provisioned)",
+        )
+
+    def _authenticated(self) -> None:
+        if not self.authenticated:
+            self.authenticated = True
+            self._deadline.cancel()
+            log.info("connection from %s authenticated", self.source)
+
+
+_TAGS = {int(tag) for tag in StreamTag}
+
+
+async def _flush(stream: QuicStream, machine: ControlServer, *, end: bool = False) -> None:
+    data = machine.data_to_send()
+    try:
+        if data or end:
+            await stream.send(data, end_stream=end)
+    except TransportError:
+        pass
+
+
+async def send_error(stream: QuicStream, code: ErrorCode, message: str) -> None:
+    """Answer a stream with an error frame and finish it."""
+    with contextlib.suppress(TransportError):
+        await stream.send(
+            encode_frame(ERROR_FRAME, ErrorMessage(code, message).encode()), end_stream=True
+        )

@@ -1,0 +1,135 @@
+"""``fly-vault-init``: command line of the server that runs inside the Fly Machine."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+DEFAULT_LISTEN = "[::]:8443"
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fly-vault-init",
+        description="fly-vault init server: attested QUIC access to this machine.",
+    )
+    parser.add_argument(
+        "--listen",
+        default=os.environ.get("VAULT_LISTEN", DEFAULT_LISTEN),
+        help="UDP address to serve QUIC on, host:port or [v6]:port "
+        "(env VAULT_LISTEN; default %(default)s)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get("VAULT_DATA_DIR", "/data")),
+        help="the persistent volume (env VAULT_DATA_DIR; default %(default)s)",
+    )
+    parser.add_argument(
+        "--fly-api-socket",
+        default=os.environ.get("FLY_API_SOCKET", "/.fly/api"),
+        help="unix socket of the Fly platform API used to mint OIDC tokens "
+        "(env FLY_API_SOCKET; default %(default)s)",
+    )
+    parser.add_argument(
+        "--host-mode",
+        action="store_true",
+        help="run commands directly on this host as the current user, without a rootfs "
+        "or namespaces (the local dev vault); reported to clients in the attestation",
+    )
+    parser.add_argument(
+        "--ready-file",
+        type=Path,
+        help="write the bound address as JSON to this file once listening",
+    )
+    parser.add_argument("--log-level", default=os.environ.get("VAULT_LOG_LEVEL", "info"))
+    parser.add_argument("--log-format", choices=("json", "text"), default="json")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    if args.log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    from flyvault.config import parse_address
+    from flyvault.errors import VaultError
+
+    try:
+        host, port = parse_address(args.listen)
+    except VaultError as exc:
+        print(f"fly-vault-init: --listen: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_serve(args, host, port))
+    except VaultError as exc:
+        print(f"fly-vault-init: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+async def _serve(args: argparse.Namespace, host: str, port: int) -> int:
+    from server.app import ServerOptions, VaultServer
+    from server.attestation import FlyOidcAttestor
+    from server.auth import AccessToken
+
+    log = logging.getLogger("flyvault.server")
+    token = AccessToken.from_environment()
+    if not token.configured:
+        log.warning("ACCESS_TOKEN not set (or empty); every setup request will be refused")
+    options = ServerOptions(
+        listen_host=host, listen_port=port, data_dir=args.data_dir, host_mode=args.host_mode
+    )
+    attestor = FlyOidcAttestor(args.fly_api_socket)
+    server = VaultServer(options, token, attestor)
+    listener = await server.start()
+    bound_host, bound_port = listener.address
+    log.info(
+        "listening on %s:%d (data dir %s, %s)",
+        bound_host,
+        bound_port,
+        args.data_dir,
+        "host mode" if args.host_mode else "vm mode",
+    )
+    if args.ready_file:
+        tmp = args.ready_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"host": bound_host, "port": bound_port, "pid": os.getpid()}))
+        os.replace(tmp, args.ready_file)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    server.close()
+    await attestor.aclose()
+    return 0
+
+
+def entry() -> None:
+    raise SystemExit(main())
+
+
+if __name__ == "__main__":
+    entry()
