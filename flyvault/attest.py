@@ -44,8 +44,6 @@ from flyvault.paths import cache_dir
 
 logger = logging.getLogger("flyvault.attest")
 
-_T = TypeVar("_T")
-
 FLY_OIDC_BASE = "https://oidc.fly.io"
 ALGORITHM = "RS256"
 LEEWAY = 60.0  # seconds; jsonwebtoken's default, which the original relied on
@@ -54,7 +52,6 @@ CACHE_VERSION = 1
 
 _MAX_TOKEN_CHARS = 16 * 1024  # Fly tokens are ~1.2 KB; refuse absurd input before parsing
 _MAX_DOC_BYTES = 1024 * 1024  # cap discovery/JWKS bodies: a hostile issuer must not OOM us
-_MAX_REDIRECTS = 3
 _MIN_RSA_BITS = 2048
 _ORG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
@@ -66,25 +63,33 @@ _HINT_CLOCK = (
     "check this computer's clock (and the server's): fly-vault allows 60 s of skew; "
     "on Linux `timedatectl status`, on macOS `sntp -sS time.apple.com`"
 )
+_HINT_ISSUER = "the Fly OIDC issuer is failing or something rewrites its answers; retry later"
+_HINT_NET = "check the network, DNS and any HTTPS_PROXY setting: fly-vault must reach the issuer"
+_HINT_NOT_YOURS = "if it is right, this server is not your vault"
+
+_T = TypeVar("_T")
+
+
+def _err(message: str, hint: str = _HINT_FORGED) -> AttestationError:
+    return AttestationError(message, hint=hint)
 
 
 def _show(value: object, limit: int = 80) -> str:
-    """Render an untrusted value for an error message: printable, bounded, never huge."""
+    """Render an untrusted value for an error message: printable and bounded."""
     text = value if isinstance(value, str) and value.isprintable() else repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
-    default = {"http": 80, "https": 443}.get(url.scheme)
-    return (url.scheme, url.host, url.port or default)
-
-
-def _origin_text(url: str) -> str:
+def _origin(url: str) -> tuple[str, str, int | None]:
     u = httpx.URL(url)
-    return f"{u.scheme}://{u.netloc.decode('ascii', 'replace')}"
+    return (u.scheme, u.host, u.port or {"http": 80, "https": 443}.get(u.scheme))
 
 
-# -- claims --------------------------------------------------------------------------------
+def _same_origin(issuer: str, url: str) -> bool:
+    try:
+        return _origin(url) == _origin(issuer)
+    except (httpx.InvalidURL, TypeError, ValueError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -127,14 +132,14 @@ class JwksRecord:
     fetched_at: float
 
 
-class _CorruptCache(ValueError):
-    pass
-
-
 @dataclass
 class _CacheDoc:
     entries: list[CacheEntry]
     jwks: dict[str, JwksRecord]
+
+
+class _CorruptCache(ValueError):
+    pass
 
 
 def _parse_cache(raw: bytes) -> _CacheDoc:
@@ -145,56 +150,32 @@ def _parse_cache(raw: bytes) -> _CacheDoc:
     if not isinstance(doc, dict):
         raise _CorruptCache("top level is not an object")
     # The original wrote no "version"; its entries have the same shape, so accept them.
-    version = doc.get("version", CACHE_VERSION)
-    if version != CACHE_VERSION:
-        raise _CorruptCache(f"unsupported version {_show(version)}")
-    raw_entries = doc.get("entries", [])
-    raw_jwks = doc.get("jwks", {})
+    if doc.get("version", CACHE_VERSION) != CACHE_VERSION:
+        raise _CorruptCache(f"unsupported version {_show(doc.get('version'))}")
+    raw_entries, raw_jwks = doc.get("entries", []), doc.get("jwks", {})
     if not isinstance(raw_entries, list) or not isinstance(raw_jwks, dict):
         raise _CorruptCache("entries/jwks have the wrong type")
+    # One bad item (hand edit, older bug) must not cost the others: skip it.
     entries: list[CacheEntry] = []
     for item in raw_entries:
-        # One bad entry (hand edit, older bug) should not cost the others.
-        try:
-            entry = CacheEntry(
-                org=item["org"],
-                app=item["app"],
-                machine_id=item["machine_id"],
-                fingerprint=item["fingerprint"],
-                verified_at=int(item["verified_at"]),
-                last_seen_at=int(item["last_seen_at"]),
-            )
-        except (KeyError, TypeError, ValueError, OverflowError):
-            continue
-        if all(isinstance(v, str) for v in (entry.org, entry.app, entry.machine_id)) and (
-            isinstance(entry.fingerprint, str)
-        ):
-            entries.append(entry)
+        with contextlib.suppress(KeyError, TypeError, ValueError, OverflowError):
+            names = [item[k] for k in ("org", "app", "machine_id", "fingerprint")]
+            times = [int(item[k]) for k in ("verified_at", "last_seen_at")]
+            if all(isinstance(v, str) for v in names):
+                entries.append(CacheEntry(*names, *times))
     jwks: dict[str, JwksRecord] = {}
     for issuer, item in raw_jwks.items():
-        try:
-            keys = item["keys"]
-            record = JwksRecord(
-                jwks_uri=str(item["jwks_uri"]),
-                keys=tuple(k for k in keys if isinstance(k, dict)),
-                fetched_at=float(item["fetched_at"]),
-            )
-        except (KeyError, TypeError, ValueError):
-            continue
-        if isinstance(keys, list) and math.isfinite(record.fetched_at):
-            jwks[issuer] = record
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            uri, keys, fetched_at = item["jwks_uri"], item["keys"], float(item["fetched_at"])
+            if isinstance(uri, str) and isinstance(keys, list) and math.isfinite(fetched_at):
+                good = tuple(k for k in keys if isinstance(k, dict))
+                jwks[issuer] = JwksRecord(uri, good, fetched_at)
     return _CacheDoc(entries, jwks)
 
 
 def _serialise_cache(doc: _CacheDoc) -> bytes:
-    out = {
-        "version": CACHE_VERSION,
-        "entries": [asdict(e) for e in doc.entries],
-        "jwks": {
-            issuer: {"jwks_uri": r.jwks_uri, "keys": list(r.keys), "fetched_at": r.fetched_at}
-            for issuer, r in doc.jwks.items()
-        },
-    }
+    jwks = {i: {**asdict(r), "keys": list(r.keys)} for i, r in doc.jwks.items()}
+    out = {"version": CACHE_VERSION, "entries": [asdict(e) for e in doc.entries], "jwks": jwks}
     return (json.dumps(out, indent=2) + "\n").encode("utf-8")
 
 
@@ -216,7 +197,9 @@ class AttestationCache:
     the kernel drops flock locks with the process (flaw B6). The lock file itself is never
     deleted: unlinking a flock file lets two processes lock different inodes.
 
-    Failures to read or write are warnings, never errors: the cache only saves work.
+    Failures to read or write are warnings, never errors: the cache only saves work. The I/O
+    is synchronous; it is a few small writes per connection, under a lock held for
+    milliseconds.
     """
 
     def __init__(
@@ -225,7 +208,7 @@ class AttestationCache:
         *,
         max_entries: int = 256,
         max_issuers: int = 32,
-        lock_timeout: float = 5.0,
+        lock_timeout: float = 2.0,
         now: Callable[[], float] = time.time,
     ) -> None:
         self.path = Path(path) if path is not None else cache_dir() / CACHE_FILE_NAME
@@ -235,25 +218,16 @@ class AttestationCache:
         self.lock_timeout = lock_timeout
         self._now = now
 
-    # -- reading ---------------------------------------------------------------------------
-
     def _read(self) -> _CacheDoc:
         try:
-            raw = self.path.read_bytes()
+            return _parse_cache(self.path.read_bytes())
         except FileNotFoundError:
-            return _CacheDoc([], {})
+            pass
         except OSError as exc:
             logger.warning("cannot read attestation cache %s: %s", self.path, exc)
-            return _CacheDoc([], {})
-        try:
-            return _parse_cache(raw)
         except _CorruptCache as exc:
-            logger.warning(
-                "attestation cache %s is corrupt (%s); ignoring it, it will be rebuilt",
-                self.path,
-                exc,
-            )
-            return _CacheDoc([], {})
+            logger.warning("attestation cache %s is corrupt (%s); rebuilding it", self.path, exc)
+        return _CacheDoc([], {})
 
     def entries(self) -> list[CacheEntry]:
         return self._read().entries
@@ -264,54 +238,41 @@ class AttestationCache:
         """The entry recorded for this server, if any -- for display only.
 
         ``machine_id=None`` matches any machine. A hit means "this certificate passed full
-        verification before"; it is not a reason to verify less.
+        verification before"; it is never a reason to verify less.
         """
-        fingerprint = fingerprint.lower()
-        for entry in self._read().entries:
-            if (
-                entry.org == org
-                and entry.app == app
-                and entry.fingerprint == fingerprint
-                and (machine_id is None or entry.machine_id == machine_id)
-            ):
-                return entry
+        want = (org, app, fingerprint.lower())
+        for e in self._read().entries:
+            if (e.org, e.app, e.fingerprint) == want and machine_id in (None, e.machine_id):
+                return e
         return None
 
     def load_jwks(self, issuer: str) -> JwksRecord | None:
         return self._read().jwks.get(issuer)
 
-    # -- writing ---------------------------------------------------------------------------
-
-    def record(self, org: str, app: str, machine_id: str, fingerprint: str) -> bool:
+    def record_verified(self, org: str, app: str, machine_id: str, fingerprint: str) -> bool:
         """Record a server that just passed full verification. True if it was persisted.
 
-        ``fingerprint`` is the lowercase hex SHA-256 of the server's leaf certificate.
+        ``fingerprint`` is the hex SHA-256 of the server's leaf certificate (DER).
         """
         fingerprint = fingerprint.lower()
         if not re.fullmatch(r"[0-9a-f]{64}", fingerprint):
             raise ValueError("fingerprint must be 64 hex digits (SHA-256 of the leaf DER)")
-        now = int(self._now())
+        key, now = (org, app, machine_id, fingerprint), int(self._now())
 
         def update(doc: _CacheDoc) -> None:
-            key = (org, app, machine_id, fingerprint)
-            for i, e in enumerate(doc.entries):
-                if (e.org, e.app, e.machine_id, e.fingerprint) == key:
-                    doc.entries[i] = CacheEntry(*key, verified_at=now, last_seen_at=now)
-                    break
-            else:
-                doc.entries.append(CacheEntry(*key, verified_at=now, last_seen_at=now))
-            doc.entries = _keep_newest(doc.entries, self.max_entries, lambda e: e.last_seen_at)
+            others = [e for e in doc.entries if (e.org, e.app, e.machine_id, e.fingerprint) != key]
+            fresh = CacheEntry(*key, verified_at=now, last_seen_at=now)
+            doc.entries = _keep_newest([*others, fresh], self.max_entries, lambda e: e.last_seen_at)
 
         return self._modify(update)
 
     def store_jwks(self, issuer: str, record: JwksRecord) -> bool:
         def update(doc: _CacheDoc) -> None:
             doc.jwks[issuer] = record
-            if len(doc.jwks) > self.max_issuers:
-                kept = _keep_newest(
-                    list(doc.jwks.items()), self.max_issuers, lambda i: i[1].fetched_at
-                )
-                doc.jwks = dict(kept)
+            items = _keep_newest(
+                list(doc.jwks.items()), self.max_issuers, lambda i: i[1].fetched_at
+            )
+            doc.jwks = dict(items)
 
         return self._modify(update)
 
@@ -327,9 +288,7 @@ class AttestationCache:
                     break
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
-                        raise TimeoutError(
-                            f"timed out acquiring cache lock {self.lock_path}"
-                        ) from None
+                        raise TimeoutError(f"timed out acquiring lock {self.lock_path}") from None
                     time.sleep(0.01)
             yield
         finally:
@@ -339,7 +298,7 @@ class AttestationCache:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             with self._locked():
-                doc = self._read()  # re-read under the lock: the true read-modify-write
+                doc = self._read()  # re-read under the lock: a true read-modify-write
                 update(doc)
                 self._write(_serialise_cache(doc))
             return True
@@ -362,8 +321,7 @@ class AttestationCache:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        # Persist the rename itself; best effort (not every filesystem allows it).
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # persist the rename too, where the fs allows it
             dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 os.fsync(dfd)
@@ -376,39 +334,30 @@ class AttestationCache:
 
 def _rsa_key_from_jwk(jwk: dict[str, Any], kid: str) -> RSAPublicKey:
     def bad(reason: str) -> AttestationError:
-        return AttestationError(
-            f"build decoding key from jwk {_show(kid)}: {reason}", hint=_HINT_FORGED
-        )
+        return _err(f"build decoding key from jwk {_show(kid)}: {reason}")
 
     if jwk.get("kty") != "RSA":
         raise bad(f"key type {_show(jwk.get('kty'))} is not RSA")
-    if jwk.get("alg", ALGORITHM) != ALGORITHM:
-        raise bad(f"key is for {_show(jwk.get('alg'))}, not {ALGORITHM}")
-    if jwk.get("use", "sig") != "sig":
-        raise bad(f"key use is {_show(jwk.get('use'))}, not sig")
-    n, e = jwk.get("n"), jwk.get("e")
-    if not isinstance(n, str) or not isinstance(e, str):
-        raise bad("missing n or e")
+    if jwk.get("alg", ALGORITHM) != ALGORITHM or jwk.get("use", "sig") != "sig":
+        raise bad(f"key is for {_show(jwk.get('alg'))}/{_show(jwk.get('use'))}, not RS256/sig")
     try:
         # Only the public members: a JWKS that leaks "d" must not yield a private key.
-        key = RSAAlgorithm.from_jwk({"kty": "RSA", "n": n, "e": e})
-    except (jwt.PyJWTError, ValueError, TypeError) as exc:
-        raise bad(str(exc)) from None
-    if not isinstance(key, RSAPublicKey):
-        raise bad("not an RSA public key")
-    if key.key_size < _MIN_RSA_BITS:
-        raise bad(f"RSA key is {key.key_size} bits; at least {_MIN_RSA_BITS} required")
+        key = RSAAlgorithm.from_jwk({"kty": "RSA", "n": jwk["n"], "e": jwk["e"]})
+    except (jwt.PyJWTError, KeyError, ValueError, TypeError) as exc:
+        raise bad(f"invalid RSA key ({type(exc).__name__})") from None
+    if not isinstance(key, RSAPublicKey) or key.key_size < _MIN_RSA_BITS:
+        raise bad(f"not an RSA public key of at least {_MIN_RSA_BITS} bits")
     return key
 
 
 class JwksCache:
-    """Discovery + JWKS per issuer, in memory and (with ``store``) in the cache file.
+    """Discovery + JWKS per issuer, in memory and (with ``cache``) in the cache file.
 
     - An entry older than ``ttl`` is refetched (discovery, then JWKS).
     - A ``kid`` not in the cached set forces one JWKS refetch, at most once per
       ``refresh_interval`` per issuer, so a stream of bogus kids cannot hammer the issuer.
-    - ``jwks_uri`` must be on the issuer's origin (scheme, host, port), and redirects may
-      not leave it: the discovery document alone cannot send us to other keys (flaw S6).
+    - ``jwks_uri`` must be on the issuer's origin (scheme, host, port), and no redirect is
+      followed: the discovery document cannot send us to someone else's keys (flaw S6).
 
     ``client`` is used as is (its owner closes it); otherwise a short-lived client is made
     per fetch, which keeps the cache usable across event loops.
@@ -416,7 +365,7 @@ class JwksCache:
 
     def __init__(
         self,
-        store: AttestationCache | None = None,
+        cache: AttestationCache | None = None,
         *,
         client: httpx.AsyncClient | None = None,
         ttl: float = 3600.0,
@@ -425,7 +374,7 @@ class JwksCache:
         total_timeout: float = 10.0,
         now: Callable[[], float] = time.time,
     ) -> None:
-        self.store = store
+        self.cache = cache
         self.ttl = ttl
         self.refresh_interval = refresh_interval
         self._client = client
@@ -436,24 +385,20 @@ class JwksCache:
         self._last_forced: dict[str, float] = {}
 
     def cached(self, issuer: str) -> JwksRecord | None:
-        """The record in memory (or in the store), fresh or not; no network."""
+        """The record in memory, else in the cache file, fresh or not; no network."""
         record = self._records.get(issuer)
-        if record is None and self.store is not None:
-            record = self.store.load_jwks(issuer)
-            # The file is ours, but do not let an edited file bypass the origin rule.
-            if record is not None and not self._same_origin(issuer, record.jwks_uri):
-                logger.warning(
-                    "ignoring cached jwks for %s: jwks_uri off the issuer origin", issuer
-                )
-                record = None
-            if record is not None:
+        if record is None and self.cache is not None:
+            record = self.cache.load_jwks(issuer)
+            # The file is ours, but an edited file must not bypass the origin rule either.
+            if record is not None and _same_origin(issuer, record.jwks_uri):
                 self._records[issuer] = record
+            else:
+                record = None
         return record
 
     def _fresh(self, record: JwksRecord) -> bool:
         age = self._now() - record.fetched_at
-        # A timestamp far in the future means the clock jumped back: treat it as stale.
-        return -300.0 <= age < self.ttl
+        return -300.0 <= age < self.ttl  # far in the future: the clock jumped back; refetch
 
     async def get_key(self, issuer: str, kid: str) -> RSAPublicKey:
         record = self.cached(issuer)
@@ -461,17 +406,15 @@ class JwksCache:
             record = await self.refresh(issuer)
         jwk = self._find(record, kid)
         if jwk is None:
-            now = self._now()
-            last = self._last_forced.get(issuer)
+            now, last = self._now(), self._last_forced.get(issuer)
             if last is None or now - last >= self.refresh_interval:
                 self._last_forced[issuer] = now
                 # Keys may have rotated since we cached them: one JWKS refetch.
                 record = await self.refresh(issuer, discovery=False)
                 jwk = self._find(record, kid)
         if jwk is None:
-            raise AttestationError(
-                f"jwk with kid {_show(kid)} not found",
-                hint=f"{issuer} does not publish this key: {_HINT_FORGED}",
+            raise _err(
+                f"jwk with kid {_show(kid)} not found", f"{issuer} has no such key; {_HINT_FORGED}"
             )
         return _rsa_key_from_jwk(jwk, kid)
 
@@ -479,140 +422,88 @@ class JwksCache:
     def _find(record: JwksRecord, kid: str) -> dict[str, Any] | None:
         return next((k for k in record.keys if k.get("kid") == kid), None)
 
-    @staticmethod
-    def _same_origin(issuer: str, url: str) -> bool:
-        try:
-            return _origin(httpx.URL(url)) == _origin(httpx.URL(issuer))
-        except (httpx.InvalidURL, TypeError, ValueError):
-            return False
-
     async def refresh(self, issuer: str, *, discovery: bool = True) -> JwksRecord:
         """Fetch the JWKS now (and the discovery document first, unless told not to)."""
-        record = self._records.get(issuer)
+        known = self._records.get(issuer)
         try:
             async with contextlib.AsyncExitStack() as stack:
                 client = self._client
                 if client is None:
-                    client = await stack.enter_async_context(
-                        httpx.AsyncClient(
-                            timeout=httpx.Timeout(
-                                self._total_timeout, connect=self._connect_timeout
-                            ),
-                            follow_redirects=False,
-                        )
-                    )
+                    timeout = httpx.Timeout(self._total_timeout, connect=self._connect_timeout)
+                    client = httpx.AsyncClient(timeout=timeout, follow_redirects=False)
+                    await stack.enter_async_context(client)
                 # httpx timeouts are per operation; this bounds the whole exchange.
                 async with asyncio.timeout(self._total_timeout):
-                    if discovery or record is None:
+                    if discovery or known is None:
                         jwks_uri = await self._discover(client, issuer)
                     else:
-                        jwks_uri = record.jwks_uri
-                    keys = await self._fetch_jwks(client, issuer, jwks_uri)
+                        jwks_uri = known.jwks_uri
+                    doc = await self._get_json(client, jwks_uri, "jwks")
         except TimeoutError:
-            raise Timeout(
-                f"fetch jwks for {issuer}: no answer within {self._total_timeout:g} s",
-                hint="check the network path to the Fly OIDC issuer (oidc.fly.io), then retry",
-            ) from None
+            msg = f"fetch oidc discovery/jwks for {issuer}: no answer in {self._total_timeout:g} s"
+            raise Timeout(msg, hint=_HINT_NET) from None
         except httpx.InvalidURL as exc:
-            raise ConfigError(
-                f"invalid OIDC issuer URL {_show(issuer)}: {exc}",
-                hint="check `org` in the config (it must be the org slug)",
-            ) from None
-        record = JwksRecord(jwks_uri=jwks_uri, keys=tuple(keys), fetched_at=self._now())
+            msg = f"invalid OIDC issuer URL {_show(issuer)}: {exc}"
+            raise ConfigError(msg, hint="check `org` (the org slug) in the config") from None
+        keys = doc.get("keys") if isinstance(doc, dict) else None
+        if not isinstance(keys, list):
+            raise _err(f'parse jwks: no "keys" array ({jwks_uri})', _HINT_ISSUER)
+        good = tuple(k for k in keys if isinstance(k, dict))
+        record = JwksRecord(jwks_uri=jwks_uri, keys=good, fetched_at=self._now())
         self._records[issuer] = record
-        if self.store is not None:
-            self.store.store_jwks(issuer, record)
+        if self.cache is not None:
+            self.cache.store_jwks(issuer, record)
         return record
 
     async def _discover(self, client: httpx.AsyncClient, issuer: str) -> str:
         url = f"{issuer}/.well-known/openid-configuration"
-        doc = await self._get_json(client, issuer, url, "oidc discovery")
+        doc = await self._get_json(client, url, "oidc discovery")
         if not isinstance(doc, dict):
-            raise AttestationError(f"parse oidc discovery: not a JSON object ({url})")
-        # OpenID Connect Discovery §4.3: the document must name the issuer we asked.
+            raise _err(f"parse oidc discovery: not a JSON object ({url})", _HINT_ISSUER)
+        # OpenID Connect Discovery 1.0 §4.3: the document must name the issuer we asked.
         if doc.get("issuer") != issuer:
-            raise AttestationError(
-                f"oidc discovery issuer mismatch: document says {_show(doc.get('issuer'))}, "
-                f"expected {issuer}",
-                hint="something between you and the issuer is rewriting its documents",
-            )
+            msg = f"oidc discovery issuer mismatch: {_show(doc.get('issuer'))} expected={issuer}"
+            raise _err(msg, _HINT_ISSUER)
         jwks_uri = doc.get("jwks_uri")
         if not isinstance(jwks_uri, str) or not jwks_uri:
-            raise AttestationError(f"parse oidc discovery: missing jwks_uri ({url})")
-        if not self._same_origin(issuer, jwks_uri):
-            raise AttestationError(
-                f"oidc discovery jwks_uri {_show(jwks_uri)} is not on the issuer origin "
-                f"{_origin_text(issuer)}",
-                hint="refusing keys from another host: the discovery document may be forged",
+            raise _err(f"parse oidc discovery: missing jwks_uri ({url})", _HINT_ISSUER)
+        if not _same_origin(issuer, jwks_uri):
+            raise _err(
+                f"oidc discovery jwks_uri {_show(jwks_uri)} is not on the issuer origin",
+                "refusing keys from another host: the discovery document may be forged",
             )
         return jwks_uri
 
-    async def _fetch_jwks(
-        self, client: httpx.AsyncClient, issuer: str, jwks_uri: str
-    ) -> list[dict[str, Any]]:
-        doc = await self._get_json(client, issuer, jwks_uri, "jwks")
-        keys = doc.get("keys") if isinstance(doc, dict) else None
-        if not isinstance(keys, list):
-            raise AttestationError(f'parse jwks: no "keys" array ({jwks_uri})')
-        return [k for k in keys if isinstance(k, dict)]
-
-    async def _get_json(self, client: httpx.AsyncClient, issuer: str, url: str, what: str) -> Any:
-        for _ in range(_MAX_REDIRECTS + 1):
-            status, location, body = await self._get(client, url, what)
-            if status in (301, 302, 303, 307, 308) and location:
-                target = str(httpx.URL(url).join(location))
-                if not self._same_origin(issuer, target):
-                    raise AttestationError(
-                        f"fetch {what}: {url} redirects to {_show(target)}, off the issuer origin",
-                        hint="refusing to follow: the issuer's documents must come from the issuer",
-                    )
-                url = target
-                continue
-            if not 200 <= status < 300:
-                raise AttestationError(
-                    f"{what} error status {status} from {url}",
-                    hint=(
-                        "an unknown org gives 404: check `org` in the config"
-                        if status == 404
-                        else "the Fly OIDC issuer is failing; retry in a moment"
-                    ),
-                )
-            try:
-                return json.loads(body)
-            except (ValueError, RecursionError) as exc:
-                raise AttestationError(f"parse {what}: {exc} ({url})") from None
-        raise AttestationError(f"fetch {what}: too many redirects ({url})")
-
-    async def _get(
-        self, client: httpx.AsyncClient, url: str, what: str
-    ) -> tuple[int, str | None, bytes]:
+    async def _get_json(self, client: httpx.AsyncClient, url: str, what: str) -> Any:
         try:
-            async with client.stream(
-                "GET", url, headers={"Accept": "application/json"}, follow_redirects=False
-            ) as resp:
+            # No redirects at all: Fly serves both documents directly, and following one
+            # could leave the issuer's origin.
+            headers = {"Accept": "application/json"}
+            req = client.stream("GET", url, headers=headers, follow_redirects=False)
+            async with req as resp:
+                if not 200 <= resp.status_code < 300:
+                    unknown_org = "an unknown org gives 404: check `org` in the config"
+                    hint = unknown_org if resp.status_code == 404 else _HINT_ISSUER
+                    raise _err(f"{what} error status {resp.status_code} from {url}", hint)
                 body = bytearray()
-                if 200 <= resp.status_code < 300:
-                    async for chunk in resp.aiter_bytes():
-                        body += chunk
-                        if len(body) > _MAX_DOC_BYTES:
-                            raise AttestationError(
-                                f"parse {what}: response larger than {_MAX_DOC_BYTES} bytes ({url})"
-                            )
-                return resp.status_code, resp.headers.get("location"), bytes(body)
+                async for chunk in resp.aiter_bytes():
+                    body += chunk
+                    if len(body) > _MAX_DOC_BYTES:
+                        raise _err(
+                            f"parse {what}: over {_MAX_DOC_BYTES} bytes ({url})", _HINT_ISSUER
+                        )
         except httpx.TimeoutException:
-            raise Timeout(
-                f"fetch {what}: timed out ({url})",
-                hint="check the network path to the Fly OIDC issuer, then retry",
-            ) from None
+            raise Timeout(f"fetch {what}: timed out ({url})", hint=_HINT_NET) from None
         except httpx.HTTPError as exc:
             # Connect failures, resets, TLS and protocol errors: the issuer is unreachable.
+            reason = str(exc) or type(exc).__name__
             raise ConnectError(
-                f"fetch {what}: cannot reach {url}: {exc or type(exc).__name__}",
-                hint=(
-                    "fly-vault must reach the Fly OIDC issuer to verify the server: check "
-                    "the network, DNS and any HTTPS_PROXY setting"
-                ),
+                f"fetch {what}: cannot reach {url}: {reason}", hint=_HINT_NET
             ) from None
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise _err(f"parse {what}: {exc} ({url})", _HINT_ISSUER) from None
 
 
 # -- verification --------------------------------------------------------------------------
@@ -623,8 +514,15 @@ def _number(payload: dict[str, Any], name: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise AttestationError(f"attestation token claim {name} is not a number", hint=_HINT_FORGED)
+        raise _err(f"attestation token claim {name} is not a number")
     return float(value)
+
+
+def _required_str(payload: dict[str, Any], name: str) -> str:
+    value = payload.get(name)
+    if not isinstance(value, str) or not value:
+        raise _err(f"attestation token claim {name} is missing or not a string")
+    return value
 
 
 class AttestationVerifier:
@@ -642,17 +540,13 @@ class AttestationVerifier:
         leeway: float = LEEWAY,
     ) -> None:
         if not isinstance(org, str) or not _ORG_RE.fullmatch(org) or org in {".", ".."}:
-            raise ConfigError(
-                f"invalid org slug {_show(org)}",
-                hint="set `org` to the Fly organisation slug (see `fly orgs list`)",
-            )
+            hint = "set `org` to the Fly organisation slug (see `fly orgs list`)"
+            raise ConfigError(f"invalid org slug {_show(org)}", hint=hint)
         if not isinstance(app, str) or not app:
             raise ConfigError("app must not be empty", hint="set `app` in the config")
         if machine_id is not None and not machine_id:
             raise ConfigError("machine_id must not be empty", hint="set `machine_id` or remove it")
-        self.org = org
-        self.app = app
-        self.machine_id = machine_id
+        self.org, self.app, self.machine_id = org, app, machine_id
         self.issuer = f"{issuer_base.rstrip('/')}/{org}"
         self._jwks = jwks
         self._now = now
@@ -661,39 +555,31 @@ class AttestationVerifier:
     async def verify(self, token: str, *, audience: str) -> AttestationClaims:
         """Verify ``token`` for this connection's ``audience`` (hex TLS exporter)."""
         if not isinstance(token, str):
-            raise AttestationError("attestation token is not text", hint=_HINT_FORGED)
+            raise _err("attestation token is not text")
         token = token.rstrip("\r\n")
         if not token:
-            raise AttestationError("attestation token is empty", hint=_HINT_FORGED)
+            raise _err("attestation token is empty")
         if len(token) > _MAX_TOKEN_CHARS:
-            raise AttestationError(
-                f"attestation token is too large ({len(token)} chars)", hint=_HINT_FORGED
-            )
+            raise _err(f"attestation token is too large ({len(token)} chars)")
         if not isinstance(audience, str) or not audience:
             # Without the channel binding the token proves nothing about this connection.
-            raise AttestationError("no channel binding value to verify the token against")
-
+            raise _err("no channel binding value to verify the token against", "this is a bug")
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
-            raise AttestationError(f"decode jwt header: {exc}", hint=_HINT_FORGED) from None
+            raise _err(f"decode jwt header: {exc}") from None
         alg = header.get("alg")
         if alg != ALGORITHM:
             # Checked before any key is fetched: "none" and HS256-keyed-with-the-public-key
             # forgeries never reach a verifier that could be confused by them.
-            raise AttestationError(
-                f"jwt algorithm {_show(alg, 20)} is not allowed; only {ALGORITHM}",
-                hint=_HINT_FORGED,
-            )
+            raise _err(f"jwt algorithm {_show(alg, 20)} is not allowed; only {ALGORITHM}")
         if "crit" in header or "b64" in header:
-            raise AttestationError("jwt header uses unsupported extensions", hint=_HINT_FORGED)
+            raise _err("jwt header uses unsupported extensions")
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
-            raise AttestationError("jwt header missing kid", hint=_HINT_FORGED)
-
+            raise _err("jwt header missing kid")
         key = await self._jwks.get_key(self.issuer, kid)
-        payload = self._decode(token, key, audience)
-        return self._check_claims(payload)
+        return self._check_claims(self._decode(token, key, audience))
 
     def _decode(self, token: str, key: RSAPublicKey, audience: str) -> dict[str, Any]:
         try:
@@ -706,136 +592,97 @@ class AttestationVerifier:
                 leeway=self._leeway,
                 options={
                     "require": ["exp", "iss", "aud"],
-                    # Times are checked in _check_times against the injectable clock.
+                    # Times are checked in _check_times, against the injectable clock.
                     "verify_exp": False,
                     "verify_nbf": False,
                     "verify_iat": False,
-                    "strict_aud": False,  # a string aud or a list containing ours, as Fly/Rust
+                    "strict_aud": False,  # a string aud or a list holding ours, as Fly/Rust
                 },
             )
         except jwt.InvalidSignatureError:
-            raise AttestationError(
-                "verify jwt: signature verification failed", hint=_HINT_FORGED
-            ) from None
+            raise _err("verify jwt: signature verification failed") from None
         except jwt.InvalidIssuerError:
             # The signature was good (pyjwt checks it first): a real token of another org.
-            iss = self._unverified_claim(token, "iss")
+            iss = jwt.decode(token, options={"verify_signature": False}).get("iss")
             raise self._org_mismatch(iss) from None
         except jwt.MissingRequiredClaimError as exc:
-            raise AttestationError(
-                f"attestation token is missing the {_show(exc.claim)} claim", hint=_HINT_FORGED
-            ) from None
+            raise _err(f"attestation token is missing the {_show(exc.claim)} claim") from None
         except jwt.InvalidAudienceError:
-            raise AttestationError(
+            raise _err(
                 "attestation token was minted for a different TLS connection (aud does not "
                 "match this connection's channel binding)",
-                hint=(
-                    "someone may be relaying another connection's token (a man in the middle); "
-                    "do not retry over this network path until you know why"
-                ),
-            ) from None
-        except jwt.InvalidAlgorithmError:
-            raise AttestationError(
-                f"jwt algorithm is not allowed; only {ALGORITHM}", hint=_HINT_FORGED
+                "someone may be relaying another connection's token (a man in the middle); "
+                "do not retry over this network path until you know why",
             ) from None
         except jwt.PyJWTError as exc:
-            raise AttestationError(f"verify jwt: {exc}", hint=_HINT_FORGED) from None
-        except (ValueError, TypeError) as exc:
-            # Fail closed on anything pyjwt did not classify.
-            raise AttestationError(f"verify jwt: {type(exc).__name__}", hint=_HINT_FORGED) from None
-
-    @staticmethod
-    def _unverified_claim(token: str, name: str) -> object:
-        try:
-            return jwt.decode(token, options={"verify_signature": False}).get(name)
-        except (jwt.PyJWTError, ValueError, TypeError):
-            return None
+            raise _err(f"verify jwt: {exc}") from None
+        except (ValueError, TypeError) as exc:  # fail closed on anything pyjwt did not classify
+            raise _err(f"verify jwt: {type(exc).__name__}") from None
 
     def _org_mismatch(self, iss: object) -> AttestationError:
-        return AttestationError(
+        return _err(
             f"attestation org mismatch: issuer={_show(iss)} expected={self.issuer}",
-            hint=(
-                "the server proved it belongs to another Fly organisation: check `org` in the "
-                "config; if it is right, this server is not your vault"
-            ),
+            f"the server belongs to another Fly org: check `org` in the config; {_HINT_NOT_YOURS}",
         )
 
     def _check_times(self, payload: dict[str, Any]) -> tuple[int | None, int]:
-        now = self._now()
+        now, skew = self._now(), f"allowed skew {self._leeway:g} s"
         exp = _number(payload, "exp")
         if exp is None:
-            raise AttestationError("attestation token is missing the exp claim", hint=_HINT_FORGED)
+            raise _err("attestation token is missing the exp claim")
         if exp <= now - self._leeway:
-            raise AttestationError(
-                f"attestation token has expired ({int(now - exp)} s ago, allowed skew "
-                f"{self._leeway:g} s)",
-                hint=_HINT_CLOCK + "; the server mints a fresh token per connection, so an "
-                "expired one also points at a replayed token",
+            raise _err(
+                f"attestation token has expired ({int(now - exp)} s ago, {skew})",
+                _HINT_CLOCK + "; tokens are minted per connection, so it may also be replayed",
             )
         nbf = _number(payload, "nbf")
         if nbf is not None and nbf > now + self._leeway:
-            raise AttestationError(
-                f"attestation token is not valid yet (nbf is {int(nbf - now)} s in the future, "
-                f"allowed skew {self._leeway:g} s)",
-                hint=_HINT_CLOCK,
-            )
+            msg = f"attestation token is not valid yet (nbf {int(nbf - now)} s ahead, {skew})"
+            raise _err(msg, _HINT_CLOCK)
         iat = _number(payload, "iat")
         if iat is not None and iat > now + self._leeway:
-            raise AttestationError(
-                f"attestation token was issued in the future (iat is {int(iat - now)} s ahead, "
-                f"allowed skew {self._leeway:g} s)",
-                hint=_HINT_CLOCK,
+            msg = (
+                f"attestation token was issued in the future (iat {int(iat - now)} s ahead, {skew})"
             )
-        return (int(iat) if iat is not None else None), int(exp)
+            raise _err(msg, _HINT_CLOCK)
+        return (None if iat is None else int(iat)), int(exp)
 
     def _check_claims(self, payload: dict[str, Any]) -> AttestationClaims:
         issued_at, expires_at = self._check_times(payload)
-        iss = payload.get("iss")
-        if iss != self.issuer:  # pyjwt checked it already; kept as a second lock
-            raise self._org_mismatch(iss)
-        required: dict[str, str] = {}
-        for name in ("app_name", "machine_id"):
-            value = payload.get(name)
-            if not isinstance(value, str) or not value:
-                raise AttestationError(
-                    f"attestation token claim {name} is missing or not a string",
-                    hint="the token is not a Fly machine token",
-                )
-            required[name] = value
-        if required["app_name"] != self.app:
-            raise AttestationError(
-                f"attestation app mismatch: app_name={_show(required['app_name'])} "
-                f"expected={self.app}",
-                hint=(
-                    "another app of your org answered: check `app` in the config; if it is "
-                    "right, this server is not your vault"
-                ),
+        if payload.get("iss") != self.issuer:  # pyjwt checked it already; a second lock
+            raise self._org_mismatch(payload.get("iss"))
+        app_name, machine_id = (
+            _required_str(payload, "app_name"),
+            _required_str(payload, "machine_id"),
+        )
+        if app_name != self.app:
+            raise _err(
+                f"attestation app mismatch: app_name={_show(app_name)} expected={self.app}",
+                f"another app of your org answered: check `app` in the config; {_HINT_NOT_YOURS}",
             )
         # Checked whenever machine_id is configured, not only behind the proxy (flaw S2):
         # otherwise any machine of a shared tenant app passes for any tenant.
-        if self.machine_id is not None and required["machine_id"] != self.machine_id:
-            raise AttestationError(
-                f"attestation machine mismatch: machine_id={_show(required['machine_id'])} "
+        if self.machine_id is not None and machine_id != self.machine_id:
+            raise _err(
+                f"attestation machine mismatch: machine_id={_show(machine_id)} "
                 f"expected={self.machine_id}",
-                hint=(
-                    "another machine of the same app answered: check `machine_id` in the "
-                    "config; if it is right, this server is not your vault"
-                ),
+                "another machine of the same app answered: check `machine_id` in the config; "
+                + _HINT_NOT_YOURS,
             )
 
-        def optional(name: str) -> str | None:
+        def opt(name: str) -> str | None:  # informational claims: absent or odd means unknown
             value = payload.get(name)
             return value if isinstance(value, str) else None
 
         return AttestationClaims(
             issuer=self.issuer,
-            app_name=required["app_name"],
-            machine_id=required["machine_id"],
-            org_name=optional("org_name"),
-            machine_name=optional("machine_name"),
-            region=optional("region"),
-            image=optional("image"),
-            image_digest=optional("image_digest"),
+            app_name=app_name,
+            machine_id=machine_id,
+            org_name=opt("org_name"),
+            machine_name=opt("machine_name"),
+            region=opt("region"),
+            image=opt("image"),
+            image_digest=opt("image_digest"),
             issued_at=issued_at,
             expires_at=expires_at,
         )

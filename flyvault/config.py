@@ -259,7 +259,7 @@ class VaultConfig(BaseModel):
 
     @field_validator("address", "forward")
     @classmethod
-    def _parses(cls, value: str | tuple[str, ...], info: ValidationInfo) -> str | tuple[str, ...]:
+    def _parses(cls, value: str | tuple[str, ...]) -> str | tuple[str, ...]:
         # pydantic turns only ValueError into a validation error; ConfigError would escape.
         try:
             if isinstance(value, str):
@@ -562,8 +562,12 @@ def save_vault(entry: VaultConfig, path: Path | None = None) -> None:
     Values are kept; comments and formatting are not (tomllib -> tomli-w round trip).
     """
 
+    # Re-validate: model_construct() or model_copy(update=) skip validation, and what we write
+    # must load again.
+    table = VaultConfig(**entry.to_toml(), name=entry.name).to_toml()
+
     def change(doc: dict[str, Any]) -> bool:
-        doc.setdefault("vault", {})[entry.name] = entry.to_toml()
+        doc.setdefault("vault", {})[entry.name] = table
         return True
 
     _update(path, change)

@@ -485,7 +485,7 @@ def test_rootfs_both_and_neither() -> None:
     assert info.value.message == "both rootfs and rootfs_url are set; configure exactly one"
     for purpose in ("cold boot", "reprovision"):
         with pytest.raises(ConfigError) as info:
-            entry().rootfs_source(purpose)  # type: ignore[arg-type]
+            entry().rootfs_source(purpose)
         assert info.value.message == f"either rootfs path or rootfs_url is required for {purpose}"
         assert info.value.hint is not None and "[vault.prod]" in info.value.hint
 
@@ -710,6 +710,14 @@ def test_broken_file_is_never_overwritten(cfg: Path, broken: str) -> None:
     assert not [p for p in cfg.parent.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_save_refuses_an_unvalidated_entry(cfg: Path) -> None:
+    write(cfg, MINIMAL)
+    bad = VaultConfig.model_construct(name="dev", address="nope", org="o", app="a")
+    with pytest.raises(ConfigError, match="invalid address 'nope'"):
+        save_vault(bad)
+    assert cfg.read_text() == MINIMAL
+
+
 def test_save_tightens_existing_mode(cfg: Path) -> None:
     write(cfg, MINIMAL)
     cfg.chmod(0o644)
@@ -747,3 +755,12 @@ def test_concurrent_saves_lose_nothing(cfg: Path) -> None:
     for thread in threads:
         thread.join(20)
     assert sorted(load_config().vaults) == sorted(names)
+
+
+def test_documented_full_example_loads(tmp_path: Path) -> None:
+    doc = (Path(__file__).parents[1] / "references" / "config.md").read_text(encoding="utf-8")
+    example = doc.split("## Full example", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    config = load_config(write(tmp_path / "c.toml", example))
+    assert list(config.vaults) == ["prod", "scratch.eu"]
+    assert config.vaults["scratch.eu"].host_port() == ("2a09:8280:1::2a", 4433)
+    assert config.vaults["prod"].forwards()[1] == ForwardSpec(5432, "::1", 5432)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -100,7 +102,9 @@ def test_mint_signs_verifiable_tokens_and_rotation_keeps_old_keys(issuer: OidcIs
     old_kid = issuer.current_kid
     new_kid = issuer.rotate_key()
     assert new_kid != old_kid and issuer.current_kid == new_kid
-    published = [k["kid"] for k in httpx.get(f"{issuer.issuer('o')}/.well-known/jwks").json()["keys"]]
+    published = [
+        k["kid"] for k in httpx.get(f"{issuer.issuer('o')}/.well-known/jwks").json()["keys"]
+    ]
     assert published == [old_kid, new_kid]
     second = issuer.mint(claims)
     assert jwt.get_unverified_header(second)["kid"] == new_kid
@@ -121,9 +125,6 @@ def test_mint_can_forge(issuer: OidcIssuer) -> None:
     assert none_alg.endswith(".") and jwt.get_unverified_header(none_alg)["alg"] == "none"
     hs = issuer.mint(claims, algorithm="HS256")
     # The default HS secret is the public key PEM: the key-confusion attack.
-    import hashlib
-    import hmac
-
     signing_input, sig = hs.rsplit(".", 1)
     expected = hmac.new(issuer.public_key_pem(), signing_input.encode(), hashlib.sha256).digest()
     assert jwt.utils.base64url_decode(sig) == expected
@@ -218,7 +219,9 @@ def test_token_endpoint_over_unix_socket(issuer: OidcIssuer, sock_dir: Path) -> 
 def test_token_endpoint_rejects_bad_requests(issuer: OidcIssuer, sock_dir: Path) -> None:
     path = sock_dir / "api.sock"
     with FlyApiSocket(path, issuer, MachineIdentity.default()) as api:
-        bad_json = _uds_post(path, content=b"{not json", headers={"content-type": "application/json"})
+        bad_json = _uds_post(
+            path, content=b"{not json", headers={"content-type": "application/json"}
+        )
         assert bad_json.status_code == 400 and "invalid JSON" in bad_json.text
         for body in ({}, {"aud": ""}, {"aud": 5}, ["aud"]):
             resp = _uds_post(path, json=body)
@@ -237,7 +240,10 @@ def test_token_endpoint_claims_follow_injected_clock(issuer: OidcIssuer, sock_di
         token = _uds_post(path, json={"aud": AUD}).text
     claims = jwt.decode(token, options={"verify_signature": False})
     assert (claims["iat"], claims["exp"]) == (1_000_000, 1_000_600)
-    assert claims == {**fly_claims(ident, issuer=issuer.issuer(ident.org), aud=AUD, now=1e6), "jti": claims["jti"]}
+    assert claims == {
+        **fly_claims(ident, issuer=issuer.issuer(ident.org), aud=AUD, now=1e6),
+        "jti": claims["jti"],
+    }
 
 
 def test_socket_refuses_to_replace_a_regular_file(issuer: OidcIssuer, sock_dir: Path) -> None:

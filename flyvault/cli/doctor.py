@@ -79,12 +79,14 @@ def run(args: argparse.Namespace) -> int:
         from flyvault.client.connection import announce_issuer_override, open_vault
 
         announce_issuer_override(vault)
+        async def check() -> None:
+            connection = await open_vault(vault, observer=recorder)
+            connection.close()
+
         try:
-            connection = asyncio.run(open_vault(vault, observer=recorder))
+            asyncio.run(check())
         except VaultError as exc:
             failure, code = exc, exc.exit_code
-        else:
-            connection.close()
     if args.json:
         print(
             json.dumps(

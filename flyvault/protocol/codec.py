@@ -52,6 +52,7 @@ class FrameDecoder:
         self._buffer = bytearray()
         self._max_payload = max_payload
         self._eof = False
+        self._error: RemoteProtocolError | None = None
 
     @property
     def max_payload(self) -> int:
@@ -71,13 +72,21 @@ class FrameDecoder:
         return not self._buffer
 
     def feed(self, data: bytes) -> None:
+        """Buffer ``data``. Never raises: a violation is reported by ``next_frame``."""
+        if self._error is not None:
+            return  # poisoned: drop everything, hold nothing more
         if self._eof and data:
-            raise RemoteProtocolError("data received after the end of the stream")
+            self._error = RemoteProtocolError("data received after the end of the stream")
+            return
         self._buffer += data
         # Validate the header as soon as it is complete, so an oversized declaration is
         # refused before its payload accumulates.
         if len(self._buffer) >= FRAME_HEADER_SIZE:
-            self._check_header()
+            try:
+                self._check_header()
+            except RemoteProtocolError as exc:
+                self._error = exc
+                del self._buffer[FRAME_HEADER_SIZE:]
 
     def feed_eof(self) -> None:
         """The peer finished the stream. Raises if it stopped in the middle of a frame."""
@@ -89,6 +98,8 @@ class FrameDecoder:
         Raises ``RemoteProtocolError`` for an oversized declaration or a frame truncated
         by the end of the stream.
         """
+        if self._error is not None:
+            raise self._error
         if len(self._buffer) < FRAME_HEADER_SIZE:
             if self._eof and self._buffer:
                 raise RemoteProtocolError(

@@ -60,6 +60,9 @@ class ControlFrame(enum.IntEnum):
     ROOTFS_CHUNK = 0x06
     ROOTFS_END = 0x07
     PROGRESS = 0x08
+    #: S->C: the token matched, the inline upload may start (only then are the larger
+    #: authenticated frames accepted).
+    UPLOAD_READY = 0x09
 
 
 #: The error frame type, the same on every stream kind.

@@ -9,7 +9,8 @@ One control stream per connection carries the whole exchange::
                                    <------   ATTESTATION(version, state, runtime, boot id, jwt)
     (client verifies the JWT against this connection's TLS exporter; only then:)
     SETUP_REQUEST(token, rootfs)   ------>
-    [ROOTFS_CHUNK ... ROOTFS_END]  ------>   (inline rootfs only; server checks the token first)
+                                   <------   [UPLOAD_READY]  (inline rootfs: the token matched)
+    [ROOTFS_CHUNK ... ROOTFS_END]  ------>
                                    <------   [PROGRESS ...]
                                    <------   SETUP_COMPLETE(state, runtime, boot id) | ERROR
 
@@ -61,6 +62,7 @@ _FRAME_NAMES = {
     ControlFrame.ROOTFS_CHUNK: "rootfs chunk",
     ControlFrame.ROOTFS_END: "rootfs end",
     ControlFrame.PROGRESS: "progress",
+    ControlFrame.UPLOAD_READY: "upload ready",
     ERROR_FRAME: "error",
 }
 
@@ -106,6 +108,11 @@ class RootfsUploaded:
 
 
 @dataclass(frozen=True, slots=True)
+class UploadReady:
+    """The server accepted the token; send the rootfs chunks now."""
+
+
+@dataclass(frozen=True, slots=True)
 class ProgressReported:
     progress: Progress
 
@@ -141,6 +148,7 @@ ControlEvent = (
     | SetupRequested
     | RootfsChunkReceived
     | RootfsUploaded
+    | UploadReady
     | ProgressReported
     | SetupCompleted
     | ErrorReceived
@@ -184,6 +192,7 @@ class ClientState(enum.Enum):
     AWAIT_ATTESTATION = "await attestation"
     ATTESTED = "attested"
     AWAIT_RESULT = "await setup result"
+    AWAIT_UPLOAD_READY = "await upload ready"
     UPLOADING = "uploading rootfs"
     COMPLETE = "complete"
     FAILED = "failed"
@@ -216,7 +225,7 @@ class ControlClient(_Machine):
         self._queue(ControlFrame.SETUP_REQUEST, request.encode())
         if isinstance(request.rootfs, RootfsInline):
             self._upload_left = request.rootfs.size
-            self.state = ClientState.UPLOADING
+            self.state = ClientState.AWAIT_UPLOAD_READY
         else:
             self.state = ClientState.AWAIT_RESULT
 
@@ -286,6 +295,10 @@ class ControlClient(_Machine):
             self.negotiated_version = version
             self.state = ClientState.ATTESTED
             return AttestationReceived(attestation)
+        if self.state is ClientState.AWAIT_UPLOAD_READY:
+            self._expect(frame, ControlFrame.UPLOAD_READY)
+            self.state = ClientState.UPLOADING
+            return UploadReady()
         if self.state in (ClientState.AWAIT_RESULT, ClientState.UPLOADING):
             if frame.type == ControlFrame.PROGRESS:
                 return ProgressReported(Progress.decode(frame.payload))
@@ -320,6 +333,16 @@ class ServerState(enum.Enum):
     FAILED = "failed"
 
 
+_PAUSED_STATES = frozenset(
+    {
+        ServerState.FAILED,
+        ServerState.ATTESTING,
+        ServerState.CHECKING_TOKEN,
+        ServerState.SETTING_UP,
+    }
+)
+
+
 class ControlServer(_Machine):
     """The server's half of the control exchange."""
 
@@ -352,6 +375,7 @@ class ControlServer(_Machine):
         self._require(ServerState.CHECKING_TOKEN, "accept the token")
         if self._upload_size:
             self._decoder.max_payload = MAX_PAYLOAD
+            self._queue(ControlFrame.UPLOAD_READY)
             self.state = ServerState.RECEIVING_ROOTFS
         else:
             self.state = ServerState.SETTING_UP
@@ -376,7 +400,12 @@ class ControlServer(_Machine):
     # Incoming ---------------------------------------------------------------------------
 
     def next_event(self) -> ControlEvent | None:
-        if self.state is ServerState.FAILED:
+        """The next event, or ``None`` if more data is needed or the machine is paused.
+
+        It pauses (returns ``None`` without consuming input) while the application owes an
+        answer: the attestation, the token decision, or the setup result.
+        """
+        if self.state in _PAUSED_STATES:
             return None
         try:
             item = self._next_frame()

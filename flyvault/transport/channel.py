@@ -226,6 +226,9 @@ class QuicChannel(QuicConnectionProtocol):
         if not self.is_closed:
             self.quic.close(error_code=error_code, reason_phrase=reason)
             self.transmit()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._terminate(reason or "closed locally")
         if self.owns_transport and self._transport is not None:
             self._transport.close()

@@ -1,0 +1,391 @@
+"""The sans-I/O core in memory: codec bounds, messages, control state machines."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flyvault.errors import LocalProtocolError, ProtocolError, RemoteProtocolError, VersionMismatch
+from flyvault.protocol.codec import FrameDecoder, PayloadReader, encode_frame
+from flyvault.protocol.constants import (
+    ERROR_FRAME,
+    MAX_PAYLOAD,
+    MAX_PREAUTH_PAYLOAD,
+    ControlFrame,
+    ErrorCode,
+    RuntimeStatus,
+    VmState,
+)
+from flyvault.protocol.control import (
+    AttestationReceived,
+    AttestationRequested,
+    ClientState,
+    ControlClient,
+    ControlServer,
+    ErrorReceived,
+    ProgressReported,
+    RootfsChunkReceived,
+    RootfsUploaded,
+    ServerState,
+    SetupCompleted,
+    SetupRequested,
+    StreamEnded,
+    UploadReady,
+    VersionRejected,
+)
+from flyvault.protocol.messages import (
+    Attestation,
+    ErrorMessage,
+    Progress,
+    RequestAttestation,
+    RootfsInline,
+    RootfsNone,
+    RootfsUrl,
+    SetupComplete,
+    SetupRequest,
+)
+
+# --- isolation ------------------------------------------------------------------------
+
+
+def test_protocol_imports_without_asyncio_sockets_or_clock() -> None:
+    code = (
+        "import sys\n"
+        "for name in ('asyncio', 'socket', 'time', 'aioquic'):\n"
+        "    sys.modules[name] = None\n"
+        "import flyvault.protocol, flyvault.protocol.control, flyvault.protocol.messages\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+# --- codec ------------------------------------------------------------------------------
+
+
+def test_frame_round_trip_in_arbitrary_chunks() -> None:
+    frames = [(1, b""), (2, b"x" * 1000), (ERROR_FRAME, b"abc")]
+    wire = b"".join(encode_frame(t, p) for t, p in frames)
+    decoder = FrameDecoder(MAX_PAYLOAD)
+    out = []
+    for i in range(0, len(wire), 7):
+        decoder.feed(wire[i : i + 7])
+        while (frame := decoder.next_frame()) is not None:
+            out.append((frame.type, frame.payload))
+    assert out == frames
+
+
+def test_oversized_declaration_refused_before_payload_arrives() -> None:
+    decoder = FrameDecoder(MAX_PREAUTH_PAYLOAD)
+    header = bytes([1]) + (0xFFFFFFFF).to_bytes(4, "big")
+    decoder.feed(header + b"x" * 1000)
+    decoder.feed(b"y" * 100_000)
+    # Nothing beyond the 5-byte header was buffered, and the refusal is sticky.
+    assert decoder.buffered == 5
+    for _ in range(2):
+        with pytest.raises(RemoteProtocolError, match="declares 4294967295 bytes"):
+            decoder.next_frame()
+
+
+def test_truncated_frame_at_eof_is_an_error() -> None:
+    decoder = FrameDecoder(MAX_PAYLOAD)
+    decoder.feed(encode_frame(1, b"hello")[:-2])
+    decoder.feed_eof()
+    with pytest.raises(RemoteProtocolError, match="stream ended inside a frame"):
+        decoder.next_frame()
+
+
+def test_truncated_header_at_eof_is_an_error() -> None:
+    decoder = FrameDecoder(MAX_PAYLOAD)
+    decoder.feed(b"\x01\x00")
+    decoder.feed_eof()
+    with pytest.raises(RemoteProtocolError, match="inside a frame header"):
+        decoder.next_frame()
+
+
+def test_encode_refuses_payload_over_limit() -> None:
+    with pytest.raises(LocalProtocolError):
+        encode_frame(1, b"x" * 11, max_payload=10)
+
+
+def test_reader_reports_field_names_not_payload() -> None:
+    reader = PayloadReader(b"\x00\x00\x00\x10secret", "setup request")
+    with pytest.raises(RemoteProtocolError) as info:
+        reader.text("access token", 4096)
+    assert "access token truncated" in str(info.value)
+    assert "secret" not in str(info.value)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=2048), st.integers(min_value=1, max_value=64))
+def test_decoding_arbitrary_bytes_only_raises_protocol_error(data: bytes, chunk: int) -> None:
+    decoder = FrameDecoder(4096)
+    try:
+        for i in range(0, len(data), chunk):
+            decoder.feed(data[i : i + chunk])
+            while decoder.next_frame() is not None:
+                pass
+        decoder.feed_eof()
+        while decoder.next_frame() is not None:
+            pass
+    except ProtocolError:
+        pass
+
+
+_DECODERS = [
+    ErrorMessage.decode,
+    RequestAttestation.decode,
+    Attestation.decode,
+    SetupRequest.decode,
+    SetupComplete.decode,
+    Progress.decode,
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(_DECODERS), st.binary(max_size=512))
+def test_message_decoders_only_raise_protocol_error(decode, payload: bytes) -> None:  # type: ignore[no-untyped-def]
+    try:
+        decode(payload)
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600), st.integers(min_value=1, max_value=50))
+def test_server_machine_fed_garbage_only_raises_protocol_error(data: bytes, chunk: int) -> None:
+    server = ControlServer()
+    try:
+        for i in range(0, len(data), chunk):
+            server.receive_data(data[i : i + chunk])
+            while (event := server.next_event()) is not None:
+                if isinstance(event, AttestationRequested):
+                    server.send_attestation(VmState.READY, RuntimeStatus.HOST_MODE, "b", "jwt")
+                elif isinstance(event, SetupRequested):
+                    server.accept_token()
+    except ProtocolError:
+        assert server.state is ServerState.FAILED
+        # A protocol violation is always answered with an error frame.
+        wire = server.data_to_send()
+        assert ErrorMessage.decode(_last_frame(wire).payload).code == ErrorCode.PROTOCOL
+
+
+def _last_frame(wire: bytes):  # type: ignore[no-untyped-def]
+    decoder = FrameDecoder(MAX_PAYLOAD)
+    decoder.feed(wire)
+    last = None
+    while (frame := decoder.next_frame()) is not None:
+        last = frame
+    assert last is not None
+    return last
+
+
+text = st.text(max_size=64)
+rootfs = st.one_of(
+    st.just(RootfsNone()),
+    st.builds(RootfsInline, st.integers(min_value=0, max_value=2**64 - 1)),
+    st.builds(
+        RootfsUrl,
+        text,
+        st.one_of(st.none(), st.text(alphabet="0123456789abcdef", min_size=64, max_size=64)),
+    ),
+)
+
+
+@given(text, rootfs)
+def test_setup_request_round_trip(token: str, source) -> None:  # type: ignore[no-untyped-def]
+    message = SetupRequest(token, source)
+    assert SetupRequest.decode(message.encode()) == message
+
+
+@given(
+    st.integers(min_value=0, max_value=65535),
+    st.sampled_from(list(VmState)),
+    st.sampled_from(list(RuntimeStatus)),
+    text,
+    text,
+)
+def test_attestation_round_trip(version, state, status, boot_id, jwt) -> None:  # type: ignore[no-untyped-def]
+    message = Attestation(version, state, status, boot_id, jwt)
+    assert Attestation.decode(message.encode()) == message
+
+
+@given(st.integers(min_value=0, max_value=65535), text)
+def test_error_round_trip(code: int, message: str) -> None:
+    assert ErrorMessage.decode(ErrorMessage(code, message).encode()) == ErrorMessage(code, message)
+
+
+def test_setup_request_repr_hides_token() -> None:
+    assert "hunter2" not in repr(SetupRequest("hunter2", RootfsNone()))
+
+
+def test_error_codes_map_to_exception_classes() -> None:
+    from flyvault.errors import AuthError, NotFoundError, VersionMismatch
+
+    assert isinstance(ErrorMessage(ErrorCode.AUTH_FAILED, "x").to_exception(), AuthError)
+    assert isinstance(ErrorMessage(ErrorCode.NOT_FOUND, "x").to_exception(), NotFoundError)
+    assert isinstance(ErrorMessage(ErrorCode.VERSION_MISMATCH, "x").to_exception(), VersionMismatch)
+    assert "code 999" in str(ErrorMessage(999, "odd").to_exception())
+
+
+# --- control exchange in memory ---------------------------------------------------------
+
+
+def pump(source, destination) -> None:  # type: ignore[no-untyped-def]
+    destination.receive_data(source.data_to_send())
+
+
+def events(machine) -> list:  # type: ignore[no-untyped-def]
+    out = []
+    while (event := machine.next_event()) is not None:
+        out.append(event)
+    return out
+
+
+def test_full_exchange_with_inline_rootfs() -> None:
+    client, server = ControlClient(), ControlServer()
+    client.request_attestation()
+    pump(client, server)
+    assert events(server) == [AttestationRequested(2)]
+    server.send_attestation(VmState.COLD, RuntimeStatus.NOT_STARTED, "boot-1", "the.jwt")
+    pump(server, client)
+    [received] = events(client)
+    assert isinstance(received, AttestationReceived)
+    assert received.attestation.jwt == "the.jwt"
+    assert client.state is ClientState.ATTESTED
+
+    client.send_setup(SetupRequest("tok", RootfsInline(10)))
+    with pytest.raises(LocalProtocolError):
+        client.send_rootfs_chunk(b"early")  # not before the server accepted the token
+    pump(client, server)
+    [setup] = events(server)
+    assert isinstance(setup, SetupRequested)
+    assert setup.request.access_token == "tok"
+    server.accept_token()
+    pump(server, client)
+    assert events(client) == [UploadReady()]
+    client.send_rootfs_chunk(b"01234")
+    client.send_rootfs_chunk(b"56789")
+    client.end_rootfs(b"\x11" * 32)
+    pump(client, server)
+    assert events(server) == [
+        RootfsChunkReceived(b"01234"),
+        RootfsChunkReceived(b"56789"),
+        RootfsUploaded(b"\x11" * 32),
+    ]
+    server.send_progress(Progress("extracting", 5, 10))
+    server.send_setup_complete(SetupComplete(VmState.READY, RuntimeStatus.SYSTEM_INIT, "boot-2"))
+    pump(server, client)
+    got = events(client)
+    assert isinstance(got[0], ProgressReported)
+    assert got[1] == SetupCompleted(
+        SetupComplete(VmState.READY, RuntimeStatus.SYSTEM_INIT, "boot-2")
+    )
+    assert client.state is ClientState.COMPLETE
+
+
+def test_upload_frames_capped_until_token_accepted() -> None:
+    server = ControlServer()
+    server.receive_data(encode_frame(ControlFrame.REQUEST_ATTESTATION, b"\x00\x02\x00\x02"))
+    events(server)
+    server.send_attestation(VmState.COLD, RuntimeStatus.NOT_STARTED, "b", "j")
+    server.receive_data(
+        encode_frame(ControlFrame.SETUP_REQUEST, SetupRequest("t", RootfsInline(10**6)).encode())
+    )
+    assert len(events(server)) == 1
+    # Token not yet accepted: a 100 KiB chunk is over the pre-auth limit.
+    server.receive_data(encode_frame(ControlFrame.ROOTFS_CHUNK, b"x" * 100_000))
+    assert server.next_event() is None  # paused until the application decides
+    server.accept_token()
+    with pytest.raises(RemoteProtocolError, match="declares"):
+        server.next_event()
+
+
+def test_version_mismatch_is_refused_with_clear_error() -> None:
+    client = ControlClient(min_version=1, max_version=1)
+    server = ControlServer()
+    client.request_attestation()
+    pump(client, server)
+    assert events(server) == [VersionRejected(1, 1)]
+    pump(server, client)
+    [event] = events(client)
+    assert isinstance(event, ErrorReceived)
+    error = event.error.to_exception()
+    assert isinstance(error, VersionMismatch)
+    assert "client speaks 1..1, server speaks 2..2" in error.message
+
+
+def test_client_refuses_attestation_with_unsupported_version() -> None:
+    client = ControlClient()
+    client.request_attestation()
+    client.receive_data(
+        encode_frame(
+            ControlFrame.ATTESTATION,
+            Attestation(7, VmState.READY, RuntimeStatus.SYSTEM_INIT, "b", "j").encode(),
+        )
+    )
+    with pytest.raises(VersionMismatch, match="server=7"):
+        client.next_event()
+
+
+def test_client_names_a_protocol_1_server() -> None:
+    client = ControlClient()
+    client.request_attestation()
+    client.receive_data(encode_frame(0x05, b"request attestation frame must be empty"))
+    with pytest.raises(VersionMismatch, match="original fly-vault protocol 1"):
+        client.next_event()
+
+
+def test_server_answers_unexpected_frame_with_error_frame_without_payload() -> None:
+    server = ControlServer()
+    server.receive_data(
+        encode_frame(ControlFrame.SETUP_REQUEST, SetupRequest("sekrit", RootfsNone()).encode())
+    )
+    with pytest.raises(RemoteProtocolError, match="expected attestation request, got setup"):
+        server.next_event()
+    error = ErrorMessage.decode(_last_frame(server.data_to_send()).payload)
+    assert error.code == ErrorCode.PROTOCOL
+    assert "sekrit" not in error.message
+
+
+def test_sending_setup_before_attestation_is_a_local_error() -> None:
+    client = ControlClient()
+    with pytest.raises(LocalProtocolError):
+        client.send_setup(SetupRequest("t", RootfsNone()))
+
+
+def test_upload_longer_than_declared_is_refused_both_sides() -> None:
+    client = ControlClient()
+    client.request_attestation()
+    client.receive_data(
+        encode_frame(
+            ControlFrame.ATTESTATION,
+            Attestation(2, VmState.COLD, RuntimeStatus.NOT_STARTED, "b", "j").encode(),
+        )
+    )
+    events(client)
+    client.send_setup(SetupRequest("t", RootfsInline(3)))
+    client.receive_data(encode_frame(ControlFrame.UPLOAD_READY))
+    assert events(client) == [UploadReady()]
+    with pytest.raises(LocalProtocolError, match="exceeds"):
+        client.send_rootfs_chunk(b"abcd")
+
+
+def test_client_sees_early_close_as_error() -> None:
+    client = ControlClient()
+    client.request_attestation()
+    client.receive_eof()
+    with pytest.raises(RemoteProtocolError, match="closed the control stream"):
+        client.next_event()
+
+
+def test_server_quiet_when_client_leaves_between_frames() -> None:
+    server = ControlServer()
+    server.receive_eof()
+    assert server.next_event() == StreamEnded()
+    assert server.data_to_send() == b""
