@@ -66,7 +66,7 @@ def _ref(name: str) -> str:
     return f"[vault.{name}]" if "." not in name else f'[vault."{name}"]'
 
 
-def _port(text: str, what: str) -> int:
+def _port(text: str, what: str, *, lowest: int = 1) -> int:
     if not text:
         raise ValueError(f"{what} is empty")
     # isdigit() alone accepts '²'; int() alone accepts '+1', ' 1' and '1_0'.
@@ -74,8 +74,8 @@ def _port(text: str, what: str) -> int:
         raise ValueError(f"{what} {_show(text)} is not a number")
     digits = text.lstrip("0") or "0"
     # Check the length first: int() of a huge digit string raises past 4300 digits.
-    if len(digits) > 5 or not 1 <= int(digits) <= 65535:
-        raise ValueError(f"{what} {text} is out of range 1-65535")
+    if len(digits) > 5 or not lowest <= int(digits) <= 65535:
+        raise ValueError(f"{what} {text} is out of range {lowest}-65535")
     return int(digits)
 
 
@@ -111,11 +111,15 @@ def _split_host_port(text: str) -> tuple[str, str]:
     return host, port
 
 
-def parse_address(text: str) -> tuple[str, int]:
-    """Parse ``host:port`` or ``[v6]:port``; the host is returned without brackets."""
+def parse_address(text: str, *, allow_any_port: bool = False) -> tuple[str, int]:
+    """Parse ``host:port`` or ``[v6]:port``; the host is returned without brackets.
+
+    ``allow_any_port`` admits port 0 ("any free port"), which only makes sense for a
+    listening address.
+    """
     try:
         host, port = _split_host_port(text)
-        return _host(host), _port(port, "port")
+        return _host(host), _port(port, "port", lowest=0 if allow_any_port else 1)
     except ValueError as exc:
         raise ConfigError(
             f"invalid address {_show(text)}: {exc}; expected {_ADDRESS_FORM}"

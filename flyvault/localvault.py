@@ -98,8 +98,12 @@ def up(name: str = "local", port: int = 0) -> tuple[LocalState, bool]:
     ready = base / "ready.json"
     ready.unlink(missing_ok=True)
     log_file = base / "init.log"
+    from server.auth import token_pipe
+
     token = secrets.token_urlsafe(32)
-    env = dict(os.environ, ACCESS_TOKEN=token)
+    # The token goes over a pipe, never the environment (which /proc exposes).
+    token_fd = token_pipe(token)
+    env = {key: value for key, value in os.environ.items() if key != "ACCESS_TOKEN"}
     command = [
         sys.executable,
         "-m",
@@ -111,6 +115,8 @@ def up(name: str = "local", port: int = 0) -> tuple[LocalState, bool]:
         str(port),
         "--ready-file",
         str(ready),
+        "--access-token-fd",
+        str(token_fd),
     ]
     with open(log_file, "ab") as log:
         process = subprocess.Popen(
@@ -120,7 +126,9 @@ def up(name: str = "local", port: int = 0) -> tuple[LocalState, bool]:
             stderr=log,
             env=env,
             start_new_session=True,
+            pass_fds=(token_fd,),
         )
+    os.close(token_fd)
     deadline = time.monotonic() + START_TIMEOUT
     while not ready.exists():
         if process.poll() is not None:
@@ -209,7 +217,9 @@ def _serve(args: argparse.Namespace) -> int:
     from flyvault.standins.flyapi import FlyApiSocket, MachineIdentity
     from flyvault.standins.oidc import OidcIssuer
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     base = Path(args.state_dir)
     server_data = base / "data"
     server_data.mkdir(parents=True, exist_ok=True)
@@ -228,9 +238,9 @@ async def _run_server(
     from server.attestation import FlyOidcAttestor
     from server.auth import AccessToken
 
-    token = AccessToken.from_environment()
+    token = AccessToken.from_fd(args.access_token_fd)
     if not token.configured:
-        raise ConfigError("the local vault needs ACCESS_TOKEN in its environment")
+        raise ConfigError("the local vault was started without an access token")
     options = ServerOptions(
         listen_host="127.0.0.1", listen_port=args.port, data_dir=server_data, host_mode=True
     )
@@ -270,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--state-dir", required=True)
     serve.add_argument("--port", type=int, default=0)
     serve.add_argument("--ready-file", required=True)
+    serve.add_argument("--access-token-fd", type=int, required=True)
     args = parser.parse_args(argv)
     return _serve(args)
 

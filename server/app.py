@@ -99,6 +99,17 @@ class VaultState:
         return RuntimeStatus.NOT_STARTED
 
 
+@dataclass
+class ServerStats:
+    attestations: int = 0
+    attestation_failures: int = 0
+    setup_requests: int = 0
+    token_failures: int = 0
+    rate_limited: int = 0
+    authenticated: int = 0
+    protocol_errors: int = 0
+
+
 StreamHandler = Callable[["ServerConnection", QuicStream, bytes], Awaitable[None]]
 
 
@@ -121,7 +132,7 @@ class VaultServer:
         #: Handlers for authenticated stream kinds; the shell/exec/forward modules add theirs.
         self.handlers: dict[StreamTag, StreamHandler] = {}
         self.connections: set[ServerConnection] = set()
-        self.failed_token_attempts = 0
+        self.stats = ServerStats()
 
     async def start(self) -> QuicListener:
         self.listener = await listen(
@@ -242,6 +253,7 @@ class ServerConnection:
             try:
                 event = machine.next_event()
             except RemoteProtocolError as exc:
+                self.server.stats.protocol_errors += 1
                 log.info("control stream error from %s: %s", self.source, exc)
                 await _flush(stream, machine, end=True)
                 return
@@ -294,9 +306,11 @@ class ServerConnection:
         audience = self.channel.export_keying_material(
             CHANNEL_BINDING_LABEL, CHANNEL_BINDING_LENGTH
         ).hex()
+        self.server.stats.attestations += 1
         try:
             jwt = await self.server.attestor.token(audience)
         except VaultError as exc:
+            self.server.stats.attestation_failures += 1
             log.warning("attestation for %s failed: %s", self.source, exc)
             machine.send_error(
                 ErrorCode.ATTESTATION_UNAVAILABLE, f"server cannot attest: {exc.message}"
@@ -307,9 +321,11 @@ class ServerConnection:
 
     def _check_token(self, machine: ControlServer, request: SetupRequest) -> bool:
         server = self.server
+        server.stats.setup_requests += 1
         now = server.clock()
         wait = server.limiter.retry_after(self.source, now)
         if wait > 0:
+            server.stats.rate_limited += 1
             machine.send_error(
                 ErrorCode.RATE_LIMITED,
                 f"setup failed: too many wrong access tokens from {self.source}; "
@@ -323,9 +339,11 @@ class ServerConnection:
             return False
         if not server.token.matches(request.access_token):
             server.limiter.failed(self.source, now)
-            server.failed_token_attempts += 1
+            server.stats.token_failures += 1
             log.warning("wrong access token from %s", self.source)
-            machine.send_error(ErrorCode.AUTH_FAILED, "setup failed: access token verification failed")
+            machine.send_error(
+                ErrorCode.AUTH_FAILED, "setup failed: access token verification failed"
+            )
             return False
         server.limiter.succeeded(self.source)
         machine.accept_token()
@@ -357,6 +375,7 @@ class ServerConnection:
     def _authenticated(self) -> None:
         if not self.authenticated:
             self.authenticated = True
+            self.server.stats.authenticated += 1
             self._deadline.cancel()
             log.info("connection from %s authenticated", self.source)
 

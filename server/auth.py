@@ -11,8 +11,34 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass
+
+
+def token_pipe(token: str) -> int:
+    """A pipe's read end holding ``token``; the caller passes it to a child process."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, token.encode("utf-8"))  # far below the pipe buffer size
+    os.close(write_end)
+    return read_end
+
+
+def reexec_without_token(argv: list[str], variable: str = "ACCESS_TOKEN") -> None:
+    """Re-execute this server with the token moved from the environment to a pipe.
+
+    ``unsetenv`` alone leaves the value in ``/proc/<pid>/environ`` (the original's scrubbing
+    was cosmetic); after ``execve`` with a clean environment it is gone from there too.
+    Returns only when there is nothing to do.
+    """
+    token = os.environ.get(variable)
+    if token is None or "--access-token-fd" in argv:
+        return
+    fd = token_pipe(token)
+    os.set_inheritable(fd, True)
+    env = {key: value for key, value in os.environ.items() if key != variable}
+    args = [sys.executable, "-m", "server.main", *argv, "--access-token-fd", str(fd)]
+    os.execve(sys.executable, args, env)
 
 
 class AccessToken:
@@ -26,6 +52,15 @@ class AccessToken:
         """Read the token and scrub it from our environment, so children never inherit it."""
         token = os.environ.pop(variable, None)
         return cls(token)
+
+    @classmethod
+    def from_fd(cls, fd: int) -> AccessToken:
+        """Read the token from a pipe (how a scrubbed re-exec or the local vault passes it)."""
+        chunks = []
+        while chunk := os.read(fd, 4096):
+            chunks.append(chunk)
+        os.close(fd)
+        return cls(b"".join(chunks).decode("utf-8").strip("\n") or None)
 
     @property
     def configured(self) -> bool:

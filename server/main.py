@@ -61,13 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="write the bound address as JSON to this file once listening",
     )
+    parser.add_argument(
+        "--access-token-fd",
+        type=int,
+        help=argparse.SUPPRESS,  # internal: the token moved off the environment (see auth)
+    )
     parser.add_argument("--log-level", default=os.environ.get("VAULT_LOG_LEVEL", "info"))
     parser.add_argument("--log-format", choices=("json", "text"), default="json")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from server.auth import reexec_without_token
+
+    arguments = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(arguments)
+    if args.access_token_fd is None and argv is None:
+        reexec_without_token(arguments)
     handler = logging.StreamHandler(sys.stderr)
     if args.log_format == "json":
         handler.setFormatter(_JsonFormatter())
@@ -78,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     from flyvault.errors import VaultError
 
     try:
-        host, port = parse_address(args.listen)
+        host, port = parse_address(args.listen, allow_any_port=True)
     except VaultError as exc:
         print(f"fly-vault-init: --listen: {exc}", file=sys.stderr)
         return 2
@@ -95,7 +105,10 @@ async def _serve(args: argparse.Namespace, host: str, port: int) -> int:
     from server.auth import AccessToken
 
     log = logging.getLogger("flyvault.server")
-    token = AccessToken.from_environment()
+    if args.access_token_fd is not None:
+        token = AccessToken.from_fd(args.access_token_fd)
+    else:
+        token = AccessToken.from_environment()
     if not token.configured:
         log.warning("ACCESS_TOKEN not set (or empty); every setup request will be refused")
     options = ServerOptions(

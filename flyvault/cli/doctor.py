@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         from flyvault.client.connection import announce_issuer_override, open_vault
 
         announce_issuer_override(vault)
+
         async def check() -> None:
             connection = await open_vault(vault, observer=recorder)
             connection.close()

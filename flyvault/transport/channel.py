@@ -92,6 +92,11 @@ class QuicStream:
         return chunk
 
     @property
+    def queued(self) -> int:
+        """Bytes received and not yet read (bounded by the stream's receive window)."""
+        return sum(len(chunk) for chunk in self._chunks)
+
+    @property
     def at_eof(self) -> bool:
         return self._eof and not self._chunks
 

@@ -24,7 +24,7 @@ from aioquic.quic.packet import (
     pull_quic_header,
 )
 
-from flyvault.errors import ConnectError
+from flyvault.errors import ConnectError, ConnectionLost
 from flyvault.protocol.constants import ALPN_PROTOCOLS
 from flyvault.transport.channel import QuicChannel
 from flyvault.transport.connection import VaultQuicConnection
@@ -74,6 +74,12 @@ class _ClientChannel(QuicChannel):
         super().__init__(quic, keepalive_interval=settings.keepalive_interval)
         self._wrap = settings.datagram_wrapper
 
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable arrives as ECONNREFUSED: nothing listens there. Fail the
+        # handshake at once instead of waiting out the handshake timeout.
+        if not self.quic.handshake_complete:
+            self._terminate(f"nothing is listening there ({exc.strerror or exc})")
+
     def transmit(self) -> None:
         if self._wrap is None:
             super().transmit()
@@ -108,9 +114,7 @@ async def resolve(host: str, port: int) -> tuple[int, tuple[Any, ...]]:
     return family, sockaddr
 
 
-async def connect(
-    host: str, port: int, settings: TransportSettings | None = None
-) -> QuicChannel:
+async def connect(host: str, port: int, settings: TransportSettings | None = None) -> QuicChannel:
     """Open a QUIC connection and wait for the handshake. Raises ``ConnectError``."""
     settings = settings or TransportSettings()
     family, sockaddr = await resolve(host, port)
@@ -139,6 +143,13 @@ async def connect(
     except OSError as exc:
         channel.close_now(reason="socket error")
         raise ConnectError(f"cannot reach {where}: {exc.strerror or exc}") from None
+    except ConnectionLost as exc:
+        channel.close_now(reason="handshake failed")
+        raise ConnectError(
+            f"cannot connect to {where}: {exc.message}",
+            hint="is the vault running, and is the address (host:port) right? "
+            "(fly-vault doctor VAULT)",
+        ) from None
     except Exception as exc:
         channel.close_now(reason="handshake failed")
         raise ConnectError(f"QUIC handshake with {where} failed: {exc}") from None
@@ -231,9 +242,7 @@ class QuicListener(asyncio.DatagramProtocol):
         channel.owns_transport = False
         assert self._transport is not None
         channel.connection_made(self._transport)
-        channel._connection_id_issued_handler = lambda cid: self._channels.__setitem__(
-            cid, channel
-        )
+        channel._connection_id_issued_handler = lambda cid: self._channels.__setitem__(cid, channel)
         channel._connection_id_retired_handler = lambda cid: self._channels.pop(cid, None)
         channel.on_terminated = self._forget
         self._channels[original_cid] = channel

@@ -1,0 +1,192 @@
+"""Shared fixtures: isolated XDG dirs, the Fly stand-ins, and init servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flyvault.standins import FlyApiSocket, MachineIdentity, OidcIssuer, fly_claims
+
+ORG = "test-org"
+APP = "test-app"
+TOKEN = "correct-horse-battery-staple-0123456789"
+
+
+@pytest.fixture(autouse=True)
+def isolated_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own config, cache and data directories."""
+    home = tmp_path / "home"
+    for variable, sub in (
+        ("XDG_CONFIG_HOME", "config"),
+        ("XDG_CACHE_HOME", "cache"),
+        ("XDG_DATA_HOME", "data"),
+        ("XDG_STATE_HOME", "state"),
+    ):
+        path = home / sub
+        path.mkdir(parents=True)
+        monkeypatch.setenv(variable, str(path))
+    monkeypatch.delenv("FLY_VAULT_CONFIG", raising=False)
+    monkeypatch.delenv("ACCESS_TOKEN", raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def issuer() -> Iterator[OidcIssuer]:
+    with OidcIssuer() as running:
+        yield running
+
+
+@pytest.fixture
+def identity() -> MachineIdentity:
+    return MachineIdentity.default(ORG, APP)
+
+
+@pytest.fixture
+def fly_api(
+    tmp_path: Path, issuer: OidcIssuer, identity: MachineIdentity
+) -> Iterator[FlyApiSocket]:
+    with FlyApiSocket(tmp_path / "fly-api.sock", issuer, identity) as api:
+        yield api
+
+
+class ScriptedAttestor:
+    """A Fly platform stand-in that can misbehave: it mints what the test tells it to.
+
+    ``tamper(claims, aud)`` may change the claim set and return extra ``mint`` arguments
+    (another key, kid, algorithm). Setting ``tamper`` to None makes it honest again.
+    """
+
+    def __init__(self, issuer: OidcIssuer, identity: MachineIdentity) -> None:
+        self.issuer = issuer
+        self.identity = identity
+        self.tamper: Callable[[dict[str, Any], str], dict[str, Any] | None] | None = None
+        self.audiences: list[str] = []
+        self.replay: str | None = None
+
+    async def token(self, audience: str) -> str:
+        self.audiences.append(audience)
+        if self.replay is not None:
+            return self.replay
+        claims = fly_claims(
+            self.identity, issuer=self.issuer.issuer(self.identity.org), aud=audience
+        )
+        extra: dict[str, Any] = {}
+        if self.tamper is not None:
+            extra = self.tamper(claims, audience) or {}
+        return self.issuer.mint(claims, **extra)
+
+
+@pytest.fixture
+def attestor(issuer: OidcIssuer, identity: MachineIdentity) -> ScriptedAttestor:
+    return ScriptedAttestor(issuer, identity)
+
+
+def vault_entry(
+    port: int,
+    issuer: OidcIssuer,
+    *,
+    name: str = "test",
+    token: str | None = TOKEN,
+    org: str = ORG,
+    app: str = APP,
+    machine_id: str | None = None,
+    host: str = "127.0.0.1",
+    **extra: Any,
+) -> Any:
+    from flyvault.config import VaultConfig
+
+    return VaultConfig(
+        name=name,
+        address=f"{host}:{port}",
+        org=org,
+        app=app,
+        access_token=token,
+        machine_id=machine_id,
+        oidc_issuer_url=issuer.base_url,
+        **extra,
+    )
+
+
+def run_async(coroutine: Any, timeout: float = 60.0) -> Any:
+    async def bounded() -> Any:
+        return await asyncio.wait_for(coroutine, timeout)
+
+    return asyncio.run(bounded())
+
+
+@dataclass
+class InitProcess:
+    process: subprocess.Popen[bytes]
+    host: str
+    port: int
+    data_dir: Path
+    log: Path
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                return self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        return self.process.wait()
+
+
+def start_init(
+    tmp_path: Path,
+    socket_path: Path,
+    *,
+    token: str | None = TOKEN,
+    host_mode: bool = True,
+    extra_args: tuple[str, ...] = (),
+) -> InitProcess:
+    """Start ``fly-vault-init`` as a real process on 127.0.0.1 and wait until it listens."""
+    data_dir = tmp_path / "init-data"
+    data_dir.mkdir(exist_ok=True)
+    ready = tmp_path / "init-ready.json"
+    log = tmp_path / "init.log"
+    env = {k: v for k, v in os.environ.items() if k != "ACCESS_TOKEN"}
+    if token is not None:
+        env["ACCESS_TOKEN"] = token
+    command = [
+        sys.executable,
+        "-m",
+        "server.main",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        str(data_dir),
+        "--fly-api-socket",
+        str(socket_path),
+        "--ready-file",
+        str(ready),
+        *(("--host-mode",) if host_mode else ()),
+        *extra_args,
+    ]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=out)
+    deadline = time.monotonic() + 20
+    while not ready.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"init did not start: {log.read_text()}")
+        time.sleep(0.02)
+    info = json.loads(ready.read_text())
+    return InitProcess(process, info["host"], info["port"], data_dir, log)
+
+
+@pytest.fixture
+def init_process(tmp_path: Path, fly_api: FlyApiSocket) -> Iterator[InitProcess]:
+    running = start_init(tmp_path, fly_api.path)
+    yield running
+    running.stop()

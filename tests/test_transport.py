@@ -1,0 +1,197 @@
+"""QUIC transport on 127.0.0.1: exporter, backpressure, close without drain, keepalive."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from conftest import run_async
+
+from flyvault.errors import ConnectError, ConnectionLost
+from flyvault.transport import QuicChannel, QuicStream, TransportSettings, connect, listen
+
+LABEL = b"fly-vault-channel-binding"
+
+
+async def echo_server(settings: TransportSettings | None = None) -> tuple[Any, list[QuicChannel]]:
+    channels: list[QuicChannel] = []
+
+    async def echo(stream: QuicStream) -> None:
+        while data := await stream.read():
+            await stream.send(data)
+        stream.write_eof()
+
+    def on_channel(channel: QuicChannel) -> None:
+        channels.append(channel)
+        channel.on_stream = lambda s: asyncio.ensure_future(echo(s))
+
+    listener = await listen("127.0.0.1", 0, on_channel, settings)
+    return listener, channels
+
+
+def test_exporter_identical_on_both_ends_and_unique_per_connection() -> None:
+    async def scenario() -> None:
+        listener, server_channels = await echo_server()
+        try:
+            values = []
+            for _ in range(3):
+                client = await connect(*listener.address)
+                stream = client.open_stream()
+                await stream.send(b"ping", end_stream=True)
+                assert await stream.read() == b"ping"
+                mine = client.export_keying_material(LABEL, 32)
+                theirs = server_channels[-1].export_keying_material(LABEL, 32)
+                assert mine == theirs
+                assert len(mine) == 32
+                # A different label gives a different value (it is really an exporter).
+                assert client.export_keying_material(b"other", 32) != mine
+                values.append(mine)
+                client.close_now()
+            assert len(set(values)) == 3
+        finally:
+            listener.close()
+
+    run_async(scenario())
+
+
+def test_echo_of_large_payload_in_order() -> None:
+    async def scenario() -> None:
+        listener, _ = await echo_server()
+        try:
+            client = await connect(*listener.address)
+            stream = client.open_stream()
+            payload = bytes(range(256)) * 20_000  # 5 MiB
+
+            async def writer() -> None:
+                for i in range(0, len(payload), 65536):
+                    await stream.send(payload[i : i + 65536])
+                stream.write_eof()
+
+            task = asyncio.ensure_future(writer())
+            received = bytearray()
+            while chunk := await stream.read():
+                received += chunk
+            await task
+            assert bytes(received) == payload
+            client.close_now()
+        finally:
+            listener.close()
+
+    run_async(scenario(), timeout=120)
+
+
+def test_slow_reader_bounds_memory_on_both_sides() -> None:
+    """A peer that does not read: the writer blocks in drain, nothing grows without bound."""
+
+    async def scenario() -> None:
+        held: list[QuicStream] = []
+
+        def on_channel(channel: QuicChannel) -> None:
+            channel.on_stream = held.append  # accept, never read
+
+        listener = await listen("127.0.0.1", 0, on_channel)
+        try:
+            client = await connect(*listener.address)
+            stream = client.open_stream()
+            sent = 0
+            chunk = b"x" * 65536
+
+            async def flood() -> None:
+                nonlocal sent
+                for _ in range(400):  # bounded: 25 MiB at most
+                    await stream.send(chunk)
+                    sent += len(chunk)
+
+            task = asyncio.ensure_future(flood())
+            await asyncio.sleep(1.5)
+            assert not task.done(), "the writer should be blocked by backpressure"
+            window = 1024 * 1024
+            # Sent = receiver's window + our high-water mark (+ one chunk in flight).
+            assert sent <= window + stream.high_water + 2 * len(chunk)
+            assert client.buffered(stream.stream_id) <= stream.high_water + len(chunk) + window
+            assert held[0].queued <= window
+            # Reading releases the writer.
+            got = 0
+            while got < 3 * window:
+                got += len(await held[0].read())
+            await asyncio.sleep(0.2)
+            assert sent > window + stream.high_water
+            task.cancel()
+            client.close_now()
+        finally:
+            listener.close()
+
+    run_async(scenario())
+
+
+def test_close_now_reaches_the_peer_without_waiting() -> None:
+    async def scenario() -> None:
+        listener, server_channels = await echo_server()
+        try:
+            client = await connect(*listener.address)
+            stream = client.open_stream()
+            await stream.send(b"hi")
+            assert await stream.read() == b"hi"
+            client.close_now(reason="one-shot done")
+            assert client.is_closed
+            server = server_channels[-1]
+            await asyncio.wait_for(server.wait_closed(), 5)
+            assert "one-shot done" in (server.close_reason or "")
+            with pytest.raises(ConnectionLost):
+                client.open_stream()
+        finally:
+            listener.close()
+
+    run_async(scenario())
+
+
+def test_keepalive_holds_an_idle_connection_open() -> None:
+    async def scenario() -> None:
+        server_settings = TransportSettings(idle_timeout=1.0, keepalive_interval=0.25)
+        listener, _ = await echo_server(server_settings)
+        try:
+            alive = await connect(
+                *listener.address, TransportSettings(idle_timeout=1.0, keepalive_interval=0.25)
+            )
+            await asyncio.sleep(2.5)  # more than twice the idle timeout, with no data
+            assert not alive.is_closed
+            stream = alive.open_stream()
+            await stream.send(b"still here")
+            assert await stream.read() == b"still here"
+            alive.close_now()
+        finally:
+            listener.close()
+
+    run_async(scenario())
+
+
+def test_dead_peer_detected_by_idle_timeout(init_process: Any) -> None:
+    async def scenario() -> None:
+        client = await connect(
+            init_process.host,
+            init_process.port,
+            TransportSettings(idle_timeout=1.0, keepalive_interval=0.25),
+        )
+        stream = client.open_stream()
+        # The server dies without a word, as a VM that goes away does.
+        init_process.process.kill()
+        init_process.process.wait()
+        with pytest.raises(ConnectionLost):
+            await asyncio.wait_for(stream.read(), 10)
+        assert client.is_closed
+
+    run_async(scenario())
+
+
+def test_handshake_timeout_when_nobody_answers() -> None:
+    import socket
+
+    async def scenario() -> None:
+        # A UDP socket that receives but never answers.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+            silent.bind(("127.0.0.1", 0))
+            with pytest.raises(ConnectError, match="no QUIC answer"):
+                await connect(*silent.getsockname(), TransportSettings(handshake_timeout=0.5))
+
+    run_async(scenario())
