@@ -104,3 +104,7 @@ class ErrorCode(enum.IntEnum):
     INTERNAL = 10
     BUSY = 11
     INVALID_REQUEST = 12
+    #: A forward's TCP connect failed (refused, unresolvable, timed out).
+    CONNECT_FAILED = 13
+    #: Another client attached to the session (sent as DETACHED, listed for completeness).
+    TAKEN_OVER = 14

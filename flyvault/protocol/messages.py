@@ -87,6 +87,8 @@ _ERROR_CLASSES: dict[ErrorCode, type[VaultError]] = {
     ErrorCode.INTERNAL: RemoteError,
     ErrorCode.BUSY: RemoteError,
     ErrorCode.INVALID_REQUEST: UsageError,
+    ErrorCode.CONNECT_FAILED: RemoteError,
+    ErrorCode.TAKEN_OVER: RemoteError,
 }
 
 _ERROR_HINTS: dict[ErrorCode, str] = {

@@ -1,0 +1,343 @@
+"""Console streams (exec sessions and shells), the sessions stream, and forward streams.
+
+Theory of operation
+-------------------
+Console stream (tag 0x03). The client's first frame is OPEN: which session, whether to
+create it (argv, PTY or pipes, terminal, cwd, env) and the absolute output offset it has
+already seen. The server answers STARTED (where its replay starts and how many bytes were
+lost from the ring buffer before that), then STDOUT/STDERR frames, then EXITED once every
+output byte has been sent. Output offsets are absolute: the client's offset is STARTED's
+offset plus every output byte since, so a reattach replays exactly what was not seen.
+A client displaced by another attach gets DETACHED and must not reconnect on its own
+(the original's takeover ping-pong, B4). Closing the stream detaches; the process keeps
+running. EXIT_ACK tells the server the exit was seen, so an anonymous session can go.
+
+Sessions stream (tag 0x04): one request (LIST, or KILL with a signal), one answer.
+
+Forward stream (tag 0x02): OPEN(host, port); the client may pipeline raw bytes right after
+it. The server answers OPENED or ERROR; after OPENED the stream carries raw bytes both
+ways, and a FIN in either direction is a TCP half-close in that direction.
+
+Every stream kind refuses with the common ERROR frame (0xFF), never a silent close.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from flyvault.errors import RemoteProtocolError
+from flyvault.protocol.codec import Frame, FrameDecoder, PayloadReader, PayloadWriter, encode_frame
+from flyvault.protocol.constants import ERROR_FRAME, MAX_PAYLOAD
+from flyvault.protocol.messages import ErrorMessage
+
+SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+MAX_ARGV = 4096
+MAX_ARG_LENGTH = 128 * 1024
+MAX_ENV = 1024
+MAX_TERM_LENGTH = 64
+MAX_PATH_LENGTH = 4096
+MAX_CONTEXT_LENGTH = 4096
+MAX_HOST_LENGTH = 255
+
+
+class ConsoleFrame(enum.IntEnum):
+    OPEN = 0x01
+    STDIN = 0x02
+    STDIN_EOF = 0x03
+    RESIZE = 0x04
+    SIGNAL = 0x05
+    EXIT_ACK = 0x06
+    STARTED = 0x11
+    STDOUT = 0x12
+    STDERR = 0x13
+    EXITED = 0x14
+    DETACHED = 0x15
+
+
+class SessionsFrame(enum.IntEnum):
+    LIST = 0x01
+    KILL = 0x02
+    LIST_RESULT = 0x11
+    KILLED = 0x12
+
+
+class ForwardFrame(enum.IntEnum):
+    OPEN = 0x01
+    OPENED = 0x11
+
+
+def check_session_id(session_id: str) -> str:
+    """Session ids are 1-128 characters of letters, digits, '.', '_' and '-'."""
+    if not SESSION_ID_PATTERN.fullmatch(session_id):
+        raise RemoteProtocolError(
+            f"invalid session id {session_id[:40]!r}: use 1-128 letters, digits, '.', '_' or "
+            "'-', starting with a letter or digit"
+        )
+    return session_id
+
+
+@dataclass(frozen=True, slots=True)
+class OpenSession:
+    """C->S, first console frame. ``argv`` None means "reattach only"."""
+
+    session_id: str
+    argv: tuple[str, ...] | None = None
+    pty: bool = False
+    #: A login shell (``bash -l``, else ``sh -l``); ``argv`` is ignored.
+    shell: bool = False
+    #: Keep the session after it exits until collected (named sessions), so list-exec can
+    #: show its exit code; anonymous sessions go as soon as their exit was acknowledged.
+    keep: bool = False
+    context: str | None = None
+    term: str = ""
+    rows: int = 0
+    cols: int = 0
+    cwd: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    resume_offset: int = 0
+
+    @property
+    def create(self) -> bool:
+        return self.argv is not None or self.shell
+
+    def encode(self) -> bytes:
+        flags = (
+            (1 if self.argv is not None else 0)
+            | (2 if self.pty else 0)
+            | (4 if self.shell else 0)
+            | (8 if self.keep else 0)
+        )
+        writer = PayloadWriter().text(self.session_id).u8(flags)
+        argv = self.argv or ()
+        writer.u32(len(argv))
+        for arg in argv:
+            writer.text(arg)
+        writer.optional_text(self.context).text(self.term).u16(self.rows).u16(self.cols)
+        writer.optional_text(self.cwd).u32(len(self.env))
+        for key, value in self.env:
+            writer.text(key).text(value)
+        return writer.u64(self.resume_offset).getvalue()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> OpenSession:
+        reader = PayloadReader(payload, "console open")
+        session_id = check_session_id(reader.text("session id", 512))
+        flags = reader.u8("flags")
+        if flags & ~0x0F:
+            raise RemoteProtocolError(f"console open: unknown flags 0x{flags:02x}")
+        count = reader.u32("argv count")
+        if count > MAX_ARGV:
+            raise RemoteProtocolError(f"console open: {count} arguments, more than {MAX_ARGV}")
+        args = tuple(reader.text("argument", MAX_ARG_LENGTH) for _ in range(count))
+        context = reader.optional_text("context", MAX_CONTEXT_LENGTH)
+        term = reader.text("term", MAX_TERM_LENGTH)
+        rows = reader.u16("rows")
+        cols = reader.u16("cols")
+        cwd = reader.optional_text("cwd", MAX_PATH_LENGTH)
+        env_count = reader.u32("env count")
+        if env_count > MAX_ENV:
+            raise RemoteProtocolError(f"console open: {env_count} variables, more than {MAX_ENV}")
+        env = tuple(
+            (reader.text("env name", 1024), reader.text("env value", MAX_ARG_LENGTH))
+            for _ in range(env_count)
+        )
+        resume = reader.u64("resume offset")
+        reader.end()
+        argv = args if flags & 1 else None
+        if argv is not None and not argv and not flags & 4:
+            raise RemoteProtocolError("exec request must include at least one argv element")
+        return cls(
+            session_id,
+            argv,
+            bool(flags & 2),
+            bool(flags & 4),
+            bool(flags & 8),
+            context,
+            term,
+            rows,
+            cols,
+            cwd,
+            env,
+            resume,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    session_id: str
+    created: bool
+    #: Absolute offset of the first output byte that follows.
+    offset: int
+    #: Bytes between the client's resume offset and ``offset`` that the ring buffer lost.
+    dropped: int
+    pid: int
+    pty: bool
+
+    def encode(self) -> bytes:
+        return (
+            PayloadWriter()
+            .text(self.session_id)
+            .u8(int(self.created))
+            .u64(self.offset)
+            .u64(self.dropped)
+            .u32(self.pid)
+            .u8(int(self.pty))
+            .getvalue()
+        )
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Started:
+        reader = PayloadReader(payload, "console started")
+        value = cls(
+            reader.text("session id", 512),
+            bool(reader.u8("created")),
+            reader.u64("offset"),
+            reader.u64("dropped"),
+            reader.u32("pid"),
+            bool(reader.u8("pty")),
+        )
+        reader.end()
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class Exited:
+    """How the process ended: ``code`` for a normal exit, else ``signal``."""
+
+    code: int | None
+    signal: int | None
+    total_bytes: int
+
+    @property
+    def exit_status(self) -> int:
+        """The shell convention: the code, or 128 + the signal number."""
+        if self.signal is not None:
+            return 128 + self.signal
+        return self.code if self.code is not None else 255
+
+    def encode(self) -> bytes:
+        if self.signal is not None:
+            kind, value = 1, self.signal
+        else:
+            kind, value = 0, self.code or 0
+        return PayloadWriter().u8(kind).u8(value & 0xFF).u64(self.total_bytes).getvalue()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Exited:
+        reader = PayloadReader(payload, "console exited")
+        kind = reader.u8("kind")
+        value = reader.u8("value")
+        total = reader.u64("total bytes")
+        reader.end()
+        if kind == 0:
+            return cls(value, None, total)
+        if kind == 1:
+            return cls(None, value, total)
+        raise RemoteProtocolError(f"console exited: invalid kind {kind}")
+
+
+def encode_resize(rows: int, cols: int) -> bytes:
+    return PayloadWriter().u16(rows).u16(cols).getvalue()
+
+
+def decode_resize(payload: bytes) -> tuple[int, int]:
+    reader = PayloadReader(payload, "resize")
+    rows, cols = reader.u16("rows"), reader.u16("cols")
+    reader.end()
+    return rows, cols
+
+
+def decode_signal(payload: bytes) -> int:
+    reader = PayloadReader(payload, "signal")
+    signo = reader.u8("signal number")
+    reader.end()
+    if not 1 <= signo <= 64:
+        raise RemoteProtocolError(f"signal number {signo} is out of range 1-64")
+    return signo
+
+
+@dataclass(frozen=True, slots=True)
+class KillSession:
+    session_id: str
+    signal: int
+
+    def encode(self) -> bytes:
+        return PayloadWriter().text(self.session_id).u8(self.signal).getvalue()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> KillSession:
+        reader = PayloadReader(payload, "kill")
+        session_id = check_session_id(reader.text("session id", 512))
+        signo = reader.u8("signal")
+        reader.end()
+        if not 1 <= signo <= 64:
+            raise RemoteProtocolError(f"signal number {signo} is out of range 1-64")
+        return cls(session_id, signo)
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardOpen:
+    host: str
+    port: int
+
+    def encode(self) -> bytes:
+        return PayloadWriter().text(self.host).u16(self.port).getvalue()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> ForwardOpen:
+        reader = PayloadReader(payload, "forward open")
+        host = reader.text("host", MAX_HOST_LENGTH)
+        port = reader.u16("port")
+        reader.end()
+        if not host:
+            raise RemoteProtocolError("forward open: empty host")
+        if port == 0:
+            raise RemoteProtocolError("forward open: port 0")
+        return cls(host, port)
+
+
+def encode_json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+def decode_json(payload: bytes, what: str) -> Any:
+    try:
+        return json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise RemoteProtocolError(f"{what} is not valid JSON") from None
+
+
+@dataclass
+class FrameChannel:
+    """Frame codec for one stream: ``feed`` bytes, iterate frames; error frames decoded."""
+
+    max_payload: int = MAX_PAYLOAD
+    decoder: FrameDecoder = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.decoder = FrameDecoder(self.max_payload)
+
+    def feed(self, data: bytes) -> None:
+        if data:
+            self.decoder.feed(data)
+        else:
+            self.decoder.feed_eof()
+
+    def next_frame(self) -> Frame | None:
+        return self.decoder.next_frame()
+
+    @property
+    def finished(self) -> bool:
+        return self.decoder.finished
+
+
+def frame(frame_type: int, payload: bytes = b"") -> bytes:
+    return encode_frame(frame_type, payload)
+
+
+def error_frame(code: int, message: str) -> bytes:
+    return encode_frame(ERROR_FRAME, ErrorMessage(code, message).encode())
