@@ -29,15 +29,18 @@ import os
 import re
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import httpx
 import jwt
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from jwt.algorithms import RSAAlgorithm
+
+if TYPE_CHECKING:
+    import httpx
 
 from flyvault.errors import AttestationError, ConfigError, ConnectError, Timeout
 from flyvault.paths import cache_dir
@@ -81,14 +84,18 @@ def _show(value: object, limit: int = 80) -> str:
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
-    u = httpx.URL(url)
-    return (u.scheme, u.host, u.port or {"http": 80, "https": 443}.get(u.scheme))
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    return (scheme, (parts.hostname or "").lower(), parts.port or _DEFAULT_PORTS.get(scheme))
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def _same_origin(issuer: str, url: str) -> bool:
     try:
         return _origin(url) == _origin(issuer)
-    except (httpx.InvalidURL, TypeError, ValueError):
+    except (TypeError, ValueError):
         return False
 
 
@@ -424,6 +431,10 @@ class JwksCache:
 
     async def refresh(self, issuer: str, *, discovery: bool = True) -> JwksRecord:
         """Fetch the JWKS now (and the discovery document first, unless told not to)."""
+        # httpx is imported only when keys must be fetched: with the JWKS cached, a CLI
+        # run never pays for importing it.
+        import httpx
+
         known = self._records.get(issuer)
         try:
             async with contextlib.AsyncExitStack() as stack:
@@ -475,6 +486,8 @@ class JwksCache:
         return jwks_uri
 
     async def _get_json(self, client: httpx.AsyncClient, url: str, what: str) -> Any:
+        import httpx
+
         try:
             # No redirects at all: Fly serves both documents directly, and following one
             # could leave the issuer's origin.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -53,6 +54,7 @@ from flyvault.protocol.messages import (
 )
 from flyvault.transport import QuicChannel, QuicListener, QuicStream, TransportSettings, listen
 from server.auth import AccessToken, FailureLimiter
+from server.sessions import SessionRegistry, SpawnPolicy
 
 log = logging.getLogger("flyvault.server")
 
@@ -73,6 +75,9 @@ class ServerOptions:
     host_mode: bool = False
     auth_timeout: float = 30.0
     max_connections: int = 256
+    #: Output kept per exec session for replay (bytes).
+    session_buffer: int = 1024 * 1024
+    max_sessions: int = 64
     transport: TransportSettings = field(
         default_factory=lambda: TransportSettings(idle_timeout=60.0, keepalive_interval=5.0)
     )
@@ -129,8 +134,13 @@ class VaultServer:
         self.limiter = FailureLimiter()
         self.clock = clock
         self.listener: QuicListener | None = None
-        #: Handlers for authenticated stream kinds; the shell/exec/forward modules add theirs.
-        self.handlers: dict[StreamTag, StreamHandler] = {}
+        self.sessions = SessionRegistry(
+            _spawn_policy(options),
+            buffer_size=options.session_buffer,
+            max_sessions=options.max_sessions,
+        )
+        #: Handlers for authenticated stream kinds.
+        self.handlers: dict[StreamTag, StreamHandler] = _stream_handlers(options)
         self.connections: set[ServerConnection] = set()
         self.stats = ServerStats()
 
@@ -147,6 +157,7 @@ class VaultServer:
     def close(self) -> None:
         for connection in list(self.connections):
             connection.close()
+        self.sessions.close()
         if self.listener is not None:
             self.listener.close()
 
@@ -381,6 +392,40 @@ class ServerConnection:
 
 
 _TAGS = {int(tag) for tag in StreamTag}
+
+
+def _spawn_policy(options: ServerOptions) -> SpawnPolicy:
+    if options.host_mode:
+        env = dict(os.environ)
+        return SpawnPolicy(default_cwd=env.get("HOME") or os.getcwd(), base_env=env)
+    return SpawnPolicy(default_cwd="/", base_env={"PATH": _DEFAULT_PATH, "HOME": "/root"})
+
+
+_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _stream_handlers(options: ServerOptions) -> dict[StreamTag, StreamHandler]:
+    from server.console import handle_console, handle_sessions
+    from server.forward import handle_forward
+
+    handlers: dict[StreamTag, StreamHandler] = {
+        StreamTag.PORT_FORWARD: handle_forward,
+        StreamTag.EXEC_LIST: handle_sessions,
+    }
+    if options.host_mode:
+        handlers[StreamTag.CONSOLE] = handle_console
+    else:
+        handlers[StreamTag.CONSOLE] = _no_runtime
+    return handlers
+
+
+async def _no_runtime(connection: ServerConnection, stream: QuicStream, initial: bytes) -> None:
+    await send_error(
+        stream,
+        ErrorCode.UNSUPPORTED,
+        "this vault's workload runtime is not running: this init server cannot start a "
+        "provisioned rootfs yet (run it with --host-mode, or wait for provisioning support)",
+    )
 
 
 async def _flush(stream: QuicStream, machine: ControlServer, *, end: bool = False) -> None:

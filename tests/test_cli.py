@@ -99,7 +99,7 @@ def test_doctor_passes_against_init_with_standins(
         assert any(line.split()[:2] == ["ok", step] for line in result.stdout.splitlines()), (
             result.stdout
         )
-    assert "development OIDC issuer" in result.stderr  # the override is announced
+    assert "attested by the development issuer" in result.stderr  # the override is announced
     assert TOKEN not in result.stdout + result.stderr
 
     report = json.loads(fly_vault("doctor", "dev", "--json").stdout)

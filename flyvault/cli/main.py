@@ -50,6 +50,95 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
     doctor.set_defaults(run=_lazy("flyvault.cli.doctor", "run"))
 
+    remote = "flyvault.cli.remote"
+    reconnect_help = (
+        "give up after the connection has been lost this many seconds (default %(default)s)"
+    )
+    exec_ = commands.add_parser(
+        "exec",
+        help="run a command on a vault (or reattach to a named session)",
+        description="Run a command on the vault and exit with its status (128+N if it died "
+        "from signal N; 255 if fly-vault itself failed). A PTY is used when stdin is a "
+        "terminal, otherwise pipes with stdout and stderr kept apart. Put the command after "
+        "'--'. The command keeps running if the connection drops; the client reconnects and "
+        "replays exactly the output it missed.",
+    )
+    exec_.add_argument("vault")
+    exec_.add_argument("argv", nargs="*", metavar="-- COMMAND [ARGS...]", help=argparse.SUPPRESS)
+    exec_.add_argument(
+        "--session",
+        metavar="ID",
+        help="name the session: creates it, or reattaches when it exists; without a command, "
+        "only reattaches",
+    )
+    exec_.add_argument("--context", metavar="TEXT", help="why this runs (shown by list-exec)")
+    tty_group = exec_.add_mutually_exclusive_group()
+    tty_group.add_argument(
+        "-t", "--tty", dest="tty", action="store_true", default=None, help="force a PTY"
+    )
+    tty_group.add_argument(
+        "-T",
+        "--no-tty",
+        dest="tty",
+        action="store_false",
+        help="never use a PTY (pipes, stderr kept apart)",
+    )
+    exec_.add_argument("--cwd", metavar="DIR", help="working directory on the vault")
+    exec_.add_argument(
+        "--env",
+        metavar="NAME=VALUE",
+        action="append",
+        default=[],
+        help="set an environment variable (repeatable)",
+    )
+    exec_.add_argument(
+        "--reconnect-timeout", type=float, default=30.0, metavar="SECONDS", help=reconnect_help
+    )
+    exec_.set_defaults(run=_lazy(remote, "run_exec"))
+
+    connect = commands.add_parser(
+        "connect",
+        help="open an interactive shell on a vault (with optional port forwards)",
+        description="Open a login shell (bash -l, else sh -l) in a PTY. Type ~. after a "
+        "newline to leave a hung session, ~? for help. Exits with the shell's status, or 255 "
+        "when fly-vault failed or the vault went away.",
+    )
+    connect.add_argument("vault")
+    connect.add_argument(
+        "--forward",
+        "-L",
+        metavar="L:HOST:R",
+        action="append",
+        default=[],
+        help="forward local port L to HOST:R as seen from the vault "
+        "(repeatable; added to the config's forward list)",
+    )
+    connect.add_argument(
+        "--reconnect-timeout", type=float, default=30.0, metavar="SECONDS", help=reconnect_help
+    )
+    connect.set_defaults(run=_lazy(remote, "run_connect"))
+
+    forward = commands.add_parser(
+        "forward",
+        help="forward local ports to the vault without a shell",
+        description="Listen on 127.0.0.1 and tunnel each connection to HOST:R as seen from "
+        "the vault. Listeners stay bound across reconnects. Runs until Ctrl-C.",
+    )
+    forward.add_argument("vault")
+    forward.add_argument("specs", nargs="+", metavar="L:HOST:R")
+    forward.set_defaults(run=_lazy(remote, "run_forward"))
+
+    list_exec = commands.add_parser("list-exec", help="list the vault's exec sessions")
+    list_exec.add_argument("vault")
+    list_exec.add_argument("--json", action="store_true", help="print JSON")
+    list_exec.set_defaults(run=_lazy(remote, "run_list_exec"))
+
+    kill = commands.add_parser("kill", help="send a signal to an exec session")
+    kill.add_argument("vault")
+    kill.add_argument("session")
+    kill.add_argument("--signal", "-s", default="TERM", help="name or number (default TERM)")
+    kill.set_defaults(run=_lazy(remote, "run_kill"))
+
     local = commands.add_parser(
         "local",
         help="run a local dev vault on 127.0.0.1 (the embedded default)",
@@ -82,7 +171,18 @@ def _lazy(module: str, attribute: str) -> Callable[[argparse.Namespace], int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    # Everything after the first "--" is the remote command, verbatim (argv boundaries and
+    # leading dashes kept), so it never meets argparse.
+    command: list[str] | None = None
+    if "--" in arguments:
+        split = arguments.index("--")
+        arguments, command = arguments[:split], arguments[split + 1 :]
+    args = parser.parse_args(arguments)
+    if command is not None:
+        if getattr(args, "argv", None) is None:
+            parser.error("'--' is only used by exec, before the remote command")
+        args.argv = [*args.argv, *command]
     if args.version:
         from flyvault import __version__
 

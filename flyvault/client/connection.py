@@ -103,8 +103,8 @@ def announce_issuer_override(vault: VaultConfig, stream: object = None) -> None:
     if vault.is_issuer_overridden:
         out = stream if stream is not None else sys.stderr
         print(
-            f"fly-vault: vault '{vault.name}' uses the development OIDC issuer "
-            f"{vault.issuer_base_url()} instead of Fly's; this is not a Fly attestation",
+            f"fly-vault: note: '{vault.name}' is attested by the development issuer "
+            f"{vault.issuer_base_url()}, not by Fly",
             file=out,  # type: ignore[arg-type]
         )
 

@@ -99,7 +99,9 @@ _ERROR_HINTS: dict[ErrorCode, str] = {
     ErrorCode.RATE_LIMITED: "too many wrong tokens from this address; wait and fix access_token",
     ErrorCode.ATTESTATION_UNAVAILABLE: "the machine could not mint a Fly OIDC token; is it "
     "running on Fly (the /.fly/api socket)?",
-    ErrorCode.BUSY: "another client is provisioning this vault; retry when it has finished",
+    ErrorCode.BUSY: "the vault is busy (another provisioning, or too many sessions); "
+    "retry later or stop sessions with fly-vault kill",
+    ErrorCode.NOT_FOUND: "list the vault's sessions with: fly-vault list-exec VAULT",
 }
 
 

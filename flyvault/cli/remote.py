@@ -1,0 +1,362 @@
+"""``exec``, ``connect``, ``forward``, ``list-exec`` and ``kill``.
+
+``exec`` and ``connect`` exit with the remote command's own status (0-255; 128+N when it
+died from signal N), or 255 when fly-vault itself failed or the session was left with the
+``~.`` escape, as ssh does. The error message says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from flyvault.cli.output import report_error
+from flyvault.cli.terminal import (
+    RESET_MODES,
+    EscapeDetector,
+    OutputSink,
+    RawTerminal,
+    isatty,
+    start_stdin_reader,
+    terminal_size,
+)
+from flyvault.errors import UsageError, VaultError
+
+CLIENT_FAILURE = 255
+
+
+class _Console:
+    """stderr notices that stay readable while the terminal is raw."""
+
+    def __init__(self) -> None:
+        self.raw = False
+
+    def notice(self, message: str) -> None:
+        text = f"fly-vault: {message}"
+        if self.raw:
+            os.write(2, b"\r\n" + text.encode() + b"\r\n")
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+
+def _load(name: str) -> Any:
+    from flyvault.config import load_vault
+
+    return load_vault(name)
+
+
+def _forward_specs(values: list[str], defaults: list[Any]) -> list[Any]:
+    """CLI forwards plus the config's; a CLI spec wins for the same local port."""
+    from flyvault.config import parse_forward_spec
+    from flyvault.errors import ConfigError
+
+    specs: dict[int, Any] = {spec.local_port: spec for spec in defaults}
+    for value in values:
+        try:
+            spec = parse_forward_spec(value)
+        except ConfigError as exc:
+            raise UsageError(f"--forward: {exc.message}", hint=exc.hint) from None
+        specs[spec.local_port] = spec
+    return list(specs.values())
+
+
+def parse_signal(value: str) -> int:
+    text = value.strip().upper()
+    if text.isdigit():
+        number = int(text)
+        if 1 <= number <= 64:
+            return number
+    else:
+        name = text if text.startswith("SIG") else f"SIG{text}"
+        member = getattr(signal.Signals, name, None)
+        if member is not None:
+            return int(member)
+    raise UsageError(
+        f"unknown signal {value!r}", hint="use a name such as TERM, INT, KILL or HUP, or 1-64"
+    )
+
+
+# exec / connect --------------------------------------------------------------------------
+
+
+def run_exec(args: argparse.Namespace) -> int:
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if args.session is not None:
+        from flyvault.errors import RemoteProtocolError
+        from flyvault.protocol.console import check_session_id
+
+        try:
+            check_session_id(args.session)
+        except RemoteProtocolError as exc:
+            report_error(UsageError(f"--session: {exc.message}"))
+            return 2
+    if not argv and not args.session:
+        report_error(
+            UsageError(
+                "exec requires a command unless --session is given",
+                hint="fly-vault exec VAULT -- COMMAND [ARGS...]",
+            )
+        )
+        return 2
+    try:
+        vault = _load(args.vault)
+        return asyncio.run(_exec(args, vault, argv))
+    except VaultError as exc:
+        report_error(exc)
+        return CLIENT_FAILURE
+
+
+async def _exec(args: argparse.Namespace, vault_config: Any, argv: list[str]) -> int:
+    from flyvault.client.connection import announce_issuer_override
+    from flyvault.client.vault import new_session_id
+    from flyvault.protocol.console import OpenSession
+
+    announce_issuer_override(vault_config)
+    stdin_tty = isatty(0)
+    pty = args.tty if args.tty is not None else stdin_tty
+    rows, cols = terminal_size() if pty else (0, 0)
+    env = tuple(_parse_env(item) for item in args.env)
+    request = OpenSession(
+        session_id=args.session or new_session_id(),
+        argv=tuple(argv) if argv else None,
+        pty=pty,
+        keep=bool(args.session),
+        context=args.context if argv else None,
+        term=os.environ.get("TERM", "xterm-256color") if pty else "",
+        rows=rows,
+        cols=cols,
+        cwd=args.cwd,
+        env=env,
+    )
+    # Reattaching without a terminal must not forward (and close) our stdin.
+    forward_stdin = bool(argv) or stdin_tty
+    return await _run_session(args, vault_config, request, forward_stdin, forwards=[])
+
+
+def run_connect(args: argparse.Namespace) -> int:
+    try:
+        vault = _load(args.vault)
+        forwards = _forward_specs(args.forward, vault.forwards())
+        return asyncio.run(_connect(args, vault, forwards))
+    except VaultError as exc:
+        report_error(exc)
+        return CLIENT_FAILURE
+
+
+async def _connect(args: argparse.Namespace, vault_config: Any, forwards: list[Any]) -> int:
+    from flyvault.client.connection import announce_issuer_override
+    from flyvault.client.vault import new_session_id
+    from flyvault.protocol.console import OpenSession
+
+    announce_issuer_override(vault_config)
+    rows, cols = terminal_size()
+    request = OpenSession(
+        session_id=new_session_id("shell"),
+        shell=True,
+        pty=True,
+        term=os.environ.get("TERM", "xterm-256color"),
+        rows=rows,
+        cols=cols,
+    )
+    return await _run_session(args, vault_config, request, True, forwards=forwards)
+
+
+def _parse_env(item: str) -> tuple[str, str]:
+    name, sep, value = item.partition("=")
+    if not sep or not name:
+        raise UsageError(f"--env {item!r}: expected NAME=VALUE")
+    return name, value
+
+
+async def _run_session(
+    args: argparse.Namespace,
+    vault_config: Any,
+    request: Any,
+    forward_stdin: bool,
+    forwards: list[Any],
+) -> int:
+    from flyvault.client.vault import ExecHooks, ExecSession, Vault
+
+    console = _Console()
+    stdout, stderr = OutputSink(1), OutputSink(2)
+    vault = Vault(vault_config, reconnect_timeout=args.reconnect_timeout, on_notice=console.notice)
+    hooks = ExecHooks(stdout=stdout.write, stderr=stderr.write, notice=console.notice)
+    session = ExecSession(vault, request, hooks)
+    loop = asyncio.get_running_loop()
+    left = loop.create_future()
+    listeners = []
+    interactive = request.pty and isatty(0)
+    try:
+        await vault.connection()  # fail fast, before touching the terminal
+        for spec in forwards:
+            listeners.append(await _start_forward(spec, vault, console))
+        with RawTerminal() if interactive else contextlib.nullcontext():
+            console.raw = interactive
+            if interactive:
+                loop.add_signal_handler(signal.SIGWINCH, lambda: session.resize(*terminal_size()))
+            escapes = EscapeDetector() if interactive else None
+
+            async def deliver(data: bytes) -> None:
+                if escapes is not None:
+                    data, action = escapes.feed(data)
+                    if action == "disconnect" and not left.done():
+                        left.set_result(None)
+                    elif action == "help":
+                        await stderr.write(EscapeDetector.HELP)
+                if data:
+                    session.send_stdin(data)
+                    await session.drain()
+
+            if forward_stdin:
+                start_stdin_reader(deliver, session.close_stdin)
+            runner = asyncio.ensure_future(session.run())
+            await asyncio.wait({runner, left}, return_when=asyncio.FIRST_COMPLETED)
+            if left.done() and not runner.done():
+                runner.cancel()
+                if interactive:
+                    await stdout.write(RESET_MODES)
+                console.notice(
+                    f"disconnected; session {request.session_id} keeps running "
+                    f"(reattach: fly-vault exec {vault_config.name} --session "
+                    f"{request.session_id})"
+                    if not request.shell
+                    else "disconnected; the shell is hung up if nobody reattaches"
+                )
+                return CLIENT_FAILURE
+            try:
+                exited = runner.result()
+            except VaultError as exc:
+                if interactive:
+                    await stdout.write(RESET_MODES)
+                console.raw = False
+                raise _with_session_hint(exc, request, vault_config.name) from None
+            return exited.exit_status
+    finally:
+        for listener in listeners:
+            await listener.close()
+        await vault.close()
+        stdout.close()
+        stderr.close()
+
+
+def _with_session_hint(error: VaultError, request: Any, vault_name: str) -> VaultError:
+    from flyvault.errors import ConnectionLost
+
+    if isinstance(error, ConnectionLost) and not request.shell and request.argv is not None:
+        error.hint = (
+            f"the command may still be running on the vault as session "
+            f"{request.session_id}: fly-vault exec {vault_name} --session {request.session_id}"
+        )
+    return error
+
+
+async def _start_forward(spec: Any, vault: Any, console: _Console) -> Any:
+    from flyvault.client.forward import ForwardListener
+
+    listener = ForwardListener(spec, vault.connection, on_event=console.notice)
+    await listener.start()
+    console.notice(f"forwarding 127.0.0.1:{listener.port} -> {spec.target} on the vault")
+    return listener
+
+
+# forward / list-exec / kill ---------------------------------------------------------------
+
+
+def run_forward(args: argparse.Namespace) -> int:
+    vault_config = _load(args.vault)
+    specs = _forward_specs(args.specs, [])
+    if not specs:
+        raise UsageError("forward needs at least one LOCAL_PORT:HOST:REMOTE_PORT")
+    return asyncio.run(_forward(vault_config, specs))
+
+
+async def _forward(vault_config: Any, specs: list[Any]) -> int:
+    from flyvault.client.connection import announce_issuer_override
+    from flyvault.client.vault import Vault
+
+    announce_issuer_override(vault_config)
+    console = _Console()
+    vault = Vault(vault_config, on_notice=console.notice, reconnect_timeout=3600)
+    listeners = []
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signo in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signo, stop.set)
+    try:
+        await vault.connection()
+        for spec in specs:
+            listeners.append(await _start_forward(spec, vault, console))
+        console.notice("press Ctrl-C to stop")
+        await stop.wait()
+    finally:
+        for listener in listeners:
+            await listener.close()
+        await vault.close()
+    return 0
+
+
+def run_list_exec(args: argparse.Namespace) -> int:
+    vault_config = _load(args.vault)
+    sessions = asyncio.run(_with_vault(vault_config, lambda v: v.list_sessions()))
+    if args.json:
+        print(json.dumps(sessions, indent=2))
+        return 0
+    if not sessions:
+        print("no exec sessions")
+        return 0
+    rows = [("SESSION", "STATE", "ATTACHED", "STARTED", "BYTES", "COMMAND", "CONTEXT")]
+    for info in sessions:
+        if info["running"]:
+            state = "running"
+        elif info.get("signal"):
+            state = f"killed ({signal.Signals(info['signal']).name})"
+        else:
+            state = f"exit {info['exit_code']}"
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["started_at"]))
+        command = " ".join(info["argv"]) if info["kind"] == "exec" else "(shell)"
+        rows.append(
+            (
+                info["session_id"],
+                state,
+                "yes" if info["attached"] else "no",
+                started,
+                str(info["bytes"]),
+                command[:60],
+                (info.get("context") or "")[:40],
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    return 0
+
+
+def run_kill(args: argparse.Namespace) -> int:
+    signo = parse_signal(args.signal)
+    vault_config = _load(args.vault)
+    asyncio.run(_with_vault(vault_config, lambda v: v.kill(args.session, signo)))
+    print(f"sent SIG{signal.Signals(signo).name.removeprefix('SIG')} to session {args.session}")
+    return 0
+
+
+async def _with_vault(vault_config: Any, action: Any) -> Any:
+    from flyvault.client.connection import announce_issuer_override
+    from flyvault.client.vault import Vault
+
+    announce_issuer_override(vault_config)
+    vault = Vault(vault_config)
+    try:
+        return await action(vault)
+    finally:
+        await vault.close()

@@ -1,0 +1,182 @@
+"""The local terminal: raw mode that is always restored, escape sequences, and I/O pumps.
+
+Raw mode is restored on every exit path: normal return, exception, SIGTERM/SIGHUP (the
+handlers restore before exiting) and interpreter exit (atexit), because a terminal left
+raw is the most common complaint about remote shells (C2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import os
+import queue
+import signal
+import termios
+import threading
+import tty
+from collections.abc import Awaitable, Callable
+from types import FrameType
+
+#: Sent when a session ends abnormally: leave the alternate screen, stop bracketed paste,
+#: show the cursor, reset colours. A remote program that died mid-screen leaves these on.
+RESET_MODES = b"\x1b[?1049l\x1b[?2004l\x1b[?25h\x1b[0m"
+
+
+class RawTerminal:
+    def __init__(self, fd: int = 0) -> None:
+        self.fd = fd
+        self._saved: list[object] | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> RawTerminal:
+        self._saved = termios.tcgetattr(self.fd)
+        atexit.register(self.restore)
+        for signo in (signal.SIGTERM, signal.SIGHUP):
+            self._previous[signo] = signal.signal(signo, self._on_signal)
+        tty.setraw(self.fd)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.restore()
+        for signo, handler in self._previous.items():
+            signal.signal(signo, handler)  # type: ignore[arg-type]
+        atexit.unregister(self.restore)
+
+    def restore(self) -> None:
+        if self._saved is not None:
+            with contextlib.suppress(termios.error):
+                termios.tcsetattr(self.fd, termios.TCSAFLUSH, self._saved)  # type: ignore[arg-type]
+
+    def _on_signal(self, signo: int, frame: FrameType | None) -> None:
+        self.restore()
+        os.write(2, f"\r\nfly-vault: terminated by signal {signo}\r\n".encode())
+        os._exit(128 + signo)
+
+
+def terminal_size(fd: int = 1) -> tuple[int, int]:
+    """(rows, cols), or (0, 0) when unknown."""
+    for candidate in (fd, 0, 2):
+        with contextlib.suppress(OSError):
+            size = os.get_terminal_size(candidate)
+            return size.lines, size.columns
+    return 0, 0
+
+
+class EscapeDetector:
+    """ssh-style escapes: ``~.`` at the start of a line disconnects, ``~~`` sends one ``~``,
+    ``~?`` lists the escapes. Everything else passes through unchanged."""
+
+    HELP = (
+        b"\r\nSupported escape sequences (after a newline):\r\n"
+        b"  ~.  disconnect (the remote session keeps running)\r\n"
+        b"  ~~  send a single ~\r\n"
+        b"  ~?  this help\r\n"
+    )
+
+    def __init__(self) -> None:
+        self._line_start = True
+        self._tilde = False
+
+    def feed(self, data: bytes) -> tuple[bytes, str | None]:
+        """Return (bytes to send, action) where action is None, "disconnect" or "help"."""
+        out = bytearray()
+        for byte in data:
+            char = bytes((byte,))
+            if self._tilde:
+                self._tilde = False
+                if char == b".":
+                    return bytes(out), "disconnect"
+                if char == b"?":
+                    self._line_start = False
+                    return bytes(out), "help"
+                if char != b"~":
+                    out += b"~"
+                out += char
+                self._line_start = char in (b"\r", b"\n")
+                continue
+            if self._line_start and char == b"~":
+                self._tilde = True
+                continue
+            out += char
+            self._line_start = char in (b"\r", b"\n")
+        return bytes(out), None
+
+
+class OutputSink:
+    """Writes to a file descriptor from a thread, so a slow reader (``| less``) blocks the
+    session's output, through a bounded queue, instead of the event loop."""
+
+    def __init__(self, fd: int, capacity: int = 64) -> None:
+        self.fd = fd
+        self._queue: queue.Queue[bytes | None] = queue.Queue(capacity)
+        self._thread = threading.Thread(target=self._run, name=f"sink-{fd}", daemon=True)
+        self._thread.start()
+        self.error: OSError | None = None
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            view = memoryview(data)
+            try:
+                while view:
+                    written = os.write(self.fd, view)
+                    view = view[written:]
+            except OSError as exc:  # a closed pipe: drop the rest, remember why
+                self.error = exc
+
+    async def write(self, data: bytes) -> None:
+        try:
+            self._queue.put_nowait(data)
+        except queue.Full:
+            await asyncio.get_running_loop().run_in_executor(None, self._queue.put, data)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+
+def start_stdin_reader(
+    deliver: Callable[[bytes], Awaitable[None]], on_eof: Callable[[], None], fd: int = 0
+) -> None:
+    """Read ``fd`` in a daemon thread and hand each chunk to ``deliver`` on the loop.
+
+    The thread waits until ``deliver`` has finished (which includes the stream's drain), so
+    a large stdin is read no faster than the vault accepts it. A daemon thread, not the
+    loop's executor, because a read blocked on a quiet terminal must not hold up exit.
+    """
+    loop = asyncio.get_running_loop()
+
+    def pump() -> None:
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                data = b""
+            if not data:
+                loop.call_soon_threadsafe(on_eof)
+                return
+            try:
+                asyncio.run_coroutine_threadsafe(deliver(data), loop).result()
+            except Exception:  # the loop is gone or the session ended: stop reading
+                return
+
+    threading.Thread(target=pump, name="stdin", daemon=True).start()
+
+
+def isatty(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
+
+
+__all__ = [
+    "RESET_MODES",
+    "EscapeDetector",
+    "OutputSink",
+    "RawTerminal",
+    "isatty",
+    "start_stdin_reader",
+    "terminal_size",
+]

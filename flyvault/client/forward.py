@@ -1,0 +1,389 @@
+"""Local port forwards: a TCP listener on this machine, one QUIC stream per connection.
+
+Theory of operation. ``ForwardListener`` binds ``127.0.0.1:LOCAL`` once and keeps it bound
+for its whole life, whatever happens to the QUIC connection: every accepted TCP connection
+asks ``connection_provider`` for the current vault connection (which may reconnect), opens
+one forward stream (tag 0x02), sends OPEN(host, port) and pipelines the local bytes right
+behind it. The server answers OPENED (its TCP connect worked) or an ERROR frame that says
+why not; the original had no answer at all and a refused connect looked like an empty reply.
+
+``relay`` is shared with the server (``server.forward``). It pumps both directions at once
+with the TCP half-close rules the original lacked (flaw B3): EOF on one side becomes FIN on
+the other and the bridge ends only when BOTH directions have ended. A failure anywhere (TCP
+reset, stream reset, connection lost) tears down both sides, as a reset: a TCP RST towards
+the local program, RESET_STREAM + STOP_SENDING towards the peer. Memory stays bounded: a
+QUIC write waits in ``drain`` (the stream's high/low-water marks) and a TCP write waits in
+``StreamWriter.drain`` before the next 64 KiB is read from the other side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from flyvault.config import ForwardSpec
+from flyvault.errors import (
+    ConnectionLost,
+    RemoteProtocolError,
+    Timeout,
+    TransportError,
+    UsageError,
+    VaultError,
+)
+from flyvault.protocol.codec import Frame
+from flyvault.protocol.console import ForwardFrame, ForwardOpen, FrameChannel, frame
+from flyvault.protocol.constants import ERROR_FRAME, FRAME_HEADER_SIZE, StreamTag
+from flyvault.protocol.messages import ErrorMessage
+from flyvault.transport import QuicStream, StreamReset
+
+from .connection import VaultConnection
+
+log = logging.getLogger("flyvault.forward")
+
+CHUNK_SIZE = 64 * 1024
+#: The server's TCP connect may take up to 10 s; this leaves room for the round trip.
+OPEN_TIMEOUT = 30.0
+#: How long a finished tunnel may take to flush its last TCP bytes before it is aborted.
+CLOSE_TIMEOUT = 10.0
+#: OPEN, OPENED and ERROR are small; nothing bigger is buffered before the relay starts.
+MAX_HANDSHAKE_PAYLOAD = 64 * 1024
+
+_HEADER = struct.Struct(">BI")
+
+
+# Shared by both ends -------------------------------------------------------------------
+
+
+async def read_first_frame(
+    stream: QuicStream, initial: bytes, max_payload: int = MAX_HANDSHAKE_PAYLOAD
+) -> tuple[Frame, bytes]:
+    """Read exactly one frame; return it and the raw bytes that followed it.
+
+    A forward stream switches from frames to raw bytes after its first frame, so the
+    decoder is only ever fed that frame's bytes: raw data behind it must not be parsed
+    (a decoder would take its first bytes for a header and could refuse them).
+    """
+    buffer = bytearray(initial)
+    while True:
+        if len(buffer) >= FRAME_HEADER_SIZE:
+            _, length = _HEADER.unpack_from(buffer, 0)
+            # An oversized declaration is fed as a bare header: the decoder refuses it.
+            end = FRAME_HEADER_SIZE if length > max_payload else FRAME_HEADER_SIZE + length
+            if len(buffer) >= end:
+                channel = FrameChannel(max_payload)
+                channel.feed(bytes(buffer[:end]))
+                first = channel.next_frame()
+                assert first is not None
+                return first, bytes(buffer[end:])
+        data = await stream.read(CHUNK_SIZE)
+        if not data:
+            raise RemoteProtocolError(
+                f"forward stream ended after {len(buffer)} bytes, before its first frame"
+            )
+        buffer += data
+
+
+@dataclass
+class Relayed:
+    """Byte counts of a finished relay, per direction."""
+
+    tcp_to_quic: int = 0
+    quic_to_tcp: int = 0
+
+
+def abort_tcp(writer: asyncio.StreamWriter) -> None:
+    """Close with a TCP RST, so the other program sees a reset rather than a clean end."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+async def relay(
+    stream: QuicStream,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    *,
+    pending: bytes = b"",
+    opening: Callable[[], Awaitable[bytes]] | None = None,
+) -> Relayed:
+    """Pump bytes both ways until both directions ended; always closes ``writer``.
+
+    ``pending``: stream bytes already read, written to TCP first. ``opening``: awaited
+    before the QUIC->TCP direction starts (the client's wait for OPENED) while TCP->QUIC
+    already runs (pipelining); it returns the raw bytes that followed the answer.
+    Raises the first failure (``TransportError``, ``OSError``, or what ``opening``
+    raised) after both sides were torn down.
+    """
+    counts = Relayed()
+    settled = asyncio.Event()
+
+    async def tcp_to_quic() -> None:
+        try:
+            while data := await reader.read(CHUNK_SIZE):
+                stream.write(data)
+                counts.tcp_to_quic += len(data)
+                await stream.drain()
+            stream.write_eof()  # TCP EOF -> FIN: a half-close, the other way still runs
+        except TransportError:
+            if not settled.is_set():
+                # A refusing server stops our stream; its ERROR frame, read by the other
+                # direction, says why far better than this reset does. Let it win.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(settled.wait(), OPEN_TIMEOUT)
+            raise
+
+    async def quic_to_tcp() -> None:
+        data = pending
+        try:
+            if opening is not None:
+                data = await opening()
+        finally:
+            settled.set()
+        while True:
+            if data:
+                writer.write(data)
+                counts.quic_to_tcp += len(data)
+                await writer.drain()
+            data = await stream.read(CHUNK_SIZE)
+            if not data:
+                break
+        if writer.can_write_eof():
+            writer.write_eof()  # FIN -> TCP shutdown(SHUT_WR): the local side may still send
+
+    # QUIC->TCP first: when both failed, its error (say the server's ERROR frame) is the
+    # one that explains what happened.
+    tasks = (asyncio.ensure_future(quic_to_tcp()), asyncio.ensure_future(tcp_to_quic()))
+    clean = False
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            error = task.exception() if task.done() else None
+            if error is not None:
+                raise error
+        clean = True
+        return counts
+    finally:
+        if not clean:
+            # A reset on one side is a reset on the other; cancellation (server or
+            # listener shutting down) is handled the same way.
+            stream.abort()
+            abort_tcp(writer)
+        for task in tasks:
+            task.cancel()
+        try:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            # Also when cancelled right here (listener closing): the socket must go.
+            if clean:
+                await close_tcp(writer)
+
+
+async def close_tcp(writer: asyncio.StreamWriter) -> None:
+    """Close gracefully (flushing what is buffered), but never wait forever for a peer."""
+    writer.close()
+    try:
+        await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
+    except (TimeoutError, OSError):
+        abort_tcp(writer)  # the peer does not take the last bytes: drop them
+    except BaseException:
+        abort_tcp(writer)  # cancelled while closing: never leak the socket
+        raise
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# Client side -----------------------------------------------------------------------------
+
+
+class ForwardListener:
+    """Listens on ``bind_host:LOCAL`` and tunnels each connection to ``spec.target``.
+
+    ``local_port`` overrides ``spec.local_port`` (0 picks a free port, for tests: a
+    ``ForwardSpec`` only holds ports 1-65535).
+    """
+
+    def __init__(
+        self,
+        spec: ForwardSpec,
+        connection_provider: Callable[[], Awaitable[VaultConnection]],
+        *,
+        on_event: Callable[[str], None] | None = None,
+        bind_host: str = "127.0.0.1",
+        local_port: int | None = None,
+    ) -> None:
+        self.spec = spec
+        self._provider = connection_provider
+        self._on_event = on_event
+        self.bind_host = bind_host
+        self._local_port = spec.local_port if local_port is None else local_port
+        self._server: asyncio.Server | None = None
+        self._tunnels: dict[asyncio.Task[None], _Tunnel] = {}
+        #: How events name this forward: the port really bound, once listening.
+        self.label = str(spec)
+        #: Tunnels open now, and accepted since start.
+        self.active = 0
+        self.total = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes live tunnels hold in memory towards local programs (QUIC receive queues
+        and TCP write buffers): bounded by backpressure, whatever the local side does."""
+        return sum(tunnel.buffered for tunnel in self._tunnels.values())
+
+    @property
+    def port(self) -> int:
+        if self._server is None or not self._server.sockets:
+            raise UsageError(f"forward {self.spec} is not listening")
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def start(self) -> None:
+        if self._server is not None:
+            return
+        try:
+            self._server = await asyncio.start_server(
+                self._accept, self.bind_host, self._local_port, limit=CHUNK_SIZE
+            )
+        except OSError as exc:
+            raise _bind_error(self.bind_host, self._local_port, exc) from None
+        self.label = f"{self.port}:{self.spec.target}"
+        log.debug("forward %s listening on %s", self.label, self.bind_host)
+
+    async def close(self) -> None:
+        """Stop listening and tear down every live tunnel (their sockets get a reset)."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        tunnels = list(self._tunnels)
+        for task in tunnels:
+            task.cancel()
+        await asyncio.gather(*tunnels, return_exceptions=True)
+        if server is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), CLOSE_TIMEOUT)
+
+    async def __aenter__(self) -> ForwardListener:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def _event(self, message: str) -> None:
+        log.debug("%s", message)
+        if self._on_event is not None:
+            self._on_event(message)
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A plain callback that starts our own task: asyncio's wrapper task for a coroutine
+        # callback logs an error when it is cancelled, and close() must cancel tunnels.
+        if self._server is None:  # accepted just before close(): refuse, it would be orphaned
+            abort_tcp(writer)
+            return
+        tunnel = _Tunnel(writer)
+        task = asyncio.get_running_loop().create_task(self._tunnel(tunnel, reader, writer))
+        self._tunnels[task] = tunnel
+        self.active += 1
+        self.total += 1
+        task.add_done_callback(self._tunnel_done)
+
+    def _tunnel_done(self, task: asyncio.Task[None]) -> None:
+        self.active -= 1
+        self._tunnels.pop(task, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("forward %s: tunnel failed", self.label, exc_info=task.exception())
+
+    async def _tunnel(
+        self, tunnel: _Tunnel, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        spec, label = self.spec, self.label
+        try:
+            connection = await self._provider()
+            stream = tunnel.stream = connection.open_stream(StreamTag.PORT_FORWARD)
+            request = ForwardOpen(spec.host, spec.remote_port).encode()
+            stream.write(frame(ForwardFrame.OPEN, request))
+        except VaultError as exc:
+            # The listener stays bound: the next local connection asks the provider again.
+            self._event(f"forward {label}: {exc.message}")
+            abort_tcp(writer)
+            return
+        except BaseException:
+            abort_tcp(writer)
+            raise
+
+        async def opening() -> bytes:
+            try:
+                async with asyncio.timeout(OPEN_TIMEOUT):
+                    answer, rest = await read_first_frame(stream, b"")
+            except TimeoutError:
+                raise Timeout(
+                    f"the vault did not answer the forward request within {OPEN_TIMEOUT:g} s"
+                ) from None
+            if answer.type == ERROR_FRAME:
+                raise ErrorMessage.decode(answer.payload).to_exception()
+            if answer.type != ForwardFrame.OPENED:
+                raise RemoteProtocolError(
+                    f"expected OPENED on the forward stream, got frame type 0x{answer.type:02x}"
+                )
+            peer = answer.payload.decode("utf-8", "replace")
+            log.debug("forward %s: connected to %s", label, peer)
+            return rest
+
+        try:
+            counts = await relay(stream, reader, writer, opening=opening)
+        except StreamReset as exc:
+            # The target (or the server) reset the connection: ordinary TCP life.
+            log.debug("forward %s: reset (%s)", label, exc)
+        except ConnectionLost as exc:
+            self._event(f"forward {label}: connection to the vault lost ({exc.message})")
+        except VaultError as exc:
+            self._event(f"forward {label}: {exc.message}")
+        except OSError as exc:
+            log.debug("forward %s: local connection failed: %s", label, exc)
+        else:
+            log.debug(
+                "forward %s: done, %d bytes sent, %d received",
+                label,
+                counts.tcp_to_quic,
+                counts.quic_to_tcp,
+            )
+
+
+@dataclass
+class _Tunnel:
+    writer: asyncio.StreamWriter
+    stream: QuicStream | None = None
+
+    @property
+    def buffered(self) -> int:
+        queued = self.stream.queued if self.stream is not None else 0
+        return queued + self.writer.transport.get_write_buffer_size()
+
+
+def _bind_error(host: str, port: int, exc: OSError) -> UsageError:
+    where = format_address(host, port)
+    if exc.errno == errno.EADDRINUSE:
+        return UsageError(
+            f"local port {port} is already in use ({where})",
+            hint=f"pick another local port for the forward, or stop the program using it "
+            f"(lsof -iTCP:{port} -sTCP:LISTEN)",
+        )
+    if exc.errno == errno.EACCES:
+        return UsageError(
+            f"no permission to listen on local port {port} ({where})",
+            hint="ports below 1024 need privileges; pick a port of 1024 or more",
+        )
+    return UsageError(
+        f"cannot listen on local port {port} ({where}): {exc.strerror or exc}",
+        hint="check the local port of the forward spec",
+    )

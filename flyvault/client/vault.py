@@ -1,0 +1,348 @@
+"""``Vault``: a reconnecting handle on one vault, shared by the CLI and the MCP server.
+
+Reconnect policy. The first connection's failure is returned at once (a typo should not
+retry). Once a connection has worked, losing it starts a retry loop: transport failures
+(unreachable, lost, timed out) are retried with exponential backoff and jitter until
+``reconnect_timeout`` seconds have passed since the loss; anything else (attestation,
+token, config) ends it at once, because retrying cannot fix it. Only one reconnect runs
+at a time; every caller waits for the same attempt.
+
+Exec sessions resume by offset after a reconnect: the client reattaches (never re-creates:
+a command must not run twice) with the number of output bytes it has seen, and the server
+replays exactly the rest. Standard input is not replayed: bytes sent just before a loss may
+not have reached the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import secrets
+import signal as signal_module
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from flyvault.config import VaultConfig
+from flyvault.errors import (
+    ConnectError,
+    ConnectionLost,
+    RemoteError,
+    RemoteProtocolError,
+    TransportError,
+    VaultError,
+)
+from flyvault.protocol.console import (
+    ConsoleFrame,
+    Exited,
+    FrameChannel,
+    KillSession,
+    OpenSession,
+    SessionsFrame,
+    Started,
+    decode_json,
+    encode_resize,
+    frame,
+)
+from flyvault.protocol.constants import ERROR_FRAME, StreamTag
+from flyvault.protocol.messages import ErrorMessage
+from flyvault.transport import QuicStream, TransportSettings
+
+log = logging.getLogger("flyvault.client")
+
+Notice = Callable[[str], None]
+
+
+class SessionTakenOver(VaultError):
+    """Another client attached to the session; this one was detached (and must not retry)."""
+
+    exit_code = 1
+
+
+def new_session_id(prefix: str = "x") -> str:
+    return f"{prefix}-{secrets.token_hex(8)}"
+
+
+class Vault:
+    def __init__(
+        self,
+        config: VaultConfig,
+        *,
+        reconnect_timeout: float = 30.0,
+        settings: TransportSettings | None = None,
+        on_notice: Notice | None = None,
+        observer: Any = None,
+    ) -> None:
+        self.config = config
+        self.reconnect_timeout = reconnect_timeout
+        self.settings = settings
+        self._notice = on_notice or (lambda message: None)
+        self._observer = observer
+        self._current: Any = None  # VaultConnection
+        self._connecting: asyncio.Future[Any] | None = None
+        self._ever_connected = False
+        self._lost_at: float | None = None
+        self.connects = 0
+
+    async def connection(self) -> Any:
+        """The live connection, reconnecting when needed (one attempt at a time)."""
+        current = self._current
+        if current is not None and not current.is_closed:
+            return current
+        if current is not None and self._lost_at is None:
+            self._lost_at = time.monotonic()
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.ensure_future(self._connect())
+        return await asyncio.shield(self._connecting)
+
+    def invalidate(self, connection: Any) -> None:
+        """A caller saw ``connection`` fail; the next ``connection()`` reconnects."""
+        if connection is self._current:
+            if self._lost_at is None:
+                self._lost_at = time.monotonic()
+            connection.close()
+
+    async def _connect(self) -> Any:
+        from flyvault.client.connection import open_vault
+
+        attempt = 0
+        while True:
+            try:
+                connection = await open_vault(
+                    self.config, observer=self._observer, settings=self.settings
+                )
+            except (ConnectError, ConnectionLost) as exc:
+                if not self._ever_connected:
+                    raise
+                assert self._lost_at is not None
+                waited = time.monotonic() - self._lost_at
+                if waited >= self.reconnect_timeout:
+                    raise ConnectionLost(
+                        f"vault '{self.config.name}' went away and did not come back within "
+                        f"{self.reconnect_timeout:g} s ({exc.message})",
+                        hint="check the vault with: fly-vault doctor " + self.config.name,
+                    ) from None
+                delay = min(5.0, 0.2 * 2**attempt) * (0.5 + random.random())
+                delay = min(delay, max(0.05, self.reconnect_timeout - waited))
+                attempt += 1
+                self._notice(
+                    f"connection to '{self.config.name}' lost; reconnecting ({exc.message})"
+                )
+                await asyncio.sleep(delay)
+                continue
+            if self._ever_connected:
+                self._notice(f"reconnected to '{self.config.name}'")
+            self._ever_connected = True
+            self._lost_at = None
+            self._current = connection
+            self.connects += 1
+            return connection
+
+    async def close(self) -> None:
+        if self._connecting is not None and not self._connecting.done():
+            self._connecting.cancel()
+        if self._current is not None:
+            self._current.close()
+
+    # One-shot requests ---------------------------------------------------------------
+
+    async def _request(self, tag: StreamTag, payload: bytes) -> tuple[int, bytes]:
+        """Send one frame on a new stream; return the answer frame (errors raised)."""
+        while True:
+            connection = await self.connection()
+            stream = connection.open_stream(tag)
+            try:
+                await stream.send(payload, end_stream=True)
+                channel = FrameChannel()
+                while (item := channel.next_frame()) is None:
+                    if channel.finished:
+                        raise RemoteProtocolError("the vault closed the stream without answering")
+                    channel.feed(await stream.read())
+            except (ConnectionLost, TransportError) as exc:
+                if isinstance(exc, RemoteProtocolError):
+                    raise
+                self.invalidate(connection)
+                continue
+            if item.type == ERROR_FRAME:
+                raise ErrorMessage.decode(item.payload).to_exception()
+            return item.type, item.payload
+
+    async def list_sessions(self) -> list[dict[str, Any]]:
+        kind, payload = await self._request(StreamTag.EXEC_LIST, frame(SessionsFrame.LIST))
+        if kind != SessionsFrame.LIST_RESULT:
+            raise RemoteProtocolError(f"unexpected answer 0x{kind:02x} to a session list")
+        sessions = decode_json(payload, "session list")
+        if not isinstance(sessions, list):
+            raise RemoteProtocolError("session list is not a JSON array")
+        return sessions
+
+    async def kill(self, session_id: str, signo: int = signal_module.SIGTERM) -> None:
+        request = KillSession(session_id, signo)
+        kind, _ = await self._request(
+            StreamTag.EXEC_LIST, frame(SessionsFrame.KILL, request.encode())
+        )
+        if kind != SessionsFrame.KILLED:
+            raise RemoteProtocolError(f"unexpected answer 0x{kind:02x} to a kill")
+
+
+@dataclass
+class ExecHooks:
+    """Where an exec session's output and notices go. Callbacks may be async."""
+
+    stdout: Callable[[bytes], Awaitable[None] | None]
+    stderr: Callable[[bytes], Awaitable[None] | None]
+    started: Callable[[Started], None] = lambda started: None
+    notice: Notice = lambda message: None
+
+
+class ExecSession:
+    """One attachment to an exec session or shell, resumed across reconnects.
+
+    Input is queued with ``send_stdin`` / ``close_stdin`` / ``resize`` / ``signal`` and sent on
+    whichever stream is current; ``run`` returns the ``Exited`` record.
+    """
+
+    def __init__(self, vault: Vault, request: OpenSession, hooks: ExecHooks) -> None:
+        self.vault = vault
+        self.request = request
+        self.hooks = hooks
+        self.offset = request.resume_offset
+        self.started: Started | None = None
+        self._stream: QuicStream | None = None
+        self._pending: list[bytes] = []
+        self._stdin_closed = False
+        self._size: tuple[int, int] | None = None
+
+    @property
+    def session_id(self) -> str:
+        return self.request.session_id
+
+    # Input ---------------------------------------------------------------------------
+
+    def send_stdin(self, data: bytes) -> None:
+        self._send(frame(ConsoleFrame.STDIN, data))
+
+    def close_stdin(self) -> None:
+        self._stdin_closed = True
+        self._send(frame(ConsoleFrame.STDIN_EOF))
+
+    def resize(self, rows: int, cols: int) -> None:
+        self._size = (rows, cols)
+        self._send(frame(ConsoleFrame.RESIZE, encode_resize(rows, cols)))
+
+    def signal(self, signo: int) -> None:
+        self._send(frame(ConsoleFrame.SIGNAL, bytes((signo,))))
+
+    async def drain(self) -> None:
+        stream = self._stream
+        if stream is not None:
+            with contextlib.suppress(TransportError):
+                await stream.drain()
+
+    def _send(self, data: bytes) -> None:
+        stream = self._stream
+        if stream is None:
+            self._pending.append(data)
+            return
+        try:
+            stream.write(data)
+        except TransportError:
+            self._pending.append(data)
+
+    # The loop --------------------------------------------------------------------------
+
+    async def run(self) -> Exited:
+        request = self.request
+        while True:
+            connection = await self.vault.connection()
+            try:
+                result = await self._attach(connection, request)
+            except (ConnectionLost, TransportError) as exc:
+                if isinstance(exc, RemoteProtocolError):
+                    raise
+                log.info("exec %s: %s", self.session_id, exc)
+                self._stream = None
+                self.vault.invalidate(connection)
+                # Reattach only from now on: the command must never run twice.
+                request = _reattach(request, self.offset, self._size)
+                if self._stdin_closed:
+                    # Repeating the EOF is harmless; missing it would leave `cat` waiting.
+                    self._pending.append(frame(ConsoleFrame.STDIN_EOF))
+                continue
+            return result
+
+    async def _attach(self, connection: Any, request: OpenSession) -> Exited:
+        stream = connection.open_stream(StreamTag.CONSOLE)
+        stream.write(frame(ConsoleFrame.OPEN, request.encode()))
+        channel = FrameChannel()
+        self._stream = stream
+        pending, self._pending = self._pending, []
+        for data in pending:
+            stream.write(data)
+        await stream.drain()
+        while True:
+            item = channel.next_frame()
+            if item is None:
+                if channel.finished:
+                    raise ConnectionLost("the vault ended the session stream without an exit")
+                channel.feed(await stream.read())
+                continue
+            kind, payload = item.type, item.payload
+            if kind in (ConsoleFrame.STDOUT, ConsoleFrame.STDERR):
+                self.offset += len(payload)
+                hook = self.hooks.stdout if kind == ConsoleFrame.STDOUT else self.hooks.stderr
+                result = hook(payload)
+                if result is not None:
+                    await result
+            elif kind == ConsoleFrame.STARTED:
+                started = Started.decode(payload)
+                if started.offset < self.offset:
+                    raise RemoteProtocolError(
+                        f"server replays from {started.offset}, before our offset {self.offset}"
+                    )
+                if started.dropped:
+                    self.hooks.notice(
+                        f"{started.dropped} bytes of output were dropped from the vault's "
+                        "buffer before they could be shown"
+                    )
+                self.offset = started.offset
+                self.started = started
+                self.hooks.started(started)
+            elif kind == ConsoleFrame.EXITED:
+                exited = Exited.decode(payload)
+                with contextlib.suppress(TransportError):
+                    stream.write(frame(ConsoleFrame.EXIT_ACK), end_stream=True)
+                self._stream = None
+                return exited
+            elif kind == ConsoleFrame.DETACHED:
+                self._stream = None
+                raise SessionTakenOver(
+                    f"session {self.session_id}: {payload.decode('utf-8', 'replace')}; "
+                    "detached here",
+                    hint="only one client can be attached to a session at a time",
+                )
+            elif kind == ERROR_FRAME:
+                raise ErrorMessage.decode(payload).to_exception()
+            else:
+                raise RemoteProtocolError(f"unexpected console frame type 0x{kind:02x}")
+
+
+def _reattach(request: OpenSession, offset: int, size: tuple[int, int] | None) -> OpenSession:
+    rows, cols = size if size else (request.rows, request.cols)
+    return OpenSession(
+        session_id=request.session_id,
+        argv=None,
+        pty=request.pty,
+        shell=False,
+        keep=request.keep,
+        term=request.term,
+        rows=rows,
+        cols=cols,
+        resume_offset=offset,
+    )
+
+
+__all__ = ["ExecHooks", "ExecSession", "RemoteError", "SessionTakenOver", "Vault", "new_session_id"]

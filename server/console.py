@@ -1,0 +1,225 @@
+"""Console streams (exec sessions, shells) and the sessions stream (list, kill).
+
+One console stream is one attachment: the output pump sends the session's log from the
+client's offset onward, then EXITED once the process ended and every byte was sent; the
+input pump applies stdin, EOF, resize, signals and the exit acknowledgement. Closing the
+stream detaches without touching the process. Every refusal is an error frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from flyvault.errors import RemoteProtocolError, TransportError, VaultError
+from flyvault.protocol.console import (
+    ConsoleFrame,
+    Exited,
+    FrameChannel,
+    KillSession,
+    OpenSession,
+    SessionsFrame,
+    Started,
+    decode_resize,
+    decode_signal,
+    encode_json,
+    error_frame,
+    frame,
+)
+from flyvault.protocol.constants import ErrorCode
+from server.outputlog import STDERR
+from server.process import SpawnError
+from server.sessions import Attachment, Session, SessionRegistry, TooManySessions
+
+if TYPE_CHECKING:
+    from flyvault.transport import QuicStream
+    from server.app import ServerConnection
+
+log = logging.getLogger("flyvault.server.console")
+
+OPEN_TIMEOUT = 10.0
+CHUNK = 64 * 1024
+#: How long the server waits for the client's exit acknowledgement after EXITED.
+ACK_TIMEOUT = 30.0
+
+
+async def _first_frame(stream: QuicStream, channel: FrameChannel) -> tuple[int, bytes] | None:
+    """The stream's first frame, or None if the client closed it without sending one."""
+    while True:
+        item = channel.next_frame()
+        if item is not None:
+            return item.type, item.payload
+        if channel.finished:
+            return None
+        channel.feed(await asyncio.wait_for(stream.read(), OPEN_TIMEOUT))
+
+
+async def handle_console(connection: ServerConnection, stream: QuicStream, initial: bytes) -> None:
+    registry: SessionRegistry = connection.server.sessions
+    channel = FrameChannel()
+    if initial:
+        channel.feed(initial)
+    try:
+        first = await _first_frame(stream, channel)
+        if first is None:
+            return
+        frame_type, payload = first
+        if frame_type != ConsoleFrame.OPEN:
+            raise RemoteProtocolError(f"expected a console open frame, got type 0x{frame_type:02x}")
+        request = OpenSession.decode(payload)
+    except (RemoteProtocolError, TimeoutError) as exc:
+        message = str(exc) or "no console open frame within 10 s"
+        await _refuse(stream, ErrorCode.PROTOCOL, message)
+        return
+    try:
+        session, created = await registry.open(request)
+    except TooManySessions as exc:
+        await _refuse(stream, ErrorCode.BUSY, exc.message)
+        return
+    except SpawnError as exc:
+        await _refuse(stream, ErrorCode.INVALID_REQUEST, exc.message)
+        return
+    except VaultError as exc:
+        await _refuse(stream, ErrorCode.NOT_FOUND, exc.message)
+        return
+    await _attach(registry, session, created, request, stream, channel)
+
+
+async def _attach(
+    registry: SessionRegistry,
+    session: Session,
+    created: bool,
+    request: OpenSession,
+    stream: QuicStream,
+    channel: FrameChannel,
+) -> None:
+    resume = min(request.resume_offset, session.log.end)
+    start = max(resume, session.log.start)
+    attachment = session.attach(start)
+    assert session.process is not None
+    started = Started(session.id, created, start, start - resume, session.process.pid, session.pty)
+    stream.write(frame(ConsoleFrame.STARTED, started.encode()))
+    if not created and request.pty and session.pty and request.rows and request.cols:
+        session.process.resize(request.rows, request.cols)
+    output = asyncio.ensure_future(_pump_output(session, attachment, stream))
+    inputs = asyncio.ensure_future(_pump_input(registry, session, stream, channel))
+    displaced = asyncio.ensure_future(attachment.displaced.wait())
+    try:
+        await asyncio.wait({output, inputs, displaced}, return_when=asyncio.FIRST_COMPLETED)
+        if displaced.done():
+            with contextlib.suppress(TransportError):
+                stream.write(
+                    frame(ConsoleFrame.DETACHED, attachment.reason.encode("utf-8")), end_stream=True
+                )
+        elif output.done() and not output.cancelled() and output.exception() is None:
+            # EXITED was sent: wait (bounded) for the client's acknowledgement or its close.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(inputs), ACK_TIMEOUT)
+        if inputs.done() and not inputs.cancelled():
+            error = inputs.exception()
+            if isinstance(error, RemoteProtocolError):
+                await _refuse(stream, ErrorCode.PROTOCOL, error.message)
+    finally:
+        for task in (output, inputs, displaced):
+            task.cancel()
+        await asyncio.gather(output, inputs, displaced, return_exceptions=True)
+        session.detach(attachment)
+        if not stream.at_eof:
+            with contextlib.suppress(TransportError):
+                stream.write_eof()
+
+
+async def _pump_output(session: Session, attachment: Attachment, stream: QuicStream) -> None:
+    while True:
+        result = session.log.read(attachment.offset, CHUNK)
+        if result.chunks:
+            # The log may have moved on while the client was slow: ``dropped`` then counts
+            # bytes this client will never see, and the offsets stay truthful.
+            for channel_id, data in result.chunks:
+                kind = ConsoleFrame.STDERR if channel_id == STDERR else ConsoleFrame.STDOUT
+                stream.write(frame(kind, data))
+            await stream.drain()
+            session.sent(attachment, result.next_offset)
+            continue
+        if session.exit is not None and attachment.offset >= session.log.end:
+            exited = Exited(session.exit.code, session.exit.signal, session.log.end)
+            await stream.send(frame(ConsoleFrame.EXITED, exited.encode()))
+            return
+        waiter = asyncio.ensure_future(session.changed())
+        try:
+            # Re-check after registering: output may have arrived in between.
+            if session.log.end > attachment.offset or session.exit is not None:
+                continue
+            await waiter
+        finally:
+            waiter.cancel()
+
+
+async def _pump_input(
+    registry: SessionRegistry, session: Session, stream: QuicStream, channel: FrameChannel
+) -> None:
+    process = session.process
+    assert process is not None
+    while True:
+        item = channel.next_frame()
+        if item is None:
+            if channel.finished:
+                return  # the client closed its side: it detached
+            channel.feed(await stream.read())
+            continue
+        kind, payload = item.type, item.payload
+        if kind == ConsoleFrame.STDIN:
+            if session.running:
+                process.write_stdin(payload)
+                await process.drain_stdin()
+        elif kind == ConsoleFrame.STDIN_EOF:
+            if session.running:
+                process.close_stdin()
+        elif kind == ConsoleFrame.RESIZE:
+            rows, cols = decode_resize(payload)
+            if session.running:
+                process.resize(rows, cols)
+        elif kind == ConsoleFrame.SIGNAL:
+            signo = decode_signal(payload)
+            if session.running:
+                process.send_signal(signo)
+        elif kind == ConsoleFrame.EXIT_ACK:
+            registry.acknowledge_exit(session)
+            return
+        else:
+            raise RemoteProtocolError(f"unexpected console frame type 0x{kind:02x}")
+
+
+async def handle_sessions(connection: ServerConnection, stream: QuicStream, initial: bytes) -> None:
+    registry: SessionRegistry = connection.server.sessions
+    channel = FrameChannel()
+    if initial:
+        channel.feed(initial)
+    try:
+        first = await _first_frame(stream, channel)
+        if first is None:
+            return
+        kind, payload = first
+        if kind == SessionsFrame.LIST:
+            registry.collect()
+            await stream.send(
+                frame(SessionsFrame.LIST_RESULT, encode_json(registry.list())), end_stream=True
+            )
+        elif kind == SessionsFrame.KILL:
+            request = KillSession.decode(payload)
+            session = registry.kill(request.session_id, request.signal)
+            log.info("session %s sent signal %d by request", session.id, request.signal)
+            await stream.send(frame(SessionsFrame.KILLED), end_stream=True)
+        else:
+            raise RemoteProtocolError(f"unexpected sessions frame type 0x{kind:02x}")
+    except (RemoteProtocolError, TimeoutError) as exc:
+        await _refuse(stream, ErrorCode.PROTOCOL, str(exc) or "no request within 10 s")
+    except VaultError as exc:
+        await _refuse(stream, ErrorCode.NOT_FOUND, exc.message)
+
+
+async def _refuse(stream: QuicStream, code: ErrorCode, message: str) -> None:
+    with contextlib.suppress(TransportError):
+        await stream.send(error_frame(code, message), end_stream=True)

@@ -1,0 +1,310 @@
+"""The registry of exec sessions and shells, shared by every connection of one init server.
+
+A session is one process plus its output log (a ring buffer with absolute offsets). At
+most one client is attached at a time; a new attach displaces the old one, which is told
+so (DETACHED) instead of seeing a bare end of stream.
+
+Memory is bounded: ``max_sessions`` sessions of at most ``buffer_size`` bytes of output
+each. While a client is attached and behind by a whole buffer, the process's output is
+paused (it blocks on a full pipe) instead of losing bytes the client has not seen; while
+nobody is attached the oldest bytes are dropped and the next attach is told how many.
+
+Exited sessions stay until their exit was acknowledged by a client (anonymous one-shot
+sessions), or until ``exited_ttl`` seconds passed (named sessions, so ``list-exec`` can
+show their exit code). A shell nobody is attached to is hung up after ``shell_idle``
+seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from flyvault.errors import NotFoundError, RemoteError
+from flyvault.protocol.console import OpenSession
+from server.outputlog import OutputLog
+from server.process import ExitStatus, ManagedProcess
+
+log = logging.getLogger("flyvault.server.sessions")
+
+
+class TooManySessions(RemoteError):
+    pass
+
+
+@dataclass
+class SpawnPolicy:
+    """How commands are started: on the host (host mode) or inside the workload."""
+
+    #: Prepended to every argv (e.g. ``nsenter`` into the workload's namespaces).
+    wrapper: Sequence[str] = ()
+    #: Directory for commands that ask for none.
+    default_cwd: str | None = None
+    #: The base environment of every command.
+    base_env: Mapping[str, str] = field(default_factory=dict)
+    #: Where to look for bash (the workload's root in VM mode).
+    root: str = "/"
+
+    def shell_argv(self) -> list[str]:
+        if self.root == "/":
+            bash = shutil.which("bash")
+            return [bash, "-l"] if bash else ["/bin/sh", "-l"]
+        if os.path.exists(os.path.join(self.root, "bin/bash")):
+            return ["/bin/bash", "-l"]
+        return ["/bin/sh", "-l"]
+
+
+class Attachment:
+    """One client's view of a session: how far it has been sent."""
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+        self.displaced = asyncio.Event()
+        self.reason = ""
+
+    def displace(self, reason: str) -> None:
+        self.reason = reason
+        self.displaced.set()
+
+
+class Session:
+    def __init__(
+        self,
+        request: OpenSession,
+        argv: list[str],
+        buffer_size: int,
+        clock: Callable[[], float],
+    ) -> None:
+        self.id = request.session_id
+        self.argv = argv
+        self.context = request.context
+        self.pty = request.pty or request.shell
+        self.kind = "shell" if request.shell else "exec"
+        self.keep = request.keep
+        self.started_at = time.time()
+        self.log = OutputLog(buffer_size)
+        self.process: ManagedProcess | None = None
+        self.exit: ExitStatus | None = None
+        self.exited_at: float | None = None
+        self.exit_acknowledged = False
+        self.attachment: Attachment | None = None
+        self.detached_since: float | None = clock()
+        self._clock = clock
+        self._changed = asyncio.Event()
+        self._paused = False
+
+    # Output ---------------------------------------------------------------------------
+
+    def on_output(self, channel: int, data: bytes) -> None:
+        self.log.append(channel, data)
+        self._apply_backpressure()
+        self._notify()
+
+    def _apply_backpressure(self) -> None:
+        if self.process is None:
+            return
+        attachment = self.attachment
+        behind = self.log.end - attachment.offset if attachment else 0
+        # Leave room for one more read before the client's unsent bytes would be dropped.
+        should_pause = attachment is not None and behind >= self.log.capacity - 65536
+        if should_pause and not self._paused:
+            self.process.pause_output()
+            self._paused = True
+        elif not should_pause and self._paused:
+            self.process.resume_output()
+            self._paused = False
+
+    def sent(self, attachment: Attachment, offset: int) -> None:
+        attachment.offset = offset
+        self._apply_backpressure()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def changed(self) -> None:
+        await self._changed.wait()
+
+    # Lifecycle ------------------------------------------------------------------------
+
+    async def supervise(self) -> None:
+        assert self.process is not None
+        status = await self.process.wait()
+        self.exit = status
+        self.exited_at = self._clock()
+        log.info("session %s exited: %s", self.id, status)
+        self._notify()
+
+    def attach(self, offset: int) -> Attachment:
+        if self.attachment is not None:
+            self.attachment.displace("another client attached to this session")
+        self.attachment = Attachment(offset)
+        self.detached_since = None
+        self._apply_backpressure()
+        return self.attachment
+
+    def detach(self, attachment: Attachment) -> None:
+        if self.attachment is attachment:
+            self.attachment = None
+            self.detached_since = self._clock()
+            self._apply_backpressure()
+
+    @property
+    def running(self) -> bool:
+        return self.exit is None
+
+    def info(self) -> dict[str, Any]:
+        exit_status = self.exit
+        return {
+            "session_id": self.id,
+            "kind": self.kind,
+            "argv": self.argv,
+            "context": self.context,
+            "pty": self.pty,
+            "attached": self.attachment is not None,
+            "running": exit_status is None,
+            "exit_code": exit_status.code if exit_status else None,
+            "signal": exit_status.signal if exit_status else None,
+            "exit_status": exit_status.exit_status if exit_status else None,
+            "pid": self.process.pid if self.process else None,
+            "started_at": self.started_at,
+            "bytes": self.log.end,
+            "retained_from": self.log.start,
+        }
+
+
+class SessionRegistry:
+    def __init__(
+        self,
+        policy: SpawnPolicy,
+        *,
+        buffer_size: int = 1024 * 1024,
+        max_sessions: int = 64,
+        exited_ttl: float = 3600.0,
+        shell_idle: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.policy = policy
+        self.buffer_size = buffer_size
+        self.max_sessions = max_sessions
+        self.exited_ttl = exited_ttl
+        self.shell_idle = shell_idle
+        self.sessions: dict[str, Session] = {}
+        self._clock = clock
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._collector: asyncio.Task[None] | None = None
+
+    def get(self, session_id: str) -> Session:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise NotFoundError(
+                f"exec session {session_id} not found",
+                hint="list the vault's sessions with: fly-vault list-exec VAULT",
+            )
+        return session
+
+    async def open(self, request: OpenSession) -> tuple[Session, bool]:
+        """Find the session, or start it when the request may create one."""
+        existing = self.sessions.get(request.session_id)
+        if existing is not None:
+            return existing, False
+        if not request.create:
+            self.get(request.session_id)  # raises NotFoundError
+        self.collect()
+        if len(self.sessions) >= self.max_sessions:
+            raise TooManySessions(
+                f"too many sessions on this vault ({self.max_sessions}); stop some with "
+                "fly-vault kill VAULT SESSION"
+            )
+        argv = self.policy.shell_argv() if request.shell else list(request.argv or ())
+        session = Session(request, argv, self.buffer_size, self._clock)
+        env = dict(self.policy.base_env)
+        env.update(dict(request.env))
+        if request.term:
+            env["TERM"] = request.term
+        self.sessions[session.id] = session
+        try:
+            session.process = await ManagedProcess.spawn(
+                argv,
+                pty=session.pty,
+                on_output=session.on_output,
+                term=request.term,
+                rows=request.rows,
+                cols=request.cols,
+                cwd=request.cwd or self.policy.default_cwd,
+                env=env,
+                wrapper=self.policy.wrapper,
+            )
+        except BaseException:
+            del self.sessions[session.id]
+            raise
+        log.info(
+            "session %s started: pid %d, %s%s",
+            session.id,
+            session.process.pid,
+            session.kind,
+            f", context: {session.context}" if session.context else "",
+        )
+        task = asyncio.get_running_loop().create_task(session.supervise())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        self._ensure_collector()
+        return session, True
+
+    def acknowledge_exit(self, session: Session) -> None:
+        session.exit_acknowledged = True
+        if not session.keep and self.sessions.get(session.id) is session:
+            del self.sessions[session.id]
+
+    def kill(self, session_id: str, signo: int) -> Session:
+        session = self.get(session_id)
+        if session.process is not None and session.running:
+            session.process.send_signal(signo)
+        return session
+
+    def list(self) -> list[dict[str, Any]]:
+        return [self.sessions[key].info() for key in sorted(self.sessions)]
+
+    def collect(self) -> None:
+        """Drop finished sessions past their time; hang up shells left alone too long."""
+        now = self._clock()
+        for session in list(self.sessions.values()):
+            if session.exit is not None:
+                assert session.exited_at is not None
+                expired = now - session.exited_at >= self.exited_ttl
+                done = session.exit_acknowledged and not session.keep
+                if session.attachment is None and (expired or done):
+                    del self.sessions[session.id]
+            elif (
+                session.kind == "shell"
+                and session.detached_since is not None
+                and now - session.detached_since >= self.shell_idle
+                and session.process is not None
+            ):
+                log.info("hanging up shell %s: detached for %.0f s", session.id, self.shell_idle)
+                session.process.send_signal(signal.SIGHUP)
+                session.detached_since = None
+
+    def _ensure_collector(self) -> None:
+        if self._collector is None or self._collector.done():
+            self._collector = asyncio.get_running_loop().create_task(self._collect_forever())
+
+    async def _collect_forever(self) -> None:
+        while self.sessions:
+            await asyncio.sleep(5.0)
+            self.collect()
+
+    def close(self) -> None:
+        """Stop every process (server shutdown)."""
+        for session in self.sessions.values():
+            if session.process is not None and session.running:
+                session.process.kill()
+        if self._collector is not None:
+            self._collector.cancel()
