@@ -93,18 +93,6 @@ def test_stdin_forwarded_in_full(vault: str) -> None:
 
 
 def test_named_session_reattach_and_list_and_kill(vault: str) -> None:
-    started = fv(
-        "exec",
-        vault,
-        "--session",
-        "job-1",
-        "--context",
-        "why: testing",
-        "--",
-        "sh",
-        "-c",
-        "echo begin; sleep 30; echo never",
-    )
     # It keeps running after the client is killed: emulate a dropped laptop.
     proc = subprocess.Popen(
         [
@@ -115,6 +103,8 @@ def test_named_session_reattach_and_list_and_kill(vault: str) -> None:
             vault,
             "--session",
             "job-2",
+            "--context",
+            "why: testing",
             "--",
             "sh",
             "-c",
@@ -131,6 +121,8 @@ def test_named_session_reattach_and_list_and_kill(vault: str) -> None:
     by_id = {item["session_id"]: item for item in listing}
     assert by_id["job-2"]["running"] is True
     assert by_id["job-2"]["argv"][0] == "sh"
+    assert by_id["job-2"]["context"] == "why: testing"
+    assert by_id["job-2"]["attached"] is False
     assert by_id["job-2"]["bytes"] == len(b"one\ntwo\n")
     killed = fv("kill", vault, "job-2", "--signal", "KILL")
     assert killed.returncode == 0, killed.stderr
@@ -138,7 +130,6 @@ def test_named_session_reattach_and_list_and_kill(vault: str) -> None:
     again = fv("exec", vault, "--session", "job-2")
     assert again.stdout == b"one\ntwo\n"
     assert again.returncode == 137
-    assert started.returncode in (0, 1, 124) or True
 
 
 def test_unknown_session_is_a_clear_error(vault: str) -> None:
@@ -224,8 +215,8 @@ def test_reattach_after_drop_has_no_loss_and_no_duplicates(
     entry = vault_entry(init_process.port, issuer)
     lines = 20000
     script = (
-        "import sys,time\nfor i in range(%d):\n    print(i, flush=(i %% 500 == 0))\n    "
-        "time.sleep(0.0001 if i %% 1000 else 0.05)\n" % lines
+        f"import sys,time\nfor i in range({lines}):\n    print(i, flush=(i % 500 == 0))\n    "
+        "time.sleep(0.0001 if i % 1000 else 0.05)\n"
     )
 
     async def scenario() -> bytes:
@@ -272,7 +263,7 @@ def test_takeover_tells_the_first_client_and_it_does_not_fight(vault: str) -> No
     )
     time.sleep(2)
     second = fv("exec", vault, "--session", "shared", timeout=30)
-    out, err = first.communicate(timeout=30)
+    _, err = first.communicate(timeout=30)
     assert first.returncode == 255
     assert b"another client attached" in err
     assert second.returncode == 0
