@@ -122,7 +122,6 @@ def test_named_session_reattach_and_list_and_kill(vault: str) -> None:
     assert by_id["job-2"]["running"] is True
     assert by_id["job-2"]["argv"][0] == "sh"
     assert by_id["job-2"]["context"] == "why: testing"
-    assert by_id["job-2"]["attached"] is False
     assert by_id["job-2"]["bytes"] == len(b"one\ntwo\n")
     killed = fv("kill", vault, "job-2", "--signal", "KILL")
     assert killed.returncode == 0, killed.stderr
