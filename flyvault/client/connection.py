@@ -22,6 +22,7 @@ from flyvault.config import VaultConfig
 from flyvault.errors import (
     AttestationError,
     ConnectionLost,
+    ProvisionError,
     RemoteProtocolError,
     TransportError,
     VaultError,
@@ -40,8 +41,16 @@ from flyvault.protocol.control import (
     ErrorReceived,
     ProgressReported,
     SetupCompleted,
+    UploadReady,
 )
-from flyvault.protocol.messages import Attestation, RootfsNone, SetupRequest
+from flyvault.protocol.messages import (
+    Attestation,
+    RootfsInline,
+    RootfsNone,
+    RootfsSource,
+    RootfsUrl,
+    SetupRequest,
+)
 from flyvault.transport import QuicChannel, QuicStream, TransportSettings, connect
 
 # Step names, in order; doctor prints them and maps a failure to its exit code.
@@ -49,7 +58,11 @@ STEP_RESOLVE = "resolve"
 STEP_HANDSHAKE = "handshake"
 STEP_ATTEST = "attestation"
 STEP_AUTH = "authenticate"
+STEP_PROVISION = "provision"
 
+#: ``progress(phase, done, total)``: "upload" while sending the rootfs, then the server's
+#: phases ("download", "extract", "activate", ...). ``total`` is 0 when unknown.
+Progress = Callable[[str, int, int], None]
 
 class ConnectObserver(Protocol):
     def step_started(self, step: str, detail: str) -> None: ...
@@ -114,7 +127,8 @@ async def open_vault(
     *,
     observer: ConnectObserver | None = None,
     settings: TransportSettings | None = None,
-    verifier_factory: Callable[[VaultConfig], object] | None = None,
+    reprovision: bool = False,
+    progress: Progress | None = None,
 ) -> VaultConnection:
     """Connect, verify the attestation, then authenticate. Raises a ``VaultError``."""
     from flyvault.attest import AttestationCache, AttestationVerifier, JwksCache
@@ -185,22 +199,36 @@ async def open_vault(
 
         # Only now, with the attestation verified, does the token leave this machine.
         token = vault.require_access_token()
+        source = None
+        if attestation.vm_state is VmState.COLD or reprovision:
+            source = vault.rootfs_source("reprovision" if reprovision else "cold boot")
+        upload = _RootfsUpload(source, progress) if source is not None else None
 
         async def do_auth() -> tuple[SetupCompleted, str]:
-            control.send_setup(SetupRequest(token, RootfsNone()))
+            control.send_setup(SetupRequest(token, upload.request() if upload else RootfsNone()))
             stream.write(control.data_to_send())
             while True:
                 event = await _next_event(control, stream)
                 if isinstance(event, ProgressReported):
+                    if progress is not None:
+                        p = event.progress
+                        progress(p.phase, p.done, p.total)
+                    continue
+                if isinstance(event, UploadReady) and upload is not None:
+                    await upload.send(control, stream)
                     continue
                 if isinstance(event, ErrorReceived):
                     raise event.error.to_exception()
                 if isinstance(event, SetupCompleted):
                     stream.write_eof()
-                    return event, "access token accepted"
+                    what = "access token accepted"
+                    if upload is not None:
+                        what += f"; rootfs provisioned ({upload.describe()})"
+                    return event, what
                 raise RemoteProtocolError(f"unexpected {type(event).__name__} during setup")
 
-        completed: SetupCompleted = await run_step(STEP_AUTH, "access token", do_auth)
+        step_name = STEP_AUTH if upload is None else STEP_PROVISION
+        completed: SetupCompleted = await run_step(step_name, "access token", do_auth)
     except BaseException:
         channel.close_now()
         raise
@@ -215,6 +243,73 @@ async def open_vault(
         boot_id=completed.complete.boot_id,
         timings=timings,
     )
+
+
+class _RootfsUpload:
+    """Streams a local rootfs archive in chunks; never holds it in memory."""
+
+    def __init__(self, source: object, progress: Progress | None) -> None:
+        from flyvault.config import RootfsFile
+
+        self.source = source
+        self.progress = progress
+        self.sent = 0
+        self.started = 0.0
+        self.elapsed = 0.0
+        if isinstance(source, RootfsFile):
+            try:
+                self.size = source.path.stat().st_size
+            except OSError as exc:
+                raise ProvisionError(
+                    f"cannot read rootfs {source.path}: {exc.strerror}",
+                    hint="check the rootfs path in the vault's config entry",
+                ) from None
+            if self.size == 0:
+                raise ProvisionError(f"rootfs {source.path} is empty")
+        else:
+            self.size = 0
+
+    def request(self) -> RootfsSource:
+        from flyvault.config import RootfsFile
+
+        if isinstance(self.source, RootfsFile):
+            return RootfsInline(self.size)
+        return RootfsUrl(self.source.url)  # type: ignore[attr-defined]
+
+    async def send(self, control: ControlClient, stream: QuicStream) -> None:
+        import hashlib
+
+        from flyvault.config import RootfsFile
+        from flyvault.protocol.constants import ROOTFS_CHUNK_SIZE
+
+        assert isinstance(self.source, RootfsFile)
+        digest = hashlib.sha256()
+        self.started = time.perf_counter()
+        try:
+            with open(self.source.path, "rb") as archive:
+                while chunk := archive.read(min(ROOTFS_CHUNK_SIZE, self.size - self.sent)):
+                    digest.update(chunk)
+                    control.send_rootfs_chunk(chunk)
+                    await stream.send(control.data_to_send())
+                    self.sent += len(chunk)
+                    if self.progress is not None:
+                        self.progress("upload", self.sent, self.size)
+        except OSError as exc:
+            raise ProvisionError(f"cannot read rootfs {self.source.path}: {exc.strerror}") from None
+        if self.sent != self.size:
+            raise ProvisionError(
+                f"rootfs {self.source.path} changed size while being sent "
+                f"({self.sent} of {self.size} bytes)"
+            )
+        control.end_rootfs(digest.digest())
+        await stream.send(control.data_to_send())
+        self.elapsed = time.perf_counter() - self.started
+
+    def describe(self) -> str:
+        if self.size:
+            rate = self.size / self.elapsed / 1e6 if self.elapsed else 0.0
+            return f"{self.size / 1e6:.1f} MB uploaded at {rate:.1f} MB/s"
+        return "downloaded by the vault"
 
 
 async def _next_event(control: ControlClient, stream: QuicStream) -> ControlEvent:
