@@ -265,10 +265,16 @@ def test_cold_vault_without_rootfs_is_refused(
     async def scenario() -> None:
         server = await start_server(tmp_path, attestor, host_mode=False)
         try:
-            from flyvault.errors import ProvisionError
+            from flyvault.errors import ConfigError
 
-            with pytest.raises(ProvisionError, match="cold boot requires a rootfs"):
+            # The client knows the vault is cold and refuses before sending the token...
+            with pytest.raises(ConfigError, match="rootfs_url is required for cold boot"):
                 await open_vault(vault_entry(port_of(server), issuer))
+            assert server.stats.setup_requests == 0
+            # ...and the server refuses a cold setup without a rootfs on its own.
+            error = await _raw_setup(port_of(server), attestor, TOKEN)
+            assert error.code == ErrorCode.PROVISION_FAILED
+            assert "cold boot requires a rootfs payload" in error.message
             (tmp_path / ".provisioned").touch()
             connection = await open_vault(vault_entry(port_of(server), issuer))
             assert connection.vm_state is VmState.READY
@@ -278,6 +284,42 @@ def test_cold_vault_without_rootfs_is_refused(
             server.close()
 
     run_async(scenario())
+
+
+async def _raw_setup(port: int, attestor: ScriptedAttestor, token: str) -> ErrorMessage:
+    """A control exchange that skips the client's checks: attestation, then a bare setup."""
+    from flyvault.protocol.messages import RootfsNone, SetupRequest
+
+    channel = await connect("127.0.0.1", port)
+    stream = channel.open_stream()
+    control = ControlClient()
+    control.request_attestation()
+    stream.write(bytes([StreamTag.CONTROL]) + control.data_to_send())
+    decoder = FrameDecoder(MAX_PAYLOAD)
+    while (frame := decoder.next_frame()) is None:
+        decoder.feed(await stream.read())
+    control.receive_data(encode_frame(frame.type, frame.payload))
+    control.next_event()
+    control.send_setup(SetupRequest(token, RootfsNone()))
+    await stream.send(control.data_to_send(), end_stream=True)
+    frames = await read_frames_from(stream, decoder)
+    channel.close_now()
+    assert frames[-1].type == ERROR_FRAME
+    return ErrorMessage.decode(frames[-1].payload)
+
+
+async def read_frames_from(stream: Any, decoder: FrameDecoder) -> list[Any]:
+    frames = []
+    while True:
+        while (frame := decoder.next_frame()) is not None:
+            frames.append(frame)
+        data = await stream.read()
+        if not data:
+            decoder.feed_eof()
+            while (frame := decoder.next_frame()) is not None:
+                frames.append(frame)
+            return frames
+        decoder.feed(data)
 
 
 def test_attestation_unavailable_is_an_error_frame_not_a_silent_close(

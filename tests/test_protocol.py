@@ -206,12 +206,18 @@ def test_setup_request_round_trip(token: str, source) -> None:  # type: ignore[n
     st.integers(min_value=0, max_value=65535),
     st.sampled_from(list(VmState)),
     st.sampled_from(list(RuntimeStatus)),
-    text,
+    st.text(alphabet="0123456789abcdef-", max_size=128),
     text,
 )
 def test_attestation_round_trip(version, state, status, boot_id, jwt) -> None:  # type: ignore[no-untyped-def]
     message = Attestation(version, state, status, boot_id, jwt)
     assert Attestation.decode(message.encode()) == message
+
+
+def test_overlong_boot_id_refused() -> None:
+    payload = Attestation(2, VmState.READY, RuntimeStatus.SYSTEM_INIT, "b" * 129, "j").encode()
+    with pytest.raises(RemoteProtocolError, match="boot id is 129 bytes"):
+        Attestation.decode(payload)
 
 
 @given(st.integers(min_value=0, max_value=65535), text)

@@ -195,3 +195,28 @@ def test_handshake_timeout_when_nobody_answers() -> None:
                 await connect(*silent.getsockname(), TransportSettings(handshake_timeout=0.5))
 
     run_async(scenario())
+
+
+def test_finished_streams_are_released_on_both_sides() -> None:
+    async def scenario() -> None:
+        listener, server_channels = await echo_server()
+        try:
+            client = await connect(*listener.address)
+            for i in range(50):  # bounded
+                stream = client.open_stream()
+                await stream.send(f"n{i}".encode(), end_stream=True)
+                received = b""
+                while chunk := await stream.read():
+                    received += chunk
+                assert received == f"n{i}".encode()
+            assert client.open_streams == 0
+            server = server_channels[-1]
+            deadline = asyncio.get_running_loop().time() + 5
+            while server.open_streams and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+            assert server.open_streams == 0
+            client.close_now()
+        finally:
+            listener.close()
+
+    run_async(scenario())

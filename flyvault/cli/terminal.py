@@ -51,7 +51,14 @@ class RawTerminal:
 
     def _on_signal(self, signo: int, frame: FrameType | None) -> None:
         self.restore()
-        os.write(2, f"\r\nfly-vault: terminated by signal {signo}\r\n".encode())
+        # The remote program is still running and may have left the alternate screen,
+        # bracketed paste or a hidden cursor on. Writes can fail (EIO after a hang-up):
+        # that must not stop the exit, or the error would unwind through the session.
+        with contextlib.suppress(OSError):
+            if isatty(1):
+                os.write(1, RESET_MODES)
+        with contextlib.suppress(OSError):
+            os.write(2, f"\r\nfly-vault: terminated by signal {signo}\r\n".encode())
         os._exit(128 + signo)
 
 

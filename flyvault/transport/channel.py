@@ -66,6 +66,7 @@ class QuicStream:
         self._writable = asyncio.Event()
         self._writable.set()
         self._write_closed = False
+        self._read_done = False
         self._send_error: BaseException | None = None
         self.high_water = high_water
         self.low_water = low_water
@@ -79,8 +80,11 @@ class QuicStream:
         """Return up to ``max_bytes``; ``b""`` at the end of the stream."""
         while not self._chunks:
             if self._error is not None:
+                self._maybe_done()
                 raise self._error
             if self._eof:
+                self._read_done = True
+                self._maybe_done()
                 return b""
             self._readable.clear()
             await self._readable.wait()
@@ -109,6 +113,8 @@ class QuicStream:
             raise TransportError(f"stream {self.stream_id} is already closed for writing")
         self._write_closed = end_stream
         self._channel._send(self.stream_id, data, end_stream)
+        if end_stream:
+            self._maybe_done()
 
     def write_eof(self) -> None:
         if not self._write_closed and self._send_error is None:
@@ -134,17 +140,25 @@ class QuicStream:
         """Abort our sending side."""
         self._write_closed = True
         self._channel._reset(self.stream_id, error_code)
+        self._maybe_done()
 
     def stop(self, error_code: int = STREAM_ABORTED) -> None:
         """Tell the peer we will read no more."""
         self._eof = True
+        self._read_done = True
         self._chunks.clear()
         self._readable.set()
         self._channel._stop(self.stream_id, error_code)
+        self._maybe_done()
 
     def abort(self, error_code: int = STREAM_ABORTED) -> None:
         self.reset(error_code)
         self.stop(error_code)
+
+    def _maybe_done(self) -> None:
+        # Both directions over: the channel need not keep this stream any longer.
+        if self._write_closed and (self._read_done or self._error is not None):
+            self._channel._forget(self.stream_id)
 
     # Called by the channel -----------------------------------------------------------
 
@@ -183,6 +197,7 @@ class QuicChannel(QuicConnectionProtocol):
         self.quic: VaultQuicConnection = quic
         self.number = next(self._ids)
         self._streams: dict[int, QuicStream] = {}
+        self._highest_remote = -1
         self.on_stream = on_stream
         self._keepalive_interval = keepalive_interval
         self._keepalive_handle: asyncio.TimerHandle | None = None
@@ -263,6 +278,9 @@ class QuicChannel(QuicConnectionProtocol):
         if isinstance(event, events.StreamDataReceived):
             stream = self._streams.get(event.stream_id)
             if stream is None:
+                if not self._is_new_remote_stream(event.stream_id):
+                    return  # late data for a stream we already finished with
+                self._highest_remote = event.stream_id
                 stream = self._make_stream(event.stream_id)
                 if self.on_stream is not None:
                     self.on_stream(stream)
@@ -301,9 +319,23 @@ class QuicChannel(QuicConnectionProtocol):
         self._streams[stream_id] = stream
         return stream
 
+    def _is_new_remote_stream(self, stream_id: int) -> bool:
+        locally_initiated = (stream_id & 1) == (0 if self.quic._is_client else 1)
+        return not locally_initiated and stream_id > self._highest_remote
+
+    def _forget(self, stream_id: int) -> None:
+        self._streams.pop(stream_id, None)
+        self.quic.forget_stream(stream_id)
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
     def _consumed(self, stream_id: int, amount: int) -> None:
-        self.quic.consume(stream_id, amount)
-        self._transmit_soon()
+        # Only wake the sender for a window update that will actually be announced;
+        # otherwise every read would cost a packet-building pass.
+        if self.quic.consume(stream_id, amount):
+            self._transmit_soon()
 
     def _send(self, stream_id: int, data: bytes, end_stream: bool) -> None:
         if self.is_closed:

@@ -81,9 +81,18 @@ class VaultQuicConnection(QuicConnection):
 
     # Flow control --------------------------------------------------------------------
 
-    def consume(self, stream_id: int, amount: int) -> None:
-        """The application took ``amount`` bytes of ``stream_id`` out of our queue."""
-        self._consumed[stream_id] = self._consumed.get(stream_id, 0) + amount
+    def consume(self, stream_id: int, amount: int) -> bool:
+        """The application took ``amount`` bytes of ``stream_id`` out of our queue.
+
+        Returns True when that earns the peer a window update worth sending now.
+        """
+        consumed = self._consumed.get(stream_id, 0) + amount
+        self._consumed[stream_id] = consumed
+        stream = self._streams.get(stream_id)
+        if stream is None or not stream.max_stream_data_local:
+            return False
+        window = self._configuration.max_stream_data
+        return consumed + window - stream.max_stream_data_local >= window // 4
 
     def forget_stream(self, stream_id: int) -> None:
         self._consumed.pop(stream_id, None)

@@ -1,0 +1,169 @@
+"""Shared pieces of the fly-vault-admin tests: the stand-in, a CLI runner, recognisable secrets.
+
+Every CLI run through ``Cli`` asserts that neither the API token nor the tenant access token
+appears in stdout or stderr, so each command and each failure path is a secrecy test too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from admin.machines import MachinesClient, RetryPolicy, Timeouts
+from admin.standin import MachinesStandin
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_TEMPLATE = REPO / "admin" / "examples" / "tenant_template.toml"
+APP = "vault-tenants"
+API_TOKEN = "fo1_API-TOKEN-CANARY-7c1d9e0b3a5f"
+ACCESS_TOKEN = "ACCESS-TOKEN-CANARY-52b8e1f04c9d"
+BEARER = "BEARER-CANARY-0d4f6a8c2e1b"
+SECRETS = (API_TOKEN, ACCESS_TOKEN, BEARER)
+IMAGE_V1 = "registry.fly.io/vault-tenants/init:2026-03-02"
+IMAGE_V2 = "registry.fly.io/vault-tenants/init:2026-04-01"
+
+FAST_RETRY = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05)
+FAST_TIMEOUTS = Timeouts(connect=2.0, read=2.0, write=2.0, pool=2.0, wait_grace=2.0)
+
+
+def assert_no_secrets(*texts: str) -> None:
+    for text in texts:
+        for secret in SECRETS:
+            assert secret not in text, f"secret leaked: {text!r}"
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+class Cli:
+    """Runs ``admin.main.main`` in-process against the stand-in."""
+
+    def __init__(self, capsys: pytest.CaptureFixture[str]) -> None:
+        self.capsys = capsys
+
+    def __call__(self, *argv: str) -> Result:
+        from admin.main import main
+
+        self.capsys.readouterr()
+        code = main(list(argv))
+        captured = self.capsys.readouterr()
+        assert_no_secrets(captured.out, captured.err)
+        return Result(code, captured.out, captured.err)
+
+
+@pytest.fixture
+def standin() -> Iterator[MachinesStandin]:
+    with MachinesStandin(token=API_TOKEN, apps=(APP, "other-app"), transition_delay=0.02) as api:
+        yield api
+
+
+@pytest.fixture
+def cli(
+    standin: MachinesStandin, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Cli:
+    import admin.commands
+
+    monkeypatch.setenv("FLY_API_TOKEN", API_TOKEN)
+    monkeypatch.setenv("FLY_APP", APP)
+    monkeypatch.setenv("FLY_API_BASE", standin.base_url)
+    monkeypatch.delenv("FLY_VAULT_ACCESS_TOKEN", raising=False)
+    monkeypatch.delenv("FLY_VAULT_USAGE_BEARER_TOKEN", raising=False)
+    monkeypatch.setattr(admin.commands, "RETRY", FAST_RETRY)
+    monkeypatch.setattr(admin.commands, "TIMEOUTS", FAST_TIMEOUTS)
+    monkeypatch.setattr(admin.commands, "CLEANUP_POLL", 0.02)
+    return Cli(capsys)
+
+
+def client(standin: MachinesStandin, **kwargs: Any) -> MachinesClient:
+    options: dict[str, Any] = {"retry": FAST_RETRY, "timeouts": FAST_TIMEOUTS}
+    options.update(kwargs)
+    return MachinesClient(base_url=standin.base_url, app=APP, token=API_TOKEN, **options)
+
+
+def run(coroutine: Any, timeout: float = 60.0) -> Any:
+    async def bounded() -> Any:
+        return await asyncio.wait_for(coroutine, timeout)
+
+    return asyncio.run(bounded())
+
+
+def write_template(tmp_path: Path, text: str, name: str = "tenant.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+SIMPLE_TEMPLATE = f"""\
+version = 1
+app = "{APP}"
+machine_count = 2
+
+[machine]
+name = "tenant-{{{{tenant_id}}}}-{{{{index}}}}"
+region = "ord"
+
+[machine.config]
+image = "{IMAGE_V1}"
+
+[[machine.config.mounts]]
+path = "/data"
+name = "tvol_{{{{tenant_id}}}}_{{{{index}}}}"
+size_gb = 5
+
+[machine.config.env]
+ACCESS_TOKEN = "{{{{access_token}}}}"
+
+[metadata]
+role = "tenant-vm"
+"""
+
+
+def create_tenants(
+    cli: Cli, tmp_path: Path, *tenants: str, template: str = SIMPLE_TEMPLATE
+) -> None:
+    path = write_template(tmp_path, template, "fixture-template.toml")
+    for tenant in tenants:
+        result = cli(
+            "tenant", "create", tenant, "--template", str(path), "--access-token", ACCESS_TOKEN
+        )
+        assert result.code == 0, result.err
+
+
+def subprocess_env(standin: MachinesStandin, **extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("FLY_VAULT_ACCESS_TOKEN", "FLY_VAULT_USAGE_BEARER_TOKEN")
+    }
+    env.update(
+        FLY_API_TOKEN=API_TOKEN,
+        FLY_APP=APP,
+        FLY_API_BASE=standin.base_url,
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def admin_process(args: list[str], env: dict[str, str], **kwargs: Any) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "admin.main", *args],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )

@@ -1,0 +1,577 @@
+"""The workload runtime in real PID and mount namespaces, on a busybox rootfs (root only)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import run_async
+
+from flyvault.errors import ProvisionError
+from flyvault.protocol.constants import RuntimeStatus
+from server.nsinit import FALLBACK_MARKER
+from server.outputlog import STDOUT
+from server.process import ExitStatus, ManagedProcess
+from server.runtime import WorkloadRuntime
+
+BUSYBOX = Path("/bin/busybox")
+
+if os.geteuid() != 0:
+    pytest.skip("the workload runtime needs root (namespaces, mounts)", allow_module_level=True)
+_missing = [tool for tool in ("unshare", "nsenter") if shutil.which(tool) is None]
+if _missing:
+    pytest.skip(f"util-linux tools missing: {', '.join(_missing)}", allow_module_level=True)
+if not BUSYBOX.is_file():
+    pytest.skip(
+        "no /bin/busybox to build a rootfs from (apt-get install busybox-static)",
+        allow_module_level=True,
+    )
+
+APPLETS = "sh ls cat ps mount sleep id tty echo env test wc head stat stty kill true grep"
+
+#: An init that stops cleanly on SIGTERM (busybox sh runs the trap once `wait` returns).
+GRACEFUL_INIT = "#!/bin/sh\ntrap 'exit 0' TERM\nwhile :; do sleep 1 & wait; done\n"
+#: An init that ignores SIGTERM: PID 1 drops signals it has no handler for.
+STUBBORN_INIT = "#!/bin/sh\nexec sleep 100000\n"
+
+
+@pytest.fixture
+def rootfs(tmp_path: Path) -> Path:
+    """A tiny rootfs: static busybox plus applet links, no /sbin/init."""
+    root = tmp_path / "rootfs"
+    (root / "bin").mkdir(parents=True)
+    (root / "sbin").mkdir()
+    (root / "etc").mkdir()
+    shutil.copy2(BUSYBOX, root / "bin" / "busybox")
+    for applet in APPLETS.split():
+        (root / "bin" / applet).symlink_to("busybox")
+    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    return root
+
+
+def install_init(rootfs: Path, script: str) -> None:
+    init = rootfs / "sbin" / "init"
+    init.write_text(script)
+    init.chmod(0o755)
+
+
+@pytest.fixture
+def make_runtime(tmp_path: Path, rootfs: Path) -> Iterator[Callable[..., WorkloadRuntime]]:
+    made: list[WorkloadRuntime] = []
+
+    def make(**options: Any) -> WorkloadRuntime:
+        options.setdefault("console", tmp_path / "console.log")
+        options.setdefault("restart_delay", 0.1)
+        made.append(WorkloadRuntime(rootfs, tmp_path / "persist", **options))
+        return made[-1]
+
+    yield make
+    # A test that failed half-way leaves its workload running: kill its init (the whole
+    # namespace goes with it, then unshare exits) and reap that one pid, so later tests
+    # see no stray process or zombie.
+    for runtime in made:
+        process, pidfd = runtime._process, runtime._pidfd
+        if process is not None and process.returncode is None and pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(process.pid, 0)
+    console = tmp_path / "console.log"
+    if console.exists():
+        print(console.read_text(errors="replace"))  # shown by pytest when the test failed
+
+
+@asynccontextmanager
+async def started(runtime: WorkloadRuntime) -> AsyncIterator[WorkloadRuntime]:
+    await runtime.start()
+    try:
+        yield runtime
+    finally:
+        await runtime.stop(grace=2)
+        assert runtime.status() is RuntimeStatus.NOT_STARTED
+
+
+class Collected:
+    def __init__(self) -> None:
+        self.chunks: list[tuple[int, bytes]] = []
+
+    def __call__(self, channel: int, data: bytes) -> None:
+        self.chunks.append((channel, data))
+
+    def text(self, channel: int = STDOUT) -> str:
+        return b"".join(d for c, d in self.chunks if c == channel).decode(errors="replace")
+
+
+async def spawn(
+    runtime: WorkloadRuntime, script: str, *, pty: bool = False
+) -> tuple[ManagedProcess, Collected]:
+    output = Collected()
+    process = await ManagedProcess.spawn(
+        ["/bin/sh", "-c", script],
+        pty=pty,
+        on_output=output,
+        env=runtime.env,
+        wrapper=runtime.wrapper(),
+    )
+    return process, output
+
+
+async def run(
+    runtime: WorkloadRuntime, script: str, *, pty: bool = False
+) -> tuple[ExitStatus, str]:
+    process, output = await spawn(runtime, script, pty=pty)
+    status = await asyncio.wait_for(process.wait(), 20)
+    return status, output.text()
+
+
+async def output_of(runtime: WorkloadRuntime, script: str, *, pty: bool = False) -> str:
+    """Run ``script`` inside; it must succeed."""
+    status, out = await run(runtime, script, pty=pty)
+    assert status.exit_status == 0, out
+    return out
+
+
+def zombies_of(pid: int) -> list[int]:
+    """Our children that are zombies (exited and not reaped)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] == "Z" and int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+class Watched:
+    """A process watched through a pidfd: unlike a pid, it cannot be confused with a later
+    process or thread that reuses the number."""
+
+    def __init__(self, pid: int) -> None:
+        self.fd = os.pidfd_open(pid)
+
+    def alive(self) -> bool:
+        # A pidfd polls readable once its process has exited.
+        readable, _, _ = select.select([self.fd], [], [], 0)
+        return not readable
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+# ------------------------------------------------------------------ the environment
+
+
+def test_fallback_init_gives_a_usable_isolated_system(
+    make_runtime: Callable[..., WorkloadRuntime],
+    tmp_path: Path,
+    rootfs: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ACCESS_TOKEN", "must-never-reach-the-workload")
+    host_marker = tempfile.NamedTemporaryFile(dir="/tmp", prefix="fly-vault-host-")  # noqa: SIM115
+    script = (
+        "echo pid=$$; cat /proc/1/cmdline; echo; ls /dev; ls -ld /tmp; mount;"
+        "echo x > /dev/null && echo devnull-ok;"
+        "echo pts=$(test -d /dev/pts && echo yes);"
+        "echo urandom=$(head -c 16 /dev/urandom | wc -c);"
+        "echo persisted > /root/in-root; echo persisted > /home/in-home;"
+        f"echo host-tmp=$(test -e {host_marker.name} && echo visible || echo absent);"
+        f"echo host-test-dir=$(test -e {tmp_path} && echo visible || echo absent);"
+        "echo uid=$(id -u); echo root-entries=$(ls /);"
+        "cat /proc/1/environ | tr '\\0' '\\n'; env"
+    )
+
+    async def scenario() -> None:
+        runtime = make_runtime()
+        assert runtime.status() is RuntimeStatus.NOT_STARTED
+        assert runtime.boot_id is None
+        async with started(runtime):
+            assert runtime.status() is RuntimeStatus.FALLBACK_INIT
+            assert (rootfs / FALLBACK_MARKER).exists()
+            assert runtime.boot_id
+            out = await output_of(runtime, script)
+            lines = out.splitlines()
+            # The shell is inside the new PID namespace: a tiny pid, and PID 1 is nsinit.
+            assert int(lines[0].removeprefix("pid=")) < 20
+            assert "nsinit" in lines[1]
+            for node in ("null", "zero", "full", "random", "urandom", "tty", "ptmx", "pts", "shm"):
+                assert node in lines, node
+            assert any(line.startswith("drwxrwxrwt") and line.endswith("/tmp") for line in lines)
+            for mounted in (
+                "proc on /proc type proc",
+                "sysfs on /sys type sysfs (ro",
+                "on /dev type tmpfs",
+                "devpts on /dev/pts type devpts",
+                "on /dev/shm type tmpfs",
+                "tmpfs on /run type tmpfs",
+                "tmpfs on /tmp type tmpfs",
+                " on /root type ",
+                " on /home type ",
+            ):
+                assert mounted in out, mounted
+            for expected in (
+                "devnull-ok",
+                "pts=yes",
+                "urandom=16",
+                "host-tmp=absent",
+                "host-test-dir=absent",
+                "uid=0",
+                "container=fly-vault",
+                "HOME=/root",
+            ):
+                assert expected in lines, expected
+            assert "ACCESS_TOKEN" not in out
+            entries = next(line for line in lines if line.startswith("root-entries="))
+            assert set(entries.split("=")[1].split()) == {
+                "bin", "sbin", "etc", "dev", "proc", "sys", "run", "tmp", "root", "home",
+            }  # fmt: skip
+        # Written inside, persisted on the host; the marker goes with the runtime.
+        assert (tmp_path / "persist" / "root" / "in-root").read_text() == "persisted\n"
+        assert (tmp_path / "persist" / "home" / "in-home").read_text() == "persisted\n"
+        assert not (rootfs / FALLBACK_MARKER).exists()
+        assert zombies_of(os.getpid()) == []
+
+    with host_marker:
+        run_async(scenario())
+    # Nothing the runtime mounted leaked into the host's mount table.
+    # (Compared by path, not whole: other tests on this machine may mount things meanwhile.)
+    assert str(tmp_path) not in Path("/proc/self/mountinfo").read_text()
+
+
+def test_an_init_that_cannot_be_executed_gives_the_fallback_init(
+    make_runtime: Callable[..., WorkloadRuntime], rootfs: Path, tmp_path: Path
+) -> None:
+    install_init(rootfs, GRACEFUL_INIT)
+    (rootfs / "sbin" / "init").chmod(0o644)
+
+    async def scenario() -> None:
+        async with started(make_runtime()) as runtime:
+            assert runtime.status() is RuntimeStatus.FALLBACK_INIT
+            assert "nsinit" in await output_of(runtime, "cat /proc/1/cmdline")
+        log = (tmp_path / "console.log").read_text()
+        assert "cannot run /sbin/init: Permission denied; fallback init active" in log
+
+    run_async(scenario())
+
+
+def test_pty_spawn_inside(make_runtime: Callable[..., WorkloadRuntime]) -> None:
+    async def scenario() -> None:
+        async with started(make_runtime()) as runtime:
+            # A host PTY works for I/O and size, but has no name inside: the workload's
+            # /dev/pts is its own instance.
+            out = await output_of(runtime, "test -t 0 && echo terminal; stty size", pty=True)
+            assert "terminal" in out
+            # A PTY from the workload's own devpts: `tty` names it.
+            master, slave = runtime.openpty()
+            os.close(master)
+            os.close(slave)
+            with pytest.MonkeyPatch.context() as patch:
+                # ManagedProcess has no hook for the PTY allocator yet (see the runtime's
+                # openpty), so the test swaps os.openpty for the one spawn.
+                patch.setattr(os, "openpty", runtime.openpty)
+                out = await output_of(runtime, "tty; test -t 0 && echo terminal", pty=True)
+            assert out.splitlines()[0].strip().startswith("/dev/pts/"), out
+            assert "terminal" in out
+
+    run_async(scenario())
+
+
+def test_wrapper_cwd_is_inside_the_workload(make_runtime: Callable[..., WorkloadRuntime]) -> None:
+    async def scenario() -> None:
+        async with started(make_runtime()) as runtime:
+            output = Collected()
+            process = await ManagedProcess.spawn(
+                ["/bin/sh", "-c", "pwd; ls"],
+                pty=False,
+                on_output=output,
+                env=runtime.env,
+                wrapper=runtime.wrapper(cwd="/etc"),
+            )
+            assert (await process.wait()).exit_status == 0
+            assert output.text().splitlines() == ["/etc", "passwd"]
+            out = await output_of(runtime, "pwd")
+            assert out.strip() == "/"
+
+    run_async(scenario())
+
+
+# ------------------------------------------------------------------ init, stop, restart
+
+
+def test_system_init_runs_and_stops_gracefully(
+    make_runtime: Callable[..., WorkloadRuntime], rootfs: Path
+) -> None:
+    install_init(rootfs, GRACEFUL_INIT)
+
+    async def scenario() -> None:
+        runtime = make_runtime()
+        await runtime.start()
+        try:
+            assert runtime.status() is RuntimeStatus.SYSTEM_INIT
+            assert not (rootfs / FALLBACK_MARKER).exists()
+            out = await output_of(runtime, "cat /proc/1/cmdline | tr '\\0' ' '")
+            assert out.strip() == "/bin/sh /sbin/init"
+        finally:
+            began = time.monotonic()
+            await runtime.stop(grace=20)
+        # It ended on SIGTERM, long before the grace ran out.
+        assert time.monotonic() - began < 5
+        assert runtime.status() is RuntimeStatus.NOT_STARTED
+        assert zombies_of(os.getpid()) == []
+
+    run_async(scenario())
+
+
+def test_stop_kills_an_init_that_ignores_sigterm_after_the_grace(
+    make_runtime: Callable[..., WorkloadRuntime], rootfs: Path
+) -> None:
+    install_init(rootfs, STUBBORN_INIT)
+
+    async def scenario() -> None:
+        runtime = make_runtime()
+        await runtime.start()
+        assert runtime.status() is RuntimeStatus.SYSTEM_INIT
+        assert runtime.init_pid is not None
+        init = Watched(runtime.init_pid)
+        began = time.monotonic()
+        await runtime.stop(grace=1)
+        assert 1 <= time.monotonic() - began < 5
+        assert not init.alive()
+        init.close()
+        assert zombies_of(os.getpid()) == []
+
+    run_async(scenario())
+
+
+def test_stop_ends_every_process_of_the_namespace(
+    make_runtime: Callable[..., WorkloadRuntime],
+) -> None:
+    async def scenario() -> None:
+        runtime = make_runtime()
+        await runtime.start()
+        # One sleeper run directly, one orphaned (reparented to the namespace's init). The
+        # duration tells ours from any other test's sleepers.
+        seconds = str(random.randrange(100_000, 1_000_000))
+        sleeper, _ = await spawn(runtime, f"exec sleep {seconds}")
+        orphan = (await output_of(runtime, f"sleep {seconds} & echo $!")).strip()
+        await until(lambda: bool(Path(f"/proc/{sleeper.pid}/task").exists()))
+        children = Path(f"/proc/{sleeper.pid}/task/{sleeper.pid}/children").read_text().split()
+        assert len(children) == 1  # nsenter's child, the sleep inside the namespace
+        inner = Watched(int(children[0]))
+        assert inner.alive()
+        # The orphan: in the namespace, its parent is the init (inner pid 1).
+        out = await output_of(runtime, f"cat /proc/{orphan}/stat")
+        assert out.split(") ")[1].split()[1] == "1"
+        began = time.monotonic()
+        await runtime.stop(grace=5)
+        # The fallback init forwarded SIGTERM (a graceful stop, not the SIGKILL after the
+        # grace): the sleeper died of it and nsenter passed that on.
+        assert time.monotonic() - began < 3
+        assert (await asyncio.wait_for(sleeper.wait(), 5)).signal == signal.SIGTERM
+        assert not inner.alive()
+        inner.close()
+        # Nothing in any PID namespace but ours is left of the workload.
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                assert cmdline != f"sleep\0{seconds}\0".encode(), entry
+        assert zombies_of(os.getpid()) == []
+
+    run_async(scenario())
+
+
+def test_the_fallback_init_reaps_orphans(make_runtime: Callable[..., WorkloadRuntime]) -> None:
+    async def scenario() -> None:
+        async with started(make_runtime()) as runtime:
+            # Orphans that exit at once: without a reaper they would stay zombies.
+            for _ in range(5):
+                await output_of(runtime, "sleep 0.05 &")
+            await asyncio.sleep(0.5)
+            out = await output_of(runtime, "cat /proc/[0-9]*/stat")
+            states = [line.split(") ")[1].split()[0] for line in out.splitlines() if ") " in line]
+            assert states and "Z" not in states, out
+
+    run_async(scenario())
+
+
+def test_supervisor_restarts_a_dead_workload_with_a_new_boot_id(
+    make_runtime: Callable[..., WorkloadRuntime],
+) -> None:
+    async def scenario() -> None:
+        async with started(make_runtime()) as runtime:
+            first_boot, first_pid = runtime.boot_id, runtime.init_pid
+            assert first_pid is not None
+            os.kill(first_pid, signal.SIGKILL)  # from outside, as a crash would
+            await until(lambda: runtime.running and runtime.boot_id != first_boot)
+            assert runtime.restarts == 1
+            assert runtime.init_pid != first_pid
+            assert runtime.status() is RuntimeStatus.FALLBACK_INIT
+            out = await output_of(runtime, "echo alive again")
+            assert out.strip() == "alive again"
+            assert zombies_of(os.getpid()) == []
+
+    run_async(scenario())
+
+
+def test_restart_gives_a_new_boot_and_keeps_persisted_homes(
+    make_runtime: Callable[..., WorkloadRuntime],
+) -> None:
+    async def scenario() -> None:
+        async with started(make_runtime()) as runtime:
+            await output_of(runtime, "echo kept > /root/note")
+            first_boot = runtime.boot_id
+            await runtime.restart(grace=2)
+            assert runtime.boot_id != first_boot
+            assert runtime.restarts == 0  # on purpose, not by the supervisor
+            out = await output_of(runtime, "cat /root/note; ls /tmp | wc -l")
+            assert out.split() == ["kept", "0"]  # /root survives, /tmp is new
+
+    run_async(scenario())
+
+
+def test_a_crash_looping_init_is_restarted_with_a_growing_delay(
+    make_runtime: Callable[..., WorkloadRuntime], rootfs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    install_init(rootfs, "#!/bin/sh\nexit 3\n")
+
+    async def scenario() -> None:
+        runtime = make_runtime(restart_delay=0.05, max_restart_delay=0.4)
+        await runtime.start()
+        await asyncio.sleep(2)
+        await runtime.stop(grace=1)
+        # Without the backoff it would have restarted every 0.05 s plus the start time.
+        assert 2 <= runtime.restarts <= 8
+        assert "exited with status 3; restarting it in 0.4 s" in caplog.text
+        assert zombies_of(os.getpid()) == []
+
+    run_async(scenario())
+
+
+def test_start_with_settle_refuses_an_init_that_dies_at_once(
+    make_runtime: Callable[..., WorkloadRuntime], rootfs: Path
+) -> None:
+    install_init(rootfs, "#!/bin/sh\nexit 3\n")
+
+    async def scenario() -> None:
+        runtime = make_runtime()
+        with pytest.raises(ProvisionError, match=r"exited within 1 s .*status 3"):
+            await runtime.start(settle=1)
+        assert runtime.status() is RuntimeStatus.NOT_STARTED
+        await asyncio.sleep(0.3)
+        assert runtime.restarts == 0  # a failed start is not supervised
+        await runtime.stop()
+
+    run_async(scenario())
+
+
+def test_no_fd_is_leaked_across_starts_and_stops(
+    make_runtime: Callable[..., WorkloadRuntime],
+) -> None:
+    async def scenario() -> None:
+        runtime = make_runtime()
+        await runtime.start()
+        await runtime.stop()
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(3):
+            await runtime.start()
+            await output_of(runtime, "true")
+            await runtime.restart(grace=1)
+            await runtime.stop()
+        assert len(os.listdir("/proc/self/fd")) == before
+
+    run_async(scenario())
+
+
+def test_the_workload_dies_with_the_server(rootfs: Path, tmp_path: Path) -> None:
+    """A server killed with SIGKILL takes its workload along (nothing runs unsupervised)."""
+    code = (
+        "import asyncio, sys\n"
+        "from server.runtime import WorkloadRuntime\n"
+        "async def main():\n"
+        f"    runtime = WorkloadRuntime({str(rootfs)!r}, {str(tmp_path / 'persist')!r})\n"
+        "    await runtime.start()\n"
+        "    print(runtime.init_pid, flush=True)\n"
+        "    await asyncio.sleep(100)\n"
+        "asyncio.run(main())\n"
+    )
+    server = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, cwd=Path(__file__).parents[1]
+    )
+    try:
+        assert server.stdout is not None
+        init = Watched(int(server.stdout.readline()))
+        assert init.alive()
+    finally:
+        server.kill()
+        server.wait()
+    try:
+        deadline = time.monotonic() + 10
+        while init.alive():
+            assert time.monotonic() < deadline, "the workload outlived the server"
+            time.sleep(0.02)
+    finally:
+        if init.alive():  # do not leave it running for the next tests
+            signal.pidfd_send_signal(init.fd, signal.SIGKILL)
+        init.close()
+
+
+# ------------------------------------------------------------------ refusals
+
+
+def test_a_symlinked_mountpoint_is_refused_clearly(
+    make_runtime: Callable[..., WorkloadRuntime], rootfs: Path
+) -> None:
+    (rootfs / "proc").symlink_to("/etc")
+
+    async def scenario() -> None:
+        runtime = make_runtime()
+        with pytest.raises(ProvisionError, match="proc must be a directory"):
+            await runtime.start()
+        assert runtime.status() is RuntimeStatus.NOT_STARTED
+        await runtime.stop()
+        assert zombies_of(os.getpid()) == []
+
+    run_async(scenario())
+
+
+def test_needs_root_and_a_rootfs(
+    make_runtime: Callable[..., WorkloadRuntime], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "geteuid", lambda: 1000)
+        with pytest.raises(ProvisionError, match="needs root"):
+            run_async(make_runtime().start())
+    runtime = WorkloadRuntime(tmp_path / "absent", tmp_path / "persist")
+    with pytest.raises(ProvisionError, match="not a directory"):
+        run_async(runtime.start())
+    with pytest.raises(ProvisionError, match="not running"):
+        runtime.wrapper()
