@@ -296,9 +296,12 @@ class ApiModel:
             machine.pending.append((time.monotonic() + self.crash_delay, "stopped"))
 
     def _schedule(self, machine: Machine, *states: str) -> None:
-        due = time.monotonic()
+        """Enter the first (transitional) state now, the others one delay apart."""
         machine.pending = []
-        for state in states:
+        first, *rest = states
+        self._enter(machine, first, time.time(), source="user")
+        due = time.monotonic()
+        for state in rest:
             due += self.transition_delay
             machine.pending.append((due, state))
 

@@ -803,8 +803,16 @@ class Bench:
                 "client_cpu_ms_per_op": round(client_cpu[name] / max(1, len(values)) * 1000, 2),
                 "server_cpu_ms_per_op": round(server_cpu[name] / max(1, len(values)) * 1000, 2),
             }
-        metrics["phases"] = self.b1_phases()
+        phases = metrics["phases"] = self.b1_phases()
         ours = metrics["fly_vault_exec_true"]["wall"]["p50"]
+        imports = phases["import_exec_path"]["p50"]
+        connect = sum(step["p50"] for step in phases["doctor_steps_cold_process"].values())
+        if ours is not None and imports is not None:
+            phases["estimate_of_cold_exec_p50_ms"] = {
+                "interpreter_and_imports": imports,
+                "connect_steps_cold_process": round(connect, 2),
+                "rest_exec_round_trip_exit_and_cli": round(ours - imports - connect, 2),
+            }
         ssh_default = metrics["ssh_true_default_kex"]["wall"]["p50"]
         ssh_curve = metrics["ssh_true_curve25519"]["wall"]["p50"]
         return {
@@ -1545,6 +1553,7 @@ class Bench:
         failures = 0
         self.results.update(
             started_at=utc_now(),
+            note=self.args.note,
             args={
                 "quick": self.quick,
                 "only": only,
@@ -1576,6 +1585,9 @@ class Bench:
                 load0 = os.getloadavg()
                 try:
                     data = benches[bench_id]()
+                except KeyboardInterrupt as exc:
+                    self.record(bench_id, {"error": f"interrupted ({exc})"})
+                    raise
                 except (Exception, asyncio.CancelledError) as exc:
                     failures += 1
                     data = {
@@ -1587,7 +1599,11 @@ class Bench:
                 data["loadavg_start"] = load0
                 data["loadavg_end"] = os.getloadavg()
                 self.record(bench_id, data)
-        except (Exception, KeyboardInterrupt) as exc:
+        except KeyboardInterrupt as exc:
+            failures += 1
+            self.results["interrupted"] = str(exc) or "KeyboardInterrupt"
+            print(f"bench: interrupted ({exc}); cleaning up", file=sys.stderr)
+        except Exception as exc:
             failures += 1
             self.results["setup_error"] = f"{type(exc).__name__}: {exc}"
             self.results["setup_traceback"] = traceback.format_exc()
@@ -1817,6 +1833,8 @@ def print_summary(results: dict[str, Any]) -> None:
     )
     if "setup_error" in results:
         print(f"SET-UP FAILED: {results['setup_error']}")
+    if "interrupted" in results:
+        print(f"INTERRUPTED: {results['interrupted']}")
     rows = [("id", "metric", "n", "p50", "p90", "p99", "unit")]
     for bench_id, data in results.get("benchmarks", {}).items():
         if "error" in data:
@@ -1849,6 +1867,14 @@ def print_summary(results: dict[str, Any]) -> None:
             print(
                 f"{bench_id}  load {fmt_load(data['loadavg_start'])} -> {fmt_load(data['loadavg_end'])}"
                 f", {data.get('elapsed_s')} s"
+            )
+        estimate = ((data.get("metrics") or {}).get("phases") or {}).get(
+            "estimate_of_cold_exec_p50_ms"
+        )
+        if estimate:
+            print(
+                f"{bench_id}  cold exec p50 split (ms): "
+                + ", ".join(f"{k} {fmt(v)}" for k, v in estimate.items())
             )
         slow = (data.get("metrics") or {}).get("fly_vault_forward_slow_reader_memory")
         if slow:
@@ -1902,6 +1928,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pin", action="store_true", help="pin clients to CPU 0, servers to CPU 1")
     parser.add_argument("--forward-mb", type=int, default=200, help="B4 fly-vault transfer size")
     parser.add_argument("--out", help="results file (default bench/results/<date>-<sha>.json)")
+    parser.add_argument("--note", help="free text stored in the results (e.g. 'machine busy')")
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs)")
     args = parser.parse_args(argv)
     only = [x.strip().upper() for x in args.only.split(",") if x.strip()]

@@ -268,7 +268,7 @@ async def _run_server(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    server.close()
+    await server.shutdown()
     await attestor.aclose()
     return 0
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from flyvault.errors import RemoteProtocolError, TransportError, VaultError
+from flyvault.errors import ProvisionError, RemoteProtocolError, TransportError, VaultError
 from flyvault.protocol.codec import encode_frame
 from flyvault.protocol.constants import (
     CHANNEL_BINDING_LABEL,
@@ -48,12 +48,16 @@ from flyvault.protocol.control import (
 )
 from flyvault.protocol.messages import (
     ErrorMessage,
+    Progress,
+    RootfsInline,
     RootfsNone,
+    RootfsUrl,
     SetupComplete,
     SetupRequest,
 )
 from flyvault.transport import QuicChannel, QuicListener, QuicStream, TransportSettings, listen
 from server.auth import AccessToken, FailureLimiter
+from server.provisioning import Provisioner, ProvisionJob
 from server.sessions import SessionRegistry, SpawnPolicy
 
 log = logging.getLogger("flyvault.server")
@@ -75,6 +79,7 @@ class ServerOptions:
     host_mode: bool = False
     auth_timeout: float = 30.0
     max_connections: int = 256
+    init_binary: str = "/sbin/init"
     #: Output kept per exec session for replay (bytes).
     session_buffer: int = 1024 * 1024
     max_sessions: int = 64
@@ -84,24 +89,30 @@ class ServerOptions:
 
 
 class VaultState:
-    """Cold/Ready from the marker file, and the runtime's status and boot identity."""
+    """Cold/Ready, the runtime's status and its boot identity, as clients are told."""
 
-    def __init__(self, options: ServerOptions) -> None:
+    def __init__(self, options: ServerOptions, provisioner: Provisioner | None) -> None:
         self.options = options
-        self.marker = options.data_dir / ".provisioned"
-        #: Changes whenever the workload runtime (re)starts; clients wait on it after a
-        #: reprovision instead of sleeping for a fixed time.
-        self.boot_id = uuid.uuid4().hex
+        self.provisioner = provisioner
+        self._host_boot_id = uuid.uuid4().hex
 
     def vm_state(self) -> VmState:
-        if self.options.host_mode or self.marker.exists():
+        if self.provisioner is None:
             return VmState.READY
-        return VmState.COLD
+        return self.provisioner.vm_state()
 
     def runtime_status(self) -> RuntimeStatus:
-        if self.options.host_mode:
+        if self.provisioner is None:
             return RuntimeStatus.HOST_MODE
-        return RuntimeStatus.NOT_STARTED
+        return self.provisioner.runtime_status()
+
+    @property
+    def boot_id(self) -> str:
+        """Changes whenever the workload (re)starts; a client waits on it after a
+        reprovision instead of sleeping for a fixed time."""
+        if self.provisioner is None:
+            return self._host_boot_id
+        return self.provisioner.boot_id
 
 
 @dataclass
@@ -130,12 +141,17 @@ class VaultServer:
         self.options = options
         self.token = token
         self.attestor = attestor
-        self.state = VaultState(options)
+        self.provisioner = (
+            None
+            if options.host_mode
+            else Provisioner(options.data_dir, init_binary=options.init_binary)
+        )
+        self.state = VaultState(options, self.provisioner)
         self.limiter = FailureLimiter()
         self.clock = clock
         self.listener: QuicListener | None = None
         self.sessions = SessionRegistry(
-            _spawn_policy(options),
+            _spawn_policy(options) if self.provisioner is None else self.provisioner.spawn_policy(),
             buffer_size=options.session_buffer,
             max_sessions=options.max_sessions,
         )
@@ -145,6 +161,8 @@ class VaultServer:
         self.stats = ServerStats()
 
     async def start(self) -> QuicListener:
+        if self.provisioner is not None:
+            await self.provisioner.boot()
         self.listener = await listen(
             self.options.listen_host,
             self.options.listen_port,
@@ -158,6 +176,12 @@ class VaultServer:
         for connection in list(self.connections):
             connection.close()
         self.sessions.close()
+
+    async def shutdown(self) -> None:
+        """Close connections, then stop the workload gracefully (SIGTERM, then SIGKILL)."""
+        self.close()
+        if self.provisioner is not None:
+            await self.provisioner.stop()
         if self.listener is not None:
             self.listener.close()
 
@@ -303,13 +327,11 @@ class ServerConnection:
                     await _flush(stream, machine, end=True)
                     return
                 # A rootfs is coming (inline) or must be fetched (URL).
-                await self._provision(machine, request)
-                if machine.state in (ServerState.FAILED, ServerState.COMPLETE):
-                    await _flush(stream, machine, end=True)
-                    return
-            elif isinstance(event, RootfsChunkReceived | RootfsUploaded):
-                # Only reachable once provisioning accepts uploads.
-                machine.send_error(ErrorCode.PROTOCOL, "unexpected rootfs data")
+                await self._provision(machine, stream, request)
+                await _flush(stream, machine, end=True)
+                return
+            else:
+                machine.send_error(ErrorCode.PROTOCOL, f"unexpected {type(event).__name__}")
                 await _flush(stream, machine, end=True)
                 return
 
@@ -374,14 +396,77 @@ class ServerConnection:
             SetupComplete(state.vm_state(), state.runtime_status(), state.boot_id)
         )
 
-    async def _provision(self, machine: ControlServer, request: SetupRequest) -> None:
-        # Rootfs provisioning (streamed extraction, atomic activation, the namespaced
-        # runtime) is not part of this server yet: refuse clearly rather than pretend.
-        machine.send_error(
-            ErrorCode.PROVISION_FAILED,
-            "setup failed: this init server cannot provision a rootfs yet "
-            "(fly-vault 0.1 supports host-mode vaults and vaults already provisioned)",
+    async def _provision(
+        self, machine: ControlServer, stream: QuicStream, request: SetupRequest
+    ) -> None:
+        """Run one (re)provision: stage while the archive arrives, then activate."""
+        provisioner = self.server.provisioner
+        if provisioner is None:
+            machine.send_error(
+                ErrorCode.PROVISION_FAILED,
+                "setup failed: this vault runs in host mode and has no rootfs to provision "
+                "(run init without --host-mode, as root, to use a rootfs)",
+            )
+            return
+        if provisioner.lock.locked():
+            machine.send_error(
+                ErrorCode.BUSY, "setup failed: another client is provisioning this vault"
+            )
+            return
+
+        def progress(phase: str, done: int, total: int) -> None:
+            with contextlib.suppress(Exception):
+                machine.send_progress(Progress(phase, done, total))
+                stream.write(machine.data_to_send())
+
+        async with provisioner.lock:
+            job = ProvisionJob(provisioner, progress)
+            try:
+                await job.start()
+                if isinstance(request.rootfs, RootfsInline):
+                    size = request.rootfs.size
+                    digest = await self._receive_upload(machine, stream, job, size)
+                    timings = await job.complete(size, digest)
+                else:
+                    assert isinstance(request.rootfs, RootfsUrl)
+                    await job.download(request.rootfs.url)
+                    digest = bytes.fromhex(request.rootfs.sha256) if request.rootfs.sha256 else None
+                    timings = await job.complete(None, digest)
+            except ProvisionError as exc:
+                await job.abort()
+                log.warning("provisioning for %s failed: %s", self.source, exc)
+                machine.send_error(ErrorCode.PROVISION_FAILED, f"setup failed: {exc.message}")
+                return
+            except BaseException:
+                await job.abort()
+                raise
+        log.info("provisioned for %s in %.1f s", self.source, timings["total"])
+        state = self.server.state
+        self._authenticated()
+        machine.send_setup_complete(
+            SetupComplete(state.vm_state(), state.runtime_status(), state.boot_id)
         )
+
+    async def _receive_upload(
+        self, machine: ControlServer, stream: QuicStream, job: ProvisionJob, size: int
+    ) -> bytes:
+        """Feed the chunks to the extractor as they arrive; return the client's digest."""
+        await _flush(stream, machine)  # UPLOAD_READY
+        while True:
+            event = machine.next_event()  # a RemoteProtocolError ends the job (aborted)
+            if event is None:
+                data = await stream.read()
+                if data:
+                    machine.receive_data(data)
+                else:
+                    machine.receive_eof()
+                continue
+            if isinstance(event, RootfsChunkReceived):
+                await job.feed(event.data, size)
+            elif isinstance(event, RootfsUploaded):
+                return event.sha256
+            else:
+                raise ProvisionError(f"the upload ended early ({type(event).__name__})")
 
     def _authenticated(self) -> None:
         if not self.authenticated:
@@ -395,37 +480,20 @@ _TAGS = {int(tag) for tag in StreamTag}
 
 
 def _spawn_policy(options: ServerOptions) -> SpawnPolicy:
-    if options.host_mode:
-        env = dict(os.environ)
-        return SpawnPolicy(default_cwd=env.get("HOME") or os.getcwd(), base_env=env)
-    return SpawnPolicy(default_cwd="/", base_env={"PATH": _DEFAULT_PATH, "HOME": "/root"})
-
-
-_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    """Host mode: commands run here, as this user, from the home directory."""
+    env = dict(os.environ)
+    return SpawnPolicy(default_cwd=env.get("HOME") or os.getcwd(), base_env=env)
 
 
 def _stream_handlers(options: ServerOptions) -> dict[StreamTag, StreamHandler]:
     from server.console import handle_console, handle_sessions
     from server.forward import handle_forward
 
-    handlers: dict[StreamTag, StreamHandler] = {
+    return {
         StreamTag.PORT_FORWARD: handle_forward,
         StreamTag.EXEC_LIST: handle_sessions,
+        StreamTag.CONSOLE: handle_console,
     }
-    if options.host_mode:
-        handlers[StreamTag.CONSOLE] = handle_console
-    else:
-        handlers[StreamTag.CONSOLE] = _no_runtime
-    return handlers
-
-
-async def _no_runtime(connection: ServerConnection, stream: QuicStream, initial: bytes) -> None:
-    await send_error(
-        stream,
-        ErrorCode.UNSUPPORTED,
-        "this vault's workload runtime is not running: this init server cannot start a "
-        "provisioned rootfs yet (run it with --host-mode, or wait for provisioning support)",
-    )
 
 
 async def _flush(stream: QuicStream, machine: ControlServer, *, end: bool = False) -> None:

@@ -13,7 +13,7 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
-from flyvault.errors import RemoteProtocolError, TransportError, VaultError
+from flyvault.errors import ProvisionError, RemoteProtocolError, TransportError, VaultError
 from flyvault.protocol.console import (
     ConsoleFrame,
     Exited,
@@ -80,6 +80,9 @@ async def handle_console(connection: ServerConnection, stream: QuicStream, initi
         return
     except SpawnError as exc:
         await _refuse(stream, ErrorCode.INVALID_REQUEST, exc.message)
+        return
+    except ProvisionError as exc:  # the workload is not running
+        await _refuse(stream, ErrorCode.PROVISION_FAILED, exc.message)
         return
     except VaultError as exc:
         await _refuse(stream, ErrorCode.NOT_FOUND, exc.message)

@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
         "or namespaces (the local dev vault); reported to clients in the attestation",
     )
     parser.add_argument(
+        "--init-binary",
+        default="/sbin/init",
+        help="the workload's init inside the rootfs (default %(default)s; without one a "
+        "minimal reaper holds the namespace)",
+    )
+    parser.add_argument(
         "--ready-file",
         type=Path,
         help="write the bound address as JSON to this file once listening",
@@ -112,7 +118,11 @@ async def _serve(args: argparse.Namespace, host: str, port: int) -> int:
     if not token.configured:
         log.warning("ACCESS_TOKEN not set (or empty); every setup request will be refused")
     options = ServerOptions(
-        listen_host=host, listen_port=port, data_dir=args.data_dir, host_mode=args.host_mode
+        listen_host=host,
+        listen_port=port,
+        data_dir=args.data_dir,
+        host_mode=args.host_mode,
+        init_binary=args.init_binary,
     )
     attestor = FlyOidcAttestor(args.fly_api_socket)
     server = VaultServer(options, token, attestor)
@@ -135,7 +145,7 @@ async def _serve(args: argparse.Namespace, host: str, port: int) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down")
-    server.close()
+    await server.shutdown()
     await attestor.aclose()
     return 0
 

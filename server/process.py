@@ -156,8 +156,12 @@ class ManagedProcess:
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
         wrapper: Sequence[str] = (),
+        openpty: Callable[[], tuple[int, int]] | None = None,
     ) -> ManagedProcess:
         """Start ``wrapper + argv``.
+
+        ``openpty`` allocates the PTY pair; the workload runtime passes one that takes it
+        from the workload's own ``/dev/pts`` so ``tty`` and ``sudo`` work inside.
 
         ``env`` replaces the environment entirely (subprocess semantics); None inherits
         ours. ``term``, when given, sets TERM on top of either. ``rows``/``cols`` are the
@@ -174,7 +178,7 @@ class ManagedProcess:
         owned: list[int] = []  # closed on any failure below
         try:
             if pty:
-                master, slave = os.openpty()  # both non-inheritable (PEP 446)
+                master, slave = (openpty or os.openpty)()  # non-inheritable (PEP 446)
                 owned += [master, slave]
                 # Before the child starts, so its very first `stty size` is right.
                 _set_winsize(master, rows, cols)

@@ -23,7 +23,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,14 +43,24 @@ class TooManySessions(RemoteError):
 class SpawnPolicy:
     """How commands are started: on the host (host mode) or inside the workload."""
 
-    #: Prepended to every argv (e.g. ``nsenter`` into the workload's namespaces).
-    wrapper: Sequence[str] = ()
     #: Directory for commands that ask for none.
     default_cwd: str | None = None
     #: The base environment of every command.
     base_env: Mapping[str, str] = field(default_factory=dict)
     #: Where to look for bash (the workload's root in VM mode).
     root: str = "/"
+    #: ``wrapper(cwd)``: the argv prefix that enters the workload (``nsenter ...``) and
+    #: the cwd to hand to the spawner. Asked at every spawn: the workload's PID changes
+    #: when it restarts. None: run on this host.
+    enter: Callable[[str | None], tuple[list[str], str | None]] | None = None
+    #: Allocates PTYs (from the workload's /dev/pts in VM mode).
+    openpty: Callable[[], tuple[int, int]] | None = None
+
+    def prepare(self, cwd: str | None) -> tuple[list[str], str | None]:
+        cwd = cwd or self.default_cwd
+        if self.enter is None:
+            return [], cwd
+        return self.enter(cwd)
 
     def shell_argv(self) -> list[str]:
         if self.root == "/":
@@ -231,6 +241,7 @@ class SessionRegistry:
             env["TERM"] = request.term
         self.sessions[session.id] = session
         try:
+            wrapper, cwd = self.policy.prepare(request.cwd)
             session.process = await ManagedProcess.spawn(
                 argv,
                 pty=session.pty,
@@ -238,9 +249,10 @@ class SessionRegistry:
                 term=request.term,
                 rows=request.rows,
                 cols=request.cols,
-                cwd=request.cwd or self.policy.default_cwd,
+                cwd=cwd,
                 env=env,
-                wrapper=self.policy.wrapper,
+                wrapper=wrapper,
+                openpty=self.policy.openpty if session.pty else None,
             )
         except BaseException:
             del self.sessions[session.id]

@@ -154,6 +154,7 @@ def start_init(
     data_dir = tmp_path / "init-data"
     data_dir.mkdir(exist_ok=True)
     ready = tmp_path / "init-ready.json"
+    ready.unlink(missing_ok=True)  # a previous init on the same volume left one
     log = tmp_path / "init.log"
     env = {k: v for k, v in os.environ.items() if k != "ACCESS_TOKEN"}
     if token is not None:

@@ -128,6 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
     forward.add_argument("specs", nargs="+", metavar="L:HOST:R")
     forward.set_defaults(run=_lazy(remote, "run_forward"))
 
+    reprovision = commands.add_parser(
+        "reprovision",
+        help="replace the vault's rootfs, keeping /root and /home",
+        description="Send the configured rootfs (or have the vault fetch rootfs_url) and swap "
+        "it in atomically: the old rootfs comes back if the new one does not start. /root "
+        "and /home are kept; every process on the vault is stopped. Returns once the new "
+        "workload runs, with the time it took. Asks for confirmation on a terminal.",
+    )
+    reprovision.add_argument("vault")
+    reprovision.add_argument("--yes", "-y", action="store_true", help="do not ask")
+    reprovision.set_defaults(run=_lazy(remote, "run_reprovision"))
+
     list_exec = commands.add_parser("list-exec", help="list the vault's exec sessions")
     list_exec.add_argument("vault")
     list_exec.add_argument("--json", action="store_true", help="print JSON")

@@ -184,11 +184,19 @@ async def _run_session(
     forward_stdin: bool,
     forwards: list[Any],
 ) -> int:
+    from flyvault.cli.progress import ProgressLine
     from flyvault.client.vault import ExecHooks, ExecSession, Vault
 
     console = _Console()
     stdout, stderr = OutputSink(1), OutputSink(2)
-    vault = Vault(vault_config, reconnect_timeout=args.reconnect_timeout, on_notice=console.notice)
+    progress = ProgressLine()
+    vault = Vault(
+        vault_config,
+        reconnect_timeout=args.reconnect_timeout,
+        on_notice=console.notice,
+        reprovision=getattr(args, "reprovision", False),
+        progress=progress,
+    )
     hooks = ExecHooks(stdout=stdout.write, stderr=stderr.write, notice=console.notice)
     session = ExecSession(vault, request, hooks)
     loop = asyncio.get_running_loop()
@@ -196,7 +204,10 @@ async def _run_session(
     listeners = []
     interactive = request.pty and isatty(0)
     try:
-        await vault.connection()  # fail fast, before touching the terminal
+        try:
+            await vault.connection()  # fail fast, before touching the terminal
+        finally:
+            progress.close()
         for spec in forwards:
             listeners.append(await _start_forward(spec, vault, console))
         with RawTerminal() if interactive else contextlib.nullcontext():
@@ -266,6 +277,51 @@ async def _start_forward(spec: Any, vault: Any, console: _Console) -> Any:
     await listener.start()
     console.notice(f"forwarding 127.0.0.1:{listener.port} -> {spec.target} on the vault")
     return listener
+
+
+# reprovision --------------------------------------------------------------------------------
+
+
+def run_reprovision(args: argparse.Namespace) -> int:
+    vault_config = _load(args.vault)
+    source = vault_config.rootfs_source("reprovision")  # config errors before any prompt
+    what = getattr(source, "path", None) or getattr(source, "url", "")
+    if not args.yes:
+        if not isatty(0):
+            raise UsageError(
+                "reprovision replaces the vault's rootfs: refusing without --yes when stdin "
+                "is not a terminal",
+                hint=f"fly-vault reprovision {args.vault} --yes",
+            )
+        answer = input(
+            f"Replace the rootfs of vault '{args.vault}' with {what}?\n"
+            "/root and /home are kept; every process on the vault is stopped. [y/N] "
+        )
+        if answer.strip().lower() not in ("y", "yes"):
+            print("cancelled")
+            return 1
+    return asyncio.run(_reprovision(vault_config))
+
+
+async def _reprovision(vault_config: Any) -> int:
+    from flyvault.cli.progress import ProgressLine
+    from flyvault.client.connection import announce_issuer_override
+    from flyvault.client.vault import Vault
+
+    announce_issuer_override(vault_config)
+    vault = Vault(vault_config)
+    progress = ProgressLine()
+    try:
+        result = await vault.reprovision(progress)
+    finally:
+        progress.close()
+        await vault.close()
+    print(
+        f"vault '{vault_config.name}' reprovisioned in {result.seconds:.1f} s: new workload "
+        f"{result.new_boot_id[:12]} ({result.runtime_status.name.lower().replace('_', ' ')}), "
+        "/root and /home kept"
+    )
+    return 0
 
 
 # forward / list-exec / kill ---------------------------------------------------------------

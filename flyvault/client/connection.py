@@ -64,6 +64,11 @@ STEP_PROVISION = "provision"
 #: phases ("download", "extract", "activate", ...). ``total`` is 0 when unknown.
 Progress = Callable[[str, int, int], None]
 
+
+class ColdVault(ProvisionError):
+    """Raised instead of provisioning when asked not to (doctor): the token was accepted."""
+
+
 class ConnectObserver(Protocol):
     def step_started(self, step: str, detail: str) -> None: ...
 
@@ -129,6 +134,7 @@ async def open_vault(
     settings: TransportSettings | None = None,
     reprovision: bool = False,
     progress: Progress | None = None,
+    provision: bool = True,
 ) -> VaultConnection:
     """Connect, verify the attestation, then authenticate. Raises a ``VaultError``."""
     from flyvault.attest import AttestationCache, AttestationVerifier, JwksCache
@@ -200,7 +206,8 @@ async def open_vault(
         # Only now, with the attestation verified, does the token leave this machine.
         token = vault.require_access_token()
         source = None
-        if attestation.vm_state is VmState.COLD or reprovision:
+        cold = attestation.vm_state is VmState.COLD
+        if (cold and provision) or reprovision:
             source = vault.rootfs_source("reprovision" if reprovision else "cold boot")
         upload = _RootfsUpload(source, progress) if source is not None else None
 
@@ -218,7 +225,15 @@ async def open_vault(
                     await upload.send(control, stream)
                     continue
                 if isinstance(event, ErrorReceived):
-                    raise event.error.to_exception()
+                    error = event.error.to_exception()
+                    if cold and not provision and isinstance(error, ProvisionError):
+                        # The server checks the token before the cold state: it was right.
+                        raise ColdVault(
+                            "access token accepted; the vault is cold (never provisioned): "
+                            "the next connect or exec provisions it from the configured "
+                            "rootfs or rootfs_url"
+                        )
+                    raise error
                 if isinstance(event, SetupCompleted):
                     stream.write_eof()
                     what = "access token accepted"

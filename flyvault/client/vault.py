@@ -75,8 +75,13 @@ class Vault:
         settings: TransportSettings | None = None,
         on_notice: Notice | None = None,
         observer: Any = None,
+        reprovision: bool = False,
+        progress: Callable[[str, int, int], None] | None = None,
     ) -> None:
         self.config = config
+        #: Send the configured rootfs on the first connection even when the vault is Ready.
+        self._reprovision_first = reprovision
+        self._progress = progress
         self.reconnect_timeout = reconnect_timeout
         self.settings = settings
         self._notice = on_notice or (lambda message: None)
@@ -112,7 +117,11 @@ class Vault:
         while True:
             try:
                 connection = await open_vault(
-                    self.config, observer=self._observer, settings=self.settings
+                    self.config,
+                    observer=self._observer,
+                    settings=self.settings,
+                    reprovision=self._reprovision_first and not self._ever_connected,
+                    progress=self._progress,
                 )
             except (ConnectError, ConnectionLost) as exc:
                 if not self._ever_connected:
@@ -140,6 +149,32 @@ class Vault:
             self._current = connection
             self.connects += 1
             return connection
+
+    async def reprovision(
+        self, progress: Callable[[str, int, int], None] | None = None
+    ) -> ReprovisionResult:
+        """Replace the vault's rootfs with the configured one, keeping /root and /home.
+
+        Returns once the new workload answers: the server completes the setup only after
+        the new runtime has started and stayed up, and its boot identity must have changed.
+        """
+        from flyvault.client.connection import open_vault
+
+        before = await self.connection()
+        started = time.monotonic()
+        after = await open_vault(
+            self.config, settings=self.settings, reprovision=True, progress=progress
+        )
+        elapsed = time.monotonic() - started
+        before.close()
+        self._current = after
+        if after.boot_id == before.boot_id:
+            raise RemoteError(
+                "the vault reported the same boot identity after reprovisioning; the new "
+                "rootfs may not be running",
+                hint="check with: fly-vault doctor " + self.config.name,
+            )
+        return ReprovisionResult(before.boot_id, after.boot_id, elapsed, after.runtime_status)
 
     async def close(self) -> None:
         if self._connecting is not None and not self._connecting.done():
@@ -186,6 +221,14 @@ class Vault:
         )
         if kind != SessionsFrame.KILLED:
             raise RemoteProtocolError(f"unexpected answer 0x{kind:02x} to a kill")
+
+
+@dataclass(frozen=True)
+class ReprovisionResult:
+    old_boot_id: str
+    new_boot_id: str
+    seconds: float
+    runtime_status: Any
 
 
 @dataclass

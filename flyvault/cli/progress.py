@@ -1,0 +1,56 @@
+"""A one-line progress display for rootfs uploads on a terminal (quiet otherwise)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+
+class ProgressLine:
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty()
+        self._started = time.monotonic()
+        self._last = 0.0
+        self._phase = ""
+        self._shown = False
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if phase == self._phase and now - self._last < 0.1 and done != total:
+            return
+        if phase != self._phase:
+            self._phase = phase
+            self._started = now
+        self._last = now
+        self.stream.write("\r\x1b[K" + self._render(phase, done, total, now - self._started))
+        self.stream.flush()
+        self._shown = True
+
+    @staticmethod
+    def _render(phase: str, done: int, total: int, elapsed: float) -> str:
+        if phase in ("upload", "download"):
+            rate = done / elapsed if elapsed > 0 else 0.0
+            text = f"{phase:<8} {done / 1e6:8.1f}"
+            if total:
+                percent = 100.0 * done / total
+                eta = (total - done) / rate if rate > 0 else 0.0
+                text += f" / {total / 1e6:.1f} MB  {percent:5.1f}%  {rate / 1e6:6.1f} MB/s"
+                text += f"  ETA {eta:4.0f} s"
+            else:
+                text += f" MB  {rate / 1e6:6.1f} MB/s"
+            return text
+        if phase == "extract":
+            return f"extract  {done / 1e6:8.1f} MB received by the vault"
+        if phase == "activate":
+            return "activate starting the new workload..." if done < total else "activate done"
+        return f"{phase} {done}/{total}"
+
+    def close(self) -> None:
+        if self._shown:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._shown = False

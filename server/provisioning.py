@@ -1,0 +1,214 @@
+"""Provisioning on the server: the rootfs store, the workload runtime, and one job at a time.
+
+A job stages the archive while it is still arriving (inline upload) or being downloaded
+(``rootfs_url``), then stops the old workload, swaps the rootfs in atomically and starts the
+new workload; if that does not stay up, the previous rootfs and workload come back. Only one
+job runs at a time; a second client gets BUSY. ``/root`` and ``/home`` live in the
+persistent store and are never touched by a reprovision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from flyvault.errors import ProvisionError
+from flyvault.protocol.constants import RuntimeStatus, VmState
+from server.provision.extract import StreamingExtractor
+from server.provision.store import RootfsStore
+from server.runtime import WorkloadRuntime
+from server.sessions import SpawnPolicy
+
+log = logging.getLogger("flyvault.server.provision")
+
+ProgressCallback = Callable[[str, int, int], None]
+
+#: The new workload must stay up this long before the old rootfs is deleted.
+SETTLE_SECONDS = 2.0
+URL_CONNECT_TIMEOUT = 15.0
+#: A download that sends nothing for this long is abandoned.
+URL_READ_TIMEOUT = 60.0
+URL_MAX_REDIRECTS = 5
+URL_MAX_BYTES = 32 * 1024**3
+
+
+class Provisioner:
+    def __init__(self, data_dir: Path, *, init_binary: str = "/sbin/init") -> None:
+        self.store = RootfsStore(data_dir)
+        self.runtime = WorkloadRuntime.from_data_dir(data_dir, init_binary=init_binary)
+        self.lock = asyncio.Lock()
+
+    async def boot(self) -> None:
+        """At init start: recover an interrupted activation, start a provisioned workload."""
+        notes = await asyncio.to_thread(self.store.recover)
+        for note in notes:
+            log.warning("recovery: %s", note)
+        if self.store.provisioned:
+            try:
+                await self.runtime.start()
+            except ProvisionError as exc:
+                log.error("the workload did not start: %s", exc)
+
+    def vm_state(self) -> VmState:
+        return VmState.READY if self.store.provisioned else VmState.COLD
+
+    def runtime_status(self) -> RuntimeStatus:
+        return self.runtime.status()
+
+    @property
+    def boot_id(self) -> str:
+        return self.runtime.boot_id or "not-started"
+
+    def spawn_policy(self) -> SpawnPolicy:
+        runtime = self.runtime
+
+        def enter(cwd: str | None) -> tuple[list[str], str | None]:
+            if not runtime.running:
+                raise ProvisionError(
+                    "the vault's workload is not running",
+                    hint="it restarts by itself; if it keeps failing, reprovision the vault",
+                )
+            return runtime.wrapper(cwd), None
+
+        return SpawnPolicy(
+            base_env=runtime.env,
+            root=str(self.store.rootfs),
+            enter=enter,
+            openpty=runtime.openpty,
+        )
+
+    async def stop(self) -> None:
+        await self.runtime.stop()
+
+
+class ProvisionJob:
+    """One (re)provision. Call ``start``, then ``feed``/``download``, then ``complete``;
+    ``abort`` on any failure (it leaves the active rootfs and homes untouched)."""
+
+    def __init__(self, provisioner: Provisioner, progress: ProgressCallback) -> None:
+        self.provisioner = provisioner
+        self.progress = progress
+        self.extractor: StreamingExtractor | None = None
+        self.started_at = time.monotonic()
+        self._last_report = 0.0
+
+    async def start(self) -> None:
+        staging = await asyncio.to_thread(self.provisioner.store.new_staging)
+        self.extractor = StreamingExtractor(staging)
+
+    async def feed(self, chunk: bytes, total: int) -> None:
+        assert self.extractor is not None
+        await self.extractor.feed(chunk)
+        now = time.monotonic()
+        if now - self._last_report >= 0.5:
+            self._last_report = now
+            self.progress("extract", self.extractor.bytes_received, total)
+
+    async def download(self, url: str) -> None:
+        """Stream ``url`` into the extractor: http(s) only, bounded size, time and redirects."""
+        import httpx
+
+        scheme = url.split(":", 1)[0].lower()
+        if scheme not in ("http", "https"):
+            raise ProvisionError(
+                f"rootfs URL scheme must be http or https, got {scheme}",
+                hint="set rootfs_url to an http(s) URL",
+            )
+        timeout = httpx.Timeout(URL_READ_TIMEOUT, connect=URL_CONNECT_TIMEOUT)
+        where = _redact_url(url)
+        try:
+            async with (
+                httpx.AsyncClient(
+                    timeout=timeout, follow_redirects=True, max_redirects=URL_MAX_REDIRECTS
+                ) as client,
+                client.stream("GET", url) as response,
+            ):
+                if response.status_code != 200:
+                    raise ProvisionError(
+                        f"rootfs download from {where} failed: HTTP {response.status_code}",
+                        hint="check rootfs_url (is the file there, is the link still valid?)",
+                    )
+                declared = int(response.headers.get("content-length") or 0)
+                if declared > URL_MAX_BYTES:
+                    raise _too_big(where)
+                received = 0
+                async for chunk in response.aiter_bytes(256 * 1024):
+                    received += len(chunk)
+                    if received > URL_MAX_BYTES:
+                        raise _too_big(where)
+                    await self.feed(chunk, declared)
+        except httpx.TimeoutException:
+            raise ProvisionError(
+                f"rootfs download from {where} timed out (no data for {URL_READ_TIMEOUT:g} s)",
+                hint="check that the URL is reachable from the vault",
+            ) from None
+        except httpx.TooManyRedirects:
+            raise ProvisionError(
+                f"rootfs download from {where}: more than {URL_MAX_REDIRECTS} redirects"
+            ) from None
+        except httpx.HTTPError as exc:
+            raise ProvisionError(
+                f"rootfs download from {where} failed: {type(exc).__name__}: {exc}",
+                hint="check that the URL is reachable from the vault",
+            ) from None
+
+    async def complete(self, size: int | None, sha256: bytes | None) -> dict[str, float]:
+        """Finish extraction, then stop the old workload and activate the new rootfs."""
+        assert self.extractor is not None
+        provisioner = self.provisioner
+        report = await self.extractor.finish(size, sha256)
+        self.progress("extract", report.entries, report.entries)
+        log.info(
+            "rootfs staged: %d entries, %d bytes%s",
+            report.entries,
+            report.bytes_written,
+            f", {len(report.skipped_devices)} device nodes skipped"
+            if report.skipped_devices
+            else "",
+        )
+        await asyncio.to_thread(provisioner.store.prepare_persistence, provisioner.store.staging)
+        self.progress("activate", 0, 1)
+        # Everything in the old namespace ends here: shells, sessions, services.
+        await provisioner.runtime.stop()
+        loop = asyncio.get_running_loop()
+
+        def start_runtime(_rootfs: Path) -> bool:
+            future = asyncio.run_coroutine_threadsafe(
+                provisioner.runtime.start(settle=SETTLE_SECONDS), loop
+            )
+            try:
+                future.result()
+            except ProvisionError as exc:
+                log.warning("the workload did not start: %s", exc)
+                with contextlib.suppress(Exception):
+                    asyncio.run_coroutine_threadsafe(provisioner.runtime.stop(), loop).result()
+                return False
+            return True
+
+        result = await asyncio.to_thread(provisioner.store.activate, start_runtime)
+        self.progress("activate", 1, 1)
+        timings = dict(result.timings)
+        timings["total"] = time.monotonic() - self.started_at
+        return timings
+
+    async def abort(self) -> None:
+        if self.extractor is not None:
+            with contextlib.suppress(Exception):
+                await self.extractor.abort()
+        await asyncio.to_thread(self.provisioner.store.discard_staging)
+
+
+def _too_big(where: str) -> ProvisionError:
+    return ProvisionError(
+        f"rootfs download from {where} is larger than {URL_MAX_BYTES // 1024**3} GiB",
+        hint="use a smaller image",
+    )
+
+
+def _redact_url(url: str) -> str:
+    """Presigned URLs carry credentials in the query: never echo it."""
+    return url.split("?", 1)[0]

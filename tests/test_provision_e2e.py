@@ -1,0 +1,219 @@
+"""Provisioning end to end: the CLI, a real init process in VM mode, real namespaces.
+
+A busybox rootfs (Debian's busybox-static, installed by ./run test) is uploaded to a cold
+vault, commands run inside its PID and mount namespaces, a reprovision swaps the rootfs
+while /root and /home survive, and bad archives or URLs change nothing.
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import InitProcess, start_init, vault_entry
+from flyvault.standins import OidcIssuer
+
+BUSYBOX = Path("/bin/busybox")
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="namespaces and pivot_root need root"),
+    pytest.mark.skipif(not BUSYBOX.exists(), reason="needs /bin/busybox (busybox-static)"),
+    pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare"),
+]
+
+APPLETS = ("sh", "ls", "cat", "echo", "id", "sleep", "ps", "mount", "stat", "tty")
+
+
+def make_rootfs(path: Path, version: str, *, extra: dict[str, bytes] | None = None) -> Path:
+    """A small bootable rootfs: busybox and its applets, no /sbin/init (minimal init)."""
+    tree = path.with_suffix(".tree")
+    for sub in ("bin", "etc", "root", "home/user", "tmp", "proc", "dev"):
+        (tree / sub).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(BUSYBOX, tree / "bin/busybox")
+    for applet in APPLETS:
+        link = tree / "bin" / applet
+        if not link.is_symlink():
+            link.symlink_to("busybox")
+    (tree / "etc/version").write_text(version + "\n")
+    (tree / "root/.profile").write_text("export PS1='vault# '\n")
+    os.chmod(tree / "tmp", 0o1777)
+    os.chown(tree / "home/user", 1000, 1000)
+    for name, data in (extra or {}).items():
+        target = tree / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    with tarfile.open(path, "w:gz") as archive:
+        archive.add(tree, arcname=".")
+    return path
+
+
+def evil_archive(path: Path) -> Path:
+    with tarfile.open(path, "w:gz") as archive:
+        info = tarfile.TarInfo("../../escape.txt")
+        data = b"gotcha"
+        info.size = len(data)
+        import io
+
+        archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture
+def vm_init(tmp_path: Path, fly_api: Any) -> Iterator[InitProcess]:
+    init = start_init(tmp_path, fly_api.path, host_mode=False)
+    yield init
+    init.stop()
+
+
+def fv(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "flyvault.cli.main", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=timeout,
+    )
+
+
+def configure(port: int, issuer: OidcIssuer, **rootfs: str) -> None:
+    from flyvault.config import save_vault
+
+    save_vault(vault_entry(port, issuer, name="vm", **rootfs))
+
+
+def test_cold_provision_exec_in_namespace_reprovision_keeps_homes(
+    tmp_path: Path, vm_init: InitProcess, issuer: OidcIssuer
+) -> None:
+    first = make_rootfs(tmp_path / "a.tar.gz", "A")
+    configure(vm_init.port, issuer, rootfs=str(first))
+
+    doctor = fv("doctor", "vm")
+    assert doctor.returncode == 0, doctor.stdout
+    assert b"the vault is cold" in doctor.stdout
+
+    # The first exec provisions the cold vault, then runs inside the workload.
+    result = fv("exec", "vm", "--", "sh", "-c", "echo pid=$$; cat /etc/version; ls -d /proc/1")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.decode().split()
+    assert int(lines[0].removeprefix("pid=")) < 100  # inside a new PID namespace
+    assert lines[1] == "A"
+    assert (vm_init.data_dir / ".provisioned").exists()
+
+    # The host's files are not visible inside; /dev/null and /tmp work.
+    (Path("/tmp") / "fly-vault-host-marker").write_text("host")
+    check = fv(
+        "exec",
+        "vm",
+        "--",
+        "sh",
+        "-c",
+        "test ! -e /tmp/fly-vault-host-marker && echo x > /dev/null && stat -c %a /tmp",
+    )
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.strip() == b"1777"
+
+    write = fv("exec", "vm", "--", "sh", "-c", "echo kept > /root/keep.txt; echo mine > /home/user/f")
+    assert write.returncode == 0, write.stderr
+    assert (vm_init.data_dir / "persist/root/keep.txt").read_text() == "kept\n"
+
+    # Reprovision with another image: new rootfs, same /root and /home.
+    second = make_rootfs(tmp_path / "b.tar.gz", "B")
+    configure(vm_init.port, issuer, rootfs=str(second))
+    swap = fv("reprovision", "vm", "--yes")
+    assert swap.returncode == 0, swap.stderr
+    assert b"reprovisioned in" in swap.stdout and b"/root and /home kept" in swap.stdout
+    after = fv("exec", "vm", "--", "sh", "-c", "cat /etc/version /root/keep.txt /home/user/f")
+    assert after.stdout.split() == [b"B", b"kept", b"mine"]
+
+    # A malicious archive is refused; the active rootfs and homes are untouched.
+    configure(vm_init.port, issuer, rootfs=str(evil_archive(tmp_path / "evil.tar.gz")))
+    refused = fv("reprovision", "vm", "--yes")
+    assert refused.returncode == 8
+    assert b"setup failed" in refused.stderr and b".." in refused.stderr
+    configure(vm_init.port, issuer, rootfs=str(second))
+    still = fv("exec", "vm", "--", "sh", "-c", "cat /etc/version /root/keep.txt")
+    assert still.stdout.split() == [b"B", b"kept"]
+    assert not (tmp_path / "escape.txt").exists()
+
+
+@pytest.fixture
+def web_root(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    root = tmp_path / "www"
+    root.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, directory=str(root), **kwargs)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", root
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_provision_from_url_and_url_errors(
+    tmp_path: Path, vm_init: InitProcess, issuer: OidcIssuer, web_root: tuple[str, Path]
+) -> None:
+    base, root = web_root
+    make_rootfs(root / "image.tar.gz", "URL")
+    configure(vm_init.port, issuer, rootfs_url=f"{base}/missing.tar.gz")
+    missing = fv("exec", "vm", "--", "true")
+    assert missing.returncode == 255
+    assert b"HTTP 404" in missing.stderr
+    assert not (vm_init.data_dir / ".provisioned").exists()  # still cold
+
+    configure(vm_init.port, issuer, rootfs_url=f"{base}/image.tar.gz")
+    result = fv("exec", "vm", "--", "cat", "/etc/version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"URL\n"
+
+
+def test_cold_vault_without_rootfs_and_both_sources(
+    tmp_path: Path, vm_init: InitProcess, issuer: OidcIssuer
+) -> None:
+    configure(vm_init.port, issuer)
+    none = fv("exec", "vm", "--", "true")
+    assert none.returncode == 255
+    assert b"either rootfs path or rootfs_url is required for cold boot" in none.stderr
+    image = make_rootfs(tmp_path / "a.tar.gz", "A")
+    configure(vm_init.port, issuer, rootfs=str(image), rootfs_url="https://example.invalid/x.tgz")
+    both = fv("exec", "vm", "--", "true")
+    assert both.returncode == 255
+    assert b"both rootfs and rootfs_url are set" in both.stderr
+    assert not (vm_init.data_dir / ".provisioned").exists()
+
+
+def test_init_recovers_and_restarts_workload_after_restart(
+    tmp_path: Path, fly_api: Any, issuer: OidcIssuer
+) -> None:
+    init = start_init(tmp_path, fly_api.path, host_mode=False)
+    try:
+        configure(init.port, issuer, rootfs=str(make_rootfs(tmp_path / "a.tar.gz", "A")))
+        assert fv("exec", "vm", "--", "sh", "-c", "echo v > /root/v").returncode == 0
+    finally:
+        init.stop()
+    # A new init on the same volume: Ready at once, the workload started at boot.
+    again = start_init(tmp_path, fly_api.path, host_mode=False)
+    try:
+        configure(again.port, issuer)  # no rootfs needed: the vault is Ready
+        result = fv("exec", "vm", "--", "cat", "/etc/version", "/root/v")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == [b"A", b"v"]
+    finally:
+        again.stop()
