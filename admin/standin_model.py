@@ -295,11 +295,16 @@ class ApiModel:
         if state == "started" and machine.crashes:
             machine.pending.append((time.monotonic() + self.crash_delay, "stopped"))
 
-    def _schedule(self, machine: Machine, *states: str) -> None:
-        """Enter the first (transitional) state now, the others one delay apart."""
+    def _schedule(self, machine: Machine, *states: str, immediate: bool = True) -> None:
+        """Enter the first (transitional) state now, the others one delay apart.
+
+        ``immediate=False`` delays the first one too (after a create or an update the
+        machine stays ``created``/``replacing`` for a moment, as on Fly).
+        """
         machine.pending = []
-        first, *rest = states
-        self._enter(machine, first, time.time(), source="user")
+        rest = list(states)
+        if immediate:
+            self._enter(machine, rest.pop(0), time.time(), source="user")
         due = time.monotonic()
         for state in rest:
             due += self.transition_delay
@@ -498,7 +503,7 @@ class ApiModel:
         for volume in attach:
             volume.attached_machine_id = machine.id
         if not body.get("skip_launch"):
-            self._schedule(machine, "starting", "started")
+            self._schedule(machine, "starting", "started", immediate=False)
         app.machines[machine.id] = machine
         ttl = body.get("lease_ttl")
         if isinstance(ttl, int) and ttl > 0:
@@ -538,7 +543,7 @@ class ApiModel:
             # before it has really started.
             machine.pending.clear()
             self._enter(machine, "replacing", now, source="user")
-            self._schedule(machine, "starting", "started")
+            self._schedule(machine, "starting", "started", immediate=False)
         elif not body.get("skip_launch"):
             self._schedule(machine, "starting", "started")
         self.changed.notify_all()

@@ -1365,11 +1365,11 @@ class Bench:
                             if v0 is not None:
                                 pct = (after[key] - v0) / elapsed * 100
                                 cpu_pct[name][direction].setdefault(key, []).append(pct)
-            slow = self.slow_reader(forward.pid, fwd_port, source_port)
+            slow = self.slow_reader(forward.pid, fwd_port, self.vault_pid)
             slow["rss_fresh_kb"] = rss_fresh
             slow_ssh = None
             if not self.quick:
-                slow_ssh = self.slow_reader(ssh_l.pid, ssh_port, source_port)
+                slow_ssh = self.slow_reader(ssh_l.pid, ssh_port, None)
         finally:
             for process in (ssh_gcm, ssh_l, forward):
                 if process is not None:
@@ -1426,13 +1426,14 @@ class Bench:
             ],
         }
 
-    def slow_reader(self, client_pid: int, port: int, source_port: int) -> dict[str, Any]:
-        """A reader at ~1 MB/s for 10 s against a source that could go 100x faster."""
+    def slow_reader(self, client_pid: int, port: int, server_pid: int | None) -> dict[str, Any]:
+        """A reader at ~1 MB/s for 10 s against a source that could go 100x faster.
+        ``server_pid``: the far end of the tunnel, whose RSS is sampled too (or None)."""
         seconds = 10.0
         rate = 1 * MB
         time.sleep(1.0)
         rest_client = rss_kb(client_pid)
-        rest_server = rss_kb(self.vault_pid) if self.vault_pid else None
+        rest_server = rss_kb(server_pid) if server_pid else None
         samples: list[tuple[float, int | None, int | None]] = []
         got = 0
         chunk = 64 * 1024
@@ -1450,7 +1451,7 @@ class Bench:
                 else:
                     time.sleep(0.01)
                 if now >= next_sample:
-                    server_rss = rss_kb(self.vault_pid) if self.vault_pid else None
+                    server_rss = rss_kb(server_pid) if server_pid else None
                     samples.append((round(now - t0, 3), rss_kb(client_pid), server_rss))
                     next_sample += 0.25
             # Abort: the tunnel must cope with a reset while its buffers are full.
@@ -1475,8 +1476,8 @@ class Bench:
             "client_growth_kb": None if peak is None or rest_client is None else peak - rest_client,
             "client_rss_slope_kb_per_s": None if slope is None else round(slope, 1),
             "client_after_close_kb": after_client,
-            "vault_server_rss_at_rest_kb": rest_server,
-            "vault_server_peak_kb": max(server_values) if server_values else None,
+            "server_rss_at_rest_kb": rest_server,
+            "server_peak_kb": max(server_values) if server_values else None,
             "samples_t_client_server_kb": samples,
         }
 

@@ -84,9 +84,25 @@ def running_state() -> LocalState | None:
     return None
 
 
-def up(name: str = "local", port: int = 0) -> tuple[LocalState, bool]:
-    """Start the local vault unless it runs; returns (state, started_now)."""
+def up(name: str = "local", port: int = 0, rootfs: Path | None = None) -> tuple[LocalState, bool]:
+    """Start the local vault unless it runs; returns (state, started_now).
+
+    With ``rootfs`` (root only) the vault runs in VM mode: the workload gets its own PID
+    and mount namespaces on that rootfs, provisioned by the first connect, exactly as on
+    a Fly Machine. Without it, host mode.
+    """
     from flyvault.config import VaultConfig, load_config, save_vault
+    from flyvault.errors import UsageError
+
+    if rootfs is not None:
+        if os.geteuid() != 0:
+            raise UsageError(
+                "the local vault needs root to run a rootfs in its own namespaces",
+                hint="run as root, or drop --rootfs to use host mode",
+            )
+        rootfs = rootfs.expanduser().resolve()
+        if not rootfs.is_file():
+            raise UsageError(f"--rootfs {rootfs}: no such file", hint="give a .tar.gz rootfs")
 
     existing = running_state()
     if existing is not None:
@@ -117,6 +133,7 @@ def up(name: str = "local", port: int = 0) -> tuple[LocalState, bool]:
         str(ready),
         "--access-token-fd",
         str(token_fd),
+        *(("--vm",) if rootfs is not None else ()),
     ]
     with open(log_file, "ab") as log:
         process = subprocess.Popen(
@@ -168,6 +185,8 @@ def up(name: str = "local", port: int = 0) -> tuple[LocalState, bool]:
         access_token=token,
         oidc_issuer_url=state.issuer_base_url,
     )
+    if rootfs is not None:
+        fields.update(rootfs=str(rootfs), rootfs_url=None)
     try:
         save_vault(VaultConfig(name=name, **fields))
     except VaultError:
@@ -242,7 +261,10 @@ async def _run_server(
     if not token.configured:
         raise ConfigError("the local vault was started without an access token")
     options = ServerOptions(
-        listen_host="127.0.0.1", listen_port=args.port, data_dir=server_data, host_mode=True
+        listen_host="127.0.0.1",
+        listen_port=args.port,
+        data_dir=server_data,
+        host_mode=not args.vm,
     )
     attestor = FlyOidcAttestor(str(Path(args.state_dir) / "fly-api.sock"))
     server = VaultServer(options, token, attestor)
@@ -257,7 +279,7 @@ async def _run_server(
                 "port": port,
                 "issuer_base_url": issuer_base_url,
                 "machine_id": machine_id,
-                "mode": "host",
+                "mode": "vm" if args.vm else "host",
                 "data_dir": str(server_data),
             }
         )
@@ -281,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=0)
     serve.add_argument("--ready-file", required=True)
     serve.add_argument("--access-token-fd", type=int, required=True)
+    serve.add_argument("--vm", action="store_true")
     args = parser.parse_args(argv)
     return _serve(args)
 

@@ -12,11 +12,10 @@ from flyvault import localvault
 
 def run(args: argparse.Namespace) -> int:
     if args.local_command == "up":
-        state, started = localvault.up(name=args.name, port=args.port)
+        state, started = localvault.up(name=args.name, port=args.port, rootfs=args.rootfs)
         verb = "started" if started else "already running"
         print(
-            f"local vault {verb}: {state.host}:{state.port} (pid {state.pid}, {state.mode} mode: "
-            "commands run as the current user on this machine)"
+            f"local vault {verb}: {state.host}:{state.port} (pid {state.pid}, {_mode(state.mode)})"
         )
         if started:
             print(f"config entry [vault.{args.name}] updated; try: fly-vault doctor {args.name}")
@@ -37,8 +36,14 @@ def run(args: argparse.Namespace) -> int:
     uptime = time.time() - state.started_at
     print(f"local vault: running, pid {state.pid}, up {uptime:.0f} s")
     print(f"  address   {state.host}:{state.port}")
-    print(f"  mode      {state.mode} (commands run as the current user, no rootfs or namespaces)")
+    print(f"  mode      {_mode(state.mode)}")
     print(f"  issuer    {state.issuer_base_url} (development stand-in, not Fly)")
     print(f"  data      {state.data_dir}")
     print(f"  log       {state.log_file}")
     return 0
+
+
+def _mode(mode: str) -> str:
+    if mode == "vm":
+        return "vm mode: the rootfs runs in its own namespaces, provisioned by the first connect"
+    return "host mode: commands run as the current user on this machine, no rootfs"

@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 EXIT_CODES_HELP = """\
 exit codes:
@@ -162,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     up = local_commands.add_parser("up", help="start the local vault (idempotent)")
     up.add_argument("--port", type=int, default=0, help="UDP port (default: any free port)")
     up.add_argument("--name", default="local", help="config entry name (default: local)")
+    up.add_argument(
+        "--rootfs",
+        type=Path,
+        metavar="TAR.GZ",
+        help="as root: run this rootfs in its own namespaces (vm mode), as on a Fly Machine",
+    )
     local_commands.add_parser("down", help="stop the local vault")
     status = local_commands.add_parser("status", help="is it running, where, in which mode")
     status.add_argument("--json", action="store_true")
