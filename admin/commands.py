@@ -28,8 +28,8 @@ from admin.errors import (
     TenantExists,
 )
 from admin.machines import MachinesClient, RetryPolicy, Timeouts
-from admin.output import out, print_json, render_table, terminal_width, truncate, warn
-from admin.redact import REDACTED, redact_config, register_secret
+from admin.output import out, print_json, render_table, terminal_width, warn
+from admin.redact import redact_config, register_secret
 from admin.template import (
     MachinePlan,
     auto_volume_placeholder,
@@ -500,16 +500,3 @@ def run_usage_facts(args: argparse.Namespace) -> int:
 
     print_json(asyncio.run(collect()))
     return 0
-
-
-__all__ = [
-    "REDACTED",
-    "create_tenant",
-    "delete_tenant",
-    "dry_run_plan",
-    "run_create",
-    "run_delete",
-    "run_list",
-    "run_usage_facts",
-    "truncate",
-]

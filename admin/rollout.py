@@ -127,7 +127,11 @@ def run_update_image(args: argparse.Namespace) -> int:
         async with make_client(args) as api:
             return await Rollout(api, args.app, options).run()
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        # SIGTERM cancelled the rollout; state is saved and the resume hint printed.
+        raise KeyboardInterrupt from None
 
 
 def rollback_ref(machine: dict[str, Any]) -> str:

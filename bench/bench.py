@@ -484,6 +484,7 @@ class Bench:
         self.tmp = Path(tempfile.mkdtemp(prefix="fvbench-"))
         self.env: dict[str, str] = {}
         self.vault_pid: int | None = None
+        self.vault_log: Path | None = None
         self.vault_up = False
         self.sshd: subprocess.Popen[Any] | None = None
         self.ssh_port = 0
@@ -534,6 +535,7 @@ class Bench:
             check_output([FLY_VAULT, "local", "status", "--json"], timeout=30, env=self.env)
         )
         self.vault_pid = int(status["pid"])
+        self.vault_log = Path(status["log_file"])
         self.track_cpu("vault", self.vault_pid)
         self.results["setup"]["vault"] = {
             "address": f"{status['host']}:{status['port']}",
@@ -748,6 +750,15 @@ class Bench:
 
     def sshd_cpu(self) -> float:
         return self.server_cpu("sshd", self.sshd.pid if self.sshd else None)
+
+    def vault_log_lines(self, needle: str, limit: int = 20) -> list[str]:
+        try:
+            lines = (
+                self.vault_log.read_text(errors="replace").splitlines() if self.vault_log else []
+            )
+        except OSError:
+            return []
+        return [line for line in lines if needle in line][-limit:]
 
     def record(self, bench_id: str, data: dict[str, Any]) -> None:
         self.results["benchmarks"][bench_id] = data
@@ -1156,6 +1167,11 @@ class Bench:
                 "server_cpu_us_per_op": round(server_cpu[name] / max(1, len(values)) * 1e6, 1),
             }
         metrics["fly_vault_pty_cat_echo"]["cat_exit_status"] = exit_status
+        if exit_status != 0:
+            # ^D at the start of a line should end `cat` with 0: keep the server's view.
+            metrics["fly_vault_pty_cat_echo"]["server_log"] = self.vault_log_lines(
+                session_ctl["session"].session_id
+            )
         metrics["ssh_T_cat_line"]["note"] = "write 'x\\n' to ssh's stdin pipe, read the line back"
         metrics["local_pty_cat_echo"]["note"] = "floor: 1 byte into a local PTY, its echo back"
         metrics["local_pipe_cat_line"]["note"] = "floor: a line through a local `cat` pipe"

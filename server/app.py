@@ -82,6 +82,8 @@ class ServerOptions:
     init_binary: str = "/sbin/init"
     #: Output kept per exec session for replay (bytes).
     session_buffer: int = 1024 * 1024
+    #: How long a finished named session stays listed.
+    session_ttl: float = 3600.0
     max_sessions: int = 64
     transport: TransportSettings = field(
         default_factory=lambda: TransportSettings(idle_timeout=60.0, keepalive_interval=5.0)
@@ -154,6 +156,7 @@ class VaultServer:
             _spawn_policy(options) if self.provisioner is None else self.provisioner.spawn_policy(),
             buffer_size=options.session_buffer,
             max_sessions=options.max_sessions,
+            exited_ttl=options.session_ttl,
         )
         #: Handlers for authenticated stream kinds.
         self.handlers: dict[StreamTag, StreamHandler] = _stream_handlers(options)

@@ -137,9 +137,22 @@ async def _attach(
 async def _pump_output(session: Session, attachment: Attachment, stream: QuicStream) -> None:
     while True:
         result = session.log.read(attachment.offset, CHUNK)
+        if result.dropped:
+            # Rare (output is paused for an attached client before it could be lost, but a
+            # process's last burst is read whole): say where the stream resumes, so the
+            # client's offset stays true and a later reattach neither repeats nor skips.
+            assert session.process is not None
+            notice = Started(
+                session.id,
+                False,
+                result.start_offset,
+                result.dropped,
+                session.process.pid,
+                session.pty,
+            )
+            stream.write(frame(ConsoleFrame.STARTED, notice.encode()))
+            session.sent(attachment, result.start_offset)
         if result.chunks:
-            # The log may have moved on while the client was slow: ``dropped`` then counts
-            # bytes this client will never see, and the offsets stay truthful.
             for channel_id, data in result.chunks:
                 kind = ConsoleFrame.STDERR if channel_id == STDERR else ConsoleFrame.STDOUT
                 stream.write(frame(kind, data))
@@ -150,14 +163,11 @@ async def _pump_output(session: Session, attachment: Attachment, stream: QuicStr
             exited = Exited(session.exit.code, session.exit.signal, session.log.end)
             await stream.send(frame(ConsoleFrame.EXITED, exited.encode()))
             return
-        waiter = asyncio.ensure_future(session.changed())
-        try:
-            # Re-check after registering: output may have arrived in between.
-            if session.log.end > attachment.offset or session.exit is not None:
-                continue
-            await waiter
-        finally:
-            waiter.cancel()
+        changed = session.change_event()
+        # Re-check after taking the event: output may have arrived in between.
+        if session.log.end > attachment.offset or session.exit is not None:
+            continue
+        await changed.wait()
 
 
 async def _pump_input(

@@ -63,6 +63,28 @@ def build_parser() -> argparse.ArgumentParser:
         "minimal reaper holds the namespace)",
     )
     parser.add_argument(
+        "--session-buffer",
+        type=int,
+        default=int(os.environ.get("VAULT_SESSION_BUFFER", 1024 * 1024)),
+        metavar="BYTES",
+        help="output kept per exec session for replay (env VAULT_SESSION_BUFFER; "
+        "default %(default)s)",
+    )
+    parser.add_argument(
+        "--session-ttl",
+        type=float,
+        default=float(os.environ.get("VAULT_SESSION_TTL", 3600)),
+        metavar="SECONDS",
+        help="how long a finished named session stays listed (env VAULT_SESSION_TTL; "
+        "default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-sessions",
+        type=int,
+        default=int(os.environ.get("VAULT_MAX_SESSIONS", 64)),
+        help="sessions kept at once, running or finished (default %(default)s)",
+    )
+    parser.add_argument(
         "--ready-file",
         type=Path,
         help="write the bound address as JSON to this file once listening",
@@ -71,6 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--access-token-fd",
         type=int,
         help=argparse.SUPPRESS,  # internal: the token moved off the environment (see auth)
+    )
+    parser.add_argument(
+        "--firewall",
+        action="store_true",
+        default=os.environ.get("VAULT_FIREWALL", "") in ("1", "true", "yes"),
+        help="before listening, install a default-drop nftables input policy that leaves "
+        "only the --listen UDP port open (needs root and nft; env VAULT_FIREWALL=1)",
+    )
+    parser.add_argument(
+        "--firewall-allow-ssh",
+        action="store_true",
+        default=os.environ.get("VAULT_FIREWALL_ALLOW_SSH", "") in ("1", "true", "yes"),
+        help="with --firewall, also open TCP 22; Fly SSH then gives a root shell without "
+        "the access token (env VAULT_FIREWALL_ALLOW_SSH=1)",
     )
     parser.add_argument("--log-level", default=os.environ.get("VAULT_LOG_LEVEL", "info"))
     parser.add_argument("--log-format", choices=("json", "text"), default="json")
@@ -81,7 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     from server.auth import reexec_without_token
 
     arguments = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(arguments)
+    parser = build_parser()
+    args = parser.parse_args(arguments)
+    if args.session_buffer < 128 * 1024:
+        parser.error("--session-buffer must be at least 131072 bytes (128 KiB)")
+    if args.max_sessions < 1:
+        parser.error("--max-sessions must be at least 1")
     if args.access_token_fd is None and argv is None:
         reexec_without_token(arguments)
     handler = logging.StreamHandler(sys.stderr)
@@ -98,6 +139,24 @@ def main(argv: list[str] | None = None) -> int:
     except VaultError as exc:
         print(f"fly-vault-init: --listen: {exc}", file=sys.stderr)
         return 2
+    if args.firewall:
+        # Before the socket exists, so the workload's ports are never reachable while init
+        # starts. A failure is fatal: the operator asked for a firewall, and serving without
+        # one would look protected while it is not.
+        from server.firewall import apply_firewall
+
+        try:
+            apply_firewall(port, allow_ssh=args.firewall_allow_ssh)
+        except VaultError as exc:
+            print(f"fly-vault-init: {exc}", file=sys.stderr)
+            if exc.hint:
+                print(f"fly-vault-init: hint: {exc.hint}", file=sys.stderr)
+            return exc.exit_code
+        logging.getLogger("flyvault.server").info(
+            "firewall applied: input policy drop, UDP %d open, TCP 22 %s",
+            port,
+            "open" if args.firewall_allow_ssh else "closed",
+        )
     try:
         return asyncio.run(_serve(args, host, port))
     except VaultError as exc:
@@ -123,6 +182,9 @@ async def _serve(args: argparse.Namespace, host: str, port: int) -> int:
         data_dir=args.data_dir,
         host_mode=args.host_mode,
         init_binary=args.init_binary,
+        session_buffer=args.session_buffer,
+        session_ttl=args.session_ttl,
+        max_sessions=args.max_sessions,
     )
     attestor = FlyOidcAttestor(args.fly_api_socket)
     server = VaultServer(options, token, attestor)

@@ -139,8 +139,10 @@ class Session:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def changed(self) -> None:
-        await self._changed.wait()
+    def change_event(self) -> asyncio.Event:
+        """The event the next change sets. Take it *before* checking the state, then wait:
+        taking it later could miss a change made in between."""
+        return self._changed
 
     # Lifecycle ------------------------------------------------------------------------
 

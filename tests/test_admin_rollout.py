@@ -200,7 +200,10 @@ def test_update_5xx_is_named_and_nothing_rolled_back(
     assert all(not standin.model.machine(mid).cordoned for mid in _by_id(standin))
 
 
-def test_interrupted_rollout_resumes(standin: MachinesStandin, cli: Cli, tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_rollout_resumes(
+    standin: MachinesStandin, cli: Cli, tmp_path: Path, signum: int
+) -> None:
     create_tenants(cli, tmp_path, "acme", "bob")
     state_file = tmp_path / "rollout.json"
     args = [
@@ -220,7 +223,7 @@ def test_interrupted_rollout_resumes(standin: MachinesStandin, cli: Cli, tmp_pat
         time.sleep(0.05)
     assert canary is not None, proc.stderr.read() if proc.stderr else ""
     time.sleep(0.3)  # inside the soak window
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)  # Ctrl-C, or a cancelled CI job
     out, err = proc.communicate(timeout=30)
     admin_support.assert_no_secrets(out, err)
     assert proc.returncode == 130, err

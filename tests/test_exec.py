@@ -328,3 +328,49 @@ def test_vault_gone_ends_client_with_documented_code(
 
 def _token_never_printed(result: Any) -> None:
     assert TOKEN.encode() not in result.stdout + result.stderr
+
+
+def test_session_buffer_is_configurable(tmp_path: Path, fly_api: Any, issuer: OidcIssuer) -> None:
+    from flyvault.config import save_vault
+
+    init = start_init(tmp_path, fly_api.path, extra_args=("--session-buffer", "131072"))
+    try:
+        save_vault(vault_entry(init.port, issuer, name="small"))
+        assert (
+            fv(
+                "exec", "small", "--session", "big", "--", "head", "-c", "1000000", "/dev/zero"
+            ).returncode
+            == 0
+        )
+        again = fv("exec", "small", "--session", "big")
+        assert len(again.stdout) == 131072
+        assert b"868928 bytes of output were dropped" in again.stderr
+    finally:
+        init.stop()
+
+
+def test_init_refuses_tiny_session_buffer(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server.main",
+            "--listen",
+            "127.0.0.1:0",
+            "--host-mode",
+            "--data-dir",
+            str(tmp_path),
+            "--session-buffer",
+            "10",
+        ],
+        capture_output=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert b"--session-buffer must be at least" in result.stderr
+
+
+def test_malformed_forward_spec_is_a_usage_error(vault: str) -> None:
+    result = fv("forward", vault, "80:localhost")
+    assert result.returncode == 2
+    assert b"invalid forward spec" in result.stderr

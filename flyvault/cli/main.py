@@ -173,6 +173,21 @@ def build_parser() -> argparse.ArgumentParser:
     status = local_commands.add_parser("status", help="is it running, where, in which mode")
     status.add_argument("--json", action="store_true")
     local.set_defaults(run=_lazy("flyvault.cli.local", "run"))
+
+    build = commands.add_parser(
+        "build",
+        help="write a Docker build context for deploying a vault on Fly",
+        description="Write a directory with this project's wheel, a Dockerfile that runs "
+        "fly-vault-init (with nftables for --firewall), an example fly.toml and a README with "
+        "the deploy steps. Needs a source checkout of fly-vault.",
+    )
+    build.add_argument(
+        "--out", default="fly-vault-build", metavar="DIR", help="output directory (default %(default)s)"
+    )
+    build.add_argument(
+        "--force", action="store_true", help="replace DIR even when it is not empty"
+    )
+    build.set_defaults(run=_lazy("flyvault.cli.build", "run"))
     return parser
 
 
