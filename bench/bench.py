@@ -1893,6 +1893,12 @@ def print_summary(results: dict[str, Any]) -> None:
                 f"{bench_id}  cold exec p50 split (ms): "
                 + ", ".join(f"{k} {fmt(v)}" for k, v in estimate.items())
             )
+        pty = (data.get("metrics") or {}).get("fly_vault_pty_cat_echo") or {}
+        if pty.get("cat_exit_status") not in (None, 0):
+            print(
+                f"{bench_id}  note: `cat` in the PTY session ended with status "
+                f"{pty['cat_exit_status']} after ^D, not 0 (server log lines kept in the JSON)"
+            )
         slow = (data.get("metrics") or {}).get("fly_vault_forward_slow_reader_memory")
         if slow:
             print(

@@ -33,9 +33,11 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     SecretStr,
+    StrictBool,
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from flyvault import paths
@@ -227,6 +229,8 @@ class VaultConfig(BaseModel):
     app: str
     access_token: SecretStr | None = None
     machine_id: str | None = None
+    #: ``address`` is a vault-proxy; every datagram carries ``machine_id`` (the route).
+    proxy: StrictBool = False
     forward: tuple[str, ...] = ()
     rootfs: str | None = None
     rootfs_url: str | None = None
@@ -284,6 +288,14 @@ class VaultConfig(BaseModel):
             _check_issuer(value)
         return value
 
+    @model_validator(mode="after")
+    def _proxy_needs_machine(self) -> VaultConfig:
+        if self.proxy and self.machine_id is None:
+            raise ValueError(
+                "proxy = true needs machine_id: the proxy routes every datagram by it"
+            )
+        return self
+
     def host_port(self) -> tuple[str, int]:
         return parse_address(self.address)
 
@@ -333,7 +345,7 @@ class VaultConfig(BaseModel):
             value = getattr(self, key)
             if isinstance(value, SecretStr):
                 value = value.get_secret_value()
-            if value is not None and value != ():
+            if value is not None and value != () and value is not False:
                 table[key] = list(value) if isinstance(value, tuple) else value
         return table
 
@@ -386,6 +398,8 @@ def _describe(name: str, exc: ValidationError) -> list[str]:
             out.append(_unknown_key(key, ref, VAULT_KEYS))
         elif kind == "value_error":
             out.append(f"{ref} {err['ctx']['error']}")
+        elif kind == "bool_type":
+            out.append(f"{ref} {key} must be true or false, got {_type_name(err.get('input'))}")
         elif kind in ("string_type", "tuple_type", "list_type"):
             want = "a string" if kind == "string_type" else "an array of strings"
             out.append(f"{ref} {key} must be {want}, got {_type_name(err.get('input'))}")

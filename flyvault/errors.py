@@ -92,6 +92,11 @@ class ProvisionError(VaultError):
     exit_code = 8
 
 
+class ColdVault(ProvisionError):
+    """The vault was never provisioned and we were asked not to (``doctor``); the token was
+    accepted, since the server checks it first."""
+
+
 class NotFoundError(VaultError):
     """A named thing (exec session, vault entry on the server side) does not exist."""
 

@@ -239,12 +239,23 @@ class ManagedProcess:
             # EIO on a PTY master means every slave fd is closed: that is the PTY's EOF.
             if exc.errno != errno.EIO:
                 log.debug("pid %d: reading output failed: %s", self.pid, exc)
-            self._close(fd)
+            self._end_output(fd)
             return
         if not data:
-            self._close(fd)
+            self._end_output(fd)
             return
         self._deliver(channel, data)
+
+    def _end_output(self, fd: int) -> None:
+        """Stop reading ``fd`` but keep it open until the child has been reaped.
+
+        Closing a PTY master hangs up the terminal: a child that closed its tty just before
+        exiting (``cat`` after ^D does) would die of SIGHUP and report 129 instead of its
+        own status. The fds are closed in ``_supervise`` once the child is gone.
+        """
+        if self._outputs.pop(fd, None) is not None:
+            self._loop.remove_reader(fd)
+        self._changed.set()
 
     def _deliver(self, channel: int, data: bytes) -> None:
         try:

@@ -473,3 +473,21 @@ def test_no_fd_leaks_over_many_spawns(tmp_path: Path) -> None:
 
     before, after = run_async(scenario())
     assert after == before
+
+
+def test_pty_child_that_closes_its_tty_before_exit_keeps_its_status() -> None:
+    """``cat`` after ^D closes its terminal then exits 0; closing the master on that EOF
+    would hang the terminal up and turn the 0 into SIGHUP (129). Repeated: it is a race."""
+
+    async def scenario() -> list[int]:
+        statuses = []
+        for _ in range(15):  # bounded
+            output = Output()
+            process = await ManagedProcess.spawn(["cat"], pty=True, on_output=output)
+            process.write_stdin(b"x\n")
+            await output.until(lambda o: b"x\r\n" in o.stdout)
+            process.close_stdin()
+            statuses.append((await asyncio.wait_for(process.wait(), 10)).exit_status)
+        return statuses
+
+    assert asyncio.run(scenario()) == [0] * 15

@@ -38,7 +38,7 @@ class _Recorder:
         self._add(StepReport(step, True, elapsed * 1000, detail))
 
     def step_failed(self, step: str, elapsed: float, error: VaultError) -> None:
-        from flyvault.client.connection import ColdVault
+        from flyvault.errors import ColdVault
 
         # A cold vault accepted the token; provisioning is simply what comes next.
         ok = isinstance(error, ColdVault)
@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
             f"app {vault.app}"
             + (f", machine {vault.machine_id}" if vault.machine_id else ", machine not pinned"),
         )
-        from flyvault.client.connection import ColdVault, announce_issuer_override, open_vault
+        from flyvault.client.connection import announce_issuer_override, open_vault
+        from flyvault.errors import ColdVault
 
         announce_issuer_override(vault)
 

@@ -182,11 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the deploy steps. Needs a source checkout of fly-vault.",
     )
     build.add_argument(
-        "--out", default="fly-vault-build", metavar="DIR", help="output directory (default %(default)s)"
+        "--out",
+        default="fly-vault-build",
+        metavar="DIR",
+        help="output directory (default %(default)s)",
     )
-    build.add_argument(
-        "--force", action="store_true", help="replace DIR even when it is not empty"
-    )
+    build.add_argument("--force", action="store_true", help="replace DIR even when it is not empty")
     build.set_defaults(run=_lazy("flyvault.cli.build", "run"))
     return parser
 

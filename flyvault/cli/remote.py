@@ -214,6 +214,10 @@ async def _run_session(
             console.raw = interactive
             if interactive:
                 loop.add_signal_handler(signal.SIGWINCH, lambda: session.resize(*terminal_size()))
+                # A resize while connecting came before the handler: catch it up now.
+                size = terminal_size()
+                if size != (request.rows, request.cols):
+                    session.resize(*size)
             escapes = EscapeDetector() if interactive else None
 
             async def deliver(data: bytes) -> None:

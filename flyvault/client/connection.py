@@ -21,6 +21,7 @@ from typing import Protocol
 from flyvault.config import VaultConfig
 from flyvault.errors import (
     AttestationError,
+    ColdVault,
     ConnectionLost,
     ProvisionError,
     RemoteProtocolError,
@@ -63,10 +64,6 @@ STEP_PROVISION = "provision"
 #: ``progress(phase, done, total)``: "upload" while sending the rootfs, then the server's
 #: phases ("download", "extract", "activate", ...). ``total`` is 0 when unknown.
 Progress = Callable[[str, int, int], None]
-
-
-class ColdVault(ProvisionError):
-    """Raised instead of provisioning when asked not to (doctor): the token was accepted."""
 
 
 class ConnectObserver(Protocol):

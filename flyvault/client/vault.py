@@ -103,6 +103,22 @@ class Vault:
             self._connecting = asyncio.ensure_future(self._connect())
         return await asyncio.shield(self._connecting)
 
+    @property
+    def current(self) -> Any:
+        """The live connection, or None; never connects (status reports use it)."""
+        current = self._current
+        return current if current is not None and not current.is_closed else None
+
+    def adopt(self, connection: Any) -> None:
+        """Make ``connection`` (opened by the caller, e.g. a doctor-style check that must
+        not provision) the live one, so the next request reuses it instead of connecting."""
+        if self._current is not None and self._current is not connection:
+            self._current.close()
+        self._current = connection
+        self._ever_connected = True
+        self._lost_at = None
+        self.connects += 1
+
     def invalidate(self, connection: Any) -> None:
         """A caller saw ``connection`` fail; the next ``connection()`` reconnects."""
         if connection is self._current:

@@ -24,7 +24,7 @@ from aioquic.quic.packet import (
     pull_quic_header,
 )
 
-from flyvault.errors import ConnectError, ConnectionLost
+from flyvault.errors import ConfigError, ConnectError, ConnectionLost
 from flyvault.protocol.constants import ALPN_PROTOCOLS
 from flyvault.transport.channel import QuicChannel
 from flyvault.transport.connection import VaultQuicConnection
@@ -34,6 +34,15 @@ log = logging.getLogger("flyvault.transport")
 
 #: Datagram size without path-MTU discovery (the original used 1200 too).
 MAX_DATAGRAM_SIZE = 1200
+#: Proxy mode (vault-proxy) puts ``u64 LE len(machine_id) || machine_id`` in front of every
+#: datagram. The QUIC datagram cannot shrink to make room: aioquic refuses a
+#: ``max_datagram_size`` below 1200 and RFC 9000 §14.1 wants the client's Initial in a
+#: datagram of at least 1200 bytes. So the id is bounded instead: 1200 + 8 + 24 = 1232 bytes
+#: is the largest UDP payload that fits the IPv6 minimum MTU (1280 - 40 - 8), so a wrapped
+#: datagram fits every path the unwrapped one does. Fly machine ids are 14 characters.
+PROXY_HEADER_SIZE = 8
+PROXY_MAX_ID_BYTES = 24
+MAX_WRAPPED_DATAGRAM_SIZE = MAX_DATAGRAM_SIZE + PROXY_HEADER_SIZE + PROXY_MAX_ID_BYTES
 STREAM_WINDOW = 1024 * 1024
 CONNECTION_WINDOW = 16 * 1024 * 1024
 
@@ -48,6 +57,31 @@ class TransportSettings:
     alpn_protocols: tuple[str, ...] = ALPN_PROTOCOLS
     #: Wraps each outgoing datagram (the proxy prefix); identity when None.
     datagram_wrapper: Callable[[bytes], bytes] | None = None
+
+
+def proxy_prefix(machine_id: str) -> bytes:
+    """The vault-proxy header for ``machine_id``: ``u64 LE length || UTF-8 id``."""
+    raw = machine_id.encode("utf-8")
+    if not raw:
+        raise ConfigError("machine_id must not be empty", hint="set `machine_id` or remove it")
+    if len(raw) > PROXY_MAX_ID_BYTES:
+        raise ConfigError(
+            f"machine_id is {len(raw)} bytes; through vault-proxy at most "
+            f"{PROXY_MAX_ID_BYTES} fit (each datagram carries it within the 1280-byte "
+            "IPv6 minimum MTU)",
+            hint="check `machine_id` in the config (Fly machine ids are 14 characters)",
+        )
+    return len(raw).to_bytes(PROXY_HEADER_SIZE, "little") + raw
+
+
+def proxy_wrapper(machine_id: str) -> Callable[[bytes], bytes]:
+    """``TransportSettings.datagram_wrapper`` for proxy mode (raises ``ConfigError``)."""
+    prefix = proxy_prefix(machine_id)
+
+    def wrap(datagram: bytes) -> bytes:
+        return prefix + datagram
+
+    return wrap
 
 
 def _configuration(settings: TransportSettings, *, is_client: bool) -> QuicConfiguration:
@@ -84,7 +118,8 @@ class _ClientChannel(QuicChannel):
         if self._wrap is None:
             super().transmit()
             return
-        # Same as the parent's transmit, with each datagram wrapped (proxy mode).
+        # Same as the parent's transmit, with each datagram wrapped (proxy mode). aioquic
+        # hands out one datagram per entry (no GSO batching), so one prefix per datagram.
         self._transmit_task = None
         assert self._transport is not None
         for data, addr in self._quic.datagrams_to_send(now=self._loop.time()):
@@ -296,4 +331,13 @@ async def listen(
     return listener
 
 
-__all__ = ["QuicListener", "TransportSettings", "connect", "listen"]
+__all__ = [
+    "MAX_WRAPPED_DATAGRAM_SIZE",
+    "PROXY_MAX_ID_BYTES",
+    "QuicListener",
+    "TransportSettings",
+    "connect",
+    "listen",
+    "proxy_prefix",
+    "proxy_wrapper",
+]

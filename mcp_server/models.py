@@ -1,0 +1,206 @@
+"""Structured results of the MCP tools (their output schemas).
+
+Field descriptions are kept short on purpose: every one of them is sent in ``tools/list``,
+which an agent pays for in context. The full meaning is in references/mcp-tools.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class VaultEntry(BaseModel):
+    name: str
+    address: str
+    org: str
+    app: str
+    machine_id: str | None
+    access_token_set: bool
+    rootfs: str | None
+    rootfs_url_set: bool
+    forwards: list[str]
+    dev_issuer: bool
+    connected: bool
+
+
+class VaultList(BaseModel):
+    config_file: str
+    vaults: list[VaultEntry]
+
+
+class StatusStep(BaseModel):
+    step: str
+    ok: bool
+    elapsed_ms: float
+    detail: str
+    hint: str | None = None
+
+
+class Claims(BaseModel):
+    app_name: str
+    machine_id: str
+    org_name: str | None
+    machine_name: str | None
+    region: str | None
+    image: str | None
+    image_digest: str | None
+
+
+class VaultStatus(BaseModel):
+    vault: str
+    ok: bool
+    state: str
+    runtime: str | None
+    boot_id: str | None
+    claims: Claims | None
+    dev_issuer: bool
+    reused_connection: bool
+    steps: list[StatusStep]
+    error: str | None
+    hint: str | None
+    exit_code: int
+
+
+class ExecResult(BaseModel):
+    vault: str
+    session_id: str
+    created: bool | None
+    running: bool
+    exit_code: int | None
+    signal: int | None
+    signal_name: str | None
+    exit_status: int | None
+    timed_out: bool
+    offset: int
+    next_offset: int
+    total_bytes: int
+    returned_bytes: int
+    omitted_bytes: int
+    dropped_bytes: int
+    truncated: bool
+    output: str
+    elapsed_seconds: float
+    next_step: str | None
+
+
+class SendInputResult(BaseModel):
+    vault: str
+    session_id: str
+    sent_bytes: int
+    eof: bool
+    running: bool
+
+
+class SignalResult(BaseModel):
+    vault: str
+    session_id: str
+    signal: int
+    signal_name: str
+
+
+class SessionInfo(BaseModel):
+    session_id: str
+    kind: str
+    argv: list[str] | None
+    context: str | None
+    running: bool
+    exit_code: int | None
+    signal: int | None
+    exit_status: int | None
+    started_at: float | None
+    bytes: int
+    attached: bool
+    followed_here: bool
+    read_offset: int | None
+    on_vault: bool
+
+
+class SessionList(BaseModel):
+    vault: str
+    sessions: list[SessionInfo]
+
+
+class ForwardInfo(BaseModel):
+    forward_id: str
+    vault: str
+    local_address: str
+    local_port: int
+    target: str
+    active_connections: int
+    total_connections: int
+
+
+class ForwardList(BaseModel):
+    forwards: list[ForwardInfo]
+
+
+class ForwardStopped(BaseModel):
+    stopped: list[str]
+
+
+class Progress(BaseModel):
+    phase: str
+    done: int
+    total: int
+
+
+class JobResult(BaseModel):
+    job_id: str
+    kind: str
+    target: str
+    running: bool
+    ok: bool | None
+    elapsed_seconds: float
+    progress: Progress | None
+    result: dict[str, Any] | None
+    error: str | None
+    hint: str | None
+    log: list[str]
+    next_step: str | None
+
+
+class LocalVault(BaseModel):
+    running: bool
+    started_now: bool | None = None
+    vault: str | None = None
+    pid: int | None = None
+    address: str | None = None
+    mode: str | None = None
+    issuer_base_url: str | None = None
+    data_dir: str | None = None
+    log_file: str | None = None
+    started_at: float | None = None
+    next_step: str | None = None
+
+
+class TenantMachine(BaseModel):
+    id: str
+    name: str | None
+    state: str | None
+    region: str | None
+    image: str | None
+    volumes: list[str]
+
+
+class TenantSummary(BaseModel):
+    tenant_id: str
+    total: int
+    started: int
+    stopped: int
+    other: int
+    regions: list[str]
+    image: str
+    last_updated_at: str | None
+    machines: list[TenantMachine]
+
+
+class TenantList(BaseModel):
+    app: str
+    tenants: list[TenantSummary]
+
+
+class UsageFacts(BaseModel):
+    app: str
+    facts: list[dict[str, Any]]

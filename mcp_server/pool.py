@@ -1,0 +1,329 @@
+"""One long-lived ``Vault`` per configured vault, secrets kept out of results, tool errors.
+
+The pool is why a second exec costs a round trip and not a handshake: the QUIC connection,
+its attestation and its authentication stay up between tool calls (``Vault`` reconnects on
+its own when the connection drops). The config file is re-read only when it changed on
+disk (``local_vault_up`` rewrites it with a fresh token and port); a vault whose entry
+changed gets a new ``Vault`` and its old connection is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mcp.server.mcpserver.exceptions import ToolError
+
+from flyvault.client.vault import Vault
+from flyvault.config import Config, VaultConfig, load_config
+from flyvault.errors import VaultError
+
+from .models import Claims, StatusStep, VaultEntry, VaultList, VaultStatus
+
+log = logging.getLogger("mcp_server")
+
+REDACTED = "<redacted>"
+#: Shorter strings would scrub innocent text.
+_MIN_SECRET = 6
+
+#: Where a connect's provisioning progress goes: set by the tool call that caused it.
+PROGRESS: contextvars.ContextVar[Callable[[str, int, int], None] | None] = contextvars.ContextVar(
+    "fly_vault_mcp_progress", default=None
+)
+
+
+def _route_progress(phase: str, done: int, total: int) -> None:
+    callback = PROGRESS.get()
+    if callback is not None:
+        callback(phase, done, total)
+
+
+class Secrets:
+    """Every secret this process knows; ``scrub`` removes them from any text it returns."""
+
+    def __init__(self) -> None:
+        self._values: set[str] = set()
+
+    def add(self, value: str | None) -> None:
+        if value and len(value.strip()) >= _MIN_SECRET:
+            self._values.add(value)
+            self._values.add(value.strip())
+
+    def scrub(self, text: str) -> str:
+        for secret in sorted(self._values, key=len, reverse=True):
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        return text
+
+    def scrub_value(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.scrub(value)
+        if isinstance(value, dict):
+            return {self.scrub(str(k)): self.scrub_value(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.scrub_value(v) for v in value]
+        return value
+
+
+def error_text(exc: VaultError) -> str:
+    """The CLI's wording: the message, then what to do about it."""
+    text = exc.message
+    if exc.hint:
+        text += f"\nhint: {exc.hint}"
+    return text
+
+
+def tool_error(exc: VaultError) -> ToolError:
+    return ToolError(error_text(exc))
+
+
+class _Recorder:
+    """Collects the connect steps as ``fly-vault doctor`` reports them."""
+
+    def __init__(self) -> None:
+        self.steps: list[StatusStep] = []
+
+    def step_started(self, step: str, detail: str) -> None:
+        pass
+
+    def step_finished(self, step: str, elapsed: float, detail: str) -> None:
+        self.steps.append(StatusStep(step=step, ok=True, elapsed_ms=elapsed * 1000, detail=detail))
+
+    def step_failed(self, step: str, elapsed: float, error: VaultError) -> None:
+        from flyvault.client.connection import ColdVault
+
+        ok = isinstance(error, ColdVault)
+        self.steps.append(
+            StatusStep(
+                step=step,
+                ok=ok,
+                elapsed_ms=elapsed * 1000,
+                detail=error.message,
+                hint=None if ok else error.hint,
+            )
+        )
+
+
+def _runtime(connection: Any) -> str:
+    return str(connection.runtime_status.name.lower().replace("_", " "))
+
+
+def _claims(claims: Any) -> Claims | None:
+    if claims is None:
+        return None
+    return Claims(
+        app_name=claims.app_name,
+        machine_id=claims.machine_id,
+        org_name=claims.org_name,
+        machine_name=claims.machine_name,
+        region=claims.region,
+        image=claims.image,
+        image_digest=claims.image_digest,
+    )
+
+
+class VaultPool:
+    def __init__(
+        self,
+        secrets: Secrets,
+        *,
+        config_path: Path | None = None,
+        reconnect_timeout: float = 20.0,
+    ) -> None:
+        self.secrets = secrets
+        self.config_path = config_path
+        self.reconnect_timeout = reconnect_timeout
+        self._vaults: dict[str, Vault] = {}
+        self._config: Config | None = None
+        self._stamp: tuple[int, int, int] | None = None
+
+    # Config ----------------------------------------------------------------------------
+
+    def config(self) -> Config:
+        """The config, re-read only when the file changed (one stat per call otherwise)."""
+        from flyvault.paths import config_file
+
+        path = self.config_path or config_file()
+        try:
+            info = os.stat(path)
+            stamp: tuple[int, int, int] | None = (info.st_mtime_ns, info.st_size, info.st_ino)
+        except OSError:
+            stamp = None
+        if self._config is None or stamp != self._stamp or self._config.path != path:
+            config = load_config(path, missing_ok=True)
+            for entry in config.vaults.values():
+                if entry.access_token is not None:
+                    self.secrets.add(entry.access_token.get_secret_value())
+            self._config, self._stamp = config, stamp
+        return self._config
+
+    def entry(self, name: str) -> VaultConfig:
+        return self.config().get(name)
+
+    def list(self) -> VaultList:
+        config = self.config()
+        vaults = [
+            VaultEntry(
+                name=entry.name,
+                address=entry.address,
+                org=entry.org,
+                app=entry.app,
+                machine_id=entry.machine_id,
+                access_token_set=entry.access_token is not None
+                and bool(entry.access_token.get_secret_value()),
+                rootfs=entry.rootfs,
+                # A presigned URL carries a credential: say only whether one is set.
+                rootfs_url_set=entry.rootfs_url is not None,
+                forwards=list(entry.forward),
+                dev_issuer=entry.is_issuer_overridden,
+                connected=self.connected(entry.name),
+            )
+            for entry in sorted(config.vaults.values(), key=lambda e: e.name)
+        ]
+        return VaultList(config_file=str(config.path), vaults=vaults)
+
+    # Vaults ----------------------------------------------------------------------------
+
+    async def get(self, name: str) -> Vault:
+        entry = self.entry(name)
+        vault = self._vaults.get(name)
+        if vault is not None and vault.config == entry:
+            return vault
+        if vault is not None:
+            log.info("vault %s: config entry changed; reconnecting", name)
+            await vault.close()
+        vault = Vault(
+            entry,
+            reconnect_timeout=self.reconnect_timeout,
+            on_notice=lambda message: log.info("%s", message),
+            progress=_route_progress,
+        )
+        self._vaults[name] = vault
+        return vault
+
+    def connected(self, name: str) -> bool:
+        vault = self._vaults.get(name)
+        return vault is not None and vault.current is not None
+
+    async def forget(self, address: str) -> None:
+        """Close pooled vaults at ``address`` (the local vault went down)."""
+        for name, vault in list(self._vaults.items()):
+            if vault.config.address == address:
+                await vault.close()
+                del self._vaults[name]
+
+    async def close(self) -> None:
+        vaults, self._vaults = list(self._vaults.values()), {}
+        for vault in vaults:
+            await vault.close()
+
+    # Status ----------------------------------------------------------------------------
+
+    async def status(self, name: str, *, fresh: bool = False) -> VaultStatus:
+        """Doctor-style: reuse the live connection, else connect without provisioning."""
+        from flyvault.client.connection import ColdVault, open_vault
+
+        started = time.perf_counter()
+        try:
+            entry = self.entry(name)
+        except VaultError as exc:
+            step = StatusStep(
+                step="config",
+                ok=False,
+                elapsed_ms=(time.perf_counter() - started) * 1000,
+                detail=exc.message,
+                hint=exc.hint,
+            )
+            return _failed(name, False, [step], exc)
+        steps = [
+            StatusStep(
+                step="config",
+                ok=True,
+                elapsed_ms=(time.perf_counter() - started) * 1000,
+                detail=f"[vault.{name}] -> {entry.address}, org {entry.org}, app {entry.app}"
+                + (f", machine {entry.machine_id}" if entry.machine_id else ", machine not pinned"),
+            )
+        ]
+        vault = await self.get(name)
+        connection = None if fresh else vault.current
+        reused = connection is not None
+        if connection is None:
+            recorder = _Recorder()
+            try:
+                connection = await asyncio.wait_for(
+                    open_vault(entry, observer=recorder, provision=False), 60
+                )
+            except ColdVault as exc:
+                return VaultStatus(
+                    vault=name,
+                    ok=True,
+                    state="cold",
+                    runtime=None,
+                    boot_id=None,
+                    claims=None,
+                    dev_issuer=entry.is_issuer_overridden,
+                    reused_connection=False,
+                    steps=steps + recorder.steps,
+                    error=None,
+                    hint=exc.message,
+                    exit_code=0,
+                )
+            except TimeoutError:
+                from flyvault.errors import Timeout
+
+                error = Timeout(f"connecting to vault '{name}' took more than 60 s")
+                return _failed(name, entry.is_issuer_overridden, steps + recorder.steps, error)
+            except VaultError as exc:
+                return _failed(name, entry.is_issuer_overridden, steps + recorder.steps, exc)
+            vault.adopt(connection)
+            steps += recorder.steps
+        else:
+            steps.append(
+                StatusStep(
+                    step="connection",
+                    ok=True,
+                    elapsed_ms=0.0,
+                    detail=f"reusing the pooled connection (attested, authenticated; "
+                    f"{vault.connects} connect(s) so far)",
+                )
+            )
+        return VaultStatus(
+            vault=name,
+            ok=True,
+            state=connection.vm_state.name.lower(),
+            runtime=_runtime(connection),
+            boot_id=connection.boot_id,
+            claims=_claims(connection.claims),
+            dev_issuer=entry.is_issuer_overridden,
+            reused_connection=reused,
+            steps=steps,
+            error=None,
+            hint=None,
+            exit_code=0,
+        )
+
+
+def _failed(name: str, dev: bool, steps: list[StatusStep], exc: VaultError) -> VaultStatus:
+    if steps and steps[-1].ok:
+        # A failure outside the observed steps (the token missing from the entry, say).
+        steps.append(StatusStep(step="config", ok=False, elapsed_ms=0.0, detail=exc.message, hint=exc.hint))
+    return VaultStatus(
+        vault=name,
+        ok=False,
+        state="unavailable",
+        runtime=None,
+        boot_id=None,
+        claims=None,
+        dev_issuer=dev,
+        reused_connection=False,
+        steps=steps,
+        error=exc.message,
+        hint=exc.hint,
+        exit_code=exc.exit_code,
+    )
