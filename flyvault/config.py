@@ -291,9 +291,7 @@ class VaultConfig(BaseModel):
     @model_validator(mode="after")
     def _proxy_needs_machine(self) -> VaultConfig:
         if self.proxy and self.machine_id is None:
-            raise ValueError(
-                "proxy = true needs machine_id: the proxy routes every datagram by it"
-            )
+            raise ValueError("proxy = true needs machine_id: the proxy routes every datagram by it")
         return self
 
     def host_port(self) -> tuple[str, int]:

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import InitProcess, start_init, vault_entry
+
 from flyvault.standins import OidcIssuer
 
 BUSYBOX = Path("/bin/busybox")
@@ -121,7 +121,9 @@ def test_cold_provision_exec_in_namespace_reprovision_keeps_homes(
     assert check.returncode == 0, check.stderr
     assert check.stdout.strip() == b"1777"
 
-    write = fv("exec", "vm", "--", "sh", "-c", "echo kept > /root/keep.txt; echo mine > /home/user/f")
+    write = fv(
+        "exec", "vm", "--", "sh", "-c", "echo kept > /root/keep.txt; echo mine > /home/user/f"
+    )
     assert write.returncode == 0, write.stderr
     assert (vm_init.data_dir / "persist/root/keep.txt").read_text() == "kept\n"
 
@@ -217,3 +219,61 @@ def test_init_recovers_and_restarts_workload_after_restart(
         assert result.stdout.split() == [b"A", b"v"]
     finally:
         again.stop()
+
+
+def _processes_running(needle: bytes) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+                state = (entry / "stat").read_text().split(")")[-1].split()[0]
+            except OSError:
+                continue
+            if needle in cmdline and state != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+def test_sigterm_to_init_stops_the_workload(
+    tmp_path: Path, fly_api: Any, issuer: OidcIssuer
+) -> None:
+    import signal
+    import time
+
+    init = start_init(tmp_path, fly_api.path, host_mode=False)
+    client: subprocess.Popen[bytes] | None = None
+    try:
+        configure(init.port, issuer, rootfs=str(make_rootfs(tmp_path / "a.tar.gz", "A")))
+        client = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "flyvault.cli.main",
+                "exec",
+                "vm",
+                "--session",
+                "long",
+                "--",
+                "sleep",
+                "4242",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 60
+        while not _processes_running(b"sleep\x004242") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _processes_running(b"sleep\x004242"), "the workload command never started"
+        init.process.send_signal(signal.SIGTERM)
+        assert init.process.wait(timeout=30) == 0
+        deadline = time.monotonic() + 15
+        while _processes_running(b"sleep\x004242") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _processes_running(b"sleep\x004242")
+        client.wait(timeout=60)
+    finally:
+        init.stop()
+        if client is not None and client.poll() is None:
+            client.kill()

@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     code = 0
     failure: VaultError | None = None
+    transport: str | None = None  # "proxy" or "direct", once the config is read
     try:
         vault = load_vault(args.vault)
     except VaultError as exc:
@@ -78,8 +79,14 @@ def run(args: argparse.Namespace) -> int:
             time.perf_counter() - started,
             f"{config_file()} [vault.{vault.name}] -> {vault.address}, org {vault.org}, "
             f"app {vault.app}"
-            + (f", machine {vault.machine_id}" if vault.machine_id else ", machine not pinned"),
+            + (f", machine {vault.machine_id}" if vault.machine_id else ", machine not pinned")
+            + (
+                "; proxy mode (the address is a vault-proxy, datagrams carry the machine id)"
+                if vault.proxy
+                else "; direct"
+            ),
         )
+        transport = "proxy" if vault.proxy else "direct"
         from flyvault.client.connection import announce_issuer_override, open_vault
         from flyvault.errors import ColdVault
 
@@ -102,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
                     "vault": args.vault,
                     "ok": failure is None,
                     "exit_code": code,
+                    "transport": transport,
                     "steps": [asdict(step) for step in recorder.steps],
                 },
                 indent=2,

@@ -153,12 +153,25 @@ async def open_vault(
         return result
 
     host, port = vault.host_port()
+    via = ""
+    if vault.proxy and vault.machine_id is not None:
+        # Proxy mode: every datagram names the machine. Which machine answered is still
+        # only trusted once the attestation's machine_id matches (checked below, before
+        # the token is sent), so a misrouting proxy cannot get the token.
+        from dataclasses import replace
+
+        from flyvault.transport.endpoint import proxy_wrapper
+
+        settings = replace(
+            settings or TransportSettings(), datagram_wrapper=proxy_wrapper(vault.machine_id)
+        )
+        via = f" via vault-proxy to machine {vault.machine_id}"
 
     async def do_handshake() -> tuple[QuicChannel, str]:
         channel = await connect(host, port, settings)
-        return channel, f"QUIC to {host}:{port} (ALPN {channel.quic.negotiated_alpn})"
+        return channel, f"QUIC to {host}:{port}{via} (ALPN {channel.quic.negotiated_alpn})"
 
-    channel: QuicChannel = await run_step(STEP_HANDSHAKE, f"{host}:{port}", do_handshake)
+    channel: QuicChannel = await run_step(STEP_HANDSHAKE, f"{host}:{port}{via}", do_handshake)
     try:
         certificate = channel.quic.peer_certificate_der()
         if certificate is None:
