@@ -49,6 +49,7 @@ def _server(kind: str, port_queue: multiprocessing.Queue, total: int) -> None:
         config = QuicConfiguration(is_client=False, alpn_protocols=["x"])
         config.certificate, config.private_key = cert, key
         done = asyncio.Event()
+        tasks: set[asyncio.Future[None]] = set()
 
         def handler(reader, writer) -> None:  # type: ignore[no-untyped-def]
             async def run() -> None:
@@ -59,7 +60,7 @@ def _server(kind: str, port_queue: multiprocessing.Queue, total: int) -> None:
                 writer.write_eof()
                 done.set()
 
-            asyncio.ensure_future(run())
+            tasks.add(asyncio.ensure_future(run()))
 
         server = await serve("127.0.0.1", 0, configuration=config, stream_handler=handler)
         port_queue.put(server._transport.get_extra_info("sockname")[1])

@@ -27,7 +27,9 @@ class ForwardManager:
         self.pool = pool
         self._forwards: dict[str, tuple[str, ForwardListener]] = {}
 
-    async def start(self, vault_name: str, host: str, remote_port: int, local_port: int) -> ForwardInfo:
+    async def start(
+        self, vault_name: str, host: str, remote_port: int, local_port: int
+    ) -> ForwardInfo:
         if len(self._forwards) >= MAX_FORWARDS:
             raise UsageError(
                 f"{MAX_FORWARDS} forwards are open already",

@@ -188,9 +188,7 @@ class JobRegistry:
         error = job.error
         running = job.running
         if running:
-            next_step = (
-                f'still running; wait with job_status(job_id="{job.id}", wait_seconds=30)'
-            )
+            next_step = f'still running; wait with job_status(job_id="{job.id}", wait_seconds=30)'
         elif error is not None:
             next_step = None
         else:
@@ -218,6 +216,10 @@ def _progress_of(job: Job, waited: float, wait_seconds: float) -> tuple[float, f
         name, done, total = phase
         if name == "upload" and total:
             return done, total, f"{job.kind}: uploading {human_bytes(done)} of {human_bytes(total)}"
-        return waited, None, f"{job.kind}: {name} {done}/{total}" if total else f"{job.kind}: {name}"
+        return (
+            waited,
+            None,
+            f"{job.kind}: {name} {done}/{total}" if total else f"{job.kind}: {name}",
+        )
     last = job.log[-1] if job.log else "running"
     return waited, wait_seconds, f"{job.kind}: {last[:120]}"

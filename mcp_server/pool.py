@@ -312,7 +312,9 @@ class VaultPool:
 def _failed(name: str, dev: bool, steps: list[StatusStep], exc: VaultError) -> VaultStatus:
     if steps and steps[-1].ok:
         # A failure outside the observed steps (the token missing from the entry, say).
-        steps.append(StatusStep(step="config", ok=False, elapsed_ms=0.0, detail=exc.message, hint=exc.hint))
+        steps.append(
+            StatusStep(step="config", ok=False, elapsed_ms=0.0, detail=exc.message, hint=exc.hint)
+        )
     return VaultStatus(
         vault=name,
         ok=False,

@@ -180,6 +180,9 @@ class ExecRegistry:
         except VaultError:
             self._records.pop((vault_name, request.session_id), None)
             raise
+        except asyncio.CancelledError:
+            self.stop_in_background(record)
+            raise
         # Only into a process we started: a named session that already existed is
         # reattached by the vault, and its stdin is not ours to write or close.
         if record.created and record.session is not None:
@@ -255,8 +258,7 @@ class ExecRegistry:
                 await record.started.wait()
         except TimeoutError:
             raise UsageError(
-                f"the vault did not confirm session {record.session_id} within "
-                f"{START_TIMEOUT:g} s",
+                f"the vault did not confirm session {record.session_id} within {START_TIMEOUT:g} s",
                 hint=f'check it with list_sessions(vault="{record.vault}")',
             ) from None
         if record.error is not None and not record.attached_ok:

@@ -186,8 +186,7 @@ async def delete_plan(s: AdminSettings, tenant_id: str) -> dict[str, Any]:
         "next_step": (
             f'nothing to delete for tenant "{tenant_id}"'
             if not live and not volumes
-            else "show this plan to the user; to delete, call tenant_delete again with "
-            "confirm=true"
+            else "show this plan to the user; to delete, call tenant_delete again with confirm=true"
         ),
     }
 

@@ -120,6 +120,7 @@ class Directory:
         self._woken_at: dict[str, float] = {}
         self._waking: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._last_summary: tuple[int, ...] = ()
 
     # -- refresh -----------------------------------------------------------------------------
 
@@ -186,7 +187,11 @@ class Directory:
         self.stats.unroutable = unroutable
         # Wake history only for machines that still exist: bounded by the managed fleet.
         self._woken_at = {k: v for k, v in self._woken_at.items() if k in states}
-        log.info(
+        # Every period would be a line every 15 s forever; changes are what matter.
+        summary = (len(routes), len(states), unmanaged, not_allowed, unroutable)
+        changed, self._last_summary = summary != self._last_summary, summary
+        log.log(
+            logging.INFO if changed else logging.DEBUG,
             "refreshed machine map",
             extra={
                 "event": "refresh",

@@ -176,17 +176,18 @@ class VaultServer:
         return self.listener
 
     def close(self) -> None:
+        """Close every connection and the listener; stop the sessions' processes."""
         for connection in list(self.connections):
             connection.close()
         self.sessions.close()
+        if self.listener is not None:
+            self.listener.close()
 
     async def shutdown(self) -> None:
-        """Close connections, then stop the workload gracefully (SIGTERM, then SIGKILL)."""
+        """``close``, then stop the workload gracefully (SIGTERM, then SIGKILL)."""
         self.close()
         if self.provisioner is not None:
             await self.provisioner.stop()
-        if self.listener is not None:
-            self.listener.close()
 
     def _on_channel(self, channel: QuicChannel) -> None:
         connection = ServerConnection(self, channel)

@@ -149,5 +149,8 @@ def apply_firewall(listen_port: int, *, allow_ssh: bool = False) -> None:
         elif "No such file or directory" in result.stderr or "Protocol not supported" in (
             result.stderr
         ):
-            hint = "this kernel seems to lack nf_tables; start init without --firewall"
+            hint = (
+                "this kernel seems to lack nf_tables (or a module the rules need); "
+                "start init without --firewall"
+            )
         raise FirewallError(f"firewall: nft refused the ruleset: {detail}", hint=hint)

@@ -263,6 +263,20 @@ def test_a_failing_forced_build_keeps_the_old_directory(area: Path) -> None:
     assert sorted(p.name for p in area.iterdir()) == ["out", "src"]
 
 
+def test_a_failure_after_the_wheel_leaves_no_directory(
+    area: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flyvault.cli.build as build_module
+
+    def fail() -> str:
+        raise RuntimeError("interrupted while writing fly.toml")
+
+    monkeypatch.setattr(build_module, "render_fly_toml", fail)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        build_context(area / "out")
+    assert list(area.iterdir()) == []
+
+
 def test_an_installed_copy_is_not_a_source_checkout(tmp_path: Path) -> None:
     package = tmp_path / "site-packages" / "flyvault"
     package.mkdir(parents=True)
@@ -464,6 +478,51 @@ def test_missing_nft_says_how_to_fix_it(monkeypatch: pytest.MonkeyPatch) -> None
     assert caught.value.hint is not None
     assert "apt-get install nftables" in caught.value.hint
     assert "fly-vault build" in caught.value.hint
+
+
+def fake_nft(directory: Path, *, stderr: str = "", code: int = 0) -> Path:
+    """An ``nft`` on PATH that records its arguments and stdin, then fails or succeeds."""
+    directory.mkdir(parents=True, exist_ok=True)
+    script = directory / "nft"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" > "{directory}/args"\n'
+        f'cat > "{directory}/stdin"\n'
+        f"printf '%s' '{stderr}' >&2\n"
+        f"exit {code}\n"
+    )
+    script.chmod(0o755)
+    return directory
+
+
+def test_the_script_goes_to_nft_on_stdin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bin_dir = fake_nft(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    apply_firewall(8443, allow_ssh=True)
+    assert (bin_dir / "args").read_text().split() == ["-f", "-"]
+    assert (bin_dir / "stdin").read_text() == render_ruleset(8443, allow_ssh=True)
+
+
+@pytest.mark.parametrize(
+    ("stderr", "hint"),
+    [
+        ("netlink: Error: cache initialization failed: Operation not permitted", "needs root"),
+        ("Error: Could not process rule: No such file or directory", "lack nf_tables"),
+        ("Error: syntax error", None),
+    ],
+)
+def test_nft_errors_are_reported_with_its_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stderr: str, hint: str | None
+) -> None:
+    bin_dir = fake_nft(tmp_path / "bin", stderr=stderr, code=1)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(FirewallError) as caught:
+        apply_firewall(8443)
+    assert str(caught.value) == f"firewall: nft refused the ruleset: {stderr}"
+    if hint is None:
+        assert caught.value.hint is None
+    else:
+        assert caught.value.hint is not None and hint in caught.value.hint
 
 
 def init_command(tmp_path: Path, *args: str) -> list[str]:

@@ -145,6 +145,11 @@ class UdpClient(asyncio.DatagramProtocol):
 
     def send(self, data: bytes, addr: Any) -> None:
         assert self.transport is not None
+        if not data:
+            # asyncio silently skips empty datagrams; UDP allows them, so send one for real.
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
+                raw.sendto(b"", addr)
+            return
         self.transport.sendto(data, addr)
 
     async def recv(self, timeout: float = 2.0) -> tuple[bytes, Any]:

@@ -17,6 +17,7 @@ from the source would still ship), and building in place would also rewrite the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets
 import shutil
@@ -334,7 +335,10 @@ def _check_out(out: Path, force: bool, project_root: Path) -> bool:
     # --force deletes the old directory; never let a slip such as --out . or --out ~ take the
     # source tree, the working directory or the home directory with it.
     resolved = out.resolve()
-    for keep in (Path.cwd(), Path.home(), project_root, Path(resolved.anchor)):
+    keeps = [Path.cwd(), project_root, Path(resolved.anchor)]
+    with contextlib.suppress(RuntimeError, KeyError):  # no resolvable home directory
+        keeps.append(Path.home())
+    for keep in keeps:
         precious = keep.resolve()
         if resolved == precious or resolved in precious.parents:
             raise VaultError(
@@ -350,14 +354,23 @@ def build_context(
     force: bool = False,
     project_root: Path | None = None,
     python: str | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> BuildResult:
-    """Write the build context to ``out``; on any failure nothing new is left on disk."""
+    """Write the build context to ``out``; on any failure nothing new is left on disk.
+
+    ``progress`` hears about the slow step (pip) once every check has passed.
+    """
     out = Path(os.path.abspath(out.expanduser()))
     root = project_root if project_root is not None else find_project_root()
     replace = _check_out(out, force, root)
+    if progress is not None:
+        progress(f"building the wheel from {root} with pip ...")
     # A hidden sibling: the same file system, so the final rename is atomic.
     staging = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
-    staging.mkdir()
+    try:
+        staging.mkdir()
+    except OSError as exc:
+        raise VaultError(f"cannot create {staging}: {exc.strerror or exc}") from None
     try:
         wheel = build_wheel(root, staging, skip=(out, staging), python=python)
         version = wheel.name.split("-")[1]  # name-version-tags.whl, normalised by pip
@@ -366,8 +379,11 @@ def build_context(
             "fly.toml": render_fly_toml(),
             "README.md": render_readme(wheel.name, version),
         }
-        for name, text in written.items():
-            (staging / name).write_text(text, encoding="utf-8")
+        try:
+            for name, text in written.items():
+                (staging / name).write_text(text, encoding="utf-8")
+        except OSError as exc:  # a full disk, most likely
+            raise VaultError(f"cannot write the build context: {exc.strerror or exc}") from None
         _install(staging, out, replace)
     except BaseException:
         # BaseException too: Ctrl-C during pip must not leave the staging directory behind.
@@ -405,9 +421,9 @@ def _install(staging: Path, out: Path, replace: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    print(f"building the fly-vault wheel (pip) into {out} ...", file=sys.stderr)
-    result = build_context(out, force=args.force)
+    result = build_context(
+        Path(args.out), force=args.force, progress=lambda line: print(line, file=sys.stderr)
+    )
     shown = args.out.rstrip("/") or "/"
     print(f"wrote the build context {shown}/ (fly-vault {result.version}):")
     for path in result.files:

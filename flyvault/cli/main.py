@@ -189,6 +189,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--force", action="store_true", help="replace DIR even when it is not empty")
     build.set_defaults(run=_lazy("flyvault.cli.build", "run"))
+
+    skills = commands.add_parser(
+        "skills",
+        help="install the agent skills (remote-vm, remote-task, vault-admin)",
+        description="Copy fly-vault's agent skills, with the references they link, into an "
+        "agent's skills directory: claude = ~/.claude/skills, codex = $CODEX_HOME/skills "
+        "(~/.codex/skills), agents = ~/.agents/skills (the default), or any DIR. Each skill "
+        "is replaced atomically; a skill changed since it was installed is kept unless "
+        "--force.",
+    )
+    skills_commands = skills.add_subparsers(dest="skills_command", metavar="ACTION", required=True)
+    install = skills_commands.add_parser("install", help="install or update the skills")
+    install.add_argument(
+        "--target", metavar="DIR|claude|codex|agents", help="where to install (default: agents)"
+    )
+    install.add_argument(
+        "--skill", action="append", metavar="NAME", help="only this skill (repeatable)"
+    )
+    install.add_argument(
+        "--force", action="store_true", help="replace skills that were changed after install"
+    )
+    skills.set_defaults(run=_lazy("flyvault.cli.skills", "run"))
     return parser
 
 

@@ -131,14 +131,29 @@ class Vault:
 
         attempt = 0
         while True:
+            attempt_timeout = None
+            if self._ever_connected and self._lost_at is not None:
+                # A reconnect attempt may not outlive the reconnect budget.
+                left = self.reconnect_timeout - (time.monotonic() - self._lost_at)
+                attempt_timeout = max(0.5, left)
             try:
-                connection = await open_vault(
-                    self.config,
-                    observer=self._observer,
-                    settings=self.settings,
-                    reprovision=self._reprovision_first and not self._ever_connected,
-                    progress=self._progress,
+                connection = await asyncio.wait_for(
+                    open_vault(
+                        self.config,
+                        observer=self._observer,
+                        settings=self.settings,
+                        reprovision=self._reprovision_first and not self._ever_connected,
+                        progress=self._progress,
+                    ),
+                    attempt_timeout,
                 )
+            except TimeoutError:
+                assert self._lost_at is not None
+                raise ConnectionLost(
+                    f"vault '{self.config.name}' went away and did not come back within "
+                    f"{self.reconnect_timeout:g} s",
+                    hint="check the vault with: fly-vault doctor " + self.config.name,
+                ) from None
             except (ConnectError, ConnectionLost) as exc:
                 if not self._ever_connected:
                     raise

@@ -134,7 +134,7 @@ class _ClientChannel(QuicChannel):
 
 
 async def resolve(host: str, port: int) -> tuple[int, tuple[Any, ...]]:
-    """Resolve ``host:port`` for UDP; the first result wins, as with the original."""
+    """Resolve ``host:port`` for UDP: the first IPv4 address, else the first address."""
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
@@ -145,7 +145,10 @@ async def resolve(host: str, port: int) -> tuple[int, tuple[Any, ...]]:
         ) from None
     if not infos:
         raise ConnectError(f"cannot resolve {host}: no addresses")
-    family, _, _, _, sockaddr = infos[0]
+    # Prefer IPv4: Fly routes UDP to a dedicated IPv4 address, not over public IPv6, so a
+    # name with both (APP.fly.dev) must not pick the IPv6 one first.
+    ipv4 = [info for info in infos if info[0] == socket.AF_INET]
+    family, _, _, _, sockaddr = (ipv4 or infos)[0]
     return family, sockaddr
 
 
@@ -157,8 +160,13 @@ async def connect(host: str, port: int, settings: TransportSettings | None = Non
     quic = VaultQuicConnection(configuration=_configuration(settings, is_client=True))
     local = ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)
     try:
+        # A connected socket: the kernel then reports ICMP "port unreachable" to us, so a
+        # vault that is down fails at once instead of after the handshake timeout.
         _, channel = await loop.create_datagram_endpoint(
-            lambda: _ClientChannel(quic, settings), local_addr=local, family=family
+            lambda: _ClientChannel(quic, settings),
+            local_addr=local,
+            remote_addr=sockaddr[:2],
+            family=family,
         )
     except OSError as exc:
         raise ConnectError(f"cannot open a UDP socket: {exc.strerror}") from None
