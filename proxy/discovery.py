@@ -32,7 +32,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from flyvault.errors import VaultError
@@ -86,7 +86,6 @@ class DirectoryStats:
     ignored_unmanaged: int = 0  # in the last refresh
     ignored_not_allowed: int = 0
     unroutable: int = 0  # started but without a usable private_ip
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 def tenant_of(machine: Mapping[str, Any]) -> str | None:
@@ -286,8 +285,10 @@ class Directory:
         finally:
             self._waking.discard(machine_id)
         # Route it now, not a period later: the client is retransmitting meanwhile.
-        with contextlib.suppress(Exception):
+        try:
             await self.refresh()
+        except Exception:
+            log.exception("machine map refresh crashed", extra={"event": "refresh_crashed"})
 
     async def close(self) -> None:
         for task in list(self._tasks):

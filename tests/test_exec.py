@@ -321,7 +321,7 @@ def test_vault_gone_ends_client_with_documented_code(
         assert client.returncode == 255
         assert b"went away" in err or b"cannot connect" in err
         assert b"fly-vault exec gone --session" in err  # how to pick it up later
-        assert elapsed < 30
+        assert elapsed < 15  # C1: "within about 15 s, not a hang"
     finally:
         init.stop()
 

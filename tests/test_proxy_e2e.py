@@ -171,6 +171,9 @@ def test_clients_reach_each_tenant_machine_through_one_proxy(
     opened = [e for e in proxy.log_events() if e.get("event") == "session_opened"]
     assert {e["machine_id"] for e in opened} == set(tenants.ids.values())
     assert {e["tenant_id"] for e in opened} == {"tenant-a", "tenant-b"}
+    proxy.stop()  # SIGTERM: a clean exit with the final counters logged
+    assert proxy.process.returncode == 0
+    assert proxy.log_events()[-1]["event"] == "stop"
     assert API_TOKEN not in proxy.log.read_text()
 
 

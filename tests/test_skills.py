@@ -211,10 +211,12 @@ class CommandLine:
     where: str
     text: str
     argv: tuple[str, ...]
+    #: From a code span in prose: may name a command without its arguments.
+    mention: bool = False
 
 
-def code_snippets(path: Path) -> Iterator[tuple[int, str]]:
-    """(line, text) of every fenced block line group and every inline code span."""
+def code_snippets(path: Path) -> Iterator[tuple[int, str, bool]]:
+    """(line, text, inline) of every fenced block's lines and every inline code span."""
     text = path.read_text(encoding="utf-8")
     lines = text.splitlines()
     fence: str | None = None
@@ -227,7 +229,8 @@ def code_snippets(path: Path) -> Iterator[tuple[int, str]]:
             fence, block, start = match.group(1), [], number + 1
         elif fence is not None:
             if match and match.group(1).startswith(fence[0]) and not match.group(2).strip():
-                yield from _logical_lines(block, start)
+                for number, snippet in _logical_lines(block, start):
+                    yield number, snippet, False
                 fence = None
             else:
                 block.append(line)
@@ -235,7 +238,7 @@ def code_snippets(path: Path) -> Iterator[tuple[int, str]]:
             prose.append((number, line))
     for number, line in prose:
         for span in _CODE_SPAN.finditer(line):
-            yield number, span.group(2).strip()
+            yield number, span.group(2).strip(), True
 
 
 def _logical_lines(block: list[str], first: int) -> Iterator[tuple[int, str]]:
@@ -246,10 +249,10 @@ def _logical_lines(block: list[str], first: int) -> Iterator[tuple[int, str]]:
         if not pending:
             start = first + offset
         if line.rstrip().endswith("\\"):
-            pending.append(line.rstrip()[:-1])
+            pending.append(line.rstrip()[:-1] + " ")
             continue
         pending.append(line)
-        joined = "\n".join(pending)
+        joined = "".join(p if p.endswith(" ") else p + "\n" for p in pending).rstrip("\n")
         try:
             shlex.split(joined, comments=False)
         except ValueError:  # an open quote: the command goes on
@@ -257,7 +260,7 @@ def _logical_lines(block: list[str], first: int) -> Iterator[tuple[int, str]]:
         yield start, joined
         pending = []
     if pending:
-        yield start, "\n".join(pending)
+        yield start, "".join(pending)
 
 
 def _segments(tokens: list[str]) -> Iterator[list[str]]:
@@ -307,10 +310,12 @@ def _unwrap(tokens: list[str]) -> list[str]:
 
 
 def command_lines(path: Path) -> Iterator[CommandLine]:
-    for number, snippet in code_snippets(path):
+    for number, snippet, inline in code_snippets(path):
         if not any(program in snippet for program in PROGRAMS):
             continue
-        for line in snippet.split("\n") if "\n" in snippet and "'" not in snippet else [snippet]:
+        if inline and (", " in snippet or ": " in snippet):
+            continue  # a quoted message or prose, not a command line
+        for line in [snippet]:
             stripped = line.strip()
             stripped = stripped[2:] if stripped.startswith("$ ") else stripped
             if stripped.startswith("#") or _SYNOPSIS.search(stripped):
@@ -319,14 +324,17 @@ def command_lines(path: Path) -> Iterator[CommandLine]:
             try:
                 lexer = shlex.shlex(text, posix=True, punctuation_chars="|&;()<>")
                 lexer.whitespace_split = True
-                lexer.commenters = ""
+                lexer.commenters = "#"
                 tokens = list(lexer)
             except ValueError:
                 continue
             for segment in _segments(_strip_redirections(tokens)):
                 argv = _unwrap(segment)
-                if argv and Path(argv[0]).name in PROGRAMS and not argv[0].endswith(":"):
-                    yield CommandLine(f"{rel(path)}:{number}", stripped, tuple(argv))
+                if len(argv) < 2 or Path(argv[0]).name not in PROGRAMS:
+                    continue  # not a command, or just the program's name
+                if re.fullmatch(r"[A-Z][A-Z_]*", argv[1]):
+                    continue  # `fly-vault COMMAND --help`: a placeholder for any command
+                yield CommandLine(f"{rel(path)}:{number}", stripped, tuple(argv), inline)
 
 
 def _parse(parser: argparse.ArgumentParser, arguments: list[str]) -> tuple[int, str]:
@@ -359,12 +367,17 @@ def check_command(command: CommandLine) -> str | None:
     if code == 0:
         return None  # --help or --version
     if code != -1:
+        incomplete = "arguments are required" in stderr or "expected one argument" in stderr
+        if command.mention and incomplete:
+            return None  # prose naming `fly-vault forward` or `--forward`, not a runnable line
         return stderr.strip().splitlines()[-1] if stderr.strip() else f"exit {code}"
     args = parser.parse_args(arguments)
     if getattr(args, "version", False):
         return None
     if args.command is None:
         return "no command"
+    if command.mention and program == "fly-vault-admin" and args.action is None:
+        return None  # `fly-vault-admin tenant`: naming the command group
     if program == "fly-vault":
         if remote is not None and not hasattr(args, "argv"):
             return "'--' is only used by exec, before the remote command"

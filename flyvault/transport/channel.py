@@ -205,6 +205,8 @@ class QuicChannel(QuicConnectionProtocol):
         self._terminated_reason: str | None = None
         self._watched: set[QuicStream] = set()
         self.peer_address: Any = None
+        #: Loop time of the last datagram from the peer.
+        self.last_received = 0.0
         self.on_terminated: Callable[[QuicChannel], None] | None = None
         #: Client channels own their UDP socket; server channels share the listener's.
         self.owns_transport = True
@@ -265,6 +267,7 @@ class QuicChannel(QuicConnectionProtocol):
         self._schedule_keepalive()
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        self.last_received = self._loop.time()
         if self.peer_address is None:
             self.peer_address = addr
         super().datagram_received(data, addr)

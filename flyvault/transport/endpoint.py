@@ -32,6 +32,8 @@ from flyvault.transport.tls import generate_self_signed
 
 log = logging.getLogger("flyvault.transport")
 
+#: After an ICMP error, how long the vault has to show it is still there.
+ICMP_GRACE = 1.5
 #: Datagram size without path-MTU discovery (the original used 1200 too).
 MAX_DATAGRAM_SIZE = 1200
 #: Proxy mode (vault-proxy) puts ``u64 LE len(machine_id) || machine_id`` in front of every
@@ -111,8 +113,19 @@ class _ClientChannel(QuicChannel):
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable arrives as ECONNREFUSED: nothing listens there. Fail the
         # handshake at once instead of waiting out the handshake timeout.
+        reason = f"nothing is listening there ({getattr(exc, 'strerror', None) or exc})"
         if not self.quic.handshake_complete:
-            self._terminate(f"nothing is listening there ({exc.strerror or exc})")
+            self._terminate(reason)
+            return
+        # On a working connection an ICMP error is only a hint (it can be forged): give up
+        # only if the vault has not answered at all for a moment after it, which is what a
+        # restarted or dead init looks like. Much sooner than the idle timeout.
+        noticed = self._loop.time()
+        self._loop.call_later(ICMP_GRACE, self._icmp_check, noticed, reason)
+
+    def _icmp_check(self, noticed: float, reason: str) -> None:
+        if not self.is_closed and self.last_received < noticed:
+            self.close_now(reason=f"the vault stopped answering: {reason}")
 
     def transmit(self) -> None:
         if self._wrap is None:
