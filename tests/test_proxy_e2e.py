@@ -294,6 +294,31 @@ def test_nat_rebinding_keeps_the_quic_connection(
     assert [e["new"].rsplit(":", 1)[0] for e in rebinds] == ["127.0.0.1", "127.0.0.4"]
 
 
+def test_a_connection_survives_a_proxy_restart(
+    tenants: Tenants, proxies: list[ProxyProcess], issuer: OidcIssuer
+) -> None:
+    """A new proxy knows no sessions: the client's next 1-RTT packet opens one, the machine
+    sees a new peer address and QUIC migrates the connection to it."""
+    port = free_udp_port("127.0.0.1")
+    proxies.append(start_proxy(tenants, "--port", str(port)))
+    entry = vault_entry(port, issuer, machine_id=tenants.ids["a"], proxy=True)
+
+    async def scenario() -> None:
+        vault = Vault(entry)
+        try:
+            connection = await vault.connection()
+            assert await vault.list_sessions() == []
+            await asyncio.to_thread(proxies[0].stop)
+            proxies.append(await asyncio.to_thread(start_proxy, tenants, "--port", str(port)))
+            assert await asyncio.wait_for(vault.list_sessions(), 20) == []
+            assert vault.connects == 1 and vault.current is connection
+        finally:
+            await vault.close()
+
+    run_async(scenario())
+    assert proxies[1].status()["sessions"]["created"] == 1
+
+
 def test_a_stopped_machine_is_woken_and_the_client_gets_through(
     tenants: Tenants, proxies: list[ProxyProcess], issuer: OidcIssuer
 ) -> None:

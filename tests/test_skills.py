@@ -315,26 +315,25 @@ def command_lines(path: Path) -> Iterator[CommandLine]:
             continue
         if inline and (", " in snippet or ": " in snippet):
             continue  # a quoted message or prose, not a command line
-        for line in [snippet]:
-            stripped = line.strip()
-            stripped = stripped[2:] if stripped.startswith("$ ") else stripped
-            if stripped.startswith("#") or _SYNOPSIS.search(stripped):
-                continue
-            text = _PLACEHOLDER.sub(lambda m: m.group(1).upper().replace(" ", "_"), stripped)
-            try:
-                lexer = shlex.shlex(text, posix=True, punctuation_chars="|&;()<>")
-                lexer.whitespace_split = True
-                lexer.commenters = "#"
-                tokens = list(lexer)
-            except ValueError:
-                continue
-            for segment in _segments(_strip_redirections(tokens)):
-                argv = _unwrap(segment)
-                if len(argv) < 2 or Path(argv[0]).name not in PROGRAMS:
-                    continue  # not a command, or just the program's name
-                if re.fullmatch(r"[A-Z][A-Z_]*", argv[1]):
-                    continue  # `fly-vault COMMAND --help`: a placeholder for any command
-                yield CommandLine(f"{rel(path)}:{number}", stripped, tuple(argv), inline)
+        stripped = snippet.strip()
+        stripped = stripped[2:] if stripped.startswith("$ ") else stripped
+        if stripped.startswith("#") or _SYNOPSIS.search(stripped):
+            continue
+        text = _PLACEHOLDER.sub(lambda m: m.group(1).upper().replace(" ", "_"), stripped)
+        try:
+            lexer = shlex.shlex(text, posix=True, punctuation_chars="|&;()<>")
+            lexer.whitespace_split = True
+            lexer.commenters = "#"
+            tokens = list(lexer)
+        except ValueError:
+            continue
+        for segment in _segments(_strip_redirections(tokens)):
+            argv = _unwrap(segment)
+            if len(argv) < 2 or Path(argv[0]).name not in PROGRAMS:
+                continue  # not a command, or just the program's name
+            if re.fullmatch(r"[A-Z][A-Z_]*", argv[1]):
+                continue  # `fly-vault COMMAND --help`: a placeholder for any command
+            yield CommandLine(f"{rel(path)}:{number}", stripped, tuple(argv), inline)
 
 
 def _parse(parser: argparse.ArgumentParser, arguments: list[str]) -> tuple[int, str]:

@@ -1,0 +1,120 @@
+"""B5: reprovision of a generated ~200 MB rootfs tar.gz end to end, against ``tar xzf``.
+
+As root. One temp dir on the same disk for everything. Steps, interleaved per round:
+``tar xzf`` of the archive into a fresh dir (with ``sync``), then ``fly-vault reprovision``
+of the same archive to a local vm-mode vault (upload, streamed extraction, activation,
+the new workload started). Also records the init server's peak RSS across sizes, to show
+it does not grow with the image.
+
+    .venv/bin/python bench/b5_provision.py [--mb 200] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def _peak_rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mb", type=int, default=200, help="size of the tar.gz (MB)")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("b5: needs root (the vault runs the rootfs in namespaces)", file=sys.stderr)
+        return 2
+    from rootfs_fixtures import generated_tree_archive
+
+    work = Path(tempfile.mkdtemp(prefix="fvb5-", dir=str(ROOT / "bench")))
+    env = dict(os.environ)
+    for var in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME"):
+        env[var] = str(work / var.lower())
+    fly_vault = [sys.executable, "-m", "flyvault.cli.main"]
+    results: dict[str, object] = {"mb": args.mb, "loadavg_start": os.getloadavg()}
+    try:
+        archive = generated_tree_archive(work / "image.tar.gz", args.mb * 1_000_000)
+        size = archive.stat().st_size
+        # A small valid rootfs for the first provision, so every timed run is a reprovision.
+        seed = work / "seed"
+        (seed / "bin").mkdir(parents=True)
+        shutil.copy2("/bin/busybox", seed / "bin/busybox")
+        (seed / "bin/sh").symlink_to("busybox")
+        small = work / "seed.tar.gz"
+        subprocess.run(["tar", "-C", str(seed), "-czf", str(small), "."], check=True)
+        subprocess.run(
+            [*fly_vault, "local", "up", "--rootfs", str(small)],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        state = json.loads((work / "xdg_data_home/fly-vault/local/state.json").read_text())
+        subprocess.run(
+            [*fly_vault, "exec", "local", "--", "sh", "-c", ":"],
+            env=env,
+            check=True,
+            stderr=subprocess.DEVNULL,
+        )
+        rss_small = _peak_rss_kb(state["pid"])
+        config = work / "xdg_config_home/fly-vault/config.toml"
+        config.write_text(config.read_text().replace(str(small), str(archive)))
+        tar_times, ours = [], []
+        for _ in range(args.rounds):
+            target = work / "tar-out"
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir()
+            subprocess.run(["sync"], check=True)
+            started = time.perf_counter()
+            subprocess.run(["tar", "-C", str(target), "-xzf", str(archive)], check=True)
+            subprocess.run(["sync"], check=True)
+            tar_times.append(time.perf_counter() - started)
+            shutil.rmtree(target)
+            subprocess.run(["sync"], check=True)
+            started = time.perf_counter()
+            subprocess.run(
+                [*fly_vault, "reprovision", "local", "--yes"],
+                env=env,
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            subprocess.run(["sync"], check=True)
+            ours.append(time.perf_counter() - started)
+        results.update(
+            archive_bytes=size,
+            tar_xzf_s=tar_times,
+            reprovision_s=ours,
+            ratio_best=min(ours) / min(tar_times),
+            reprovision_MB_s=size / min(ours) / 1e6,
+            init_peak_rss_kb_after_small=rss_small,
+            init_peak_rss_kb_after_large=_peak_rss_kb(state["pid"]),
+            loadavg_end=os.getloadavg(),
+        )
+    finally:
+        subprocess.run([*fly_vault, "local", "down"], env=env, stdout=subprocess.DEVNULL)
+        shutil.rmtree(work, ignore_errors=True)
+    out = ROOT / "bench/results" / time.strftime("b5-%Y-%m-%dT%H%M%S.json", time.gmtime())
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
