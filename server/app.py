@@ -80,6 +80,9 @@ class ServerOptions:
     auth_timeout: float = 30.0
     max_connections: int = 256
     init_binary: str = "/sbin/init"
+    #: rootfs_url downloads: give up after this long without data; refuse beyond this size.
+    url_read_timeout: float = 60.0
+    url_max_bytes: int = 32 * 1024**3
     #: Output kept per exec session for replay (bytes).
     session_buffer: int = 1024 * 1024
     #: How long a finished named session stays listed.
@@ -146,7 +149,12 @@ class VaultServer:
         self.provisioner = (
             None
             if options.host_mode
-            else Provisioner(options.data_dir, init_binary=options.init_binary)
+            else Provisioner(
+                options.data_dir,
+                init_binary=options.init_binary,
+                url_read_timeout=options.url_read_timeout,
+                url_max_bytes=options.url_max_bytes,
+            )
         )
         self.state = VaultState(options, self.provisioner)
         self.limiter = FailureLimiter()

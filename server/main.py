@@ -63,6 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
         "minimal reaper holds the namespace)",
     )
     parser.add_argument(
+        "--url-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="abandon a rootfs_url download after this long without data (default %(default)s)",
+    )
+    parser.add_argument(
+        "--url-max-bytes",
+        type=int,
+        default=32 * 1024**3,
+        metavar="BYTES",
+        help="refuse rootfs_url downloads larger than this (default 32 GiB)",
+    )
+    parser.add_argument(
         "--session-buffer",
         type=int,
         default=int(os.environ.get("VAULT_SESSION_BUFFER", 1024 * 1024)),
@@ -183,6 +197,8 @@ async def _serve(args: argparse.Namespace, host: str, port: int) -> int:
         host_mode=args.host_mode,
         init_binary=args.init_binary,
         session_buffer=args.session_buffer,
+        url_read_timeout=args.url_timeout,
+        url_max_bytes=args.url_max_bytes,
         session_ttl=args.session_ttl,
         max_sessions=args.max_sessions,
     )

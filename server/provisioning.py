@@ -37,10 +37,19 @@ URL_MAX_BYTES = 32 * 1024**3
 
 
 class Provisioner:
-    def __init__(self, data_dir: Path, *, init_binary: str = "/sbin/init") -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        init_binary: str = "/sbin/init",
+        url_read_timeout: float = URL_READ_TIMEOUT,
+        url_max_bytes: int = URL_MAX_BYTES,
+    ) -> None:
         self.store = RootfsStore(data_dir)
         self.runtime = WorkloadRuntime.from_data_dir(data_dir, init_binary=init_binary)
         self.lock = asyncio.Lock()
+        self.url_read_timeout = url_read_timeout
+        self.url_max_bytes = url_max_bytes
 
     async def boot(self) -> None:
         """At init start: recover an interrupted activation, start a provisioned workload."""
@@ -118,7 +127,9 @@ class ProvisionJob:
                 f"rootfs URL scheme must be http or https, got {scheme}",
                 hint="set rootfs_url to an http(s) URL",
             )
-        timeout = httpx.Timeout(URL_READ_TIMEOUT, connect=URL_CONNECT_TIMEOUT)
+        read_timeout = self.provisioner.url_read_timeout
+        max_bytes = self.provisioner.url_max_bytes
+        timeout = httpx.Timeout(read_timeout, connect=URL_CONNECT_TIMEOUT)
         where = _redact_url(url)
         try:
             async with (
@@ -133,17 +144,17 @@ class ProvisionJob:
                         hint="check rootfs_url (is the file there, is the link still valid?)",
                     )
                 declared = int(response.headers.get("content-length") or 0)
-                if declared > URL_MAX_BYTES:
-                    raise _too_big(where)
+                if declared > max_bytes:
+                    raise _too_big(where, max_bytes)
                 received = 0
                 async for chunk in response.aiter_bytes(256 * 1024):
                     received += len(chunk)
-                    if received > URL_MAX_BYTES:
-                        raise _too_big(where)
+                    if received > max_bytes:
+                        raise _too_big(where, max_bytes)
                     await self.feed(chunk, declared)
         except httpx.TimeoutException:
             raise ProvisionError(
-                f"rootfs download from {where} timed out (no data for {URL_READ_TIMEOUT:g} s)",
+                f"rootfs download from {where} timed out (no data for {read_timeout:g} s)",
                 hint="check that the URL is reachable from the vault",
             ) from None
         except httpx.TooManyRedirects:
@@ -202,10 +213,10 @@ class ProvisionJob:
         await asyncio.to_thread(self.provisioner.store.discard_staging)
 
 
-def _too_big(where: str) -> ProvisionError:
+def _too_big(where: str, limit: int) -> ProvisionError:
     return ProvisionError(
-        f"rootfs download from {where} is larger than {URL_MAX_BYTES // 1024**3} GiB",
-        hint="use a smaller image",
+        f"rootfs download from {where} is larger than the vault's limit of {limit} bytes",
+        hint="use a smaller image, or raise init's --url-max-bytes",
     )
 
 

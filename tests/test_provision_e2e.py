@@ -277,3 +277,110 @@ def test_sigterm_to_init_stops_the_workload(
         init.stop()
         if client is not None and client.poll() is None:
             client.kill()
+
+
+@pytest.fixture
+def stalling_url() -> Iterator[str]:
+    """An HTTP server that sends headers and a little data, then nothing."""
+    import socket
+    import time as time_module
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.2)
+        held = []
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 50000\r\n\r\n" + b"\x1f\x8b")
+            held.append(conn)
+        for conn in held:
+            conn.close()
+        time_module.sleep(0)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/image.tar.gz"
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+
+
+def test_url_that_stalls_or_is_too_big_is_refused(
+    tmp_path: Path,
+    fly_api: Any,
+    issuer: OidcIssuer,
+    stalling_url: str,
+    web_root: tuple[str, Path],
+) -> None:
+    init = start_init(
+        tmp_path,
+        fly_api.path,
+        host_mode=False,
+        extra_args=("--url-timeout", "2", "--url-max-bytes", "100000"),
+    )
+    try:
+        configure(init.port, issuer, rootfs_url=stalling_url)
+        stalled = fv("exec", "vm", "--", "true")
+        assert stalled.returncode == 255
+        assert b"timed out (no data for 2 s)" in stalled.stderr
+        base, root = web_root
+        make_rootfs(root / "big.tar.gz", "BIG", extra={"blob": os.urandom(300_000)})
+        configure(init.port, issuer, rootfs_url=f"{base}/big.tar.gz")
+        big = fv("exec", "vm", "--", "true")
+        assert big.returncode == 255
+        assert b"larger than the vault's limit of 100000 bytes" in big.stderr
+        assert not (init.data_dir / ".provisioned").exists()
+        assert not (init.data_dir / "rootfs.staging").exists()
+    finally:
+        init.stop()
+
+
+def test_sigkill_of_init_during_reprovision_keeps_the_old_rootfs(
+    tmp_path: Path, fly_api: Any, issuer: OidcIssuer
+) -> None:
+    """The real init, killed with SIGKILL while a large image is arriving: a new init on the
+    same volume recovers and runs the old rootfs, with /root intact."""
+    import time
+
+    init = start_init(tmp_path, fly_api.path, host_mode=False)
+    try:
+        configure(init.port, issuer, rootfs=str(make_rootfs(tmp_path / "a.tar.gz", "A")))
+        assert fv("exec", "vm", "--", "sh", "-c", "echo v > /root/v").returncode == 0
+        big = make_rootfs(tmp_path / "b.tar.gz", "B", extra={"blob": os.urandom(40_000_000)})
+        configure(init.port, issuer, rootfs=str(big))
+        swap = subprocess.Popen(
+            [sys.executable, "-m", "flyvault.cli.main", "reprovision", "vm", "--yes"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        staging = init.data_dir / "rootfs.staging"
+        deadline = time.monotonic() + 60
+        while not staging.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # mid-upload
+        init.process.kill()
+        init.process.wait(timeout=10)
+        swap.wait(timeout=90)
+        assert swap.returncode != 0
+    finally:
+        init.stop()
+    again = start_init(tmp_path, fly_api.path, host_mode=False)
+    try:
+        configure(again.port, issuer)
+        result = fv("exec", "vm", "--", "cat", "/etc/version", "/root/v")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == [b"A", b"v"]
+        assert not (again.data_dir / "rootfs.staging").exists()
+    finally:
+        again.stop()
