@@ -5,6 +5,12 @@ checked: a typo such as ``adress`` would otherwise surface much later as a confu
 "missing address". Relational rootfs rules stay lazy as in the original (§8.3): a vault
 that is already provisioned must keep working even while both rootfs keys are set.
 
+Speed matters here: every CLI run reads this file, and importing pydantic costs about as
+much as a QUIC handshake several times over. So ``VaultConfig`` is a plain object and the
+pydantic model that validates it is built only when something must be validated: a file
+whose exact bytes were validated before (its SHA-256 is remembered in the cache
+directory, with the fly-vault version) is read with tomllib alone.
+
 The file holds access tokens, so no error text built here ever contains one. Pydantic puts
 input values into its messages; we never show them, format every problem ourselves, and
 finally scrub any configured token string out of the text in case one was pasted into
@@ -15,7 +21,9 @@ from __future__ import annotations
 
 import difflib
 import fcntl
+import hashlib
 import ipaddress
+import json
 import os
 import re
 import stat
@@ -25,23 +33,16 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 import tomli_w
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    SecretStr,
-    StrictBool,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
 
 from flyvault import paths
 from flyvault.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 DEFAULT_ISSUER_BASE_URL = "https://oidc.fly.io"
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
@@ -218,81 +219,102 @@ def _check_issuer(url: str) -> None:
         )
 
 
-class VaultConfig(BaseModel):
-    """One ``[vault.<name>]`` table. Construction raises ConfigError, never ValidationError."""
+class Secret:
+    """A string that never shows itself in repr, str or formatting (the access token)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+    __slots__ = ("_value",)
 
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get_secret_value(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    def __str__(self) -> str:
+        return "**********"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+_DEFAULTS: dict[str, Any] = {
+    "access_token": None,
+    "machine_id": None,
+    "proxy": False,
+    "forward": (),
+    "rootfs": None,
+    "rootfs_url": None,
+    "oidc_issuer_url": None,
+}
+_FIELDS = ("name", "address", "org", "app", *_DEFAULTS)
+
+
+class VaultConfig:
+    """One ``[vault.<name>]`` table, validated. Construction raises ConfigError."""
+
+    __slots__ = _FIELDS
     name: str
     address: str
     org: str
     app: str
-    access_token: SecretStr | None = None
-    machine_id: str | None = None
+    access_token: Secret | None
+    machine_id: str | None
     #: ``address`` is a vault-proxy; every datagram carries ``machine_id`` (the route).
-    proxy: StrictBool = False
-    forward: tuple[str, ...] = ()
-    rootfs: str | None = None
-    rootfs_url: str | None = None
-    oidc_issuer_url: str | None = None
+    proxy: bool
+    forward: tuple[str, ...]
+    rootfs: str | None
+    rootfs_url: str | None
+    oidc_issuer_url: str | None
 
     def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as exc:
-            name = data.get("name")
-            shown = name if isinstance(name, str) else "?"
-            problems = _describe(shown, exc)
-            # "from None": the ValidationError holds the raw input, token included.
-            raise ConfigError(_scrub("\n".join(problems), _tokens_in(data))) from None
+        token = data.get("access_token")
+        if isinstance(token, Secret):
+            data = {**data, "access_token": token.get_secret_value()}
+        model = _schema()(**data)
+        values = {key: getattr(model, key) for key in _FIELDS}
+        secret = values["access_token"]
+        values["access_token"] = Secret(secret.get_secret_value()) if secret is not None else None
+        self._assign(values)
 
-    @field_validator("name")
     @classmethod
-    def _valid_name(cls, value: str) -> str:
-        if not _NAME_RE.fullmatch(value):
-            raise ValueError(
-                f"invalid vault name {_show(value)}: use only letters, digits, '_', '.' and '-'"
-            )
-        return value
+    def _trusted(cls, table: Mapping[str, Any]) -> VaultConfig:
+        """Build from a table whose exact file content was validated before."""
+        entry = object.__new__(cls)
+        values = {**_DEFAULTS, **table}
+        token = values["access_token"]
+        values["access_token"] = Secret(token) if isinstance(token, str) else token
+        values["forward"] = tuple(values["forward"])
+        entry._assign(values)
+        return entry
 
-    @field_validator("org", "app", "machine_id", "rootfs")
-    @classmethod
-    def _not_blank(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None and not value.strip():
-            raise ValueError(f"{info.field_name} must not be empty")
-        # org goes into the issuer URL path, app and machine_id are compared verbatim.
-        if info.field_name != "rootfs" and value and any(c.isspace() or c in "/?#%" for c in value):
-            raise ValueError(f"{info.field_name} must not contain spaces or any of / ? # %")
-        return value
+    def _assign(self, values: Mapping[str, Any]) -> None:
+        for key in _FIELDS:
+            object.__setattr__(self, key, values[key])
 
-    @field_validator("address", "forward")
-    @classmethod
-    def _parses(cls, value: str | tuple[str, ...]) -> str | tuple[str, ...]:
-        # pydantic turns only ValueError into a validation error; ConfigError would escape.
-        try:
-            if isinstance(value, str):
-                parse_address(value)
-            else:
-                for spec in value:
-                    parse_forward_spec(spec)
-        except ConfigError as exc:
-            raise ValueError(exc.message) from None
-        return value
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError(f"VaultConfig is frozen; cannot set {key}")
 
-    @field_validator("rootfs_url", "oidc_issuer_url")
-    @classmethod
-    def _valid_url(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None and info.field_name == "rootfs_url":
-            _check_http_url(value, "rootfs_url")
-        elif value is not None:
-            _check_issuer(value)
-        return value
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, VaultConfig):
+            return NotImplemented
+        return all(getattr(self, k) == getattr(other, k) for k in _FIELDS)
 
-    @model_validator(mode="after")
-    def _proxy_needs_machine(self) -> VaultConfig:
-        if self.proxy and self.machine_id is None:
-            raise ValueError("proxy = true needs machine_id: the proxy routes every datagram by it")
-        return self
+    def __hash__(self) -> int:
+        return hash(tuple(getattr(self, k) for k in _FIELDS))
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={getattr(self, k)!r}" for k in _FIELDS)
+        return f"VaultConfig({shown})"
+
+    def to_fields(self, *, exclude: frozenset[str] = frozenset()) -> dict[str, Any]:
+        """The values as keyword arguments for ``VaultConfig(...)`` (token as a Secret)."""
+        return {k: getattr(self, k) for k in _FIELDS if k not in exclude}
 
     def host_port(self) -> tuple[str, int]:
         return parse_address(self.address)
@@ -341,7 +363,7 @@ class VaultConfig(BaseModel):
         table: dict[str, Any] = {}
         for key in VAULT_KEYS:
             value = getattr(self, key)
-            if isinstance(value, SecretStr):
+            if isinstance(value, Secret):
                 value = value.get_secret_value()
             if value is not None and value != () and value is not False:
                 table[key] = list(value) if isinstance(value, tuple) else value
@@ -349,7 +371,108 @@ class VaultConfig(BaseModel):
 
 
 # The keys a [vault.<name>] table may hold, in the order they are written back.
-VAULT_KEYS = tuple(key for key in VaultConfig.model_fields if key != "name")
+VAULT_KEYS = tuple(key for key in _FIELDS if key != "name")
+
+_SCHEMA: Any = None
+
+
+def _schema() -> Any:
+    """The pydantic model that validates a table; imported and built on first use."""
+    global _SCHEMA
+    if _SCHEMA is not None:
+        return _SCHEMA
+    from pydantic import (
+        BaseModel,
+        ConfigDict,
+        SecretStr,
+        StrictBool,
+        ValidationError,
+        ValidationInfo,
+        field_validator,
+        model_validator,
+    )
+
+    class _VaultModel(BaseModel):
+        model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+        name: str
+        address: str
+        org: str
+        app: str
+        access_token: SecretStr | None = None
+        machine_id: str | None = None
+        proxy: StrictBool = False
+        forward: tuple[str, ...] = ()
+        rootfs: str | None = None
+        rootfs_url: str | None = None
+        oidc_issuer_url: str | None = None
+
+        def __init__(self, **data: Any) -> None:
+            try:
+                super().__init__(**data)
+            except ValidationError as exc:
+                name = data.get("name")
+                shown = name if isinstance(name, str) else "?"
+                problems = _describe(shown, exc)
+                # "from None": the ValidationError holds the raw input, token included.
+                raise ConfigError(_scrub("\n".join(problems), _tokens_in(data))) from None
+
+        @field_validator("name")
+        @classmethod
+        def _valid_name(cls, value: str) -> str:
+            if not _NAME_RE.fullmatch(value):
+                raise ValueError(
+                    f"invalid vault name {_show(value)}: use only letters, digits, '_', '.' and '-'"
+                )
+            return value
+
+        @field_validator("org", "app", "machine_id", "rootfs")
+        @classmethod
+        def _not_blank(cls, value: str | None, info: ValidationInfo) -> str | None:
+            if value is not None and not value.strip():
+                raise ValueError(f"{info.field_name} must not be empty")
+            # org goes into the issuer URL path, app and machine_id are compared verbatim.
+            if (
+                info.field_name != "rootfs"
+                and value
+                and any(c.isspace() or c in "/?#%" for c in value)
+            ):
+                raise ValueError(f"{info.field_name} must not contain spaces or any of / ? # %")
+            return value
+
+        @field_validator("address", "forward")
+        @classmethod
+        def _parses(cls, value: str | tuple[str, ...]) -> str | tuple[str, ...]:
+            # pydantic turns only ValueError into a validation error; ConfigError would escape.
+            try:
+                if isinstance(value, str):
+                    parse_address(value)
+                else:
+                    for spec in value:
+                        parse_forward_spec(spec)
+            except ConfigError as exc:
+                raise ValueError(exc.message) from None
+            return value
+
+        @field_validator("rootfs_url", "oidc_issuer_url")
+        @classmethod
+        def _valid_url(cls, value: str | None, info: ValidationInfo) -> str | None:
+            if value is not None and info.field_name == "rootfs_url":
+                _check_http_url(value, "rootfs_url")
+            elif value is not None:
+                _check_issuer(value)
+            return value
+
+        @model_validator(mode="after")
+        def _proxy_needs_machine(self) -> _VaultModel:
+            if self.proxy and self.machine_id is None:
+                raise ValueError(
+                    "proxy = true needs machine_id: the proxy routes every datagram by it"
+                )
+            return self
+
+    _SCHEMA = _VaultModel
+    return _SCHEMA
 
 
 def _readable_file(raw: str, ref: str) -> Path:
@@ -408,8 +531,8 @@ def _describe(name: str, exc: ValidationError) -> list[str]:
 
 def _tokens_in(table: Mapping[str, Any]) -> list[str]:
     token = table.get("access_token")
-    if isinstance(token, SecretStr):
-        token = token.get_secret_value()
+    if isinstance(token, Secret) or hasattr(token, "get_secret_value"):
+        token = token.get_secret_value()  # type: ignore[union-attr]
     return [token] if isinstance(token, str) and token else []
 
 
@@ -441,12 +564,20 @@ def _resolve(path: Path | None) -> Path:
 
 def _read_document(path: Path) -> dict[str, Any] | None:
     """The parsed TOML document, or None when the file does not exist."""
+    raw = _read_raw(path)
+    return None if raw is None else _parse_toml(raw, path)
+
+
+def _read_raw(path: Path) -> bytes | None:
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+
+
+def _parse_toml(raw: bytes, path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
@@ -501,14 +632,58 @@ def _parse_document(doc: dict[str, Any], path: Path) -> dict[str, VaultConfig]:
 def load_config(path: Path | None = None, *, missing_ok: bool = False) -> Config:
     """Read and validate the whole file; any broken entry is an error for every command."""
     path = _resolve(path)
-    doc = _read_document(path)
-    if doc is None:
+    raw = _read_raw(path)
+    if raw is None:
         if missing_ok:
             return Config(path)
         raise ConfigError(
             f"config file {path} not found", hint=f"create it with at least:\n{_EXAMPLE}"
         )
-    return Config(path, _parse_document(doc, path))
+    doc = _parse_toml(raw, path)
+    key = _validation_key(raw)
+    if _was_validated(key):
+        tables = doc.get("vault", {})
+        return Config(
+            path, {name: VaultConfig._trusted({**t, "name": name}) for name, t in tables.items()}
+        )
+    config = Config(path, _parse_document(doc, path))
+    _remember_validated(key)
+    return config
+
+
+# The validated-file cache: one SHA-256 over (fly-vault version, schema version, file bytes).
+# Same bytes, same code: the same verdict, so pydantic need not be imported again.
+_SCHEMA_VERSION = "1"
+
+
+def _validation_key(raw: bytes) -> str:
+    from flyvault import __version__
+
+    digest = hashlib.sha256(f"{__version__}\0{_SCHEMA_VERSION}\0".encode())
+    digest.update(raw)
+    return digest.hexdigest()
+
+
+def _validated_cache() -> Path:
+    return paths.cache_dir() / "config-validated-v1.json"
+
+
+def _was_validated(key: str) -> bool:
+    try:
+        return json.loads(_validated_cache().read_text()).get("key") == key
+    except (OSError, ValueError, AttributeError, ConfigError):
+        return False
+
+
+def _remember_validated(key: str) -> None:
+    """Best effort: a cache that cannot be written only costs the next run some time."""
+    with suppress(OSError, ConfigError):
+        target = _validated_cache()
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".config-validated.")
+        with os.fdopen(fd, "w") as out:
+            json.dump({"key": key}, out)
+        os.replace(tmp, target)
 
 
 def load_vault(name: str, path: Path | None = None) -> VaultConfig:

@@ -176,7 +176,7 @@ def up(name: str = "local", port: int = 0, rootfs: Path | None = None) -> tuple[
     tmp.write_text(json.dumps(asdict(state), indent=2))
     os.replace(tmp, _state_file())
     previous = config.vaults.get(name)
-    fields = previous.model_dump(exclude={"name", "access_token"}) if previous else {}
+    fields = previous.to_fields(exclude=frozenset({"name", "access_token"})) if previous else {}
     fields.update(
         address=f"{state.host}:{state.port}",
         org=LOCAL_ORG,

@@ -33,7 +33,7 @@ from .progress import Reporter, human_bytes
 log = logging.getLogger("mcp_server")
 
 LOG_LINES = 200
-HEARTBEAT = 5.0
+HEARTBEAT = 2.0
 MAX_JOBS = 100
 
 _CAPTURE: contextvars.ContextVar[Callable[[str], None] | None] = contextvars.ContextVar(

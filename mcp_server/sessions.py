@@ -41,7 +41,7 @@ log = logging.getLogger("mcp_server")
 #: How long a terminated command gets before SIGKILL.
 KILL_GRACE = 5.0
 #: Progress heartbeat while a call waits.
-HEARTBEAT = 5.0
+HEARTBEAT = 2.0
 #: How long to wait for the vault to confirm a start, whatever ``wait_seconds`` says.
 START_TIMEOUT = 30.0
 #: Pattern matches look back this far into output seen before (a match split by chunks).
@@ -173,6 +173,11 @@ class ExecRegistry:
             context=request.context,
         )
         session = ExecSession(vault, request, self._hooks(record))
+        # A generated id cannot name an existing session: the input can go out with the
+        # OPEN frame (one packet; `cat` sees EOF without another round trip).
+        early = not request.keep
+        if early:
+            self._send_stdin(record, session, stdin, stdin_open)
         self._records[(vault_name, request.session_id)] = record
         self._follow(record, session)
         try:
@@ -185,15 +190,21 @@ class ExecRegistry:
             raise
         # Only into a process we started: a named session that already existed is
         # reattached by the vault, and its stdin is not ours to write or close.
-        if record.created and record.session is not None:
-            if stdin:
-                session.send_stdin(stdin)
-            if not stdin_open:
-                session.close_stdin()
-                record.stdin_closed = True
+        if not early and record.created and record.session is not None:
+            self._send_stdin(record, session, stdin, stdin_open)
         if timeout is not None and record.exited is None:
             record.killer = self._spawn(self._kill_after(record, vault, timeout))
         return record
+
+    @staticmethod
+    def _send_stdin(
+        record: ExecRecord, session: ExecSession, stdin: bytes | None, stdin_open: bool
+    ) -> None:
+        if stdin:
+            session.send_stdin(stdin)
+        if not stdin_open:
+            session.close_stdin()
+            record.stdin_closed = True
 
     async def attach(self, vault_name: str, session_id: str, offset: int) -> ExecRecord:
         """Follow a session this process does not follow (yet, or any more)."""

@@ -462,7 +462,7 @@ def test_no_token_from_direct_construction_or_model_output() -> None:
         VaultConfig(name="prod", access_token=TOKEN)  # pydantic's "missing" carries the dict
     assert TOKEN not in _all_text(info.value)
     vault = entry(access_token=TOKEN)
-    for shown in (repr(vault), str(vault), vault.model_dump_json(), repr(vault.model_dump())):
+    for shown in (repr(vault), str(vault), repr(vault.to_fields()), str(vault.to_fields())):
         assert TOKEN not in shown
     assert vault.require_access_token() == TOKEN
 
@@ -498,9 +498,9 @@ def test_rootfs_url(url: str) -> None:
 
 
 def test_rootfs_url_scheme_rechecked_when_used() -> None:
-    # model_construct skips validation, as a hand-built entry might
-    bad = VaultConfig.model_construct(
-        name="p", address="h:1", org="o", app="a", rootfs_url="file:///r"
+    # _trusted skips validation, as a hand-built entry might
+    bad = VaultConfig._trusted(
+        {"name": "p", "address": "h:1", "org": "o", "app": "a", "rootfs_url": "file:///r"}
     )
     with pytest.raises(ConfigError) as info:
         bad.rootfs_source("cold boot")
@@ -712,7 +712,7 @@ def test_broken_file_is_never_overwritten(cfg: Path, broken: str) -> None:
 
 def test_save_refuses_an_unvalidated_entry(cfg: Path) -> None:
     write(cfg, MINIMAL)
-    bad = VaultConfig.model_construct(name="dev", address="nope", org="o", app="a")
+    bad = VaultConfig._trusted({"name": "dev", "address": "nope", "org": "o", "app": "a"})
     with pytest.raises(ConfigError, match="invalid address 'nope'"):
         save_vault(bad)
     assert cfg.read_text() == MINIMAL
@@ -764,3 +764,24 @@ def test_documented_full_example_loads(tmp_path: Path) -> None:
     assert list(config.vaults) == ["prod", "scratch.eu"]
     assert config.vaults["scratch.eu"].host_port() == ("2a09:8280:1::2a", 4433)
     assert config.vaults["prod"].forwards()[1] == ForwardSpec(5432, "::1", 5432)
+
+
+def test_validated_file_is_read_without_pydantic(cfg: Path) -> None:
+    """The second read of the same bytes comes from the validated-file cache."""
+    import subprocess
+    import sys
+
+    write(cfg, MINIMAL)
+    probe = (
+        "import sys; from flyvault.config import load_vault; v = load_vault('prod'); "
+        "print(v.address, 'pydantic' in sys.modules)"
+    )
+    first = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    second = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert first.stdout.split()[1] == "True", first.stderr
+    assert second.stdout.split()[1] == "False", second.stderr
+    assert first.stdout.split()[0] == second.stdout.split()[0]
+    # Any change to the bytes is validated again, and a broken file is still refused.
+    write(cfg, MINIMAL.replace("address", "adress"))
+    third = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert "unknown key 'adress'" in third.stderr
