@@ -270,6 +270,11 @@ async def _run_server(
     server = VaultServer(options, token, attestor)
     listener = await server.start()
     host, port = listener.address
+    # Handlers first: whoever waits on the ready file may signal us at once.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     ready = Path(args.ready_file)
     tmp = ready.with_suffix(".tmp")
     tmp.write_text(
@@ -285,10 +290,6 @@ async def _run_server(
         )
     )
     os.replace(tmp, ready)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.shutdown()
     await attestor.aclose()

@@ -72,7 +72,7 @@ class ForwardManager:
             total_connections=listener.total,
         )
 
-    def list(self, vault_name: str | None = None) -> ForwardList:
+    def listing(self, vault_name: str | None = None) -> ForwardList:
         return ForwardList(
             forwards=[
                 self._info(fid, name, listener)

@@ -64,9 +64,9 @@ class _RoutedStream:
 
 def _install_routing() -> None:
     if not isinstance(sys.stdout, _RoutedStream):
-        sys.stdout = _RoutedStream(sys.stdout)  # type: ignore[assignment]
+        sys.stdout = _RoutedStream(sys.stdout)
     if not isinstance(sys.stderr, _RoutedStream):
-        sys.stderr = _RoutedStream(sys.stderr)  # type: ignore[assignment]
+        sys.stderr = _RoutedStream(sys.stderr)
 
 
 @dataclass(eq=False)

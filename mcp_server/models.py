@@ -21,6 +21,7 @@ class VaultEntry(BaseModel):
     rootfs: str | None
     rootfs_url_set: bool
     forwards: list[str]
+    via_proxy: bool
     dev_issuer: bool
     connected: bool
 

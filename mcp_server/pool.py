@@ -22,7 +22,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 
 from flyvault.client.vault import Vault
 from flyvault.config import Config, VaultConfig, load_config
-from flyvault.errors import VaultError
+from flyvault.errors import Timeout, VaultError
 
 from .models import Claims, StatusStep, VaultEntry, VaultList, VaultStatus
 
@@ -96,7 +96,7 @@ class _Recorder:
         self.steps.append(StatusStep(step=step, ok=True, elapsed_ms=elapsed * 1000, detail=detail))
 
     def step_failed(self, step: str, elapsed: float, error: VaultError) -> None:
-        from flyvault.client.connection import ColdVault
+        from flyvault.errors import ColdVault
 
         ok = isinstance(error, ColdVault)
         self.steps.append(
@@ -181,6 +181,7 @@ class VaultPool:
                 # A presigned URL carries a credential: say only whether one is set.
                 rootfs_url_set=entry.rootfs_url is not None,
                 forwards=list(entry.forward),
+                via_proxy=bool(getattr(entry, "proxy", False)),
                 dev_issuer=entry.is_issuer_overridden,
                 connected=self.connected(entry.name),
             )
@@ -227,7 +228,8 @@ class VaultPool:
 
     async def status(self, name: str, *, fresh: bool = False) -> VaultStatus:
         """Doctor-style: reuse the live connection, else connect without provisioning."""
-        from flyvault.client.connection import ColdVault, open_vault
+        from flyvault.client.connection import open_vault
+        from flyvault.errors import ColdVault
 
         started = time.perf_counter()
         try:
@@ -275,8 +277,6 @@ class VaultPool:
                     exit_code=0,
                 )
             except TimeoutError:
-                from flyvault.errors import Timeout
-
                 error = Timeout(f"connecting to vault '{name}' took more than 60 s")
                 return _failed(name, entry.is_issuer_overridden, steps + recorder.steps, error)
             except VaultError as exc:
@@ -293,6 +293,7 @@ class VaultPool:
                     f"{vault.connects} connect(s) so far)",
                 )
             )
+        assert connection is not None
         return VaultStatus(
             vault=name,
             ok=True,

@@ -174,9 +174,7 @@ class VaultMCP(MCPServer[Any]):
             for tool in tools
         ]
 
-    async def call_tool(  # type: ignore[override]
-        self, name: str, arguments: dict[str, Any], context: Any = None
-    ) -> Any:
+    async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
         scrub = self.state.secrets.scrub
         try:
             result = await super().call_tool(name, arguments, context)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from flyvault.client.vault import ExecHooks, ExecSession, SessionTakenOver, Vault
-from flyvault.errors import NotFoundError, UsageError, VaultError
+from flyvault.errors import NotFoundError, Timeout, UsageError, VaultError
 from flyvault.protocol.console import Exited, OpenSession, Started
 
 from .models import ExecResult, SessionInfo, SessionList
@@ -47,6 +47,8 @@ START_TIMEOUT = 30.0
 #: Pattern matches look back this far into output seen before (a match split by chunks).
 PATTERN_OVERLAP = 4096
 MAX_FINISHED = 64
+#: Output kept for finished sessions, all together; the oldest go first.
+MAX_FINISHED_BYTES = 64 * 1024 * 1024
 FINISHED_TTL = 3600.0
 
 Until = Literal["exit", "output"]
@@ -125,6 +127,8 @@ class ExecRegistry:
         self.buffer_bytes = buffer_bytes
         self._records: dict[tuple[str, str], ExecRecord] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Stops of cancelled foreground execs: given a moment to finish at shutdown.
+        self._stopping: set[asyncio.Task[None]] = set()
 
     def get(self, vault: str, session_id: str) -> ExecRecord | None:
         return self._records.get((vault, session_id))
@@ -139,7 +143,7 @@ class ExecRegistry:
             async with asyncio.timeout(max(wait_seconds, 10.0)):
                 await vault.connection()
         except TimeoutError:
-            raise UsageError(
+            raise Timeout(
                 f"vault '{vault_name}' is still connecting (a cold vault is provisioned from "
                 "its rootfs on first use, which can take minutes); the connect goes on in the "
                 "background",
@@ -212,6 +216,7 @@ class ExecRegistry:
         if record is not None and (record.following or record.exited is not None):
             return record
         vault = await self.connect(vault_name, START_TIMEOUT)
+        new = record is None
         if record is None:
             record = ExecRecord(
                 vault=vault_name,
@@ -228,7 +233,7 @@ class ExecRegistry:
         try:
             await self._await_start(record)
         except VaultError:
-            if record.created is None and record.buffer.end == 0:
+            if new:
                 self._records.pop((vault_name, session_id), None)
             raise
         return record
@@ -285,17 +290,20 @@ class ExecRegistry:
         return task
 
     def _prune(self) -> None:
+        """Forget finished sessions: past ``FINISHED_TTL``, beyond ``MAX_FINISHED``, or
+        while their output together holds more than ``MAX_FINISHED_BYTES``."""
         now = time.monotonic()
         finished = [
             r
             for r in self._records.values()
             if not r.following and (r.exited is not None or r.error is not None)
         ]
-        finished.sort(key=lambda r: r.finished_at or r.started_at)
-        excess = len(finished) - MAX_FINISHED
+        finished.sort(key=lambda r: r.finished_at or r.started_at, reverse=True)  # newest first
+        kept_bytes = 0
         for index, record in enumerate(finished):
+            kept_bytes += record.buffer.end - record.buffer.start
             old = now - (record.finished_at or record.started_at) > FINISHED_TTL
-            if index < excess or old:
+            if index >= MAX_FINISHED or kept_bytes > MAX_FINISHED_BYTES or old:
                 self._records.pop((record.vault, record.session_id), None)
 
     # Stopping ---------------------------------------------------------------------------
@@ -332,7 +340,9 @@ class ExecRegistry:
 
         if record.exited is None:
             log.info("session %s: exec call cancelled; stopping the command", record.session_id)
-            self._spawn(stop())
+            task = self._spawn(stop())
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
 
     async def signal(self, vault_name: str, session_id: str, signo: int) -> None:
         vault = await self.pool.get(vault_name)
@@ -469,7 +479,7 @@ class ExecRegistry:
 
     # Listing ----------------------------------------------------------------------------
 
-    async def list(self, vault_name: str) -> SessionList:
+    async def list_sessions(self, vault_name: str) -> SessionList:
         vault = await self.pool.get(vault_name)
         remote = await vault.list_sessions()
         seen: set[str] = set()
@@ -521,7 +531,11 @@ class ExecRegistry:
         return SessionList(vault=vault_name, sessions=sessions)
 
     async def close(self) -> None:
-        """Stop following (the commands keep running on their vaults)."""
+        """Stop following (the commands keep running on their vaults), after giving the
+        stops of cancelled foreground execs (a client that went away mid-call) a moment."""
+        stopping = [task for task in self._stopping if not task.done()]
+        if stopping:
+            await asyncio.wait(stopping, timeout=KILL_GRACE)
         tasks = [r.task for r in self._records.values() if r.task is not None]
         tasks += list(self._tasks)
         for task in tasks:

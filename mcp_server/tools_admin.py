@@ -88,7 +88,8 @@ def register_admin_tools(server: VaultMCP, state: State) -> None:
             )
 
         async def work(job: Job) -> dict[str, Any]:
-            from flyvault.client.connection import ColdVault, open_vault
+            from flyvault.client.connection import open_vault
+            from flyvault.errors import ColdVault
 
             current = await pool.get(vault)
             token = PROGRESS.set(job.on_phase)

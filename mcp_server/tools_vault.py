@@ -220,7 +220,9 @@ def register_vault_tools(server: VaultMCP, state: State) -> None:
         result = execs.result(record, offset=since, length=None, max_bytes=max_output_bytes)
         return structured(result, exec_text(result))
 
-    @server.tool(annotations=READ_ONLY)
+    @server.tool(
+        annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=True)
+    )
     async def read_output(
         ctx: Context,
         vault: VaultName,
@@ -279,8 +281,8 @@ def register_vault_tools(server: VaultMCP, state: State) -> None:
         eof: Annotated[bool, Field(description="then close stdin (end of input)")] = False,
     ) -> Annotated[CallToolResult, SendInputResult]:
         """Write text to the standard input of a running session (started with
-        stdin_open=true, or tty=true), optionally closing it. Read the reaction with
-        read_output(until="output")."""
+        stdin_open=true; add tty=true for programs that want a terminal), optionally
+        closing it. Read the reaction with read_output(until="output")."""
         record = await execs.send_input(vault, _session_id(session_id), text.encode(), eof)
         return structured(
             SendInputResult(
@@ -317,7 +319,7 @@ def register_vault_tools(server: VaultMCP, state: State) -> None:
         """List a vault's exec sessions: running or exited (status, signal), command,
         context, output bytes, whether a client is attached, and the offset this server
         read up to. Includes finished sessions this server followed that the vault dropped."""
-        return structured(await execs.list(vault))
+        return structured(await execs.list_sessions(vault))
 
     @server.tool(annotations=ToolAnnotations(open_world_hint=True))
     async def forward_start(
@@ -351,7 +353,7 @@ def register_vault_tools(server: VaultMCP, state: State) -> None:
         vault: Annotated[str | None, Field(description="only this vault's")] = None,
     ) -> Annotated[CallToolResult, ForwardList]:
         """List the forwards this MCP server runs, with live and total connection counts."""
-        return structured(forwards.list(vault))
+        return structured(forwards.listing(vault))
 
 
 __all__ = ["exec_text", "register_vault_tools"]

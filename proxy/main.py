@@ -310,6 +310,11 @@ async def _serve(
             "status": f"{bound_status[0]}:{bound_status[1]}" if bound_status else "off",
         },
     )
+    # Signal handlers before the ready file: whoever waits for that file may signal at once.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     if args.ready_file:
         tmp = args.ready_file.with_suffix(".tmp")
         tmp.write_text(
@@ -324,10 +329,6 @@ async def _serve(
         )
         os.replace(tmp, args.ready_file)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     tasks = [loop.create_task(directory.run(), name="poller")]
     if args.summary_interval_secs > 0:
         tasks.append(loop.create_task(_summaries(relay, args.summary_interval_secs)))

@@ -213,14 +213,15 @@ async def _serve(args: argparse.Namespace, host: str, port: int) -> int:
         args.data_dir,
         "host mode" if args.host_mode else "vm mode",
     )
-    if args.ready_file:
-        tmp = args.ready_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"host": bound_host, "port": bound_port, "pid": os.getpid()}))
-        os.replace(tmp, args.ready_file)
+    # Handlers first: whoever waits on the ready file may signal us at once.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if args.ready_file:
+        tmp = args.ready_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"host": bound_host, "port": bound_port, "pid": os.getpid()}))
+        os.replace(tmp, args.ready_file)
     await stop.wait()
     log.info("shutting down")
     await server.shutdown()

@@ -420,11 +420,16 @@ def test_reattach_from_another_server_process_replays_by_offset(
     "stream.at_eof: stream.write_eof()`), so no console stream is ever released and the "
     "connection runs out of streams after ~127 execs; remove the condition to fix",
 )
-def test_many_execs_on_one_connection(mcp_server: Any, vault: str) -> None:
+def test_many_execs_on_one_connection(
+    mcp_server: Any, vault: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """More execs than the vault's QUIC stream limit (128) over one pooled connection.
 
     Each exec's console stream must be fully closed by both sides, or the connection runs
     out of streams and exec number ~127 hangs."""
+    from mcp_server import sessions
+
+    monkeypatch.setattr(sessions, "START_TIMEOUT", 3.0)
 
     async def scenario(s: Session) -> None:
         for _ in range(150):

@@ -19,6 +19,7 @@ import argparse
 import ast
 import asyncio
 import contextlib
+import functools
 import io
 import json
 import re
@@ -551,7 +552,8 @@ def _template(node: ast.expr) -> str | None:
     return None
 
 
-def collect_messages() -> list[Message]:
+@functools.cache
+def collect_messages() -> tuple[Message, ...]:
     sources = [
         (path, name, ast.parse(path.read_text(encoding="utf-8"))) for path, name in _source_files()
     ]
@@ -581,7 +583,7 @@ def collect_messages() -> list[Message]:
                 if template is not None:
                     messages.append(Message(f"{name}:{node.lineno}", str(kind), template))
                     break
-    return messages
+    return tuple(messages)
 
 
 def test_the_message_collector_finds_known_messages() -> None:

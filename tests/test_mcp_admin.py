@@ -1,0 +1,181 @@
+"""The tenant tools of the MCP server against the Fly Machines API stand-in (admin/standin.py).
+
+Secrets come only from the environment (FLY_API_TOKEN, FLY_VAULT_ACCESS_TOKEN), and every
+result is scanned for them by ``Session`` (the template puts the access token into each
+machine's env, so a leak through a plan, a listing or an error would show).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import admin_support
+import pytest
+from admin_support import ACCESS_TOKEN, API_TOKEN, APP, IMAGE_V2, SIMPLE_TEMPLATE
+from conftest import run_async
+from mcp import Client
+from test_mcp_support import Session, text
+
+from admin.standin import MachinesStandin
+
+standin = admin_support.standin
+
+
+@pytest.fixture
+def admin_env(standin: MachinesStandin, monkeypatch: pytest.MonkeyPatch) -> MachinesStandin:
+    import admin.commands
+
+    monkeypatch.setenv("FLY_API_TOKEN", API_TOKEN)
+    monkeypatch.setenv("FLY_APP", APP)
+    monkeypatch.setenv("FLY_API_BASE", standin.base_url)
+    monkeypatch.setenv("FLY_VAULT_ACCESS_TOKEN", ACCESS_TOKEN)
+    monkeypatch.setattr(admin.commands, "RETRY", admin_support.FAST_RETRY)
+    monkeypatch.setattr(admin.commands, "TIMEOUTS", admin_support.FAST_TIMEOUTS)
+    monkeypatch.setattr(admin.commands, "CLEANUP_POLL", 0.02)
+    return standin
+
+
+def run(scenario: Any, timeout: float = 120) -> Any:
+    from mcp_server.server import build_server
+
+    async def main() -> Any:
+        async with Client(build_server()) as client:
+            return await scenario(Session(client))
+
+    return run_async(main(), timeout)
+
+
+def _live(standin: MachinesStandin) -> list[dict[str, Any]]:
+    return [m for m in standin.model.machines() if m["state"] != "destroyed"]
+
+
+def test_tenant_lifecycle_create_list_update_delete(
+    admin_env: MachinesStandin, tmp_path: Path
+) -> None:
+    template = tmp_path / "tenant.toml"
+    template.write_text(SIMPLE_TEMPLATE)
+
+    async def scenario(s: Session) -> None:
+        assert (await s.data("tenant_list"))["tenants"] == []
+        admin_env.clear_requests()
+
+        dry = await s.data(
+            "tenant_create", {"tenant_id": "acme", "template": str(template), "dry_run": True}
+        )
+        assert dry["ok"] is True and dry["result"]["applied"] is False
+        [first, _] = dry["result"]["requests"]
+        assert first["config"]["env"]["ACCESS_TOKEN"] == "<redacted>"
+        assert admin_env.requests == []
+
+        created = await s.data(
+            "tenant_create",
+            {"tenant_id": "acme", "template": str(template), "wait_seconds": 60},
+        )
+        assert created["ok"] is True, created
+        assert len(created["result"]["machines"]) == 2
+        assert any("created with 2 machines" in line for line in created["log"])
+        assert len(_live(admin_env)) == 2
+
+        again = await s.data(
+            "tenant_create", {"tenant_id": "acme", "template": str(template), "wait_seconds": 60}
+        )
+        assert again["ok"] is False and "already exists" in again["error"]
+        assert "tenant delete" in again["hint"]
+
+        listing = await s.data("tenant_list")
+        [acme] = listing["tenants"]
+        assert acme["tenant_id"] == "acme" and acme["total"] == acme["started"] == 2
+        assert {m["state"] for m in acme["machines"]} == {"started"}
+        facts = await s.data("tenant_usage_facts", {"tenant": "acme"})
+        assert len(facts["facts"]) == 2
+
+        plan = await s.data("tenant_update_image", {"image": IMAGE_V2, "tenants": ["acme"]})
+        assert plan["result"]["applied"] is False
+        assert [m["action"] for m in plan["result"]["machines"]] == ["update", "update"]
+        assert all(m["config"]["image"] != IMAGE_V2 for m in _live(admin_env))
+
+        rolled = await s.data(
+            "tenant_update_image",
+            {
+                "image": IMAGE_V2,
+                "tenants": ["acme"],
+                "confirm": True,
+                "soak_seconds": 0,
+                "wait_seconds": 90,
+            },
+        )
+        assert rolled["ok"] is True, rolled
+        assert {m["status"] for m in rolled["result"]["machines"]} == {"updated"}
+        assert all(m["config"]["image"] == IMAGE_V2 for m in _live(admin_env))
+
+        delete_plan = await s.data("tenant_delete", {"tenant_id": "acme"})
+        result = delete_plan["result"]
+        assert result["applied"] is False and len(result["machines"]) == 2
+        assert len(result["volumes"]) == 2 and "confirm=true" in result["next_step"]
+        assert len(_live(admin_env)) == 2
+
+        deleted = await s.data(
+            "tenant_delete", {"tenant_id": "acme", "confirm": True, "wait_seconds": 60}
+        )
+        assert deleted["ok"] is True, deleted
+        assert len(deleted["result"]["deleted_volumes"]) == 2
+        assert _live(admin_env) == [] and admin_env.model.volumes() == []
+        assert (await s.data("tenant_list"))["tenants"] == []
+
+    run(scenario)
+
+
+def test_tenant_tools_errors(
+    admin_env: MachinesStandin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    template = tmp_path / "tenant.toml"
+    template.write_text(SIMPLE_TEMPLATE)
+
+    async def scenario(s: Session) -> None:
+        both = await s.call("tenant_update_image", {"image": IMAGE_V2}, ok=False)
+        assert "tenants=[...] or all_tenants=true" in text(both)
+        missing = await s.call(
+            "tenant_update_image", {"image": IMAGE_V2, "tenants": ["ghost"]}, ok=True
+        )
+        assert "no managed machines for tenant(s): ghost" in missing.structured_content["error"]
+        bad_id = await s.call(
+            "tenant_create", {"tenant_id": "-bad", "template": str(template)}, ok=False
+        )
+        assert "invalid tenant id" in text(bad_id)
+        other_app = await s.call(
+            "tenant_create",
+            {"tenant_id": "acme", "template": str(template), "app": "other-app"},
+            ok=False,
+        )
+        assert "does not match configured app 'other-app'" in text(other_app)
+
+    run(scenario)
+
+    monkeypatch.setenv("FLY_API_TOKEN", "fo1_WRONG-TOKEN-0123456789")
+
+    async def wrong_token(s: Session) -> None:
+        refused = await s.call("tenant_list", ok=False)
+        assert "401" in text(refused) or "refused" in text(refused).lower()
+
+    run(wrong_token)
+
+    monkeypatch.delenv("FLY_API_TOKEN")
+    monkeypatch.delenv("FLY_VAULT_ACCESS_TOKEN")
+
+    async def no_token(s: Session) -> None:
+        result = await s.call("tenant_list", ok=False)
+        assert "FLY_API_TOKEN is not set" in text(result)
+        assert "never taken from a tool argument" in text(result)
+
+    run(no_token)
+    monkeypatch.setenv("FLY_API_TOKEN", API_TOKEN)
+
+    async def no_access_token(s: Session) -> None:
+        result = await s.call(
+            "tenant_create", {"tenant_id": "acme", "template": str(template)}, ok=False
+        )
+        assert "FLY_VAULT_ACCESS_TOKEN" in text(result)
+
+    run(no_access_token)
+    assert _live(admin_env) == []
