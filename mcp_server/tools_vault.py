@@ -140,7 +140,8 @@ def register_vault_tools(server: VaultMCP, state: State) -> None:
             list[str] | None, Field(description="exact argv, no shell (instead of command)")
         ] = None,
         context: Annotated[
-            str | None, Field(description="why this runs (stored with the session)")
+            str | None,
+            Field(max_length=4096, description="why this runs (stored with the session)"),
         ] = None,
         cwd: Annotated[str | None, Field(description="working directory on the vault")] = None,
         env: Annotated[dict[str, str] | None, Field(description="extra environment")] = None,

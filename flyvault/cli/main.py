@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     connect.add_argument(
         "--reconnect-timeout", type=float, default=30.0, metavar="SECONDS", help=reconnect_help
     )
+    connect.add_argument(
+        "--reprovision",
+        action="store_true",
+        help="first replace the vault's rootfs with the configured rootfs or rootfs_url "
+        "(keeps /root and /home; stops every process on the vault)",
+    )
     connect.set_defaults(run=_lazy(remote, "run_connect"))
 
     forward = commands.add_parser(
@@ -261,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fly-vault: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `fly-vault list-exec | head`: the reader left; that is not an error worth a trace.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 def entry() -> None:
