@@ -129,9 +129,10 @@ async def _attach(
             task.cancel()
         await asyncio.gather(output, inputs, displaced, return_exceptions=True)
         session.detach(attachment)
-        if not stream.at_eof:
-            with contextlib.suppress(TransportError):
-                stream.write_eof()
+        # Always finish our side (write_eof is a no-op when already done): a stream is only
+        # released, and its credit given back to the client, once both sides have ended.
+        with contextlib.suppress(TransportError):
+            stream.write_eof()
 
 
 async def _pump_output(session: Session, attachment: Attachment, stream: QuicStream) -> None:

@@ -374,3 +374,31 @@ def test_malformed_forward_spec_is_a_usage_error(vault: str) -> None:
     result = fv("forward", vault, "80:localhost")
     assert result.returncode == 2
     assert b"invalid forward spec" in result.stderr
+
+
+def test_hundreds_of_execs_on_one_connection_release_their_streams(
+    init_process: InitProcess, issuer: OidcIssuer
+) -> None:
+    """Each finished exec gives its stream back: a pooled connection never runs dry (QUIC
+    allows ~128 open streams at once)."""
+    from flyvault.client.vault import ExecHooks, ExecSession, Vault, new_session_id
+    from flyvault.protocol.console import OpenSession
+
+    async def scenario() -> tuple[int, int]:
+        vault = Vault(vault_entry(init_process.port, issuer))
+        try:
+            for _ in range(300):  # bounded
+                session = ExecSession(
+                    vault,
+                    OpenSession(new_session_id(), ("true",)),
+                    ExecHooks(stdout=lambda d: None, stderr=lambda d: None),
+                )
+                assert (await session.run()).exit_status == 0
+            connection = await vault.connection()
+            return vault.connects, connection.channel.open_streams
+        finally:
+            await vault.close()
+
+    connects, open_streams = run_async(scenario(), timeout=180)
+    assert connects == 1
+    assert open_streams <= 2

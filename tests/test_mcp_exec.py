@@ -414,12 +414,6 @@ def test_reattach_from_another_server_process_replays_by_offset(
     run(build_server(), follow)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/console.py skips its FIN when the client already sent one (`if not "
-    "stream.at_eof: stream.write_eof()`), so no console stream is ever released and the "
-    "connection runs out of streams after ~127 execs; remove the condition to fix",
-)
 def test_many_execs_on_one_connection(
     mcp_server: Any, vault: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -389,6 +389,9 @@ class ExecSession:
                 exited = Exited.decode(payload)
                 with contextlib.suppress(TransportError):
                     stream.write(frame(ConsoleFrame.EXIT_ACK), end_stream=True)
+                    # Nothing but the server's end of stream can follow: stop reading so the
+                    # stream is released now, not kept for the connection's lifetime.
+                    stream.stop(0)
                 self._stream = None
                 return exited
             elif kind == ConsoleFrame.DETACHED:
