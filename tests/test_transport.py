@@ -220,3 +220,17 @@ def test_finished_streams_are_released_on_both_sides() -> None:
             listener.close()
 
     run_async(scenario())
+
+
+def test_service_identity_is_deferred_but_works_when_used() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, flyvault.transport, aioquic.tls as tls\n"
+        "print(type(sys.modules['service_identity']).__name__)\n"
+        "print(tls.service_identity.VerificationError.__name__)\n"
+        "print(type(sys.modules['service_identity']).__name__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.split() == ["_Deferred", "VerificationError", "module"], result.stderr
