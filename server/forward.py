@@ -20,11 +20,11 @@ import logging
 import socket
 from typing import TYPE_CHECKING
 
-from flyvault.client.forward import abort_tcp, format_address, read_first_frame, relay
 from flyvault.errors import RemoteProtocolError, TransportError
 from flyvault.protocol.console import ForwardFrame, ForwardOpen, error_frame, frame
 from flyvault.protocol.constants import ErrorCode
 from flyvault.transport import QuicStream
+from flyvault.transport.relay import abort_tcp, format_address, read_first_frame, relay
 
 if TYPE_CHECKING:
     from server.app import ServerConnection

@@ -25,12 +25,13 @@ import pytest
 from conftest import TOKEN, ScriptedAttestor, run_async, vault_entry
 
 from flyvault.client.connection import VaultConnection, open_vault
-from flyvault.client.forward import ForwardListener, relay
+from flyvault.client.forward import ForwardListener
 from flyvault.config import ForwardSpec
 from flyvault.errors import UsageError
 from flyvault.protocol.constants import StreamTag
 from flyvault.standins import OidcIssuer
 from flyvault.transport import QuicChannel, QuicStream, connect, listen
+from flyvault.transport.relay import relay
 from server.app import ServerConnection, ServerOptions, VaultServer
 from server.auth import AccessToken
 from server.forward import handle_forward

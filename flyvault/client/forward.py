@@ -22,8 +22,6 @@ import asyncio
 import contextlib
 import errno
 import logging
-import socket
-import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -32,177 +30,26 @@ from flyvault.errors import (
     ConnectionLost,
     RemoteProtocolError,
     Timeout,
-    TransportError,
     UsageError,
     VaultError,
 )
-from flyvault.protocol.codec import Frame
-from flyvault.protocol.console import ForwardFrame, ForwardOpen, FrameChannel, frame
-from flyvault.protocol.constants import ERROR_FRAME, FRAME_HEADER_SIZE, StreamTag
+from flyvault.protocol.console import ForwardFrame, ForwardOpen, frame
+from flyvault.protocol.constants import ERROR_FRAME, StreamTag
 from flyvault.protocol.messages import ErrorMessage
 from flyvault.transport import QuicStream, StreamReset
+from flyvault.transport.relay import (
+    CHUNK_SIZE,
+    CLOSE_TIMEOUT,
+    OPEN_TIMEOUT,
+    abort_tcp,
+    format_address,
+    read_first_frame,
+    relay,
+)
 
 from .connection import VaultConnection
 
 log = logging.getLogger("flyvault.forward")
-
-CHUNK_SIZE = 64 * 1024
-#: The server's TCP connect may take up to 10 s; this leaves room for the round trip.
-OPEN_TIMEOUT = 30.0
-#: How long a finished tunnel may take to flush its last TCP bytes before it is aborted.
-CLOSE_TIMEOUT = 10.0
-#: OPEN, OPENED and ERROR are small; nothing bigger is buffered before the relay starts.
-MAX_HANDSHAKE_PAYLOAD = 64 * 1024
-
-_HEADER = struct.Struct(">BI")
-
-
-# Shared by both ends -------------------------------------------------------------------
-
-
-async def read_first_frame(
-    stream: QuicStream, initial: bytes, max_payload: int = MAX_HANDSHAKE_PAYLOAD
-) -> tuple[Frame, bytes]:
-    """Read exactly one frame; return it and the raw bytes that followed it.
-
-    A forward stream switches from frames to raw bytes after its first frame, so the
-    decoder is only ever fed that frame's bytes: raw data behind it must not be parsed
-    (a decoder would take its first bytes for a header and could refuse them).
-    """
-    buffer = bytearray(initial)
-    while True:
-        if len(buffer) >= FRAME_HEADER_SIZE:
-            _, length = _HEADER.unpack_from(buffer, 0)
-            # An oversized declaration is fed as a bare header: the decoder refuses it.
-            end = FRAME_HEADER_SIZE if length > max_payload else FRAME_HEADER_SIZE + length
-            if len(buffer) >= end:
-                channel = FrameChannel(max_payload)
-                channel.feed(bytes(buffer[:end]))
-                first = channel.next_frame()
-                assert first is not None
-                return first, bytes(buffer[end:])
-        data = await stream.read(CHUNK_SIZE)
-        if not data:
-            raise RemoteProtocolError(
-                f"forward stream ended after {len(buffer)} bytes, before its first frame"
-            )
-        buffer += data
-
-
-@dataclass
-class Relayed:
-    """Byte counts of a finished relay, per direction."""
-
-    tcp_to_quic: int = 0
-    quic_to_tcp: int = 0
-
-
-def abort_tcp(writer: asyncio.StreamWriter) -> None:
-    """Close with a TCP RST, so the other program sees a reset rather than a clean end."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
-
-
-async def relay(
-    stream: QuicStream,
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    *,
-    pending: bytes = b"",
-    opening: Callable[[], Awaitable[bytes]] | None = None,
-) -> Relayed:
-    """Pump bytes both ways until both directions ended; always closes ``writer``.
-
-    ``pending``: stream bytes already read, written to TCP first. ``opening``: awaited
-    before the QUIC->TCP direction starts (the client's wait for OPENED) while TCP->QUIC
-    already runs (pipelining); it returns the raw bytes that followed the answer.
-    Raises the first failure (``TransportError``, ``OSError``, or what ``opening``
-    raised) after both sides were torn down.
-    """
-    counts = Relayed()
-    settled = asyncio.Event()
-
-    async def tcp_to_quic() -> None:
-        try:
-            while data := await reader.read(CHUNK_SIZE):
-                stream.write(data)
-                counts.tcp_to_quic += len(data)
-                await stream.drain()
-            stream.write_eof()  # TCP EOF -> FIN: a half-close, the other way still runs
-        except TransportError:
-            if not settled.is_set():
-                # A refusing server stops our stream; its ERROR frame, read by the other
-                # direction, says why far better than this reset does. Let it win.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(settled.wait(), OPEN_TIMEOUT)
-            raise
-
-    async def quic_to_tcp() -> None:
-        data = pending
-        try:
-            if opening is not None:
-                data = await opening()
-        finally:
-            settled.set()
-        while True:
-            if data:
-                writer.write(data)
-                counts.quic_to_tcp += len(data)
-                await writer.drain()
-            data = await stream.read(CHUNK_SIZE)
-            if not data:
-                break
-        if writer.can_write_eof():
-            writer.write_eof()  # FIN -> TCP shutdown(SHUT_WR): the local side may still send
-
-    # QUIC->TCP first: when both failed, its error (say the server's ERROR frame) is the
-    # one that explains what happened.
-    tasks = (asyncio.ensure_future(quic_to_tcp()), asyncio.ensure_future(tcp_to_quic()))
-    clean = False
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for task in tasks:
-            error = task.exception() if task.done() else None
-            if error is not None:
-                raise error
-        clean = True
-        return counts
-    finally:
-        if not clean:
-            # A reset on one side is a reset on the other; cancellation (server or
-            # listener shutting down) is handled the same way.
-            stream.abort()
-            abort_tcp(writer)
-        for task in tasks:
-            task.cancel()
-        try:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        finally:
-            # Also when cancelled right here (listener closing): the socket must go.
-            if clean:
-                await close_tcp(writer)
-
-
-async def close_tcp(writer: asyncio.StreamWriter) -> None:
-    """Close gracefully (flushing what is buffered), but never wait forever for a peer."""
-    writer.close()
-    try:
-        await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
-    except (TimeoutError, OSError):
-        abort_tcp(writer)  # the peer does not take the last bytes: drop them
-    except BaseException:
-        abort_tcp(writer)  # cancelled while closing: never leak the socket
-        raise
-
-
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-# Client side -----------------------------------------------------------------------------
 
 
 class ForwardListener:
