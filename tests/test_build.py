@@ -124,7 +124,7 @@ def test_dockerfile(context: Context) -> None:
     assert re.search(r"^FROM python:3\.11-slim$", text, re.M)
     assert "apt-get install -y --no-install-recommends nftables util-linux ca-certificates" in text
     assert f"COPY {wheel} /tmp/" in text
-    assert f"pip install --no-cache-dir --disable-pip-version-check /tmp/{wheel}" in text
+    assert f'pip install --no-cache-dir --disable-pip-version-check "/tmp/{wheel}[zstd]"' in text
     assert re.search(r'^ENTRYPOINT \["fly-vault-init"\]$', text, re.M)
     (env,) = [line for line in text.splitlines() if line.startswith("ENV ")]
     assert "VAULT_LISTEN=fly-global-services:8443" in env

@@ -73,7 +73,8 @@ RUN apt-get update \\
  && rm -rf /var/lib/apt/lists/*
 
 COPY {wheel_name} /tmp/
-RUN pip install --no-cache-dir --disable-pip-version-check /tmp/{wheel_name} \\
+# [zstd]: zstd-compressed rootfs archives extract too (gzip and plain tar need nothing).
+RUN pip install --no-cache-dir --disable-pip-version-check "/tmp/{wheel_name}[zstd]" \\
  && rm /tmp/{wheel_name}
 
 # Fly delivers UDP only to a socket bound to fly-global-services, on the same port as the
