@@ -127,23 +127,26 @@ class _ClientChannel(QuicChannel):
         if not self.is_closed and self.last_received < noticed:
             self.close_now(reason=f"the vault stopped answering: {reason}")
 
-    def transmit(self) -> None:
-        if self._wrap is None:
-            super().transmit()
-            return
-        # Same as the parent's transmit, with each datagram wrapped (proxy mode). aioquic
-        # hands out one datagram per entry (no GSO batching), so one prefix per datagram.
-        self._transmit_task = None
-        assert self._transport is not None
-        for data, addr in self._quic.datagrams_to_send(now=self._loop.time()):
-            self._transport.sendto(self._wrap(data), addr)
-        timer_at = self._quic.get_timer()
-        if self._timer is not None and self._timer_at != timer_at:
-            self._timer.cancel()
-            self._timer = None
-        if self._timer is None and timer_at is not None:
-            self._timer = self._loop.call_at(timer_at, self._handle_timer)
-        self._timer_at = timer_at
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._wrap is not None:
+            # Proxy mode: every datagram aioquic sends gets the routing prefix. aioquic
+            # hands out one datagram per sendto (no GSO batching): one prefix each.
+            transport = _WrappingTransport(transport, self._wrap)  # type: ignore[assignment]
+        super().connection_made(transport)
+
+
+class _WrappingTransport:
+    """A datagram transport that passes each outgoing datagram through ``wrap``."""
+
+    def __init__(self, inner: Any, wrap: Callable[[bytes], bytes]) -> None:
+        self._inner = inner
+        self._wrap = wrap
+
+    def sendto(self, data: bytes, addr: Any = None) -> None:
+        self._inner.sendto(self._wrap(data), addr)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
 
 
 async def resolve(host: str, port: int) -> tuple[int, tuple[Any, ...]]:
