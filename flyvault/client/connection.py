@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from flyvault.config import VaultConfig
 from flyvault.errors import (
@@ -202,7 +202,7 @@ async def open_vault(
                 CHANNEL_BINDING_LABEL, CHANNEL_BINDING_LENGTH
             ).hex()
             claims = await verifier.verify(attestation.jwt, audience=audience)
-            cache.record_verified(vault.org, vault.app, claims.machine_id, fingerprint)
+            _record(cache, vault, claims.machine_id, fingerprint)
             detail = (
                 f"app {claims.app_name}, machine {claims.machine_id}"
                 f"{' in ' + claims.region if claims.region else ''}; "
@@ -268,6 +268,17 @@ async def open_vault(
         boot_id=completed.complete.boot_id,
         timings=timings,
     )
+
+
+#: The fingerprint record is history, not trust: refreshing it at most this often spares
+#: every connect a locked, fsynced rewrite of the cache file.
+RECORD_REFRESH_SECONDS = 3600.0
+
+
+def _record(cache: Any, vault: VaultConfig, machine_id: str, fingerprint: str) -> None:
+    seen = cache.lookup(vault.org, vault.app, machine_id, fingerprint)
+    if seen is None or time.time() - seen.verified_at >= RECORD_REFRESH_SECONDS:
+        cache.record_verified(vault.org, vault.app, machine_id, fingerprint)
 
 
 class _RootfsUpload:
