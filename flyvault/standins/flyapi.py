@@ -22,11 +22,15 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 from urllib.parse import urlsplit
 
-from flyvault.standins.oidc import OidcIssuer, _BaseHandler, _TrackingServerMixin
+from flyvault.standins.oidc import (
+    BackgroundServer,
+    OidcIssuer,
+    _BaseHandler,
+    _TrackingServerMixin,
+)
 
 logger = logging.getLogger("flyvault.standins")
 
@@ -117,7 +121,7 @@ def fly_claims(
     }
 
 
-class FlyApiSocket:
+class FlyApiSocket(BackgroundServer):
     """``/.fly/api`` on a unix socket: ``POST /v1/tokens/oidc`` mints a machine token.
 
     Bad JSON or a missing ``aud`` get 400 with a plain-text reason. ``fail_next`` injects
@@ -163,14 +167,7 @@ class FlyApiSocket:
             server.api = self
             # Only this user may mint tokens, as only root may reach /.fly/api on a machine.
             os.chmod(self.path, 0o600)
-            self._server = server
-            self._thread = threading.Thread(
-                target=server.serve_forever,
-                kwargs={"poll_interval": 0.05},
-                name=f"fly-api-{self.path.name}",
-                daemon=True,
-            )
-            self._thread.start()
+            self._serve(server, f"fly-api-{self.path.name}")
         logger.debug("fly api stand-in listening on %s", self.path)
         return self
 
@@ -185,33 +182,9 @@ class FlyApiSocket:
         os.unlink(self.path)
 
     def stop(self) -> None:
-        with self._lock:
-            server, thread = self._server, self._thread
-            self._server = self._thread = None
-        if server is None:
-            return
-        server.shutdown()
-        server.close_all_connections()
-        server.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def running(self) -> bool:
-        return self._server is not None
+        if self._shutdown():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
 
     def fail_next(self, n: int, status: int = 500) -> None:
         with self._lock:

@@ -115,7 +115,59 @@ def sign_jws(header: Mapping[str, Any], claims: Mapping[str, Any], key: Any, alg
     return f"{signing_input}.{b64url(signature)}"
 
 
-class OidcIssuer:
+class BackgroundServer:
+    """The lifecycle both stand-ins share: one socketserver served by a daemon thread,
+    started by ``start()`` (or ``with``), stopped by ``stop()``."""
+
+    _lock: threading.Lock
+    _server: Any = None
+    _thread: threading.Thread | None = None
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        self._shutdown()
+
+    def _serve(self, server: Any, name: str) -> None:
+        """Call with ``_lock`` held."""
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name=name, daemon=True
+        )
+        self._thread.start()
+
+    def _shutdown(self) -> bool:
+        """Stop serving; False if it was not running."""
+        with self._lock:
+            server, thread = self._server, self._thread
+            self._server = self._thread = None
+        if server is None:
+            return False
+        server.shutdown()
+        server.close_all_connections()
+        server.server_close()
+        if thread is not None:
+            thread.join(timeout=5)
+        return True
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+
+class OidcIssuer(BackgroundServer):
     """Fly's OIDC issuer on ``127.0.0.1``: discovery + JWKS for every org, and a token minter.
 
     ``base_url`` is ``http://127.0.0.1:PORT``; the issuer of org ``o`` is ``{base_url}/o``,
@@ -148,43 +200,9 @@ class OidcIssuer:
                 self._keys.append(SigningKey.generate(self._key_size))
             server = _IssuerHTTPServer((self._host, self._port), _IssuerHandler)
             server.issuer = self
-            self._server = server
-            self._thread = threading.Thread(
-                target=server.serve_forever,
-                kwargs={"poll_interval": 0.05},
-                name=f"oidc-issuer-{server.server_address[1]}",
-                daemon=True,
-            )
-            self._thread.start()
+            self._serve(server, f"oidc-issuer-{server.server_address[1]}")
         logger.debug("oidc issuer listening on %s", self.base_url)
         return self
-
-    def stop(self) -> None:
-        with self._lock:
-            server, thread = self._server, self._thread
-            self._server = self._thread = None
-        if server is None:
-            return
-        server.shutdown()
-        server.close_all_connections()
-        server.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def running(self) -> bool:
-        return self._server is not None
 
     @property
     def port(self) -> int:
