@@ -237,8 +237,13 @@ async def _run_session(
             await asyncio.wait({runner, left}, return_when=asyncio.FIRST_COMPLETED)
             if left.done() and not runner.done():
                 runner.cancel()
+                await asyncio.wait({runner}, timeout=2.0)  # no session output after this
                 if interactive:
                     await stdout.write(RESET_MODES)
+                # Output that arrived before the escape is still queued for the terminal:
+                # write it first, so the notice is the last thing the user sees.
+                await stdout.flush()
+                await stderr.flush()
                 console.notice(
                     f"disconnected; session {request.session_id} keeps running "
                     f"(reattach: fly-vault exec {vault_config.name} --session "

@@ -117,13 +117,16 @@ class OutputSink:
 
     def __init__(self, fd: int, capacity: int = 64) -> None:
         self.fd = fd
-        self._queue: queue.Queue[bytes | None] = queue.Queue(capacity)
+        self._queue: queue.Queue[bytes | threading.Event | None] = queue.Queue(capacity)
         self._thread = threading.Thread(target=self._run, name=f"sink-{fd}", daemon=True)
         self._thread.start()
         self.error: OSError | None = None
 
     def _run(self) -> None:
         while (data := self._queue.get()) is not None:
+            if isinstance(data, threading.Event):  # a flush marker: all before it is written
+                data.set()
+                continue
             view = memoryview(data)
             try:
                 while view:
@@ -133,10 +136,20 @@ class OutputSink:
                 self.error = exc
 
     async def write(self, data: bytes) -> None:
+        await self._put(data)
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        """Wait until everything written so far has reached the descriptor, so a message
+        printed next on another descriptor (stderr) really comes after it."""
+        written = threading.Event()
+        await self._put(written)
+        await asyncio.get_running_loop().run_in_executor(None, written.wait, timeout)
+
+    async def _put(self, item: bytes | threading.Event) -> None:
         try:
-            self._queue.put_nowait(data)
+            self._queue.put_nowait(item)
         except queue.Full:
-            await asyncio.get_running_loop().run_in_executor(None, self._queue.put, data)
+            await asyncio.get_running_loop().run_in_executor(None, self._queue.put, item)
 
     def close(self) -> None:
         self._queue.put(None)
