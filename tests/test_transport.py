@@ -234,3 +234,81 @@ def test_service_identity_is_deferred_but_works_when_used() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.split() == ["_Deferred", "VerificationError", "module"], result.stderr
+
+
+def test_datagram_size_is_large_only_towards_loopback() -> None:
+    from flyvault.transport.endpoint import (
+        LOOPBACK_DATAGRAM_SIZE,
+        MAX_DATAGRAM_SIZE,
+        datagram_size_for,
+    )
+
+    for host in ("127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"):
+        assert datagram_size_for(host) == LOOPBACK_DATAGRAM_SIZE, host
+    for host in ("10.0.0.1", "fdaa::3", "203.0.113.7", "::ffff:10.0.0.1", "vault.fly.dev", ""):
+        assert datagram_size_for(host) == MAX_DATAGRAM_SIZE, host
+    # Through vault-proxy the next hop is unknown, even when the proxy is on loopback.
+    assert datagram_size_for("127.0.0.1", proxied=True) == MAX_DATAGRAM_SIZE
+    # Below aioquic's packet Length field limit (2-byte varint), or a padded Initial breaks.
+    assert MAX_DATAGRAM_SIZE < LOOPBACK_DATAGRAM_SIZE < 16383
+
+
+class _SizeRecordingRelay(asyncio.DatagramProtocol):
+    """A UDP relay on 127.0.0.1 between one client and a server, recording datagram sizes."""
+
+    def __init__(self, server: tuple[str, int]) -> None:
+        self.server = server
+        self.client: Any = None
+        self.to_server: list[int] = []
+        self.to_client: list[int] = []
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if addr[:2] == self.server:
+            self.to_client.append(len(data))
+            if self.client is not None:
+                self.transport.sendto(data, self.client)
+        else:
+            self.client = addr
+            self.to_server.append(len(data))
+            self.transport.sendto(data, self.server)
+
+
+@pytest.mark.parametrize("fixed", [None, 1200])
+def test_loopback_connections_use_large_datagrams_both_ways(fixed: int | None) -> None:
+    async def scenario() -> None:
+        from flyvault.transport.endpoint import LOOPBACK_DATAGRAM_SIZE
+
+        settings = TransportSettings(max_datagram_size=fixed)
+        listener, _ = await echo_server(
+            TransportSettings(idle_timeout=60.0, keepalive_interval=5.0, max_datagram_size=fixed)
+        )
+        loop = asyncio.get_running_loop()
+        relay_transport, relay = await loop.create_datagram_endpoint(
+            lambda: _SizeRecordingRelay(listener.address), local_addr=("127.0.0.1", 0)
+        )
+        try:
+            client = await connect(*relay_transport.get_extra_info("sockname"), settings)
+            stream = client.open_stream()
+            payload = b"x" * 400_000
+            sender = asyncio.ensure_future(stream.send(payload, end_stream=True))
+            received = bytearray()
+            while chunk := await stream.read():
+                received += chunk
+            await sender
+            assert bytes(received) == payload
+            client.close_now()
+            largest = max(relay.to_server), max(relay.to_client)
+            if fixed is None:
+                assert all(size > 8000 for size in largest), largest
+                assert all(size <= LOOPBACK_DATAGRAM_SIZE for size in largest), largest
+            else:
+                assert largest == (1200, 1200)
+        finally:
+            relay_transport.close()
+            listener.close()
+
+    run_async(scenario(), timeout=60)

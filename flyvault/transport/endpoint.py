@@ -9,6 +9,9 @@ peers cannot make the server hold unbounded state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import ipaddress
 import logging
 import socket
 import ssl
@@ -36,6 +39,16 @@ log = logging.getLogger("flyvault.transport")
 ICMP_GRACE = 1.5
 #: Datagram size without path-MTU discovery (the original used 1200 too).
 MAX_DATAGRAM_SIZE = 1200
+#: Datagram size when the peer is on loopback. There the first hop is the whole path, and
+#: its MTU is 64 KiB, so nothing can black-hole a large datagram; TCP uses that MTU the same
+#: way. aioquic's cost is per packet, so bulk throughput grows with the size (measured on
+#: this machine kind: 12 MB/s at 1200 bytes, 67 at 8192, 116 at 16000). The bound: aioquic
+#: writes a long-header packet's Length field in 2 bytes (at most 16383), so a padded
+#: Initial must stay below that.
+LOOPBACK_DATAGRAM_SIZE = 16000
+#: Socket buffers asked of the kernel (it caps them at net.core.{r,w}mem_max): the default
+#: 208 KiB holds only a dozen loopback-size datagrams, and a burst beyond that is loss.
+SOCKET_BUFFER = 4 * 1024 * 1024
 #: Proxy mode (vault-proxy) puts ``u64 LE len(machine_id) || machine_id`` in front of every
 #: datagram. The QUIC datagram cannot shrink to make room: aioquic refuses a
 #: ``max_datagram_size`` below 1200 and RFC 9000 §14.1 wants the client's Initial in a
@@ -59,6 +72,35 @@ class TransportSettings:
     alpn_protocols: tuple[str, ...] = ALPN_PROTOCOLS
     #: Wraps each outgoing datagram (the proxy prefix); identity when None.
     datagram_wrapper: Callable[[bytes], bytes] | None = None
+    #: Largest UDP payload we send; None picks it from the peer's address
+    #: (``datagram_size_for``).
+    max_datagram_size: int | None = None
+
+
+def datagram_size_for(peer_host: str, *, proxied: bool = False) -> int:
+    """The datagram size for a peer: large on loopback, the QUIC minimum elsewhere.
+
+    Without path-MTU discovery (aioquic has none) only the loopback path is known. Through
+    vault-proxy the next hop is unknown whatever the proxy's own address, so 1200 there.
+    """
+    if proxied:
+        return MAX_DATAGRAM_SIZE
+    try:
+        address = ipaddress.ip_address(peer_host.split("%", 1)[0])
+    except ValueError:
+        return MAX_DATAGRAM_SIZE
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # a dual-stack listener sees IPv4 peers this way
+    return LOOPBACK_DATAGRAM_SIZE if address.is_loopback else MAX_DATAGRAM_SIZE
+
+
+def _enlarge_buffers(sock: Any) -> None:
+    """``sock``: a socket, or asyncio's wrapper of one (it has ``setsockopt`` too)."""
+    if sock is None:
+        return
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
 
 
 def proxy_prefix(machine_id: str) -> bytes:
@@ -86,12 +128,14 @@ def proxy_wrapper(machine_id: str) -> Callable[[bytes], bytes]:
     return wrap
 
 
-def _configuration(settings: TransportSettings, *, is_client: bool) -> QuicConfiguration:
+def _configuration(
+    settings: TransportSettings, *, is_client: bool, datagram_size: int = MAX_DATAGRAM_SIZE
+) -> QuicConfiguration:
     config = QuicConfiguration(
         is_client=is_client,
         alpn_protocols=list(settings.alpn_protocols),
         idle_timeout=settings.idle_timeout,
-        max_datagram_size=MAX_DATAGRAM_SIZE,
+        max_datagram_size=settings.max_datagram_size or datagram_size,
         max_stream_data=settings.stream_window,
         max_data=settings.connection_window,
     )
@@ -173,12 +217,17 @@ async def connect(host: str, port: int, settings: TransportSettings | None = Non
     settings = settings or TransportSettings()
     family, sockaddr = await resolve(host, port)
     loop = asyncio.get_running_loop()
-    quic = VaultQuicConnection(configuration=_configuration(settings, is_client=True))
+    datagram_size = datagram_size_for(
+        str(sockaddr[0]), proxied=settings.datagram_wrapper is not None
+    )
+    quic = VaultQuicConnection(
+        configuration=_configuration(settings, is_client=True, datagram_size=datagram_size)
+    )
     local = ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)
     try:
         # A connected socket: the kernel then reports ICMP "port unreachable" to us, so a
         # vault that is down fails at once instead of after the handshake timeout.
-        _, channel = await loop.create_datagram_endpoint(
+        udp_transport, channel = await loop.create_datagram_endpoint(
             lambda: _ClientChannel(quic, settings),
             local_addr=local,
             remote_addr=sockaddr[:2],
@@ -187,6 +236,7 @@ async def connect(host: str, port: int, settings: TransportSettings | None = Non
     except OSError as exc:
         raise ConnectError(f"cannot open a UDP socket: {exc.strerror}") from None
     assert isinstance(channel, _ClientChannel)
+    _enlarge_buffers(udp_transport.get_extra_info("socket"))
     channel.peer_address = sockaddr
     where = f"{host}:{port}"
     try:
@@ -290,12 +340,16 @@ class QuicListener(asyncio.DatagramProtocol):
             if len(self._live) >= self._max_connections:
                 self.stats.dropped_capacity += 1
                 return
-            channel = self._new_channel(header.destination_cid)
+            channel = self._new_channel(header.destination_cid, addr)
         channel.datagram_received(data, addr)
 
-    def _new_channel(self, original_cid: bytes) -> QuicChannel:
+    def _new_channel(self, original_cid: bytes, addr: Any) -> QuicChannel:
+        config = self._config
+        datagram_size = self._settings.max_datagram_size or datagram_size_for(str(addr[0]))
+        if datagram_size != config.max_datagram_size:
+            config = dataclasses.replace(config, max_datagram_size=datagram_size)
         quic = VaultQuicConnection(
-            configuration=self._config, original_destination_connection_id=original_cid
+            configuration=config, original_destination_connection_id=original_cid
         )
         channel = QuicChannel(quic, keepalive_interval=self._settings.keepalive_interval)
         channel.owns_transport = False
@@ -345,6 +399,7 @@ async def listen(
             # "[::]" serves IPv4 too (dual stack), as the original's default did.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((host, port))
+        _enlarge_buffers(sock)
     except OSError as exc:
         sock.close()
         raise ConnectError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
@@ -356,11 +411,14 @@ async def listen(
 
 
 __all__ = [
+    "LOOPBACK_DATAGRAM_SIZE",
+    "MAX_DATAGRAM_SIZE",
     "MAX_WRAPPED_DATAGRAM_SIZE",
     "PROXY_MAX_ID_BYTES",
     "QuicListener",
     "TransportSettings",
     "connect",
+    "datagram_size_for",
     "listen",
     "proxy_prefix",
     "proxy_wrapper",
