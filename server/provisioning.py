@@ -50,6 +50,7 @@ class Provisioner:
         self.lock = asyncio.Lock()
         self.url_read_timeout = url_read_timeout
         self.url_max_bytes = url_max_bytes
+        self._purge: asyncio.Future[None] | None = None
 
     async def boot(self) -> None:
         """At init start: recover an interrupted activation, start a provisioned workload."""
@@ -90,8 +91,21 @@ class Provisioner:
             openpty=runtime.openpty,
         )
 
+    def purge_later(self) -> None:
+        """Delete the set-aside previous rootfs in the background (after the answer)."""
+        if self._purge is None or self._purge.done():
+            self._purge = asyncio.ensure_future(self._purge_discarded())
+
+    async def _purge_discarded(self) -> None:
+        try:
+            await asyncio.to_thread(self.store.purge_discarded)
+        except OSError as exc:  # retried at the next activation or start
+            log.warning("could not delete the previous rootfs: %s", exc)
+
     async def stop(self) -> None:
         await self.runtime.stop()
+        if self._purge is not None:
+            await asyncio.shield(self._purge)
 
 
 class ProvisionJob:
@@ -201,6 +215,7 @@ class ProvisionJob:
             return True
 
         result = await asyncio.to_thread(provisioner.store.activate, start_runtime)
+        provisioner.purge_later()
         self.progress("activate", 1, 1)
         timings = dict(result.timings)
         timings["total"] = time.monotonic() - self.started_at

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,11 @@ def test_cold_provision_exec_in_namespace_reprovision_keeps_homes(
     assert b"reprovisioned in" in swap.stdout and b"/root and /home kept" in swap.stdout
     after = fv("exec", "vm", "--", "sh", "-c", "cat /etc/version /root/keep.txt /home/user/f")
     assert after.stdout.split() == [b"B", b"kept", b"mine"]
+    # The previous rootfs, set aside at activation, is deleted after the answer.
+    deadline = time.monotonic() + 30
+    while (vm_init.data_dir / "rootfs.discard").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sorted(os.listdir(vm_init.data_dir)) == [".provisioned", "persist", "rootfs"]
 
     # A malicious archive is refused; the active rootfs and homes are untouched.
     configure(vm_init.port, issuer, rootfs=str(evil_archive(tmp_path / "evil.tar.gz")))

@@ -130,7 +130,20 @@ def test_reprovision_replaces_rootfs_and_keeps_homes(
     assert (ready.rootfs / "etc/os-release").read_text() == "NAME=fly-vault-test-b\n"
     assert manifest(ready.persist) == persisted
     assert (ready.persist_root / ".profile").read_text() == "# edited by the user\n"
+    # The previous rootfs is set aside at once and deleted after the answer.
+    assert sorted(os.listdir(ready.data_dir)) == [
+        ".provisioned",
+        "persist",
+        "rootfs",
+        "rootfs.discard",
+    ]
+    assert (ready.discard_dir / "etc/os-release").read_text() == "NAME=fly-vault-test-a\n"
+    ready.purge_discarded()
     assert sorted(os.listdir(ready.data_dir)) == [".provisioned", "persist", "rootfs"]
+    # Recovery deletes one that a crash left behind.
+    (ready.discard_dir / "etc").mkdir(parents=True)
+    assert ready.recover() == []
+    assert not ready.discard_dir.exists()
 
 
 def test_empty_persistent_home_is_seeded_on_reprovision(

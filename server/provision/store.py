@@ -37,6 +37,7 @@ import os
 import shutil
 import stat
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,6 +72,9 @@ class RootfsStore:
         self.data_dir = Path(data_dir)
         # A test hook called between steps; the crash tests SIGKILL the process from it.
         self._checkpoint = checkpoint or (lambda step: None)
+        # Serialises removals of rootfs.discard: the previous rootfs is deleted in the
+        # background after a reprovision answers, and the next activation waits for it.
+        self._discard_lock = threading.Lock()
 
     # -- paths ----------------------------------------------------------------------------
 
@@ -229,7 +233,10 @@ class RootfsStore:
             phase = time.monotonic()
             self._write_journal({"state": "committing"})
             self._checkpoint("activate:committing")
-            self._discard(self.previous)
+            # Only set aside here: deleting a whole rootfs takes a second or more, and the
+            # reprovision need not wait for it (purge_discarded, run after the answer; a
+            # crash before it leaves rootfs.discard, which recovery deletes).
+            self._discard(self.previous, remove=False)
             self._checkpoint("activate:previous-deleted")
             self._remove_journal()
             timings["cleanup"] = time.monotonic() - phase
@@ -374,16 +381,24 @@ class RootfsStore:
             self._discard(self.rootfs)
         self._discard(self.staging)
 
-    def _discard(self, path: Path) -> None:
-        """Delete a tree atomically: rename it aside first, then remove it."""
-        if not _exists(path):
-            return
-        if path != self.discard_dir:
+    def _discard(self, path: Path, *, remove: bool = True) -> None:
+        """Delete a tree atomically: rename it aside first, then remove it (now, or later
+        with ``purge_discarded``)."""
+        with self._discard_lock:
+            if not _exists(path):
+                return
+            if path != self.discard_dir:
+                _remove(self.discard_dir)
+                os.rename(path, self.discard_dir)
+                _fsync_dir(self.data_dir)
+                self._checkpoint(f"discard:{path.name}")
+            if remove:
+                _remove(self.discard_dir)
+
+    def purge_discarded(self) -> None:
+        """Delete what an activation set aside (the previous rootfs)."""
+        with self._discard_lock:
             _remove(self.discard_dir)
-            os.rename(path, self.discard_dir)
-            _fsync_dir(self.data_dir)
-            self._checkpoint(f"discard:{path.name}")
-        _remove(self.discard_dir)
 
     def _write_marker(self) -> None:
         _write_atomic(self.marker, b"1")
