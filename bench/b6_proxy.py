@@ -584,6 +584,10 @@ def run_bulk(
     for variable in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME"):
         (tmp / variable).mkdir(exist_ok=True)
         os.environ[variable] = str(tmp / variable)  # the attestation cache goes here
+    # Like for like: through the proxy the client sends 1200-byte datagrams, so the direct
+    # path must too (on loopback it would otherwise use 16,000; references/protocol.md).
+    # Both this process (the client) and the init started below read it.
+    os.environ["FLY_VAULT_DATAGRAM_SIZE"] = "1200"
     from flyvault.standins import FlyApiSocket, MachineIdentity, OidcIssuer
 
     token = "b6-access-token-0123456789abcdef"

@@ -277,14 +277,19 @@ class _SizeRecordingRelay(asyncio.DatagramProtocol):
             self.transport.sendto(data, self.server)
 
 
-@pytest.mark.parametrize("fixed", [None, 1200])
-def test_loopback_connections_use_large_datagrams_both_ways(fixed: int | None) -> None:
+@pytest.mark.parametrize("fixed", [None, 1200, "env"])
+def test_loopback_connections_use_large_datagrams_both_ways(
+    fixed: int | str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async def scenario() -> None:
-        from flyvault.transport.endpoint import LOOPBACK_DATAGRAM_SIZE
+        from flyvault.transport.endpoint import DATAGRAM_SIZE_ENV, LOOPBACK_DATAGRAM_SIZE
 
-        settings = TransportSettings(max_datagram_size=fixed)
+        size = 1200 if fixed == 1200 else None
+        if fixed == "env":  # both ends read it: the bench's like-for-like setting
+            monkeypatch.setenv(DATAGRAM_SIZE_ENV, "4000")
+        settings = TransportSettings(max_datagram_size=size)
         listener, _ = await echo_server(
-            TransportSettings(idle_timeout=60.0, keepalive_interval=5.0, max_datagram_size=fixed)
+            TransportSettings(idle_timeout=60.0, keepalive_interval=5.0, max_datagram_size=size)
         )
         loop = asyncio.get_running_loop()
         relay_transport, relay = await loop.create_datagram_endpoint(
@@ -305,6 +310,8 @@ def test_loopback_connections_use_large_datagrams_both_ways(fixed: int | None) -
             if fixed is None:
                 assert all(size > 8000 for size in largest), largest
                 assert all(size <= LOOPBACK_DATAGRAM_SIZE for size in largest), largest
+            elif fixed == "env":
+                assert largest == (4000, 4000)
             else:
                 assert largest == (1200, 1200)
         finally:
@@ -312,3 +319,22 @@ def test_loopback_connections_use_large_datagrams_both_ways(fixed: int | None) -
             listener.close()
 
     run_async(scenario(), timeout=60)
+
+
+@pytest.mark.parametrize("value", ["1199", "16001", "big", "-5"])
+def test_a_bad_datagram_size_override_is_a_config_error(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flyvault.errors import ConfigError
+    from flyvault.transport.endpoint import DATAGRAM_SIZE_ENV
+
+    monkeypatch.setenv(DATAGRAM_SIZE_ENV, value)
+
+    async def scenario() -> None:
+        for attempt in (connect("127.0.0.1", 9), listen("127.0.0.1", 0, lambda channel: None)):
+            with pytest.raises(ConfigError) as caught:
+                await attempt
+            assert f"FLY_VAULT_DATAGRAM_SIZE='{value}' is not a datagram size" in str(caught.value)
+            assert caught.value.hint and "unset FLY_VAULT_DATAGRAM_SIZE" in caught.value.hint
+
+    run_async(scenario())

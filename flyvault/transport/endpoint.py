@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import ipaddress
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Callable
@@ -75,6 +76,26 @@ class TransportSettings:
     #: Largest UDP payload we send; None picks it from the peer's address
     #: (``datagram_size_for``).
     max_datagram_size: int | None = None
+
+
+#: Overrides the datagram size on both ends (1200-16000): to measure a loopback path like a
+#: remote one (bench/b6_proxy.py does), or to shrink datagrams on an unusual loopback setup.
+DATAGRAM_SIZE_ENV = "FLY_VAULT_DATAGRAM_SIZE"
+
+
+def forced_datagram_size() -> int | None:
+    """The size set by ``FLY_VAULT_DATAGRAM_SIZE``, or None. Raises ``ConfigError``."""
+    text = os.environ.get(DATAGRAM_SIZE_ENV, "").strip()
+    if not text:
+        return None
+    value = int(text) if text.isdigit() else 0
+    if not MAX_DATAGRAM_SIZE <= value <= LOOPBACK_DATAGRAM_SIZE:
+        raise ConfigError(
+            f"{DATAGRAM_SIZE_ENV}={text!r} is not a datagram size between "
+            f"{MAX_DATAGRAM_SIZE} and {LOOPBACK_DATAGRAM_SIZE}",
+            hint=f"unset {DATAGRAM_SIZE_ENV}, or set e.g. {DATAGRAM_SIZE_ENV}=1200",
+        )
+    return value
 
 
 def datagram_size_for(peer_host: str, *, proxied: bool = False) -> int:
@@ -217,8 +238,12 @@ async def connect(host: str, port: int, settings: TransportSettings | None = Non
     settings = settings or TransportSettings()
     family, sockaddr = await resolve(host, port)
     loop = asyncio.get_running_loop()
-    datagram_size = datagram_size_for(
-        str(sockaddr[0]), proxied=settings.datagram_wrapper is not None
+    proxied = settings.datagram_wrapper is not None
+    forced = forced_datagram_size()
+    datagram_size = (
+        datagram_size_for(str(sockaddr[0]), proxied=proxied)
+        if forced is None or proxied
+        else forced
     )
     quic = VaultQuicConnection(
         configuration=_configuration(settings, is_client=True, datagram_size=datagram_size)
@@ -391,6 +416,9 @@ async def listen(
     max_connections: int = 256,
 ) -> QuicListener:
     settings = settings or TransportSettings(idle_timeout=60.0, keepalive_interval=5.0)
+    forced = forced_datagram_size()
+    if forced is not None and settings.max_datagram_size is None:
+        settings = dataclasses.replace(settings, max_datagram_size=forced)
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -411,6 +439,7 @@ async def listen(
 
 
 __all__ = [
+    "DATAGRAM_SIZE_ENV",
     "LOOPBACK_DATAGRAM_SIZE",
     "MAX_DATAGRAM_SIZE",
     "MAX_WRAPPED_DATAGRAM_SIZE",
@@ -419,6 +448,7 @@ __all__ = [
     "TransportSettings",
     "connect",
     "datagram_size_for",
+    "forced_datagram_size",
     "listen",
     "proxy_prefix",
     "proxy_wrapper",
