@@ -543,3 +543,34 @@ def test_escape_other_character_sends_the_tilde_too() -> None:
 )
 def test_escape_split_across_feeds(chunks: list[bytes], expected: tuple[bytes, list[str]]) -> None:
     assert feed_all(chunks) == expected
+
+
+def test_output_sink_flush_returns_after_everything_before_it_is_written() -> None:
+    """After ``~.`` the queued session output is flushed before the disconnect notice is
+    printed on stderr, so the notice is the last thing on the screen (a CI run once saw the
+    remote prompt printed after it)."""
+    import asyncio
+
+    from flyvault.cli.terminal import OutputSink
+
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    sink = OutputSink(write_fd, capacity=4)
+
+    async def scenario() -> bytes:
+        # Fill the queue faster than the thread drains it, then flush.
+        for index in range(50):
+            await sink.write(b"chunk-%02d;" % index)
+        await sink.flush()
+        # Everything is in the pipe now: nothing arrives later.
+        return os.read(read_fd, 65536)
+
+    try:
+        data = asyncio.run(scenario())
+        assert data == b"".join(b"chunk-%02d;" % index for index in range(50))
+        sink.close()
+        with pytest.raises(BlockingIOError):
+            os.read(read_fd, 65536)
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
