@@ -32,6 +32,20 @@ def _peak_rss_kb(pid: int) -> int:
     return 0
 
 
+def _server_phases(log_file: Path) -> dict[str, float]:
+    """The phases of the last provisioning, from init's log line
+    ``provisioned for ADDR in T s (name S s, ...)``."""
+    lines = [line for line in log_file.read_text().splitlines() if "provisioned for" in line]
+    if not lines or "(" not in lines[-1]:
+        return {}
+    inside = lines[-1].rsplit("(", 1)[1].rstrip(")")
+    phases = {}
+    for part in inside.split(", "):
+        name, seconds, _unit = part.split(" ")
+        phases[name] = float(seconds)
+    return phases
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mb", type=int, default=200, help="size of the tar.gz (MB)")
@@ -75,6 +89,7 @@ def main() -> int:
         config = work / "xdg_config_home/fly-vault/config.toml"
         config.write_text(config.read_text().replace(str(small), str(archive)))
         tar_times, ours = [], []
+        phases: list[dict[str, float]] = []
         for _ in range(args.rounds):
             target = work / "tar-out"
             shutil.rmtree(target, ignore_errors=True)
@@ -96,10 +111,12 @@ def main() -> int:
             )
             subprocess.run(["sync"], check=True)
             ours.append(time.perf_counter() - started)
+            phases.append(_server_phases(Path(state["log_file"])))
         results.update(
             archive_bytes=size,
             tar_xzf_s=tar_times,
             reprovision_s=ours,
+            server_phases_s=phases,
             ratio_best=min(ours) / min(tar_times),
             reprovision_MB_s=size / min(ours) / 1e6,
             init_peak_rss_kb_after_small=rss_small,

@@ -452,7 +452,10 @@ class ServerConnection:
             except BaseException:
                 await job.abort()
                 raise
-        log.info("provisioned for %s in %.1f s", self.source, timings["total"])
+        phases = ", ".join(
+            f"{name} {seconds:.2f} s" for name, seconds in timings.items() if name != "total"
+        )
+        log.info("provisioned for %s in %.1f s (%s)", self.source, timings["total"], phases)
         state = self.server.state
         self._authenticated()
         machine.send_setup_complete(

@@ -186,6 +186,7 @@ class ProvisionJob:
         assert self.extractor is not None
         provisioner = self.provisioner
         report = await self.extractor.finish(size, sha256)
+        received = time.monotonic() - self.started_at
         self.progress("extract", report.entries, report.entries)
         log.info(
             "rootfs staged: %d entries, %d bytes%s",
@@ -198,7 +199,9 @@ class ProvisionJob:
         await asyncio.to_thread(provisioner.store.prepare_persistence, provisioner.store.staging)
         self.progress("activate", 0, 1)
         # Everything in the old namespace ends here: shells, sessions, services.
+        stopping = time.monotonic()
         await provisioner.runtime.stop()
+        stopped = time.monotonic() - stopping
         loop = asyncio.get_running_loop()
 
         def start_runtime(_rootfs: Path) -> bool:
@@ -217,7 +220,9 @@ class ProvisionJob:
         result = await asyncio.to_thread(provisioner.store.activate, start_runtime)
         provisioner.purge_later()
         self.progress("activate", 1, 1)
-        timings = dict(result.timings)
+        # Phases in order: receive and extract, stop the old workload, then activation's
+        # (sync, swap, marker, start: includes the settle window, cleanup).
+        timings = {"receive_extract": received, "stop_old": stopped, **result.timings}
         timings["total"] = time.monotonic() - self.started_at
         return timings
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -136,6 +137,13 @@ def test_cold_provision_exec_in_namespace_reprovision_keeps_homes(
     assert b"reprovisioned in" in swap.stdout and b"/root and /home kept" in swap.stdout
     after = fv("exec", "vm", "--", "sh", "-c", "cat /etc/version /root/keep.txt /home/user/f")
     assert after.stdout.split() == [b"B", b"kept", b"mine"]
+    # The log says where the time went, phase by phase.
+    logged = [line for line in vm_init.log.read_text().splitlines() if "provisioned for" in line]
+    assert re.search(
+        r"provisioned for \S+ in [\d.]+ s \(receive_extract [\d.]+ s, stop_old [\d.]+ s, "
+        r"sync [\d.]+ s, swap [\d.]+ s, marker [\d.]+ s, start [\d.]+ s, cleanup [\d.]+ s\)",
+        logged[-1],
+    ), logged
     # The previous rootfs, set aside at activation, is deleted after the answer.
     deadline = time.monotonic() + 30
     while (vm_init.data_dir / "rootfs.discard").exists() and time.monotonic() < deadline:
