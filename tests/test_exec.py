@@ -402,3 +402,29 @@ def test_hundreds_of_execs_on_one_connection_release_their_streams(
     connects, open_streams = run_async(scenario(), timeout=180)
     assert connects == 1
     assert open_streams <= 2
+
+
+def test_remote_sized_datagrams_carry_stdin_and_output_intact(
+    tmp_path: Path, issuer: OidcIssuer, fly_api: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On loopback the transport uses 16,000-byte datagrams; a vault across the internet
+    gets 1200. Force 1200 on both ends (init inherits the environment) so that path stays
+    covered end to end: stdin up, output down, exit status."""
+    import hashlib
+
+    from flyvault.config import save_vault
+
+    monkeypatch.setenv("FLY_VAULT_DATAGRAM_SIZE", "1200")
+    init = start_init(tmp_path, fly_api.path)
+    try:
+        save_vault(vault_entry(init.port, issuer, name="small"))
+        payload = os.urandom(2 * 1024 * 1024)
+        script = (
+            "import sys, hashlib; data = sys.stdin.buffer.read(); "
+            "sys.stdout.buffer.write(data[::-1]); sys.exit(7)"
+        )
+        result = fv("exec", "small", "--", sys.executable, "-c", script, input_=payload)
+        assert result.returncode == 7, result.stderr
+        assert hashlib.sha256(result.stdout).digest() == hashlib.sha256(payload[::-1]).digest()
+    finally:
+        init.stop()
