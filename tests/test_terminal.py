@@ -574,3 +574,34 @@ def test_output_sink_flush_returns_after_everything_before_it_is_written() -> No
     finally:
         os.close(read_fd)
         os.close(write_fd)
+
+
+def test_output_sink_flush_gives_up_on_a_terminal_that_stopped_reading() -> None:
+    """``~.`` must still exit when the terminal no longer reads (the writer thread blocked
+    and the queue full): flush waits a bounded time, not forever."""
+    import asyncio
+
+    from flyvault.cli.terminal import OutputSink
+
+    read_fd, write_fd = os.pipe()
+    sink = OutputSink(write_fd, capacity=2)
+
+    async def scenario() -> float:
+        block = b"x" * 65536
+        for _ in range(6):  # fills the pipe (64 KiB), blocks the thread, fills the queue
+            try:
+                await asyncio.wait_for(sink.write(block), 0.5)
+            except TimeoutError:
+                break
+        started = time.monotonic()
+        await sink.flush(timeout=0.3)
+        elapsed = time.monotonic() - started
+        # Unblock the writer (EPIPE) so the executor thread stuck in a put can finish.
+        os.close(read_fd)
+        return elapsed
+
+    try:
+        assert asyncio.run(scenario()) < 5.0
+    finally:
+        sink.close()
+        os.close(write_fd)

@@ -239,7 +239,8 @@ async def _run_session(
                 runner.cancel()
                 await asyncio.wait({runner}, timeout=2.0)  # no session output after this
                 if interactive:
-                    await stdout.write(RESET_MODES)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stdout.write(RESET_MODES), 2.0)
                 # Output that arrived before the escape is still queued for the terminal:
                 # write it first, so the notice is the last thing the user sees.
                 await stdout.flush()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import functools
 import os
 import queue
 import signal
@@ -142,8 +143,14 @@ class OutputSink:
         """Wait until everything written so far has reached the descriptor, so a message
         printed next on another descriptor (stderr) really comes after it."""
         written = threading.Event()
-        await self._put(written)
-        await asyncio.get_running_loop().run_in_executor(None, written.wait, timeout)
+        loop = asyncio.get_running_loop()
+        try:  # bounded: a terminal that stopped reading must not hang the exit
+            await loop.run_in_executor(
+                None, functools.partial(self._queue.put, written, True, timeout)
+            )
+        except queue.Full:
+            return
+        await loop.run_in_executor(None, written.wait, timeout)
 
     async def _put(self, item: bytes | threading.Event) -> None:
         try:
