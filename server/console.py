@@ -25,6 +25,7 @@ from flyvault.protocol.console import (
     decode_resize,
     decode_signal,
     encode_json,
+    encode_stdin_ack,
     error_frame,
     frame,
 )
@@ -102,12 +103,20 @@ async def _attach(
     start = max(resume, session.log.start)
     attachment = session.attach(start)
     assert session.process is not None
-    started = Started(session.id, created, start, start - resume, session.process.pid, session.pty)
+    started = Started(
+        session.id,
+        created,
+        start,
+        start - resume,
+        session.process.pid,
+        session.pty,
+        session.stdin_handled,
+    )
     stream.write(frame(ConsoleFrame.STARTED, started.encode()))
     if not created and request.pty and session.pty and request.rows and request.cols:
         session.process.resize(request.rows, request.cols)
     output = asyncio.ensure_future(_pump_output(session, attachment, stream))
-    inputs = asyncio.ensure_future(_pump_input(registry, session, stream, channel))
+    inputs = asyncio.ensure_future(_pump_input(registry, session, attachment, stream, channel))
     displaced = asyncio.ensure_future(attachment.displaced.wait())
     try:
         await asyncio.wait({output, inputs, displaced}, return_when=asyncio.FIRST_COMPLETED)
@@ -150,6 +159,7 @@ async def _pump_output(session: Session, attachment: Attachment, stream: QuicStr
                 result.dropped,
                 session.process.pid,
                 session.pty,
+                session.stdin_handled,
             )
             stream.write(frame(ConsoleFrame.STARTED, notice.encode()))
             session.sent(attachment, result.start_offset)
@@ -172,19 +182,33 @@ async def _pump_output(session: Session, attachment: Attachment, stream: QuicStr
 
 
 async def _pump_input(
-    registry: SessionRegistry, session: Session, stream: QuicStream, channel: FrameChannel
+    registry: SessionRegistry,
+    session: Session,
+    attachment: Attachment,
+    stream: QuicStream,
+    channel: FrameChannel,
 ) -> None:
     process = session.process
     assert process is not None
+    acknowledged = session.stdin_handled
     while True:
+        if attachment.displaced.is_set():
+            # Another client attached and was told how much input we have taken: applying
+            # more from this (dead) stream would take bytes it is about to resend.
+            return
         item = channel.next_frame()
         if item is None:
             if channel.finished:
                 return  # the client closed its side: it detached
+            if session.stdin_handled != acknowledged:
+                # Lets the client drop what it keeps for a resend after a loss.
+                acknowledged = session.stdin_handled
+                stream.write(frame(ConsoleFrame.STDIN_ACK, encode_stdin_ack(acknowledged)))
             channel.feed(await stream.read())
             continue
         kind, payload = item.type, item.payload
         if kind == ConsoleFrame.STDIN:
+            session.stdin_handled += len(payload)  # taken, even if the process is gone
             if session.running:
                 process.write_stdin(payload)
                 await process.drain_stdin()

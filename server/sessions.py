@@ -104,6 +104,8 @@ class Session:
         self.exit: ExitStatus | None = None
         self.exited_at: float | None = None
         self.exit_acknowledged = False
+        #: Standard input bytes taken from clients (all attachments), for exact resends.
+        self.stdin_handled = 0
         self.attachment: Attachment | None = None
         self.detached_since: float | None = clock()
         self._clock = clock

@@ -241,6 +241,56 @@ def test_reattach_after_drop_has_no_loss_and_no_duplicates(
     assert out == "".join(f"{i}\n" for i in range(lines)).encode()
 
 
+def test_stdin_is_exact_across_dropped_connections(
+    init_process: InitProcess, issuer: OidcIssuer
+) -> None:
+    """Cut the connection while standard input streams in: the command still gets every
+    byte once, in order (input in flight is resent from the vault's acknowledged offset)."""
+    import hashlib
+
+    from flyvault.client.vault import ExecHooks, ExecSession, Vault
+    from flyvault.protocol.console import OpenSession
+
+    entry = vault_entry(init_process.port, issuer)
+    payload = os.urandom(6 * 1024 * 1024)
+    script = (
+        "import sys, hashlib; data = sys.stdin.buffer.read(); "
+        "print(len(data), hashlib.sha256(data).hexdigest())"
+    )
+
+    async def scenario() -> bytes:
+        vault = Vault(entry, reconnect_timeout=20)
+        out = bytearray()
+        session = ExecSession(
+            vault,
+            OpenSession("stdin-drop", (sys.executable, "-c", script), keep=True),
+            ExecHooks(stdout=out.extend, stderr=out.extend),
+        )
+        runner = asyncio.ensure_future(session.run())
+
+        async def feed() -> None:
+            for start in range(0, len(payload), 64 * 1024):  # bounded by the payload
+                session.send_stdin(payload[start : start + 64 * 1024])
+                await session.drain()
+                await asyncio.sleep(0.01)
+            session.close_stdin()
+
+        feeder = asyncio.ensure_future(feed())
+        for _ in range(5):  # bounded: cut the connection five times while input flows
+            await asyncio.sleep(0.25)
+            connection = await vault.connection()
+            connection.close()
+        await asyncio.wait_for(feeder, 60)
+        exited = await asyncio.wait_for(runner, 60)
+        assert exited.exit_status == 0
+        assert vault.connects >= 4
+        await vault.close()
+        return bytes(out)
+
+    out = run_async(scenario(), timeout=90)
+    assert out.split() == [str(len(payload)).encode(), hashlib.sha256(payload).hexdigest().encode()]
+
+
 def test_takeover_tells_the_first_client_and_it_does_not_fight(vault: str) -> None:
     first = subprocess.Popen(
         [

@@ -394,3 +394,35 @@ def test_server_quiet_when_client_leaves_between_frames() -> None:
     server.receive_eof()
     assert server.next_event() == StreamEnded()
     assert server.data_to_send() == b""
+
+
+@given(
+    offset=st.integers(0, 2**64 - 1),
+    dropped=st.integers(0, 2**64 - 1),
+    stdin_offset=st.integers(0, 2**64 - 1),
+    pid=st.integers(0, 2**32 - 1),
+)
+def test_started_and_stdin_ack_round_trip(
+    offset: int, dropped: int, stdin_offset: int, pid: int
+) -> None:
+    from flyvault.protocol.console import (
+        Started,
+        decode_stdin_ack,
+        encode_stdin_ack,
+    )
+
+    started = Started("job-1", True, offset, dropped, pid, False, stdin_offset)
+    assert Started.decode(started.encode()) == started
+    assert decode_stdin_ack(encode_stdin_ack(stdin_offset)) == stdin_offset
+
+
+def test_truncated_started_and_stdin_ack_are_protocol_errors() -> None:
+    from flyvault.protocol.console import Started, decode_stdin_ack, encode_stdin_ack
+
+    encoded = Started("job-1", False, 5, 0, 42, True, 7).encode()
+    with pytest.raises(ProtocolError):
+        Started.decode(encoded[:-1])  # the stdin offset is required
+    with pytest.raises(ProtocolError):
+        decode_stdin_ack(encode_stdin_ack(3)[:-2])
+    with pytest.raises(ProtocolError):
+        decode_stdin_ack(encode_stdin_ack(3) + b"\x00")

@@ -9,8 +9,8 @@ at a time; every caller waits for the same attempt.
 
 Exec sessions resume by offset after a reconnect: the client reattaches (never re-creates:
 a command must not run twice) with the number of output bytes it has seen, and the server
-replays exactly the rest. Standard input is not replayed: bytes sent just before a loss may
-not have reached the process.
+replays exactly the rest. Standard input is exact the same way: the client keeps what the
+vault has not acknowledged and, on reattach, resends from the vault's ``stdin_offset``.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from flyvault.protocol.console import (
     SessionsFrame,
     Started,
     decode_json,
+    decode_stdin_ack,
     encode_resize,
     frame,
 )
@@ -54,6 +55,11 @@ from flyvault.transport import QuicStream, TransportSettings
 log = logging.getLogger("flyvault.client")
 
 Notice = Callable[[str], None]
+
+#: Largest STDIN frame we send (frames may be up to 1 MiB after authentication).
+STDIN_CHUNK = 64 * 1024
+#: Input kept for a resend beyond which ``drain`` waits for the vault's acknowledgement.
+STDIN_KEEP = 8 * 1024 * 1024
 
 
 class SessionTakenOver(VaultError):
@@ -286,9 +292,19 @@ class ExecSession:
         self.offset = request.resume_offset
         self.started: Started | None = None
         self._stream: QuicStream | None = None
-        self._pending: list[bytes] = []
-        self._stdin_closed = False
+        self._pending: list[bytes] = []  # resize and signal frames for the next stream
         self._size: tuple[int, int] | None = None
+        # Standard input is kept until the vault acknowledges it (STDIN_ACK, or the
+        # stdin_offset of STARTED after a reattach) and resent from there: bytes in flight
+        # when a connection dies are neither lost nor doubled.
+        self._unacked = bytearray()
+        self._unacked_base = 0  # absolute offset of _unacked[0]
+        self._stdin_total = 0  # bytes given to send_stdin
+        self._stdin_written = 0  # absolute offset written on the current stream
+        self._stdin_closed = False
+        self._eof_written = False
+        self._ready = False  # STARTED seen on the current stream: input may flow
+        self._room = asyncio.Event()
 
     @property
     def session_id(self) -> str:
@@ -297,11 +313,56 @@ class ExecSession:
     # Input ---------------------------------------------------------------------------
 
     def send_stdin(self, data: bytes) -> None:
-        self._send(frame(ConsoleFrame.STDIN, data))
+        if self._stdin_closed or not data:
+            return
+        self._unacked += data
+        self._stdin_total += len(data)
+        self._flush_stdin()
 
     def close_stdin(self) -> None:
         self._stdin_closed = True
-        self._send(frame(ConsoleFrame.STDIN_EOF))
+        self._flush_stdin()
+
+    def _flush_stdin(self) -> None:
+        """Write the input the current stream has not carried yet, then the EOF."""
+        stream = self._stream
+        if stream is None or not self._ready:
+            return
+        try:
+            while self._stdin_written < self._stdin_total:
+                start = self._stdin_written - self._unacked_base
+                chunk = bytes(self._unacked[start : start + STDIN_CHUNK])
+                stream.write(frame(ConsoleFrame.STDIN, chunk))
+                self._stdin_written += len(chunk)
+            if self._stdin_closed and not self._eof_written:
+                stream.write(frame(ConsoleFrame.STDIN_EOF))
+                self._eof_written = True
+        except TransportError:
+            pass  # the stream is gone: the reattach resends from the vault's offset
+
+    def _sync_stdin(self, offset: int, first_attach: bool) -> None:
+        """The first STARTED of a stream: input flows from the vault's ``offset``."""
+        if first_attach:
+            # A new session (0), or one another client fed before: what we hold is all new.
+            self._unacked_base = offset
+            self._stdin_total = offset + len(self._unacked)
+        else:
+            # A reattach after a loss: drop what the vault took, resend the rest.
+            self._stdin_acknowledged(offset)
+        self._stdin_written = offset
+        self._eof_written = False  # a repeated EOF is harmless
+        self._ready = True
+        self._flush_stdin()
+
+    def _stdin_acknowledged(self, offset: int) -> None:
+        if not self._unacked_base <= offset <= self._stdin_total:
+            raise RemoteProtocolError(
+                f"the vault acknowledges {offset} bytes of input; {self._unacked_base} to "
+                f"{self._stdin_total} were possible"
+            )
+        del self._unacked[: offset - self._unacked_base]
+        self._unacked_base = offset
+        self._room.set()
 
     def resize(self, rows: int, cols: int) -> None:
         self._size = (rows, cols)
@@ -311,10 +372,15 @@ class ExecSession:
         self._send(frame(ConsoleFrame.SIGNAL, bytes((signo,))))
 
     async def drain(self) -> None:
+        """Wait while the stream's send buffer is full, and while the input kept for a
+        resend is over its bound (so a reconnect cannot make stdin pile up in memory)."""
         stream = self._stream
         if stream is not None:
             with contextlib.suppress(TransportError):
                 await stream.drain()
+        while len(self._unacked) > STDIN_KEEP:
+            self._room.clear()
+            await self._room.wait()
 
     def _send(self, data: bytes) -> None:
         stream = self._stream
@@ -339,12 +405,10 @@ class ExecSession:
                     raise
                 log.info("exec %s: %s", self.session_id, exc)
                 self._stream = None
+                self._ready = False
                 self.vault.invalidate(connection)
                 # Reattach only from now on: the command must never run twice.
                 request = _reattach(request, self.offset, self._size)
-                if self._stdin_closed:
-                    # Repeating the EOF is harmless; missing it would leave `cat` waiting.
-                    self._pending.append(frame(ConsoleFrame.STDIN_EOF))
                 continue
             return result
 
@@ -353,6 +417,7 @@ class ExecSession:
         stream.write(frame(ConsoleFrame.OPEN, request.encode()))
         channel = FrameChannel()
         self._stream = stream
+        self._ready = False  # input waits for STARTED, which says where the vault is
         pending, self._pending = self._pending, []
         for data in pending:
             stream.write(data)
@@ -383,8 +448,13 @@ class ExecSession:
                         "buffer before they could be shown"
                     )
                 self.offset = started.offset
+                first_attach = self.started is None
                 self.started = started
+                if not self._ready:
+                    self._sync_stdin(started.stdin_offset, first_attach)
                 self.hooks.started(started)
+            elif kind == ConsoleFrame.STDIN_ACK:
+                self._stdin_acknowledged(decode_stdin_ack(payload))
             elif kind == ConsoleFrame.EXITED:
                 exited = Exited.decode(payload)
                 with contextlib.suppress(TransportError):

@@ -56,6 +56,7 @@ class ConsoleFrame(enum.IntEnum):
     STDERR = 0x13
     EXITED = 0x14
     DETACHED = 0x15
+    STDIN_ACK = 0x16
 
 
 class SessionsFrame(enum.IntEnum):
@@ -176,6 +177,9 @@ class Started:
     dropped: int
     pid: int
     pty: bool
+    #: Standard input bytes the session has taken so far, from every attachment: a client
+    #: that reattaches after a loss resends its input from here, so none is lost or doubled.
+    stdin_offset: int = 0
 
     def encode(self) -> bytes:
         return (
@@ -186,6 +190,7 @@ class Started:
             .u64(self.dropped)
             .u32(self.pid)
             .u8(int(self.pty))
+            .u64(self.stdin_offset)
             .getvalue()
         )
 
@@ -199,6 +204,7 @@ class Started:
             reader.u64("dropped"),
             reader.u32("pid"),
             bool(reader.u8("pty")),
+            reader.u64("stdin offset"),
         )
         reader.end()
         return value
@@ -249,6 +255,18 @@ def decode_resize(payload: bytes) -> tuple[int, int]:
     rows, cols = reader.u16("rows"), reader.u16("cols")
     reader.end()
     return rows, cols
+
+
+def encode_stdin_ack(offset: int) -> bytes:
+    """STDIN_ACK: the session has taken ``offset`` bytes of standard input in all."""
+    return PayloadWriter().u64(offset).getvalue()
+
+
+def decode_stdin_ack(payload: bytes) -> int:
+    reader = PayloadReader(payload, "stdin ack")
+    offset = reader.u64("stdin offset")
+    reader.end()
+    return offset
 
 
 def decode_signal(payload: bytes) -> int:
