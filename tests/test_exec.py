@@ -204,12 +204,30 @@ def test_output_while_detached_replays_last_buffer_exactly(vault: str) -> None:
     assert b"9437184 bytes of output were dropped" in again.stderr
 
 
+def _script_session(vault: Any, name: str, script: str, out: bytearray) -> Any:
+    """A kept exec session running ``python -c script``, its output collected in ``out``."""
+    from flyvault.client.vault import ExecHooks, ExecSession
+    from flyvault.protocol.console import OpenSession
+
+    return ExecSession(
+        vault,
+        OpenSession(name, (sys.executable, "-c", script), keep=True),
+        ExecHooks(stdout=out.extend, stderr=out.extend),
+    )
+
+
+async def _cut_connections(vault: Any, times: int, every: float) -> None:
+    for _ in range(times):  # bounded by ``times``
+        await asyncio.sleep(every)
+        connection = await vault.connection()
+        connection.close()
+
+
 def test_reattach_after_drop_has_no_loss_and_no_duplicates(
     init_process: InitProcess, issuer: OidcIssuer
 ) -> None:
     """Kill the connection at several points while output streams; the union is exact."""
-    from flyvault.client.vault import ExecHooks, ExecSession, Vault
-    from flyvault.protocol.console import OpenSession
+    from flyvault.client.vault import Vault
 
     entry = vault_entry(init_process.port, issuer)
     lines = 20000
@@ -221,16 +239,9 @@ def test_reattach_after_drop_has_no_loss_and_no_duplicates(
     async def scenario() -> bytes:
         vault = Vault(entry, reconnect_timeout=20)
         out = bytearray()
-        session = ExecSession(
-            vault,
-            OpenSession("drop-test", (sys.executable, "-c", script), keep=True),
-            ExecHooks(stdout=out.extend, stderr=out.extend),
-        )
+        session = _script_session(vault, "drop-test", script, out)
         runner = asyncio.ensure_future(session.run())
-        for _ in range(6):  # bounded: cut the connection six times while it runs
-            await asyncio.sleep(0.4)
-            connection = await vault.connection()
-            connection.close()
+        await _cut_connections(vault, times=6, every=0.4)
         exited = await asyncio.wait_for(runner, 60)
         assert exited.exit_status == 0
         assert vault.connects >= 4
@@ -248,8 +259,7 @@ def test_stdin_is_exact_across_dropped_connections(
     byte once, in order (input in flight is resent from the vault's acknowledged offset)."""
     import hashlib
 
-    from flyvault.client.vault import ExecHooks, ExecSession, Vault
-    from flyvault.protocol.console import OpenSession
+    from flyvault.client.vault import Vault
 
     entry = vault_entry(init_process.port, issuer)
     payload = os.urandom(6 * 1024 * 1024)
@@ -261,11 +271,7 @@ def test_stdin_is_exact_across_dropped_connections(
     async def scenario() -> bytes:
         vault = Vault(entry, reconnect_timeout=20)
         out = bytearray()
-        session = ExecSession(
-            vault,
-            OpenSession("stdin-drop", (sys.executable, "-c", script), keep=True),
-            ExecHooks(stdout=out.extend, stderr=out.extend),
-        )
+        session = _script_session(vault, "stdin-drop", script, out)
         runner = asyncio.ensure_future(session.run())
 
         async def feed() -> None:
@@ -276,10 +282,7 @@ def test_stdin_is_exact_across_dropped_connections(
             session.close_stdin()
 
         feeder = asyncio.ensure_future(feed())
-        for _ in range(5):  # bounded: cut the connection five times while input flows
-            await asyncio.sleep(0.25)
-            connection = await vault.connection()
-            connection.close()
+        await _cut_connections(vault, times=5, every=0.25)  # while input flows
         await asyncio.wait_for(feeder, 60)
         exited = await asyncio.wait_for(runner, 60)
         assert exited.exit_status == 0
