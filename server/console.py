@@ -203,7 +203,10 @@ async def _pump_input(
             if session.stdin_handled != acknowledged:
                 # Lets the client drop what it keeps for a resend after a loss.
                 acknowledged = session.stdin_handled
-                stream.write(frame(ConsoleFrame.STDIN_ACK, encode_stdin_ack(acknowledged)))
+                # Our side may have ended already (EXITED went out): the EXIT_ACK must
+                # still be read, so a late acknowledgement is simply not sent.
+                with contextlib.suppress(TransportError):
+                    stream.write(frame(ConsoleFrame.STDIN_ACK, encode_stdin_ack(acknowledged)))
             channel.feed(await stream.read())
             continue
         kind, payload = item.type, item.payload

@@ -481,3 +481,20 @@ def test_remote_sized_datagrams_carry_stdin_and_output_intact(
         assert hashlib.sha256(result.stdout).digest() == hashlib.sha256(payload[::-1]).digest()
     finally:
         init.stop()
+
+
+def test_exit_while_input_still_flows_is_acknowledged_and_the_session_goes(vault: str) -> None:
+    """The command exits while stdin is still arriving: the server has sent EXITED (its side
+    is closed) when it would acknowledge input; the exit acknowledgement must still be read,
+    so the unnamed session is removed."""
+    for _ in range(3):  # bounded: the race between exit and the last input acknowledgement
+        result = fv("exec", vault, "--", "head", "-c", "1", input_=os.urandom(4 * 1024 * 1024))
+        assert result.returncode == 0, result.stderr
+        assert len(result.stdout) == 1
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        listing = json.loads(fv("list-exec", vault, "--json").stdout)
+        if listing == []:
+            break
+        time.sleep(0.1)
+    assert listing == []

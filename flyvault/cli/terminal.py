@@ -143,20 +143,19 @@ class OutputSink:
         """Wait until everything written so far has reached the descriptor, so a message
         printed next on another descriptor (stderr) really comes after it."""
         written = threading.Event()
-        loop = asyncio.get_running_loop()
         try:  # bounded: a terminal that stopped reading must not hang the exit
-            await loop.run_in_executor(
-                None, functools.partial(self._queue.put, written, True, timeout)
-            )
+            await self._put(written, timeout)
         except queue.Full:
             return
-        await loop.run_in_executor(None, written.wait, timeout)
+        await asyncio.get_running_loop().run_in_executor(None, written.wait, timeout)
 
-    async def _put(self, item: bytes | threading.Event) -> None:
+    async def _put(self, item: bytes | threading.Event, timeout: float | None = None) -> None:
+        """Queue ``item``, waiting for room (at most ``timeout`` s, then queue.Full)."""
         try:
             self._queue.put_nowait(item)
         except queue.Full:
-            await asyncio.get_running_loop().run_in_executor(None, self._queue.put, item)
+            put = functools.partial(self._queue.put, item, True, timeout)
+            await asyncio.get_running_loop().run_in_executor(None, put)
 
     def close(self) -> None:
         self._queue.put(None)
