@@ -338,3 +338,22 @@ def test_a_bad_datagram_size_override_is_a_config_error(
             assert caught.value.hint and "unset FLY_VAULT_DATAGRAM_SIZE" in caught.value.hint
 
     run_async(scenario())
+
+
+def test_wait_delivered_returns_once_the_peer_acknowledged_everything() -> None:
+    async def scenario() -> None:
+        listener, _ = await echo_server()
+        try:
+            client = await connect(*listener.address)
+            stream = client.open_stream()
+            # Above the high-water mark (drain would not wait for all of it), within the
+            # peer's windows (the echo's answer fits ours, so nothing blocks).
+            stream.write(b"y" * (768 * 1024))
+            assert client.buffered(stream.stream_id) > 0
+            await asyncio.wait_for(stream.wait_delivered(), 30)
+            assert client.buffered(stream.stream_id) == 0
+            client.close_now()
+        finally:
+            listener.close()
+
+    run_async(scenario(), timeout=60)

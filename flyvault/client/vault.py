@@ -60,6 +60,8 @@ Notice = Callable[[str], None]
 STDIN_CHUNK = 64 * 1024
 #: Input kept for a resend beyond which ``drain`` waits for the vault's acknowledgement.
 STDIN_KEEP = 8 * 1024 * 1024
+#: How long an exit waits for unread input and the EXIT_ACK to reach the vault.
+EXIT_ACK_DELIVERY = 5.0
 
 
 class SessionTakenOver(VaultError):
@@ -463,6 +465,13 @@ class ExecSession:
                     # stream is released now, not kept for the connection's lifetime.
                     stream.stop(0)
                 self._stream = None
+                if self._stdin_written > self._unacked_base:
+                    # Input the command no longer read is queued ahead of the EXIT_ACK on
+                    # this stream. A one-shot client closes the connection next, which would
+                    # drop both, and the vault would keep the finished session waiting for
+                    # an acknowledgement. Let them reach the vault first (bounded).
+                    with contextlib.suppress(TransportError, TimeoutError):
+                        await asyncio.wait_for(stream.wait_delivered(), EXIT_ACK_DELIVERY)
                 return exited
             elif kind == ConsoleFrame.DETACHED:
                 self._stream = None

@@ -132,6 +132,15 @@ class QuicStream:
         if self._send_error is not None:
             raise self._send_error
 
+    async def wait_delivered(self) -> None:
+        """Wait until the peer has acknowledged every byte written so far."""
+        if self._channel.buffered(self.stream_id) > 0 and self._send_error is None:
+            self._writable.clear()
+            self._channel._watch_writable(self, threshold=0)
+            await self._writable.wait()
+        if self._send_error is not None:
+            raise self._send_error
+
     async def send(self, data: bytes, end_stream: bool = False) -> None:
         self.write(data, end_stream)
         await self.drain()
@@ -203,7 +212,8 @@ class QuicChannel(QuicConnectionProtocol):
         self._keepalive_handle: asyncio.TimerHandle | None = None
         self._handshake_done: asyncio.Future[None] = self._loop.create_future()
         self._terminated_reason: str | None = None
-        self._watched: set[QuicStream] = set()
+        #: Streams waiting for their unacknowledged bytes to fall to a threshold.
+        self._watched: dict[QuicStream, int] = {}
         self.peer_address: Any = None
         #: Loop time of the last datagram from the peer.
         self.last_received = 0.0
@@ -359,13 +369,13 @@ class QuicChannel(QuicConnectionProtocol):
                 return
             self._transmit_soon()
 
-    def _watch_writable(self, stream: QuicStream) -> None:
-        self._watched.add(stream)
+    def _watch_writable(self, stream: QuicStream, threshold: int | None = None) -> None:
+        self._watched[stream] = stream.low_water if threshold is None else threshold
 
     def _check_writable(self) -> None:
-        for stream in list(self._watched):
-            if self.quic.send_buffered(stream.stream_id) <= stream.low_water:
-                self._watched.discard(stream)
+        for stream, threshold in list(self._watched.items()):
+            if self.quic.send_buffered(stream.stream_id) <= threshold:
+                del self._watched[stream]
                 stream._writable.set()
 
     def _lost_message(self) -> str:
