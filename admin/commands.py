@@ -29,7 +29,6 @@ from admin.errors import (
 )
 from admin.machines import MachinesClient, RetryPolicy, Timeouts
 from admin.output import out, print_json, render_table, terminal_width, warn
-from admin.redact import redact_config, register_secret
 from admin.template import (
     MachinePlan,
     auto_volume_placeholder,
@@ -42,11 +41,13 @@ from admin.template import (
 from admin.tenants import (
     configured_image,
     list_managed,
+    redact_config,
     summarise,
     volume_ids,
     volume_sizes,
 )
 from flyvault.errors import UsageError, VaultError
+from flyvault.redact import register as register_secret
 
 # Tests shorten these; the CLI uses the defaults.
 RETRY = RetryPolicy()
@@ -68,7 +69,7 @@ def run_create(args: argparse.Namespace) -> int:
     validate_tenant_id(args.tenant_id)
     if args.wait_timeout_secs <= 0:
         raise UsageError("--wait-timeout-secs must be > 0")
-    variables = parse_vars(args.var)
+    variables = _variables(args.var, getattr(args, "secret_var", None) or [])
     template = load_template(Path(args.template))
     check_app(template, args.app)
     plans = render_plan(
@@ -81,6 +82,15 @@ def run_create(args: argparse.Namespace) -> int:
         print_json(dry_run_plan(plans))
         return 0
     return asyncio.run(_create(args, plans))
+
+
+def _variables(plain: Sequence[str], secret: Sequence[str]) -> dict[str, str]:
+    """``--var`` and ``--secret-var`` together; a secret variable's value is registered with
+    the scrubber before anything can print it."""
+    for item in secret:  # registered first: even an error quoting the item hides the value
+        register_secret(item.partition("=")[2] or item)
+    hidden = parse_vars(secret)
+    return parse_vars([*plain, *(f"{key}={value}" for key, value in hidden.items())])
 
 
 def dry_run_plan(plans: Sequence[MachinePlan]) -> list[dict[str, Any]]:
@@ -289,6 +299,8 @@ async def _delete_volumes(
 
 
 def run_delete(args: argparse.Namespace) -> int:
+    if args.wait_timeout_secs <= 0:
+        raise UsageError("--wait-timeout-secs must be > 0")
     confirm = _ask if sys.stdin.isatty() and sys.stderr.isatty() else None
     return asyncio.run(_delete(args, confirm))
 

@@ -6,7 +6,7 @@ already exists" (13) without parsing text. The codes are listed in references/ad
 
 API errors keep the Machines API's own message (``{"error": ...}`` body) because that text is
 usually the only thing that says *why* Fly refused; it is scrubbed of known secrets before it
-is stored here (see ``admin.redact``).
+is stored here (see ``flyvault.redact``).
 """
 
 from __future__ import annotations

@@ -55,7 +55,8 @@ from admin.errors import (
     MachinesApiError,
     WaitTimeout,
 )
-from admin.redact import register_secret, scrub
+from flyvault.redact import register as register_secret
+from flyvault.redact import scrub
 
 logger = logging.getLogger("admin.machines")
 

@@ -12,6 +12,8 @@ import os
 import sys
 from collections.abc import Callable
 
+from flyvault.envvars import finite_float
+
 PROG = "fly-vault-admin"
 DEFAULT_API_BASE = "https://api.machines.dev"
 
@@ -99,9 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--var", action="append", default=[], metavar="KEY=VALUE", help="template variable"
     )
     create.add_argument(
+        "--secret-var",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="template variable whose value is a secret: never printed or logged",
+    )
+    create.add_argument(
         "--dry-run", action="store_true", help="print the plan (secrets hidden); no API call"
     )
-    create.add_argument("--wait-timeout-secs", type=float, default=180.0, metavar="N")
+    create.add_argument("--wait-timeout-secs", type=finite_float, default=180.0, metavar="N")
     create.set_defaults(run=_lazy("admin.commands", "run_create"))
 
     list_ = sub(
@@ -124,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     delete.add_argument("tenant_id", metavar="TENANT_ID")
     delete.add_argument("--yes", action="store_true", help="do not ask")
-    delete.add_argument("--wait-timeout-secs", type=float, default=180.0, metavar="N")
+    delete.add_argument("--wait-timeout-secs", type=finite_float, default=180.0, metavar="N")
     delete.set_defaults(run=_lazy("admin.commands", "run_delete"))
 
     update = sub(
@@ -140,9 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("--all-tenants", action="store_true")
     update.add_argument("--concurrency", type=int, default=4, metavar="N")
     update.add_argument("--canary", type=int, default=1, metavar="N")
-    update.add_argument("--soak-secs", type=float, default=20.0, metavar="N")
-    update.add_argument("--start-timeout-secs", type=float, default=180.0, metavar="N")
-    update.add_argument("--health-timeout-secs", type=float, default=120.0, metavar="N")
+    update.add_argument("--soak-secs", type=finite_float, default=20.0, metavar="N")
+    update.add_argument("--start-timeout-secs", type=finite_float, default=180.0, metavar="N")
+    update.add_argument("--health-timeout-secs", type=finite_float, default=120.0, metavar="N")
     update.add_argument(
         "--lease-ttl-secs",
         type=int,
@@ -151,7 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="lease TTL; the lease is refreshed every TTL/3 while a machine is worked on",
     )
     update.add_argument(
-        "--poll-interval", type=float, default=2.0, metavar="SECS", help="health/soak polling"
+        "--poll-interval",
+        type=finite_float,
+        default=2.0,
+        metavar="SECS",
+        help="health/soak polling",
     )
     update.add_argument("--force", action="store_true", help="also update machines already on IMG")
     update.add_argument("--state-file", metavar="PATH", help="where progress is kept")
@@ -217,7 +230,7 @@ def resolve_globals(args: argparse.Namespace) -> None:
 def _configure_logging(verbose: bool) -> None:
     import logging
 
-    from admin.redact import scrub
+    from flyvault.redact import ScrubFilter, scrub
 
     class _ScrubbedStderr(logging.Handler):
         # Looks up sys.stderr at each record (not at creation), and scrubs secrets.
@@ -233,6 +246,7 @@ def _configure_logging(verbose: bool) -> None:
         handler = _ScrubbedStderr()
         handler.set_name(PROG)
         handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+        handler.addFilter(ScrubFilter())  # args, exceptions and extras too, before formatting
         root.addHandler(handler)
 
 
@@ -251,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         args.tenant_parser.print_help(sys.stderr)
         return 2
     from admin.output import report_error
-    from admin.redact import register_secret
     from flyvault.errors import VaultError
+    from flyvault.redact import register as register_secret
 
     _configure_logging(args.verbose)
     try:

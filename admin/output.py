@@ -13,8 +13,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from admin.redact import scrub, scrub_value
 from flyvault.errors import VaultError
+from flyvault.redact import scrub, scrub_value
 
 PROG = "fly-vault-admin"
 

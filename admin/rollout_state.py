@@ -90,8 +90,11 @@ class RolloutState:
         if self.path is None:
             return
         self.updated_at = time.time()
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(prefix=".rollout-", dir=self.path.parent)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd, tmp = tempfile.mkstemp(prefix=".rollout-", dir=self.path.parent)
+        except OSError as exc:
+            raise _write_error(self.path, exc) from None
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 json.dump(self.as_json(), handle, indent=2)
@@ -99,17 +102,32 @@ class RolloutState:
                 os.fsync(handle.fileno())
             os.chmod(tmp, 0o600)
             os.replace(tmp, self.path)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+            if isinstance(exc, OSError):
+                raise _write_error(self.path, exc) from None
             raise
+
+
+#: Where the state file comes from, for the hint of a read or write failure.
+STATE_PATH_HINT = (
+    "pass --state-file PATH in a writable directory, or set XDG_STATE_HOME to a writable "
+    "directory (default ~/.local/state)"
+)
+
+
+def _write_error(path: Path, exc: OSError) -> ConfigError:
+    return ConfigError(
+        f"cannot write rollout state {path}: {exc.strerror or exc}", hint=STATE_PATH_HINT
+    )
 
 
 def state_dir() -> Path:
     """``$XDG_STATE_HOME/fly-vault/rollouts`` (``~/.local/state/...`` by default)."""
-    base = os.environ.get("XDG_STATE_HOME")
-    root = Path(base) if base and os.path.isabs(base) else Path.home() / ".local" / "state"
-    return root / "fly-vault" / "rollouts"
+    from flyvault.paths import state_dir as fly_vault_state_dir
+
+    return fly_vault_state_dir() / "rollouts"
 
 
 def default_state_path(app: str, image: str, selection: list[str] | None) -> Path:
@@ -125,7 +143,9 @@ def load_state(path: Path) -> RolloutState | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise ConfigError(f"cannot read rollout state {path}: {exc.strerror}") from exc
+        raise ConfigError(
+            f"cannot read rollout state {path}: {exc.strerror}", hint=STATE_PATH_HINT
+        ) from exc
     try:
         data = json.loads(raw)
         if data.get("version") != STATE_VERSION:

@@ -30,6 +30,7 @@ from typing import Any
 
 from admin.errors import TemplateError
 from flyvault.errors import UsageError
+from flyvault.redact import register_all
 
 TEMPLATE_VERSION = 1
 DEFAULT_VOLUME_SIZE_GIB = 30
@@ -320,6 +321,55 @@ def _render_tree(value: Any, variables: Mapping[str, str]) -> Any:
     return value
 
 
+#: Env keys whose values are secrets (``ACCESS_TOKEN``, ``DB_PASSWORD``, ``API_KEY``...).
+_SECRET_KEY = re.compile(
+    r"TOKEN|SECRET|PASSW|PASSPHRASE|PWD|KEY|CREDENTIAL|AUTH|PRIVATE|CERT|COOKIE|SESSION|"
+    r"SIGNATURE|SALT|DSN",
+    re.IGNORECASE,
+)
+#: A URL with a password in it (``postgres://user:pass@host/db``), whatever its key.
+_URL_CREDENTIALS = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@\s]*:[^/@\s]+@")
+#: Shorter env values are not registered: "1" or "on" under a key named ``*_KEY`` is no
+#: secret, and scrubbing it would garble unrelated text.
+_MIN_ENV_SECRET = 4
+
+
+def config_secrets(config: Any) -> list[str]:
+    """The secret values of a machine config: inline files (``files[].raw_value``) and the
+    ``env`` values whose key names a secret or that hold a URL with a password, in nested
+    ``containers`` too.
+
+    Not every env value: most are tenant ids, regions, ports or flags, and registering those
+    would scrub them from every line of output (``tenant 'acme' created`` would lose its
+    tenant). All env values are still hidden structurally in printed configs
+    (``admin.tenants.redact_config``).
+    """
+    found: list[str] = []
+    if not isinstance(config, dict):
+        return found
+    env = config.get("env")
+    if isinstance(env, dict):
+        for key, value in env.items():
+            if not isinstance(value, str) or len(value.strip()) < _MIN_ENV_SECRET:
+                continue
+            if _SECRET_KEY.search(str(key)) or _URL_CREDENTIALS.match(value.strip()):
+                found.append(value)
+    files = config.get("files")
+    for entry in files if isinstance(files, list) else []:
+        raw = entry.get("raw_value") if isinstance(entry, dict) else None
+        if isinstance(raw, str) and len(raw.strip()) >= _MIN_ENV_SECRET:
+            found.append(raw)
+    containers = config.get("containers")
+    for container in containers if isinstance(containers, list) else []:
+        found += config_secrets(container)
+    return found
+
+
+def register_config_secrets(config: Any) -> None:
+    """Register a machine config's secret values (``config_secrets``) with the scrubber."""
+    register_all(config_secrets(config))
+
+
 def tenant_metadata(tenant_id: str, template_name: str) -> dict[str, str]:
     return {
         META_TENANT: tenant_id,
@@ -344,6 +394,7 @@ def render_plan(
             values["access_token"] = access_token
         machine = template.machine
         config = _render_tree(copy.deepcopy(machine["config"]), values)
+        register_config_secrets(config)  # rendered secret env values and inline files
         name = _render(machine["name"], values) if "name" in machine else None
         region = _render(machine["region"], values) if "region" in machine else None
         metadata: dict[str, str] = {}

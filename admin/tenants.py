@@ -13,18 +13,20 @@ newest first; the original took the last in array order, i.e. the oldest).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from admin.machines import MachinesClient
-from admin.redact import redact_config, scrub_value
 from admin.template import (
     DEFAULT_VOLUME_SIZE_GIB,
     MANAGED_BY_VALUE,
     META_MANAGED_BY,
     META_TENANT,
+    register_config_secrets,
 )
+from flyvault.redact import REDACTED, scrub_value
 
 GONE_STATES = frozenset({"destroyed", "deleted"})
 
@@ -45,6 +47,32 @@ def tenant_of(machine: Mapping[str, Any]) -> str | None:
     return metadata.get(META_TENANT)
 
 
+def redact_config(config: Any) -> Any:
+    """A copy of a machine config with env values and inline file contents hidden.
+
+    Structural, whatever the values: ``tenant list --json`` reads configs written by someone
+    else, so they cannot all be known in advance (the original printed them, reference §5).
+    The values are registered with the scrubber as well, for any other text that quotes them.
+    """
+    if not isinstance(config, dict):
+        return scrub_value(config)
+    register_config_secrets(config)
+    redacted = copy.deepcopy(config)
+    env = redacted.get("env")
+    if isinstance(env, dict):
+        redacted["env"] = dict.fromkeys(env, REDACTED)
+    files = redacted.get("files")
+    if isinstance(files, list):
+        for entry in files:
+            if isinstance(entry, dict) and "raw_value" in entry:
+                entry["raw_value"] = REDACTED
+    # Multi-container machines nest full configs under "containers".
+    containers = redacted.get("containers")
+    if isinstance(containers, list):
+        redacted["containers"] = [redact_config(c) for c in containers]
+    return scrub_value(redacted)
+
+
 def is_gone(machine: Mapping[str, Any]) -> bool:
     return str(machine.get("state", "")) in GONE_STATES
 
@@ -63,6 +91,7 @@ async def list_managed(
     machines = await api.list_machines(metadata=query, include_deleted=include_deleted)
     result = []
     for machine in machines:
+        register_config_secrets(machine.get("config"))  # before anything can quote them
         tenant = tenant_of(machine)
         if tenant is None or (wanted is not None and tenant not in wanted):
             continue

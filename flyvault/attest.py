@@ -411,6 +411,8 @@ class JwksCache:
         record = self.cached(issuer)
         if record is None or not self._fresh(record):
             record = await self.refresh(issuer)
+        else:
+            logger.debug("jwks for %s: cached, %.0f s old", issuer, self._now() - record.fetched_at)
         jwk = self._find(record, kid)
         if jwk is None:
             now, last = self._now(), self._last_forced.get(issuer)
@@ -436,6 +438,7 @@ class JwksCache:
         import httpx
 
         known = self._records.get(issuer)
+        started = time.perf_counter()
         try:
             async with contextlib.AsyncExitStack() as stack:
                 client = self._client
@@ -460,6 +463,13 @@ class JwksCache:
         if not isinstance(keys, list):
             raise _err(f'parse jwks: no "keys" array ({jwks_uri})', _HINT_ISSUER)
         good = tuple(k for k in keys if isinstance(k, dict))
+        logger.info(
+            "fetched %sjwks for %s in %.1f ms (%d keys)",
+            "oidc discovery and " if discovery or known is None else "",
+            issuer,
+            (time.perf_counter() - started) * 1000,
+            len(good),
+        )
         record = JwksRecord(jwks_uri=jwks_uri, keys=good, fetched_at=self._now())
         self._records[issuer] = record
         if self.cache is not None:

@@ -24,10 +24,12 @@ import fcntl
 import hashlib
 import ipaddress
 import json
+import logging
 import os
 import re
 import stat
 import tempfile
+import time
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -38,11 +40,13 @@ from urllib.parse import urlsplit
 
 import tomli_w
 
-from flyvault import paths
+from flyvault import paths, redact
 from flyvault.errors import ConfigError
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
+
+log = logging.getLogger("flyvault.config")
 
 DEFAULT_ISSUER_BASE_URL = "https://oidc.fly.io"
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
@@ -226,6 +230,7 @@ class Secret:
 
     def __init__(self, value: str) -> None:
         self._value = value
+        redact.register(value)  # from now on it is scrubbed from every output
 
     def get_secret_value(self) -> str:
         return self._value
@@ -250,8 +255,12 @@ _DEFAULTS: dict[str, Any] = {
     "forward": (),
     "rootfs": None,
     "rootfs_url": None,
+    "rootfs_allow_devices": False,
+    "rootfs_max_expansion_ratio": None,
     "oidc_issuer_url": None,
 }
+#: rootfs_max_expansion_ratio travels as a u32 in the setup request.
+MAX_EXPANSION_RATIO = 0xFFFFFFFF
 _FIELDS = ("name", "address", "org", "app", *_DEFAULTS)
 
 
@@ -271,11 +280,18 @@ class VaultConfig:
     rootfs: str | None
     rootfs_url: str | None
     oidc_issuer_url: str | None
+    #: How the vault may unpack the rootfs (sent with it): device nodes under /dev, and
+    #: the expansion-ratio ceiling (None: the vault's default, 0: none).
+    rootfs_allow_devices: bool
+    rootfs_max_expansion_ratio: int | None
 
     def __init__(self, **data: Any) -> None:
         token = data.get("access_token")
         if isinstance(token, Secret):
             data = {**data, "access_token": token.get_secret_value()}
+        problems = _token_problems(data, _tokens_in(data))
+        if problems:
+            raise ConfigError(_scrub("\n".join(problems), _tokens_in(data)))
         model = _schema()(**data)
         values = {key: getattr(model, key) for key in _FIELDS}
         secret = values["access_token"]
@@ -386,6 +402,7 @@ def _schema() -> Any:
         ConfigDict,
         SecretStr,
         StrictBool,
+        StrictInt,
         ValidationError,
         ValidationInfo,
         field_validator,
@@ -406,6 +423,8 @@ def _schema() -> Any:
         rootfs: str | None = None
         rootfs_url: str | None = None
         oidc_issuer_url: str | None = None
+        rootfs_allow_devices: StrictBool = False
+        rootfs_max_expansion_ratio: StrictInt | None = None
 
         def __init__(self, **data: Any) -> None:
             try:
@@ -461,6 +480,16 @@ def _schema() -> Any:
                 _check_http_url(value, "rootfs_url")
             elif value is not None:
                 _check_issuer(value)
+            return value
+
+        @field_validator("rootfs_max_expansion_ratio")
+        @classmethod
+        def _valid_ratio(cls, value: int | None) -> int | None:
+            if value is not None and not 0 <= value <= MAX_EXPANSION_RATIO:
+                raise ValueError(
+                    "rootfs_max_expansion_ratio must be a whole number from 0 (no limit) to "
+                    f"{MAX_EXPANSION_RATIO}"
+                )
             return value
 
         @model_validator(mode="after")
@@ -521,6 +550,8 @@ def _describe(name: str, exc: ValidationError) -> list[str]:
             out.append(f"{ref} {err['ctx']['error']}")
         elif kind == "bool_type":
             out.append(f"{ref} {key} must be true or false, got {_type_name(err.get('input'))}")
+        elif kind == "int_type":
+            out.append(f"{ref} {key} must be an integer, got {_type_name(err.get('input'))}")
         elif kind in ("string_type", "tuple_type", "list_type"):
             want = "a string" if kind == "string_type" else "an array of strings"
             out.append(f"{ref} {key} must be {want}, got {_type_name(err.get('input'))}")
@@ -538,9 +569,40 @@ def _tokens_in(table: Mapping[str, Any]) -> list[str]:
 
 def _scrub(text: str, secrets: list[str]) -> str:
     # Last line of defence: a token pasted into the wrong key would be echoed as that value.
-    for secret in sorted(secrets, key=len, reverse=True):
-        text = text.replace(secret, "<redacted>")
-    return text
+    redact.register_all(secrets)
+    return redact.scrub(text)
+
+
+#: Keys whose values are shown (doctor, errors, list_vaults) or sent (the OIDC discovery
+#: URL holds org and oidc_issuer_url): none of them may hold a token.
+_SHOWN_KEYS = ("address", "org", "app", "machine_id", "rootfs", "rootfs_url", "oidc_issuer_url")
+
+
+def _token_problems(table: Mapping[str, Any], tokens: list[str]) -> list[str]:
+    """One line per key of ``table`` that holds one of ``tokens``; never the value."""
+    tokens = [t for t in tokens if isinstance(t, str) and t.strip()]
+    if not tokens:
+        return []
+
+    def holds(value: object) -> bool:
+        return isinstance(value, str) and any(redact.occurs(t, value) for t in tokens)
+
+    name = table.get("name")
+    if holds(name):
+        return [
+            "a [vault.<name>] table name contains an access token; the token belongs only "
+            "in access_token (rename the table)"
+        ]
+    ref = _ref(name) if isinstance(name, str) else "[vault.?]"
+    keys = [key for key in _SHOWN_KEYS if holds(table.get(key))]
+    forward = table.get("forward")
+    if isinstance(forward, list | tuple):
+        keys += [f"forward[{i}]" for i, spec in enumerate(forward) if holds(spec)]
+    return [
+        f"{ref} {key} contains an access token; the token belongs only in access_token "
+        "(it would be shown in messages or sent to the issuer)"
+        for key in keys
+    ]
 
 
 @dataclass(frozen=True)
@@ -574,7 +636,11 @@ def _read_raw(path: Path) -> bytes | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        source = paths.config_source()
+        hint = "fix the permissions of the file and of its directories"
+        if source:
+            hint = f"the path comes from {source}: correct {source}, or unset it for the default"
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}", hint=hint) from None
 
 
 def _parse_toml(raw: bytes, path: Path) -> dict[str, Any]:
@@ -599,11 +665,18 @@ def _parse_document(doc: dict[str, Any], path: Path) -> dict[str, VaultConfig]:
     vaults = doc.get("vault", {})
     tables = vaults if isinstance(vaults, dict) else {}
     secrets = [t for v in tables.values() if isinstance(v, dict) for t in _tokens_in(v)]
+    redact.register_all(secrets)
     problems = [_unknown_key(k, "the top level", ("vault",)) for k in doc if k != "vault"]
     if not isinstance(vaults, dict):
         problems.append(f"'vault' must hold [vault.<name>] tables, got {_type_name(vaults)}")
     result: dict[str, VaultConfig] = {}
     for name, table in tables.items():
+        if isinstance(table, dict):
+            # Any entry's token, in any entry's shown key (another entry's token included).
+            tokens = _token_problems({**table, "name": name}, secrets)
+            if tokens:
+                problems += tokens
+                continue
         if not _NAME_RE.fullmatch(name):
             problems.append(
                 f"invalid vault name {_show(name)}: use only letters, digits, '_', '.' and '-'"
@@ -639,21 +712,32 @@ def load_config(path: Path | None = None, *, missing_ok: bool = False) -> Config
         raise ConfigError(
             f"config file {path} not found", hint=f"create it with at least:\n{_EXAMPLE}"
         )
+    started = time.perf_counter()
     doc = _parse_toml(raw, path)
     key = _validation_key(raw)
     if _was_validated(key):
         tables = doc.get("vault", {})
-        return Config(
+        config = Config(
             path, {name: VaultConfig._trusted({**t, "name": name}) for name, t in tables.items()}
         )
-    config = Config(path, _parse_document(doc, path))
-    _remember_validated(key)
+        how = "validated before"
+    else:
+        config = Config(path, _parse_document(doc, path))
+        _remember_validated(key)
+        how = "validated"
+    log.debug(
+        "config file %s read: %d vault(s), %s (%.1f ms)",
+        path,
+        len(config.vaults),
+        how,
+        (time.perf_counter() - started) * 1000,
+    )
     return config
 
 
 # The validated-file cache: one SHA-256 over (fly-vault version, schema version, file bytes).
 # Same bytes, same code: the same verdict, so pydantic need not be imported again.
-_SCHEMA_VERSION = "1"
+_SCHEMA_VERSION = "2"  # 2: a token in a shown key is refused
 
 
 def _validation_key(raw: bytes) -> str:
@@ -687,7 +771,19 @@ def _remember_validated(key: str) -> None:
 
 
 def load_vault(name: str, path: Path | None = None) -> VaultConfig:
-    return load_config(path).get(name)
+    config = load_config(path)
+    entry = config.get(name)
+    log.info(
+        "config %s: [vault.%s] address %s, org %s, app %s, %s%s",
+        config.path,
+        entry.name,
+        entry.address,
+        entry.org,
+        entry.app,
+        f"machine {entry.machine_id}" if entry.machine_id else "machine not pinned",
+        ", via vault-proxy" if entry.proxy else "",
+    )
+    return entry
 
 
 @contextmanager

@@ -48,6 +48,11 @@ class ConnectError(TransportError):
     """The vault could not be reached (resolution, handshake, refused)."""
 
 
+class ServerBusy(ConnectError):
+    """The vault turned this connection away before authentication because it is under
+    load (QUIC CONNECTION_REFUSED); connecting again shortly is the right answer."""
+
+
 class ConnectionLost(TransportError):
     """An established connection went away (idle timeout, peer closed, network gone)."""
 

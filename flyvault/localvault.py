@@ -84,16 +84,30 @@ def running_state() -> LocalState | None:
     return None
 
 
-def up(name: str = "local", port: int = 0, rootfs: Path | None = None) -> tuple[LocalState, bool]:
+def up(
+    name: str = "local",
+    port: int = 0,
+    rootfs: Path | None = None,
+    *,
+    allow_devices: bool = False,
+    max_expansion_ratio: int | None = None,
+) -> tuple[LocalState, bool]:
     """Start the local vault unless it runs; returns (state, started_now).
 
     With ``rootfs`` (root only) the vault runs in VM mode: the workload gets its own PID
     and mount namespaces on that rootfs, provisioned by the first connect, exactly as on
-    a Fly Machine. Without it, host mode.
+    a Fly Machine. Without it, host mode. ``allow_devices`` and ``max_expansion_ratio``
+    go into the entry with the rootfs (``rootfs_allow_devices``, ...): the first connect
+    sends them.
     """
     from flyvault.config import VaultConfig, load_config, save_vault
     from flyvault.errors import UsageError
 
+    if rootfs is None and (allow_devices or max_expansion_ratio is not None):
+        raise UsageError(
+            "--allow-devices and --max-expansion-ratio apply to a rootfs: they need --rootfs",
+            hint="add --rootfs TAR.GZ (vm mode, as root)",
+        )
     if rootfs is not None:
         if os.geteuid() != 0:
             raise UsageError(
@@ -110,10 +124,18 @@ def up(name: str = "local", port: int = 0, rootfs: Path | None = None) -> tuple[
     # Validate the config before starting anything, so a broken file loses nothing.
     config = load_config(missing_ok=True)
     base = state_dir()
-    base.mkdir(parents=True, exist_ok=True, mode=0o700)
     ready = base / "ready.json"
-    ready.unlink(missing_ok=True)
     log_file = base / "init.log"
+    try:
+        base.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ready.unlink(missing_ok=True)
+        log_file.touch()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot use the local vault directory {base}: {exc.strerror or exc}",
+            hint="it is $XDG_DATA_HOME/fly-vault/local: set XDG_DATA_HOME to a writable "
+            "directory, or unset it for the default (~/.local/share)",
+        ) from None
     from server.auth import token_pipe
 
     token = secrets.token_urlsafe(32)
@@ -186,7 +208,13 @@ def up(name: str = "local", port: int = 0, rootfs: Path | None = None) -> tuple[
         oidc_issuer_url=state.issuer_base_url,
     )
     if rootfs is not None:
-        fields.update(rootfs=str(rootfs), rootfs_url=None)
+        # The options describe this rootfs: the command line sets them, defaults included.
+        fields.update(
+            rootfs=str(rootfs),
+            rootfs_url=None,
+            rootfs_allow_devices=allow_devices,
+            rootfs_max_expansion_ratio=max_expansion_ratio,
+        )
     try:
         save_vault(VaultConfig(name=name, **fields))
     except VaultError:
@@ -239,6 +267,9 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from flyvault.redact import install_log_filter
+
+    install_log_filter()
     base = Path(args.state_dir)
     server_data = base / "data"
     server_data.mkdir(parents=True, exist_ok=True)

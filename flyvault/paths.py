@@ -44,8 +44,23 @@ def config_dir() -> Path:
 def config_file() -> Path:
     override = os.environ.get("FLY_VAULT_CONFIG")
     if override:
-        return Path(override).expanduser()
+        path = Path(override).expanduser()
+        if path.is_dir():
+            raise ConfigError(
+                f"FLY_VAULT_CONFIG={override} is a directory, not a config file",
+                hint=f"set FLY_VAULT_CONFIG to the file's path (e.g. {path / 'config.toml'}), "
+                "or unset it for the default",
+            )
+        return path
     return config_dir() / "config.toml"
+
+
+def config_source() -> str | None:
+    """The variable the config file's path comes from (for hints), or None for the default."""
+    if os.environ.get("FLY_VAULT_CONFIG"):
+        return "FLY_VAULT_CONFIG"
+    value = os.environ.get("XDG_CONFIG_HOME")
+    return "XDG_CONFIG_HOME" if value and os.path.isabs(value) else None
 
 
 def cache_dir() -> Path:

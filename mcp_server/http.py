@@ -17,6 +17,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import socket
 import stat
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from mcp.server.transport_security import TransportSecuritySettings
 
 from flyvault.config import parse_address
 from flyvault.errors import ConfigError, UsageError
+from flyvault.redact import register
 
 log = logging.getLogger("mcp_server")
 
@@ -67,6 +69,7 @@ def load_token(token_file: str | None, token_env: str) -> str:
     else:
         token = (os.environ.get(token_env) or "").strip()
         where = f"${token_env}"
+    register(token)  # before anything can print it
     if not token:
         raise UsageError(
             f"--http needs a bearer token: {where} is empty or not set",
@@ -137,6 +140,26 @@ def build_app(server: Any, host: str, token: str) -> Any:
     return BearerAuth(app, token)
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to the --http address (uvicorn listens on it)."""
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise UsageError(f"--http {shown}: cannot listen there: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise UsageError(
+            f"--http {shown}: cannot listen there: {exc.strerror or exc}",
+            hint="pick another port, or port 0 for any free one",
+        ) from None
+    return sock
+
+
 async def serve(server: Any, host: str, port: int, token: str) -> None:
     import uvicorn
 
@@ -149,7 +172,9 @@ async def serve(server: Any, host: str, port: int, token: str) -> None:
         lifespan="on",
     )
     http = uvicorn.Server(config)
-    task = asyncio.ensure_future(http.serve())
+    # Bound here, not by uvicorn: a port in use is then a usage error, not uvicorn's exit.
+    listener = _bind(host, port)
+    task = asyncio.ensure_future(http.serve(sockets=[listener]))
     while not http.started and not task.done():
         await asyncio.sleep(0.05)
     if http.started:

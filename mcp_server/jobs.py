@@ -27,7 +27,6 @@ from typing import Any
 from flyvault.errors import NotFoundError, VaultError
 
 from .models import JobResult, Progress
-from .pool import Secrets
 from .progress import Reporter, human_bytes
 
 log = logging.getLogger("mcp_server")
@@ -111,8 +110,7 @@ class Job:
 
 
 class JobRegistry:
-    def __init__(self, secrets_: Secrets) -> None:
-        self.secrets = secrets_
+    def __init__(self) -> None:
         self._jobs: dict[str, Job] = {}
 
     def start(

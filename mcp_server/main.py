@@ -72,16 +72,26 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format=f"{PROG}: %(levelname)s: %(message)s",
     )
+    from flyvault.redact import install_log_filter
+
+    install_log_filter()  # every record the root handler writes is scrubbed of secrets
     from flyvault.errors import VaultError
 
     try:
-        if args.config:
-            # Everything (local_vault_up included) must agree on the file.
-            os.environ["FLY_VAULT_CONFIG"] = str(Path(args.config).expanduser())
-        if args.buffer_mib < 1:
-            from flyvault.errors import UsageError
+        from flyvault.errors import UsageError
 
+        if args.config:
+            config = Path(args.config).expanduser()
+            if config.is_dir():
+                raise UsageError(
+                    f"--config {config} is a directory, not a config file",
+                    hint=f"give the config file's path, e.g. {config / 'config.toml'}",
+                )
+            # Everything (local_vault_up included) must agree on the file.
+            os.environ["FLY_VAULT_CONFIG"] = str(config)
+        if args.buffer_mib < 1:
             raise UsageError("--buffer-mib must be at least 1")
+        _check_environment()
         return _run(args)
     except VaultError as exc:
         print(f"{PROG}: error: {exc.message}", file=sys.stderr)
@@ -90,6 +100,16 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+
+
+def _check_environment() -> None:
+    """Refuse bad variables at start, not at every tool call (ConfigError, exit 3)."""
+    from flyvault.paths import config_file
+    from flyvault.transport.endpoint import forced_datagram_size
+
+    if os.environ.get("FLY_VAULT_CONFIG"):
+        config_file()  # refuses a FLY_VAULT_CONFIG that names a directory
+    forced_datagram_size()  # FLY_VAULT_DATAGRAM_SIZE
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""One long-lived ``Vault`` per configured vault, secrets kept out of results, tool errors.
+"""One long-lived ``Vault`` per configured vault, and tool errors.
 
 The pool is why a second exec costs a round trip and not a handshake: the QUIC connection,
 its attestation and its authentication stay up between tool calls (``Vault`` reconnects on
@@ -28,10 +28,6 @@ from .models import Claims, StatusStep, VaultEntry, VaultList, VaultStatus
 
 log = logging.getLogger("mcp_server")
 
-REDACTED = "<redacted>"
-#: Shorter strings would scrub innocent text.
-_MIN_SECRET = 6
-
 #: Where a connect's provisioning progress goes: set by the tool call that caused it.
 PROGRESS: contextvars.ContextVar[Callable[[str, int, int], None] | None] = contextvars.ContextVar(
     "fly_vault_mcp_progress", default=None
@@ -42,33 +38,6 @@ def _route_progress(phase: str, done: int, total: int) -> None:
     callback = PROGRESS.get()
     if callback is not None:
         callback(phase, done, total)
-
-
-class Secrets:
-    """Every secret this process knows; ``scrub`` removes them from any text it returns."""
-
-    def __init__(self) -> None:
-        self._values: set[str] = set()
-
-    def add(self, value: str | None) -> None:
-        if value and len(value.strip()) >= _MIN_SECRET:
-            self._values.add(value)
-            self._values.add(value.strip())
-
-    def scrub(self, text: str) -> str:
-        for secret in sorted(self._values, key=len, reverse=True):
-            if secret in text:
-                text = text.replace(secret, REDACTED)
-        return text
-
-    def scrub_value(self, value: Any) -> Any:
-        if isinstance(value, str):
-            return self.scrub(value)
-        if isinstance(value, dict):
-            return {self.scrub(str(k)): self.scrub_value(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self.scrub_value(v) for v in value]
-        return value
 
 
 def error_text(exc: VaultError) -> str:
@@ -131,12 +100,10 @@ def _claims(claims: Any) -> Claims | None:
 class VaultPool:
     def __init__(
         self,
-        secrets: Secrets,
         *,
         config_path: Path | None = None,
         reconnect_timeout: float = 20.0,
     ) -> None:
-        self.secrets = secrets
         self.config_path = config_path
         self.reconnect_timeout = reconnect_timeout
         self._vaults: dict[str, Vault] = {}
@@ -156,10 +123,9 @@ class VaultPool:
         except OSError:
             stamp = None
         if self._config is None or stamp != self._stamp or self._config.path != path:
+            # Loading registers every access token with flyvault.redact (scrubbed from
+            # every result by VaultMCP.call_tool).
             config = load_config(path, missing_ok=True)
-            for entry in config.vaults.values():
-                if entry.access_token is not None:
-                    self.secrets.add(entry.access_token.get_secret_value())
             self._config, self._stamp = config, stamp
         return self._config
 

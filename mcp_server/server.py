@@ -6,7 +6,8 @@ Two things happen for every tool call, in ``VaultMCP.call_tool``:
   then ``hint: ...``) instead of the SDK's opaque "Error executing tool";
 - every result and every error text is scrubbed of every secret this process knows (the
   access tokens of all configured vaults, the Fly API token, the tenant access token, the
-  HTTP bearer token). Nothing should contain one in the first place; this is the net.
+  HTTP bearer token: all registered with ``flyvault.redact``, the one scrubber of every
+  package). Nothing should contain one in the first place; this is the net.
 
 ``list_tools`` drops the ``title`` keys pydantic puts on every schema property: they repeat
 the property name and cost the agent context on every session.
@@ -30,10 +31,11 @@ from pydantic import BaseModel
 
 from flyvault import __version__
 from flyvault.errors import VaultError
+from flyvault.redact import register, scrub, scrub_value
 
 from .forwards import ForwardManager
 from .jobs import JobRegistry
-from .pool import Secrets, VaultPool, error_text
+from .pool import VaultPool, error_text
 from .sessions import ExecRegistry
 
 log = logging.getLogger("mcp_server")
@@ -56,7 +58,6 @@ fly-vault runs commands on attested remote dev VMs ("vaults") named in the user'
 
 @dataclass
 class State:
-    secrets: Secrets
     pool: VaultPool
     execs: ExecRegistry
     forwards: ForwardManager
@@ -76,20 +77,18 @@ def make_state(
     buffer_bytes: int = 4 * 1024 * 1024,
     extra_secrets: tuple[str, ...] = (),
 ) -> State:
-    secrets = Secrets()
     for value in extra_secrets:
-        secrets.add(value)
+        register(value)
     import os
 
     for variable in ("FLY_API_TOKEN", "FLY_VAULT_ACCESS_TOKEN", "FLY_VAULT_USAGE_BEARER_TOKEN"):
-        secrets.add(os.environ.get(variable))
-    pool = VaultPool(secrets, config_path=config_path)
+        register(os.environ.get(variable))
+    pool = VaultPool(config_path=config_path)
     return State(
-        secrets=secrets,
         pool=pool,
         execs=ExecRegistry(pool, buffer_bytes=buffer_bytes),
         forwards=ForwardManager(pool),
-        jobs=JobRegistry(secrets),
+        jobs=JobRegistry(),
     )
 
 
@@ -175,7 +174,6 @@ class VaultMCP(MCPServer[Any]):
         ]
 
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
-        scrub = self.state.secrets.scrub
         try:
             result = await super().call_tool(name, arguments, context)
         except UnexpectedToolError as exc:
@@ -194,7 +192,7 @@ class VaultMCP(MCPServer[Any]):
             ]
             structured = result.structured_content
             if structured is not None:
-                structured = self.state.secrets.scrub_value(structured)
+                structured = scrub_value(structured)
             result = result.model_copy(
                 update={"content": content, "structured_content": structured}
             )

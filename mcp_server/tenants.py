@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from flyvault.errors import UsageError
+from flyvault.redact import register as register_secret
 
 from .jobs import Job
 from .models import TenantList, TenantMachine, TenantSummary, UsageFacts
-from .pool import Secrets
 
 DEFAULT_API_BASE = "https://api.machines.dev"
 
@@ -32,7 +32,7 @@ class AdminSettings:
     api_base: str
 
 
-def settings(secrets: Secrets, app: str | None, api_base: str | None) -> AdminSettings:
+def settings(app: str | None, api_base: str | None) -> AdminSettings:
     """Like ``fly-vault-admin``'s globals, minus the token flag: the environment only."""
     token = os.environ.get("FLY_API_TOKEN") or ""
     app = app or os.environ.get("FLY_APP") or ""
@@ -50,9 +50,6 @@ def settings(secrets: Secrets, app: str | None, api_base: str | None) -> AdminSe
         )
     if not base.startswith(("http://", "https://")):
         raise UsageError(f"invalid api_base {base!r}: expected an http(s) URL")
-    secrets.add(token)
-    from admin.redact import register_secret
-
     register_secret(token)
     return AdminSettings(token, app, base)
 
@@ -118,7 +115,7 @@ async def usage_facts(s: AdminSettings, tenant: str | None) -> UsageFacts:
 
 
 def create_plans(
-    secrets: Secrets, s: AdminSettings, tenant_id: str, template: str, variables: dict[str, str]
+    s: AdminSettings, tenant_id: str, template: str, variables: dict[str, str]
 ) -> list[Any]:
     """Checked before any job starts: a bad template is the call's error, not a job's."""
     from admin.template import check_app, load_template, parse_vars, render_plan, validate_tenant_id
@@ -135,9 +132,6 @@ def create_plans(
             hint="start the MCP server with FLY_VAULT_ACCESS_TOKEN set; tokens are never "
             "taken from tool arguments",
         )
-    secrets.add(access_token)
-    from admin.redact import register_secret
-
     register_secret(access_token)
     return render_plan(loaded, tenant_id, access_token=access_token, variables=parsed)
 

@@ -53,7 +53,7 @@ def _local(state: localvault.LocalState | None, **extra: Any) -> LocalVault:
 
 
 def register_admin_tools(server: VaultMCP, state: State) -> None:
-    pool, jobs, secrets = state.pool, state.jobs, state.secrets
+    pool, jobs = state.pool, state.jobs
 
     # Provisioning -----------------------------------------------------------------------
 
@@ -196,7 +196,7 @@ def register_admin_tools(server: VaultMCP, state: State) -> None:
         """List the tenants of the admin app (machines managed by fly-vault-admin): per
         tenant the machine counts (total/started/stopped), regions, image (or drift) and
         machines. Needs FLY_API_TOKEN in the MCP server's environment."""
-        return structured(await admin.tenant_list(admin.settings(secrets, app, None), tenant))
+        return structured(await admin.tenant_list(admin.settings(app, None), tenant))
 
     @server.tool(annotations=tenant_ro)
     async def tenant_usage_facts(
@@ -205,7 +205,7 @@ def register_admin_tools(server: VaultMCP, state: State) -> None:
     ) -> Annotated[CallToolResult, UsageFacts]:
         """Usage facts for metering (one per machine, deleted ones included): state,
         lifecycle timestamps, volumes and sizes."""
-        return structured(await admin.usage_facts(admin.settings(secrets, app, None), tenant))
+        return structured(await admin.usage_facts(admin.settings(app, None), tenant))
 
     @server.tool(annotations=ToolAnnotations(open_world_hint=True))
     async def tenant_create(
@@ -221,8 +221,8 @@ def register_admin_tools(server: VaultMCP, state: State) -> None:
         on failure everything created is removed. An existing tenant is refused.
         {{access_token}} comes from FLY_VAULT_ACCESS_TOKEN in the server's environment.
         dry_run=true shows the requests (secrets hidden). Returns a job."""
-        settings = admin.settings(secrets, app, None)
-        plans = admin.create_plans(secrets, settings, tenant_id, template, variables or {})
+        settings = admin.settings(app, None)
+        plans = admin.create_plans(settings, tenant_id, template, variables or {})
         if dry_run:
 
             async def show(job: Job) -> dict[str, Any]:
@@ -250,7 +250,7 @@ def register_admin_tools(server: VaultMCP, state: State) -> None:
         """Delete a tenant: stop and destroy its machines, delete their volumes (data is
         lost). Without confirm=true only returns the plan (applied=false): show it to the
         user first. Running it again after a partial failure finishes the job."""
-        settings = admin.settings(secrets, app, None)
+        settings = admin.settings(app, None)
         if confirm:
             job = jobs.start(
                 "tenant_delete", tenant_id, admin.delete_work(settings, tenant_id, 180.0)
@@ -283,7 +283,7 @@ def register_admin_tools(server: VaultMCP, state: State) -> None:
         Without confirm=true only returns the plan (applied=false). Returns a job."""
         if all_tenants == bool(tenants):
             raise UsageError("give either tenants=[...] or all_tenants=true")
-        settings = admin.settings(secrets, app, None)
+        settings = admin.settings(app, None)
         selection = None if all_tenants else sorted(set(tenants or ()))
         if confirm:
             from admin.rollout import RolloutOptions

@@ -13,9 +13,13 @@ Eligible means managed by fly-vault-admin with a tenant id (the original routed 
 machine of the app, reference §2.7) and, when an allowlist is given, listed in it by
 machine id or tenant id. Nothing else is ever routed to or woken.
 
-A failed refresh keeps the previous maps. The poller refreshes every ``refresh_interval``
-and sooner when the packet loop reports a miss, but never more often than
-``min_refresh_interval``: unknown ids cost one dict lookup, not one API call each.
+A failed refresh keeps the previous maps. The poller refreshes ``refresh_interval`` after
+the last refresh attempt (of any kind) and sooner when the packet loop reports a miss, but
+never more often than ``min_refresh_interval``: unknown ids cost one dict lookup, not one API
+call each. It reads ``options`` afresh whenever it decides how long to wait, and assigning
+``options`` wakes it to decide again, so a changed interval applies at once. All its waiting
+goes through the injected ``clock`` and ``sleep`` (monotonic time and ``asyncio.sleep`` by
+default), which lets tests drive it tick by tick.
 
 ``miss(machine_id)`` is called by the packet loop for a packet it cannot route. For an
 eligible machine that is ``stopped`` or ``suspended`` it starts the machine once: at most one
@@ -31,7 +35,7 @@ import contextlib
 import ipaddress
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -105,21 +109,34 @@ class Directory:
         options: DirectoryOptions | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.api = api
-        self.options = options or DirectoryOptions()
         self._clock = clock
+        self._sleep = sleep
+        # The poller waits on this: a miss or new options wake it to reconsider its deadline.
+        self._poke = asyncio.Event()
+        self._refresh_requested = False
+        self.options = options or DirectoryOptions()
         self.routes: dict[str, tuple[str, int]] = {}
         self.states: dict[str, str] = {}
         self.tenants: dict[str, str] = {}
         self.stats = DirectoryStats()
-        self._kick = asyncio.Event()
         self._refresh_lock = asyncio.Lock()
         self._last_attempt = float("-inf")
         self._woken_at: dict[str, float] = {}
         self._waking: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_summary: tuple[int, ...] = ()
+
+    @property
+    def options(self) -> DirectoryOptions:
+        return self._options
+
+    @options.setter
+    def options(self, options: DirectoryOptions) -> None:
+        self._options = options
+        self._poke.set()  # a waiting poller recomputes its deadline with these
 
     # -- refresh -----------------------------------------------------------------------------
 
@@ -204,24 +221,47 @@ class Directory:
 
     async def run(self) -> None:
         """The poller: refresh every period, or sooner after a miss (rate limited)."""
-        o = self.options
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), timeout=o.refresh_interval)
-            self._kick.clear()
-            wait = self._last_attempt + o.min_refresh_interval - self._clock()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            await self._until_due()
             try:
                 await self.refresh()
             except Exception:
                 # A bug in one refresh must not stop routing with the maps we have.
                 log.exception("machine map refresh crashed", extra={"event": "refresh_crashed"})
 
+    async def _until_due(self) -> None:
+        """Return once a refresh is due: a period after the last attempt, or, when one was
+        requested, ``min_refresh_interval`` after it. Re-reads the options on every wake."""
+        while True:
+            o = self.options
+            requested = self._refresh_requested
+            due = self._last_attempt + (
+                o.min_refresh_interval if requested else o.refresh_interval
+            )
+            now = self._clock()
+            if now >= due:
+                # Requests made from here on ask for the refresh after this one.
+                self._refresh_requested = False
+                return
+            # Woken early by a miss (a nearer deadline) or new options; else the time is up.
+            self._poke.clear()
+            await self._sleep_or_poke(due - now)
+
+    async def _sleep_or_poke(self, seconds: float) -> None:
+        poked = asyncio.ensure_future(self._poke.wait())
+        timer = asyncio.ensure_future(self._sleep(seconds))
+        try:
+            await asyncio.wait((poked, timer), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (poked, timer):
+                task.cancel()
+            await asyncio.gather(poked, timer, return_exceptions=True)
+
     def request_refresh(self) -> None:
-        if not self._kick.is_set():
+        if not self._refresh_requested:
             self.stats.refreshes_on_miss += 1
-            self._kick.set()
+            self._refresh_requested = True
+            self._poke.set()
 
     # -- the packet loop's miss --------------------------------------------------------------
 

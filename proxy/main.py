@@ -26,17 +26,25 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flyvault.envvars import (
+    LOG_LEVELS,
+    env_choice,
+    env_int,
+    env_text,
+    env_url,
+    finite_float,
+    log_level,
+)
+from flyvault.errors import UsageError
+
 log = logging.getLogger("vault-proxy")
 
 DEFAULT_API_BASE = "https://api.machines.dev"
 #: On Fly, UDP must be bound to this name so replies leave from the public address.
 DEFAULT_BIND = "fly-global-services"
 _FD_RESERVE = 64  # descriptors kept for the front socket, the API client, the status server
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "").strip()
-    return int(value) if value.isdigit() else default
+DEFAULT_PORT = 8443
+DEFAULT_STATUS = "127.0.0.1:9090"
 
 
 def _env_list(name: str) -> list[str]:
@@ -51,15 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--bind",
-        default=os.environ.get("VAULT_PROXY_BIND", DEFAULT_BIND),
         help="host to bind the public UDP socket to (env VAULT_PROXY_BIND; default "
-        "%(default)s, which is right on Fly; use 0.0.0.0 or :: elsewhere)",
+        f"{DEFAULT_BIND}, which is right on Fly; use 0.0.0.0 or :: elsewhere)",
     )
     p.add_argument(
         "--port",
         type=int,
-        default=_env_int("VAULT_PROXY_PORT", 8443),
-        help="public UDP port (env VAULT_PROXY_PORT; default %(default)s; 0 = any)",
+        help=f"public UDP port (env VAULT_PROXY_PORT; default {DEFAULT_PORT}; 0 = any)",
     )
     p.add_argument(
         "--backend-port", type=int, default=8443, help="UDP port of init on each machine"
@@ -71,17 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--api-base",
-        default=os.environ.get("FLY_API_BASE", DEFAULT_API_BASE),
-        help="Machines API base URL (env FLY_API_BASE; default %(default)s)",
+        help=f"Machines API base URL (env FLY_API_BASE; default {DEFAULT_API_BASE})",
     )
-    p.add_argument("--refresh-interval-secs", type=float, default=15.0)
+    p.add_argument("--refresh-interval-secs", type=finite_float, default=15.0)
     p.add_argument(
         "--min-refresh-interval-secs",
-        type=float,
+        type=finite_float,
         default=1.0,
         help="floor between two refreshes, also those triggered by unknown ids",
     )
-    p.add_argument("--session-timeout-secs", type=float, default=120.0)
+    p.add_argument("--session-timeout-secs", type=finite_float, default=120.0)
     p.add_argument("--max-sessions", type=int, default=4096)
     p.add_argument("--max-sessions-per-ip", type=int, default=64)
     p.add_argument("--max-id-length", type=int, default=64, help="bytes (default 64)")
@@ -108,23 +113,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--wake-interval-secs",
-        type=float,
+        type=finite_float,
         default=60.0,
         help="start a stopped machine at most once per this period (default %(default)s)",
     )
     p.add_argument("--no-wake", action="store_true", help="never start stopped machines")
     p.add_argument(
         "--status",
-        default=os.environ.get("VAULT_PROXY_STATUS", "127.0.0.1:9090"),
         help="loopback HOST:PORT for GET /healthz, or 'off' (env VAULT_PROXY_STATUS; "
-        "default %(default)s)",
+        f"default {DEFAULT_STATUS})",
     )
     p.add_argument("--ready-file", type=Path, help="write the bound ports as JSON here")
-    p.add_argument("--log-level", default=os.environ.get("VAULT_PROXY_LOG_LEVEL", "info"))
+    p.add_argument(
+        "--log-level",
+        type=log_level,
+        help=f"one of {', '.join(LOG_LEVELS)} (env VAULT_PROXY_LOG_LEVEL; default info)",
+    )
     p.add_argument("--log-format", choices=("json", "text"), default="json")
     p.add_argument(
         "--summary-interval-secs",
-        type=float,
+        type=finite_float,
         default=60.0,
         help="log the counters this often when they changed (0 = never)",
     )
@@ -133,9 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for name in ("port", "backend_port"):
-        value = getattr(args, name)
-        if not (0 if name == "port" else 1) <= value <= 65535:
-            p.error(f"--{name.replace('_', '-')} {value} is out of range")
+        value, lowest = getattr(args, name), 0 if name == "port" else 1
+        if value is not None and not lowest <= value <= 65535:
+            p.error(f"--{name.replace('_', '-')} {value} is out of range {lowest}-65535")
     for name in ("refresh_interval_secs", "session_timeout_secs", "wake_interval_secs"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
@@ -146,6 +154,34 @@ def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= args.cid_length <= 20:
         p.error("--cid-length must be 0-20")
+    if args.summary_interval_secs < 0:
+        p.error("--summary-interval-secs must not be negative (0 = never)")
+    if args.api_base is not None and not args.api_base.startswith(("http://", "https://")):
+        p.error(f"--api-base {args.api_base!r}: expected an http(s) URL")
+    if args.ready_file is not None and not args.ready_file.parent.is_dir():
+        p.error(f"--ready-file {args.ready_file}: no such directory {args.ready_file.parent}")
+
+
+def _apply_environment(args: argparse.Namespace) -> str:
+    """Fill what no flag gave from the environment, else the defaults.
+
+    Returns the source of the status address (``--status`` or ``VAULT_PROXY_STATUS``) for its
+    error messages. A bad variable raises ``UsageError`` naming it.
+    """
+    if args.bind is None:
+        args.bind = env_text("VAULT_PROXY_BIND") or DEFAULT_BIND
+    if args.port is None:
+        args.port = env_int("VAULT_PROXY_PORT", DEFAULT_PORT, minimum=0, maximum=65535)
+    if args.api_base is None:
+        args.api_base = env_url("FLY_API_BASE", DEFAULT_API_BASE)
+    status_from = "--status"
+    if args.status is None:
+        text = env_text("VAULT_PROXY_STATUS")
+        status_from = "--status" if text is None else "VAULT_PROXY_STATUS"
+        args.status = text or DEFAULT_STATUS
+    if args.log_level is None:
+        args.log_level = env_choice("VAULT_PROXY_LOG_LEVEL", "info", LOG_LEVELS)
+    return status_from
 
 
 def _raise_fd_limit(wanted: int) -> int:
@@ -166,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _validate(parser, args)
+    try:
+        status_from = _apply_environment(args)
+    except UsageError as exc:
+        print(f"vault-proxy: {exc.message}", file=sys.stderr)
+        print(f"vault-proxy: hint: {exc.hint}", file=sys.stderr)
+        return exc.exit_code
     from proxy.status import configure_logging
 
     configure_logging(args.log_level, args.log_format)
@@ -187,11 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             status_host, status_port = parse_address(args.status, allow_any_port=True)
         except VaultError as exc:
-            print(f"vault-proxy: --status: {exc.message}", file=sys.stderr)
+            print(f"vault-proxy: {status_from}: {exc.message}", file=sys.stderr)
             return 2
         if not is_loopback(status_host):
             print(
-                f"vault-proxy: --status must be a loopback address (127.0.0.1, ::1), "
+                f"vault-proxy: {status_from} must be a loopback address (127.0.0.1, ::1), "
                 f"not {status_host}: the status page names machines and client addresses",
                 file=sys.stderr,
             )
@@ -317,17 +359,26 @@ async def _serve(
         loop.add_signal_handler(sig, stop.set)
     if args.ready_file:
         tmp = args.ready_file.with_suffix(".tmp")
-        tmp.write_text(
-            json.dumps(
-                {
-                    "host": host,
-                    "port": port,
-                    "status_port": bound_status[1] if bound_status else None,
-                    "pid": os.getpid(),
-                }
+        ready = {
+            "host": host,
+            "port": port,
+            "status_port": bound_status[1] if bound_status else None,
+            "pid": os.getpid(),
+        }
+        try:
+            tmp.write_text(json.dumps(ready))
+            os.replace(tmp, args.ready_file)
+        except OSError as exc:
+            print(
+                f"vault-proxy: cannot write --ready-file {args.ready_file}: {exc.strerror or exc}",
+                file=sys.stderr,
             )
-        )
-        os.replace(tmp, args.ready_file)
+            relay.close()
+            await directory.close()
+            if status is not None:
+                await status.close()
+            await api.aclose()
+            return 2
 
     tasks = [loop.create_task(directory.run(), name="poller")]
     if args.summary_interval_secs > 0:

@@ -72,6 +72,9 @@ def configure_logging(level: str, fmt: str) -> None:
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    from flyvault.redact import install_log_filter
+
+    install_log_filter(root)  # the API token (registered by its client) never reaches a line
     root.setLevel(level.upper())
     # httpx logs every request at INFO, with the URL; the directory logs what matters.
     for noisy in ("httpx", "httpcore"):

@@ -7,15 +7,22 @@ as their own tasks, never inline in an accept loop (flaw 10), and every refusal 
 error frame on the stream concerned: unknown stream tags, streams opened before
 authentication, attestation failures (flaws 11 and 12).
 
-A connection that has not authenticated within ``auth_timeout`` seconds is closed, and at
-most ``MAX_PREAUTH_STREAMS`` streams may be open before authentication, so an anonymous
-peer holds only small, fixed resources.
+Before authentication a connection holds only small, fixed resources: at most
+``MAX_PREAUTH_STREAMS`` streams, and a place in the listener's admission table (Retry under
+load, caps per source and in total, deadlines that count only the time spent waiting on the
+peer; see ``flyvault.transport.admission``). The server tells the listener whose turn it is:
+while it serves a control request the connection is never evicted.
+
+Wrong tokens are slowed per connection and bounded by a server-wide budget, never by source
+address, so a correct token is always accepted whatever anyone else sent
+(``server.auth.WrongTokenBudget``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -56,7 +63,8 @@ from flyvault.protocol.messages import (
     SetupRequest,
 )
 from flyvault.transport import QuicChannel, QuicListener, QuicStream, TransportSettings, listen
-from server.auth import AccessToken, FailureLimiter
+from flyvault.transport.admission import AdmissionLimits, Stage
+from server.auth import MAX_WRONG_PER_CONNECTION, AccessToken, WrongTokenBudget, penalty
 from server.provisioning import Provisioner, ProvisionJob
 from server.sessions import SessionRegistry, SpawnPolicy
 
@@ -77,8 +85,12 @@ class ServerOptions:
     data_dir: Path = Path("/data")
     #: No namespaces and no rootfs: commands run on this host as this user (local vault).
     host_mode: bool = False
+    #: Seconds a connection may spend waiting on its peer before it authenticates.
     auth_timeout: float = 30.0
-    max_connections: int = 256
+    max_connections: int = 512
+    #: Pre-auth caps (in total and per source IP) and deadlines; ``auth_timeout`` is
+    #: applied on top as the admission's ``auth_deadline``.
+    admission: AdmissionLimits = field(default_factory=AdmissionLimits)
     init_binary: str = "/sbin/init"
     #: rootfs_url downloads: give up after this long without data; refuse beyond this size.
     url_read_timeout: float = 60.0
@@ -87,7 +99,7 @@ class ServerOptions:
     session_buffer: int = 1024 * 1024
     #: How long a finished named session stays listed.
     session_ttl: float = 3600.0
-    max_sessions: int = 64
+    max_sessions: int = 256
     transport: TransportSettings = field(
         default_factory=lambda: TransportSettings(idle_timeout=60.0, keepalive_interval=5.0)
     )
@@ -126,7 +138,8 @@ class ServerStats:
     attestation_failures: int = 0
     setup_requests: int = 0
     token_failures: int = 0
-    rate_limited: int = 0
+    #: Connections closed for wrong tokens (per-connection limit, or the budget spent).
+    token_closes: int = 0
     authenticated: int = 0
     protocol_errors: int = 0
 
@@ -157,7 +170,7 @@ class VaultServer:
             )
         )
         self.state = VaultState(options, self.provisioner)
-        self.limiter = FailureLimiter()
+        self.wrong_tokens = WrongTokenBudget()
         self.clock = clock
         self.listener: QuicListener | None = None
         self.sessions = SessionRegistry(
@@ -180,6 +193,9 @@ class VaultServer:
             self._on_channel,
             self.options.transport,
             max_connections=self.options.max_connections,
+            limits=dataclasses.replace(
+                self.options.admission, auth_deadline=self.options.auth_timeout
+            ),
         )
         return self.listener
 
@@ -208,9 +224,13 @@ class ServerConnection:
         self.channel = channel
         self.authenticated = False
         self._preauth_streams = 0
+        #: Control requests being served now (the connection then waits on us).
+        self._serving = 0
+        self.wrong_tokens = 0
+        self._budget_spent = False
+        #: One token check at a time per connection, penalty included.
+        self._token_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
-        loop = asyncio.get_running_loop()
-        self._deadline = loop.call_later(server.options.auth_timeout, self._auth_deadline)
         channel.on_stream = self._on_stream
         previous = channel.on_terminated
 
@@ -230,15 +250,23 @@ class ServerConnection:
         self.channel.close_now(reason="server shutting down")
 
     def _closed(self) -> None:
-        self._deadline.cancel()
         for task in self._tasks:
             task.cancel()
         self.server.connections.discard(self)
 
-    def _auth_deadline(self) -> None:
-        if not self.authenticated:
-            log.info("closing unauthenticated connection from %s (auth timeout)", self.source)
-            self.channel.close_now(error_code=0, reason="not authenticated in time")
+    def _stage(self, stage: Stage) -> None:
+        listener = self.server.listener
+        if listener is not None and not self.authenticated:
+            listener.set_stage(self.channel, stage)
+
+    def _serving_started(self) -> None:
+        self._serving += 1
+        self._stage(Stage.WAITING_US)
+
+    def _serving_stopped(self) -> None:
+        self._serving -= 1
+        if self._serving == 0:
+            self._stage(Stage.WAITING_PEER)
 
     def _on_stream(self, stream: QuicStream) -> None:
         if not self.authenticated:
@@ -293,6 +321,13 @@ class ServerConnection:
     # Control exchange ------------------------------------------------------------------
 
     async def _control(self, stream: QuicStream, initial: bytes) -> None:
+        self._serving_started()
+        try:
+            await self._control_exchange(stream, initial)
+        finally:
+            self._serving_stopped()
+
+    async def _control_exchange(self, stream: QuicStream, initial: bytes) -> None:
         machine = ControlServer()
         machine.receive_data(initial)
         request: SetupRequest | None = None
@@ -306,7 +341,11 @@ class ServerConnection:
                 return
             if event is None:
                 await _flush(stream, machine)
-                data = await stream.read()
+                self._serving_stopped()  # its turn
+                try:
+                    data = await stream.read()
+                finally:
+                    self._serving_started()
                 if data:
                     machine.receive_data(data)
                 else:
@@ -331,8 +370,16 @@ class ServerConnection:
                     return
             elif isinstance(event, SetupRequested):
                 request = event.request
-                if not self._check_token(machine, request):
+                async with self._token_lock:
+                    accepted = await self._check_token(machine, request)
+                if not accepted:
                     await _flush(stream, machine, end=True)
+                    if self.wrong_tokens >= MAX_WRONG_PER_CONNECTION or self._budget_spent:
+                        self.server.stats.token_closes += 1
+                        # The refusal is read before the close, so the client reports it.
+                        with contextlib.suppress(TransportError, TimeoutError):
+                            await asyncio.wait_for(stream.wait_delivered(), 2.0)
+                        self.channel.close_now(reason="too many wrong access tokens")
                     return
                 if isinstance(request.rootfs, RootfsNone):
                     await self._finish_setup(machine, request)
@@ -364,35 +411,44 @@ class ServerConnection:
         state = self.server.state
         machine.send_attestation(state.vm_state(), state.runtime_status(), state.boot_id, jwt)
 
-    def _check_token(self, machine: ControlServer, request: SetupRequest) -> bool:
+    async def _check_token(self, machine: ControlServer, request: SetupRequest) -> bool:
+        """Accept a correct token at once; slow a wrong one down on this connection only."""
         server = self.server
         server.stats.setup_requests += 1
-        now = server.clock()
-        wait = server.limiter.retry_after(self.source, now)
-        if wait > 0:
-            server.stats.rate_limited += 1
-            machine.send_error(
-                ErrorCode.RATE_LIMITED,
-                f"setup failed: too many wrong access tokens from {self.source}; "
-                f"retry in {wait:.0f} s",
-            )
-            return False
         if not server.token.configured:
             machine.send_error(
                 ErrorCode.AUTH_FAILED, "setup failed: no ACCESS_TOKEN configured on this machine"
             )
             return False
-        if not server.token.matches(request.access_token):
-            server.limiter.failed(self.source, now)
-            server.stats.token_failures += 1
-            log.warning("wrong access token from %s", self.source)
+        if server.token.matches(request.access_token):
+            machine.accept_token()
+            if server.listener is not None:
+                # No stranger any more: a long rootfs upload may follow before setup ends.
+                server.listener.authenticated(self.channel)
+            return True
+        self.wrong_tokens += 1
+        server.stats.token_failures += 1
+        self._budget_spent = not server.wrong_tokens.take(server.clock())
+        log.warning(
+            "wrong access token from %s (%d on this connection%s)",
+            self.source,
+            self.wrong_tokens,
+            "; server-wide wrong-token budget spent" if self._budget_spent else "",
+        )
+        self._stage(Stage.PENALIZED)
+        await asyncio.sleep(penalty(self.wrong_tokens))
+        self._stage(Stage.WAITING_US)
+        if self.wrong_tokens >= MAX_WRONG_PER_CONNECTION or self._budget_spent:
+            machine.send_error(
+                ErrorCode.AUTH_FAILED,
+                "setup failed: access token verification failed; this connection is closed, "
+                "reconnect to try again",
+            )
+        else:
             machine.send_error(
                 ErrorCode.AUTH_FAILED, "setup failed: access token verification failed"
             )
-            return False
-        server.limiter.succeeded(self.source)
-        machine.accept_token()
-        return True
+        return False
 
     async def _finish_setup(self, machine: ControlServer, request: SetupRequest) -> None:
         state = self.server.state
@@ -432,7 +488,7 @@ class ServerConnection:
                 stream.write(machine.data_to_send())
 
         async with provisioner.lock:
-            job = ProvisionJob(provisioner, progress)
+            job = ProvisionJob(provisioner, progress, request.options)
             try:
                 await job.start()
                 if isinstance(request.rootfs, RootfsInline):
@@ -448,6 +504,10 @@ class ServerConnection:
                 await job.abort()
                 log.warning("provisioning for %s failed: %s", self.source, exc)
                 machine.send_error(ErrorCode.PROVISION_FAILED, f"setup failed: {exc.message}")
+                if isinstance(request.rootfs, RootfsInline):
+                    # Read no more of the upload: STOP_SENDING fails the client's sends at
+                    # once (a client that does not read the error would block otherwise).
+                    stream.stop()
                 return
             except BaseException:
                 await job.abort()
@@ -458,8 +518,10 @@ class ServerConnection:
         log.info("provisioned for %s in %.1f s (%s)", self.source, timings["total"], phases)
         state = self.server.state
         self._authenticated()
+        # Notes only answer a request with rootfs options: older clients never get them.
+        notes = tuple(job.notes) if not request.options.is_default else ()
         machine.send_setup_complete(
-            SetupComplete(state.vm_state(), state.runtime_status(), state.boot_id)
+            SetupComplete(state.vm_state(), state.runtime_status(), state.boot_id, notes)
         )
 
     async def _receive_upload(
@@ -487,7 +549,8 @@ class ServerConnection:
         if not self.authenticated:
             self.authenticated = True
             self.server.stats.authenticated += 1
-            self._deadline.cancel()
+            if self.server.listener is not None:
+                self.server.listener.authenticated(self.channel)
             log.info("connection from %s authenticated", self.source)
 
 

@@ -1,4 +1,4 @@
-"""Access-token check and the failed-attempt limiter.
+"""Access-token check, and how wrong tokens are slowed without locking anyone out.
 
 The comparison hashes both sides first so its time depends on neither token's length or
 content (the original padded the shorter token, which leaks the expected length through
@@ -12,8 +12,6 @@ import hashlib
 import hmac
 import os
 import sys
-from collections import OrderedDict
-from dataclasses import dataclass
 
 
 def token_pipe(token: str) -> int:
@@ -46,6 +44,9 @@ class AccessToken:
 
     def __init__(self, token: str | None) -> None:
         self._digest = hashlib.sha256(token.encode()).digest() if token else None
+        __import__("flyvault.redact").redact.register(token)  # scrubbed from every log line
+        #: Said once at start when the token is too weak to stand up to guessing.
+        self.warning = weak_token_warning(token) if token else None
 
     @classmethod
     def from_environment(cls, variable: str = "ACCESS_TOKEN") -> AccessToken:
@@ -75,49 +76,56 @@ class AccessToken:
         return f"AccessToken(configured={self.configured})"
 
 
-@dataclass
-class _Record:
-    failures: int = 0
-    locked_until: float = 0.0
+#: Wrong tokens one connection may send; then it is closed.
+MAX_WRONG_PER_CONNECTION = 3
+#: Seconds a connection waits after its n-th wrong token: 0.5, 1, 2.
+PENALTY_BASE = 0.5
+#: A token with fewer characters than this cannot hold 128 bits even as base64.
+MIN_TOKEN_CHARS = 22
 
 
-class FailureLimiter:
-    """Per-source lockout after repeated failures, with exponential backoff.
+def penalty(wrong: int) -> float:
+    """The pause after a connection's ``wrong``-th wrong token."""
+    return PENALTY_BASE * 2 ** (max(1, wrong) - 1)
 
-    ``free_failures`` wrong tokens are allowed; each one after that locks the source out for
-    ``base_delay * 2**n`` seconds (capped). A success clears the record. The table is an LRU
-    bounded by ``max_sources`` so a spray of addresses cannot grow it without limit.
+
+def weak_token_warning(token: str) -> str | None:
+    """A warning for a token too short or too plain to carry 128 bits, else None."""
+    distinct = len(set(token))
+    if len(token) >= MIN_TOKEN_CHARS and distinct >= 12:
+        return None
+    return (
+        f"ACCESS_TOKEN is weak ({len(token)} characters, {distinct} distinct): a token "
+        "needs at least 128 random bits; make one with "
+        "`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+    )
+
+
+class WrongTokenBudget:
+    """The server-wide budget of wrong tokens: a token bucket.
+
+    Fair lockout: nothing here is keyed by source address (behind vault-proxy every client
+    has the proxy's address), and a correct token is checked and accepted before this
+    budget is ever consulted. Wrong tokens cost their own connection a growing pause and,
+    after ``MAX_WRONG_PER_CONNECTION``, the connection. While the budget is spent, every
+    wrong token also ends its connection at once, so a guesser pays a new handshake and a
+    new attestation per guess, and the pre-auth admission caps bound how many it can have.
     """
 
-    def __init__(
-        self,
-        free_failures: int = 5,
-        base_delay: float = 1.0,
-        max_delay: float = 300.0,
-        max_sources: int = 4096,
-    ) -> None:
-        self._free = free_failures
-        self._base = base_delay
-        self._max_delay = max_delay
-        self._max_sources = max_sources
-        self._records: OrderedDict[str, _Record] = OrderedDict()
+    def __init__(self, rate: float = 20.0, burst: int = 100) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._level = float(burst)
+        self._updated: float | None = None
+        self.exhausted_count = 0
 
-    def retry_after(self, source: str, now: float) -> float:
-        """Seconds until ``source`` may try again; 0 when it may try now."""
-        record = self._records.get(source)
-        if record is None:
-            return 0.0
-        return max(0.0, record.locked_until - now)
-
-    def failed(self, source: str, now: float) -> None:
-        record = self._records.pop(source, None) or _Record()
-        record.failures += 1
-        excess = record.failures - self._free
-        if excess > 0:
-            record.locked_until = now + min(self._max_delay, self._base * 2 ** (excess - 1))
-        self._records[source] = record
-        while len(self._records) > self._max_sources:
-            self._records.popitem(last=False)
-
-    def succeeded(self, source: str) -> None:
-        self._records.pop(source, None)
+    def take(self, now: float) -> bool:
+        """Spend one wrong token; False when the budget is spent."""
+        if self._updated is not None:
+            self._level = min(self._burst, self._level + (now - self._updated) * self._rate)
+        self._updated = now
+        if self._level >= 1.0:
+            self._level -= 1.0
+            return True
+        self.exhausted_count += 1
+        return False

@@ -11,7 +11,25 @@ import signal
 import sys
 from pathlib import Path
 
+from flyvault.envvars import (
+    LOG_LEVELS,
+    env_choice,
+    env_flag,
+    env_float,
+    env_int,
+    env_text,
+    finite_float,
+    log_level,
+)
+from flyvault.errors import UsageError
+
 DEFAULT_LISTEN = "[::]:8443"
+DEFAULT_DATA_DIR = "/data"
+DEFAULT_FLY_API_SOCKET = "/.fly/api"
+DEFAULT_SESSION_BUFFER = 1024 * 1024
+MIN_SESSION_BUFFER = 128 * 1024
+DEFAULT_SESSION_TTL = 3600.0
+DEFAULT_MAX_SESSIONS = 256
 
 
 class _JsonFormatter(logging.Formatter):
@@ -34,21 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--listen",
-        default=os.environ.get("VAULT_LISTEN", DEFAULT_LISTEN),
         help="UDP address to serve QUIC on, host:port or [v6]:port "
-        "(env VAULT_LISTEN; default %(default)s)",
+        f"(env VAULT_LISTEN; default {DEFAULT_LISTEN})",
     )
     parser.add_argument(
         "--data-dir",
         type=Path,
-        default=Path(os.environ.get("VAULT_DATA_DIR", "/data")),
-        help="the persistent volume (env VAULT_DATA_DIR; default %(default)s)",
+        help=f"the persistent volume (env VAULT_DATA_DIR; default {DEFAULT_DATA_DIR})",
     )
     parser.add_argument(
         "--fly-api-socket",
-        default=os.environ.get("FLY_API_SOCKET", "/.fly/api"),
         help="unix socket of the Fly platform API used to mint OIDC tokens "
-        "(env FLY_API_SOCKET; default %(default)s)",
+        f"(env FLY_API_SOCKET; default {DEFAULT_FLY_API_SOCKET})",
     )
     parser.add_argument(
         "--host-mode",
@@ -64,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--url-timeout",
-        type=float,
+        type=finite_float,
         default=60.0,
         metavar="SECONDS",
         help="abandon a rootfs_url download after this long without data (default %(default)s)",
@@ -79,24 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--session-buffer",
         type=int,
-        default=int(os.environ.get("VAULT_SESSION_BUFFER", 1024 * 1024)),
         metavar="BYTES",
         help="output kept per exec session for replay (env VAULT_SESSION_BUFFER; "
-        "default %(default)s)",
+        f"default {DEFAULT_SESSION_BUFFER})",
     )
     parser.add_argument(
         "--session-ttl",
-        type=float,
-        default=float(os.environ.get("VAULT_SESSION_TTL", 3600)),
+        type=finite_float,
         metavar="SECONDS",
         help="how long a finished named session stays listed (env VAULT_SESSION_TTL; "
-        "default %(default)s)",
+        f"default {DEFAULT_SESSION_TTL:g})",
     )
     parser.add_argument(
         "--max-sessions",
         type=int,
-        default=int(os.environ.get("VAULT_MAX_SESSIONS", 64)),
-        help="sessions kept at once, running or finished (default %(default)s)",
+        help="sessions kept at once, running or finished (env VAULT_MAX_SESSIONS; "
+        f"default {DEFAULT_MAX_SESSIONS})",
     )
     parser.add_argument(
         "--ready-file",
@@ -111,18 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--firewall",
         action="store_true",
-        default=os.environ.get("VAULT_FIREWALL", "") in ("1", "true", "yes"),
         help="before listening, install a default-drop nftables input policy that leaves "
         "only the --listen UDP port open (needs root and nft; env VAULT_FIREWALL=1)",
     )
     parser.add_argument(
         "--firewall-allow-ssh",
         action="store_true",
-        default=os.environ.get("VAULT_FIREWALL_ALLOW_SSH", "") in ("1", "true", "yes"),
         help="with --firewall, also open TCP 22; Fly SSH then gives a root shell without "
         "the access token (env VAULT_FIREWALL_ALLOW_SSH=1)",
     )
-    parser.add_argument("--log-level", default=os.environ.get("VAULT_LOG_LEVEL", "info"))
+    parser.add_argument(
+        "--log-level",
+        type=log_level,
+        help=f"one of {', '.join(LOG_LEVELS)} (env VAULT_LOG_LEVEL; default info)",
+    )
     parser.add_argument("--log-format", choices=("json", "text"), default="json")
     return parser
 
@@ -133,10 +148,22 @@ def main(argv: list[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(arguments)
-    if args.session_buffer < 128 * 1024:
+    if args.session_buffer is not None and args.session_buffer < MIN_SESSION_BUFFER:
         parser.error("--session-buffer must be at least 131072 bytes (128 KiB)")
-    if args.max_sessions < 1:
+    if args.max_sessions is not None and args.max_sessions < 1:
         parser.error("--max-sessions must be at least 1")
+    if args.session_ttl is not None and args.session_ttl < 0:
+        parser.error("--session-ttl must not be negative")
+    if args.url_timeout <= 0:
+        parser.error("--url-timeout must be greater than 0")
+    if args.url_max_bytes < 1:
+        parser.error("--url-max-bytes must be at least 1")
+    if args.ready_file is not None and not args.ready_file.parent.is_dir():
+        parser.error(f"--ready-file {args.ready_file}: no such directory {args.ready_file.parent}")
+    try:
+        listen_from = _apply_environment(args)
+    except UsageError as exc:
+        return _report(exc)
     if args.access_token_fd is None and argv is None:
         reexec_without_token(arguments)
     handler = logging.StreamHandler(sys.stderr)
@@ -145,14 +172,20 @@ def main(argv: list[str] | None = None) -> int:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    __import__("flyvault.redact").redact.install_log_filter()  # no secret in any log line
     from flyvault.config import parse_address
     from flyvault.errors import VaultError
+    from flyvault.transport.endpoint import forced_datagram_size
 
     try:
         host, port = parse_address(args.listen, allow_any_port=True)
     except VaultError as exc:
-        print(f"fly-vault-init: --listen: {exc}", file=sys.stderr)
+        print(f"fly-vault-init: {listen_from}: {exc}", file=sys.stderr)
         return 2
+    try:
+        forced_datagram_size()  # FLY_VAULT_DATAGRAM_SIZE: refuse a bad value before starting
+    except VaultError as exc:
+        return _report(exc)
     if args.firewall:
         # Before the socket exists, so the workload's ports are never reachable while init
         # starts. A failure is fatal: the operator asked for a firewall, and serving without
@@ -174,8 +207,56 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return asyncio.run(_serve(args, host, port))
     except VaultError as exc:
-        print(f"fly-vault-init: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _report(exc)
+
+
+def _report(exc: Exception) -> int:
+    """Print a ``VaultError`` (message, then its hint) the way init does; its exit code."""
+    print(f"fly-vault-init: {exc}", file=sys.stderr)
+    hint = getattr(exc, "hint", None)
+    if hint:
+        print(f"fly-vault-init: hint: {hint}", file=sys.stderr)
+    return int(getattr(exc, "exit_code", 1))
+
+
+def _apply_environment(args: argparse.Namespace) -> str:
+    """Fill what no flag gave from the environment, else the defaults.
+
+    Returns the source of the listen address (``--listen`` or ``VAULT_LISTEN``) for its error
+    message. A bad variable raises ``UsageError`` naming it.
+    """
+    listen_from = "--listen"
+    if args.listen is None:
+        text = env_text("VAULT_LISTEN")
+        listen_from = "--listen" if text is None else "VAULT_LISTEN"
+        args.listen = text or DEFAULT_LISTEN
+    data_from = f"--data-dir {args.data_dir}"
+    if args.data_dir is None:
+        text = env_text("VAULT_DATA_DIR")
+        data_from = f"--data-dir {DEFAULT_DATA_DIR}" if text is None else f"VAULT_DATA_DIR={text}"
+        args.data_dir = Path(text or DEFAULT_DATA_DIR)
+    if args.data_dir.exists() and not args.data_dir.is_dir():
+        raise UsageError(
+            f"{data_from} is not a directory",
+            hint="give the mount point of the persistent volume (default /data)",
+        )
+    if args.fly_api_socket is None:
+        args.fly_api_socket = env_text("FLY_API_SOCKET") or DEFAULT_FLY_API_SOCKET
+    if args.session_buffer is None:
+        args.session_buffer = env_int(
+            "VAULT_SESSION_BUFFER", DEFAULT_SESSION_BUFFER, minimum=MIN_SESSION_BUFFER, unit="bytes"
+        )
+    if args.session_ttl is None:
+        args.session_ttl = env_float(
+            "VAULT_SESSION_TTL", DEFAULT_SESSION_TTL, minimum=0, unit="seconds"
+        )
+    if args.max_sessions is None:
+        args.max_sessions = env_int("VAULT_MAX_SESSIONS", DEFAULT_MAX_SESSIONS, minimum=1)
+    args.firewall = args.firewall or env_flag("VAULT_FIREWALL")
+    args.firewall_allow_ssh = args.firewall_allow_ssh or env_flag("VAULT_FIREWALL_ALLOW_SSH")
+    if args.log_level is None:
+        args.log_level = env_choice("VAULT_LOG_LEVEL", "info", LOG_LEVELS)
+    return listen_from
 
 
 async def _serve(args: argparse.Namespace, host: str, port: int) -> int:
@@ -185,11 +266,20 @@ async def _serve(args: argparse.Namespace, host: str, port: int) -> int:
 
     log = logging.getLogger("flyvault.server")
     if args.access_token_fd is not None:
-        token = AccessToken.from_fd(args.access_token_fd)
+        try:
+            token = AccessToken.from_fd(args.access_token_fd)
+        except OSError as exc:
+            raise UsageError(
+                f"--access-token-fd {args.access_token_fd}: {exc.strerror or exc}",
+                hint="the flag is internal: start fly-vault-init without it, with "
+                "ACCESS_TOKEN in the environment",
+            ) from None
     else:
         token = AccessToken.from_environment()
     if not token.configured:
         log.warning("ACCESS_TOKEN not set (or empty); every setup request will be refused")
+    elif token.warning:
+        log.warning("%s", token.warning)
     options = ServerOptions(
         listen_host=host,
         listen_port=port,
@@ -220,8 +310,16 @@ async def _serve(args: argparse.Namespace, host: str, port: int) -> int:
         loop.add_signal_handler(sig, stop.set)
     if args.ready_file:
         tmp = args.ready_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"host": bound_host, "port": bound_port, "pid": os.getpid()}))
-        os.replace(tmp, args.ready_file)
+        try:
+            tmp.write_text(json.dumps({"host": bound_host, "port": bound_port, "pid": os.getpid()}))
+            os.replace(tmp, args.ready_file)
+        except OSError as exc:
+            await server.shutdown()
+            await attestor.aclose()
+            raise UsageError(
+                f"cannot write --ready-file {args.ready_file}: {exc.strerror or exc}",
+                hint="give a path in a writable directory",
+            ) from None
     await stop.wait()
     log.info("shutting down")
     await server.shutdown()

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from flyvault.errors import ProvisionError
 from flyvault.protocol.constants import RuntimeStatus, VmState
-from server.provision.extract import StreamingExtractor
+from flyvault.protocol.messages import RootfsOptions
+from server.provision.extract import ExtractLimits, ExtractReport, StreamingExtractor
 from server.provision.store import RootfsStore
 from server.runtime import WorkloadRuntime
 from server.sessions import SpawnPolicy
@@ -34,6 +35,8 @@ URL_CONNECT_TIMEOUT = 15.0
 URL_READ_TIMEOUT = 60.0
 URL_MAX_REDIRECTS = 5
 URL_MAX_BYTES = 32 * 1024**3
+#: Device nodes named one by one in the result line; more are counted.
+NOTE_DEVICES = 20
 
 
 class Provisioner:
@@ -112,16 +115,37 @@ class ProvisionJob:
     """One (re)provision. Call ``start``, then ``feed``/``download``, then ``complete``;
     ``abort`` on any failure (it leaves the active rootfs and homes untouched)."""
 
-    def __init__(self, provisioner: Provisioner, progress: ProgressCallback) -> None:
+    def __init__(
+        self,
+        provisioner: Provisioner,
+        progress: ProgressCallback,
+        options: RootfsOptions | None = None,
+    ) -> None:
         self.provisioner = provisioner
         self.progress = progress
+        self.options = options or RootfsOptions()
         self.extractor: StreamingExtractor | None = None
         self.started_at = time.monotonic()
         self._last_report = 0.0
+        #: Lines for the client (SETUP_COMPLETE notes): what the options made happen.
+        self.notes: list[str] = []
 
     async def start(self) -> None:
         staging = await asyncio.to_thread(self.provisioner.store.new_staging)
-        self.extractor = StreamingExtractor(staging)
+        options = self.options
+        ratio = options.max_expansion_ratio
+        limits = ExtractLimits()
+        if ratio is not None:  # 0: the client lifted the ceiling
+            limits = ExtractLimits(max_expansion_ratio=float(ratio) if ratio else None)
+        if not options.is_default:
+            log.info(
+                "rootfs options: devices under /dev %s, expansion ceiling %s",
+                "allowed" if options.allow_devices else "refused",
+                "off" if limits.max_expansion_ratio is None else f"{limits.max_expansion_ratio:g}x",
+            )
+        self.extractor = StreamingExtractor(
+            staging, limits=limits, allow_devices=options.allow_devices
+        )
 
     async def feed(self, chunk: bytes, total: int) -> None:
         assert self.extractor is not None
@@ -196,6 +220,9 @@ class ProvisionJob:
             if report.skipped_devices
             else "",
         )
+        self.notes = _device_notes(report)
+        for note in self.notes:
+            log.info("rootfs: %s", note)
         await asyncio.to_thread(provisioner.store.prepare_persistence, provisioner.store.staging)
         self.progress("activate", 0, 1)
         # Everything in the old namespace ends here: shells, sessions, services.
@@ -231,6 +258,28 @@ class ProvisionJob:
             with contextlib.suppress(Exception):
                 await self.extractor.abort()
         await asyncio.to_thread(self.provisioner.store.discard_staging)
+
+
+def _device_notes(report: ExtractReport) -> list[str]:
+    """What --allow-devices did, for the client to show."""
+
+    def listed(paths: list[str]) -> str:
+        names = ["/" + "/".join(p for p in path.split("/") if p not in ("", ".")) for path in paths]
+        more = len(names) - NOTE_DEVICES
+        return ", ".join(names[:NOTE_DEVICES]) + (f" and {more} more" if more > 0 else "")
+
+    def count(paths: list[str]) -> str:
+        return f"{len(paths)} device node{'' if len(paths) == 1 else 's'} under /dev"
+
+    notes = []
+    if report.created_devices:
+        notes.append(f"created {count(report.created_devices)}: {listed(report.created_devices)}")
+    if report.skipped_devices:
+        notes.append(
+            f"skipped {count(report.skipped_devices)} (this vault is not permitted to create "
+            f"device nodes): {listed(report.skipped_devices)}"
+        )
+    return notes
 
 
 def _too_big(where: str, limit: int) -> ProvisionError:

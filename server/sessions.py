@@ -200,7 +200,7 @@ class SessionRegistry:
         policy: SpawnPolicy,
         *,
         buffer_size: int = 1024 * 1024,
-        max_sessions: int = 64,
+        max_sessions: int = 256,
         exited_ttl: float = 3600.0,
         shell_idle: float = 600.0,
         clock: Callable[[], float] = time.monotonic,

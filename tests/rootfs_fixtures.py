@@ -81,8 +81,12 @@ def regular(name: str, data: bytes = b"", mode: int = 0o644, **kwargs: Any) -> M
     return Member(name, tarfile.REGTYPE, data=data, mode=mode, **kwargs)
 
 
-def basic_rootfs(variant: str = "a", *, blob_size: int = 0) -> list[Member]:
-    """A small rootfs exercising everything a real image has; ``variant`` changes content."""
+def basic_rootfs(variant: str = "a", *, blob_size: int = 0, devices: bool = False) -> list[Member]:
+    """A small rootfs exercising everything a real image has; ``variant`` changes content.
+
+    ``devices`` adds /dev/null and /dev/loop0, which the vault refuses unless the
+    provisioning allows device nodes (``allow_devices``).
+    """
     members = [
         directory("./"),
         directory("bin"),
@@ -114,9 +118,12 @@ def basic_rootfs(variant: str = "a", *, blob_size: int = 0) -> list[Member]:
         directory("run"),
         Member("run/initctl", tarfile.FIFOTYPE, mode=0o600),
         directory("dev"),
-        Member("dev/null", tarfile.CHRTYPE, mode=0o666, major=1, minor=3),
-        Member("dev/loop0", tarfile.BLKTYPE, mode=0o660, gid=6, major=7, minor=0),
     ]
+    if devices:
+        members += [
+            Member("dev/null", tarfile.CHRTYPE, mode=0o666, major=1, minor=3),
+            Member("dev/loop0", tarfile.BLKTYPE, mode=0o660, gid=6, major=7, minor=0),
+        ]
     if blob_size:
         rng = random.Random(variant)
         members.append(regular("usr/share/blob", rng.randbytes(blob_size)))

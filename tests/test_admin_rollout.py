@@ -222,9 +222,17 @@ def test_interrupted_rollout_resumes(
                 break
         time.sleep(0.05)
     assert canary is not None, proc.stderr.read() if proc.stderr else ""
-    time.sleep(0.3)  # inside the soak window
+    # Inside the soak window: the rollout says when the canary's checks pass and its 30 s
+    # soak begins (a fixed sleep could land before that on a loaded machine).
+    assert proc.stderr is not None
+    seen: list[str] = []
+    while not any("health checks passing" in line for line in seen):
+        line = proc.stderr.readline()
+        assert line, "the rollout ended before its soak: " + "".join(seen)
+        seen.append(line)
     proc.send_signal(signum)  # Ctrl-C, or a cancelled CI job
     out, err = proc.communicate(timeout=30)
+    err = "".join(seen) + err
     admin_support.assert_no_secrets(out, err)
     assert proc.returncode == 130, err
     assert "Run the same command again to resume" in err

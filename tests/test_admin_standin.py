@@ -90,7 +90,8 @@ def test_wait_validation_and_timeout(api: tuple[MachinesStandin, httpx.Client]) 
         http.get(f"/machines/{mid}/wait", params={"state": "started", "timeout": 1}).status_code
         == 408
     )
-    assert 0.9 < time.monotonic() - started < 3
+    # The whole second, and not much more (generous: a loaded machine is slow to answer).
+    assert 0.9 < time.monotonic() - started < 20
 
 
 def test_update_versions_and_instance_ids(api: tuple[MachinesStandin, httpx.Client]) -> None:
@@ -148,7 +149,8 @@ def test_leases_nonce_and_ttl(api: tuple[MachinesStandin, httpx.Client]) -> None
     _, http = api
     machine = _create(http)
     mid = machine["id"]
-    lease = http.post(f"/machines/{mid}/lease", json={"ttl": 1})
+    # A TTL long enough that the lease surely holds while we test its nonce.
+    lease = http.post(f"/machines/{mid}/lease", json={"ttl": 30})
     assert lease.status_code == 201
     nonce = lease.json()["data"]["nonce"]
     assert http.post(f"/machines/{mid}/lease", json={"ttl": 5}).status_code == 409
@@ -159,8 +161,14 @@ def test_leases_nonce_and_ttl(api: tuple[MachinesStandin, httpx.Client]) -> None
         http.delete(f"/machines/{mid}/lease", headers={"fly-machine-lease-nonce": "x"}).status_code
         == 409
     )
-    time.sleep(1.1)  # the TTL runs out
-    assert http.get(f"/machines/{mid}/lease").status_code == 404
+    assert http.delete(f"/machines/{mid}/lease", headers=headers).status_code == 200
+    # A short lease runs out after its TTL: waited for (bounded), not a fixed sleep.
+    began = time.monotonic()
+    assert http.post(f"/machines/{mid}/lease", json={"ttl": 1}).status_code == 201
+    while http.get(f"/machines/{mid}/lease").status_code != 404:
+        assert time.monotonic() - began < 30, "the lease never ran out"
+        time.sleep(0.05)
+    assert time.monotonic() - began > 0.9  # not before its TTL
     assert http.post(f"/machines/{mid}/uncordon", json={}).status_code == 200
     created = _create(http, lease_ttl=30)
     assert created["nonce"]

@@ -412,7 +412,8 @@ def test_hung_issuer_times_out() -> None:
         started = time.monotonic()
         with pytest.raises(Timeout):
             run(v.verify(token, audience=AUD))
-        assert time.monotonic() - started < 5
+        # The 0.5 s given, not the 10 s default: a bound with room for a loaded machine.
+        assert time.monotonic() - started < 8
 
 
 # -- fingerprint cache ---------------------------------------------------------------------------

@@ -201,6 +201,47 @@ def test_local_vault_up_doctor_status_down_keeps_other_entries(issuer: OidcIssue
     assert "[vault.prod]" in path.read_text()
 
 
+def test_rootfs_option_flags_override_the_entry_and_are_checked() -> None:
+    from flyvault.cli.main import build_parser
+    from flyvault.cli.remote import with_rootfs_options
+    from flyvault.config import VaultConfig
+    from flyvault.errors import UsageError
+
+    parser = build_parser()
+    vault = VaultConfig(name="v", address="h:1", org="o", app="a", rootfs_max_expansion_ratio=50)
+    for argv in (["reprovision", "v", "--yes"], ["connect", "v", "--reprovision"]):
+        plain = parser.parse_args(argv)
+        assert with_rootfs_options(vault, plain) is vault  # no flag: the entry as it is
+        flagged = parser.parse_args([*argv, "--allow-devices", "--max-expansion-ratio", "0"])
+        changed = with_rootfs_options(vault, flagged)
+        assert changed.rootfs_allow_devices is True and changed.rootfs_max_expansion_ratio == 0
+        assert changed.address == vault.address
+    bad = parser.parse_args(["reprovision", "v", "--max-expansion-ratio", "-3"])
+    with pytest.raises(UsageError, match="--max-expansion-ratio must be from 0"):
+        with_rootfs_options(vault, bad)
+    # local up without a rootfs has nothing to apply them to.
+    result = fly_vault("local", "up", "--allow-devices")
+    assert result.returncode == 2
+    assert "--allow-devices and --max-expansion-ratio apply to a rootfs" in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="vm mode (local up --rootfs) needs root")
+def test_local_up_saves_the_rootfs_options(tmp_path: Path) -> None:
+    image = tmp_path / "rootfs.tar.gz"
+    image.write_bytes(b"not looked at until the first connect")
+    path = write_config("")
+    up = fly_vault(
+        "local", "up", "--rootfs", str(image), "--allow-devices", "--max-expansion-ratio", "0"
+    )
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        text = path.read_text()
+        assert "rootfs_allow_devices = true" in text
+        assert "rootfs_max_expansion_ratio = 0" in text
+    finally:
+        fly_vault("local", "down")
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -348,6 +348,18 @@ def test_missing_required_keys_are_named_with_the_vault(cfg: Path) -> None:
         ("forward = [1]", "[vault.prod] forward[0] must be a string, got integer"),
         ("machine_id = { a = 1 }", "[vault.prod] machine_id must be a string, got table"),
         ("rootfs = 1.5", "[vault.prod] rootfs must be a string, got float"),
+        (
+            'rootfs_allow_devices = "yes"',
+            "[vault.prod] rootfs_allow_devices must be true or false, got string",
+        ),
+        (
+            "rootfs_max_expansion_ratio = 2.5",
+            "[vault.prod] rootfs_max_expansion_ratio must be an integer, got float",
+        ),
+        (
+            "rootfs_max_expansion_ratio = true",
+            "[vault.prod] rootfs_max_expansion_ratio must be an integer, got boolean",
+        ),
     ],
 )
 def test_wrong_types_are_named(cfg: Path, extra: str, message: str) -> None:
@@ -376,6 +388,11 @@ def test_wrong_types_are_named(cfg: Path, extra: str, message: str) -> None:
         ),
         ('rootfs_url = "https:///y"', "[vault.prod] rootfs_url has no host"),
         ('rootfs_url = "https://h/a b"', "[vault.prod] rootfs_url must not contain spaces"),
+        (
+            "rootfs_max_expansion_ratio = -1",
+            "[vault.prod] rootfs_max_expansion_ratio must be a whole number from 0 (no limit) "
+            "to 4294967295",
+        ),
     ],
 )
 def test_value_rules(cfg: Path, extra: str, message: str) -> None:
@@ -495,6 +512,17 @@ def test_rootfs_both_and_neither() -> None:
 )
 def test_rootfs_url(url: str) -> None:
     assert entry(rootfs_url=url).rootfs_source("reprovision") == RootfsUrl(url)
+
+
+def test_rootfs_options_load_and_are_written_back(cfg: Path) -> None:
+    write(cfg, MINIMAL + "rootfs_allow_devices = true\nrootfs_max_expansion_ratio = 0\n")
+    vault = load_vault("prod")
+    assert vault.rootfs_allow_devices is True and vault.rootfs_max_expansion_ratio == 0
+    assert vault.to_toml()["rootfs_max_expansion_ratio"] == 0  # 0 (no limit) is not a default
+    defaults = entry()
+    assert defaults.rootfs_allow_devices is False and defaults.rootfs_max_expansion_ratio is None
+    assert "rootfs_allow_devices" not in defaults.to_toml()
+    assert "rootfs_max_expansion_ratio" not in defaults.to_toml()
 
 
 def test_rootfs_url_scheme_rechecked_when_used() -> None:

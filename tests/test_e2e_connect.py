@@ -217,34 +217,6 @@ def test_machine_id_checked_when_configured_even_without_proxy(
     run_async(scenario())
 
 
-def test_wrong_token_then_rate_limited_then_recovers(
-    tmp_path: Path, issuer: OidcIssuer, attestor: ScriptedAttestor
-) -> None:
-    clock = FakeClock()
-
-    async def scenario() -> None:
-        server = await start_server(tmp_path, attestor, clock=clock)
-        try:
-            wrong = vault_entry(port_of(server), issuer, token="wrong-token")
-            right = vault_entry(port_of(server), issuer)
-            for _ in range(5):
-                with pytest.raises(AuthError, match="access token verification failed"):
-                    await open_vault(wrong)
-            with pytest.raises(AuthError, match="access token verification failed"):
-                await open_vault(wrong)  # the 6th failure starts a lockout
-            with pytest.raises(AuthError, match="too many wrong access tokens"):
-                await open_vault(right)  # locked out, even with the right token
-            assert server.stats.rate_limited == 1
-            clock.now += 3600
-            connection = await open_vault(right)
-            connection.close()
-            assert server.stats.token_failures == 6
-        finally:
-            server.close()
-
-    run_async(scenario())
-
-
 def test_no_access_token_configured_on_server(
     tmp_path: Path, issuer: OidcIssuer, attestor: ScriptedAttestor
 ) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import select
+import shlex
 import subprocess
 import sys
 import time
@@ -39,6 +41,38 @@ def fv(
         capture_output=True,
         timeout=timeout,
     )
+
+
+def _read_until(proc: subprocess.Popen[bytes], expected: bytes, timeout: float = 60) -> bytes:
+    """Read the process's stdout pipe until ``expected`` has arrived (fail after ``timeout``)."""
+    assert proc.stdout is not None
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while expected not in seen:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"no {expected!r} within {timeout} s; got {seen!r}"
+        if select.select([proc.stdout], [], [], remaining)[0]:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            assert chunk, f"end of output before {expected!r}; got {seen!r}"
+            seen += chunk
+    return seen
+
+
+def _wait_for(check: Any, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.05)
+
+
+def _sessions(vault: str) -> dict[str, Any]:
+    return {i["session_id"]: i for i in json.loads(fv("list-exec", vault, "--json").stdout)}
+
+
+def _gate(go: Path) -> str:
+    """Shell: wait (bounded, 60 s) until the test creates ``go``."""
+    flag = shlex.quote(str(go))
+    return f"i=0; while [ ! -e {flag} ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done"
 
 
 def test_argv_boundaries_are_kept_exactly(vault: str) -> None:
@@ -114,7 +148,7 @@ def test_named_session_reattach_and_list_and_kill(vault: str) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    time.sleep(3)
+    _read_until(proc, b"one\ntwo\n")  # both lines made it through the vault
     proc.kill()
     proc.wait()
     listing = json.loads(fv("list-exec", vault, "--json").stdout)
@@ -157,8 +191,15 @@ def test_kill_unknown_session_and_bad_signal(vault: str) -> None:
     assert bad.returncode == 2 and b"unknown signal" in bad.stderr
 
 
-def test_output_while_detached_replays_last_buffer_exactly(vault: str) -> None:
+def test_output_while_detached_replays_last_buffer_exactly(vault: str, tmp_path: Path) -> None:
     """C8: 10 MB while nobody is attached; the reattach gets exactly the retained tail."""
+    started, go = tmp_path / "started", tmp_path / "go"
+    # The command starts its output only once the test has detached (host mode: same files).
+    gate = (
+        f"import pathlib, time\npathlib.Path({str(started)!r}).touch()\n"
+        f"for _ in range(6000):\n    if pathlib.Path({str(go)!r}).exists(): break\n"
+        "    time.sleep(0.01)\n"
+    )
     script = (
         "import sys\n"
         "for i in range(10 * 1024):\n"
@@ -176,15 +217,17 @@ def test_output_while_detached_replays_last_buffer_exactly(vault: str) -> None:
             "--",
             sys.executable,
             "-c",
-            f"import time; time.sleep(2)\n{script}",
+            f"{gate}{script}",
         ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    time.sleep(1)
+    _wait_for(started.exists, "the command did not start")
     proc.kill()  # detach before any output
     proc.wait()
+    _wait_for(lambda: not _sessions(vault)["flood"]["attached"], "the vault kept the client")
+    go.touch()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         info = {i["session_id"]: i for i in json.loads(fv("list-exec", vault, "--json").stdout)}
@@ -294,7 +337,10 @@ def test_stdin_is_exact_across_dropped_connections(
     assert out.split() == [str(len(payload)).encode(), hashlib.sha256(payload).hexdigest().encode()]
 
 
-def test_takeover_tells_the_first_client_and_it_does_not_fight(vault: str) -> None:
+def test_takeover_tells_the_first_client_and_it_does_not_fight(
+    vault: str, tmp_path: Path
+) -> None:
+    started, go = tmp_path / "started", tmp_path / "go"
     first = subprocess.Popen(
         [
             sys.executable,
@@ -307,19 +353,34 @@ def test_takeover_tells_the_first_client_and_it_does_not_fight(vault: str) -> No
             "--",
             "sh",
             "-c",
-            "sleep 5; echo end",
+            f"touch {shlex.quote(str(started))}; {_gate(go)}; echo end",
         ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    time.sleep(2)
-    second = fv("exec", vault, "--session", "shared", timeout=30)
-    _, err = first.communicate(timeout=30)
-    assert first.returncode == 255
-    assert b"another client attached" in err
-    assert second.returncode == 0
-    assert second.stdout == b"end\n"
+    _wait_for(started.exists, "the command did not start")
+    second = subprocess.Popen(
+        [sys.executable, "-m", "flyvault.cli.main", "exec", vault, "--session", "shared"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        # The first client is told and leaves while the command still runs...
+        _, err = first.communicate(timeout=60)
+        assert first.returncode == 255
+        assert b"another client attached" in err
+        go.touch()
+        # ...and the second one gets the rest.
+        out, err = second.communicate(timeout=60)
+        assert second.returncode == 0, err
+        assert out == b"end\n"
+    finally:
+        for proc in (first, second):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def test_client_memory_flat_under_large_output(vault: str) -> None:
@@ -346,6 +407,7 @@ def test_vault_gone_ends_client_with_documented_code(
     """C1: kill init while a command runs; the client gives up within its bound, code 255."""
     from flyvault.config import save_vault
 
+    running = tmp_path / "running"
     init = start_init(tmp_path, fly_api.path)
     try:
         save_vault(vault_entry(init.port, issuer, name="gone"))
@@ -359,14 +421,15 @@ def test_vault_gone_ends_client_with_documented_code(
                 "--reconnect-timeout",
                 "3",
                 "--",
-                "sleep",
-                "60",
+                "sh",
+                "-c",
+                f"touch {shlex.quote(str(running))}; exec sleep 60",
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        time.sleep(2)
+        _wait_for(running.exists, "the command did not start")
         init.process.kill()
         started = time.monotonic()
         _, err = client.communicate(timeout=40)
@@ -491,7 +554,7 @@ def test_exit_while_input_still_flows_is_acknowledged_and_the_session_goes(vault
         result = fv("exec", vault, "--", "head", "-c", "1", input_=os.urandom(4 * 1024 * 1024))
         assert result.returncode == 0, result.stderr
         assert len(result.stdout) == 1
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         listing = json.loads(fv("list-exec", vault, "--json").stdout)
         if listing == []:

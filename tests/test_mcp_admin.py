@@ -15,7 +15,7 @@ import pytest
 from admin_support import ACCESS_TOKEN, API_TOKEN, APP, IMAGE_V2, SIMPLE_TEMPLATE
 from conftest import run_async
 from mcp import Client
-from test_mcp_support import Session, text
+from mcp_support import Session, text
 
 from admin.standin import MachinesStandin
 

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shlex
 import sys
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 from conftest import TOKEN, run_async
 from mcp import Client
-from test_mcp_support import Session, mcp_server, text, vault
+from mcp_support import Session, gate, mcp_server, text, vault, wait_for_path
 
 __all__ = ["mcp_server", "vault"]
 
@@ -143,18 +145,28 @@ def test_second_exec_reuses_the_pooled_connection(mcp_server: Any, vault: str) -
     run(mcp_server, scenario)
 
 
-def test_long_command_returns_a_handle_then_read_to_its_end(mcp_server: Any, vault: str) -> None:
+def test_long_command_returns_a_handle_then_read_to_its_end(
+    mcp_server: Any, vault: str, tmp_path: Path
+) -> None:
     progress: list[tuple[float, float | None, str | None]] = []
 
     async def on_progress(value: float, total: float | None, message: str | None) -> None:
         progress.append((value, total, message))
 
+    # The command moves on only when the test says so: no sleep decides what a read sees.
+    middle, end = tmp_path / "middle", tmp_path / "end"
+
     async def scenario(s: Session) -> None:
-        command = "echo start; sleep 3; echo middle; sleep 2; echo end; exit 7"
+        command = f"echo start; {gate(middle)}; echo middle; {gate(end)}; echo end; exit 7"
         first = await s.data(
             "exec",
-            {"vault": vault, "command": command, "wait_seconds": 1, "context": "long job"},
-            progress=on_progress,
+            {
+                "vault": vault,
+                "command": command,
+                "pattern": "start",
+                "wait_seconds": 30,
+                "context": "long job",
+            },
         )
         assert first["running"] is True and first["exit_code"] is None
         assert first["output"] == "start\n" and first["next_offset"] == 6
@@ -167,16 +179,27 @@ def test_long_command_returns_a_handle_then_read_to_its_end(mcp_server: Any, vau
         assert mine[0]["followed_here"] is True and mine[0]["read_offset"] == 6
 
         # The first read returns at new output (until="output"), the next one at exit.
+        middle.touch()
         nxt = await s.data(
             "read_output",
-            {"vault": vault, "session_id": sid, "until": "output", "wait_seconds": 10},
+            {"vault": vault, "session_id": sid, "until": "output", "wait_seconds": 30},
         )
         assert nxt["output"] == "middle\n" and nxt["running"] is True and nxt["offset"] == 6
-        done = await s.data(
-            "read_output",
-            {"vault": vault, "session_id": sid, "wait_seconds": 20},
-            progress=on_progress,
+        reading = asyncio.ensure_future(
+            s.data(
+                "read_output",
+                {"vault": vault, "session_id": sid, "wait_seconds": 30},
+                progress=on_progress,
+            )
         )
+        # Heartbeats while it waits (one every 2 s): let two arrive, then let the command end.
+        deadline = asyncio.get_running_loop().time() + 30
+        while len(progress) < 2:
+            assert asyncio.get_running_loop().time() < deadline, progress
+            assert not reading.done(), reading.result()
+            await asyncio.sleep(0.05)
+        end.touch()
+        done = await reading
         assert done["running"] is False and done["exit_code"] == 7
         assert done["output"] == "end\n" and done["next_offset"] == done["total_bytes"] == 17
 
@@ -190,7 +213,7 @@ def test_long_command_returns_a_handle_then_read_to_its_end(mcp_server: Any, vau
         assert tail["output"] == "end\n"
 
     run(mcp_server, scenario)
-    # Heartbeats while the second read waited (at least one every 2 s), increasing.
+    # Heartbeats while the last read waited, increasing.
     values = [p[0] for p in progress]
     assert len(values) >= 2 and values == sorted(values)
     assert any(p[2] and "running" in p[2] for p in progress)
@@ -234,20 +257,30 @@ def test_output_over_the_cap_keeps_head_and_tail_and_pages(mcp_server: Any, vaul
     run(mcp_server, scenario)
 
 
-def test_cancelling_a_foreground_exec_stops_the_remote_command(mcp_server: Any, vault: str) -> None:
+def test_cancelling_a_foreground_exec_stops_the_remote_command(
+    mcp_server: Any, vault: str, tmp_path: Path
+) -> None:
+    running = tmp_path / "running"
+
     async def scenario(s: Session) -> None:
-        with anyio.move_on_after(1.5):
+        async def call() -> None:
             await s.client.call_tool(
                 "exec",
                 {
                     "vault": vault,
-                    "command": "sleep 60",
+                    "command": f"touch {shlex.quote(str(running))}; sleep 60",
                     "session_id": "cancel-me",
                     "wait_seconds": 50,
                 },
             )
+
+        # Cancelled once the command runs (not after a fixed time it may not have started in).
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(call)
+            await wait_for_path(running)
+            tasks.cancel_scope.cancel()
         ended = await s.data(
-            "read_output", {"vault": vault, "session_id": "cancel-me", "wait_seconds": 15}
+            "read_output", {"vault": vault, "session_id": "cancel-me", "wait_seconds": 30}
         )
         assert ended["running"] is False and ended["signal"] == 15
         # The vault kept the named session, with how it ended.
@@ -314,7 +347,7 @@ def test_timeout_signal_stdin_open_and_pattern(mcp_server: Any, vault: str) -> N
             },
         )
         assert server["running"] is True and "listening on 8080" in server["output"]
-        assert server["elapsed_seconds"] < 10
+        assert server["elapsed_seconds"] < 15  # at the match, not after the 20 s wait
         await s.data(
             "signal", {"vault": vault, "session_id": server["session_id"], "signal": "KILL"}
         )
@@ -381,16 +414,19 @@ def test_a_token_printed_by_a_command_is_scrubbed(mcp_server: Any, vault: str) -
 
 
 def test_reattach_from_another_server_process_replays_by_offset(
-    mcp_server: Any, vault: str
+    mcp_server: Any, vault: str, tmp_path: Path
 ) -> None:
+    go = tmp_path / "go"
+
     async def start(s: Session) -> str:
         first = await s.data(
             "exec",
             {
                 "vault": vault,
-                "command": "echo one; sleep 2; echo two",
+                "command": f"echo one; {gate(go)}; echo two",
                 "session_id": "job-x",
-                "wait_seconds": 0.5,
+                "pattern": "one",
+                "wait_seconds": 30,
             },
         )
         assert first["output"] == "one\n" and first["created"] is True
@@ -401,8 +437,9 @@ def test_reattach_from_another_server_process_replays_by_offset(
 
     async def follow(s: Session) -> None:
         # A new server (say after a restart) reads the same session from offset 4.
+        go.touch()
         rest = await s.data(
-            "read_output", {"vault": vault, "session_id": sid, "offset": 4, "wait_seconds": 10}
+            "read_output", {"vault": vault, "session_id": sid, "offset": 4, "wait_seconds": 30}
         )
         assert rest["output"] == "two\n" and rest["exit_code"] == 0
         # exec with the same name never runs the command twice.

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from conftest import InitProcess, run_async, start_init
 from mcp import Client
-from test_mcp_support import SECRETS, Session, configure_vault, mcp_server, text, vault
+from mcp_support import SECRETS, Session, configure_vault, mcp_server, text, vault
 
 from flyvault.standins import OidcIssuer
 

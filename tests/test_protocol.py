@@ -45,6 +45,7 @@ from flyvault.protocol.messages import (
     RequestAttestation,
     RootfsInline,
     RootfsNone,
+    RootfsOptions,
     RootfsUrl,
     SetupComplete,
     SetupRequest,
@@ -223,6 +224,60 @@ def test_overlong_boot_id_refused() -> None:
 @given(st.integers(min_value=0, max_value=65535), text)
 def test_error_round_trip(code: int, message: str) -> None:
     assert ErrorMessage.decode(ErrorMessage(code, message).encode()) == ErrorMessage(code, message)
+
+
+options = st.builds(
+    RootfsOptions,
+    st.booleans(),
+    st.one_of(st.none(), st.integers(min_value=0, max_value=2**32 - 1)),
+)
+
+
+@given(text, rootfs, options)
+def test_setup_request_with_options_round_trip(token: str, source, opts) -> None:  # type: ignore[no-untyped-def]
+    message = SetupRequest(token, source, opts)
+    assert SetupRequest.decode(message.encode()) == message
+
+
+def test_rootfs_options_are_a_backward_compatible_tail() -> None:
+    # Default options add nothing: the request is what clients without options send, and
+    # what they send decodes to the defaults.
+    legacy = SetupRequest("tok", RootfsInline(5)).encode()
+    assert legacy == b"\0\0\0\x03tok" + b"\x01" + (5).to_bytes(8, "big")
+    assert SetupRequest("tok", RootfsInline(5), RootfsOptions()).encode() == legacy
+    assert SetupRequest.decode(legacy).options == RootfsOptions()
+    assert (
+        SetupRequest("t", RootfsNone(), RootfsOptions(allow_devices=True)).encode()[-1:] == b"\x01"
+    )
+    tail = SetupRequest("t", RootfsNone(), RootfsOptions(False, 20)).encode()[-5:]
+    assert tail == b"\x02" + (20).to_bytes(4, "big")
+    assert SetupRequest.decode(legacy + b"\x03" + (0).to_bytes(4, "big")).options == RootfsOptions(
+        True, 0
+    )
+    with pytest.raises(RemoteProtocolError, match="unknown rootfs option flags 0x04"):
+        SetupRequest.decode(legacy + b"\x04")
+    with pytest.raises(RemoteProtocolError, match="max expansion ratio truncated"):
+        SetupRequest.decode(legacy + b"\x02\0\0")
+    with pytest.raises(RemoteProtocolError, match="trailing bytes"):
+        SetupRequest.decode(legacy + b"\x01\0")
+    with pytest.raises(LocalProtocolError, match="outside"):
+        SetupRequest("t", RootfsNone(), RootfsOptions(max_expansion_ratio=2**32)).encode()
+    assert "allow_devices=True" in repr(SetupRequest("t", RootfsNone(), RootfsOptions(True)))
+
+
+def test_setup_complete_notes_are_an_optional_tail() -> None:
+    plain = SetupComplete(VmState.READY, RuntimeStatus.FALLBACK_INIT, "boot")
+    assert plain.encode() == b"\x01\x02\0\0\0\x04boot"
+    noted = SetupComplete(
+        VmState.READY, RuntimeStatus.FALLBACK_INIT, "boot", ("created 1 device node", "é")
+    )
+    assert SetupComplete.decode(noted.encode()) == noted
+    assert SetupComplete.decode(plain.encode()).notes == ()
+    too_many = plain.encode() + (17).to_bytes(4, "big") + b"\0\0\0\0" * 17
+    with pytest.raises(RemoteProtocolError, match="17 notes, more than the 16 allowed"):
+        SetupComplete.decode(too_many)
+    long = SetupComplete(VmState.READY, RuntimeStatus.FALLBACK_INIT, "b", ("é" * 5000,))
+    assert len(SetupComplete.decode(long.encode()).notes[0].encode()) <= 4096
 
 
 def test_setup_request_repr_hides_token() -> None:

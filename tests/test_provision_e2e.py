@@ -11,6 +11,7 @@ import http.server
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -36,8 +37,17 @@ pytestmark = [
 APPLETS = ("sh", "ls", "cat", "echo", "id", "sleep", "ps", "mount", "stat", "tty")
 
 
-def make_rootfs(path: Path, version: str, *, extra: dict[str, bytes] | None = None) -> Path:
-    """A small bootable rootfs: busybox and its applets, no /sbin/init (minimal init)."""
+def make_rootfs(
+    path: Path,
+    version: str,
+    *,
+    extra: dict[str, bytes] | None = None,
+    nodes: dict[str, tuple[int, int, int]] | None = None,
+) -> Path:
+    """A small bootable rootfs: busybox and its applets, no /sbin/init (minimal init).
+
+    ``nodes``: real device nodes made in the tree, ``name -> (S_IFCHR|S_IFBLK, major, minor)``.
+    """
     tree = path.with_suffix(".tree")
     for sub in ("bin", "etc", "root", "home/user", "tmp", "proc", "dev"):
         (tree / sub).mkdir(parents=True, exist_ok=True)
@@ -54,6 +64,11 @@ def make_rootfs(path: Path, version: str, *, extra: dict[str, bytes] | None = No
         target = tree / name
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
+    for name, (kind, major, minor) in (nodes or {}).items():
+        target = tree / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            os.mknod(target, kind | 0o600, os.makedev(major, minor))
     with tarfile.open(path, "w:gz") as archive:
         archive.add(tree, arcname=".")
     return path
@@ -86,7 +101,7 @@ def fv(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
     )
 
 
-def configure(port: int, issuer: OidcIssuer, **rootfs: str) -> None:
+def configure(port: int, issuer: OidcIssuer, **rootfs: Any) -> None:
     from flyvault.config import save_vault
 
     save_vault(vault_entry(port, issuer, name="vm", **rootfs))
@@ -379,10 +394,20 @@ def test_sigkill_of_init_during_reprovision_keeps_the_old_rootfs(
             stderr=subprocess.DEVNULL,
         )
         staging = init.data_dir / "rootfs.staging"
+
+        def staged_bytes() -> int:
+            try:
+                return sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
+            except OSError:  # not there yet, or a file went while we looked
+                return 0
+
+        # Mid-upload: part of the 40 MB image is on disk and the swap is still to come. A
+        # condition, not a fixed sleep (too short on a loaded machine, too long on a fast one).
         deadline = time.monotonic() + 60
-        while not staging.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.5)  # mid-upload
+        while staged_bytes() < 1_000_000:
+            assert time.monotonic() < deadline, "the upload did not get going"
+            assert swap.poll() is None, "reprovision ended before the kill"
+            time.sleep(0.02)
         init.process.kill()
         init.process.wait(timeout=10)
         swap.wait(timeout=90)
@@ -398,3 +423,141 @@ def test_sigkill_of_init_during_reprovision_keeps_the_old_rootfs(
         assert not (again.data_dir / "rootfs.staging").exists()
     finally:
         again.stop()
+
+
+# -- device nodes, decompression bombs and a full volume, over real QUIC ---------------------
+
+NULL = (stat.S_IFCHR, 1, 3)
+LOOP = (stat.S_IFBLK, 7, 0)
+
+
+def _running_version() -> bytes:
+    result = fv("exec", "vm", "--", "cat", "/etc/version")
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def _no_leftovers(data_dir: Path) -> None:
+    deadline = time.monotonic() + 30  # the previous rootfs is deleted in the background
+    while (data_dir / "rootfs.discard").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sorted(os.listdir(data_dir)) == [".provisioned", "persist", "rootfs"]
+
+
+def test_device_nodes_refused_by_default_allowed_under_dev_only(
+    tmp_path: Path, vm_init: InitProcess, issuer: OidcIssuer
+) -> None:
+    with_devices = make_rootfs(
+        tmp_path / "a.tar.gz", "A", nodes={"dev/null": NULL, "dev/loop0": LOOP}
+    )
+    # Cold boot: refused by default, with the member named; the vault stays cold.
+    configure(vm_init.port, issuer, rootfs=str(with_devices))
+    cold = fv("exec", "vm", "--", "true")
+    assert cold.returncode == 255
+    assert b"'./dev/loop0' is a block device node (7, 0)" in cold.stderr, cold.stderr
+    assert b"device nodes are refused by default" in cold.stderr
+    assert not (vm_init.data_dir / ".provisioned").exists()
+    assert not (vm_init.data_dir / "rootfs.staging").exists()
+
+    # The config key allows them: created under /dev, and the client says which.
+    configure(vm_init.port, issuer, rootfs=str(with_devices), rootfs_allow_devices=True)
+    first = fv("exec", "vm", "--", "cat", "/etc/version")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == b"A\n"
+    assert b"created 2 device nodes under /dev: /dev/loop0, /dev/null" in first.stderr
+    null = (vm_init.data_dir / "rootfs/dev/null").lstat()
+    assert stat.S_ISCHR(null.st_mode) and null.st_rdev == os.makedev(1, 3)
+    assert stat.S_ISBLK((vm_init.data_dir / "rootfs/dev/loop0").lstat().st_mode)
+
+    # A reprovision without the flag is refused; the old rootfs keeps running.
+    second = make_rootfs(tmp_path / "b.tar.gz", "B", nodes={"dev/null": NULL})
+    configure(vm_init.port, issuer, rootfs=str(second))
+    refused = fv("reprovision", "vm", "--yes")
+    assert refused.returncode == 8
+    assert b"'./dev/null' is a character device node (1, 3)" in refused.stderr, refused.stderr
+    assert _running_version() == b"A"
+    _no_leftovers(vm_init.data_dir)
+
+    # --allow-devices on the command line: the result names what was created.
+    allowed = fv("reprovision", "vm", "--yes", "--allow-devices")
+    assert allowed.returncode == 0, allowed.stderr
+    assert b"created 1 device node under /dev: /dev/null" in allowed.stdout, allowed.stdout
+    assert b"reprovisioned in" in allowed.stdout
+    assert _running_version() == b"B"
+
+    # Outside /dev a device node is refused even with the flag; B keeps running.
+    outside = make_rootfs(
+        tmp_path / "c.tar.gz", "C", nodes={"dev/null": NULL, "home/user/disk": LOOP}
+    )
+    configure(vm_init.port, issuer, rootfs=str(outside))
+    escaped = fv("reprovision", "vm", "--yes", "--allow-devices")
+    assert escaped.returncode == 8
+    assert b"'./home/user/disk' is a block device node (7, 0) outside /dev" in escaped.stderr
+    assert _running_version() == b"B"
+    _no_leftovers(vm_init.data_dir)
+    assert not (vm_init.data_dir / "persist/home/user/disk").exists()
+
+
+def test_gzip_bomb_refused_with_sizes_and_the_old_rootfs_runs_on(
+    tmp_path: Path, vm_init: InitProcess, issuer: OidcIssuer
+) -> None:
+    configure(vm_init.port, issuer, rootfs=str(make_rootfs(tmp_path / "a.tar.gz", "A")))
+    assert _running_version() == b"A"
+    assert fv("exec", "vm", "--", "sh", "-c", "echo mine > /root/keep").returncode == 0
+    # 80 MiB of zeros after busybox: about 60x overall at the 64 MiB floor, under the
+    # default 100x ceiling; the option lowers it to 20x, so this small image is a bomb.
+    bomb = make_rootfs(tmp_path / "bomb.tar.gz", "BOMB", extra={"zeros": bytes(80 * 1024**2)})
+    assert bomb.stat().st_size < 4 * 1024**2
+    configure(vm_init.port, issuer, rootfs=str(bomb))
+    refused = fv("reprovision", "vm", "--yes", "--max-expansion-ratio", "20")
+    assert refused.returncode == 8
+    message = refused.stderr.decode()
+    assert re.search(
+        r"the archive expands more than 20x: 64\.\d MiB unpacked so far from [\d.]+ "
+        r"(MiB|bytes) received \(at entry '\./zeros'\); refused as a possible decompression "
+        r"bomb",
+        message,
+    ), message
+    assert "--max-expansion-ratio" in message
+    assert _running_version() == b"A"
+    keep = fv("exec", "vm", "--", "cat", "/root/keep")
+    assert keep.stdout == b"mine\n"
+    _no_leftovers(vm_init.data_dir)
+
+
+@pytest.fixture
+def small_volume_init(tmp_path: Path, fly_api: Any) -> Iterator[InitProcess]:
+    """A vm-mode init whose data dir is an 80 MiB tmpfs (a small Fly volume)."""
+    volume = tmp_path / "init-data"
+    volume.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(volume)], check=True)
+    try:
+        init = start_init(tmp_path, fly_api.path, host_mode=False)
+        try:
+            yield init
+        finally:
+            init.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(volume)], check=False)
+
+
+def test_full_volume_refused_with_sizes_and_the_old_rootfs_runs_on(
+    tmp_path: Path, small_volume_init: InitProcess, issuer: OidcIssuer
+) -> None:
+    init = small_volume_init
+    configure(init.port, issuer, rootfs=str(make_rootfs(tmp_path / "a.tar.gz", "A")))
+    assert _running_version() == b"A"
+    # 24 MiB that do not compress: past the volume's free space minus the 64 MiB reserve.
+    big = make_rootfs(tmp_path / "big.tar.gz", "BIG", extra={"usr/blob": os.urandom(24 * 1024**2)})
+    configure(init.port, issuer, rootfs=str(big))
+    refused = fv("reprovision", "vm", "--yes")
+    assert refused.returncode == 8
+    message = refused.stderr.decode()
+    assert re.search(
+        r"the volume is full: \d+ MiB free on \S+ with [\d.]+ (MiB|bytes) of the new rootfs "
+        r"unpacked so far; entry '\./usr/blob' needs 24\.0 MiB more and 64 MiB are kept in "
+        r"reserve",
+        message,
+    ), message
+    assert _running_version() == b"A"
+    _no_leftovers(init.data_dir)

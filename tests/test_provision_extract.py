@@ -6,10 +6,12 @@ import asyncio
 import gzip
 import hashlib
 import os
+import re
 import shutil
 import stat
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from pathlib import Path
@@ -71,11 +73,11 @@ def refused(dest: Path, data: bytes, *words: str, **kw: Any) -> str:
 
 @pytest.mark.parametrize("compression", ["gz", "none"])
 def test_basic_rootfs_keeps_everything(tmp_path: Path, compression: str) -> None:
-    archive = write_archive(tmp_path / "a.tar", basic_rootfs(), compression)
+    archive = write_archive(tmp_path / "a.tar", basic_rootfs(devices=True), compression)
     dest = tmp_path / "dest"
-    report = extract(dest, archive.read_bytes(), chunk=1000)
+    report = extract(dest, archive.read_bytes(), chunk=1000, allow_devices=True)
     assert report.compression == ("gzip" if compression == "gz" else "none")
-    assert report.entries == len(basic_rootfs())
+    assert report.entries == len(basic_rootfs(devices=True))
     assert report.archive_bytes == archive.stat().st_size
     assert report.sha256 == hashlib.sha256(archive.read_bytes()).hexdigest()
 
@@ -106,13 +108,15 @@ def test_basic_rootfs_keeps_everything(tmp_path: Path, compression: str) -> None
         loop = (dest / "dev/loop0").lstat()
         assert stat.S_ISBLK(loop.st_mode) and loop.st_gid == 6
         assert report.skipped_devices == []
+        assert report.created_devices == ["/dev/null", "/dev/loop0"]
         assert report.xattr_failures == 0
 
 
 def test_devices_skipped_and_reported_without_privilege(tmp_path: Path) -> None:
-    data = tar_bytes(basic_rootfs())
-    report = extract(tmp_path / "dest", data, can_make_devices=False)
+    data = tar_bytes(basic_rootfs(devices=True))
+    report = extract(tmp_path / "dest", data, can_make_devices=False, allow_devices=True)
     assert report.skipped_devices == ["dev/null", "dev/loop0"]
+    assert report.created_devices == []
     assert not (tmp_path / "dest/dev/null").exists()
     assert stat.S_ISFIFO((tmp_path / "dest/run/initctl").lstat().st_mode)  # needs no privilege
 
@@ -214,7 +218,12 @@ def test_backpressure_bounds_what_is_buffered(
                 await extractor.feed(data[offset : offset + 64 * 1024])
 
         task = asyncio.create_task(upload())
-        await asyncio.sleep(0.5)
+        # Once the pipe is full (however long a loaded machine takes to get there)...
+        deadline = time.monotonic() + 30
+        while extractor.bytes_received < queue:
+            assert time.monotonic() < deadline and not task.done()
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)  # ...it stays so: time for a missing bound to show
         assert not task.done()  # the upload waits for the disk
         # The pipe holds at most `queue`; the worker has taken at most its read buffers.
         assert extractor._pipe.buffered <= queue
@@ -341,6 +350,84 @@ def test_directory_not_replaced_by_a_file(tmp_path: Path) -> None:
     refused(tmp_path / "dest", data, "'d'", "replace a directory")
 
 
+# -- device nodes -----------------------------------------------------------------------------
+
+
+def _node(name: str, kind: bytes = tarfile.CHRTYPE, major: int = 1, minor: int = 3) -> Member:
+    return Member(name, kind, mode=0o666, major=major, minor=minor)
+
+
+def test_device_nodes_refused_by_default_naming_the_member(tmp_path: Path) -> None:
+    message = refused(
+        tmp_path / "chr",
+        tar_bytes(basic_rootfs(devices=True)),
+        "'dev/null'",
+        "character device node (1, 3)",
+        "refused by default",
+        "--allow-devices",
+        "--exclude='./dev/*'",
+    )
+    assert "loop0" not in message  # the first one stops the extraction
+    assert not (tmp_path / "chr/dev/null").exists()
+    block = tar_bytes([directory("dev"), _node("dev/sda", tarfile.BLKTYPE, 8, 0)])
+    refused(tmp_path / "blk", block, "'dev/sda'", "block device node (8, 0)", "refused by default")
+    # FIFOs are harmless: kept by default, anywhere.
+    report = extract(tmp_path / "fifo", tar_bytes([Member("home/pipe", tarfile.FIFOTYPE)]))
+    assert stat.S_ISFIFO((tmp_path / "fifo/home/pipe").lstat().st_mode)
+    assert report.created_devices == report.skipped_devices == []
+
+
+@pytest.mark.parametrize(
+    ("members", "words"),
+    [
+        ([_node("null")], ["'null'", "outside /dev"]),
+        ([directory("home"), _node("home/disk", tarfile.BLKTYPE, 8, 0)], ["'home/disk'"]),
+        ([_node("dev")], ["'dev'", "outside /dev"]),  # /dev itself is not under /dev
+        ([_node("./etc/../dev/x")], ["'..'"]),
+        (
+            [
+                directory("dev"),
+                _node("dev/null"),
+                directory("root"),
+                hardlink("root/n", "dev/null"),
+            ],
+            ["'root/n'", "hardlink to the device node 'dev/null' outside /dev"],
+        ),
+    ],
+)
+def test_devices_outside_dev_refused_even_when_allowed(
+    tmp_path: Path, members: list[Member], words: list[str]
+) -> None:
+    refused(tmp_path / "dest", tar_bytes(members), *words, allow_devices=True)
+
+
+@needs_root
+def test_allowed_devices_are_created_under_dev_only(tmp_path: Path) -> None:
+    members = [
+        directory("./"),
+        directory("dev"),
+        _node("./dev/null"),
+        directory("dev/net"),
+        _node("dev/net/tun", major=10, minor=200),
+        _node("dev/loop0", tarfile.BLKTYPE, 7, 0),
+        hardlink("dev/null2", "dev/null"),  # a second name inside /dev is fine
+        Member("run/fifo", tarfile.FIFOTYPE),
+    ]
+    dest = tmp_path / "dest"
+    report = extract(dest, tar_bytes(members), allow_devices=True)
+    assert report.created_devices == ["/dev/null", "/dev/net/tun", "/dev/loop0"]
+    assert report.skipped_devices == []
+    tun = (dest / "dev/net/tun").lstat()
+    assert stat.S_ISCHR(tun.st_mode) and tun.st_rdev == os.makedev(10, 200)
+    assert stat.S_IMODE(tun.st_mode) == 0o666
+    assert stat.S_ISBLK((dest / "dev/loop0").lstat().st_mode)
+    assert (dest / "dev/null2").lstat().st_ino == (dest / "dev/null").lstat().st_ino
+    assert stat.S_ISFIFO((dest / "run/fifo").lstat().st_mode)
+
+
+# -- bombs ------------------------------------------------------------------------------------
+
+
 def test_gzip_bomb(tmp_path: Path) -> None:
     # 256 MiB of zeros gzip to ~250 KiB; the limit is 8 MiB.
     bomb = tar_bytes([Member("zeros", data=b"\0" * (256 * MiB))])
@@ -358,8 +445,32 @@ def test_expansion_ratio_guard(tmp_path: Path) -> None:
         tmp_path / "dest",
         data,
         "expands more than 50x",
-        limits=ExtractLimits(max_expansion_ratio=50),
+        limits=ExtractLimits(max_expansion_ratio=50, expansion_floor_bytes=MiB),
     )
+
+
+def test_expansion_ceiling_is_on_by_default_past_its_floor(tmp_path: Path) -> None:
+    limits = ExtractLimits()
+    assert limits.max_expansion_ratio == 100 and limits.expansion_floor_bytes == 64 * MiB
+    # Under the floor, even 1000x is fine: small archives are mostly headers and padding.
+    small = gzip.compress(tar_bytes([Member("zeros", data=bytes(16 * MiB))]))
+    assert len(small) * 500 < 16 * MiB
+    assert extract(tmp_path / "small", small).unpacked_bytes > 16 * MiB
+    # Past it, a bomb is refused with both sizes named, by default.
+    bomb = gzip.compress(tar_bytes([Member("zeros", data=bytes(80 * MiB))]))
+    message = refused(
+        tmp_path / "bomb",
+        bomb,
+        "expands more than 100x",
+        "received (at entry 'zeros')",
+        "decompression bomb",
+        "--max-expansion-ratio",
+    )
+    assert re.search(r"100x: 64\.\d MiB unpacked so far from \d+ bytes received", message), message
+    # Lifted (what --max-expansion-ratio 0 asks for), the same archive unpacks.
+    lifted = extract(tmp_path / "lifted", bomb, limits=ExtractLimits(max_expansion_ratio=None))
+    assert (tmp_path / "lifted/zeros").stat().st_size == 80 * MiB
+    assert lifted.unpacked_bytes > 80 * MiB
 
 
 def test_entry_count_size_and_path_limits(tmp_path: Path) -> None:
@@ -383,7 +494,13 @@ def test_truncated_archives(tmp_path: Path) -> None:
     compressed = gzip.compress(data)
     refused(tmp_path / "gz", compressed[: len(compressed) // 2], "truncated")
     refused(tmp_path / "mid", data[: len(data) // 2], "truncated")
-    refused(tmp_path / "boundary", tar_bytes(basic_rootfs(), end=False), "truncated", "'dev/loop0'")
+    refused(
+        tmp_path / "boundary",
+        tar_bytes(basic_rootfs(devices=True), end=False),
+        "truncated",
+        "'dev/loop0'",
+        allow_devices=True,
+    )
 
 
 def test_not_an_archive_empty_and_corrupt(tmp_path: Path) -> None:

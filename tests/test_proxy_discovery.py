@@ -2,6 +2,10 @@
 
 Only managed (and allowed) machines are routed; refreshes happen on a period and on a miss,
 rate limited; a stopped or suspended managed machine is started once, nothing else ever is.
+
+Periods and rate limits run on ``FakeTime`` (the directory's injected clock and sleep), so
+"not within the window" is exact rather than a real sleep racing a loaded machine; real-time
+waits are only ever for a condition, with a generous bound.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from conftest import run_async
-from test_proxy_support import APP, StaticApi, add_machine
+from proxy_support import APP, FakeTime, StaticApi, add_machine
 
 from admin.machines import MachinesClient, RetryPolicy
 from admin.standin import MachinesStandin
@@ -21,14 +25,19 @@ from proxy.wire import Drop
 
 
 @asynccontextmanager
-async def directory_for(standin: MachinesStandin, **options: Any) -> AsyncIterator[Directory]:
+async def directory_for(
+    standin: MachinesStandin, fake_time: FakeTime | None = None, **options: Any
+) -> AsyncIterator[Directory]:
     api = MachinesClient(
         base_url=standin.base_url,
         app=APP,
         token="standin-token",
         retry=RetryPolicy(attempts=1),
     )
-    directory = Directory(api, DirectoryOptions(**options))
+    timing: dict[str, Any] = {}
+    if fake_time is not None:
+        timing = {"clock": fake_time.clock, "sleep": fake_time.sleep}
+    directory = Directory(api, DirectoryOptions(**options), **timing)
     try:
         yield directory
     finally:
@@ -41,7 +50,7 @@ def with_standin(scenario: Callable[[MachinesStandin], Awaitable[None]]) -> None
         run_async(scenario(standin), timeout=60)
 
 
-async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+async def eventually(check: Callable[[], bool], timeout: float = 30.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not check():
         if asyncio.get_running_loop().time() > deadline:
@@ -86,7 +95,8 @@ def test_an_api_that_ignores_the_filter_changes_nothing() -> None:
         assert directory.stats.ignored_unmanaged == 2
         assert directory.miss("sleeping-stranger") is Drop.UNKNOWN_MACHINE
         assert directory.miss("unmanaged") is Drop.UNKNOWN_MACHINE
-        await asyncio.sleep(0.05)
+        # A start only ever happens in a wake task, and miss() counts one as it creates it.
+        assert directory.stats.wakes_started == 0
         assert api.starts == []
 
     run_async(scenario())
@@ -105,7 +115,7 @@ def test_allowlist_by_machine_or_tenant() -> None:
             assert set(directory.routes) == {one, two}
             assert directory.stats.ignored_not_allowed == 2
             assert directory.miss(other) is Drop.UNKNOWN_MACHINE  # not allowed: never woken
-            await asyncio.sleep(0.2)
+            assert directory.stats.wakes_started == 0
             assert starts(standin) == []
 
     with_standin(scenario)
@@ -113,27 +123,57 @@ def test_allowlist_by_machine_or_tenant() -> None:
 
 def test_periodic_refresh_and_refresh_on_miss() -> None:
     async def scenario(standin: MachinesStandin) -> None:
+        time = FakeTime()
+        t0 = time.now
         async with directory_for(
-            standin, refresh_interval=0.3, min_refresh_interval=0.1
+            standin, time, refresh_interval=10, min_refresh_interval=1
         ) as directory:
+
+            def lists() -> int:
+                return len(standin.calls("GET", r"/machines$"))
+
+            def parked_until(deadline: float) -> Callable[[], bool]:
+                return lambda: time.deadlines() == [deadline]
+
             await directory.refresh()
             poller = asyncio.get_running_loop().create_task(directory.run())
             try:
+                # Periodic: parked until a period after the last refresh, and not a tick sooner.
+                await eventually(parked_until(t0 + 10))
                 late = add_machine(standin)
-                await eventually(lambda: late in directory.routes, timeout=3)  # periodic
+                time.advance(9)
+                await asyncio.sleep(0)
+                assert lists() == 1 and late not in directory.routes
+                time.advance(1)
+                await eventually(lambda: late in directory.routes)
+                await eventually(parked_until(t0 + 20))
+                assert lists() == 2
 
-                directory.options = DirectoryOptions(refresh_interval=60, min_refresh_interval=0.2)
-                await asyncio.sleep(0.3)  # the poller now sleeps for a minute
+                # New options reach the parked poller at once: it now waits a minute.
+                directory.options = DirectoryOptions(refresh_interval=60, min_refresh_interval=1)
+                await eventually(parked_until(t0 + 70))
+                assert lists() == 2
+
+                # A burst of packets for unknown ids: one refresh, not one per packet, and
+                # not before min_refresh_interval has passed since the last one (at t0 + 10).
                 newer = add_machine(standin)
-                lists_before = len(standin.calls("GET", r"/machines$"))
-                # A burst of packets for an unknown id: one refresh, not one per packet.
                 for _ in range(1000):
                     assert directory.miss("unknown-id") is Drop.UNKNOWN_MACHINE
                     directory.miss(newer)
-                await eventually(lambda: newer in directory.routes, timeout=3)
-                await asyncio.sleep(0.5)
-                lists = len(standin.calls("GET", r"/machines$")) - lists_before
-                assert 1 <= lists <= 2, lists
+                assert directory.stats.refreshes_on_miss == 1
+                await eventually(parked_until(t0 + 11))
+                assert lists() == 2 and newer not in directory.routes
+                time.advance(1)
+                await eventually(lambda: newer in directory.routes)
+                await eventually(parked_until(t0 + 71))  # a period after the last refresh
+                assert lists() == 3
+
+                # A miss just as the period runs out: still one refresh, then a whole period.
+                time.advance(60)
+                directory.miss("unknown-id")
+                await eventually(parked_until(t0 + 131))
+                assert lists() == 4
+                assert directory.stats.refreshes == 4
             finally:
                 poller.cancel()
 
@@ -158,7 +198,8 @@ def test_a_stopped_managed_machine_is_started_once() -> None:
     async def scenario(standin: MachinesStandin) -> None:
         sleeper = add_machine(standin, state="stopped", private_ip="127.0.0.2")
         suspended = add_machine(standin, state="suspended", tenant="t2", private_ip="127.0.0.3")
-        async with directory_for(standin, wake_interval=1.0) as directory:
+        time = FakeTime()
+        async with directory_for(standin, time, wake_interval=10) as directory:
             await directory.refresh()
             # A client retransmitting: many packets, one start.
             for _ in range(500):
@@ -174,13 +215,14 @@ def test_a_stopped_managed_machine_is_started_once() -> None:
             # Stopped again at once: no second start inside the wake interval...
             standin.model.set_state(sleeper, "stopped", APP)
             await directory.refresh()
+            time.advance(9.5)
             for _ in range(100):
                 directory.miss(sleeper)
-            await asyncio.sleep(0.3)
+            assert directory.stats.wakes_rate_limited == 100
+            assert directory.stats.wakes_started == 2
             assert starts(standin).count(sleeper) == 1
-            assert directory.stats.wakes_rate_limited >= 100
             # ...and one once it has passed.
-            await asyncio.sleep(0.8)
+            time.advance(0.5)
             directory.miss(sleeper)
             await eventually(lambda: sleeper in directory.routes)
             assert starts(standin).count(sleeper) == 2
@@ -200,7 +242,6 @@ def test_nothing_else_is_ever_woken() -> None:
             for machine_id in (unmanaged, starting, destroyed, "no-such-machine", "../../x"):
                 for _ in range(50):
                     directory.miss(machine_id)
-            await asyncio.sleep(0.3)
             assert starts(standin) == []
             assert directory.stats.wakes_started == 0
 
@@ -208,7 +249,7 @@ def test_nothing_else_is_ever_woken() -> None:
             sleeper = add_machine(standin, state="stopped", tenant="t4")
             await directory.refresh()
             assert directory.miss(sleeper) is Drop.MACHINE_NOT_STARTED
-            await asyncio.sleep(0.2)
+            assert directory.stats.wakes_started == 0
             assert starts(standin) == []
 
     with_standin(scenario)
@@ -225,7 +266,7 @@ def test_wakes_are_bounded_in_parallel_and_failures_are_logged() -> None:
             assert directory.stats.wakes_started == 2
             assert directory.stats.wakes_rate_limited == 4
             standin.clear_faults()
-            await eventually(lambda: directory.stats.wakes_succeeded == 2, timeout=5)
+            await eventually(lambda: directory.stats.wakes_succeeded == 2)
 
             standin.fail("POST", r"/start$", status=500, times=None)
             directory.miss(sleepers[5])

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from conftest import APP, ORG, TOKEN, InitProcess, run_async, start_init, vault_entry
-from test_proxy_support import add_machine, free_udp_port, set_private_ip
+from proxy_support import add_machine, free_udp_port, set_private_ip
 
 from admin.standin import MachinesStandin
 from flyvault.client.connection import open_vault
@@ -329,19 +329,19 @@ def test_a_stopped_machine_is_woken_and_the_client_gets_through(
     assert proxy.status()["machines"]["routable"] == 1
     entry = vault_entry(proxy.port, issuer, machine_id=machine_id, proxy=True)
 
-    async def scenario() -> float:
-        started = time.monotonic()
+    async def scenario() -> None:
+        # Its retransmitted Initials get through once the machine is up: one handshake,
+        # which open_vault bounds (handshake_timeout); no wall-clock bound on top of that,
+        # a loaded machine may take its time.
         connection = await open_vault(entry)
         connection.close()
-        return time.monotonic() - started
 
-    elapsed = run_async(scenario())
+    run_async(scenario())
     starts = tenants.standin.calls("POST", rf"/machines/{machine_id}/start$")
     assert len(starts) == 1  # one start, however many Initials the client retransmitted
     status = proxy.status()
     assert status["machines"]["wakes"]["succeeded"] == 1
     assert status["packets"]["dropped"]["machine_not_started"] >= 1
-    assert elapsed < 10
 
 
 def test_doctor_reports_proxy_mode(
@@ -403,3 +403,34 @@ def test_proxy_command_line_refuses_bad_setups() -> None:
     assert secret not in unbound.stderr
     first = json.loads(unbound.stderr.splitlines()[0])  # structured: one JSON object a line
     assert first["event"] == "start" and first["app"] == "x"
+
+
+def test_wrong_tokens_behind_the_proxy_cost_other_users_nothing(
+    tenants: Tenants, proxies: list[ProxyProcess], issuer: OidcIssuer
+) -> None:
+    """Behind vault-proxy every client has the proxy's address at the machine; a stranger's
+    wrong tokens must not lock anyone else out or slow them down."""
+    from flyvault.errors import AuthError
+    from server.auth import penalty
+
+    proxy = start_proxy(tenants)
+    proxies.append(proxy)
+    machine_id = tenants.ids["a"]
+
+    async def scenario() -> float:
+        wrong = vault_entry(proxy.port, issuer, machine_id=machine_id, proxy=True, token="nope")
+        right = vault_entry(proxy.port, issuer, machine_id=machine_id, proxy=True)
+        results = await asyncio.gather(
+            *(open_vault(wrong) for _ in range(10)), return_exceptions=True
+        )
+        assert all(isinstance(result, AuthError) for result in results), results
+        started = time.monotonic()
+        connection = await open_vault(right)
+        elapsed = time.monotonic() - started
+        connection.close()
+        return elapsed
+
+    elapsed = run_async(scenario())
+    # Accepted at once: not even one wrong-token pause was paid by the right user.
+    assert elapsed < penalty(1)
+    assert "wrong access token" in tenants.inits["a"].log.read_text()

@@ -17,10 +17,11 @@ from typing import Any
 
 import pytest
 from conftest import run_async
-from test_proxy_support import (
+from proxy_support import (
     CLIENT_CID,
     MACHINE_CID,
     FakeMachine,
+    FakeTime,
     StaticApi,
     free_udp_port,
     handshake,
@@ -40,11 +41,15 @@ A, B = "148e21ea7e46e8", "3d8d9014b32d68"
 
 @asynccontextmanager
 async def relay_for(
-    api: StaticApi, port: int, **options: Any
+    api: StaticApi, port: int, clock: Callable[[], float] | None = None, **options: Any
 ) -> AsyncIterator[tuple[Relay, tuple[str, int]]]:
     directory = Directory(api, DirectoryOptions(backend_port=port, min_refresh_interval=0))
     await directory.refresh()
-    relay = Relay(directory, RelayOptions(bind_host="127.0.0.1", port=0, **options))
+    relay = Relay(
+        directory,
+        RelayOptions(bind_host="127.0.0.1", port=0, **options),
+        **({} if clock is None else {"clock": clock}),
+    )
     address = await relay.start()
     try:
         yield relay, address
@@ -63,7 +68,7 @@ async def machines(port: int, *specs: tuple[str, str]) -> AsyncIterator[list[Fak
             machine.close()
 
 
-async def eventually(check: Callable[[], bool], timeout: float = 3.0) -> None:
+async def eventually(check: Callable[[], bool], timeout: float = 30.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not check():
         if asyncio.get_running_loop().time() > deadline:
@@ -251,15 +256,22 @@ def test_idle_sessions_expire() -> None:
         port = free_udp_port("127.0.0.2")
         api = StaticApi()
         api.put(A, "127.0.0.2")
+        # Session ages on a fake clock: a loaded machine cannot age one before we look.
+        time = FakeTime()
         async with (
             machines(port, ("A", "127.0.0.2")) as (machine,),
-            relay_for(api, port, session_timeout=0.3, sweep_interval=0.05) as (relay, proxy),
+            relay_for(
+                api, port, time.clock, session_timeout=10, sweep_interval=0.05
+            ) as (relay, proxy),
         ):
             client = await udp_client()
             client.send(encode(A, initial(b"\x07" * 8)), proxy)
             await client.recv()
             assert relay.sessions == 1
-            await eventually(lambda: relay.sessions == 0, timeout=3)
+            time.advance(9)
+            assert relay.sweep() == 0 and relay.sessions == 1  # idle, but not for long enough
+            time.advance(1.5)
+            await eventually(lambda: relay.sessions == 0)  # the sweeper's next round
             assert relay.counters.sessions_expired == 1
             # Its CIDs went with it: the next short packet opens a fresh session.
             client.send(encode(A, short(MACHINE_CID, b"again")), proxy)

@@ -148,13 +148,15 @@ def test_close_now_reaches_the_peer_without_waiting() -> None:
 
 def test_keepalive_holds_an_idle_connection_open() -> None:
     async def scenario() -> None:
-        server_settings = TransportSettings(idle_timeout=1.0, keepalive_interval=0.25)
+        # Pings every 0.2 s against a 2 s idle timeout: only a 1.8 s stall of the event loop
+        # could close it, which even a loaded machine does not produce.
+        server_settings = TransportSettings(idle_timeout=2.0, keepalive_interval=0.2)
         listener, _ = await echo_server(server_settings)
         try:
             alive = await connect(
-                *listener.address, TransportSettings(idle_timeout=1.0, keepalive_interval=0.25)
+                *listener.address, TransportSettings(idle_timeout=2.0, keepalive_interval=0.2)
             )
-            await asyncio.sleep(2.5)  # more than twice the idle timeout, with no data
+            await asyncio.sleep(4.5)  # more than twice the idle timeout, with no data
             assert not alive.is_closed
             stream = alive.open_stream()
             await stream.send(b"still here")

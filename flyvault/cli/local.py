@@ -12,7 +12,16 @@ from flyvault import localvault
 
 def run(args: argparse.Namespace) -> int:
     if args.local_command == "up":
-        state, started = localvault.up(name=args.name, port=args.port, rootfs=args.rootfs)
+        from flyvault.cli.remote import rootfs_option_values
+
+        options = rootfs_option_values(args)
+        state, started = localvault.up(
+            name=args.name,
+            port=args.port,
+            rootfs=args.rootfs,
+            allow_devices=options.get("rootfs_allow_devices", False),
+            max_expansion_ratio=options.get("rootfs_max_expansion_ratio"),
+        )
         verb = "started" if started else "already running"
         print(
             f"local vault {verb}: {state.host}:{state.port} (pid {state.pid}, {_mode(state.mode)})"

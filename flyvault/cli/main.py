@@ -13,6 +13,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from flyvault.envvars import number
+
+#: argparse types of numeric flags: a bad value is a usage error naming the flag (exit 2).
+RECONNECT_TIMEOUT = number(float, minimum=0, unit="seconds")
+PORT_OR_ANY = number(int, minimum=0, maximum=65535)
+
 EXIT_CODES_HELP = """\
 exit codes:
   0   success (exec/connect: the remote command's own code, 0-255)
@@ -35,9 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-file",
         default=os.environ.get("FLY_VAULT_LOG_FILE"),
-        help="also write JSON debug logs to this file (env FLY_VAULT_LOG_FILE)",
+        help="also write debug logs (JSON lines with timestamps, no secrets) to this file, "
+        "truncated at start; its directory must exist (env FLY_VAULT_LOG_FILE)",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log each step (config, handshake, attestation, authentication, reconnects) "
+        "with timings to stderr",
+    )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -93,7 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="set an environment variable (repeatable)",
     )
     exec_.add_argument(
-        "--reconnect-timeout", type=float, default=30.0, metavar="SECONDS", help=reconnect_help
+        "--reconnect-timeout",
+        type=RECONNECT_TIMEOUT,
+        default=30.0,
+        metavar="SECONDS",
+        help=reconnect_help,
     )
     exec_.set_defaults(run=_lazy(remote, "run_exec"))
 
@@ -115,7 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(repeatable; added to the config's forward list)",
     )
     connect.add_argument(
-        "--reconnect-timeout", type=float, default=30.0, metavar="SECONDS", help=reconnect_help
+        "--reconnect-timeout",
+        type=RECONNECT_TIMEOUT,
+        default=30.0,
+        metavar="SECONDS",
+        help=reconnect_help,
     )
     connect.add_argument(
         "--reprovision",
@@ -123,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="first replace the vault's rootfs with the configured rootfs or rootfs_url "
         "(keeps /root and /home; stops every process on the vault)",
     )
+    _rootfs_options(connect)
     connect.set_defaults(run=_lazy(remote, "run_connect"))
 
     forward = commands.add_parser(
@@ -145,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reprovision.add_argument("vault")
     reprovision.add_argument("--yes", "-y", action="store_true", help="do not ask")
+    _rootfs_options(reprovision)
     reprovision.set_defaults(run=_lazy(remote, "run_reprovision"))
 
     list_exec = commands.add_parser("list-exec", help="list the vault's exec sessions")
@@ -167,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     local_commands = local.add_subparsers(dest="local_command", metavar="ACTION", required=True)
     up = local_commands.add_parser("up", help="start the local vault (idempotent)")
-    up.add_argument("--port", type=int, default=0, help="UDP port (default: any free port)")
+    up.add_argument("--port", type=PORT_OR_ANY, default=0, help="UDP port (default: any free port)")
     up.add_argument("--name", default="local", help="config entry name (default: local)")
     up.add_argument(
         "--rootfs",
@@ -175,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TAR.GZ",
         help="as root: run this rootfs in its own namespaces (vm mode), as on a Fly Machine",
     )
+    _rootfs_options(up, saved=True)
     local_commands.add_parser("down", help="stop the local vault")
     status = local_commands.add_parser("status", help="is it running, where, in which mode")
     status.add_argument("--json", action="store_true")
@@ -232,6 +256,26 @@ def _lazy(module: str, attribute: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def _rootfs_options(command: argparse.ArgumentParser, *, saved: bool = False) -> None:
+    """--allow-devices and --max-expansion-ratio: how the vault may unpack the rootfs."""
+    where = "saved in the config entry" if saved else "override the config entry"
+    command.add_argument(
+        "--allow-devices",
+        action="store_true",
+        default=None,
+        help="create the image's device nodes under /dev (refused by default; nodes "
+        f"elsewhere are always refused); {where} (rootfs_allow_devices)",
+    )
+    command.add_argument(
+        "--max-expansion-ratio",
+        type=int,
+        metavar="N",
+        help="refuse an archive that unpacks to more than N times its compressed size "
+        f"(checked past 64 MiB; the vault's default is 100, 0 = no limit); {where} "
+        "(rootfs_max_expansion_ratio)",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     arguments = sys.argv[1:] if argv is None else list(argv)
@@ -256,9 +300,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from flyvault.cli.output import configure_logging, report_error
     from flyvault.errors import VaultError
+    from flyvault.redact import ScrubbingStream
 
-    configure_logging(args.log_file, args.verbose)
+    # Every line the CLI prints passes the scrubber (the exec/connect session's own output
+    # is written to the file descriptors directly and is the user's data, not ours).
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = ScrubbingStream(sys.stdout), ScrubbingStream(sys.stderr)  # type: ignore[assignment]
     try:
+        configure_logging(args.log_file, args.verbose)
         code: int = args.run(args)
         return code
     except VaultError as exc:
@@ -270,8 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         # `fly-vault list-exec | head`: the reader left; that is not an error worth a trace.
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, streams[0].fileno())
         return 141
+    finally:
+        sys.stdout, sys.stderr = streams
 
 
 def entry() -> None:

@@ -39,7 +39,9 @@ class _Console:
         self.raw = False
 
     def notice(self, message: str) -> None:
-        text = f"fly-vault: {message}"
+        from flyvault.redact import scrub
+
+        text = scrub(f"fly-vault: {message}")  # os.write below bypasses the wrapped stderr
         if self.raw:
             os.write(2, b"\r\n" + text.encode() + b"\r\n")
         else:
@@ -144,7 +146,7 @@ async def _exec(args: argparse.Namespace, vault_config: Any, argv: list[str]) ->
 
 def run_connect(args: argparse.Namespace) -> int:
     try:
-        vault = _load(args.vault)
+        vault = with_rootfs_options(_load(args.vault), args)
         forwards = _forward_specs(args.forward, vault.forwards())
         return asyncio.run(_connect(args, vault, forwards))
     except VaultError as exc:
@@ -293,7 +295,7 @@ async def _start_forward(spec: Any, vault: Any, console: _Console) -> Any:
 
 
 def run_reprovision(args: argparse.Namespace) -> int:
-    vault_config = _load(args.vault)
+    vault_config = with_rootfs_options(_load(args.vault), args)
     source = vault_config.rootfs_source("reprovision")  # config errors before any prompt
     what = getattr(source, "path", None) or getattr(source, "url", "")
     if not args.yes:
@@ -326,12 +328,41 @@ async def _reprovision(vault_config: Any) -> int:
     finally:
         progress.close()
         await vault.close()
+    for note in result.notes:  # e.g. the device nodes --allow-devices created
+        print(note)
     print(
         f"vault '{vault_config.name}' reprovisioned in {result.seconds:.1f} s: new workload "
         f"{result.new_boot_id[:12]} ({result.runtime_status.name.lower().replace('_', ' ')}), "
         "/root and /home kept"
     )
     return 0
+
+
+def rootfs_option_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The config keys set by --allow-devices and --max-expansion-ratio (given ones only)."""
+    from flyvault.config import MAX_EXPANSION_RATIO
+
+    values: dict[str, Any] = {}
+    if getattr(args, "allow_devices", None):
+        values["rootfs_allow_devices"] = True
+    ratio = getattr(args, "max_expansion_ratio", None)
+    if ratio is not None:
+        if not 0 <= ratio <= MAX_EXPANSION_RATIO:
+            raise UsageError(
+                f"--max-expansion-ratio must be from 0 (no limit) to {MAX_EXPANSION_RATIO}"
+            )
+        values["rootfs_max_expansion_ratio"] = ratio
+    return values
+
+
+def with_rootfs_options(vault_config: Any, args: argparse.Namespace) -> Any:
+    """The entry with the command line's rootfs options, which win over its own."""
+    values = rootfs_option_values(args)
+    if not values:
+        return vault_config
+    from flyvault.config import VaultConfig
+
+    return VaultConfig(**{**vault_config.to_fields(), **values})
 
 
 # forward / list-exec / kill ---------------------------------------------------------------

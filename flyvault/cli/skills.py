@@ -386,9 +386,12 @@ def install_skills(
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        hint = "choose another --target, or fix the permissions"
+        codex_home = os.environ.get("CODEX_HOME")
+        if codex_home and target == Path(codex_home).expanduser() / "skills":
+            hint += "; the codex target comes from CODEX_HOME: correct it, or unset it"
         raise VaultError(
-            f"cannot create the skills directory {target}: {exc.strerror or exc}",
-            hint="choose another --target, or fix the permissions",
+            f"cannot create the skills directory {target}: {exc.strerror or exc}", hint=hint
         ) from None
     results = []
     for plan in plans:

@@ -6,12 +6,15 @@ keys — and only after every check passed is the access token sent. Nothing cac
 a check; the caches only save network round trips (JWKS) or record history (fingerprints).
 
 No printing here: progress goes to an optional ``ConnectObserver`` (the CLI's spinner and
-``doctor`` use it; the MCP server turns it into progress notifications).
+``doctor`` use it; the MCP server turns it into progress notifications). Each step, with its
+timing, is also logged to ``flyvault.connect`` (``fly-vault -v`` / ``--log-file``); stream
+opens are logged there too (closes by the channel). Nothing logged holds a secret.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -25,6 +28,7 @@ from flyvault.errors import (
     ConnectionLost,
     ProvisionError,
     RemoteProtocolError,
+    ServerBusy,
     TransportError,
     VaultError,
 )
@@ -48,11 +52,14 @@ from flyvault.protocol.messages import (
     Attestation,
     RootfsInline,
     RootfsNone,
+    RootfsOptions,
     RootfsSource,
     RootfsUrl,
     SetupRequest,
 )
 from flyvault.transport import QuicChannel, QuicStream, TransportSettings, connect
+
+log = logging.getLogger("flyvault.connect")
 
 # Step names, in order; doctor prints them and maps a failure to its exit code.
 STEP_RESOLVE = "resolve"
@@ -98,9 +105,12 @@ class VaultConnection:
     runtime_status: RuntimeStatus
     boot_id: str
     timings: dict[str, float] = field(default_factory=dict)
+    #: What the vault reported about this connection's provisioning (devices created...).
+    notes: tuple[str, ...] = ()
 
     def open_stream(self, tag: StreamTag) -> QuicStream:
         stream = self.channel.open_stream()
+        _opened(stream, tag.name.lower(), self.vault.name)
         stream.write(bytes((tag,)))
         return stream
 
@@ -110,7 +120,44 @@ class VaultConnection:
 
     def close(self) -> None:
         """Close at once (no drain wait): right for one-shot commands."""
+        if not self.channel.is_closed:
+            log.debug("closing the connection to vault %s", self.vault.name)
         self.channel.close_now()
+
+
+def _opened(stream: QuicStream, kind: str, vault_name: str) -> None:
+    stream.kind = kind  # the channel names it again when the stream closes
+    log.debug("stream %d open: %s (vault %s)", stream.stream_id, kind, vault_name)
+
+
+class _ProgressLog:
+    """Logs provisioning phases (INFO on each new phase, DEBUG every 10 %), then forwards."""
+
+    def __init__(self, forward: Progress | None) -> None:
+        self.forward = forward
+        self.phase = ""
+        self.since = time.perf_counter()
+        self.step = -1
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if phase != self.phase:
+            if self.phase:
+                log.info("provision: %s done in %.1f s", self.phase, now - self.since)
+            self.phase, self.since, self.step = phase, now, -1
+            size = f" ({total} bytes)" if total and phase in ("upload", "download") else ""
+            log.info("provision: %s started%s", phase, size)
+        step = done * 10 // total if total else -1
+        if step != self.step and total:
+            self.step = step
+            log.debug("provision: %s %d/%d (%.1f s)", phase, done, total, now - self.since)
+        if self.forward is not None:
+            self.forward(phase, done, total)
+
+    def finish(self) -> None:
+        if self.phase:
+            log.info("provision: %s done in %.1f s", self.phase, time.perf_counter() - self.since)
+            self.phase = ""
 
 
 def announce_issuer_override(vault: VaultConfig, stream: object = None) -> None:
@@ -124,6 +171,11 @@ def announce_issuer_override(vault: VaultConfig, stream: object = None) -> None:
         )
 
 
+#: How long a client keeps reconnecting to a vault that turns it away as busy (it evicts
+#: stale strangers under load and says so with QUIC's CONNECTION_REFUSED).
+BUSY_RETRY_SECONDS = 20.0
+
+
 async def open_vault(
     vault: VaultConfig,
     *,
@@ -133,22 +185,65 @@ async def open_vault(
     progress: Progress | None = None,
     provision: bool = True,
 ) -> VaultConnection:
-    """Connect, verify the attestation, then authenticate. Raises a ``VaultError``."""
+    """Connect, verify the attestation, then authenticate. Raises a ``VaultError``.
+
+    A vault under load may turn a connection away before authentication ("server busy");
+    that is retried with jittered backoff for up to ``BUSY_RETRY_SECONDS``.
+    """
+    import asyncio
+    import random
+
+    deadline = time.monotonic() + BUSY_RETRY_SECONDS
+    delay = 0.05
+    while True:
+        try:
+            return await _open_vault_once(
+                vault,
+                observer=observer,
+                settings=settings,
+                reprovision=reprovision,
+                progress=progress,
+                provision=provision,
+            )
+        except ServerBusy as exc:
+            pause = delay * (0.5 + random.random())
+            if time.monotonic() + pause > deadline:
+                raise
+            log.info("reconnect to vault %s in %.2f s: %s", vault.name, pause, exc.message)
+            await asyncio.sleep(pause)
+            delay = min(delay * 2, 1.0)
+
+
+async def _open_vault_once(
+    vault: VaultConfig,
+    *,
+    observer: ConnectObserver | None,
+    settings: TransportSettings | None,
+    reprovision: bool,
+    progress: Progress | None,
+    provision: bool,
+) -> VaultConnection:
     from flyvault.attest import AttestationCache, AttestationVerifier, JwksCache
 
     obs: ConnectObserver = observer or _NullObserver()
     timings: dict[str, float] = {}
+    progress_log = _ProgressLog(progress)
+    progress = progress_log
 
     async def run_step(name: str, detail: str, action):  # type: ignore[no-untyped-def]
         obs.step_started(name, detail)
+        log.debug("%s: started (%s)", name, detail)
         started = time.perf_counter()
         try:
             result, done_detail = await action()
         except VaultError as exc:
-            obs.step_failed(name, time.perf_counter() - started, exc)
+            elapsed = time.perf_counter() - started
+            log.info("%s: failed after %.1f ms (%s): %s", name, elapsed * 1000, detail, exc.message)
+            obs.step_failed(name, elapsed, exc)
             raise
         elapsed = time.perf_counter() - started
         timings[name] = elapsed
+        log.info("%s: ok in %.1f ms (%s): %s", name, elapsed * 1000, detail, done_detail)
         obs.step_finished(name, elapsed, done_detail)
         return result
 
@@ -171,7 +266,10 @@ async def open_vault(
         channel = await connect(host, port, settings)
         return channel, f"QUIC to {host}:{port}{via} (ALPN {channel.quic.negotiated_alpn})"
 
+    log.info("connecting to vault %s at %s:%d%s", vault.name, host, port, via)
     channel: QuicChannel = await run_step(STEP_HANDSHAKE, f"{host}:{port}{via}", do_handshake)
+    peer = channel.peer_address
+    log.info("%s: %s -> %s", STEP_RESOLVE, host, peer[0] if isinstance(peer, tuple) else "unknown")
     try:
         certificate = channel.quic.peer_certificate_der()
         if certificate is None:
@@ -179,6 +277,7 @@ async def open_vault(
         fingerprint = hashlib.sha256(certificate).hexdigest()
         control = ControlClient()
         stream = channel.open_stream()
+        _opened(stream, "control", vault.name)
         stream.write(bytes((StreamTag.CONTROL,)))
         cache = AttestationCache()
         verifier = AttestationVerifier(
@@ -203,6 +302,11 @@ async def open_vault(
             ).hex()
             claims = await verifier.verify(attestation.jwt, audience=audience)
             _record(cache, vault, claims.machine_id, fingerprint)
+            log.debug(
+                "attestation: verified against issuer %s, server certificate sha256 %s",
+                verifier.issuer,
+                fingerprint[:16],
+            )
             detail = (
                 f"app {claims.app_name}, machine {claims.machine_id}"
                 f"{' in ' + claims.region if claims.region else ''}; "
@@ -211,7 +315,7 @@ async def open_vault(
             )
             return (attestation, claims), detail
 
-        attestation, claims = await run_step(STEP_ATTEST, vault.issuer_base_url(), do_attest)
+        attestation, claims = await run_step(STEP_ATTEST, f"issuer {verifier.issuer}", do_attest)
 
         # Only now, with the attestation verified, does the token leave this machine.
         token = vault.require_access_token()
@@ -222,17 +326,24 @@ async def open_vault(
         upload = _RootfsUpload(source, progress) if source is not None else None
 
         async def do_auth() -> tuple[SetupCompleted, str]:
-            control.send_setup(SetupRequest(token, upload.request() if upload else RootfsNone()))
+            options = rootfs_options(vault) if upload else RootfsOptions()
+            control.send_setup(
+                SetupRequest(token, upload.request() if upload else RootfsNone(), options)
+            )
             stream.write(control.data_to_send())
+            early: ControlEvent | None = None
             while True:
-                event = await _next_event(control, stream)
+                event = early if early is not None else await _next_event(control, stream)
+                early = None
                 if isinstance(event, ProgressReported):
                     if progress is not None:
                         p = event.progress
                         progress(p.phase, p.done, p.total)
                     continue
                 if isinstance(event, UploadReady) and upload is not None:
-                    await upload.send(control, stream)
+                    # An answer before the upload ended (the vault refused the archive
+                    # while unpacking it) stops the upload and is handled here.
+                    early = await upload.send(control, stream)
                     continue
                 if isinstance(event, ErrorReceived):
                     error = event.error.to_exception()
@@ -243,17 +354,40 @@ async def open_vault(
                             "the next connect or exec provisions it from the configured "
                             "rootfs or rootfs_url"
                         )
+                    if isinstance(error, RemoteProtocolError) and not options.is_default:
+                        error.hint = (
+                            "the vault's init may predate rootfs options "
+                            "(--allow-devices, --max-expansion-ratio): update it, or "
+                            "provision without them"
+                        )
                     raise error
                 if isinstance(event, SetupCompleted):
                     stream.write_eof()
                     what = "access token accepted"
                     if upload is not None:
                         what += f"; rootfs provisioned ({upload.describe()})"
+                    for note in event.complete.notes:
+                        what += f"; {note}"
                     return event, what
                 raise RemoteProtocolError(f"unexpected {type(event).__name__} during setup")
 
         step_name = STEP_AUTH if upload is None else STEP_PROVISION
+        if upload is not None:
+            log.info("provision: sending %s", upload.what())
         completed: SetupCompleted = await run_step(step_name, "access token", do_auth)
+        progress_log.finish()
+        log.info(
+            "authenticated to vault %s: %s, runtime %s, boot %s",
+            vault.name,
+            completed.complete.vm_state.name.lower(),
+            completed.complete.runtime_status.name.lower().replace("_", " "),
+            completed.complete.boot_id[:12],
+        )
+    except ConnectionLost as exc:
+        channel.close_now()
+        if channel.refused_by_peer:
+            raise ServerBusy(f"{host}:{port} is busy: {exc.message}") from None
+        raise
     except BaseException:
         channel.close_now()
         raise
@@ -267,7 +401,13 @@ async def open_vault(
         runtime_status=completed.complete.runtime_status,
         boot_id=completed.complete.boot_id,
         timings=timings,
+        notes=completed.complete.notes,
     )
+
+
+def rootfs_options(vault: VaultConfig) -> RootfsOptions:
+    """The entry's rootfs options, sent with its rootfs."""
+    return RootfsOptions(vault.rootfs_allow_devices, vault.rootfs_max_expansion_ratio)
 
 
 #: The fingerprint record is history, not trust: refreshing it at most this often spares
@@ -312,7 +452,30 @@ class _RootfsUpload:
             return RootfsInline(self.size)
         return RootfsUrl(self.source.url)  # type: ignore[attr-defined]
 
-    async def send(self, control: ControlClient, stream: QuicStream) -> None:
+    async def send(self, control: ControlClient, stream: QuicStream) -> ControlEvent | None:
+        """Upload the archive while listening to the vault; returns its answer if that came
+        first. The vault unpacks as the archive arrives and may refuse it halfway (device
+        node, bomb, full volume): it then stops reading, so a sender that did not listen
+        would wait forever on flow control."""
+        import asyncio
+
+        sender = asyncio.ensure_future(self._send_chunks(control, stream))
+        listener = asyncio.ensure_future(_answer_during_upload(control, stream))
+        try:
+            await asyncio.wait({sender, listener}, return_when=asyncio.FIRST_COMPLETED)
+            if listener.done():
+                sender.cancel()
+                await asyncio.wait({sender})  # no chunk is written after this
+                if not sender.cancelled():
+                    sender.exception()  # retrieved: the vault's answer says more
+                return listener.result()
+            sender.result()
+            return None
+        finally:
+            sender.cancel()
+            listener.cancel()  # a read in progress loses nothing
+
+    async def _send_chunks(self, control: ControlClient, stream: QuicStream) -> None:
         import hashlib
 
         from flyvault.config import RootfsFile
@@ -341,11 +504,24 @@ class _RootfsUpload:
         await stream.send(control.data_to_send())
         self.elapsed = time.perf_counter() - self.started
 
+    def what(self) -> str:
+        if self.size:
+            return f"rootfs {getattr(self.source, 'path', '?')} ({self.size} bytes) inline"
+        return "rootfs_url (the vault downloads it)"
+
     def describe(self) -> str:
         if self.size:
             rate = self.size / self.elapsed / 1e6 if self.elapsed else 0.0
             return f"{self.size / 1e6:.1f} MB uploaded at {rate:.1f} MB/s"
         return "downloaded by the vault"
+
+
+async def _answer_during_upload(control: ControlClient, stream: QuicStream) -> ControlEvent:
+    """The first event other than progress (which the upload's own progress line shows)."""
+    while True:
+        event = await _next_event(control, stream)
+        if not isinstance(event, ProgressReported):
+            return event
 
 
 async def _next_event(control: ControlClient, stream: QuicStream) -> ControlEvent:

@@ -70,6 +70,10 @@ class SessionTakenOver(VaultError):
     exit_code = 1
 
 
+def _close_reason(connection: Any) -> str | None:
+    return getattr(getattr(connection, "channel", None), "close_reason", None)
+
+
 def new_session_id(prefix: str = "x") -> str:
     return f"{prefix}-{secrets.token_hex(8)}"
 
@@ -107,6 +111,11 @@ class Vault:
             return current
         if current is not None and self._lost_at is None:
             self._lost_at = time.monotonic()
+            log.info(
+                "connection to vault %s lost: %s",
+                self.config.name,
+                _close_reason(current) or "closed",
+            )
         if self._connecting is None or self._connecting.done():
             self._connecting = asyncio.ensure_future(self._connect())
         return await asyncio.shield(self._connecting)
@@ -132,6 +141,11 @@ class Vault:
         if connection is self._current:
             if self._lost_at is None:
                 self._lost_at = time.monotonic()
+                log.info(
+                    "connection to vault %s given up: %s",
+                    self.config.name,
+                    _close_reason(connection) or "a stream on it failed",
+                )
             connection.close()
 
     async def _connect(self) -> Any:
@@ -176,13 +190,31 @@ class Vault:
                 delay = min(5.0, 0.2 * 2**attempt) * (0.5 + random.random())
                 delay = min(delay, max(0.05, self.reconnect_timeout - waited))
                 attempt += 1
+                log.info(
+                    "reconnect to vault %s: attempt %d failed after %.1f s lost (%s); "
+                    "next in %.2f s",
+                    self.config.name,
+                    attempt,
+                    waited,
+                    exc.message,
+                    delay,
+                )
                 self._notice(
                     f"connection to '{self.config.name}' lost; reconnecting ({exc.message})"
                 )
                 await asyncio.sleep(delay)
                 continue
             if self._ever_connected:
+                lost_for = time.monotonic() - self._lost_at if self._lost_at else 0.0
+                log.info(
+                    "reconnected to vault %s after %.1f s (%d failed attempt(s))",
+                    self.config.name,
+                    lost_for,
+                    attempt,
+                )
                 self._notice(f"reconnected to '{self.config.name}'")
+            for note in connection.notes:  # what a provisioning on the way did
+                self._notice(note)
             self._ever_connected = True
             self._lost_at = None
             self._current = connection
@@ -213,7 +245,9 @@ class Vault:
                 "rootfs may not be running",
                 hint="check with: fly-vault doctor " + self.config.name,
             )
-        return ReprovisionResult(before.boot_id, after.boot_id, elapsed, after.runtime_status)
+        return ReprovisionResult(
+            before.boot_id, after.boot_id, elapsed, after.runtime_status, after.notes
+        )
 
     async def close(self) -> None:
         if self._connecting is not None and not self._connecting.done():
@@ -268,6 +302,8 @@ class ReprovisionResult:
     new_boot_id: str
     seconds: float
     runtime_status: Any
+    #: The vault's notes about the provisioning (device nodes created...).
+    notes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -405,7 +441,12 @@ class ExecSession:
             except (ConnectionLost, TransportError) as exc:
                 if isinstance(exc, RemoteProtocolError):
                     raise
-                log.info("exec %s: %s", self.session_id, exc)
+                log.info(
+                    "exec session %s: stream lost (%s); reattaching from output offset %d",
+                    self.session_id,
+                    exc,
+                    self.offset,
+                )
                 self._stream = None
                 self._ready = False
                 self.vault.invalidate(connection)
@@ -451,6 +492,12 @@ class ExecSession:
                     )
                 self.offset = started.offset
                 first_attach = self.started is None
+                log.debug(
+                    "exec session %s: %s at output offset %d",
+                    self.session_id,
+                    "started" if first_attach else "reattached",
+                    started.offset,
+                )
                 self.started = started
                 if not self._ready:
                     self._sync_stdin(started.stdin_offset, first_attach)
@@ -459,6 +506,12 @@ class ExecSession:
                 self._stdin_acknowledged(decode_stdin_ack(payload))
             elif kind == ConsoleFrame.EXITED:
                 exited = Exited.decode(payload)
+                log.info(
+                    "exec session %s: exited with status %d (%d output bytes)",
+                    self.session_id,
+                    exited.exit_status,
+                    exited.total_bytes,
+                )
                 with contextlib.suppress(TransportError):
                     stream.write(frame(ConsoleFrame.EXIT_ACK), end_stream=True)
                     # Nothing but the server's end of stream can follow: stop reading so the

@@ -327,6 +327,8 @@ def decode_json(payload: bytes, what: str) -> Any:
         return json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise RemoteProtocolError(f"{what} is not valid JSON") from None
+    except RecursionError:  # e.g. 1000 nested '[': json recurses once per level
+        raise RemoteProtocolError(f"{what} is JSON nested too deeply") from None
 
 
 @dataclass

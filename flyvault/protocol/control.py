@@ -422,7 +422,11 @@ class ControlServer(_Machine):
                 return item
             return self._handle(item)
         except RemoteProtocolError as exc:
-            if self.state is not ServerState.FAILED:
+            if self.state is ServerState.COMPLETE:
+                # A frame after the setup completed: no error frame may follow the result,
+                # but it is still the peer's violation (not a LocalProtocolError).
+                self.state = ServerState.FAILED
+            elif self.state is not ServerState.FAILED:
                 self.send_error(ErrorCode.PROTOCOL, f"control stream error: {exc.message}")
             raise
 

@@ -7,7 +7,7 @@ may hold an access token (flaw 4 of the original init server).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flyvault.errors import (
     AttestationError,
@@ -35,6 +35,14 @@ from flyvault.protocol.constants import (
 
 MAX_BOOT_ID_LENGTH = 128
 SHA256_LENGTH = 32
+#: Rootfs option flags (the optional block that ends a SETUP_REQUEST).
+OPTION_ALLOW_DEVICES = 0x01
+OPTION_MAX_EXPANSION_RATIO = 0x02
+_KNOWN_OPTIONS = OPTION_ALLOW_DEVICES | OPTION_MAX_EXPANSION_RATIO
+MAX_EXPANSION_RATIO = 0xFFFFFFFF
+#: Bounds on the notes that may end a SETUP_COMPLETE.
+MAX_SETUP_NOTES = 16
+MAX_NOTE_LENGTH = 4096
 
 
 def _enum(reader: PayloadReader, enum_type: type[VmState] | type[RuntimeStatus], field: str) -> int:
@@ -186,14 +194,41 @@ RootfsSource = RootfsNone | RootfsInline | RootfsUrl
 
 
 @dataclass(frozen=True, slots=True)
+class RootfsOptions:
+    """How the server may unpack the rootfs it receives; the defaults are the safe choice.
+
+    ``allow_devices``: create character and block device nodes, and only under ``/dev``
+    (refused by default). ``max_expansion_ratio``: None for the server's default ceiling,
+    0 for none, N to refuse an archive that unpacks to more than N times its compressed
+    size.
+    """
+
+    allow_devices: bool = False
+    max_expansion_ratio: int | None = None
+
+    @property
+    def is_default(self) -> bool:
+        return not self.allow_devices and self.max_expansion_ratio is None
+
+
+@dataclass(frozen=True, slots=True)
 class SetupRequest:
-    """C->S: the access token and what to provision. ``repr`` hides the token."""
+    """C->S: the access token, what to provision and how. ``repr`` hides the token.
+
+    The rootfs options are an optional block at the end, left out when they are the
+    defaults: such a request is byte for byte what clients without options send, and a
+    request without the block means the defaults.
+    """
 
     access_token: str
     rootfs: RootfsSource
+    options: RootfsOptions = field(default_factory=RootfsOptions)
 
     def __repr__(self) -> str:
-        return f"SetupRequest(access_token=<redacted>, rootfs={self.rootfs!r})"
+        return (
+            f"SetupRequest(access_token=<redacted>, rootfs={self.rootfs!r}, "
+            f"options={self.options!r})"
+        )
 
     def encode(self) -> bytes:
         writer = PayloadWriter().text(self.access_token)
@@ -204,6 +239,19 @@ class SetupRequest:
             writer.u8(RootfsKind.INLINE).u64(rootfs.size)
         else:
             writer.u8(RootfsKind.URL).text(rootfs.url).optional_text(rootfs.sha256)
+        options = self.options
+        if not options.is_default:
+            ratio = options.max_expansion_ratio
+            flags = OPTION_ALLOW_DEVICES if options.allow_devices else 0
+            if ratio is not None:
+                if not 0 <= ratio <= MAX_EXPANSION_RATIO:
+                    raise LocalProtocolError(
+                        f"max expansion ratio {ratio} is outside 0..{MAX_EXPANSION_RATIO}"
+                    )
+                flags |= OPTION_MAX_EXPANSION_RATIO
+            writer.u8(flags)
+            if ratio is not None:
+                writer.u32(ratio)
         return writer.getvalue()
 
     @classmethod
@@ -224,8 +272,19 @@ class SetupRequest:
             rootfs = RootfsUrl(url, digest)
         else:
             raise RemoteProtocolError(f"invalid rootfs source kind: {kind}")
+        options = RootfsOptions()
+        if reader.remaining:
+            flags = reader.u8("rootfs option flags")
+            if flags & ~_KNOWN_OPTIONS:
+                raise RemoteProtocolError(
+                    f"setup request: unknown rootfs option flags 0x{flags & ~_KNOWN_OPTIONS:02x}"
+                )
+            ratio = None
+            if flags & OPTION_MAX_EXPANSION_RATIO:
+                ratio = reader.u32("max expansion ratio")
+            options = RootfsOptions(bool(flags & OPTION_ALLOW_DEVICES), ratio)
         reader.end()
-        return cls(token, rootfs)
+        return cls(token, rootfs, options)
 
 
 def _is_sha256_hex(value: str) -> bool:
@@ -234,16 +293,26 @@ def _is_sha256_hex(value: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class SetupComplete:
-    """S->C: authenticated; the VM state and runtime after setup."""
+    """S->C: authenticated; the VM state and runtime after setup.
+
+    ``notes``: lines about the provisioning the client shows (e.g. the device nodes that
+    were created). An optional block at the end, sent only in answer to a request that
+    carried rootfs options, so clients that know no options never see it.
+    """
 
     vm_state: VmState
     runtime_status: RuntimeStatus
     boot_id: str
+    notes: tuple[str, ...] = ()
 
     def encode(self) -> bytes:
-        return (
-            PayloadWriter().u8(self.vm_state).u8(self.runtime_status).text(self.boot_id).getvalue()
-        )
+        writer = PayloadWriter().u8(self.vm_state).u8(self.runtime_status).text(self.boot_id)
+        if self.notes:
+            notes = self.notes[:MAX_SETUP_NOTES]
+            writer.u32(len(notes))
+            for note in notes:
+                writer.text(_clip(note, MAX_NOTE_LENGTH))
+        return writer.getvalue()
 
     @classmethod
     def decode(cls, payload: bytes) -> SetupComplete:
@@ -251,8 +320,24 @@ class SetupComplete:
         state = VmState(_enum(reader, VmState, "vm state"))
         status = RuntimeStatus(_enum(reader, RuntimeStatus, "runtime status"))
         boot_id = reader.text("boot id", MAX_BOOT_ID_LENGTH)
+        notes: tuple[str, ...] = ()
+        if reader.remaining:
+            count = reader.u32("note count")
+            if count > MAX_SETUP_NOTES:
+                raise RemoteProtocolError(
+                    f"setup complete: {count} notes, more than the {MAX_SETUP_NOTES} allowed"
+                )
+            notes = tuple(reader.text("note", MAX_NOTE_LENGTH) for _ in range(count))
         reader.end()
-        return cls(state, status, boot_id)
+        return cls(state, status, boot_id, notes)
+
+
+def _clip(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes, on a character boundary."""
+    data = text.encode("utf-8")
+    if len(data) <= limit:
+        return text
+    return data[:limit].decode("utf-8", "ignore")
 
 
 @dataclass(frozen=True, slots=True)

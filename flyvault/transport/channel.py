@@ -38,6 +38,9 @@ DEFAULT_LOW_WATER = 128 * 1024
 
 #: Application error code used when we abort a stream (RESET_STREAM / STOP_SENDING).
 STREAM_ABORTED = 1
+#: QUIC's transport error CONNECTION_REFUSED (RFC 9000 §20.1): the server is too busy for
+#: this connection now. Sent when a pre-auth connection is evicted or expires under load.
+BUSY_ERROR_CODE = 0x2
 
 
 class StreamReset(TransportError):
@@ -70,6 +73,9 @@ class QuicStream:
         self._send_error: BaseException | None = None
         self.high_water = high_water
         self.low_water = low_water
+        #: What the stream carries ("control", "console", ...), when its opener said so;
+        #: a named stream's close is logged.
+        self.kind: str | None = None
 
     def __repr__(self) -> str:
         return f"<QuicStream {self.stream_id} on {self._channel!r}>"
@@ -220,6 +226,8 @@ class QuicChannel(QuicConnectionProtocol):
         self.on_terminated: Callable[[QuicChannel], None] | None = None
         #: Client channels own their UDP socket; server channels share the listener's.
         self.owns_transport = True
+        #: The error code of the peer's CONNECTION_CLOSE, once one arrived.
+        self.peer_error_code: int | None = None
 
     def __repr__(self) -> str:
         return f"<QuicChannel #{self.number} peer={self.peer_address}>"
@@ -236,6 +244,15 @@ class QuicChannel(QuicConnectionProtocol):
 
     async def wait_handshake(self) -> None:
         await asyncio.shield(self._handshake_done)
+
+    def on_handshake(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the handshake completed (never if it fails)."""
+
+        def done(future: asyncio.Future[None]) -> None:
+            if not future.cancelled() and future.exception() is None:
+                callback()
+
+        self._handshake_done.add_done_callback(done)
 
     def export_keying_material(self, label: bytes, length: int) -> bytes:
         return self.quic.export_keying_material(label, length)
@@ -264,6 +281,21 @@ class QuicChannel(QuicConnectionProtocol):
         self._terminate(reason or "closed locally")
         if self.owns_transport and self._transport is not None:
             self._transport.close()
+
+    def refuse(self, reason: str) -> None:
+        """Close with the QUIC transport error CONNECTION_REFUSED ("server busy, come
+        back"): a transport close, so the reason reaches a peer still in its handshake."""
+        if not self.is_closed:
+            self.quic.close(
+                error_code=BUSY_ERROR_CODE, frame_type=0, reason_phrase=f"server busy: {reason}"
+            )
+            self.transmit()
+        self.close_now(reason=f"refused: {reason}")
+
+    @property
+    def refused_by_peer(self) -> bool:
+        """The peer closed with CONNECTION_REFUSED: it was busy and a retry may work."""
+        return self.peer_error_code == BUSY_ERROR_CODE
 
     async def close_gracefully(self, error_code: int = 0, reason: str = "") -> None:
         self.close(error_code=error_code, reason_phrase=reason)
@@ -322,6 +354,7 @@ class QuicChannel(QuicConnectionProtocol):
             if not self._handshake_done.done():
                 self._handshake_done.set_result(None)
         elif isinstance(event, events.ConnectionTerminated):
+            self.peer_error_code = event.error_code
             reason = event.reason_phrase or f"error code {event.error_code}"
             self._terminate(f"connection closed by peer: {reason}")
 
@@ -337,7 +370,9 @@ class QuicChannel(QuicConnectionProtocol):
         return not locally_initiated and stream_id > self._highest_remote
 
     def _forget(self, stream_id: int) -> None:
-        self._streams.pop(stream_id, None)
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None and stream.kind is not None:
+            log.debug("stream %d closed: %s", stream_id, stream.kind)
         self.quic.forget_stream(stream_id)
 
     @property
@@ -389,6 +424,11 @@ class QuicChannel(QuicConnectionProtocol):
             self._keepalive_handle.cancel()
             self._keepalive_handle = None
         error = ConnectionLost(self._terminated_reason)
+        named = [s for s in self._streams.values() if s.kind is not None]
+        if named or self.quic._is_client:
+            log.debug("connection #%d closed: %s", self.number, reason)
+        for stream in named:
+            log.debug("stream %d closed with the connection: %s", stream.stream_id, stream.kind)
         if not self._handshake_done.done():
             self._handshake_done.set_exception(error)
             # Nobody may be waiting; mark the exception as retrieved.

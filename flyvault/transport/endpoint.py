@@ -22,15 +22,20 @@ from typing import Any
 
 from aioquic.buffer import Buffer
 from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.crypto import CryptoPair
 from aioquic.quic.packet import (
     QuicPacketType,
+    encode_quic_retry,
     encode_quic_version_negotiation,
     pull_quic_header,
 )
+from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.retry import QuicRetryTokenHandler
 
-from flyvault.errors import ConfigError, ConnectError, ConnectionLost
+from flyvault.errors import ConfigError, ConnectError, ConnectionLost, ServerBusy
 from flyvault.protocol.constants import ALPN_PROTOCOLS
-from flyvault.transport.channel import QuicChannel
+from flyvault.transport.admission import AdmissionLimits, AdmissionTable, Stage, Verdict
+from flyvault.transport.channel import BUSY_ERROR_CODE, QuicChannel
 from flyvault.transport.connection import VaultQuicConnection
 from flyvault.transport.tls import generate_self_signed
 
@@ -76,6 +81,9 @@ class TransportSettings:
     #: Largest UDP payload we send; None picks it from the peer's address
     #: (``datagram_size_for``).
     max_datagram_size: int | None = None
+    #: Client only: the local address to send from (tests and benchmarks use other
+    #: loopback addresses, 127.0.0.x, to act as other hosts); None lets the kernel pick.
+    local_host: str | None = None
 
 
 #: Overrides the datagram size on both ends (1200-16000): to measure a loopback path like a
@@ -249,6 +257,8 @@ async def connect(host: str, port: int, settings: TransportSettings | None = Non
         configuration=_configuration(settings, is_client=True, datagram_size=datagram_size)
     )
     local = ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)
+    if settings.local_host is not None:
+        local = (settings.local_host, 0)
     try:
         # A connected socket: the kernel then reports ICMP "port unreachable" to us, so a
         # vault that is down fails at once instead of after the handshake timeout.
@@ -279,6 +289,8 @@ async def connect(host: str, port: int, settings: TransportSettings | None = Non
         raise ConnectError(f"cannot reach {where}: {exc.strerror or exc}") from None
     except ConnectionLost as exc:
         channel.close_now(reason="handshake failed")
+        if channel.refused_by_peer:
+            raise ServerBusy(f"{where} is busy: {exc.message}") from None
         raise ConnectError(
             f"cannot connect to {where}: {exc.message}",
             hint="is the vault running, and is the address (host:port) right? "
@@ -290,19 +302,69 @@ async def connect(host: str, port: int, settings: TransportSettings | None = Non
     return channel
 
 
+def refusal_datagram(version: int, client_dcid: bytes, client_scid: bytes, reason: str) -> bytes:
+    """A server Initial that closes a connection before any state exists for it.
+
+    It carries a CONNECTION_CLOSE with CONNECTION_REFUSED, protected with the Initial keys
+    that the client's chosen destination id determines (RFC 9001 §5.2), so the client
+    learns "server busy" at once instead of retransmitting into silence.
+    """
+    crypto = CryptoPair()
+    crypto.setup_initial(cid=client_dcid, is_client=False, version=version)
+    builder = QuicPacketBuilder(
+        host_cid=client_dcid,
+        is_client=False,
+        max_datagram_size=MAX_DATAGRAM_SIZE,
+        peer_cid=client_scid,
+        version=version,
+    )
+    builder.start_packet(QuicPacketType.INITIAL, crypto)
+    phrase = reason.encode()[:200]
+    buf = builder.start_frame(_TRANSPORT_CLOSE_FRAME, capacity=1 + 3 * 8 + len(phrase))
+    buf.push_uint_var(BUSY_ERROR_CODE)
+    buf.push_uint_var(0)  # the frame type that caused it: none (PADDING)
+    buf.push_uint_var(len(phrase))
+    buf.push_bytes(phrase)
+    datagrams, _ = builder.flush()
+    return datagrams[0]
+
+
+_TRANSPORT_CLOSE_FRAME = 0x1C
+#: Connection ids of connections closed in the last few seconds: late packets for them
+#: must not look like new connections (they would take a place in the admission table).
+CLOSED_CID_MEMORY = 10.0
+CLOSED_CID_LIMIT = 8192
+
+
 @dataclass
 class ListenerStats:
     datagrams: int = 0
     dropped_unparseable: int = 0
-    dropped_capacity: int = 0
+    refused: int = 0
+    dropped_bad_token: int = 0
+    dropped_closed: int = 0
     connections_opened: int = 0
     connections_closed: int = 0
     active: int = 0
     extra: dict[str, int] = field(default_factory=dict)
 
 
+def source_of(addr: Any) -> str:
+    """The source IP that pre-auth limits are kept by (IPv4-mapped IPv6 as IPv4)."""
+    host = str(addr[0]) if addr else "unknown"
+    if host.startswith("::ffff:") and "." in host:
+        return host[len("::ffff:") :]
+    return host
+
+
 class QuicListener(asyncio.DatagramProtocol):
-    """Server endpoint: one UDP socket, many channels."""
+    """Server endpoint: one UDP socket, many channels.
+
+    What a stranger may hold before it authenticates is decided by an ``AdmissionTable``
+    (see ``transport.admission``): Retry under load, caps per source and in total, eviction
+    of stale strangers, deadlines. The server tells the listener when a connection is being
+    served (``set_stage``) and when it authenticated (``authenticated``).
+    """
 
     def __init__(
         self,
@@ -310,6 +372,7 @@ class QuicListener(asyncio.DatagramProtocol):
         on_channel: Callable[[QuicChannel], None],
         *,
         max_connections: int = 256,
+        limits: AdmissionLimits | None = None,
     ) -> None:
         self._settings = settings
         self._config = _configuration(settings, is_client=False)
@@ -322,6 +385,12 @@ class QuicListener(asyncio.DatagramProtocol):
         self._channels: dict[bytes, QuicChannel] = {}
         self._live: set[QuicChannel] = set()
         self._transport: asyncio.DatagramTransport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._retry = QuicRetryTokenHandler()
+        self.admission = AdmissionTable(limits or AdmissionLimits())
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._closed_cids: dict[bytes, float] = {}
         self.stats = ListenerStats()
 
     @property
@@ -362,45 +431,166 @@ class QuicListener(asyncio.DatagramProtocol):
             if header.packet_type != QuicPacketType.INITIAL or len(data) < 1200:
                 self.stats.dropped_unparseable += 1
                 return
-            if len(self._live) >= self._max_connections:
-                self.stats.dropped_capacity += 1
+            if self._recently_closed(header.destination_cid):
+                self.stats.dropped_closed += 1
                 return
-            channel = self._new_channel(header.destination_cid, addr)
+            channel = self._admit(header, addr)
+            if channel is None:
+                return
         channel.datagram_received(data, addr)
 
-    def _new_channel(self, original_cid: bytes, addr: Any) -> QuicChannel:
+    def _admit(self, header: Any, addr: Any) -> QuicChannel | None:
+        """A new connection's Initial: validate, make room, or turn it away statelessly."""
+        now = self._loop.time()
+        original_cid, retry_cid = header.destination_cid, None
+        if header.token:
+            try:
+                original_cid = self._retry.validate_token(
+                    address=addr, destination_cid=header.destination_cid,
+                    token=header.token, now=now,
+                )  # fmt: skip
+            except ValueError:
+                # Expired, forged or not ours. The client will not accept a second Retry,
+                # so there is nothing useful to answer.
+                self.stats.dropped_bad_token += 1
+                return None
+            retry_cid = header.destination_cid
+        source = source_of(addr)
+        decision = self.admission.admit(source, validated=retry_cid is not None, now=now)
+        if decision.verdict is Verdict.RETRY:
+            self._send_retry(header, addr, now)
+            return None
+        if decision.verdict is Verdict.REFUSE:
+            self._refuse(header, addr, decision.reason)
+            return None
+        if decision.evict is None and len(self._live) >= self._max_connections:
+            self.admission.stats.refused += 1
+            self._refuse(header, addr, "server full")
+            return None
+        if isinstance(decision.evict, QuicChannel):
+            log.info("evicting a stale unauthenticated connection from %s (%s)",
+                     source_of(decision.evict.peer_address), decision.reason)  # fmt: skip
+            decision.evict.refuse(decision.reason)
+        return self._new_channel(header.destination_cid, addr, original_cid, retry_cid)
+
+    def _refuse(self, header: Any, addr: Any, reason: str) -> None:
+        assert self._transport is not None
+        self.stats.refused += 1
+        self._transport.sendto(
+            refusal_datagram(
+                header.version, header.destination_cid, header.source_cid, f"server busy: {reason}"
+            ),
+            addr,
+        )
+
+    def _recently_closed(self, cid: bytes) -> bool:
+        closed_at = self._closed_cids.get(cid)
+        if closed_at is None:
+            return False
+        if self._loop.time() - closed_at > CLOSED_CID_MEMORY:
+            del self._closed_cids[cid]
+            return False
+        return True
+
+    def _send_retry(self, header: Any, addr: Any, now: float) -> None:
+        assert self._transport is not None
+        source_cid = os.urandom(8)
+        token = self._retry.create_token(
+            address=addr,
+            original_destination_connection_id=header.destination_cid,
+            retry_source_connection_id=source_cid,
+            now=now,
+        )
+        self._transport.sendto(
+            encode_quic_retry(
+                version=header.version,
+                source_cid=source_cid,
+                destination_cid=header.source_cid,
+                original_destination_cid=header.destination_cid,
+                retry_token=token,
+            ),
+            addr,
+        )
+
+    def _new_channel(
+        self, cid: bytes, addr: Any, original_cid: bytes, retry_cid: bytes | None
+    ) -> QuicChannel:
         config = self._config
         datagram_size = self._settings.max_datagram_size or datagram_size_for(str(addr[0]))
         if datagram_size != config.max_datagram_size:
             config = dataclasses.replace(config, max_datagram_size=datagram_size)
         quic = VaultQuicConnection(
-            configuration=config, original_destination_connection_id=original_cid
+            configuration=config,
+            original_destination_connection_id=original_cid,
+            retry_source_connection_id=retry_cid,
         )
         channel = QuicChannel(quic, keepalive_interval=self._settings.keepalive_interval)
         channel.owns_transport = False
+        channel.peer_address = addr
         assert self._transport is not None
         channel.connection_made(self._transport)
         channel._connection_id_issued_handler = lambda cid: self._channels.__setitem__(cid, channel)
         channel._connection_id_retired_handler = lambda cid: self._channels.pop(cid, None)
         channel.on_terminated = self._forget
-        self._channels[original_cid] = channel
+        self._channels[cid] = channel
         self._channels[quic.host_cid] = channel
         self._live.add(channel)
+        self.admission.add(channel, source_of(addr), self._loop.time())
+        channel.on_handshake(lambda: self.set_stage(channel, Stage.WAITING_PEER))
+        self._arm()
         self.stats.connections_opened += 1
         self.stats.active = len(self._live)
         self._on_channel(channel)
         return channel
 
+    # Called by the server --------------------------------------------------------------
+
+    def set_stage(self, channel: QuicChannel, stage: Stage) -> None:
+        """Whose turn it is on a pre-auth connection (no effect once authenticated)."""
+        self.admission.set_stage(channel, stage, self._loop.time())
+        self._arm()
+
+    def authenticated(self, channel: QuicChannel) -> None:
+        """The connection authenticated: it leaves the pre-auth table for good."""
+        self.admission.remove(channel)
+
+    # Deadlines -------------------------------------------------------------------------
+
+    def _arm(self) -> None:
+        deadline = self.admission.next_deadline()
+        if deadline is None or (self._timer_at is not None and self._timer_at <= deadline):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self._loop.call_at(deadline, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = self._timer_at = None
+        for channel, reason in self.admission.expired(self._loop.time()):
+            assert isinstance(channel, QuicChannel)
+            log.info("closing unauthenticated connection from %s (%s)",
+                     source_of(channel.peer_address), reason)  # fmt: skip
+            channel.refuse(reason)
+        self._arm()
+
     def _forget(self, channel: QuicChannel) -> None:
+        now = self._loop.time()
         for cid, other in list(self._channels.items()):
             if other is channel:
                 del self._channels[cid]
+                self._closed_cids[cid] = now
+        while len(self._closed_cids) > CLOSED_CID_LIMIT:
+            del self._closed_cids[next(iter(self._closed_cids))]
+        self.admission.remove(channel)
         if channel in self._live:
             self._live.discard(channel)
             self.stats.connections_closed += 1
         self.stats.active = len(self._live)
 
     def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         for channel in list(self._live):
             channel.close_now(reason="server shutting down")
         if self._transport is not None:
@@ -414,6 +604,7 @@ async def listen(
     settings: TransportSettings | None = None,
     *,
     max_connections: int = 256,
+    limits: AdmissionLimits | None = None,
 ) -> QuicListener:
     settings = settings or TransportSettings(idle_timeout=60.0, keepalive_interval=5.0)
     forced = forced_datagram_size()
@@ -432,7 +623,8 @@ async def listen(
         sock.close()
         raise ConnectError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     _, listener = await loop.create_datagram_endpoint(
-        lambda: QuicListener(settings, on_channel, max_connections=max_connections), sock=sock
+        lambda: QuicListener(settings, on_channel, max_connections=max_connections, limits=limits),
+        sock=sock,
     )
     assert isinstance(listener, QuicListener)
     return listener

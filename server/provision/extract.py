@@ -20,8 +20,9 @@ written through). Here:
   ``chown`` (which clears setuid); xattrs from PAX ``SCHILY.xattr.*`` after that (``chown``
   also clears file capabilities); directory metadata is applied at the end, deepest first,
   so a read-only directory still receives its children and keeps its mtime;
-* device nodes are made when permitted, otherwise skipped and reported; FIFOs need no
-  privilege and are always made.
+* device nodes are refused unless the provisioning allows them (``allow_devices``), and
+  even then are only made under ``dev/``; where the kernel does not permit ``mknod`` they
+  are skipped and reported. FIFOs are harmless, need no privilege and are always made.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ class ExtractReport:
     bytes_written: int
     skipped_devices: list[str]
     duration: float
+    #: Device nodes made (allowed ones only, under /dev), as paths in the rootfs.
+    created_devices: list[str] = field(default_factory=list)
     compression: str = "none"
     archive_bytes: int = 0
     unpacked_bytes: int = 0
@@ -104,11 +107,13 @@ class StreamingExtractor:
         *,
         limits: ExtractLimits | None = None,
         can_make_devices: bool | None = None,
+        allow_devices: bool = False,
         min_free_bytes: int = 64 * MiB,
         queue_bytes: int = QUEUE_BYTES,
     ) -> None:
         self.destination = Path(destination)
         self.limits = limits or ExtractLimits()
+        self._allow_devices = allow_devices
         # None: try when root, and fall back to skipping if the kernel still says no (a
         # container without CAP_MKNOD).
         self._auto_devices = can_make_devices is None
@@ -265,12 +270,14 @@ class StreamingExtractor:
             make_devices=self._make_devices,
             auto_devices=self._auto_devices,
             min_free_bytes=self._min_free,
+            allow_devices=self._allow_devices,
         )
         raw = self._raw = RawReader(self._pipe)
         stream = open_archive_stream(
             raw,
             max_total=self.limits.max_total_bytes,
             max_ratio=self.limits.max_expansion_ratio,
+            ratio_floor=self.limits.expansion_floor_bytes,
         )
         tf = self._open_tar(stream, raw)
         last = ""
@@ -308,6 +315,7 @@ class StreamingExtractor:
             bytes_written=writer.extracted,
             skipped_devices=writer.skipped_devices,
             duration=time.monotonic() - started,
+            created_devices=writer.created_devices,
             compression=stream.kind,
             archive_bytes=raw.count,
             unpacked_bytes=stream.count,

@@ -40,6 +40,13 @@ DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 REBUILD = (
     "rebuild the archive from a real directory tree, e.g. `tar -C rootfs -czf rootfs.tar.gz .`"
 )
+#: Device nodes are made only here, and only when the provisioning allows them.
+DEVICE_DIR = "dev"
+NO_DEVICES = (
+    "leave device nodes out of the image (the vault mounts its own /dev with the usual "
+    "nodes at run time), e.g. `tar --exclude='./dev/*' -C rootfs -czf rootfs.tar.gz .`, "
+    "or provision with --allow-devices to create the ones under /dev"
+)
 
 
 @dataclass(frozen=True)
@@ -49,8 +56,14 @@ class ExtractLimits:
     max_total_bytes: int = 64 * GiB
     max_entry_bytes: int = 16 * GiB
     max_path_length: int = 4096
-    #: Optional extra bomb guard: unpacked bytes per archive byte (None: off).
-    max_expansion_ratio: float | None = None
+    #: Bomb guard: unpacked bytes per archive byte received so far (None: off). Real
+    #: images compress 2-5x (gzip, zstd); deflate cannot exceed ~1032x, so 100x leaves a
+    #: genuine image 20x headroom while a bomb can no longer fill a volume from an upload
+    #: 1000x smaller than the damage.
+    max_expansion_ratio: float | None = 100.0
+    #: ... checked only past this many unpacked bytes: tar headers and padding make small
+    #: archives compress 100x and more, and this much is kept free on the volume anyway.
+    expansion_floor_bytes: int = 64 * MiB
 
 
 def refuse(entry: str, problem: str, fix: str) -> ProvisionError:
@@ -85,9 +98,12 @@ class TreeWriter:
         make_devices: bool,
         auto_devices: bool,
         min_free_bytes: int,
+        allow_devices: bool = False,
     ) -> None:
         self.destination = destination
         self.limits = limits
+        # Policy (the provisioning's --allow-devices) first, then capability (root, mknod).
+        self._allow_devices = allow_devices
         self._make_devices = make_devices
         # Auto mode: when the kernel refuses mknod (no CAP_MKNOD), skip instead of failing.
         self._auto_devices = auto_devices
@@ -103,6 +119,7 @@ class TreeWriter:
         self._entries = 0
         self._extracted = 0
         self._skipped: list[str] = []
+        self._devices: list[str] = []
         self._warnings: list[str] = []
         self._xattr_failures = 0
         self._free = 0  # forces a statvfs on the first file
@@ -120,6 +137,11 @@ class TreeWriter:
     @property
     def skipped_devices(self) -> list[str]:
         return self._skipped
+
+    @property
+    def created_devices(self) -> list[str]:
+        """Device nodes made, as absolute paths in the rootfs (``/dev/null``)."""
+        return self._devices
 
     @property
     def warnings(self) -> list[str]:
@@ -177,7 +199,7 @@ class TreeWriter:
                 f"has an absolute {what} ({name!r}), which could write outside the rootfs",
                 "make the archive's paths relative, e.g. `tar -C rootfs -czf rootfs.tar.gz .`",
             )
-        parts = tuple(part for part in name.split("/") if part not in ("", "."))
+        parts = _split_name(name)
         if ".." in parts:
             raise refuse(
                 entry,
@@ -219,7 +241,10 @@ class TreeWriter:
             self._set_times(member, name=name, dir_fd=parent)
         elif member.islnk():
             self._hardlink(member, parts, parent, entry)
-        elif member.ischr() or member.isblk() or member.isfifo():
+        elif member.ischr() or member.isblk():
+            self._check_device(member, parts, entry)
+            self._node(member, parent, name, entry)
+        elif member.isfifo():
             self._node(member, parent, name, entry)
         else:
             raise refuse(entry, f"has an unsupported tar type {member.type!r}", REBUILD)
@@ -341,6 +366,13 @@ class TreeWriter:
             ) from None
         if stat.S_ISDIR(info.st_mode):
             raise refuse(entry, f"is a hardlink to the directory {member.linkname!r}", fix)
+        if (stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)) and not _under_dev(parts):
+            # The target was allowed under /dev: a second name must not carry it elsewhere.
+            raise refuse(
+                entry,
+                f"is a hardlink to the device node {member.linkname!r} outside /dev",
+                NO_DEVICES,
+            )
         if target == parts:  # a link to itself: already there
             return
 
@@ -354,6 +386,20 @@ class TreeWriter:
             )
 
         self._replace(link, parent, name, entry)
+
+    def _check_device(self, member: tarfile.TarInfo, parts: tuple[str, ...], entry: str) -> None:
+        """Device nodes are refused unless allowed, and even then only under /dev."""
+        kind = "character" if member.ischr() else "block"
+        what = f"is a {kind} device node ({member.devmajor}, {member.devminor})"
+        if not self._allow_devices:
+            raise refuse(entry, f"{what}; device nodes are refused by default", NO_DEVICES)
+        if not _under_dev(parts):
+            raise refuse(
+                entry,
+                f"{what} outside /dev; device nodes are only created under /dev, even with "
+                "--allow-devices",
+                "leave it out of the image or move it under /dev",
+            )
 
     def _node(self, member: tarfile.TarInfo, parent: int, name: str, entry: str) -> None:
         mode = member.mode & 0o7777
@@ -375,6 +421,7 @@ class TreeWriter:
                 self._make_devices = False  # not permitted here: skip the rest quietly
                 self._skipped.append(entry)
                 return
+            self._devices.append("/" + "/".join(_split_name(entry)))
         self._set_owner(member, entry, name=name, dir_fd=parent)
         # The node was just created by us, so following the name cannot leave the tree.
         os.chmod(name, mode, dir_fd=parent)
@@ -470,8 +517,9 @@ class TreeWriter:
             "image; the previous rootfs is untouched"
         )
         return ProvisionError(
-            f"the volume is full: {free // MiB} MiB free on {self.destination.parent}, entry "
-            f"{entry!r} needs {human_size(size)} and {self._min_free // MiB} MiB are kept in "
+            f"the volume is full: {free // MiB} MiB free on {self.destination.parent} with "
+            f"{human_size(self._extracted)} of the new rootfs unpacked so far; entry {entry!r} "
+            f"needs {human_size(size)} more and {self._min_free // MiB} MiB are kept in "
             f"reserve; {fix}",
             hint=fix,
         )
@@ -481,3 +529,12 @@ class TreeWriter:
         if len(self._warnings) < MAX_WARNINGS:
             self._warnings.append(message)
             log.warning("rootfs extraction: %s", message)
+
+
+def _split_name(name: str) -> tuple[str, ...]:
+    return tuple(part for part in name.split("/") if part not in ("", "."))
+
+
+def _under_dev(parts: tuple[str, ...]) -> bool:
+    """``dev/...``: inside the rootfs's /dev, not /dev itself."""
+    return len(parts) >= 2 and parts[0] == DEVICE_DIR

@@ -186,11 +186,13 @@ class UnpackCounter:
         max_total: int,
         max_ratio: float | None,
         kind: str,
+        ratio_floor: int = 0,
     ) -> None:
         self._source = source
         self._raw = raw
         self._max_total = max_total
         self._max_ratio = max_ratio
+        self._ratio_floor = ratio_floor
         self.kind = kind
         self.count = 0
         #: Set by the extractor so that limit errors can name the entry being unpacked.
@@ -206,14 +208,22 @@ class UnpackCounter:
                 "use a smaller image or raise ExtractLimits.max_total_bytes",
                 hint="use a smaller image or raise the unpacked-size limit",
             )
-        # The small allowance keeps tiny archives (all headers and padding) from tripping it.
-        if self._max_ratio is not None and self.count > self._max_ratio * self._raw.count + MiB:
+        # The floor keeps small archives (mostly headers and padding) from tripping it.
+        if (
+            self._max_ratio is not None
+            and self.count > self._ratio_floor
+            and self.count > self._max_ratio * self._raw.count
+        ):
+            fix = (
+                "if the image is genuine, provision again with a higher --max-expansion-ratio "
+                "(0: no limit)"
+            )
             raise ProvisionError(
-                f"the archive expands more than {self._max_ratio:g}x ({human_size(self._raw.count)} "
-                f"-> {human_size(self.count)} at entry {self.current_entry!r}): refused as a "
-                "possible decompression bomb; raise ExtractLimits.max_expansion_ratio if the "
-                "image is genuine",
-                hint="raise the expansion-ratio limit if the image is genuine",
+                f"the archive expands more than {self._max_ratio:g}x: "
+                f"{human_size(self.count)} unpacked so far from {human_size(self._raw.count)} "
+                f"received (at entry {self.current_entry!r}); refused as a possible "
+                f"decompression bomb; {fix}",
+                hint=fix,
             )
         return data
 
@@ -306,7 +316,7 @@ class _Zstd:
 
 
 def open_archive_stream(
-    raw: RawReader, *, max_total: int, max_ratio: float | None
+    raw: RawReader, *, max_total: int, max_ratio: float | None, ratio_floor: int = 0
 ) -> UnpackCounter:
     """Sniff the compression and return the decompressed tar stream."""
     head = raw.peek(6)
@@ -334,7 +344,7 @@ def open_archive_stream(
         )
     else:
         source, kind = _Plain(raw), "none"
-    return UnpackCounter(source, raw, max_total, max_ratio, kind)
+    return UnpackCounter(source, raw, max_total, max_ratio, kind, ratio_floor)
 
 
 def human_size(size: int | float) -> str:

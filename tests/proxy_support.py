@@ -8,6 +8,8 @@
   a long-header reply whose SCID is its own connection id, then short-header echoes.
 * ``UdpClient`` is an asyncio UDP socket with a receive queue.
 * ``StaticApi`` is an in-memory ``MachinesApi`` for relay tests that need no HTTP.
+* ``FakeTime`` is a ``clock``/``sleep`` pair for ``Directory``: time moves only when the
+  test says so, so the poller's periods and rate limits are exact, whatever the load.
 """
 
 from __future__ import annotations
@@ -152,7 +154,7 @@ class UdpClient(asyncio.DatagramProtocol):
             return
         self.transport.sendto(data, addr)
 
-    async def recv(self, timeout: float = 2.0) -> tuple[bytes, Any]:
+    async def recv(self, timeout: float = 10.0) -> tuple[bytes, Any]:
         return await asyncio.wait_for(self.queue.get(), timeout)
 
     async def nothing(self, wait: float = 0.2) -> bool:
@@ -220,3 +222,38 @@ class StaticApi:
 
     async def wait(self, machine_id: str, state: str, *, timeout: float) -> None:
         return None
+
+
+class FakeTime:
+    """Monotonic time that moves only on ``advance``; ``sleep`` waits for that.
+
+    ``deadlines()`` lists the wake-up times of the sleeps in progress, so a test can wait
+    until the code under test is parked (and see until when) before it moves time on.
+    """
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        entry = (self.now + seconds, asyncio.get_running_loop().create_future())
+        self._sleepers.append(entry)
+        try:
+            await entry[1]
+        finally:
+            self._sleepers.remove(entry)
+
+    def deadlines(self) -> list[float]:
+        return sorted(at for at, future in self._sleepers if not future.done())
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        for at, future in self._sleepers:
+            if at <= self.now and not future.done():
+                future.set_result(None)

@@ -7,7 +7,10 @@ token, the HTTP bearer token): each tool call of every MCP test is a secrecy tes
 
 from __future__ import annotations
 
+import asyncio
 import json
+import shlex
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,3 +104,20 @@ def mcp_server() -> Iterator[Any]:
 
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
+
+
+# The vault of these tests runs in host mode: its commands see the test's files. A command can
+# so wait for the test ("gate") or tell it where it is, instead of both guessing with sleeps.
+
+
+def gate(path: Path) -> str:
+    """Shell that waits (bounded, 60 s) until the test creates ``path``."""
+    flag = shlex.quote(str(path))
+    return f"i=0; while [ ! -e {flag} ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done"
+
+
+async def wait_for_path(path: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
+        await asyncio.sleep(0.02)
