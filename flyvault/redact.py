@@ -68,6 +68,15 @@ def register(secret: str | None) -> None:
         _pattern = None
 
 
+def forget_all() -> None:
+    """Empty the registry. Only for test isolation: a process that read a secret keeps it
+    registered for its whole life."""
+    global _pattern
+    with _lock:
+        _known.clear()
+        _pattern = None
+
+
 def register_all(secrets: Iterable[str | None]) -> None:
     for secret in secrets:
         register(secret)

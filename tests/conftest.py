@@ -40,6 +40,17 @@ def isolated_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
+@pytest.fixture(autouse=True)
+def fresh_secret_registry() -> Iterator[None]:
+    """The scrubber's registry is process-wide: one test's secrets (a deliberately wrong
+    token such as "nope") must not be redacted from the next test's output."""
+    from flyvault import redact
+
+    redact.forget_all()
+    yield
+    redact.forget_all()
+
+
 @pytest.fixture(scope="session")
 def issuer() -> Iterator[OidcIssuer]:
     with OidcIssuer() as running:

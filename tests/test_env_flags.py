@@ -111,7 +111,7 @@ CASES = [
         {"VAULT_MAX_SESSIONS": "many"},
         "VAULT_MAX_SESSIONS='many'",
         "whole number",
-        "VAULT_MAX_SESSIONS=64",
+        "VAULT_MAX_SESSIONS=256",
     ),
     init(
         "VAULT_MAX_SESSIONS-zero",
