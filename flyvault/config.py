@@ -22,7 +22,6 @@ from __future__ import annotations
 import difflib
 import fcntl
 import hashlib
-import ipaddress
 import json
 import logging
 import os
@@ -36,192 +35,31 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import urlsplit
 
 import tomli_w
 
 from flyvault import paths, redact
+from flyvault.config_values import (
+    DEFAULT_ISSUER_BASE_URL,
+    EXAMPLE_ENTRY,
+    NAME_RE,
+    TOML_TYPES,
+    ForwardSpec,
+    RootfsFile,
+    RootfsUrl,
+    check_http_url,
+    check_issuer,
+    parse_address,
+    parse_forward_spec,
+    show_value,
+    table_ref,
+)
 from flyvault.errors import ConfigError
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
 
 log = logging.getLogger("flyvault.config")
-
-DEFAULT_ISSUER_BASE_URL = "https://oidc.fly.io"
-_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
-_HOST_RE = re.compile(r"[A-Za-z0-9_.-]+")  # DNS name or IPv4 literal; IPv6 goes in brackets
-_ADDRESS_FORM = "HOST:PORT or [IPV6]:PORT, e.g. my-app.fly.dev:443"
-_FORWARD_FORM = "LOCAL_PORT:HOST:REMOTE_PORT, e.g. 8080:localhost:80"
-_EXAMPLE = """[vault.NAME]
-address = "my-app.fly.dev:443"
-org = "my-org"
-app = "my-app"
-access_token = "..."\
-"""
-# TOML names of the types tomllib produces (float, datetime, date, time match already).
-_TOML_TYPES = {str: "string", bool: "boolean", int: "integer", list: "array", dict: "table"}
-
-
-def _show(text: str) -> str:
-    # repr() escapes control characters (no terminal tricks from a config value) and quotes.
-    return repr(text if len(text) <= 80 else text[:77] + "...")
-
-
-def _ref(name: str) -> str:
-    # A dotted name must be quoted in TOML, so show the table header the user has to write.
-    return f"[vault.{name}]" if "." not in name else f'[vault."{name}"]'
-
-
-def _port(text: str, what: str, *, lowest: int = 1) -> int:
-    if not text:
-        raise ValueError(f"{what} is empty")
-    # isdigit() alone accepts '²'; int() alone accepts '+1', ' 1' and '1_0'.
-    if not (text.isascii() and text.isdigit()):
-        raise ValueError(f"{what} {_show(text)} is not a number")
-    digits = text.lstrip("0") or "0"
-    # Check the length first: int() of a huge digit string raises past 4300 digits.
-    if len(digits) > 5 or not lowest <= int(digits) <= 65535:
-        raise ValueError(f"{what} {text} is out of range {lowest}-65535")
-    return int(digits)
-
-
-def _host(text: str) -> str:
-    """Validate a host as written (IPv6 in brackets) and return it without brackets."""
-    if text.startswith("["):
-        inner = text[1:-1]
-        try:
-            ipaddress.IPv6Address(inner)
-        except ValueError:
-            raise ValueError(f"{_show(inner)} is not a valid IPv6 address") from None
-        return inner
-    if not text:
-        raise ValueError("host is empty")
-    if ":" in text:
-        raise ValueError("an IPv6 host must be written in brackets, e.g. [::1]")
-    if not _HOST_RE.fullmatch(text):
-        raise ValueError(f"host {_show(text)} has characters not allowed in a host name")
-    return text
-
-
-def _split_host_port(text: str) -> tuple[str, str]:
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ValueError("'[' without a closing ']'")
-        if not text[end + 1 :].startswith(":"):
-            raise ValueError("expected ':PORT' after ']'")
-        return text[: end + 1], text[end + 2 :]
-    if ":" not in text:
-        raise ValueError("missing ':PORT'")
-    host, _, port = text.rpartition(":")
-    return host, port
-
-
-def parse_address(text: str, *, allow_any_port: bool = False) -> tuple[str, int]:
-    """Parse ``host:port`` or ``[v6]:port``; the host is returned without brackets.
-
-    ``allow_any_port`` admits port 0 ("any free port"), which only makes sense for a
-    listening address.
-    """
-    try:
-        host, port = _split_host_port(text)
-        return _host(host), _port(port, "port", lowest=0 if allow_any_port else 1)
-    except ValueError as exc:
-        raise ConfigError(
-            f"invalid address {_show(text)}: {exc}; expected {_ADDRESS_FORM}"
-        ) from None
-
-
-def _bracket(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-@dataclass(frozen=True)
-class ForwardSpec:
-    """Listen on 127.0.0.1:``local_port`` and tunnel each connection to ``host:remote_port``."""
-
-    local_port: int
-    host: str
-    remote_port: int
-
-    def __post_init__(self) -> None:
-        # Checked here too so a spec built in code holds the same invariants as a parsed one.
-        for what, port in (("local port", self.local_port), ("remote port", self.remote_port)):
-            if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-                raise ConfigError(f"invalid forward spec: {what} {port!r} is out of range 1-65535")
-        try:
-            _host(_bracket(self.host) if isinstance(self.host, str) else "")
-        except ValueError as exc:
-            raise ConfigError(f"invalid forward spec: {exc}") from None
-
-    @property
-    def target(self) -> str:
-        """``host:port`` as sent to the server (IPv6 bracketed)."""
-        return f"{_bracket(self.host)}:{self.remote_port}"
-
-    def __str__(self) -> str:
-        return f"{self.local_port}:{self.target}"
-
-
-def parse_forward_spec(text: str) -> ForwardSpec:
-    """Parse ``L:host:R`` or ``L:[v6]:R``."""
-    local, sep, rest = text.partition(":")
-    if not sep or (":" not in rest):
-        raise ConfigError(f"invalid forward spec {_show(text)}: expected {_FORWARD_FORM}")
-    try:
-        host, remote = _split_host_port(rest)
-        spec = (_port(local, "local port"), _host(host), _port(remote, "remote port"))
-    except ValueError as exc:
-        raise ConfigError(
-            f"invalid forward spec {_show(text)}: {exc}; expected {_FORWARD_FORM}"
-        ) from None
-    return ForwardSpec(*spec)
-
-
-@dataclass(frozen=True)
-class RootfsFile:
-    path: Path
-
-
-@dataclass(frozen=True)
-class RootfsUrl:
-    url: str
-
-
-def _check_http_url(url: str, key: str) -> str:
-    """Return the host. Never echoes the URL: a presigned URL carries a credential."""
-    # urlsplit silently drops tabs and newlines, but the raw string is what gets sent.
-    if any(c.isspace() or not c.isprintable() for c in url):
-        raise ValueError(f"{key} must not contain spaces or control characters")
-    try:
-        parts = urlsplit(url)
-        port = parts.port  # raises ValueError on a bad port
-    except ValueError:
-        raise ValueError(f"{key} is not a valid URL") from None
-    if parts.scheme not in ("http", "https"):
-        raise ValueError(f"{key} must use http or https scheme, got {parts.scheme or 'none'}")
-    if not parts.hostname or port == 0:
-        raise ValueError(f"{key} has no host" if not parts.hostname else f"{key} has port 0")
-    return parts.hostname
-
-
-def _check_issuer(url: str) -> None:
-    # Development only: a stand-in issuer on this machine. Anything else would let a config
-    # file silently redirect attestation to a server of someone else's choosing.
-    host = _check_http_url(url, "oidc_issuer_url")
-    parts = urlsplit(url)
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise ValueError("oidc_issuer_url must be a plain base URL (no credentials, ?query, #)")
-    loopback = host == "localhost"
-    with suppress(ValueError):
-        loopback = loopback or ipaddress.ip_address(host).is_loopback
-    if not loopback:
-        raise ValueError(
-            f"oidc_issuer_url is a development-only override and must point at a loopback "
-            f"address (127.0.0.0/8, ::1 or localhost), got host {_show(host)}"
-        )
-
 
 class Secret:
     """A string that never shows itself in repr, str or formatting (the access token)."""
@@ -341,13 +179,13 @@ class VaultConfig:
     def require_access_token(self) -> str:
         token = self.access_token.get_secret_value() if self.access_token else ""
         if not token:
-            hint = f'set {_ref(self.name)} access_token = "..." in the config file'
+            hint = f'set {table_ref(self.name)} access_token = "..." in the config file'
             raise ConfigError("access_token is required", hint=hint)
         return token
 
     def rootfs_source(self, purpose: Literal["cold boot", "reprovision"]) -> RootfsFile | RootfsUrl:
         """The rootfs to send; only asked for when one is needed (cold boot or reprovision)."""
-        ref = _ref(self.name)
+        ref = table_ref(self.name)
         if self.rootfs is not None and self.rootfs_url is not None:
             raise ConfigError(
                 "both rootfs and rootfs_url are set; configure exactly one",
@@ -355,7 +193,7 @@ class VaultConfig:
             )
         if self.rootfs_url is not None:
             try:
-                _check_http_url(self.rootfs_url, "rootfs_url")
+                check_http_url(self.rootfs_url, "rootfs_url")
             except ValueError as exc:
                 raise ConfigError(str(exc), hint=f"fix rootfs_url in {ref}") from None
             return RootfsUrl(self.rootfs_url)
@@ -439,9 +277,9 @@ def _schema() -> Any:
         @field_validator("name")
         @classmethod
         def _valid_name(cls, value: str) -> str:
-            if not _NAME_RE.fullmatch(value):
+            if not NAME_RE.fullmatch(value):
                 raise ValueError(
-                    f"invalid vault name {_show(value)}: use only letters, digits, '_', '.' and '-'"
+                    f"invalid vault name {show_value(value)}: use only letters, digits, '_', '.' and '-'"
                 )
             return value
 
@@ -477,9 +315,9 @@ def _schema() -> Any:
         @classmethod
         def _valid_url(cls, value: str | None, info: ValidationInfo) -> str | None:
             if value is not None and info.field_name == "rootfs_url":
-                _check_http_url(value, "rootfs_url")
+                check_http_url(value, "rootfs_url")
             elif value is not None:
-                _check_issuer(value)
+                check_issuer(value)
             return value
 
         @field_validator("rootfs_max_expansion_ratio")
@@ -524,18 +362,18 @@ def _readable_file(raw: str, ref: str) -> Path:
 
 
 def _type_name(value: object) -> str:
-    return _TOML_TYPES.get(type(value), type(value).__name__)
+    return TOML_TYPES.get(type(value), type(value).__name__)
 
 
 def _unknown_key(key: str, where: str, known: tuple[str, ...]) -> str:
     close = difflib.get_close_matches(key, known, n=1)
     suggestion = f"; did you mean {close[0]!r}?" if close else ""
-    return f"unknown key {_show(key)} in {where}{suggestion}"
+    return f"unknown key {show_value(key)} in {where}{suggestion}"
 
 
 def _describe(name: str, exc: ValidationError) -> list[str]:
     """One line per problem, built from loc and type only: never from the input value."""
-    ref, out = _ref(name), []
+    ref, out = table_ref(name), []
     for err in exc.errors(include_url=False):
         loc = [str(part) for part in err["loc"]]
         key = loc[0] if loc else "?"
@@ -593,7 +431,7 @@ def _token_problems(table: Mapping[str, Any], tokens: list[str]) -> list[str]:
             "a [vault.<name>] table name contains an access token; the token belongs only "
             "in access_token (rename the table)"
         ]
-    ref = _ref(name) if isinstance(name, str) else "[vault.?]"
+    ref = table_ref(name) if isinstance(name, str) else "[vault.?]"
     keys = [key for key in _SHOWN_KEYS if holds(table.get(key))]
     forward = table.get("forward")
     if isinstance(forward, list | tuple):
@@ -616,7 +454,7 @@ class Config:
         if self.vaults:
             hint = "configured vaults: " + ", ".join(sorted(self.vaults))
         else:
-            hint = f"no vaults are configured; add a table such as\n{_EXAMPLE}"
+            hint = f"no vaults are configured; add a table such as\n{EXAMPLE_ENTRY}"
         raise ConfigError(f"vault {name} not found in {self.path}", hint=hint)
 
 
@@ -677,16 +515,16 @@ def _parse_document(doc: dict[str, Any], path: Path) -> dict[str, VaultConfig]:
             if tokens:
                 problems += tokens
                 continue
-        if not _NAME_RE.fullmatch(name):
+        if not NAME_RE.fullmatch(name):
             problems.append(
-                f"invalid vault name {_show(name)}: use only letters, digits, '_', '.' and '-'"
+                f"invalid vault name {show_value(name)}: use only letters, digits, '_', '.' and '-'"
             )
             continue
         if not isinstance(table, dict):
-            problems.append(f"{_ref(name)} must be a table, got {_type_name(table)}")
+            problems.append(f"{table_ref(name)} must be a table, got {_type_name(table)}")
             continue
         # Checked here rather than by pydantic so "name" (filled from the header) is refused too.
-        problems += [_unknown_key(k, _ref(name), VAULT_KEYS) for k in table if k not in VAULT_KEYS]
+        problems += [_unknown_key(k, table_ref(name), VAULT_KEYS) for k in table if k not in VAULT_KEYS]
         known = {k: v for k, v in table.items() if k in VAULT_KEYS}
         try:
             entry = VaultConfig(**known, name=name)
@@ -710,7 +548,7 @@ def load_config(path: Path | None = None, *, missing_ok: bool = False) -> Config
         if missing_ok:
             return Config(path)
         raise ConfigError(
-            f"config file {path} not found", hint=f"create it with at least:\n{_EXAMPLE}"
+            f"config file {path} not found", hint=f"create it with at least:\n{EXAMPLE_ENTRY}"
         )
     started = time.perf_counter()
     doc = _parse_toml(raw, path)
@@ -862,8 +700,8 @@ def save_vault(entry: VaultConfig, path: Path | None = None) -> None:
 
 def remove_vault(name: str, path: Path | None = None) -> bool:
     """Remove ``[vault.<name>]``; False (file untouched) if there was no such entry."""
-    if not _NAME_RE.fullmatch(name):
-        raise ConfigError(f"invalid vault name {_show(name)}")
+    if not NAME_RE.fullmatch(name):
+        raise ConfigError(f"invalid vault name {show_value(name)}")
     if not _resolve(path).exists():
         return False
 

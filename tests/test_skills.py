@@ -568,7 +568,7 @@ def collect_messages() -> tuple[Message, ...]:
             owner = func.value if isinstance(func, ast.Attribute) else None
             if called in classes or called in MESSAGE_HELPERS:
                 kind = called
-            elif called == "ValueError" and name == "flyvault/config.py":
+            elif called == "ValueError" and name in ("flyvault/config.py", "flyvault/config_values.py"):
                 kind = "ValueError"  # validator messages become ConfigError lines
             elif called == "append" and isinstance(owner, ast.Name) and owner.id == "problems":
                 kind = "problem"
