@@ -43,11 +43,18 @@ class MachinesApiError(RemoteError):
         api_message: str = "",
         operation: str = "",
         hint: str | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message, hint=hint)
         self.status = status
         self.api_message = api_message
         self.operation = operation
+        self.retry_after = retry_after
+
+    @property
+    def refused(self) -> bool:
+        """A definite refusal that a retry would meet again (400, 422, other 4xx)."""
+        return 400 <= self.status < 500 and self.status not in (404, 408, 409, 412, 429)
 
 
 class ApiAuthError(MachinesApiError, AuthError):
@@ -105,6 +112,7 @@ class RolloutFailed(VaultError):
 
 
 class IncompleteCleanup(VaultError):
-    """A create rollback or a delete left resources behind; the message names them."""
+    """A create rollback or a delete left resources behind, or a lease could not be
+    released; the message names each of them (and a lease's expiry)."""
 
     exit_code = 12

@@ -11,13 +11,17 @@ Every call goes through ``_request``, which owns the four things the original la
   retried for every call, because the API has not acted on the request. A 5xx, a 408, a read
   timeout or a dropped connection are retried only for idempotent calls (GET, DELETE, stop,
   cordon, lease refresh): retrying a ``POST /machines`` whose first attempt may have
-  succeeded would create a second machine. Callers of non-idempotent calls get
-  ``ApiTimeout``/``ApiServerError`` and must find out what happened themselves (tenant
-  create does so through the tenant metadata).
+  succeeded would create a second machine. Callers of non-idempotent calls get the error and
+  *read the API back* to find out what happened (``admin.readback``, ``admin.leases``).
+- *Deadlines*: a call made on behalf of a timeout (``deadline=``) never sleeps past it; a
+  backoff or a ``Retry-After`` that would end after the deadline gives up at once, so retries
+  count against the same deadline as the wait they serve. Time comes from an injectable
+  ``admin.clock.Clock``.
 - *Pagination*: list calls ask for pages (``limit``/``cursor``, which the API honours as an
   opt-in) and follow ``next_cursor``. A server that ignores the parameters answers with a
   bare array, which is the whole list.
-- *Error mapping* into ``admin.errors`` with the API's own message, scrubbed of secrets.
+- *Error mapping* into ``admin.errors`` with the API's own message, scrubbed of secrets, and a
+  hint that matches the cause (``admin.hints``).
 
 The token lives only in the ``Authorization`` header of the underlying httpx client; it is
 never part of a URL, message, log line or ``repr``.
@@ -26,24 +30,24 @@ never part of a URL, message, log line or ``repr``.
 refuses more than 60) and passes ``instance_id`` so a wait after an update is satisfied by
 the *new* instance, not the old one that was still ``started`` (reference §5 bug 4).
 
-``hold_lease`` acquires a lease and refreshes it in the background for as long as the block
-runs, so a long update cannot outlive its lease (reference §5 bug 3).
+Leases (acquire with read-back, background refresh, release with retries) are in
+``admin.leases``; ``hold_lease`` here is a shortcut to ``admin.leases.hold``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import math
 import random
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from admin.clock import SYSTEM_CLOCK, Clock
 from admin.errors import (
     ApiAuthError,
     ApiConflict,
@@ -55,8 +59,12 @@ from admin.errors import (
     MachinesApiError,
     WaitTimeout,
 )
+from admin.hints import hint_for_status, hint_for_transport
 from flyvault.redact import register as register_secret
 from flyvault.redact import scrub
+
+if TYPE_CHECKING:
+    from admin.leases import HeldLease
 
 logger = logging.getLogger("admin.machines")
 
@@ -103,30 +111,8 @@ class Lease:
     nonce: str
     ttl: int
     expires_at: float | None = None
-
-
-@dataclass
-class HeldLease:
-    """A lease kept alive by a background refresher. ``check()`` raises once it is lost."""
-
-    lease: Lease
-    lost: MachinesApiError | None = None
-    refreshes: int = 0
-    _task: asyncio.Task[None] | None = field(default=None, repr=False)
-
-    @property
-    def nonce(self) -> str:
-        return self.lease.nonce
-
-    def check(self) -> None:
-        if self.lost is not None:
-            raise ApiConflict(
-                f"lease on machine {self.lease.machine_id} was lost: {self.lost.message}",
-                status=self.lost.status,
-                api_message=self.lost.api_message,
-                operation="refresh lease",
-                hint="another operator may hold the machine; retry when it is free",
-            )
+    description: str = ""
+    owner: str = ""
 
 
 def _api_message(response: httpx.Response) -> str:
@@ -144,9 +130,11 @@ def _api_message(response: httpx.Response) -> str:
                 break
     if not text:
         text = response.text.strip()
+    # Scrubbed before it is cut: a cut could leave half a secret that no longer matches.
+    text = scrub(text)
     if len(text) > _MAX_API_MESSAGE:
         text = text[:_MAX_API_MESSAGE] + "..."
-    return scrub(text)
+    return text
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -157,6 +145,13 @@ def _retry_after(response: httpx.Response) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         return None  # an HTTP date: rare for this API, the backoff is good enough
+
+
+@dataclass
+class _Outcome:
+    response: httpx.Response | None = None
+    error: MachinesApiError | None = None
+    retryable: bool = False
 
 
 class MachinesClient:
@@ -173,12 +168,14 @@ class MachinesClient:
         page_size: int = 100,
         max_wait_chunk: int = API_MAX_WAIT_SECS,
         transport: httpx.AsyncBaseTransport | None = None,
+        clock: Clock | None = None,
     ) -> None:
         register_secret(token)
         self.base_url = base_url.rstrip("/")
         self.app = app
         self.retry = retry or RetryPolicy()
         self.timeouts = timeouts or Timeouts()
+        self.clock = clock or SYSTEM_CLOCK
         self.page_size = page_size
         self.max_wait_chunk = max(1, min(max_wait_chunk, API_MAX_WAIT_SECS))
         self._http = httpx.AsyncClient(
@@ -207,6 +204,10 @@ class MachinesClient:
             connect=t.connect, read=t.read if read is None else read, write=t.write, pool=t.pool
         )
 
+    def request_timeout(self) -> float:
+        """The longest one ordinary request may take (the slack of every time bound)."""
+        return self.timeouts.connect + self.timeouts.read
+
     # -- the one request path ---------------------------------------------------------------
 
     async def _request(
@@ -220,60 +221,83 @@ class MachinesClient:
         nonce: str | None = None,
         read_timeout: float | None = None,
         accept: tuple[int, ...] = (),
+        deadline: float | None = None,
     ) -> httpx.Response:
         operation = f"{method} {path}"
         headers = {LEASE_NONCE_HEADER: nonce} if nonce else None
         last = self.retry.attempts - 1
         for attempt in range(self.retry.attempts):
-            retry_after: float | None = None
-            started = time.monotonic()
-            try:
-                response = await self._http.request(
-                    method,
-                    path,
-                    params=params,
-                    json=json,
-                    headers=headers,
-                    timeout=self._timeout(read_timeout),
-                )
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-                # Nothing reached the API: safe to retry any call.
-                error: MachinesApiError = ApiUnreachable(
-                    f"machines api: {operation}: cannot reach {self.base_url}: "
-                    f"{scrub(type(exc).__name__)}",
-                    operation=operation,
-                    hint="check --api-base / FLY_API_BASE and the network",
-                )
-                retryable = True
-            except httpx.TimeoutException:
-                outcome = "" if idempotent else " (the outcome is unknown)"
-                error = ApiTimeout(
-                    f"machines api: {operation}: no answer within "
-                    f"{read_timeout or self.timeouts.read:g}s{outcome}",
-                    operation=operation,
-                )
-                retryable = idempotent
-            except httpx.TransportError as exc:
-                error = ApiUnreachable(
-                    f"machines api: {operation}: connection failed: {type(exc).__name__}",
-                    operation=operation,
-                )
-                retryable = idempotent
-            else:
-                elapsed = time.monotonic() - started
-                logger.debug("%s -> %d (%.3fs)", operation, response.status_code, elapsed)
-                if response.status_code < 400 or response.status_code in accept:
-                    return response
-                error = self._map_status(operation, response)
-                status = response.status_code
-                retryable = status == 429 or (idempotent and status in _RETRYABLE_IDEMPOTENT)
-                retry_after = _retry_after(response)
-            if not retryable or attempt == last:
+            outcome = await self._attempt(
+                operation, idempotent, params, json, headers, read_timeout, accept
+            )
+            if outcome.response is not None:
+                return outcome.response
+            error = outcome.error
+            assert error is not None
+            if not outcome.retryable or attempt == last:
                 raise error
-            delay = self.retry.delay(attempt, retry_after)
+            delay = self.retry.delay(attempt, error.retry_after)
+            if deadline is not None and self.clock.now() + delay >= deadline:
+                raise error  # the deadline comes first: retries count against it
             logger.info("%s; retrying in %.2fs (%d/%d)", error.message, delay, attempt + 1, last)
-            await asyncio.sleep(delay)
+            await self.clock.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _attempt(
+        self,
+        operation: str,
+        idempotent: bool,
+        params: Mapping[str, str | int] | None,
+        json: Any,
+        headers: dict[str, str] | None,
+        read_timeout: float | None,
+        accept: tuple[int, ...],
+    ) -> _Outcome:
+        method, _, path = operation.partition(" ")
+        started = time.monotonic()
+        try:
+            response = await self._http.request(
+                method,
+                path,
+                params=params,
+                json=json,
+                headers=headers,
+                timeout=self._timeout(read_timeout),
+            )
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            # Nothing reached the API: safe to retry any call.
+            return _Outcome(error=self._unreachable(operation, exc), retryable=True)
+        except httpx.TimeoutException:
+            outcome = "" if idempotent else " (the outcome is unknown)"
+            error: MachinesApiError = ApiTimeout(
+                f"machines api: {operation}: no answer within "
+                f"{read_timeout or self.timeouts.read:g}s{outcome}",
+                operation=operation,
+                hint=hint_for_transport(timed_out=True),
+            )
+            return _Outcome(error=error, retryable=idempotent)
+        except httpx.TransportError as exc:
+            outcome = "" if idempotent else " (the outcome is unknown)"
+            error = ApiUnreachable(
+                f"machines api: {operation}: connection failed: {type(exc).__name__}{outcome}",
+                operation=operation,
+                hint=hint_for_transport(timed_out=False),
+            )
+            return _Outcome(error=error, retryable=idempotent)
+        elapsed = time.monotonic() - started
+        logger.debug("%s -> %d (%.3fs)", operation, response.status_code, elapsed)
+        if response.status_code < 400 or response.status_code in accept:
+            return _Outcome(response=response)
+        status = response.status_code
+        retryable = status == 429 or (idempotent and status in _RETRYABLE_IDEMPOTENT)
+        return _Outcome(error=self._map_status(operation, response), retryable=retryable)
+
+    def _unreachable(self, operation: str, exc: Exception) -> ApiUnreachable:
+        return ApiUnreachable(
+            f"machines api: {operation}: cannot reach {self.base_url}: {scrub(type(exc).__name__)}",
+            operation=operation,
+            hint="check --api-base / FLY_API_BASE and the network",
+        )
 
     def _map_status(self, operation: str, response: httpx.Response) -> MachinesApiError:
         status = response.status_code
@@ -281,26 +305,22 @@ class MachinesClient:
         message = (
             f"machines api: {operation}: {status} {response.reason_phrase}: {api_message}"
         ).rstrip(": ")
+        retry_after = _retry_after(response)
         kwargs: dict[str, Any] = {
             "status": status,
             "api_message": api_message,
             "operation": operation,
+            "retry_after": retry_after,
+            "hint": hint_for_status(status, self.app, retry_after),
         }
         if status in (401, 403):
-            return ApiAuthError(
-                message,
-                hint=f"check --api-token / FLY_API_TOKEN: it must be valid for app "
-                f"'{self.app}' (e.g. `fly tokens create deploy -a {self.app}`)",
-                **kwargs,
-            )
+            return ApiAuthError(message, **kwargs)
         if status == 404:
             return ApiNotFound(message, **kwargs)
         if status in (409, 412):
             return ApiConflict(message, **kwargs)
         if status == 429:
-            return ApiRateLimited(
-                message, hint="the API is rate limiting; wait and retry", **kwargs
-            )
+            return ApiRateLimited(message, **kwargs)
         if status >= 500:
             return ApiServerError(message, **kwargs)
         return MachinesApiError(message, **kwargs)
@@ -363,8 +383,12 @@ class MachinesClient:
             params["region"] = region
         return await self._list("/machines", params, "machines")
 
-    async def get_machine(self, machine_id: str) -> dict[str, Any]:
-        response = await self._request("GET", f"/machines/{machine_id}", idempotent=True)
+    async def get_machine(
+        self, machine_id: str, *, deadline: float | None = None
+    ) -> dict[str, Any]:
+        response = await self._request(
+            "GET", f"/machines/{machine_id}", idempotent=True, deadline=deadline
+        )
         machine: dict[str, Any] = await self._json(response, "GET machine")
         return machine
 
@@ -377,7 +401,8 @@ class MachinesClient:
         self, machine_id: str, body: Mapping[str, Any], *, nonce: str | None = None
     ) -> dict[str, Any]:
         # Not idempotent in effect (a new instance each time); current_version in the body
-        # makes a blind retry fail with 412 rather than double-apply, but we still don't.
+        # makes a blind retry fail with 412 rather than double-apply, but we still don't:
+        # the caller reads the machine back and decides.
         response = await self._request(
             "POST", f"/machines/{machine_id}", json=body, nonce=nonce, idempotent=False
         )
@@ -418,15 +443,18 @@ class MachinesClient:
         timeout: float,
         instance_id: str | None = None,
     ) -> None:
-        """Wait until the machine (that instance, when given) is in ``state``."""
-        deadline = time.monotonic() + max(timeout, 1.0)
+        """Wait until the machine (that instance, when given) is in ``state``.
+
+        Retries of a failed chunk count against ``timeout``; the call ends at most one
+        chunk's read timeout after it (the API takes whole seconds, at least one)."""
+        deadline = self.clock.now() + max(timeout, 0.0)
         while True:
-            remaining = deadline - time.monotonic()
+            remaining = deadline - self.clock.now()
             chunk = int(min(max(math.ceil(remaining), 1), self.max_wait_chunk))
             params: dict[str, str | int] = {"state": state, "timeout": chunk}
-            started = time.monotonic()
             if instance_id:
                 params["instance_id"] = instance_id
+            started = self.clock.now()
             response = await self._request(
                 "GET",
                 f"/machines/{machine_id}/wait",
@@ -434,14 +462,15 @@ class MachinesClient:
                 idempotent=True,
                 read_timeout=chunk + self.timeouts.wait_grace,
                 accept=(408,),
+                deadline=deadline,
             )
             if response.status_code != 408:
                 return
-            if time.monotonic() - started < chunk / 2:
+            if self.clock.now() - started < chunk / 2:
                 # A 408 long before the chunk ended is not the API waiting (a proxy, a fault):
                 # pause instead of spinning on it.
-                await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-            if time.monotonic() >= deadline - 0.05:
+                await self.clock.sleep(min(1.0, max(0.0, deadline - self.clock.now())))
+            if self.clock.now() >= deadline - 0.05:
                 which = f" (instance {instance_id})" if instance_id else ""
                 raise WaitTimeout(
                     f"machine {machine_id}{which} did not reach state '{state}' within "
@@ -463,6 +492,14 @@ class MachinesClient:
         )
         return self._parse_lease(machine_id, ttl, await self._json(response, "POST lease"))
 
+    async def get_lease(self, machine_id: str) -> Lease | None:
+        """The machine's current lease (nonce included), or None when it has none."""
+        try:
+            response = await self._request("GET", f"/machines/{machine_id}/lease", idempotent=True)
+        except ApiNotFound:
+            return None
+        return self._parse_lease(machine_id, 0, await self._json(response, "GET lease"))
+
     async def refresh_lease(self, lease: Lease) -> Lease:
         # Re-posting with our own nonce extends the lease; the API treats it as idempotent.
         response = await self._request(
@@ -472,9 +509,11 @@ class MachinesClient:
             nonce=lease.nonce,
             idempotent=True,
         )
-        return self._parse_lease(
+        fresh = self._parse_lease(
             lease.machine_id, lease.ttl, await self._json(response, "refresh lease")
         )
+        fresh.description = fresh.description or lease.description
+        return fresh
 
     async def release_lease(self, machine_id: str, nonce: str) -> None:
         await self._request("DELETE", f"/machines/{machine_id}/lease", nonce=nonce, idempotent=True)
@@ -483,49 +522,31 @@ class MachinesClient:
     def _parse_lease(machine_id: str, ttl: int, body: Any) -> Lease:
         data = body.get("data") if isinstance(body, dict) else None
         nonce = data.get("nonce") if isinstance(data, dict) else None
-        if not isinstance(nonce, str) or not nonce:
+        if not isinstance(data, dict) or not isinstance(nonce, str) or not nonce:
             raise MachinesApiError(
                 f"machines api: lease on machine {machine_id}: answer has no data.nonce",
                 operation="POST lease",
             )
         register_secret(nonce)  # a nonce lets anyone act on the machine while it is valid
-        expires = data.get("expires_at") if isinstance(data, dict) else None
+        expires = data.get("expires_at")
         return Lease(
-            machine_id, nonce, ttl, float(expires) if isinstance(expires, int | float) else None
+            machine_id,
+            nonce,
+            ttl,
+            float(expires) if isinstance(expires, int | float) else None,
+            str(data.get("description") or ""),
+            str(data.get("owner") or ""),
         )
 
     @contextlib.asynccontextmanager
     async def hold_lease(
         self, machine_id: str, *, ttl: int, description: str = "fly-vault-admin"
     ) -> AsyncIterator[HeldLease]:
-        """Hold a lease for the whole block, refreshing it every ttl/3 seconds."""
-        held = HeldLease(await self.acquire_lease(machine_id, ttl=ttl, description=description))
+        """Hold a lease for the whole block (``admin.leases.hold``)."""
+        from admin.leases import hold
 
-        async def refresher() -> None:
-            while True:
-                await asyncio.sleep(max(ttl / 3, 0.2))
-                try:
-                    held.lease = await self.refresh_lease(held.lease)
-                    held.refreshes += 1
-                except MachinesApiError as exc:
-                    held.lost = exc
-                    logger.warning("lease on %s lost: %s", machine_id, exc.message)
-                    return
-
-        held._task = asyncio.create_task(refresher())
-        try:
+        async with hold(self, machine_id, ttl=ttl, description=description) as held:
             yield held
-        finally:
-            held._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await held._task
-            try:
-                await asyncio.shield(self.release_lease(machine_id, held.nonce))
-            except ApiNotFound:
-                pass  # expired or released already: the goal is reached
-            except MachinesApiError as exc:
-                # The machine itself is fine; the lease runs out after its TTL.
-                logger.warning("could not release lease on %s: %s", machine_id, exc.message)
 
     # -- volumes ----------------------------------------------------------------------------
 
@@ -535,6 +556,11 @@ class MachinesClient:
     async def create_volume(self, body: Mapping[str, Any]) -> dict[str, Any]:
         response = await self._request("POST", "/volumes", json=body, idempotent=False)
         volume: dict[str, Any] = await self._json(response, "POST /volumes")
+        return volume
+
+    async def get_volume(self, volume_id: str) -> dict[str, Any]:
+        response = await self._request("GET", f"/volumes/{volume_id}", idempotent=True)
+        volume: dict[str, Any] = await self._json(response, "GET volume")
         return volume
 
     async def delete_volume(self, volume_id: str) -> None:

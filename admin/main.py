@@ -24,7 +24,8 @@ exit codes:
   4   Machines API unreachable, timed out, or a machine did not reach a state in time
   6   API token refused (401/403)     9   not found (app, machine, tenant)
   10  other Machines API error        11  rollout failed (the summary names each machine)
-  12  cleanup incomplete (create rollback or delete left resources; they are named)
+  12  cleanup incomplete (create rollback or delete left resources, or a lease could
+      not be released; each is named, a lease with its expiry)
   13  tenant already exists          130  interrupted
 
 environment: FLY_API_TOKEN, FLY_APP, FLY_API_BASE, FLY_VAULT_ACCESS_TOKEN,
@@ -230,6 +231,12 @@ def resolve_globals(args: argparse.Namespace) -> None:
 def _configure_logging(verbose: bool) -> None:
     import logging
 
+    class _LowerLevelFormatter(logging.Formatter):
+        # One warning format: "fly-vault-admin: warning: ...", as admin.output.warn prints.
+        def format(self, record: logging.LogRecord) -> str:
+            record.levelname = record.levelname.lower()
+            return super().format(record)
+
     from flyvault.redact import ScrubFilter, scrub
 
     class _ScrubbedStderr(logging.Handler):
@@ -245,7 +252,7 @@ def _configure_logging(verbose: bool) -> None:
     if not any(isinstance(h, _ScrubbedStderr) or h.get_name() == PROG for h in root.handlers):
         handler = _ScrubbedStderr()
         handler.set_name(PROG)
-        handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+        handler.setFormatter(_LowerLevelFormatter(f"{PROG}: %(levelname)s: %(message)s"))
         handler.addFilter(ScrubFilter())  # args, exceptions and extras too, before formatting
         root.addHandler(handler)
 
@@ -269,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     from flyvault.redact import register as register_secret
 
     _configure_logging(args.verbose)
+    # Before the first request: an API answer may quote any of them (a 5xx or a 422 body).
+    for variable in ("FLY_API_TOKEN", "FLY_VAULT_ACCESS_TOKEN", "FLY_VAULT_USAGE_BEARER_TOKEN"):
+        register_secret(os.environ.get(variable))
+    for option in ("access_token", "bearer_token"):
+        register_secret(getattr(args, option, None))
     try:
         resolve_globals(args)
         register_secret(args.api_token)
@@ -282,8 +294,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         # `fly-vault-admin tenant usage-facts | head`: the reader left; no traceback.
-        import os
-
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141

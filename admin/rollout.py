@@ -3,24 +3,28 @@
 Theory of operation
 -------------------
 1. *Select and snapshot* (no change yet): the managed machines of the chosen tenants, each
-   checked (instance id, config.image), sorted by (tenant, machine). The snapshot keeps the
-   previous image **by digest** (``image_ref.digest``) so a rollback returns to the bytes that
-   ran before, not to a tag that may have moved (reference §5 bug 5). Machines already on
-   the image are skipped unless ``--force`` (bug 12); stopped machines are updated with
+   checked (instance id, config.image), sorted by (tenant, machine). Before the first
+   mutating call the snapshot records, per machine, its rollback target: the image it runs
+   **by digest** (``image_ref.digest``), so a rollback returns to the bytes that ran before
+   and not to a tag that may have moved (reference §5 bug 5), and its state. It is always
+   this run's own snapshot, never an older run's (a ``--force`` rerun of a moved tag rolls
+   back to the last good image, not to the one before it). Machines already on the image
+   are skipped unless ``--force`` (bug 12); stopped machines are updated with
    ``skip_launch`` and stay stopped.
 2. *Canary stage*: up to ``--canary`` machines, first machines of distinct tenants, one at a
    time.
 3. *Rolling stage*: batches of at most ``--concurrency`` machines and at most one machine per
    tenant, so a tenant never loses two machines at once. A batch finishes before the next.
-4. *Per machine*: lease (refreshed in the background for the whole update, bug 3), cordon,
-   update with ``current_version`` (a concurrent change fails with 412 instead of being
-   overwritten), wait for ``started`` **of the new instance** (bug 4), poll health checks
-   until they pass, soak (state and checks must hold), uncordon, release.
+4. *Per machine* (``admin.rollout_machine``): lease, cordon, versioned update with read-back
+   after doubt, wait for ``started`` of the new instance, health checks, soak, uncordon,
+   release.
 5. *Failure*: the canary stage stops at once; a batch lets its siblings finish. Then every
-   machine whose update went through is rolled back, newest first, with the same care
-   (lease, cordon, versioned update, wait, health, uncordon).
+   machine that actually changed (acknowledged, seen in a read-back, or of unknown outcome)
+   is rolled back, newest first, with the same care. A healthy machine that only could not
+   be uncordoned is not rolled back: the rollout stops so that a rerun finishes it.
 6. *State file* after every step (``admin.rollout_state``): an interrupted rollout resumes
-   where it stopped when the same command runs again.
+   where it stopped when the same command runs again; a failed one whose rollback did not
+   complete finishes that rollback first.
 """
 
 from __future__ import annotations
@@ -28,17 +32,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import copy
 import signal
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from admin.errors import ApiNotFound, MachinesApiError, RolloutFailed
-from admin.machines import HeldLease, MachinesClient
+from admin.errors import ApiNotFound, IncompleteCleanup, RolloutFailed
+from admin.hints import IMAGE, cause_of, rollout_hint
+from admin.leases import run_tag
+from admin.machines import MachinesClient
 from admin.output import note, out, render_table, warn
+from admin.readback import set_cordon
+from admin.rollout_machine import CordonLeft, MachineWork, checks_status, digest_of
 from admin.rollout_state import (
     FAILED,
     GONE,
@@ -53,10 +59,11 @@ from admin.rollout_state import (
     default_state_path,
     load_state,
 )
+from admin.template import register_env_values
 from admin.tenants import list_managed, tenant_of
 from flyvault.errors import NotFoundError, UsageError, VaultError
 
-PASSING = frozenset({"passing", "passed", "healthy", "ok"})
+__all__ = ["Rollout", "RolloutOptions", "checks_status", "rollback_ref", "run_update_image"]
 
 
 @dataclass
@@ -76,7 +83,12 @@ class RolloutOptions:
 
 
 class MachineFailed(VaultError):
-    """One machine's update failed; ``entry.update_sent`` says whether to roll it back."""
+    """One machine's update failed; ``cause`` (``admin.hints``) picks the hint."""
+
+    def __init__(self, message: str, *, cause: str, error: BaseException) -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.error = error
 
 
 def options_from_args(args: argparse.Namespace) -> RolloutOptions:
@@ -148,32 +160,14 @@ def rollback_ref(machine: dict[str, Any]) -> str:
     return f"{prefix}{repository}@{digest}"
 
 
-def checks_status(machine: dict[str, Any]) -> tuple[str, str]:
-    """("passing"|"failing"|"unknown", detail) from every ``status`` string in ``checks``."""
-    statuses: list[str] = []
-    failing: list[str] = []
-
-    def walk(value: Any, name: str) -> None:
-        if isinstance(value, dict):
-            label = str(value.get("name") or name)
-            status = value.get("status")
-            if isinstance(status, str):
-                statuses.append(status)
-                if status.strip().lower() not in PASSING:
-                    failing.append(f"{label}={status}")
-            for key, child in value.items():
-                if key != "status":
-                    walk(child, str(key))
-        elif isinstance(value, list):
-            for child in value:
-                walk(child, name)
-
-    walk(machine.get("checks"), "check")
-    if not statuses:
-        return "unknown", "no checks"
-    if failing:
-        return "failing", ", ".join(failing)
-    return "passing", f"{len(statuses)} passing"
+def _public_values(machine: dict[str, Any]) -> list[str]:
+    """Values of a machine that are not secrets even when an env value repeats them."""
+    config = machine.get("config")
+    metadata = config.get("metadata") if isinstance(config, dict) else None
+    values = [str(machine.get(k) or "") for k in ("id", "name", "region")]
+    if isinstance(metadata, dict):
+        values += [v for v in metadata.values() if isinstance(v, str)]
+    return values
 
 
 class Rollout:
@@ -182,36 +176,51 @@ class Rollout:
         self.app = app
         self.o = options
         self.state: RolloutState
-        self.updated_order: list[str] = []  # machines whose update went through, in order
+        self.work: MachineWork
+        self.updated_order: list[str] = []  # machines that changed, in order
         self.resumed: set[str] = set()  # caught 'updating' by an interruption
+        self.tag = run_tag()
+
+    def _work(self, state: RolloutState) -> MachineWork:
+        o = self.o
+        return MachineWork(
+            self.api,
+            state,
+            image=o.image,
+            timeouts=(o.start_timeout_secs, o.health_timeout_secs, o.poll_interval),
+            lease_ttl=o.lease_ttl_secs,
+            tag=self.tag,
+            on_change=self._changed,
+        )
+
+    def _changed(self, entry: MachineEntry) -> None:
+        if entry.id not in self.updated_order:
+            self.updated_order.append(entry.id)
+        self.state.save()
 
     # -- top level ---------------------------------------------------------------------------
 
     async def run(self) -> int:
         self.state = await self._load_or_snapshot()
         state = self.state
+        self.work = self._work(state)
         todo = [e for e in state.machines if e.status in (PENDING, UPDATING, FAILED)]
-        total = len(state.machines)
-        skipped = state.count(SKIPPED)
         out(
-            f"rollout of {self.o.image} to {total} machine(s) of app {self.app} "
+            f"rollout of {self.o.image} to {len(state.machines)} machine(s) of app {self.app} "
             f"(state file: {state.path})"
         )
+        skipped = state.count(SKIPPED)
         if skipped:
             out(f"skipping {skipped} machine(s) already on {self.o.image} (use --force to redo)")
-        self.updated_order = [e.id for e in state.machines if e.status == UPDATED]
-        if not todo:
-            state.status = "completed"
-            state.save()
-            self._summary()
-            out(f"image update completed for {state.count(UPDATED)} machine(s)")
-            return 0
+        # Every machine that may have changed, a resumed one included: the rollback set.
+        self.updated_order = [e.id for e in state.machines if e.status == UPDATED or e.update_sent]
         try:
-            canaries, batches = self._plan(todo)
-            await self._canary_stage(canaries)
-            await self._rolling_stage(batches)
+            if todo:
+                canaries, batches = self._plan(todo)
+                await self._canary_stage(canaries)
+                await self._rolling_stage(batches)
         except MachineFailed as failure:
-            await self._rollback(failure)  # raises RolloutFailed
+            await self._fail(failure)  # raises RolloutFailed
         except asyncio.CancelledError:
             state.save()
             note(
@@ -219,11 +228,25 @@ class Rollout:
                 f"Run the same command again to resume (state: {state.path})."
             )
             raise
+        return self._completed()
+
+    def _completed(self) -> int:
+        state = self.state
         state.status = "completed"
         state.save()
         self._summary()
         out(f"image update completed for {state.count(UPDATED)} machine(s)")
+        left = self._leases_left()
+        if left:
+            raise IncompleteCleanup(
+                "image update completed, but leases are left held:\n  " + "\n  ".join(left),
+                hint="they expire by themselves at the times named; until then another "
+                "update of those machines fails with 409",
+            )
         return 0
+
+    def _leases_left(self) -> list[str]:
+        return [e.lease_left for e in self.state.machines if e.lease_left]
 
     async def _load_or_snapshot(self) -> RolloutState:
         path = self.o.state_file or default_state_path(self.app, self.o.image, self.o.tenants)
@@ -243,7 +266,10 @@ class Rollout:
             previous.path = path
             await self._release_stale_leases(previous)
             return previous
-        state = await self._snapshot(previous)
+        if previous is not None and previous.status == "failed":
+            previous.path = path
+            await self._finish_previous(previous)
+        state = await self._snapshot()
         state.path = path
         state.save()
         return state
@@ -256,11 +282,47 @@ class Rollout:
                 with contextlib.suppress(VaultError):
                     await self.api.release_lease(entry.id, entry.lease_nonce)
                 entry.lease_nonce = None
+                entry.lease_left = None
             if entry.status == FAILED:
                 entry.status = UPDATING if entry.update_sent else PENDING
         state.save()
 
-    async def _snapshot(self, previous: RolloutState | None) -> RolloutState:
+    async def _finish_previous(self, previous: RolloutState) -> None:
+        """A failed run that could not roll everything back: finish that rollback first,
+        to the targets that run recorded (its change is still in place)."""
+        await self._release_stale_leases_only(previous)
+        pending = [e for e in previous.machines if e.status == ROLLBACK_FAILED]
+        if not pending:
+            return
+        note(
+            f"the previous run of this rollout left {len(pending)} machine(s) it could not "
+            "roll back; rolling them back first"
+        )
+        self.state = previous
+        work = self._work(previous)
+        broken = await self._rollback_entries(work, pending)
+        if broken:
+            raise RolloutFailed(
+                "the rollback left by the previous run is still incomplete:\n"
+                + "\n".join(await self._broken_lines(work, broken)),
+                hint="inspect the machines named above (`tenant list --wide`) before retrying",
+            )
+
+    async def _release_stale_leases_only(self, state: RolloutState) -> None:
+        """Leases and cordons an earlier run could not clear, cleared now (best effort)."""
+        for entry in state.machines:
+            if entry.lease_nonce:
+                with contextlib.suppress(VaultError):
+                    await self.api.release_lease(entry.id, entry.lease_nonce)
+                entry.lease_nonce = None
+                entry.lease_left = None
+            if entry.cordoned and entry.status != ROLLBACK_FAILED:
+                with contextlib.suppress(VaultError):
+                    await set_cordon(self.api, entry.id, on=False, nonce=None)
+                    entry.cordoned = False
+        state.save()
+
+    async def _snapshot(self) -> RolloutState:
         machines = await list_managed(self.api, tenants=self.o.tenants)
         if self.o.tenants is not None:
             found = {tenant_of(m) for m in machines}
@@ -272,33 +334,35 @@ class Rollout:
                 )
         if not machines:
             raise NotFoundError("no target machines selected")
-        # Rollback targets remembered from an earlier, failed run of the same rollout.
-        remembered = {e.id: e for e in previous.machines} if previous is not None else {}
         entries = []
         for machine in sorted(machines, key=lambda m: (str(tenant_of(m)), str(m.get("id")))):
-            machine_id = str(machine.get("id"))
-            if not isinstance(machine.get("instance_id"), str) or not machine["instance_id"]:
-                raise RolloutFailed(f"machine {machine_id} missing instance_id; nothing changed")
-            config = machine.get("config")
-            if not isinstance(config, dict) or not isinstance(config.get("image"), str):
-                raise RolloutFailed(f"machine {machine_id} config.image missing; nothing changed")
-            entry = MachineEntry(
-                id=machine_id,
-                tenant_id=str(tenant_of(machine)),
-                state_before=str(machine.get("state")),
-                previous_instance_id=machine["instance_id"],
-                previous_image=config["image"],
-                rollback_image=rollback_ref(machine),
-                name=machine.get("name"),
-                region=machine.get("region"),
-            )
-            old = remembered.get(machine_id)
-            if old is not None and config["image"] == self.o.image:
-                entry.previous_image, entry.rollback_image = old.previous_image, old.rollback_image
-            if config["image"] == self.o.image and not self.o.force:
-                entry.status = SKIPPED
-            entries.append(entry)
+            entries.append(self._entry(machine))
         return RolloutState(self.app, self.o.image, self.o.tenants, entries)
+
+    def _entry(self, machine: dict[str, Any]) -> MachineEntry:
+        """The rollback target, recorded before the first mutating call of this run."""
+        machine_id = str(machine.get("id"))
+        if not isinstance(machine.get("instance_id"), str) or not machine["instance_id"]:
+            raise RolloutFailed(f"machine {machine_id} missing instance_id; nothing changed")
+        config = machine.get("config")
+        if not isinstance(config, dict) or not isinstance(config.get("image"), str):
+            raise RolloutFailed(f"machine {machine_id} config.image missing; nothing changed")
+        # Every env value goes back to the API in the update body: never print one.
+        register_env_values(config, public=_public_values(machine))
+        entry = MachineEntry(
+            id=machine_id,
+            tenant_id=str(tenant_of(machine)),
+            state_before=str(machine.get("state")),
+            previous_instance_id=machine["instance_id"],
+            previous_image=config["image"],
+            rollback_image=rollback_ref(machine),
+            name=machine.get("name"),
+            region=machine.get("region"),
+            previous_digest=digest_of(machine),
+        )
+        if config["image"] == self.o.image and not self.o.force:
+            entry.status = SKIPPED
+        return entry
 
     def _plan(
         self, todo: list[MachineEntry]
@@ -365,8 +429,12 @@ class Rollout:
                     raise result
             self._progress()
             if failures:
+                causes = [f.cause for f in failures]
+                cause = next((c for c in causes if c != "cordon"), "cordon")
                 raise MachineFailed(
-                    "rolling stage failed:\n" + "\n".join(f"- {f.message}" for f in failures)
+                    "rolling stage failed:\n" + "\n".join(f"- {f.message}" for f in failures),
+                    cause=IMAGE if IMAGE in causes else cause,
+                    error=next(f.error for f in failures if f.cause == cause),
                 )
 
     def _progress(self) -> None:
@@ -378,282 +446,108 @@ class Rollout:
     # -- one machine ---------------------------------------------------------------------
 
     async def _update_guarded(self, entry: MachineEntry) -> None:
+        entry.status = UPDATING
+        self.state.save()
+        say = self.work.say(entry)
+        resumed = entry.id in self.resumed
         try:
-            await self._update(entry)
+            await self.work.update(entry, soak=self.o.soak_secs, resumed=resumed)
+        except ApiNotFound:
+            entry.status = GONE
+            self.state.save()
+            say("machine no longer exists; skipped")
+            return
+        except CordonLeft as exc:
+            entry.error = exc.message  # stays 'updating': a rerun checks it and uncordons
+            self.state.save()
+            raise MachineFailed(self._label(entry, exc), cause="cordon", error=exc) from exc
         except VaultError as exc:
             entry.status = FAILED
             entry.error = exc.message
             self.state.save()
             out(f"    {entry.id}: FAILED: {exc.message}")
-            if entry.canary:
-                raise MachineFailed(f"canary stage failed: {exc.message}") from exc
-            raise MachineFailed(f"{entry.id}: {exc.message}") from exc
-
-    async def _update(self, entry: MachineEntry) -> None:
-        say = self._say(entry)
-        entry.status = UPDATING
-        self.state.save()
-        acquired = False
-        try:
-            async with self.api.hold_lease(
-                entry.id, ttl=self.o.lease_ttl_secs, description="fly-vault-admin update-image"
-            ) as held:
-                acquired = True
-                entry.lease_nonce = held.nonce
-                self.state.save()
-                await self._update_leased(entry, held, say)
-        except ApiNotFound:
-            if acquired:
-                raise
-            entry.status = GONE
-            self.state.save()
-            say("machine no longer exists; skipped")
-            return
-        except MachinesApiError as exc:
-            if acquired:
-                raise
-            raise MachinesApiError(
-                f"lease machine {entry.id}: {exc.message}", status=exc.status
-            ) from exc
-        finally:
-            entry.lease_nonce = None
-            self.state.save()
+            raise MachineFailed(self._label(entry, exc), cause=cause_of(exc), error=exc) from exc
         entry.status = UPDATED
         entry.error = None
-        if entry.id not in self.updated_order:
-            self.updated_order.append(entry.id)
-        self.state.save()
+        self._changed(entry)
         say("done")
 
-    async def _update_leased(
-        self, entry: MachineEntry, held: HeldLease, say: Callable[[str], None]
-    ) -> None:
-        machine = await self.api.get_machine(entry.id)
-        already = (
-            (entry.update_sent or entry.id in self.resumed)
-            and machine.get("config", {}).get("image") == self.o.image
-            and machine.get("instance_id") != entry.previous_instance_id
-        )
-        if already:
-            # Resumed after the update request went through: only the checks are left.
-            new_instance = str(machine["instance_id"])
-            entry.new_instance_id = new_instance
-            say(f"update already applied (instance {new_instance}); checking it")
-        else:
-            if machine.get("instance_id") != entry.previous_instance_id and not entry.update_sent:
-                raise MachinesApiError(
-                    f"machine {entry.id} changed since the rollout started (instance "
-                    f"{machine.get('instance_id')}, expected {entry.previous_instance_id}); "
-                    "left as it is"
-                )
-            try:
-                new_instance = await self._apply(entry, machine, held, self.o.image, say)
-            except VaultError:
-                # The update did not go through, so no rollback will touch this machine:
-                # undo the cordon here (best effort) rather than leave it out of service.
-                if entry.was_running:
-                    with contextlib.suppress(VaultError):
-                        await self.api.uncordon(entry.id, nonce=held.nonce)
-                raise
-            entry.update_sent = True
-            entry.new_instance_id = new_instance
-            if entry.id not in self.updated_order:
-                self.updated_order.append(entry.id)
-            self.state.save()
-        await self._verify(entry, new_instance, held, say, soak=self.o.soak_secs)
-
-    async def _apply(
-        self,
-        entry: MachineEntry,
-        machine: dict[str, Any],
-        held: HeldLease,
-        image: str,
-        say: Callable[[str], None],
-    ) -> str:
-        """Cordon and send the versioned update; return the new instance id."""
-        held.check()
-        if entry.was_running:
-            await self._step(
-                f"cordon machine {entry.id}", self.api.cordon(entry.id, nonce=held.nonce)
-            )
-        # The whole config, untouched but for the image: metadata of any type survives (bug 9).
-        config = copy.deepcopy(machine["config"])
-        config["image"] = image
-        body: dict[str, Any] = {"config": config, "current_version": machine["instance_id"]}
-        for key in ("name", "region"):
-            if machine.get(key):
-                body[key] = machine[key]
-        if not entry.was_running:
-            body["skip_launch"] = True  # a stopped tenant stays stopped (bug 12)
-        updated = await self._step(
-            f"update image for machine {entry.id}",
-            self.api.update_machine(entry.id, body, nonce=held.nonce),
-        )
-        new_instance = str(updated.get("instance_id") or "")
-        if not new_instance:
-            refreshed = await self.api.get_machine(entry.id)
-            new_instance = str(refreshed.get("instance_id") or "")
-        say(f"updated to {image} (instance {new_instance})")
-        return new_instance
-
-    async def _verify(
-        self,
-        entry: MachineEntry,
-        instance: str,
-        held: HeldLease,
-        say: Callable[[str], None],
-        *,
-        soak: float,
-    ) -> None:
-        if not entry.was_running:
-            machine = await self.api.get_machine(entry.id)
-            say(f"stays {machine.get('state')} (it was {entry.state_before})")
-            return
-        await self._step(
-            f"wait started for machine {entry.id}",
-            self.api.wait(
-                entry.id, "started", timeout=self.o.start_timeout_secs, instance_id=instance
-            ),
-        )
-        say("started")
-        await self._health(entry.id, instance, held)
-        say("health checks passing")
-        if soak > 0:
-            await self._soak(entry.id, instance, held, soak)
-            say(f"soaked {soak:g}s")
-        held.check()
-        await self._step(
-            f"uncordon machine {entry.id}", self.api.uncordon(entry.id, nonce=held.nonce)
-        )
-
-    async def _health(self, machine_id: str, instance: str, held: HeldLease) -> None:
-        deadline = time.monotonic() + self.o.health_timeout_secs
-        while True:
-            held.check()
-            machine = await self.api.get_machine(machine_id)
-            self._same_instance(machine, instance, "health check")
-            if machine.get("state") != "started":
-                raise MachinesApiError(
-                    f"health checks for machine {machine_id}: machine left started state "
-                    f"during health check: {machine.get('state')}"
-                )
-            result, detail = checks_status(machine)
-            if result != "failing":
-                return
-            if time.monotonic() >= deadline:
-                raise MachinesApiError(
-                    f"health checks for machine {machine_id}: checks failed to pass before "
-                    f"timeout ({self.o.health_timeout_secs:g}s): {detail}"
-                )
-            await asyncio.sleep(self.o.poll_interval)
-
-    async def _soak(self, machine_id: str, instance: str, held: HeldLease, soak: float) -> None:
-        end = time.monotonic() + soak
-        while True:
-            await asyncio.sleep(max(0.0, min(self.o.poll_interval, end - time.monotonic())))
-            held.check()
-            machine = await self.api.get_machine(machine_id)
-            self._same_instance(machine, instance, "soak window")
-            if machine.get("state") != "started":
-                raise MachinesApiError(
-                    f"soak window for machine {machine_id}: machine crashed during soak "
-                    f"window (state={machine.get('state')})"
-                )
-            result, detail = checks_status(machine)
-            if result == "failing":
-                raise MachinesApiError(
-                    f"soak window for machine {machine_id}: failed checks during soak "
-                    f"window: {detail}"
-                )
-            if time.monotonic() >= end:
-                return
-
     @staticmethod
-    def _same_instance(machine: dict[str, Any], instance: str, during: str) -> None:
-        if instance and machine.get("instance_id") != instance:
-            raise MachinesApiError(
-                f"machine {machine.get('id')} was replaced during the {during} "
-                f"(instance {machine.get('instance_id')}, expected {instance})"
+    def _label(entry: MachineEntry, exc: VaultError) -> str:
+        if entry.canary:
+            return f"canary stage failed: {exc.message}"
+        return f"{entry.id}: {exc.message}"
+
+    # -- failure and rollback ----------------------------------------------------------------
+
+    async def _fail(self, failure: MachineFailed) -> None:
+        if failure.cause == "cordon":
+            self.state.save()  # still 'running': a rerun resumes and uncordons
+            self._summary()
+            raise RolloutFailed(
+                f"{failure.message}\nrollout stopped; nothing was rolled back (the machine is "
+                "healthy on the new image)" + self._left_lines(),
+                hint=failure.error.hint if isinstance(failure.error, VaultError) else None,
             )
-
-    @staticmethod
-    async def _step(context: str, call: Awaitable[Any]) -> Any:
-        try:
-            return await call
-        except MachinesApiError as exc:
-            raise MachinesApiError(
-                f"{context}: {exc.message}",
-                status=exc.status,
-                api_message=exc.api_message,
-                operation=exc.operation,
-                hint=exc.hint,
-            ) from exc
-
-    def _say(self, entry: MachineEntry) -> Callable[[str], None]:
-        label = "canary" if entry.canary else "machine"
-
-        def say(text: str) -> None:
-            note(f"    {label} {entry.id} (tenant {entry.tenant_id}): {text}")
-
-        return say
-
-    # -- rollback --------------------------------------------------------------------------
-
-    async def _rollback(self, failure: MachineFailed) -> None:
         targets = [
             self.state.entry(mid)
             for mid in reversed(self.updated_order)
             if self.state.entry(mid).update_sent
+            and self.state.entry(mid).status not in (ROLLED_BACK, GONE)
         ]
         out(f"rollout failed, starting rollback for {len(targets)} machine(s)")
-        for entry in targets:
-            try:
-                await self._rollback_one(entry)
-            except VaultError as exc:
-                entry.status = ROLLBACK_FAILED
-                entry.error = exc.message
-                warn(f"rollback failed for {entry.id}: {exc.message}")
-            else:
-                entry.status = ROLLED_BACK
-                out(f"rolled back {entry.id} to {entry.rollback_image}")
-            self.state.save()
+        broken = await self._rollback_entries(self.work, targets)
         self.state.status = "failed"
         self.state.save()
         self._summary()
         lines = [failure.message]
         rolled = [e.id for e in self.state.machines if e.status == ROLLED_BACK]
-        broken = [e for e in self.state.machines if e.status == ROLLBACK_FAILED]
         if rolled:
             lines.append(f"rolled back to the previous image: {', '.join(rolled)}")
-        for entry in broken:
-            lines.append(f"rollback FAILED for {entry.id}: {entry.error}")
+        lines += await self._broken_lines(self.work, broken)
         untouched = self.state.count(PENDING)
         if untouched:
             lines.append(f"{untouched} machine(s) were not touched")
-        raise RolloutFailed(
-            "\n".join(lines),
-            hint="fix the image and rerun update-image"
-            if not broken
-            else "inspect the machines named above (`tenant list --wide`) before retrying",
+        hint = (
+            "inspect the machines named above (`tenant list --wide`) before retrying; the "
+            "same command finishes their rollback first"
+            if broken
+            else rollout_hint(failure.cause, failure.error)
         )
+        raise RolloutFailed("\n".join(lines) + self._left_lines(), hint=hint)
 
-    async def _rollback_one(self, entry: MachineEntry) -> None:
-        say = self._say(entry)
-        async with self.api.hold_lease(
-            entry.id, ttl=self.o.lease_ttl_secs, description="fly-vault-admin rollback"
-        ) as held:
-            machine = await self.api.get_machine(entry.id)
-            image = entry.rollback_image
-            if machine.get("config", {}).get("image") == image:
-                say("already on the previous image")
+    async def _rollback_entries(
+        self, work: MachineWork, targets: list[MachineEntry]
+    ) -> list[MachineEntry]:
+        broken: list[MachineEntry] = []
+        for entry in targets:
+            try:
+                entry.status = await work.rollback(entry)
+            except VaultError as exc:
+                entry.status = ROLLBACK_FAILED
+                entry.error = exc.message
+                broken.append(entry)
+                warn(f"rollback failed for {entry.id}: {exc.message}")
             else:
-                instance = await self._apply(entry, machine, held, image, say)
-                # No soak: getting back to the known-good image quickly matters more.
-                await self._verify(entry, instance, held, say, soak=0)
-                return
-            if entry.was_running:
-                with contextlib.suppress(VaultError):
-                    await self.api.uncordon(entry.id, nonce=held.nonce)
+                if entry.status == ROLLED_BACK:
+                    out(f"rolled back {entry.id} to {entry.rollback_image}")
+            work.state.save()
+        return broken
+
+    @staticmethod
+    async def _broken_lines(work: MachineWork, broken: list[MachineEntry]) -> list[str]:
+        lines = []
+        for entry in broken:
+            now = await work.describe_now(entry)
+            lines.append(f"rollback FAILED for {entry.id}: {entry.error} (now: {now})")
+        return lines
+
+    def _left_lines(self) -> str:
+        left = self._leases_left()
+        cordoned = [e.id for e in self.state.machines if e.cordoned]
+        lines = [f"lease left held: {text}" for text in left]
+        lines += [f"machine {mid} may still be cordoned" for mid in cordoned]
+        return "".join(f"\n{line}" for line in lines)
 
     # -- summary ---------------------------------------------------------------------------
 

@@ -7,6 +7,13 @@ final status. A rerun of the same command finds the file and continues: machines
 through, only the checks are redone), and the snapshot of the *previous* image is kept from
 the first run, because after an interruption the API already shows the new image.
 
+The rollback target of each machine (its image pinned by digest, the digest itself, and its
+state before) is recorded here before the first mutating call of the run, and only ever
+taken from this run's own snapshot: a new run (after a completed or failed one) snapshots
+again, so a rollback never goes back two releases. The one exception is a previous run that
+*failed* and left machines it could not roll back: those are rolled back first, to the
+targets that run recorded, because its change is still in place.
+
 The lease nonce is stored while a lease is held so a resumed run can release a lease left
 behind by a killed process instead of waiting for its TTL.
 """
@@ -50,10 +57,15 @@ class MachineEntry:
     region: str | None = None
     status: str = PENDING
     canary: bool = False
+    # The update may have changed the machine: it was acknowledged, a read-back showed it,
+    # or its outcome is unknown. These machines (only these) are rolled back.
     update_sent: bool = False
     new_instance_id: str | None = None
     lease_nonce: str | None = None
     error: str | None = None
+    previous_digest: str | None = None  # image_ref.digest before the rollout
+    cordoned: bool = False  # we cordoned it and have not seen the uncordon succeed
+    lease_left: str | None = None  # a lease we could not release, with its expiry
 
     @property
     def was_running(self) -> bool:

@@ -26,7 +26,9 @@ asked (``limit``/``cursor``) and then answer ``{"machines"|"volumes": [...],
 Images: ``image_ref.digest`` is resolved when a machine is created or updated, from a small
 registry (``push_image`` moves a tag, as a CI push would), so tests can prove a rollback
 goes back to the *digest* and not to a tag that moved. ``unhealthy_images`` (refs or
-digests) make the health checks critical; ``crashing_images`` make the machine stop again
+digests) make the health checks critical; ``stuck_images`` never get past ``starting``;
+``unhealthy_on`` (machine id -> ref or digest) makes one machine unhealthy on one image;
+``crashing_images`` make the machine stop again
 shortly after it started.
 """
 
@@ -41,6 +43,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from admin.images import parse_image
+
 Reply = tuple[int, Any]
 
 WAITABLE_STATES = ("started", "stopped", "suspended", "destroyed")
@@ -53,22 +57,6 @@ def _iso(ts: float) -> str:
 
 def _error(status: int, message: str) -> Reply:
     return status, {"error": message}
-
-
-def parse_image(ref: str) -> dict[str, str | None]:
-    """Split ``registry/repo:tag@sha256:...`` the way Docker does."""
-    digest = None
-    if "@" in ref:
-        ref, digest = ref.split("@", 1)
-    registry = None
-    first, _, rest = ref.partition("/")
-    if rest and ("." in first or ":" in first or first == "localhost"):
-        registry, ref = first, rest
-    tag = None
-    name, colon, maybe_tag = ref.rpartition(":")
-    if colon and "/" not in maybe_tag:
-        ref, tag = name, maybe_tag
-    return {"registry": registry, "repository": ref, "tag": tag, "digest": digest}
 
 
 @dataclass
@@ -107,6 +95,7 @@ class Machine:
     cordoned: bool = False
     healthy: bool = True
     crashes: bool = False
+    stuck: bool = False
 
     def as_json(self, now: float) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -190,6 +179,8 @@ class ApiModel:
         self.page_size_cap: int | None = None
         self.unhealthy_images: set[str] = set()
         self.crashing_images: set[str] = set()
+        self.stuck_images: set[str] = set()
+        self.unhealthy_on: dict[str, str] = {}  # machine id -> image ref or digest
         self._tags: dict[str, str] = {}  # image ref without digest -> digest
         self._ip_counter = 0
 
@@ -302,7 +293,7 @@ class ApiModel:
         machine stays ``created``/``replacing`` for a moment, as on Fly).
         """
         machine.pending = []
-        rest = list(states)
+        rest = [s for s in states if not (machine.stuck and s == "started")]
         if immediate:
             self._enter(machine, rest.pop(0), time.time(), source="user")
         due = time.monotonic()
@@ -314,8 +305,12 @@ class ApiModel:
         image = str(machine.config.get("image", ""))
         machine.image_ref = self.resolve(image)
         digest = machine.image_ref.get("digest")
-        machine.healthy = not ({image, digest} & self.unhealthy_images)
-        machine.crashes = bool({image, digest} & self.crashing_images)
+        refs = {image, digest}
+        machine.healthy = not (refs & self.unhealthy_images) and (
+            self.unhealthy_on.get(machine.id) not in refs
+        )
+        machine.crashes = bool(refs & self.crashing_images)
+        machine.stuck = bool(refs & self.stuck_images)
 
     # -- request entry point ---------------------------------------------------------------
 

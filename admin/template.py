@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -363,6 +363,35 @@ def config_secrets(config: Any) -> list[str]:
     for container in containers if isinstance(containers, list) else []:
         found += config_secrets(container)
     return found
+
+
+_NOT_SECRET = re.compile(r"[+-]?\d+(\.\d+)?|true|false|yes|no|on|off|null|none", re.IGNORECASE)
+
+
+def env_values(config: Any, public: Iterable[str] = ()) -> list[str]:
+    """Every ``env`` value of a config we send (nested ``containers`` too), to be registered
+    as a secret: the values of a template's ``config.env`` and of a machine's config that an
+    update sends back. Left out, because scrubbing them would garble every line of output
+    and they are not secrets: values under 4 characters, numbers, booleans, and ``public``
+    values (the tenant id, machine names, regions, metadata, plain ``--var`` values)."""
+    known = {p.strip() for p in public if isinstance(p, str)}
+    found: list[str] = []
+    if not isinstance(config, dict):
+        return found
+    env = config.get("env")
+    for value in env.values() if isinstance(env, dict) else []:
+        text = value.strip() if isinstance(value, str) else ""
+        if len(text) >= _MIN_ENV_SECRET and not _NOT_SECRET.fullmatch(text) and text not in known:
+            found.append(value)
+    containers = config.get("containers")
+    for container in containers if isinstance(containers, list) else []:
+        found += env_values(container, known)
+    return found
+
+
+def register_env_values(config: Any, public: Iterable[str] = ()) -> None:
+    """Register ``env_values`` and ``config_secrets`` of a config with the scrubber."""
+    register_all([*env_values(config, public), *config_secrets(config)])
 
 
 def register_config_secrets(config: Any) -> None:

@@ -10,15 +10,19 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from admin.clock import Clock
 from admin.machines import MachinesClient, RetryPolicy, Timeouts
 from admin.standin import MachinesStandin
+from admin.template import MANAGED_BY_VALUE, META_MANAGED_BY, META_TENANT
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_TEMPLATE = REPO / "admin" / "examples" / "tenant_template.toml"
@@ -32,6 +36,45 @@ IMAGE_V2 = "registry.fly.io/vault-tenants/init:2026-04-01"
 
 FAST_RETRY = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05)
 FAST_TIMEOUTS = Timeouts(connect=2.0, read=2.0, write=2.0, pool=2.0, wait_grace=2.0)
+
+
+class SkewClock(Clock):
+    """Real monotonic time plus ``skew``: a backoff ``sleep`` returns at once and moves the
+    clock on instead, so a Retry-After or a hang is accounted for without waiting."""
+
+    def __init__(self) -> None:
+        self.skew = 0.0
+        self.slept: list[float] = []
+
+    def now(self) -> float:
+        return time.monotonic() + self.skew
+
+    async def sleep(self, seconds: float) -> None:
+        self.skew += max(0.0, seconds)
+        self.slept.append(seconds)
+        await asyncio.sleep(0)
+
+
+class HangTransport(httpx.AsyncBaseTransport):
+    """Turns the stand-in's fast hang (504 + ``X-Standin-Hang``) into the read timeout the
+    client would have seen, after moving the clock on by that request's read timeout."""
+
+    def __init__(self, clock: SkewClock) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.clock = clock
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if response.headers.get("x-standin-hang"):
+            await response.aread()
+            await response.aclose()
+            timeout = request.extensions.get("timeout", {}).get("read") or 0.0
+            self.clock.skew += float(timeout)
+            raise httpx.ReadTimeout("injected hang: no answer", request=request)
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 def assert_no_secrets(*texts: str) -> None:
@@ -50,8 +93,9 @@ class Result:
 class Cli:
     """Runs ``admin.main.main`` in-process against the stand-in."""
 
-    def __init__(self, capsys: pytest.CaptureFixture[str]) -> None:
+    def __init__(self, capsys: pytest.CaptureFixture[str], clock: SkewClock | None = None) -> None:
         self.capsys = capsys
+        self.clock = clock or SkewClock()
 
     def __call__(self, *argv: str) -> Result:
         from admin.main import main
@@ -73,7 +117,10 @@ def standin() -> Iterator[MachinesStandin]:
 def cli(
     standin: MachinesStandin, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> Cli:
+    """The CLI in-process, on a ``SkewClock`` (``cli.clock``), with fast hangs."""
     import admin.commands
+
+    clock = SkewClock()
 
     monkeypatch.setenv("FLY_API_TOKEN", API_TOKEN)
     monkeypatch.setenv("FLY_APP", APP)
@@ -83,7 +130,10 @@ def cli(
     monkeypatch.setattr(admin.commands, "RETRY", FAST_RETRY)
     monkeypatch.setattr(admin.commands, "TIMEOUTS", FAST_TIMEOUTS)
     monkeypatch.setattr(admin.commands, "CLEANUP_POLL", 0.02)
-    return Cli(capsys)
+    monkeypatch.setattr(admin.commands, "CLOCK", clock)
+    monkeypatch.setattr(admin.commands, "TRANSPORT", lambda: HangTransport(clock))
+    standin.fast_hang = True
+    return Cli(capsys, clock)
 
 
 def client(standin: MachinesStandin, **kwargs: Any) -> MachinesClient:
@@ -167,3 +217,33 @@ def admin_process(args: list[str], env: dict[str, str], **kwargs: Any) -> subpro
         text=True,
         **kwargs,
     )
+
+
+def seed_tenant(
+    standin: MachinesStandin,
+    tenant: str,
+    count: int = 2,
+    image: str = IMAGE_V1,
+    env: dict[str, str] | None = None,
+    start: int = 1,
+) -> list[str]:
+    """A tenant made directly in the model (fast): ``count`` started machines, each with
+    a volume, as ``tenant create`` with SIMPLE_TEMPLATE would leave them."""
+    model = standin.model
+    base = f"/v1/apps/{APP}"
+    ids = []
+    for index in range(start, start + count):
+        volume_body = {"name": f"tvol_{tenant}_{index}", "region": "ord", "size_gb": 5}
+        _, volume = model.handle("POST", f"{base}/volumes", {}, volume_body, None)
+        config = {
+            "image": image,
+            "env": {"ACCESS_TOKEN": ACCESS_TOKEN, **(env or {})},
+            "mounts": [{"volume": volume["id"], "path": "/data"}],
+            "metadata": {META_TENANT: tenant, META_MANAGED_BY: MANAGED_BY_VALUE},
+        }
+        body = {"name": f"tenant-{tenant}-{index}", "region": "ord", "config": config}
+        status, machine = model.handle("POST", f"{base}/machines", {}, body, None)
+        assert status == 200, machine
+        model.set_state(machine["id"], "started")
+        ids.append(machine["id"])
+    return ids

@@ -298,3 +298,38 @@ def test_token_absent_from_repr_and_logs(
     assert_no_secrets(caplog.text)
     assert "retrying" in caplog.text
     assert all("Authorization" not in str(r.__dict__) for r in standin.requests)
+
+
+def test_retries_never_sleep_past_the_deadline(standin: MachinesStandin) -> None:
+    clock = admin_support.SkewClock()
+    standin.fail("GET", r"/machines$", status=429, retry_after=30, times=None)
+
+    async def go() -> None:
+        async with client(standin, clock=clock, retry=RetryPolicy()) as api:
+            await api._request("GET", "/machines", idempotent=True, deadline=clock.now() + 5)
+
+    with pytest.raises(ApiRateLimited) as info:
+        run(go())
+    assert len(standin.calls("GET", r"/machines$")) == 1 and clock.slept == []
+    assert info.value.retry_after == 30
+    assert "retry after 30 s" in (info.value.hint or "")
+
+
+def test_lease_acquire_reads_back_after_doubt(standin: MachinesStandin) -> None:
+    from admin.leases import acquire
+
+    async def go() -> None:
+        async with client(standin) as api:
+            machine = await _machine(api)
+            # Granted, answer lost: adopted (the description carries this run's tag).
+            standin.inject("POST", r"/lease$", "reset-after")
+            lease = await acquire(api, machine["id"], ttl=30, description="fly-vault-admin x 1")
+            assert lease.nonce == standin.model.machine(machine["id"]).lease.nonce
+            # Someone else's lease: named with its owner and expiry, not retried blindly.
+            other = await _machine(api)
+            await api.acquire_lease(other["id"], ttl=60, description="ops")
+            with pytest.raises(ApiConflict, match=r"is leased by .* \(ops\) until \d{4}-"):
+                await acquire(api, other["id"], ttl=30, description="fly-vault-admin x 2")
+
+    run(go())
+    assert len(standin.calls("POST", r"/lease$")) == 3

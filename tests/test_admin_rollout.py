@@ -112,22 +112,22 @@ def test_batch_failure_rolls_back_every_updated_machine(
 ) -> None:
     create_tenants(cli, tmp_path, "acme", "bob")
     machines = sorted(_by_id(standin).values(), key=lambda m: (_tenant(m), m["id"]))
-    # Canary = first acme machine; batch 1 = second acme + first bob. Make bob's first
-    # machine never start after its update went through.
+    # Canary = first acme machine; batch 1 = second acme + first bob. Bob's first machine
+    # fails its checks on the new image (only that machine).
     victim = next(m for m in machines if _tenant(m) == "bob")["id"]
-    standin.fail(
-        "GET", rf"/machines/{victim}/wait$", status=408, times=1, query={"state": "started"}
-    )
-    result = _update(cli, "--image", IMAGE_V2, "--all-tenants", "--start-timeout-secs", "1")
+    standin.model.unhealthy_on[victim] = IMAGE_V2
+    result = _update(cli, "--image", IMAGE_V2, "--all-tenants")
     assert result.code == 11
     assert "rolling stage failed" in result.err and victim in result.err
-    standin.clear_faults()
+    assert "hint: the new image failed on the machine named above" in result.err
     after = _by_id(standin)
     rolled = re.findall(r"rolled back (\w+) to", result.out)
     assert victim in rolled and len(rolled) == 3  # canary + batch sibling + the victim
     for machine_id in rolled:
         assert after[machine_id]["config"]["image"].split("@")[0] == IMAGE_V1.split(":")[0]
         assert after[machine_id]["image_ref"]["digest"] == machines[0]["image_ref"]["digest"]
+        assert after[machine_id]["state"] == "started"
+        assert not standin.model.machine(machine_id).cordoned
     untouched = [m["id"] for m in machines if m["id"] not in rolled]
     assert len(untouched) == 1 and after[untouched[0]]["config"]["image"] == IMAGE_V1
 
@@ -135,14 +135,21 @@ def test_batch_failure_rolls_back_every_updated_machine(
 def test_failed_rollback_is_named(cli: Cli, standin: MachinesStandin, tmp_path: Path) -> None:
     create_tenants(cli, tmp_path, "acme")
     canary = min(_by_id(standin))
-    standin.fail(
-        "GET", rf"/machines/{canary}/wait$", status=408, times=None, query={"state": "started"}
-    )
-    result = _update(cli, "--image", IMAGE_V2, "--all-tenants", "--start-timeout-secs", "1")
+    standin.model.crashing_images.add(IMAGE_V2)
+    # After the canary's update, its lease is never granted again: the rollback cannot start.
+    standin.inject(
+        "POST", r"/lease$", "409", times=None, nonce=False,
+        after=("POST", rf"/machines/{canary}$", 1),
+    )  # fmt: skip
+    result = _update(cli, "--image", IMAGE_V2, "--all-tenants")
     assert result.code == 11
-    assert f"rollback FAILED for {canary}" in result.err
+    assert f"rollback FAILED for {canary}: lease machine {canary}" in result.err
+    assert f"(now: machine {canary} is stopped" in result.err  # named with its state
     assert re.search(rf"{canary}\s+rollback_failed", result.out)
     assert "inspect the machines named above" in result.err
+    # The failed forward step uncordoned it: nothing of ours stays on the machine.
+    assert not standin.model.machine(canary).cordoned
+    assert standin.model.machine(canary).lease is None
 
 
 def test_stopped_machines_are_updated_but_stay_stopped(
@@ -189,13 +196,26 @@ def test_lease_held_elsewhere_fails_canary_without_change(
     }
 
 
-def test_update_5xx_is_named_and_nothing_rolled_back(
+def test_update_5xx_once_is_read_back_and_retried(
     cli: Cli, standin: MachinesStandin, tmp_path: Path
 ) -> None:
     create_tenants(cli, tmp_path, "acme")
     standin.fail("POST", r"/machines/[0-9a-f]+$", status=503, times=1)
     result = _update(cli, "--image", IMAGE_V2, "--all-tenants")
+    assert result.code == 0, result.err
+    assert {m["config"]["image"] for m in _by_id(standin).values()} == {IMAGE_V2}
+
+
+def test_update_5xx_that_persists_is_named_and_nothing_rolled_back(
+    cli: Cli, standin: MachinesStandin, tmp_path: Path
+) -> None:
+    create_tenants(cli, tmp_path, "acme")
+    standin.fail("POST", r"/machines/[0-9a-f]+$", status=503, times=None)
+    result = _update(cli, "--image", IMAGE_V2, "--all-tenants")
     assert result.code == 11 and "update image for machine" in result.err and "503" in result.err
+    assert "hint: the Machines API failed on its side (503)" in result.err
+    assert "fix the image" not in result.err
+    assert "starting rollback for 0 machine(s)" in result.out
     assert {m["config"]["image"] for m in _by_id(standin).values()} == {IMAGE_V1}
     assert all(not standin.model.machine(mid).cordoned for mid in _by_id(standin))
 
