@@ -31,7 +31,9 @@ from flyvault.paths import data_dir
 LOCAL_ORG = "local"
 LOCAL_APP = "fly-vault-local"
 START_TIMEOUT = 20.0
-STOP_TIMEOUT = 10.0
+#: ``down`` waits this long for the vault to end its sessions, stop the workload and remove
+#: its cgroups before it kills the server (which would leave them to the next ``up``).
+STOP_TIMEOUT = 40.0
 _MODULE = "flyvault.localvault"
 
 
@@ -91,14 +93,17 @@ def up(
     *,
     allow_devices: bool = False,
     max_expansion_ratio: int | None = None,
+    memory_max: int | None = None,
+    cpu_max: float | None = None,
 ) -> tuple[LocalState, bool]:
     """Start the local vault unless it runs; returns (state, started_now).
 
-    With ``rootfs`` (root only) the vault runs in VM mode: the workload gets its own PID
-    and mount namespaces on that rootfs, provisioned by the first connect, exactly as on
-    a Fly Machine. Without it, host mode. ``allow_devices`` and ``max_expansion_ratio``
-    go into the entry with the rootfs (``rootfs_allow_devices``, ...): the first connect
-    sends them.
+    With ``rootfs`` (root only) the vault runs in VM mode: the workload gets its own
+    namespaces (PID, mount, cgroup, UTS with ``name`` as hostname, IPC) and cgroup on that
+    rootfs, provisioned by the first connect, exactly as on a Fly Machine; ``memory_max``
+    and ``cpu_max`` limit it. Without it, host mode. ``allow_devices`` and
+    ``max_expansion_ratio`` go into the entry with the rootfs (``rootfs_allow_devices``,
+    ...): the first connect sends them.
     """
     from flyvault.config import VaultConfig, load_config, save_vault
     from flyvault.errors import UsageError
@@ -107,6 +112,12 @@ def up(
         raise UsageError(
             "--allow-devices and --max-expansion-ratio apply to a rootfs: they need --rootfs",
             hint="add --rootfs TAR.GZ (vm mode, as root)",
+        )
+    if rootfs is None and (memory_max is not None or cpu_max is not None):
+        raise UsageError(
+            "--memory-max and --cpu-max limit the workload of a rootfs: they need --rootfs",
+            hint="add --rootfs TAR.GZ (vm mode, as root); host mode runs commands directly "
+            "on this machine",
         )
     if rootfs is not None:
         if os.geteuid() != 0:
@@ -155,7 +166,11 @@ def up(
         str(ready),
         "--access-token-fd",
         str(token_fd),
+        "--name",
+        name,
         *(("--vm",) if rootfs is not None else ()),
+        *(("--memory-max", str(memory_max)) if memory_max is not None else ()),
+        *(("--cpu-max", repr(cpu_max)) if cpu_max is not None else ()),
     ]
     with open(log_file, "ab") as log:
         process = subprocess.Popen(
@@ -296,6 +311,9 @@ async def _run_server(
         listen_port=args.port,
         data_dir=server_data,
         host_mode=not args.vm,
+        hostname=args.name,
+        memory_max=args.memory_max,
+        cpu_max=args.cpu_max,
     )
     attestor = FlyOidcAttestor(str(Path(args.state_dir) / "fly-api.sock"))
     server = VaultServer(options, token, attestor)
@@ -336,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--ready-file", required=True)
     serve.add_argument("--access-token-fd", type=int, required=True)
     serve.add_argument("--vm", action="store_true")
+    serve.add_argument("--name", default="local")
+    serve.add_argument("--memory-max", type=int)
+    serve.add_argument("--cpu-max", type=float)
     args = parser.parse_args(argv)
     return _serve(args)
 

@@ -73,6 +73,8 @@ class ExecResult(BaseModel):
     signal: int | None
     signal_name: str | None
     exit_status: int | None
+    #: Why the vault ended the session (it stopped, restarted or was reprovisioned).
+    end_reason: str | None = None
     timed_out: bool
     offset: int
     next_offset: int
@@ -110,6 +112,7 @@ class SessionInfo(BaseModel):
     exit_code: int | None
     signal: int | None
     exit_status: int | None
+    end_reason: str | None = None
     started_at: float | None
     bytes: int
     attached: bool

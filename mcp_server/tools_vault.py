@@ -86,6 +86,8 @@ def exec_text(result: ExecResult) -> str:
         state = f"killed by {result.signal_name} (exit status {result.exit_status})"
     else:
         state = f"exited {result.exit_code}"
+    if result.end_reason:
+        state += f", ended by the vault: {result.end_reason}"
     if result.timed_out:
         state += ", stopped by timeout_seconds"
     span = f"output bytes {result.offset}-{result.next_offset} of {result.total_bytes}"

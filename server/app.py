@@ -38,6 +38,8 @@ from flyvault.protocol.constants import (
     CHANNEL_BINDING_LABEL,
     CHANNEL_BINDING_LENGTH,
     ERROR_FRAME,
+    MAX_PROTOCOL_VERSION,
+    MIN_PROTOCOL_VERSION,
     ErrorCode,
     RuntimeStatus,
     StreamTag,
@@ -65,6 +67,7 @@ from flyvault.protocol.messages import (
 from flyvault.transport import QuicChannel, QuicListener, QuicStream, TransportSettings, listen
 from flyvault.transport.admission import AdmissionLimits, Stage
 from server.auth import MAX_WRONG_PER_CONNECTION, AccessToken, WrongTokenBudget, penalty
+from server.cgroups import Limits
 from server.provisioning import Provisioner, ProvisionJob
 from server.sessions import SessionRegistry, SpawnPolicy
 
@@ -72,6 +75,10 @@ log = logging.getLogger("flyvault.server")
 
 MAX_PREAUTH_STREAMS = 4
 TAG_TIMEOUT = 10.0
+#: What the sessions ended by init's shutdown are told, and how long the shutdown waits for
+#: attached clients to receive it.
+SHUTDOWN_REASON = "the vault is shutting down"
+SHUTDOWN_DELIVERY = 2.0
 
 
 class Attestor(Protocol):
@@ -100,6 +107,10 @@ class ServerOptions:
     #: How long a finished named session stays listed.
     session_ttl: float = 3600.0
     max_sessions: int = 256
+    #: VM mode: the workload's hostname (the vault's name), and its optional limits.
+    hostname: str | None = None
+    memory_max: int | None = None
+    cpu_max: float | None = None
     transport: TransportSettings = field(
         default_factory=lambda: TransportSettings(idle_timeout=60.0, keepalive_interval=5.0)
     )
@@ -167,6 +178,8 @@ class VaultServer:
                 init_binary=options.init_binary,
                 url_read_timeout=options.url_read_timeout,
                 url_max_bytes=options.url_max_bytes,
+                hostname=options.hostname,
+                limits=Limits(options.memory_max, options.cpu_max),
             )
         )
         self.state = VaultState(options, self.provisioner)
@@ -179,6 +192,9 @@ class VaultServer:
             max_sessions=options.max_sessions,
             exited_ttl=options.session_ttl,
         )
+        if self.provisioner is not None:
+            # Before every stop of the workload, its sessions end with the reason.
+            self.provisioner.runtime.on_stop = self.sessions.end_all
         #: Handlers for authenticated stream kinds.
         self.handlers: dict[StreamTag, StreamHandler] = _stream_handlers(options)
         self.connections: set[ServerConnection] = set()
@@ -208,10 +224,24 @@ class VaultServer:
             self.listener.close()
 
     async def shutdown(self) -> None:
-        """``close``, then stop the workload gracefully (SIGTERM, then SIGKILL)."""
+        """End the sessions with a reason (attached clients are told), ``close``, then stop
+        the workload gracefully (SIGTERM, then SIGKILL) and remove its cgroups."""
+        await self.sessions.end_all(SHUTDOWN_REASON)
+        await self._exits_delivered(SHUTDOWN_DELIVERY)
         self.close()
         if self.provisioner is not None:
-            await self.provisioner.stop()
+            await self.provisioner.stop(SHUTDOWN_REASON)
+
+    async def _exits_delivered(self, timeout: float) -> None:
+        """Wait (bounded) until no client is attached to an ended session any more: each
+        has read its EXITED and acknowledged it, or gone."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while any(
+            s.attachment is not None and not s.running for s in self.sessions.sessions.values()
+        ):
+            if asyncio.get_running_loop().time() >= deadline:
+                return
+            await asyncio.sleep(0.02)
 
     def _on_channel(self, channel: QuicChannel) -> None:
         connection = ServerConnection(self, channel)
@@ -227,6 +257,9 @@ class ServerConnection:
         #: Control requests being served now (the connection then waits on us).
         self._serving = 0
         self.wrong_tokens = 0
+        #: The protocol version negotiated by this connection's attestation (EXITED
+        #: carries a reason from version 3 on).
+        self.protocol_version = MIN_PROTOCOL_VERSION
         self._budget_spent = False
         #: One token check at a time per connection, penalty included.
         self._token_lock = asyncio.Lock()
@@ -305,7 +338,8 @@ class ServerConnection:
                 await send_error(
                     stream,
                     ErrorCode.UNSUPPORTED,
-                    f"unknown stream type 0x{tag:02x}; this server speaks fly-vault protocol 2",
+                    f"unknown stream type 0x{tag:02x}; this server speaks fly-vault protocol "
+                    f"{MIN_PROTOCOL_VERSION}..{MAX_PROTOCOL_VERSION}",
                 )
                 return
             await handler(self, stream, rest)
@@ -364,6 +398,7 @@ class ServerConnection:
                 await _flush(stream, machine, end=True)
                 return
             if isinstance(event, AttestationRequested):
+                self.protocol_version = event.version
                 await self._attest(machine)
                 if machine.state is ServerState.FAILED:
                     await _flush(stream, machine, end=True)
@@ -470,11 +505,8 @@ class ServerConnection:
         """Run one (re)provision: stage while the archive arrives, then activate."""
         provisioner = self.server.provisioner
         if provisioner is None:
-            machine.send_error(
-                ErrorCode.PROVISION_FAILED,
-                "setup failed: this vault runs in host mode and has no rootfs to provision "
-                "(run init without --host-mode, as root, to use a rootfs)",
-            )
+            machine.send_error(ErrorCode.PROVISION_FAILED, f"setup failed: {HOST_MODE_REFUSAL}")
+            stream.stop()  # read no upload: the client stops sending at once
             return
         if provisioner.lock.locked():
             machine.send_error(
@@ -555,6 +587,14 @@ class ServerConnection:
 
 
 _TAGS = {int(tag) for tag in StreamTag}
+
+#: Why a host-mode vault refuses a rootfs, with the fix (the client says the same before
+#: it sends anything: ``flyvault.client.connection``).
+HOST_MODE_REFUSAL = (
+    "this vault runs in host mode and has no rootfs to provision; for the local dev vault: "
+    "fly-vault local down, then fly-vault local up --rootfs IMAGE (as root); elsewhere run "
+    "fly-vault-init without --host-mode, as root"
+)
 
 
 def _spawn_policy(options: ServerOptions) -> SpawnPolicy:

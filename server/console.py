@@ -29,7 +29,7 @@ from flyvault.protocol.console import (
     error_frame,
     frame,
 )
-from flyvault.protocol.constants import ErrorCode
+from flyvault.protocol.constants import EXIT_REASON_VERSION, ErrorCode
 from server.outputlog import STDERR
 from server.process import SpawnError
 from server.sessions import Attachment, Session, SessionRegistry, TooManySessions
@@ -88,7 +88,8 @@ async def handle_console(connection: ServerConnection, stream: QuicStream, initi
     except VaultError as exc:
         await _refuse(stream, ErrorCode.NOT_FOUND, exc.message)
         return
-    await _attach(registry, session, created, request, stream, channel)
+    reasons = connection.protocol_version >= EXIT_REASON_VERSION
+    await _attach(registry, session, created, request, stream, channel, reasons=reasons)
 
 
 async def _attach(
@@ -98,6 +99,8 @@ async def _attach(
     request: OpenSession,
     stream: QuicStream,
     channel: FrameChannel,
+    *,
+    reasons: bool = False,
 ) -> None:
     resume = min(request.resume_offset, session.log.end)
     start = max(resume, session.log.start)
@@ -115,7 +118,7 @@ async def _attach(
     stream.write(frame(ConsoleFrame.STARTED, started.encode()))
     if not created and request.pty and session.pty and request.rows and request.cols:
         session.process.resize(request.rows, request.cols)
-    output = asyncio.ensure_future(_pump_output(session, attachment, stream))
+    output = asyncio.ensure_future(_pump_output(session, attachment, stream, reasons))
     inputs = asyncio.ensure_future(_pump_input(registry, session, attachment, stream, channel))
     displaced = asyncio.ensure_future(attachment.displaced.wait())
     try:
@@ -144,7 +147,9 @@ async def _attach(
             stream.write_eof()
 
 
-async def _pump_output(session: Session, attachment: Attachment, stream: QuicStream) -> None:
+async def _pump_output(
+    session: Session, attachment: Attachment, stream: QuicStream, reasons: bool = False
+) -> None:
     while True:
         result = session.log.read(attachment.offset, CHUNK)
         if result.dropped:
@@ -171,7 +176,8 @@ async def _pump_output(session: Session, attachment: Attachment, stream: QuicStr
             session.sent(attachment, result.next_offset)
             continue
         if session.exit is not None and attachment.offset >= session.log.end:
-            exited = Exited(session.exit.code, session.exit.signal, session.log.end)
+            reason = session.end_reason if reasons else None
+            exited = Exited(session.exit.code, session.exit.signal, session.log.end, reason)
             await stream.send(frame(ConsoleFrame.EXITED, exited.encode()))
             return
         changed = session.change_event()

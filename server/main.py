@@ -20,6 +20,7 @@ from flyvault.envvars import (
     env_text,
     finite_float,
     log_level,
+    number,
 )
 from flyvault.errors import UsageError
 
@@ -30,6 +31,25 @@ DEFAULT_SESSION_BUFFER = 1024 * 1024
 MIN_SESSION_BUFFER = 128 * 1024
 DEFAULT_SESSION_TTL = 3600.0
 DEFAULT_MAX_SESSIONS = 256
+#: argparse type of --cpu-max (and the check of VAULT_CPU_MAX).
+CPU_LIMIT = number(float, minimum=0.01, maximum=4096, unit="CPUs")
+#: Init's own OOM score in vm mode: the kernel's OOM killer picks the workload first.
+INIT_OOM_SCORE_ADJ = -900
+
+
+def _memory_size(text: str) -> int:
+    """An argparse ``type=`` for --memory-max: 512M, 2G... at least 4 MiB."""
+    from server.cgroups import parse_bytes
+
+    try:
+        value = parse_bytes(text)
+    except ValueError:
+        value = 0
+    if value < 4 * 1024 * 1024:
+        raise argparse.ArgumentTypeError(
+            f"expected a size of at least 4M (e.g. 512M, 2G), got {text!r}"
+        )
+    return value
 
 
 class _JsonFormatter(logging.Formatter):
@@ -76,6 +96,26 @@ def build_parser() -> argparse.ArgumentParser:
         default="/sbin/init",
         help="the workload's init inside the rootfs (default %(default)s; without one a "
         "minimal reaper holds the namespace)",
+    )
+    parser.add_argument(
+        "--hostname",
+        metavar="NAME",
+        help="the workload's hostname, in its own UTS namespace (vm mode; env VAULT_HOSTNAME; "
+        "default FLY_APP_NAME, else fly-vault)",
+    )
+    parser.add_argument(
+        "--memory-max",
+        type=_memory_size,
+        metavar="SIZE",
+        help="vm mode: the workload's memory limit, e.g. 2G, sessions included (its cgroup's "
+        "memory.max; env VAULT_MEMORY_MAX; default none)",
+    )
+    parser.add_argument(
+        "--cpu-max",
+        type=CPU_LIMIT,
+        metavar="CPUS",
+        help="vm mode: the workload's CPU limit in CPUs, e.g. 1.5 (its cgroup's cpu.max; "
+        "env VAULT_CPU_MAX; default none)",
     )
     parser.add_argument(
         "--url-timeout",
@@ -256,6 +296,24 @@ def _apply_environment(args: argparse.Namespace) -> str:
     args.firewall_allow_ssh = args.firewall_allow_ssh or env_flag("VAULT_FIREWALL_ALLOW_SSH")
     if args.log_level is None:
         args.log_level = env_choice("VAULT_LOG_LEVEL", "info", LOG_LEVELS)
+    if args.hostname is None:
+        args.hostname = env_text("VAULT_HOSTNAME") or env_text("FLY_APP_NAME")
+    if args.memory_max is None and (text := env_text("VAULT_MEMORY_MAX")) is not None:
+        try:
+            args.memory_max = _memory_size(text)
+        except argparse.ArgumentTypeError as exc:
+            raise UsageError(
+                f"VAULT_MEMORY_MAX={text!r} is not valid: {exc}",
+                hint="unset VAULT_MEMORY_MAX for no limit, or set e.g. VAULT_MEMORY_MAX=2G",
+            ) from None
+    if args.cpu_max is None and (text := env_text("VAULT_CPU_MAX")) is not None:
+        try:
+            args.cpu_max = CPU_LIMIT(text)
+        except argparse.ArgumentTypeError as exc:
+            raise UsageError(
+                f"VAULT_CPU_MAX={text!r} is not valid: {exc}",
+                hint="unset VAULT_CPU_MAX for no limit, or set e.g. VAULT_CPU_MAX=1.5",
+            ) from None
     return listen_from
 
 
@@ -291,7 +349,12 @@ async def _serve(args: argparse.Namespace, host: str, port: int) -> int:
         url_max_bytes=args.url_max_bytes,
         session_ttl=args.session_ttl,
         max_sessions=args.max_sessions,
+        hostname=args.hostname,
+        memory_max=args.memory_max,
+        cpu_max=args.cpu_max,
     )
+    if not args.host_mode:
+        _lower_oom_score(log)
     attestor = FlyOidcAttestor(args.fly_api_socket)
     server = VaultServer(options, token, attestor)
     listener = await server.start()
@@ -325,6 +388,17 @@ async def _serve(args: argparse.Namespace, host: str, port: int) -> int:
     await server.shutdown()
     await attestor.aclose()
     return 0
+
+
+def _lower_oom_score(log: logging.Logger) -> None:
+    """An out-of-memory machine kills the workload's processes before init (which would
+    take every session and the workload down with it). The workload starts from the default
+    score again (``server.nsinit``)."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as score:
+            score.write(str(INIT_OOM_SCORE_ADJ))
+    except OSError as exc:
+        log.debug("cannot lower init's OOM score: %s", exc)
 
 
 def entry() -> None:

@@ -2,17 +2,26 @@
 
 Started by ``server.runtime`` as::
 
-    unshare --pid --mount --fork --propagation private -- \\
-        python -I -S server/nsinit.py ROOTFS PERSIST_DIR [--init /sbin/init] [--status PATH]
+    python -I -S server/nsinit.py launch --status PATH --parent PID --join CGROUP.PROCS... -- \\
+    unshare --pid --mount --cgroup --uts --ipc --fork --kill-child=KILL --propagation private -- \\
+        python -I -S server/nsinit.py ROOTFS PERSIST_DIR [--init /sbin/init] [--status PATH] \\
+            [--hostname NAME] [--cgroup2]
 
-so this program runs as PID 1 of a new PID namespace inside a new mount namespace. It makes
-the workload's root (§6.6 of the original, with flaw 15 fixed: the original mounted no
-``/proc``, ``/dev`` or ``/tmp``, so anything but systemd got a barely usable system):
+The ``launch`` step joins the workload's cgroups (so the cgroup namespace unshare makes is
+rooted there), ties itself to init with ``PR_SET_PDEATHSIG`` and execs unshare. This
+program then runs as PID 1 of new PID, mount, cgroup, UTS and IPC namespaces. It sets the
+hostname and makes the workload's root (§6.6 of the original, with flaw 15 fixed: the
+original mounted no ``/proc``, ``/dev`` or ``/tmp``, so anything but systemd got a barely
+usable system):
 
 * ``ROOTFS`` bind-mounted onto itself (pivot_root needs a mount point), ``PERSIST_DIR/root``
   and ``PERSIST_DIR/home`` bind-mounted onto ``ROOTFS/root`` and ``ROOTFS/home``;
-* ``/proc``, a read-only ``/sys``, a ``/dev`` tmpfs with the usual nodes, a private
-  ``/dev/pts`` instance and ``/dev/shm``, and tmpfs ``/run`` and ``/tmp``;
+* ``/proc``, a read-only ``/sys`` with the workload's own cgroup2 hierarchy on
+  ``/sys/fs/cgroup`` (read-write, rooted at its cgroup by the namespace: systemd needs it),
+  a ``/dev`` tmpfs with the usual nodes, a private ``/dev/pts`` instance and ``/dev/shm``,
+  and tmpfs ``/run`` and ``/tmp``;
+* the image's ``/etc/hostname`` (if it is a file) covered by one holding ``--hostname``, so
+  an init that sets the hostname from it (systemd) keeps the vault's name;
 * ``pivot_root`` into ROOTFS, the old root detached, then ``exec`` of ``--init``.
 
 When the init cannot be executed (missing, not executable, bad format) this process stays
@@ -61,6 +70,9 @@ MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
 MNT_DETACH = 0x2
+PR_SET_PDEATHSIG = 1
+#: Inside the workload: the file that covers the image's /etc/hostname.
+HOSTNAME_FILE = "run/fly-vault/hostname"
 
 #: pivot_root has no libc wrapper; its syscall number differs per architecture. On any
 #: other architecture the util-linux ``pivot_root`` binary is used instead.
@@ -176,7 +188,43 @@ def _make_sys(sys_dir: str) -> None:
         _say_stderr(f"warning: {exc}; /sys is left empty")
 
 
-def setup_root(rootfs: str, persist: str) -> None:
+def _make_cgroup(rootfs: str) -> None:
+    """The workload's own cgroup2 hierarchy on /sys/fs/cgroup (the namespace roots it at
+    the workload's cgroup). Read-write: systemd creates its cgroups there."""
+    target = os.path.join(rootfs, "sys", "fs", "cgroup")
+    if not os.path.isdir(target) or os.path.islink(target):
+        _say_stderr("warning: the rootfs has no /sys/fs/cgroup to mount cgroup2 on")
+        return
+    mount("cgroup2", target, "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+
+def _cover_hostname(rootfs: str, hostname: str) -> None:
+    """Bind a file holding ``hostname`` over the image's /etc/hostname, when it has one."""
+    target = os.path.join(rootfs, "etc", "hostname")
+    try:
+        info = os.lstat(target)
+    except OSError:
+        return  # none: the init keeps the hostname it was given
+    if not stat.S_ISREG(info.st_mode) or os.path.islink(os.path.join(rootfs, "etc")):
+        return  # a symlink is never followed out of the rootfs
+    source = os.path.join(rootfs, HOSTNAME_FILE)
+    os.makedirs(os.path.dirname(source), mode=0o755, exist_ok=True)
+    fd = os.open(source, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    try:
+        os.write(fd, (hostname + "\n").encode())
+    finally:
+        os.close(fd)
+    mount(source, target, None, MS_BIND)
+
+
+def set_hostname(hostname: str) -> None:
+    data = hostname.encode()
+    _check(_libc.sethostname(data, ctypes.c_size_t(len(data))), f"sethostname {hostname}")
+
+
+def setup_root(
+    rootfs: str, persist: str, *, hostname: str | None = None, cgroup2: bool = False
+) -> None:
     """Everything before pivot_root. Paths are absolute host paths."""
     # unshare already made propagation private; again here so that nothing we mount can
     # leak into the host's mount table whoever started us.
@@ -193,10 +241,14 @@ def setup_root(rootfs: str, persist: str) -> None:
         "proc", _mountpoint(os.path.join(rootfs, "proc")), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC
     )
     _make_sys(os.path.join(rootfs, "sys"))
+    if cgroup2:
+        _make_cgroup(rootfs)
     _make_dev(os.path.join(rootfs, "dev"))
     for name, options in (("run", "mode=755"), ("tmp", "mode=1777")):
         target = _mountpoint(os.path.join(rootfs, name))
         mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, options)
+    if hostname:
+        _cover_hostname(rootfs, hostname)
 
 
 def enter_root(rootfs: str) -> None:
@@ -287,17 +339,59 @@ def reap_forever() -> int:
             stopping = True
             try:
                 os.kill(-1, signal.SIGTERM)  # every process of the namespace but us
+                # A stopped process only acts on SIGTERM once continued (as systemd does).
+                os.kill(-1, signal.SIGCONT)
             except ProcessLookupError:
                 return 0  # nothing else runs in the namespace
 
 
+def launch(argv: Sequence[str]) -> int:
+    """``launch --status PATH --parent PID [--join FILE]... -- COMMAND...``: the step before
+    unshare. Joins the workload's cgroups (writing to each ``cgroup.procs``), gets SIGKILL
+    when its parent (init) dies, and gives the workload the default OOM score (init lowers
+    its own), then execs COMMAND."""
+    parser = argparse.ArgumentParser(prog="nsinit launch")
+    parser.add_argument("--status", help="FIFO to report a failure to (the runtime's)")
+    parser.add_argument("--parent", type=int, required=True)
+    parser.add_argument("--join", action="append", default=[])
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    status = Status(args.status)  # close-on-exec: gone once COMMAND runs
+    # The workload must never run on unsupervised (unshare's --kill-child then takes the
+    # namespace's init along, and with it every process in the namespace).
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != args.parent:
+        return 1  # init died before the line above
+    step = "/proc/self/oom_score_adj"
+    try:
+        with open(step, "w") as score:
+            score.write("0")
+        for step in args.join:
+            fd = os.open(step, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+        os.execvp(command[0], command)
+    except OSError as exc:
+        status.say("error", f"{step}: {exc.strerror or exc}")
+        _say_stderr(f"{step}: {exc.strerror or exc}")
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if arguments[:1] == ["launch"]:
+        return launch(arguments[1:])
     parser = argparse.ArgumentParser(prog="nsinit", description="PID 1 of the fly-vault workload")
     parser.add_argument("rootfs")
     parser.add_argument("persist_dir")
     parser.add_argument("--init", default="/sbin/init", help="path inside the rootfs")
     parser.add_argument("--status", help="FIFO to report progress to (the runtime's)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--hostname", help="the workload's hostname (its own UTS namespace)")
+    parser.add_argument("--cgroup2", action="store_true", help="mount cgroup2 on /sys/fs/cgroup")
+    args = parser.parse_args(arguments)
     status = Status(args.status)
     status.say("hello")
     if os.getpid() != 1:
@@ -305,7 +399,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     os.umask(0)  # modes given to mkdir/mknod here are meant literally
     try:
-        setup_root(os.path.realpath(args.rootfs), os.path.realpath(args.persist_dir))
+        if args.hostname:
+            set_hostname(args.hostname)
+        setup_root(
+            os.path.realpath(args.rootfs),
+            os.path.realpath(args.persist_dir),
+            hostname=args.hostname,
+            cgroup2=args.cgroup2,
+        )
         enter_root(os.path.realpath(args.rootfs))
         with contextlib.suppress(OSError):
             os.unlink("/" + FALLBACK_MARKER)  # a stale one from a previous boot

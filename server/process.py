@@ -7,7 +7,9 @@ has exited AND every byte it wrote has been delivered: the PTY master is read un
 pipes until EOF (the original cancelled its reader on exit and lost the tail, flaw 19).
 
 Reaping uses asyncio's child watcher, which waits for our own pid only; nothing here ever
-calls ``waitpid(-1)``, which would steal other children's statuses (§1.8).
+calls ``waitpid(-1)``, which would steal other children's statuses (§1.8). A command started
+through an ``Entry`` (inside the workload, ``WorkloadRuntime.entry``) is a plain
+``subprocess.Popen`` child watched through a pidfd, reaping its own pid only as well.
 
 Every child runs in its own session (``start_new_session``), so its pid is also its process
 group id and ``send_signal``/``kill`` reach the whole group, grandchildren included.
@@ -27,6 +29,7 @@ import subprocess
 import termios
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from flyvault.errors import VaultError
 from server.outputlog import STDERR, STDOUT
@@ -52,7 +55,7 @@ class SpawnError(VaultError):
     ``exit_code`` follows the shell: 127 when the program (or cwd) does not exist, 126 when
     it exists but cannot be executed. The caller reports it to the client as the session's
     outcome. With a ``wrapper`` (nsenter), a program missing *inside* the namespace is not a
-    SpawnError: the wrapper starts fine and exits 127 itself.
+    SpawnError: the wrapper starts fine and exits 127 itself; with an ``Entry`` it is.
     """
 
     exit_code = 127
@@ -78,6 +81,55 @@ class ExitStatus:
         if returncode < 0:
             return cls(None, -returncode)
         return cls(returncode, None)
+
+
+class Entry(Protocol):
+    """Starts a command somewhere else than here (``WorkloadRuntime.entry``): inside the
+    workload's namespaces, with no process in between."""
+
+    def popen(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: int,
+        stdout: int,
+        stderr: int,
+        env: Mapping[str, str],
+        preexec: Callable[[], None] | None = None,
+    ) -> subprocess.Popen[bytes]: ...
+
+
+class _Child(Protocol):
+    pid: int
+
+    async def wait(self) -> int: ...
+
+
+class _WatchedPopen:
+    """A ``subprocess.Popen`` child watched through a pidfd: ``wait()`` like asyncio's.
+
+    Reaps its own pid only (``Popen.poll``), once the pidfd says it has exited.
+    """
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.pid = popen.pid
+        self._popen = popen
+        self._loop = asyncio.get_running_loop()
+        self._done: asyncio.Future[int] = self._loop.create_future()
+        self._pidfd = os.pidfd_open(popen.pid)
+        self._loop.add_reader(self._pidfd, self._check)
+        self._check()
+
+    def _check(self) -> None:
+        code = self._popen.poll()
+        if code is None or self._done.done():
+            return
+        self._loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._done.set_result(code)
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._done)
 
 
 def _set_winsize(fd: int, rows: int, cols: int) -> None:
@@ -113,7 +165,7 @@ class ManagedProcess:
 
     def __init__(
         self,
-        process: asyncio.subprocess.Process,
+        process: _Child,
         *,
         pty: bool,
         on_output: Callable[[int, bytes], None],
@@ -157,11 +209,13 @@ class ManagedProcess:
         env: Mapping[str, str] | None = None,
         wrapper: Sequence[str] = (),
         openpty: Callable[[], tuple[int, int]] | None = None,
+        entry: Entry | None = None,
     ) -> ManagedProcess:
-        """Start ``wrapper + argv``.
+        """Start ``wrapper + argv``, or ``argv`` through ``entry`` (inside the workload).
 
         ``openpty`` allocates the PTY pair; the workload runtime passes one that takes it
-        from the workload's own ``/dev/pts`` so ``tty`` and ``sudo`` work inside.
+        from the workload's own ``/dev/pts`` so ``tty`` and ``sudo`` work inside. With an
+        ``entry``, ``cwd`` is ignored (the entry has its own, inside the workload).
 
         ``env`` replaces the environment entirely (subprocess semantics); None inherits
         ours. ``term``, when given, sets TERM on top of either. ``rows``/``cols`` are the
@@ -196,17 +250,29 @@ class ManagedProcess:
                 child_fds = (stdin_r, stdout_w, stderr_w)
                 parent_stdin, outputs = stdin_w, {stdout_r: STDOUT, stderr_r: STDERR}
                 preexec = None
+            process: _Child
             try:
-                process = await asyncio.create_subprocess_exec(
-                    *command,
-                    stdin=child_fds[0],
-                    stdout=child_fds[1],
-                    stderr=child_fds[2],
-                    cwd=cwd,
-                    env=child_env,
-                    start_new_session=True,
-                    preexec_fn=preexec,
-                )
+                if entry is not None:
+                    popen = entry.popen(
+                        command,
+                        stdin=child_fds[0],
+                        stdout=child_fds[1],
+                        stderr=child_fds[2],
+                        env=child_env if child_env is not None else os.environ,
+                        preexec=preexec,
+                    )
+                    process = _WatchedPopen(popen)
+                else:
+                    process = await asyncio.create_subprocess_exec(
+                        *command,
+                        stdin=child_fds[0],
+                        stdout=child_fds[1],
+                        stderr=child_fds[2],
+                        cwd=cwd,
+                        env=child_env,
+                        start_new_session=True,
+                        preexec_fn=preexec,
+                    )
             except OSError as exc:
                 raise _spawn_error(command, cwd, exc) from None
             except subprocess.SubprocessError as exc:  # the preexec hook failed

@@ -19,9 +19,10 @@ from pathlib import Path
 from flyvault.errors import ProvisionError
 from flyvault.protocol.constants import RuntimeStatus, VmState
 from flyvault.protocol.messages import RootfsOptions
+from server.cgroups import Limits
 from server.provision.extract import ExtractLimits, ExtractReport, StreamingExtractor
 from server.provision.store import RootfsStore
-from server.runtime import WorkloadRuntime
+from server.runtime import WorkloadEntry, WorkloadRuntime
 from server.sessions import SpawnPolicy
 
 log = logging.getLogger("flyvault.server.provision")
@@ -37,6 +38,8 @@ URL_MAX_REDIRECTS = 5
 URL_MAX_BYTES = 32 * 1024**3
 #: Device nodes named one by one in the result line; more are counted.
 NOTE_DEVICES = 20
+#: What the sessions a reprovision ends are told.
+REPROVISION_REASON = "the vault is being reprovisioned"
 
 
 class Provisioner:
@@ -47,9 +50,13 @@ class Provisioner:
         init_binary: str = "/sbin/init",
         url_read_timeout: float = URL_READ_TIMEOUT,
         url_max_bytes: int = URL_MAX_BYTES,
+        hostname: str | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.store = RootfsStore(data_dir)
-        self.runtime = WorkloadRuntime.from_data_dir(data_dir, init_binary=init_binary)
+        self.runtime = WorkloadRuntime.from_data_dir(
+            data_dir, init_binary=init_binary, hostname=hostname, limits=limits
+        )
         self.lock = asyncio.Lock()
         self.url_read_timeout = url_read_timeout
         self.url_max_bytes = url_max_bytes
@@ -60,6 +67,8 @@ class Provisioner:
         notes = await asyncio.to_thread(self.store.recover)
         for note in notes:
             log.warning("recovery: %s", note)
+        # What a previous init's workload left (processes, cgroups) goes before anything new.
+        await self.runtime.recover()
         if self.store.provisioned:
             try:
                 await self.runtime.start()
@@ -79,19 +88,16 @@ class Provisioner:
     def spawn_policy(self) -> SpawnPolicy:
         runtime = self.runtime
 
-        def enter(cwd: str | None) -> tuple[list[str], str | None]:
-            if not runtime.running:
-                raise ProvisionError(
-                    "the vault's workload is not running",
-                    hint="it restarts by itself; if it keeps failing, reprovision the vault",
-                )
-            return runtime.wrapper(cwd), None
+        def entry(cwd: str | None, strict: bool) -> WorkloadEntry:
+            return runtime.entry(cwd, strict=strict)
 
         return SpawnPolicy(
             base_env=runtime.env,
             root=str(self.store.rootfs),
-            enter=enter,
             openpty=runtime.openpty,
+            entry=entry,
+            account=runtime.account,
+            exists=runtime.exists_inside,
         )
 
     def purge_later(self) -> None:
@@ -105,8 +111,8 @@ class Provisioner:
         except OSError as exc:  # retried at the next activation or start
             log.warning("could not delete the previous rootfs: %s", exc)
 
-    async def stop(self) -> None:
-        await self.runtime.stop()
+    async def stop(self, reason: str = "the vault is shutting down") -> None:
+        await self.runtime.stop(reason=reason)
         if self._purge is not None:
             await asyncio.shield(self._purge)
 
@@ -225,9 +231,10 @@ class ProvisionJob:
             log.info("rootfs: %s", note)
         await asyncio.to_thread(provisioner.store.prepare_persistence, provisioner.store.staging)
         self.progress("activate", 0, 1)
-        # Everything in the old namespace ends here: shells, sessions, services.
+        # Everything in the old namespace ends here: sessions first (told why), then the
+        # shells' and services' processes with the workload.
         stopping = time.monotonic()
-        await provisioner.runtime.stop()
+        await provisioner.runtime.stop(reason=REPROVISION_REASON)
         stopped = time.monotonic() - stopping
         loop = asyncio.get_running_loop()
 

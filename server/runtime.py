@@ -1,43 +1,66 @@
-"""The workload runtime: the user's rootfs running in its own PID and mount namespaces.
+"""The workload runtime: the user's rootfs in its own PID, mount, cgroup, UTS and IPC namespaces.
 
-``WorkloadRuntime.start()`` launches ``server/nsinit.py`` through ``unshare --pid --mount
---fork`` (never ``fork()`` from this asyncio process, §12 and flaw 18); nsinit becomes PID 1
-of the new namespace, mounts the workload's filesystems, pivots into the rootfs and execs
-its ``/sbin/init`` (or stays as a minimal reaper: FALLBACK_INIT). Commands then run inside
-through ``wrapper()``, an ``nsenter`` prefix for ``ManagedProcess.spawn``.
+``WorkloadRuntime.start()`` makes the workload's cgroup subtree (``server.cgroups``), then
+launches ``server/nsinit.py``: its ``launch`` step joins that cgroup and execs ``unshare
+--pid --mount --cgroup --uts --ipc --fork`` (never ``fork()`` of this asyncio process for
+the workload, §12 and flaw 18); nsinit becomes PID 1 of the new namespaces, sets the
+hostname, mounts the workload's filesystems, pivots into the rootfs and execs its
+``/sbin/init`` (or stays as a minimal reaper: FALLBACK_INIT).
 
-Processes: our only child is ``unshare`` (reaped by asyncio's child watcher, which waits for
-that pid only; nothing here calls ``waitpid(-1)``, §1.8). unshare's child is the namespace's
-init; we signal it through a pidfd, so a recycled pid can never be hit. ``--kill-child``
-ties the namespace to unshare and ``setpriv --pdeathsig`` ties unshare to us: if the server
-dies, the workload dies with it instead of running on unsupervised next to a new one.
+Commands enter the workload with ``entry()``: the command's own process is forked straight
+into the workload's PID namespace (the forking thread's ``pid_for_children`` is switched
+for the duration of the fork) and joins the init's cgroup and the other namespaces and its
+root before exec. No helper process stays in between: the util-linux ``nsenter`` that the
+first versions used waits for its child and stops itself whenever the child is stopped,
+and systemd's shutdown stops every process it sees, so nsenter stayed stopped forever,
+holding its child's exit and with it the whole namespace (issue 11).
+
+Processes: our only child of the workload itself is the launcher/unshare (reaped by
+asyncio's child watcher, which waits for that pid only; nothing here calls
+``waitpid(-1)``, §1.8). unshare's child is the namespace's init; we signal it through a
+pidfd, so a recycled pid can never be hit. ``--kill-child`` ties the namespace to unshare
+and ``PR_SET_PDEATHSIG`` ties unshare to us: if the server dies, the workload dies with it
+instead of running on unsupervised next to a new one. What a generation was (its cgroups,
+init, namespaces) is written to a state file; a new init ends whatever of it is still
+there before its first start (``recover``).
 
 A supervision task restarts the workload when it dies on its own (flaw 17: the original
 restarted it only when a client happened to connect), with an exponential backoff while it
-keeps dying young. ``stop()`` is graceful first (SIGTERM, or SIGRTMIN+4 for systemd, which
-re-executes itself on SIGTERM), then forcible (flaw 23).
+keeps dying young. Every deliberate stop first lets ``on_stop`` end the sessions with a
+reason, then is graceful (SIGTERM, or SIGRTMIN+4 for systemd, which re-executes itself on
+SIGTERM), then forcible (flaw 23); the cgroup subtree is removed after every stop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import errno
 import fcntl
+import json
 import logging
 import os
+import re
 import shutil
 import signal
 import struct
+import subprocess
 import sys
 import tempfile
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flyvault.errors import ProvisionError
 from flyvault.protocol.constants import RuntimeStatus
+from server import cgroups
+from server.cgroups import Limits, WorkloadCgroups
 from server.nsinit import FALLBACK_MARKER, WORKLOAD_ENV
+from server.process import SpawnError
 
 log = logging.getLogger("flyvault.server.runtime")
 
@@ -49,6 +72,385 @@ STABLE_AFTER = 60.0
 # ioctls for allocating a PTY in the workload's devpts instance (see openpty).
 _TIOCSPTLCK = 0x40045431
 _TIOCGPTPEER = 0x5441
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+#: The namespaces a command joins, in this order (mount last: it changes what paths mean).
+_ENTER = (("cgroup", CLONE_NEWCGROUP), ("ipc", CLONE_NEWIPC), ("uts", CLONE_NEWUTS))
+_NAMESPACES = ("pid", "mnt", "cgroup", "uts", "ipc")
+#: The file (in the data directory) describing the running generation, for ``recover``.
+STATE_FILE = "workload.json"
+#: Hostnames: at most 63 bytes of letters, digits and '-' (other characters become '-').
+_HOSTNAME_BAD = re.compile(r"[^A-Za-z0-9-]+")
+DEFAULT_HOSTNAME = "fly-vault"
+#: PATH of a login, as sshd sets it (root gets the sbin directories).
+ROOT_PATH = WORKLOAD_ENV["PATH"]
+USER_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_setns_function = _libc.setns
+
+
+def _setns(fd: int, nstype: int) -> None:
+    if _setns_function(fd, nstype) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"setns: {os.strerror(code)}")
+
+
+def hostname_for(name: str | None) -> str:
+    """A valid hostname made of ``name`` (the vault's name), else ``fly-vault``."""
+    text = _HOSTNAME_BAD.sub("-", name or "").strip("-")[:63].strip("-")
+    return text or DEFAULT_HOSTNAME
+
+
+@dataclass(frozen=True)
+class Account:
+    """The login account commands run as (root), from the image's ``/etc/passwd``."""
+
+    name: str = "root"
+    uid: int = 0
+    gid: int = 0
+    home: str = "/root"
+    shell: str = "/bin/sh"
+
+    def environment(self) -> dict[str, str]:
+        """What sshd sets for a login: HOME, USER, LOGNAME, SHELL and PATH."""
+        return {
+            "HOME": self.home,
+            "USER": self.name,
+            "LOGNAME": self.name,
+            "SHELL": self.shell,
+            "PATH": ROOT_PATH if self.uid == 0 else USER_PATH,
+        }
+
+
+def parse_passwd(text: str, user: str = "root") -> Account | None:
+    for line in text.splitlines():
+        fields = line.split(":")
+        if len(fields) < 7 or fields[0] != user:
+            continue
+        try:
+            uid, gid = int(fields[2]), int(fields[3])
+        except ValueError:
+            continue
+        home = fields[5] if fields[5].startswith("/") else "/"
+        shell = fields[6] if fields[6].startswith("/") else "/bin/sh"
+        return Account(user, uid, gid, home, shell)
+    return None
+
+
+def _open_inside(root: int, path: str, flags: int = os.O_RDONLY) -> int:
+    """Open ``path`` as the workload would see it: every component, symlinks included, is
+    resolved inside the directory ``root`` (an fd), never above it. Raises OSError."""
+    parts = [part for part in path.split("/") if part not in ("", ".")]
+    current = os.dup(root)
+    stack: list[int] = []  # directories above ``current``, for ".."
+    links = 0
+    try:
+        while parts:
+            part = parts.pop(0)
+            if part == "..":
+                if stack:
+                    os.close(current)
+                    current = stack.pop()
+                continue
+            last = not parts
+            try:
+                target = os.readlink(part, dir_fd=current)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                target = None
+            if target is not None:
+                links += 1
+                if links > 40:
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+                parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+                if target.startswith("/"):
+                    for fd in stack:
+                        os.close(fd)
+                    stack.clear()
+                    os.close(current)
+                    current = os.dup(root)
+                continue
+            mode = flags if last else os.O_RDONLY | os.O_DIRECTORY
+            opened = os.open(part, mode | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=current)
+            stack.append(current)
+            current = opened
+        result, current = current, -1
+        return result
+    finally:
+        if current >= 0:
+            os.close(current)
+        for fd in stack:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _children_born_in(pid_namespace: int) -> Iterator[None]:
+    """Processes this thread forks meanwhile are born in ``pid_namespace`` (an fd).
+
+    ``setns(CLONE_NEWPID)`` only changes the calling thread's ``pid_for_children``; it is
+    set back to our own (always allowed) before anything else can run on this thread.
+    """
+    own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _setns(pid_namespace, CLONE_NEWPID)
+        try:
+            yield
+        finally:
+            try:
+                _setns(own, CLONE_NEWPID)
+            except OSError:  # pragma: no cover - the kernel always allows this
+                log.critical("cannot leave the workload's PID namespace; exiting")
+                os._exit(70)
+    finally:
+        os.close(own)
+
+
+class WorkloadEntry:
+    """How one command enters the running workload, with no process in between.
+
+    ``popen`` forks the command straight into the workload's PID namespace; the child
+    joins the cgroup of the workload's init (so limits and clean-up cover it), then its
+    cgroup, IPC, UTS and mount namespaces and its root, changes to ``cwd`` and execs. If
+    ``cwd`` does not exist: with ``strict`` the command is refused (SpawnError naming it),
+    otherwise it starts in ``/``, as a login whose home is missing does.
+    """
+
+    def __init__(
+        self,
+        init_pid: int,
+        pidfd: int,
+        cgroup_files: Sequence[Path],
+        cwd: str | None,
+        *,
+        strict: bool = True,
+    ) -> None:
+        self.init_pid = init_pid
+        self.pidfd = pidfd
+        self.cgroup_files = list(cgroup_files)
+        self.cwd = cwd or "/"
+        self.strict = strict
+
+    def popen(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: int,
+        stdout: int,
+        stderr: int,
+        env: Mapping[str, str],
+        preexec: Callable[[], None] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Start ``argv`` inside. Raises SpawnError (bad cwd, no such program) or
+        ProvisionError (the workload is gone or stopping)."""
+        fds: list[int] = []
+
+        def keep(fd: int) -> int:
+            fds.append(fd)
+            return fd
+
+        try:
+            try:
+                namespaces = {
+                    kind: keep(
+                        os.open(f"/proc/{self.init_pid}/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
+                    )
+                    for kind in _NAMESPACES
+                }
+                root = keep(
+                    os.open(
+                        f"/proc/{self.init_pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+                    )
+                )
+                # The pid may have been recycled before the opens: the pidfd cannot be.
+                signal.pidfd_send_signal(self.pidfd, 0)
+                joins = [
+                    keep(os.open(path, os.O_WRONLY | os.O_CLOEXEC)) for path in self.cgroup_files
+                ]
+            except OSError:
+                raise _not_running() from None
+            error_read, error_write = os.pipe()
+            keep(error_read)
+            keep(error_write)
+            cwd, strict = self.cwd, self.strict
+
+            def fail(message: str, code: int) -> None:  # pragma: no cover - in the child
+                os.write(error_write, f"{code} {message}".encode(errors="replace"))
+                os._exit(code)
+
+            def enter() -> None:  # pragma: no cover - runs in the child, before exec
+                try:
+                    score = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+                    os.write(score, b"0")  # init lowers its own; the workload's is the default
+                    os.close(score)
+                    for fd in joins:
+                        os.write(fd, b"0")
+                    for kind, flag in _ENTER:
+                        _setns(namespaces[kind], flag)
+                    _setns(namespaces["mnt"], CLONE_NEWNS)
+                    os.fchdir(root)
+                    os.chroot(".")
+                except OSError as exc:
+                    fail(f"cannot enter the workload: {exc.strerror or exc}", 126)
+                try:
+                    os.chdir(cwd)
+                except OSError as exc:
+                    if strict:
+                        fail(f"cannot change directory to {cwd!r}: {exc.strerror or exc}", 127)
+                    os.chdir("/")
+                if preexec is not None:
+                    preexec()
+
+            try:
+                with _children_born_in(namespaces["pid"]):
+                    process = subprocess.Popen(
+                        list(argv),
+                        stdin=stdin,
+                        stdout=stdout,
+                        stderr=stderr,
+                        env=dict(env),
+                        start_new_session=True,
+                        preexec_fn=enter,
+                    )
+            except OSError as exc:
+                if exc.errno == errno.ENOMEM:  # fork into a namespace whose init is gone
+                    raise _not_running() from None
+                raise _spawn_error(argv, exc) from None
+            except subprocess.SubprocessError as exc:  # the PTY hook failed
+                raise SpawnError(f"cannot run {argv[0]!r}: {exc}") from None
+            os.close(error_write)
+            fds.remove(error_write)
+            report = b""
+            while chunk := os.read(error_read, 4096):
+                report += chunk
+            if report:
+                process.wait()
+                code, _, message = report.decode(errors="replace").partition(" ")
+                error = SpawnError(message)
+                error.exit_code = int(code) if code.isdigit() else 126
+                raise error
+            return process
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+def _not_running() -> ProvisionError:
+    return ProvisionError(
+        "the vault's workload is not running",
+        hint="it restarts by itself; if it keeps failing, reprovision the vault",
+    )
+
+
+def _spawn_error(argv: Sequence[str], exc: OSError) -> SpawnError:
+    error = SpawnError(f"cannot run {argv[0]!r} in the workload: {exc.strerror or exc}")
+    if exc.errno in (errno.EACCES, errno.ENOEXEC, errno.EPERM, errno.EISDIR):
+        error.exit_code = 126
+    return error
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot): with the pid, its identity."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            text = file.read()
+    except OSError:
+        return None
+    return int(text[text.rindex(")") + 2 :].split()[19])
+
+
+def _namespace(pid: int | str, kind: str) -> tuple[int, int] | None:
+    try:
+        info = os.stat(f"/proc/{pid}/ns/{kind}")
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _all_pids() -> list[int]:
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+
+
+def _gone(pid: int) -> bool:
+    """Exited (a zombie counts: only its parent can reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            text = file.read()
+    except OSError:
+        return True
+    return text[text.rindex(")") + 2 :].startswith(("Z", "X"))
+
+
+def recover_leftovers(state: Mapping[str, Any], extra_tops: Sequence[Path] = ()) -> list[str]:
+    """End whatever a previous init's workload left: its init, every process in its cgroups
+    and every process sharing one of its namespaces (helpers such as a stopped ``nsenter``
+    included); then delete its cgroups. Returns what was done, for the log."""
+    own = {(kind, _namespace("self", kind)) for kind in _NAMESPACES}
+    tops = [Path(top) for top in state.get("cgroups", {}).get("tops", [])]
+    tops += [top for top in extra_tops if top not in tops]
+    suspects: set[int] = set()
+    recorded: set[tuple[str, tuple[int, int]]] = set()
+    for role in ("init", "launcher"):
+        record = state.get(role) or {}
+        pid = record.get("pid")
+        if isinstance(pid, int) and pid > 1 and _start_time(pid) == record.get("start_time"):
+            suspects.add(pid)
+            if role == "init":
+                # Its namespaces cannot have been freed and their numbers reused while it
+                # is still there (even half-exited, waiting for a stopped helper): trust them.
+                for kind, ns in (state.get("namespaces") or {}).items():
+                    if kind in _NAMESPACES and isinstance(ns, list) and len(ns) == 2:
+                        recorded.add((kind, (int(ns[0]), int(ns[1]))))
+    for top in tops:
+        if top.is_dir():
+            suspects |= cgroups.procs(top)
+    namespaces = {
+        (kind, ns)
+        for pid in suspects
+        for kind in _NAMESPACES
+        if (ns := _namespace(pid, kind)) is not None
+    }
+    namespaces = (namespaces | recorded) - own
+    if namespaces:
+        for pid in _all_pids():
+            if any((kind, _namespace(pid, kind)) in namespaces for kind in _NAMESPACES):
+                suspects.add(pid)
+    suspects.discard(os.getpid())
+    notes = []
+    if suspects:
+        stopped = [pid for pid in suspects if _state(pid) in ("T", "t")]
+        notes.append(
+            f"ended {len(suspects)} process(es) left by the previous workload"
+            + (f" ({len(stopped)} of them stopped)" if stopped else "")
+        )
+        cgroups.kill_processes(suspects)
+        deadline = time.monotonic() + 10
+        while not all(_gone(pid) for pid in suspects) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    existing = [top for top in tops if top.is_dir()]
+    if existing:
+        if cgroups.kill_and_remove(existing, 10.0):
+            notes.append(f"removed the previous workload's cgroups ({len(existing)} hierarchies)")
+        else:
+            notes.append("could not remove the previous workload's cgroups")
+    for parent, controller in state.get("cgroups", {}).get("enabled", []):
+        with contextlib.suppress(OSError):
+            Path(parent, "cgroup.subtree_control").write_text(f"-{controller}")
+    return notes
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            text = file.read()
+    except OSError:
+        return ""
+    return text[text.rindex(")") + 2 :][:1]
 
 
 def _pin_child(pid: int) -> list[int]:
@@ -120,6 +522,9 @@ class WorkloadRuntime:
         start_timeout: float = 30.0,
         restart_delay: float = 1.0,
         max_restart_delay: float = 30.0,
+        hostname: str | None = None,
+        limits: Limits | None = None,
+        state_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.rootfs = Path(rootfs)
         self.persist_dir = Path(persist_dir)
@@ -128,15 +533,26 @@ class WorkloadRuntime:
         self.start_timeout = start_timeout
         self.restart_delay = restart_delay
         self.max_restart_delay = max_restart_delay
+        #: The workload's hostname (its own UTS namespace): the vault's name.
+        self.hostname = hostname_for(hostname)
+        self.limits = limits or Limits()
+        #: Where the running generation is described (``workload.json``), for ``recover``.
+        self.state_dir = Path(state_dir) if state_dir is not None else self.persist_dir.parent
+        self.cgroups = WorkloadCgroups(cgroups.subtree_name(self.state_dir), self.limits)
+        #: Called with a reason before every deliberate stop (the server ends the sessions
+        #: there), and after the workload died on its own.
+        self.on_stop: Callable[[str], Awaitable[None]] | None = None
         #: How many times the supervisor restarted a workload that died on its own.
         self.restarts = 0
-        self._process: asyncio.subprocess.Process | None = None  # unshare
+        self._process: asyncio.subprocess.Process | None = None  # launcher, then unshare
         self._init_pid: int | None = None  # the namespace's PID 1, as seen from here
         self._pidfd: int | None = None
         self._fallback = False
         self._boot_id: str | None = None
         self._started_at = 0.0
         self._want_running = False
+        self._stopping = False
+        self._recovered = False
         self._lock = asyncio.Lock()
         self._supervisor: asyncio.Task[None] | None = None
 
@@ -167,13 +583,65 @@ class WorkloadRuntime:
         """The base environment for commands run inside (never the server's own)."""
         return dict(WORKLOAD_ENV)
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def entry(self, cwd: str | None = None, *, strict: bool = True) -> WorkloadEntry:
+        """How a command enters the workload now (for ``ManagedProcess.spawn(entry=...)``).
+
+        ``cwd`` is a directory inside the workload (default ``/``). Ask for every spawn: it
+        names the current init, which changes on restart.
+        """
+        pid, pidfd = self.init_pid, self._pidfd
+        if pid is None or pidfd is None:
+            raise _not_running()
+        if self._stopping:
+            raise ProvisionError(
+                "the vault's workload is stopping", hint="try again once it has restarted"
+            )
+        files = self.cgroups.init_cgroup_files(pid) if self.cgroups.active else []
+        return WorkloadEntry(pid, pidfd, files, cwd, strict=strict)
+
+    def account(self, user: str = "root") -> Account:
+        """``user``'s passwd entry in the running workload (defaults when it has none)."""
+        try:
+            with self._root() as root:
+                fd = _open_inside(root, "/etc/passwd")
+                with os.fdopen(fd, "rb") as file:
+                    text = file.read(4 * 1024 * 1024).decode("utf-8", "replace")
+        except (OSError, ProvisionError):
+            return Account(home="/root" if user == "root" else "/")
+        return parse_passwd(text, user) or Account()
+
+    def exists_inside(self, path: str) -> bool:
+        """Whether ``path`` exists as the workload sees it (symlinks resolved inside)."""
+        try:
+            with self._root() as root:
+                os.close(_open_inside(root, path, os.O_PATH))
+        except (OSError, ProvisionError):
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def _root(self) -> Iterator[int]:
+        pid = self.init_pid
+        if pid is None:
+            raise _not_running()
+        root = os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            yield root
+        finally:
+            os.close(root)
+
     def status(self) -> RuntimeStatus:
         if not self.running:
             return RuntimeStatus.NOT_STARTED
         return RuntimeStatus.FALLBACK_INIT if self._fallback else RuntimeStatus.SYSTEM_INIT
 
     def wrapper(self, cwd: str | None = None) -> list[str]:
-        """The prefix that runs a command inside the workload (for ManagedProcess.spawn).
+        """An ``nsenter`` prefix that runs a command inside the workload (diagnostics and
+        tests; sessions use ``entry()``, which leaves no helper process in between).
 
         nsenter joins the mount and PID namespaces of the workload's init (forking, so the
         command is a member of the PID namespace) and takes the init's root. The working
@@ -224,6 +692,7 @@ class WorkloadRuntime:
         """
         self._check_host()
         async with self._lock:
+            await self._recover_once()
             if not self.running:
                 await self._launch()
                 if settle > 0:
@@ -231,15 +700,46 @@ class WorkloadRuntime:
             self._want_running = True
             self._ensure_supervisor()
 
-    async def stop(self, grace: float = 10.0) -> None:
-        """Stop the workload: everything in its namespace ends (gracefully, then killed)."""
+    async def recover(self) -> None:
+        """End what a previous init's workload left behind (see ``recover_leftovers``).
+
+        Done once, before the first start; ``start`` calls it, and init at boot even when
+        the vault has nothing to start.
+        """
+        async with self._lock:
+            await self._recover_once()
+
+    async def _recover_once(self) -> None:
+        if self._recovered or self._process is not None:
+            return
+        self._recovered = True
+        state: dict[str, Any] = {}
+        path = self.state_dir / STATE_FILE
+        with contextlib.suppress(OSError, ValueError):
+            state = json.loads(path.read_text())
+            if not isinstance(state, dict):
+                state = {}
+        extra = cgroups.existing(self.cgroups.name)
+        if not state and not extra:
+            return
+        notes = await asyncio.to_thread(recover_leftovers, state, extra)
+        for note in notes:
+            log.warning("recovery: %s", note)
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+    async def stop(
+        self, grace: float = 10.0, reason: str = "the vault's workload is stopping"
+    ) -> None:
+        """Stop the workload: ``on_stop(reason)`` ends the sessions, then everything in its
+        namespace ends (gracefully, then killed) and its cgroups are removed."""
         self._want_running = False
         await self._cancel_supervisor()  # it may hold the lock, half-way through a restart
         async with self._lock:
             # Again: a restart() that held the lock meanwhile may have wanted it running.
             self._want_running = False
             await self._cancel_supervisor()
-            await self._terminate(grace)
+            await self._terminate(grace, reason)
 
     async def _cancel_supervisor(self) -> None:
         supervisor, self._supervisor = self._supervisor, None
@@ -248,11 +748,13 @@ class WorkloadRuntime:
             with contextlib.suppress(asyncio.CancelledError):
                 await supervisor
 
-    async def restart(self, grace: float = 10.0) -> None:
+    async def restart(
+        self, grace: float = 10.0, reason: str = "the vault's workload is restarting"
+    ) -> None:
         """Stop and start again: a new boot_id once this returns."""
         self._check_host()
         async with self._lock:
-            await self._terminate(grace)
+            await self._terminate(grace, reason)
             await self._launch()
             self._want_running = True
             self._ensure_supervisor()
@@ -269,6 +771,7 @@ class WorkloadRuntime:
         if not await _exits(process, seconds):
             return
         self._forget()
+        await self._release()
         raise ProvisionError(
             f"the workload's init {self.init_binary} exited within {seconds:g} s of its start "
             f"(status {process.returncode}; see the server log)"
@@ -281,7 +784,7 @@ class WorkloadRuntime:
                 hint="run fly-vault-init as root, or use --host-mode to run commands on "
                 "this host without a rootfs",
             )
-        for tool in ("unshare", "nsenter"):
+        for tool in ("unshare",):
             if shutil.which(tool) is None:
                 raise ProvisionError(
                     f"the workload runtime needs {tool!r}, which is not on PATH",
@@ -291,23 +794,70 @@ class WorkloadRuntime:
             raise ProvisionError(f"the rootfs {self.rootfs} is not a directory")
 
     def _command(self, status_path: str) -> list[str]:
-        # --kill-child: if unshare dies, so does its child, the namespace's PID 1, and with
-        # it the whole namespace. Nothing outlives what we supervise.
-        unshare = ["unshare", "--pid", "--mount", "--fork", "--kill-child=KILL"]
-        unshare += ["--propagation", "private", "--"]
         # -I: no PYTHON* variables, user site or cwd on sys.path; -S: no site-packages
         # (nsinit is stdlib only).
-        nsinit = [sys.executable, "-I", "-S", str(NSINIT)]
-        nsinit += [str(self.rootfs.resolve()), str(self.persist_dir.resolve())]
+        python = [sys.executable, "-I", "-S", str(NSINIT)]
+        # The launcher joins the workload's cgroups (so the cgroup namespace is rooted
+        # there) and gets SIGKILL when this process dies, kept across its exec of unshare.
+        launcher = [*python, "launch", "--status", status_path, "--parent", str(os.getpid())]
+        for path in self.cgroups.join_files():
+            launcher += ["--join", str(path)]
+        # --kill-child: if unshare dies, so does its child, the namespace's PID 1, and with
+        # it the whole namespace. Nothing outlives what we supervise.
+        unshare = ["unshare", "--pid", "--mount", "--uts", "--ipc"]
+        if self.cgroups.active:
+            unshare.append("--cgroup")
+        unshare += ["--fork", "--kill-child=KILL", "--propagation", "private", "--"]
+        nsinit = [*python, str(self.rootfs.resolve()), str(self.persist_dir.resolve())]
         nsinit += ["--init", self.init_binary, "--status", status_path]
-        if shutil.which("setpriv"):
-            # unshare gets SIGKILL when this process dies (kept across setpriv's exec).
-            unshare = ["setpriv", "--pdeathsig", "KILL", "--", *unshare]
-        return unshare + nsinit
+        nsinit += ["--hostname", self.hostname]
+        if self.cgroups.active and self.cgroups.has_v2:
+            nsinit.append("--cgroup2")
+        return [*launcher, "--", *unshare, *nsinit]
 
     async def _launch(self) -> None:
-        """Start unshare + nsinit and wait for the handshake. Called with the lock held."""
+        """Make the cgroups, start the workload, record it. Called with the lock held."""
         self.persist_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self.cgroups.create)
+        try:
+            await self._launch_process()
+        except BaseException:
+            await self._release()
+            raise
+        self._write_state()
+
+    async def _release(self) -> None:
+        """After the workload ended: remove its cgroups and its state file."""
+        if self.cgroups.active and not await asyncio.to_thread(self.cgroups.remove):
+            return  # kept in the state file: the next start or init retries
+        with contextlib.suppress(OSError):
+            (self.state_dir / STATE_FILE).unlink()
+
+    def _write_state(self) -> None:
+        init_pid = self._init_pid
+        process = self._process
+        if init_pid is None or process is None:
+            return
+        state = {
+            "boot_id": self._boot_id,
+            "hostname": self.hostname,
+            "init": {"pid": init_pid, "start_time": _start_time(init_pid)},
+            "namespaces": {
+                kind: list(ns) for kind in _NAMESPACES if (ns := _namespace(init_pid, kind))
+            },
+            "launcher": {"pid": process.pid, "start_time": _start_time(process.pid)},
+            "cgroups": self.cgroups.state(),
+        }
+        path = self.state_dir / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(state))
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("cannot record the workload in %s: %s", path, exc.strerror or exc)
+
+    async def _launch_process(self) -> None:
+        """Start the launcher (unshare + nsinit) and wait for the handshake."""
         with contextlib.suppress(OSError):
             (self.rootfs / FALLBACK_MARKER).unlink()
         loop = asyncio.get_running_loop()
@@ -418,6 +968,8 @@ class WorkloadRuntime:
     ) -> None:
         init_pid, pidfd = pinned
         self._process, self._init_pid, self._pidfd = process, init_pid, pidfd
+        if self.cgroups.active:
+            self.cgroups.park(process.pid)  # unshare: out of the workload's namespace root
         self._fallback = fallback
         self._boot_id = uuid.uuid4().hex
         self._started_at = asyncio.get_running_loop().time()
@@ -445,11 +997,24 @@ class WorkloadRuntime:
             pass
         return signal.SIGTERM
 
-    async def _terminate(self, grace: float) -> None:
-        """Stop the current workload and forget it. Called with the lock held."""
+    async def _terminate(self, grace: float, reason: str) -> None:
+        """End the sessions, stop the current workload and forget it. With the lock held."""
         process = self._process
         if process is None:
             return
+        self._stopping = True  # no new session from here on
+        try:
+            if process.returncode is None and self.on_stop is not None:
+                try:
+                    await self.on_stop(reason)
+                except Exception:  # the workload must stop whatever the sessions did
+                    log.exception("ending the sessions before the stop failed")
+            await self._stop_process(process, grace)
+        finally:
+            self._stopping = False
+        await self._release()
+
+    async def _stop_process(self, process: asyncio.subprocess.Process, grace: float) -> None:
         if process.returncode is None:
             self._signal_init(self._stop_signal())
             # unshare exits only once it has reaped the init, and the init of a PID
@@ -492,7 +1057,13 @@ class WorkloadRuntime:
                         process.returncode,
                         delay,
                     )
+                    if self.on_stop is not None:
+                        with contextlib.suppress(Exception):
+                            await self.on_stop(
+                                "the vault's workload stopped on its own (it restarts by itself)"
+                            )
                     self._forget()
+                    await self._release()
             await asyncio.sleep(delay)
             next_delay = min(delay * 2, self.max_restart_delay)
             async with self._lock:

@@ -13,6 +13,15 @@ Exited sessions stay until their exit was acknowledged by a client (anonymous on
 sessions), or until ``exited_ttl`` seconds passed (named sessions, so ``list-exec`` can
 show their exit code). A shell nobody is attached to is hung up after ``shell_idle``
 seconds.
+
+Before the workload stops (reprovision, restart, init shutdown) ``end_all`` ends every
+running session deliberately: SIGHUP and SIGTERM to its process group, SIGKILL after
+``END_GRACE`` seconds, and the reason is kept with its exit (``end_reason``), which
+attached clients are told along with the exit status.
+
+In VM mode commands run as the image's root account, as a login would: in its home (unless
+the request names a directory), with HOME, USER, LOGNAME, SHELL and PATH from its
+``/etc/passwd`` entry; a shell is its login shell.
 """
 
 from __future__ import annotations
@@ -30,9 +39,14 @@ from typing import Any
 from flyvault.errors import NotFoundError, RemoteError
 from flyvault.protocol.console import OpenSession
 from server.outputlog import OutputLog
-from server.process import ExitStatus, ManagedProcess
+from server.process import Entry, ExitStatus, ManagedProcess
 
 log = logging.getLogger("flyvault.server.sessions")
+
+#: ``end_all``: how long sessions get to end on SIGHUP/SIGTERM before SIGKILL, and then
+#: how long their ends (exit and last output) are waited for at most.
+END_GRACE = 3.0
+END_KILL_WAIT = 2.0
 
 
 class TooManySessions(RemoteError):
@@ -55,6 +69,15 @@ class SpawnPolicy:
     enter: Callable[[str | None], tuple[list[str], str | None]] | None = None
     #: Allocates PTYs (from the workload's /dev/pts in VM mode).
     openpty: Callable[[], tuple[int, int]] | None = None
+    #: VM mode: ``entry(cwd, strict)`` starts a command inside the workload with no
+    #: process in between (``WorkloadRuntime.entry``); asked at every spawn. Wins over
+    #: ``enter``.
+    entry: Callable[[str | None, bool], Entry] | None = None
+    #: VM mode: the login account (``WorkloadRuntime.account``): its home is the default
+    #: directory, its variables the environment, its shell the shell's.
+    account: Callable[[], Any] | None = None
+    #: VM mode: whether a path exists inside the workload (for the login shell).
+    exists: Callable[[str], bool] | None = None
 
     def prepare(self, cwd: str | None) -> tuple[list[str], str | None]:
         cwd = cwd or self.default_cwd
@@ -62,11 +85,14 @@ class SpawnPolicy:
             return [], cwd
         return self.enter(cwd)
 
-    def shell_argv(self) -> list[str]:
+    def shell_argv(self, login_shell: str | None = None) -> list[str]:
         if self.root == "/":
             bash = shutil.which("bash")
             return [bash, "-l"] if bash else ["/bin/sh", "-l"]
-        if os.path.exists(os.path.join(self.root, "bin/bash")):
+        exists = self.exists or (lambda path: os.path.exists(os.path.join(self.root, path[1:])))
+        if login_shell and exists(login_shell):
+            return [login_shell, "-l"]
+        if exists("/bin/bash"):
             return ["/bin/bash", "-l"]
         return ["/bin/sh", "-l"]
 
@@ -102,6 +128,8 @@ class Session:
         self.log = OutputLog(buffer_size)
         self.process: ManagedProcess | None = None
         self.exit: ExitStatus | None = None
+        #: Why the vault ended it (reprovision, restart, shutdown), when it did.
+        self.end_reason: str | None = None
         self.exited_at: float | None = None
         self.exit_acknowledged = False
         #: Standard input bytes taken from clients (all attachments), for exact resends.
@@ -110,6 +138,7 @@ class Session:
         self.detached_since: float | None = clock()
         self._clock = clock
         self._changed = asyncio.Event()
+        self._ended = asyncio.Event()
         self._paused = False
 
     # Output ---------------------------------------------------------------------------
@@ -153,8 +182,18 @@ class Session:
         status = await self.process.wait()
         self.exit = status
         self.exited_at = self._clock()
-        log.info("session %s exited: %s", self.id, status)
+        log.info(
+            "session %s exited: %s%s",
+            self.id,
+            status,
+            f" ({self.end_reason})" if self.end_reason else "",
+        )
         self._notify()
+        self._ended.set()
+
+    async def ended(self) -> None:
+        """Return once the session's exit is recorded."""
+        await self._ended.wait()
 
     def attach(self, offset: int) -> Attachment:
         if self.attachment is not None:
@@ -187,6 +226,7 @@ class Session:
             "exit_code": exit_status.code if exit_status else None,
             "signal": exit_status.signal if exit_status else None,
             "exit_status": exit_status.exit_status if exit_status else None,
+            "end_reason": self.end_reason if exit_status else None,
             "pid": self.process.pid if self.process else None,
             "started_at": self.started_at,
             "bytes": self.log.end,
@@ -237,15 +277,30 @@ class SessionRegistry:
                 f"too many sessions on this vault ({self.max_sessions}); stop some with "
                 "fly-vault kill VAULT SESSION"
             )
-        argv = self.policy.shell_argv() if request.shell else list(request.argv or ())
+        policy = self.policy
+        env = dict(policy.base_env)
+        account = policy.account() if policy.account is not None else None
+        if account is not None:
+            env.update(account.environment())  # as sshd: HOME, USER, LOGNAME, SHELL, PATH
+        if request.shell:
+            argv = policy.shell_argv(account.shell if account is not None else None)
+        else:
+            argv = list(request.argv or ())
         session = Session(request, argv, self.buffer_size, self._clock)
-        env = dict(self.policy.base_env)
         env.update(dict(request.env))
         if request.term:
             env["TERM"] = request.term
         self.sessions[session.id] = session
         try:
-            wrapper, cwd = self.policy.prepare(request.cwd)
+            entry: Entry | None = None
+            wrapper: list[str] = []
+            cwd = request.cwd
+            if policy.entry is not None:
+                # The login's home unless the request names a directory (which must exist).
+                home = account.home if account is not None else "/"
+                entry = policy.entry(cwd or home, cwd is not None)
+            else:
+                wrapper, cwd = policy.prepare(cwd)
             session.process = await ManagedProcess.spawn(
                 argv,
                 pty=session.pty,
@@ -256,7 +311,8 @@ class SessionRegistry:
                 cwd=cwd,
                 env=env,
                 wrapper=wrapper,
-                openpty=self.policy.openpty if session.pty else None,
+                openpty=policy.openpty if session.pty else None,
+                entry=entry,
             )
         except BaseException:
             del self.sessions[session.id]
@@ -316,6 +372,33 @@ class SessionRegistry:
         while self.sessions:
             await asyncio.sleep(5.0)
             self.collect()
+
+    async def end_all(self, reason: str, grace: float = END_GRACE) -> None:
+        """End every running session deliberately, with ``reason`` (the workload is about
+        to stop): SIGHUP (what a shell gets when its terminal goes) and SIGTERM to each
+        process group, SIGKILL after ``grace`` seconds. Returns once each has ended (its
+        exit recorded and its output read, bounded), so attached clients get the exit
+        with the reason before the workload goes."""
+        running = [s for s in self.sessions.values() if s.running and s.process is not None]
+        if not running:
+            return
+        log.info("ending %d session(s): %s", len(running), reason)
+        waits = []
+        for session in running:
+            session.end_reason = reason
+            assert session.process is not None
+            for signo in (signal.SIGHUP, signal.SIGCONT, signal.SIGTERM):
+                session.process.send_signal(signo)
+            waits.append(asyncio.ensure_future(session.ended()))
+        _, pending = await asyncio.wait(waits, timeout=grace)
+        if pending:
+            for session in running:
+                if session.running and session.process is not None:
+                    log.info("session %s did not end within %g s: killing it", session.id, grace)
+                    session.process.kill()
+            _, pending = await asyncio.wait(pending, timeout=END_KILL_WAIT)
+        for waiter in pending:
+            waiter.cancel()
 
     def close(self) -> None:
         """Stop every process (server shutdown)."""

@@ -471,3 +471,31 @@ def test_many_execs_on_one_connection(
         await asyncio.wait_for(scenario(s), 60)
 
     run(mcp_server, bounded)
+
+
+def test_a_session_ended_by_the_vault_carries_the_reason(
+    mcp_server: Any, vault: str, init_process: Any
+) -> None:
+    """Init shutting down ends its sessions deliberately: the result says why."""
+
+    async def scenario(s: Session) -> None:
+        first = await s.data(
+            "exec",
+            {
+                "vault": vault,
+                "command": "echo up; exec sleep 300",
+                "pattern": "up",
+                "wait_seconds": 30,
+            },
+        )
+        assert first["running"] is True and first["end_reason"] is None
+        await anyio.to_thread.run_sync(init_process.process.terminate)
+        end = await s.call(
+            "read_output", {"vault": vault, "session_id": first["session_id"], "wait_seconds": 30}
+        )
+        data = end.structured_content
+        assert data["running"] is False and data["signal_name"] == "SIGHUP", data
+        assert data["end_reason"] == "the vault is shutting down"
+        assert "ended by the vault: the vault is shutting down" in text(end)
+
+    run(mcp_server, scenario)

@@ -311,7 +311,7 @@ def test_full_exchange_with_inline_rootfs() -> None:
     client, server = ControlClient(), ControlServer()
     client.request_attestation()
     pump(client, server)
-    assert events(server) == [AttestationRequested(2)]
+    assert events(server) == [AttestationRequested(3)]
     server.send_attestation(VmState.COLD, RuntimeStatus.NOT_STARTED, "boot-1", "the.jwt")
     pump(server, client)
     [received] = events(client)
@@ -377,7 +377,7 @@ def test_version_mismatch_is_refused_with_clear_error() -> None:
     assert isinstance(event, ErrorReceived)
     error = event.error.to_exception()
     assert isinstance(error, VersionMismatch)
-    assert "client speaks 1..1, server speaks 2..2" in error.message
+    assert "client speaks 1..1, server speaks 2..3" in error.message
 
 
 def test_client_refuses_attestation_with_unsupported_version() -> None:
@@ -481,3 +481,30 @@ def test_truncated_started_and_stdin_ack_are_protocol_errors() -> None:
         decode_stdin_ack(encode_stdin_ack(3)[:-2])
     with pytest.raises(ProtocolError):
         decode_stdin_ack(encode_stdin_ack(3) + b"\x00")
+
+
+def test_a_protocol_2_client_is_still_served_at_version_2() -> None:
+    client, server = ControlClient(min_version=2, max_version=2), ControlServer()
+    client.request_attestation()
+    pump(client, server)
+    assert events(server) == [AttestationRequested(2)]
+    server.send_attestation(VmState.READY, RuntimeStatus.SYSTEM_INIT, "boot-1", "the.jwt")
+    pump(server, client)
+    [received] = events(client)
+    assert isinstance(received, AttestationReceived)
+    assert received.attestation.protocol_version == 2
+
+
+def test_exited_reason_round_trip_and_absent_in_the_protocol_2_form() -> None:
+    from flyvault.protocol.console import Exited
+
+    plain = Exited(None, 1, 42)
+    assert plain.encode() == b"\x01\x01" + (42).to_bytes(8, "big")  # what protocol 2 sends
+    assert Exited.decode(plain.encode()) == plain
+    ended = Exited(None, 1, 42, "the vault is being reprovisioned")
+    assert Exited.decode(ended.encode()) == ended
+    assert Exited.decode(Exited(0, None, 0, "").encode()).reason == ""
+    with pytest.raises(ProtocolError):
+        Exited.decode(ended.encode()[:-1])
+    with pytest.raises(ProtocolError):
+        Exited.decode(ended.encode() + b"\x00")

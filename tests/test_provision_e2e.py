@@ -8,6 +8,7 @@ while /root and /home survive, and bad archives or URLs change nothing.
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import re
 import shutil
@@ -92,6 +93,9 @@ def vm_init(tmp_path: Path, fly_api: Any) -> Iterator[InitProcess]:
     init.stop()
 
 
+CLI = (sys.executable, "-m", "flyvault.cli.main")
+
+
 def fv(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
         [sys.executable, "-m", "flyvault.cli.main", *args],
@@ -163,7 +167,10 @@ def test_cold_provision_exec_in_namespace_reprovision_keeps_homes(
     deadline = time.monotonic() + 30
     while (vm_init.data_dir / "rootfs.discard").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert sorted(os.listdir(vm_init.data_dir)) == [".provisioned", "persist", "rootfs"]
+    # workload.json describes the running workload (for the clean-up after a crash).
+    assert sorted(os.listdir(vm_init.data_dir)) == [
+        ".provisioned", "persist", "rootfs", "workload.json",
+    ]  # fmt: skip
 
     # A malicious archive is refused; the active rootfs and homes are untouched.
     configure(vm_init.port, issuer, rootfs=str(evil_archive(tmp_path / "evil.tar.gz")))
@@ -441,7 +448,7 @@ def _no_leftovers(data_dir: Path) -> None:
     deadline = time.monotonic() + 30  # the previous rootfs is deleted in the background
     while (data_dir / "rootfs.discard").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert sorted(os.listdir(data_dir)) == [".provisioned", "persist", "rootfs"]
+    assert sorted(os.listdir(data_dir)) == [".provisioned", "persist", "rootfs", "workload.json"]
 
 
 def test_device_nodes_refused_by_default_allowed_under_dev_only(
@@ -561,3 +568,66 @@ def test_full_volume_refused_with_sizes_and_the_old_rootfs_runs_on(
     ), message
     assert _running_version() == b"A"
     _no_leftovers(init.data_dir)
+
+
+# -- sessions across a reprovision; host mode ------------------------------------------------
+
+
+def test_reprovision_ends_sessions_with_the_reason_and_starts_them_as_a_login(
+    tmp_path: Path, vm_init: InitProcess, issuer: OidcIssuer
+) -> None:
+    passwd = b"root:x:0:0:root:/root:/bin/sh\n"
+    configure(
+        vm_init.port,
+        issuer,
+        rootfs=str(make_rootfs(tmp_path / "a.tar.gz", "A", extra={"etc/passwd": passwd})),
+    )
+    login = fv("exec", "vm", "--", "sh", "-c", 'pwd; echo "$HOME $USER $LOGNAME $SHELL"')
+    assert login.returncode == 0, login.stderr
+    assert login.stdout.decode().splitlines() == ["/root", "/root root root /bin/sh"]
+    elsewhere = fv("exec", "vm", "--cwd", "/etc", "--", "sh", "-c", "pwd")
+    assert elsewhere.stdout == b"/etc\n", elsewhere.stderr
+    missing = fv("exec", "vm", "--cwd", "/nope", "--", "sh", "-c", "pwd")
+    assert missing.returncode == 255
+    assert b"cannot change directory to '/nope'" in missing.stderr
+
+    named = subprocess.Popen(
+        [*CLI, "exec", "vm", "--session", "s1", "-T", "--", "sleep", "300"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while b"s1" not in fv("list-exec", "vm").stdout:
+            assert time.monotonic() < deadline, "the session did not start"
+            time.sleep(0.1)
+        swap = fv("reprovision", "vm", "--yes")
+        assert swap.returncode == 0, swap.stderr
+        _, err = named.communicate(timeout=60)
+    finally:
+        if named.poll() is None:
+            named.kill()
+            named.wait()
+    assert named.returncode == 129, err
+    assert (
+        b"fly-vault: session s1 was ended by the vault: the vault is being reprovisioned "
+        b"(exit status 129)" in err
+    ), err
+    listed = {s["session_id"]: s for s in json.loads(fv("list-exec", "vm", "--json").stdout)}
+    assert listed["s1"]["end_reason"] == "the vault is being reprovisioned"
+    assert listed["s1"]["signal"] == 1
+
+
+def test_reprovision_of_a_host_mode_vault_is_refused_at_once_with_the_fix(
+    tmp_path: Path, init_process: InitProcess, issuer: OidcIssuer
+) -> None:
+    image = make_rootfs(tmp_path / "a.tar.gz", "A")
+    configure(init_process.port, issuer, rootfs=str(image))
+    for command in (("reprovision", "vm", "--yes"), ("connect", "vm", "--reprovision")):
+        began = time.monotonic()
+        result = fv(*command, timeout=60)
+        assert time.monotonic() - began < 10, command  # not an authentication timeout
+        assert result.returncode in (8, 255), (command, result.stderr)
+        assert b"runs in host mode" in result.stderr, result.stderr
+        assert b"fly-vault local up --rootfs IMAGE" in result.stderr, result.stderr

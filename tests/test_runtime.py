@@ -24,10 +24,12 @@ from conftest import run_async
 
 from flyvault.errors import ProvisionError
 from flyvault.protocol.constants import RuntimeStatus
+from server import cgroups
+from server.cgroups import Limits
 from server.nsinit import FALLBACK_MARKER
 from server.outputlog import STDOUT
-from server.process import ExitStatus, ManagedProcess
-from server.runtime import WorkloadRuntime
+from server.process import ExitStatus, ManagedProcess, SpawnError
+from server.runtime import STATE_FILE, Account, WorkloadRuntime
 
 BUSYBOX = Path("/bin/busybox")
 
@@ -42,7 +44,10 @@ if not BUSYBOX.is_file():
         allow_module_level=True,
     )
 
-APPLETS = "sh ls cat ps mount sleep id tty echo env test wc head stat stty kill true grep"
+APPLETS = (
+    "sh ls cat ps mount sleep id tty echo env test wc head stat stty kill true grep dd hostname "
+    "pwd ipcs"
+)
 
 #: An init that stops cleanly on SIGTERM (busybox sh runs the trap once `wait` returns).
 GRACEFUL_INIT = "#!/bin/sh\ntrap 'exit 0' TERM\nwhile :; do sleep 1 & wait; done\n"
@@ -91,6 +96,7 @@ def make_runtime(tmp_path: Path, rootfs: Path) -> Iterator[Callable[..., Workloa
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(process.pid, 0)
+        runtime.cgroups.remove(timeout=10)  # and its cgroups: the host's tree as it was
     console = tmp_path / "console.log"
     if console.exists():
         print(console.read_text(errors="replace"))  # shown by pytest when the test failed
@@ -564,6 +570,265 @@ def test_the_workload_dies_with_the_server(rootfs: Path, tmp_path: Path) -> None
         if init.alive():  # do not leave it running for the next tests
             signal.pidfd_send_signal(init.fd, signal.SIGKILL)
         init.close()
+    # Its cgroups stay (nobody was left to remove them): the next init's recovery does.
+    runtime = WorkloadRuntime(rootfs, tmp_path / "persist")
+    assert cgroups.existing(runtime.cgroups.name)
+    run_async(runtime.recover())
+    assert cgroups.existing(runtime.cgroups.name) == []
+    assert not (tmp_path / STATE_FILE).exists()
+
+
+# ------------------------------------------------------------------ isolation and entry
+
+
+def cgroup_tree() -> set[str]:
+    """Every cgroup directory of every hierarchy (the host's tree, as a set of paths)."""
+    found = set()
+    for hierarchy in cgroups.discover():
+        for current, _dirs, _files in os.walk(hierarchy.mount):
+            found.add(current)
+    return found
+
+
+def ours_or_top(path: str, tag: str) -> bool:
+    """Whether a changed cgroup path can be ours: our subtree, or a top-level entry (where
+    a workload's systemd would create system.slice). Other processes of this machine make
+    and remove cgroups of their own meanwhile: not counted."""
+    if tag in path:
+        return True
+    return any(Path(path).parent == h.mount for h in cgroups.discover())
+
+
+async def entered(
+    runtime: WorkloadRuntime, script: str, *, cwd: str | None = None, strict: bool = True
+) -> tuple[ManagedProcess, Collected]:
+    output = Collected()
+    process = await ManagedProcess.spawn(
+        ["/bin/sh", "-c", script],
+        pty=False,
+        on_output=output,
+        env=runtime.env,
+        entry=runtime.entry(cwd, strict=strict),
+    )
+    return process, output
+
+
+def test_entry_runs_inside_every_namespace_with_no_process_in_between(
+    make_runtime: Callable[..., WorkloadRuntime], rootfs: Path
+) -> None:
+    (rootfs / "etc" / "hostname").write_text("from-the-image\n")
+    host_name = Path("/proc/sys/kernel/hostname").read_text()
+    before = cgroup_tree()
+
+    async def scenario() -> None:
+        runtime = make_runtime(hostname="my_vault.dev")
+        async with started(runtime):
+            script = (
+                "echo pid=$$; pwd; hostname; cat /etc/hostname; cat /proc/self/cgroup;"
+                "ls /sys/fs/cgroup >/dev/null && echo cgroupfs; touch /sys/x 2>/dev/null || "
+                "echo sys-ro"
+            )
+            process, output = await entered(runtime, script, cwd="/etc")
+            # The command itself is our child: no nsenter (or anything) between us.
+            assert Path(f"/proc/{process.pid}/stat").read_text().split(") ")[1].split()[1] == str(
+                os.getpid()
+            )
+            for kind in ("pid", "mnt", "cgroup", "uts", "ipc"):
+                ours = os.stat(f"/proc/self/ns/{kind}").st_ino
+                theirs = os.stat(f"/proc/{runtime.init_pid}/ns/{kind}").st_ino
+                assert ours != theirs, kind
+                assert os.stat(f"/proc/{process.pid}/ns/{kind}").st_ino == theirs, kind
+            host_cgroup = Path(f"/proc/{process.pid}/cgroup").read_text()
+            assert (await process.wait()).exit_status == 0, output.text(2)
+            lines = output.text().splitlines()
+            assert int(lines[0].removeprefix("pid=")) < 20
+            # The vault's name (made a valid hostname), also in place of the image's file.
+            assert lines[1:4] == ["/etc", "my-vault-dev", "my-vault-dev"]
+            assert "0::/" in lines  # the cgroup namespace is rooted at the workload's cgroup
+            assert "cgroupfs" in lines and "sys-ro" in lines
+            assert runtime.cgroups.name in host_cgroup  # seen from here: in its subtree
+            # A directory that does not exist: refused with the reason, or / for a login.
+            with pytest.raises(SpawnError, match="cannot change directory to '/nope'"):
+                await entered(runtime, "pwd", cwd="/nope")
+            process, output = await entered(runtime, "pwd", cwd="/nope", strict=False)
+            assert (await process.wait()).exit_status == 0
+            assert output.text().strip() == "/"
+            with pytest.raises(SpawnError, match="cannot run 'no-such-program'"):
+                await ManagedProcess.spawn(
+                    ["no-such-program"],
+                    pty=False,
+                    on_output=Collected(),
+                    env=runtime.env,
+                    entry=runtime.entry(),
+                )
+        assert cgroups.existing(runtime.cgroups.name) == []
+        assert zombies_of(os.getpid()) == []
+
+    run_async(scenario())
+    # The host's hostname and cgroup tree are as they were.
+    assert Path("/proc/sys/kernel/hostname").read_text() == host_name
+    tag = cgroups.subtree_name(rootfs.parent)
+    changed = before ^ cgroup_tree()
+    assert not [path for path in changed if ours_or_top(path, tag)], changed
+
+
+def test_login_account_from_the_images_passwd_resolved_inside(
+    make_runtime: Callable[..., WorkloadRuntime], rootfs: Path
+) -> None:
+    (rootfs / "etc" / "passwd").write_text(
+        "root:x:0:0:root:/root:/bin/ash\nuser:x:1000:1000::/home/user:/bin/sh\n"
+    )
+    (rootfs / "bin" / "ash").symlink_to("/bin/busybox")  # absolute: resolved inside
+    (rootfs / "bin" / "escape").symlink_to("/proc/self/root/etc/hostname")
+
+    async def scenario() -> None:
+        async with started(make_runtime()) as runtime:
+            account = runtime.account()
+            assert account.home == "/root" and account.shell == "/bin/ash"
+            assert account.environment() == {
+                "HOME": "/root",
+                "USER": "root",
+                "LOGNAME": "root",
+                "SHELL": "/bin/ash",
+                "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            }
+            assert runtime.account("user").environment()["PATH"] == "/usr/local/bin:/usr/bin:/bin"
+            assert runtime.exists_inside("/bin/ash")
+            assert not runtime.exists_inside("/bin/missing")
+            # /etc/passwd as a symlink out of the rootfs is not followed on the host.
+            (rootfs / "etc" / "passwd").unlink()
+            (rootfs / "etc" / "passwd").symlink_to("../../../../../../../../etc/shadow")
+            assert runtime.account() == Account()  # the defaults, nothing of the host's
+
+    run_async(scenario())
+
+
+def test_a_command_stopped_by_the_workload_cannot_strand_the_stop(
+    make_runtime: Callable[..., WorkloadRuntime], caplog: pytest.LogCaptureFixture
+) -> None:
+    """What systemd's shutdown does to every process it sees: SIGSTOP. With nsenter in
+    between, nsenter stopped itself too and the namespace could never end."""
+
+    async def scenario() -> None:
+        runtime = make_runtime()
+        await runtime.start()
+        process, _ = await entered(runtime, "exec sleep 1000")
+        inner = Watched(process.pid)
+        await output_of(runtime, "kill -STOP 2")  # the first command's pid inside
+        await until(lambda: Path(f"/proc/{process.pid}/stat").read_text().split(") ")[1][0] == "T")
+        began = time.monotonic()
+        await runtime.stop(grace=5)
+        assert time.monotonic() - began < 5
+        assert KILLED_AFTER_GRACE not in caplog.text
+        assert (await asyncio.wait_for(process.wait(), 30)).signal is not None
+        assert not inner.alive()
+        inner.close()
+        assert zombies_of(os.getpid()) == []
+        assert cgroups.existing(runtime.cgroups.name) == []
+
+    run_async(scenario())
+
+
+def test_on_stop_gets_the_reason_before_the_workload_stops(
+    make_runtime: Callable[..., WorkloadRuntime],
+) -> None:
+    async def scenario() -> None:
+        runtime = make_runtime()
+        seen: list[tuple[str, bool]] = []
+
+        async def on_stop(reason: str) -> None:
+            seen.append((reason, runtime.running))
+            with pytest.raises(ProvisionError, match="stopping"):
+                runtime.entry()  # no new command while the workload stops
+
+        runtime.on_stop = on_stop
+        await runtime.start()
+        await runtime.restart(grace=2)
+        await runtime.stop(grace=2, reason="the vault is being reprovisioned")
+        assert seen == [
+            ("the vault's workload is restarting", True),
+            ("the vault is being reprovisioned", True),
+        ]
+
+    run_async(scenario())
+
+
+def test_memory_limit_kills_inside_the_workload_only(
+    make_runtime: Callable[..., WorkloadRuntime],
+) -> None:
+    async def scenario() -> None:
+        runtime = make_runtime(limits=Limits(memory=32 * 1024 * 1024, cpus=0.5))
+        async with started(runtime):
+            process, _ = await entered(runtime, "exec dd if=/dev/zero of=/dev/null bs=256M count=1")
+            status = await asyncio.wait_for(process.wait(), 60)
+            assert status.signal == signal.SIGKILL  # the OOM killer, within the workload
+            assert runtime.running  # init and the workload's own init are untouched
+            assert (await output_of(runtime, "echo still here")).strip() == "still here"
+            limits = {
+                name: (top / name).read_text().split()[0]
+                for top in runtime.cgroups.tops
+                for name in ("memory.max", "memory.limit_in_bytes", "cpu.max", "cpu.cfs_quota_us")
+                if (top / name).exists()
+            }
+            assert limits.get("memory.max", limits.get("memory.limit_in_bytes")) == str(32 << 20)
+            assert limits.get("cpu.max", limits.get("cpu.cfs_quota_us")) == "50000"
+
+    run_async(scenario())
+
+
+def test_recovery_ends_a_stopped_helper_left_by_a_killed_init(rootfs: Path, tmp_path: Path) -> None:
+    """The issue's leftover: init SIGKILLed while a stopped nsenter held its child's exit.
+    The old namespace's init cannot finish exiting; the next init's recovery ends it all."""
+    code = (
+        "import asyncio\n"
+        "from server.runtime import WorkloadRuntime\n"
+        "async def main():\n"
+        f"    runtime = WorkloadRuntime({str(rootfs)!r}, {str(tmp_path / 'persist')!r})\n"
+        "    await runtime.start()\n"
+        "    print(runtime.init_pid, flush=True)\n"
+        "    await asyncio.sleep(100)\n"
+        "asyncio.run(main())\n"
+    )
+    server = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, cwd=Path(__file__).parents[1]
+    )
+    helper: subprocess.Popen[bytes] | None = None
+    try:
+        assert server.stdout is not None
+        init_pid = int(server.stdout.readline())
+        init = Watched(init_pid)
+        helper = subprocess.Popen(
+            ["nsenter", f"--target={init_pid}", "--mount", "--pid", "--root", "--", "sleep", "1000"]
+        )
+        deadline = time.monotonic() + 10
+        while not Path(f"/proc/{helper.pid}/task/{helper.pid}/children").read_text().split():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        child = int(Path(f"/proc/{helper.pid}/task/{helper.pid}/children").read_text().split()[0])
+        os.kill(child, signal.SIGSTOP)  # nsenter stops itself when its child stops
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{helper.pid}/stat").read_text().split(") ")[1][0] != "T":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        server.kill()
+        server.wait()
+        time.sleep(0.5)
+        assert init.alive()  # stuck: its namespace waits for the stopped helper
+        run_async(WorkloadRuntime(rootfs, tmp_path / "persist").recover())
+        assert helper.wait(timeout=10) == -signal.SIGKILL
+        deadline = time.monotonic() + 10
+        while init.alive():
+            assert time.monotonic() < deadline, "the old namespace's init stayed"
+            time.sleep(0.02)
+        init.close()
+        assert cgroups.existing(cgroups.subtree_name(tmp_path)) == []
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        if helper is not None and helper.poll() is None:
+            helper.kill()
+            helper.wait()
 
 
 # ------------------------------------------------------------------ refusals

@@ -21,6 +21,8 @@ def run(args: argparse.Namespace) -> int:
             rootfs=args.rootfs,
             allow_devices=options.get("rootfs_allow_devices", False),
             max_expansion_ratio=options.get("rootfs_max_expansion_ratio"),
+            memory_max=args.memory_max,
+            cpu_max=args.cpu_max,
         )
         verb = "started" if started else "already running"
         print(

@@ -199,6 +199,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="as root: run this rootfs in its own namespaces (vm mode), as on a Fly Machine",
     )
     _rootfs_options(up, saved=True)
+    up.add_argument(
+        "--memory-max",
+        type=_memory_size,
+        metavar="SIZE",
+        help="with --rootfs: limit the workload's memory, sessions included, e.g. 2G",
+    )
+    up.add_argument(
+        "--cpu-max",
+        type=number(float, minimum=0.01, maximum=4096, unit="CPUs"),
+        metavar="CPUS",
+        help="with --rootfs: limit the workload's CPU time, in CPUs, e.g. 1.5",
+    )
     local_commands.add_parser("down", help="stop the local vault")
     status = local_commands.add_parser("status", help="is it running, where, in which mode")
     status.add_argument("--json", action="store_true")
@@ -242,6 +254,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     skills.set_defaults(run=_lazy("flyvault.cli.skills", "run"))
     return parser
+
+
+def _memory_size(text: str) -> int:
+    """argparse type of --memory-max: 512M, 2G, ... at least 4M."""
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    factor = units.get(value[-1:], 1)
+    if value[-1:] in units:
+        value = value[:-1]
+    try:
+        size = int(float(value) * factor)
+    except (ValueError, OverflowError):
+        size = 0
+    if not 4 * 1024**2 <= size < 2**63:
+        raise argparse.ArgumentTypeError(
+            f"expected a size of at least 4M (e.g. 512M, 2G), got {text!r}"
+        )
+    return size
 
 
 def _lazy(module: str, attribute: str) -> Callable[[argparse.Namespace], int]:

@@ -262,6 +262,15 @@ async def _run_session(
                     await stdout.write(RESET_MODES)
                 console.raw = False
                 raise _with_session_hint(exc, request, vault_config.name) from None
+            if exited.reason:
+                # After the session's own output, as its last word: why the vault ended it.
+                await stdout.flush()
+                await stderr.flush()
+                what = "the shell" if request.shell else f"session {request.session_id}"
+                console.notice(
+                    f"{what} was ended by the vault: {exited.reason} "
+                    f"(exit status {exited.exit_status})"
+                )
             return exited.exit_status
     finally:
         for listener in listeners:

@@ -317,6 +317,8 @@ async def _open_vault_once(
 
         attestation, claims = await run_step(STEP_ATTEST, f"issuer {verifier.issuer}", do_attest)
 
+        if reprovision and attestation.runtime_status is RuntimeStatus.HOST_MODE:
+            raise host_mode_refusal(vault.name)
         # Only now, with the attestation verified, does the token leave this machine.
         token = vault.require_access_token()
         source = None
@@ -402,6 +404,16 @@ async def _open_vault_once(
         boot_id=completed.complete.boot_id,
         timings=timings,
         notes=completed.complete.notes,
+    )
+
+
+def host_mode_refusal(name: str) -> ProvisionError:
+    """A host-mode vault has no rootfs: refused before anything is sent, with the fix."""
+    return ProvisionError(
+        f"vault '{name}' runs in host mode (commands run directly on its machine, without a "
+        "rootfs): there is no rootfs to reprovision",
+        hint="to run a rootfs on the local dev vault: fly-vault local down, then (as root) "
+        "fly-vault local up --rootfs IMAGE",
     )
 
 

@@ -30,6 +30,7 @@ from flyvault.config import VaultConfig
 from flyvault.errors import (
     ConnectError,
     ConnectionLost,
+    NotFoundError,
     RemoteError,
     RemoteProtocolError,
     TransportError,
@@ -68,6 +69,14 @@ class SessionTakenOver(VaultError):
     """Another client attached to the session; this one was detached (and must not retry)."""
 
     exit_code = 1
+
+
+class SessionGone(VaultError):
+    """The vault restarted while the connection was down: the session went with it."""
+
+    exit_code = 4
+    #: What ended the session, as an EXITED reason would say it (MCP ``end_reason``).
+    reason = "the vault restarted while the connection was down"
 
 
 def _close_reason(connection: Any) -> str | None:
@@ -229,9 +238,13 @@ class Vault:
         Returns once the new workload answers: the server completes the setup only after
         the new runtime has started and stayed up, and its boot identity must have changed.
         """
-        from flyvault.client.connection import open_vault
+        from flyvault.client.connection import host_mode_refusal, open_vault
+        from flyvault.protocol.constants import RuntimeStatus
 
         before = await self.connection()
+        if before.runtime_status is RuntimeStatus.HOST_MODE:
+            # Refused here, at once: no second connection, no upload.
+            raise host_mode_refusal(self.config.name)
         started = time.monotonic()
         after = await open_vault(
             self.config, settings=self.settings, reprovision=True, progress=progress
@@ -343,6 +356,7 @@ class ExecSession:
         self._eof_written = False
         self._ready = False  # STARTED seen on the current stream: input may flow
         self._room = asyncio.Event()
+        self._boot_id: str | None = None  # the vault's workload when the session started
 
     @property
     def session_id(self) -> str:
@@ -436,8 +450,22 @@ class ExecSession:
         request = self.request
         while True:
             connection = await self.vault.connection()
+            if self._boot_id is None:
+                self._boot_id = getattr(connection, "boot_id", None)
             try:
                 result = await self._attach(connection, request)
+            except NotFoundError:
+                boot_id = getattr(connection, "boot_id", None)
+                if request.argv is None and self.started is not None and boot_id != self._boot_id:
+                    # Reattaching after a loss, to a vault that restarted meanwhile: the
+                    # session went with the old workload. Say so, not "not found".
+                    raise SessionGone(
+                        f"session {self.session_id} ended: the vault restarted while the "
+                        "connection was down (its workload has a new boot id); how the "
+                        "command ended is not known",
+                        hint=f"check the vault with: fly-vault doctor {self.vault.config.name}",
+                    ) from None
+                raise
             except (ConnectionLost, TransportError) as exc:
                 if isinstance(exc, RemoteProtocolError):
                     raise
@@ -554,4 +582,12 @@ def _reattach(request: OpenSession, offset: int, size: tuple[int, int] | None) -
     )
 
 
-__all__ = ["ExecHooks", "ExecSession", "RemoteError", "SessionTakenOver", "Vault", "new_session_id"]
+__all__ = [
+    "ExecHooks",
+    "ExecSession",
+    "RemoteError",
+    "SessionGone",
+    "SessionTakenOver",
+    "Vault",
+    "new_session_id",
+]

@@ -210,13 +210,23 @@ class Started:
         return value
 
 
+#: Longest EXITED reason.
+MAX_REASON_LENGTH = 1024
+
+
 @dataclass(frozen=True, slots=True)
 class Exited:
-    """How the process ended: ``code`` for a normal exit, else ``signal``."""
+    """How the process ended: ``code`` for a normal exit, else ``signal``.
+
+    ``reason`` (protocol 3): why the vault ended the session, when it did (the workload
+    stopped for a reprovision, a restart, init's shutdown). It is sent only to clients that
+    negotiated protocol 3: a protocol 2 decoder refuses the extra bytes.
+    """
 
     code: int | None
     signal: int | None
     total_bytes: int
+    reason: str | None = None
 
     @property
     def exit_status(self) -> int:
@@ -230,7 +240,10 @@ class Exited:
             kind, value = 1, self.signal
         else:
             kind, value = 0, self.code or 0
-        return PayloadWriter().u8(kind).u8(value & 0xFF).u64(self.total_bytes).getvalue()
+        writer = PayloadWriter().u8(kind).u8(value & 0xFF).u64(self.total_bytes)
+        if self.reason is not None:
+            writer.text(self.reason[:MAX_REASON_LENGTH])
+        return writer.getvalue()
 
     @classmethod
     def decode(cls, payload: bytes) -> Exited:
@@ -238,11 +251,12 @@ class Exited:
         kind = reader.u8("kind")
         value = reader.u8("value")
         total = reader.u64("total bytes")
+        reason = reader.text("reason", 4 * MAX_REASON_LENGTH) if reader.remaining else None
         reader.end()
         if kind == 0:
-            return cls(value, None, total)
+            return cls(value, None, total, reason)
         if kind == 1:
-            return cls(None, value, total)
+            return cls(None, value, total, reason)
         raise RemoteProtocolError(f"console exited: invalid kind {kind}")
 
 

@@ -12,10 +12,14 @@ from typing import Final
 
 #: The protocol this code speaks. Version 1 was the Rust original (ALPN ``h3``); version 2
 #: is this implementation: negotiated versions, coded error frames on every stream, bounded
-#: frames and a chunked rootfs upload. A peer outside the range gets a clear refusal.
-PROTOCOL_VERSION: Final = 2
+#: frames and a chunked rootfs upload. Version 3 adds the reason to EXITED (why the vault
+#: ended a session); a version 2 peer is still served, without it. A peer outside the
+#: range gets a clear refusal.
+PROTOCOL_VERSION: Final = 3
 MIN_PROTOCOL_VERSION: Final = 2
-MAX_PROTOCOL_VERSION: Final = 2
+MAX_PROTOCOL_VERSION: Final = 3
+#: The first version whose EXITED frame may carry a reason.
+EXIT_REASON_VERSION: Final = 3
 
 #: ALPN labels. The server accepts both: ``h3`` is what the original used as a bare label.
 ALPN_PROTOCOLS: Final = ("fly-vault", "h3")
