@@ -104,7 +104,7 @@ async def _attach(
 ) -> None:
     resume = min(request.resume_offset, session.log.end)
     start = max(resume, session.log.start)
-    attachment = session.attach(start)
+    attachment = session.attach(start, lambda: stream.unacknowledged)
     assert session.process is not None
     started = Started(
         session.id,
@@ -137,10 +137,16 @@ async def _attach(
             if isinstance(error, RemoteProtocolError):
                 await _refuse(stream, ErrorCode.PROTOCOL, error.message)
     finally:
+        # Measured before anything else can release the stream's send state.
+        lost_at = (
+            attachment.confirmed()
+            if stream.connection_closed and not displaced.done()
+            else None
+        )
         for task in (output, inputs, displaced):
             task.cancel()
         await asyncio.gather(output, inputs, displaced, return_exceptions=True)
-        session.detach(attachment)
+        session.detach(attachment, lost_at=lost_at)
         # Always finish our side (write_eof is a no-op when already done): a stream is only
         # released, and its credit given back to the client, once both sides have ended.
         with contextlib.suppress(TransportError):

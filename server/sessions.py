@@ -5,9 +5,13 @@ most one client is attached at a time; a new attach displaces the old one, which
 so (DETACHED) instead of seeing a bare end of stream.
 
 Memory is bounded: ``max_sessions`` sessions of at most ``buffer_size`` bytes of output
-each. While a client is attached and behind by a whole buffer, the process's output is
-paused (it blocks on a full pipe) instead of losing bytes the client has not seen; while
-nobody is attached the oldest bytes are dropped and the next attach is told how many.
+each. While a client is attached and a whole buffer behind what it has *acknowledged*
+(bytes sent but unacknowledged die with a cut connection), the process's output is paused
+(it blocks on a full pipe) instead of losing bytes the client has not got. When the
+connection is lost rather than closed on purpose, the same hold lasts ``DETACH_HOLD``
+seconds more, so a client that reconnects finds every byte it missed. After that, or after
+a deliberate detach, nobody is attached: the oldest bytes are dropped and the next attach is
+told how many.
 
 Exited sessions stay until their exit was acknowledged by a client (anonymous one-shot
 sessions), or until ``exited_ttl`` seconds passed (named sessions, so ``list-exec`` can
@@ -47,6 +51,9 @@ log = logging.getLogger("flyvault.server.sessions")
 #: how long their ends (exit and last output) are waited for at most.
 END_GRACE = 3.0
 END_KILL_WAIT = 2.0
+#: After a lost connection, output is held this long for the client to reconnect (the
+#: client's own --reconnect-timeout is 30 s by default).
+DETACH_HOLD = 30.0
 
 
 class TooManySessions(RemoteError):
@@ -98,12 +105,19 @@ class SpawnPolicy:
 
 
 class Attachment:
-    """One client's view of a session: how far it has been sent."""
+    """One client's view of a session: how far it has been sent, and how much of that the
+    client has confirmed (``unacked`` counts what is sent but not yet acknowledged by the
+    client's QUIC stack: after a silent network cut those bytes never arrive)."""
 
-    def __init__(self, offset: int) -> None:
+    def __init__(self, offset: int, unacked: Callable[[], int] = lambda: 0) -> None:
         self.offset = offset
+        self.unacked = unacked
         self.displaced = asyncio.Event()
         self.reason = ""
+
+    def confirmed(self) -> int:
+        """The offset up to which the client surely has the output."""
+        return max(0, self.offset - self.unacked())
 
     def displace(self, reason: str) -> None:
         self.reason = reason
@@ -140,6 +154,8 @@ class Session:
         self._changed = asyncio.Event()
         self._ended = asyncio.Event()
         self._paused = False
+        self._hold_until: float | None = None
+        self._hold_offset = 0
 
     # Output ---------------------------------------------------------------------------
 
@@ -151,16 +167,34 @@ class Session:
     def _apply_backpressure(self) -> None:
         if self.process is None:
             return
-        attachment = self.attachment
-        behind = self.log.end - attachment.offset if attachment else 0
-        # Leave room for one more read before the client's unsent bytes would be dropped.
-        should_pause = attachment is not None and behind >= self.log.capacity - 65536
+        floor = self._kept_from()
+        # Leave room for one more read before bytes the client may still need are dropped.
+        should_pause = floor is not None and self.log.end - floor >= self.log.capacity - 65536
         if should_pause and not self._paused:
             self.process.pause_output()
             self._paused = True
         elif not should_pause and self._paused:
             self.process.resume_output()
             self._paused = False
+
+    def _kept_from(self) -> int | None:
+        """The lowest offset the ring must keep, or None when the oldest may be dropped.
+
+        Attached: what the client has confirmed (bytes sent but unacknowledged may be lost
+        with the connection, and the client then resumes from before them). Just after a
+        connection was lost: what that client had confirmed, until ``DETACH_HOLD`` passes,
+        so a client that reconnects at once finds every byte it missed."""
+        if self.attachment is not None:
+            return self.attachment.confirmed()
+        if self._hold_until is not None and self._clock() < self._hold_until:
+            return self._hold_offset
+        return None
+
+    def release_hold(self, now: float) -> None:
+        """The lost client did not come back in time: the oldest bytes may go again."""
+        if self._hold_until is not None and now >= self._hold_until:
+            self._hold_until = None
+            self._apply_backpressure()
 
     def sent(self, attachment: Attachment, offset: int) -> None:
         attachment.offset = offset
@@ -195,16 +229,23 @@ class Session:
         """Return once the session's exit is recorded."""
         await self._ended.wait()
 
-    def attach(self, offset: int) -> Attachment:
+    def attach(self, offset: int, unacked: Callable[[], int] = lambda: 0) -> Attachment:
         if self.attachment is not None:
             self.attachment.displace("another client attached to this session")
-        self.attachment = Attachment(offset)
+        self.attachment = Attachment(offset, unacked)
         self.detached_since = None
+        self._hold_until = None
         self._apply_backpressure()
         return self.attachment
 
-    def detach(self, attachment: Attachment) -> None:
+    def detach(self, attachment: Attachment, *, lost_at: int | None = None) -> None:
+        """``lost_at``: the connection went away (the client did not detach on purpose)
+        with the client holding output up to this offset; output is then held for
+        ``DETACH_HOLD`` seconds for it to reconnect."""
         if self.attachment is attachment:
+            if lost_at is not None and self.running:
+                self._hold_until = self._clock() + DETACH_HOLD
+                self._hold_offset = lost_at
             self.attachment = None
             self.detached_since = self._clock()
             self._apply_backpressure()
@@ -348,6 +389,7 @@ class SessionRegistry:
         """Drop finished sessions past their time; hang up shells left alone too long."""
         now = self._clock()
         for session in list(self.sessions.values()):
+            session.release_hold(now)
             if session.exit is not None:
                 assert session.exited_at is not None
                 expired = now - session.exited_at >= self.exited_ttl

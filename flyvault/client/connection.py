@@ -173,7 +173,7 @@ def announce_issuer_override(vault: VaultConfig, stream: object = None) -> None:
 
 #: How long a client keeps reconnecting to a vault that turns it away as busy (it evicts
 #: stale strangers under load and says so with QUIC's CONNECTION_REFUSED).
-BUSY_RETRY_SECONDS = 20.0
+BUSY_RETRY_SECONDS = 30.0
 
 
 async def open_vault(

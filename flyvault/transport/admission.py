@@ -66,10 +66,12 @@ class Verdict(enum.Enum):
 
 @dataclass(frozen=True)
 class AdmissionLimits:
-    max_preauth: int = 128
-    max_preauth_per_source: int = 32
+    #: Each pre-auth connection costs about 90 KiB in init (bench/p7_conn_memory.py).
+    max_preauth: int = 256
+    #: Behind vault-proxy or a NAT, many honest clients share one source address.
+    max_preauth_per_source: int = 64
     #: Retry is demanded of unvalidated Initials once this many are pre-auth.
-    retry_above: int = 64
+    retry_above: int = 128
     handshake_deadline: float = 10.0
     auth_deadline: float = 30.0
     pressure_deadline: float = 3.0

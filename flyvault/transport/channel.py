@@ -110,6 +110,16 @@ class QuicStream:
     def at_eof(self) -> bool:
         return self._eof and not self._chunks
 
+    @property
+    def unacknowledged(self) -> int:
+        """Bytes written to this stream that the peer has not acknowledged yet."""
+        return self._channel.buffered(self.stream_id)
+
+    @property
+    def connection_closed(self) -> bool:
+        """The whole connection is gone (not just this stream)."""
+        return self._channel.is_closed
+
     # Writing -------------------------------------------------------------------------
 
     def write(self, data: bytes, end_stream: bool = False) -> None:
@@ -278,6 +288,10 @@ class QuicChannel(QuicConnectionProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._transmit_task is not None:
+            # A transmit queued before the close would send on a closed socket.
+            self._transmit_task.cancel()
+            self._transmit_task = None
         self._terminate(reason or "closed locally")
         if self.owns_transport and self._transport is not None:
             self._transport.close()
