@@ -631,3 +631,31 @@ def test_reprovision_of_a_host_mode_vault_is_refused_at_once_with_the_fix(
         assert result.returncode in (8, 255), (command, result.stderr)
         assert b"runs in host mode" in result.stderr, result.stderr
         assert b"fly-vault local up --rootfs IMAGE" in result.stderr, result.stderr
+
+
+def test_verbose_log_records_the_provisioning_phases_and_no_token(
+    tmp_path: Path, vm_init: InitProcess, issuer: OidcIssuer
+) -> None:
+    """``-v --log-file`` during a cold provision: the upload and the vault's phases, each
+    with its time, and no secret anywhere in the log or the output."""
+    from conftest import TOKEN
+
+    configure(vm_init.port, issuer, rootfs=str(make_rootfs(tmp_path / "a.tar.gz", "A")))
+    log = tmp_path / "provision.log"
+    result = fv("-v", "--log-file", str(log), "exec", "vm", "--", "cat", "/etc/version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"A\n"
+    messages = [json.loads(line)["msg"] for line in log.read_text().splitlines() if line]
+    for fragment in (
+        "handshake: ok in",
+        "attestation: ok in",
+        "provision: upload started",
+        "provision: upload done in",
+        "provision: ok in",
+        "stream 4 open: console",
+    ):
+        assert any(fragment in message for message in messages), (fragment, messages)
+    phases = [m for m in messages if m.startswith("provision: ") and " done in " in m]
+    assert len(phases) >= 2, phases  # the upload and at least one of the vault's phases
+    for text in (log.read_text(), result.stdout.decode(), result.stderr.decode()):
+        assert TOKEN not in text
