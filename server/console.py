@@ -190,6 +190,13 @@ async def _pump_output(
         # Re-check after taking the event: output may have arrived in between.
         if session.log.end > attachment.offset or session.exit is not None:
             continue
+        if session.output_held:
+            # Held for bytes the client has not acknowledged yet: their acknowledgements,
+            # not new output, are what lets the process go on. (A connection that died
+            # silently fails this wait once it is declared dead.)
+            await stream.wait_delivered()
+            session.sent(attachment, attachment.offset)
+            continue
         await changed.wait()
 
 

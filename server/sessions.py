@@ -177,6 +177,11 @@ class Session:
             self.process.resume_output()
             self._paused = False
 
+    @property
+    def output_held(self) -> bool:
+        """The process's output is paused by backpressure (see ``_kept_from``)."""
+        return self._paused
+
     def _kept_from(self) -> int | None:
         """The lowest offset the ring must keep, or None when the oldest may be dropped.
 
