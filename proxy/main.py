@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
 async def _serve(
     args: argparse.Namespace, token: str, status_host: str | None, status_port: int
 ) -> int:
-    from admin.machines import MachinesClient, RetryPolicy, Timeouts
+    from flyvault.fly.machines import MachinesClient, RetryPolicy, Timeouts
     from proxy.discovery import Directory, DirectoryOptions
     from proxy.relay import Relay, RelayOptions
     from proxy.status import StatusServer
