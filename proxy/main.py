@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     status_host: str | None = None
     status_port = 0
     if args.status != "off":
-        from flyvault.config import parse_address
+        from flyvault.config_values import parse_address
         from flyvault.errors import VaultError
         from proxy.status import is_loopback
 
