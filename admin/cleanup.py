@@ -14,9 +14,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from admin.errors import ApiAuthError, ApiNotFound, MachinesApiError
-from admin.machines import MachinesClient
 from admin.readback import read_machine, wait_state
+from flyvault.fly.errors import ApiAuthError, ApiNotFound, MachinesApiError
+from flyvault.fly.machines import MachinesClient
 
 DELETE_ATTEMPTS = 3
 

@@ -17,11 +17,9 @@ from typing import Any
 
 import httpx
 
-from admin.clock import SYSTEM_CLOCK, Clock
 from admin.create import create_tenant
 from admin.delete import delete_tenant
 from admin.display import summary_rows, wide_rows
-from admin.machines import MachinesClient, RetryPolicy, Timeouts
 from admin.output import out, print_json, terminal_width, warn
 from admin.template import (
     MachinePlan,
@@ -35,6 +33,8 @@ from admin.template import (
 )
 from admin.tenants import list_managed, redact_config, summarise, volume_sizes
 from flyvault.errors import UsageError
+from flyvault.fly.clock import SYSTEM_CLOCK, Clock
+from flyvault.fly.machines import MachinesClient, RetryPolicy, Timeouts
 from flyvault.redact import register as register_secret
 
 __all__ = ["create_tenant", "delete_tenant", "dry_run_plan", "make_client"]

@@ -22,19 +22,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from admin.cleanup import Leftovers, delete_volumes, destroy_machine, volumes_present
-from admin.errors import (
-    ApiAuthError,
-    IncompleteCleanup,
-    MachinesApiError,
-    TenantExists,
-)
-from admin.leases import release_lease
-from admin.machines import Lease, MachinesClient
+from admin.errors import IncompleteCleanup, TenantExists
 from admin.output import note, out, warn
 from admin.readback import wait_state
 from admin.template import MachinePlan, VolumePlan
 from admin.tenants import list_managed
 from flyvault.errors import VaultError
+from flyvault.fly.errors import ApiAuthError, MachinesApiError
+from flyvault.fly.leases import release_lease
+from flyvault.fly.machines import Lease, MachinesClient
 from flyvault.redact import register as register_secret
 
 CREATE_ATTEMPTS = 3

@@ -14,12 +14,13 @@ from collections.abc import Callable
 from typing import Any
 
 from admin.cleanup import Leftovers, delete_volumes, destroy_machine, volumes_present
-from admin.errors import ApiAuthError, ApiNotFound, IncompleteCleanup, MachinesApiError
-from admin.machines import MachinesClient
+from admin.errors import IncompleteCleanup
 from admin.output import out, warn
 from admin.readback import read_machine, set_cordon, wait_state
 from admin.tenants import list_managed, volume_ids
 from flyvault.errors import UsageError, VaultError
+from flyvault.fly.errors import ApiAuthError, ApiNotFound, MachinesApiError
+from flyvault.fly.machines import MachinesClient
 
 
 async def delete_tenant(

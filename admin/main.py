@@ -247,14 +247,16 @@ def _configure_logging(verbose: bool) -> None:
             except Exception:
                 self.handleError(record)
 
-    root = logging.getLogger("admin")
-    root.setLevel(logging.INFO if verbose else logging.WARNING)
-    if not any(isinstance(h, _ScrubbedStderr) or h.get_name() == PROG for h in root.handlers):
-        handler = _ScrubbedStderr()
-        handler.set_name(PROG)
-        handler.setFormatter(_LowerLevelFormatter(f"{PROG}: %(levelname)s: %(message)s"))
-        handler.addFilter(ScrubFilter())  # args, exceptions and extras too, before formatting
-        root.addHandler(handler)
+    # Ours, and the Machines API client's (its retries and leases) below flyvault.fly.
+    for name in ("admin", "flyvault.fly"):
+        root = logging.getLogger(name)
+        root.setLevel(logging.INFO if verbose else logging.WARNING)
+        if not any(isinstance(h, _ScrubbedStderr) or h.get_name() == PROG for h in root.handlers):
+            handler = _ScrubbedStderr()
+            handler.set_name(PROG)
+            handler.setFormatter(_LowerLevelFormatter(f"{PROG}: %(levelname)s: %(message)s"))
+            handler.addFilter(ScrubFilter())  # args, exceptions and extras too, first
+            root.addHandler(handler)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,8 +20,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from admin.errors import ApiAuthError, ApiNotFound, MachinesApiError, WaitTimeout
-from admin.machines import MachinesClient
+from flyvault.fly.errors import ApiAuthError, ApiNotFound, MachinesApiError, WaitTimeout
+from flyvault.fly.machines import MachinesClient
 
 READBACK_ATTEMPTS = 3
 CORDON_ATTEMPTS = 3

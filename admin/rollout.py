@@ -38,10 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from admin.errors import ApiNotFound, IncompleteCleanup, RolloutFailed
+from admin.errors import IncompleteCleanup, RolloutFailed
 from admin.hints import IMAGE, cause_of, rollout_hint
-from admin.leases import run_tag
-from admin.machines import MachinesClient
 from admin.output import note, out, render_table, warn
 from admin.readback import set_cordon
 from admin.rollout_machine import CordonLeft, MachineWork, checks_status, digest_of
@@ -62,6 +60,9 @@ from admin.rollout_state import (
 from admin.template import register_env_values
 from admin.tenants import list_managed, tenant_of
 from flyvault.errors import NotFoundError, UsageError, VaultError
+from flyvault.fly.errors import ApiNotFound
+from flyvault.fly.leases import run_tag
+from flyvault.fly.machines import MachinesClient
 
 __all__ = ["Rollout", "RolloutOptions", "checks_status", "rollback_ref", "run_update_image"]
 

@@ -1,6 +1,6 @@
 """One machine of ``tenant update-image``: its update and its rollback, each with read-back.
 
-Per machine, under a lease held for the whole time (``admin.leases``):
+Per machine, under a lease held for the whole time (``flyvault.fly.leases``):
 
 1. read the machine; it must still be the instance the snapshot saw (or, on a resume, the
    instance our own update made);
@@ -27,11 +27,7 @@ import copy
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from admin import leases
-from admin.errors import ApiAuthError, ApiNotFound, MachinesApiError
 from admin.hints import IMAGE
-from admin.leases import HeldLease
-from admin.machines import MachinesClient
 from admin.output import note, warn
 from admin.readback import (
     ReadBackFailed,
@@ -48,6 +44,10 @@ from admin.rollout_state import (
     RolloutState,
 )
 from flyvault.errors import VaultError
+from flyvault.fly import leases
+from flyvault.fly.errors import ApiAuthError, ApiNotFound, MachinesApiError
+from flyvault.fly.leases import HeldLease
+from flyvault.fly.machines import MachinesClient
 
 PASSING = frozenset({"passing", "passed", "healthy", "ok"})
 UPDATE_ATTEMPTS = 3

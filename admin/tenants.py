@@ -18,7 +18,6 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from admin.machines import MachinesClient
 from admin.template import (
     DEFAULT_VOLUME_SIZE_GIB,
     MANAGED_BY_VALUE,
@@ -26,6 +25,7 @@ from admin.template import (
     META_TENANT,
     register_config_secrets,
 )
+from flyvault.fly.machines import MachinesClient
 from flyvault.redact import REDACTED, scrub_value
 
 GONE_STATES = frozenset({"destroyed", "deleted"})

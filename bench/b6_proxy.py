@@ -466,7 +466,7 @@ def run_peer(argv: list[str]) -> int:
 
 
 def run_all(helpers: Helpers, tmp: Path, args: Any) -> dict[str, Any]:
-    from admin.standin import MachinesStandin
+    from flyvault.standins.machines import MachinesStandin
     from proxy.discovery import MANAGED_BY_VALUE, META_MANAGED_BY, META_TENANT
 
     port = free_port("127.0.0.2", "127.0.0.3")

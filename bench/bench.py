@@ -557,7 +557,7 @@ class Bench:
         if pid is not None:
             with contextlib.suppress(OSError):
                 if b"flyvault.localvault" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    os.kill(pid, signal.SIGKILL)
+                    os.killpg(pid, signal.SIGKILL)  # the supervisor and init, its child
 
     def ensure_sshd(self) -> None:
         if os.path.exists(SSHD):

@@ -1,14 +1,23 @@
-"""The local dev vault: an init server on 127.0.0.1 with local stand-ins for Fly.
+"""The local dev vault: fly-vault-init on 127.0.0.1 with local stand-ins for Fly.
 
-``fly-vault local up`` starts ``python -m flyvault.localvault serve`` as a detached process.
-That process runs the OIDC issuer stand-in, the ``/.fly/api`` socket stand-in and the init
-server in host mode (commands run as the current user, no rootfs), and writes a ready file.
-The parent then adds or updates ``[vault.local]`` in the config — address, a fresh access
-token and the development issuer override — keeping every other entry and any keys the user
-added to this one (``forward``, say).
+``fly-vault local up`` starts ``python -m flyvault.localvault serve`` as a detached process,
+the vault's supervisor. It runs the OIDC issuer stand-in and the ``/.fly/api`` socket
+stand-in, and starts the very init server a Fly Machine runs (``fly-vault-init``, found
+through its console-script entry point) as its child: host mode by default (commands run as
+the current user, no rootfs), vm mode with ``--rootfs``. The access token reaches init over a
+pipe inherited from ``up`` (``--access-token-fd``), never the environment. Once init wrote its
+ready file, the supervisor writes its own (address, issuer, machine id); ``up`` waits for
+that, then adds or updates ``[vault.local]`` in the config: address, a fresh access token and
+the development issuer override, keeping every other entry and any keys the user added to this
+one (``forward``, say). ``down`` sends the supervisor SIGTERM; it passes it on to init, which
+ends its sessions and stops the workload, and leaves when init has.
 
-State lives under ``<XDG data dir>/fly-vault/local/``: ``state.json`` (pid, address, issuer),
-``init.log``, the server's data dir and the API socket.
+The client side never imports the server: init is a process here as on Fly
+(references/architecture.md).
+
+State lives under ``<XDG data dir>/fly-vault/local/``: ``state.json`` (pids, address,
+issuer), ``init.log`` (the supervisor's and init's log), the server's data dir and the API
+socket.
 """
 
 from __future__ import annotations
@@ -48,6 +57,8 @@ class LocalState:
     started_at: float
     data_dir: str
     log_file: str
+    #: fly-vault-init, the supervisor's child (None in a state file from before it had one).
+    init_pid: int | None = None
 
 
 def state_dir() -> Path:
@@ -147,11 +158,9 @@ def up(
             hint="it is $XDG_DATA_HOME/fly-vault/local: set XDG_DATA_HOME to a writable "
             "directory, or unset it for the default (~/.local/share)",
         ) from None
-    from server.auth import token_pipe
-
     token = secrets.token_urlsafe(32)
     # The token goes over a pipe, never the environment (which /proc exposes).
-    token_fd = token_pipe(token)
+    token_fd = _token_pipe(token)
     env = {key: value for key, value in os.environ.items() if key != "ACCESS_TOKEN"}
     command = [
         sys.executable,
@@ -191,7 +200,7 @@ def up(
                 hint=f"see {log_file}",
             )
         if time.monotonic() > deadline:
-            process.kill()
+            _kill_group(process.pid)
             process.wait()
             raise VaultError(
                 f"the local vault did not start within {START_TIMEOUT:g} s", hint=f"see {log_file}"
@@ -208,6 +217,7 @@ def up(
         started_at=time.time(),
         data_dir=info["data_dir"],
         log_file=str(log_file),
+        init_pid=info.get("init_pid"),
     )
     tmp = _state_file().with_suffix(".tmp")
     tmp.write_text(json.dumps(asdict(state), indent=2))
@@ -238,6 +248,14 @@ def up(
     return state, True
 
 
+def _token_pipe(token: str) -> int:
+    """A pipe's read end holding ``token``, for ``--access-token-fd`` of the child."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, token.encode("utf-8"))  # far below the pipe buffer size
+    os.close(write_end)
+    return read_end
+
+
 def stop_process(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
@@ -246,8 +264,16 @@ def stop_process(pid: int) -> None:
         if not _is_our_process(pid) or _reaped(pid):
             return
         time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+    _kill_group(pid)
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL the supervisor and init with it: the supervisor leads their process group."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _reaped(pid: int) -> bool:
@@ -269,11 +295,35 @@ def down() -> LocalState | None:
     return state
 
 
-# The background process ------------------------------------------------------------------
+# The supervisor process ------------------------------------------------------------------
+
+#: What the supervisor runs when the entry point cannot be looked up (a source tree that was
+#: never installed).
+_INIT_MODULE_FALLBACK = "server.main"
+#: Init's own settings from the environment: the local vault sets each of these by flag or
+#: wants none of them (``VAULT_FIREWALL`` would firewall this machine).
+_INIT_SETTINGS_PREFIX = "VAULT_"
+
+
+def init_command() -> list[str]:
+    """How to start fly-vault-init with this Python: the module its console script names."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group="console_scripts", name="fly-vault-init"):
+        return [sys.executable, "-m", entry.module]
+    return [sys.executable, "-m", _INIT_MODULE_FALLBACK]
+
+
+def _init_environment() -> dict[str, str]:
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(_INIT_SETTINGS_PREFIX)
+        and key not in ("ACCESS_TOKEN", "FLY_API_SOCKET")
+    }
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import asyncio
     import logging
 
     from flyvault.standins.flyapi import FlyApiSocket, MachineIdentity
@@ -285,64 +335,94 @@ def _serve(args: argparse.Namespace) -> int:
     from flyvault.redact import install_log_filter
 
     install_log_filter()
+    log = logging.getLogger("flyvault.localvault")
     base = Path(args.state_dir)
     server_data = base / "data"
     server_data.mkdir(parents=True, exist_ok=True)
+    init_ready = base / "init-ready.json"
+    init_ready.unlink(missing_ok=True)
     identity = MachineIdentity.default(LOCAL_ORG, LOCAL_APP, region="local")
     socket_path = base / "fly-api.sock"
+
+    # Handlers first: whoever waits on the ready file may signal us at once. A stop is passed
+    # on to init, which ends its sessions and stops the workload; we leave when it has.
+    stopping = False
+    init: subprocess.Popen[bytes] | None = None
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        if init is not None:
+            init.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     with OidcIssuer() as issuer, FlyApiSocket(socket_path, issuer, identity):
-        return asyncio.run(_run_server(args, issuer.base_url, identity.machine_id, server_data))
+        command = [
+            *init_command(),
+            "--listen",
+            f"127.0.0.1:{args.port}",
+            "--data-dir",
+            str(server_data),
+            "--fly-api-socket",
+            str(socket_path),
+            "--hostname",
+            args.name,
+            "--ready-file",
+            str(init_ready),
+            "--access-token-fd",
+            str(args.access_token_fd),
+            "--log-format",
+            "text",
+            "--log-level",
+            "info",
+            *(() if args.vm else ("--host-mode",)),
+            *(("--memory-max", str(args.memory_max)) if args.memory_max is not None else ()),
+            *(("--cpu-max", repr(args.cpu_max)) if args.cpu_max is not None else ()),
+        ]
+        # Init's output goes where ours goes (init.log); it stays in our process group, so a
+        # last-resort SIGKILL of the group (``stop_process``) takes it along.
+        init = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            env=_init_environment(),
+            pass_fds=(args.access_token_fd,),
+        )
+        os.close(args.access_token_fd)
+        if stopping:  # a signal that came before ``init`` was set
+            init.send_signal(signal.SIGTERM)
+        log.info("started fly-vault-init (pid %d): %s", init.pid, " ".join(command))
+        while not init_ready.exists() and init.poll() is None and not stopping:
+            time.sleep(0.05)
+        if init.poll() is None and not stopping:
+            _write_ready(args, init.pid, init_ready, issuer.base_url, identity.machine_id)
+        code = init.wait()
+        log.info("fly-vault-init (pid %d) exited with code %d", init.pid, code)
+    init_ready.unlink(missing_ok=True)
+    return code
 
 
-async def _run_server(
-    args: argparse.Namespace, issuer_base_url: str, machine_id: str, server_data: Path
-) -> int:
-    import asyncio
-
-    from server.app import ServerOptions, VaultServer
-    from server.attestation import FlyOidcAttestor
-    from server.auth import AccessToken
-
-    token = AccessToken.from_fd(args.access_token_fd)
-    if not token.configured:
-        raise ConfigError("the local vault was started without an access token")
-    options = ServerOptions(
-        listen_host="127.0.0.1",
-        listen_port=args.port,
-        data_dir=server_data,
-        host_mode=not args.vm,
-        hostname=args.name,
-        memory_max=args.memory_max,
-        cpu_max=args.cpu_max,
-    )
-    attestor = FlyOidcAttestor(str(Path(args.state_dir) / "fly-api.sock"))
-    server = VaultServer(options, token, attestor)
-    listener = await server.start()
-    host, port = listener.address
-    # Handlers first: whoever waits on the ready file may signal us at once.
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+def _write_ready(
+    args: argparse.Namespace, init_pid: int, init_ready: Path, issuer_base_url: str, machine: str
+) -> None:
+    """``ready.json`` for ``up``: init's bound address, and what the client must be told."""
+    bound = json.loads(init_ready.read_text())
     ready = Path(args.ready_file)
     tmp = ready.with_suffix(".tmp")
     tmp.write_text(
         json.dumps(
             {
-                "host": host,
-                "port": port,
+                "host": bound["host"],
+                "port": bound["port"],
                 "issuer_base_url": issuer_base_url,
-                "machine_id": machine_id,
+                "machine_id": machine,
                 "mode": "vm" if args.vm else "host",
-                "data_dir": str(server_data),
+                "data_dir": str(Path(args.state_dir) / "data"),
+                "init_pid": init_pid,
             }
         )
     )
     os.replace(tmp, ready)
-    await stop.wait()
-    await server.shutdown()
-    await attestor.aclose()
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,7 +56,7 @@ def settings(app: str | None, api_base: str | None) -> AdminSettings:
 
 def _client(s: AdminSettings) -> Any:
     import admin.commands
-    from admin.machines import MachinesClient
+    from flyvault.fly.machines import MachinesClient
 
     return MachinesClient(
         base_url=s.api_base,

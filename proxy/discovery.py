@@ -51,7 +51,7 @@ WAKE_STATES = frozenset({"stopped", "suspended"})
 
 
 class MachinesApi(Protocol):
-    """What the directory needs of ``admin.machines.MachinesClient`` (a fake in tests)."""
+    """What the directory needs of ``flyvault.fly.machines.MachinesClient`` (a fake in tests)."""
 
     async def list_machines(
         self, *, metadata: Mapping[str, str] | None = None

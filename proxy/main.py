@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     status_host: str | None = None
     status_port = 0
     if args.status != "off":
-        from flyvault.config import parse_address
+        from flyvault.config_values import parse_address
         from flyvault.errors import VaultError
         from proxy.status import is_loopback
 
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
 async def _serve(
     args: argparse.Namespace, token: str, status_host: str | None, status_port: int
 ) -> int:
-    from admin.machines import MachinesClient, RetryPolicy, Timeouts
+    from flyvault.fly.machines import MachinesClient, RetryPolicy, Timeouts
     from proxy.discovery import Directory, DirectoryOptions
     from proxy.relay import Relay, RelayOptions
     from proxy.status import StatusServer

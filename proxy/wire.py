@@ -1,16 +1,10 @@
 """The vault-proxy wire format, and the few bits of a QUIC header the proxy reads.
 
-Client to proxy, every datagram (reference admin-and-proxy §2.2)::
-
-    | id_len: u64 little-endian | machine id: id_len bytes, UTF-8 | QUIC datagram (>= 1 byte) |
-
-Proxy to client: the machine's datagram, unchanged.
-
-``decode`` is total: every input gives either ``(machine_id, payload_offset)`` or a ``Drop``
-reason, never an exception. The original died on one packet (reference §5 bug 1): it added
-``8 + id_len`` in a u64, so ``id_len = 2**64 - 8`` wrapped to 0, passed the length check and
-panicked on the slice. Here ``id_len`` is compared with a small cap *before* it takes part in
-any arithmetic, and Python integers cannot wrap anyway.
+The datagram header (``u64 LE id_len | machine id | QUIC datagram``) is written once, in
+``flyvault.protocol.proxy_header``, which the client's transport uses too; ``decode`` here
+reads it with the proxy's id cap and turns a fault into a ``Drop`` reason. ``decode`` is
+total: every input gives either ``(machine_id, payload_offset)`` or a ``Drop``, never an
+exception (the original died on one packet, reference §5 bug 1; see ``proxy_header``).
 
 The proxy routes by machine id *and* QUIC destination connection id (DCID), so it reads the
 version-independent header invariants of RFC 8999 (nothing encrypted): a long header carries
@@ -20,10 +14,10 @@ the receiver chose, so the proxy must be told the length the vaults use (aioquic
 
 from __future__ import annotations
 
-import struct
 from enum import Enum
 
-HEADER_SIZE = 8
+from flyvault.protocol.proxy_header import HEADER_SIZE, HeaderFault, decode_header, encode_header
+
 #: Fly machine ids are 14 characters; 64 leaves room for other id schemes and bounds the
 #: work (and the log text) a hostile packet can cause.
 DEFAULT_MAX_ID_BYTES = 64
@@ -36,7 +30,6 @@ MIN_INITIAL_DATAGRAM = 1200
 
 _LONG_HEADER = 0x80
 _FIXED_BIT = 0x40
-_U64 = struct.Struct("<Q")
 
 
 class Drop(Enum):
@@ -79,41 +72,20 @@ MALFORMED = frozenset(
 )
 
 
-def encode_header(machine_id: str) -> bytes:
-    """The prefix a client puts in front of every QUIC datagram."""
-    raw = machine_id.encode("utf-8")
-    if not raw:
-        raise ValueError("machine_id must not be empty")
-    return _U64.pack(len(raw)) + raw
-
-
 def encode(machine_id: str, datagram: bytes) -> bytes:
     return encode_header(machine_id) + datagram
 
 
+#: The header's faults, as the drop reasons they count under (the same names).
+_FAULT_DROPS = {fault: Drop(fault.value) for fault in HeaderFault}
+
+
 def decode(data: bytes, max_id_bytes: int = DEFAULT_MAX_ID_BYTES) -> tuple[str, int] | Drop:
     """``(machine_id, offset of the QUIC datagram)`` or why the datagram is dropped."""
-    size = len(data)
-    if size < HEADER_SIZE:
-        return Drop.SHORT
-    id_len: int = _U64.unpack_from(data)[0]
-    if id_len == 0:
-        return Drop.EMPTY_ID
-    if id_len > max_id_bytes:  # before any arithmetic with id_len
-        return Drop.ID_TOO_LONG
-    end = HEADER_SIZE + id_len
-    if end > size:
-        return Drop.TRUNCATED
-    if end == size:
-        return Drop.EMPTY_PAYLOAD
-    try:
-        machine_id = data[HEADER_SIZE:end].decode("utf-8")  # strict: no surrogates, overlongs
-    except UnicodeDecodeError:
-        return Drop.NON_UTF8
-    if not machine_id.isprintable():
-        # Ids end up in logs and the status page; control characters are never legitimate.
-        return Drop.BAD_ID
-    return machine_id, end
+    decoded = decode_header(data, max_id_bytes)
+    if isinstance(decoded, HeaderFault):
+        return _FAULT_DROPS[decoded]
+    return decoded
 
 
 def destination_cid(data: bytes, offset: int, short_cid_length: int) -> bytes | None:

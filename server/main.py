@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     __import__("flyvault.redact").redact.install_log_filter()  # no secret in any log line
-    from flyvault.config import parse_address
+    from flyvault.config_values import parse_address
     from flyvault.errors import VaultError
     from flyvault.transport.endpoint import forced_datagram_size
 

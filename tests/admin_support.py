@@ -19,10 +19,10 @@ from typing import Any
 import httpx
 import pytest
 
-from admin.clock import Clock
-from admin.machines import MachinesClient, RetryPolicy, Timeouts
-from admin.standin import MachinesStandin
 from admin.template import MANAGED_BY_VALUE, META_MANAGED_BY, META_TENANT
+from flyvault.fly.clock import Clock
+from flyvault.fly.machines import MachinesClient, RetryPolicy, Timeouts
+from flyvault.standins.machines import MachinesStandin
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_TEMPLATE = REPO / "admin" / "examples" / "tenant_template.toml"

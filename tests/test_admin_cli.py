@@ -30,7 +30,7 @@ from admin_support import (
 )
 
 from admin.commands import delete_tenant
-from admin.standin import MachinesStandin
+from flyvault.standins.machines import MachinesStandin
 
 standin = admin_support.standin
 cli = admin_support.cli

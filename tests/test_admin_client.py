@@ -19,7 +19,7 @@ from admin_support import (
     run,
 )
 
-from admin.errors import (
+from flyvault.fly.errors import (
     ApiAuthError,
     ApiConflict,
     ApiNotFound,
@@ -30,8 +30,8 @@ from admin.errors import (
     MachinesApiError,
     WaitTimeout,
 )
-from admin.machines import MachinesClient, RetryPolicy, Timeouts
-from admin.standin import MachinesStandin
+from flyvault.fly.machines import MachinesClient, RetryPolicy, Timeouts
+from flyvault.standins.machines import MachinesStandin
 
 standin = admin_support.standin
 
@@ -286,7 +286,7 @@ def test_token_absent_from_repr_and_logs(
     standin: MachinesStandin, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    caplog.set_level(logging.DEBUG, logger="admin")
+    caplog.set_level(logging.DEBUG, logger="flyvault.fly")
     standin.fail("GET", r"/machines$", status=503, times=1)
 
     async def go() -> None:
@@ -316,7 +316,7 @@ def test_retries_never_sleep_past_the_deadline(standin: MachinesStandin) -> None
 
 
 def test_lease_acquire_reads_back_after_doubt(standin: MachinesStandin) -> None:
-    from admin.leases import acquire
+    from flyvault.fly.leases import acquire
 
     async def go() -> None:
         async with client(standin) as api:

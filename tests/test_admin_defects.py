@@ -23,8 +23,8 @@ from admin_support import (
     write_template,
 )
 
-from admin.standin import MachinesStandin
 from flyvault import redact
+from flyvault.standins.machines import MachinesStandin
 
 standin = admin_support.standin
 cli = admin_support.cli

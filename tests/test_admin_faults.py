@@ -38,8 +38,8 @@ from admin_support import (
     write_template,
 )
 
-from admin.standin import MachinesStandin
-from admin.standin_faults import KINDS as STANDIN_KINDS
+from flyvault.standins.machines import MachinesStandin
+from flyvault.standins.machines_faults import KINDS as STANDIN_KINDS
 
 cli = admin_support.cli
 #: The fault kinds of the matrix (the stand-in also has ``hang-before``, used elsewhere).
@@ -50,9 +50,9 @@ MACHINE = r"[0-9a-f]+"
 
 @pytest.fixture
 def standin(monkeypatch: pytest.MonkeyPatch) -> Iterator[MachinesStandin]:
-    import admin.leases
+    import flyvault.fly.leases
 
-    monkeypatch.setattr(admin.leases, "REFRESH_EVERY", 0.02)  # refreshes happen in a cell
+    monkeypatch.setattr(flyvault.fly.leases, "REFRESH_EVERY", 0.02)  # refreshes happen in a cell
     with MachinesStandin(
         token=API_TOKEN, apps=(APP,), transition_delay=0.005, crash_delay=0.03
     ) as api:

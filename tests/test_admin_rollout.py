@@ -14,7 +14,7 @@ from admin_support import IMAGE_V1, IMAGE_V2, Cli, create_tenants
 
 from admin.rollout import checks_status, rollback_ref
 from admin.rollout_state import default_state_path
-from admin.standin import MachinesStandin
+from flyvault.standins.machines import MachinesStandin
 
 standin = admin_support.standin
 cli = admin_support.cli

@@ -10,8 +10,8 @@ import httpx
 import pytest
 from admin_support import API_TOKEN, APP, IMAGE_V1
 
-from admin.standin import MachinesStandin
-from admin.standin_model import parse_image
+from flyvault.standins.machines import MachinesStandin
+from flyvault.standins.machines_model import parse_image
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ import httpx
 import pytest
 from admin_support import ACCESS_TOKEN, API_TOKEN, APP, IMAGE_V1, REPO, assert_no_secrets
 
-from admin.standin import MachinesStandin
-from admin.standin_faults import parse_fault
+from flyvault.standins.machines import MachinesStandin
+from flyvault.standins.machines_faults import parse_fault
 
 ADMIN_MD = REPO / "references" / "admin.md"
 
@@ -121,7 +121,9 @@ def _documented_rehearsal() -> tuple[list[str], list[list[str]]]:
     block = section[section.index("```") + 3 :]
     block = block[block.index("\n") + 1 : block.index("```")]
     lines = block.replace("\\\n", " ").splitlines()
-    standin_cmd = next(shlex.split(x) for x in lines if x.startswith("python -m admin.standin"))
+    standin_cmd = next(
+        shlex.split(x) for x in lines if x.startswith("python -m flyvault.standins.machines")
+    )
     admin_cmds = [shlex.split(x) for x in lines if x.startswith("fly-vault-admin ")]
     return standin_cmd, admin_cmds
 

@@ -13,10 +13,10 @@ import httpx
 import pytest
 from admin_support import BEARER, Cli, create_tenants
 
-from admin.standin import MachinesStandin
 from admin.tenants import usage_fact
 from admin.usage_server import parse_listen
 from flyvault.errors import UsageError
+from flyvault.standins.machines import MachinesStandin
 
 standin = admin_support.standin
 cli = admin_support.cli

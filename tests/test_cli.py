@@ -184,9 +184,18 @@ def test_local_vault_up_doctor_status_down_keeps_other_entries(issuer: OidcIssue
         status = fly_vault("local", "status", "--json")
         info = json.loads(status.stdout)
         assert info["running"] is True and info["mode"] == "host"
-        pid = info["pid"]
-        environ = Path(f"/proc/{pid}/environ").read_bytes()
-        assert b"ACCESS_TOKEN" not in environ
+        pid, init_pid = info["pid"], info["init_pid"]
+        # The supervisor and init are two processes; init is the real server, started by
+        # its entry point (the client side imports nothing of it), the token over a pipe.
+        assert init_pid != pid
+        init_cmdline = Path(f"/proc/{init_pid}/cmdline").read_bytes().split(b"\0")
+        assert b"--host-mode" in init_cmdline and b"--access-token-fd" in init_cmdline
+        assert Path(f"/proc/{init_pid}/stat").read_text().split(")")[-1].split()[1] == str(pid)
+        for process in (pid, init_pid):
+            environ = Path(f"/proc/{process}/environ").read_bytes()
+            assert b"ACCESS_TOKEN" not in environ
+        text = fly_vault("local", "status")
+        assert f"fly-vault-init, pid {init_pid}" in text.stdout
     finally:
         down = fly_vault("local", "down")
     assert down.returncode == 0
@@ -195,6 +204,10 @@ def test_local_vault_up_doctor_status_down_keeps_other_entries(issuer: OidcIssue
     while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
         time.sleep(0.05)
     assert not _alive(pid)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(init_pid):
+        time.sleep(0.05)
+    assert not _alive(init_pid)
     status = fly_vault("local", "status")
     assert status.returncode == 1
     assert "not running" in status.stdout

@@ -1,4 +1,5 @@
-"""The tenant tools of the MCP server against the Fly Machines API stand-in (admin/standin.py).
+"""The tenant tools of the MCP server against the Fly Machines API stand-in
+(flyvault/standins/machines.py).
 
 Secrets come only from the environment (FLY_API_TOKEN, FLY_VAULT_ACCESS_TOKEN), and every
 result is scanned for them by ``Session`` (the template puts the access token into each
@@ -17,7 +18,7 @@ from conftest import run_async
 from mcp import Client
 from mcp_support import Session, text
 
-from admin.standin import MachinesStandin
+from flyvault.standins.machines import MachinesStandin
 
 standin = admin_support.standin
 

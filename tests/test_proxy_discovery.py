@@ -18,8 +18,8 @@ from typing import Any
 from conftest import run_async
 from proxy_support import APP, FakeTime, StaticApi, add_machine
 
-from admin.machines import MachinesClient, RetryPolicy
-from admin.standin import MachinesStandin
+from flyvault.fly.machines import MachinesClient, RetryPolicy
+from flyvault.standins.machines import MachinesStandin
 from proxy.discovery import Directory, DirectoryOptions
 from proxy.wire import Drop
 

@@ -25,12 +25,12 @@ import pytest
 from conftest import APP, ORG, TOKEN, InitProcess, run_async, start_init, vault_entry
 from proxy_support import add_machine, free_udp_port, set_private_ip
 
-from admin.standin import MachinesStandin
 from flyvault.client.connection import open_vault
 from flyvault.client.vault import Vault
 from flyvault.errors import AttestationError
 from flyvault.protocol.control import ControlClient
 from flyvault.standins import FlyApiSocket, MachineIdentity, OidcIssuer
+from flyvault.standins.machines import MachinesStandin
 from flyvault.transport.endpoint import MAX_WRAPPED_DATAGRAM_SIZE, proxy_prefix
 
 API_TOKEN = "standin-api-token-0123456789"

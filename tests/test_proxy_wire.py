@@ -18,6 +18,7 @@ from flyvault.transport.endpoint import (
     proxy_wrapper,
 )
 from proxy.wire import (
+    MALFORMED,
     Drop,
     decode,
     destination_cid,
@@ -145,3 +146,15 @@ def test_client_wrapped_datagrams_fit_the_ipv6_minimum_mtu() -> None:
         proxy_wrapper("")
     with pytest.raises(ValueError, match="must not be empty"):
         encode_header("")
+
+
+def test_one_header_rule_for_both_ends() -> None:
+    """The client's prefix and the proxy's decoder are the same code in flyvault.protocol."""
+    from flyvault.protocol import proxy_header
+    from proxy import wire
+
+    assert wire.encode_header is proxy_header.encode_header
+    assert wire.HEADER_SIZE == proxy_header.HEADER_SIZE
+    # Every fault of the header is a malformed-packet drop of the same name.
+    assert {Drop(fault.value) for fault in proxy_header.HeaderFault} <= MALFORMED
+    assert proxy_header.decode_header(proxy_prefix("m-1") + b"q", 24) == ("m-1", 11)

@@ -569,6 +569,9 @@ def test_admin_secret_var_and_var_may_not_share_a_key(cli: Cli, tmp_path: Path) 
 
 def test_admin_log_handler_scrubs(cli: Cli) -> None:
     assert cli("-v", "tenant", "list").code == 0
-    handlers = [h for h in logging.getLogger("admin").handlers if h.get_name() == "fly-vault-admin"]
-    assert handlers and any(isinstance(f, redact.ScrubFilter) for f in handlers[0].filters)
+    # Its own loggers and the Machines API client's (flyvault.fly: retries, leases).
+    for name in ("admin", "flyvault.fly"):
+        logger = logging.getLogger(name)
+        handlers = [h for h in logger.handlers if h.get_name() == "fly-vault-admin"]
+        assert handlers and any(isinstance(f, redact.ScrubFilter) for f in handlers[0].filters)
     assert APP  # the stand-in's app is what the fixture configured

@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"local vault: running, pid {state.pid}, up {uptime:.0f} s")
     print(f"  address   {state.host}:{state.port}")
     print(f"  mode      {_mode(state.mode)}")
+    if state.init_pid is not None:
+        print(f"  init      fly-vault-init, pid {state.init_pid}")
     print(f"  issuer    {state.issuer_base_url} (development stand-in, not Fly)")
     print(f"  data      {state.data_dir}")
     print(f"  log       {state.log_file}")

@@ -1,8 +1,10 @@
 """``python -m flyvault.standins``: run the OIDC issuer and the ``/.fly/api`` socket.
 
-Used by the local dev vault: it starts this process, reads the one JSON line it prints
-(``issuer_base_url``, ``socket`` and the identity), points the server at the socket and the
-client at the issuer, and sends SIGTERM when done.
+For running an init server by hand: start this process, read the one JSON line it prints
+(``issuer_base_url``, ``socket`` and the identity), point ``fly-vault-init --fly-api-socket``
+at the socket and the client's ``oidc_issuer_url`` at the issuer, and send SIGTERM when done.
+The local dev vault runs the same two stand-ins inside its supervisor
+(``flyvault.localvault``).
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from aioquic.quic.retry import QuicRetryTokenHandler
 
 from flyvault.errors import ConfigError, ConnectError, ConnectionLost, ServerBusy
 from flyvault.protocol.constants import ALPN_PROTOCOLS
+from flyvault.protocol.proxy_header import HEADER_SIZE, encode_header
 from flyvault.transport.admission import AdmissionLimits, AdmissionTable, Stage, Verdict
 from flyvault.transport.channel import BUSY_ERROR_CODE, QuicChannel
 from flyvault.transport.connection import VaultQuicConnection
@@ -56,12 +57,12 @@ LOOPBACK_DATAGRAM_SIZE = 16000
 #: 208 KiB holds only a dozen loopback-size datagrams, and a burst beyond that is loss.
 SOCKET_BUFFER = 4 * 1024 * 1024
 #: Proxy mode (vault-proxy) puts ``u64 LE len(machine_id) || machine_id`` in front of every
-#: datagram. The QUIC datagram cannot shrink to make room: aioquic refuses a
-#: ``max_datagram_size`` below 1200 and RFC 9000 §14.1 wants the client's Initial in a
-#: datagram of at least 1200 bytes. So the id is bounded instead: 1200 + 8 + 24 = 1232 bytes
+#: datagram (``flyvault.protocol.proxy_header``). The QUIC datagram cannot shrink to make
+#: room: aioquic refuses a ``max_datagram_size`` below 1200 and RFC 9000 §14.1 wants the
+#: client's Initial in a datagram of at least 1200 bytes. So the id is bounded instead: 1200 + 8 + 24 = 1232 bytes
 #: is the largest UDP payload that fits the IPv6 minimum MTU (1280 - 40 - 8), so a wrapped
 #: datagram fits every path the unwrapped one does. Fly machine ids are 14 characters.
-PROXY_HEADER_SIZE = 8
+PROXY_HEADER_SIZE = HEADER_SIZE
 PROXY_MAX_ID_BYTES = 24
 MAX_WRAPPED_DATAGRAM_SIZE = MAX_DATAGRAM_SIZE + PROXY_HEADER_SIZE + PROXY_MAX_ID_BYTES
 STREAM_WINDOW = 1024 * 1024
@@ -133,7 +134,7 @@ def _enlarge_buffers(sock: Any) -> None:
 
 
 def proxy_prefix(machine_id: str) -> bytes:
-    """The vault-proxy header for ``machine_id``: ``u64 LE length || UTF-8 id``."""
+    """The vault-proxy header for ``machine_id``, its length checked against the MTU bound."""
     raw = machine_id.encode("utf-8")
     if not raw:
         raise ConfigError("machine_id must not be empty", hint="set `machine_id` or remove it")
@@ -144,7 +145,7 @@ def proxy_prefix(machine_id: str) -> bytes:
             "IPv6 minimum MTU)",
             hint="check `machine_id` in the config (Fly machine ids are 14 characters)",
         )
-    return len(raw).to_bytes(PROXY_HEADER_SIZE, "little") + raw
+    return encode_header(machine_id)
 
 
 def proxy_wrapper(machine_id: str) -> Callable[[bytes], bytes]:

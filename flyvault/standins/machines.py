@@ -8,20 +8,21 @@
         api.delay("POST", r"/machines$", seconds=5, after=True)   # act, then answer late
         api.requests            # what was asked (never the Authorization header)
 
-Or from a shell, with faults and image behaviour (``python -m admin.standin --help``)::
+Or from a shell, with faults and image behaviour
+(``python -m flyvault.standins.machines --help``)::
 
-    python -m admin.standin --port 4280 --token dev --app vault-tenants \
+    python -m flyvault.standins.machines --port 4280 --token dev --app vault-tenants \
         --fault 'POST:/machines/[0-9a-f]+$:reset-after' --crashing-image REF
 
-Fault kinds (``admin.standin_faults``): ``500``, ``429`` (with ``Retry-After: 1``), ``409``,
-``412``, ``422-echo`` (a 422 whose body echoes the request, headers included: a test that no
-secret is printed), ``hang`` (the API acts, then never answers), ``hang-before`` (it never
-answers and does not act), ``reset-before`` (the connection drops before the API acts) and
-``reset-after`` (after it acts).
+Fault kinds (``flyvault.standins.machines_faults``): ``500``, ``429`` (with
+``Retry-After: 1``), ``409``, ``412``, ``422-echo`` (a 422 whose body echoes the request,
+headers included: a test that no secret is printed), ``hang`` (the API acts, then never
+answers), ``hang-before`` (it never answers and does not act), ``reset-before`` (the
+connection drops before the API acts) and ``reset-after`` (after it acts).
 
-The rules of the API live in ``admin.standin_model``; this module is HTTP plumbing, the
-bearer-token check and fault injection. It runs a ``ThreadingHTTPServer`` in a daemon thread
-so a blocking ``wait`` holds only its own handler thread.
+The rules of the API live in ``flyvault.standins.machines_model``; this module is HTTP
+plumbing, the bearer-token check and fault injection. It runs a ``ThreadingHTTPServer`` in a
+daemon thread so a blocking ``wait`` holds only its own handler thread.
 """
 
 from __future__ import annotations
@@ -43,10 +44,10 @@ from types import TracebackType
 from typing import Any, Self
 from urllib.parse import parse_qsl, urlsplit
 
-from admin.standin_faults import KINDS, Fault, build_fault, echo_message, parse_fault
-from admin.standin_model import ApiModel
+from flyvault.standins.machines_faults import KINDS, Fault, build_fault, echo_message, parse_fault
+from flyvault.standins.machines_model import ApiModel
 
-logger = logging.getLogger("admin.standin")
+logger = logging.getLogger("flyvault.standins.machines")
 
 _MAX_BODY = 1024 * 1024
 
@@ -345,7 +346,7 @@ class MachinesStandin:
         nonce: bool | None = None,
         after: tuple[str, str, int] | None = None,
     ) -> Fault:
-        """A fault of one of the command line's kinds (``admin.standin_faults.KINDS``).
+        """A fault of one of the command line's kinds (``flyvault.standins.machines_faults.KINDS``).
         ``nonce``: only requests with (True) or without (False) a lease nonce; ``after``:
         armed once ``count`` requests matching ``(method, path_regex)`` were seen."""
         fault = build_fault(method, path, kind, times=times, skip=skip)
@@ -435,7 +436,7 @@ class MachinesStandin:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m admin.standin",
+        prog="python -m flyvault.standins.machines",
         description="Run a Fly Machines API stand-in on 127.0.0.1 until interrupted, with "
         "optional fault injection and image behaviour (to rehearse a rollout).",
     )
@@ -481,7 +482,7 @@ def standin_from_args(args: argparse.Namespace) -> MachinesStandin:
     try:
         faults = [parse_fault(spec) for spec in args.fault]
     except ValueError as exc:
-        raise SystemExit(f"python -m admin.standin: error: {exc}") from None
+        raise SystemExit(f"python -m flyvault.standins.machines: error: {exc}") from None
     apps = tuple(args.app or ["vault-tenants"])
     standin = MachinesStandin(
         token=args.token, apps=apps, port=args.port, transition_delay=args.transition_delay

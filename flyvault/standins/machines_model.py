@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 ``ApiModel.handle()`` takes one parsed request and returns ``(status, body)``; it never
-touches sockets, so the HTTP layer (``admin.standin``) stays thin and the rules live here.
+touches sockets, so the HTTP layer (``flyvault.standins.machines``) stays thin and the rules
+live here.
 
 Machines move through real states over real (short, configurable) time:
 ``created -> starting -> started -> stopping -> stopped -> destroyed`` plus
@@ -43,7 +44,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from admin.images import parse_image
+from flyvault.fly.images import parse_image
 
 Reply = tuple[int, Any]
 

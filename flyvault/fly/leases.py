@@ -27,14 +27,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from admin.errors import ApiAuthError, ApiConflict, ApiNotFound, MachinesApiError
-from admin.hints import when
+from flyvault.fly.errors import ApiAuthError, ApiConflict, ApiNotFound, MachinesApiError
+from flyvault.fly.hints import when
 from flyvault.redact import register as register_secret
 
 if TYPE_CHECKING:
-    from admin.machines import Lease, MachinesClient
+    from flyvault.fly.machines import Lease, MachinesClient
 
-logger = logging.getLogger("admin.leases")
+logger = logging.getLogger("flyvault.fly.leases")
 
 ACQUIRE_ATTEMPTS = 3
 RELEASE_ATTEMPTS = 3

@@ -12,11 +12,11 @@ Every call goes through ``_request``, which owns the four things the original la
   timeout or a dropped connection are retried only for idempotent calls (GET, DELETE, stop,
   cordon, lease refresh): retrying a ``POST /machines`` whose first attempt may have
   succeeded would create a second machine. Callers of non-idempotent calls get the error and
-  *read the API back* to find out what happened (``admin.readback``, ``admin.leases``).
+  *read the API back* to find out what happened (``admin.readback``, ``flyvault.fly.leases``).
 - *Deadlines*: a call made on behalf of a timeout (``deadline=``) never sleeps past it; a
   backoff or a ``Retry-After`` that would end after the deadline gives up at once, so retries
   count against the same deadline as the wait they serve. Time comes from an injectable
-  ``admin.clock.Clock``.
+  ``flyvault.fly.clock.Clock``.
 - *Pagination*: list calls ask for pages (``limit``/``cursor``, which the API honours as an
   opt-in) and follow ``next_cursor``. A server that ignores the parameters answers with a
   bare array, which is the whole list.
@@ -31,7 +31,7 @@ refuses more than 60) and passes ``instance_id`` so a wait after an update is sa
 the *new* instance, not the old one that was still ``started`` (reference §5 bug 4).
 
 Leases (acquire with read-back, background refresh, release with retries) are in
-``admin.leases``; ``hold_lease`` here is a shortcut to ``admin.leases.hold``.
+``flyvault.fly.leases``; ``hold_lease`` here is a shortcut to ``flyvault.fly.leases.hold``.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from admin.clock import SYSTEM_CLOCK, Clock
-from admin.errors import (
+from flyvault.fly.clock import SYSTEM_CLOCK, Clock
+from flyvault.fly.errors import (
     ApiAuthError,
     ApiConflict,
     ApiNotFound,
@@ -59,14 +59,14 @@ from admin.errors import (
     MachinesApiError,
     WaitTimeout,
 )
-from admin.hints import hint_for_status, hint_for_transport
+from flyvault.fly.hints import hint_for_status, hint_for_transport
 from flyvault.redact import register as register_secret
 from flyvault.redact import scrub
 
 if TYPE_CHECKING:
-    from admin.leases import HeldLease
+    from flyvault.fly.leases import HeldLease
 
-logger = logging.getLogger("admin.machines")
+logger = logging.getLogger("flyvault.fly.machines")
 
 DEFAULT_API_BASE = "https://api.machines.dev"
 # The API refuses a wait longer than this many seconds per call.
@@ -542,8 +542,8 @@ class MachinesClient:
     async def hold_lease(
         self, machine_id: str, *, ttl: int, description: str = "fly-vault-admin"
     ) -> AsyncIterator[HeldLease]:
-        """Hold a lease for the whole block (``admin.leases.hold``)."""
-        from admin.leases import hold
+        """Hold a lease for the whole block (``flyvault.fly.leases.hold``)."""
+        from flyvault.fly.leases import hold
 
         async with hold(self, machine_id, ttl=ttl, description=description) as held:
             yield held
