@@ -30,13 +30,15 @@ from flyvault.protocol.console import (
     frame,
 )
 from flyvault.protocol.constants import EXIT_REASON_VERSION, ErrorCode
-from server.outputlog import STDERR
-from server.process import SpawnError
-from server.sessions import Attachment, Session, SessionRegistry, TooManySessions
+
+from .outputlog import STDERR
+from .process import SpawnError
+from .sessions import Attachment, Session, SessionRegistry, TooManySessions
 
 if TYPE_CHECKING:
     from flyvault.transport import QuicStream
-    from server.app import ServerConnection
+
+    from .app import ServerConnection
 
 log = logging.getLogger("flyvault.server.console")
 

@@ -36,9 +36,9 @@ import pytest
 from conftest import InitProcess, start_init, vault_entry
 from debian_rootfs import Unavailable, debian_systemd_archive
 
+from flyvault.server import cgroups
+from flyvault.server.sessions import END_GRACE, END_KILL_WAIT
 from flyvault.standins import OidcIssuer
-from server import cgroups
-from server.sessions import END_GRACE, END_KILL_WAIT
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="namespaces, cgroups and debootstrap need root"),
