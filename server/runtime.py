@@ -55,12 +55,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flyvault.errors import ProvisionError
+from flyvault.errors import ProvisionError, SpawnError
 from flyvault.protocol.constants import RuntimeStatus
 from server import cgroups
 from server.cgroups import Limits, WorkloadCgroups
 from server.nsinit import FALLBACK_MARKER, WORKLOAD_ENV
-from server.process import SpawnError
 
 log = logging.getLogger("flyvault.server.runtime")
 

@@ -40,7 +40,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from flyvault.errors import NotFoundError, RemoteError
+from flyvault.errors import NotFoundError, TooManySessions
 from flyvault.protocol.console import OpenSession
 from server.outputlog import OutputLog
 from server.process import Entry, ExitStatus, ManagedProcess
@@ -54,10 +54,6 @@ END_KILL_WAIT = 2.0
 #: After a lost connection, output is held this long for the client to reconnect (the
 #: client's own --reconnect-timeout is 30 s by default).
 DETACH_HOLD = 30.0
-
-
-class TooManySessions(RemoteError):
-    pass
 
 
 @dataclass

@@ -35,9 +35,9 @@ from flyvault.cli.build import (
     render_fly_toml,
 )
 from flyvault.cli.main import main as cli_main
-from flyvault.errors import VaultError
+from flyvault.errors import FirewallError, VaultError
 from flyvault.standins import FlyApiSocket, OidcIssuer
-from server.firewall import FirewallError, apply_firewall, render_ruleset
+from server.firewall import apply_firewall, render_ruleset
 
 ROOT = Path(__file__).resolve().parents[1]
 NFT = shutil.which("nft")

@@ -22,13 +22,13 @@ from typing import Any
 import pytest
 from conftest import run_async
 
-from flyvault.errors import ProvisionError
+from flyvault.errors import ProvisionError, SpawnError
 from flyvault.protocol.constants import RuntimeStatus
 from server import cgroups
 from server.cgroups import Limits
 from server.nsinit import FALLBACK_MARKER
 from server.outputlog import STDOUT
-from server.process import ExitStatus, ManagedProcess, SpawnError
+from server.process import ExitStatus, ManagedProcess
 from server.runtime import STATE_FILE, Account, WorkloadRuntime
 
 BUSYBOX = Path("/bin/busybox")

@@ -29,6 +29,7 @@ from flyvault.config import ForwardSpec
 from flyvault.errors import (
     ConnectionLost,
     RemoteProtocolError,
+    StreamReset,
     Timeout,
     UsageError,
     VaultError,
@@ -36,7 +37,7 @@ from flyvault.errors import (
 from flyvault.protocol.console import ForwardFrame, ForwardOpen, frame
 from flyvault.protocol.constants import ERROR_FRAME, StreamTag
 from flyvault.protocol.messages import ErrorMessage
-from flyvault.transport import QuicStream, StreamReset
+from flyvault.transport import QuicStream
 from flyvault.transport.relay import (
     CHUNK_SIZE,
     CLOSE_TIMEOUT,

@@ -33,8 +33,9 @@ from flyvault.errors import (
     NotFoundError,
     RemoteError,
     RemoteProtocolError,
+    SessionGone,
+    SessionTakenOver,
     TransportError,
-    VaultError,
 )
 from flyvault.protocol.console import (
     ConsoleFrame,
@@ -63,20 +64,6 @@ STDIN_CHUNK = 64 * 1024
 STDIN_KEEP = 8 * 1024 * 1024
 #: How long an exit waits for unread input and the EXIT_ACK to reach the vault.
 EXIT_ACK_DELIVERY = 5.0
-
-
-class SessionTakenOver(VaultError):
-    """Another client attached to the session; this one was detached (and must not retry)."""
-
-    exit_code = 1
-
-
-class SessionGone(VaultError):
-    """The vault restarted while the connection was down: the session went with it."""
-
-    exit_code = 4
-    #: What ended the session, as an EXITED reason would say it (MCP ``end_reason``).
-    reason = "the vault restarted while the connection was down"
 
 
 def _close_reason(connection: Any) -> str | None:
@@ -282,9 +269,7 @@ class Vault:
                     if channel.finished:
                         raise RemoteProtocolError("the vault closed the stream without answering")
                     channel.feed(await stream.read())
-            except (ConnectionLost, TransportError) as exc:
-                if isinstance(exc, RemoteProtocolError):
-                    raise
+            except TransportError:
                 self.invalidate(connection)
                 continue
             if item.type == ERROR_FRAME:
@@ -466,9 +451,7 @@ class ExecSession:
                         hint=f"check the vault with: fly-vault doctor {self.vault.config.name}",
                     ) from None
                 raise
-            except (ConnectionLost, TransportError) as exc:
-                if isinstance(exc, RemoteProtocolError):
-                    raise
+            except TransportError as exc:
                 log.info(
                     "exec session %s: stream lost (%s); reattaching from output offset %d",
                     self.session_id,

@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from flyvault.errors import RemoteProtocolError
+from flyvault.errors import RemoteProtocolError, VaultError
 from flyvault.protocol.codec import Frame, FrameDecoder, PayloadReader, PayloadWriter, encode_frame
 from flyvault.protocol.constants import ERROR_FRAME, MAX_PAYLOAD
 from flyvault.protocol.messages import ErrorMessage
@@ -375,3 +375,8 @@ def frame(frame_type: int, payload: bytes = b"") -> bytes:
 
 def error_frame(code: int, message: str) -> bytes:
     return encode_frame(ERROR_FRAME, ErrorMessage(code, message).encode())
+
+
+def refusal(exc: VaultError) -> bytes:
+    """The error frame that refuses with ``exc``: the code is the one its class declares."""
+    return encode_frame(ERROR_FRAME, ErrorMessage.from_exception(exc).encode())
