@@ -50,6 +50,7 @@ from flyvault.protocol.constants import (
     CHANNEL_BINDING_LENGTH,
     MAX_PROTOCOL_VERSION,
     MIN_PROTOCOL_VERSION,
+    REQUEST_TIMEOUT,
     RuntimeStatus,
     StreamTag,
     VmState,
@@ -76,13 +77,20 @@ from flyvault.transport import QuicChannel, QuicListener, QuicStream, TransportS
 from flyvault.transport.admission import AdmissionLimits, Stage
 from server.auth import MAX_WRONG_PER_CONNECTION, AccessToken, WrongTokenBudget, penalty
 from server.cgroups import Limits
+from server.defaults import (
+    DEFAULT_MAX_SESSIONS,
+    DEFAULT_SESSION_BUFFER,
+    DEFAULT_SESSION_TTL,
+    URL_MAX_BYTES,
+    URL_READ_TIMEOUT,
+)
 from server.provisioning import Provisioner, ProvisionJob
 from server.sessions import SessionRegistry, SpawnPolicy
 
 log = logging.getLogger("flyvault.server")
 
 MAX_PREAUTH_STREAMS = 4
-TAG_TIMEOUT = 10.0
+TAG_TIMEOUT = REQUEST_TIMEOUT
 #: What the sessions ended by init's shutdown are told, and how long the shutdown waits for
 #: attached clients to receive it.
 SHUTDOWN_REASON = "the vault is shutting down"
@@ -108,19 +116,19 @@ class ServerOptions:
     admission: AdmissionLimits = field(default_factory=AdmissionLimits)
     init_binary: str = "/sbin/init"
     #: rootfs_url downloads: give up after this long without data; refuse beyond this size.
-    url_read_timeout: float = 60.0
-    url_max_bytes: int = 32 * 1024**3
+    url_read_timeout: float = URL_READ_TIMEOUT
+    url_max_bytes: int = URL_MAX_BYTES
     #: Output kept per exec session for replay (bytes).
-    session_buffer: int = 1024 * 1024
+    session_buffer: int = DEFAULT_SESSION_BUFFER
     #: How long a finished named session stays listed.
-    session_ttl: float = 3600.0
-    max_sessions: int = 256
+    session_ttl: float = DEFAULT_SESSION_TTL
+    max_sessions: int = DEFAULT_MAX_SESSIONS
     #: VM mode: the workload's hostname (the vault's name), and its optional limits.
     hostname: str | None = None
     memory_max: int | None = None
     cpu_max: float | None = None
     transport: TransportSettings = field(
-        default_factory=lambda: TransportSettings(idle_timeout=60.0, keepalive_interval=5.0)
+        default_factory=TransportSettings.for_server
     )
 
 

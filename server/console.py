@@ -30,7 +30,7 @@ from flyvault.protocol.console import (
     frame,
     refusal,
 )
-from flyvault.protocol.constants import EXIT_REASON_VERSION, ErrorCode
+from flyvault.protocol.constants import EXIT_REASON_VERSION, REQUEST_TIMEOUT, ErrorCode
 from server.outputlog import STDERR
 from server.sessions import Attachment, Session, SessionRegistry
 
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flyvault.server.console")
 
-OPEN_TIMEOUT = 10.0
+OPEN_TIMEOUT = REQUEST_TIMEOUT
 CHUNK = 64 * 1024
 #: How long the server waits for the client's exit acknowledgement after EXITED.
 ACK_TIMEOUT = 30.0

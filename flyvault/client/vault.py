@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flyvault.config import VaultConfig
+from flyvault.defaults import RECONNECT_TIMEOUT
 from flyvault.errors import (
     ConnectError,
     ConnectionLost,
@@ -79,7 +80,7 @@ class Vault:
         self,
         config: VaultConfig,
         *,
-        reconnect_timeout: float = 30.0,
+        reconnect_timeout: float = RECONNECT_TIMEOUT,
         settings: TransportSettings | None = None,
         on_notice: Notice | None = None,
         observer: Any = None,

@@ -74,6 +74,8 @@ PROXY_MAX_ID_BYTES = 24
 MAX_WRAPPED_DATAGRAM_SIZE = MAX_DATAGRAM_SIZE + PROXY_HEADER_SIZE + PROXY_MAX_ID_BYTES
 STREAM_WINDOW = 1024 * 1024
 CONNECTION_WINDOW = 16 * 1024 * 1024
+SERVER_IDLE_TIMEOUT = 60.0
+SERVER_KEEPALIVE = 5.0
 
 
 @dataclass
@@ -92,6 +94,12 @@ class TransportSettings:
     #: Client only: the local address to send from (tests and benchmarks use other
     #: loopback addresses, 127.0.0.x, to act as other hosts); None lets the kernel pick.
     local_host: str | None = None
+
+    @classmethod
+    def for_server(cls) -> TransportSettings:
+        """Init's settings: a longer idle timeout and sparser pings than a client's (the
+        smaller idle timeout of the two ends wins, so the client's decides)."""
+        return cls(idle_timeout=SERVER_IDLE_TIMEOUT, keepalive_interval=SERVER_KEEPALIVE)
 
 
 #: Overrides the datagram size on both ends (1200-16000): to measure a loopback path like a
@@ -643,7 +651,7 @@ async def listen(
     max_connections: int = 256,
     limits: AdmissionLimits | None = None,
 ) -> QuicListener:
-    settings = settings or TransportSettings(idle_timeout=60.0, keepalive_interval=5.0)
+    settings = settings or TransportSettings.for_server()
     forced = forced_datagram_size()
     if forced is not None and settings.max_datagram_size is None:
         settings = dataclasses.replace(settings, max_datagram_size=forced)
