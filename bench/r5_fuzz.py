@@ -61,8 +61,6 @@ from flyvault.protocol.codec import FrameDecoder, PayloadReader, encode_frame
 from flyvault.protocol.console import (
     ConsoleFrame,
     Exited,
-    ForwardFrame,
-    ForwardOpen,
     FrameChannel,
     KillSession,
     OpenSession,
@@ -103,6 +101,7 @@ from flyvault.protocol.control import (
     SetupRequested,
     UploadReady,
 )
+from flyvault.protocol.forward import ForwardFrame, ForwardOpen
 from flyvault.protocol.messages import (
     Attestation,
     ErrorMessage,

@@ -14,9 +14,7 @@ running. EXIT_ACK tells the server the exit was seen, so an anonymous session ca
 
 Sessions stream (tag 0x04): one request (LIST, or KILL with a signal), one answer.
 
-Forward stream (tag 0x02): OPEN(host, port); the client may pipeline raw bytes right after
-it. The server answers OPENED or ERROR; after OPENED the stream carries raw bytes both
-ways, and a FIN in either direction is a TCP half-close in that direction.
+Forward stream (tag 0x02): its opening machines are in ``flyvault.protocol.forward``.
 
 Every stream kind refuses with the common ERROR frame (0xFF), never a silent close.
 """
@@ -41,7 +39,6 @@ MAX_ENV = 1024
 MAX_TERM_LENGTH = 64
 MAX_PATH_LENGTH = 4096
 MAX_CONTEXT_LENGTH = 4096
-MAX_HOST_LENGTH = 255
 
 
 class ConsoleFrame(enum.IntEnum):
@@ -64,11 +61,6 @@ class SessionsFrame(enum.IntEnum):
     KILL = 0x02
     LIST_RESULT = 0x11
     KILLED = 0x12
-
-
-class ForwardFrame(enum.IntEnum):
-    OPEN = 0x01
-    OPENED = 0x11
 
 
 def check_session_id(session_id: str) -> str:
@@ -309,27 +301,6 @@ class KillSession:
         if not 1 <= signo <= 64:
             raise RemoteProtocolError(f"signal number {signo} is out of range 1-64")
         return cls(session_id, signo)
-
-
-@dataclass(frozen=True, slots=True)
-class ForwardOpen:
-    host: str
-    port: int
-
-    def encode(self) -> bytes:
-        return PayloadWriter().text(self.host).u16(self.port).getvalue()
-
-    @classmethod
-    def decode(cls, payload: bytes) -> ForwardOpen:
-        reader = PayloadReader(payload, "forward open")
-        host = reader.text("host", MAX_HOST_LENGTH)
-        port = reader.u16("port")
-        reader.end()
-        if not host:
-            raise RemoteProtocolError("forward open: empty host")
-        if port == 0:
-            raise RemoteProtocolError("forward open: port 0")
-        return cls(host, port)
 
 
 def encode_json(value: Any) -> bytes:
