@@ -56,13 +56,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import rel_common
 
-from flyvault.errors import RemoteProtocolError
+from flyvault.errors import AuthError, ProvisionError, RemoteProtocolError
 from flyvault.protocol.codec import FrameDecoder, PayloadReader, encode_frame
 from flyvault.protocol.console import (
     ConsoleFrame,
     Exited,
-    ForwardFrame,
-    ForwardOpen,
     FrameChannel,
     KillSession,
     OpenSession,
@@ -103,6 +101,7 @@ from flyvault.protocol.control import (
     SetupRequested,
     UploadReady,
 )
+from flyvault.protocol.forward import ForwardFrame, ForwardOpen
 from flyvault.protocol.messages import (
     Attestation,
     ErrorMessage,
@@ -231,7 +230,7 @@ def run_control_server(data: bytes) -> str:
                     server.send_attestation(VmState.READY, RuntimeStatus.HOST_MODE, "boot", "j.w.t")
                 elif isinstance(event, SetupRequested):
                     if mode & 1:
-                        server.send_error(ErrorCode.AUTH_FAILED, "wrong token")
+                        server.refuse(AuthError("wrong token"))
                     else:
                         server.accept_token()
                         if server.state is ServerState.SETTING_UP:
@@ -249,7 +248,7 @@ def run_control_server(data: bytes) -> str:
 
 def _finish(server: ControlServer, mode: int) -> None:
     if mode & 2:
-        server.send_error(ErrorCode.PROVISION_FAILED, "setup failed")
+        server.refuse(ProvisionError("setup failed"))
     else:
         server.send_progress(Progress("unpack", 1, 2))
         server.send_setup_complete(SetupComplete(VmState.READY, RuntimeStatus.HOST_MODE, "b2"))

@@ -1,9 +1,17 @@
 """The one exception tree of fly-vault.
 
 Every failure that reaches a user is a ``VaultError``. Library exceptions (aioquic, httpx,
-pyjwt, cryptography, OSError) are mapped into this tree at the boundary where they occur and
-never escape. Each class carries the process exit code the CLI uses for it, so the code a
-script sees says which kind of step failed (documented in references/cli.md).
+pyjwt, cryptography, OSError) are mapped into this tree at the boundary where they occur
+(``map_exceptions``) and never escape. Each class carries, as data:
+
+- ``exit_code``: the process exit code the CLI uses for it, so the code a script sees says
+  which kind of step failed (documented in references/cli.md);
+- ``code``: the ``ErrorCode`` the server puts in the error frame when it refuses with this
+  class (``flyvault.protocol.messages.ErrorMessage.from_exception``);
+- ``remote_hint``: what the client suggests when it receives that code.
+
+``WIRE_CLASSES`` names the one class each code turns back into on the client
+(``exception_for``), so both directions read the same declarations.
 
 The protocol errors follow h11's split: ``LocalProtocolError`` means we broke the protocol
 (a bug or a bad argument on our side), ``RemoteProtocolError`` means the peer did.
@@ -11,11 +19,42 @@ The protocol errors follow h11's split: ``LocalProtocolError`` means we broke th
 
 from __future__ import annotations
 
+import contextlib
+import enum
+from collections.abc import Callable, Iterator, Mapping
+from typing import ClassVar
+
+
+class ErrorCode(enum.IntEnum):
+    """Codes of the error frame (``u16``). Each stands for one class of ``WIRE_CLASSES``."""
+
+    PROTOCOL = 1
+    VERSION_MISMATCH = 2
+    AUTH_FAILED = 3
+    RATE_LIMITED = 4
+    NOT_AUTHENTICATED = 5
+    PROVISION_FAILED = 6
+    ATTESTATION_UNAVAILABLE = 7
+    NOT_FOUND = 8
+    UNSUPPORTED = 9
+    INTERNAL = 10
+    BUSY = 11
+    INVALID_REQUEST = 12
+    #: A forward's TCP connect failed (refused, unresolvable, timed out).
+    CONNECT_FAILED = 13
+    #: Another client attached to the session (sent as DETACHED, listed for completeness).
+    TAKEN_OVER = 14
+
 
 class VaultError(Exception):
     """Root of every fly-vault error. ``hint`` says what to do about it."""
 
     exit_code: int = 1
+    #: What the server sends for this class: a class without a code of its own is a fault
+    #: of the server, not of the request.
+    code: ClassVar[ErrorCode] = ErrorCode.INTERNAL
+    #: The hint the client attaches when it receives ``code`` (the server sends none).
+    remote_hint: ClassVar[str | None] = None
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
@@ -27,9 +66,11 @@ class VaultError(Exception):
 
 
 class UsageError(VaultError):
-    """The command line itself is wrong (a malformed flag value, a missing argument)."""
+    """The command line itself is wrong (a malformed flag value, a missing argument); on
+    the wire: the request was invalid."""
 
     exit_code = 2
+    code = ErrorCode.INVALID_REQUEST
 
 
 class ConfigError(VaultError):
@@ -61,26 +102,61 @@ class Timeout(TransportError):
     """An operation did not finish within its deadline."""
 
 
+class StreamReset(TransportError):
+    """The peer reset its sending side of the stream (or stopped ours)."""
+
+    def __init__(self, message: str, error_code: int) -> None:
+        super().__init__(message)
+        self.error_code = error_code
+
+
 class AttestationError(VaultError):
     """The server could not prove it is the expected Fly machine; the token was not sent."""
 
     exit_code = 5
+    code = ErrorCode.ATTESTATION_UNAVAILABLE
+    remote_hint = (
+        "the machine could not mint a Fly OIDC token; is it running on Fly (the /.fly/api "
+        "socket)?"
+    )
 
 
 class AuthError(VaultError):
     """The access token was refused (or refused too often: rate limited)."""
 
     exit_code = 6
+    code = ErrorCode.AUTH_FAILED
+    remote_hint = (
+        "check access_token in the vault's config entry; it must equal the ACCESS_TOKEN the "
+        "machine was started with"
+    )
+
+
+class RateLimited(AuthError):
+    """Too many wrong tokens (no longer sent by the server; older servers do)."""
+
+    code = ErrorCode.RATE_LIMITED
+    remote_hint = "too many wrong tokens from this address; wait and fix access_token"
+
+
+class NotAuthenticated(AuthError):
+    """A stream other than control was opened before the control exchange succeeded."""
+
+    code = ErrorCode.NOT_AUTHENTICATED
+    remote_hint = None
 
 
 class ProtocolError(VaultError):
     """A frame or message broke the wire protocol. Abstract: raise a subclass."""
 
     exit_code = 7
+    code = ErrorCode.PROTOCOL
 
 
 class LocalProtocolError(ProtocolError):
     """We were about to break the protocol (bad argument, illegal state transition)."""
+
+    code = ErrorCode.INTERNAL  # on the server: our own bug, not the client's
 
 
 class RemoteProtocolError(ProtocolError):
@@ -90,11 +166,18 @@ class RemoteProtocolError(ProtocolError):
 class VersionMismatch(RemoteProtocolError):
     """Client and server share no protocol version."""
 
+    code = ErrorCode.VERSION_MISMATCH
+    remote_hint = (
+        "install the same fly-vault version on the laptop and in the vault image "
+        "(fly-vault build), then redeploy"
+    )
+
 
 class ProvisionError(VaultError):
-    """Provisioning or reprovisioning the rootfs failed."""
+    """Provisioning or reprovisioning the rootfs failed (or the workload is not running)."""
 
     exit_code = 8
+    code = ErrorCode.PROVISION_FAILED
 
 
 class ColdVault(ProvisionError):
@@ -106,9 +189,124 @@ class NotFoundError(VaultError):
     """A named thing (exec session, vault entry on the server side) does not exist."""
 
     exit_code = 9
+    code = ErrorCode.NOT_FOUND
+    remote_hint = "list the vault's sessions with: fly-vault list-exec VAULT"
 
 
 class RemoteError(VaultError):
-    """The server reported an error that has no more specific class."""
+    """The server reported an error that has no more specific class (INTERNAL)."""
 
     exit_code = 10
+
+
+class Unsupported(RemoteError):
+    """The server does not speak what was asked (an unknown stream tag)."""
+
+    code = ErrorCode.UNSUPPORTED
+
+
+class Busy(RemoteError):
+    """The vault is busy: another provisioning runs, or it holds too many sessions."""
+
+    code = ErrorCode.BUSY
+    remote_hint = (
+        "the vault is busy (another provisioning, or too many sessions); retry later or stop "
+        "sessions with fly-vault kill"
+    )
+
+
+class TooManySessions(Busy):
+    """The vault already holds its maximum of exec sessions (server side)."""
+
+
+class TargetUnreachable(RemoteError):
+    """The vault could not open a forward's TCP connection (refused, unresolvable, timed
+    out); the message says which target and why."""
+
+    code = ErrorCode.CONNECT_FAILED
+
+
+class SessionTakenOver(VaultError):
+    """Another client attached to the session; this one was detached (and must not retry)."""
+
+    exit_code = 1
+    code = ErrorCode.TAKEN_OVER
+
+
+class SessionGone(VaultError):
+    """The vault restarted while the connection was down: the session went with it."""
+
+    exit_code = 4
+    #: What ended the session, as an EXITED reason would say it (MCP ``end_reason``).
+    reason = "the vault restarted while the connection was down"
+
+
+class SpawnError(VaultError):
+    """The command could not be started at all (no such file, not executable, bad cwd).
+
+    ``exit_code`` follows the shell: 127 when the program (or cwd) does not exist, 126 when
+    it exists but cannot be executed. The caller reports it to the client as the session's
+    outcome (an invalid request). With a ``wrapper`` (nsenter), a program missing *inside*
+    the namespace is not a SpawnError: the wrapper starts fine and exits 127 itself; with an
+    ``Entry`` it is.
+    """
+
+    exit_code = 127
+    code = ErrorCode.INVALID_REQUEST
+
+
+class FirewallError(VaultError):
+    """The firewall could not be applied; init must not start serving without it."""
+
+
+#: The class each error code turns back into on the receiving side: one per code. A class
+#: sent under a code (say ``SpawnError`` as INVALID_REQUEST) arrives as the class listed here.
+WIRE_CLASSES: tuple[type[VaultError], ...] = (
+    RemoteProtocolError,
+    VersionMismatch,
+    AuthError,
+    RateLimited,
+    NotAuthenticated,
+    ProvisionError,
+    AttestationError,
+    NotFoundError,
+    Unsupported,
+    RemoteError,
+    Busy,
+    UsageError,
+    TargetUnreachable,
+    SessionTakenOver,
+)
+
+_BY_CODE: dict[int, type[VaultError]] = {cls.code: cls for cls in WIRE_CLASSES}
+
+
+def exception_for(code: int, message: str) -> VaultError:
+    """The exception an error frame with ``code`` and ``message`` stands for."""
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        return RemoteError(f"server error (code {code}): {message}")
+    return cls(message, hint=cls.remote_hint)
+
+
+# Mapping library exceptions at a boundary ------------------------------------------------
+
+#: From a library exception type to a factory of ours; the first matching entry wins, so
+#: list subclasses (``TimeoutError``) before their bases (``OSError``).
+ExceptionMapping = Mapping[type[BaseException], Callable[[BaseException], VaultError]]
+
+
+@contextlib.contextmanager
+def map_exceptions(mapping: ExceptionMapping) -> Iterator[None]:
+    """Turn library exceptions raised inside the block into ours (httpcore's pattern).
+
+    Exceptions the mapping does not name pass through unchanged, and so do our own unless
+    the mapping names them (a handshake maps ``ConnectionLost`` to ``ConnectError``).
+    """
+    try:
+        yield
+    except Exception as exc:
+        for source, factory in mapping.items():
+            if isinstance(exc, source):
+                raise factory(exc) from exc
+        raise

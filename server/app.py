@@ -32,15 +32,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from flyvault.errors import ProvisionError, RemoteProtocolError, TransportError, VaultError
-from flyvault.protocol.codec import encode_frame
+from flyvault.errors import (
+    AttestationError,
+    AuthError,
+    Busy,
+    NotAuthenticated,
+    ProvisionError,
+    RemoteError,
+    RemoteProtocolError,
+    TransportError,
+    Unsupported,
+    VaultError,
+)
+from flyvault.protocol.console import refusal
 from flyvault.protocol.constants import (
     CHANNEL_BINDING_LABEL,
     CHANNEL_BINDING_LENGTH,
-    ERROR_FRAME,
     MAX_PROTOCOL_VERSION,
     MIN_PROTOCOL_VERSION,
-    ErrorCode,
+    REQUEST_TIMEOUT,
     RuntimeStatus,
     StreamTag,
     VmState,
@@ -56,7 +66,6 @@ from flyvault.protocol.control import (
     VersionRejected,
 )
 from flyvault.protocol.messages import (
-    ErrorMessage,
     Progress,
     RootfsInline,
     RootfsNone,
@@ -69,13 +78,20 @@ from flyvault.transport.admission import AdmissionLimits, Stage
 
 from .auth import MAX_WRONG_PER_CONNECTION, AccessToken, WrongTokenBudget, penalty
 from .cgroups import Limits
+from .defaults import (
+    DEFAULT_MAX_SESSIONS,
+    DEFAULT_SESSION_BUFFER,
+    DEFAULT_SESSION_TTL,
+    URL_MAX_BYTES,
+    URL_READ_TIMEOUT,
+)
 from .provisioning import Provisioner, ProvisionJob
 from .sessions import SessionRegistry, SpawnPolicy
 
 log = logging.getLogger("flyvault.server")
 
 MAX_PREAUTH_STREAMS = 4
-TAG_TIMEOUT = 10.0
+TAG_TIMEOUT = REQUEST_TIMEOUT
 #: What the sessions ended by init's shutdown are told, and how long the shutdown waits for
 #: attached clients to receive it.
 SHUTDOWN_REASON = "the vault is shutting down"
@@ -101,19 +117,19 @@ class ServerOptions:
     admission: AdmissionLimits = field(default_factory=AdmissionLimits)
     init_binary: str = "/sbin/init"
     #: rootfs_url downloads: give up after this long without data; refuse beyond this size.
-    url_read_timeout: float = 60.0
-    url_max_bytes: int = 32 * 1024**3
+    url_read_timeout: float = URL_READ_TIMEOUT
+    url_max_bytes: int = URL_MAX_BYTES
     #: Output kept per exec session for replay (bytes).
-    session_buffer: int = 1024 * 1024
+    session_buffer: int = DEFAULT_SESSION_BUFFER
     #: How long a finished named session stays listed.
-    session_ttl: float = 3600.0
-    max_sessions: int = 256
+    session_ttl: float = DEFAULT_SESSION_TTL
+    max_sessions: int = DEFAULT_MAX_SESSIONS
     #: VM mode: the workload's hostname (the vault's name), and its optional limits.
     hostname: str | None = None
     memory_max: int | None = None
     cpu_max: float | None = None
     transport: TransportSettings = field(
-        default_factory=lambda: TransportSettings(idle_timeout=60.0, keepalive_interval=5.0)
+        default_factory=TransportSettings.for_server
     )
 
 
@@ -327,20 +343,22 @@ class ServerConnection:
                 await self._control(stream, rest)
                 return
             if not self.authenticated:
-                await send_error(
+                await refuse(
                     stream,
-                    ErrorCode.NOT_AUTHENTICATED,
-                    "this connection is not authenticated: complete the control exchange "
-                    "(attestation and access token) first",
+                    NotAuthenticated(
+                        "this connection is not authenticated: complete the control exchange "
+                        "(attestation and access token) first"
+                    ),
                 )
                 return
             handler = self.server.handlers.get(StreamTag(tag)) if tag in _TAGS else None
             if handler is None:
-                await send_error(
+                await refuse(
                     stream,
-                    ErrorCode.UNSUPPORTED,
-                    f"unknown stream type 0x{tag:02x}; this server speaks fly-vault protocol "
-                    f"{MIN_PROTOCOL_VERSION}..{MAX_PROTOCOL_VERSION}",
+                    Unsupported(
+                        f"unknown stream type 0x{tag:02x}; this server speaks fly-vault "
+                        f"protocol {MIN_PROTOCOL_VERSION}..{MAX_PROTOCOL_VERSION}"
+                    ),
                 )
                 return
             await handler(self, stream, rest)
@@ -349,9 +367,13 @@ class ServerConnection:
         except asyncio.CancelledError:
             stream.abort()
             raise
+        except VaultError as exc:
+            # A refusal a handler left to us: answered with the code its class declares.
+            log.info("stream %d from %s refused: %s", stream.stream_id, self.source, exc)
+            await refuse(stream, exc)
         except Exception:
             log.exception("stream handler failed for %s", self.source)
-            await send_error(stream, ErrorCode.INTERNAL, "internal server error (see init logs)")
+            await refuse(stream, RemoteError("internal server error (see init logs)"))
 
     # Control exchange ------------------------------------------------------------------
 
@@ -426,7 +448,7 @@ class ServerConnection:
                 await _flush(stream, machine, end=True)
                 return
             else:
-                machine.send_error(ErrorCode.PROTOCOL, f"unexpected {type(event).__name__}")
+                machine.refuse(RemoteProtocolError(f"unexpected {type(event).__name__}"))
                 await _flush(stream, machine, end=True)
                 return
 
@@ -440,9 +462,7 @@ class ServerConnection:
         except VaultError as exc:
             self.server.stats.attestation_failures += 1
             log.warning("attestation for %s failed: %s", self.source, exc)
-            machine.send_error(
-                ErrorCode.ATTESTATION_UNAVAILABLE, f"server cannot attest: {exc.message}"
-            )
+            machine.refuse(AttestationError(f"server cannot attest: {exc.message}"))
             return
         state = self.server.state
         machine.send_attestation(state.vm_state(), state.runtime_status(), state.boot_id, jwt)
@@ -452,9 +472,7 @@ class ServerConnection:
         server = self.server
         server.stats.setup_requests += 1
         if not server.token.configured:
-            machine.send_error(
-                ErrorCode.AUTH_FAILED, "setup failed: no ACCESS_TOKEN configured on this machine"
-            )
+            machine.refuse(AuthError("setup failed: no ACCESS_TOKEN configured on this machine"))
             return False
         if server.token.matches(request.access_token):
             machine.accept_token()
@@ -475,24 +493,24 @@ class ServerConnection:
         await asyncio.sleep(penalty(self.wrong_tokens))
         self._stage(Stage.WAITING_US)
         if self.wrong_tokens >= MAX_WRONG_PER_CONNECTION or self._budget_spent:
-            machine.send_error(
-                ErrorCode.AUTH_FAILED,
-                "setup failed: access token verification failed; this connection is closed, "
-                "reconnect to try again",
+            machine.refuse(
+                AuthError(
+                    "setup failed: access token verification failed; this connection is "
+                    "closed, reconnect to try again"
+                )
             )
         else:
-            machine.send_error(
-                ErrorCode.AUTH_FAILED, "setup failed: access token verification failed"
-            )
+            machine.refuse(AuthError("setup failed: access token verification failed"))
         return False
 
     async def _finish_setup(self, machine: ControlServer, request: SetupRequest) -> None:
         state = self.server.state
         if state.vm_state() is VmState.COLD:
-            machine.send_error(
-                ErrorCode.PROVISION_FAILED,
-                "setup failed: cold boot requires a rootfs payload (set rootfs or rootfs_url "
-                "in the vault's config entry)",
+            machine.refuse(
+                ProvisionError(
+                    "setup failed: cold boot requires a rootfs payload (set rootfs or "
+                    "rootfs_url in the vault's config entry)"
+                )
             )
             return
         self._authenticated()
@@ -506,13 +524,11 @@ class ServerConnection:
         """Run one (re)provision: stage while the archive arrives, then activate."""
         provisioner = self.server.provisioner
         if provisioner is None:
-            machine.send_error(ErrorCode.PROVISION_FAILED, f"setup failed: {HOST_MODE_REFUSAL}")
+            machine.refuse(ProvisionError(f"setup failed: {HOST_MODE_REFUSAL}"))
             stream.stop()  # read no upload: the client stops sending at once
             return
         if provisioner.lock.locked():
-            machine.send_error(
-                ErrorCode.BUSY, "setup failed: another client is provisioning this vault"
-            )
+            machine.refuse(Busy("setup failed: another client is provisioning this vault"))
             return
 
         def progress(phase: str, done: int, total: int) -> None:
@@ -536,7 +552,7 @@ class ServerConnection:
             except ProvisionError as exc:
                 await job.abort()
                 log.warning("provisioning for %s failed: %s", self.source, exc)
-                machine.send_error(ErrorCode.PROVISION_FAILED, f"setup failed: {exc.message}")
+                machine.refuse(ProvisionError(f"setup failed: {exc.message}"))
                 if isinstance(request.rootfs, RootfsInline):
                     # Read no more of the upload: STOP_SENDING fails the client's sends at
                     # once (a client that does not read the error would block otherwise).
@@ -624,9 +640,7 @@ async def _flush(stream: QuicStream, machine: ControlServer, *, end: bool = Fals
         pass
 
 
-async def send_error(stream: QuicStream, code: ErrorCode, message: str) -> None:
-    """Answer a stream with an error frame and finish it."""
+async def refuse(stream: QuicStream, exc: VaultError) -> None:
+    """Answer a stream with the error frame ``exc``'s class declares, and finish it."""
     with contextlib.suppress(TransportError):
-        await stream.send(
-            encode_frame(ERROR_FRAME, ErrorMessage(code, message).encode()), end_stream=True
-        )
+        await stream.send(refusal(exc), end_stream=True)

@@ -13,7 +13,7 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
-from flyvault.errors import ProvisionError, RemoteProtocolError, TransportError, VaultError
+from flyvault.errors import RemoteProtocolError, TransportError, VaultError
 from flyvault.protocol.console import (
     ConsoleFrame,
     Exited,
@@ -28,12 +28,12 @@ from flyvault.protocol.console import (
     encode_stdin_ack,
     error_frame,
     frame,
+    refusal,
 )
-from flyvault.protocol.constants import EXIT_REASON_VERSION, ErrorCode
+from flyvault.protocol.constants import EXIT_REASON_VERSION, REQUEST_TIMEOUT, ErrorCode
 
 from .outputlog import STDERR
-from .process import SpawnError
-from .sessions import Attachment, Session, SessionRegistry, TooManySessions
+from .sessions import Attachment, Session, SessionRegistry
 
 if TYPE_CHECKING:
     from flyvault.transport import QuicStream
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flyvault.server.console")
 
-OPEN_TIMEOUT = 10.0
+OPEN_TIMEOUT = REQUEST_TIMEOUT
 CHUNK = 64 * 1024
 #: How long the server waits for the client's exit acknowledgement after EXITED.
 ACK_TIMEOUT = 30.0
@@ -78,17 +78,8 @@ async def handle_console(connection: ServerConnection, stream: QuicStream, initi
         return
     try:
         session, created = await registry.open(request)
-    except TooManySessions as exc:
-        await _refuse(stream, ErrorCode.BUSY, exc.message)
-        return
-    except SpawnError as exc:
-        await _refuse(stream, ErrorCode.INVALID_REQUEST, exc.message)
-        return
-    except ProvisionError as exc:  # the workload is not running
-        await _refuse(stream, ErrorCode.PROVISION_FAILED, exc.message)
-        return
-    except VaultError as exc:
-        await _refuse(stream, ErrorCode.NOT_FOUND, exc.message)
+    except VaultError as exc:  # the code is the one its class declares
+        await _refuse_with(stream, exc)
         return
     reasons = connection.protocol_version >= EXIT_REASON_VERSION
     await _attach(registry, session, created, request, stream, channel, reasons=reasons)
@@ -279,9 +270,14 @@ async def handle_sessions(connection: ServerConnection, stream: QuicStream, init
     except (RemoteProtocolError, TimeoutError) as exc:
         await _refuse(stream, ErrorCode.PROTOCOL, str(exc) or "no request within 10 s")
     except VaultError as exc:
-        await _refuse(stream, ErrorCode.NOT_FOUND, exc.message)
+        await _refuse_with(stream, exc)
 
 
 async def _refuse(stream: QuicStream, code: ErrorCode, message: str) -> None:
     with contextlib.suppress(TransportError):
         await stream.send(error_frame(code, message), end_stream=True)
+
+
+async def _refuse_with(stream: QuicStream, exc: VaultError) -> None:
+    with contextlib.suppress(TransportError):
+        await stream.send(refusal(exc), end_stream=True)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 
-from flyvault.errors import VaultError
+from flyvault.errors import FirewallError
 
 TABLE_FAMILY = "inet"
 TABLE_NAME = "fly_vault"
@@ -37,10 +37,6 @@ _INSTALL_HINT = (
     "install nftables (Debian/Ubuntu: apt-get install nftables); the image made by "
     "'fly-vault build' has it. Or start init without --firewall."
 )
-
-
-class FirewallError(VaultError):
-    """The firewall could not be applied; init must not start serving without it."""
 
 
 def render_ruleset(listen_port: int, *, allow_ssh: bool = False) -> str:

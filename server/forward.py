@@ -6,7 +6,9 @@ then answer OPENED with the peer address actually reached, or an ERROR frame wit
 the user can act on ("connection refused", "name does not resolve", "timed out"): the
 original closed the stream silently and a refusal looked like an empty reply.
 
-The relay itself (``flyvault.client.forward.relay``) is shared with the client: half-close
+The opening's rules (what may arrive, what to answer, its deadlines) are the sans-I/O
+``flyvault.protocol.forward.ForwardServer``; this module is its glue (reads, the TCP
+connect, writes). The relay itself (``flyvault.transport.relay``) is shared with the client: half-close
 in both directions, the bridge ends only when both directions ended (flaw B3 of the
 original tore it down at the first EOF), bounded buffers, resets propagated as resets.
 """
@@ -20,22 +22,21 @@ import logging
 import socket
 from typing import TYPE_CHECKING
 
-from flyvault.errors import RemoteProtocolError, TransportError
-from flyvault.protocol.console import ForwardFrame, ForwardOpen, error_frame, frame
-from flyvault.protocol.constants import ErrorCode
+from flyvault.errors import RemoteProtocolError, TargetUnreachable, TransportError
+from flyvault.protocol.forward import (
+    ConnectTimedOut,
+    ForwardServer,
+    OpenRequested,
+    OpenTimedOut,
+    format_address,
+)
 from flyvault.transport import QuicStream
-from flyvault.transport.relay import abort_tcp, format_address, read_first_frame, relay
+from flyvault.transport.relay import abort_tcp, held_data, next_opening_event, relay
 
 if TYPE_CHECKING:
     from .app import ServerConnection
 
 log = logging.getLogger("flyvault.server.forward")
-
-CONNECT_TIMEOUT = 10.0
-#: The OPEN frame normally arrives with the tag; a client that never sends it is dropped.
-OPEN_TIMEOUT = 10.0
-#: OPEN holds a host of at most 255 bytes and a port.
-MAX_OPEN_PAYLOAD = 1024
 
 
 class ConnectFailed(Exception):
@@ -47,35 +48,43 @@ class ConnectFailed(Exception):
 
 
 async def handle_forward(connection: ServerConnection, stream: QuicStream, initial: bytes) -> None:
+    """Glue around ``ForwardServer``: the machine says what to answer and when to give up."""
     source = connection.source
+    loop = asyncio.get_running_loop()
+    machine = ForwardServer(loop.time())
+    machine.receive_data(initial)
     try:
-        async with asyncio.timeout(OPEN_TIMEOUT):
-            first, pending = await read_first_frame(stream, initial, MAX_OPEN_PAYLOAD)
-        if first.type != ForwardFrame.OPEN:
-            raise RemoteProtocolError(
-                f"expected a forward OPEN frame, got frame type 0x{first.type:02x}"
-            )
-        request = ForwardOpen.decode(first.payload)
-    except TimeoutError:
-        await _refuse(stream, ErrorCode.PROTOCOL, f"no forward OPEN within {OPEN_TIMEOUT:g} s")
-        return
+        event = await next_opening_event(stream, machine)
     except RemoteProtocolError as exc:
         log.debug("forward stream from %s: %s", source, exc)
-        await _refuse(stream, ErrorCode.PROTOCOL, f"forward stream: {exc.message}")
+        await _refuse(stream, machine)
         return
-
-    target = format_address(request.host, request.port)
+    if isinstance(event, OpenTimedOut):
+        await _refuse(stream, machine)
+        return
+    assert isinstance(event, OpenRequested), event
+    target = format_address(event.host, event.port)
+    machine.connecting(loop.time())
     try:
-        reader, writer = await open_tcp(request.host, request.port, CONNECT_TIMEOUT)
+        reader, writer = await open_tcp(event.host, event.port, machine.next_deadline())
     except ConnectFailed as exc:
         log.debug("forward from %s to %s failed: %s", source, target, exc.reason)
-        await _refuse(stream, ErrorCode.CONNECT_FAILED, f"cannot connect to {target}: {exc.reason}")
+        machine.refuse(TargetUnreachable(f"cannot connect to {target}: {exc.reason}"))
+        await _refuse(stream, machine)
+        return
+    except TimeoutError:
+        machine.handle_timer(loop.time())
+        assert isinstance(machine.next_event(), ConnectTimedOut)
+        log.debug("forward from %s to %s failed: timed out", source, target)
+        await _refuse(stream, machine)
         return
 
     peer = _peer(writer)
     log.debug("forward from %s to %s: connected to %s", source, target, peer)
     try:
-        stream.write(frame(ForwardFrame.OPENED, peer.encode("utf-8")))
+        machine.accept(peer)
+        stream.write(machine.data_to_send())
+        pending = held_data(machine)
     except BaseException:
         abort_tcp(writer)
         raise
@@ -94,18 +103,19 @@ async def handle_forward(connection: ServerConnection, stream: QuicStream, initi
         )
 
 
-async def _refuse(stream: QuicStream, code: ErrorCode, message: str) -> None:
-    """Send the error and finish the stream; stop reading what the client pipelined."""
+async def _refuse(stream: QuicStream, machine: ForwardServer) -> None:
+    """Send the machine's error frame and finish; stop reading what the client pipelined."""
     with contextlib.suppress(TransportError):
-        await stream.send(error_frame(code, message), end_stream=True)
+        await stream.send(machine.data_to_send(), end_stream=True)
     # The client may have sent data behind OPEN: drop it and tell it to stop sending.
     stream.stop()
 
 
 async def open_tcp(
-    host: str, port: int, timeout: float
+    host: str, port: int, deadline: float | None
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Resolve and try each address in turn; raise ``ConnectFailed`` with a short reason.
+    """Resolve and try each address in turn until ``deadline`` (loop time), then raise
+    ``TimeoutError``; raise ``ConnectFailed`` with a short reason.
 
     Done by hand rather than with ``asyncio.open_connection(host, port)`` so that a
     refusal on every address reads "connection refused", not "Multiple exceptions: ...",
@@ -113,26 +123,23 @@ async def open_tcp(
     """
     loop = asyncio.get_running_loop()
     errors: list[OSError] = []
-    try:
-        async with asyncio.timeout(timeout):
+    async with asyncio.timeout_at(deadline):
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise ConnectFailed(_resolve_reason(exc)) from None
+        for family, kind, proto, _, address in infos:
+            sock = socket.socket(family, kind, proto)
             try:
-                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            except socket.gaierror as exc:
-                raise ConnectFailed(_resolve_reason(exc)) from None
-            for family, kind, proto, _, address in infos:
-                sock = socket.socket(family, kind, proto)
-                try:
-                    sock.setblocking(False)
-                    await loop.sock_connect(sock, address)
-                    return await asyncio.open_connection(sock=sock)
-                except OSError as exc:
-                    sock.close()
-                    errors.append(exc)
-                except BaseException:
-                    sock.close()  # timeout or cancellation: never leak the socket
-                    raise
-    except TimeoutError:
-        raise ConnectFailed(f"timed out after {timeout:g} s") from None
+                sock.setblocking(False)
+                await loop.sock_connect(sock, address)
+                return await asyncio.open_connection(sock=sock)
+            except OSError as exc:
+                sock.close()
+                errors.append(exc)
+            except BaseException:
+                sock.close()  # timeout or cancellation: never leak the socket
+                raise
     raise ConnectFailed(_best_reason(errors))
 
 

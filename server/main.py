@@ -24,13 +24,18 @@ from flyvault.envvars import (
 )
 from flyvault.errors import UsageError
 
+from .defaults import (
+    DEFAULT_MAX_SESSIONS,
+    DEFAULT_SESSION_BUFFER,
+    DEFAULT_SESSION_TTL,
+    MIN_SESSION_BUFFER,
+    URL_MAX_BYTES,
+    URL_READ_TIMEOUT,
+)
+
 DEFAULT_LISTEN = "[::]:8443"
 DEFAULT_DATA_DIR = "/data"
 DEFAULT_FLY_API_SOCKET = "/.fly/api"
-DEFAULT_SESSION_BUFFER = 1024 * 1024
-MIN_SESSION_BUFFER = 128 * 1024
-DEFAULT_SESSION_TTL = 3600.0
-DEFAULT_MAX_SESSIONS = 256
 #: argparse type of --cpu-max (and the check of VAULT_CPU_MAX).
 CPU_LIMIT = number(float, minimum=0.01, maximum=4096, unit="CPUs")
 #: Init's own OOM score in vm mode: the kernel's OOM killer picks the workload first.
@@ -120,14 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--url-timeout",
         type=finite_float,
-        default=60.0,
+        default=URL_READ_TIMEOUT,
         metavar="SECONDS",
         help="abandon a rootfs_url download after this long without data (default %(default)s)",
     )
     parser.add_argument(
         "--url-max-bytes",
         type=int,
-        default=32 * 1024**3,
+        default=URL_MAX_BYTES,
         metavar="BYTES",
         help="refuse rootfs_url downloads larger than this (default 32 GiB)",
     )

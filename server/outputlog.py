@@ -30,6 +30,8 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
+from .defaults import DEFAULT_SESSION_BUFFER
+
 STDOUT, STDERR = 1, 2
 
 #: Appends smaller than this are copied into a growable buffer that later appends on the
@@ -62,7 +64,7 @@ class ReadResult:
 class OutputLog:
     """The last ``capacity`` bytes of a process's output, with absolute offsets."""
 
-    def __init__(self, capacity: int = 1024 * 1024) -> None:
+    def __init__(self, capacity: int = DEFAULT_SESSION_BUFFER) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1 byte, not {capacity}")
         self.capacity = capacity

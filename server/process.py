@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from flyvault.errors import VaultError
+from flyvault.errors import SpawnError
 
 from .outputlog import STDERR, STDOUT
 
@@ -48,18 +48,6 @@ STDIN_LIMIT = 4 * 1024 * 1024
 OUTPUT_GRACE = 2.0
 #: After the grace, what is already buffered is still read, up to this much per fd.
 FINAL_DRAIN_LIMIT = 1024 * 1024
-
-
-class SpawnError(VaultError):
-    """The command could not be started at all (no such file, not executable, bad cwd).
-
-    ``exit_code`` follows the shell: 127 when the program (or cwd) does not exist, 126 when
-    it exists but cannot be executed. The caller reports it to the client as the session's
-    outcome. With a ``wrapper`` (nsenter), a program missing *inside* the namespace is not a
-    SpawnError: the wrapper starts fine and exits 127 itself; with an ``Entry`` it is.
-    """
-
-    exit_code = 127
 
 
 @dataclass(frozen=True, slots=True)

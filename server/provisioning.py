@@ -21,6 +21,7 @@ from flyvault.protocol.constants import RuntimeStatus, VmState
 from flyvault.protocol.messages import RootfsOptions
 
 from .cgroups import Limits
+from .defaults import URL_MAX_BYTES, URL_READ_TIMEOUT
 from .provision.extract import ExtractLimits, ExtractReport, StreamingExtractor
 from .provision.store import RootfsStore
 from .runtime import WorkloadEntry, WorkloadRuntime
@@ -33,10 +34,7 @@ ProgressCallback = Callable[[str, int, int], None]
 #: The new workload must stay up this long before the old rootfs is deleted.
 SETTLE_SECONDS = 2.0
 URL_CONNECT_TIMEOUT = 15.0
-#: A download that sends nothing for this long is abandoned.
-URL_READ_TIMEOUT = 60.0
 URL_MAX_REDIRECTS = 5
-URL_MAX_BYTES = 32 * 1024**3
 #: Device nodes named one by one in the result line; more are counted.
 NOTE_DEVICES = 20
 #: What the sessions a reprovision ends are told.

@@ -55,13 +55,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flyvault.errors import ProvisionError
+from flyvault.errors import ProvisionError, SpawnError
 from flyvault.protocol.constants import RuntimeStatus
 
 from . import cgroups
 from .cgroups import Limits, WorkloadCgroups
 from .nsinit import FALLBACK_MARKER, WORKLOAD_ENV
-from .process import SpawnError
 
 log = logging.getLogger("flyvault.server.runtime")
 

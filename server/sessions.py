@@ -40,9 +40,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from flyvault.errors import NotFoundError, RemoteError
+from flyvault.defaults import RECONNECT_TIMEOUT
+from flyvault.errors import NotFoundError, TooManySessions
 from flyvault.protocol.console import OpenSession
 
+from .defaults import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_BUFFER, DEFAULT_SESSION_TTL
 from .outputlog import OutputLog
 from .process import Entry, ExitStatus, ManagedProcess
 
@@ -52,13 +54,9 @@ log = logging.getLogger("flyvault.server.sessions")
 #: how long their ends (exit and last output) are waited for at most.
 END_GRACE = 3.0
 END_KILL_WAIT = 2.0
-#: After a lost connection, output is held this long for the client to reconnect (the
-#: client's own --reconnect-timeout is 30 s by default).
-DETACH_HOLD = 30.0
-
-
-class TooManySessions(RemoteError):
-    pass
+#: After a lost connection, output is held this long for the client to reconnect: as long
+#: as a client keeps trying by default (--reconnect-timeout).
+DETACH_HOLD = RECONNECT_TIMEOUT
 
 
 @dataclass
@@ -286,9 +284,9 @@ class SessionRegistry:
         self,
         policy: SpawnPolicy,
         *,
-        buffer_size: int = 1024 * 1024,
-        max_sessions: int = 256,
-        exited_ttl: float = 3600.0,
+        buffer_size: int = DEFAULT_SESSION_BUFFER,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        exited_ttl: float = DEFAULT_SESSION_TTL,
         shell_idle: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

@@ -35,8 +35,8 @@ from flyvault.cli.build import (
     render_fly_toml,
 )
 from flyvault.cli.main import main as cli_main
-from flyvault.errors import VaultError
-from flyvault.server.firewall import FirewallError, apply_firewall, render_ruleset
+from flyvault.errors import FirewallError, VaultError
+from flyvault.server.firewall import apply_firewall, render_ruleset
 from flyvault.standins import FlyApiSocket, OidcIssuer
 
 ROOT = Path(__file__).resolve().parents[1]

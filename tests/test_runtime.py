@@ -22,13 +22,13 @@ from typing import Any
 import pytest
 from conftest import run_async
 
-from flyvault.errors import ProvisionError
+from flyvault.errors import ProvisionError, SpawnError
 from flyvault.protocol.constants import RuntimeStatus
 from flyvault.server import cgroups
 from flyvault.server.cgroups import Limits
 from flyvault.server.nsinit import FALLBACK_MARKER
 from flyvault.server.outputlog import STDOUT
-from flyvault.server.process import ExitStatus, ManagedProcess, SpawnError
+from flyvault.server.process import ExitStatus, ManagedProcess
 from flyvault.server.runtime import STATE_FILE, Account, WorkloadRuntime
 
 BUSYBOX = Path("/bin/busybox")

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from flyvault.defaults import RECONNECT_TIMEOUT as RECONNECT_TIMEOUT_DEFAULT
 from flyvault.envvars import number
 
 #: argparse types of numeric flags: a bad value is a usage error naming the flag (exit 2).
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     exec_.add_argument(
         "--reconnect-timeout",
         type=RECONNECT_TIMEOUT,
-        default=30.0,
+        default=RECONNECT_TIMEOUT_DEFAULT,
         metavar="SECONDS",
         help=reconnect_help,
     )
@@ -134,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     connect.add_argument(
         "--reconnect-timeout",
         type=RECONNECT_TIMEOUT,
-        default=30.0,
+        default=RECONNECT_TIMEOUT_DEFAULT,
         metavar="SECONDS",
         help=reconnect_help,
     )

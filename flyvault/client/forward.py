@@ -28,22 +28,26 @@ from dataclasses import dataclass
 from flyvault.config import ForwardSpec
 from flyvault.errors import (
     ConnectionLost,
-    RemoteProtocolError,
+    StreamReset,
     Timeout,
     UsageError,
     VaultError,
 )
-from flyvault.protocol.console import ForwardFrame, ForwardOpen, frame
-from flyvault.protocol.constants import ERROR_FRAME, StreamTag
-from flyvault.protocol.messages import ErrorMessage
-from flyvault.transport import QuicStream, StreamReset
+from flyvault.protocol.constants import StreamTag
+from flyvault.protocol.forward import (
+    ForwardClient,
+    Opened,
+    OpenTimedOut,
+    Refused,
+    format_address,
+)
+from flyvault.transport import QuicStream
 from flyvault.transport.relay import (
     CHUNK_SIZE,
     CLOSE_TIMEOUT,
-    OPEN_TIMEOUT,
     abort_tcp,
-    format_address,
-    read_first_frame,
+    held_data,
+    next_opening_event,
     relay,
 )
 
@@ -154,11 +158,12 @@ class ForwardListener:
         self, tunnel: _Tunnel, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         spec, label = self.spec, self.label
+        machine = ForwardClient()
         try:
             connection = await self._provider()
             stream = tunnel.stream = connection.open_stream(StreamTag.PORT_FORWARD)
-            request = ForwardOpen(spec.host, spec.remote_port).encode()
-            stream.write(frame(ForwardFrame.OPEN, request))
+            machine.open(spec.host, spec.remote_port, asyncio.get_running_loop().time())
+            stream.write(machine.data_to_send())
         except VaultError as exc:
             # The listener stays bound: the next local connection asks the provider again.
             self._event(f"forward {label}: {exc.message}")
@@ -169,22 +174,16 @@ class ForwardListener:
             raise
 
         async def opening() -> bytes:
-            try:
-                async with asyncio.timeout(OPEN_TIMEOUT):
-                    answer, rest = await read_first_frame(stream, b"")
-            except TimeoutError:
+            event = await next_opening_event(stream, machine)
+            if isinstance(event, OpenTimedOut):
                 raise Timeout(
-                    f"the vault did not answer the forward request within {OPEN_TIMEOUT:g} s"
-                ) from None
-            if answer.type == ERROR_FRAME:
-                raise ErrorMessage.decode(answer.payload).to_exception()
-            if answer.type != ForwardFrame.OPENED:
-                raise RemoteProtocolError(
-                    f"expected OPENED on the forward stream, got frame type 0x{answer.type:02x}"
+                    f"the vault did not answer the forward request within {event.seconds:g} s"
                 )
-            peer = answer.payload.decode("utf-8", "replace")
-            log.debug("forward %s: connected to %s", label, peer)
-            return rest
+            if isinstance(event, Refused):
+                raise event.error.to_exception()
+            assert isinstance(event, Opened), event
+            log.debug("forward %s: connected to %s", label, event.peer)
+            return held_data(machine)
 
         try:
             counts = await relay(stream, reader, writer, opening=opening)

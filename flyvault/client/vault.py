@@ -27,14 +27,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from flyvault.config import VaultConfig
+from flyvault.defaults import RECONNECT_TIMEOUT
 from flyvault.errors import (
     ConnectError,
     ConnectionLost,
     NotFoundError,
     RemoteError,
     RemoteProtocolError,
+    SessionGone,
+    SessionTakenOver,
     TransportError,
-    VaultError,
 )
 from flyvault.protocol.console import (
     ConsoleFrame,
@@ -65,20 +67,6 @@ STDIN_KEEP = 8 * 1024 * 1024
 EXIT_ACK_DELIVERY = 5.0
 
 
-class SessionTakenOver(VaultError):
-    """Another client attached to the session; this one was detached (and must not retry)."""
-
-    exit_code = 1
-
-
-class SessionGone(VaultError):
-    """The vault restarted while the connection was down: the session went with it."""
-
-    exit_code = 4
-    #: What ended the session, as an EXITED reason would say it (MCP ``end_reason``).
-    reason = "the vault restarted while the connection was down"
-
-
 def _close_reason(connection: Any) -> str | None:
     return getattr(getattr(connection, "channel", None), "close_reason", None)
 
@@ -92,7 +80,7 @@ class Vault:
         self,
         config: VaultConfig,
         *,
-        reconnect_timeout: float = 30.0,
+        reconnect_timeout: float = RECONNECT_TIMEOUT,
         settings: TransportSettings | None = None,
         on_notice: Notice | None = None,
         observer: Any = None,
@@ -282,9 +270,7 @@ class Vault:
                     if channel.finished:
                         raise RemoteProtocolError("the vault closed the stream without answering")
                     channel.feed(await stream.read())
-            except (ConnectionLost, TransportError) as exc:
-                if isinstance(exc, RemoteProtocolError):
-                    raise
+            except TransportError:
                 self.invalidate(connection)
                 continue
             if item.type == ERROR_FRAME:
@@ -466,9 +452,7 @@ class ExecSession:
                         hint=f"check the vault with: fly-vault doctor {self.vault.config.name}",
                     ) from None
                 raise
-            except (ConnectionLost, TransportError) as exc:
-                if isinstance(exc, RemoteProtocolError):
-                    raise
+            except TransportError as exc:
                 log.info(
                     "exec session %s: stream lost (%s); reattaching from output offset %d",
                     self.session_id,

@@ -135,6 +135,27 @@ class FrameDecoder:
         return frame_type, length
 
 
+def split_first_frame(buffer: bytes | bytearray, max_payload: int) -> tuple[Frame, bytes] | None:
+    """The first frame of ``buffer`` and the bytes after it, or ``None`` if incomplete.
+
+    For streams that switch from frames to raw bytes after one frame (the forward stream):
+    the bytes behind the frame are never read as a header, and an oversized declaration is
+    refused (``RemoteProtocolError``) before its payload is awaited.
+    """
+    if len(buffer) < FRAME_HEADER_SIZE:
+        return None
+    frame_type, length = _HEADER.unpack_from(buffer, 0)
+    if length > max_payload:
+        raise RemoteProtocolError(
+            f"frame of type 0x{frame_type:02x} declares {length} bytes, more than the "
+            f"{max_payload} allowed here"
+        )
+    end = FRAME_HEADER_SIZE + length
+    if len(buffer) < end:
+        return None
+    return Frame(frame_type, bytes(buffer[FRAME_HEADER_SIZE:end])), bytes(buffer[end:])
+
+
 class PayloadReader:
     """Strict, bounded reader over one frame payload."""
 

@@ -14,9 +14,7 @@ running. EXIT_ACK tells the server the exit was seen, so an anonymous session ca
 
 Sessions stream (tag 0x04): one request (LIST, or KILL with a signal), one answer.
 
-Forward stream (tag 0x02): OPEN(host, port); the client may pipeline raw bytes right after
-it. The server answers OPENED or ERROR; after OPENED the stream carries raw bytes both
-ways, and a FIN in either direction is a TCP half-close in that direction.
+Forward stream (tag 0x02): its opening machines are in ``flyvault.protocol.forward``.
 
 Every stream kind refuses with the common ERROR frame (0xFF), never a silent close.
 """
@@ -29,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from flyvault.errors import RemoteProtocolError
+from flyvault.errors import RemoteProtocolError, VaultError
 from flyvault.protocol.codec import Frame, FrameDecoder, PayloadReader, PayloadWriter, encode_frame
 from flyvault.protocol.constants import ERROR_FRAME, MAX_PAYLOAD
 from flyvault.protocol.messages import ErrorMessage
@@ -41,7 +39,6 @@ MAX_ENV = 1024
 MAX_TERM_LENGTH = 64
 MAX_PATH_LENGTH = 4096
 MAX_CONTEXT_LENGTH = 4096
-MAX_HOST_LENGTH = 255
 
 
 class ConsoleFrame(enum.IntEnum):
@@ -64,11 +61,6 @@ class SessionsFrame(enum.IntEnum):
     KILL = 0x02
     LIST_RESULT = 0x11
     KILLED = 0x12
-
-
-class ForwardFrame(enum.IntEnum):
-    OPEN = 0x01
-    OPENED = 0x11
 
 
 def check_session_id(session_id: str) -> str:
@@ -311,27 +303,6 @@ class KillSession:
         return cls(session_id, signo)
 
 
-@dataclass(frozen=True, slots=True)
-class ForwardOpen:
-    host: str
-    port: int
-
-    def encode(self) -> bytes:
-        return PayloadWriter().text(self.host).u16(self.port).getvalue()
-
-    @classmethod
-    def decode(cls, payload: bytes) -> ForwardOpen:
-        reader = PayloadReader(payload, "forward open")
-        host = reader.text("host", MAX_HOST_LENGTH)
-        port = reader.u16("port")
-        reader.end()
-        if not host:
-            raise RemoteProtocolError("forward open: empty host")
-        if port == 0:
-            raise RemoteProtocolError("forward open: port 0")
-        return cls(host, port)
-
-
 def encode_json(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode("utf-8")
 
@@ -375,3 +346,8 @@ def frame(frame_type: int, payload: bytes = b"") -> bytes:
 
 def error_frame(code: int, message: str) -> bytes:
     return encode_frame(ERROR_FRAME, ErrorMessage(code, message).encode())
+
+
+def refusal(exc: VaultError) -> bytes:
+    """The error frame that refuses with ``exc``: the code is the one its class declares."""
+    return encode_frame(ERROR_FRAME, ErrorMessage.from_exception(exc).encode())

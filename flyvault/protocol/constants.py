@@ -10,6 +10,10 @@ from __future__ import annotations
 import enum
 from typing import Final
 
+#: The error frame's codes are declared with the exception classes that carry them (one
+#: declaration for both directions); re-exported here with the other wire constants.
+from flyvault.errors import ErrorCode as ErrorCode
+
 #: The protocol this code speaks. Version 1 was the Rust original (ALPN ``h3``); version 2
 #: is this implementation: negotiated versions, coded error frames on every stream, bounded
 #: frames and a chunked rootfs upload. Version 3 adds the reason to EXITED (why the vault
@@ -45,6 +49,10 @@ MAX_TOKEN_LENGTH: Final = 4096
 MAX_URL_LENGTH: Final = 8192
 MAX_JWT_LENGTH: Final = 32 * 1024
 MAX_MESSAGE_LENGTH: Final = 16 * 1024
+
+#: How long the server waits for the first bytes of a stream (its tag, then its opening
+#: frame) before it drops or refuses the stream: they normally arrive in one packet.
+REQUEST_TIMEOUT: Final = 10.0
 
 
 class StreamTag(enum.IntEnum):
@@ -91,24 +99,3 @@ class RootfsKind(enum.IntEnum):
     NONE = 0x00
     INLINE = 0x01
     URL = 0x02
-
-
-class ErrorCode(enum.IntEnum):
-    """Codes of the error frame. Each maps to one exception class (see protocol.errors)."""
-
-    PROTOCOL = 1
-    VERSION_MISMATCH = 2
-    AUTH_FAILED = 3
-    RATE_LIMITED = 4
-    NOT_AUTHENTICATED = 5
-    PROVISION_FAILED = 6
-    ATTESTATION_UNAVAILABLE = 7
-    NOT_FOUND = 8
-    UNSUPPORTED = 9
-    INTERNAL = 10
-    BUSY = 11
-    INVALID_REQUEST = 12
-    #: A forward's TCP connect failed (refused, unresolvable, timed out).
-    CONNECT_FAILED = 13
-    #: Another client attached to the session (sent as DETACHED, listed for completeness).
-    TAKEN_OVER = 14

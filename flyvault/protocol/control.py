@@ -30,7 +30,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from flyvault.errors import LocalProtocolError, RemoteProtocolError, VersionMismatch
+from flyvault.errors import LocalProtocolError, RemoteProtocolError, VaultError, VersionMismatch
 from flyvault.protocol.codec import Frame, FrameDecoder, encode_frame
 from flyvault.protocol.constants import (
     ERROR_FRAME,
@@ -39,7 +39,6 @@ from flyvault.protocol.constants import (
     MAX_PROTOCOL_VERSION,
     MIN_PROTOCOL_VERSION,
     ControlFrame,
-    ErrorCode,
     RuntimeStatus,
     VmState,
 )
@@ -390,11 +389,12 @@ class ControlServer(_Machine):
         self._queue(ControlFrame.SETUP_COMPLETE, complete.encode())
         self.state = ServerState.COMPLETE
 
-    def send_error(self, code: ErrorCode, message: str) -> None:
-        """Refuse; legal in every state but COMPLETE. The exchange is over afterwards."""
+    def refuse(self, exc: VaultError) -> None:
+        """Refuse with the error frame ``exc``'s class declares; legal in every state but
+        COMPLETE. The exchange is over afterwards."""
         if self.state is ServerState.COMPLETE:
             raise LocalProtocolError("cannot send an error after the setup completed")
-        self._queue(ERROR_FRAME, ErrorMessage(code, message).encode())
+        self._queue(ERROR_FRAME, ErrorMessage.from_exception(exc).encode())
         self.state = ServerState.FAILED
 
     # Incoming ---------------------------------------------------------------------------
@@ -427,7 +427,7 @@ class ControlServer(_Machine):
                 # but it is still the peer's violation (not a LocalProtocolError).
                 self.state = ServerState.FAILED
             elif self.state is not ServerState.FAILED:
-                self.send_error(ErrorCode.PROTOCOL, f"control stream error: {exc.message}")
+                self.refuse(RemoteProtocolError(f"control stream error: {exc.message}"))
             raise
 
     def _handle(self, frame: Frame) -> ControlEvent:
@@ -438,10 +438,12 @@ class ControlServer(_Machine):
             low = max(request.min_version, self._min_version)
             high = min(request.max_version, self._max_version)
             if low > high:
-                self.send_error(
-                    ErrorCode.VERSION_MISMATCH,
-                    f"protocol version mismatch: client speaks {request.min_version}.."
-                    f"{request.max_version}, server speaks {self._min_version}..{self._max_version}",
+                self.refuse(
+                    VersionMismatch(
+                        f"protocol version mismatch: client speaks {request.min_version}.."
+                        f"{request.max_version}, server speaks "
+                        f"{self._min_version}..{self._max_version}"
+                    )
                 )
                 return VersionRejected(request.min_version, request.max_version)
             self.negotiated_version = high

@@ -10,16 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from flyvault.errors import (
-    AttestationError,
-    AuthError,
     LocalProtocolError,
-    NotFoundError,
-    ProvisionError,
-    RemoteError,
     RemoteProtocolError,
-    UsageError,
     VaultError,
-    VersionMismatch,
+    exception_for,
 )
 from flyvault.protocol.codec import PayloadReader, PayloadWriter
 from flyvault.protocol.constants import (
@@ -27,7 +21,6 @@ from flyvault.protocol.constants import (
     MAX_MESSAGE_LENGTH,
     MAX_TOKEN_LENGTH,
     MAX_URL_LENGTH,
-    ErrorCode,
     RootfsKind,
     RuntimeStatus,
     VmState,
@@ -72,45 +65,14 @@ class ErrorMessage:
         reader.end()
         return cls(code, message)
 
+    @classmethod
+    def from_exception(cls, exc: VaultError) -> ErrorMessage:
+        """The error frame that refuses with ``exc``: the code its class declares."""
+        return cls(exc.code, exc.message)
+
     def to_exception(self) -> VaultError:
-        """The exception this error stands for on the receiving side."""
-        try:
-            code = ErrorCode(self.code)
-        except ValueError:
-            return RemoteError(f"server error (code {self.code}): {self.message}")
-        cls = _ERROR_CLASSES.get(code, RemoteError)
-        return cls(self.message, hint=_ERROR_HINTS.get(code))
-
-
-_ERROR_CLASSES: dict[ErrorCode, type[VaultError]] = {
-    ErrorCode.PROTOCOL: RemoteProtocolError,
-    ErrorCode.VERSION_MISMATCH: VersionMismatch,
-    ErrorCode.AUTH_FAILED: AuthError,
-    ErrorCode.RATE_LIMITED: AuthError,
-    ErrorCode.NOT_AUTHENTICATED: AuthError,
-    ErrorCode.PROVISION_FAILED: ProvisionError,
-    ErrorCode.ATTESTATION_UNAVAILABLE: AttestationError,
-    ErrorCode.NOT_FOUND: NotFoundError,
-    ErrorCode.UNSUPPORTED: RemoteError,
-    ErrorCode.INTERNAL: RemoteError,
-    ErrorCode.BUSY: RemoteError,
-    ErrorCode.INVALID_REQUEST: UsageError,
-    ErrorCode.CONNECT_FAILED: RemoteError,
-    ErrorCode.TAKEN_OVER: RemoteError,
-}
-
-_ERROR_HINTS: dict[ErrorCode, str] = {
-    ErrorCode.VERSION_MISMATCH: "install the same fly-vault version on the laptop and in the "
-    "vault image (fly-vault build), then redeploy",
-    ErrorCode.AUTH_FAILED: "check access_token in the vault's config entry; it must equal the "
-    "ACCESS_TOKEN the machine was started with",
-    ErrorCode.RATE_LIMITED: "too many wrong tokens from this address; wait and fix access_token",
-    ErrorCode.ATTESTATION_UNAVAILABLE: "the machine could not mint a Fly OIDC token; is it "
-    "running on Fly (the /.fly/api socket)?",
-    ErrorCode.BUSY: "the vault is busy (another provisioning, or too many sessions); "
-    "retry later or stop sessions with fly-vault kill",
-    ErrorCode.NOT_FOUND: "list the vault's sessions with: fly-vault list-exec VAULT",
-}
+        """The exception this error stands for on the receiving side (same declarations)."""
+        return exception_for(self.code, self.message)
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@ from flyvault.transport import _deferred
 
 _deferred.install()  # before aioquic is imported: see _deferred
 
-from flyvault.transport.channel import QuicChannel, QuicStream, StreamReset  # noqa: E402
+from flyvault.transport.channel import QuicChannel, QuicStream  # noqa: E402
 from flyvault.transport.endpoint import (  # noqa: E402
     QuicListener,
     TransportSettings,
@@ -16,7 +16,6 @@ __all__ = [
     "QuicChannel",
     "QuicListener",
     "QuicStream",
-    "StreamReset",
     "TransportSettings",
     "connect",
     "listen",

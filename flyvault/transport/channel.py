@@ -28,7 +28,7 @@ from typing import Any
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic import events
 
-from flyvault.errors import ConnectionLost, TransportError
+from flyvault.errors import ConnectionLost, StreamReset, TransportError
 from flyvault.transport.connection import VaultQuicConnection
 
 log = logging.getLogger("flyvault.transport")
@@ -41,14 +41,6 @@ STREAM_ABORTED = 1
 #: QUIC's transport error CONNECTION_REFUSED (RFC 9000 §20.1): the server is too busy for
 #: this connection now. Sent when a pre-auth connection is evicted or expires under load.
 BUSY_ERROR_CODE = 0x2
-
-
-class StreamReset(TransportError):
-    """The peer reset its sending side of the stream (or stopped ours)."""
-
-    def __init__(self, message: str, error_code: int) -> None:
-        super().__init__(message)
-        self.error_code = error_code
 
 
 class QuicStream:

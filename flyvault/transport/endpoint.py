@@ -32,7 +32,14 @@ from aioquic.quic.packet import (
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.retry import QuicRetryTokenHandler
 
-from flyvault.errors import ConfigError, ConnectError, ConnectionLost, ServerBusy
+from flyvault.errors import (
+    ConfigError,
+    ConnectError,
+    ConnectionLost,
+    ExceptionMapping,
+    ServerBusy,
+    map_exceptions,
+)
 from flyvault.protocol.constants import ALPN_PROTOCOLS
 from flyvault.protocol.proxy_header import HEADER_SIZE, encode_header
 from flyvault.transport.admission import AdmissionLimits, AdmissionTable, Stage, Verdict
@@ -67,6 +74,8 @@ PROXY_MAX_ID_BYTES = 24
 MAX_WRAPPED_DATAGRAM_SIZE = MAX_DATAGRAM_SIZE + PROXY_HEADER_SIZE + PROXY_MAX_ID_BYTES
 STREAM_WINDOW = 1024 * 1024
 CONNECTION_WINDOW = 16 * 1024 * 1024
+SERVER_IDLE_TIMEOUT = 60.0
+SERVER_KEEPALIVE = 5.0
 
 
 @dataclass
@@ -85,6 +94,12 @@ class TransportSettings:
     #: Client only: the local address to send from (tests and benchmarks use other
     #: loopback addresses, 127.0.0.x, to act as other hosts); None lets the kernel pick.
     local_host: str | None = None
+
+    @classmethod
+    def for_server(cls) -> TransportSettings:
+        """Init's settings: a longer idle timeout and sparser pings than a client's (the
+        smaller idle timeout of the two ends wins, so the client's decides)."""
+        return cls(idle_timeout=SERVER_IDLE_TIMEOUT, keepalive_interval=SERVER_KEEPALIVE)
 
 
 #: Overrides the datagram size on both ends (1200-16000): to measure a loopback path like a
@@ -226,13 +241,15 @@ class _WrappingTransport:
 async def resolve(host: str, port: int) -> tuple[int, tuple[Any, ...]]:
     """Resolve ``host:port`` for UDP: the first IPv4 address, else the first address."""
     loop = asyncio.get_running_loop()
-    try:
+    with map_exceptions(
+        {
+            socket.gaierror: lambda exc: ConnectError(
+                f"cannot resolve {host}: {_strerror(exc)}",
+                hint="check the vault's address in the config (host:port)",
+            )
+        }
+    ):
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    except socket.gaierror as exc:
-        raise ConnectError(
-            f"cannot resolve {host}: {exc.strerror}",
-            hint="check the vault's address in the config (host:port)",
-        ) from None
     if not infos:
         raise ConnectError(f"cannot resolve {host}: no addresses")
     # Prefer IPv4: Fly routes UDP to a dedicated IPv4 address, not over public IPv6, so a
@@ -240,6 +257,51 @@ async def resolve(host: str, port: int) -> tuple[int, tuple[Any, ...]]:
     ipv4 = [info for info in infos if info[0] == socket.AF_INET]
     family, _, _, _, sockaddr = (ipv4 or infos)[0]
     return family, sockaddr
+
+
+def _strerror(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or str(exc)
+
+
+def _handshake_errors(where: str, timeout: float, channel: _ClientChannel) -> ExceptionMapping:
+    """What a failed handshake means for the user, per library exception (order matters:
+    ``TimeoutError`` is an ``OSError``, ``ConnectionLost`` is ours and comes before the
+    catch-all for whatever aioquic raised)."""
+
+    def lost(exc: BaseException) -> ConnectError:
+        message = exc.message if isinstance(exc, ConnectionLost) else str(exc)
+        if channel.refused_by_peer:
+            return ServerBusy(f"{where} is busy: {message}")
+        return ConnectError(
+            f"cannot connect to {where}: {message}",
+            hint="is the vault running, and is the address (host:port) right? "
+            "(fly-vault doctor VAULT)",
+        )
+
+    return {
+        TimeoutError: lambda exc: ConnectError(
+            f"no QUIC answer from {where} within {timeout:g} s",
+            hint="is the vault running and is its UDP port reachable? check the address "
+            "(fly-vault doctor VAULT)",
+        ),
+        OSError: lambda exc: ConnectError(f"cannot reach {where}: {_strerror(exc)}"),
+        ConnectionLost: lost,
+        Exception: lambda exc: ConnectError(f"QUIC handshake with {where} failed: {exc}"),
+    }
+
+
+#: The reason our CONNECTION_CLOSE gives when a handshake fails, by what failed it.
+_CLOSE_REASONS: tuple[tuple[type[BaseException], str], ...] = (
+    (TimeoutError, "handshake timeout"),
+    (OSError, "socket error"),
+)
+
+
+def _close_reason(error: BaseException) -> str:
+    cause = error.__cause__
+    return next(
+        (reason for kind, reason in _CLOSE_REASONS if isinstance(cause, kind)), "handshake failed"
+    )
 
 
 async def connect(host: str, port: int, settings: TransportSettings | None = None) -> QuicChannel:
@@ -260,7 +322,9 @@ async def connect(host: str, port: int, settings: TransportSettings | None = Non
     local = ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)
     if settings.local_host is not None:
         local = (settings.local_host, 0)
-    try:
+    with map_exceptions(
+        {OSError: lambda exc: ConnectError(f"cannot open a UDP socket: {_strerror(exc)}")}
+    ):
         # A connected socket: the kernel then reports ICMP "port unreachable" to us, so a
         # vault that is down fails at once instead of after the handshake timeout.
         udp_transport, channel = await loop.create_datagram_endpoint(
@@ -269,37 +333,17 @@ async def connect(host: str, port: int, settings: TransportSettings | None = Non
             remote_addr=sockaddr[:2],
             family=family,
         )
-    except OSError as exc:
-        raise ConnectError(f"cannot open a UDP socket: {exc.strerror}") from None
     assert isinstance(channel, _ClientChannel)
     _enlarge_buffers(udp_transport.get_extra_info("socket"))
     channel.peer_address = sockaddr
     where = f"{host}:{port}"
     try:
-        channel.connect(sockaddr)
-        await asyncio.wait_for(channel.wait_handshake(), timeout=settings.handshake_timeout)
-    except TimeoutError:
-        channel.close_now(reason="handshake timeout")
-        raise ConnectError(
-            f"no QUIC answer from {where} within {settings.handshake_timeout:g} s",
-            hint="is the vault running and is its UDP port reachable? check the address "
-            "(fly-vault doctor VAULT)",
-        ) from None
-    except OSError as exc:
-        channel.close_now(reason="socket error")
-        raise ConnectError(f"cannot reach {where}: {exc.strerror or exc}") from None
-    except ConnectionLost as exc:
-        channel.close_now(reason="handshake failed")
-        if channel.refused_by_peer:
-            raise ServerBusy(f"{where} is busy: {exc.message}") from None
-        raise ConnectError(
-            f"cannot connect to {where}: {exc.message}",
-            hint="is the vault running, and is the address (host:port) right? "
-            "(fly-vault doctor VAULT)",
-        ) from None
-    except Exception as exc:
-        channel.close_now(reason="handshake failed")
-        raise ConnectError(f"QUIC handshake with {where} failed: {exc}") from None
+        with map_exceptions(_handshake_errors(where, settings.handshake_timeout, channel)):
+            channel.connect(sockaddr)
+            await asyncio.wait_for(channel.wait_handshake(), timeout=settings.handshake_timeout)
+    except ConnectError as exc:
+        channel.close_now(reason=_close_reason(exc))
+        raise
     return channel
 
 
@@ -607,7 +651,7 @@ async def listen(
     max_connections: int = 256,
     limits: AdmissionLimits | None = None,
 ) -> QuicListener:
-    settings = settings or TransportSettings(idle_timeout=60.0, keepalive_interval=5.0)
+    settings = settings or TransportSettings.for_server()
     forced = forced_datagram_size()
     if forced is not None and settings.max_datagram_size is None:
         settings = dataclasses.replace(settings, max_datagram_size=forced)
@@ -615,14 +659,17 @@ async def listen(
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
-        if family == socket.AF_INET6:
-            # "[::]" serves IPv4 too (dual stack), as the original's default did.
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind((host, port))
-        _enlarge_buffers(sock)
-    except OSError as exc:
+        with map_exceptions(
+            {OSError: lambda exc: ConnectError(f"cannot listen on {host}:{port}: {_strerror(exc)}")}
+        ):
+            if family == socket.AF_INET6:
+                # "[::]" serves IPv4 too (dual stack), as the original's default did.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind((host, port))
+            _enlarge_buffers(sock)
+    except ConnectError:
         sock.close()
-        raise ConnectError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise
     _, listener = await loop.create_datagram_endpoint(
         lambda: QuicListener(settings, on_channel, max_connections=max_connections, limits=limits),
         sock=sock,

@@ -16,55 +16,57 @@ import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from flyvault.errors import RemoteProtocolError, TransportError
-from flyvault.protocol.codec import Frame
-from flyvault.protocol.console import FrameChannel
-from flyvault.protocol.constants import FRAME_HEADER_SIZE
+from flyvault.errors import TransportError
+from flyvault.protocol.forward import (
+    OPEN_TIMEOUT,
+    DataReceived,
+    ForwardClient,
+    ForwardEvent,
+    ForwardServer,
+)
 from flyvault.transport.channel import QuicStream
 
 log = logging.getLogger("flyvault.forward")
 
 CHUNK_SIZE = 64 * 1024
-#: The server's TCP connect may take up to 10 s; this leaves room for the round trip.
-OPEN_TIMEOUT = 30.0
 #: How long a finished tunnel may take to flush its last TCP bytes before it is aborted.
 CLOSE_TIMEOUT = 10.0
-#: OPEN, OPENED and ERROR are small; nothing bigger is buffered before the relay starts.
-MAX_HANDSHAKE_PAYLOAD = 64 * 1024
 
-_HEADER = struct.Struct(">BI")
+ForwardMachine = ForwardClient | ForwardServer
 
 
 # Shared by both ends -------------------------------------------------------------------
 
 
-async def read_first_frame(
-    stream: QuicStream, initial: bytes, max_payload: int = MAX_HANDSHAKE_PAYLOAD
-) -> tuple[Frame, bytes]:
-    """Read exactly one frame; return it and the raw bytes that followed it.
+async def next_opening_event(stream: QuicStream, machine: ForwardMachine) -> ForwardEvent:
+    """Feed the stream to an opening machine until it has an event.
 
-    A forward stream switches from frames to raw bytes after its first frame, so the
-    decoder is only ever fed that frame's bytes: raw data behind it must not be parsed
-    (a decoder would take its first bytes for a header and could refuse them).
+    The machine's deadline bounds each read; when it passes, ``handle_timer`` turns it into
+    the machine's ``...TimedOut`` event. Raises what the machine raises for a broken
+    opening (``RemoteProtocolError``) and the stream's ``TransportError``.
     """
-    buffer = bytearray(initial)
-    while True:
-        if len(buffer) >= FRAME_HEADER_SIZE:
-            _, length = _HEADER.unpack_from(buffer, 0)
-            # An oversized declaration is fed as a bare header: the decoder refuses it.
-            end = FRAME_HEADER_SIZE if length > max_payload else FRAME_HEADER_SIZE + length
-            if len(buffer) >= end:
-                channel = FrameChannel(max_payload)
-                channel.feed(bytes(buffer[:end]))
-                first = channel.next_frame()
-                assert first is not None
-                return first, bytes(buffer[end:])
-        data = await stream.read(CHUNK_SIZE)
-        if not data:
-            raise RemoteProtocolError(
-                f"forward stream ended after {len(buffer)} bytes, before its first frame"
-            )
-        buffer += data
+    loop = asyncio.get_running_loop()
+    while (event := machine.next_event()) is None:
+        try:
+            async with asyncio.timeout_at(machine.next_deadline()):
+                data = await stream.read(CHUNK_SIZE)
+        except TimeoutError:
+            machine.handle_timer(loop.time())
+            continue
+        if data:
+            machine.receive_data(data)
+        else:
+            machine.receive_eof()
+    return event
+
+
+def held_data(machine: ForwardMachine) -> bytes:
+    """The raw bytes the machine already holds once the opening is done."""
+    chunks = []
+    while (event := machine.next_event()) is not None:
+        if isinstance(event, DataReceived):
+            chunks.append(event.data)
+    return b"".join(chunks)
 
 
 @dataclass
@@ -174,10 +176,3 @@ async def close_tcp(writer: asyncio.StreamWriter) -> None:
     except BaseException:
         abort_tcp(writer)  # cancelled while closing: never leak the socket
         raise
-
-
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-# Client side -----------------------------------------------------------------------------

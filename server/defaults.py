@@ -1,0 +1,17 @@
+"""Init's defaults that its command line, its options and its session registry share."""
+
+from __future__ import annotations
+
+from typing import Final
+
+#: Output kept per exec session for replay (bytes); ``--session-buffer``.
+DEFAULT_SESSION_BUFFER: Final = 1024 * 1024
+MIN_SESSION_BUFFER: Final = 128 * 1024
+#: How long a finished named session stays listed (seconds); ``--session-ttl``.
+DEFAULT_SESSION_TTL: Final = 3600.0
+#: Sessions one vault holds at most; ``--max-sessions``.
+DEFAULT_MAX_SESSIONS: Final = 256
+#: A rootfs_url download that sends nothing for this long is abandoned; ``--url-timeout``.
+URL_READ_TIMEOUT: Final = 60.0
+#: rootfs_url downloads larger than this are refused; ``--url-max-bytes``.
+URL_MAX_BYTES: Final = 32 * 1024**3
