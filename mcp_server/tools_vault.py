@@ -10,7 +10,13 @@ from mcp.server.mcpserver import Context
 from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import Field
 
-from flyvault.client import ExecRequest, new_session_id, parse_signal, signal_name
+from flyvault.client import (
+    ExecRequest,
+    new_session_id,
+    parse_signal,
+    signal_name,
+    valid_session_id,
+)
 from flyvault.errors import UsageError
 
 from .models import (
@@ -75,11 +81,6 @@ def _compile(pattern: str | None) -> re.Pattern[str] | None:
         return re.compile(pattern)
     except re.error as exc:
         raise UsageError(f"invalid pattern {pattern!r}: {exc}") from None
-
-
-def _session_id(value: str) -> str:
-    """Checked as the client checks it (a ``UsageError`` naming the rule)."""
-    return ExecRequest.reattach(value).session_id
 
 
 def exec_text(result: ExecResult) -> str:
@@ -248,7 +249,7 @@ async def read_output(
     marker left out (offset + length), or to reattach to any session of the vault
     (also one started by the CLI or an earlier MCP server). Never stops the command."""
     regex = _compile(pattern)
-    session_id = _session_id(session_id)
+    session_id = valid_session_id(session_id)
     execs = state.execs
     record = execs.get(vault, session_id)
     start = 0 if offset is None or offset < 0 else offset
@@ -286,7 +287,7 @@ async def send_input(
     """Write text to the standard input of a running session (started with
     stdin_open=true; add tty=true for programs that want a terminal), optionally
     closing it. Read the reaction with read_output(until="output")."""
-    record = await state.execs.send_input(vault, _session_id(session_id), text.encode(), eof)
+    record = await state.execs.send_input(vault, valid_session_id(session_id), text.encode(), eof)
     return structured(
         SendInputResult(
             vault=vault,
@@ -310,7 +311,7 @@ async def signal(
     """Send a signal to a session's process group (like `fly-vault kill`). Use it to
     stop a command; read_output then reports how it ended (128+N for signal N)."""
     signo = parse_signal(signal)
-    sid = _session_id(session_id)
+    sid = valid_session_id(session_id)
     await state.execs.signal(vault, sid, signo)
     name = signal_name(signo) or str(signo)
     return structured(SignalResult(vault=vault, session_id=sid, signal=signo, signal_name=name))

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from flyvault.client.diagnose import Diagnosis, DiagnosisStep
 from flyvault.client.events import ClientEvent, DevelopmentIssuer, OnEvent
-from flyvault.client.exec_request import ExecRequest, new_session_id
+from flyvault.client.exec_request import ExecRequest, new_session_id, valid_session_id
 from flyvault.client.signals import parse_signal, signal_name
 from flyvault.protocol.console import Exited, Started
 
@@ -66,4 +66,5 @@ __all__ = [
     "new_session_id",
     "parse_signal",
     "signal_name",
+    "valid_session_id",
 ]

@@ -33,6 +33,14 @@ def new_session_id(prefix: str = "x") -> str:
     return f"{prefix}-{secrets.token_hex(8)}"
 
 
+def valid_session_id(session_id: str) -> str:
+    """``session_id`` if the vault would take it, else a ``UsageError`` naming the rule."""
+    try:
+        return check_session_id(session_id)
+    except RemoteProtocolError as exc:
+        raise UsageError(exc.message) from None
+
+
 @dataclass(frozen=True, slots=True)
 class ExecRequest:
     """One exec session to open. ``argv`` None without ``shell`` means "reattach only"."""
@@ -54,10 +62,7 @@ class ExecRequest:
     resume_offset: int = 0
 
     def __post_init__(self) -> None:
-        try:
-            check_session_id(self.session_id)
-        except RemoteProtocolError as exc:
-            raise UsageError(exc.message) from None
+        valid_session_id(self.session_id)
         if self.argv is not None:
             _check_argv(self.argv, self.shell)
         _check_text("context", self.context, MAX_CONTEXT_LENGTH)
@@ -128,4 +133,4 @@ def _check_text(what: str, text: str | None, limit: int) -> None:
         raise UsageError(f"exec request: {what} is {size} bytes, more than {limit}")
 
 
-__all__ = ["ExecRequest", "new_session_id"]
+__all__ = ["ExecRequest", "new_session_id", "valid_session_id"]
