@@ -141,6 +141,8 @@ class VaultPool:
             entry,
             reconnect_timeout=self.reconnect_timeout,
             on_notice=lambda message: log.info("%s", message),
+            # Results say it as data (dev_issuer); the log says it too.
+            on_event=lambda event: log.info("%s: %s", name, event.message),
             progress=_route_progress,
         )
         self._vaults[name] = vault
