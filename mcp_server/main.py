@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["FLY_VAULT_CONFIG"] = str(config)
         if args.buffer_mib < 1:
             raise UsageError("--buffer-mib must be at least 1")
-        _check_environment()
+        from flyvault.client.environment import check_environment
+
+        check_environment()  # bad variables refused at start, not at every tool call
         return _run(args)
     except VaultError as exc:
         print(f"{PROG}: error: {exc.message}", file=sys.stderr)
@@ -100,16 +102,6 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
-
-
-def _check_environment() -> None:
-    """Refuse bad variables at start, not at every tool call (ConfigError, exit 3)."""
-    from flyvault.paths import config_file
-    from flyvault.transport.endpoint import forced_datagram_size
-
-    if os.environ.get("FLY_VAULT_CONFIG"):
-        config_file()  # refuses a FLY_VAULT_CONFIG that names a directory
-    forced_datagram_size()  # FLY_VAULT_DATAGRAM_SIZE
 
 
 def _run(args: argparse.Namespace) -> int:

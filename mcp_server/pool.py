@@ -9,24 +9,27 @@ changed gets a new ``Vault`` and its old connection is closed.
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from mcp.server.mcpserver.exceptions import ToolError
 
-from flyvault.client.vault import Vault
+from flyvault.client import Vault
 from flyvault.config import Config, VaultConfig, load_config
-from flyvault.errors import Timeout, VaultError
+from flyvault.errors import VaultError
 
 from .models import Claims, StatusStep, VaultEntry, VaultList, VaultStatus
 
 log = logging.getLogger("mcp_server")
+
+#: How long ``vault_status`` waits for a connection before it reports a timeout.
+STATUS_TIMEOUT = 60.0
 
 #: Where a connect's provisioning progress goes: set by the tool call that caused it.
 PROGRESS: contextvars.ContextVar[Callable[[str, int, int], None] | None] = contextvars.ContextVar(
@@ -50,37 +53,6 @@ def error_text(exc: VaultError) -> str:
 
 def tool_error(exc: VaultError) -> ToolError:
     return ToolError(error_text(exc))
-
-
-class _Recorder:
-    """Collects the connect steps as ``fly-vault doctor`` reports them."""
-
-    def __init__(self) -> None:
-        self.steps: list[StatusStep] = []
-
-    def step_started(self, step: str, detail: str) -> None:
-        pass
-
-    def step_finished(self, step: str, elapsed: float, detail: str) -> None:
-        self.steps.append(StatusStep(step=step, ok=True, elapsed_ms=elapsed * 1000, detail=detail))
-
-    def step_failed(self, step: str, elapsed: float, error: VaultError) -> None:
-        from flyvault.errors import ColdVault
-
-        ok = isinstance(error, ColdVault)
-        self.steps.append(
-            StatusStep(
-                step=step,
-                ok=ok,
-                elapsed_ms=elapsed * 1000,
-                detail=error.message,
-                hint=None if ok else error.hint,
-            )
-        )
-
-
-def _runtime(connection: Any) -> str:
-    return str(connection.runtime_status.name.lower().replace("_", " "))
 
 
 def _claims(claims: Any) -> Claims | None:
@@ -169,6 +141,8 @@ class VaultPool:
             entry,
             reconnect_timeout=self.reconnect_timeout,
             on_notice=lambda message: log.info("%s", message),
+            # Results say it as data (dev_issuer); the log says it too.
+            on_event=lambda event: log.info("%s: %s", name, event.message),
             progress=_route_progress,
         )
         self._vaults[name] = vault
@@ -194,9 +168,6 @@ class VaultPool:
 
     async def status(self, name: str, *, fresh: bool = False) -> VaultStatus:
         """Doctor-style: reuse the live connection, else connect without provisioning."""
-        from flyvault.client.connection import open_vault
-        from flyvault.errors import ColdVault
-
         started = time.perf_counter()
         try:
             entry = self.entry(name)
@@ -219,69 +190,32 @@ class VaultPool:
             )
         ]
         vault = await self.get(name)
-        connection = None if fresh else vault.current
-        reused = connection is not None
-        if connection is None:
-            recorder = _Recorder()
-            try:
-                connection = await asyncio.wait_for(
-                    open_vault(entry, observer=recorder, provision=False), 60
-                )
-            except ColdVault as exc:
-                return VaultStatus(
-                    vault=name,
-                    ok=True,
-                    state="cold",
-                    runtime=None,
-                    boot_id=None,
-                    claims=None,
-                    dev_issuer=entry.is_issuer_overridden,
-                    reused_connection=False,
-                    steps=steps + recorder.steps,
-                    error=None,
-                    hint=exc.message,
-                    exit_code=0,
-                )
-            except TimeoutError:
-                error = Timeout(f"connecting to vault '{name}' took more than 60 s")
-                return _failed(name, entry.is_issuer_overridden, steps + recorder.steps, error)
-            except VaultError as exc:
-                return _failed(name, entry.is_issuer_overridden, steps + recorder.steps, exc)
-            vault.adopt(connection)
-            steps += recorder.steps
-        else:
-            steps.append(
-                StatusStep(
-                    step="connection",
-                    ok=True,
-                    elapsed_ms=0.0,
-                    detail=f"reusing the pooled connection (attested, authenticated; "
-                    f"{vault.connects} connect(s) so far)",
-                )
-            )
-        assert connection is not None
+        diagnosis = await vault.diagnose(fresh=fresh, timeout=STATUS_TIMEOUT)
+        steps += [StatusStep(**asdict(step)) for step in diagnosis.steps]
+        dev = entry.is_issuer_overridden
+        if diagnosis.error is not None:
+            unobserved = diagnosis.unobserved_failure()
+            if unobserved is not None:
+                steps.append(StatusStep(**asdict(unobserved)))
+            return _failed(name, dev, steps, diagnosis.error)
+        connection = diagnosis.connection
         return VaultStatus(
             vault=name,
             ok=True,
-            state=connection.vm_state.name.lower(),
-            runtime=_runtime(connection),
-            boot_id=connection.boot_id,
-            claims=_claims(connection.claims),
-            dev_issuer=entry.is_issuer_overridden,
-            reused_connection=reused,
+            state=diagnosis.state,
+            runtime=diagnosis.runtime,
+            boot_id=connection.boot_id if connection is not None else None,
+            claims=_claims(connection.claims) if connection is not None else None,
+            dev_issuer=dev,
+            reused_connection=diagnosis.reused,
             steps=steps,
             error=None,
-            hint=None,
+            hint=diagnosis.cold,
             exit_code=0,
         )
 
 
 def _failed(name: str, dev: bool, steps: list[StatusStep], exc: VaultError) -> VaultStatus:
-    if steps and steps[-1].ok:
-        # A failure outside the observed steps (the token missing from the entry, say).
-        steps.append(
-            StatusStep(step="config", ok=False, elapsed_ms=0.0, detail=exc.message, hint=exc.hint)
-        )
     return VaultStatus(
         vault=name,
         ok=False,

@@ -208,11 +208,11 @@ def structured(model: BaseModel, text: str | None = None) -> CallToolResult:
 
 
 def build_server(state: State | None = None) -> VaultMCP:
-    from .tools_admin import register_admin_tools
-    from .tools_vault import register_vault_tools
+    from .tools_admin import admin_tools
+    from .tools_vault import vault_tools
 
     state = state or make_state()
     server = VaultMCP(state)
-    register_vault_tools(server, state)
-    register_admin_tools(server, state)
+    for registry in (vault_tools, admin_tools):  # tools/list shows them in this order
+        registry.register_all(server, state)
     return server

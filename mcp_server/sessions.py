@@ -27,9 +27,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from flyvault.client.vault import ExecHooks, ExecSession, SessionTakenOver, Vault
+from flyvault.client import (
+    ExecHooks,
+    ExecRequest,
+    ExecSession,
+    Exited,
+    SessionTakenOver,
+    Started,
+    Vault,
+    signal_name,
+)
 from flyvault.errors import NotFoundError, Timeout, UsageError, VaultError
-from flyvault.protocol.console import Exited, OpenSession, Started
 
 from .models import ExecResult, SessionInfo, SessionList
 from .output import OutputBuffer, render
@@ -52,15 +60,6 @@ MAX_FINISHED_BYTES = 64 * 1024 * 1024
 FINISHED_TTL = 3600.0
 
 Until = Literal["exit", "output"]
-
-
-def signal_name(signo: int | None) -> str | None:
-    if signo is None:
-        return None
-    try:
-        return signal_module.Signals(signo).name
-    except ValueError:
-        return f"SIG{signo}"
 
 
 @dataclass(eq=False)
@@ -154,7 +153,7 @@ class ExecRegistry:
     async def start(
         self,
         vault_name: str,
-        request: OpenSession,
+        request: ExecRequest,
         *,
         stdin: bytes | None,
         stdin_open: bool,
@@ -228,7 +227,7 @@ class ExecRegistry:
         record.error = None
         record.attached_ok = False
         record.started = asyncio.Event()
-        request = OpenSession(session_id=session_id, resume_offset=record.buffer.end)
+        request = ExecRequest.reattach(session_id, record.buffer.end)
         self._follow(record, ExecSession(vault, request, self._hooks(record)))
         try:
             await self._await_start(record)
@@ -549,4 +548,4 @@ class ExecRegistry:
                 await task
 
 
-__all__ = ["ExecRecord", "ExecRegistry", "signal_name", "tool_error"]
+__all__ = ["ExecRecord", "ExecRegistry", "tool_error"]

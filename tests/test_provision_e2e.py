@@ -659,3 +659,21 @@ def test_verbose_log_records_the_provisioning_phases_and_no_token(
     assert len(phases) >= 2, phases  # the upload and at least one of the vault's phases
     for text in (log.read_text(), result.stdout.decode(), result.stderr.decode()):
         assert TOKEN not in text
+
+
+def test_reprovision_of_a_cold_vault_uploads_the_rootfs_once(
+    tmp_path: Path, vm_init: InitProcess, issuer: OidcIssuer
+) -> None:
+    """Regression (issue 13): ``reprovision`` of a never-provisioned vault provisioned it
+    while connecting, then uploaded and activated the same rootfs a second time."""
+    image = make_rootfs(tmp_path / "a.tar.gz", "A")
+    configure(vm_init.port, issuer, rootfs=str(image))
+    result = fv("reprovision", "vm", "--yes")
+    assert result.returncode == 0, result.stderr
+    # init logs one line per rootfs it received and activated.
+    logged = [line for line in vm_init.log.read_text().splitlines() if "provisioned for" in line]
+    assert len(logged) == 1, logged
+    assert b"was cold" in result.stdout, result.stdout
+    after = fv("exec", "vm", "--", "cat", "/etc/version")
+    assert after.returncode == 0, after.stderr
+    assert after.stdout == b"A\n"

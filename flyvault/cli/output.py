@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from flyvault.errors import UsageError, VaultError
 from flyvault.redact import install_log_filter, scrub
@@ -93,3 +93,8 @@ def configure_logging(log_file: str | None, verbose: bool) -> None:
         handler.setFormatter(_JsonFormatter())
         root.addHandler(handler)
     install_log_filter(root)
+
+
+def print_event(event: Any) -> None:
+    """An event of the client (``flyvault.client.events``), as a note on stderr."""
+    print(f"fly-vault: {scrub(event.message)}", file=sys.stderr)

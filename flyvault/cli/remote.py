@@ -47,6 +47,10 @@ class _Console:
         else:
             print(text, file=sys.stderr, flush=True)
 
+    def event(self, event: Any) -> None:
+        """What the client reports besides results (``flyvault.client.events``)."""
+        self.notice(event.message)
+
 
 def _load(name: str) -> Any:
     from flyvault.config import load_vault
@@ -69,22 +73,6 @@ def _forward_specs(values: list[str], defaults: list[Any]) -> list[Any]:
     return list(specs.values())
 
 
-def parse_signal(value: str) -> int:
-    text = value.strip().upper()
-    if text.isdigit():
-        number = int(text)
-        if 1 <= number <= 64:
-            return number
-    else:
-        name = text if text.startswith("SIG") else f"SIG{text}"
-        member = getattr(signal.Signals, name, None)
-        if member is not None:
-            return int(member)
-    raise UsageError(
-        f"unknown signal {value!r}", hint="use a name such as TERM, INT, KILL or HUP, or 1-64"
-    )
-
-
 # exec / connect --------------------------------------------------------------------------
 
 
@@ -92,15 +80,6 @@ def run_exec(args: argparse.Namespace) -> int:
     argv = list(args.argv)
     if argv and argv[0] == "--":
         argv = argv[1:]
-    if args.session is not None:
-        from flyvault.errors import RemoteProtocolError
-        from flyvault.protocol.console import check_session_id
-
-        try:
-            check_session_id(args.session)
-        except RemoteProtocolError as exc:
-            report_error(UsageError(f"--session: {exc.message}"))
-            return 2
     if not argv and not args.session:
         report_error(
             UsageError(
@@ -109,25 +88,29 @@ def run_exec(args: argparse.Namespace) -> int:
             )
         )
         return 2
+    stdin_tty = isatty(0)
+    try:
+        request = _exec_request(args, argv, stdin_tty)
+    except UsageError as exc:
+        report_error(exc)
+        return 2
+    # Reattaching without a terminal must not forward (and close) our stdin.
+    forward_stdin = bool(argv) or stdin_tty
     try:
         vault = _load(args.vault)
-        return asyncio.run(_exec(args, vault, argv))
+        return asyncio.run(_run_session(args, vault, request, forward_stdin, forwards=[]))
     except VaultError as exc:
         report_error(exc)
         return CLIENT_FAILURE
 
 
-async def _exec(args: argparse.Namespace, vault_config: Any, argv: list[str]) -> int:
-    from flyvault.client.connection import announce_issuer_override
-    from flyvault.client.vault import new_session_id
-    from flyvault.protocol.console import OpenSession
+def _exec_request(args: argparse.Namespace, argv: list[str], stdin_tty: bool) -> Any:
+    """The session to open, checked by the client (a ``UsageError`` before connecting)."""
+    from flyvault.client import ExecRequest, new_session_id
 
-    announce_issuer_override(vault_config)
-    stdin_tty = isatty(0)
     pty = args.tty if args.tty is not None else stdin_tty
     rows, cols = terminal_size() if pty else (0, 0)
-    env = tuple(_parse_env(item) for item in args.env)
-    request = OpenSession(
+    return ExecRequest(
         session_id=args.session or new_session_id(),
         argv=tuple(argv) if argv else None,
         pty=pty,
@@ -137,11 +120,8 @@ async def _exec(args: argparse.Namespace, vault_config: Any, argv: list[str]) ->
         rows=rows,
         cols=cols,
         cwd=args.cwd,
-        env=env,
+        env=tuple(_parse_env(item) for item in args.env),
     )
-    # Reattaching without a terminal must not forward (and close) our stdin.
-    forward_stdin = bool(argv) or stdin_tty
-    return await _run_session(args, vault_config, request, forward_stdin, forwards=[])
 
 
 def run_connect(args: argparse.Namespace) -> int:
@@ -155,13 +135,10 @@ def run_connect(args: argparse.Namespace) -> int:
 
 
 async def _connect(args: argparse.Namespace, vault_config: Any, forwards: list[Any]) -> int:
-    from flyvault.client.connection import announce_issuer_override
-    from flyvault.client.vault import new_session_id
-    from flyvault.protocol.console import OpenSession
+    from flyvault.client import ExecRequest, new_session_id
 
-    announce_issuer_override(vault_config)
     rows, cols = terminal_size()
-    request = OpenSession(
+    request = ExecRequest(
         session_id=new_session_id("shell"),
         shell=True,
         pty=True,
@@ -187,7 +164,7 @@ async def _run_session(
     forwards: list[Any],
 ) -> int:
     from flyvault.cli.progress import ProgressLine
-    from flyvault.client.vault import ExecHooks, ExecSession, Vault
+    from flyvault.client import ExecHooks, ExecSession, Vault
 
     console = _Console()
     stdout, stderr = OutputSink(1), OutputSink(2)
@@ -196,6 +173,7 @@ async def _run_session(
         vault_config,
         reconnect_timeout=args.reconnect_timeout,
         on_notice=console.notice,
+        on_event=console.event,
         reprovision=getattr(args, "reprovision", False),
         progress=progress,
     )
@@ -326,11 +304,10 @@ def run_reprovision(args: argparse.Namespace) -> int:
 
 async def _reprovision(vault_config: Any) -> int:
     from flyvault.cli.progress import ProgressLine
-    from flyvault.client.connection import announce_issuer_override
-    from flyvault.client.vault import Vault
+    from flyvault.client import Vault
 
-    announce_issuer_override(vault_config)
-    vault = Vault(vault_config)
+    console = _Console()
+    vault = Vault(vault_config, on_event=console.event)
     progress = ProgressLine()
     try:
         result = await vault.reprovision(progress)
@@ -339,10 +316,16 @@ async def _reprovision(vault_config: Any) -> int:
         await vault.close()
     for note in result.notes:  # e.g. the device nodes --allow-devices created
         print(note)
+    runtime = result.runtime_status.name.lower().replace("_", " ")
+    if result.from_cold:
+        print(
+            f"vault '{vault_config.name}' was cold (never provisioned): provisioned in "
+            f"{result.seconds:.1f} s: workload {result.new_boot_id[:12]} ({runtime})"
+        )
+        return 0
     print(
         f"vault '{vault_config.name}' reprovisioned in {result.seconds:.1f} s: new workload "
-        f"{result.new_boot_id[:12]} ({result.runtime_status.name.lower().replace('_', ' ')}), "
-        "/root and /home kept"
+        f"{result.new_boot_id[:12]} ({runtime}), /root and /home kept"
     )
     return 0
 
@@ -386,12 +369,12 @@ def run_forward(args: argparse.Namespace) -> int:
 
 
 async def _forward(vault_config: Any, specs: list[Any]) -> int:
-    from flyvault.client.connection import announce_issuer_override
-    from flyvault.client.vault import Vault
+    from flyvault.client import Vault
 
-    announce_issuer_override(vault_config)
     console = _Console()
-    vault = Vault(vault_config, on_notice=console.notice, reconnect_timeout=3600)
+    vault = Vault(
+        vault_config, on_notice=console.notice, on_event=console.event, reconnect_timeout=3600
+    )
     listeners = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -449,6 +432,8 @@ def run_list_exec(args: argparse.Namespace) -> int:
 
 
 def run_kill(args: argparse.Namespace) -> int:
+    from flyvault.client import parse_signal
+
     signo = parse_signal(args.signal)
     vault_config = _load(args.vault)
     asyncio.run(_with_vault(vault_config, lambda v: v.kill(args.session, signo)))
@@ -457,11 +442,9 @@ def run_kill(args: argparse.Namespace) -> int:
 
 
 async def _with_vault(vault_config: Any, action: Any) -> Any:
-    from flyvault.client.connection import announce_issuer_override
-    from flyvault.client.vault import Vault
+    from flyvault.client import Vault
 
-    announce_issuer_override(vault_config)
-    vault = Vault(vault_config)
+    vault = Vault(vault_config, on_event=_Console().event)
     try:
         return await action(vault)
     finally:

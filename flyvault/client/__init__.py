@@ -1,1 +1,70 @@
-"""Client API shared by the CLI and the MCP server (no printing here)."""
+"""The client API: the only way the CLI and the MCP server reach a vault (no printing here).
+
+Light names (requests, events, diagnosis records, signal parsing, the protocol's value types
+callers read) import at once; ``Vault`` and the exec session, which pull in QUIC and crypto,
+load on first use, so ``fly-vault --help`` and config errors stay fast.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from flyvault.client.diagnose import Diagnosis, DiagnosisStep
+from flyvault.client.events import ClientEvent, DevelopmentIssuer, OnEvent
+from flyvault.client.exec_request import ExecRequest, new_session_id, valid_session_id
+from flyvault.client.signals import parse_signal, signal_name
+from flyvault.protocol.console import Exited, Started
+
+if TYPE_CHECKING:
+    from flyvault.client.connection import VaultConnection
+    from flyvault.client.vault import (
+        ExecHooks,
+        ExecSession,
+        ReprovisionResult,
+        SessionGone,
+        SessionTakenOver,
+        Vault,
+    )
+
+#: Names served from ``flyvault.client.vault`` on first use (it imports the transport).
+_LAZY = {
+    "ExecHooks": "flyvault.client.vault",
+    "ExecSession": "flyvault.client.vault",
+    "ReprovisionResult": "flyvault.client.vault",
+    "SessionGone": "flyvault.client.vault",
+    "SessionTakenOver": "flyvault.client.vault",
+    "Vault": "flyvault.client.vault",
+    "VaultConnection": "flyvault.client.connection",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'flyvault.client' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = [
+    "ClientEvent",
+    "DevelopmentIssuer",
+    "Diagnosis",
+    "DiagnosisStep",
+    "ExecHooks",
+    "ExecRequest",
+    "ExecSession",
+    "Exited",
+    "OnEvent",
+    "ReprovisionResult",
+    "SessionGone",
+    "SessionTakenOver",
+    "Started",
+    "Vault",
+    "VaultConnection",
+    "new_session_id",
+    "parse_signal",
+    "signal_name",
+    "valid_session_id",
+]

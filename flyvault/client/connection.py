@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -158,17 +157,6 @@ class _ProgressLog:
         if self.phase:
             log.info("provision: %s done in %.1f s", self.phase, time.perf_counter() - self.since)
             self.phase = ""
-
-
-def announce_issuer_override(vault: VaultConfig, stream: object = None) -> None:
-    """The dev-only issuer override is always announced on stderr."""
-    if vault.is_issuer_overridden:
-        out = stream if stream is not None else sys.stderr
-        print(
-            f"fly-vault: note: '{vault.name}' is attested by the development issuer "
-            f"{vault.issuer_base_url()}, not by Fly",
-            file=out,  # type: ignore[arg-type]
-        )
 
 
 #: How long a client keeps reconnecting to a vault that turns it away as busy (it evicts

@@ -19,13 +19,14 @@ import asyncio
 import contextlib
 import logging
 import random
-import secrets
 import signal as signal_module
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from flyvault.client.events import DevelopmentIssuer, OnEvent
+from flyvault.client.exec_request import ExecRequest, new_session_id
 from flyvault.config import VaultConfig
 from flyvault.defaults import RECONNECT_TIMEOUT
 from flyvault.errors import (
@@ -55,6 +56,9 @@ from flyvault.protocol.constants import ERROR_FRAME, StreamTag
 from flyvault.protocol.messages import ErrorMessage
 from flyvault.transport import QuicStream, TransportSettings
 
+if TYPE_CHECKING:
+    from flyvault.client.diagnose import Diagnosis, OnStep
+
 log = logging.getLogger("flyvault.client")
 
 Notice = Callable[[str], None]
@@ -71,10 +75,6 @@ def _close_reason(connection: Any) -> str | None:
     return getattr(getattr(connection, "channel", None), "close_reason", None)
 
 
-def new_session_id(prefix: str = "x") -> str:
-    return f"{prefix}-{secrets.token_hex(8)}"
-
-
 class Vault:
     def __init__(
         self,
@@ -86,8 +86,11 @@ class Vault:
         observer: Any = None,
         reprovision: bool = False,
         progress: Callable[[str, int, int], None] | None = None,
+        on_event: OnEvent | None = None,
     ) -> None:
         self.config = config
+        self._on_event = on_event
+        self._announced = False
         #: Send the configured rootfs on the first connection even when the vault is Ready.
         self._reprovision_first = reprovision
         self._progress = progress
@@ -114,8 +117,26 @@ class Vault:
                 _close_reason(current) or "closed",
             )
         if self._connecting is None or self._connecting.done():
+            self._announce()
             self._connecting = asyncio.ensure_future(self._connect())
         return await asyncio.shield(self._connecting)
+
+    def _announce(self) -> None:
+        """Tell the caller, once, that a development issuer vouches for this vault."""
+        if self._announced or not self.config.is_issuer_overridden:
+            return
+        self._announced = True
+        if self._on_event is not None:
+            self._on_event(DevelopmentIssuer(self.config.name, self.config.issuer_base_url()))
+
+    async def diagnose(
+        self, *, fresh: bool = False, timeout: float | None = None, on_step: OnStep | None = None
+    ) -> Diagnosis:
+        """Check the vault step by step without provisioning it (``flyvault.client.diagnose``)."""
+        from flyvault.client.diagnose import diagnose
+
+        self._announce()
+        return await diagnose(self, fresh=fresh, timeout=timeout, on_step=on_step)
 
     @property
     def current(self) -> Any:
@@ -219,17 +240,39 @@ class Vault:
             return connection
 
     async def reprovision(
-        self, progress: Callable[[str, int, int], None] | None = None
+        self,
+        progress: Callable[[str, int, int], None] | None = None,
+        *,
+        on_cold: Callable[[], None] | None = None,
     ) -> ReprovisionResult:
         """Replace the vault's rootfs with the configured one, keeping /root and /home.
 
         Returns once the new workload answers: the server completes the setup only after
         the new runtime has started and stayed up, and its boot identity must have changed.
+        A cold vault is provisioned instead (``from_cold``; ``on_cold`` is told first).
         """
         from flyvault.client.connection import host_mode_refusal, open_vault
+        from flyvault.errors import ColdVault
         from flyvault.protocol.constants import RuntimeStatus
 
-        before = await self.connection()
+        before = self.current
+        if before is None:
+            # Not connection(): on a cold vault it would provision, and the reprovision
+            # would then upload the same rootfs a second time. Look without provisioning.
+            self._announce()
+            started = time.monotonic()
+            try:
+                before = await open_vault(self.config, settings=self.settings, provision=False)
+            except ColdVault:
+                if on_cold is not None:
+                    on_cold()
+                after = await open_vault(self.config, settings=self.settings, progress=progress)
+                self.adopt(after)
+                elapsed = time.monotonic() - started
+                return ReprovisionResult(
+                    None, after.boot_id, elapsed, after.runtime_status, after.notes, True
+                )
+            self.adopt(before)
         if before.runtime_status is RuntimeStatus.HOST_MODE:
             # Refused here, at once: no second connection, no upload.
             raise host_mode_refusal(self.config.name)
@@ -297,12 +340,15 @@ class Vault:
 
 @dataclass(frozen=True)
 class ReprovisionResult:
-    old_boot_id: str
+    #: None when the vault was cold: there was no workload before.
+    old_boot_id: str | None
     new_boot_id: str
     seconds: float
     runtime_status: Any
     #: The vault's notes about the provisioning (device nodes created...).
     notes: tuple[str, ...] = ()
+    #: The vault was never provisioned: this provisioned it (one upload).
+    from_cold: bool = False
 
 
 @dataclass
@@ -322,7 +368,9 @@ class ExecSession:
     whichever stream is current; ``run`` returns the ``Exited`` record.
     """
 
-    def __init__(self, vault: Vault, request: OpenSession, hooks: ExecHooks) -> None:
+    def __init__(self, vault: Vault, request: ExecRequest | OpenSession, hooks: ExecHooks) -> None:
+        if isinstance(request, ExecRequest):
+            request = request.open_session()
         self.vault = vault
         self.request = request
         self.hooks = hooks

@@ -1,0 +1,136 @@
+"""``ExecRequest``: what the CLI and the MCP server ask a vault to run, checked here.
+
+Callers describe the session (a command, a shell, or a reattach to a named session) and get
+a ``UsageError`` for what the vault would refuse anyway, before any connection: an invalid
+session id, an empty argv, sizes over the wire limits, a NUL byte the kernel cannot take.
+The wire message (``OpenSession``) is built from it by ``ExecSession`` only.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+from flyvault.errors import RemoteProtocolError, UsageError
+from flyvault.protocol.console import (
+    MAX_ARG_LENGTH,
+    MAX_ARGV,
+    MAX_CONTEXT_LENGTH,
+    MAX_ENV,
+    MAX_PATH_LENGTH,
+    MAX_TERM_LENGTH,
+    OpenSession,
+    check_session_id,
+)
+
+#: What the vault reads of an environment variable's name (``OpenSession.decode``).
+MAX_ENV_NAME_LENGTH = 1024
+#: Terminal rows and columns travel as u16.
+MAX_TERMINAL_SIZE = 0xFFFF
+
+
+def new_session_id(prefix: str = "x") -> str:
+    return f"{prefix}-{secrets.token_hex(8)}"
+
+
+def valid_session_id(session_id: str) -> str:
+    """``session_id`` if the vault would take it, else a ``UsageError`` naming the rule."""
+    try:
+        return check_session_id(session_id)
+    except RemoteProtocolError as exc:
+        raise UsageError(exc.message) from None
+
+
+@dataclass(frozen=True, slots=True)
+class ExecRequest:
+    """One exec session to open. ``argv`` None without ``shell`` means "reattach only"."""
+
+    session_id: str
+    argv: tuple[str, ...] | None = None
+    pty: bool = False
+    #: A login shell (``bash -l``, else ``sh -l``); ``argv`` is ignored.
+    shell: bool = False
+    #: Keep the session after it exits until collected (named sessions).
+    keep: bool = False
+    context: str | None = None
+    term: str = ""
+    rows: int = 0
+    cols: int = 0
+    cwd: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    #: Output bytes already seen: a reattach replays from here.
+    resume_offset: int = 0
+
+    def __post_init__(self) -> None:
+        valid_session_id(self.session_id)
+        if self.argv is not None:
+            _check_argv(self.argv, self.shell)
+        _check_text("context", self.context, MAX_CONTEXT_LENGTH)
+        _check_text("cwd", self.cwd, MAX_PATH_LENGTH)
+        _check_text("term", self.term, MAX_TERM_LENGTH)
+        _check_env(self.env)
+        for name, value in (("rows", self.rows), ("cols", self.cols)):
+            if not 0 <= value <= MAX_TERMINAL_SIZE:
+                raise UsageError(f"exec request: {name} {value} is outside 0-{MAX_TERMINAL_SIZE}")
+        if self.resume_offset < 0:
+            raise UsageError("exec request: the resume offset cannot be negative")
+
+    @classmethod
+    def reattach(cls, session_id: str, offset: int = 0) -> ExecRequest:
+        """Follow an existing session from output ``offset``; never starts a command."""
+        return cls(session_id=session_id, resume_offset=offset)
+
+    @property
+    def creates(self) -> bool:
+        """Whether this request starts something (a reattach never does)."""
+        return self.argv is not None or self.shell
+
+    def open_session(self) -> OpenSession:
+        """The wire message (``flyvault.protocol.console``)."""
+        return OpenSession(
+            session_id=self.session_id,
+            argv=self.argv,
+            pty=self.pty,
+            shell=self.shell,
+            keep=self.keep,
+            context=self.context,
+            term=self.term,
+            rows=self.rows,
+            cols=self.cols,
+            cwd=self.cwd,
+            env=self.env,
+            resume_offset=self.resume_offset,
+        )
+
+
+def _check_argv(argv: tuple[str, ...], shell: bool) -> None:
+    if not argv and not shell:
+        raise UsageError("argv must not be empty")
+    if len(argv) > MAX_ARGV:
+        raise UsageError(f"exec request: {len(argv)} arguments, more than {MAX_ARGV}")
+    for arg in argv:
+        _check_text("an argument", arg, MAX_ARG_LENGTH)
+
+
+def _check_env(env: tuple[tuple[str, str], ...]) -> None:
+    if len(env) > MAX_ENV:
+        raise UsageError(f"exec request: {len(env)} environment variables, more than {MAX_ENV}")
+    for name, value in env:
+        if not name or "=" in name:
+            raise UsageError(f"exec request: invalid environment variable name {name[:40]!r}")
+        _check_text(f"environment variable name {name[:40]!r}", name, MAX_ENV_NAME_LENGTH)
+        _check_text(f"environment variable {name[:40]}", value, MAX_ARG_LENGTH)
+
+
+def _check_text(what: str, text: str | None, limit: int) -> None:
+    """Lengths as the wire counts them (UTF-8 bytes); a NUL would cut the string in exec."""
+    if text is None:
+        return
+    if "\0" in text:
+        raise UsageError(f"exec request: {what} contains a NUL byte")
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        raise UsageError(f"exec request: {what} is {size} bytes, more than {limit}")
+
+
+__all__ = ["ExecRequest", "new_session_id", "valid_session_id"]
