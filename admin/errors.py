@@ -3,12 +3,16 @@
 Every class is rooted in ``flyvault.errors.VaultError`` and carries its own exit code, so a
 script driving ``fly-vault-admin`` can tell "the tenant already exists" (13) from "the rollout
 stopped" (11) without parsing text. The codes are listed in references/admin.md. The Machines
-API's own errors (``MachinesApiError`` and its subclasses) are in ``flyvault.fly.errors``.
+API's own errors (``MachinesApiError`` and its subclasses) are in ``flyvault.fly.errors``; the
+admin branches of them (a machine that failed its image, a lease or a read-back) are here.
 """
 
 from __future__ import annotations
 
 from flyvault.errors import ConfigError, VaultError
+from flyvault.fly.errors import MachinesApiError
+
+from .hints import IMAGE
 
 
 class TemplateError(ConfigError):
@@ -32,3 +36,38 @@ class IncompleteCleanup(VaultError):
     released; the message names each of them (and a lease's expiry)."""
 
     exit_code = 12
+
+
+class MachineFailed(VaultError):
+    """One machine's update failed; ``cause`` (``admin.hints``) picks the hint."""
+
+    def __init__(self, message: str, *, cause: str, error: BaseException) -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.error = error
+
+
+class ImageFailed(MachinesApiError):
+    """The new image did not start, crashed or failed its checks on a machine."""
+
+    cause = IMAGE
+
+
+class CordonLeft(VaultError):
+    """A machine runs the new image and is healthy, but could not be uncordoned."""
+
+    cause = "cordon"
+
+
+class LeaseFailed(MachinesApiError):
+    """The machine's lease could not be acquired: nothing was changed."""
+
+
+class MachineStopped(MachinesApiError):
+    """A machine stopped (exited) while we waited for it to start: its image failed."""
+
+    cause = IMAGE
+
+
+class ReadBackFailed(MachinesApiError):
+    """The machine could not be read back after a doubtful call: its state is unknown."""

@@ -23,21 +23,13 @@ from typing import Any
 from flyvault.fly.errors import ApiAuthError, ApiNotFound, MachinesApiError, WaitTimeout
 from flyvault.fly.machines import MachinesClient
 
+from .errors import MachineStopped, ReadBackFailed
+
 READBACK_ATTEMPTS = 3
 CORDON_ATTEMPTS = 3
 #: Pause between two wait calls after a failed one (real time: the machine moves on its own).
 WAIT_PAUSE = 0.2
 GONE_STATES = frozenset({"destroyed", "deleted"})
-
-
-class MachineStopped(MachinesApiError):
-    """A machine stopped (exited) while we waited for it to start: its image failed."""
-
-    cause = "image"
-
-
-class ReadBackFailed(MachinesApiError):
-    """The machine could not be read back after a doubtful call: its state is unknown."""
 
 
 async def read_machine(

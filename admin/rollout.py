@@ -43,7 +43,7 @@ from flyvault.fly.errors import ApiNotFound
 from flyvault.fly.leases import run_tag
 from flyvault.fly.machines import MachinesClient
 
-from .errors import IncompleteCleanup, RolloutFailed
+from .errors import IncompleteCleanup, MachineFailed, RolloutFailed
 from .hints import IMAGE, cause_of, rollout_hint
 from .output import note, out, render_table, warn
 from .readback import set_cordon
@@ -82,15 +82,6 @@ class RolloutOptions:
     force: bool = False
     state_file: Path | None = None
     restart: bool = False
-
-
-class MachineFailed(VaultError):
-    """One machine's update failed; ``cause`` (``admin.hints``) picks the hint."""
-
-    def __init__(self, message: str, *, cause: str, error: BaseException) -> None:
-        super().__init__(message)
-        self.cause = cause
-        self.error = error
 
 
 def options_from_args(args: argparse.Namespace) -> RolloutOptions:

@@ -33,10 +33,10 @@ from flyvault.fly.errors import ApiAuthError, ApiNotFound, MachinesApiError
 from flyvault.fly.leases import HeldLease
 from flyvault.fly.machines import MachinesClient
 
+from .errors import CordonLeft, ImageFailed, LeaseFailed, ReadBackFailed
 from .hints import IMAGE
 from .output import note, warn
 from .readback import (
-    ReadBackFailed,
     describe,
     read_machine,
     set_cordon,
@@ -53,22 +53,6 @@ from .rollout_state import (
 PASSING = frozenset({"passing", "passed", "healthy", "ok"})
 UPDATE_ATTEMPTS = 3
 ROLLBACK_ATTEMPTS = 2
-
-
-class ImageFailed(MachinesApiError):
-    """The new image did not start, crashed or failed its checks on a machine."""
-
-    cause = IMAGE
-
-
-class CordonLeft(VaultError):
-    """A machine runs the new image and is healthy, but could not be uncordoned."""
-
-    cause = "cordon"
-
-
-class LeaseFailed(MachinesApiError):
-    """The machine's lease could not be acquired: nothing was changed."""
 
 
 def checks_status(machine: dict[str, Any]) -> tuple[str, str]:

@@ -15,6 +15,10 @@ import os
 import sys
 from pathlib import Path
 
+from .defaults import BUFFER_MIB
+
+MIB = 1024 * 1024
+
 PROG = "fly-vault-mcp"
 
 
@@ -51,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--buffer-mib",
         type=int,
-        default=4,
+        default=BUFFER_MIB,
         metavar="N",
         help="output kept per exec session in this process (default %(default)s MiB)",
     )
@@ -110,7 +114,7 @@ def _run(args: argparse.Namespace) -> int:
     from .server import build_server, make_state
 
     if args.http is None:
-        state = make_state(buffer_bytes=args.buffer_mib * 1024 * 1024)
+        state = make_state(buffer_bytes=args.buffer_mib * MIB)
         server = build_server(state)
         server.run()
         return 0
@@ -118,7 +122,7 @@ def _run(args: argparse.Namespace) -> int:
 
     host, port = parse_loopback(args.http)
     token = load_token(args.token_file, args.token_env)
-    state = make_state(buffer_bytes=args.buffer_mib * 1024 * 1024, extra_secrets=(token,))
+    state = make_state(buffer_bytes=args.buffer_mib * MIB, extra_secrets=(token,))
     server = build_server(state)
     anyio.run(serve, server, host, port, token)
     return 0

@@ -33,6 +33,7 @@ from flyvault import __version__
 from flyvault.errors import VaultError
 from flyvault.redact import register, scrub, scrub_value
 
+from .defaults import BUFFER_BYTES
 from .forwards import ForwardManager
 from .jobs import JobRegistry
 from .pool import VaultPool, error_text
@@ -74,7 +75,7 @@ class State:
 def make_state(
     *,
     config_path: Path | None = None,
-    buffer_bytes: int = 4 * 1024 * 1024,
+    buffer_bytes: int = BUFFER_BYTES,
     extra_secrets: tuple[str, ...] = (),
 ) -> State:
     for value in extra_secrets:

@@ -39,6 +39,7 @@ from flyvault.client import (
 )
 from flyvault.errors import NotFoundError, Timeout, UsageError, VaultError
 
+from .defaults import BUFFER_BYTES
 from .models import ExecResult, SessionInfo, SessionList
 from .output import OutputBuffer, render
 from .pool import VaultPool, tool_error
@@ -121,7 +122,7 @@ class ExecRecord:
 
 
 class ExecRegistry:
-    def __init__(self, pool: VaultPool, *, buffer_bytes: int = 4 * 1024 * 1024) -> None:
+    def __init__(self, pool: VaultPool, *, buffer_bytes: int = BUFFER_BYTES) -> None:
         self.pool = pool
         self.buffer_bytes = buffer_bytes
         self._records: dict[tuple[str, str], ExecRecord] = {}

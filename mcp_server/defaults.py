@@ -1,0 +1,9 @@
+"""Defaults of the MCP server that more than one module states, each once.
+
+A leaf module (no imports) so that ``fly-vault-mcp --help`` can show them without loading
+the client.
+"""
+
+#: Output kept per exec session in the MCP server's process (``--buffer-mib``).
+BUFFER_MIB = 4
+BUFFER_BYTES = BUFFER_MIB * 1024 * 1024
