@@ -40,8 +40,8 @@ from flyvault.protocol.exec_session import (
     OPEN_TIMEOUT,
     ClientDetached,
     ErrorReceived,
-    ExitAckTimedOut,
     ExitAcknowledged,
+    ExitAckTimedOut,
     ExitDelivered,
     ExitDeliveryTimedOut,
     OpenTimedOut,
@@ -422,7 +422,7 @@ def test_server_wants_open_first_and_exit_ack_only_after_exited() -> None:
         server.next_event()
     early = _attached_server()
     early.receive_data(encode_frame(ConsoleFrame.EXIT_ACK))
-    with pytest.raises(RemoteProtocolError, match="unexpected exit ack frame .* 'attached'"):
+    with pytest.raises(RemoteProtocolError, match=r"unexpected exit ack frame .* 'attached'"):
         early.next_event()
 
 
