@@ -95,8 +95,11 @@ async def handle_console(
     if initial:
         machine.receive_data(initial)
     request = await _receive_open(machine, stream, clock)
+    if request is None:
+        _finish(stream, machine)
+        return
     registry: SessionRegistry = connection.server.sessions
-    opened = await _open_session(registry, request, machine) if request else None
+    opened = await _open_session(registry, request, machine)
     if opened is None:
         _finish(stream, machine)
         return

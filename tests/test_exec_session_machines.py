@@ -15,6 +15,7 @@ deadlines, displacement and drop notices.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 import pytest
@@ -603,3 +604,105 @@ def _frames(data: bytes) -> list[tuple[int, bytes]]:
     while (frame := decoder.next_frame()) is not None:
         out.append((frame.type, frame.payload))
     return out
+
+
+# The glue services the machines' deadlines with an injected clock -------------------------
+
+
+class _SilentStream:
+    """A console stream whose client never sends anything."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.ended = False
+
+    async def read(self, max_bytes: int = 0) -> bytes:
+        await asyncio.Event().wait()  # never: only the deadline can end the wait
+        return b""
+
+    def write(self, data: bytes, end_stream: bool = False) -> None:
+        self.written += data
+        self.ended = self.ended or end_stream
+
+
+def test_server_glue_refuses_a_silent_stream_at_the_machines_deadline() -> None:
+    from server.console import handle_console
+
+    times = iter([0.0, OPEN_TIMEOUT + 1.0, OPEN_TIMEOUT + 1.0])
+    stream = _SilentStream()
+
+    async def scenario() -> None:
+        await asyncio.wait_for(
+            handle_console(None, stream, b"", clock=lambda: next(times)),  # type: ignore[arg-type]
+            5.0,  # a guard only: the injected clock makes the deadline pass at once
+        )
+
+    asyncio.run(scenario())
+    assert stream.ended
+    kind, payload = _frames(bytes(stream.written))[0]
+    assert kind == ERROR_FRAME
+    assert ErrorMessage.decode(payload).message == "no console open frame within 10 s"
+
+
+class _ScriptedStream(_SilentStream):
+    """A console stream that answers with ``script`` and never confirms delivery."""
+
+    def __init__(self, script: bytes) -> None:
+        super().__init__()
+        self._script = script
+
+    async def read(self, max_bytes: int = 0) -> bytes:
+        if self._script:
+            data, self._script = self._script[:7], self._script[7:]  # arbitrary cuts
+            return data
+        return await super().read()
+
+    async def drain(self) -> None:
+        return None
+
+    async def wait_delivered(self) -> None:
+        await asyncio.Event().wait()  # never confirmed: only the deadline ends the wait
+
+    def stop(self, error_code: int = 0) -> None:
+        return None
+
+
+def test_client_glue_gives_up_on_exit_delivery_at_the_machines_deadline() -> None:
+    from flyvault.client.vault import ExecHooks, ExecSession
+
+    script = (
+        encode_frame(ConsoleFrame.STARTED, Started("s", True, 0, 0, 1, False, 0).encode())
+        + encode_frame(ConsoleFrame.STDOUT, b"out")
+        + encode_frame(ConsoleFrame.EXITED, Exited(7, None, 3).encode())
+    )
+    stream = _ScriptedStream(script)
+
+    class Connection:
+        boot_id = "b"
+
+        def open_stream(self, tag: int) -> _ScriptedStream:
+            return stream
+
+    class FakeVault:
+        async def connection(self) -> Connection:
+            return Connection()
+
+    out = bytearray()
+    times = iter([100.0, 100.0 + EXIT_ACK_DELIVERY, 100.0 + EXIT_ACK_DELIVERY])
+    session = ExecSession(
+        FakeVault(),  # type: ignore[arg-type]
+        OpenSession("s", ("cat",)),
+        ExecHooks(stdout=out.extend, stderr=out.extend),
+        clock=lambda: next(times),
+    )
+    session.send_stdin(b"never read")
+
+    async def scenario() -> Exited:
+        return await asyncio.wait_for(session.run(), 5.0)  # a guard only
+
+    exited = asyncio.run(scenario())
+    assert exited.code == 7 and out == b"out"
+    assert session.machine.state is ClientState.DONE
+    frames = _frames(bytes(stream.written))
+    assert [kind for kind, _ in frames[1:]] == [ConsoleFrame.STDIN, ConsoleFrame.EXIT_ACK]
+    assert stream.ended
