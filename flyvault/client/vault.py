@@ -517,6 +517,7 @@ class ExecSession:
             started.offset,
         )
         self._flush()  # input flows from the vault's stdin offset now
+        self._room.set()  # a reattach's STARTED acknowledges input too
         self.hooks.started(started)
 
     async def _acknowledge_exit(self, exited: Exited, stream: QuicStream) -> None:
