@@ -11,6 +11,8 @@ Exec sessions resume by offset after a reconnect: the client reattaches (never r
 a command must not run twice) with the number of output bytes it has seen, and the server
 replays exactly the rest. Standard input is exact the same way: the client keeps what the
 vault has not acknowledged and, on reattach, resends from the vault's ``stdin_offset``.
+Those rules live in the ``ExecClient`` machine (``flyvault/protocol/exec_client.py``);
+``ExecSession`` is its asyncio glue.
 """
 
 from __future__ import annotations
