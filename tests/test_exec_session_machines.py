@@ -19,7 +19,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from flyvault.errors import LocalProtocolError, RemoteProtocolError
@@ -96,10 +96,13 @@ class World:
         self.now = 0.0
         self.stream: Stream | None = None
         self.zombies: list[Stream] = []  # streams the server has not noticed are dead
+        self.streams = 0
+        self.resent = False  # some input crossed the wire twice (the second copy applied)
 
     # The client side ----------------------------------------------------------------------
 
     def open(self) -> None:
+        self.streams += 1
         stream = Stream(ExecServer(self.now))
         stream.to_server += self.client.open_stream()
         self.stream = stream
@@ -137,6 +140,9 @@ class World:
             assert self.output == self.model.log[: len(self.output)], "output not exact"
         elif isinstance(event, SessionStarted):
             assert event.started.offset == len(self.output)
+            self.resent = self.resent or (
+                event.resumed and event.started.stdin_offset < len(self.sent_stdin)
+            )
         elif isinstance(event, SessionExited):
             self.exits.append(event.exited)
             self.client.acknowledge_exit(self.now)
@@ -209,9 +215,11 @@ class World:
         self.open()
 
 
+_cut = st.tuples(st.just("cut"), st.tuples(st.integers(0, 400), st.booleans()))
 actions = st.one_of(
     st.tuples(st.just("output"), st.binary(min_size=1, max_size=300)),
     st.tuples(st.just("stdin"), st.binary(min_size=1, max_size=300)),
+    _cut,  # listed twice: reconnects are what the machines are for
     st.tuples(st.just("to_server"), st.integers(0, 400)),
     st.tuples(st.just("to_client"), st.integers(0, 400)),
     st.tuples(st.just("pump"), st.integers(1, 200)),
@@ -241,12 +249,12 @@ def step(world: World, action: tuple[str, object]) -> None:
     elif kind == "pump":
         assert isinstance(value, int)
         world.pump_output(stream, value)
-    elif (
-        kind == "cut"
-        and world.model.created  # before, a lost OPEN means "not found": nothing to resume
-        and world.client.state in (ClientState.OPENING, ClientState.ATTACHED)
-    ):
+    elif kind == "cut" and world.client.state in (ClientState.OPENING, ClientState.ATTACHED):
         assert isinstance(value, tuple)
+        if not world.model.created:
+            # A first OPEN lost with its stream means "not found" on the reattach (the
+            # command must never run twice): let it arrive, cut what follows.
+            world.deliver_to_server(stream, len(stream.to_server))
         world.cut(*value)
     elif kind == "zombie" and world.zombies:
         # A late piece of a dead stream reaches the server, after the reconnect: a displaced
@@ -297,6 +305,11 @@ def test_output_and_input_arrive_exactly_once_in_order_across_cuts(
     for action in script:
         step(world, action)
     finish(world)
+    event(f"reconnects: {min(world.streams - 1, 3)}{'+' if world.streams > 4 else ''}")
+    event(
+        f"zombie displaced: {any(z.server.state is ServerState.DISPLACED for z in world.zombies)}"
+    )
+    event(f"input resent: {world.resent}")
     assert world.output == world.model.log
     assert world.model.stdin == world.sent_stdin
     assert world.model.eof_seen
