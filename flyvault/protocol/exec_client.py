@@ -16,14 +16,13 @@ that the session had not acknowledged, the stream carries it ahead of the EXIT_A
 machine waits (``EXIT_ACK_DELIVERY``, a deadline) for the glue to confirm delivery, so a
 one-shot client closing its connection does not leave the finished session waiting.
 
-States and what the server may send in each (``CLIENT_ACCEPTS``)::
+States (what the server may send in each: ``CLIENT_ACCEPTS``)::
 
-    IDLE --open_stream--> OPENING --STARTED--> ATTACHED --EXITED--> EXITED
-      ^                      |                   |  |                  |
-      |   stream_lost /      +---ERROR---------> FAILED                acknowledge_exit(now)
-      +-- end of stream ----(DISCONNECTED)<------+  +--DETACHED--> DISPLACED
-                                                                       v
-                                                  DONE <--delivered/timer-- DELIVERING
+    IDLE/DISCONNECTED --open_stream--> OPENING --STARTED--> ATTACHED --EXITED--> EXITED
+    OPENING, ATTACHED --end of stream, stream_lost--> DISCONNECTED (reattach)
+    OPENING, ATTACHED --ERROR--> FAILED          ATTACHED --DETACHED--> DISPLACED
+    EXITED --acknowledge_exit(now)--> DONE, or DELIVERING (input unacknowledged)
+    DELIVERING --delivery_confirmed, deadline, stream_lost--> DONE
 """
 
 from __future__ import annotations

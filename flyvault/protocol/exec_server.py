@@ -21,12 +21,12 @@ machine's side: input arriving afterwards is never applied, because the new atta
 told how much input the session had taken. The glue ends the stream whenever
 ``sending_finished`` is true (after DETACHED or an error frame).
 
-States and the client frames each accepts (``SERVER_ACCEPTS``)::
+States (the client frames each accepts: ``SERVER_ACCEPTS``)::
 
     AWAIT_OPEN --OPEN--> OPENING --start--> ATTACHED --send_exited(now)--> EXITED
-        |                   |                  |  \\                         |
-        | timer/violation   +--refuse--> FAILED |   +--displace--> DISPLACED  | EXIT_ACK, end,
-        +------------------------------> FAILED +--end of stream--> CLOSED <--+ or timer
+    AWAIT_OPEN --deadline, another frame--> FAILED (error frame); --end of stream--> CLOSED
+    OPENING --refuse--> FAILED                    ATTACHED, EXITED --displace--> DISPLACED
+    ATTACHED --end of stream--> CLOSED      EXITED --EXIT_ACK, end, deadline--> CLOSED
 """
 
 from __future__ import annotations
