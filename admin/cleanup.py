@@ -14,18 +14,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from admin.readback import read_machine, wait_state
 from flyvault.fly.errors import ApiAuthError, ApiNotFound, MachinesApiError
 from flyvault.fly.machines import MachinesClient
+
+from .readback import read_machine, wait_state
 
 DELETE_ATTEMPTS = 3
 
 
 def cleanup_poll() -> float:
     """Pause between two tries of a volume delete (``admin.commands.CLEANUP_POLL``)."""
-    import admin.commands
-
-    return float(admin.commands.CLEANUP_POLL)
+    from . import commands
+    return float(commands.CLEANUP_POLL)
 
 
 @dataclass

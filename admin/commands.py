@@ -17,11 +17,16 @@ from typing import Any
 
 import httpx
 
-from admin.create import create_tenant
-from admin.delete import delete_tenant
-from admin.display import summary_rows, wide_rows
-from admin.output import out, print_json, terminal_width, warn
-from admin.template import (
+from flyvault.errors import UsageError
+from flyvault.fly.clock import SYSTEM_CLOCK, Clock
+from flyvault.fly.machines import MachinesClient, RetryPolicy, Timeouts
+from flyvault.redact import register as register_secret
+
+from .create import create_tenant
+from .delete import delete_tenant
+from .display import summary_rows, wide_rows
+from .output import out, print_json, terminal_width, warn
+from .template import (
     MachinePlan,
     auto_volume_placeholder,
     check_app,
@@ -31,11 +36,7 @@ from admin.template import (
     render_plan,
     validate_tenant_id,
 )
-from admin.tenants import list_managed, redact_config, summarise, volume_sizes
-from flyvault.errors import UsageError
-from flyvault.fly.clock import SYSTEM_CLOCK, Clock
-from flyvault.fly.machines import MachinesClient, RetryPolicy, Timeouts
-from flyvault.redact import register as register_secret
+from .tenants import list_managed, redact_config, summarise, volume_sizes
 
 __all__ = ["create_tenant", "delete_tenant", "dry_run_plan", "make_client"]
 
@@ -186,14 +187,14 @@ def run_usage_facts(args: argparse.Namespace) -> int:
     bearer = (args.bearer_token or "").strip() or None
     register_secret(bearer)
     if args.listen:
-        from admin.usage_server import parse_listen, serve
+        from .usage_server import parse_listen, serve
 
         host, port = parse_listen(args.listen, bearer_token=bearer)
         return asyncio.run(serve(make_client(args), host, port, bearer, tenant=args.tenant))
     if bearer:
         warn("--bearer-token is only used with --listen")
 
-    from admin.tenants import collect_usage_facts
+    from .tenants import collect_usage_facts
 
     async def collect() -> list[dict[str, Any]]:
         async with make_client(args) as api:

@@ -21,17 +21,18 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from admin.cleanup import Leftovers, delete_volumes, destroy_machine, volumes_present
-from admin.errors import IncompleteCleanup, TenantExists
-from admin.output import note, out, warn
-from admin.readback import wait_state
-from admin.template import MachinePlan, VolumePlan
-from admin.tenants import list_managed
 from flyvault.errors import VaultError
 from flyvault.fly.errors import ApiAuthError, MachinesApiError
 from flyvault.fly.leases import release_lease
 from flyvault.fly.machines import Lease, MachinesClient
 from flyvault.redact import register as register_secret
+
+from .cleanup import Leftovers, delete_volumes, destroy_machine, volumes_present
+from .errors import IncompleteCleanup, TenantExists
+from .output import note, out, warn
+from .readback import wait_state
+from .template import MachinePlan, VolumePlan
+from .tenants import list_managed
 
 CREATE_ATTEMPTS = 3
 

@@ -13,14 +13,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from admin.cleanup import Leftovers, delete_volumes, destroy_machine, volumes_present
-from admin.errors import IncompleteCleanup
-from admin.output import out, warn
-from admin.readback import read_machine, set_cordon, wait_state
-from admin.tenants import list_managed, volume_ids
 from flyvault.errors import UsageError, VaultError
 from flyvault.fly.errors import ApiAuthError, ApiNotFound, MachinesApiError
 from flyvault.fly.machines import MachinesClient
+
+from .cleanup import Leftovers, delete_volumes, destroy_machine, volumes_present
+from .errors import IncompleteCleanup
+from .output import out, warn
+from .readback import read_machine, set_cordon, wait_state
+from .tenants import list_managed, volume_ids
 
 
 async def delete_tenant(

@@ -16,9 +16,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from admin.output import render_table, truncate
-from admin.tenants import configured_image
 from flyvault.fly.images import parse_image
+
+from .output import render_table, truncate
+from .tenants import configured_image
 
 SHORT_DIGEST = 12
 MIN_IMAGE_WIDTH = 12

@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print the plan (secrets hidden); no API call"
     )
     create.add_argument("--wait-timeout-secs", type=finite_float, default=180.0, metavar="N")
-    create.set_defaults(run=_lazy("admin.commands", "run_create"))
+    create.set_defaults(run=_lazy("flyvault.admin.commands", "run_create"))
 
     list_ = sub(
         "list",
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     list_.add_argument("--tenant", metavar="ID", help="only this tenant")
     list_.add_argument("--wide", action="store_true", help="one row per machine")
     list_.add_argument("--json", action="store_true", help="JSON (wins over --wide)")
-    list_.set_defaults(run=_lazy("admin.commands", "run_list"))
+    list_.set_defaults(run=_lazy("flyvault.admin.commands", "run_list"))
 
     delete = sub(
         "delete",
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("tenant_id", metavar="TENANT_ID")
     delete.add_argument("--yes", action="store_true", help="do not ask")
     delete.add_argument("--wait-timeout-secs", type=finite_float, default=180.0, metavar="N")
-    delete.set_defaults(run=_lazy("admin.commands", "run_delete"))
+    delete.set_defaults(run=_lazy("flyvault.admin.commands", "run_delete"))
 
     update = sub(
         "update-image",
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("--force", action="store_true", help="also update machines already on IMG")
     update.add_argument("--state-file", metavar="PATH", help="where progress is kept")
     update.add_argument("--restart", action="store_true", help="ignore a saved unfinished rollout")
-    update.set_defaults(run=_lazy("admin.rollout", "run_update_image"))
+    update.set_defaults(run=_lazy("flyvault.admin.rollout", "run_update_image"))
 
     usage = sub(
         "usage-facts",
@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="require Authorization: Bearer TOKEN (env FLY_VAULT_USAGE_BEARER_TOKEN); "
         "mandatory beyond loopback",
     )
-    usage.set_defaults(run=_lazy("admin.commands", "run_usage_facts"))
+    usage.set_defaults(run=_lazy("flyvault.admin.commands", "run_usage_facts"))
     parser.set_defaults(tenant_parser=tenant)
     return parser
 
@@ -273,9 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "action", None) is None:
         args.tenant_parser.print_help(sys.stderr)
         return 2
-    from admin.output import report_error
     from flyvault.errors import VaultError
     from flyvault.redact import register as register_secret
+
+    from .output import report_error
 
     _configure_logging(args.verbose)
     # Before the first request: an API answer may quote any of them (a 5xx or a 422 body).

@@ -38,12 +38,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from admin.errors import IncompleteCleanup, RolloutFailed
-from admin.hints import IMAGE, cause_of, rollout_hint
-from admin.output import note, out, render_table, warn
-from admin.readback import set_cordon
-from admin.rollout_machine import CordonLeft, MachineWork, checks_status, digest_of
-from admin.rollout_state import (
+from flyvault.errors import NotFoundError, UsageError, VaultError
+from flyvault.fly.errors import ApiNotFound
+from flyvault.fly.leases import run_tag
+from flyvault.fly.machines import MachinesClient
+
+from .errors import IncompleteCleanup, RolloutFailed
+from .hints import IMAGE, cause_of, rollout_hint
+from .output import note, out, render_table, warn
+from .readback import set_cordon
+from .rollout_machine import CordonLeft, MachineWork, checks_status, digest_of
+from .rollout_state import (
     FAILED,
     GONE,
     PENDING,
@@ -57,12 +62,8 @@ from admin.rollout_state import (
     default_state_path,
     load_state,
 )
-from admin.template import register_env_values
-from admin.tenants import list_managed, tenant_of
-from flyvault.errors import NotFoundError, UsageError, VaultError
-from flyvault.fly.errors import ApiNotFound
-from flyvault.fly.leases import run_tag
-from flyvault.fly.machines import MachinesClient
+from .template import register_env_values
+from .tenants import list_managed, tenant_of
 
 __all__ = ["Rollout", "RolloutOptions", "checks_status", "rollback_ref", "run_update_image"]
 
@@ -126,7 +127,7 @@ def options_from_args(args: argparse.Namespace) -> RolloutOptions:
 
 
 def run_update_image(args: argparse.Namespace) -> int:
-    from admin.commands import make_client
+    from .commands import make_client
 
     options = options_from_args(args)
 

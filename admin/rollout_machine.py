@@ -27,27 +27,28 @@ import copy
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from admin.hints import IMAGE
-from admin.output import note, warn
-from admin.readback import (
+from flyvault.errors import VaultError
+from flyvault.fly import leases
+from flyvault.fly.errors import ApiAuthError, ApiNotFound, MachinesApiError
+from flyvault.fly.leases import HeldLease
+from flyvault.fly.machines import MachinesClient
+
+from .hints import IMAGE
+from .output import note, warn
+from .readback import (
     ReadBackFailed,
     describe,
     read_machine,
     set_cordon,
     wait_state,
 )
-from admin.rollout_state import (
+from .rollout_state import (
     FAILED,
     GONE,
     ROLLED_BACK,
     MachineEntry,
     RolloutState,
 )
-from flyvault.errors import VaultError
-from flyvault.fly import leases
-from flyvault.fly.errors import ApiAuthError, ApiNotFound, MachinesApiError
-from flyvault.fly.leases import HeldLease
-from flyvault.fly.machines import MachinesClient
 
 PASSING = frozenset({"passing", "passed", "healthy", "ok"})
 UPDATE_ATTEMPTS = 3

@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from admin.errors import TemplateError
 from flyvault.errors import UsageError
 from flyvault.redact import register_all
+
+from .errors import TemplateError
 
 TEMPLATE_VERSION = 1
 DEFAULT_VOLUME_SIZE_GIB = 30

@@ -18,15 +18,16 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from admin.template import (
+from flyvault.fly.machines import MachinesClient
+from flyvault.redact import REDACTED, scrub_value
+
+from .template import (
     DEFAULT_VOLUME_SIZE_GIB,
     MANAGED_BY_VALUE,
     META_MANAGED_BY,
     META_TENANT,
     register_config_secrets,
 )
-from flyvault.fly.machines import MachinesClient
-from flyvault.redact import REDACTED, scrub_value
 
 GONE_STATES = frozenset({"destroyed", "deleted"})
 

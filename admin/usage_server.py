@@ -25,10 +25,11 @@ import json
 import signal
 from typing import Any
 
-from admin.output import note, warn
-from admin.tenants import collect_usage_facts
 from flyvault.errors import UsageError, VaultError
 from flyvault.fly.machines import MachinesClient
+
+from .output import note, warn
+from .tenants import collect_usage_facts
 
 MAX_HEAD = 8192
 HEAD_TIMEOUT = 10.0

@@ -466,8 +466,8 @@ def run_peer(argv: list[str]) -> int:
 
 
 def run_all(helpers: Helpers, tmp: Path, args: Any) -> dict[str, Any]:
+    from flyvault.proxy.discovery import MANAGED_BY_VALUE, META_MANAGED_BY, META_TENANT
     from flyvault.standins.machines import MachinesStandin
-    from proxy.discovery import MANAGED_BY_VALUE, META_MANAGED_BY, META_TENANT
 
     port = free_port("127.0.0.2", "127.0.0.3")
     sink_addr = ("127.0.0.3", port)
@@ -497,7 +497,7 @@ def run_all(helpers: Helpers, tmp: Path, args: Any) -> dict[str, Any]:
         proxy = helpers.start(
             [
                 "-m",
-                "proxy.main",
+                "flyvault.proxy.main",
                 "--bind",
                 "127.0.0.1",
                 "--port",
@@ -604,7 +604,7 @@ def run_bulk(
         init = helpers.start(
             [
                 "-m",
-                "server.main",
+                "flyvault.server.main",
                 "--listen",
                 f"127.0.0.2:{port}",
                 "--data-dir",

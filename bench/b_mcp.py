@@ -72,7 +72,7 @@ def summarize_ms(seconds: list[float]) -> dict[str, Any]:
 async def mcp_exec_samples(n: int, mode: str) -> list[float]:
     from mcp import Client
 
-    from mcp_server.server import build_server
+    from flyvault.mcp_server.server import build_server
 
     samples: list[float] = []
     while len(samples) < n:
@@ -116,7 +116,7 @@ async def bare_exec_samples(n: int) -> list[float]:
 async def tools_list_size() -> dict[str, Any]:
     from mcp import Client
 
-    from mcp_server.server import build_server
+    from flyvault.mcp_server.server import build_server
 
     async with Client(build_server(), mode="legacy") as client:
         listing = await client.list_tools()

@@ -116,7 +116,7 @@ from flyvault.protocol.messages import (
     SetupComplete,
     SetupRequest,
 )
-from proxy import wire
+from flyvault.proxy import wire
 
 MAX_INPUT = 1_200_000  # a little over MAX_PAYLOAD, so the authenticated limit is crossed
 CHUNKINGS = (1, 2, 3, 7, 64, 1000, 65536, 1 << 30)

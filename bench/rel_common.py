@@ -172,7 +172,7 @@ def start_init(
     command = [
         sys.executable,
         "-m",
-        "server.main",
+        "flyvault.server.main",
         "--listen",
         listen,
         "--data-dir",

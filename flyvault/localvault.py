@@ -299,7 +299,7 @@ def down() -> LocalState | None:
 
 #: What the supervisor runs when the entry point cannot be looked up (a source tree that was
 #: never installed).
-_INIT_MODULE_FALLBACK = "server.main"
+_INIT_MODULE_FALLBACK = "flyvault.server.main"
 #: Init's own settings from the environment: the local vault sets each of these by flag or
 #: wants none of them (``VAULT_FIREWALL`` would firewall this machine).
 _INIT_SETTINGS_PREFIX = "VAULT_"

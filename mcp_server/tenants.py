@@ -55,15 +55,15 @@ def settings(app: str | None, api_base: str | None) -> AdminSettings:
 
 
 def _client(s: AdminSettings) -> Any:
-    import admin.commands
+    from flyvault.admin import commands as admin_commands
     from flyvault.fly.machines import MachinesClient
 
     return MachinesClient(
         base_url=s.api_base,
         app=s.app,
         token=s.token,
-        retry=admin.commands.RETRY,
-        timeouts=admin.commands.TIMEOUTS,
+        retry=admin_commands.RETRY,
+        timeouts=admin_commands.TIMEOUTS,
     )
 
 
@@ -81,7 +81,7 @@ def _machine(entry: dict[str, Any]) -> TenantMachine:
 
 
 async def tenant_list(s: AdminSettings, tenant: str | None) -> TenantList:
-    from admin.tenants import list_managed, summarise, volume_sizes
+    from flyvault.admin.tenants import list_managed, summarise, volume_sizes
 
     async with _client(s) as api:
         machines = await list_managed(api, tenants=[tenant] if tenant else None)
@@ -104,7 +104,7 @@ async def tenant_list(s: AdminSettings, tenant: str | None) -> TenantList:
 
 
 async def usage_facts(s: AdminSettings, tenant: str | None) -> UsageFacts:
-    from admin.tenants import collect_usage_facts
+    from flyvault.admin.tenants import collect_usage_facts
 
     async with _client(s) as api:
         facts = await collect_usage_facts(api, tenant)
@@ -118,7 +118,13 @@ def create_plans(
     s: AdminSettings, tenant_id: str, template: str, variables: dict[str, str]
 ) -> list[Any]:
     """Checked before any job starts: a bad template is the call's error, not a job's."""
-    from admin.template import check_app, load_template, parse_vars, render_plan, validate_tenant_id
+    from flyvault.admin.template import (
+        check_app,
+        load_template,
+        parse_vars,
+        render_plan,
+        validate_tenant_id,
+    )
 
     validate_tenant_id(tenant_id)
     parsed = parse_vars([f"{key}={value}" for key, value in variables.items()])
@@ -137,14 +143,14 @@ def create_plans(
 
 
 def dry_run(plans: list[Any]) -> dict[str, Any]:
-    from admin.commands import dry_run_plan
+    from flyvault.admin.commands import dry_run_plan
 
     return {"applied": False, "requests": dry_run_plan(plans)}
 
 
 def create_work(s: AdminSettings, tenant_id: str, plans: list[Any], wait_timeout: float) -> Work:
     async def work(job: Job) -> dict[str, Any]:
-        from admin.commands import create_tenant
+        from flyvault.admin.commands import create_tenant
 
         async with _client(s) as api:
             created = await create_tenant(api, tenant_id, plans, wait_timeout=wait_timeout)
@@ -165,7 +171,7 @@ def create_work(s: AdminSettings, tenant_id: str, plans: list[Any], wait_timeout
 
 
 async def delete_plan(s: AdminSettings, tenant_id: str) -> dict[str, Any]:
-    from admin.tenants import list_managed, volume_ids
+    from flyvault.admin.tenants import list_managed, volume_ids
 
     async with _client(s) as api:
         live = await list_managed(api, tenants=[tenant_id])
@@ -187,7 +193,7 @@ async def delete_plan(s: AdminSettings, tenant_id: str) -> dict[str, Any]:
 
 def delete_work(s: AdminSettings, tenant_id: str, wait_timeout: float) -> Work:
     async def work(job: Job) -> dict[str, Any]:
-        from admin.commands import delete_tenant
+        from flyvault.admin.commands import delete_tenant
 
         plan = await delete_plan(s, tenant_id)
         async with _client(s) as api:
@@ -208,7 +214,7 @@ def delete_work(s: AdminSettings, tenant_id: str, wait_timeout: float) -> Work:
 async def update_plan(
     s: AdminSettings, image: str, tenants: list[str] | None, force: bool
 ) -> dict[str, Any]:
-    from admin.tenants import configured_image, list_managed, tenant_of
+    from flyvault.admin.tenants import configured_image, list_managed, tenant_of
 
     async with _client(s) as api:
         machines = await list_managed(api, tenants=tenants)
@@ -242,7 +248,7 @@ async def update_plan(
 
 def update_work(s: AdminSettings, options: Any) -> Work:
     async def work(job: Job) -> dict[str, Any]:
-        from admin.rollout import Rollout
+        from flyvault.admin.rollout import Rollout
 
         async with _client(s) as api:
             rollout = Rollout(api, s.app, options)

@@ -286,7 +286,7 @@ def register_admin_tools(server: VaultMCP, state: State) -> None:
         settings = admin.settings(app, None)
         selection = None if all_tenants else sorted(set(tenants or ()))
         if confirm:
-            from admin.rollout import RolloutOptions
+            from flyvault.admin.rollout import RolloutOptions
 
             options = RolloutOptions(
                 image=image,

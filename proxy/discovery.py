@@ -40,7 +40,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from flyvault.errors import VaultError
-from proxy.wire import Drop
+
+from .wire import Drop
 
 log = logging.getLogger("vault-proxy.discovery")
 

@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vault-proxy: {exc.message}", file=sys.stderr)
         print(f"vault-proxy: hint: {exc.hint}", file=sys.stderr)
         return exc.exit_code
-    from proxy.status import configure_logging
+    from .status import configure_logging
 
     configure_logging(args.log_level, args.log_format)
     # The original's messages, kept for scripts that look for them.
@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.status != "off":
         from flyvault.config_values import parse_address
         from flyvault.errors import VaultError
-        from proxy.status import is_loopback
+
+        from .status import is_loopback
 
         try:
             status_host, status_port = parse_address(args.status, allow_any_port=True)
@@ -248,9 +249,10 @@ async def _serve(
     args: argparse.Namespace, token: str, status_host: str | None, status_port: int
 ) -> int:
     from flyvault.fly.machines import MachinesClient, RetryPolicy, Timeouts
-    from proxy.discovery import Directory, DirectoryOptions
-    from proxy.relay import Relay, RelayOptions
-    from proxy.status import StatusServer
+
+    from .discovery import Directory, DirectoryOptions
+    from .relay import Relay, RelayOptions
+    from .status import StatusServer
 
     max_sessions = _raise_fd_limit(args.max_sessions)
     if max_sessions < args.max_sessions:

@@ -45,8 +45,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.discovery import Directory
-from proxy.wire import (
+from .discovery import Directory
+from .wire import (
     DEFAULT_CID_LENGTH,
     DEFAULT_MAX_ID_BYTES,
     MIN_INITIAL_DATAGRAM,

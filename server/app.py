@@ -66,10 +66,11 @@ from flyvault.protocol.messages import (
 )
 from flyvault.transport import QuicChannel, QuicListener, QuicStream, TransportSettings, listen
 from flyvault.transport.admission import AdmissionLimits, Stage
-from server.auth import MAX_WRONG_PER_CONNECTION, AccessToken, WrongTokenBudget, penalty
-from server.cgroups import Limits
-from server.provisioning import Provisioner, ProvisionJob
-from server.sessions import SessionRegistry, SpawnPolicy
+
+from .auth import MAX_WRONG_PER_CONNECTION, AccessToken, WrongTokenBudget, penalty
+from .cgroups import Limits
+from .provisioning import Provisioner, ProvisionJob
+from .sessions import SessionRegistry, SpawnPolicy
 
 log = logging.getLogger("flyvault.server")
 
@@ -604,8 +605,8 @@ def _spawn_policy(options: ServerOptions) -> SpawnPolicy:
 
 
 def _stream_handlers(options: ServerOptions) -> dict[StreamTag, StreamHandler]:
-    from server.console import handle_console, handle_sessions
-    from server.forward import handle_forward
+    from .console import handle_console, handle_sessions
+    from .forward import handle_forward
 
     return {
         StreamTag.PORT_FORWARD: handle_forward,

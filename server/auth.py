@@ -35,7 +35,7 @@ def reexec_without_token(argv: list[str], variable: str = "ACCESS_TOKEN") -> Non
     fd = token_pipe(token)
     os.set_inheritable(fd, True)
     env = {key: value for key, value in os.environ.items() if key != variable}
-    args = [sys.executable, "-m", "server.main", *argv, "--access-token-fd", str(fd)]
+    args = [sys.executable, "-m", "flyvault.server.main", *argv, "--access-token-fd", str(fd)]
     os.execve(sys.executable, args, env)
 
 

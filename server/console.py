@@ -43,13 +43,15 @@ from flyvault.protocol.exec_session import (
     StdinClosed,
     StdinReceived,
 )
-from server.outputlog import STDERR
-from server.process import SpawnError
-from server.sessions import Attachment, Session, SessionRegistry, TooManySessions
+
+from .outputlog import STDERR
+from .process import SpawnError
+from .sessions import Attachment, Session, SessionRegistry, TooManySessions
 
 if TYPE_CHECKING:
     from flyvault.transport import QuicStream
-    from server.app import ServerConnection
+
+    from .app import ServerConnection
 
 log = logging.getLogger("flyvault.server.console")
 

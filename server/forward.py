@@ -27,7 +27,7 @@ from flyvault.transport import QuicStream
 from flyvault.transport.relay import abort_tcp, format_address, read_first_frame, relay
 
 if TYPE_CHECKING:
-    from server.app import ServerConnection
+    from .app import ServerConnection
 
 log = logging.getLogger("flyvault.server.forward")
 

@@ -39,7 +39,7 @@ INIT_OOM_SCORE_ADJ = -900
 
 def _memory_size(text: str) -> int:
     """An argparse ``type=`` for --memory-max: 512M, 2G... at least 4 MiB."""
-    from server.cgroups import parse_bytes
+    from .cgroups import parse_bytes
 
     try:
         value = parse_bytes(text)
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from server.auth import reexec_without_token
+    from .auth import reexec_without_token
 
     arguments = sys.argv[1:] if argv is None else argv
     parser = build_parser()
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         # Before the socket exists, so the workload's ports are never reachable while init
         # starts. A failure is fatal: the operator asked for a firewall, and serving without
         # one would look protected while it is not.
-        from server.firewall import apply_firewall
+        from .firewall import apply_firewall
 
         try:
             apply_firewall(port, allow_ssh=args.firewall_allow_ssh)
@@ -318,9 +318,9 @@ def _apply_environment(args: argparse.Namespace) -> str:
 
 
 async def _serve(args: argparse.Namespace, host: str, port: int) -> int:
-    from server.app import ServerOptions, VaultServer
-    from server.attestation import FlyOidcAttestor
-    from server.auth import AccessToken
+    from .app import ServerOptions, VaultServer
+    from .attestation import FlyOidcAttestor
+    from .auth import AccessToken
 
     log = logging.getLogger("flyvault.server")
     if args.access_token_fd is not None:

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from flyvault.errors import VaultError
-from server.outputlog import STDERR, STDOUT
+
+from .outputlog import STDERR, STDOUT
 
 log = logging.getLogger("flyvault.server.process")
 

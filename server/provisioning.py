@@ -19,11 +19,12 @@ from pathlib import Path
 from flyvault.errors import ProvisionError
 from flyvault.protocol.constants import RuntimeStatus, VmState
 from flyvault.protocol.messages import RootfsOptions
-from server.cgroups import Limits
-from server.provision.extract import ExtractLimits, ExtractReport, StreamingExtractor
-from server.provision.store import RootfsStore
-from server.runtime import WorkloadEntry, WorkloadRuntime
-from server.sessions import SpawnPolicy
+
+from .cgroups import Limits
+from .provision.extract import ExtractLimits, ExtractReport, StreamingExtractor
+from .provision.store import RootfsStore
+from .runtime import WorkloadEntry, WorkloadRuntime
+from .sessions import SpawnPolicy
 
 log = logging.getLogger("flyvault.server.provision")
 

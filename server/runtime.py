@@ -57,10 +57,11 @@ from typing import Any
 
 from flyvault.errors import ProvisionError
 from flyvault.protocol.constants import RuntimeStatus
-from server import cgroups
-from server.cgroups import Limits, WorkloadCgroups
-from server.nsinit import FALLBACK_MARKER, WORKLOAD_ENV
-from server.process import SpawnError
+
+from . import cgroups
+from .cgroups import Limits, WorkloadCgroups
+from .nsinit import FALLBACK_MARKER, WORKLOAD_ENV
+from .process import SpawnError
 
 log = logging.getLogger("flyvault.server.runtime")
 

@@ -42,8 +42,9 @@ from typing import Any
 
 from flyvault.errors import NotFoundError, RemoteError
 from flyvault.protocol.console import OpenSession
-from server.outputlog import OutputLog
-from server.process import Entry, ExitStatus, ManagedProcess
+
+from .outputlog import OutputLog
+from .process import Entry, ExitStatus, ManagedProcess
 
 log = logging.getLogger("flyvault.server.sessions")
 

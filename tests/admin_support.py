@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from admin.template import MANAGED_BY_VALUE, META_MANAGED_BY, META_TENANT
+from flyvault.admin.template import MANAGED_BY_VALUE, META_MANAGED_BY, META_TENANT
 from flyvault.fly.clock import Clock
 from flyvault.fly.machines import MachinesClient, RetryPolicy, Timeouts
 from flyvault.standins.machines import MachinesStandin
@@ -98,7 +98,7 @@ class Cli:
         self.clock = clock or SkewClock()
 
     def __call__(self, *argv: str) -> Result:
-        from admin.main import main
+        from flyvault.admin.main import main
 
         self.capsys.readouterr()
         code = main(list(argv))
@@ -118,8 +118,7 @@ def cli(
     standin: MachinesStandin, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> Cli:
     """The CLI in-process, on a ``SkewClock`` (``cli.clock``), with fast hangs."""
-    import admin.commands
-
+    import flyvault.admin.commands as admin_commands
     clock = SkewClock()
 
     monkeypatch.setenv("FLY_API_TOKEN", API_TOKEN)
@@ -127,11 +126,11 @@ def cli(
     monkeypatch.setenv("FLY_API_BASE", standin.base_url)
     monkeypatch.delenv("FLY_VAULT_ACCESS_TOKEN", raising=False)
     monkeypatch.delenv("FLY_VAULT_USAGE_BEARER_TOKEN", raising=False)
-    monkeypatch.setattr(admin.commands, "RETRY", FAST_RETRY)
-    monkeypatch.setattr(admin.commands, "TIMEOUTS", FAST_TIMEOUTS)
-    monkeypatch.setattr(admin.commands, "CLEANUP_POLL", 0.02)
-    monkeypatch.setattr(admin.commands, "CLOCK", clock)
-    monkeypatch.setattr(admin.commands, "TRANSPORT", lambda: HangTransport(clock))
+    monkeypatch.setattr(admin_commands, "RETRY", FAST_RETRY)
+    monkeypatch.setattr(admin_commands, "TIMEOUTS", FAST_TIMEOUTS)
+    monkeypatch.setattr(admin_commands, "CLEANUP_POLL", 0.02)
+    monkeypatch.setattr(admin_commands, "CLOCK", clock)
+    monkeypatch.setattr(admin_commands, "TRANSPORT", lambda: HangTransport(clock))
     standin.fast_hang = True
     return Cli(capsys, clock)
 
@@ -209,7 +208,7 @@ def subprocess_env(standin: MachinesStandin, **extra: str) -> dict[str, str]:
 
 def admin_process(args: list[str], env: dict[str, str], **kwargs: Any) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "admin.main", *args],
+        [sys.executable, "-m", "flyvault.admin.main", *args],
         env=env,
         cwd=REPO,
         stdout=subprocess.PIPE,

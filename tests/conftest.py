@@ -173,7 +173,7 @@ def start_init(
     command = [
         sys.executable,
         "-m",
-        "server.main",
+        "flyvault.server.main",
         "--listen",
         "127.0.0.1:0",
         "--data-dir",

@@ -97,7 +97,7 @@ def vault(init_process: InitProcess, issuer: OidcIssuer) -> str:
 
 @pytest.fixture
 def mcp_server() -> Iterator[Any]:
-    from mcp_server.server import build_server
+    from flyvault.mcp_server.server import build_server
 
     yield build_server()
 

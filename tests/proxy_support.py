@@ -19,7 +19,7 @@ import os
 import socket
 from typing import Any
 
-from proxy.discovery import MANAGED_BY_VALUE, META_MANAGED_BY, META_TENANT
+from flyvault.proxy.discovery import MANAGED_BY_VALUE, META_MANAGED_BY, META_TENANT
 
 APP = "test-app"  # the attested app (conftest.APP) and the Machines API app are the same
 MACHINE_CID = bytes.fromhex("5e5e5e5e5e5e5e5e")  # the connection id a FakeMachine issues

@@ -252,8 +252,8 @@ def driver(argv: list[str]) -> int:
     """
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from flyvault.errors import ProvisionError
-    from server.provision.extract import StreamingExtractor
-    from server.provision.store import RootfsStore
+    from flyvault.server.provision.extract import StreamingExtractor
+    from flyvault.server.provision.store import RootfsStore
 
     operation, data_dir = argv[0], Path(argv[1])
     kill_at = int(argv[3] if operation == "provision" else argv[2])

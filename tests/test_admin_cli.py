@@ -29,7 +29,7 @@ from admin_support import (
     write_template,
 )
 
-from admin.commands import delete_tenant
+from flyvault.admin.commands import delete_tenant
 from flyvault.standins.machines import MachinesStandin
 
 standin = admin_support.standin

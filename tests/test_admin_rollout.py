@@ -12,8 +12,8 @@ import admin_support
 import pytest
 from admin_support import IMAGE_V1, IMAGE_V2, Cli, create_tenants
 
-from admin.rollout import checks_status, rollback_ref
-from admin.rollout_state import default_state_path
+from flyvault.admin.rollout import checks_status, rollback_ref
+from flyvault.admin.rollout_state import default_state_path
 from flyvault.standins.machines import MachinesStandin
 
 standin = admin_support.standin

@@ -146,7 +146,7 @@ def _start(argv: list[str]) -> tuple[subprocess.Popen[str], str, list[str]]:
 def test_the_documented_rehearsal_runs_as_written(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    from admin.main import main
+    from flyvault.admin.main import main
 
     standin_cmd, admin_cmds = _documented_rehearsal()
     assert "--fault" in standin_cmd and "--crashing-image" in standin_cmd

@@ -9,8 +9,8 @@ from admin_support import ACCESS_TOKEN, APP, EXAMPLE_TEMPLATE, SIMPLE_TEMPLATE, 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from admin.errors import TemplateError
-from admin.template import (
+from flyvault.admin.errors import TemplateError
+from flyvault.admin.template import (
     check_app,
     load_template,
     parse_vars,

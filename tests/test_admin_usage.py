@@ -13,8 +13,8 @@ import httpx
 import pytest
 from admin_support import BEARER, Cli, create_tenants
 
-from admin.tenants import usage_fact
-from admin.usage_server import parse_listen
+from flyvault.admin.tenants import usage_fact
+from flyvault.admin.usage_server import parse_listen
 from flyvault.errors import UsageError
 from flyvault.standins.machines import MachinesStandin
 

@@ -36,8 +36,8 @@ from flyvault.cli.build import (
 )
 from flyvault.cli.main import main as cli_main
 from flyvault.errors import VaultError
+from flyvault.server.firewall import FirewallError, apply_firewall, render_ruleset
 from flyvault.standins import FlyApiSocket, OidcIssuer
-from server.firewall import FirewallError, apply_firewall, render_ruleset
 
 ROOT = Path(__file__).resolve().parents[1]
 NFT = shutil.which("nft")
@@ -111,11 +111,30 @@ def test_wheel_contains_init_and_its_entry_points(context: Context) -> None:
         names = set(wheel.namelist())
         (entry_points,) = [n for n in names if n.endswith("entry_points.txt")]
         scripts = wheel.read(entry_points).decode()
-    for module in ("server/main.py", "server/firewall.py", "flyvault/cli/build.py"):
+    for module in (
+        "flyvault/server/main.py",
+        "flyvault/server/firewall.py",
+        "flyvault/cli/build.py",
+    ):
         assert module in names
-    assert "fly-vault-init = server.main:entry" in scripts
+    assert "fly-vault-init = flyvault.server.main:entry" in scripts
+    # One installed namespace: nothing but flyvault and the dist-info at the top.
+    assert {
+        n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))
+    } == {"flyvault"}
     assert "fly-vault = flyvault.cli.main:entry" in scripts
     assert not any(n.startswith(("tests/", "bench/")) for n in names)
+    # pyproject.toml lists the packages by hand (the folders are mapped under flyvault): a
+    # package folder missing from that list would be missing from the wheel.
+    for folder, prefix in (
+        ("flyvault", "flyvault"),
+        *((top, f"flyvault/{top}") for top in RETIRED_TOPS),
+    ):
+        for init in (ROOT / folder).rglob("__init__.py"):
+            relative = init.relative_to(ROOT / folder)
+            if (ROOT / folder / relative.parts[0]).is_symlink():
+                continue
+            assert f"{prefix}/{relative.as_posix()}" in names, f"{init} is not in the wheel"
 
 
 def test_dockerfile(context: Context) -> None:
@@ -315,6 +334,34 @@ def clean_env(venv: Path | None = None) -> dict[str, str]:
     return env
 
 
+RETIRED_TOPS = ("server", "proxy", "admin", "mcp_server")
+#: Every console script and a word its --help prints.
+CONSOLE_SCRIPTS = {
+    "fly-vault": "connect",
+    "fly-vault-init": "--firewall",
+    "fly-vault-mcp": "--http",
+    "vault-proxy": "--backend-port",
+    "fly-vault-admin": "--api-token",
+}
+WHERE_INSTALLED = f"""
+import importlib.metadata, importlib.util, json, flyvault, flyvault.server.main
+tops = sorted({{
+    str(f).split("/")[0] for f in importlib.metadata.files("fly-vault")
+    if not str(f).startswith("..") and not str(f).split("/")[0].endswith((".dist-info", ".data"))
+}})
+retired = {{name: importlib.util.find_spec(name) is not None for name in {RETIRED_TOPS!r}}}
+files = [flyvault.__file__, flyvault.server.main.__file__]
+import importlib, pkgutil
+broken = {{}}
+for module in pkgutil.walk_packages(flyvault.__path__, "flyvault."):
+    try:
+        importlib.import_module(module.name)
+    except Exception as exc:
+        broken[module.name] = repr(exc)
+print(json.dumps({{"tops": tops, "retired": retired, "files": files, "broken": broken}}))
+"""
+
+
 @pytest.mark.timeout(600)
 def test_wheel_installs_into_a_fresh_venv_and_init_serves(
     context: Context, tmp_path: Path, fly_api: FlyApiSocket, issuer: OidcIssuer
@@ -336,21 +383,33 @@ def test_wheel_installs_into_a_fresh_venv_and_init_serves(
     # cwd is tmp_path: `python -m` puts the cwd on sys.path, and the source tree must not be
     # what gets imported.
     where = subprocess.run(
-        [str(python), "-c", "import server, flyvault; print(server.__file__, flyvault.__file__)"],
+        [str(python), "-c", WHERE_INSTALLED],
         capture_output=True,
         text=True,
         check=True,
         env=clean_env(venv),
         cwd=tmp_path,
     )
-    for module_file in where.stdout.split():
-        assert Path(module_file).is_relative_to(venv), where.stdout
-    init = venv / "bin" / "fly-vault-init"
-    help_text = subprocess.run(
-        [str(init), "--help"], capture_output=True, text=True, env=clean_env(venv), cwd=tmp_path
-    )
-    assert "--firewall" in help_text.stdout
+    report = json.loads(where.stdout)
+    # One installed namespace: the distribution's files have one top-level import package,
+    # and the generic names the folders carry in the repository are not importable.
+    assert report["tops"] == ["flyvault"], report
+    assert report["broken"] == {}, report  # every module of the wheel imports
+    assert report["retired"] == {name: False for name in RETIRED_TOPS}, report
+    for module_file in report["files"]:
+        assert Path(module_file).is_relative_to(venv), report
+    for script, expected in CONSOLE_SCRIPTS.items():
+        ran = subprocess.run(
+            [str(venv / "bin" / script), "--help"],
+            capture_output=True,
+            text=True,
+            env=clean_env(venv),
+            cwd=tmp_path,
+            timeout=60,
+        )
+        assert ran.returncode == 0 and expected in ran.stdout, (script, ran.stdout, ran.stderr)
 
+    init = venv / "bin" / "fly-vault-init"
     ready = tmp_path / "ready.json"
     env = clean_env(venv)
     env["ACCESS_TOKEN"] = TOKEN
@@ -529,7 +588,7 @@ def init_command(tmp_path: Path, *args: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "server.main",
+        "flyvault.server.main",
         "--host-mode",
         "--data-dir",
         str(tmp_path / "data"),
@@ -605,7 +664,7 @@ def host_ruleset_untouched() -> Iterator[None]:
 
 IDEMPOTENCE = """
 import json, subprocess
-from server.firewall import apply_firewall
+from flyvault.server.firewall import apply_firewall
 
 def table():
     return subprocess.run(["nft", "list", "table", "inet", "fly_vault"],

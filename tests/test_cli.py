@@ -279,7 +279,7 @@ def test_init_stops_cleanly_on_sigterm(init_process: InitProcess) -> None:
 
 def test_init_rejects_bad_listen_address(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "server.main", "--listen", "nonsense", "--data-dir", str(tmp_path)],
+        [sys.executable, "-m", "flyvault.server.main", "--listen", "nonsense", "--data-dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=30,

@@ -35,11 +35,11 @@ from flyvault.protocol.constants import (
 )
 from flyvault.protocol.control import ControlClient, ErrorReceived
 from flyvault.protocol.messages import ErrorMessage
+from flyvault.server.app import ServerOptions, VaultServer
+from flyvault.server.attestation import FlyOidcAttestor
+from flyvault.server.auth import AccessToken
 from flyvault.standins import OidcIssuer
 from flyvault.transport import connect
-from server.app import ServerOptions, VaultServer
-from server.attestation import FlyOidcAttestor
-from server.auth import AccessToken
 
 
 class FakeClock:

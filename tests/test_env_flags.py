@@ -24,10 +24,10 @@ from flyvault.errors import UsageError
 BIN = Path(sys.executable).parent
 MODULES = {
     "fly-vault": "flyvault.cli.main",
-    "fly-vault-init": "server.main",
-    "vault-proxy": "proxy.main",
-    "fly-vault-admin": "admin.main",
-    "fly-vault-mcp": "mcp_server.main",
+    "fly-vault-init": "flyvault.server.main",
+    "vault-proxy": "flyvault.proxy.main",
+    "fly-vault-admin": "flyvault.admin.main",
+    "fly-vault-mcp": "flyvault.mcp_server.main",
 }
 PROXY_ENV = {"FLY_APP": "tenants", "FLY_API_TOKEN": "fo1_test-token"}
 ADMIN_ENV = {"FLY_API_TOKEN": "fo1_test-token", "FLY_APP": "tenants"}
@@ -657,7 +657,7 @@ def test_good_values_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_rollout_state_write_failure_names_its_source(tmp_path: Path) -> None:
-    from admin.rollout_state import RolloutState
+    from flyvault.admin.rollout_state import RolloutState
     from flyvault.errors import ConfigError
 
     blocker = tmp_path / "a-file"

@@ -470,7 +470,7 @@ def test_init_refuses_tiny_session_buffer(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "server.main",
+            "flyvault.server.main",
             "--listen",
             "127.0.0.1:0",
             "--host-mode",

@@ -639,7 +639,7 @@ class _SilentStream:
 
 
 def test_server_glue_refuses_a_silent_stream_at_the_machines_deadline() -> None:
-    from server.console import handle_console
+    from flyvault.server.console import handle_console
 
     times = iter([0.0, OPEN_TIMEOUT + 1.0, OPEN_TIMEOUT + 1.0])
     stream = _SilentStream()

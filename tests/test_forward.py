@@ -29,12 +29,12 @@ from flyvault.client.forward import ForwardListener
 from flyvault.config import ForwardSpec
 from flyvault.errors import UsageError
 from flyvault.protocol.constants import StreamTag
+from flyvault.server.app import ServerConnection, ServerOptions, VaultServer
+from flyvault.server.auth import AccessToken
+from flyvault.server.forward import handle_forward
 from flyvault.standins import OidcIssuer
 from flyvault.transport import QuicChannel, QuicStream, connect, listen
 from flyvault.transport.relay import relay
-from server.app import ServerConnection, ServerOptions, VaultServer
-from server.auth import AccessToken
-from server.forward import handle_forward
 
 MiB = 1024 * 1024
 CHUNK = 64 * 1024

@@ -19,7 +19,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "references" / "architecture.md"
-PACKAGES = ("flyvault", "server", "proxy", "admin", "mcp_server")
+#: Source folder -> the import name it is installed under (one namespace, item 4 of issue 13).
+PACKAGES = {
+    "flyvault": "flyvault",
+    "server": "flyvault.server",
+    "proxy": "flyvault.proxy",
+    "admin": "flyvault.admin",
+    "mcp_server": "flyvault.mcp_server",
+}
+#: Top-level names the wheel no longer installs: importing one is always a mistake.
+RETIRED_TOPS = frozenset(folder for folder in PACKAGES if folder != "flyvault")
 #: Calls whose first argument, a string, names a module that gets imported.
 IMPORTING_CALLS = {"import_module", "__import__", "_lazy"}
 
@@ -94,9 +103,12 @@ def load_rules(text: str) -> Rules:
 def module_sources() -> dict[str, tuple[Path, bool]]:
     """Every module of the five packages: name -> (path, is a package)."""
     found = {}
-    for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    for folder, name in PACKAGES.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            relative = path.relative_to(ROOT / folder)
+            if any((ROOT / folder / parent).is_symlink() for parent in relative.parents):
+                continue  # flyvault/server -> ../server: counted once, under its folder
+            parts = [*name.split("."), *relative.with_suffix("").parts]
             is_package = parts[-1] == "__init__"
             if is_package:
                 parts.pop()
@@ -165,7 +177,12 @@ def check(
         tree = ast.parse(source)
         for imported, line in sorted(set(imports_of(module, is_package, tree, known))):
             top = imported.partition(".")[0]
-            if top not in PACKAGES:
+            if top in RETIRED_TOPS:
+                findings.append(
+                    Finding(module, imported, line, f"{top} is installed as flyvault.{top}")
+                )
+                continue
+            if top != "flyvault":
                 if layer.stdlib_only and (
                     top not in sys.stdlib_module_names and top != "__future__"
                 ):
@@ -250,30 +267,32 @@ def test_the_checker_sees_lazy_relative_and_string_imports(rules: Rules) -> None
             "def later():\n    import server.app\n",
             False,
         ),
-        "flyvault.localvault": ("from server.auth import AccessToken\n", False),
-        "proxy.fake": ("from admin import commands\n", False),
+        "flyvault.localvault": ("from flyvault.server.auth import AccessToken\n", False),
+        "flyvault.proxy.fake": ("from flyvault.admin import commands\n", False),
+        "flyvault.proxy.old": ("from ..admin import commands\n", False),
         "flyvault.protocol.fake": ("import asyncio\nimport aioquic\nfrom . import codec\n", False),
         "flyvault.cli.fake": (
-            "import importlib\nimportlib.import_module('mcp_server.server')\n"
+            "import importlib\nimportlib.import_module('flyvault.mcp_server.server')\n"
             "_lazy('flyvault.cli.local', 'run')\n",
             False,
         ),
-        "admin.fake": (
+        "flyvault.admin.fake": (
             "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
-            "    from proxy.wire import Drop\n",
+            "    from flyvault.proxy.wire import Drop\n",
             False,
         ),
-        "admin.commands": ("", False),
+        "flyvault.admin.commands": ("", False),
         "flyvault.protocol.codec": ("", False),
     }
     findings, _ = check(rules, sources)
     caught = {(f.importer, f.imported) for f in findings}
     assert caught == {
         ("flyvault.client.fake", "server.app"),
-        ("flyvault.localvault", "server.auth"),
-        ("proxy.fake", "admin.commands"),
+        ("flyvault.localvault", "flyvault.server.auth"),
+        ("flyvault.proxy.fake", "flyvault.admin.commands"),
+        ("flyvault.proxy.old", "flyvault.admin.commands"),
         ("flyvault.protocol.fake", "asyncio"),
         ("flyvault.protocol.fake", "aioquic"),
-        ("flyvault.cli.fake", "mcp_server.server"),
-        ("admin.fake", "proxy.wire"),
+        ("flyvault.cli.fake", "flyvault.mcp_server.server"),
+        ("flyvault.admin.fake", "flyvault.proxy.wire"),
     }, findings

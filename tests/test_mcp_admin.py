@@ -25,20 +25,19 @@ standin = admin_support.standin
 
 @pytest.fixture
 def admin_env(standin: MachinesStandin, monkeypatch: pytest.MonkeyPatch) -> MachinesStandin:
-    import admin.commands
-
+    import flyvault.admin.commands as admin_commands
     monkeypatch.setenv("FLY_API_TOKEN", API_TOKEN)
     monkeypatch.setenv("FLY_APP", APP)
     monkeypatch.setenv("FLY_API_BASE", standin.base_url)
     monkeypatch.setenv("FLY_VAULT_ACCESS_TOKEN", ACCESS_TOKEN)
-    monkeypatch.setattr(admin.commands, "RETRY", admin_support.FAST_RETRY)
-    monkeypatch.setattr(admin.commands, "TIMEOUTS", admin_support.FAST_TIMEOUTS)
-    monkeypatch.setattr(admin.commands, "CLEANUP_POLL", 0.02)
+    monkeypatch.setattr(admin_commands, "RETRY", admin_support.FAST_RETRY)
+    monkeypatch.setattr(admin_commands, "TIMEOUTS", admin_support.FAST_TIMEOUTS)
+    monkeypatch.setattr(admin_commands, "CLEANUP_POLL", 0.02)
     return standin
 
 
 def run(scenario: Any, timeout: float = 120) -> Any:
-    from mcp_server.server import build_server
+    from flyvault.mcp_server.server import build_server
 
     async def main() -> Any:
         async with Client(build_server()) as client:

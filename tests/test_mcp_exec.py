@@ -396,7 +396,7 @@ def test_errors_are_tool_errors_with_the_cli_text(mcp_server: Any, vault: str, i
         assert status["ok"] is False and status["exit_code"] == 6
         assert status["steps"][-1]["step"] == "authenticate" and not status["steps"][-1]["ok"]
 
-    from mcp_server.server import build_server
+    from flyvault.mcp_server.server import build_server
 
     run(build_server(), wrong)
 
@@ -433,7 +433,7 @@ def test_reattach_from_another_server_process_replays_by_offset(
         return str(first["session_id"])
 
     sid = run(mcp_server, start)
-    from mcp_server.server import build_server
+    from flyvault.mcp_server.server import build_server
 
     async def follow(s: Session) -> None:
         # A new server (say after a restart) reads the same session from offset 4.
@@ -458,7 +458,7 @@ def test_many_execs_on_one_connection(
 
     Each exec's console stream must be fully closed by both sides, or the connection runs
     out of streams and exec number ~127 hangs."""
-    from mcp_server import sessions
+    from flyvault.mcp_server import sessions
 
     monkeypatch.setattr(sessions, "START_TIMEOUT", 3.0)
 

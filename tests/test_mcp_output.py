@@ -7,8 +7,8 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mcp_server.output import OutputBuffer, render
-from mcp_server.server import compact_schema
+from flyvault.mcp_server.output import OutputBuffer, render
+from flyvault.mcp_server.server import compact_schema
 
 REREAD = 'read_output(vault="v", session_id="s", offset={offset}, length={length})'
 

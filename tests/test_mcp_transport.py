@@ -39,7 +39,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 def test_stdio_subprocess_exec_progress_and_cancel(vault: str, tmp_path: Path) -> None:
     params = StdioServerParameters(
-        command=sys.executable, args=["-m", "mcp_server.main"], env=_env(), cwd=repo_root()
+        command=sys.executable, args=["-m", "flyvault.mcp_server.main"], env=_env(), cwd=repo_root()
     )
     progress: list[Any] = []
 
@@ -90,7 +90,7 @@ def test_stdio_subprocess_exec_progress_and_cancel(vault: str, tmp_path: Path) -
 def http_server(vault: str) -> Iterator[str]:
     SECRETS.append(BEARER)
     process = subprocess.Popen(
-        [sys.executable, "-m", "mcp_server.main", "--http", "127.0.0.1:0"],
+        [sys.executable, "-m", "flyvault.mcp_server.main", "--http", "127.0.0.1:0"],
         env=_env(FLY_VAULT_MCP_TOKEN=BEARER),
         cwd=repo_root(),
         stdin=subprocess.DEVNULL,
@@ -174,7 +174,7 @@ def test_http_needs_the_bearer_token(http_server: str, vault: str) -> None:
 )
 def test_http_refuses_unsafe_setups(args: list[str], env: dict[str, str], message: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "mcp_server.main", *args],
+        [sys.executable, "-m", "flyvault.mcp_server.main", *args],
         env=_env(**env),
         cwd=repo_root(),
         capture_output=True,
@@ -188,7 +188,7 @@ def test_http_refuses_unsafe_setups(args: list[str], env: dict[str, str], messag
 
 def test_token_file_and_version(tmp_path: Any) -> None:
     version = subprocess.run(
-        [sys.executable, "-m", "mcp_server.main", "--version"],
+        [sys.executable, "-m", "flyvault.mcp_server.main", "--version"],
         cwd=repo_root(),
         capture_output=True,
         text=True,
@@ -199,7 +199,7 @@ def test_token_file_and_version(tmp_path: Any) -> None:
         [
             sys.executable,
             "-m",
-            "mcp_server.main",
+            "flyvault.mcp_server.main",
             "--http",
             "127.0.0.1:0",
             "--token-file",

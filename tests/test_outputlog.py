@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.outputlog import COALESCE_LIMIT, STDERR, STDOUT, OutputLog, ReadResult
+from flyvault.server.outputlog import COALESCE_LIMIT, STDERR, STDOUT, OutputLog, ReadResult
 
 
 class Model:

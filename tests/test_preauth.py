@@ -20,6 +20,8 @@ from hypothesis import strategies as st
 
 from flyvault.client.connection import open_vault
 from flyvault.errors import AuthError
+from flyvault.server.app import ServerOptions, VaultServer
+from flyvault.server.auth import AccessToken, WrongTokenBudget, penalty, weak_token_warning
 from flyvault.standins import OidcIssuer
 from flyvault.transport import TransportSettings, connect
 from flyvault.transport.admission import (
@@ -28,8 +30,6 @@ from flyvault.transport.admission import (
     Stage,
     Verdict,
 )
-from server.app import ServerOptions, VaultServer
-from server.auth import AccessToken, WrongTokenBudget, penalty, weak_token_warning
 
 STRANGER = "127.0.0.2"
 OTHER_HOST = "127.0.0.3"

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from conftest import run_async
 
-from server.outputlog import STDERR, STDOUT
-from server.process import (
+from flyvault.server.outputlog import STDERR, STDOUT
+from flyvault.server.process import (
     OUTPUT_GRACE,
     READ_CHUNK,
     STDIN_HIGH_WATER,

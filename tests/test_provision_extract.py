@@ -36,8 +36,8 @@ from rootfs_fixtures import (
 )
 
 from flyvault.errors import ProvisionError
-from server.provision.extract import ExtractLimits, ExtractReport, StreamingExtractor
-from server.provision.members import TreeWriter
+from flyvault.server.provision.extract import ExtractLimits, ExtractReport, StreamingExtractor
+from flyvault.server.provision.members import TreeWriter
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="needs root (owners, device nodes, mounts)")

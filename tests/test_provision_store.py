@@ -28,8 +28,8 @@ from rootfs_fixtures import (
 )
 
 from flyvault.errors import ProvisionError
-from server.provision.extract import ExtractLimits, StreamingExtractor
-from server.provision.store import ActivationResult, RootfsStore
+from flyvault.server.provision.extract import ExtractLimits, StreamingExtractor
+from flyvault.server.provision.store import ActivationResult, RootfsStore
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="needs root (mount, owners)")

@@ -11,8 +11,8 @@ from conftest import run_async
 from flyvault.client import connection as connection_module
 from flyvault.config import VaultConfig, load_config
 from flyvault.errors import ConfigError, ConnectError
+from flyvault.proxy.wire import decode
 from flyvault.transport import TransportSettings
-from proxy.wire import decode
 
 BASE = {"name": "v", "address": "proxy.example.com:443", "org": "o", "app": "a"}
 

@@ -19,9 +19,9 @@ from conftest import run_async
 from proxy_support import APP, FakeTime, StaticApi, add_machine
 
 from flyvault.fly.machines import MachinesClient, RetryPolicy
+from flyvault.proxy.discovery import Directory, DirectoryOptions
+from flyvault.proxy.wire import Drop
 from flyvault.standins.machines import MachinesStandin
-from proxy.discovery import Directory, DirectoryOptions
-from proxy.wire import Drop
 
 
 @asynccontextmanager

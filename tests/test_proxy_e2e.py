@@ -106,7 +106,7 @@ def start_proxy(world: Tenants, *extra: str) -> ProxyProcess:
     command = [
         sys.executable,
         "-m",
-        "proxy.main",
+        "flyvault.proxy.main",
         "--bind",
         "127.0.0.1",
         "--port",
@@ -376,7 +376,7 @@ def test_doctor_reports_proxy_mode(
 def run_proxy_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("FLY_", "VAULT_PROXY"))}
     return subprocess.run(
-        [sys.executable, "-m", "proxy.main", *args],
+        [sys.executable, "-m", "flyvault.proxy.main", *args],
         capture_output=True,
         text=True,
         timeout=30,
@@ -411,7 +411,7 @@ def test_wrong_tokens_behind_the_proxy_cost_other_users_nothing(
     """Behind vault-proxy every client has the proxy's address at the machine; a stranger's
     wrong tokens must not lock anyone else out or slow them down."""
     from flyvault.errors import AuthError
-    from server.auth import penalty
+    from flyvault.server.auth import penalty
 
     proxy = start_proxy(tenants)
     proxies.append(proxy)

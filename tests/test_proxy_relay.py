@@ -31,10 +31,10 @@ from proxy_support import (
     udp_client,
 )
 
-from proxy.discovery import Directory, DirectoryOptions
-from proxy.relay import Relay, RelayOptions
-from proxy.status import StatusServer
-from proxy.wire import MALFORMED, Drop, encode
+from flyvault.proxy.discovery import Directory, DirectoryOptions
+from flyvault.proxy.relay import Relay, RelayOptions
+from flyvault.proxy.status import StatusServer
+from flyvault.proxy.wire import MALFORMED, Drop, encode
 
 A, B = "148e21ea7e46e8", "3d8d9014b32d68"
 

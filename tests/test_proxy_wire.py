@@ -10,14 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flyvault.errors import ConfigError
-from flyvault.transport.endpoint import (
-    MAX_DATAGRAM_SIZE,
-    MAX_WRAPPED_DATAGRAM_SIZE,
-    PROXY_MAX_ID_BYTES,
-    proxy_prefix,
-    proxy_wrapper,
-)
-from proxy.wire import (
+from flyvault.proxy.wire import (
     MALFORMED,
     Drop,
     decode,
@@ -25,6 +18,13 @@ from proxy.wire import (
     encode,
     encode_header,
     source_cid,
+)
+from flyvault.transport.endpoint import (
+    MAX_DATAGRAM_SIZE,
+    MAX_WRAPPED_DATAGRAM_SIZE,
+    PROXY_MAX_ID_BYTES,
+    proxy_prefix,
+    proxy_wrapper,
 )
 
 
@@ -151,7 +151,7 @@ def test_client_wrapped_datagrams_fit_the_ipv6_minimum_mtu() -> None:
 def test_one_header_rule_for_both_ends() -> None:
     """The client's prefix and the proxy's decoder are the same code in flyvault.protocol."""
     from flyvault.protocol import proxy_header
-    from proxy import wire
+    from flyvault.proxy import wire
 
     assert wire.encode_header is proxy_header.encode_header
     assert wire.HEADER_SIZE == proxy_header.HEADER_SIZE

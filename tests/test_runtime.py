@@ -24,12 +24,12 @@ from conftest import run_async
 
 from flyvault.errors import ProvisionError
 from flyvault.protocol.constants import RuntimeStatus
-from server import cgroups
-from server.cgroups import Limits
-from server.nsinit import FALLBACK_MARKER
-from server.outputlog import STDOUT
-from server.process import ExitStatus, ManagedProcess, SpawnError
-from server.runtime import STATE_FILE, Account, WorkloadRuntime
+from flyvault.server import cgroups
+from flyvault.server.cgroups import Limits
+from flyvault.server.nsinit import FALLBACK_MARKER
+from flyvault.server.outputlog import STDOUT
+from flyvault.server.process import ExitStatus, ManagedProcess, SpawnError
+from flyvault.server.runtime import STATE_FILE, Account, WorkloadRuntime
 
 BUSYBOX = Path("/bin/busybox")
 

@@ -129,7 +129,7 @@ def test_scrubbing_stream_delegates() -> None:
 
 
 def test_init_registers_its_access_token() -> None:
-    from server.auth import AccessToken
+    from flyvault.server.auth import AccessToken
 
     AccessToken("init-side-token-0451")
     assert redact.scrub("echo init-side-token-0451") == "echo <redacted>"
@@ -522,7 +522,7 @@ def test_admin_commands_never_show_a_secret(cli: Cli, tmp_path: Path) -> None:
 
 
 def test_admin_registers_secret_shaped_config_values_only() -> None:
-    from admin.template import config_secrets
+    from flyvault.admin.template import config_secrets
 
     config = {
         "env": {

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from flyvault.protocol.console import OpenSession
-from server.sessions import DETACH_HOLD, Session
+from flyvault.server.sessions import DETACH_HOLD, Session
 
 CAPACITY = 256 * 1024
 

@@ -359,7 +359,7 @@ def check_command(command: CommandLine) -> str | None:
             arguments, remote = arguments[:split], arguments[split + 1 :]
         parser = build_parser()
     else:
-        from admin.main import build_parser as build_admin_parser
+        from flyvault.admin.main import build_parser as build_admin_parser
 
         parser = build_admin_parser()
         remote = None
@@ -473,7 +473,7 @@ def test_skills_name_only_real_mcp_tools() -> None:
     mentioned = skill_tool_names()
     assert {"remote-vm", "remote-task", "vault-admin"} <= set(mentioned)
     try:
-        from mcp_server.server import build_server
+        from flyvault.mcp_server.server import build_server
 
         tools = {tool.name for tool in asyncio.run(build_server().list_tools())}
     except Exception as exc:  # the MCP server is optional for this check

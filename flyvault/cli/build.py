@@ -310,7 +310,7 @@ def _check_wheel(wheel: Path) -> None:
             scripts = archive.read(entry_points).decode() if entry_points else ""
     except (OSError, zipfile.BadZipFile, KeyError) as exc:
         raise VaultError(f"the built wheel {wheel.name} is unreadable: {exc}") from None
-    missing = [n for n in ("server/main.py", "flyvault/__init__.py") if n not in names]
+    missing = [n for n in ("flyvault/server/main.py", "flyvault/__init__.py") if n not in names]
     if missing or "fly-vault-init" not in scripts:
         what = ", ".join(missing) if missing else "the fly-vault-init entry point"
         raise VaultError(f"the built wheel {wheel.name} lacks {what}; check pyproject.toml")

@@ -39,14 +39,15 @@ from pathlib import Path
 from typing import Self, cast
 
 from flyvault.errors import ProvisionError
-from server.provision.members import (
+
+from .members import (
     COPY_CHUNK,
     REBUILD,
     ExtractLimits,
     TreeWriter,
     archive_error,
 )
-from server.provision.streams import (
+from .streams import (
     Cancelled,
     ChunkPipe,
     RawReader,

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from flyvault.errors import ProvisionError
-from server.provision.streams import human_size
+
+from .streams import human_size
 
 log = logging.getLogger("flyvault.server.provision")
 
