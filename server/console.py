@@ -1,9 +1,12 @@
 """Console streams (exec sessions, shells) and the sessions stream (list, kill).
 
-One console stream is one attachment: the output pump sends the session's log from the
-client's offset onward, then EXITED once the process ended and every byte was sent; the
-input pump applies stdin, EOF, resize, signals and the exit acknowledgement. Closing the
-stream detaches without touching the process. Every refusal is an error frame.
+One console stream is one attachment, driven by an ``ExecServer`` machine
+(``flyvault/protocol/exec_server.py``) that holds the wire rules: the OPEN and its deadline,
+STARTED, output offsets, stdin offsets and acknowledgements, DETACHED, EXITED and the wait
+for its acknowledgement. This module is the glue: the output pump feeds the session's log
+to the machine, the input pump applies the machine's input events to the process, and the
+attachment's coordinator services the machine's deadlines. Closing the stream detaches
+without touching the process. Every refusal is an error frame.
 """
 
 from __future__ import annotations
@@ -11,26 +14,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from flyvault.errors import RemoteProtocolError, TransportError, VaultError
 from flyvault.protocol.console import (
-    ConsoleFrame,
     Exited,
     FrameChannel,
     KillSession,
     OpenSession,
     SessionsFrame,
     Started,
-    decode_resize,
-    decode_signal,
     encode_json,
-    encode_stdin_ack,
-    error_frame,
     frame,
     refusal,
 )
-from flyvault.protocol.constants import EXIT_REASON_VERSION, REQUEST_TIMEOUT, ErrorCode
+from flyvault.protocol.constants import EXIT_REASON_VERSION
+from flyvault.protocol.exec_server import ExecServer, ServerState
+from flyvault.protocol.exec_session import (
+    OPEN_TIMEOUT,
+    ClientDetached,
+    ExitAcknowledged,
+    OutputChannel,
+    ResizeRequested,
+    ServerEvent,
+    SessionOpenRequested,
+    SignalRequested,
+    StdinClosed,
+    StdinReceived,
+)
 
 from .outputlog import STDERR
 from .sessions import Attachment, Session, SessionRegistry
@@ -42,10 +54,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flyvault.server.console")
 
-OPEN_TIMEOUT = REQUEST_TIMEOUT
 CHUNK = 64 * 1024
-#: How long the server waits for the client's exit acknowledgement after EXITED.
-ACK_TIMEOUT = 30.0
+
+Clock = Callable[[], float]
 
 
 async def _first_frame(stream: QuicStream, channel: FrameChannel) -> tuple[int, bytes] | None:
@@ -59,82 +70,125 @@ async def _first_frame(stream: QuicStream, channel: FrameChannel) -> tuple[int, 
         channel.feed(await asyncio.wait_for(stream.read(), OPEN_TIMEOUT))
 
 
-async def handle_console(connection: ServerConnection, stream: QuicStream, initial: bytes) -> None:
-    registry: SessionRegistry = connection.server.sessions
-    channel = FrameChannel()
+def _feed(machine: ExecServer, data: bytes) -> None:
+    if data:
+        machine.receive_data(data)
+    else:
+        machine.receive_eof()
+
+
+def _finish(stream: QuicStream, machine: ExecServer) -> None:
+    """Write what the machine queued last, ending our side if the machine's side is over.
+    (No drain: a displaced client's connection may be dead, and nothing waits on it.)"""
+    with contextlib.suppress(TransportError):
+        stream.write(machine.data_to_send(), end_stream=machine.sending_finished)
+
+
+async def handle_console(
+    connection: ServerConnection,
+    stream: QuicStream,
+    initial: bytes,
+    *,
+    clock: Clock | None = None,
+) -> None:
+    clock = clock or asyncio.get_running_loop().time
+    machine = ExecServer(clock())
     if initial:
-        channel.feed(initial)
-    try:
-        first = await _first_frame(stream, channel)
-        if first is None:
-            return
-        frame_type, payload = first
-        if frame_type != ConsoleFrame.OPEN:
-            raise RemoteProtocolError(f"expected a console open frame, got type 0x{frame_type:02x}")
-        request = OpenSession.decode(payload)
-    except (RemoteProtocolError, TimeoutError) as exc:
-        message = str(exc) or "no console open frame within 10 s"
-        await _refuse(stream, ErrorCode.PROTOCOL, message)
+        machine.receive_data(initial)
+    request = await _receive_open(machine, stream, clock)
+    if request is None:
+        _finish(stream, machine)
         return
-    try:
-        session, created = await registry.open(request)
-    except VaultError as exc:  # the code is the one its class declares
-        await _refuse_with(stream, exc)
+    registry: SessionRegistry = connection.server.sessions
+    opened = await _open_session(registry, request, machine)
+    if opened is None:
+        _finish(stream, machine)
         return
+    session, created = opened
     reasons = connection.protocol_version >= EXIT_REASON_VERSION
-    await _attach(registry, session, created, request, stream, channel, reasons=reasons)
+    await _attach(registry, session, created, machine, stream, clock, reasons=reasons)
+
+
+async def _receive_open(
+    machine: ExecServer, stream: QuicStream, clock: Clock
+) -> OpenSession | None:
+    """The OPEN request, or None (closed before it, too late, or not an OPEN: the machine
+    has queued the answer, if any)."""
+    while True:
+        try:
+            event = machine.next_event()
+        except RemoteProtocolError:
+            return None
+        if isinstance(event, SessionOpenRequested):
+            return event.request
+        if event is not None:
+            return None
+        deadline = machine.next_deadline()
+        timeout = None if deadline is None else max(0.0, deadline - clock())
+        try:
+            _feed(machine, await asyncio.wait_for(stream.read(), timeout))
+        except TimeoutError:
+            machine.handle_timer(clock())
+
+
+async def _open_session(
+    registry: SessionRegistry, request: OpenSession, machine: ExecServer
+) -> tuple[Session, bool] | None:
+    try:
+        return await registry.open(request)
+    except VaultError as exc:  # the code is the one its class declares
+        machine.refuse_with(exc)
+    return None
+
+
+def _started(session: Session, created: bool, offset: int, dropped: int) -> Started:
+    assert session.process is not None
+    return Started(
+        session.id,
+        created,
+        offset,
+        dropped,
+        session.process.pid,
+        session.pty,
+        session.stdin_handled,
+    )
 
 
 async def _attach(
     registry: SessionRegistry,
     session: Session,
     created: bool,
-    request: OpenSession,
+    machine: ExecServer,
     stream: QuicStream,
-    channel: FrameChannel,
+    clock: Clock,
     *,
     reasons: bool = False,
 ) -> None:
+    request = machine.request
+    assert request is not None and session.process is not None
     resume = min(request.resume_offset, session.log.end)
     start = max(resume, session.log.start)
     attachment = session.attach(start, lambda: stream.unacknowledged)
-    assert session.process is not None
-    started = Started(
-        session.id,
-        created,
-        start,
-        start - resume,
-        session.process.pid,
-        session.pty,
-        session.stdin_handled,
-    )
-    stream.write(frame(ConsoleFrame.STARTED, started.encode()))
+    machine.start(_started(session, created, start, start - resume))
+    stream.write(machine.data_to_send())
     if not created and request.pty and session.pty and request.rows and request.cols:
         session.process.resize(request.rows, request.cols)
-    output = asyncio.ensure_future(_pump_output(session, attachment, stream, reasons))
-    inputs = asyncio.ensure_future(_pump_input(registry, session, attachment, stream, channel))
+    output = asyncio.ensure_future(
+        _pump_output(session, attachment, machine, stream, clock, reasons)
+    )
+    inputs = asyncio.ensure_future(_pump_input(registry, session, attachment, machine, stream))
     displaced = asyncio.ensure_future(attachment.displaced.wait())
     try:
         await asyncio.wait({output, inputs, displaced}, return_when=asyncio.FIRST_COMPLETED)
-        if displaced.done():
-            with contextlib.suppress(TransportError):
-                stream.write(
-                    frame(ConsoleFrame.DETACHED, attachment.reason.encode("utf-8")), end_stream=True
-                )
+        if displaced.done() and machine.attached:
+            machine.displace(attachment.reason)
         elif output.done() and not output.cancelled() and output.exception() is None:
-            # EXITED was sent: wait (bounded) for the client's acknowledgement or its close.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(inputs), ACK_TIMEOUT)
-        if inputs.done() and not inputs.cancelled():
-            error = inputs.exception()
-            if isinstance(error, RemoteProtocolError):
-                await _refuse(stream, ErrorCode.PROTOCOL, error.message)
+            await _await_exit_ack(machine, inputs, clock)
+        _finish(stream, machine)
     finally:
         # Measured before anything else can release the stream's send state.
         lost_at = (
-            attachment.confirmed()
-            if stream.connection_closed and not displaced.done()
-            else None
+            attachment.confirmed() if stream.connection_closed and not displaced.done() else None
         )
         for task in (output, inputs, displaced):
             task.cancel()
@@ -146,38 +200,48 @@ async def _attach(
             stream.write_eof()
 
 
+async def _await_exit_ack(machine: ExecServer, inputs: asyncio.Future[None], clock: Clock) -> None:
+    """EXITED went out: wait for the client's acknowledgement or close, until the
+    machine's deadline."""
+    while machine.state is ServerState.EXITED and not inputs.done():
+        deadline = machine.next_deadline()
+        assert deadline is not None
+        await asyncio.wait({inputs}, timeout=max(0.0, deadline - clock()))
+        machine.handle_timer(clock())
+
+
 async def _pump_output(
-    session: Session, attachment: Attachment, stream: QuicStream, reasons: bool = False
+    session: Session,
+    attachment: Attachment,
+    machine: ExecServer,
+    stream: QuicStream,
+    clock: Clock,
+    reasons: bool = False,
 ) -> None:
-    while True:
+    while machine.state is ServerState.ATTACHED:
         result = session.log.read(attachment.offset, CHUNK)
         if result.dropped:
             # Rare (output is paused for an attached client before it could be lost, but a
             # process's last burst is read whole): say where the stream resumes, so the
             # client's offset stays true and a later reattach neither repeats nor skips.
-            assert session.process is not None
-            notice = Started(
-                session.id,
-                False,
-                result.start_offset,
-                result.dropped,
-                session.process.pid,
-                session.pty,
-                session.stdin_handled,
+            machine.send_resume_notice(
+                _started(session, False, result.start_offset, result.dropped)
             )
-            stream.write(frame(ConsoleFrame.STARTED, notice.encode()))
+            stream.write(machine.data_to_send())
             session.sent(attachment, result.start_offset)
         if result.chunks:
             for channel_id, data in result.chunks:
-                kind = ConsoleFrame.STDERR if channel_id == STDERR else ConsoleFrame.STDOUT
-                stream.write(frame(kind, data))
+                channel = OutputChannel.STDERR if channel_id == STDERR else OutputChannel.STDOUT
+                machine.send_output(channel, data)
+            stream.write(machine.data_to_send())
             await stream.drain()
             session.sent(attachment, result.next_offset)
             continue
         if session.exit is not None and attachment.offset >= session.log.end:
             reason = session.end_reason if reasons else None
             exited = Exited(session.exit.code, session.exit.signal, session.log.end, reason)
-            await stream.send(frame(ConsoleFrame.EXITED, exited.encode()))
+            machine.send_exited(exited, clock())
+            await stream.send(machine.data_to_send())
             return
         changed = session.change_event()
         # Re-check after taking the event: output may have arrived in between.
@@ -197,52 +261,46 @@ async def _pump_input(
     registry: SessionRegistry,
     session: Session,
     attachment: Attachment,
+    machine: ExecServer,
     stream: QuicStream,
-    channel: FrameChannel,
 ) -> None:
-    process = session.process
-    assert process is not None
-    acknowledged = session.stdin_handled
-    while True:
-        if attachment.displaced.is_set():
-            # Another client attached and was told how much input we have taken: applying
-            # more from this (dead) stream would take bytes it is about to resend.
-            return
-        item = channel.next_frame()
-        if item is None:
-            if channel.finished:
-                return  # the client closed its side: it detached
-            if session.stdin_handled != acknowledged:
-                # Lets the client drop what it keeps for a resend after a loss.
-                acknowledged = session.stdin_handled
-                # Our side may have ended already (EXITED went out): the EXIT_ACK must
-                # still be read, so a late acknowledgement is simply not sent.
-                with contextlib.suppress(TransportError):
-                    stream.write(frame(ConsoleFrame.STDIN_ACK, encode_stdin_ack(acknowledged)))
-            channel.feed(await stream.read())
-            continue
-        kind, payload = item.type, item.payload
-        if kind == ConsoleFrame.STDIN:
-            session.stdin_handled += len(payload)  # taken, even if the process is gone
-            if session.running:
-                process.write_stdin(payload)
-                await process.drain_stdin()
-        elif kind == ConsoleFrame.STDIN_EOF:
-            if session.running:
-                process.close_stdin()
-        elif kind == ConsoleFrame.RESIZE:
-            rows, cols = decode_resize(payload)
-            if session.running:
-                process.resize(rows, cols)
-        elif kind == ConsoleFrame.SIGNAL:
-            signo = decode_signal(payload)
-            if session.running:
-                process.send_signal(signo)
-        elif kind == ConsoleFrame.EXIT_ACK:
+    # Displaced: another client attached and was told how much input we have taken;
+    # applying more from this (dead) stream would take bytes it is about to resend.
+    while not attachment.displaced.is_set():
+        event = machine.next_event()
+        if event is None:
+            if not machine.attached:
+                return
+            # The machine may have queued a STDIN_ACK (it lets the client drop what it
+            # keeps for a resend). Our side may have ended already: then it is not sent.
+            with contextlib.suppress(TransportError):
+                stream.write(machine.data_to_send())
+            _feed(machine, await stream.read())
+        elif isinstance(event, ExitAcknowledged):
             registry.acknowledge_exit(session)
             return
+        elif isinstance(event, ClientDetached):
+            return  # the client closed its side: it detached
         else:
-            raise RemoteProtocolError(f"unexpected console frame type 0x{kind:02x}")
+            await _apply_input(session, event)
+
+
+async def _apply_input(session: Session, event: ServerEvent) -> None:
+    process = session.process
+    assert process is not None
+    if isinstance(event, StdinReceived):
+        session.stdin_handled += len(event.data)  # taken, even if the process is gone
+        if session.running:
+            process.write_stdin(event.data)
+            await process.drain_stdin()
+    elif not session.running:
+        return
+    elif isinstance(event, StdinClosed):
+        process.close_stdin()
+    elif isinstance(event, ResizeRequested):
+        process.resize(event.rows, event.cols)
+    elif isinstance(event, SignalRequested):
+        process.send_signal(event.signal)
 
 
 async def handle_sessions(connection: ServerConnection, stream: QuicStream, initial: bytes) -> None:
@@ -267,15 +325,11 @@ async def handle_sessions(connection: ServerConnection, stream: QuicStream, init
             await stream.send(frame(SessionsFrame.KILLED), end_stream=True)
         else:
             raise RemoteProtocolError(f"unexpected sessions frame type 0x{kind:02x}")
-    except (RemoteProtocolError, TimeoutError) as exc:
-        await _refuse(stream, ErrorCode.PROTOCOL, str(exc) or "no request within 10 s")
-    except VaultError as exc:
+    except TimeoutError:
+        late = RemoteProtocolError(f"no request within {OPEN_TIMEOUT:.0f} s")
+        await _refuse_with(stream, late)
+    except VaultError as exc:  # the code is the one its class declares
         await _refuse_with(stream, exc)
-
-
-async def _refuse(stream: QuicStream, code: ErrorCode, message: str) -> None:
-    with contextlib.suppress(TransportError):
-        await stream.send(error_frame(code, message), end_stream=True)
 
 
 async def _refuse_with(stream: QuicStream, exc: VaultError) -> None:

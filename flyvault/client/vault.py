@@ -11,6 +11,8 @@ Exec sessions resume by offset after a reconnect: the client reattaches (never r
 a command must not run twice) with the number of output bytes it has seen, and the server
 replays exactly the rest. Standard input is exact the same way: the client keeps what the
 vault has not acknowledged and, on reattach, resends from the vault's ``stdin_offset``.
+Those rules live in the ``ExecClient`` machine (``flyvault/protocol/exec_client.py``);
+``ExecSession`` is its asyncio glue.
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ from flyvault.errors import (
     TransportError,
 )
 from flyvault.protocol.console import (
-    ConsoleFrame,
     Exited,
     FrameChannel,
     KillSession,
@@ -48,11 +49,21 @@ from flyvault.protocol.console import (
     SessionsFrame,
     Started,
     decode_json,
-    decode_stdin_ack,
-    encode_resize,
     frame,
 )
 from flyvault.protocol.constants import ERROR_FRAME, StreamTag
+from flyvault.protocol.exec_client import ExecClient
+from flyvault.protocol.exec_session import (
+    ClientEvent,
+    ErrorReceived,
+    OutputChannel,
+    OutputReceived,
+    SessionDisplaced,
+    SessionExited,
+    SessionStarted,
+    StdinAcknowledged,
+    StreamEndedEarly,
+)
 from flyvault.protocol.messages import ErrorMessage
 from flyvault.transport import QuicStream, TransportSettings
 
@@ -62,13 +73,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("flyvault.client")
 
 Notice = Callable[[str], None]
-
-#: Largest STDIN frame we send (frames may be up to 1 MiB after authentication).
-STDIN_CHUNK = 64 * 1024
-#: Input kept for a resend beyond which ``drain`` waits for the vault's acknowledgement.
-STDIN_KEEP = 8 * 1024 * 1024
-#: How long an exit waits for unread input and the EXIT_ACK to reach the vault.
-EXIT_ACK_DELIVERY = 5.0
 
 
 def _close_reason(connection: Any) -> str | None:
@@ -365,97 +369,60 @@ class ExecSession:
     """One attachment to an exec session or shell, resumed across reconnects.
 
     Input is queued with ``send_stdin`` / ``close_stdin`` / ``resize`` / ``signal`` and sent on
-    whichever stream is current; ``run`` returns the ``Exited`` record.
+    whichever stream is current; ``run`` returns the ``Exited`` record. The wire rules
+    (offsets, replay, stdin resends, the exit acknowledgement and its deadline) live in the
+    ``ExecClient`` machine; this is the asyncio glue around it.
     """
 
-    def __init__(self, vault: Vault, request: ExecRequest | OpenSession, hooks: ExecHooks) -> None:
+    def __init__(
+        self,
+        vault: Vault,
+        request: ExecRequest | OpenSession,
+        hooks: ExecHooks,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if isinstance(request, ExecRequest):
             request = request.open_session()
         self.vault = vault
         self.request = request
         self.hooks = hooks
-        self.offset = request.resume_offset
-        self.started: Started | None = None
+        self.machine = ExecClient(request)
+        self._clock = clock
         self._stream: QuicStream | None = None
-        self._pending: list[bytes] = []  # resize and signal frames for the next stream
-        self._size: tuple[int, int] | None = None
-        # Standard input is kept until the vault acknowledges it (STDIN_ACK, or the
-        # stdin_offset of STARTED after a reattach) and resent from there: bytes in flight
-        # when a connection dies are neither lost nor doubled.
-        self._unacked = bytearray()
-        self._unacked_base = 0  # absolute offset of _unacked[0]
-        self._stdin_total = 0  # bytes given to send_stdin
-        self._stdin_written = 0  # absolute offset written on the current stream
-        self._stdin_closed = False
-        self._eof_written = False
-        self._ready = False  # STARTED seen on the current stream: input may flow
-        self._room = asyncio.Event()
+        self._room = asyncio.Event()  # set when the vault acknowledges input
         self._boot_id: str | None = None  # the vault's workload when the session started
 
     @property
     def session_id(self) -> str:
         return self.request.session_id
 
+    @property
+    def offset(self) -> int:
+        """Absolute offset of the next output byte."""
+        return self.machine.output_offset
+
+    @property
+    def started(self) -> Started | None:
+        return self.machine.started
+
     # Input ---------------------------------------------------------------------------
 
     def send_stdin(self, data: bytes) -> None:
-        if self._stdin_closed or not data:
-            return
-        self._unacked += data
-        self._stdin_total += len(data)
-        self._flush_stdin()
+        self.machine.send_stdin(data)
+        self._flush()
 
     def close_stdin(self) -> None:
-        self._stdin_closed = True
-        self._flush_stdin()
-
-    def _flush_stdin(self) -> None:
-        """Write the input the current stream has not carried yet, then the EOF."""
-        stream = self._stream
-        if stream is None or not self._ready:
-            return
-        try:
-            while self._stdin_written < self._stdin_total:
-                start = self._stdin_written - self._unacked_base
-                chunk = bytes(self._unacked[start : start + STDIN_CHUNK])
-                stream.write(frame(ConsoleFrame.STDIN, chunk))
-                self._stdin_written += len(chunk)
-            if self._stdin_closed and not self._eof_written:
-                stream.write(frame(ConsoleFrame.STDIN_EOF))
-                self._eof_written = True
-        except TransportError:
-            pass  # the stream is gone: the reattach resends from the vault's offset
-
-    def _sync_stdin(self, offset: int, first_attach: bool) -> None:
-        """The first STARTED of a stream: input flows from the vault's ``offset``."""
-        if first_attach:
-            # A new session (0), or one another client fed before: what we hold is all new.
-            self._unacked_base = offset
-            self._stdin_total = offset + len(self._unacked)
-        else:
-            # A reattach after a loss: drop what the vault took, resend the rest.
-            self._stdin_acknowledged(offset)
-        self._stdin_written = offset
-        self._eof_written = False  # a repeated EOF is harmless
-        self._ready = True
-        self._flush_stdin()
-
-    def _stdin_acknowledged(self, offset: int) -> None:
-        if not self._unacked_base <= offset <= self._stdin_total:
-            raise RemoteProtocolError(
-                f"the vault acknowledges {offset} bytes of input; {self._unacked_base} to "
-                f"{self._stdin_total} were possible"
-            )
-        del self._unacked[: offset - self._unacked_base]
-        self._unacked_base = offset
-        self._room.set()
+        self.machine.close_stdin()
+        self._flush()
 
     def resize(self, rows: int, cols: int) -> None:
-        self._size = (rows, cols)
-        self._send(frame(ConsoleFrame.RESIZE, encode_resize(rows, cols)))
+        self.machine.resize(rows, cols)
+        self._flush()
 
     def signal(self, signo: int) -> None:
-        self._send(frame(ConsoleFrame.SIGNAL, bytes((signo,))))
+        self.machine.signal(signo)
+        self._flush()
 
     async def drain(self) -> None:
         """Wait while the stream's send buffer is full, and while the input kept for a
@@ -464,42 +431,40 @@ class ExecSession:
         if stream is not None:
             with contextlib.suppress(TransportError):
                 await stream.drain()
-        while len(self._unacked) > STDIN_KEEP:
+        while self.machine.stdin_backlog_full:
             self._room.clear()
             await self._room.wait()
 
-    def _send(self, data: bytes) -> None:
+    def _flush(self) -> None:
+        """Write what the machine queued on the current stream, if one is up."""
         stream = self._stream
         if stream is None:
-            self._pending.append(data)
+            return
+        data = self.machine.data_to_send()
+        if not data:
             return
         try:
             stream.write(data)
         except TransportError:
-            self._pending.append(data)
+            # The stream is gone: the machine carries resizes and signals over to the next
+            # one, and the reattach resends input from the vault's offset.
+            self.machine.stream_lost(data)
+            self._stream = None
 
     # The loop --------------------------------------------------------------------------
 
     async def run(self) -> Exited:
-        request = self.request
         while True:
             connection = await self.vault.connection()
             if self._boot_id is None:
                 self._boot_id = getattr(connection, "boot_id", None)
             try:
-                result = await self._attach(connection, request)
+                result = await self._attach(connection)
             except NotFoundError:
-                boot_id = getattr(connection, "boot_id", None)
-                if request.argv is None and self.started is not None and boot_id != self._boot_id:
-                    # Reattaching after a loss, to a vault that restarted meanwhile: the
-                    # session went with the old workload. Say so, not "not found".
-                    raise SessionGone(
-                        f"session {self.session_id} ended: the vault restarted while the "
-                        "connection was down (its workload has a new boot id); how the "
-                        "command ended is not known",
-                        hint=f"check the vault with: fly-vault doctor {self.vault.config.name}",
-                    ) from None
-                raise
+                gone = self._gone(connection)
+                if gone is None:
+                    raise
+                raise gone from None
             except TransportError as exc:
                 log.info(
                     "exec session %s: stream lost (%s); reattaching from output offset %d",
@@ -508,110 +473,114 @@ class ExecSession:
                     self.offset,
                 )
                 self._stream = None
-                self._ready = False
+                self.machine.stream_lost()
                 self.vault.invalidate(connection)
-                # Reattach only from now on: the command must never run twice.
-                request = _reattach(request, self.offset, self._size)
                 continue
             return result
 
-    async def _attach(self, connection: Any, request: OpenSession) -> Exited:
+    def _gone(self, connection: Any) -> SessionGone | None:
+        """A reattach found no session: if the vault restarted while the connection was
+        down, the session went with the old workload. Say so, not "not found"."""
+        boot_id = getattr(connection, "boot_id", None)
+        if self.machine.reattaching and self.started is not None and boot_id != self._boot_id:
+            return SessionGone(
+                f"session {self.session_id} ended: the vault restarted while the "
+                "connection was down (its workload has a new boot id); how the "
+                "command ended is not known",
+                hint=f"check the vault with: fly-vault doctor {self.vault.config.name}",
+            )
+        return None
+
+    async def _attach(self, connection: Any) -> Exited:
+        """One stream: open (or reattach), then turn the machine's events into hooks until
+        the session exits, this client is displaced, or the stream fails."""
         stream = connection.open_stream(StreamTag.CONSOLE)
-        stream.write(frame(ConsoleFrame.OPEN, request.encode()))
-        channel = FrameChannel()
+        stream.write(self.machine.open_stream())
         self._stream = stream
-        self._ready = False  # input waits for STARTED, which says where the vault is
-        pending, self._pending = self._pending, []
-        for data in pending:
-            stream.write(data)
         await stream.drain()
         while True:
-            item = channel.next_frame()
-            if item is None:
-                if channel.finished:
-                    raise ConnectionLost("the vault ended the session stream without an exit")
-                channel.feed(await stream.read())
+            event = self.machine.next_event()
+            if event is None:
+                data = await stream.read()
+                if data:
+                    self.machine.receive_data(data)
+                else:
+                    self.machine.receive_eof()
                 continue
-            kind, payload = item.type, item.payload
-            if kind in (ConsoleFrame.STDOUT, ConsoleFrame.STDERR):
-                self.offset += len(payload)
-                hook = self.hooks.stdout if kind == ConsoleFrame.STDOUT else self.hooks.stderr
-                result = hook(payload)
-                if result is not None:
-                    await result
-            elif kind == ConsoleFrame.STARTED:
-                started = Started.decode(payload)
-                if started.offset < self.offset:
-                    raise RemoteProtocolError(
-                        f"server replays from {started.offset}, before our offset {self.offset}"
-                    )
-                if started.dropped:
-                    self.hooks.notice(
-                        f"{started.dropped} bytes of output were dropped from the vault's "
-                        "buffer before they could be shown"
-                    )
-                self.offset = started.offset
-                first_attach = self.started is None
-                log.debug(
-                    "exec session %s: %s at output offset %d",
-                    self.session_id,
-                    "started" if first_attach else "reattached",
-                    started.offset,
-                )
-                self.started = started
-                if not self._ready:
-                    self._sync_stdin(started.stdin_offset, first_attach)
-                self.hooks.started(started)
-            elif kind == ConsoleFrame.STDIN_ACK:
-                self._stdin_acknowledged(decode_stdin_ack(payload))
-            elif kind == ConsoleFrame.EXITED:
-                exited = Exited.decode(payload)
-                log.info(
-                    "exec session %s: exited with status %d (%d output bytes)",
-                    self.session_id,
-                    exited.exit_status,
-                    exited.total_bytes,
-                )
-                with contextlib.suppress(TransportError):
-                    stream.write(frame(ConsoleFrame.EXIT_ACK), end_stream=True)
-                    # Nothing but the server's end of stream can follow: stop reading so the
-                    # stream is released now, not kept for the connection's lifetime.
-                    stream.stop(0)
-                self._stream = None
-                if self._stdin_written > self._unacked_base:
-                    # Input the command no longer read is queued ahead of the EXIT_ACK on
-                    # this stream. A one-shot client closes the connection next, which would
-                    # drop both, and the vault would keep the finished session waiting for
-                    # an acknowledgement. Let them reach the vault first (bounded).
-                    with contextlib.suppress(TransportError, TimeoutError):
-                        await asyncio.wait_for(stream.wait_delivered(), EXIT_ACK_DELIVERY)
+            exited = await self._handle(event, stream)
+            if exited is not None:
                 return exited
-            elif kind == ConsoleFrame.DETACHED:
-                self._stream = None
-                raise SessionTakenOver(
-                    f"session {self.session_id}: {payload.decode('utf-8', 'replace')}; "
-                    "detached here",
-                    hint="only one client can be attached to a session at a time",
-                )
-            elif kind == ERROR_FRAME:
-                raise ErrorMessage.decode(payload).to_exception()
+
+    async def _handle(self, event: ClientEvent, stream: QuicStream) -> Exited | None:
+        if isinstance(event, OutputReceived):
+            channel = event.channel
+            hook = self.hooks.stdout if channel is OutputChannel.STDOUT else self.hooks.stderr
+            result = hook(event.data)
+            if result is not None:
+                await result
+        elif isinstance(event, SessionStarted):
+            self._on_started(event)
+        elif isinstance(event, StdinAcknowledged):
+            self._room.set()
+        elif isinstance(event, SessionExited):
+            await self._acknowledge_exit(event.exited, stream)
+            return event.exited
+        elif isinstance(event, SessionDisplaced):
+            self._stream = None
+            raise SessionTakenOver(
+                f"session {self.session_id}: {event.reason}; detached here",
+                hint="only one client can be attached to a session at a time",
+            )
+        elif isinstance(event, ErrorReceived):
+            raise event.error.to_exception()
+        elif isinstance(event, StreamEndedEarly):
+            raise ConnectionLost("the vault ended the session stream without an exit")
+        return None
+
+    def _on_started(self, event: SessionStarted) -> None:
+        started = event.started
+        if started.dropped:
+            self.hooks.notice(
+                f"{started.dropped} bytes of output were dropped from the vault's "
+                "buffer before they could be shown"
+            )
+        log.debug(
+            "exec session %s: %s at output offset %d",
+            self.session_id,
+            "started" if event.first_attach else "reattached",
+            started.offset,
+        )
+        self._flush()  # input flows from the vault's stdin offset now
+        self._room.set()  # a reattach's STARTED acknowledges input too
+        self.hooks.started(started)
+
+    async def _acknowledge_exit(self, exited: Exited, stream: QuicStream) -> None:
+        log.info(
+            "exec session %s: exited with status %d (%d output bytes)",
+            self.session_id,
+            exited.exit_status,
+            exited.total_bytes,
+        )
+        self.machine.acknowledge_exit(self._clock())
+        self._stream = None
+        with contextlib.suppress(TransportError):
+            stream.write(self.machine.data_to_send(), end_stream=True)
+            # Nothing but the server's end of stream can follow: stop reading so the
+            # stream is released now, not kept for the connection's lifetime.
+            stream.stop(0)
+        # Input the command no longer read may be queued ahead of the EXIT_ACK. A one-shot
+        # client closes the connection next, which would drop both, and the vault would
+        # keep the finished session waiting for an acknowledgement. The machine says how
+        # long delivery may take.
+        while (deadline := self.machine.next_deadline()) is not None:
+            try:
+                await asyncio.wait_for(stream.wait_delivered(), max(0.0, deadline - self._clock()))
+            except TimeoutError:
+                self.machine.handle_timer(self._clock())
+            except TransportError:
+                self.machine.stream_lost()
             else:
-                raise RemoteProtocolError(f"unexpected console frame type 0x{kind:02x}")
-
-
-def _reattach(request: OpenSession, offset: int, size: tuple[int, int] | None) -> OpenSession:
-    rows, cols = size if size else (request.rows, request.cols)
-    return OpenSession(
-        session_id=request.session_id,
-        argv=None,
-        pty=request.pty,
-        shell=False,
-        keep=request.keep,
-        term=request.term,
-        rows=rows,
-        cols=cols,
-        resume_offset=offset,
-    )
+                self.machine.delivery_confirmed()
 
 
 __all__ = [
