@@ -47,19 +47,20 @@ def run(args: argparse.Namespace) -> int:
     try:
         vault = load_vault(args.vault)
     except VaultError as exc:
+        elapsed = (time.perf_counter() - started) * 1000  # before the import below
         from flyvault.client import DiagnosisStep
 
-        elapsed = (time.perf_counter() - started) * 1000
         record(DiagnosisStep("config", False, elapsed, exc.message, exc.hint))
         failure, code = exc, exc.exit_code
     else:
+        elapsed = (time.perf_counter() - started) * 1000  # the client's import is not config
         from flyvault.client import DiagnosisStep
 
         record(
             DiagnosisStep(
                 "config",
                 True,
-                (time.perf_counter() - started) * 1000,
+                elapsed,
                 f"{config_file()} [vault.{vault.name}] -> {vault.address}, org {vault.org}, "
                 f"app {vault.app}"
                 + (f", machine {vault.machine_id}" if vault.machine_id else ", machine not pinned")
