@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import InitProcess, run_async, vault_entry
-from test_provision_e2e import BUSYBOX, configure, fv, make_rootfs, vm_init  # noqa: F401
+from conftest import InitProcess, run_async, start_init, vault_entry
+from test_provision_e2e import BUSYBOX, configure, fv, make_rootfs
 
 from flyvault.errors import FileOpError, NotFoundError, UsageError
 from flyvault.standins import OidcIssuer
@@ -21,6 +22,13 @@ pytestmark = [
     pytest.mark.skipif(not BUSYBOX.exists(), reason="needs /bin/busybox (busybox-static)"),
     pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare"),
 ]
+
+@pytest.fixture
+def vm_init(tmp_path: Path, fly_api: Any) -> Iterator[InitProcess]:
+    init = start_init(tmp_path, fly_api.path, host_mode=False)
+    yield init
+    init.stop()
+
 
 PASSWD = b"root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000:U:/home/user:/bin/sh\n"
 GROUP = b"root:x:0:\nuser:x:1000:\nstaff:x:50:user\n"
