@@ -520,6 +520,11 @@ def child_main(sock: socket.socket, request: FileRequest, target: Target) -> Non
             channel.error(file_error("/", exc.errno, exc.strerror))
         else:
             Worker(channel, request, accounts).run()
+        # Closing with unread input would reset the socket and could lose the answer on
+        # the handler's side: end our side, then discard input until the handler closes.
+        sock.shutdown(socket.SHUT_WR)
+        while sock.recv(1024 * 1024):
+            pass
     except BaseException:
         status = 70
     finally:

@@ -23,6 +23,7 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare"),
 ]
 
+
 @pytest.fixture
 def vm_init(tmp_path: Path, fly_api: Any) -> Iterator[InitProcess]:
     init = start_init(tmp_path, fly_api.path, host_mode=False)
