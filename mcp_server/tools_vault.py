@@ -146,8 +146,18 @@ async def exec_tool(
         str | None,
         Field(max_length=4096, description="why this runs (stored with the session)"),
     ] = None,
-    cwd: Annotated[str | None, Field(description="working directory on the vault")] = None,
-    env: Annotated[dict[str, str] | None, Field(description="extra environment")] = None,
+    cwd: Annotated[
+        str | None,
+        Field(description="working directory on the vault (absolute; default: the user's home)"),
+    ] = None,
+    env: Annotated[
+        dict[str, str] | None,
+        Field(description="environment variables set over the login's (NAME: value)"),
+    ] = None,
+    user: Annotated[
+        str | None,
+        Field(description="run as this account of the vault's /etc/passwd (default root)"),
+    ] = None,
     stdin: Annotated[str | None, Field(description="text for standard input")] = None,
     stdin_open: Annotated[
         bool, Field(description="keep stdin open for send_input (default: closed)")
@@ -192,6 +202,7 @@ async def exec_tool(
         cols=120 if tty else 0,
         cwd=cwd,
         env=tuple((env or {}).items()),
+        user=user,
     )
     execs = state.execs
     async with Reporter(ctx) as reporter:

@@ -29,10 +29,11 @@ import subprocess
 import termios
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from flyvault.errors import SpawnError
 
+from .accounts import Account
 from .outputlog import STDERR, STDOUT
 
 log = logging.getLogger("flyvault.server.process")
@@ -133,6 +134,17 @@ def _take_controlling_terminal() -> None:  # pragma: no cover - runs in the chil
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
+def _credentials(account: Account | None) -> dict[str, Any]:
+    """Popen's arguments to become ``account`` (applied after the chdir, before exec)."""
+    if account is None:
+        return {}
+    return {
+        "user": account.uid,
+        "group": account.gid,
+        "extra_groups": list(account.groups or (account.gid,)),
+    }
+
+
 def _spawn_error(command: Sequence[str], cwd: str | None, exc: OSError) -> SpawnError:
     reason = exc.strerror or str(exc)
     # subprocess names the cwd as the failing filename when chdir failed.
@@ -199,6 +211,7 @@ class ManagedProcess:
         wrapper: Sequence[str] = (),
         openpty: Callable[[], tuple[int, int]] | None = None,
         entry: Entry | None = None,
+        account: Account | None = None,
     ) -> ManagedProcess:
         """Start ``wrapper + argv``, or ``argv`` through ``entry`` (inside the workload).
 
@@ -210,6 +223,8 @@ class ManagedProcess:
         ours. ``term``, when given, sets TERM on top of either. ``rows``/``cols`` are the
         initial window size of the PTY (0x0 means unknown, as the kernel defaults to).
         In pipe mode stdout is channel 1 and stderr channel 2; a PTY merges both into 1.
+        ``account`` (without ``entry``: host mode): the child takes its groups, gid and uid
+        before exec (an entry switches inside the workload itself).
         """
         if not argv:
             raise SpawnError("cannot run an empty command")
@@ -261,6 +276,7 @@ class ManagedProcess:
                         env=child_env,
                         start_new_session=True,
                         preexec_fn=preexec,
+                        **_credentials(account),
                     )
             except OSError as exc:
                 raise _spawn_error(command, cwd, exc) from None

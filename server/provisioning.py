@@ -20,6 +20,7 @@ from flyvault.errors import ProvisionError
 from flyvault.protocol.constants import RuntimeStatus, VmState
 from flyvault.protocol.messages import RootfsOptions
 
+from .accounts import Account
 from .cgroups import Limits
 from .defaults import URL_MAX_BYTES, URL_READ_TIMEOUT
 from .provision.extract import ExtractLimits, ExtractReport, StreamingExtractor
@@ -87,8 +88,8 @@ class Provisioner:
     def spawn_policy(self) -> SpawnPolicy:
         runtime = self.runtime
 
-        def entry(cwd: str | None, strict: bool) -> WorkloadEntry:
-            return runtime.entry(cwd, strict=strict)
+        def entry(cwd: str | None, strict: bool, account: Account | None) -> WorkloadEntry:
+            return runtime.entry(cwd, strict=strict, account=account)
 
         return SpawnPolicy(
             base_env=runtime.env,

@@ -51,7 +51,6 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +58,7 @@ from flyvault.errors import ProvisionError, SpawnError
 from flyvault.protocol.constants import RuntimeStatus
 
 from . import cgroups
+from .accounts import MAX_ACCOUNT_FILE, Account, parse_groups, parse_passwd, switch_to, unknown_user
 from .cgroups import Limits, WorkloadCgroups
 from .nsinit import FALLBACK_MARKER, WORKLOAD_ENV
 
@@ -86,9 +86,6 @@ STATE_FILE = "workload.json"
 #: Hostnames: at most 63 bytes of letters, digits and '-' (other characters become '-').
 _HOSTNAME_BAD = re.compile(r"[^A-Za-z0-9-]+")
 DEFAULT_HOSTNAME = "fly-vault"
-#: PATH of a login, as sshd sets it (root gets the sbin directories).
-ROOT_PATH = WORKLOAD_ENV["PATH"]
-USER_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _setns_function = _libc.setns
@@ -104,42 +101,6 @@ def hostname_for(name: str | None) -> str:
     """A valid hostname made of ``name`` (the vault's name), else ``fly-vault``."""
     text = _HOSTNAME_BAD.sub("-", name or "").strip("-")[:63].strip("-")
     return text or DEFAULT_HOSTNAME
-
-
-@dataclass(frozen=True)
-class Account:
-    """The login account commands run as (root), from the image's ``/etc/passwd``."""
-
-    name: str = "root"
-    uid: int = 0
-    gid: int = 0
-    home: str = "/root"
-    shell: str = "/bin/sh"
-
-    def environment(self) -> dict[str, str]:
-        """What sshd sets for a login: HOME, USER, LOGNAME, SHELL and PATH."""
-        return {
-            "HOME": self.home,
-            "USER": self.name,
-            "LOGNAME": self.name,
-            "SHELL": self.shell,
-            "PATH": ROOT_PATH if self.uid == 0 else USER_PATH,
-        }
-
-
-def parse_passwd(text: str, user: str = "root") -> Account | None:
-    for line in text.splitlines():
-        fields = line.split(":")
-        if len(fields) < 7 or fields[0] != user:
-            continue
-        try:
-            uid, gid = int(fields[2]), int(fields[3])
-        except ValueError:
-            continue
-        home = fields[5] if fields[5].startswith("/") else "/"
-        shell = fields[6] if fields[6].startswith("/") else "/bin/sh"
-        return Account(user, uid, gid, home, shell)
-    return None
 
 
 def _open_inside(root: int, path: str, flags: int = os.O_RDONLY) -> int:
@@ -216,9 +177,11 @@ class WorkloadEntry:
 
     ``popen`` forks the command straight into the workload's PID namespace; the child
     joins the cgroup of the workload's init (so limits and clean-up cover it), then its
-    cgroup, IPC, UTS and mount namespaces and its root, changes to ``cwd`` and execs. If
-    ``cwd`` does not exist: with ``strict`` the command is refused (SpawnError naming it),
-    otherwise it starts in ``/``, as a login whose home is missing does.
+    cgroup, IPC, UTS and mount namespaces and its root, becomes ``account`` (when given:
+    its groups, gid and uid), changes to ``cwd`` (as that user, so a directory it may not
+    enter is refused as for a login) and execs. If ``cwd`` does not exist: with ``strict``
+    the command is refused (SpawnError naming it), otherwise it starts in ``/``, as a login
+    whose home is missing does.
     """
 
     def __init__(
@@ -229,7 +192,9 @@ class WorkloadEntry:
         cwd: str | None,
         *,
         strict: bool = True,
+        account: Account | None = None,
     ) -> None:
+        self.account = account
         self.init_pid = init_pid
         self.pidfd = pidfd
         self.cgroup_files = list(cgroup_files)
@@ -277,7 +242,7 @@ class WorkloadEntry:
             error_read, error_write = os.pipe()
             keep(error_read)
             keep(error_write)
-            cwd, strict = self.cwd, self.strict
+            cwd, strict, account = self.cwd, self.strict, self.account
 
             def fail(message: str, code: int) -> None:  # pragma: no cover - in the child
                 os.write(error_write, f"{code} {message}".encode(errors="replace"))
@@ -297,6 +262,11 @@ class WorkloadEntry:
                     os.chroot(".")
                 except OSError as exc:
                     fail(f"cannot enter the workload: {exc.strerror or exc}", 126)
+                if account is not None:
+                    try:
+                        switch_to(account)
+                    except OSError as exc:
+                        fail(f"cannot switch to user {account.name!r}: {exc.strerror or exc}", 126)
                 try:
                     os.chdir(cwd)
                 except OSError as exc:
@@ -587,11 +557,14 @@ class WorkloadRuntime:
     def stopping(self) -> bool:
         return self._stopping
 
-    def entry(self, cwd: str | None = None, *, strict: bool = True) -> WorkloadEntry:
+    def entry(
+        self, cwd: str | None = None, *, strict: bool = True, account: Account | None = None
+    ) -> WorkloadEntry:
         """How a command enters the workload now (for ``ManagedProcess.spawn(entry=...)``).
 
-        ``cwd`` is a directory inside the workload (default ``/``). Ask for every spawn: it
-        names the current init, which changes on restart.
+        ``cwd`` is a directory inside the workload (default ``/``); ``account`` the user it
+        runs as (default: init's own credentials, root). Ask for every spawn: it names the
+        current init, which changes on restart.
         """
         pid, pidfd = self.init_pid, self._pidfd
         if pid is None or pidfd is None:
@@ -601,18 +574,30 @@ class WorkloadRuntime:
                 "the vault's workload is stopping", hint="try again once it has restarted"
             )
         files = self.cgroups.init_cgroup_files(pid) if self.cgroups.active else []
-        return WorkloadEntry(pid, pidfd, files, cwd, strict=strict)
+        return WorkloadEntry(pid, pidfd, files, cwd, strict=strict, account=account)
 
     def account(self, user: str = "root") -> Account:
-        """``user``'s passwd entry in the running workload (defaults when it has none)."""
+        """``user``'s passwd entry in the running workload, with its groups from the
+        workload's /etc/group. Root has defaults when the image has no entry for it; any
+        other unknown user raises ``SpawnError`` (never root's account)."""
+        passwd = self._read_inside("/etc/passwd")
+        found = parse_passwd(passwd, user) if passwd is not None else None
+        if found is None:
+            if user != "root":
+                raise unknown_user(user, "the vault's /etc/passwd")
+            found = Account()
+        groups = self._read_inside("/etc/group")
+        return found.with_groups(parse_groups(groups or "", found.name, found.gid))
+
+    def _read_inside(self, path: str) -> str | None:
+        """A text file as the workload sees it (symlinks resolved inside), or None."""
         try:
             with self._root() as root:
-                fd = _open_inside(root, "/etc/passwd")
+                fd = _open_inside(root, path)
                 with os.fdopen(fd, "rb") as file:
-                    text = file.read(4 * 1024 * 1024).decode("utf-8", "replace")
+                    return file.read(MAX_ACCOUNT_FILE).decode("utf-8", "replace")
         except (OSError, ProvisionError):
-            return Account(home="/root" if user == "root" else "/")
-        return parse_passwd(text, user) or Account()
+            return None
 
     def exists_inside(self, path: str) -> bool:
         """Whether ``path`` exists as the workload sees it (symlinks resolved inside)."""

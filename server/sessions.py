@@ -25,7 +25,11 @@ attached clients are told along with the exit status.
 
 In VM mode commands run as the image's root account, as a login would: in its home (unless
 the request names a directory), with HOME, USER, LOGNAME, SHELL and PATH from its
-``/etc/passwd`` entry; a shell is its login shell.
+``/etc/passwd`` entry; a shell is its login shell. A request that names a ``user`` (protocol
+4) runs as that account of the workload's ``/etc/passwd`` instead, with its groups from
+``/etc/group``, the same way; in host mode as that user of the host (init must be root to
+switch). The request's variables go over the login's. A session keeps the user it was
+started as: a reattach names none, and one that does is not asked to (the session exists).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pwd
 import shutil
 import signal
 import time
@@ -41,9 +46,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flyvault.defaults import RECONNECT_TIMEOUT
-from flyvault.errors import NotFoundError, TooManySessions
-from flyvault.protocol.console import OpenSession
+from flyvault.errors import NotFoundError, RemoteProtocolError, TooManySessions, UsageError
+from flyvault.protocol.console import OpenSession, check_cwd, check_env
 
+from .accounts import Account, host_account
 from .defaults import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_BUFFER, DEFAULT_SESSION_TTL
 from .outputlog import OutputLog
 from .process import Entry, ExitStatus, ManagedProcess
@@ -75,13 +81,14 @@ class SpawnPolicy:
     enter: Callable[[str | None], tuple[list[str], str | None]] | None = None
     #: Allocates PTYs (from the workload's /dev/pts in VM mode).
     openpty: Callable[[], tuple[int, int]] | None = None
-    #: VM mode: ``entry(cwd, strict)`` starts a command inside the workload with no
-    #: process in between (``WorkloadRuntime.entry``); asked at every spawn. Wins over
-    #: ``enter``.
-    entry: Callable[[str | None, bool], Entry] | None = None
-    #: VM mode: the login account (``WorkloadRuntime.account``): its home is the default
-    #: directory, its variables the environment, its shell the shell's.
-    account: Callable[[], Any] | None = None
+    #: VM mode: ``entry(cwd, strict, account)`` starts a command inside the workload with no
+    #: process in between (``WorkloadRuntime.entry``), as ``account`` when given (else as
+    #: init, root); asked at every spawn. Wins over ``enter``.
+    entry: Callable[[str | None, bool, Account | None], Entry] | None = None
+    #: VM mode: ``account(user)``, the workload's login account (``WorkloadRuntime.account``,
+    #: root by default): its home is the default directory, its variables the environment,
+    #: its shell the shell's. Raises ``SpawnError`` for an unknown user.
+    account: Callable[[str], Account] | None = None
     #: VM mode: whether a path exists inside the workload (for the login shell).
     exists: Callable[[str], bool] | None = None
 
@@ -134,6 +141,8 @@ class Session:
         self.id = request.session_id
         self.argv = argv
         self.context = request.context
+        #: The account it runs as (list-exec shows it); set when it is started.
+        self.user: str | None = None
         self.pty = request.pty or request.shell
         self.kind = "shell" if request.shell else "exec"
         self.keep = request.keep
@@ -265,6 +274,7 @@ class Session:
             "kind": self.kind,
             "argv": self.argv,
             "context": self.context,
+            "user": self.user,
             "pty": self.pty,
             "attached": self.attachment is not None,
             "running": exit_status is None,
@@ -277,6 +287,25 @@ class Session:
             "bytes": self.log.end,
             "retained_from": self.log.start,
         }
+
+
+def _own_user_name() -> str | None:
+    """Host mode without a named user: commands run as the server's own user."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return None
+
+
+def _check_request(request: OpenSession) -> None:
+    """What the client should have checked (``ExecRequest``): a relative cwd, a variable
+    name with '=', too much environment. Refused as a bad request, naming the problem."""
+    try:
+        if request.cwd is not None:
+            check_cwd(request.cwd)
+        check_env(request.env)
+    except RemoteProtocolError as exc:
+        raise UsageError(f"exec request: {exc.message}") from None
 
 
 class SessionRegistry:
@@ -322,9 +351,18 @@ class SessionRegistry:
                 f"too many sessions on this vault ({self.max_sessions}); stop some with "
                 "fly-vault kill VAULT SESSION"
             )
+        _check_request(request)
         policy = self.policy
         env = dict(policy.base_env)
-        account = policy.account() if policy.account is not None else None
+        # Who it runs as: the named user (switched to), else the login account (VM mode:
+        # root, init's own credentials) or, in host mode, the server's user as it is.
+        switch: Account | None = None
+        account: Account | None = None
+        if policy.account is not None:
+            account = policy.account(request.user or "root")
+            switch = account if request.user is not None else None
+        elif request.user is not None:
+            account = switch = host_account(request.user)
         if account is not None:
             env.update(account.environment())  # as sshd: HOME, USER, LOGNAME, SHELL, PATH
         if request.shell:
@@ -332,6 +370,7 @@ class SessionRegistry:
         else:
             argv = list(request.argv or ())
         session = Session(request, argv, self.buffer_size, self._clock)
+        session.user = account.name if account is not None else _own_user_name()
         env.update(dict(request.env))
         if request.term:
             env["TERM"] = request.term
@@ -343,8 +382,10 @@ class SessionRegistry:
             if policy.entry is not None:
                 # The login's home unless the request names a directory (which must exist).
                 home = account.home if account is not None else "/"
-                entry = policy.entry(cwd or home, cwd is not None)
+                entry = policy.entry(cwd or home, cwd is not None, switch)
             else:
+                if switch is not None and cwd is None:  # the login's home, if it has one
+                    cwd = switch.home if os.path.isdir(switch.home) else "/"
                 wrapper, cwd = policy.prepare(cwd)
             session.process = await ManagedProcess.spawn(
                 argv,
@@ -358,6 +399,7 @@ class SessionRegistry:
                 wrapper=wrapper,
                 openpty=policy.openpty if session.pty else None,
                 entry=entry,
+                account=switch if entry is None else None,
             )
         except BaseException:
             del self.sessions[session.id]

@@ -327,7 +327,7 @@ def test_version_mismatch_end_to_end(
             assert isinstance(event, ErrorReceived)
             error = event.error.to_exception()
             assert isinstance(error, VersionMismatch)
-            assert "client speaks 1..1, server speaks 2..3" in error.message
+            assert "client speaks 1..1, server speaks 2..4" in error.message
             channel.close_now()
         finally:
             server.close()

@@ -499,3 +499,31 @@ def test_a_session_ended_by_the_vault_carries_the_reason(
         assert "ended by the vault: the vault is shutting down" in text(end)
 
     run(mcp_server, scenario)
+
+
+@pytest.mark.skipif(__import__("os").geteuid() != 0, reason="switching users needs root")
+def test_exec_user_cwd_env_travel_in_the_protocol_not_the_shell(
+    mcp_server: Any, vault: str
+) -> None:
+    async def scenario(s: Session) -> None:
+        # argv, no shell: the user, directory and variables can only come from the request.
+        ran = await s.data(
+            "exec",
+            {
+                "vault": vault,
+                "argv": ["sh", "-c", 'id -un; pwd; printf "%s\\n" "$GREETING"'],
+                "user": "nobody",
+                "cwd": "/tmp",
+                "env": {"GREETING": "it's $not expanded"},
+            },
+        )
+        assert ran["exit_code"] == 0, ran
+        assert ran["output"].splitlines() == ["nobody", "/tmp", "it's $not expanded"]
+        bad = await s.call("exec", {"vault": vault, "argv": ["true"], "cwd": "tmp"}, ok=False)
+        assert "the working directory 'tmp' is not an absolute path" in text(bad)
+        unknown = await s.call(
+            "exec", {"vault": vault, "argv": ["true"], "user": "no-such-user-zz"}, ok=False
+        )
+        assert "no such user" in text(unknown)
+
+    run(mcp_server, scenario)

@@ -16,6 +16,7 @@ from flyvault.protocol.constants import (
     ERROR_FRAME,
     MAX_PAYLOAD,
     MAX_PREAUTH_PAYLOAD,
+    PROTOCOL_VERSION,
     ControlFrame,
     ErrorCode,
     RuntimeStatus,
@@ -311,7 +312,7 @@ def test_full_exchange_with_inline_rootfs() -> None:
     client, server = ControlClient(), ControlServer()
     client.request_attestation()
     pump(client, server)
-    assert events(server) == [AttestationRequested(3)]
+    assert events(server) == [AttestationRequested(PROTOCOL_VERSION)]
     server.send_attestation(VmState.COLD, RuntimeStatus.NOT_STARTED, "boot-1", "the.jwt")
     pump(server, client)
     [received] = events(client)
@@ -377,7 +378,7 @@ def test_version_mismatch_is_refused_with_clear_error() -> None:
     assert isinstance(event, ErrorReceived)
     error = event.error.to_exception()
     assert isinstance(error, VersionMismatch)
-    assert "client speaks 1..1, server speaks 2..3" in error.message
+    assert "client speaks 1..1, server speaks 2..4" in error.message
 
 
 def test_client_refuses_attestation_with_unsupported_version() -> None:

@@ -698,7 +698,10 @@ def test_login_account_from_the_images_passwd_resolved_inside(
             # /etc/passwd as a symlink out of the rootfs is not followed on the host.
             (rootfs / "etc" / "passwd").unlink()
             (rootfs / "etc" / "passwd").symlink_to("../../../../../../../../etc/shadow")
-            assert runtime.account() == Account()  # the defaults, nothing of the host's
+            assert runtime.account() == Account(groups=(0,))  # defaults, nothing of the host's
+            # Any other user must be in the image's passwd: never root's account instead.
+            with pytest.raises(SpawnError, match="no such user in the vault's /etc/passwd"):
+                runtime.account("user")
 
     run_async(scenario())
 

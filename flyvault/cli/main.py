@@ -98,13 +98,25 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="never use a PTY (pipes, stderr kept apart)",
     )
-    exec_.add_argument("--cwd", metavar="DIR", help="working directory on the vault")
+    exec_.add_argument(
+        "--user",
+        "-u",
+        metavar="USER",
+        help="run as this account of the vault's /etc/passwd (default root), with its groups, "
+        "home and login variables",
+    )
+    exec_.add_argument(
+        "--cwd",
+        metavar="DIR",
+        help="working directory on the vault, an absolute path that must exist (default: the "
+        "user's home)",
+    )
     exec_.add_argument(
         "--env",
         metavar="NAME=VALUE",
         action="append",
         default=[],
-        help="set an environment variable (repeatable)",
+        help="set an environment variable over the login's (repeatable)",
     )
     exec_.add_argument(
         "--reconnect-timeout",
@@ -144,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="first replace the vault's rootfs with the configured rootfs or rootfs_url "
         "(keeps /root and /home; stops every process on the vault)",
+    )
+    connect.add_argument(
+        "--user",
+        "-u",
+        metavar="USER",
+        help="log in as this account of the vault's /etc/passwd (default root): its shell, "
+        "home and groups",
     )
     _rootfs_options(connect)
     connect.set_defaults(run=_lazy(remote, "run_connect"))

@@ -121,38 +121,43 @@ def _exec_request(args: argparse.Namespace, argv: list[str], stdin_tty: bool) ->
         cols=cols,
         cwd=args.cwd,
         env=tuple(_parse_env(item) for item in args.env),
+        user=args.user,
     )
 
 
 def run_connect(args: argparse.Namespace) -> int:
+    from flyvault.client import ExecRequest, new_session_id
+
+    rows, cols = terminal_size()
+    try:  # checked before connecting (exit 2)
+        request = ExecRequest(
+            session_id=new_session_id("shell"),
+            shell=True,
+            pty=True,
+            term=os.environ.get("TERM", "xterm-256color"),
+            rows=rows,
+            cols=cols,
+            user=args.user,
+        )
+    except UsageError as exc:
+        report_error(exc)
+        return 2
     try:
         vault = with_rootfs_options(_load(args.vault), args)
         forwards = _forward_specs(args.forward, vault.forwards())
-        return asyncio.run(_connect(args, vault, forwards))
+        return asyncio.run(_run_session(args, vault, request, True, forwards=forwards))
     except VaultError as exc:
         report_error(exc)
         return CLIENT_FAILURE
 
 
-async def _connect(args: argparse.Namespace, vault_config: Any, forwards: list[Any]) -> int:
-    from flyvault.client import ExecRequest, new_session_id
-
-    rows, cols = terminal_size()
-    request = ExecRequest(
-        session_id=new_session_id("shell"),
-        shell=True,
-        pty=True,
-        term=os.environ.get("TERM", "xterm-256color"),
-        rows=rows,
-        cols=cols,
-    )
-    return await _run_session(args, vault_config, request, True, forwards=forwards)
-
-
 def _parse_env(item: str) -> tuple[str, str]:
+    """``--env NAME=VALUE`` (the value may hold '='; the name is checked by ExecRequest)."""
     name, sep, value = item.partition("=")
     if not sep or not name:
-        raise UsageError(f"--env {item!r}: expected NAME=VALUE")
+        raise UsageError(
+            f"--env {item[:80]!r}: expected NAME=VALUE", hint="e.g. --env FOO=bar (repeatable)"
+        )
     return name, value
 
 

@@ -2,29 +2,39 @@
 
 Callers describe the session (a command, a shell, or a reattach to a named session) and get
 a ``UsageError`` for what the vault would refuse anyway, before any connection: an invalid
-session id, an empty argv, sizes over the wire limits, a NUL byte the kernel cannot take.
+session id, an empty argv, sizes over the wire limits, a NUL byte the kernel cannot take, a
+relative working directory, an invalid user or environment variable name.
 The wire message (``OpenSession``) is built from it by ``ExecSession`` only.
 """
 
 from __future__ import annotations
 
+import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from flyvault.errors import RemoteProtocolError, UsageError
 from flyvault.protocol.console import (
     MAX_ARG_LENGTH,
     MAX_ARGV,
     MAX_CONTEXT_LENGTH,
-    MAX_ENV,
+    MAX_ENV_NAME_LENGTH,
     MAX_PATH_LENGTH,
     MAX_TERM_LENGTH,
     OpenSession,
+    check_cwd,
+    check_env,
     check_session_id,
+    check_user,
 )
 
-#: What the vault reads of an environment variable's name (``OpenSession.decode``).
-MAX_ENV_NAME_LENGTH = 1024
+#: Variable names callers may set: the portable (POSIX) ones. Anything else (a '-', a '.')
+#: is a typo more often than not, and shells cannot expand it.
+ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+T = TypeVar("T")
+
 #: Terminal rows and columns travel as u16.
 MAX_TERMINAL_SIZE = 0xFFFF
 
@@ -60,6 +70,9 @@ class ExecRequest:
     env: tuple[tuple[str, str], ...] = ()
     #: Output bytes already seen: a reattach replays from here.
     resume_offset: int = 0
+    #: The account a new session runs as (a name in the vault's /etc/passwd); None: root.
+    #: Needs a vault that speaks protocol 4. A reattach keeps the session's own user.
+    user: str | None = None
 
     def __post_init__(self) -> None:
         valid_session_id(self.session_id)
@@ -69,6 +82,8 @@ class ExecRequest:
         _check_text("cwd", self.cwd, MAX_PATH_LENGTH)
         _check_text("term", self.term, MAX_TERM_LENGTH)
         _check_env(self.env)
+        _usage(check_cwd, self.cwd)
+        _usage(check_user, self.user)
         for name, value in (("rows", self.rows), ("cols", self.cols)):
             if not 0 <= value <= MAX_TERMINAL_SIZE:
                 raise UsageError(f"exec request: {name} {value} is outside 0-{MAX_TERMINAL_SIZE}")
@@ -100,6 +115,7 @@ class ExecRequest:
             cwd=self.cwd,
             env=self.env,
             resume_offset=self.resume_offset,
+            user=self.user,
         )
 
 
@@ -113,13 +129,25 @@ def _check_argv(argv: tuple[str, ...], shell: bool) -> None:
 
 
 def _check_env(env: tuple[tuple[str, str], ...]) -> None:
-    if len(env) > MAX_ENV:
-        raise UsageError(f"exec request: {len(env)} environment variables, more than {MAX_ENV}")
     for name, value in env:
-        if not name or "=" in name:
-            raise UsageError(f"exec request: invalid environment variable name {name[:40]!r}")
+        if not ENV_NAME_PATTERN.fullmatch(name):
+            raise UsageError(
+                f"exec request: invalid environment variable name {name[:40]!r}: use letters, "
+                "digits and '_', not starting with a digit"
+            )
         _check_text(f"environment variable name {name[:40]!r}", name, MAX_ENV_NAME_LENGTH)
         _check_text(f"environment variable {name[:40]}", value, MAX_ARG_LENGTH)
+    _usage(check_env, env)
+
+
+def _usage(check: Callable[[T], object], value: T | None) -> None:
+    """Run a wire check of ``flyvault.protocol.console``; its refusal is a usage error."""
+    if value is None:
+        return
+    try:
+        check(value)
+    except RemoteProtocolError as exc:
+        raise UsageError(f"exec request: {exc.message}") from None
 
 
 def _check_text(what: str, text: str | None, limit: int) -> None:

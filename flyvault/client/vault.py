@@ -51,7 +51,7 @@ from flyvault.protocol.console import (
     decode_json,
     frame,
 )
-from flyvault.protocol.constants import ERROR_FRAME, StreamTag
+from flyvault.protocol.constants import ERROR_FRAME, PROTOCOL_VERSION, StreamTag
 from flyvault.protocol.exec_client import ExecClient
 from flyvault.protocol.exec_session import (
     ClientEvent,
@@ -500,8 +500,13 @@ class ExecSession:
     async def _attach(self, connection: Any) -> Exited:
         """One stream: open (or reattach), then turn the machine's events into hooks until
         the session exits, this client is displaced, or the stream fails."""
+        # What the connection negotiated decides which fields may be sent (checked before
+        # a stream exists, so a refusal leaves nothing half open on the vault).
+        attestation = getattr(connection, "attestation", None)
+        version = getattr(attestation, "protocol_version", PROTOCOL_VERSION)
+        opening = self.machine.open_stream(version)
         stream = connection.open_stream(StreamTag.CONSOLE)
-        stream.write(self.machine.open_stream())
+        stream.write(opening)
         self._stream = stream
         await stream.drain()
         while True:

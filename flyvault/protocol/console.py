@@ -39,6 +39,17 @@ MAX_ENV = 1024
 MAX_TERM_LENGTH = 64
 MAX_PATH_LENGTH = 4096
 MAX_CONTEXT_LENGTH = 4096
+#: The longest environment variable name the vault reads.
+MAX_ENV_NAME_LENGTH = 1024
+#: What the names and values of one request's variables may add up to (UTF-8 bytes): well
+#: inside the kernel's room for argv and environment together (ARG_MAX, 2 MiB by default).
+MAX_ENV_TOTAL = 256 * 1024
+#: A user name as useradd takes it (32 characters at most; a trailing '$' is allowed for
+#: machine accounts): nothing that could confuse a passwd line or a path.
+USER_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}\$?")
+#: The longest user name the vault reads (more than the pattern allows, so the decoder can
+#: name the rule instead of failing on a length).
+MAX_USER_LENGTH = 256
 
 
 class ConsoleFrame(enum.IntEnum):
@@ -61,6 +72,46 @@ class SessionsFrame(enum.IntEnum):
     KILL = 0x02
     LIST_RESULT = 0x11
     KILLED = 0x12
+
+
+def check_user(user: str) -> str:
+    """A user name (from the vault's ``/etc/passwd``) as a request may carry it."""
+    if not USER_PATTERN.fullmatch(user):
+        raise RemoteProtocolError(
+            f"invalid user name {user[:40]!r}: use 1-32 letters, digits, '.', '_' or '-', "
+            "not starting with '.' or '-'"
+        )
+    return user
+
+
+def check_cwd(cwd: str) -> str:
+    """A working directory must be absolute: relative to what would depend on the vault's
+    mode (the server's directory in host mode, ``/`` inside a workload)."""
+    if not cwd.startswith("/"):
+        raise RemoteProtocolError(f"the working directory {cwd[:80]!r} is not an absolute path")
+    if "\0" in cwd:
+        raise RemoteProtocolError("the working directory contains a NUL byte")
+    return cwd
+
+
+def check_env(env: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """Names without '=' or NUL (the kernel would cut or split them), values without NUL,
+    at most ``MAX_ENV`` variables of at most ``MAX_ENV_TOTAL`` bytes together."""
+    if len(env) > MAX_ENV:
+        raise RemoteProtocolError(f"{len(env)} environment variables, more than {MAX_ENV}")
+    total = 0
+    for name, value in env:
+        if not name or "=" in name or "\0" in name:
+            raise RemoteProtocolError(f"invalid environment variable name {name[:40]!r}")
+        if "\0" in value:
+            raise RemoteProtocolError(f"environment variable {name[:40]} contains a NUL byte")
+        total += len(name.encode("utf-8", "surrogatepass"))
+        total += len(value.encode("utf-8", "surrogatepass"))
+    if total > MAX_ENV_TOTAL:
+        raise RemoteProtocolError(
+            f"the environment variables add up to {total} bytes, more than {MAX_ENV_TOTAL}"
+        )
+    return env
 
 
 def check_session_id(session_id: str) -> str:
@@ -92,6 +143,11 @@ class OpenSession:
     cwd: str | None = None
     env: tuple[tuple[str, str], ...] = ()
     resume_offset: int = 0
+    #: Protocol 4: the account (a name in the workload's ``/etc/passwd``) a new session runs
+    #: as; None is root, as before. A trailing field sent only when set, so a request
+    #: without it is byte for byte what older clients send. A reattach never carries it:
+    #: the session keeps the user it was started as.
+    user: str | None = None
 
     @property
     def create(self) -> bool:
@@ -113,7 +169,10 @@ class OpenSession:
         writer.optional_text(self.cwd).u32(len(self.env))
         for key, value in self.env:
             writer.text(key).text(value)
-        return writer.u64(self.resume_offset).getvalue()
+        writer.u64(self.resume_offset)
+        if self.user is not None:
+            writer.text(self.user)
+        return writer.getvalue()
 
     @classmethod
     def decode(cls, payload: bytes) -> OpenSession:
@@ -135,10 +194,11 @@ class OpenSession:
         if env_count > MAX_ENV:
             raise RemoteProtocolError(f"console open: {env_count} variables, more than {MAX_ENV}")
         env = tuple(
-            (reader.text("env name", 1024), reader.text("env value", MAX_ARG_LENGTH))
+            (reader.text("env name", MAX_ENV_NAME_LENGTH), reader.text("env value", MAX_ARG_LENGTH))
             for _ in range(env_count)
         )
         resume = reader.u64("resume offset")
+        user = check_user(reader.text("user", MAX_USER_LENGTH)) if reader.remaining else None
         reader.end()
         argv = args if flags & 1 else None
         if argv is not None and not argv and not flags & 4:
@@ -156,6 +216,7 @@ class OpenSession:
             cwd,
             env,
             resume,
+            user,
         )
 
 

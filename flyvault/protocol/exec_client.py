@@ -30,7 +30,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 
-from flyvault.errors import LocalProtocolError, RemoteProtocolError
+from flyvault.errors import LocalProtocolError, RemoteProtocolError, Unsupported
 from flyvault.protocol.codec import Frame, FrameDecoder, encode_frame
 from flyvault.protocol.console import (
     ConsoleFrame,
@@ -40,7 +40,12 @@ from flyvault.protocol.console import (
     decode_stdin_ack,
     encode_resize,
 )
-from flyvault.protocol.constants import ERROR_FRAME, MAX_PAYLOAD
+from flyvault.protocol.constants import (
+    ERROR_FRAME,
+    EXEC_USER_VERSION,
+    MAX_PAYLOAD,
+    PROTOCOL_VERSION,
+)
 from flyvault.protocol.exec_session import (
     EXIT_ACK_DELIVERY,
     STDIN_CHUNK,
@@ -153,10 +158,18 @@ class ExecClient:
 
     # Commands ----------------------------------------------------------------------------
 
-    def open_stream(self) -> bytes:
-        """Start a new stream: the bytes to write on it first."""
+    def open_stream(self, version: int = PROTOCOL_VERSION) -> bytes:
+        """Start a new stream: the bytes to write on it first. ``version``: the protocol
+        the connection negotiated; a field the server would not understand is refused
+        here (``Unsupported``), before anything is sent."""
         if self.state not in (ClientState.IDLE, ClientState.DISCONNECTED):
             raise LocalProtocolError(f"cannot open a console stream in state '{self.state.value}'")
+        if self.request.user is not None and version < EXEC_USER_VERSION and not self._opened_once:
+            raise Unsupported(
+                f"this vault's init speaks protocol {version}, which cannot run a command as "
+                f"another user (--user needs protocol {EXEC_USER_VERSION}); update the vault's "
+                "image (fly-vault-admin tenant update-image), or leave the user out to run as root"
+            )
         if self._opened_once:
             # The command must never run twice: every later stream reattaches.
             self.request = _reattach(self.request, self.output_offset, self._size)
