@@ -116,8 +116,7 @@ class AttestationError(VaultError):
     exit_code = 5
     code = ErrorCode.ATTESTATION_UNAVAILABLE
     remote_hint = (
-        "the machine could not mint a Fly OIDC token; is it running on Fly (the /.fly/api "
-        "socket)?"
+        "the machine could not mint a Fly OIDC token; is it running on Fly (the /.fly/api socket)?"
     )
 
 
@@ -263,6 +262,10 @@ class UnsafeEntry(RemoteProtocolError):
     """A copy from a vault sent an entry this side refuses to create (``..``, an absolute
     name, a path through a symlink, a device node, a setuid bit): a vault may be
     compromised, so its tree is checked as strictly as an archive from a stranger."""
+
+
+class FileOpError(RemoteError):
+    """A file operation failed: "<path>: <errno in words> (<ERRNO name>)"."""
 
 
 class IntegrityError(VaultError):

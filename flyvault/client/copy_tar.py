@@ -311,8 +311,6 @@ def _pax_records(payload: bytes, last: str) -> dict[str, str]:
         if space < 0 or length <= 0 or not record.endswith(b"\n") or b"=" not in record:
             raise TarStreamError(f"a malformed pax header after {last!r}")
         key, _, value = record[space - position + 1 : -1].partition(b"=")
-        records[key.decode("utf-8", "surrogateescape")] = value.decode(
-            "utf-8", "surrogateescape"
-        )
+        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         position += length
     return records
