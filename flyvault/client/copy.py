@@ -310,11 +310,10 @@ async def _download_file(
     landed = False
     try:
         sha = await _verified_prefix(files, path, fd, tracker)
-        writer = SparseWriter(fd)
-        writer.position = os.fstat(fd).st_size
+        writer = SparseWriter(fd, os.fstat(fd).st_size)
         for attempt in range(MAX_ATTEMPTS):
             try:
-                async for chunk in files.read(path, offset=writer.position):
+                async for chunk in files.read(path, offset=writer.size):
                     writer.write(chunk)
                     sha.update(chunk)
                     tracker.bytes(len(chunk))
@@ -322,8 +321,8 @@ async def _download_file(
             except Exception as exc:
                 if not _retryable(exc) or attempt == MAX_ATTEMPTS - 1:
                     raise
-                tracker.resumed += writer.position
-        writer.finish(writer.position)
+                tracker.resumed += writer.size
+        writer.finish()
         remote = await files.sha256(path)
         if remote != sha.hexdigest():
             os.unlink(partial)

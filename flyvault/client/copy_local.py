@@ -74,13 +74,28 @@ def current_umask() -> int:
 
 
 class SparseWriter:
-    """Writes a file's data at increasing offsets, seeking over aligned zero blocks."""
+    """Writes a file's data at increasing offsets, seeking over aligned zero blocks.
 
-    def __init__(self, fd: int) -> None:
+    Data arrives in pieces of any size, so up to one block is carried to the next call:
+    only whole aligned blocks are judged, and ``finish`` writes what is left."""
+
+    def __init__(self, fd: int, position: int = 0) -> None:
         self.fd = fd
-        self.position = 0
+        self.position = position  # where the carried bytes begin
+        self._carry = b""
+
+    @property
+    def size(self) -> int:
+        return self.position + len(self._carry)
 
     def write(self, data: bytes) -> None:
+        if self._carry:
+            data, self._carry = self._carry + data, b""
+        cut = len(data) - (self.position + len(data)) % SPARSE_BLOCK
+        if cut <= 0:
+            self._carry = data
+            return
+        data, self._carry = data[:cut], data[cut:]
         if ZERO_BLOCK not in data:  # the common case: no zero run worth a hole
             self._write_at(data)
             return
@@ -104,9 +119,11 @@ class SparseWriter:
             self.position += written
             view = view[written:]
 
-    def finish(self, size: int) -> None:
-        """Set the length: a trailing hole is part of the file."""
-        os.ftruncate(self.fd, size)
+    def finish(self, size: int | None = None) -> None:
+        """Write the carried bytes and set the length (a trailing hole is part of it)."""
+        carry, self._carry = self._carry, b""
+        self._write_at(carry)
+        os.ftruncate(self.fd, self.position if size is None else size)
 
 
 class LocalTreeWriter:
