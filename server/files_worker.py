@@ -403,12 +403,16 @@ def write_file(channel: Channel, request: FileRequest, path: str) -> None:
     directory = os.path.dirname(path) or "/"
     if request.parents:
         os.makedirs(directory, 0o755, exist_ok=True)
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     if request.resume_key is not None:
         temp = partial_name(path, request.resume_key)
-        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     else:
         temp = os.path.join(directory, f"{TEMP_PREFIX}{os.urandom(8).hex()}")
-        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        flags |= os.O_EXCL
+    try:
+        fd = os.open(temp, flags, 0o600)
+    except OSError as exc:  # the temp name means nothing to the caller: name the target
+        raise OSError(exc.errno, exc.strerror, path) from None
     keep = False
     try:
         keep = _receive_into(channel, request, path, fd, temp)
