@@ -307,8 +307,6 @@ class UnsafeEntry(RemoteProtocolError):
     compromised, so its tree is checked as strictly as an archive from a stranger."""
 
 
-
-
 #: The class each error code turns back into on the receiving side: one per code. A class
 #: sent under a code (say ``SpawnError`` as INVALID_REQUEST) arrives as the class listed here.
 WIRE_CLASSES: tuple[type[VaultError], ...] = (
