@@ -17,6 +17,7 @@ from flyvault.protocol.console import Exited, Started
 
 if TYPE_CHECKING:
     from flyvault.client.connection import VaultConnection
+    from flyvault.client.pipe import ByteSink, ByteSource, pipe_forward
     from flyvault.client.vault import (
         ExecHooks,
         ExecSession,
@@ -35,6 +36,9 @@ _LAZY = {
     "SessionTakenOver": "flyvault.client.vault",
     "Vault": "flyvault.client.vault",
     "VaultConnection": "flyvault.client.connection",
+    "ByteSink": "flyvault.client.pipe",
+    "ByteSource": "flyvault.client.pipe",
+    "pipe_forward": "flyvault.client.pipe",
 }
 
 
@@ -48,6 +52,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "ByteSink",
+    "ByteSource",
     "ClientEvent",
     "DevelopmentIssuer",
     "Diagnosis",
@@ -65,6 +71,7 @@ __all__ = [
     "VaultConnection",
     "new_session_id",
     "parse_signal",
+    "pipe_forward",
     "signal_name",
     "valid_session_id",
 ]
