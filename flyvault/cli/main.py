@@ -19,6 +19,7 @@ from flyvault.envvars import number
 #: argparse types of numeric flags: a bad value is a usage error naming the flag (exit 2).
 RECONNECT_TIMEOUT = number(float, minimum=0, unit="seconds")
 PORT_OR_ANY = number(int, minimum=0, maximum=65535)
+PORT = number(int, minimum=1, maximum=65535)
 
 EXIT_CODES_HELP = """\
 exit codes:
@@ -169,13 +170,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     forward = commands.add_parser(
         "forward",
-        help="forward local ports to the vault without a shell",
+        help="forward local ports to the vault without a shell (or --stdio, for ssh)",
+        usage="%(prog)s VAULT L:HOST:R [L:HOST:R ...]\n       %(prog)s --stdio VAULT HOST:PORT",
         description="Listen on 127.0.0.1 and tunnel each connection to HOST:R as seen from "
-        "the vault. Listeners stay bound across reconnects. Runs until Ctrl-C.",
+        "the vault. Listeners stay bound across reconnects. Runs until Ctrl-C. With --stdio, "
+        "join standard input and output to one TCP connection to HOST:PORT opened on the "
+        "vault instead (like ssh -W), for an ssh ProxyCommand: see 'fly-vault ssh-config'.",
+    )
+    forward.add_argument(
+        "--stdio",
+        action="store_true",
+        help="pipe stdin/stdout to HOST:PORT on the vault; exits 0 when both sides closed",
     )
     forward.add_argument("vault")
     forward.add_argument("specs", nargs="+", metavar="L:HOST:R")
-    forward.set_defaults(run=_lazy(remote, "run_forward"))
+    forward.set_defaults(run=_run_forward)
+
+    ssh_config = commands.add_parser(
+        "ssh-config",
+        help="print a Host block for ~/.ssh/config that reaches the vault's sshd",
+        description="Print a Host block for ~/.ssh/config whose ProxyCommand is 'fly-vault "
+        "forward --stdio VAULT localhost:PORT' (by absolute path), so ssh, scp, rsync, git "
+        "and VS Code Remote-SSH reach an sshd running inside the vault through the attested "
+        "channel. Does not connect.",
+    )
+    ssh_config.add_argument("vault", help="name of a [vault.NAME] entry in the config")
+    ssh_config.add_argument("--user", default="root", help="login name (default root)")
+    ssh_config.add_argument(
+        "--port", type=PORT, default=22, help="the sshd's port on the vault (default 22)"
+    )
+    ssh_config.add_argument(
+        "--host-alias", metavar="NAME", help="the name to type after ssh (default: VAULT)"
+    )
+    ssh_config.set_defaults(run=_lazy("flyvault.cli.sshconfig", "run"))
 
     reprovision = commands.add_parser(
         "reprovision",
@@ -350,6 +377,11 @@ def _lazy(module: str, attribute: str) -> Callable[[argparse.Namespace], int]:
         return function(args)
 
     return run
+
+
+def _run_forward(args: argparse.Namespace) -> int:
+    module = "flyvault.cli.stdio" if args.stdio else "flyvault.cli.remote"
+    return _lazy(module, "run" if args.stdio else "run_forward")(args)
 
 
 def _rootfs_options(command: argparse.ArgumentParser, *, saved: bool = False) -> None:

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
         TreeResult,
         WriteResult,
     )
+    from flyvault.client.pipe import ByteSink, ByteSource, pipe_forward
     from flyvault.client.vault import (
         ExecHooks,
         ExecSession,
@@ -61,6 +62,9 @@ _LAZY = {
     "TarPiece": "flyvault.client.files",
     "TreeResult": "flyvault.client.files",
     "WriteResult": "flyvault.client.files",
+    "ByteSink": "flyvault.client.pipe",
+    "ByteSource": "flyvault.client.pipe",
+    "pipe_forward": "flyvault.client.pipe",
 }
 
 
@@ -74,6 +78,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "ByteSink",
+    "ByteSource",
     "ClientEvent",
     "CopyEndpoint",
     "CopyProgress",
@@ -104,6 +110,7 @@ __all__ = [
     "new_session_id",
     "parse_endpoint",
     "parse_signal",
+    "pipe_forward",
     "signal_name",
     "valid_session_id",
 ]
