@@ -4,6 +4,7 @@ test_files_vm.py, tree streams in test_files_tar.py."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import stat
@@ -277,3 +278,24 @@ def test_a_write_without_a_resume_key_fails_cleanly_when_the_connection_drops(
     error = scenario(init_process, issuer, body)
     assert "nothing was stored" in str(error)
     assert not (tmp_path / "lost.bin").exists()
+
+
+def test_an_older_init_is_refused_before_the_file_stream_is_opened() -> None:
+    """A protocol 3 init would reset the unknown stream: the client says what to update."""
+    from flyvault.client.files import RemoteFiles
+    from flyvault.errors import Unsupported
+
+    class OldConnection:
+        protocol_version = 3
+
+        def open_stream(self, tag: int) -> None:
+            raise AssertionError("no stream may be opened on a protocol 3 connection")
+
+    class OldVault:
+        async def connection(self) -> OldConnection:
+            return OldConnection()
+
+    files = RemoteFiles(OldVault())  # type: ignore[arg-type]
+    with pytest.raises(Unsupported, match="protocol 3, which has no file stream") as caught:
+        asyncio.run(files.stat("/etc/hostname"))
+    assert caught.value.exit_code == 10

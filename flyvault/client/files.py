@@ -26,9 +26,10 @@ from flyvault.errors import (
     RemoteProtocolError,
     Timeout,
     TransportError,
+    Unsupported,
     UsageError,
 )
-from flyvault.protocol.constants import StreamTag
+from flyvault.protocol.constants import FILES_VERSION, StreamTag
 from flyvault.protocol.files import (
     Answered,
     AnswerTimedOut,
@@ -211,6 +212,13 @@ class RemoteFiles:
         if problem:
             raise UsageError(f"{request.op.value}: {problem}")
         connection = await self.vault.connection()
+        version = getattr(connection, "protocol_version", FILES_VERSION)
+        if version < FILES_VERSION:
+            raise Unsupported(
+                f"this vault's init speaks protocol {version}, which has no file stream (file "
+                f"operations need protocol {FILES_VERSION}); update the vault's image "
+                "(fly-vault-admin tenant update-image)"
+            )
         stream = connection.open_stream(StreamTag.FILES)
         return connection, _Exchange(stream, request)
 

@@ -18,9 +18,9 @@ from flyvault.errors import ErrorCode as ErrorCode
 #: is this implementation: negotiated versions, coded error frames on every stream, bounded
 #: frames and a chunked rootfs upload. Version 3 adds the reason to EXITED (why the vault
 #: ended a session); a version 2 peer is still served, without it. Version 4 adds the
-#: ``user`` of an exec session (console OPEN): a client never sends it to an older server
-#: (it refuses the request itself, saying the vault's init needs updating). A peer outside
-#: the range gets a clear refusal.
+#: ``user`` of an exec session (console OPEN) and the file stream: a client never sends
+#: either to an older server (it refuses the request itself, saying the vault's init needs
+#: updating). A peer outside the range gets a clear refusal.
 PROTOCOL_VERSION: Final = 4
 MIN_PROTOCOL_VERSION: Final = 2
 MAX_PROTOCOL_VERSION: Final = 4
@@ -28,6 +28,9 @@ MAX_PROTOCOL_VERSION: Final = 4
 EXIT_REASON_VERSION: Final = 3
 #: The first version whose console OPEN may name the user a new session runs as.
 EXEC_USER_VERSION: Final = 4
+#: The first version with the file stream (``StreamTag.FILES``): an older init would reset the
+#: unknown stream, so the client refuses first, saying what to update.
+FILES_VERSION: Final = 4
 
 #: ALPN labels. The server accepts both: ``h3`` is what the original used as a bare label.
 ALPN_PROTOCOLS: Final = ("fly-vault", "h3")
