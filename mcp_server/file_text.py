@@ -172,9 +172,7 @@ def numbered(text: str, first_line: int | None) -> str:
     return "\n".join(f"{n:>6}\t{line}" for n, line in enumerate(lines, first_line))
 
 
-def apply_edit(
-    text: str, old: str, new: str, *, replace_all: bool, path: str
-) -> tuple[str, int]:
+def apply_edit(text: str, old: str, new: str, *, replace_all: bool, path: str) -> tuple[str, int]:
     """``text`` with ``old`` replaced by ``new``; the number of replacements.
 
     ``old`` must occur exactly once unless ``replace_all``: an edit that could land in

@@ -67,9 +67,7 @@ MAX_ENTRIES = 10_000
 #: Symlinks followed before a write gives up, as the kernel does (ELOOP).
 MAX_LINKS = 40
 
-UserArg = Annotated[
-    str | None, Field(description="act as this user of the vault (default: root)")
-]
+UserArg = Annotated[str | None, Field(description="act as this user of the vault (default: root)")]
 PathArg = Annotated[str, Field(description="absolute path on the vault")]
 
 
@@ -156,8 +154,7 @@ async def _read_big_head(
                 raise UsageError(
                     f"line offset {offset} of {path} lies beyond the first "
                     f"{MAX_SCAN // (1024 * 1024)} MiB read_file scans",
-                    hint="read the tail with a negative offset, or fetch the file with "
-                    "copy_files",
+                    hint="read the tail with a negative offset, or fetch the file with copy_files",
                 )
         else:
             ended = True
@@ -251,8 +248,10 @@ def _text(
     content = b"".join(lines).decode("utf-8")
     first = None if skipped is None else skipped + 1
     after = None if skipped is None else skipped + len(lines)
-    truncated = cut_line or (total is None and skipped is not None) or (
-        after is not None and total is not None and after < total
+    truncated = (
+        cut_line
+        or (total is None and skipped is not None)
+        or (after is not None and total is not None and after < total)
     )
     next_step = None
     if cut_line and first is not None:
@@ -530,9 +529,7 @@ async def copy_files(
     ctx: Context,
     vault: VaultName,
     source: Annotated[str, Field(description="path to copy (local for upload)")],
-    destination: Annotated[
-        str, Field(description="path to copy to (on the vault for upload)")
-    ],
+    destination: Annotated[str, Field(description="path to copy to (on the vault for upload)")],
     direction: Literal["upload", "download"] = "upload",
     recursive: Annotated[bool, Field(description="copy a directory tree")] = False,
     preserve: Annotated[bool, Field(description="keep modes and mtimes")] = False,

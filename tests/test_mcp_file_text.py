@@ -48,7 +48,9 @@ def test_count_lines_counts_a_last_line_without_newline() -> None:
     assert count_lines(b"\n\n") == 2
 
 
-def _window(data: bytes, first: int, limit: int, max_bytes: int = 1 << 20, step: int = 3) -> LineWindow:
+def _window(
+    data: bytes, first: int, limit: int, max_bytes: int = 1 << 20, step: int = 3
+) -> LineWindow:
     window = LineWindow(first, limit, max_bytes)
     for start in range(0, len(data), step):
         if window.feed(data[start : start + step]):
@@ -58,7 +60,9 @@ def _window(data: bytes, first: int, limit: int, max_bytes: int = 1 << 20, step:
 
 
 def test_a_window_keeps_exact_lines_from_any_chunking() -> None:
-    data = b"".join(f"line {n}\r\n".encode() if n % 2 else f"line {n}\n".encode() for n in range(1, 11))
+    data = b"".join(
+        f"line {n}\r\n".encode() if n % 2 else f"line {n}\n".encode() for n in range(1, 11)
+    )
     for step in (1, 2, 7, 1000):
         window = _window(data, 2, 3, step=step)
         assert window.content == b"line 3\r\nline 4\nline 5\r\n"
