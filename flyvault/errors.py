@@ -44,6 +44,12 @@ class ErrorCode(enum.IntEnum):
     CONNECT_FAILED = 13
     #: Another client attached to the session (sent as DETACHED, listed for completeness).
     TAKEN_OVER = 14
+    #: A file operation failed on the vault (permission denied, not a directory, ...).
+    FILE_OP = 15
+    #: Data did not match its SHA-256 (a write, a tar member): nothing was stored.
+    INTEGRITY = 16
+    #: A path named in a file operation does not exist.
+    PATH_NOT_FOUND = 17
 
 
 class VaultError(Exception):
@@ -116,8 +122,7 @@ class AttestationError(VaultError):
     exit_code = 5
     code = ErrorCode.ATTESTATION_UNAVAILABLE
     remote_hint = (
-        "the machine could not mint a Fly OIDC token; is it running on Fly (the /.fly/api "
-        "socket)?"
+        "the machine could not mint a Fly OIDC token; is it running on Fly (the /.fly/api socket)?"
     )
 
 
@@ -226,6 +231,43 @@ class TargetUnreachable(RemoteError):
     code = ErrorCode.CONNECT_FAILED
 
 
+class PathNotFound(NotFoundError):
+    """A path named in a file operation does not exist on the vault (ENOENT)."""
+
+    code = ErrorCode.PATH_NOT_FOUND
+    remote_hint = None
+
+
+class FileOpError(RemoteError):
+    """A file operation failed on the vault; the message names the path and the errno in
+    words, e.g. "/etc/x: permission denied (EACCES)"."""
+
+    code = ErrorCode.FILE_OP
+
+
+class IntegrityError(RemoteError):
+    """Data did not match its SHA-256 or size (a write, a tar member); nothing was stored."""
+
+    code = ErrorCode.INTEGRITY
+
+
+def file_error(path: str, number: int | None, detail: str | None = None) -> VaultError:
+    """The error for an ``OSError`` on ``path``: ``PathNotFound`` for ENOENT, else
+    ``FileOpError``; both read "<path>: <errno in words> (<ERRNO name>)"."""
+    import errno as errno_module
+    import os
+
+    if number is None:
+        return FileOpError(f"{path}: {detail or 'failed'}")
+    words = os.strerror(number)
+    words = words[:1].lower() + words[1:]
+    name = errno_module.errorcode.get(number, f"errno {number}")
+    message = f"{path}: {words} ({name})"
+    if number == errno_module.ENOENT:
+        return PathNotFound(message)
+    return FileOpError(message)
+
+
 class SessionTakenOver(VaultError):
     """Another client attached to the session; this one was detached (and must not retry)."""
 
@@ -276,6 +318,9 @@ WIRE_CLASSES: tuple[type[VaultError], ...] = (
     UsageError,
     TargetUnreachable,
     SessionTakenOver,
+    FileOpError,
+    IntegrityError,
+    PathNotFound,
 )
 
 _BY_CODE: dict[int, type[VaultError]] = {cls.code: cls for cls in WIRE_CLASSES}

@@ -622,12 +622,14 @@ def _spawn_policy(options: ServerOptions) -> SpawnPolicy:
 
 def _stream_handlers(options: ServerOptions) -> dict[StreamTag, StreamHandler]:
     from .console import handle_console, handle_sessions
+    from .files import handle_files
     from .forward import handle_forward
 
     return {
         StreamTag.PORT_FORWARD: handle_forward,
         StreamTag.EXEC_LIST: handle_sessions,
         StreamTag.CONSOLE: handle_console,
+        StreamTag.FILES: handle_files,
     }
 
 

@@ -68,6 +68,9 @@ EXPECTED: dict[type[VaultError], tuple[ErrorCode, int]] = {
     UsageError: (ErrorCode.INVALID_REQUEST, 2),
     TargetUnreachable: (ErrorCode.CONNECT_FAILED, 10),
     SessionTakenOver: (ErrorCode.TAKEN_OVER, 1),
+    errors.FileOpError: (ErrorCode.FILE_OP, 10),
+    errors.IntegrityError: (ErrorCode.INTEGRITY, 10),
+    errors.PathNotFound: (ErrorCode.PATH_NOT_FOUND, 9),
 }
 
 #: Server-side classes sent under another class's code: (class, the class it arrives as).
@@ -115,6 +118,17 @@ def test_hints_the_client_adds() -> None:
     assert "list-exec" in (_round_trip(NotFoundError("x")).hint or "")
     assert "fly-vault kill" in (_round_trip(TooManySessions("x")).hint or "")
     assert _round_trip(NotAuthenticated("x")).hint is None
+
+
+def test_file_errors_name_the_path_and_the_errno_in_words() -> None:
+    import errno
+
+    missing = errors.file_error("/srv/x", errno.ENOENT)
+    assert isinstance(missing, NotFoundError)
+    assert missing.message == "/srv/x: no such file or directory (ENOENT)"
+    denied = _round_trip(errors.file_error("/etc/x", errno.EACCES))
+    assert type(denied) is errors.FileOpError
+    assert denied.message == "/etc/x: permission denied (EACCES)"
 
 
 def test_unknown_code_is_a_remote_error_naming_it() -> None:

@@ -17,6 +17,15 @@ from flyvault.protocol.console import Exited, Started
 
 if TYPE_CHECKING:
     from flyvault.client.connection import VaultConnection
+    from flyvault.client.files import (
+        FileInfo,
+        FileKind,
+        MemberDigest,
+        RemoteFiles,
+        TarPiece,
+        TreeResult,
+        WriteResult,
+    )
     from flyvault.client.vault import (
         ExecHooks,
         ExecSession,
@@ -35,6 +44,13 @@ _LAZY = {
     "SessionTakenOver": "flyvault.client.vault",
     "Vault": "flyvault.client.vault",
     "VaultConnection": "flyvault.client.connection",
+    "FileInfo": "flyvault.client.files",
+    "FileKind": "flyvault.client.files",
+    "MemberDigest": "flyvault.client.files",
+    "RemoteFiles": "flyvault.client.files",
+    "TarPiece": "flyvault.client.files",
+    "TreeResult": "flyvault.client.files",
+    "WriteResult": "flyvault.client.files",
 }
 
 
@@ -56,13 +72,20 @@ __all__ = [
     "ExecRequest",
     "ExecSession",
     "Exited",
+    "FileInfo",
+    "FileKind",
+    "MemberDigest",
     "OnEvent",
+    "RemoteFiles",
     "ReprovisionResult",
     "SessionGone",
     "SessionTakenOver",
     "Started",
+    "TarPiece",
+    "TreeResult",
     "Vault",
     "VaultConnection",
+    "WriteResult",
     "new_session_id",
     "parse_signal",
     "signal_name",

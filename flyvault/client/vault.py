@@ -303,6 +303,12 @@ class Vault:
         if self._current is not None:
             self._current.close()
 
+    def files(self, user: str | None = None) -> Any:
+        """File operations on this vault (``RemoteFiles``), as root or as ``user``."""
+        from flyvault.client.files import RemoteFiles
+
+        return RemoteFiles(self, user)
+
     # One-shot requests ---------------------------------------------------------------
 
     async def _request(self, tag: StreamTag, payload: bytes) -> tuple[int, bytes]:

@@ -62,6 +62,8 @@ class StreamTag(enum.IntEnum):
     PORT_FORWARD = 0x02
     CONSOLE = 0x03
     EXEC_LIST = 0x04
+    #: One file operation per stream (``flyvault.protocol.files``).
+    FILES = 0x05
 
 
 class ControlFrame(enum.IntEnum):

@@ -1,0 +1,519 @@
+"""``RemoteFiles``: file operations on a vault, one file stream (tag 0x05) per operation.
+
+The wire rules are the sans-I/O ``flyvault.protocol.files.FileClient``; this module is its
+glue: it opens a stream on the vault's current connection, writes what the machine queues,
+feeds it what the stream delivers and turns its events into return values, iterators and
+exceptions (an ERROR frame becomes the class its code declares: ``PathNotFound`` (a
+``NotFoundError``), ``FileOpError``, ``IntegrityError``...).
+
+Reconnects: a lost connection is retried (through ``Vault.connection()``) only where that
+is safe: read-only operations, a read that resumes after the bytes already yielded, and a
+write with a ``resume_key`` (the vault kept the partial; the source is read again and the
+verified prefix skipped). Everything else raises ``ConnectionLost``: a rename must not run
+twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from flyvault.errors import (
+    ConnectionLost,
+    IntegrityError,
+    RemoteProtocolError,
+    Timeout,
+    TransportError,
+    UsageError,
+)
+from flyvault.protocol.constants import StreamTag
+from flyvault.protocol.files import (
+    Answered,
+    AnswerTimedOut,
+    DataReceived,
+    DigestReceived,
+    FileClient,
+    FileEvent,
+    FileState,
+    ItemsReceived,
+    Ready,
+    Refused,
+)
+from flyvault.protocol.files_messages import (
+    MAX_DATA,
+    MAX_LIST_LIMIT,
+    MAX_PATH,
+    MAX_RESUME_KEY,
+    FileInfo,
+    FileKind,
+    FileOp,
+    FileRequest,
+    MemberDigest,
+    request_problem,
+    result_digest,
+    result_int,
+    result_str,
+    valid_digest,
+)
+
+if TYPE_CHECKING:
+    from flyvault.transport import QuicStream
+
+    from .vault import Vault
+
+TarPiece = bytes | MemberDigest
+_READ_ONLY = frozenset({FileOp.STAT, FileOp.LIST, FileOp.SHA256, FileOp.READLINK})
+
+__all__ = [
+    "FileInfo",
+    "FileKind",
+    "MemberDigest",
+    "RemoteFiles",
+    "TarPiece",
+    "TreeResult",
+    "WriteResult",
+]
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    path: str
+    size: int
+    #: Hex, computed by the vault over what it stored.
+    sha256: str
+
+
+@dataclass(frozen=True)
+class TreeResult:
+    files: int
+    dirs: int
+    symlinks: int
+    bytes: int
+
+
+def _loop_time() -> float:
+    import asyncio
+
+    return asyncio.get_running_loop().time()
+
+
+class _Exchange:
+    """One operation on one stream: the machine plus the stream."""
+
+    def __init__(self, stream: QuicStream, request: FileRequest) -> None:
+        self.stream = stream
+        self.machine = FileClient(request, _loop_time())
+        self._ended = False
+        self.flush()
+
+    def flush(self) -> None:
+        data = self.machine.data_to_send()
+        end = self.machine.sending_finished and not self._ended
+        if not (data or end):
+            return
+        try:
+            self.stream.write(data, end_stream=end)
+        except TransportError:
+            # The vault answered and stopped reading: only its answer matters now.
+            if not data and self.machine.state in (FileState.DONE, FileState.FAILED):
+                return
+            raise
+        finally:
+            self._ended = self._ended or end
+
+    async def next_event(self) -> FileEvent:
+        import asyncio
+
+        machine = self.machine
+        while True:
+            event = machine.next_event(_loop_time())
+            if event is not None:
+                self.flush()
+                if isinstance(event, Refused):
+                    raise event.error.to_exception()
+                if isinstance(event, AnswerTimedOut):
+                    raise Timeout(
+                        f"the vault did not answer a file operation in {event.seconds:g} s"
+                    )
+                return event
+            try:
+                async with asyncio.timeout_at(machine.next_deadline()):
+                    data = await self.stream.read()
+            except TimeoutError:
+                machine.handle_timer(_loop_time())
+                continue
+            if data:
+                machine.receive_data(data)
+            else:
+                machine.receive_eof()
+
+    async def answer(self) -> dict[str, Any]:
+        event = await self.next_event()
+        if not isinstance(event, Answered):
+            raise RemoteProtocolError(f"unexpected {type(event).__name__} in a file answer")
+        return event.result
+
+    async def send(self, piece: bytes | MemberDigest) -> None:
+        if isinstance(piece, MemberDigest):
+            self.machine.send_digest(piece)
+        else:
+            self.machine.send_data(piece)
+        self.flush()
+        await self.stream.drain()
+
+    async def refusal_after(self, lost: TransportError) -> Exception:
+        """A send failed: the vault may have answered (refused) and stopped reading."""
+        try:
+            await self.answer()
+        except TransportError:
+            return lost
+        except Exception as exc:
+            return exc
+        return lost
+
+
+def _check_path(path: str, what: str = "path") -> None:
+    if not isinstance(path, str) or not path:
+        raise UsageError(f"the {what} is empty; name a file on the vault")
+    if "\0" in path:
+        raise UsageError(f"the {what} {path!r} contains a NUL byte")
+    if len(path.encode("utf-8", "surrogateescape")) > MAX_PATH:
+        raise UsageError(f"the {what} is longer than {MAX_PATH} bytes")
+
+
+def _check_range(offset: int, length: int | None) -> None:
+    if offset < 0:
+        raise UsageError(f"offset {offset} is negative")
+    if length is not None and length < 0:
+        raise UsageError(f"length {length} is negative")
+
+
+def _check_mode(mode: int | None) -> None:
+    if mode is not None and not 0 <= mode <= 0o7777:
+        raise UsageError(f"mode {mode:o} is not a file mode (0-7777 octal)")
+
+
+class RemoteFiles:
+    """File operations on one vault, acting as root or as ``user`` (see the module doc)."""
+
+    def __init__(self, vault: Vault, user: str | None = None) -> None:
+        if user is not None and (not user or "\0" in user or "/" in user or ":" in user):
+            raise UsageError(f"invalid user name {user!r}")
+        self.vault = vault
+        self.user = user
+
+    # The exchange ------------------------------------------------------------------------
+
+    async def _open(self, request: FileRequest) -> tuple[Any, _Exchange]:
+        problem = request_problem(request)
+        if problem:
+            raise UsageError(f"{request.op.value}: {problem}")
+        connection = await self.vault.connection()
+        stream = connection.open_stream(StreamTag.FILES)
+        return connection, _Exchange(stream, request)
+
+    async def _simple(self, request: FileRequest) -> dict[str, Any]:
+        """One request, one answer; read-only ones are retried on a lost connection."""
+        while True:
+            connection, exchange = await self._open(request)
+            try:
+                return await exchange.answer()
+            except TransportError as exc:
+                self.vault.invalidate(connection)
+                if request.op not in _READ_ONLY:
+                    raise ConnectionLost(
+                        f"the connection was lost during {request.op.value} of "
+                        f"{request.path!r}; check the result before repeating it"
+                    ) from exc
+
+    def _request(self, op: FileOp, path: str = "", **fields: Any) -> FileRequest:
+        return FileRequest(op, path=path, user=self.user, **fields)
+
+    # Queries -----------------------------------------------------------------------------
+
+    async def stat(self, path: str, *, follow: bool = False) -> FileInfo:
+        _check_path(path)
+        result = await self._simple(self._request(FileOp.STAT, path, follow=follow))
+        return FileInfo.from_json(result.get("info"))
+
+    async def list_dir(self, path: str, *, limit: int = 10_000) -> list[FileInfo]:
+        """The directory's entries sorted by name (at most ``limit``)."""
+        _check_path(path)
+        if not 1 <= limit <= MAX_LIST_LIMIT:
+            raise UsageError(f"limit {limit} is outside 1-{MAX_LIST_LIMIT}")
+        request = self._request(FileOp.LIST, path, limit=limit)
+        while True:
+            connection, exchange = await self._open(request)
+            items: list[FileInfo] = []
+            try:
+                while True:
+                    event = await exchange.next_event()
+                    if isinstance(event, ItemsReceived):
+                        items.extend(event.items)
+                        if len(items) > limit:
+                            raise RemoteProtocolError(f"the vault listed more than {limit}")
+                    elif isinstance(event, Answered):
+                        return items
+            except TransportError:
+                self.vault.invalidate(connection)
+
+    async def read(
+        self, path: str, *, offset: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes]:
+        """The bytes of ``path`` from ``offset`` (at most ``length``), chunk by chunk."""
+        _check_path(path)
+        _check_range(offset, length)
+        while True:
+            request = self._request(FileOp.READ, path, offset=offset, length=length)
+            connection, exchange = await self._open(request)
+            try:
+                while True:
+                    event = await exchange.next_event()
+                    if isinstance(event, DataReceived):
+                        if length is not None and len(event.data) > length:
+                            raise RemoteProtocolError("the vault sent more than was asked")
+                        offset += len(event.data)
+                        if length is not None:
+                            length -= len(event.data)
+                        yield event.data
+                    elif isinstance(event, Answered):
+                        return
+            except TransportError:
+                # Resumes after what was yielded: the next request starts there.
+                self.vault.invalidate(connection)
+
+    async def read_bytes(self, path: str, *, offset: int = 0, length: int | None = None) -> bytes:
+        return b"".join([chunk async for chunk in self.read(path, offset=offset, length=length)])
+
+    async def sha256(self, path: str, *, offset: int = 0, length: int | None = None) -> str:
+        _check_path(path)
+        _check_range(offset, length)
+        request = self._request(FileOp.SHA256, path, offset=offset, length=length)
+        return result_digest(await self._simple(request))
+
+    async def readlink(self, path: str) -> str:
+        _check_path(path)
+        return result_str(await self._simple(self._request(FileOp.READLINK, path)), "target")
+
+    # Changes -----------------------------------------------------------------------------
+
+    async def mkdir(
+        self, path: str, *, mode: int = 0o755, parents: bool = False, exist_ok: bool = False
+    ) -> None:
+        _check_path(path)
+        _check_mode(mode)
+        request = self._request(FileOp.MKDIR, path, mode=mode, parents=parents, exist_ok=exist_ok)
+        await self._simple(request)
+
+    async def remove(self, path: str, *, recursive: bool = False) -> None:
+        _check_path(path)
+        await self._simple(self._request(FileOp.REMOVE, path, recursive=recursive))
+
+    async def rename(self, src: str, dst: str) -> None:
+        _check_path(src, "source")
+        _check_path(dst, "destination")
+        await self._simple(self._request(FileOp.RENAME, src, target=dst))
+
+    async def chmod(self, path: str, mode: int) -> None:
+        _check_path(path)
+        _check_mode(mode)
+        await self._simple(self._request(FileOp.CHMOD, path, mode=mode))
+
+    async def chown(self, path: str, uid: int | None = None, gid: int | None = None) -> None:
+        _check_path(path)
+        for what, value in (("uid", uid), ("gid", gid)):
+            if value is not None and not 0 <= value < 2**32 - 1:
+                raise UsageError(f"{what} {value} is out of range")
+        if uid is None and gid is None:
+            raise UsageError("chown needs a uid or a gid")
+        await self._simple(self._request(FileOp.CHOWN, path, uid=uid, gid=gid))
+
+    async def set_mtime(self, path: str, mtime_ns: int) -> None:
+        _check_path(path)
+        if not -(2**63) <= mtime_ns < 2**63:
+            raise UsageError(f"mtime {mtime_ns} is out of range")
+        await self._simple(self._request(FileOp.SET_MTIME, path, mtime_ns=mtime_ns))
+
+    async def symlink(self, target: str, path: str) -> None:
+        _check_path(path)
+        _check_path(target, "symlink target")
+        await self._simple(self._request(FileOp.SYMLINK, path, target=target))
+
+    # Writing -----------------------------------------------------------------------------
+
+    async def write(
+        self,
+        path: str,
+        source: bytes | AsyncIterable[bytes],
+        *,
+        mode: int | None = None,
+        fsync: bool = False,
+        make_parents: bool = False,
+        size: int | None = None,
+        sha256: str | None = None,
+        resume_key: str | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> WriteResult:
+        """Write ``path`` atomically; see the contract in the module of the copy engine."""
+        _check_path(path)
+        _check_mode(mode)
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            source = bytes(source)
+            if size is not None and size != len(source):
+                raise UsageError(f"size {size} does not match the {len(source)} bytes given")
+            size = len(source)
+        if size is not None and size < 0:
+            raise UsageError(f"size {size} is negative")
+        if sha256 is not None and not valid_digest(sha256):
+            raise UsageError("sha256 must be 64 lower-case hex digits")
+        if resume_key is not None and not 0 < len(resume_key) <= MAX_RESUME_KEY:
+            raise UsageError(f"the resume key must have 1-{MAX_RESUME_KEY} characters")
+        request = self._request(
+            FileOp.WRITE,
+            path,
+            mode=mode,
+            fsync=fsync,
+            parents=make_parents,
+            size=size,
+            sha256=sha256,
+            resume_key=resume_key,
+        )
+        while True:
+            connection, exchange = await self._open(request)
+            try:
+                return await self._write_once(exchange, source, path, on_progress)
+            except TransportError as exc:
+                self.vault.invalidate(connection)
+                if resume_key is None:
+                    raise ConnectionLost(
+                        f"the connection was lost while writing {path!r}; nothing was stored "
+                        "(pass a resume key to continue where it stopped)"
+                    ) from exc
+
+    async def _write_once(
+        self,
+        exchange: _Exchange,
+        source: bytes | AsyncIterable[bytes],
+        path: str,
+        on_progress: Callable[[int], None] | None,
+    ) -> WriteResult:
+        event = await exchange.next_event()
+        if not isinstance(event, Ready):
+            raise RemoteProtocolError(f"expected READY, got {type(event).__name__}")
+        have = event.ready.have
+        chunks = _chunks(source)
+        digest = hashlib.sha256()
+        skipped, rest = await _skip(chunks, have, digest)
+        start = have if skipped == have and digest.hexdigest() == event.ready.sha256 else 0
+        if start == 0 and have:
+            digest = hashlib.sha256()
+            chunks, rest = _chunks(source), b""
+        exchange.machine.resume_at(start, _loop_time())
+        exchange.flush()
+        done = start
+        try:
+            if rest:
+                await exchange.send(rest)
+                digest.update(rest)
+                done += len(rest)
+            async for chunk in chunks:
+                if not chunk:
+                    continue
+                await exchange.send(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                if on_progress is not None:
+                    on_progress(done)
+            exchange.machine.finish(_loop_time())
+            exchange.flush()
+        except TransportError as lost:
+            raise await exchange.refusal_after(lost) from None
+        result = await exchange.answer()
+        written = WriteResult(
+            result_str(result, "path"), result_int(result, "size"), result_digest(result)
+        )
+        if written.sha256 != digest.hexdigest():
+            raise IntegrityError(
+                f"{path}: the vault stored data whose SHA-256 ({written.sha256}) differs from "
+                f"what was sent ({digest.hexdigest()})"
+            )
+        return written
+
+    # Trees -------------------------------------------------------------------------------
+
+    async def tar_get(
+        self, paths: Sequence[str], *, follow_symlinks: bool = False
+    ) -> AsyncIterator[TarPiece]:
+        """A pax tar stream of the trees, a MemberDigest after each regular file's data."""
+        if isinstance(paths, str) or not paths:
+            raise UsageError("tar_get needs a list of paths")
+        for path in paths:
+            _check_path(path)
+        request = FileRequest(
+            FileOp.TAR_GET, paths=tuple(paths), user=self.user, follow=follow_symlinks
+        )
+        _, exchange = await self._open(request)
+        while True:
+            event = await exchange.next_event()
+            if isinstance(event, DataReceived):
+                yield event.data
+            elif isinstance(event, DigestReceived):
+                yield event.digest
+            elif isinstance(event, Answered):
+                return
+
+    async def tar_put(
+        self,
+        dest_dir: str,
+        pieces: AsyncIterable[TarPiece],
+        *,
+        preserve: bool = False,
+        fsync: bool = False,
+    ) -> TreeResult:
+        _check_path(dest_dir, "destination directory")
+        request = self._request(FileOp.TAR_PUT, dest_dir, preserve=preserve, fsync=fsync)
+        _, exchange = await self._open(request)
+        try:
+            async for piece in pieces:
+                if isinstance(piece, MemberDigest):
+                    await exchange.send(piece)
+                    continue
+                for start in range(0, len(piece), MAX_DATA):
+                    await exchange.send(bytes(piece[start : start + MAX_DATA]))
+            exchange.machine.finish(_loop_time())
+            exchange.flush()
+        except TransportError as lost:
+            raise await exchange.refusal_after(lost) from None
+        result = await exchange.answer()
+        return TreeResult(*(result_int(result, n) for n in ("files", "dirs", "symlinks", "bytes")))
+
+
+async def _chunks(source: bytes | AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    if isinstance(source, bytes):
+        for start in range(0, len(source), MAX_DATA):
+            yield source[start : start + MAX_DATA]
+        return
+    async for chunk in source:
+        if not isinstance(chunk, (bytes, bytearray, memoryview)):
+            raise UsageError(f"the write source gave {type(chunk).__name__}, not bytes")
+        for start in range(0, len(chunk), MAX_DATA):
+            yield bytes(chunk[start : start + MAX_DATA])
+
+
+async def _skip(chunks: AsyncIterator[bytes], count: int, digest: Any) -> tuple[int, bytes]:
+    """Consume ``count`` bytes of ``chunks`` into ``digest``; return how many were there
+    and what of the last chunk lies past them."""
+    seen = 0
+    while seen < count:
+        try:
+            chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return seen, b""
+        take = min(len(chunk), count - seen)
+        digest.update(chunk[:take])
+        seen += take
+        if take < len(chunk):
+            return seen, chunk[take:]
+    return seen, b""

@@ -1,0 +1,543 @@
+"""The file stream's worker: a forked process that performs one file operation.
+
+Why a process: the operation must see paths as exec does (the workload's mount namespace
+and root) and act with the rights of the named account, and neither can be changed for one
+task of init's asyncio process. So the handler forks; the child joins the workload's mount
+namespace (``setns(CLONE_NEWNS)``, then ``fchdir``/``chroot`` to the root of its init, the
+same steps as ``WorkloadEntry``), reads the account from the workload's own ``/etc/passwd``
+and ``/etc/group`` (parsed here: NSS would load libraries from inside), drops to it, and runs
+the operation. Everything the child runs is imported before the fork: after the chroot,
+init's files are not visible. In host mode the same child runs on the host.
+
+The child talks to the handler over a socketpair in the file stream's own frames (the
+handler re-encodes what its ``FileServer`` machine validated), blocking, one chunk at a time:
+the socket's buffer is the only buffer, so a 1 GB file never sits in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import stat
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from flyvault.errors import (
+    IntegrityError,
+    RemoteError,
+    RemoteProtocolError,
+    UsageError,
+    VaultError,
+    file_error,
+)
+from flyvault.protocol.codec import encode_frame
+from flyvault.protocol.constants import ERROR_FRAME
+from flyvault.protocol.files import MAX_FRAME, decode_offset
+from flyvault.protocol.files_messages import (
+    ITEMS_PER_FRAME,
+    MAX_DATA,
+    FileFrame,
+    FileInfo,
+    FileKind,
+    FileOp,
+    FileRequest,
+    MemberDigest,
+    WriteReady,
+    encode_items,
+    encode_result,
+)
+from flyvault.protocol.messages import ErrorMessage
+
+from . import files_tar
+
+CLONE_NEWNS = 0x00020000
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+_HEADER = struct.Struct(">BI")
+EMPTY_SHA256 = hashlib.sha256().hexdigest()
+#: Largest account database read (passwd, group).
+_MAX_DB = 4 * 1024 * 1024
+PARTIAL_PREFIX = ".flyvault-partial-"
+TEMP_PREFIX = ".flyvault-tmp-"
+
+
+@dataclass
+class Accounts:
+    """The workload's accounts, as its /etc/passwd and /etc/group say."""
+
+    users: dict[int, str] = field(default_factory=dict)
+    groups: dict[int, str] = field(default_factory=dict)
+    #: name -> (uid, gid, home)
+    by_name: dict[str, tuple[int, int, str]] = field(default_factory=dict)
+    #: user name -> supplementary gids
+    member_of: dict[str, list[int]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls) -> Accounts:
+        accounts = cls()
+        for line in _lines("/etc/passwd"):
+            parts = line.split(":")
+            if len(parts) >= 7 and parts[2].isdigit() and parts[3].isdigit():
+                uid, gid = int(parts[2]), int(parts[3])
+                accounts.users.setdefault(uid, parts[0])
+                home = parts[5] if parts[5].startswith("/") else "/"
+                accounts.by_name.setdefault(parts[0], (uid, gid, home))
+        for line in _lines("/etc/group"):
+            parts = line.split(":")
+            if len(parts) >= 4 and parts[2].isdigit():
+                gid = int(parts[2])
+                accounts.groups.setdefault(gid, parts[0])
+                for member in filter(None, parts[3].split(",")):
+                    accounts.member_of.setdefault(member, []).append(gid)
+        return accounts
+
+
+def _lines(path: str) -> list[str]:
+    try:
+        with open(path, "rb") as file:
+            return file.read(_MAX_DB).decode("utf-8", "replace").splitlines()
+    except OSError:
+        return []
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the worker runs: the workload (its mount namespace and root, as fds opened by
+    the handler) or the host (both None)."""
+
+    mount_ns: int | None = None
+    root: int | None = None
+    #: The home of root in host mode (relative paths start there).
+    host_home: str = "/"
+
+
+# Entering and dropping privileges ------------------------------------------------------
+
+
+def enter(target: Target, user: str | None) -> Accounts:
+    """Join the workload (if any), become ``user`` (if given), go to its home."""
+    if target.mount_ns is not None and target.root is not None:
+        if _libc.setns(target.mount_ns, CLONE_NEWNS) != 0:
+            code = ctypes.get_errno()
+            raise RemoteError(f"cannot enter the workload's mount namespace: {os.strerror(code)}")
+        os.fchdir(target.root)
+        os.chroot(".")
+        os.close(target.mount_ns)
+        os.close(target.root)
+    accounts = Accounts.load()
+    home = "/root" if target.mount_ns is not None else target.host_home
+    if user is not None:
+        home = _become(accounts, user)
+    os.umask(0o022)
+    try:
+        os.chdir(home)
+    except OSError:
+        os.chdir("/")
+    return accounts
+
+
+def _become(accounts: Accounts, user: str) -> str:
+    found = accounts.by_name.get(user)
+    if found is None:
+        raise UsageError(f"no user {user!r} in the vault's /etc/passwd")
+    uid, gid, home = found
+    if os.geteuid() != uid:
+        if os.geteuid() != 0:
+            raise UsageError(
+                f"cannot act as {user!r}: init does not run as root here (host mode as "
+                f"uid {os.geteuid()})"
+            )
+        groups = sorted({gid, *accounts.member_of.get(user, [])})
+        os.setgroups(groups)
+        os.setgid(gid)
+        os.setuid(uid)
+    return home
+
+
+# Frames over the socketpair ----------------------------------------------------------
+
+
+class Channel:
+    """Blocking frames to and from the handler."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def send(self, kind: int, payload: bytes = b"") -> None:
+        self.sock.sendall(encode_frame(kind, payload, max_payload=MAX_FRAME))
+
+    def error(self, exc: VaultError) -> None:
+        self.send(ERROR_FRAME, ErrorMessage.from_exception(exc).encode())
+
+    def result(self, result: dict[str, object]) -> None:
+        self.send(FileFrame.RESULT, encode_result(result))
+
+    def receive(self) -> tuple[int, bytes] | None:
+        """The next frame from the handler, or None at the end of the stream (abandoned)."""
+        header = self._exactly(_HEADER.size)
+        if header is None:
+            return None
+        kind, length = _HEADER.unpack(header)
+        if length > MAX_FRAME:
+            raise RemoteProtocolError("oversized frame from the handler")
+        payload = self._exactly(length) if length else b""
+        if payload is None:
+            return None
+        return kind, payload
+
+    def _exactly(self, size: int) -> bytes | None:
+        chunks = bytearray()
+        while len(chunks) < size:
+            chunk = self.sock.recv(min(size - len(chunks), 1024 * 1024))
+            if not chunk:
+                return None
+            chunks += chunk
+        return bytes(chunks)
+
+
+# The operations ----------------------------------------------------------------------
+
+
+_KINDS: dict[int, FileKind] = {
+    stat.S_IFREG: "file",
+    stat.S_IFDIR: "dir",
+    stat.S_IFLNK: "symlink",
+    stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "char",
+    stat.S_IFBLK: "block",
+}
+
+
+def info_of(path: str, st: os.stat_result, accounts: Accounts, target: str | None) -> FileInfo:
+    return FileInfo(
+        path=path,
+        name=os.path.basename(path) or "/",
+        kind=_KINDS.get(stat.S_IFMT(st.st_mode), "file"),
+        size=st.st_size,
+        mode=stat.S_IMODE(st.st_mode),
+        uid=st.st_uid,
+        gid=st.st_gid,
+        owner=accounts.users.get(st.st_uid),
+        group=accounts.groups.get(st.st_gid),
+        mtime_ns=st.st_mtime_ns,
+        target=target,
+    )
+
+
+def stat_path(path: str, follow: bool, accounts: Accounts) -> FileInfo:
+    st = os.stat(path, follow_symlinks=follow)
+    target = os.readlink(path) if stat.S_ISLNK(st.st_mode) else None
+    return info_of(path, st, accounts, target)
+
+
+class Worker:
+    def __init__(self, channel: Channel, request: FileRequest, accounts: Accounts) -> None:
+        self.channel = channel
+        self.request = request
+        self.accounts = accounts
+        #: The path an OSError is about (named in the error).
+        self.subject = self._abs(request.path) if request.path else "/"
+
+    def _abs(self, path: str) -> str:
+        return os.path.normpath(os.path.join(os.getcwd(), path))
+
+    def run(self) -> None:
+        try:
+            self._dispatch()
+        except OSError as exc:
+            where = exc.filename if isinstance(exc.filename, str) else self.subject
+            self.channel.error(file_error(where, exc.errno, exc.strerror))
+        except VaultError as exc:
+            self.channel.error(exc)
+        except (BrokenPipeError, ConnectionResetError):
+            raise  # the handler is gone: nobody to tell
+        except Exception as exc:
+            self.channel.error(
+                RemoteError(f"{self.subject}: internal error ({type(exc).__name__}: {exc})")
+            )
+
+    def _dispatch(self) -> None:
+        request, op = self.request, self.request.op
+        path = self.subject
+        if op is FileOp.STAT:
+            info = stat_path(path, request.follow, self.accounts)
+            self.channel.result({"info": info.to_json()})
+        elif op is FileOp.LIST:
+            self._list(path)
+        elif op is FileOp.READ:
+            self._read(path)
+        elif op is FileOp.SHA256:
+            digest, size = self._hash(path)
+            self.channel.result({"sha256": digest, "size": size})
+        elif op is FileOp.WRITE:
+            write_file(self.channel, request, path)
+        elif op is FileOp.TAR_GET:
+            files_tar.tar_get(self.channel, [self._abs(p) for p in request.paths], request.follow)
+        elif op is FileOp.TAR_PUT:
+            files_tar.tar_put(self.channel, request, path)
+        else:
+            self._simple(path)
+
+    def _simple(self, path: str) -> None:
+        request, op = self.request, self.request.op
+        answer: dict[str, object] = {}
+        if op is FileOp.MKDIR:
+            _mkdir(path, request)
+        elif op is FileOp.REMOVE:
+            _remove(path, request.recursive)
+        elif op is FileOp.RENAME:
+            os.rename(path, self._abs(request.target))
+        elif op is FileOp.CHMOD:
+            assert request.mode is not None
+            os.chmod(path, request.mode)
+        elif op is FileOp.CHOWN:
+            uid = -1 if request.uid is None else request.uid
+            gid = -1 if request.gid is None else request.gid
+            os.chown(path, uid, gid, follow_symlinks=False)
+        elif op is FileOp.SET_MTIME:
+            assert request.mtime_ns is not None
+            atime = os.stat(path, follow_symlinks=False).st_atime_ns
+            os.utime(path, ns=(atime, request.mtime_ns), follow_symlinks=False)
+        elif op is FileOp.READLINK:
+            answer = {"target": os.readlink(path)}
+        elif op is FileOp.SYMLINK:
+            os.symlink(request.target, path)
+        self.channel.result(answer)
+
+    def _list(self, path: str) -> None:
+        limit = self.request.limit
+        with os.scandir(path) as entries:
+            names = sorted(entry.name for entry in entries)
+        truncated = len(names) > limit
+        batch: list[FileInfo] = []
+        count = 0
+        for name in names[:limit]:
+            full = os.path.join(path, name)
+            try:
+                info = stat_path(full, False, self.accounts)
+            except FileNotFoundError:
+                continue  # removed while listing
+            batch.append(info)
+            count += 1
+            if len(batch) == ITEMS_PER_FRAME:
+                self.channel.send(FileFrame.ITEMS, encode_items(batch))
+                batch = []
+        if batch:
+            self.channel.send(FileFrame.ITEMS, encode_items(batch))
+        self.channel.result({"count": count, "truncated": truncated})
+
+    def _chunks(self, path: str) -> Iterator[bytes]:
+        request = self.request
+        with open(path, "rb", buffering=0) as file:
+            if stat.S_ISDIR(os.fstat(file.fileno()).st_mode):
+                raise OSError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+            file.seek(request.offset)
+            remaining = request.length
+            while remaining is None or remaining > 0:
+                want = MAX_DATA if remaining is None else min(MAX_DATA, remaining)
+                chunk = file.read(want)
+                if not chunk:
+                    return
+                if remaining is not None:
+                    remaining -= len(chunk)
+                yield chunk
+
+    def _read(self, path: str) -> None:
+        size = 0
+        for chunk in self._chunks(path):
+            self.channel.send(FileFrame.DATA, chunk)
+            size += len(chunk)
+        self.channel.result({"size": size})
+
+    def _hash(self, path: str) -> tuple[str, int]:
+        digest = hashlib.sha256()
+        size = 0
+        for chunk in self._chunks(path):
+            digest.update(chunk)
+            size += len(chunk)
+        return digest.hexdigest(), size
+
+
+def _mkdir(path: str, request: FileRequest) -> None:
+    mode = 0o755 if request.mode is None else request.mode
+    try:
+        if request.parents:
+            os.makedirs(path, mode, exist_ok=False)
+        else:
+            os.mkdir(path, mode)
+    except FileExistsError:
+        if not (request.exist_ok and os.path.isdir(path)):
+            raise
+
+
+def _remove(path: str, recursive: bool) -> None:
+    st = os.stat(path, follow_symlinks=False)
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(path)
+    elif recursive:
+        shutil.rmtree(path)  # never follows symlinks; its OSError names the failing entry
+    else:
+        os.rmdir(path)
+
+
+# Writing ---------------------------------------------------------------------------------
+
+
+def partial_name(path: str, resume_key: str) -> str:
+    """The resumable partial of ``path`` for ``resume_key``: in the same directory, so the
+    final rename stays on one filesystem, named by a digest of the key (any key is safe)."""
+    key = hashlib.sha256(f"{resume_key}\0{path}".encode()).hexdigest()[:24]
+    return os.path.join(os.path.dirname(path), f"{PARTIAL_PREFIX}{key}")
+
+
+def write_file(channel: Channel, request: FileRequest, path: str) -> None:
+    """Write ``path`` atomically (temp file in its directory, then rename)."""
+    directory = os.path.dirname(path) or "/"
+    if request.parents:
+        os.makedirs(directory, 0o755, exist_ok=True)
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    if request.resume_key is not None:
+        temp = partial_name(path, request.resume_key)
+    else:
+        temp = os.path.join(directory, f"{TEMP_PREFIX}{os.urandom(8).hex()}")
+        flags |= os.O_EXCL
+    try:
+        fd = os.open(temp, flags, 0o600)
+    except OSError as exc:  # the temp name means nothing to the caller: name the target
+        raise OSError(exc.errno, exc.strerror, path) from None
+    keep = False
+    try:
+        keep = _receive_into(channel, request, path, fd, temp)
+    except BaseException:
+        keep = False
+        raise
+    finally:
+        os.close(fd)
+        if not keep:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+
+
+def _prefix_digest(fd: int, size: int) -> hashlib._Hash:
+    digest = hashlib.sha256()
+    os.lseek(fd, 0, os.SEEK_SET)
+    remaining = size
+    while remaining:
+        chunk = os.read(fd, min(MAX_DATA, remaining))
+        if not chunk:
+            break
+        digest.update(chunk)
+        remaining -= len(chunk)
+    return digest
+
+
+def _receive_into(channel: Channel, request: FileRequest, path: str, fd: int, temp: str) -> bool:
+    """Returns whether the temp file is to be kept (a resumable partial left behind)."""
+    have = os.fstat(fd).st_size
+    if request.size is not None and have > request.size:
+        os.ftruncate(fd, 0)
+        have = 0
+    digest = _prefix_digest(fd, have)
+    channel.send(FileFrame.READY, WriteReady(have, digest.hexdigest()).encode())
+    resumable = request.resume_key is not None
+    frame = channel.receive()
+    if frame is None:
+        return resumable
+    offset = decode_offset(frame[1])
+    if offset != have:
+        os.ftruncate(fd, offset)
+        digest = _prefix_digest(fd, offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    size = offset
+    while True:
+        frame = channel.receive()
+        if frame is None:
+            return resumable  # the connection went: keep what arrived
+        kind, payload = frame
+        if kind == FileFrame.END:
+            break
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view) :]
+        digest.update(payload)
+        size += len(payload)
+    found = digest.hexdigest()
+    if request.size is not None and size != request.size:
+        raise IntegrityError(f"{path}: received {size} bytes, expected {request.size}; not stored")
+    if request.sha256 is not None and found != request.sha256:
+        raise IntegrityError(
+            f"{path}: SHA-256 mismatch (expected {request.sha256}, received {found}); not stored"
+        )
+    mode = request.mode
+    if mode is None:
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            mode = 0o666 & ~0o022
+    os.fchmod(fd, mode)
+    if request.fsync:
+        os.fsync(fd)
+    os.rename(temp, path)
+    if request.fsync:
+        _fsync_dir(os.path.dirname(path) or "/")
+    channel.result({"path": path, "size": size, "sha256": found})
+    return True  # renamed: nothing left to delete
+
+
+def _fsync_dir(directory: str) -> None:
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+# The child's life ------------------------------------------------------------------------
+
+
+def child_main(sock: socket.socket, request: FileRequest, target: Target) -> None:
+    """Runs in the forked child; never returns (``os._exit``)."""
+    status = 0
+    try:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        keep = {sock.fileno(), *(fd for fd in (target.mount_ns, target.root) if fd is not None)}
+        _close_others(keep)
+        channel = Channel(sock)
+        try:
+            accounts = enter(target, request.user)
+        except VaultError as exc:
+            channel.error(exc)
+        except OSError as exc:
+            channel.error(file_error("/", exc.errno, exc.strerror))
+        else:
+            Worker(channel, request, accounts).run()
+        # Closing with unread input would reset the socket and could lose the answer on
+        # the handler's side: end our side, then discard input until the handler closes.
+        sock.shutdown(socket.SHUT_WR)
+        while sock.recv(1024 * 1024):
+            pass
+    except BaseException:
+        status = 70
+    finally:
+        os._exit(status)
+
+
+def _close_others(keep: set[int]) -> None:
+    low = 3
+    for fd in sorted(keep):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, 65536)
+
+
+__all__ = ["MemberDigest", "Target", "child_main"]

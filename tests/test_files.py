@@ -1,0 +1,279 @@
+"""The file stream end to end (issue 14 item 1): real QUIC on 127.0.0.1 against a real init
+in host mode (every op, errors in words, digests, resume); VM mode is in
+test_files_vm.py, tree streams in test_files_tar.py."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import InitProcess, run_async, vault_entry
+
+from flyvault.errors import (
+    ConnectionLost,
+    FileOpError,
+    IntegrityError,
+    NotFoundError,
+    UsageError,
+)
+from flyvault.standins import OidcIssuer
+
+
+def scenario(
+    init_process: InitProcess, issuer: OidcIssuer, body: Callable[[Any], Awaitable[Any]]
+) -> Any:
+    from flyvault.client import Vault
+
+    async def run() -> Any:
+        vault = Vault(vault_entry(init_process.port, issuer))
+        try:
+            return await body(vault)
+        finally:
+            await vault.close()
+
+    return run_async(run())
+
+
+def test_stat_list_read_sha256_and_errors_in_words(
+    init_process: InitProcess, issuer: OidcIssuer, tmp_path: Path
+) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    data = os.urandom(700_000) + bytes(range(256)) * 4  # binary, several DATA frames
+    (tree / "blob.bin").write_bytes(data)
+    (tree / "b-dir").mkdir(mode=0o750)
+    (tree / "a-link").symlink_to("blob.bin")
+    os.chmod(tree / "blob.bin", 0o4640)
+    locked = tree / "locked"
+    locked.write_text("secret")
+
+    async def body(vault: Any) -> dict[str, Any]:
+        files = vault.files()
+        out: dict[str, Any] = {}
+        out["stat"] = await files.stat(str(tree / "blob.bin"))
+        out["link"] = await files.stat(str(tree / "a-link"))
+        out["followed"] = await files.stat(str(tree / "a-link"), follow=True)
+        out["list"] = await files.list_dir(str(tree))
+        out["limited"] = await files.list_dir(str(tree), limit=2)
+        out["all"] = await files.read_bytes(str(tree / "blob.bin"))
+        out["range"] = await files.read_bytes(str(tree / "blob.bin"), offset=5, length=300_000)
+        out["sha"] = await files.sha256(str(tree / "blob.bin"))
+        out["sha_range"] = await files.sha256(str(tree / "blob.bin"), offset=10, length=20)
+        out["readlink"] = await files.readlink(str(tree / "a-link"))
+        for name, call in {
+            "missing": files.stat(str(tree / "nope")),
+            "isdir": files.read_bytes(str(tree)),
+            "notdir": files.list_dir(str(tree / "blob.bin")),
+        }.items():
+            try:
+                await call
+            except Exception as exc:
+                out[name] = exc
+        return out
+
+    out = scenario(init_process, issuer, body)
+    info = out["stat"]
+    assert (info.kind, info.size, info.mode, info.name) == ("file", len(data), 0o4640, "blob.bin")
+    assert info.path == str(tree / "blob.bin") and info.owner == "root" and info.target is None
+    assert info.mtime_ns == (tree / "blob.bin").stat().st_mtime_ns
+    assert (out["link"].kind, out["link"].target) == ("symlink", "blob.bin")
+    assert out["followed"].kind == "file"
+    assert [i.name for i in out["list"]] == ["a-link", "b-dir", "blob.bin", "locked"]
+    assert [i.kind for i in out["list"]] == ["symlink", "dir", "file", "file"]
+    assert out["list"][1].mode == 0o750
+    assert [i.name for i in out["limited"]] == ["a-link", "b-dir"]
+    assert out["all"] == data
+    assert out["range"] == data[5:300_005]
+    assert out["sha"] == hashlib.sha256(data).hexdigest()
+    assert out["sha_range"] == hashlib.sha256(data[10:30]).hexdigest()
+    assert out["readlink"] == "blob.bin"
+    assert isinstance(out["missing"], NotFoundError)
+    assert str(out["missing"]) == f"{tree / 'nope'}: no such file or directory (ENOENT)"
+    assert isinstance(out["isdir"], FileOpError) and "(EISDIR)" in str(out["isdir"])
+    assert str(out["notdir"]) == f"{tree / 'blob.bin'}: not a directory (ENOTDIR)"
+
+
+def test_changes_mkdir_remove_rename_chmod_chown_mtime_symlink(
+    init_process: InitProcess, issuer: OidcIssuer, tmp_path: Path
+) -> None:
+    base = tmp_path / "work"
+    base.mkdir()
+
+    async def body(vault: Any) -> dict[str, Any]:
+        files = vault.files()
+        out: dict[str, Any] = {}
+        await files.mkdir(str(base / "a/b/c"), parents=True, mode=0o700)
+        await files.mkdir(str(base / "a/b/c"), parents=True, exist_ok=True)
+        try:
+            await files.mkdir(str(base / "a"))
+        except FileOpError as exc:
+            out["exists"] = exc
+        await files.write(str(base / "a/b/c/f.txt"), b"hello")
+        await files.rename(str(base / "a/b/c/f.txt"), str(base / "g.txt"))
+        await files.chmod(str(base / "g.txt"), 0o600)
+        await files.chown(str(base / "g.txt"), 1234, 5678)
+        await files.set_mtime(str(base / "g.txt"), 1_500_000_000_123_456_789)
+        await files.symlink("g.txt", str(base / "link"))
+        try:
+            await files.remove(str(base / "a"))
+        except FileOpError as exc:
+            out["notempty"] = exc
+        await files.remove(str(base / "a"), recursive=True)
+        await files.remove(str(base / "link"))
+        return out
+
+    out = scenario(init_process, issuer, body)
+    assert "(EEXIST)" in str(out["exists"]) and "file exists" in str(out["exists"])
+    assert "directory not empty (ENOTEMPTY)" in str(out["notempty"])
+    assert not (base / "a").exists() and not (base / "link").is_symlink()
+    info = (base / "g.txt").stat()
+    assert stat.S_IMODE(info.st_mode) == 0o600
+    assert (info.st_uid, info.st_gid) == (1234, 5678)
+    assert info.st_mtime_ns == 1_500_000_000_123_456_789
+    assert (base / "g.txt").read_bytes() == b"hello"
+
+
+def test_write_is_atomic_verified_and_reports_progress(
+    init_process: InitProcess, issuer: OidcIssuer, tmp_path: Path
+) -> None:
+    target = tmp_path / "out" / "big.bin"
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    progress: list[int] = []
+
+    async def source() -> AsyncIterator[bytes]:
+        for start in range(0, len(data), 100_000):
+            yield data[start : start + 100_000]
+
+    async def body(vault: Any) -> dict[str, Any]:
+        files = vault.files()
+        out: dict[str, Any] = {}
+        out["written"] = await files.write(
+            str(target),
+            source(),
+            mode=0o640,
+            fsync=True,
+            make_parents=True,
+            size=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+            on_progress=progress.append,
+        )
+        try:
+            await files.write(str(target), b"other", sha256="0" * 64)
+        except IntegrityError as exc:
+            out["mismatch"] = exc
+        try:
+            await files.write(str(tmp_path / "nodir" / "x"), b"x")
+        except NotFoundError as exc:
+            out["noparent"] = exc
+        return out
+
+    out = scenario(init_process, issuer, body)
+    written = out["written"]
+    assert written.size == len(data) and written.sha256 == hashlib.sha256(data).hexdigest()
+    assert written.path == str(target)
+    assert target.read_bytes() == data  # the refused write left the file as it was
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert progress[-1] == len(data) and progress == sorted(progress)
+    assert "SHA-256 mismatch" in str(out["mismatch"]) and "not stored" in str(out["mismatch"])
+    assert isinstance(out["noparent"], NotFoundError)
+    assert os.listdir(target.parent) == ["big.bin"]  # no temp file left behind
+
+
+def test_bad_arguments_are_usage_errors_before_anything_is_sent(
+    init_process: InitProcess, issuer: OidcIssuer
+) -> None:
+    async def body(vault: Any) -> list[str]:
+        files = vault.files()
+        messages = []
+        for call in (
+            files.stat(""),
+            files.read_bytes("/x", offset=-1),
+            files.chmod("/x", 0o17777),
+            files.write("/x", b"abc", size=4),
+            files.write("/x", b"abc", sha256="XYZ"),
+            files.list_dir("/", limit=0),
+            files.chown("/x"),
+        ):
+            with pytest.raises(UsageError) as caught:
+                await call
+            messages.append(caught.value.message)
+        assert vault.current is None  # nothing connected for any of them
+        return messages
+
+    messages = scenario(init_process, issuer, body)
+    assert "empty" in messages[0] and "negative" in messages[1]
+    assert "not a file mode" in messages[2] and "does not match" in messages[3]
+
+
+def test_a_write_resumes_after_the_connection_dropped(
+    init_process: InitProcess, issuer: OidcIssuer, tmp_path: Path
+) -> None:
+    target = tmp_path / "resumed.bin"
+    data = os.urandom(4 * 1024 * 1024)
+    progress: list[int] = []
+    dropped: list[bool] = []
+    chunk = 256 * 1024
+
+    async def body(vault: Any) -> Any:
+        files = vault.files()
+        connection = await vault.connection()
+
+        async def dropping() -> AsyncIterator[bytes]:
+            for start in range(0, len(data), chunk):
+                if start == 2 * 1024 * 1024 and not dropped:
+                    dropped.append(True)
+                    await _delivered(connection)
+                    connection.channel.close_now(reason="test: drop mid-write")
+                yield data[start : start + chunk]
+
+        class Source:
+            """Re-iterable: the first pass drops the connection half-way."""
+
+            def __aiter__(self) -> AsyncIterator[bytes]:
+                return dropping()
+
+        return await files.write(
+            str(target), Source(), size=len(data), resume_key="job-1", on_progress=progress.append
+        )
+
+    written = scenario(init_process, issuer, body)
+    assert target.read_bytes() == data and written.size == len(data)
+    assert dropped
+    # The first pass reported 8 chunks before the drop; the second skipped what the
+    # vault kept (a full pass would report 16 chunks from the first).
+    second = progress[8:]
+    assert 0 < len(second) < 16 and second[0] > chunk, progress
+    assert progress[-1] == len(data)
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".flyvault")] == []
+
+
+async def _delivered(connection: Any) -> None:
+    """Wait until the stream's bytes reached init (so its partial holds them)."""
+    for stream in list(getattr(connection.channel, "_streams", {}).values()):
+        await stream.wait_delivered()
+
+
+def test_a_write_without_a_resume_key_fails_cleanly_when_the_connection_drops(
+    init_process: InitProcess, issuer: OidcIssuer, tmp_path: Path
+) -> None:
+    async def body(vault: Any) -> Exception:
+        files = vault.files()
+        connection = await vault.connection()
+
+        async def dropping() -> AsyncIterator[bytes]:
+            yield b"x" * 1000
+            connection.channel.close_now(reason="test")
+            yield b"y" * 1000
+
+        with pytest.raises(ConnectionLost) as caught:
+            await files.write(str(tmp_path / "lost.bin"), dropping())
+        return caught.value
+
+    error = scenario(init_process, issuer, body)
+    assert "nothing was stored" in str(error)
+    assert not (tmp_path / "lost.bin").exists()

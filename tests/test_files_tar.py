@@ -1,0 +1,160 @@
+"""Tree streams over real QUIC against a host-mode init: tar_get/tar_put round trip of a tree
+with symlinks, hardlinks, modes, mtimes, an empty dir and a sparse file; and tar_put refusing
+'..', absolute names, symlink escapes, devices and a digest mismatch."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import stat
+import tarfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import InitProcess
+from test_files import scenario
+
+from flyvault.client import MemberDigest
+from flyvault.errors import FileOpError, IntegrityError
+from flyvault.standins import OidcIssuer
+
+
+def make_tree(root: Path) -> None:
+    (root / "app/empty").mkdir(parents=True)
+    (root / "app/sub").mkdir()
+    (root / "app/sub/data.txt").write_bytes(b"hello tree\n")
+    os.chmod(root / "app/sub/data.txt", 0o640)
+    os.link(root / "app/sub/data.txt", root / "app/hard.txt")
+    (root / "app/link").symlink_to("sub/data.txt")
+    with open(root / "app/sparse.bin", "wb") as file:
+        file.truncate(8 * 1024 * 1024)
+        file.seek(4 * 1024 * 1024)
+        file.write(b"middle")
+    os.utime(root / "app/sub/data.txt", ns=(1_600_000_000_000_000_000,) * 2)
+    os.utime(root / "app/empty", ns=(1_500_000_000_000_000_000,) * 2)
+
+
+def test_tar_get_then_tar_put_round_trips_a_tree(
+    init_process: InitProcess, issuer: OidcIssuer, tmp_path: Path
+) -> None:
+    source, dest = tmp_path / "src", tmp_path / "dst"
+    source.mkdir()
+    dest.mkdir()
+    make_tree(source)
+
+    async def body(vault: Any) -> Any:
+        files = vault.files()
+        pieces = [piece async for piece in files.tar_get([str(source / "app")])]
+
+        async def replay() -> AsyncIterator[Any]:
+            for piece in pieces:
+                yield piece
+
+        return pieces, await files.tar_put(str(dest), replay(), preserve=True)
+
+    pieces, result = scenario(init_process, issuer, body)
+    digests = [p for p in pieces if isinstance(p, MemberDigest)]
+    assert {d.name for d in digests} == {"app/hard.txt", "app/sparse.bin"}  # first name wins
+    assert (result.files, result.symlinks) == (2, 1) and result.dirs == 3
+    out = dest / "app"
+    assert (out / "sub/data.txt").read_bytes() == b"hello tree\n"
+    assert stat.S_IMODE((out / "sub/data.txt").stat().st_mode) == 0o640
+    assert (out / "sub/data.txt").stat().st_mtime_ns == 1_600_000_000_000_000_000
+    assert (out / "empty").is_dir() and not os.listdir(out / "empty")
+    assert (out / "empty").stat().st_mtime_ns == 1_500_000_000_000_000_000
+    assert os.readlink(out / "link") == "sub/data.txt"
+    assert (out / "hard.txt").stat().st_ino == (out / "sub/data.txt").stat().st_ino
+    sparse = (out / "sparse.bin").stat()
+    assert sparse.st_size == 8 * 1024 * 1024
+    assert sparse.st_blocks * 512 < 1024 * 1024  # holes stayed holes
+    assert (source / "app/sparse.bin").read_bytes() == (out / "sparse.bin").read_bytes()
+
+
+def _tar(*members: tuple[tarfile.TarInfo, bytes]) -> list[Any]:
+    pieces: list[Any] = []
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for info, data in members:
+            archive.addfile(info, io.BytesIO(data) if info.isreg() else None)
+            pieces.append(
+                buffer.getvalue()[len(b"".join(p for p in pieces if isinstance(p, bytes))) :]
+            )
+            if info.isreg():
+                pieces.append(MemberDigest(info.name, len(data), hashlib.sha256(data).hexdigest()))
+    pieces.append(buffer.getvalue()[len(b"".join(p for p in pieces if isinstance(p, bytes))) :])
+    return pieces
+
+
+def _member(
+    name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"x", link: str = ""
+) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, link
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    if kind == tarfile.CHRTYPE:
+        info.devmajor, info.devminor = 1, 3
+    return info, data
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        ([_member("../escape.txt")], "'..' component"),
+        ([_member("/abs.txt")], "absolute name"),
+        (
+            [_member("esc", tarfile.SYMTYPE, link="/"), _member("esc/x.txt")],
+            "symlink or not a directory",
+        ),
+        ([_member("null", tarfile.CHRTYPE)], "device node"),
+    ],
+)
+def test_tar_put_refuses_escapes_and_devices(
+    init_process: InitProcess, issuer: OidcIssuer, tmp_path: Path, members: list[Any], message: str
+) -> None:
+    dest = tmp_path / "dest"
+    dest.mkdir()
+
+    async def body(vault: Any) -> Exception:
+        async def pieces() -> AsyncIterator[Any]:
+            for piece in _tar(*members):
+                yield piece
+
+        with pytest.raises(FileOpError) as caught:
+            await vault.files().tar_put(str(dest), pieces())
+        return caught.value
+
+    error = scenario(init_process, issuer, body)
+    assert message in str(error)
+    assert not (tmp_path / "escape.txt").exists() and not Path("/x.txt").exists()
+    assert not Path("/abs.txt").exists()
+
+
+def test_tar_put_refuses_a_member_whose_digest_does_not_match(
+    init_process: InitProcess, issuer: OidcIssuer, tmp_path: Path
+) -> None:
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    pieces = _tar(_member("ok.txt", data=b"fine"), _member("bad.txt", data=b"evil"))
+    pieces = [
+        MemberDigest("bad.txt", 4, "0" * 64)
+        if isinstance(p, MemberDigest) and p.name == "bad.txt"
+        else p
+        for p in pieces
+    ]
+
+    async def body(vault: Any) -> Exception:
+        async def source() -> AsyncIterator[Any]:
+            for piece in pieces:
+                yield piece
+
+        with pytest.raises(IntegrityError) as caught:
+            await vault.files().tar_put(str(dest), source())
+        return caught.value
+
+    error = scenario(init_process, issuer, body)
+    assert "'bad.txt'" in str(error) and "not stored" in str(error)
+    assert (dest / "ok.txt").read_bytes() == b"fine"
+    assert sorted(os.listdir(dest)) == ["ok.txt"]  # no temp file, no bad.txt
