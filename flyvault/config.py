@@ -61,6 +61,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flyvault.config")
 
+
 class Secret:
     """A string that never shows itself in repr, str or formatting (the access token)."""
 
@@ -524,7 +525,9 @@ def _parse_document(doc: dict[str, Any], path: Path) -> dict[str, VaultConfig]:
             problems.append(f"{table_ref(name)} must be a table, got {_type_name(table)}")
             continue
         # Checked here rather than by pydantic so "name" (filled from the header) is refused too.
-        problems += [_unknown_key(k, table_ref(name), VAULT_KEYS) for k in table if k not in VAULT_KEYS]
+        problems += [
+            _unknown_key(k, table_ref(name), VAULT_KEYS) for k in table if k not in VAULT_KEYS
+        ]
         known = {k: v for k, v in table.items() if k in VAULT_KEYS}
         try:
             entry = VaultConfig(**known, name=name)

@@ -301,6 +301,12 @@ class FirewallError(VaultError):
     """The firewall could not be applied; init must not start serving without it."""
 
 
+class UnsafeEntry(RemoteProtocolError):
+    """A copy from a vault sent an entry this side refuses to create (``..``, an absolute
+    name, a path through a symlink, a device node, a setuid bit): a vault may be
+    compromised, so its tree is checked as strictly as an archive from a stranger."""
+
+
 #: The class each error code turns back into on the receiving side: one per code. A class
 #: sent under a code (say ``SpawnError`` as INVALID_REQUEST) arrives as the class listed here.
 WIRE_CLASSES: tuple[type[VaultError], ...] = (

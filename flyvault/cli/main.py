@@ -171,6 +171,52 @@ def build_parser() -> argparse.ArgumentParser:
     _rootfs_options(reprovision)
     reprovision.set_defaults(run=_lazy(remote, "run_reprovision"))
 
+    cp = commands.add_parser(
+        "cp",
+        help="copy files and trees to or from a vault (scp's syntax)",
+        usage="fly-vault cp [-r] [-p] [-L] [--user USER] [--json] SRC... DST",
+        description="Copy between this machine and a vault: a remote path is VAULT:PATH, "
+        "'-' is standard input or output (one file, or a tar stream with -r). An existing "
+        "directory DST receives the sources under their names; any other DST is the new name "
+        "of the one SRC. Every file lands atomically and is verified by SHA-256; a large file "
+        "resumes after a dropped connection. What a vault sends is checked as strictly as an "
+        "archive: '..', absolute names, paths through symlinks, device nodes and setuid bits "
+        "(unless -p as root) are refused.",
+    )
+    cp.add_argument("paths", nargs="+", metavar="PATH", help="SRC... DST")
+    cp.add_argument(
+        "-r",
+        "-R",
+        "--recursive",
+        dest="recursive",
+        action="store_true",
+        help="copy directories recursively (as one stream)",
+    )
+    cp.add_argument(
+        "-p",
+        "--preserve",
+        dest="preserve",
+        action="store_true",
+        help="keep modes and modification times (owners too when the receiving side is root)",
+    )
+    cp.add_argument(
+        "-L",
+        "--dereference",
+        dest="follow_symlinks",
+        action="store_true",
+        help="follow symlinks inside trees (by default they are copied as symlinks)",
+    )
+    cp.add_argument("--user", metavar="USER", help="act as this user on the vault (default root)")
+    cp.add_argument("--json", action="store_true", help="print a JSON summary")
+    cp.add_argument(
+        "--reconnect-timeout",
+        type=RECONNECT_TIMEOUT,
+        default=RECONNECT_TIMEOUT_DEFAULT,
+        metavar="SECONDS",
+        help=reconnect_help,
+    )
+    cp.set_defaults(run=_lazy("flyvault.cli.cp", "run"))
+
     list_exec = commands.add_parser("list-exec", help="list the vault's exec sessions")
     list_exec.add_argument("vault")
     list_exec.add_argument("--json", action="store_true", help="print JSON")

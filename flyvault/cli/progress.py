@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 
 class ProgressLine:
@@ -54,3 +54,47 @@ class ProgressLine:
             self.stream.write("\n")
             self.stream.flush()
             self._shown = False
+
+
+class CopyProgressBar:
+    """``cp``'s line on a terminal: bytes, rate, ETA and files (nothing when not a tty)."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty()
+        self._started = time.monotonic()
+        self._last = 0.0
+        self._shown = False
+
+    def __call__(self, progress: Any) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self._last < 0.1:
+            return
+        self._last = now
+        self.stream.write("\r\x1b[K" + render_copy(progress, now - self._started))
+        self.stream.flush()
+        self._shown = True
+
+    def close(self) -> None:
+        if self._shown:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._shown = False
+
+
+def render_copy(progress: Any, elapsed: float) -> str:
+    done, total = progress.bytes_done, progress.bytes_total
+    rate = done / elapsed if elapsed > 0 else 0.0
+    text = f"{done / 1e6:8.1f}"
+    if total:
+        eta = (total - done) / rate if rate > 0 else 0.0
+        text += f" / {total / 1e6:.1f} MB {100.0 * done / total:5.1f}%"
+        text += f"  {rate / 1e6:6.1f} MB/s  ETA {max(eta, 0.0):4.0f} s"
+    else:
+        text += f" MB  {rate / 1e6:6.1f} MB/s"
+    files = f"{progress.files_done}"
+    if progress.files_total:
+        files += f"/{progress.files_total}"
+    return f"{text}  files {files}"

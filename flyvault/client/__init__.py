@@ -9,6 +9,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+# The copy engine's module is light (no QUIC): imported at once, which also keeps the name
+# ``copy`` bound to the function rather than to its module.
+from flyvault.client.copy import (
+    CopyEndpoint,
+    CopyProgress,
+    CopySummary,
+    check_endpoints,
+    copy,
+    parse_endpoint,
+)
 from flyvault.client.diagnose import Diagnosis, DiagnosisStep
 from flyvault.client.events import ClientEvent, DevelopmentIssuer, OnEvent
 from flyvault.client.exec_request import ExecRequest, new_session_id, valid_session_id
@@ -65,6 +75,9 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "ClientEvent",
+    "CopyEndpoint",
+    "CopyProgress",
+    "CopySummary",
     "DevelopmentIssuer",
     "Diagnosis",
     "DiagnosisStep",
@@ -86,7 +99,10 @@ __all__ = [
     "Vault",
     "VaultConnection",
     "WriteResult",
+    "check_endpoints",
+    "copy",
     "new_session_id",
+    "parse_endpoint",
     "parse_signal",
     "signal_name",
     "valid_session_id",

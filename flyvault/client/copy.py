@@ -1,0 +1,452 @@
+"""The copy engine behind ``fly-vault cp`` and the MCP copy tool (scp's semantics).
+
+``copy`` moves files between this machine (or standard input/output) and one vault, over
+``RemoteFiles``: a single file with ``write``/``read`` (verified by SHA-256, resumed after a
+dropped connection from the last verified offset, landing atomically through a temporary
+file), trees and ``-r`` copies as one tar stream (``tar_put``/``tar_get``, a digest after
+each file), so many small files cost one round trip, not one each.
+
+DST follows scp: an existing directory receives the sources under their own names; any
+other DST is the new name of the one source (several sources need a directory); a DST with
+a trailing slash must be an existing directory. What a vault sends is checked as strictly
+as an archive from a stranger (``copy_local``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import posixpath
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from flyvault.config_values import NAME_RE
+from flyvault.errors import (
+    IntegrityError,
+    NotFoundError,
+    TransportError,
+    UsageError,
+)
+
+if TYPE_CHECKING:
+    from flyvault.client.vault import Vault
+
+#: Attempts of one file across dropped connections (each resumes where the last stopped;
+#: the Vault's reconnect budget bounds the time).
+MAX_ATTEMPTS = 8
+CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True)
+class CopyEndpoint:
+    vault: str | None
+    path: str  # "-": standard input (as a source) or output (as DST)
+
+    @property
+    def stdio(self) -> bool:
+        return self.vault is None and self.path == "-"
+
+    def __str__(self) -> str:
+        return f"{self.vault}:{self.path}" if self.vault else self.path
+
+
+@dataclass
+class CopyProgress:
+    bytes_done: int
+    bytes_total: int | None
+    files_done: int
+    files_total: int | None
+    current: str | None
+
+
+@dataclass(frozen=True)
+class CopySummary:
+    files: int
+    dirs: int
+    symlinks: int
+    bytes: int
+    seconds: float
+    resumed_bytes: int
+    verified: bool
+    #: Local entries not sent (sockets, FIFOs, device nodes, symlink loops), with why.
+    skipped: tuple[str, ...] = field(default=())
+
+
+def parse_endpoint(text: str) -> CopyEndpoint:
+    """``VAULT:PATH`` (a colon before any slash, as scp), ``-``, or a local path."""
+    if text == "-":
+        return CopyEndpoint(None, "-")
+    if not text:
+        raise UsageError("an empty path", hint="name a file: PATH, VAULT:PATH or -")
+    head, sep, tail = text.partition(":")
+    if not sep or "/" in head:
+        return CopyEndpoint(None, text)
+    if not head or not NAME_RE.fullmatch(head):
+        raise UsageError(
+            f"{text!r}: {head!r} is not a vault name (letters, digits, '_', '.', '-')",
+            hint=f"a local path with a colon: ./{text}",
+        )
+    return CopyEndpoint(head, tail or ".")
+
+
+def check_endpoints(sources: Sequence[CopyEndpoint], dest: CopyEndpoint, *, recursive: bool) -> str:
+    """Refuse what cannot work, before connecting. Returns the direction: up or down."""
+    if not sources:
+        raise UsageError("cp needs at least one SRC and a DST", hint="fly-vault cp SRC... DST")
+    remote_sources = {source.vault for source in sources if source.vault}
+    if any(source.stdio for source in sources) and len(sources) > 1:
+        raise UsageError("'-' (standard input) must be the only SRC")
+    if dest.vault and remote_sources:
+        raise UsageError(
+            f"both SRC and DST are on a vault ({', '.join(sorted(remote_sources))} -> "
+            f"{dest.vault}): copying between vault paths is not supported",
+            hint="copy through a local directory, or run cp on the vault with fly-vault exec",
+        )
+    if not dest.vault and not remote_sources:
+        raise UsageError(
+            "neither SRC nor DST is on a vault: name one as VAULT:PATH",
+            hint="fly-vault cp FILE VAULT:PATH, or fly-vault cp VAULT:PATH FILE",
+        )
+    if dest.vault:
+        return "up"
+    if len(remote_sources) > 1 or any(not source.vault for source in sources):
+        raise UsageError("all SRC must be on the same vault when DST is local")
+    if dest.stdio and len(sources) > 1 and not recursive:
+        raise UsageError("'-' as DST takes one SRC (or -r: a tar stream of them all)")
+    if not dest.stdio:
+        _check_local_dest(dest.path, len(sources))
+    return "down"
+
+
+def _check_local_dest(path: str, count: int) -> None:
+    if os.path.isdir(path):
+        return
+    if count > 1:
+        raise UsageError(
+            f"{path}: not a directory; several sources need an existing directory as DST"
+        )
+    if path.endswith("/"):
+        raise NotFoundError(f"{path}: no such directory (ENOENT)")
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        raise NotFoundError(f"{parent}: no such directory (ENOENT)")
+
+
+class _Tracker:
+    """Counts for the progress callback and the summary."""
+
+    def __init__(self, on_progress: Callable[[CopyProgress], None] | None) -> None:
+        self.on_progress = on_progress
+        self.started = time.monotonic()
+        self.progress = CopyProgress(0, None, 0, None, None)
+        self.resumed = 0
+
+    def bytes(self, count: int) -> None:
+        self.progress.bytes_done += count
+        self._tell()
+
+    def file(self, name: str) -> None:
+        self.progress.files_done += 1
+        self.progress.current = name
+        self._tell()
+
+    def _tell(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress(self.progress)
+
+    def summary(self, files: int, dirs: int, symlinks: int, **extra: Any) -> CopySummary:
+        return CopySummary(
+            files=files,
+            dirs=dirs,
+            symlinks=symlinks,
+            bytes=self.progress.bytes_done,
+            seconds=time.monotonic() - self.started,
+            resumed_bytes=self.resumed,
+            verified=True,
+            **extra,
+        )
+
+
+async def copy(
+    vaults: Callable[[str], Vault],
+    sources: Sequence[CopyEndpoint],
+    dest: CopyEndpoint,
+    *,
+    recursive: bool = False,
+    preserve: bool = False,
+    follow_symlinks: bool = False,
+    user: str | None = None,
+    on_progress: Callable[[CopyProgress], None] | None = None,
+    stdin: BinaryIO | None = None,
+    stdout: BinaryIO | None = None,
+) -> CopySummary:
+    direction = check_endpoints(sources, dest, recursive=recursive)
+    tracker = _Tracker(on_progress)
+    options = _Options(recursive, preserve, follow_symlinks, user)
+    if direction == "up":
+        assert dest.vault is not None
+        from .copy_up import upload
+
+        files = vaults(dest.vault).files(user=user)
+        return await upload(files, sources, dest.path, options, tracker, stdin)
+    vault = next(source.vault for source in sources if source.vault)
+    files = vaults(vault).files(user=user)
+    paths = [_remote_path(source.path) for source in sources]
+    if dest.stdio:
+        return await _to_stdout(files, paths, options, tracker, stdout)
+    return await _download(files, paths, dest.path, options, tracker)
+
+
+@dataclass(frozen=True)
+class _Options:
+    recursive: bool
+    preserve: bool
+    follow_symlinks: bool
+    user: str | None
+
+    @property
+    def remote_root(self) -> bool:
+        """The vault side acts as root (owners are kept with -p)."""
+        return self.user in (None, "root")
+
+
+def _remote_path(path: str) -> str:
+    return posixpath.normpath(path) if path not in ("", ".") else "."
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, TransportError)
+
+
+# -- download -----------------------------------------------------------------------------
+
+
+async def _download(
+    files: Any, paths: list[str], dest: str, options: _Options, tracker: _Tracker
+) -> CopySummary:
+    into_dir = os.path.isdir(dest)
+    if options.recursive:
+        names = [posixpath.basename(path) or "/" for path in paths]
+        if len(set(names)) != len(names):
+            raise UsageError("two SRC have the same name; copy them one at a time")
+        if into_dir:
+            return await _download_tree(
+                files, paths, Path(dest), dict(zip(names, names, strict=True)), options, tracker
+            )
+        target = os.path.basename(dest.rstrip("/"))
+        return await _download_tree(
+            files, paths, Path(os.path.dirname(dest) or "."), {names[0]: target}, options, tracker
+        )
+    total_files = 0
+    for path in paths:
+        info = await files.stat(path, follow=True)
+        if info.kind == "dir":
+            raise UsageError(
+                f"{path} is a directory on the vault: copying a directory needs -r",
+                hint="fly-vault cp -r VAULT:PATH DST",
+            )
+        if info.kind != "file":
+            raise UsageError(f"{path} is a {info.kind} on the vault, not a file: not copied")
+        local = os.path.join(dest, posixpath.basename(path)) if into_dir else dest
+        tracker.progress.bytes_total = (tracker.progress.bytes_total or 0) + info.size
+        await _download_file(files, path, info, local, options, tracker)
+        total_files += 1
+    return tracker.summary(total_files, 0, 0)
+
+
+async def _download_tree(
+    files: Any,
+    paths: list[str],
+    dest: Path,
+    tops: dict[str, str],
+    options: _Options,
+    tracker: _Tracker,
+) -> CopySummary:
+    from .copy_local import LocalTreeWriter
+    from .copy_tar import DataReceived, FileEnded, TarReader
+
+    reader = TarReader(expect_digests=True)
+    writer = LocalTreeWriter(dest, tops, preserve=options.preserve)
+    try:
+        async for piece in files.tar_get(paths, follow_symlinks=options.follow_symlinks):
+            if isinstance(piece, bytes | bytearray | memoryview):
+                events = reader.feed(bytes(piece))
+            else:
+                events = reader.digest(piece.name, piece.size, piece.sha256)
+            for event in events:
+                writer.handle(event)
+                if isinstance(event, DataReceived):
+                    tracker.bytes(len(event.data))
+                elif isinstance(event, FileEnded):
+                    tracker.file(event.name)
+        reader.close()
+        counts = writer.counts
+    finally:
+        writer.close()
+    return tracker.summary(counts.files, counts.dirs, counts.symlinks)
+
+
+def _partial_name(path: str, info: Any, local: str) -> str:
+    """The same source, version and DST resume the same partial file, across runs too."""
+    key = hashlib.sha256(
+        f"{path}\0{info.size}\0{info.mtime_ns}\0{os.path.abspath(local)}".encode()
+    ).hexdigest()[:24]
+    return os.path.join(os.path.dirname(local) or ".", f".fv-part-{key}")
+
+
+async def _download_file(
+    files: Any, path: str, info: Any, local: str, options: _Options, tracker: _Tracker
+) -> None:
+    from .copy_local import SparseWriter
+
+    partial = _partial_name(path, info, local)
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(partial, flags, 0o600)
+    landed = False
+    try:
+        sha = await _verified_prefix(files, path, fd, tracker)
+        writer = SparseWriter(fd, os.fstat(fd).st_size)
+        for attempt in range(MAX_ATTEMPTS):
+            try:
+                async for chunk in files.read(path, offset=writer.size):
+                    writer.write(chunk)
+                    sha.update(chunk)
+                    tracker.bytes(len(chunk))
+                break
+            except Exception as exc:
+                if not _retryable(exc) or attempt == MAX_ATTEMPTS - 1:
+                    raise
+                tracker.resumed += writer.size
+        writer.finish()
+        remote = await files.sha256(path)
+        if remote != sha.hexdigest():
+            os.unlink(partial)
+            raise IntegrityError(
+                f"{path}: SHA-256 mismatch: received {sha.hexdigest()}, the vault has "
+                f"{remote}; the file changed on the vault while it was copied, or the data "
+                "was corrupted; nothing was kept: copy it again"
+            )
+        mode = info.mode & (0o7777 if options.preserve and os.geteuid() == 0 else 0o777)
+        if options.preserve and os.geteuid() == 0:
+            os.fchown(fd, info.uid, info.gid)
+        os.fchmod(fd, mode if options.preserve else mode & ~_umask())
+        if options.preserve:
+            os.utime(fd, ns=(info.mtime_ns, info.mtime_ns))
+        os.fsync(fd)
+        os.rename(partial, local)
+        landed = True
+        tracker.file(path)
+    except TransportError:
+        raise  # the partial file stays: the next run resumes from it
+    except BaseException:
+        if not landed:
+            with contextlib.suppress(OSError):
+                os.unlink(partial)
+        raise
+    finally:
+        os.close(fd)
+
+
+async def _verified_prefix(files: Any, path: str, fd: int, tracker: _Tracker) -> Any:
+    """The SHA-256 state of the partial file's prefix, if the vault's prefix is the same;
+    otherwise the partial file is emptied. Resumed bytes are counted as done."""
+    sha = hashlib.sha256()
+    size = os.fstat(fd).st_size
+    if not size:
+        return sha
+    offset = 0
+    while offset < size:
+        data = os.pread(fd, min(CHUNK * 4, size - offset), offset)
+        if not data:
+            break
+        sha.update(data)
+        offset += len(data)
+    try:
+        remote = await files.sha256(path, offset=0, length=size)
+    except NotFoundError:
+        raise
+    if remote == sha.hexdigest():
+        tracker.resumed += size
+        tracker.bytes(size)
+        return sha
+    os.ftruncate(fd, 0)
+    return hashlib.sha256()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# -- standard output -----------------------------------------------------------------------
+
+
+async def _to_stdout(
+    files: Any, paths: list[str], options: _Options, tracker: _Tracker, stdout: BinaryIO | None
+) -> CopySummary:
+    import sys
+
+    out = stdout if stdout is not None else sys.stdout.buffer
+    if options.recursive:
+        from .copy_tar import FileEnded, TarReader
+
+        reader = TarReader(expect_digests=True)  # checks the digests of what passes through
+        count = 0
+        async for piece in files.tar_get(paths, follow_symlinks=options.follow_symlinks):
+            if isinstance(piece, bytes | bytearray | memoryview):
+                data = bytes(piece)
+                events = reader.feed(data)
+                await _write_out(out, data)
+                tracker.bytes(len(data))
+            else:
+                events = reader.digest(piece.name, piece.size, piece.sha256)
+            count += sum(isinstance(event, FileEnded) for event in events)
+        reader.close()
+        await asyncio.to_thread(out.flush)
+        return tracker.summary(count, 0, 0)
+    info = await files.stat(paths[0], follow=True)
+    if info.kind != "file":
+        raise UsageError(
+            f"{paths[0]} is a {info.kind} on the vault: '-' takes one file (or -r for a tar stream)"
+        )
+    tracker.progress.bytes_total = info.size
+    sha = hashlib.sha256()
+    async for chunk in _read_all(files, paths[0], tracker):
+        sha.update(chunk)
+        await _write_out(out, chunk)
+    await asyncio.to_thread(out.flush)
+    remote = await files.sha256(paths[0])
+    if remote != sha.hexdigest():
+        raise IntegrityError(
+            f"{paths[0]}: SHA-256 mismatch: sent {sha.hexdigest()} to standard output, the "
+            f"vault has {remote}; discard the output and copy again"
+        )
+    tracker.file(paths[0])
+    return tracker.summary(1, 0, 0)
+
+
+async def _read_all(files: Any, path: str, tracker: _Tracker) -> AsyncIterator[bytes]:
+    """A remote file's bytes, continuing after dropped connections from where they stopped
+    (what was written to stdout cannot be taken back, so it is never re-read)."""
+    offset = 0
+    for attempt in range(MAX_ATTEMPTS):
+        try:
+            async for chunk in files.read(path, offset=offset):
+                offset += len(chunk)
+                tracker.bytes(len(chunk))
+                yield chunk
+            return
+        except Exception as exc:
+            if not _retryable(exc) or attempt == MAX_ATTEMPTS - 1:
+                raise
+            tracker.resumed += offset
+
+
+async def _write_out(out: BinaryIO, data: bytes) -> None:
+    await asyncio.to_thread(out.write, data)

@@ -1,0 +1,397 @@
+"""Creating a tree that came from a vault, on this machine, without ever leaving DST.
+
+A vault may be compromised, so its tar stream is handled as an archive from a stranger,
+with the strictness the vault applies to rootfs archives (``server/provision/members.py``;
+mirrored here, since the client never imports server code):
+
+* names must be relative, without ``..``, and begin with one of the tops that were asked
+  for (a vault asked for ``app`` cannot drop ``.bashrc`` next to it);
+* every parent directory is opened component by component with ``O_NOFOLLOW`` relative to
+  DST's fd, so nothing is reached through a symlink an earlier entry planted (or one that
+  was already there); files are created under a temporary name with ``O_EXCL|O_NOFOLLOW``
+  and renamed over the final name only once the vault's SHA-256 matched;
+* hardlinks must point at a file this same copy created; device nodes and FIFOs are
+  refused; setuid/setgid bits are refused unless ``-p`` as root;
+* symlinks are created verbatim (they are never followed while extracting).
+
+Each refusal is an ``UnsafeEntry`` naming the entry. Zero blocks are skipped with a seek, so
+sparse files stay sparse where the filesystem allows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import stat
+import tarfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from flyvault.errors import UnsafeEntry, VaultError
+
+from .copy_tar import (
+    ArchiveEnded,
+    DataReceived,
+    FileEnded,
+    MemberStarted,
+    TarEvent,
+    Verified,
+)
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+#: Zero runs of this size, aligned, are seeked over instead of written (sparse files).
+SPARSE_BLOCK = 4096
+ZERO_BLOCK = bytes(SPARSE_BLOCK)
+MAX_PATH = 4096
+TEMP_PREFIX = ".fv-part-"
+
+
+@dataclass
+class TreeCounts:
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    bytes: int = 0
+
+
+def refuse(entry: str, problem: str) -> UnsafeEntry:
+    return UnsafeEntry(
+        f"refused entry {entry!r} from the vault: {problem}; nothing was written outside "
+        "the destination",
+        hint="the vault's tree holds something a copy must not create; inspect it on the "
+        "vault (fly-vault exec VAULT -- ls -la PATH) before copying it",
+    )
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class SparseWriter:
+    """Writes a file's data at increasing offsets, seeking over aligned zero blocks.
+
+    Data arrives in pieces of any size, so up to one block is carried to the next call:
+    only whole aligned blocks are judged, and ``finish`` writes what is left."""
+
+    def __init__(self, fd: int, position: int = 0) -> None:
+        self.fd = fd
+        self.position = position  # where the carried bytes begin
+        self._carry = b""
+
+    @property
+    def size(self) -> int:
+        return self.position + len(self._carry)
+
+    def write(self, data: bytes) -> None:
+        if self._carry:
+            data, self._carry = self._carry + data, b""
+        cut = len(data) - (self.position + len(data)) % SPARSE_BLOCK
+        if cut <= 0:
+            self._carry = data
+            return
+        data, self._carry = data[:cut], data[cut:]
+        if ZERO_BLOCK not in data:  # the common case: no zero run worth a hole
+            self._write_at(data)
+            return
+        view = memoryview(data)
+        start = 0  # beginning of the run not yet written
+        index = -self.position % SPARSE_BLOCK  # first aligned block inside data
+        while index + SPARSE_BLOCK <= len(data):
+            if data[index : index + SPARSE_BLOCK] == ZERO_BLOCK:
+                if index > start:
+                    self._write_at(view[start:index])
+                self.position += SPARSE_BLOCK
+                start = index + SPARSE_BLOCK
+            index += SPARSE_BLOCK
+        if start < len(data):
+            self._write_at(view[start:])
+
+    def _write_at(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self.fd, view, self.position)
+            self.position += written
+            view = view[written:]
+
+    def finish(self, size: int | None = None) -> None:
+        """Write the carried bytes and set the length (a trailing hole is part of it)."""
+        carry, self._carry = self._carry, b""
+        self._write_at(carry)
+        os.ftruncate(self.fd, self.position if size is None else size)
+
+
+class LocalTreeWriter:
+    """Consumes ``TarReader`` events (with digests) and builds the tree under ``destination``.
+
+    ``tops`` maps each top name the vault may send to the name it gets here (``cp -r
+    dev:/srv/app newname``). Call ``close`` in every case: it removes an unfinished file.
+    """
+
+    def __init__(
+        self,
+        destination: Path,
+        tops: Mapping[str, str],
+        *,
+        preserve: bool = False,
+        is_root: bool | None = None,
+    ) -> None:
+        self.destination = destination
+        self.tops = dict(tops)
+        self.preserve = preserve
+        self.is_root = os.geteuid() == 0 if is_root is None else is_root
+        self.counts = TreeCounts()
+        self._umask = current_umask()
+        self._root_fd = os.open(destination, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._dirs: dict[tuple[str, ...], int] = {}
+        self._deferred: dict[tuple[str, ...], tuple[tarfile.TarInfo, int]] = {}
+        self._files: set[tuple[str, ...]] = set()
+        self._pending: _Pending | None = None
+
+    # -- events -------------------------------------------------------------------------
+
+    def handle(self, event: TarEvent) -> None:
+        if isinstance(event, DataReceived):
+            assert self._pending is not None
+            self._pending.writer.write(event.data)
+            self.counts.bytes += len(event.data)
+        elif isinstance(event, MemberStarted):
+            self._member(event.info, event.mtime_ns)
+        elif isinstance(event, FileEnded):
+            assert self._pending is not None
+            self._pending.writer.finish(event.size)
+        elif isinstance(event, Verified):
+            self._land()
+        elif isinstance(event, ArchiveEnded):
+            self._finish()
+
+    def close(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            os.close(pending.writer.fd)
+            with contextlib.suppress(OSError):
+                os.unlink(pending.temp, dir_fd=pending.parent)
+        for fd in self._dirs.values():
+            os.close(fd)
+        self._dirs.clear()
+        if self._root_fd >= 0:
+            os.close(self._root_fd)
+            self._root_fd = -1
+
+    # -- members ------------------------------------------------------------------------
+
+    def _member(self, info: tarfile.TarInfo, mtime_ns: int) -> None:
+        entry = info.name
+        parts = self._parts(entry, entry, "name")
+        self._check_kind(info, entry)
+        try:
+            parent = self._dir_fd(parts[:-1], entry)
+            name = parts[-1]
+            if info.isdir():
+                self._directory(parent, parts, entry)
+                self._deferred[parts] = (info, mtime_ns)
+                self.counts.dirs += 1
+            elif info.isreg():
+                self._start_file(info, mtime_ns, parent, parts)
+            elif info.issym():
+                self._free_name(parent, name, entry)
+                os.symlink(info.linkname, name, dir_fd=parent)
+                self._metadata(info, mtime_ns, name=name, dir_fd=parent, link=True)
+                self.counts.symlinks += 1
+            else:
+                self._hardlink(info, parent, parts, entry)
+        except OSError as exc:
+            raise _os_refusal(entry, exc) from None
+
+    def _parts(self, name: str, entry: str, what: str) -> tuple[str, ...]:
+        if len(name) > MAX_PATH or "\0" in name:
+            raise refuse(entry, f"its {what} is over {MAX_PATH} characters or holds a NUL")
+        if name.startswith("/"):
+            raise refuse(entry, f"its {what} is absolute ({name!r})")
+        parts = tuple(part for part in name.split("/") if part not in ("", "."))
+        if ".." in parts:
+            raise refuse(entry, f"its {what} has a '..' component ({name!r})")
+        if not parts or parts[0] not in self.tops:
+            asked = ", ".join(repr(top) for top in self.tops)
+            raise refuse(entry, f"its {what} is not under what was asked for ({asked})")
+        return (self.tops[parts[0]], *parts[1:])
+
+    def _check_kind(self, info: tarfile.TarInfo, entry: str) -> None:
+        if info.ischr() or info.isblk():
+            raise refuse(entry, f"it is a device node ({info.devmajor}, {info.devminor})")
+        if info.isfifo():
+            raise refuse(entry, "it is a FIFO")
+        if not (info.isdir() or info.isreg() or info.issym() or info.islnk()):
+            raise refuse(entry, f"it has an unsupported tar type {info.type!r}")
+        special = info.mode & (stat.S_ISUID | stat.S_ISGID) and not info.isdir()
+        if special and not (self.preserve and self.is_root):
+            raise refuse(
+                entry,
+                f"it has the setuid/setgid bit (mode {info.mode & 0o7777:04o}), only kept "
+                "with -p as root",
+            )
+
+    def _dir_fd(self, parts: tuple[str, ...], entry: str) -> int:
+        """The directory ``parts`` under DST, never reached through a symlink."""
+        if not parts:
+            return self._root_fd
+        cached = self._dirs.get(parts)
+        if cached is not None:
+            return cached
+        fd = self._dir_fd(parts[:-1], entry)
+        try:
+            child = os.open(parts[-1], DIR_FLAGS, dir_fd=fd)
+        except FileNotFoundError:
+            # A parent the stream did not list: made like tar does, then opened safely.
+            os.mkdir(parts[-1], 0o755, dir_fd=fd)
+            child = os.open(parts[-1], DIR_FLAGS, dir_fd=fd)
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            where = "/".join(parts)
+            raise refuse(
+                entry, f"it lies under {where!r}, which is a symlink or not a directory"
+            ) from None
+        self._dirs[parts] = child
+        return child
+
+    def _free_name(self, parent: int, name: str, entry: str) -> None:
+        """Make room for a non-directory ``name``: an old file or symlink goes, a dir stays."""
+        try:
+            info = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(info.st_mode):
+            raise refuse(entry, "it would replace a directory of the same name")
+        os.unlink(name, dir_fd=parent)
+
+    def _directory(self, parent: int, parts: tuple[str, ...], entry: str) -> None:
+        name = parts[-1]
+        try:
+            os.mkdir(name, 0o700, dir_fd=parent)
+        except FileExistsError:
+            info = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            if not stat.S_ISDIR(info.st_mode):
+                self._free_name(parent, name, entry)
+                os.mkdir(name, 0o700, dir_fd=parent)
+        self._dir_fd(parts, entry)
+
+    def _start_file(
+        self, info: tarfile.TarInfo, mtime_ns: int, parent: int, parts: tuple[str, ...]
+    ) -> None:
+        temp = f"{TEMP_PREFIX}{secrets.token_hex(8)}"
+        fd = os.open(temp, FILE_FLAGS, 0o600, dir_fd=parent)
+        self._pending = _Pending(info, mtime_ns, parent, parts, temp, SparseWriter(fd))
+
+    def _land(self) -> None:
+        """The digest matched: metadata, then the rename that makes the file appear."""
+        pending, self._pending = self._pending, None
+        assert pending is not None
+        fd = pending.writer.fd
+        entry = pending.info.name
+        try:
+            self._metadata(pending.info, pending.mtime_ns, fd=fd)
+            name = pending.parts[-1]
+            existing = _lstat(name, pending.parent)
+            if existing is not None and stat.S_ISDIR(existing.st_mode):
+                raise refuse(entry, "it would replace a directory of the same name")
+            os.rename(pending.temp, name, src_dir_fd=pending.parent, dst_dir_fd=pending.parent)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(pending.temp, dir_fd=pending.parent)
+            raise
+        os.close(fd)
+        self._files.add(pending.parts)
+        self.counts.files += 1
+
+    def _hardlink(
+        self, info: tarfile.TarInfo, parent: int, parts: tuple[str, ...], entry: str
+    ) -> None:
+        target = self._parts(info.linkname, entry, "hardlink target")
+        if target not in self._files:
+            raise refuse(
+                entry,
+                f"it is a hardlink to {info.linkname!r}, which is not a file of this copy",
+            )
+        target_parent = self._dir_fd(target[:-1], entry)
+        self._free_name(parent, parts[-1], entry)
+        os.link(
+            target[-1],
+            parts[-1],
+            src_dir_fd=target_parent,
+            dst_dir_fd=parent,
+            follow_symlinks=False,
+        )
+        self._files.add(parts)
+        self.counts.files += 1
+
+    def _metadata(
+        self,
+        info: tarfile.TarInfo,
+        mtime_ns: int,
+        *,
+        fd: int | None = None,
+        name: str | None = None,
+        dir_fd: int | None = None,
+        link: bool = False,
+    ) -> None:
+        if self.preserve and self.is_root:
+            if fd is not None:
+                os.fchown(fd, info.uid, info.gid)
+            else:
+                os.chown(name or "", info.uid, info.gid, dir_fd=dir_fd, follow_symlinks=False)
+        if link:
+            if self.preserve:
+                os.utime(name or "", ns=(mtime_ns, mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+            return
+        assert fd is not None
+        mode = info.mode & 0o7777 if self.preserve else info.mode & 0o777 & ~self._umask
+        os.fchmod(fd, mode)
+        if self.preserve:
+            os.utime(fd, ns=(mtime_ns, mtime_ns))
+
+    def _finish(self) -> None:
+        """Directories' metadata last, deepest first, so their mtimes and modes hold."""
+        if self._pending is not None:
+            raise refuse(self._pending.info.name, "the stream ended before its digest")
+        for parts in sorted(self._deferred, key=len, reverse=True):
+            info, mtime_ns = self._deferred[parts]
+            fd = self._dir_fd(parts, info.name)
+            if self.preserve and self.is_root:
+                os.fchown(fd, info.uid, info.gid)
+            os.fchmod(fd, info.mode & 0o7777 if self.preserve else info.mode & 0o777 & ~self._umask)
+            if self.preserve:
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
+
+
+@dataclass
+class _Pending:
+    info: tarfile.TarInfo
+    mtime_ns: int
+    parent: int
+    parts: tuple[str, ...]
+    temp: str
+    writer: SparseWriter
+
+
+def _lstat(name: str, dir_fd: int) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _os_refusal(entry: str, exc: OSError) -> VaultError:
+    from flyvault.errors import FileOpError
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return FileOpError(f"{entry}: the local disk is full ({errno.errorcode[exc.errno]})")
+    words = (exc.strerror or str(exc)).lower()
+    code = errno.errorcode.get(exc.errno or 0, "EIO")
+    return FileOpError(f"{entry}: could not be created here: {words} ({code})")

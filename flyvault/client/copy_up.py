@@ -1,0 +1,219 @@
+"""Sending to a vault: single files with ``RemoteFiles.write``, trees with ``tar_put``.
+
+A single file is hashed first (the vault refuses, and removes its temporary file, when what
+it stored does not match), then written with a ``resume_key`` made of the source's path,
+size and mtime and the destination: after a dropped connection the same call continues
+after the prefix the vault verified. With ``-r`` everything goes as one tar stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import posixpath
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from flyvault.errors import FileOpError, IntegrityError, NotFoundError, UsageError
+
+from .copy_source import CHUNK, LocalTree, scan, stdin_tree_pieces, tree_pieces
+
+if TYPE_CHECKING:
+    from .copy import CopyEndpoint, CopySummary, _Options, _Tracker
+
+
+async def upload(
+    files: Any,
+    sources: Sequence[CopyEndpoint],
+    dest: str,
+    options: _Options,
+    tracker: _Tracker,
+    stdin: BinaryIO | None,
+) -> CopySummary:
+    from .copy import _remote_path
+
+    if sources[0].stdio:
+        return await _upload_stdin(files, dest, options, tracker, stdin)
+    # Local checks first: a missing file or a directory without -r costs no round trip.
+    locals_ = [source.path for source in sources]
+    names = [os.path.basename(path.rstrip("/")) or path for path in locals_]
+    if not options.recursive:
+        scan(
+            [(path, name) for path, name in zip(locals_, names, strict=True)],
+            recursive=False,
+            follow_symlinks=True,
+            preserve=options.preserve,
+        )
+    target = _remote_path(dest)
+    info = await _stat_or_none(files, target)
+    if info is not None and info.kind == "dir":
+        into, new_names = target, names
+    else:
+        if len(sources) > 1:
+            raise UsageError(
+                f"{dest}: not a directory on the vault; several sources need an existing "
+                "directory as DST"
+            )
+        if dest.endswith("/"):
+            raise NotFoundError(f"{dest}: no such directory on the vault (ENOENT)")
+        into, new_names = posixpath.dirname(target) or ".", [posixpath.basename(target)]
+    if options.recursive:
+        tree = scan(
+            list(zip(locals_, new_names, strict=True)),
+            recursive=True,
+            follow_symlinks=options.follow_symlinks,
+            preserve=options.preserve,
+        )
+        return await _upload_tree(files, into, tree, options, tracker)
+    for path, name in zip(locals_, new_names, strict=True):
+        await _upload_file(files, path, posixpath.join(into, name), options, tracker)
+    return tracker.summary(len(locals_), 0, 0)
+
+
+async def _stat_or_none(files: Any, path: str) -> Any:
+    try:
+        return await files.stat(path, follow=True)
+    except NotFoundError:
+        return None
+
+
+def resume_key(path: str, info: os.stat_result, dest: str) -> str:
+    text = f"{os.path.abspath(path)}\0{info.st_size}\0{info.st_mtime_ns}\0{dest}"
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+class FileSource:
+    """A local file as a re-iterable source: each iteration reads from the start (the API
+    skips what the vault already verified)."""
+
+    def __init__(self, path: str, size: int) -> None:
+        self.path = path
+        self.size = size
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        remaining = self.size
+        with open(self.path, "rb", buffering=0) as source:
+            while remaining:
+                data = source.read(min(CHUNK, remaining))
+                if not data:
+                    raise FileOpError(f"{self.path}: shrank while it was being copied")
+                remaining -= len(data)
+                yield data
+
+
+def _sha256_file(path: str) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb", buffering=0) as source:
+        while data := source.read(1024 * 1024):
+            sha.update(data)
+    return sha.hexdigest()
+
+
+async def _upload_file(
+    files: Any, path: str, target: str, options: _Options, tracker: _Tracker
+) -> None:
+    from .copy import MAX_ATTEMPTS, _retryable
+
+    info = os.stat(path)
+    digest = await asyncio.to_thread(_sha256_file, path)
+    tracker.progress.bytes_total = (tracker.progress.bytes_total or 0) + info.st_size
+    base = tracker.progress.bytes_done
+    keep_special = options.preserve and options.remote_root
+    mode = info.st_mode & (0o7777 if keep_special else 0o777)
+    source: bytes | FileSource = (
+        await asyncio.to_thread(_read_small, path)
+        if info.st_size <= CHUNK
+        else FileSource(path, info.st_size)
+    )
+    last = 0
+
+    def progress(done: int) -> None:
+        nonlocal last
+        tracker.bytes(done - last)
+        last = done
+
+    for attempt in range(MAX_ATTEMPTS):
+        try:
+            result = await files.write(
+                target,
+                source,
+                mode=mode,
+                fsync=True,
+                size=info.st_size,
+                sha256=digest,
+                resume_key=resume_key(path, info, target),
+                on_progress=progress,
+            )
+            break
+        except Exception as exc:
+            if not _retryable(exc) or attempt == MAX_ATTEMPTS - 1:
+                raise
+            tracker.resumed += last
+    if result.sha256 != digest:  # the vault checks this too; a vault may be compromised
+        raise IntegrityError(f"{target}: the vault stored {result.sha256}, not {digest}")
+    tracker.progress.bytes_done = base + info.st_size
+    if options.preserve:
+        if options.remote_root:
+            await files.chown(target, info.st_uid, info.st_gid)
+            await files.chmod(target, mode)  # chown clears setuid
+        await files.set_mtime(target, info.st_mtime_ns)
+    tracker.file(target)
+
+
+def _read_small(path: str) -> bytes:
+    with open(path, "rb") as source:
+        return source.read()
+
+
+async def _upload_tree(
+    files: Any, into: str, tree: LocalTree, options: _Options, tracker: _Tracker
+) -> CopySummary:
+    from . import files as files_module
+
+    tracker.progress.bytes_total = tree.bytes
+    tracker.progress.files_total = tree.files
+    pieces = tree_pieces(tree, files_module.MemberDigest, tracker.bytes, tracker.file)
+    result = await files.tar_put(into, pieces, preserve=options.preserve)
+    return tracker.summary(result.files, result.dirs, result.symlinks, skipped=tuple(tree.skipped))
+
+
+async def _upload_stdin(
+    files: Any, dest: str, options: _Options, tracker: _Tracker, stdin: BinaryIO | None
+) -> CopySummary:
+    import sys
+
+    from . import files as files_module
+    from .copy import _remote_path
+
+    source = stdin if stdin is not None else sys.stdin.buffer
+    target = _remote_path(dest)
+    if options.recursive:
+        await files.mkdir(target, parents=True, exist_ok=True)
+        pieces = stdin_tree_pieces(source, files_module.MemberDigest, tracker.bytes, tracker.file)
+        result = await files.tar_put(target, pieces, preserve=options.preserve)
+        return tracker.summary(result.files, result.dirs, result.symlinks)
+    info = await _stat_or_none(files, target)
+    if info is not None and info.kind == "dir":
+        raise UsageError(
+            f"{dest} is a directory on the vault: with '-' as SRC, DST names the file to write"
+        )
+    sha = hashlib.sha256()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        from .copy_source import _read_some
+
+        while data := await asyncio.to_thread(_read_some, source):
+            sha.update(data)
+            tracker.bytes(len(data))
+            yield data
+
+    result = await files.write(target, chunks(), fsync=True)
+    if result.sha256 != sha.hexdigest():
+        await files.remove(target)
+        raise IntegrityError(
+            f"{target}: the vault stored SHA-256 {result.sha256}, standard input was "
+            f"{sha.hexdigest()}; the file was removed: copy it again"
+        )
+    tracker.file(target)
+    return tracker.summary(1, 0, 0)

@@ -1,0 +1,418 @@
+"""The local side of ``fly-vault cp`` from a vault: real tar streams, hand-crafted to be
+malicious, fed through the copy engine into DST. Each must be refused naming the entry,
+with nothing written outside DST; honest trees land with links, modes, times and holes.
+
+The vault side here is a stand-in that serves the tar bytes it is given, with a digest
+after each regular file's data, exactly as ``RemoteFiles.tar_get`` yields them; everything
+on this side (``copy``, the parser, the extractor) is the real code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import os
+import stat
+import tarfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flyvault.client import CopyEndpoint, copy, parse_endpoint
+from flyvault.client.copy_tar import TarReader, TarStreamError
+from flyvault.errors import IntegrityError, NotFoundError, UnsafeEntry, UsageError
+
+Member = tuple[tarfile.TarInfo, bytes | None]
+
+
+@dataclass(frozen=True)
+class Digest:
+    name: str
+    size: int
+    sha256: str
+
+
+def member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", **fields: Any) -> Member:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.mode = fields.pop("mode", 0o755 if kind == tarfile.DIRTYPE else 0o644)
+    info.mtime = fields.pop("mtime", 1_600_000_000)
+    for key, value in fields.items():
+        setattr(info, key, value)
+    if kind == tarfile.REGTYPE:
+        info.size = len(data)
+        return info, data
+    return info, None
+
+
+def tar_bytes(members: list[Member]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for info, data in members:
+            archive.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buffer.getvalue()
+
+
+def pieces(raw: bytes, *, chunk: int = 700, tamper: str | None = None) -> list[Any]:
+    """``raw`` cut into ``chunk``-byte pieces with a digest right after each file's data."""
+    out: list[Any] = []
+    position = 0
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as archive:
+        cuts = [
+            (info.offset_data + info.size, info) for info in archive.getmembers() if info.isreg()
+        ]
+    for end, info in cuts:
+        while position < end:
+            step = min(chunk, end - position)
+            out.append(raw[position : position + step])
+            position += step
+        data = raw[info.offset_data : end]
+        digest = hashlib.sha256(data).hexdigest()
+        if info.name == tamper:
+            digest = hashlib.sha256(data + b"x").hexdigest()
+        out.append(Digest(info.name, info.size, digest))
+    while position < len(raw):
+        out.append(raw[position : position + chunk])
+        position += chunk
+    return out
+
+
+class TarVault:
+    """Serves one tar stream (and the files in it) as a vault's ``RemoteFiles`` would."""
+
+    def __init__(
+        self,
+        raw: bytes,
+        *,
+        tamper: str | None = None,
+        kinds: dict[str, str] | None = None,
+        cut: int | None = None,
+    ) -> None:
+        self.raw = raw
+        self.cut = len(raw) if cut is None else cut
+        self.tamper = tamper
+        self.kinds = kinds or {}
+        self.asked: list[list[str]] = []
+
+    def files(self, user: str | None = None) -> TarVault:
+        return self
+
+    async def stat(self, path: str, *, follow: bool = False) -> Any:
+        kind = self.kinds.get(path)
+        if kind is None:
+            raise NotFoundError(f"{path}: no such file or directory (ENOENT)")
+        return _Info(kind)
+
+    async def tar_get(
+        self, paths: list[str], *, follow_symlinks: bool = False
+    ) -> AsyncIterator[Any]:
+        self.asked.append(list(paths))
+        sent = 0
+        for piece in pieces(self.raw, tamper=self.tamper):
+            if isinstance(piece, bytes):
+                piece = piece[: max(self.cut - sent, 0)]
+                sent += len(piece)
+            if sent >= self.cut and not piece:
+                return
+            yield piece
+
+
+@dataclass
+class _Info:
+    kind: str
+
+
+def fetch(raw: bytes, src: str, dest: Path, **options: Any) -> Any:
+    vault = TarVault(
+        raw,
+        tamper=options.pop("tamper", None),
+        kinds=options.pop("kinds", None),
+        cut=options.pop("cut", None),
+    )
+    return asyncio.run(
+        copy(
+            lambda name: vault,
+            [parse_endpoint(f"dev:{src}")],
+            CopyEndpoint(None, str(dest)),
+            recursive=True,
+            **options,
+        )
+    )
+
+
+def listing(root: Path) -> set[str]:
+    return {str(path.relative_to(root)) for path in root.rglob("*")}
+
+
+@pytest.fixture
+def area(tmp_path: Path) -> tuple[Path, Path]:
+    """DST, and a sibling directory that must stay untouched."""
+    dest, outside = tmp_path / "dest", tmp_path / "outside"
+    dest.mkdir()
+    outside.mkdir()
+    return dest, outside
+
+
+# -- malicious streams ------------------------------------------------------------------------
+
+
+def _refused(raw: bytes, area: tuple[Path, Path], entry: str, words: str, **options: Any) -> None:
+    dest, outside = area
+    with pytest.raises(UnsafeEntry) as caught:
+        fetch(raw, "/srv/app", dest, **options)
+    assert repr(entry) in caught.value.message and words in caught.value.message
+    assert caught.value.exit_code == 7
+    assert listing(outside) == set()
+    assert not any(".fv-part-" in name for name in listing(dest))
+
+
+def test_dotdot_is_refused(area: tuple[Path, Path]) -> None:
+    raw = tar_bytes([member("app", tarfile.DIRTYPE), member("app/../outside/evil", data=b"x")])
+    _refused(raw, area, "app/../outside/evil", "'..'")
+
+
+def test_absolute_name_is_refused(area: tuple[Path, Path]) -> None:
+    target = str(area[1] / "evil")
+    raw = tar_bytes([member(target, data=b"x")])
+    # tarfile strips nothing: the header really holds the absolute name.
+    _refused(raw, area, target, "absolute")
+
+
+def test_symlink_then_a_file_through_it_is_refused(area: tuple[Path, Path]) -> None:
+    raw = tar_bytes(
+        [
+            member("app", tarfile.DIRTYPE),
+            member("app/link", tarfile.SYMTYPE, linkname=str(area[1])),
+            member("app/link/evil", data=b"pwned"),
+        ]
+    )
+    _refused(raw, area, "app/link/evil", "symlink")
+    assert os.readlink(area[0] / "app" / "link") == str(area[1])  # kept, never followed
+
+
+def test_an_existing_symlink_in_dst_is_not_followed(area: tuple[Path, Path]) -> None:
+    dest, outside = area
+    (dest / "app").symlink_to(outside)
+    raw = tar_bytes([member("app/evil", data=b"pwned")])
+    _refused(raw, area, "app/evil", "symlink")
+
+
+def test_a_file_over_an_existing_symlink_replaces_the_link_not_its_target(
+    area: tuple[Path, Path],
+) -> None:
+    dest, outside = area
+    (dest / "app").mkdir()
+    (outside / "victim").write_text("safe")
+    (dest / "app" / "file").symlink_to(outside / "victim")
+    fetch(tar_bytes([member("app/file", data=b"new")]), "/srv/app", dest)
+    assert (outside / "victim").read_text() == "safe"
+    assert not (dest / "app" / "file").is_symlink()
+    assert (dest / "app" / "file").read_bytes() == b"new"
+
+
+def test_device_node_is_refused(area: tuple[Path, Path]) -> None:
+    raw = tar_bytes(
+        [
+            member("app", tarfile.DIRTYPE),
+            member("app/null", tarfile.CHRTYPE, devmajor=1, devminor=3),
+        ]
+    )
+    _refused(raw, area, "app/null", "device node")
+
+
+def test_fifo_is_refused(area: tuple[Path, Path]) -> None:
+    raw = tar_bytes([member("app", tarfile.DIRTYPE), member("app/pipe", tarfile.FIFOTYPE)])
+    _refused(raw, area, "app/pipe", "FIFO")
+
+
+def test_setuid_is_refused_without_preserve_as_root(area: tuple[Path, Path]) -> None:
+    raw = tar_bytes([member("app", tarfile.DIRTYPE), member("app/su", data=b"#!", mode=0o4755)])
+    _refused(raw, area, "app/su", "setuid")
+    _refused(tar_bytes([member("app/sg", data=b"#!", mode=0o2755)]), area, "app/sg", "setgid")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="keeping a setuid bit needs root")
+def test_setuid_is_kept_with_preserve_as_root(area: tuple[Path, Path]) -> None:
+    raw = tar_bytes([member("app", tarfile.DIRTYPE), member("app/su", data=b"#!", mode=0o4755)])
+    fetch(raw, "/srv/app", area[0], preserve=True)
+    assert stat.S_IMODE((area[0] / "app" / "su").stat().st_mode) == 0o4755
+
+
+@pytest.mark.parametrize(
+    ("linkname", "words"),
+    [
+        ("/etc/passwd", "absolute"),
+        ("app/../../etc/passwd", "'..'"),
+        ("app/never-sent", "not a file of this copy"),
+    ],
+)
+def test_hardlink_outside_the_copy_is_refused(
+    area: tuple[Path, Path], linkname: str, words: str
+) -> None:
+    raw = tar_bytes(
+        [member("app", tarfile.DIRTYPE), member("app/h", tarfile.LNKTYPE, linkname=linkname)]
+    )
+    _refused(raw, area, "app/h", words)
+
+
+def test_a_top_that_was_not_asked_for_is_refused(area: tuple[Path, Path]) -> None:
+    raw = tar_bytes([member("app", tarfile.DIRTYPE), member(".bashrc", data=b"evil")])
+    _refused(raw, area, ".bashrc", "not under what was asked for")
+
+
+def test_a_digest_mismatch_keeps_nothing(area: tuple[Path, Path]) -> None:
+    dest, _ = area
+    raw = tar_bytes([member("app", tarfile.DIRTYPE), member("app/f", data=b"payload" * 100)])
+    with pytest.raises(IntegrityError) as caught:
+        fetch(raw, "/srv/app", dest, tamper="app/f")
+    assert "app/f" in caught.value.message
+    assert listing(dest) == {"app"}  # no file, no temporary
+
+
+def test_a_truncated_stream_is_refused(area: tuple[Path, Path]) -> None:
+    raw = tar_bytes([member("app", tarfile.DIRTYPE), member("app/f", data=b"payload" * 100)])
+    with pytest.raises(TarStreamError, match="cut short"):
+        fetch(raw, "/srv/app", area[0], cut=raw.index(b"payload") + 300)
+    assert not (area[0] / "app" / "f").exists()
+
+
+def test_a_file_without_its_digest_is_refused() -> None:
+    reader = TarReader(expect_digests=True)
+    raw = tar_bytes([member("app/f", data=b"x" * 10)])
+    reader.feed(raw)
+    with pytest.raises(TarStreamError, match="no digest"):
+        reader.feed(b"\0" * (5 * 1024 * 1024))
+    with pytest.raises(TarStreamError, match="where none was due"):
+        TarReader(expect_digests=True).digest("app/f", 1, "0" * 64)
+
+
+# -- honest trees ---------------------------------------------------------------------------
+
+
+def _tree() -> list[Member]:
+    sparse = b"head" + bytes(3 * 1024 * 1024) + b"tail"
+    return [
+        member("app", tarfile.DIRTYPE, mode=0o750, mtime=1_500_000_000),
+        member("app/empty", data=b""),
+        member("app/bin", data=bytes(range(256)) * 40, mode=0o755, mtime=1_400_000_000),
+        member("app/sub", tarfile.DIRTYPE, mode=0o700),
+        member("app/sub/emptydir", tarfile.DIRTYPE),
+        member("app/sub/link", tarfile.SYMTYPE, linkname="../bin"),
+        member("app/sub/abs", tarfile.SYMTYPE, linkname="/etc/passwd"),
+        member("app/hard", tarfile.LNKTYPE, linkname="app/bin"),
+        member("app/sparse", data=sparse),
+    ]
+
+
+def test_a_tree_lands_with_links_modes_times_and_holes(area: tuple[Path, Path]) -> None:
+    dest, outside = area
+    summary = fetch(tar_bytes(_tree()), "/srv/app", dest, preserve=True)
+    app = dest / "app"
+    assert (app / "bin").read_bytes() == bytes(range(256)) * 40
+    assert (app / "empty").read_bytes() == b""
+    assert os.readlink(app / "sub" / "link") == "../bin"
+    assert os.readlink(app / "sub" / "abs") == "/etc/passwd"
+    assert (app / "hard").stat().st_ino == (app / "bin").stat().st_ino
+    assert (app / "sub" / "emptydir").is_dir()
+    assert stat.S_IMODE(app.stat().st_mode) == 0o750
+    assert stat.S_IMODE((app / "sub").stat().st_mode) == 0o700
+    assert (app / "bin").stat().st_mtime == 1_400_000_000
+    assert app.stat().st_mtime == 1_500_000_000
+    sparse = app / "sparse"
+    assert sparse.stat().st_size == 3 * 1024 * 1024 + 8
+    assert sparse.read_bytes().endswith(b"tail")
+    assert sparse.stat().st_blocks * 512 < 1024 * 1024, "the zero blocks became holes"
+    assert (summary.files, summary.dirs, summary.symlinks) == (4, 3, 2)
+    assert summary.verified and listing(outside) == set()
+
+
+def test_without_preserve_modes_follow_the_umask_and_times_are_now(
+    area: tuple[Path, Path],
+) -> None:
+    dest, _ = area
+    fetch(tar_bytes(_tree()), "/srv/app", dest)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE((dest / "app" / "bin").stat().st_mode) == 0o755 & ~mask
+    assert (dest / "app" / "bin").stat().st_mtime > 1_600_000_000
+
+
+# -- scp's DST semantics --------------------------------------------------------------------
+
+
+def test_an_existing_directory_receives_the_tree_under_its_name(area: tuple[Path, Path]) -> None:
+    dest, _ = area
+    fetch(tar_bytes(_tree()), "/srv/app/", dest)
+    assert (dest / "app" / "bin").is_file()
+
+
+def test_a_new_name_renames_the_top(area: tuple[Path, Path]) -> None:
+    dest, _ = area
+    fetch(tar_bytes(_tree()), "/srv/app", dest / "renamed")
+    assert (dest / "renamed" / "bin").is_file() and not (dest / "app").exists()
+    assert os.readlink(dest / "renamed" / "sub" / "link") == "../bin"
+    assert (dest / "renamed" / "hard").stat().st_ino == (dest / "renamed" / "bin").stat().st_ino
+
+
+def test_a_missing_parent_or_trailing_slash_is_refused_before_connecting(tmp_path: Path) -> None:
+    asked: list[str] = []
+
+    def vaults(name: str) -> Any:
+        asked.append(name)
+        raise AssertionError("connected")
+
+    def run(dest: str, count: int = 1) -> None:
+        sources = [parse_endpoint(f"dev:/f{index}") for index in range(count)]
+        asyncio.run(copy(vaults, sources, parse_endpoint(dest)))
+
+    with pytest.raises(NotFoundError, match="no such directory"):
+        run(str(tmp_path / "nope") + "/")
+    with pytest.raises(NotFoundError, match="no such directory"):
+        run(str(tmp_path / "a" / "b"))
+    with pytest.raises(UsageError, match="several sources need an existing directory"):
+        run(str(tmp_path / "file"), count=2)
+    assert asked == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["a", "b"], "neither SRC nor DST is on a vault"),
+        (["dev:a", "prod:b"], "copying between vault paths is not supported"),
+        (["-", "x", "dev:b"], "'-' (standard input) must be the only SRC"),
+        (["dev:a", "prod:b", "."], "same vault"),
+        (["dev:a", "dev:b", "-"], "'-' as DST takes one SRC"),
+    ],
+)
+def test_endpoint_errors(argv: list[str], message: str) -> None:
+    from flyvault.client import check_endpoints
+
+    endpoints = [parse_endpoint(text) for text in argv]
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_endpoints(endpoints[:-1], endpoints[-1], recursive=False)
+
+
+@pytest.mark.parametrize(
+    ("text", "vault", "path"),
+    [
+        ("dev:/srv/x", "dev", "/srv/x"),
+        ("dev:", "dev", "."),
+        ("./a:b", None, "./a:b"),
+        ("/abs/a:b", None, "/abs/a:b"),
+        ("-", None, "-"),
+        ("plain", None, "plain"),
+    ],
+)
+def test_parse_endpoint(text: str, vault: str | None, path: str) -> None:
+    assert parse_endpoint(text) == CopyEndpoint(vault, path)
+
+
+def test_a_bad_vault_name_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="not a vault name"):
+        parse_endpoint("b@d:/x")
+    with pytest.raises(UsageError, match="not a vault name"):
+        parse_endpoint(":/x")
