@@ -278,3 +278,5 @@ class CopyResult(BaseModel):
     seconds: float
     resumed_bytes: int
     verified: bool
+    #: Local entries not sent (sockets, FIFOs, devices, symlink loops), with why.
+    skipped: list[str]

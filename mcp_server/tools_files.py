@@ -573,6 +573,7 @@ async def copy_files(
             seconds=summary.seconds,
             resumed_bytes=summary.resumed_bytes,
             verified=summary.verified,
+            skipped=list(summary.skipped),
         )
     )
 

@@ -15,8 +15,11 @@ import base64
 import hashlib
 import os
 import pwd
+import shutil
+import socket
 import stat
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -288,6 +291,8 @@ def test_copy_a_tree_up_and_down_with_progress(vault: str, tmp_path: Path) -> No
     (local / "pkg" / "run.sh").write_text("#!/bin/sh\n")
     (local / "pkg" / "run.sh").chmod(0o755)
     (local / "pkg" / "latest").symlink_to("readme.md")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(local / "pkg" / "listener.sock"))  # skipped, and said so
     remote = tmp_path / "remote"
     remote.mkdir()
     back = tmp_path / "back"
@@ -321,8 +326,11 @@ def test_copy_a_tree_up_and_down_with_progress(vault: str, tmp_path: Path) -> No
             },
             progress=on_progress,
         )
-        assert snapshot(remote / "pkg") == snapshot(local / "pkg")
+        expected = snapshot(local / "pkg")
+        del expected["listener.sock"]
+        assert snapshot(remote / "pkg") == expected
         assert up["files"] == 3 and up["symlinks"] == 1 and up["verified"] is True
+        assert len(up["skipped"]) == 1 and "listener.sock" in up["skipped"][0]
         assert up["direction"] == "upload" and up["destination"] == str(remote)
         assert progress and all("copying" in (m or "") for _, _, m in progress)
         values = [v for v, _, _ in progress]
@@ -340,7 +348,7 @@ def test_copy_a_tree_up_and_down_with_progress(vault: str, tmp_path: Path) -> No
             },
             progress=on_progress,
         )
-        assert snapshot(back / "pkg").keys() == snapshot(local / "pkg").keys()
+        assert snapshot(back / "pkg").keys() == expected.keys()
         assert (back / "pkg" / "deep" / "data.bin").read_bytes() == (
             local / "pkg" / "deep" / "data.bin"
         ).read_bytes()
@@ -351,7 +359,10 @@ def test_copy_a_tree_up_and_down_with_progress(vault: str, tmp_path: Path) -> No
         )
         assert "local path '-' is not a file path" in text(stdout)
 
-    over_stdio(scenario)
+    try:
+        over_stdio(scenario)
+    finally:
+        listener.close()
 
 
 def test_errors_name_the_path_and_permission_denied_as_a_user(vault: str, tmp_path: Path) -> None:
@@ -387,10 +398,9 @@ def test_errors_name_the_path_and_permission_denied_as_a_user(vault: str, tmp_pa
 @pytest.mark.skipif(os.geteuid() != 0, reason="acting as another user needs a root vault")
 def test_writes_as_a_user_belong_to_that_user(vault: str, tmp_path: Path) -> None:
     nobody = pwd.getpwnam("nobody")
-    shared = tmp_path / "shared"
-    shared.mkdir()
+    # pytest's own directories are root's alone (0700): nobody needs a way in from /tmp.
+    shared = Path(tempfile.mkdtemp(prefix="mcp-files-", dir="/tmp"))
     shared.chmod(0o777)
-    tmp_path.chmod(0o755)
     path = shared / "theirs.txt"
 
     async def scenario(s: Session) -> None:
@@ -404,4 +414,7 @@ def test_writes_as_a_user_belong_to_that_user(vault: str, tmp_path: Path) -> Non
         )
         assert path.read_text() == "y\n" and path.stat().st_uid == nobody.pw_uid
 
-    over_stdio(scenario)
+    try:
+        over_stdio(scenario)
+    finally:
+        shutil.rmtree(shared)
