@@ -53,7 +53,7 @@ from .server import State, structured
 from .tools_vault import VaultName
 
 if TYPE_CHECKING:
-    from flyvault.client import CopyProgress, FileInfo, RemoteFiles
+    from flyvault.client import CopyProgress, FileInfo, RemoteFiles, WriteResult
 
 #: Most content bytes one read_file result holds (before base64).
 MAX_BYTES = 128 * 1024
@@ -427,7 +427,7 @@ async def _replace(
     mode: int | None,
     make_parents: bool,
     user: str | None,
-) -> Any:
+) -> WriteResult:
     """Write ``data`` atomically, verified by its SHA-256 on the vault, keeping the
     replaced file's mode and (acting as root) its owner."""
     if mode is None and previous is not None:
@@ -440,7 +440,7 @@ async def _replace(
         size=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
     )
-    if previous is not None and user is None:
+    if previous is not None and user in (None, "root"):
         now = await files.stat(path)
         if (now.uid, now.gid) != (previous.uid, previous.gid):
             await files.chown(path, previous.uid, previous.gid)
@@ -606,7 +606,8 @@ def _progress_text(progress: CopyProgress) -> str:
 
 async def _files(state: State, vault: str, user: str | None) -> RemoteFiles:
     connected = await state.pool.get(vault)
-    return connected.files(user)
+    files: RemoteFiles = connected.files(user)
+    return files
 
 
 def _must_be_file(info: FileInfo, path: str) -> None:
