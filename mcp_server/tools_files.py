@@ -365,7 +365,7 @@ async def edit_file(
     user: UserArg = None,
 ) -> Annotated[CallToolResult, FileEdited]:
     """Replace an exact string in a text file on a vault; it must occur exactly once
-    unless replace_all. Refused if the file changed since it was read. Atomic; returns
+    unless replace_all. Refused if the file changes during the edit. Atomic; returns
     a short diff."""
     files = await _files(state, vault, user)
     target, info = await _resolve(files, path)
