@@ -208,3 +208,75 @@ class TenantList(BaseModel):
 class UsageFacts(BaseModel):
     app: str
     facts: list[dict[str, Any]]
+
+
+class FileRead(BaseModel):
+    vault: str
+    path: str
+    size: int
+    sha256: str
+    binary: bool
+    #: null when the file is binary and was not asked for as base64 (content is empty).
+    encoding: str | None
+    content: str
+    #: text: the 1-based number of the first line returned (null when unknown).
+    first_line: int | None
+    lines: int
+    #: null when the file was not read to its end.
+    total_lines: int | None
+    #: base64: the byte offset of the first byte returned.
+    byte_offset: int | None
+    returned_bytes: int
+    truncated: bool
+    next_offset: int | None
+    next_step: str | None
+
+
+class FileWritten(BaseModel):
+    vault: str
+    path: str
+    size: int
+    sha256: str
+    replaced: bool
+
+
+class FileEdited(BaseModel):
+    vault: str
+    path: str
+    replacements: int
+    size: int
+    sha256: str
+    diff: str
+
+
+class DirEntry(BaseModel):
+    name: str
+    kind: str
+    size: int
+    mode: str
+    mtime: str
+    target: str | None
+
+
+class DirListing(BaseModel):
+    vault: str
+    path: str
+    entries: list[DirEntry]
+    total: int
+    truncated: bool
+
+
+class CopyResult(BaseModel):
+    vault: str
+    direction: str
+    source: str
+    destination: str
+    files: int
+    dirs: int
+    symlinks: int
+    bytes: int
+    seconds: float
+    resumed_bytes: int
+    verified: bool
+    #: Local entries not sent (sockets, FIFOs, devices, symlink loops), with why.
+    skipped: list[str]

@@ -73,6 +73,11 @@ class Reporter:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+            # The newest state may still wait out MIN_INTERVAL: a call that ends within it
+            # (a small copy) would otherwise report nothing at all.
+            if exc is None and self._pending is not None:
+                await self._send(*self._pending)
+                self._pending = None
 
     async def _run(self) -> None:
         while True:
@@ -81,13 +86,15 @@ class Reporter:
             item, self._pending = self._pending, None
             if item is None:
                 continue
-            progress, total, message = item
-            progress = max(float(progress), self._last + 1e-3)
-            if total is not None and total < progress:
-                total = None
-            self._last = progress
-            try:
-                await self._ctx.report_progress(progress, total, message)  # type: ignore[union-attr]
-            except Exception as exc:  # the caller went away: nothing to tell
-                log.debug("progress notification failed: %s", exc)
+            await self._send(*item)
             await asyncio.sleep(MIN_INTERVAL)
+
+    async def _send(self, progress: float, total: float | None, message: str) -> None:
+        progress = max(float(progress), self._last + 1e-3)
+        if total is not None and total < progress:
+            total = None
+        self._last = progress
+        try:
+            await self._ctx.report_progress(progress, total, message)  # type: ignore[union-attr]
+        except Exception as exc:  # the caller went away: nothing to tell
+            log.debug("progress notification failed: %s", exc)

@@ -51,6 +51,8 @@ fly-vault runs commands on attested remote dev VMs ("vaults") named in the user'
   offsets were left out and the read_output call that reads them.
 - exit_code/signal/exit_status, timed_out and byte counts are always in the result.
 - Give every exec a context (why it runs); name long jobs with session_id.
+- Files: read_file/edit_file/write_file/list_dir; copy_files for big or binary files. Never
+  cat a binary file through exec (it comes back mangled).
 - Destructive tools (reprovision, tenant_delete, tenant_update_image, local_vault_down) act
   only with confirm=true or change real state: ask the user first.
 - No vault configured? local_vault_up starts one on this machine.
@@ -153,7 +155,7 @@ class VaultMCP(MCPServer[Any]):
         super().__init__(
             "fly-vault",
             title="fly-vault",
-            description="Attested remote dev VMs on Fly.io: exec, sessions, forwards, "
+            description="Attested remote dev VMs on Fly.io: exec, sessions, files, forwards, "
             "provisioning, tenant admin",
             instructions=INSTRUCTIONS,
             version=__version__,
@@ -210,10 +212,11 @@ def structured(model: BaseModel, text: str | None = None) -> CallToolResult:
 
 def build_server(state: State | None = None) -> VaultMCP:
     from .tools_admin import admin_tools
+    from .tools_files import file_tools
     from .tools_vault import vault_tools
 
     state = state or make_state()
     server = VaultMCP(state)
-    for registry in (vault_tools, admin_tools):  # tools/list shows them in this order
+    for registry in (vault_tools, file_tools, admin_tools):  # tools/list shows them in this order
         registry.register_all(server, state)
     return server

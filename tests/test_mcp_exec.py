@@ -27,6 +27,9 @@ __all__ = ["mcp_server", "vault"]
 
 DESTRUCTIVE = {
     "exec",
+    "write_file",
+    "edit_file",
+    "copy_files",
     "send_input",
     "signal",
     "reprovision",
@@ -38,6 +41,8 @@ READ_ONLY = {
     "list_vaults",
     "vault_status",
     "read_output",
+    "read_file",
+    "list_dir",
     "list_sessions",
     "forward_list",
     "job_status",

@@ -14,10 +14,11 @@ from flyvault.mcp_server.registry import ToolRegistry, bind
 def test_tools_are_listed_in_definition_order_without_the_state_parameter() -> None:
     from flyvault.mcp_server.server import build_server, make_state
     from flyvault.mcp_server.tools_admin import admin_tools
+    from flyvault.mcp_server.tools_files import file_tools
     from flyvault.mcp_server.tools_vault import vault_tools
 
     server = build_server(make_state())
-    names = [spec.name for spec in vault_tools.specs + admin_tools.specs]
+    names = [spec.name for spec in vault_tools.specs + file_tools.specs + admin_tools.specs]
     assert names[:3] == ["list_vaults", "vault_status", "exec"]
     tools = server._tool_manager.list_tools()
     assert [tool.name for tool in tools] == names

@@ -1,0 +1,236 @@
+"""The pure parts of the file tools: binary detection, line windows, edits, diffs.
+
+No I/O here, so every rule is tested without a vault. The tools (``tools_files``) feed
+these with bytes read through ``RemoteFiles``.
+
+Text is kept byte-exact: a window's ``content`` is a slice of the file's own text with its
+line endings, so an agent can copy any part of it into ``edit_file`` and a read followed by
+a write of the same content changes nothing. Anything that is not valid UTF-8, or holds a
+NUL byte, is binary and never decoded with replacement characters (that is how `cat`
+through exec silently corrupted files).
+"""
+
+from __future__ import annotations
+
+import codecs
+import difflib
+from dataclasses import dataclass, field
+
+from flyvault.errors import UsageError
+
+#: Lines and diff excerpts are shown to the model; this is the most a diff result holds.
+MAX_DIFF_CHARS = 4000
+
+
+def decode_text(data: bytes) -> str | None:
+    """``data`` as text, or None when it is binary (a NUL byte, or invalid UTF-8)."""
+    if b"\0" in data:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+class TextSniffer:
+    """Binary detection over a stream: chunks may split a UTF-8 sequence anywhere."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self.binary = False
+
+    def feed(self, chunk: bytes, *, final: bool = False) -> bool:
+        """Feed the next chunk; True once the data is known to be binary."""
+        if self.binary:
+            return True
+        if b"\0" in chunk:
+            self.binary = True
+            return True
+        try:
+            self._decoder.decode(chunk, final)
+        except UnicodeDecodeError:
+            self.binary = True
+        return self.binary
+
+
+def count_lines(data: bytes) -> int:
+    """Lines as editors count them: a last line without a newline still counts."""
+    if not data:
+        return 0
+    return data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
+
+
+@dataclass
+class LineWindow:
+    """Lines ``first`` (0-based) onward, collected from a stream of chunks.
+
+    ``feed`` returns True once the window is full (``limit`` lines, or ``max_bytes``
+    reached), so a reader of a big file can stop early; a reader that goes on to the end
+    learns ``total``. A window never splits a line unless a single line is longer than
+    ``max_bytes`` (then ``cut_line`` is set and the content ends mid-line, on a character
+    boundary).
+    """
+
+    first: int
+    limit: int
+    max_bytes: int
+    lines: list[bytes] = field(default_factory=list)
+    seen: int = 0  # complete lines passed so far
+    size: int = 0  # bytes in ``lines``
+    full: bool = False
+    cut_line: bool = False
+    _partial: bytearray = field(default_factory=bytearray)
+
+    def feed(self, chunk: bytes) -> bool:
+        self._partial += chunk
+        start = 0
+        while True:
+            end = self._partial.find(b"\n", start)
+            if end < 0:
+                break
+            self._line(bytes(self._partial[start : end + 1]))
+            start = end + 1
+        del self._partial[:start]
+        if self.seen < self.first:
+            # A line that will be skipped: only its end matters, not its bytes.
+            self._partial.clear()
+        elif not self.full and len(self._partial) > self.max_bytes - self.size:
+            # The line in progress cannot fit any more: the window is full. If it is the
+            # first line of the window, show its start rather than nothing.
+            if not self.lines:
+                self.lines.append(_cut(bytes(self._partial), self.max_bytes))
+                self.size = len(self.lines[0])
+                self.cut_line = True
+            self.full = True
+        return self.full
+
+    def finish(self) -> None:
+        """End of the file: a last line without a newline counts too."""
+        if self._partial:
+            self._line(bytes(self._partial))
+            self._partial.clear()
+
+    def _line(self, line: bytes) -> None:
+        index = self.seen
+        self.seen += 1
+        if self.full or index < self.first:
+            return
+        if len(self.lines) >= self.limit:
+            self.full = True
+            return
+        if self.size + len(line) > self.max_bytes:
+            self.full = True
+            if not self.lines:
+                self.lines.append(_cut(line, self.max_bytes))
+                self.size = len(self.lines[0])
+                self.cut_line = True
+            return
+        self.lines.append(line)
+        self.size += len(line)
+
+    @property
+    def content(self) -> bytes:
+        return b"".join(self.lines)
+
+
+def _cut(line: bytes, max_bytes: int) -> bytes:
+    """At most ``max_bytes`` of ``line``, never ending inside a UTF-8 sequence."""
+    return line[:max_bytes].decode("utf-8", "ignore").encode()
+
+
+def tail_lines(data: bytes, count: int, max_bytes: int, *, from_start: bool) -> list[bytes]:
+    """The last ``count`` lines of ``data`` (a file's tail), within ``max_bytes``.
+
+    Unless ``data`` starts at the file's start, its first line may be partial and is
+    dropped."""
+    lines = data.splitlines(keepends=True)
+    if not from_start and lines:
+        lines = lines[1:]
+    picked: list[bytes] = []
+    size = 0
+    for line in reversed(lines[-count:] if count else []):
+        if size + len(line) > max_bytes:
+            if not picked:
+                picked.append(_cut_tail(line, max_bytes))
+            break
+        picked.append(line)
+        size += len(line)
+    picked.reverse()
+    return picked
+
+
+def _cut_tail(line: bytes, max_bytes: int) -> bytes:
+    return line[-max_bytes:].decode("utf-8", "ignore").encode()
+
+
+def numbered(text: str, first_line: int | None) -> str:
+    """``cat -n`` style, the form agents know from their own read tools: the number, a
+    tab, the line. Without a known line number the lines are shown as they are."""
+    lines = text.splitlines()
+    if first_line is None:
+        return "\n".join(lines)
+    return "\n".join(f"{n:>6}\t{line}" for n, line in enumerate(lines, first_line))
+
+
+def apply_edit(text: str, old: str, new: str, *, replace_all: bool, path: str) -> tuple[str, int]:
+    """``text`` with ``old`` replaced by ``new``; the number of replacements.
+
+    ``old`` must occur exactly once unless ``replace_all``: an edit that could land in
+    the wrong place is refused, saying how often the string occurs."""
+    if not old:
+        raise UsageError(
+            "old_string is empty",
+            hint="give the exact text to replace; write_file replaces a whole file",
+        )
+    if old == new:
+        raise UsageError("old_string and new_string are the same: nothing to change")
+    count = text.count(old)
+    if count == 0:
+        raise UsageError(
+            f"old_string not found in {path}",
+            hint="copy the text exactly as read_file shows it, whitespace included and "
+            "without the line-number prefix",
+        )
+    if count > 1 and not replace_all:
+        raise UsageError(
+            f"old_string occurs {count} times in {path}; it must occur exactly once",
+            hint="add surrounding lines to make it unique, or pass replace_all=true",
+        )
+    return text.replace(old, new), count
+
+
+def short_diff(before: str, after: str, path: str, *, max_chars: int = MAX_DIFF_CHARS) -> str:
+    """A unified diff with two lines of context, cut after ``max_chars`` with a marker."""
+    lines = difflib.unified_diff(
+        before.splitlines(keepends=True),
+        after.splitlines(keepends=True),
+        f"a{path}" if path.startswith("/") else f"a/{path}",
+        f"b{path}" if path.startswith("/") else f"b/{path}",
+        n=2,
+    )
+    out: list[str] = []
+    size = 0
+    rest = 0
+    for line in lines:
+        if not line.endswith("\n"):
+            line += "\n\\ No newline at end of file\n"
+        if rest or size + len(line) > max_chars:
+            rest += 1
+            continue
+        out.append(line)
+        size += len(line)
+    if rest:
+        out.append(f"[... {rest} more diff lines left out ...]\n")
+    return "".join(out)
+
+
+__all__ = [
+    "LineWindow",
+    "TextSniffer",
+    "apply_edit",
+    "count_lines",
+    "decode_text",
+    "numbered",
+    "short_diff",
+    "tail_lines",
+]

@@ -1,0 +1,630 @@
+"""File tools: read_file, write_file, edit_file, list_dir, copy_files.
+
+They are thin: every byte goes through ``RemoteFiles`` (``Vault.files``), every copy
+through the copy engine (``flyvault.client.copy``), the same calls as ``fly-vault cp``;
+the text rules are in ``file_text``. Every result is bounded:
+
+- a read returns at most ``MAX_BYTES`` of content; a file up to ``FULL_READ`` is read whole
+  (exact line numbers and total, SHA-256 computed here over the very bytes read); a bigger
+  one is streamed only as far as the window needs, and its SHA-256 is computed by the vault;
+- ``edit_file`` works on files up to ``FULL_READ`` and returns a diff of at most
+  ``file_text.MAX_DIFF_CHARS``;
+- ``list_dir`` returns at most ``limit`` entries.
+
+Replacing a file goes through a temporary file and a rename, so the new file would get
+default permissions and the caller's owner: the tools carry over the mode (unless one is
+given) and, acting as root, the owner of the file they replace, as `cat > file` keeps
+them. A symlink is written through (its target changes), never replaced by a file.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import errno
+import fnmatch
+import hashlib
+import os
+import posixpath
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from mcp.server.mcpserver import Context
+from mcp_types import CallToolResult, ToolAnnotations
+from pydantic import Field
+
+from flyvault.client import CopyEndpoint, copy
+from flyvault.errors import IntegrityError, NotFoundError, UsageError, file_error
+
+from .file_text import (
+    LineWindow,
+    TextSniffer,
+    apply_edit,
+    count_lines,
+    decode_text,
+    numbered,
+    short_diff,
+    tail_lines,
+)
+from .models import CopyResult, DirEntry, DirListing, FileEdited, FileRead, FileWritten
+from .progress import Reporter, human_bytes
+from .registry import ToolRegistry
+from .server import State, structured
+from .tools_vault import VaultName
+
+if TYPE_CHECKING:
+    from flyvault.client import CopyProgress, FileInfo, RemoteFiles, WriteResult
+
+#: Most content bytes one read_file result holds (before base64).
+MAX_BYTES = 128 * 1024
+#: Files up to this size are read whole by read_file and edit_file.
+FULL_READ = 4 * 1024 * 1024
+#: A text read of a bigger file stops after streaming this much without filling its window.
+MAX_SCAN = 64 * 1024 * 1024
+DEFAULT_LINES = 2000
+#: Entries asked of the vault for one list_dir (the glob filters them here).
+MAX_ENTRIES = 10_000
+#: Symlinks followed before a write gives up, as the kernel does (ELOOP).
+MAX_LINKS = 40
+
+UserArg = Annotated[str | None, Field(description="act as this user of the vault (default: root)")]
+PathArg = Annotated[str, Field(description="absolute path on the vault")]
+
+
+#: The file tools, in tools/list order; ``server.build_server`` registers them.
+file_tools = ToolRegistry()
+
+
+# read_file ----------------------------------------------------------------------------
+
+
+@file_tools.tool(
+    ToolAnnotations(
+        title="Read a file on a vault",
+        read_only_hint=True,
+        idempotent_hint=True,
+        open_world_hint=True,
+    )
+)
+async def read_file(
+    state: State,
+    vault: VaultName,
+    path: PathArg,
+    offset: Annotated[
+        int,
+        Field(description="lines to skip (negative: the last N lines); base64: bytes"),
+    ] = 0,
+    limit: Annotated[
+        int | None,
+        Field(ge=1, description=f"lines (default {DEFAULT_LINES}); base64: bytes"),
+    ] = None,
+    encoding: Literal["text", "base64"] = "text",
+    user: UserArg = None,
+) -> Annotated[CallToolResult, FileRead]:
+    """Read a file on a vault. Text comes back exact (content), shown with line numbers
+    (a prefix, not part of the file); at most 128 KiB per call, continue at next_offset.
+    A binary file is not shown unless encoding="base64". Has size, sha256, total_lines."""
+    files = await _files(state, vault, user)
+    info = await files.stat(path, follow=True)
+    _must_be_file(info, path)
+    if encoding == "base64":
+        result = await _read_base64(files, vault, info, path, offset, limit)
+    else:
+        result = await _read_text(files, vault, info, path, offset, limit or DEFAULT_LINES)
+    return structured(result, _read_text_view(result))
+
+
+async def _read_text(
+    files: RemoteFiles, vault: str, info: FileInfo, path: str, offset: int, limit: int
+) -> FileRead:
+    if info.size <= FULL_READ:
+        data = await files.read_bytes(path)
+        text = decode_text(data)
+        digest = hashlib.sha256(data).hexdigest()
+        if text is None:
+            return _binary(vault, path, len(data), digest)
+        total = count_lines(data)
+        if offset < 0:
+            picked = tail_lines(data, -offset, MAX_BYTES, from_start=True)
+            return _text(vault, path, len(data), digest, picked, total - len(picked), total)
+        window = LineWindow(offset, limit, MAX_BYTES)
+        window.feed(data)
+        window.finish()
+        return _text(vault, path, len(data), digest, window.lines, offset, total, window.cut_line)
+    if offset < 0:
+        return await _read_big_tail(files, vault, info, path, -offset)
+    return await _read_big_head(files, vault, info, path, offset, limit)
+
+
+async def _read_big_head(
+    files: RemoteFiles, vault: str, info: FileInfo, path: str, offset: int, limit: int
+) -> FileRead:
+    """Stream from the start only as far as the window needs (bounded by MAX_SCAN)."""
+    window = LineWindow(offset, limit, MAX_BYTES)
+    sniffer = TextSniffer()
+    scanned = 0
+    ended = False
+    chunks = files.read(path)
+    try:
+        async for chunk in chunks:
+            scanned += len(chunk)
+            if sniffer.feed(chunk) or window.feed(chunk):
+                break
+            if scanned > MAX_SCAN:
+                raise UsageError(
+                    f"line offset {offset} of {path} lies beyond the first "
+                    f"{MAX_SCAN // (1024 * 1024)} MiB read_file scans",
+                    hint="read the tail with a negative offset, or fetch the file with copy_files",
+                )
+        else:
+            ended = True
+    finally:
+        await _close(chunks)
+    digest = await files.sha256(path)
+    if sniffer.binary or (ended and sniffer.feed(b"", final=True)):
+        return _binary(vault, path, info.size, digest)
+    if ended:
+        window.finish()
+    total = window.seen if ended else None
+    return _text(vault, path, info.size, digest, window.lines, offset, total, window.cut_line)
+
+
+async def _read_big_tail(
+    files: RemoteFiles, vault: str, info: FileInfo, path: str, count: int
+) -> FileRead:
+    """The last lines of a file too big to count: read only its last MAX_BYTES."""
+    start = max(0, info.size - MAX_BYTES)
+    data = await files.read_bytes(path, offset=start, length=MAX_BYTES)
+    digest = await files.sha256(path)
+    # The first line of the tail is partial (and may start inside a UTF-8 sequence).
+    body = data if start == 0 else data[data.find(b"\n") + 1 :]
+    if decode_text(body) is None:
+        return _binary(vault, path, info.size, digest)
+    picked = tail_lines(data, count, MAX_BYTES, from_start=start == 0)
+    return _text(vault, path, info.size, digest, picked, None, None)
+
+
+async def _read_base64(
+    files: RemoteFiles, vault: str, info: FileInfo, path: str, offset: int, limit: int | None
+) -> FileRead:
+    start = max(0, info.size + offset) if offset < 0 else offset
+    length = min(limit or MAX_BYTES, MAX_BYTES)
+    data = await files.read_bytes(path, offset=start, length=length)
+    whole = start == 0 and len(data) == info.size
+    digest = hashlib.sha256(data).hexdigest() if whole else await files.sha256(path)
+    end = start + len(data)
+    truncated = end < info.size
+    return FileRead(
+        vault=vault,
+        path=path,
+        size=info.size,
+        sha256=digest,
+        binary=decode_text(data) is None,
+        encoding="base64",
+        content=base64.b64encode(data).decode("ascii"),
+        first_line=None,
+        lines=0,
+        total_lines=None,
+        byte_offset=start,
+        returned_bytes=len(data),
+        truncated=truncated,
+        next_offset=end if truncated else None,
+        next_step=f'more: read_file(encoding="base64", offset={end})' if truncated else None,
+    )
+
+
+def _binary(vault: str, path: str, size: int, digest: str) -> FileRead:
+    return FileRead(
+        vault=vault,
+        path=path,
+        size=size,
+        sha256=digest,
+        binary=True,
+        encoding=None,
+        content="",
+        first_line=None,
+        lines=0,
+        total_lines=None,
+        byte_offset=None,
+        returned_bytes=0,
+        truncated=size > 0,
+        next_offset=None,
+        next_step='binary (NUL bytes or not UTF-8), not shown: read it with encoding="base64", '
+        "or fetch it with copy_files",
+    )
+
+
+def _text(
+    vault: str,
+    path: str,
+    size: int,
+    digest: str,
+    lines: list[bytes],
+    skipped: int | None,
+    total: int | None,
+    cut_line: bool = False,
+) -> FileRead:
+    """A text result: ``skipped`` lines come before the window (None: unknown)."""
+    content = b"".join(lines).decode("utf-8")
+    first = None if skipped is None else skipped + 1
+    after = None if skipped is None else skipped + len(lines)
+    truncated = (
+        cut_line
+        or (total is None and skipped is not None)
+        or (after is not None and total is not None and after < total)
+    )
+    next_step = None
+    if cut_line and first is not None:
+        next_step = (
+            f"line {first + len(lines) - 1} is longer than {MAX_BYTES} bytes and was cut: "
+            'read it with encoding="base64" and a byte offset'
+        )
+    elif truncated and after is not None:
+        next_step = f"more: read_file(offset={after})"
+    return FileRead(
+        vault=vault,
+        path=path,
+        size=size,
+        sha256=digest,
+        binary=False,
+        encoding="text",
+        content=content,
+        first_line=first if lines else None,
+        lines=len(lines),
+        total_lines=total,
+        byte_offset=None,
+        returned_bytes=len(content.encode()),
+        truncated=truncated,
+        next_offset=after if truncated else None,
+        next_step=next_step,
+    )
+
+
+def _read_text_view(result: FileRead) -> str:
+    """What the model reads: a status line, the content between ``-----`` lines, next."""
+    where = f"{result.path} on {result.vault}: {result.size} bytes, sha256 {result.sha256}"
+    if result.encoding == "base64":
+        start = result.byte_offset or 0
+        head = f"{where}; bytes {start}-{start + result.returned_bytes} (base64)"
+        body = result.content
+    elif result.binary:
+        return f"{where}\nnext: {result.next_step}"
+    else:
+        total = "?" if result.total_lines is None else result.total_lines
+        if result.lines and result.first_line is not None:
+            span = f"lines {result.first_line}-{result.first_line + result.lines - 1} of {total}"
+        elif result.lines:
+            span = f"the last {result.lines} lines (line numbers unknown: file over 4 MiB)"
+        else:
+            span = f"no lines (the file has {total})"
+        head = f"{where}; {span}"
+        body = numbered(result.content, result.first_line)
+    lines = [head, "-----", body, "-----"] if body else [head]
+    if result.next_step:
+        lines.append(f"next: {result.next_step}")
+    return "\n".join(lines)
+
+
+# write_file, edit_file ----------------------------------------------------------------
+
+
+@file_tools.tool(
+    ToolAnnotations(
+        title="Write a file on a vault",
+        destructive_hint=True,
+        idempotent_hint=True,
+        open_world_hint=True,
+    )
+)
+async def write_file(
+    state: State,
+    vault: VaultName,
+    path: PathArg,
+    content: str,
+    encoding: Literal["text", "base64"] = "text",
+    mode: Annotated[
+        str | None,
+        Field(pattern=r"^0?[0-7]{3,4}$", description='octal, e.g. "0755" (default: kept)'),
+    ] = None,
+    make_parents: Annotated[bool, Field(description="create missing directories")] = False,
+    user: UserArg = None,
+) -> Annotated[CallToolResult, FileWritten]:
+    """Create or replace a whole file on a vault, atomically (text, or base64 for
+    binary). Returns size and sha256 as stored. For a change inside a file use
+    edit_file; for big or many files, copy_files."""
+    data = _decode_content(content, encoding)
+    files = await _files(state, vault, user)
+    target, previous = await _resolve(files, path)
+    if previous is not None:
+        _must_be_file(previous, path)
+    new_mode = int(mode, 8) if mode is not None else None
+    written = await _replace(files, target, data, previous, new_mode, make_parents, user)
+    return structured(
+        FileWritten(
+            vault=vault,
+            path=written.path,
+            size=written.size,
+            sha256=written.sha256,
+            replaced=previous is not None,
+        )
+    )
+
+
+@file_tools.tool(
+    ToolAnnotations(title="Edit a file on a vault", destructive_hint=True, open_world_hint=True)
+)
+async def edit_file(
+    state: State,
+    vault: VaultName,
+    path: PathArg,
+    old_string: Annotated[str, Field(description="exact text to replace")],
+    new_string: str,
+    replace_all: Annotated[
+        bool, Field(description="replace every occurrence (else it must occur once)")
+    ] = False,
+    user: UserArg = None,
+) -> Annotated[CallToolResult, FileEdited]:
+    """Replace an exact string in a text file on a vault; it must occur exactly once
+    unless replace_all. Refused if the file changes during the edit. Atomic; returns
+    a short diff."""
+    files = await _files(state, vault, user)
+    target, info = await _resolve(files, path)
+    if info is None:
+        raise file_error(path, errno.ENOENT)
+    _must_be_file(info, path)
+    if info.size > FULL_READ:
+        raise UsageError(
+            f"{path} is {info.size} bytes; edit_file edits files up to {FULL_READ} bytes",
+            hint="change it with exec (sed, a script), or fetch it with copy_files",
+        )
+    data = await files.read_bytes(target)
+    text = decode_text(data)
+    if text is None:
+        raise UsageError(
+            f"{path} is binary; edit_file changes text only",
+            hint='replace it whole with write_file(encoding="base64")',
+        )
+    new_text, count = apply_edit(text, old_string, new_string, replace_all=replace_all, path=path)
+    read_digest = hashlib.sha256(data).hexdigest()
+    # RemoteFiles has no compare-and-swap: check right before the write, so a change
+    # made since the read (by a build, an editor, another agent) is not overwritten.
+    if await files.sha256(target) != read_digest:
+        raise IntegrityError(
+            f"{path} changed while edit_file was editing it; nothing was written",
+            hint="read it again with read_file and redo the edit",
+        )
+    written = await _replace(files, target, new_text.encode(), info, None, False, user)
+    result = FileEdited(
+        vault=vault,
+        path=written.path,
+        replacements=count,
+        size=written.size,
+        sha256=written.sha256,
+        diff=short_diff(text, new_text, path),
+    )
+    view = f"{path} on {vault}: {count} replacement{'s' if count > 1 else ''}, "
+    view += f"{written.size} bytes, sha256 {written.sha256}\n{result.diff}"
+    return structured(result, view.rstrip("\n"))
+
+
+def _decode_content(content: str, encoding: str) -> bytes:
+    if encoding == "text":
+        return content.encode("utf-8")
+    try:
+        return base64.b64decode(content, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise UsageError(
+            f"content is not valid base64: {exc}",
+            hint='send the bytes base64-encoded, or text with encoding="text"',
+        ) from None
+
+
+async def _replace(
+    files: RemoteFiles,
+    path: str,
+    data: bytes,
+    previous: FileInfo | None,
+    mode: int | None,
+    make_parents: bool,
+    user: str | None,
+) -> WriteResult:
+    """Write ``data`` atomically, verified by its SHA-256 on the vault, keeping the
+    replaced file's mode and (acting as root) its owner."""
+    if mode is None and previous is not None:
+        mode = previous.mode
+    written = await files.write(
+        path,
+        data,
+        mode=mode,
+        make_parents=make_parents,
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+    if previous is not None and user in (None, "root"):
+        now = await files.stat(path)
+        if (now.uid, now.gid) != (previous.uid, previous.gid):
+            await files.chown(path, previous.uid, previous.gid)
+    return written
+
+
+async def _resolve(files: RemoteFiles, path: str) -> tuple[str, FileInfo | None]:
+    """The path a write lands on (symlinks followed, so a link stays a link) and what is
+    there now (None: nothing yet)."""
+    current = path
+    for _ in range(MAX_LINKS):
+        try:
+            info = await files.stat(current)
+        except NotFoundError:
+            return current, None
+        if info.kind != "symlink":
+            return current, info
+        target = info.target if info.target is not None else await files.readlink(current)
+        current = posixpath.join(posixpath.dirname(info.path), target)
+    raise file_error(path, errno.ELOOP)
+
+
+# list_dir -----------------------------------------------------------------------------
+
+
+@file_tools.tool(
+    ToolAnnotations(
+        title="List a directory on a vault",
+        read_only_hint=True,
+        idempotent_hint=True,
+        open_world_hint=True,
+    )
+)
+async def list_dir(
+    state: State,
+    vault: VaultName,
+    path: PathArg,
+    glob: Annotated[str | None, Field(description='only names matching, e.g. "*.py"')] = None,
+    limit: Annotated[int, Field(ge=1, le=MAX_ENTRIES)] = 200,
+    user: UserArg = None,
+) -> Annotated[CallToolResult, DirListing]:
+    """List a directory on a vault, sorted by name: kind, size, mode (octal), mtime
+    (ISO 8601, UTC), symlink target. At most limit entries (truncated says more exist)."""
+    files = await _files(state, vault, user)
+    entries = await files.list_dir(path, limit=MAX_ENTRIES)
+    listed_all = len(entries) < MAX_ENTRIES
+    if glob is not None:
+        entries = [e for e in entries if fnmatch.fnmatchcase(e.name, glob)]
+    shown = [_entry(e) for e in entries[:limit]]
+    return structured(
+        DirListing(
+            vault=vault,
+            path=path,
+            entries=shown,
+            total=len(entries),
+            truncated=len(entries) > limit or not listed_all,
+        )
+    )
+
+
+def _entry(info: FileInfo) -> DirEntry:
+    mtime = datetime.fromtimestamp(info.mtime_ns / 1e9, UTC)
+    return DirEntry(
+        name=info.name,
+        kind=info.kind,
+        size=info.size,
+        mode=f"{info.mode:04o}",
+        mtime=mtime.isoformat(timespec="seconds").replace("+00:00", "Z"),
+        target=info.target,
+    )
+
+
+# copy_files ---------------------------------------------------------------------------
+
+
+@file_tools.tool(
+    ToolAnnotations(
+        title="Copy files to or from a vault",
+        destructive_hint=True,
+        idempotent_hint=True,
+        open_world_hint=True,
+    )
+)
+async def copy_files(
+    state: State,
+    ctx: Context,
+    vault: VaultName,
+    source: Annotated[str, Field(description="path to copy (local for upload)")],
+    destination: Annotated[str, Field(description="path to copy to (on the vault for upload)")],
+    direction: Literal["upload", "download"] = "upload",
+    recursive: Annotated[bool, Field(description="copy a directory tree")] = False,
+    preserve: Annotated[bool, Field(description="keep modes and mtimes")] = False,
+    user: UserArg = None,
+) -> Annotated[CallToolResult, CopyResult]:
+    """Copy a file or tree between this machine and a vault (upload or download), like
+    `fly-vault cp`: for big or binary files. Atomic per file, verified by SHA-256,
+    progress notifications. Local paths are on the MCP server's machine."""
+    local_path, remote_path = (source, destination)
+    if direction == "download":
+        local_path, remote_path = destination, source
+    local = _local_path(local_path)
+    remote = CopyEndpoint(vault=vault, path=remote_path)
+    here = CopyEndpoint(vault=None, path=local)
+    src, dst = (here, remote) if direction == "upload" else (remote, here)
+    connected = await state.pool.get(vault)
+    async with Reporter(ctx) as reporter:
+
+        def on_progress(progress: CopyProgress) -> None:
+            reporter.update(progress.bytes_done, progress.bytes_total, _progress_text(progress))
+
+        summary = await copy(
+            lambda name: connected,
+            [src],
+            dst,
+            recursive=recursive,
+            preserve=preserve,
+            user=user,
+            on_progress=on_progress,
+        )
+    return structured(
+        CopyResult(
+            vault=vault,
+            direction=direction,
+            source=src.path,
+            destination=dst.path,
+            files=summary.files,
+            dirs=summary.dirs,
+            symlinks=summary.symlinks,
+            bytes=summary.bytes,
+            seconds=summary.seconds,
+            resumed_bytes=summary.resumed_bytes,
+            verified=summary.verified,
+            skipped=list(summary.skipped),
+        )
+    )
+
+
+def _local_path(path: str) -> str:
+    # "-" is the CLI's stdin/stdout: here stdout is the MCP protocol itself.
+    if path == "-" or not path:
+        raise UsageError(
+            f"local path {path!r} is not a file path",
+            hint="give a local file or directory path; standard input and output are "
+            "the MCP connection",
+        )
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _progress_text(progress: CopyProgress) -> str:
+    done = human_bytes(progress.bytes_done)
+    text = f"copying: {done}"
+    if progress.bytes_total:
+        text += f" of {human_bytes(progress.bytes_total)}"
+    if progress.files_total:
+        text += f", {progress.files_done}/{progress.files_total} files"
+    if progress.current:
+        text += f", {progress.current}"
+    return text
+
+
+# shared -------------------------------------------------------------------------------
+
+
+async def _files(state: State, vault: str, user: str | None) -> RemoteFiles:
+    connected = await state.pool.get(vault)
+    files: RemoteFiles = connected.files(user)
+    return files
+
+
+def _must_be_file(info: FileInfo, path: str) -> None:
+    if info.kind == "dir":
+        raise UsageError(f"{path} is a directory", hint="list it with list_dir")
+    if info.kind != "file":
+        raise UsageError(
+            f"{path} is a {info.kind}, not a regular file",
+            hint="read_file, write_file and edit_file handle regular files only",
+        )
+
+
+async def _close(chunks: Any) -> None:
+    """Stop a read stream early (an async generator holds the vault's stream open)."""
+    close = getattr(chunks, "aclose", None)
+    if close is not None:
+        await close()
+
+
+__all__ = ["file_tools"]
