@@ -50,6 +50,8 @@ class ErrorCode(enum.IntEnum):
     INTEGRITY = 16
     #: A path named in a file operation does not exist.
     PATH_NOT_FOUND = 17
+    #: A compare-and-swap write found the file changed (or present, or gone): not written.
+    CONFLICT = 18
 
 
 class VaultError(Exception):
@@ -251,6 +253,14 @@ class IntegrityError(RemoteError):
     code = ErrorCode.INTEGRITY
 
 
+class Conflict(RemoteError):
+    """A write with an expected SHA-256 (compare-and-swap) found the file changed since it
+    was read, gone, or (when it had to be absent) present; the file was left untouched."""
+
+    code = ErrorCode.CONFLICT
+    remote_hint = "read the file again, redo the change on what is there now, and write again"
+
+
 def file_error(path: str, number: int | None, detail: str | None = None) -> VaultError:
     """The error for an ``OSError`` on ``path``: ``PathNotFound`` for ENOENT, else
     ``FileOpError``; both read "<path>: <errno in words> (<ERRNO name>)"."""
@@ -327,6 +337,7 @@ WIRE_CLASSES: tuple[type[VaultError], ...] = (
     FileOpError,
     IntegrityError,
     PathNotFound,
+    Conflict,
 )
 
 _BY_CODE: dict[int, type[VaultError]] = {cls.code: cls for cls in WIRE_CLASSES}

@@ -34,7 +34,7 @@ from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import Field
 
 from flyvault.client import CopyEndpoint, copy
-from flyvault.errors import IntegrityError, NotFoundError, UsageError, file_error
+from flyvault.errors import Conflict, NotFoundError, UsageError, file_error
 
 from .file_text import (
     LineWindow,
@@ -385,15 +385,19 @@ async def edit_file(
             hint='replace it whole with write_file(encoding="base64")',
         )
     new_text, count = apply_edit(text, old_string, new_string, replace_all=replace_all, path=path)
+    # Compare-and-swap: the vault renames the new text into place only if the file still
+    # has the SHA-256 read here, so a change made since the read (by a build, an editor,
+    # another agent) is never overwritten, with no window between a check and the write.
     read_digest = hashlib.sha256(data).hexdigest()
-    # RemoteFiles has no compare-and-swap: check right before the write, so a change
-    # made since the read (by a build, an editor, another agent) is not overwritten.
-    if await files.sha256(target) != read_digest:
-        raise IntegrityError(
+    try:
+        written = await _replace(
+            files, target, new_text.encode(), info, None, False, user, expect_sha256=read_digest
+        )
+    except Conflict:
+        raise Conflict(
             f"{path} changed while edit_file was editing it; nothing was written",
             hint="read it again with read_file and redo the edit",
-        )
-    written = await _replace(files, target, new_text.encode(), info, None, False, user)
+        ) from None
     result = FileEdited(
         vault=vault,
         path=written.path,
@@ -427,6 +431,8 @@ async def _replace(
     mode: int | None,
     make_parents: bool,
     user: str | None,
+    *,
+    expect_sha256: str | None = None,
 ) -> WriteResult:
     """Write ``data`` atomically, verified by its SHA-256 on the vault, keeping the
     replaced file's mode and (acting as root) its owner."""
@@ -439,6 +445,7 @@ async def _replace(
         make_parents=make_parents,
         size=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
+        expect_sha256=expect_sha256,
     )
     if previous is not None and user in (None, "root"):
         now = await files.stat(path)

@@ -128,9 +128,7 @@ class ServerOptions:
     hostname: str | None = None
     memory_max: int | None = None
     cpu_max: float | None = None
-    transport: TransportSettings = field(
-        default_factory=TransportSettings.for_server
-    )
+    transport: TransportSettings = field(default_factory=TransportSettings.for_server)
 
 
 class VaultState:

@@ -3,8 +3,9 @@
 The wire rules (what may arrive when, deadlines, frame bounds) are the sans-I/O
 ``flyvault.protocol.files.FileServer``; this module is its glue. Once the REQUEST is in, a
 worker is forked (``server.files_worker``): it enters the workload's mount namespace (VM
-mode) or stays on the host (host mode), becomes the requested account and performs the
-operation. Two pumps run until the worker answers: the client's validated frames go to the
+mode; it joins the workload's cgroups first, as exec's commands do, so its memory counts
+against the workload's limits) or stays on the host (host mode), becomes the requested
+account and performs the operation. Two pumps run until the worker answers: the client's validated frames go to the
 worker, the worker's frames go through the machine to the client. Each side waits for the
 other (QUIC flow control one way, the socketpair's buffer the other), so memory stays flat
 whatever the file's size. If the client goes away during a write, the worker sees the end
@@ -116,27 +117,31 @@ async def _receive_request(machine: FileServer, stream: QuicStream) -> FileReque
 
 
 def _target(connection: ServerConnection) -> Target:
-    """The workload's mount namespace and root (VM mode), or the host."""
+    """The workload's mount namespace, root and cgroups (VM mode), or the host."""
     provisioner = connection.server.provisioner
     if provisioner is None:
         return Target(host_home=os.environ.get("HOME") or "/")
-    runtime = provisioner.runtime
-    pid = runtime.init_pid
-    pidfd = getattr(runtime, "_pidfd", None)
-    if pid is None or pidfd is None:
+    # How exec enters now: the current init, and the cgroups its commands join (raises
+    # ProvisionError while the workload is stopped or stopping).
+    entry = provisioner.runtime.entry()
+    flags = os.O_RDONLY | os.O_CLOEXEC
+    opened: list[int] = []
+    try:
+        mount_ns = os.open(f"/proc/{entry.init_pid}/ns/mnt", flags)
+        opened.append(mount_ns)
+        root = os.open(f"/proc/{entry.init_pid}/root", flags | os.O_DIRECTORY)
+        opened.append(root)
+        signal.pidfd_send_signal(entry.pidfd, 0)  # the pid was not recycled meanwhile
+        for path in entry.cgroup_files:
+            opened.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+    except OSError:
+        for fd in opened:
+            os.close(fd)
         raise ProvisionError(
             "the vault's workload is not running",
             hint="it restarts by itself; if it keeps failing, reprovision the vault",
-        )
-    flags = os.O_RDONLY | os.O_CLOEXEC
-    mount_ns = os.open(f"/proc/{pid}/ns/mnt", flags)
-    try:
-        root = os.open(f"/proc/{pid}/root", flags | os.O_DIRECTORY)
-        signal.pidfd_send_signal(pidfd, 0)  # the pid was not recycled meanwhile
-    except OSError:
-        os.close(mount_ns)
-        raise ProvisionError("the vault's workload is not running") from None
-    return Target(mount_ns=mount_ns, root=root)
+        ) from None
+    return Target(mount_ns=mount_ns, root=root, cgroup_procs=tuple(opened[2:]))
 
 
 class _Worker:
@@ -161,7 +166,7 @@ class _Worker:
             ours.close()
             child_main(theirs, request, target)
         theirs.close()
-        for fd in (target.mount_ns, target.root):
+        for fd in (target.mount_ns, target.root, *target.cgroup_procs):
             if fd is not None:
                 os.close(fd)
         return cls(pid, ours)

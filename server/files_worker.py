@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from flyvault.errors import (
+    Conflict,
     IntegrityError,
     RemoteError,
     RemoteProtocolError,
@@ -41,6 +42,7 @@ from flyvault.protocol.codec import encode_frame
 from flyvault.protocol.constants import ERROR_FRAME
 from flyvault.protocol.files import MAX_FRAME, decode_offset
 from flyvault.protocol.files_messages import (
+    EXPECT_ABSENT,
     ITEMS_PER_FRAME,
     MAX_DATA,
     FileFrame,
@@ -116,6 +118,10 @@ class Target:
     root: int | None = None
     #: The home of root in host mode (relative paths start there).
     host_home: str = "/"
+    #: ``cgroup.procs`` of the workload's cgroups, opened for writing: the worker joins
+    #: them (as ``WorkloadEntry``'s commands do) so its memory counts against the
+    #: workload's limits and a clean-up of the workload's cgroups ends it too.
+    cgroup_procs: tuple[int, ...] = ()
 
 
 # Entering and dropping privileges ------------------------------------------------------
@@ -124,6 +130,7 @@ class Target:
 def enter(target: Target, user: str | None) -> Accounts:
     """Join the workload (if any), become ``user`` (if given), go to its home."""
     if target.mount_ns is not None and target.root is not None:
+        _join_cgroups(target.cgroup_procs)
         if _libc.setns(target.mount_ns, CLONE_NEWNS) != 0:
             code = ctypes.get_errno()
             raise RemoteError(f"cannot enter the workload's mount namespace: {os.strerror(code)}")
@@ -141,6 +148,18 @@ def enter(target: Target, user: str | None) -> Accounts:
     except OSError:
         os.chdir("/")
     return accounts
+
+
+def _join_cgroups(procs: tuple[int, ...]) -> None:
+    try:
+        # init lowers its own OOM score; the workload's processes have the default one.
+        with open("/proc/self/oom_score_adj", "wb", buffering=0) as score:
+            score.write(b"0")
+        for fd in procs:
+            os.write(fd, b"0")
+            os.close(fd)
+    except OSError as exc:
+        raise RemoteError(f"cannot join the workload's cgroup: {exc.strerror or exc}") from None
 
 
 def _become(accounts: Accounts, user: str) -> str:
@@ -339,7 +358,8 @@ class Worker:
         with open(path, "rb", buffering=0) as file:
             if stat.S_ISDIR(os.fstat(file.fileno()).st_mode):
                 raise OSError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-            file.seek(request.offset)
+            if request.offset:  # a FIFO or a character device cannot seek, even to 0
+                file.seek(request.offset)
             remaining = request.length
             while remaining is None or remaining > 0:
                 want = MAX_DATA if remaining is None else min(MAX_DATA, remaining)
@@ -401,6 +421,9 @@ def partial_name(path: str, resume_key: str) -> str:
 def write_file(channel: Channel, request: FileRequest, path: str) -> None:
     """Write ``path`` atomically (temp file in its directory, then rename)."""
     directory = os.path.dirname(path) or "/"
+    # Compare-and-swap: refuse before any data moves (and before a temp file is made in a
+    # directory the caller may not even be able to write); checked again before the rename.
+    check_expected(path, request.expect_sha256)
     if request.parents:
         os.makedirs(directory, 0o755, exist_ok=True)
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -427,11 +450,12 @@ def write_file(channel: Channel, request: FileRequest, path: str) -> None:
 
 
 def _prefix_digest(fd: int, size: int) -> hashlib._Hash:
+    """The SHA-256 of the first ``size`` bytes of ``fd`` (all of it for -1)."""
     digest = hashlib.sha256()
     os.lseek(fd, 0, os.SEEK_SET)
     remaining = size
     while remaining:
-        chunk = os.read(fd, min(MAX_DATA, remaining))
+        chunk = os.read(fd, MAX_DATA if remaining < 0 else min(MAX_DATA, remaining))
         if not chunk:
             break
         digest.update(chunk)
@@ -485,11 +509,68 @@ def _receive_into(channel: Channel, request: FileRequest, path: str, fd: int, te
     os.fchmod(fd, mode)
     if request.fsync:
         os.fsync(fd)
-    os.rename(temp, path)
+    _install(temp, path, request.expect_sha256)
     if request.fsync:
         _fsync_dir(os.path.dirname(path) or "/")
     channel.result({"path": path, "size": size, "sha256": found})
     return True  # renamed: nothing left to delete
+
+
+def check_expected(path: str, expected: str | None) -> None:
+    """Raise ``Conflict`` unless ``path`` is what the writer last saw: absent for
+    ``EXPECT_ABSENT``, else a regular file whose content hashes to ``expected``."""
+    if expected is None:
+        return
+    try:
+        before = os.lstat(path)
+    except FileNotFoundError:
+        if expected == EXPECT_ABSENT:
+            return
+        raise Conflict(
+            f"{path}: no longer exists (expected SHA-256 {expected}); not written"
+        ) from None
+    if expected == EXPECT_ABSENT:
+        raise Conflict(f"{path}: already exists; not written")
+    if not stat.S_ISREG(before.st_mode):
+        kind = _KINDS.get(stat.S_IFMT(before.st_mode), "file")
+        raise Conflict(f"{path}: is now a {kind}, not the file expected; not written")
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = os.open(path, flags)
+    try:
+        if (os.fstat(fd).st_ino, os.fstat(fd).st_dev) != (before.st_ino, before.st_dev):
+            raise Conflict(f"{path}: was replaced while it was checked; not written")
+        found = _prefix_digest(fd, -1).hexdigest()
+    finally:
+        os.close(fd)
+    if found != expected:
+        raise Conflict(
+            f"{path}: changed since it was read (SHA-256 {found}, expected {expected}); not written"
+        )
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def _install(temp: str, path: str, expected: str | None) -> None:
+    """Rename ``temp`` over ``path`` once the expectation (if any) holds. "Must not exist" is
+    atomic (``renameat2(RENAME_NOREPLACE)``, where the filesystem has it); a SHA-256 is
+    checked right before the rename, so the window is one rename, not the whole upload."""
+    if expected == EXPECT_ABSENT:
+        renameat2 = getattr(_libc, "renameat2", None)
+        if renameat2 is not None:
+            done = renameat2(
+                _AT_FDCWD, os.fsencode(temp), _AT_FDCWD, os.fsencode(path), _RENAME_NOREPLACE
+            )
+            if done == 0:
+                return
+            code = ctypes.get_errno()
+            if code == errno.EEXIST:
+                raise Conflict(f"{path}: already exists; not written")
+            if code not in (errno.EINVAL, errno.ENOSYS):
+                raise OSError(code, os.strerror(code), path)
+    check_expected(path, expected)
+    os.rename(temp, path)
 
 
 def _fsync_dir(directory: str) -> None:
@@ -509,7 +590,8 @@ def child_main(sock: socket.socket, request: FileRequest, target: Target) -> Non
     try:
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-        keep = {sock.fileno(), *(fd for fd in (target.mount_ns, target.root) if fd is not None)}
+        held = (target.mount_ns, target.root, *target.cgroup_procs)
+        keep = {sock.fileno(), *(fd for fd in held if fd is not None)}
         _close_others(keep)
         channel = Channel(sock)
         try:

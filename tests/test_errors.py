@@ -71,6 +71,7 @@ EXPECTED: dict[type[VaultError], tuple[ErrorCode, int]] = {
     errors.FileOpError: (ErrorCode.FILE_OP, 10),
     errors.IntegrityError: (ErrorCode.INTEGRITY, 10),
     errors.PathNotFound: (ErrorCode.PATH_NOT_FOUND, 9),
+    errors.Conflict: (ErrorCode.CONFLICT, 10),
 }
 
 #: Server-side classes sent under another class's code: (class, the class it arrives as).

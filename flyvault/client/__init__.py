@@ -28,6 +28,7 @@ from flyvault.protocol.console import Exited, Started
 if TYPE_CHECKING:
     from flyvault.client.connection import VaultConnection
     from flyvault.client.files import (
+        EXPECT_ABSENT,
         FileInfo,
         FileKind,
         MemberDigest,
@@ -55,6 +56,7 @@ _LAZY = {
     "SessionTakenOver": "flyvault.client.vault",
     "Vault": "flyvault.client.vault",
     "VaultConnection": "flyvault.client.connection",
+    "EXPECT_ABSENT": "flyvault.client.files",
     "FileInfo": "flyvault.client.files",
     "FileKind": "flyvault.client.files",
     "MemberDigest": "flyvault.client.files",
@@ -78,6 +80,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "EXPECT_ABSENT",
     "ByteSink",
     "ByteSource",
     "ClientEvent",

@@ -43,6 +43,7 @@ from flyvault.protocol.files import (
     Refused,
 )
 from flyvault.protocol.files_messages import (
+    EXPECT_ABSENT,
     MAX_DATA,
     MAX_LIST_LIMIT,
     MAX_PATH,
@@ -68,6 +69,7 @@ TarPiece = bytes | MemberDigest
 _READ_ONLY = frozenset({FileOp.STAT, FileOp.LIST, FileOp.SHA256, FileOp.READLINK})
 
 __all__ = [
+    "EXPECT_ABSENT",
     "FileInfo",
     "FileKind",
     "MemberDigest",
@@ -363,8 +365,14 @@ class RemoteFiles:
         sha256: str | None = None,
         resume_key: str | None = None,
         on_progress: Callable[[int], None] | None = None,
+        expect_sha256: str | None = None,
     ) -> WriteResult:
-        """Write ``path`` atomically; see the contract in the module of the copy engine."""
+        """Write ``path`` atomically; see the contract in the module of the copy engine.
+
+        ``expect_sha256`` makes it a compare-and-swap: the SHA-256 ``path`` must have right
+        now (``EXPECT_ABSENT``: it must not exist). The vault checks it before the data is
+        sent and again right before the rename; otherwise it raises ``Conflict`` and leaves
+        the file as it is."""
         _check_path(path)
         _check_mode(mode)
         if isinstance(source, (bytes, bytearray, memoryview)):
@@ -378,6 +386,8 @@ class RemoteFiles:
             raise UsageError("sha256 must be 64 lower-case hex digits")
         if resume_key is not None and not 0 < len(resume_key) <= MAX_RESUME_KEY:
             raise UsageError(f"the resume key must have 1-{MAX_RESUME_KEY} characters")
+        if expect_sha256 not in (None, EXPECT_ABSENT) and not valid_digest(str(expect_sha256)):
+            raise UsageError(f"expect_sha256 must be 64 lower-case hex digits or {EXPECT_ABSENT!r}")
         request = self._request(
             FileOp.WRITE,
             path,
@@ -387,6 +397,7 @@ class RemoteFiles:
             size=size,
             sha256=sha256,
             resume_key=resume_key,
+            expect_sha256=expect_sha256,
         )
         while True:
             connection, exchange = await self._open(request)
@@ -462,15 +473,30 @@ class RemoteFiles:
         request = FileRequest(
             FileOp.TAR_GET, paths=tuple(paths), user=self.user, follow=follow_symlinks
         )
-        _, exchange = await self._open(request)
+        yielded = False
         while True:
-            event = await exchange.next_event()
-            if isinstance(event, DataReceived):
-                yield event.data
-            elif isinstance(event, DigestReceived):
-                yield event.digest
-            elif isinstance(event, Answered):
-                return
+            connection, exchange = await self._open(request)
+            try:
+                while True:
+                    event = await exchange.next_event()
+                    if isinstance(event, DataReceived):
+                        yielded = True
+                        yield event.data
+                    elif isinstance(event, DigestReceived):
+                        yielded = True
+                        yield event.digest
+                    elif isinstance(event, Answered):
+                        return
+            except Timeout:
+                raise
+            except TransportError as exc:
+                self.vault.invalidate(connection)
+                if yielded:  # a tar stream cannot continue half-way: the caller restarts
+                    raise ConnectionLost(
+                        f"the connection was lost during tar_get of {', '.join(paths)}; the "
+                        "tree arrived only in part: fetch it again"
+                    ) from exc
+                # Nothing was passed on yet: asking again on a new connection is safe.
 
     async def tar_put(
         self,
@@ -482,19 +508,30 @@ class RemoteFiles:
     ) -> TreeResult:
         _check_path(dest_dir, "destination directory")
         request = self._request(FileOp.TAR_PUT, dest_dir, preserve=preserve, fsync=fsync)
-        _, exchange = await self._open(request)
+        connection, exchange = await self._open(request)
         try:
-            async for piece in pieces:
-                if isinstance(piece, MemberDigest):
-                    await exchange.send(piece)
-                    continue
-                for start in range(0, len(piece), MAX_DATA):
-                    await exchange.send(bytes(piece[start : start + MAX_DATA]))
-            exchange.machine.finish(_loop_time())
-            exchange.flush()
-        except TransportError as lost:
-            raise await exchange.refusal_after(lost) from None
-        result = await exchange.answer()
+            try:
+                async for piece in pieces:
+                    if isinstance(piece, MemberDigest):
+                        await exchange.send(piece)
+                        continue
+                    for start in range(0, len(piece), MAX_DATA):
+                        await exchange.send(bytes(piece[start : start + MAX_DATA]))
+                exchange.machine.finish(_loop_time())
+                exchange.flush()
+            except TransportError as lost:
+                raise await exchange.refusal_after(lost) from None
+            result = await exchange.answer()
+        except Timeout:
+            raise
+        except TransportError as exc:
+            # Not retried: ``pieces`` cannot be read again from here.
+            self.vault.invalidate(connection)
+            raise ConnectionLost(
+                f"the connection was lost during tar_put into {dest_dir!r}; the files whose "
+                "data and digest had arrived are in place, the one in flight was not stored: "
+                "send the tree again (files already there are replaced)"
+            ) from exc
         return TreeResult(*(result_int(result, n) for n in ("files", "dirs", "symlinks", "bytes")))
 
 

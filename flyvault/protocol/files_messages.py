@@ -28,6 +28,8 @@ MAX_PATHS: Final = 1024
 MAX_LIST_LIMIT: Final = 1_000_000
 MAX_RESUME_KEY: Final = 128
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+#: ``expect_sha256`` value meaning "the file must not exist" (a create that never replaces).
+EXPECT_ABSENT: Final = "absent"
 _U64_MAX: Final = 2**64 - 1
 
 
@@ -131,6 +133,12 @@ def _digest(value: object, what: str) -> str:
     return value
 
 
+def _expectation(value: object) -> str | None:
+    if value is None or value == EXPECT_ABSENT:
+        return value
+    return _digest(value, "file request: expect_sha256")
+
+
 def valid_digest(value: str) -> bool:
     return bool(_HEX64.fullmatch(value))
 
@@ -158,6 +166,9 @@ class FileRequest:
     size: int | None = None
     sha256: str | None = None
     resume_key: str | None = None
+    #: write: compare-and-swap. The SHA-256 the target must have when the new file is
+    #: renamed over it, or ``EXPECT_ABSENT`` (it must not exist); None: no check.
+    expect_sha256: str | None = None
     fsync: bool = False
     parents: bool = False
     exist_ok: bool = False
@@ -203,6 +214,7 @@ class FileRequest:
             size=_opt_int(raw.get("size"), "file request: size"),
             sha256=None if raw.get("sha256") is None else _digest(raw["sha256"], "sha256"),
             resume_key=_opt_str(raw.get("resume_key"), "file request: resume_key", MAX_RESUME_KEY),
+            expect_sha256=_expectation(raw.get("expect_sha256")),
             fsync=_bool(raw.get("fsync", False), "file request: fsync"),
             parents=_bool(raw.get("parents", False), "file request: parents"),
             exist_ok=_bool(raw.get("exist_ok", False), "file request: exist_ok"),
@@ -246,6 +258,11 @@ def request_problem(request: FileRequest) -> str | None:
         return "neither uid nor gid"
     if request.resume_key is not None and not request.resume_key:
         return "empty resume key"
+    if request.expect_sha256 is not None:
+        if op is not FileOp.WRITE:
+            return "expect_sha256 belongs to write only"
+        if request.expect_sha256 != EXPECT_ABSENT and not valid_digest(request.expect_sha256):
+            return f"expect_sha256 must be 64 lower-case hex digits or {EXPECT_ABSENT!r}"
     return None
 
 
