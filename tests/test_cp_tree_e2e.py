@@ -228,6 +228,13 @@ def test_a_tar_stream_on_standard_input_and_output(
     assert summary.files == 25
     # Python's tarfile wrote the mtimes as floats: compared to the microsecond.
     assert micro(describe(there / "unpacked" / "tree")) == micro(describe(tree))
+    # `tar -C DIR -c .` names its members "./x": accepted as "x".
+    dotted = subprocess.run(
+        ["tar", "-C", str(tree / "sub"), "-c", "."], capture_output=True, check=True
+    ).stdout
+    cp(init_process, issuer, ["-"], f"dev:{there}/dotted", recursive=True, stdin=io.BytesIO(dotted))
+    assert (there / "dotted" / "deeper" / "f0007").read_bytes() == b"7\n"
+    assert (there / "dotted" / "sparse").stat().st_size == 4 * MiB + 4
     out = io.BytesIO()
     cp(init_process, issuer, [f"dev:{there}/unpacked/tree"], "-", recursive=True, stdout=out)
     out.seek(0)
