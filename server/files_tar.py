@@ -26,7 +26,13 @@ import tarfile
 from typing import Any
 
 from flyvault.errors import FileOpError, IntegrityError, RemoteProtocolError
-from flyvault.protocol.files_messages import MAX_DATA, FileFrame, FileRequest, MemberDigest
+from flyvault.protocol.files_messages import (
+    DEFERRED_RECORD,
+    MAX_DATA,
+    FileFrame,
+    FileRequest,
+    MemberDigest,
+)
 
 #: Data buffered while waiting for a member's digest (it must follow the member's data).
 MAX_DIGEST_LAG = 8 * 1024 * 1024
@@ -72,7 +78,7 @@ class _Hashing:
         return data
 
 
-def tar_get(channel: Any, paths: list[str], follow: bool) -> None:
+def tar_get(channel: Any, paths: list[str], follow: bool, defer_above: int | None = None) -> None:
     from .files_worker import Accounts
 
     accounts = Accounts.load()
@@ -83,7 +89,7 @@ def tar_get(channel: Any, paths: list[str], follow: bool) -> None:
         for top in paths:
             os.stat(top, follow_symlinks=follow)  # a missing top is an error naming it
             base = os.path.basename(top.rstrip("/")) or "."
-            _add(archive, out, top, base, follow, accounts, counts, seen)
+            _add(archive, out, top, base, follow, accounts, counts, seen, defer_above)
     out.flush()
     channel.result(counts)
 
@@ -97,13 +103,18 @@ def _add(
     accounts: Any,
     counts: dict[str, int],
     seen: dict[tuple[int, int], str],
+    defer_above: int | None = None,
 ) -> None:
     st = os.stat(path, follow_symlinks=follow)
     info = tarfile.TarInfo(name)
     info.mode, info.uid, info.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
     info.uname = accounts.users.get(st.st_uid, "")
     info.gname = accounts.groups.get(st.st_gid, "")
-    info.mtime = st.st_mtime_ns / 1e9
+    # Exact nanoseconds in a pax record (a float would round them).
+    seconds, nanos = divmod(st.st_mtime_ns, 1_000_000_000)
+    info.mtime = seconds
+    if nanos:
+        info.pax_headers = {"mtime": f"{seconds}.{nanos:09d}"}
     mode = st.st_mode
     if stat.S_ISDIR(mode):
         info.type = tarfile.DIRTYPE
@@ -119,6 +130,7 @@ def _add(
                 accounts,
                 counts,
                 seen,
+                defer_above,
             )
     elif stat.S_ISLNK(mode):
         info.type, info.linkname = tarfile.SYMTYPE, os.readlink(path)
@@ -129,8 +141,13 @@ def _add(
         if st.st_nlink > 1 and key in seen:
             info.type, info.linkname = tarfile.LNKTYPE, seen[key]
             archive.addfile(info)
+            counts["files"] += 1
             return
         seen[key] = name
+        if defer_above is not None and st.st_nlink == 1 and st.st_size > defer_above:
+            _add_deferred(archive, out, info, st.st_size)
+            counts["files"] += 1
+            return
         with open(path, "rb") as file:
             info.size = os.fstat(file.fileno()).st_size
             source = _Hashing(file)
@@ -150,6 +167,30 @@ def _add(
         info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
         archive.addfile(info)
     # sockets cannot be archived: left out, as tar does
+
+
+def _mtime_ns(member: tarfile.TarInfo) -> int:
+    """The member's mtime in nanoseconds, exact from its pax record (tarfile's float
+    ``mtime`` would round the last digits)."""
+    text = member.pax_headers.get("mtime")
+    if text is None:
+        return int(member.mtime) * 1_000_000_000
+    whole, _, fraction = text.strip().partition(".")
+    try:
+        seconds = int(whole or "0")
+        nanos = int((fraction + "000000000")[:9]) if fraction else 0
+    except ValueError:
+        return int(member.mtime * 1e9)
+    return seconds * 1_000_000_000 + (-nanos if whole.startswith("-") else nanos)
+
+
+def _add_deferred(archive: tarfile.TarFile, out: _Out, info: tarfile.TarInfo, size: int) -> None:
+    """A large file as its header only: the client fetches the data with ranged reads."""
+    info.pax_headers = {**info.pax_headers, DEFERRED_RECORD: str(size)}
+    archive.addfile(info)
+    out.flush()
+    empty = hashlib.sha256().hexdigest()
+    out.channel.send(FileFrame.DIGEST, MemberDigest(info.name, 0, empty).encode())
 
 
 class _In:
@@ -270,6 +311,7 @@ class _Extractor:
                     )
                 finally:
                     os.close(source_parent)
+                self.counts["files"] += 1  # a file of the copy, as the client counts it
             elif member.isfifo():
                 self.replace(parent, leaf)
                 os.mkfifo(leaf, 0o600, dir_fd=parent)
@@ -350,7 +392,7 @@ class _Extractor:
         elif not member.issym():
             os.chmod(leaf or "", self.mode_of(member), dir_fd=parent)
         if preserve:
-            ns = int(member.mtime * 1e9)
+            ns = _mtime_ns(member)
             if fd is not None:
                 os.utime(fd, ns=(ns, ns))
             else:

@@ -299,7 +299,12 @@ class Worker:
         elif op is FileOp.WRITE:
             write_file(self.channel, request, path)
         elif op is FileOp.TAR_GET:
-            files_tar.tar_get(self.channel, [self._abs(p) for p in request.paths], request.follow)
+            files_tar.tar_get(
+                self.channel,
+                [self._abs(p) for p in request.paths],
+                request.follow,
+                request.defer_above,
+            )
         elif op is FileOp.TAR_PUT:
             files_tar.tar_put(self.channel, request, path)
         else:

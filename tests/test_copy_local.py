@@ -108,7 +108,7 @@ class TarVault:
         return _Info(kind)
 
     async def tar_get(
-        self, paths: list[str], *, follow_symlinks: bool = False
+        self, paths: list[str], *, follow_symlinks: bool = False, defer_above: int | None = None
     ) -> AsyncIterator[Any]:
         self.asked.append(list(paths))
         sent = 0

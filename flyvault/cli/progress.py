@@ -65,19 +65,27 @@ class CopyProgressBar:
         self._started = time.monotonic()
         self._last = 0.0
         self._shown = False
+        self._progress: Any = None
 
     def __call__(self, progress: Any) -> None:
         if not self.enabled:
             return
+        self._progress = progress
         now = time.monotonic()
         if now - self._last < 0.1:
             return
         self._last = now
-        self.stream.write("\r\x1b[K" + render_copy(progress, now - self._started))
+        self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        self.stream.write("\r\x1b[K" + render_copy(self._progress, now - self._started))
         self.stream.flush()
         self._shown = True
 
     def close(self) -> None:
+        # The last state, which the rate limit may have skipped (the final count).
+        if self._shown and self._progress is not None:
+            self._draw(time.monotonic())
         if self._shown:
             self.stream.write("\n")
             self.stream.flush()

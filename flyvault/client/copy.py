@@ -40,6 +40,14 @@ if TYPE_CHECKING:
 #: the Vault's reconnect budget bounds the time).
 MAX_ATTEMPTS = 8
 CHUNK = 256 * 1024
+#: Files above this size in a tree copy leave the tar stream and go on their own (a
+#: resumable write up, ranged reads down), so a dropped connection costs at most the small
+#: files' stream again, never a large file's bytes that the other side already verified.
+LARGE_FILE = 8 * 1024 * 1024
+#: What leaves a download's verified partial file in place for the next run: a connection
+#: that did not come back, Ctrl-C (the copy's task cancelled). Its prefix is checked against
+#: the vault's SHA-256 before it is trusted.
+INTERRUPTED = (TransportError, asyncio.CancelledError, KeyboardInterrupt)
 
 
 @dataclass(frozen=True)
@@ -267,70 +275,175 @@ async def _download_tree(
     options: _Options,
     tracker: _Tracker,
 ) -> CopySummary:
+    """Small files as one tar stream; large ones arrive as headers only (deferred) and are
+    fetched afterwards with ranged reads into partial files that survive a dropped
+    connection. Directories get their metadata last, once every file is in."""
     from .copy_local import LocalTreeWriter
-    from .copy_tar import DataReceived, FileEnded, TarReader
+    from .copy_tar import ArchiveEnded, TarReader
 
-    reader = TarReader(expect_digests=True)
     writer = LocalTreeWriter(dest, tops, preserve=options.preserve)
     try:
-        async for piece in files.tar_get(paths, follow_symlinks=options.follow_symlinks):
-            if isinstance(piece, bytes | bytearray | memoryview):
-                events = reader.feed(bytes(piece))
-            else:
-                events = reader.digest(piece.name, piece.size, piece.sha256)
-            for event in events:
-                writer.handle(event)
-                if isinstance(event, DataReceived):
-                    tracker.bytes(len(event.data))
-                elif isinstance(event, FileEnded):
-                    tracker.file(event.name)
-        reader.close()
+        for attempt in range(MAX_ATTEMPTS):
+            reader = TarReader(expect_digests=True)
+            base = tracker.progress.bytes_done, tracker.progress.files_done
+            try:
+                deferred = await _receive_tree(files, paths, reader, writer, options, tracker)
+                break
+            except Exception as exc:
+                # The stream holds no large file: sending it again costs little.
+                if not _retryable(exc) or attempt == MAX_ATTEMPTS - 1:
+                    raise
+                tracker.progress.bytes_done, tracker.progress.files_done = base
+        remote_tops = {posixpath.basename(path) or "/": path for path in paths}
+        for info, mtime_ns, size in deferred:
+            top, _, rest = info.name.partition("/")
+            remote = posixpath.join(remote_tops[top], rest) if rest else remote_tops[top]
+            await _fetch_large(files, remote, info, mtime_ns, size, writer, dest, tracker)
+        writer.handle(ArchiveEnded())
         counts = writer.counts
     finally:
         writer.close()
     return tracker.summary(counts.files, counts.dirs, counts.symlinks)
 
 
+async def _receive_tree(
+    files: Any, paths: list[str], reader: Any, writer: Any, options: _Options, tracker: _Tracker
+) -> list[tuple[Any, int, int]]:
+    """The tar stream into ``writer``; returns the deferred members (info, mtime, size)."""
+    from flyvault.protocol.files_messages import DEFERRED_RECORD
+
+    from .copy_local import refuse
+    from .copy_tar import ArchiveEnded, DataReceived, FileEnded, MemberStarted, Verified
+
+    deferred: list[tuple[Any, int, int]] = []
+    seen: set[str] = set()
+    skipping: str | None = None
+    pieces = files.tar_get(paths, follow_symlinks=options.follow_symlinks, defer_above=LARGE_FILE)
+    async for piece in pieces:
+        if isinstance(piece, bytes | bytearray | memoryview):
+            events = reader.feed(bytes(piece))
+        else:
+            events = reader.digest(piece.name, piece.size, piece.sha256)
+        for event in events:
+            if isinstance(event, MemberStarted) and DEFERRED_RECORD in event.info.pax_headers:
+                size_text = event.info.pax_headers[DEFERRED_RECORD]
+                if not size_text.isdigit() or event.info.size:
+                    raise refuse(event.info.name, f"a malformed deferred size {size_text!r}")
+                if event.info.name not in seen:  # a retried stream sends it again
+                    seen.add(event.info.name)
+                    deferred.append((event.info, event.mtime_ns, int(size_text)))
+                skipping = event.info.name
+                continue
+            if skipping is not None and isinstance(event, FileEnded | Verified):
+                if isinstance(event, Verified):
+                    skipping = None
+                continue
+            if isinstance(event, ArchiveEnded):
+                continue  # directories are finished after the large files
+            writer.handle(event)
+            if isinstance(event, DataReceived):
+                tracker.bytes(len(event.data))
+            elif isinstance(event, FileEnded):
+                tracker.file(event.name)
+    reader.close()
+    return deferred
+
+
 def _partial_name(path: str, info: Any, local: str) -> str:
     """The same source, version and DST resume the same partial file, across runs too."""
-    key = hashlib.sha256(
+    return os.path.join(
+        os.path.dirname(local) or ".", f".fv-part-{_partial_key(path, info, local)}"
+    )
+
+
+def _partial_key(path: str, info: Any, local: str) -> str:
+    return hashlib.sha256(
         f"{path}\0{info.size}\0{info.mtime_ns}\0{os.path.abspath(local)}".encode()
     ).hexdigest()[:24]
-    return os.path.join(os.path.dirname(local) or ".", f".fv-part-{key}")
+
+
+async def _fetch_large(
+    files: Any,
+    path: str,
+    member: Any,
+    mtime_ns: int,
+    size: int,
+    writer: Any,
+    dest: Path,
+    tracker: _Tracker,
+) -> None:
+    """A deferred member: resumable ranged reads into a partial beside its final name."""
+    from types import SimpleNamespace
+
+    version = SimpleNamespace(size=size, mtime_ns=mtime_ns)
+    key = _partial_key(path, version, str(dest / member.name))
+    fd, _ = writer.open_partial(member, key)
+    keep = True
+    try:
+        tracker.progress.bytes_total = (tracker.progress.bytes_total or 0) + size
+        await _fetch_into(files, path, fd, tracker)
+        if os.fstat(fd).st_size != size:
+            keep = False
+            raise IntegrityError(
+                f"{path}: the vault announced {size} bytes and sent "
+                f"{os.fstat(fd).st_size}; the file changed while it was copied: copy it again"
+            )
+        writer.land_partial(fd, member, mtime_ns)
+        tracker.file(member.name)
+    except INTERRUPTED:
+        raise  # the partial stays: the next run resumes from it
+    except BaseException:
+        keep = False
+        raise
+    finally:
+        if writer.holds(fd):
+            writer.drop_partial(fd, keep=keep)
+
+
+async def _fetch_into(files: Any, path: str, fd: int, tracker: _Tracker) -> None:
+    """Fill ``fd`` with the vault's ``path`` after the prefix it already verifiably holds;
+    raises IntegrityError (the partial emptied) when the whole does not match."""
+    from .copy_local import SparseWriter
+
+    sha = await _verified_prefix(files, path, fd, tracker)
+    writer = SparseWriter(fd, os.fstat(fd).st_size)
+    vault = getattr(files, "vault", None)
+    for attempt in range(MAX_ATTEMPTS):
+        connects = getattr(vault, "connects", 0)
+        try:
+            async for chunk in files.read(path, offset=writer.size):
+                now = getattr(vault, "connects", 0)
+                if now != connects:  # the read resumed on a new connection after a drop
+                    tracker.resumed += writer.size
+                    connects = now
+                writer.write(chunk)
+                sha.update(chunk)
+                tracker.bytes(len(chunk))
+            break
+        except Exception as exc:
+            if not _retryable(exc) or attempt == MAX_ATTEMPTS - 1:
+                raise
+            tracker.resumed += writer.size
+    writer.finish()
+    remote = await files.sha256(path)
+    if remote != sha.hexdigest():
+        os.ftruncate(fd, 0)
+        raise IntegrityError(
+            f"{path}: SHA-256 mismatch: received {sha.hexdigest()}, the vault has "
+            f"{remote}; the file changed on the vault while it was copied, or the data "
+            "was corrupted; nothing was kept: copy it again"
+        )
 
 
 async def _download_file(
     files: Any, path: str, info: Any, local: str, options: _Options, tracker: _Tracker
 ) -> None:
-    from .copy_local import SparseWriter
-
     partial = _partial_name(path, info, local)
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(partial, flags, 0o600)
     landed = False
     try:
-        sha = await _verified_prefix(files, path, fd, tracker)
-        writer = SparseWriter(fd, os.fstat(fd).st_size)
-        for attempt in range(MAX_ATTEMPTS):
-            try:
-                async for chunk in files.read(path, offset=writer.size):
-                    writer.write(chunk)
-                    sha.update(chunk)
-                    tracker.bytes(len(chunk))
-                break
-            except Exception as exc:
-                if not _retryable(exc) or attempt == MAX_ATTEMPTS - 1:
-                    raise
-                tracker.resumed += writer.size
-        writer.finish()
-        remote = await files.sha256(path)
-        if remote != sha.hexdigest():
-            os.unlink(partial)
-            raise IntegrityError(
-                f"{path}: SHA-256 mismatch: received {sha.hexdigest()}, the vault has "
-                f"{remote}; the file changed on the vault while it was copied, or the data "
-                "was corrupted; nothing was kept: copy it again"
-            )
+        await _fetch_into(files, path, fd, tracker)
         mode = info.mode & (0o7777 if options.preserve and os.geteuid() == 0 else 0o777)
         if options.preserve and os.geteuid() == 0:
             os.fchown(fd, info.uid, info.gid)
@@ -341,7 +454,7 @@ async def _download_file(
         os.rename(partial, local)
         landed = True
         tracker.file(path)
-    except TransportError:
+    except INTERRUPTED:
         raise  # the partial file stays: the next run resumes from it
     except BaseException:
         if not landed:
@@ -366,10 +479,7 @@ async def _verified_prefix(files: Any, path: str, fd: int, tracker: _Tracker) ->
             break
         sha.update(data)
         offset += len(data)
-    try:
-        remote = await files.sha256(path, offset=0, length=size)
-    except NotFoundError:
-        raise
+    remote = await files.sha256(path, offset=0, length=size)
     if remote == sha.hexdigest():
         tracker.resumed += size
         tracker.bytes(size)

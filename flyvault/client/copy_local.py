@@ -152,6 +152,7 @@ class LocalTreeWriter:
         self._deferred: dict[tuple[str, ...], tuple[tarfile.TarInfo, int]] = {}
         self._files: set[tuple[str, ...]] = set()
         self._pending: _Pending | None = None
+        self._partials: dict[int, tuple[int, tuple[str, ...], str]] = {}
 
     # -- events -------------------------------------------------------------------------
 
@@ -171,6 +172,8 @@ class LocalTreeWriter:
             self._finish()
 
     def close(self) -> None:
+        for fd in list(self._partials):
+            self.drop_partial(fd, keep=True)
         pending, self._pending = self._pending, None
         if pending is not None:
             os.close(pending.writer.fd)
@@ -182,6 +185,43 @@ class LocalTreeWriter:
         if self._root_fd >= 0:
             os.close(self._root_fd)
             self._root_fd = -1
+
+    # -- large files, fetched apart from the stream -------------------------------------
+
+    def open_partial(self, info: tarfile.TarInfo, key: str) -> tuple[int, int]:
+        """For a member the vault deferred: checks it as any member, then opens (creating
+        or reusing) the partial file ``key`` beside its final name. Returns (fd, size
+        held): what an interrupted run left there may be resumed."""
+        entry = info.name
+        parts = self._parts(entry, entry, "name")
+        self._check_kind(info, entry)
+        try:
+            parent = self._dir_fd(parts[:-1], entry)
+            temp = f"{TEMP_PREFIX}{key}"
+            fd = os.open(
+                temp, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent
+            )
+        except OSError as exc:
+            raise _os_refusal(entry, exc) from None
+        self._partials[fd] = (parent, parts, temp)
+        return fd, os.fstat(fd).st_size
+
+    def land_partial(self, fd: int, info: tarfile.TarInfo, mtime_ns: int) -> None:
+        """The partial's SHA-256 matched the vault's: metadata, then the rename."""
+        parent, parts, temp = self._partials.pop(fd)
+        self._pending = _Pending(info, mtime_ns, parent, parts, temp, SparseWriter(fd))
+        self._land()
+
+    def holds(self, fd: int) -> bool:
+        return fd in self._partials
+
+    def drop_partial(self, fd: int, *, keep: bool) -> None:
+        """Close an unfinished partial; ``keep`` it for a later run to resume."""
+        parent, _, temp = self._partials.pop(fd)
+        os.close(fd)
+        if not keep:
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=parent)
 
     # -- members ------------------------------------------------------------------------
 

@@ -218,6 +218,7 @@ async def stdin_tree_pieces(
     """A tar read from standard input, re-emitted with digests (names are checked by the
     vault, which extracts it as strictly as any archive)."""
     reader = TarReader(expect_digests=False)
+    name = ""  # the current member's name as sent (normalized: `tar -c .` writes "./x")
     while not reader.ended:
         data = await asyncio.to_thread(_read_some, stdin)
         if not data:
@@ -226,6 +227,7 @@ async def stdin_tree_pieces(
             if isinstance(event, MemberStarted):
                 info = event.info
                 info.name = posixpath.normpath(info.name) if info.name else info.name
+                name = info.name
                 seconds, nanos = divmod(event.mtime_ns, 1_000_000_000)
                 info.mtime = seconds
                 info.pax_headers = {"mtime": f"{seconds}.{nanos:09d}"} if nanos else {}
@@ -234,7 +236,7 @@ async def stdin_tree_pieces(
                 on_bytes(len(event.data))
                 yield event.data
             elif isinstance(event, FileEnded):
-                yield digest(event.name, event.size, event.sha256)
+                yield digest(name, event.size, event.sha256)
                 yield padding(event.size)
                 on_file(event.name)
             elif isinstance(event, ArchiveEnded):

@@ -12,12 +12,13 @@ import asyncio
 import hashlib
 import os
 import posixpath
+import tarfile
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from flyvault.errors import FileOpError, IntegrityError, NotFoundError, UsageError
 
-from .copy_source import CHUNK, LocalTree, scan, stdin_tree_pieces, tree_pieces
+from .copy_source import CHUNK, LocalEntry, LocalTree, scan, stdin_tree_pieces, tree_pieces
 
 if TYPE_CHECKING:
     from .copy import CopyEndpoint, CopySummary, _Options, _Tracker
@@ -111,13 +112,21 @@ def _sha256_file(path: str) -> str:
 
 
 async def _upload_file(
-    files: Any, path: str, target: str, options: _Options, tracker: _Tracker
+    files: Any,
+    path: str,
+    target: str,
+    options: _Options,
+    tracker: _Tracker,
+    *,
+    counted: bool = False,
 ) -> None:
+    """``counted``: the file's size is already in the progress total (a tree's large file)."""
     from .copy import MAX_ATTEMPTS, _retryable
 
     info = os.stat(path)
     digest = await asyncio.to_thread(_sha256_file, path)
-    tracker.progress.bytes_total = (tracker.progress.bytes_total or 0) + info.st_size
+    if not counted:
+        tracker.progress.bytes_total = (tracker.progress.bytes_total or 0) + info.st_size
     base = tracker.progress.bytes_done
     keep_special = options.preserve and options.remote_root
     mode = info.st_mode & (0o7777 if keep_special else 0o777)
@@ -126,12 +135,10 @@ async def _upload_file(
         if info.st_size <= CHUNK
         else FileSource(path, info.st_size)
     )
-    last = 0
 
     def progress(done: int) -> None:
-        nonlocal last
-        tracker.bytes(done - last)
-        last = done
+        tracker.progress.bytes_done = base + done
+        tracker.bytes(0)
 
     for attempt in range(MAX_ATTEMPTS):
         try:
@@ -149,9 +156,10 @@ async def _upload_file(
         except Exception as exc:
             if not _retryable(exc) or attempt == MAX_ATTEMPTS - 1:
                 raise
-            tracker.resumed += last
     if result.sha256 != digest:  # the vault checks this too; a vault may be compromised
         raise IntegrityError(f"{target}: the vault stored {result.sha256}, not {digest}")
+    # What the vault held verified from an interrupted attempt (this run's or an earlier one).
+    tracker.resumed += result.resumed
     tracker.progress.bytes_done = base + info.st_size
     if options.preserve:
         if options.remote_root:
@@ -169,13 +177,63 @@ def _read_small(path: str) -> bytes:
 async def _upload_tree(
     files: Any, into: str, tree: LocalTree, options: _Options, tracker: _Tracker
 ) -> CopySummary:
+    """Small files as one tar stream (retried whole after a dropped connection: it holds no
+    large file), then each large file on its own, resumable."""
     from . import files as files_module
+    from .copy import MAX_ATTEMPTS, _retryable
 
     tracker.progress.bytes_total = tree.bytes
     tracker.progress.files_total = tree.files
-    pieces = tree_pieces(tree, files_module.MemberDigest, tracker.bytes, tracker.file)
-    result = await files.tar_put(into, pieces, preserve=options.preserve)
-    return tracker.summary(result.files, result.dirs, result.symlinks, skipped=tuple(tree.skipped))
+    small, large = split_large(tree)
+    base = tracker.progress.bytes_done, tracker.progress.files_done
+    for attempt in range(MAX_ATTEMPTS):
+        tracker.progress.bytes_done, tracker.progress.files_done = base
+        pieces = tree_pieces(small, files_module.MemberDigest, tracker.bytes, tracker.file)
+        try:
+            result = await files.tar_put(into, pieces, preserve=options.preserve)
+            break
+        except Exception as exc:
+            if not _retryable(exc) or attempt == MAX_ATTEMPTS - 1:
+                raise
+    for entry in large:
+        target = posixpath.join(into, entry.info.name)
+        await _upload_file(files, entry.path, target, options, tracker, counted=True)
+    if options.preserve:
+        await _restore_dir_mtimes(files, into, tree, large)
+    return tracker.summary(
+        result.files + len(large), result.dirs, result.symlinks, skipped=tuple(tree.skipped)
+    )
+
+
+def split_large(tree: LocalTree) -> tuple[LocalTree, list[LocalEntry]]:
+    """The tree without its large regular files, and those files. A large file that other
+    entries hardlink to stays in the stream (the links must find it there)."""
+    from .copy import LARGE_FILE
+
+    linked = {entry.info.linkname for entry in tree.entries if entry.info.type == tarfile.LNKTYPE}
+    small = LocalTree(bytes=tree.bytes, files=tree.files, skipped=tree.skipped)
+    large: list[LocalEntry] = []
+    for entry in tree.entries:
+        info = entry.info
+        if info.type == tarfile.REGTYPE and info.size > LARGE_FILE and info.name not in linked:
+            large.append(entry)
+        else:
+            small.entries.append(entry)
+    return small, large
+
+
+async def _restore_dir_mtimes(
+    files: Any, into: str, tree: LocalTree, large: list[LocalEntry]
+) -> None:
+    """Writing a large file after the stream touched its directory's mtime: set it back."""
+    from .copy_tar import mtime_ns_of
+
+    parents = {posixpath.dirname(entry.info.name) for entry in large}
+    for entry in tree.entries:
+        info = entry.info
+        if info.type == tarfile.DIRTYPE and info.name in parents:
+            mtime = info.pax_headers.get("mtime", str(int(info.mtime)))
+            await files.set_mtime(posixpath.join(into, info.name), mtime_ns_of(mtime))
 
 
 async def _upload_stdin(

@@ -86,6 +86,9 @@ class WriteResult:
     size: int
     #: Hex, computed by the vault over what it stored.
     sha256: str
+    #: Bytes not sent because the vault held them verified from an interrupted write
+    #: with the same resume key (its READY frame); 0 for a fresh write.
+    resumed: int = 0
 
 
 @dataclass(frozen=True)
@@ -451,7 +454,7 @@ class RemoteFiles:
             raise await exchange.refusal_after(lost) from None
         result = await exchange.answer()
         written = WriteResult(
-            result_str(result, "path"), result_int(result, "size"), result_digest(result)
+            result_str(result, "path"), result_int(result, "size"), result_digest(result), start
         )
         if written.sha256 != digest.hexdigest():
             raise IntegrityError(
@@ -463,15 +466,24 @@ class RemoteFiles:
     # Trees -------------------------------------------------------------------------------
 
     async def tar_get(
-        self, paths: Sequence[str], *, follow_symlinks: bool = False
+        self,
+        paths: Sequence[str],
+        *,
+        follow_symlinks: bool = False,
+        defer_above: int | None = None,
     ) -> AsyncIterator[TarPiece]:
-        """A pax tar stream of the trees, a MemberDigest after each regular file's data."""
+        """A pax tar stream of the trees, a MemberDigest after each regular file's data.
+        Files above ``defer_above`` bytes come as headers only (``DEFERRED_RECORD``)."""
         if isinstance(paths, str) or not paths:
             raise UsageError("tar_get needs a list of paths")
         for path in paths:
             _check_path(path)
         request = FileRequest(
-            FileOp.TAR_GET, paths=tuple(paths), user=self.user, follow=follow_symlinks
+            FileOp.TAR_GET,
+            paths=tuple(paths),
+            user=self.user,
+            follow=follow_symlinks,
+            defer_above=defer_above,
         )
         yielded = False
         while True:

@@ -27,6 +27,8 @@ MAX_PATH: Final = 4096
 MAX_PATHS: Final = 1024
 MAX_LIST_LIMIT: Final = 1_000_000
 MAX_RESUME_KEY: Final = 128
+#: The pax record of a tar_get member deferred by ``defer_above`` (its real size).
+DEFERRED_RECORD: Final = "FLYVAULT.deferred"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 #: ``expect_sha256`` value meaning "the file must not exist" (a create that never replaces).
 EXPECT_ABSENT: Final = "absent"
@@ -174,6 +176,10 @@ class FileRequest:
     exist_ok: bool = False
     recursive: bool = False
     preserve: bool = False
+    #: tar_get: a regular file larger than this (with a single link) is sent as a header
+    #: only, size 0 and a ``FLYVAULT.deferred`` pax record holding its size, so the client
+    #: fetches it with resumable ranged reads. None: every file travels in the stream.
+    defer_above: int | None = None
 
     def encode(self) -> bytes:
         defaults = FileRequest(self.op)
@@ -220,6 +226,7 @@ class FileRequest:
             exist_ok=_bool(raw.get("exist_ok", False), "file request: exist_ok"),
             recursive=_bool(raw.get("recursive", False), "file request: recursive"),
             preserve=_bool(raw.get("preserve", False), "file request: preserve"),
+            defer_above=_opt_int(raw.get("defer_above"), "file request: defer_above"),
         )
         request.check()
         return request

@@ -1,0 +1,452 @@
+"""``fly-vault cp -r`` end to end: real QUIC on 127.0.0.1 against a real init in host mode
+(the vault's files are this machine's). Trees both ways with symlinks, hardlinks, modes,
+mtimes, owners, empty directories and sparse files; many small files as one stream (counted
+on the client's QUIC connection); large files inside a tree resumed after a dropped
+connection; tar streams on standard input and output; DST semantics; the CLI's progress
+bar on a real PTY and its JSON summary."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import pty
+import stat
+import subprocess
+import sys
+import tarfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import TOKEN, InitProcess, run_async, vault_entry
+
+from flyvault.client import CopyEndpoint, CopyProgress, copy, parse_endpoint
+from flyvault.client.copy import LARGE_FILE
+from flyvault.standins import OidcIssuer
+
+MiB = 1024 * 1024
+NS = 1_500_000_000_123_456_789
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="owners are kept only as root")
+
+
+def scenario(
+    init_process: InitProcess, issuer: OidcIssuer, body: Callable[[Any], Awaitable[Any]]
+) -> Any:
+    from flyvault.client import Vault
+
+    async def run() -> Any:
+        vault = Vault(vault_entry(init_process.port, issuer))
+        try:
+            return await body(vault)
+        finally:
+            await vault.close()
+
+    return run_async(run())
+
+
+def streams_opened(vault: Any) -> int:
+    """Client-initiated bidirectional QUIC streams so far on the vault's connection."""
+    connection = vault.current
+    return 0 if connection is None else connection.channel.quic.get_next_available_stream_id() // 4
+
+
+def cp_counting(
+    init_process: InitProcess, issuer: OidcIssuer, sources: list[str], dest: str, **options: Any
+) -> tuple[Any, int]:
+    """The summary, and how many streams the copy opened (after the connection is up)."""
+
+    async def body(vault: Any) -> tuple[Any, int]:
+        await vault.connection()
+        before = streams_opened(vault)
+        summary = await copy(
+            lambda name: vault,
+            [parse_endpoint(text) for text in sources],
+            parse_endpoint(dest),
+            **options,
+        )
+        return summary, streams_opened(vault) - before
+
+    result: tuple[Any, int] = scenario(init_process, issuer, body)
+    return result
+
+
+def cp(
+    init_process: InitProcess, issuer: OidcIssuer, sources: list[str], dest: str, **options: Any
+) -> Any:
+    return cp_counting(init_process, issuer, sources, dest, **options)[0]
+
+
+def make_tree(root: Path, *, small_files: int = 0) -> Path:
+    """A tree with a bit of everything; mtimes and modes set last."""
+    tree = root / "tree"
+    (tree / "sub" / "deeper").mkdir(parents=True)
+    (tree / "empty").mkdir()
+    (tree / "sub" / "data.bin").write_bytes(bytes(range(256)) * 100)
+    (tree / "script").write_bytes(b"#!/bin/sh\necho hi\n")
+    (tree / "script").chmod(0o750)
+    (tree / "secret").write_bytes(b"s")
+    (tree / "secret").chmod(0o600)
+    os.link(tree / "sub" / "data.bin", tree / "hardlink")
+    os.symlink("sub/data.bin", tree / "link")
+    os.symlink("/nowhere/at/all", tree / "dangling")
+    with open(tree / "sub" / "sparse", "wb") as handle:
+        handle.write(b"head")
+        handle.seek(4 * MiB)
+        handle.write(b"tail")
+    for index in range(small_files):
+        (tree / "sub" / "deeper" / f"f{index:04d}").write_bytes(f"{index}\n".encode())
+    (tree / "sub").chmod(0o751)
+    for path in [*sorted(tree.rglob("*"), key=lambda p: -len(p.parts)), tree]:
+        os.utime(path, ns=(NS, NS), follow_symlinks=False)
+    return tree
+
+
+def describe(tree: Path) -> dict[str, tuple[Any, ...]]:
+    """What -p must keep, for comparing two trees."""
+    out: dict[str, tuple[Any, ...]] = {}
+    for path in sorted(tree.rglob("*")):
+        info = path.lstat()
+        name = str(path.relative_to(tree))
+        if stat.S_ISLNK(info.st_mode):
+            out[name] = ("link", os.readlink(path), info.st_mtime_ns)
+        elif stat.S_ISDIR(info.st_mode):
+            out[name] = ("dir", stat.S_IMODE(info.st_mode), info.st_mtime_ns)
+        else:
+            digest = path.read_bytes()
+            out[name] = ("file", stat.S_IMODE(info.st_mode), info.st_mtime_ns, digest)
+    return out
+
+
+def micro(description: dict[str, tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
+    return {
+        name: (*values[:2], values[2] // 1000, *values[3:]) for name, values in description.items()
+    }
+
+
+def check_tree(source: Path, copied: Path) -> None:
+    assert describe(copied) == describe(source)
+    assert copied.stat().st_mtime_ns == NS
+    # Hardlinks within the copy stay one inode; the sparse file stays sparse.
+    assert (copied / "hardlink").stat().st_ino == (copied / "sub" / "data.bin").stat().st_ino
+    assert (copied / "sub" / "sparse").stat().st_blocks * 512 < MiB
+    assert (copied / "empty").is_dir() and not any((copied / "empty").iterdir())
+
+
+@pytest.fixture
+def sides(tmp_path: Path) -> tuple[Path, Path]:
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir()
+    there.mkdir()
+    return here, there
+
+
+def test_a_tree_round_trip_keeps_links_modes_mtimes_and_holes_in_one_stream(
+    init_process: InitProcess, issuer: OidcIssuer, sides: tuple[Path, Path]
+) -> None:
+    here, there = sides
+    tree = make_tree(here, small_files=300)
+    assert (tree / "sub" / "sparse").stat().st_blocks * 512 < MiB  # the filesystem allows it
+    up, streams = cp_counting(
+        init_process, issuer, [str(tree)], f"dev:{there}", recursive=True, preserve=True
+    )
+    check_tree(tree, there / "tree")
+    assert (up.files, up.dirs, up.symlinks, up.verified) == (305, 4, 2, True)
+    # 305 files as one tar stream: a stat of DST and the stream, not a round trip each.
+    assert streams <= 3, streams
+    back = here / "back"  # a new name: the tree lands as it
+    down, streams = cp_counting(
+        init_process, issuer, [f"dev:{there}/tree"], str(back), recursive=True, preserve=True
+    )
+    check_tree(tree, back)
+    assert (down.files, down.symlinks) == (305, 2)
+    assert streams <= 2, streams
+    assert not list(back.rglob(".fv-part-*"))
+
+
+def test_follow_symlinks_copies_what_they_point_to(
+    init_process: InitProcess, issuer: OidcIssuer, sides: tuple[Path, Path]
+) -> None:
+    here, there = sides
+    tree = make_tree(here)
+    (tree / "dangling").unlink()
+    cp(init_process, issuer, [str(tree)], f"dev:{there}", recursive=True, follow_symlinks=True)
+    assert not (there / "tree" / "link").is_symlink()
+    assert (there / "tree" / "link").read_bytes() == (tree / "sub" / "data.bin").read_bytes()
+    os.symlink("sub/data.bin", there / "tree" / "link2")
+    cp(init_process, issuer, [f"dev:{there}/tree"], str(here / "L"), recursive=True)
+    assert (here / "L" / "link2").is_symlink()  # without -L: a symlink stays one
+    cp(
+        init_process,
+        issuer,
+        [f"dev:{there}/tree"],
+        str(here / "F"),
+        recursive=True,
+        follow_symlinks=True,
+    )
+    assert not (here / "F" / "link2").is_symlink()
+    assert (here / "F" / "link2").read_bytes() == (tree / "sub" / "data.bin").read_bytes()
+
+
+def test_tree_dst_semantics_both_ways(
+    init_process: InitProcess, issuer: OidcIssuer, sides: tuple[Path, Path]
+) -> None:
+    here, there = sides
+    tree = here / "src"
+    (tree / "d").mkdir(parents=True)
+    (tree / "d" / "f").write_bytes(b"f")
+    # A new name: the tree is created as it; an existing directory: the tree goes inside.
+    cp(init_process, issuer, [str(tree)], f"dev:{there}/new", recursive=True)
+    assert (there / "new" / "d" / "f").read_bytes() == b"f"
+    cp(init_process, issuer, [str(tree)], f"dev:{there}/new", recursive=True)
+    assert (there / "new" / "src" / "d" / "f").read_bytes() == b"f"
+    cp(init_process, issuer, [f"dev:{there}/new"], str(here / "down"), recursive=True)
+    assert (here / "down" / "d" / "f").read_bytes() == b"f"
+    cp(init_process, issuer, [f"dev:{there}/new"], str(here / "down"), recursive=True)
+    assert (here / "down" / "new" / "src" / "d" / "f").read_bytes() == b"f"
+
+
+def test_a_tar_stream_on_standard_input_and_output(
+    init_process: InitProcess, issuer: OidcIssuer, sides: tuple[Path, Path]
+) -> None:
+    here, there = sides
+    tree = make_tree(here, small_files=20)
+    packed = io.BytesIO()
+    with tarfile.open(fileobj=packed, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        archive.add(tree, arcname="tree")
+    summary = cp(
+        init_process,
+        issuer,
+        ["-"],
+        f"dev:{there}/unpacked",
+        recursive=True,
+        preserve=True,
+        stdin=io.BytesIO(packed.getvalue()),
+    )
+    assert summary.files == 25
+    # Python's tarfile wrote the mtimes as floats: compared to the microsecond.
+    assert micro(describe(there / "unpacked" / "tree")) == micro(describe(tree))
+    # `tar -C DIR -c .` names its members "./x": accepted as "x".
+    dotted = subprocess.run(
+        ["tar", "-C", str(tree / "sub"), "-c", "."], capture_output=True, check=True
+    ).stdout
+    cp(init_process, issuer, ["-"], f"dev:{there}/dotted", recursive=True, stdin=io.BytesIO(dotted))
+    assert (there / "dotted" / "deeper" / "f0007").read_bytes() == b"7\n"
+    assert (there / "dotted" / "sparse").stat().st_size == 4 * MiB + 4
+    out = io.BytesIO()
+    cp(init_process, issuer, [f"dev:{there}/unpacked/tree"], "-", recursive=True, stdout=out)
+    out.seek(0)
+    with tarfile.open(fileobj=out, mode="r:") as archive:
+        archive.extractall(here / "from-stdout", filter="tar")
+    assert (here / "from-stdout" / "tree" / "sub" / "deeper" / "f0019").read_bytes() == b"19\n"
+    assert os.readlink(here / "from-stdout" / "tree" / "link") == "sub/data.bin"
+
+
+def big_tree(root: Path) -> tuple[Path, bytes]:
+    tree = root / "big"
+    (tree / "inner").mkdir(parents=True)
+    for index in range(50):
+        (tree / f"small{index:02d}").write_bytes(os.urandom(1000))
+    data = os.urandom(LARGE_FILE + 3 * MiB)
+    (tree / "inner" / "large").write_bytes(data)
+    return tree, data
+
+
+def test_a_large_file_in_a_tree_resumes_after_a_dropped_connection(
+    init_process: InitProcess, issuer: OidcIssuer, sides: tuple[Path, Path]
+) -> None:
+    """The large file leaves the tar stream: after the drop, the vault (up) or this side
+    (down) keeps the verified prefix and only the rest crosses the wire again."""
+    here, there = sides
+    tree, data = big_tree(here)
+
+    async def body(vault: Any) -> list[Any]:
+        summaries = []
+        for sources, dest in (
+            ([CopyEndpoint(None, str(tree))], CopyEndpoint("dev", str(there))),
+            ([CopyEndpoint("dev", str(there / "big"))], CopyEndpoint(None, str(here / "down"))),
+        ):
+            connection = await vault.connection()
+            cut: list[int] = []
+
+            def progress(
+                state: CopyProgress, connection: Any = connection, cut: list[int] = cut
+            ) -> None:
+                if state.bytes_done > 50_000 + 4 * MiB and not cut:
+                    cut.append(state.bytes_done)
+                    connection.channel.close_now(reason="test: drop mid-copy")
+
+            summaries.append(
+                await copy(lambda name: vault, sources, dest, recursive=True, on_progress=progress)
+            )
+            assert cut
+        return summaries
+
+    up, down = scenario(init_process, issuer, body)
+    for copied in (there / "big", here / "down"):
+        assert (copied / "inner" / "large").read_bytes() == data
+        assert len(list(copied.iterdir())) == 51
+        assert not [p for p in copied.rglob(".fv-part-*")]
+        assert not [p for p in copied.rglob(".flyvault-partial-*")]
+    for summary in (up, down):
+        assert summary.files == 51 and summary.verified
+        assert 0 < summary.resumed_bytes < len(data), summary
+
+
+def test_a_second_run_resumes_a_large_file_of_a_tree(
+    init_process: InitProcess, issuer: OidcIssuer, sides: tuple[Path, Path]
+) -> None:
+    """The first run is interrupted mid-file (Ctrl-C cancels the copy's task); the second
+    run continues from the partial file the first left beside the final name."""
+    here, there = sides
+    tree, data = big_tree(there)
+    dest = here / "big"  # DST `here` exists in both runs: the same names, the same partial
+
+    async def interrupted(vault: Any) -> None:
+        task: asyncio.Task[Any] | None = None
+
+        def interrupt(state: CopyProgress) -> None:
+            if state.bytes_done > 50_000 + 5 * MiB and task is not None:
+                task.cancel()
+
+        task = asyncio.ensure_future(
+            copy(
+                lambda name: vault,
+                [CopyEndpoint("dev", str(tree))],
+                CopyEndpoint(None, str(here)),
+                recursive=True,
+                on_progress=interrupt,
+            )
+        )
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    scenario(init_process, issuer, interrupted)
+    assert not (dest / "inner" / "large").exists()
+    assert next((dest / "inner").iterdir()).name.startswith(".fv-part-")
+    summary = cp(init_process, issuer, [f"dev:{tree}"], str(here), recursive=True)
+    assert (dest / "inner" / "large").read_bytes() == data
+    assert 5 * MiB <= summary.resumed_bytes < len(data)
+    assert not list(dest.rglob(".fv-part-*"))
+
+
+@root_only
+def test_owners_with_p_as_root_both_ways(
+    init_process: InitProcess, issuer: OidcIssuer, sides: tuple[Path, Path]
+) -> None:
+    here, there = sides
+    tree = make_tree(here)
+    for path in [tree, *tree.rglob("*")]:
+        os.chown(path, 1234, 1234, follow_symlinks=False)
+    (tree / "single").write_bytes(b"one")
+    os.chown(tree / "single", 1235, 1236)
+    cp(init_process, issuer, [str(tree)], f"dev:{there}", recursive=True, preserve=True)
+    cp(init_process, issuer, [str(tree / "single")], f"dev:{there}/single", preserve=True)
+
+    async def owners(vault: Any) -> dict[str, tuple[int, int]]:
+        files = vault.files()
+        names = ["tree", "tree/sub/data.bin", "tree/link", "tree/empty", "single"]
+        infos = {name: await files.stat(f"{there}/{name}") for name in names}
+        return {name: (info.uid, info.gid) for name, info in infos.items()}
+
+    seen = scenario(init_process, issuer, owners)
+    assert seen == {
+        "tree": (1234, 1234),
+        "tree/sub/data.bin": (1234, 1234),
+        "tree/link": (1234, 1234),
+        "tree/empty": (1234, 1234),
+        "single": (1235, 1236),
+    }
+    # The reverse: owned by others on the vault, kept here with -p, not without.
+    os.chown(there / "tree" / "secret", 2345, 2346)
+    os.chown(there / "single", 2347, 2348)
+    cp(init_process, issuer, [f"dev:{there}/tree"], str(here / "p"), recursive=True, preserve=True)
+    cp(init_process, issuer, [f"dev:{there}/single"], str(here / "p1"), preserve=True)
+    assert (here / "p" / "secret").stat().st_uid == 2345
+    assert (here / "p" / "secret").stat().st_gid == 2346
+    assert (here / "p" / "sub" / "data.bin").stat().st_uid == 1234
+    assert os.lstat(here / "p" / "link").st_uid == 1234
+    assert ((here / "p1").stat().st_uid, (here / "p1").stat().st_gid) == (2347, 2348)
+    cp(init_process, issuer, [f"dev:{there}/tree"], str(here / "nop"), recursive=True)
+    assert (here / "nop" / "secret").stat().st_uid == os.geteuid()
+
+
+# -- the command line ----------------------------------------------------------------------
+
+
+def write_config(port: int, issuer: OidcIssuer) -> None:
+    path = Path(os.environ["XDG_CONFIG_HOME"]) / "fly-vault" / "config.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f'[vault.dev]\naddress = "127.0.0.1:{port}"\norg = "test-org"\napp = "test-app"\n'
+        f'access_token = "{TOKEN}"\noidc_issuer_url = "{issuer.base_url}"\n'
+    )
+
+
+def test_cli_progress_on_a_terminal_none_when_piped_and_the_json_summary(
+    init_process: InitProcess, issuer: OidcIssuer, sides: tuple[Path, Path]
+) -> None:
+    here, there = sides
+    write_config(init_process.port, issuer)
+    tree = make_tree(here, small_files=10)
+    command = [sys.executable, "-m", "flyvault.cli.main", "cp", "-r", "-p"]
+    # Standard error on a real terminal: the bar is drawn, then its line ended.
+    master, slave = pty.openpty()
+    try:
+        process = subprocess.run(
+            [*command, str(tree), f"dev:{there}/t1"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            timeout=60,
+            check=False,
+        )
+        os.close(slave)
+        slave = -1
+        drawn = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's other end is closed
+                break
+            if not chunk:
+                break
+            drawn += chunk
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    assert process.returncode == 0, drawn
+    text = drawn.decode()
+    assert "\r\x1b[K" in text and "MB" in text and "files 15/15" in text, text
+    assert process.stdout == b""
+    # Piped: no bar at all; --json prints one summary line.
+    piped = subprocess.run(
+        [*command, "--json", str(tree), f"dev:{there}/t2"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert b"\r" not in piped.stderr and b"MB" not in piped.stderr, piped.stderr
+    record = json.loads(piped.stdout)
+    assert record == {
+        "files": 15,
+        "dirs": 4,
+        "symlinks": 2,
+        "bytes": record["bytes"],
+        "seconds": record["seconds"],
+        "resumed_bytes": 0,
+        "verified": True,
+        "skipped": [],
+    }
+    assert (
+        record["bytes"]
+        == sum(p.stat().st_size for p in tree.rglob("*") if p.is_file() and not p.is_symlink())
+        - (tree / "hardlink").stat().st_size
+    )
+    assert isinstance(record["seconds"], float)
+    assert describe(there / "t2") == describe(tree)
