@@ -133,7 +133,7 @@ class AuthError(VaultError):
 
     exit_code = 6
     code = ErrorCode.AUTH_FAILED
-    remote_hint = (
+    remote_hint: ClassVar[str | None] = (
         "check access_token in the vault's config entry; it must equal the ACCESS_TOKEN the "
         "machine was started with"
     )
@@ -150,7 +150,7 @@ class NotAuthenticated(AuthError):
     """A stream other than control was opened before the control exchange succeeded."""
 
     code = ErrorCode.NOT_AUTHENTICATED
-    remote_hint = None
+    remote_hint: ClassVar[str | None] = None  # none of its parent's hint
 
 
 class ProtocolError(VaultError):
@@ -197,7 +197,7 @@ class NotFoundError(VaultError):
 
     exit_code = 9
     code = ErrorCode.NOT_FOUND
-    remote_hint = "list the vault's sessions with: fly-vault list-exec VAULT"
+    remote_hint: ClassVar[str | None] = "list the vault's sessions with: fly-vault list-exec VAULT"
 
 
 class RemoteError(VaultError):
@@ -237,7 +237,7 @@ class PathNotFound(NotFoundError):
     """A path named in a file operation does not exist on the vault (ENOENT)."""
 
     code = ErrorCode.PATH_NOT_FOUND
-    remote_hint = None
+    remote_hint: ClassVar[str | None] = None  # none of its parent's hint
 
 
 class FileOpError(RemoteError):
