@@ -58,55 +58,45 @@ from flyvault.protocol.files_messages import (
 from flyvault.protocol.messages import ErrorMessage
 
 from . import files_tar
+from .accounts import MAX_ACCOUNT_FILE, parse_groups, parse_passwd, switch_to
+from .workload_entry import CLONE_NEWNS, setns
 
-CLONE_NEWNS = 0x00020000
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 _HEADER = struct.Struct(">BI")
 EMPTY_SHA256 = hashlib.sha256().hexdigest()
-#: Largest account database read (passwd, group).
-_MAX_DB = 4 * 1024 * 1024
 PARTIAL_PREFIX = ".flyvault-partial-"
 TEMP_PREFIX = ".flyvault-tmp-"
 
 
 @dataclass
 class Accounts:
-    """The workload's accounts, as its /etc/passwd and /etc/group say."""
+    """Names for the uids and gids of the workload's /etc/passwd and /etc/group (the owner
+    and group of each FileInfo). Acting as a user goes through ``accounts``, as exec does."""
 
     users: dict[int, str] = field(default_factory=dict)
     groups: dict[int, str] = field(default_factory=dict)
-    #: name -> (uid, gid, home)
-    by_name: dict[str, tuple[int, int, str]] = field(default_factory=dict)
-    #: user name -> supplementary gids
-    member_of: dict[str, list[int]] = field(default_factory=dict)
 
     @classmethod
     def load(cls) -> Accounts:
         accounts = cls()
-        for line in _lines("/etc/passwd"):
+        for line in _text("/etc/passwd").splitlines():
             parts = line.split(":")
-            if len(parts) >= 7 and parts[2].isdigit() and parts[3].isdigit():
-                uid, gid = int(parts[2]), int(parts[3])
-                accounts.users.setdefault(uid, parts[0])
-                home = parts[5] if parts[5].startswith("/") else "/"
-                accounts.by_name.setdefault(parts[0], (uid, gid, home))
-        for line in _lines("/etc/group"):
+            if len(parts) >= 7 and parts[2].isdigit():
+                accounts.users.setdefault(int(parts[2]), parts[0])
+        for line in _text("/etc/group").splitlines():
             parts = line.split(":")
             if len(parts) >= 4 and parts[2].isdigit():
-                gid = int(parts[2])
-                accounts.groups.setdefault(gid, parts[0])
-                for member in filter(None, parts[3].split(",")):
-                    accounts.member_of.setdefault(member, []).append(gid)
+                accounts.groups.setdefault(int(parts[2]), parts[0])
         return accounts
 
 
-def _lines(path: str) -> list[str]:
+def _text(path: str) -> str:
     try:
         with open(path, "rb") as file:
-            return file.read(_MAX_DB).decode("utf-8", "replace").splitlines()
+            return file.read(MAX_ACCOUNT_FILE).decode("utf-8", "replace")
     except OSError:
-        return []
+        return ""
 
 
 @dataclass(frozen=True)
@@ -131,9 +121,12 @@ def enter(target: Target, user: str | None) -> Accounts:
     """Join the workload (if any), become ``user`` (if given), go to its home."""
     if target.mount_ns is not None and target.root is not None:
         _join_cgroups(target.cgroup_procs)
-        if _libc.setns(target.mount_ns, CLONE_NEWNS) != 0:
-            code = ctypes.get_errno()
-            raise RemoteError(f"cannot enter the workload's mount namespace: {os.strerror(code)}")
+        try:
+            setns(target.mount_ns, CLONE_NEWNS)
+        except OSError as exc:
+            raise RemoteError(
+                f"cannot enter the workload's mount namespace: {os.strerror(exc.errno or 0)}"
+            ) from None
         os.fchdir(target.root)
         os.chroot(".")
         os.close(target.mount_ns)
@@ -141,7 +134,7 @@ def enter(target: Target, user: str | None) -> Accounts:
     accounts = Accounts.load()
     home = "/root" if target.mount_ns is not None else target.host_home
     if user is not None:
-        home = _become(accounts, user)
+        home = _become(user)
     os.umask(0o022)
     try:
         os.chdir(home)
@@ -162,22 +155,20 @@ def _join_cgroups(procs: tuple[int, ...]) -> None:
         raise RemoteError(f"cannot join the workload's cgroup: {exc.strerror or exc}") from None
 
 
-def _become(accounts: Accounts, user: str) -> str:
-    found = accounts.by_name.get(user)
-    if found is None:
+def _become(user: str) -> str:
+    """Act as ``user`` of the workload's /etc/passwd (groups from /etc/group, as exec's
+    commands get them); its home, where relative paths start."""
+    account = parse_passwd(_text("/etc/passwd"), user)
+    if account is None:
         raise UsageError(f"no user {user!r} in the vault's /etc/passwd")
-    uid, gid, home = found
-    if os.geteuid() != uid:
+    if os.geteuid() != account.uid:
         if os.geteuid() != 0:
             raise UsageError(
                 f"cannot act as {user!r}: init does not run as root here (host mode as "
                 f"uid {os.geteuid()})"
             )
-        groups = sorted({gid, *accounts.member_of.get(user, [])})
-        os.setgroups(groups)
-        os.setgid(gid)
-        os.setuid(uid)
-    return home
+        switch_to(account.with_groups(parse_groups(_text("/etc/group"), user, account.gid)))
+    return account.home
 
 
 # Frames over the socketpair ----------------------------------------------------------

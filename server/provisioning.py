@@ -25,8 +25,9 @@ from .cgroups import Limits
 from .defaults import URL_MAX_BYTES, URL_READ_TIMEOUT
 from .provision.extract import ExtractLimits, ExtractReport, StreamingExtractor
 from .provision.store import RootfsStore
-from .runtime import WorkloadEntry, WorkloadRuntime
+from .runtime import WorkloadRuntime
 from .sessions import SpawnPolicy
+from .workload_entry import WorkloadEntry
 
 log = logging.getLogger("flyvault.server.provision")
 

@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import errno
 import fcntl
 import json
 import logging
@@ -45,7 +43,6 @@ import re
 import shutil
 import signal
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,13 +51,14 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from flyvault.errors import ProvisionError, SpawnError
+from flyvault.errors import ProvisionError
 from flyvault.protocol.constants import RuntimeStatus
 
 from . import cgroups
-from .accounts import MAX_ACCOUNT_FILE, Account, parse_groups, parse_passwd, switch_to, unknown_user
+from .accounts import MAX_ACCOUNT_FILE, Account, parse_groups, parse_passwd, unknown_user
 from .cgroups import Limits, WorkloadCgroups
 from .nsinit import FALLBACK_MARKER, WORKLOAD_ENV
+from .workload_entry import NAMESPACES, WorkloadEntry, not_running, open_inside
 
 log = logging.getLogger("flyvault.server.runtime")
 
@@ -73,255 +71,16 @@ STABLE_AFTER = 60.0
 _TIOCSPTLCK = 0x40045431
 _TIOCGPTPEER = 0x5441
 
-CLONE_NEWNS = 0x00020000
-CLONE_NEWCGROUP = 0x02000000
-CLONE_NEWUTS = 0x04000000
-CLONE_NEWIPC = 0x08000000
-CLONE_NEWPID = 0x20000000
-#: The namespaces a command joins, in this order (mount last: it changes what paths mean).
-_ENTER = (("cgroup", CLONE_NEWCGROUP), ("ipc", CLONE_NEWIPC), ("uts", CLONE_NEWUTS))
-_NAMESPACES = ("pid", "mnt", "cgroup", "uts", "ipc")
 #: The file (in the data directory) describing the running generation, for ``recover``.
 STATE_FILE = "workload.json"
 #: Hostnames: at most 63 bytes of letters, digits and '-' (other characters become '-').
 _HOSTNAME_BAD = re.compile(r"[^A-Za-z0-9-]+")
 DEFAULT_HOSTNAME = "fly-vault"
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_setns_function = _libc.setns
-
-
-def _setns(fd: int, nstype: int) -> None:
-    if _setns_function(fd, nstype) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, f"setns: {os.strerror(code)}")
-
-
 def hostname_for(name: str | None) -> str:
     """A valid hostname made of ``name`` (the vault's name), else ``fly-vault``."""
     text = _HOSTNAME_BAD.sub("-", name or "").strip("-")[:63].strip("-")
     return text or DEFAULT_HOSTNAME
-
-
-def _open_inside(root: int, path: str, flags: int = os.O_RDONLY) -> int:
-    """Open ``path`` as the workload would see it: every component, symlinks included, is
-    resolved inside the directory ``root`` (an fd), never above it. Raises OSError."""
-    parts = [part for part in path.split("/") if part not in ("", ".")]
-    current = os.dup(root)
-    stack: list[int] = []  # directories above ``current``, for ".."
-    links = 0
-    try:
-        while parts:
-            part = parts.pop(0)
-            if part == "..":
-                if stack:
-                    os.close(current)
-                    current = stack.pop()
-                continue
-            last = not parts
-            try:
-                target = os.readlink(part, dir_fd=current)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                target = None
-            if target is not None:
-                links += 1
-                if links > 40:
-                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
-                parts = [p for p in target.split("/") if p not in ("", ".")] + parts
-                if target.startswith("/"):
-                    for fd in stack:
-                        os.close(fd)
-                    stack.clear()
-                    os.close(current)
-                    current = os.dup(root)
-                continue
-            mode = flags if last else os.O_RDONLY | os.O_DIRECTORY
-            opened = os.open(part, mode | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=current)
-            stack.append(current)
-            current = opened
-        result, current = current, -1
-        return result
-    finally:
-        if current >= 0:
-            os.close(current)
-        for fd in stack:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def _children_born_in(pid_namespace: int) -> Iterator[None]:
-    """Processes this thread forks meanwhile are born in ``pid_namespace`` (an fd).
-
-    ``setns(CLONE_NEWPID)`` only changes the calling thread's ``pid_for_children``; it is
-    set back to our own (always allowed) before anything else can run on this thread.
-    """
-    own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        _setns(pid_namespace, CLONE_NEWPID)
-        try:
-            yield
-        finally:
-            try:
-                _setns(own, CLONE_NEWPID)
-            except OSError:  # pragma: no cover - the kernel always allows this
-                log.critical("cannot leave the workload's PID namespace; exiting")
-                os._exit(70)
-    finally:
-        os.close(own)
-
-
-class WorkloadEntry:
-    """How one command enters the running workload, with no process in between.
-
-    ``popen`` forks the command straight into the workload's PID namespace; the child
-    joins the cgroup of the workload's init (so limits and clean-up cover it), then its
-    cgroup, IPC, UTS and mount namespaces and its root, becomes ``account`` (when given:
-    its groups, gid and uid), changes to ``cwd`` (as that user, so a directory it may not
-    enter is refused as for a login) and execs. If ``cwd`` does not exist: with ``strict``
-    the command is refused (SpawnError naming it), otherwise it starts in ``/``, as a login
-    whose home is missing does.
-    """
-
-    def __init__(
-        self,
-        init_pid: int,
-        pidfd: int,
-        cgroup_files: Sequence[Path],
-        cwd: str | None,
-        *,
-        strict: bool = True,
-        account: Account | None = None,
-    ) -> None:
-        self.account = account
-        self.init_pid = init_pid
-        self.pidfd = pidfd
-        self.cgroup_files = list(cgroup_files)
-        self.cwd = cwd or "/"
-        self.strict = strict
-
-    def popen(
-        self,
-        argv: Sequence[str],
-        *,
-        stdin: int,
-        stdout: int,
-        stderr: int,
-        env: Mapping[str, str],
-        preexec: Callable[[], None] | None = None,
-    ) -> subprocess.Popen[bytes]:
-        """Start ``argv`` inside. Raises SpawnError (bad cwd, no such program) or
-        ProvisionError (the workload is gone or stopping)."""
-        fds: list[int] = []
-
-        def keep(fd: int) -> int:
-            fds.append(fd)
-            return fd
-
-        try:
-            try:
-                namespaces = {
-                    kind: keep(
-                        os.open(f"/proc/{self.init_pid}/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
-                    )
-                    for kind in _NAMESPACES
-                }
-                root = keep(
-                    os.open(
-                        f"/proc/{self.init_pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-                    )
-                )
-                # The pid may have been recycled before the opens: the pidfd cannot be.
-                signal.pidfd_send_signal(self.pidfd, 0)
-                joins = [
-                    keep(os.open(path, os.O_WRONLY | os.O_CLOEXEC)) for path in self.cgroup_files
-                ]
-            except OSError:
-                raise _not_running() from None
-            error_read, error_write = os.pipe()
-            keep(error_read)
-            keep(error_write)
-            cwd, strict, account = self.cwd, self.strict, self.account
-
-            def fail(message: str, code: int) -> None:  # pragma: no cover - in the child
-                os.write(error_write, f"{code} {message}".encode(errors="replace"))
-                os._exit(code)
-
-            def enter() -> None:  # pragma: no cover - runs in the child, before exec
-                try:
-                    score = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
-                    os.write(score, b"0")  # init lowers its own; the workload's is the default
-                    os.close(score)
-                    for fd in joins:
-                        os.write(fd, b"0")
-                    for kind, flag in _ENTER:
-                        _setns(namespaces[kind], flag)
-                    _setns(namespaces["mnt"], CLONE_NEWNS)
-                    os.fchdir(root)
-                    os.chroot(".")
-                except OSError as exc:
-                    fail(f"cannot enter the workload: {exc.strerror or exc}", 126)
-                if account is not None:
-                    try:
-                        switch_to(account)
-                    except OSError as exc:
-                        fail(f"cannot switch to user {account.name!r}: {exc.strerror or exc}", 126)
-                try:
-                    os.chdir(cwd)
-                except OSError as exc:
-                    if strict:
-                        fail(f"cannot change directory to {cwd!r}: {exc.strerror or exc}", 127)
-                    os.chdir("/")
-                if preexec is not None:
-                    preexec()
-
-            try:
-                with _children_born_in(namespaces["pid"]):
-                    process = subprocess.Popen(
-                        list(argv),
-                        stdin=stdin,
-                        stdout=stdout,
-                        stderr=stderr,
-                        env=dict(env),
-                        start_new_session=True,
-                        preexec_fn=enter,
-                    )
-            except OSError as exc:
-                if exc.errno == errno.ENOMEM:  # fork into a namespace whose init is gone
-                    raise _not_running() from None
-                raise _spawn_error(argv, exc) from None
-            except subprocess.SubprocessError as exc:  # the PTY hook failed
-                raise SpawnError(f"cannot run {argv[0]!r}: {exc}") from None
-            os.close(error_write)
-            fds.remove(error_write)
-            report = b""
-            while chunk := os.read(error_read, 4096):
-                report += chunk
-            if report:
-                process.wait()
-                code, _, message = report.decode(errors="replace").partition(" ")
-                error = SpawnError(message)
-                error.exit_code = int(code) if code.isdigit() else 126
-                raise error
-            return process
-        finally:
-            for fd in fds:
-                os.close(fd)
-
-
-def _not_running() -> ProvisionError:
-    return ProvisionError(
-        "the vault's workload is not running",
-        hint="it restarts by itself; if it keeps failing, reprovision the vault",
-    )
-
-
-def _spawn_error(argv: Sequence[str], exc: OSError) -> SpawnError:
-    error = SpawnError(f"cannot run {argv[0]!r} in the workload: {exc.strerror or exc}")
-    if exc.errno in (errno.EACCES, errno.ENOEXEC, errno.EPERM, errno.EISDIR):
-        error.exit_code = 126
-    return error
 
 
 def _start_time(pid: int) -> int | None:
@@ -360,7 +119,7 @@ def recover_leftovers(state: Mapping[str, Any], extra_tops: Sequence[Path] = ())
     """End whatever a previous init's workload left: its init, every process in its cgroups
     and every process sharing one of its namespaces (helpers such as a stopped ``nsenter``
     included); then delete its cgroups. Returns what was done, for the log."""
-    own = {(kind, _namespace("self", kind)) for kind in _NAMESPACES}
+    own = {(kind, _namespace("self", kind)) for kind in NAMESPACES}
     tops = [Path(top) for top in state.get("cgroups", {}).get("tops", [])]
     tops += [top for top in extra_tops if top not in tops]
     suspects: set[int] = set()
@@ -374,7 +133,7 @@ def recover_leftovers(state: Mapping[str, Any], extra_tops: Sequence[Path] = ())
                 # Its namespaces cannot have been freed and their numbers reused while it
                 # is still there (even half-exited, waiting for a stopped helper): trust them.
                 for kind, ns in (state.get("namespaces") or {}).items():
-                    if kind in _NAMESPACES and isinstance(ns, list) and len(ns) == 2:
+                    if kind in NAMESPACES and isinstance(ns, list) and len(ns) == 2:
                         recorded.add((kind, (int(ns[0]), int(ns[1]))))
     for top in tops:
         if top.is_dir():
@@ -382,13 +141,13 @@ def recover_leftovers(state: Mapping[str, Any], extra_tops: Sequence[Path] = ())
     namespaces = {
         (kind, ns)
         for pid in suspects
-        for kind in _NAMESPACES
+        for kind in NAMESPACES
         if (ns := _namespace(pid, kind)) is not None
     }
     namespaces = (namespaces | recorded) - own
     if namespaces:
         for pid in _all_pids():
-            if any((kind, _namespace(pid, kind)) in namespaces for kind in _NAMESPACES):
+            if any((kind, _namespace(pid, kind)) in namespaces for kind in NAMESPACES):
                 suspects.add(pid)
     suspects.discard(os.getpid())
     notes = []
@@ -568,7 +327,7 @@ class WorkloadRuntime:
         """
         pid, pidfd = self.init_pid, self._pidfd
         if pid is None or pidfd is None:
-            raise _not_running()
+            raise not_running()
         if self._stopping:
             raise ProvisionError(
                 "the vault's workload is stopping", hint="try again once it has restarted"
@@ -593,7 +352,7 @@ class WorkloadRuntime:
         """A text file as the workload sees it (symlinks resolved inside), or None."""
         try:
             with self._root() as root:
-                fd = _open_inside(root, path)
+                fd = open_inside(root, path)
                 with os.fdopen(fd, "rb") as file:
                     return file.read(MAX_ACCOUNT_FILE).decode("utf-8", "replace")
         except (OSError, ProvisionError):
@@ -603,7 +362,7 @@ class WorkloadRuntime:
         """Whether ``path`` exists as the workload sees it (symlinks resolved inside)."""
         try:
             with self._root() as root:
-                os.close(_open_inside(root, path, os.O_PATH))
+                os.close(open_inside(root, path, os.O_PATH))
         except (OSError, ProvisionError):
             return False
         return True
@@ -612,7 +371,7 @@ class WorkloadRuntime:
     def _root(self) -> Iterator[int]:
         pid = self.init_pid
         if pid is None:
-            raise _not_running()
+            raise not_running()
         root = os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             yield root
@@ -828,7 +587,7 @@ class WorkloadRuntime:
             "hostname": self.hostname,
             "init": {"pid": init_pid, "start_time": _start_time(init_pid)},
             "namespaces": {
-                kind: list(ns) for kind in _NAMESPACES if (ns := _namespace(init_pid, kind))
+                kind: list(ns) for kind in NAMESPACES if (ns := _namespace(init_pid, kind))
             },
             "launcher": {"pid": process.pid, "start_time": _start_time(process.pid)},
             "cgroups": self.cgroups.state(),

@@ -53,7 +53,7 @@ def _create(cli: Cli, tmp_path: Path, tenant: str = "acme", *extra: str) -> admi
 def test_help_does_not_import_httpx() -> None:
     code = (
         "import sys\n"
-        "from admin.main import main\n"
+        "from flyvault.admin.main import main\n"
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
         "try:\n    main(['tenant', '--help'])\nexcept SystemExit:\n    pass\n"
         "try:\n    main(['tenant', 'create', '--help'])\nexcept SystemExit:\n    pass\n"

@@ -801,7 +801,7 @@ try:
     run(*in_b, "ip", "link", "set", "vb", "up")
     if mode != "none":
         run(*in_b, sys.executable, "-c",
-            "from server.firewall import apply_firewall; "
+            "from flyvault.server.firewall import apply_firewall; "
             f"apply_firewall({port}, allow_ssh={mode == 'ssh'})")
     back = socket.create_server((A, 7000))  # for B's outbound connection
     listener = subprocess.Popen([*in_b, sys.executable, "-c", listener_code, str(port), A],

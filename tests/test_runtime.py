@@ -543,7 +543,7 @@ def test_the_workload_dies_with_the_server(rootfs: Path, tmp_path: Path) -> None
     """A server killed with SIGKILL takes its workload along (nothing runs unsupervised)."""
     code = (
         "import asyncio, sys\n"
-        "from server.runtime import WorkloadRuntime\n"
+        "from flyvault.server.runtime import WorkloadRuntime\n"
         "async def main():\n"
         f"    runtime = WorkloadRuntime({str(rootfs)!r}, {str(tmp_path / 'persist')!r})\n"
         "    await runtime.start()\n"
@@ -784,7 +784,7 @@ def test_recovery_ends_a_stopped_helper_left_by_a_killed_init(rootfs: Path, tmp_
     The old namespace's init cannot finish exiting; the next init's recovery ends it all."""
     code = (
         "import asyncio\n"
-        "from server.runtime import WorkloadRuntime\n"
+        "from flyvault.server.runtime import WorkloadRuntime\n"
         "async def main():\n"
         f"    runtime = WorkloadRuntime({str(rootfs)!r}, {str(tmp_path / 'persist')!r})\n"
         "    await runtime.start()\n"
