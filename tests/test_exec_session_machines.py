@@ -98,6 +98,8 @@ class World:
         self.zombies: list[Stream] = []  # streams the server has not noticed are dead
         self.streams = 0
         self.resent = False  # some input crossed the wire twice (the second copy applied)
+        self.recreated = 0  # the first OPEN was lost and sent again
+        self.reopen = False
 
     # The client side ----------------------------------------------------------------------
 
@@ -131,6 +133,9 @@ class World:
         self.client.receive_data(chunk)
         while (event := self.client.next_event()) is not None:
             self.on_client_event(event)
+        if self.reopen:
+            self.reopen = False
+            self.open()
         self.client_write()
 
     def on_client_event(self, event: object) -> None:
@@ -146,6 +151,11 @@ class World:
         elif isinstance(event, SessionExited):
             self.exits.append(event.exited)
             self.client.acknowledge_exit(self.now)
+        elif isinstance(event, ErrorReceived) and self.client.may_recreate:
+            # The first OPEN was lost with its stream: the client creates the session again.
+            self.client.recreate()
+            self.recreated += 1
+            self.reopen = True
         elif not isinstance(event, (ExitDelivered,)):
             assert not isinstance(event, (ErrorReceived, SessionDisplaced, StreamEndedEarly)), event
 
@@ -177,6 +187,10 @@ class World:
             if zombie.server.attached:  # another attach displaces the old one
                 zombie.server.displace("another client attached to this session")
                 zombie.to_client += zombie.server.data_to_send()
+        if not request.create and not self.model.created:
+            # What the vault answers a reattach to a session it never got.
+            stream.server.refuse(ErrorCode.NOT_FOUND, "exec session s not found")
+            return
         self.model.created += request.create
         start = min(request.resume_offset, len(self.model.log))
         stream.server.start(
@@ -251,10 +265,8 @@ def step(world: World, action: tuple[str, object]) -> None:
         world.pump_output(stream, value)
     elif kind == "cut" and world.client.state in (ClientState.OPENING, ClientState.ATTACHED):
         assert isinstance(value, tuple)
-        if not world.model.created:
-            # A first OPEN lost with its stream means "not found" on the reattach (the
-            # command must never run twice): let it arrive, cut what follows.
-            world.deliver_to_server(stream, len(stream.to_server))
+        # A first OPEN lost with its stream (partly delivered, or not at all) gets "not
+        # found" on the reattach, and the client creates the session again.
         world.cut(*value)
     elif kind == "zombie" and world.zombies:
         # A late piece of a dead stream reaches the server, after the reconnect: a displaced
@@ -310,6 +322,7 @@ def test_output_and_input_arrive_exactly_once_in_order_across_cuts(
         f"zombie displaced: {any(z.server.state is ServerState.DISPLACED for z in world.zombies)}"
     )
     event(f"input resent: {world.resent}")
+    event(f"first OPEN lost and sent again: {world.recreated > 0}")
     assert world.output == world.model.log
     assert world.model.stdin == world.sent_stdin
     assert world.model.eof_seen
@@ -590,6 +603,47 @@ def test_client_reattach_opens_never_create_and_carry_resizes_and_signals() -> N
     client.send_stdin(b"x")
     client.stream_lost(client.data_to_send())
     assert [kind for kind, _ in _frames(client.open_stream())[1:]] == [ConsoleFrame.SIGNAL]
+
+
+def test_a_lost_first_open_is_sent_again_when_the_reattach_finds_nothing() -> None:
+    """The stream died with the creating OPEN in flight: the reattach gets NOT_FOUND before
+    any STARTED, so the client creates the session again (same id, same command, input)."""
+    client = ExecClient(OpenSession("s", ("make",), keep=True))
+    client.open_stream()
+    client.send_stdin(b"input")
+    client.stream_lost(client.data_to_send())
+    assert OpenSession.decode(_frames(client.open_stream())[0][1]).argv is None
+    assert not client.may_recreate
+    client.receive_data(encode_frame(ERROR_FRAME, ErrorMessage(ErrorCode.NOT_FOUND, "gone").encode()))
+    assert isinstance(client.next_event(), ErrorReceived)
+    assert client.may_recreate
+    client.recreate()
+    again = _frames(client.open_stream())
+    assert OpenSession.decode(again[0][1]).argv == ("make",)
+    # The session's first STARTED takes all input held so far, as on a first attach.
+    client.receive_data(
+        encode_frame(ConsoleFrame.STARTED, Started("s", True, 0, 0, 1, False, 0).encode())
+    )
+    client.next_event()
+    assert b"input" in client.data_to_send()
+
+
+def test_no_second_creation_once_the_session_was_seen_or_for_other_errors() -> None:
+    seen = _attached_client()
+    seen.stream_lost()
+    seen.open_stream()
+    seen.receive_data(encode_frame(ERROR_FRAME, ErrorMessage(ErrorCode.NOT_FOUND, "gone").encode()))
+    seen.next_event()
+    assert not seen.may_recreate  # it ran: creating it again could run the command twice
+    with pytest.raises(LocalProtocolError):
+        seen.recreate()
+    other = ExecClient(OpenSession("s", ("make",), keep=True))
+    other.open_stream()
+    other.stream_lost()
+    other.open_stream()
+    other.receive_data(encode_frame(ERROR_FRAME, ErrorMessage(ErrorCode.BUSY, "full").encode()))
+    other.next_event()
+    assert not other.may_recreate
 
 
 def test_client_stream_ended_early_then_resends_input_from_the_session_offset() -> None:

@@ -468,9 +468,10 @@ class ExecSession:
                 result = await self._attach(connection)
             except NotFoundError:
                 gone = self._gone(connection)
-                if gone is None:
+                if gone is not None:
+                    raise gone from None
+                if not self._recreate(connection):
                     raise
-                raise gone from None
             except TransportError as exc:
                 log.info(
                     "exec session %s: stream lost (%s); reattaching from output offset %d",
@@ -483,6 +484,15 @@ class ExecSession:
                 self.vault.invalidate(connection)
                 continue
             return result
+
+    def _recreate(self, connection: Any) -> bool:
+        """Whether the creating OPEN goes out again: the first one was lost in flight (the
+        machine's rule), on the vault whose workload it was meant for (same boot id)."""
+        if not self.machine.may_recreate or getattr(connection, "boot_id", None) != self._boot_id:
+            return False
+        log.info("exec session %s: the vault never got the request; sending it again", self.session_id)
+        self.machine.recreate()
+        return True
 
     def _gone(self, connection: Any) -> SessionGone | None:
         """A reattach found no session: if the vault restarted while the connection was

@@ -7,7 +7,11 @@ output offset and the input not yet acknowledged, so whatever stream carries the
 next resumes exactly. Per stream the glue calls ``open_stream()`` (bytes to write first:
 OPEN, then any resize or signal queued while no stream was up), then feeds what it reads;
 when the stream fails it calls ``stream_lost(unsent)`` and opens another. Only the first
-OPEN may create the session: every later one reattaches with the output offset seen.
+OPEN may create the session: every later one reattaches with the output offset seen. One
+exception: a reattach answered NOT_FOUND before any STARTED means the first OPEN never
+reached the vault (the stream was lost with it in flight). The vault keeps a session that
+exited unacknowledged for its TTL (an hour by default), far longer than a reconnect takes,
+so nothing ran: ``recreate()`` makes the next OPEN the creating one again, with the same id.
 
 Input waits for STARTED on each stream, which says how much input the session has taken:
 the client drops what the session has, and sends the rest from there (first attach: all it
@@ -45,6 +49,7 @@ from flyvault.protocol.constants import (
     EXEC_USER_VERSION,
     MAX_PAYLOAD,
     PROTOCOL_VERSION,
+    ErrorCode,
 )
 from flyvault.protocol.exec_session import (
     EXIT_ACK_DELIVERY,
@@ -118,6 +123,8 @@ class ExecClient:
 
     def __init__(self, request: OpenSession) -> None:
         self.request = request
+        self._creating = request
+        self._last_error: ErrorMessage | None = None
         self.state = ClientState.IDLE
         #: Absolute offset of the next output byte (what a reattach resumes from).
         self.output_offset = request.resume_offset
@@ -180,6 +187,28 @@ class ExecClient:
         data += b"".join(self._pending)
         self._pending.clear()
         return data
+
+    @property
+    def may_recreate(self) -> bool:
+        """The vault answered a reattach with NOT_FOUND before any STARTED: the creating
+        OPEN never arrived (see the theory of operation), so it may be sent again."""
+        return (
+            self.state is ClientState.FAILED
+            and self.started is None
+            and self._opened_once
+            and self.reattaching
+            and self._last_error is not None
+            and self._last_error.code == ErrorCode.NOT_FOUND
+        )
+
+    def recreate(self) -> None:
+        """After ``may_recreate``: the next ``open_stream`` sends the creating OPEN again."""
+        if not self.may_recreate:
+            raise LocalProtocolError(f"cannot create the session again in state '{self.state.value}'")
+        self.request = self._creating
+        self._opened_once = False
+        self._last_error = None
+        self.state = ClientState.DISCONNECTED
 
     def stream_lost(self, unsent: bytes = b"") -> None:
         """The current stream failed. ``unsent``: bytes from ``data_to_send`` that could not
@@ -290,7 +319,8 @@ class ExecClient:
             self.state = ClientState.DISPLACED
             return SessionDisplaced(payload.decode("utf-8", "replace"))
         self.state = ClientState.FAILED
-        return ErrorReceived(ErrorMessage.decode(payload))
+        self._last_error = ErrorMessage.decode(payload)
+        return ErrorReceived(self._last_error)
 
     def _on_started(self, started: Started) -> SessionStarted:
         if started.offset < self.output_offset:
