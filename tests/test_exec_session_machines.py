@@ -644,6 +644,12 @@ def test_no_second_creation_once_the_session_was_seen_or_for_other_errors() -> N
     other.receive_data(encode_frame(ERROR_FRAME, ErrorMessage(ErrorCode.BUSY, "full").encode()))
     other.next_event()
     assert not other.may_recreate
+    # Asked to reattach to an id the vault does not know: "not found" is the answer.
+    plain = ExecClient(OpenSession("s", None))
+    plain.open_stream()
+    plain.receive_data(encode_frame(ERROR_FRAME, ErrorMessage(ErrorCode.NOT_FOUND, "no").encode()))
+    plain.next_event()
+    assert not plain.may_recreate
 
 
 def test_client_stream_ended_early_then_resends_input_from_the_session_offset() -> None:

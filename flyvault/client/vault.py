@@ -472,6 +472,7 @@ class ExecSession:
                     raise gone from None
                 if not self._recreate(connection):
                     raise
+                continue
             except TransportError as exc:
                 log.info(
                     "exec session %s: stream lost (%s); reattaching from output offset %d",

@@ -192,8 +192,10 @@ class ExecClient:
     def may_recreate(self) -> bool:
         """The vault answered a reattach with NOT_FOUND before any STARTED: the creating
         OPEN never arrived (see the theory of operation), so it may be sent again."""
+        creating = self._creating.argv is not None or self._creating.shell
         return (
-            self.state is ClientState.FAILED
+            creating  # a plain reattach to an unknown id is just "not found"
+            and self.state is ClientState.FAILED
             and self.started is None
             and self._opened_once
             and self.reattaching
