@@ -541,6 +541,10 @@ class Bench:
         self.vault_pid = int(status["pid"])
         self.vault_log = Path(status["log_file"])
         self.track_cpu("vault", self.vault_pid)
+        # init was forked before the supervisor joined the cgroup: add it too, so that its
+        # CPU and that of the processes it starts later (exec sessions, file workers) counts.
+        if "vault" in self.groups and status.get("init_pid"):
+            self.groups["vault"].add(int(status["init_pid"]))
         self.results["setup"]["vault"] = {
             "address": f"{status['host']}:{status['port']}",
             "mode": status["mode"],
