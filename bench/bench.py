@@ -54,6 +54,7 @@ VENV_BIN = REPO / ".venv" / "bin"
 FLY_VAULT = str(VENV_BIN / "fly-vault")
 PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
 SSHD = "/usr/sbin/sshd"
+SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 BENCH_USER = "fvbench"
 VAULT = "local"
 ALL_IDS = ("B1", "B2", "B3", "B4", "BE")
@@ -477,6 +478,9 @@ def tcp_upload(port: int, nbytes: int, timeout: float) -> float:
 
 
 class Bench:
+    #: Prepended to the default results file name (``bench/cp_bench.py`` uses ``cp-``).
+    results_prefix = ""
+
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.quick: bool = args.quick
@@ -537,6 +541,10 @@ class Bench:
         self.vault_pid = int(status["pid"])
         self.vault_log = Path(status["log_file"])
         self.track_cpu("vault", self.vault_pid)
+        # init was forked before the supervisor joined the cgroup: add it too, so that its
+        # CPU and that of the processes it starts later (exec sessions, file workers) counts.
+        if "vault" in self.groups and status.get("init_pid"):
+            self.groups["vault"].add(int(status["init_pid"]))
         self.results["setup"]["vault"] = {
             "address": f"{status['host']}:{status['port']}",
             "mode": status["mode"],
@@ -641,6 +649,8 @@ class Bench:
                     "MaxSessions 64",
                     "MaxStartups 64:30:128",
                     "LogLevel INFO",
+                    # scp uses the SFTP protocol since OpenSSH 9.0 (bench/cp_bench.py).
+                    f"Subsystem sftp {SFTP_SERVER if os.path.exists(SFTP_SERVER) else 'internal-sftp'}",
                     "",
                 ]
             )
@@ -1656,7 +1666,8 @@ class Bench:
             path = Path(self.args.out)
         else:
             stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
-            base = BENCH_DIR / "results" / f"{stamp}-{self.results['git'].get('sha') or 'nogit'}"
+            sha = self.results["git"].get("sha") or "nogit"
+            base = BENCH_DIR / "results" / f"{self.results_prefix}{stamp}-{sha}"
             path = base.with_suffix(".json")
             counter = 2
             while path.exists():
