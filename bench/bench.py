@@ -1626,24 +1626,33 @@ class Bench:
                 data["loadavg_start"] = load0
                 data["loadavg_end"] = os.getloadavg()
                 self.record(bench_id, data)
-        except KeyboardInterrupt as exc:
+        except (KeyboardInterrupt, Exception) as exc:
             failures += 1
-            self.results["interrupted"] = str(exc) or "KeyboardInterrupt"
-            print(f"bench: interrupted ({exc}); cleaning up", file=sys.stderr)
-        except Exception as exc:
-            failures += 1
-            self.results["setup_error"] = f"{type(exc).__name__}: {exc}"
-            self.results["setup_traceback"] = traceback.format_exc()
-            print(f"bench: set-up failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            self.stopped_early(exc, "bench")
         finally:
             self.cleanup()
+        return self.finish(failures, print_summary)
+
+    def stopped_early(self, exc: BaseException, prog: str) -> None:
+        """Record why the run stopped before its end: interrupted, or the set-up failed."""
+        if isinstance(exc, KeyboardInterrupt):
+            self.results["interrupted"] = str(exc) or "KeyboardInterrupt"
+            print(f"{prog}: interrupted ({exc}); cleaning up", file=sys.stderr)
+            return
+        self.results["setup_error"] = f"{type(exc).__name__}: {exc}"
+        self.results["setup_traceback"] = traceback.format_exc()
+        print(f"{prog}: set-up failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+    def finish(self, failures: int, *summaries: Callable[[dict[str, Any]], None]) -> int:
+        """Complete the results, write them, print the summaries; the exit code."""
         if "versions" not in self.results:
             self.results["versions"] = versions()
         self.results["machine"]["loadavg_end"] = os.getloadavg()
         self.results["finished_at"] = utc_now()
         self.results["notes"] = self.notes
         out = self.write_results()
-        print_summary(self.results)
+        for summary in summaries:
+            summary(self.results)
         print(f"\nresults: {out}")
         return 1 if failures else 0
 

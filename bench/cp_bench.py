@@ -789,27 +789,12 @@ class CpBench(Bench):
                         self.record(f"C3@{label}", {**c3, **extra})
                     else:
                         self.record(key, {**data, **extra})
-        except KeyboardInterrupt as exc:
+        except (KeyboardInterrupt, Exception) as exc:
             failures += 1
-            self.results["interrupted"] = str(exc) or "KeyboardInterrupt"
-            print(f"cp_bench: interrupted ({exc}); cleaning up", file=sys.stderr)
-        except Exception as exc:
-            failures += 1
-            self.results["setup_error"] = f"{type(exc).__name__}: {exc}"
-            self.results["setup_traceback"] = traceback.format_exc()
-            print(f"cp_bench: set-up failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            self.stopped_early(exc, "cp_bench")
         finally:
             self.cleanup()
-        if "versions" not in self.results:
-            self.results["versions"] = versions()
-        self.results["machine"]["loadavg_end"] = os.getloadavg()
-        self.results["finished_at"] = utc_now()
-        self.results["notes"] = self.notes
-        out = self.write_results()
-        print_summary(self.results)
-        print_cp_summary(self.results)
-        print(f"\nresults: {out}")
-        return 1 if failures else 0
+        return self.finish(failures, print_summary, print_cp_summary)
 
 
 def print_cp_summary(results: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +133,22 @@ def run_async(coroutine: Any, timeout: float = 60.0) -> Any:
         return await asyncio.wait_for(coroutine, timeout)
 
     return asyncio.run(bounded())
+
+
+def on_vault(
+    init_process: InitProcess, issuer: OidcIssuer, body: Callable[[Any], Awaitable[Any]]
+) -> Any:
+    """``body(vault)`` with a client ``Vault`` of ``init_process``, closed afterwards."""
+    from flyvault.client import Vault
+
+    async def run() -> Any:
+        vault = Vault(vault_entry(init_process.port, issuer))
+        try:
+            return await body(vault)
+        finally:
+            await vault.close()
+
+    return run_async(run())
 
 
 @dataclass

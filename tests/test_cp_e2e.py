@@ -8,33 +8,18 @@ import hashlib
 import io
 import os
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import InitProcess, run_async, vault_entry
+from conftest import InitProcess, on_vault
 
 from flyvault.client import CopyEndpoint, CopyProgress, copy, parse_endpoint
 from flyvault.errors import IntegrityError, UsageError
 from flyvault.standins import OidcIssuer
 
 MiB = 1024 * 1024
-
-
-def scenario(
-    init_process: InitProcess, issuer: OidcIssuer, body: Callable[[Any], Awaitable[Any]]
-) -> Any:
-    from flyvault.client import Vault
-
-    async def run() -> Any:
-        vault = Vault(vault_entry(init_process.port, issuer))
-        try:
-            return await body(vault)
-        finally:
-            await vault.close()
-
-    return run_async(run())
 
 
 def cp(
@@ -48,7 +33,7 @@ def cp(
             **options,
         )
 
-    return scenario(init_process, issuer, endpoints)
+    return on_vault(init_process, issuer, endpoints)
 
 
 @pytest.fixture
@@ -187,7 +172,7 @@ def test_a_dropped_connection_mid_file_continues(
         assert cut
         return summaries
 
-    scenario(init_process, issuer, body)
+    on_vault(init_process, issuer, body)
     assert (there / "up").read_bytes() == data
     assert (here / "down").read_bytes() == data[::-1]
 

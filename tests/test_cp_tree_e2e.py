@@ -16,12 +16,11 @@ import stat
 import subprocess
 import sys
 import tarfile
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TOKEN, InitProcess, run_async, vault_entry
+from conftest import TOKEN, InitProcess, on_vault
 
 from flyvault.client import CopyEndpoint, CopyProgress, copy, parse_endpoint
 from flyvault.client.copy import LARGE_FILE
@@ -30,21 +29,6 @@ from flyvault.standins import OidcIssuer
 MiB = 1024 * 1024
 NS = 1_500_000_000_123_456_789
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="owners are kept only as root")
-
-
-def scenario(
-    init_process: InitProcess, issuer: OidcIssuer, body: Callable[[Any], Awaitable[Any]]
-) -> Any:
-    from flyvault.client import Vault
-
-    async def run() -> Any:
-        vault = Vault(vault_entry(init_process.port, issuer))
-        try:
-            return await body(vault)
-        finally:
-            await vault.close()
-
-    return run_async(run())
 
 
 def streams_opened(vault: Any) -> int:
@@ -69,7 +53,7 @@ def cp_counting(
         )
         return summary, streams_opened(vault) - before
 
-    result: tuple[Any, int] = scenario(init_process, issuer, body)
+    result: tuple[Any, int] = on_vault(init_process, issuer, body)
     return result
 
 
@@ -284,7 +268,7 @@ def test_a_large_file_in_a_tree_resumes_after_a_dropped_connection(
             assert cut
         return summaries
 
-    up, down = scenario(init_process, issuer, body)
+    up, down = on_vault(init_process, issuer, body)
     for copied in (there / "big", here / "down"):
         assert (copied / "inner" / "large").read_bytes() == data
         assert len(list(copied.iterdir())) == 51
@@ -323,7 +307,7 @@ def test_a_second_run_resumes_a_large_file_of_a_tree(
         with pytest.raises(asyncio.CancelledError):
             await task
 
-    scenario(init_process, issuer, interrupted)
+    on_vault(init_process, issuer, interrupted)
     assert not (dest / "inner" / "large").exists()
     assert next((dest / "inner").iterdir()).name.startswith(".fv-part-")
     summary = cp(init_process, issuer, [f"dev:{tree}"], str(here), recursive=True)
@@ -351,7 +335,7 @@ def test_owners_with_p_as_root_both_ways(
         infos = {name: await files.stat(f"{there}/{name}") for name in names}
         return {name: (info.uid, info.gid) for name, info in infos.items()}
 
-    seen = scenario(init_process, issuer, owners)
+    seen = on_vault(init_process, issuer, owners)
     assert seen == {
         "tree": (1234, 1234),
         "tree/sub/data.bin": (1234, 1234),

@@ -8,12 +8,12 @@ import asyncio
 import hashlib
 import os
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import InitProcess, run_async, vault_entry
+from conftest import InitProcess, on_vault
 
 from flyvault.errors import (
     ConnectionLost,
@@ -23,21 +23,6 @@ from flyvault.errors import (
     UsageError,
 )
 from flyvault.standins import OidcIssuer
-
-
-def scenario(
-    init_process: InitProcess, issuer: OidcIssuer, body: Callable[[Any], Awaitable[Any]]
-) -> Any:
-    from flyvault.client import Vault
-
-    async def run() -> Any:
-        vault = Vault(vault_entry(init_process.port, issuer))
-        try:
-            return await body(vault)
-        finally:
-            await vault.close()
-
-    return run_async(run())
 
 
 def test_stat_list_read_sha256_and_errors_in_words(
@@ -77,7 +62,7 @@ def test_stat_list_read_sha256_and_errors_in_words(
                 out[name] = exc
         return out
 
-    out = scenario(init_process, issuer, body)
+    out = on_vault(init_process, issuer, body)
     info = out["stat"]
     assert (info.kind, info.size, info.mode, info.name) == ("file", len(data), 0o4640, "blob.bin")
     assert info.path == str(tree / "blob.bin") and info.owner == "root" and info.target is None
@@ -128,7 +113,7 @@ def test_changes_mkdir_remove_rename_chmod_chown_mtime_symlink(
         await files.remove(str(base / "link"))
         return out
 
-    out = scenario(init_process, issuer, body)
+    out = on_vault(init_process, issuer, body)
     assert "(EEXIST)" in str(out["exists"]) and "file exists" in str(out["exists"])
     assert "directory not empty (ENOTEMPTY)" in str(out["notempty"])
     assert not (base / "a").exists() and not (base / "link").is_symlink()
@@ -173,7 +158,7 @@ def test_write_is_atomic_verified_and_reports_progress(
             out["noparent"] = exc
         return out
 
-    out = scenario(init_process, issuer, body)
+    out = on_vault(init_process, issuer, body)
     written = out["written"]
     assert written.size == len(data) and written.sha256 == hashlib.sha256(data).hexdigest()
     assert written.path == str(target)
@@ -206,7 +191,7 @@ def test_bad_arguments_are_usage_errors_before_anything_is_sent(
         assert vault.current is None  # nothing connected for any of them
         return messages
 
-    messages = scenario(init_process, issuer, body)
+    messages = on_vault(init_process, issuer, body)
     assert "empty" in messages[0] and "negative" in messages[1]
     assert "not a file mode" in messages[2] and "does not match" in messages[3]
 
@@ -242,7 +227,7 @@ def test_a_write_resumes_after_the_connection_dropped(
             str(target), Source(), size=len(data), resume_key="job-1", on_progress=progress.append
         )
 
-    written = scenario(init_process, issuer, body)
+    written = on_vault(init_process, issuer, body)
     assert target.read_bytes() == data and written.size == len(data)
     assert dropped
     # The first pass reported 8 chunks before the drop; the second skipped what the
@@ -275,7 +260,7 @@ def test_a_write_without_a_resume_key_fails_cleanly_when_the_connection_drops(
             await files.write(str(tmp_path / "lost.bin"), dropping())
         return caught.value
 
-    error = scenario(init_process, issuer, body)
+    error = on_vault(init_process, issuer, body)
     assert "nothing was stored" in str(error)
     assert not (tmp_path / "lost.bin").exists()
 
