@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import InitProcess
-from test_files import _delivered, scenario
+from conftest import InitProcess, on_vault
+from test_files import _delivered
 
 from flyvault.client import EXPECT_ABSENT, MemberDigest
 from flyvault.errors import Conflict, ConnectionLost, UsageError
@@ -50,7 +50,7 @@ def test_a_write_refuses_a_file_changed_since_it_was_read(
         out["replaced"] = await files.write(str(target), b"ours\n", expect_sha256=sha(other))
         return out
 
-    out = scenario(init_process, issuer, body)
+    out = on_vault(init_process, issuer, body)
     conflict = out["conflict"]
     assert str(conflict) == (
         f"{target}: changed since it was read (SHA-256 {sha(other)}, expected "
@@ -87,7 +87,7 @@ def test_a_change_during_the_upload_is_caught_right_before_the_rename(
             await files.write(str(target), source(), expect_sha256=sha(original))
         return caught.value
 
-    error = scenario(init_process, issuer, body)
+    error = on_vault(init_process, issuer, body)
     assert f"{target}: changed since it was read (SHA-256 {sha(theirs)}" in str(error)
     assert target.read_bytes() == theirs
     assert [p for p in os.listdir(tmp_path) if p.startswith(".flyvault")] == []
@@ -116,7 +116,7 @@ def test_must_not_exist_and_gone_meanwhile(
         out["created"] = await files.write(str(fresh), b"new", expect_sha256=EXPECT_ABSENT)
         return out
 
-    out = scenario(init_process, issuer, body)
+    out = on_vault(init_process, issuer, body)
     assert isinstance(out["exists"], Conflict)
     assert str(out["exists"]) == f"{existing}: already exists; not written"
     assert existing.read_bytes() == b"keep me"
@@ -174,7 +174,7 @@ def test_tar_streams_after_a_dropped_connection(
         out["after"] = await files.stat(str(dest))  # the vault object reconnects
         return out
 
-    out = scenario(init_process, issuer, body)
+    out = on_vault(init_process, issuer, body)
     assert sorted(out["complete"]) == [f"tree/f{i}.bin" for i in range(4)]
     assert str(out["get"]) == (
         f"the connection was lost during tar_get of {tree}; the tree arrived only in part: "

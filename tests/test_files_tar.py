@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import InitProcess
-from test_files import scenario
+from conftest import InitProcess, on_vault
 
 from flyvault.client import MemberDigest
 from flyvault.errors import FileOpError, IntegrityError
@@ -55,7 +54,7 @@ def test_tar_get_then_tar_put_round_trips_a_tree(
 
         return pieces, await files.tar_put(str(dest), replay(), preserve=True)
 
-    pieces, result = scenario(init_process, issuer, body)
+    pieces, result = on_vault(init_process, issuer, body)
     digests = [p for p in pieces if isinstance(p, MemberDigest)]
     assert {d.name for d in digests} == {"app/hard.txt", "app/sparse.bin"}  # first name wins
     assert (result.files, result.symlinks) == (3, 1) and result.dirs == 3  # a hardlink counts
@@ -126,7 +125,7 @@ def test_tar_put_refuses_escapes_and_devices(
             await vault.files().tar_put(str(dest), pieces())
         return caught.value
 
-    error = scenario(init_process, issuer, body)
+    error = on_vault(init_process, issuer, body)
     assert message in str(error)
     assert not (tmp_path / "escape.txt").exists() and not Path("/x.txt").exists()
     assert not Path("/abs.txt").exists()
@@ -154,7 +153,7 @@ def test_tar_put_refuses_a_member_whose_digest_does_not_match(
             await vault.files().tar_put(str(dest), source())
         return caught.value
 
-    error = scenario(init_process, issuer, body)
+    error = on_vault(init_process, issuer, body)
     assert "'bad.txt'" in str(error) and "not stored" in str(error)
     assert (dest / "ok.txt").read_bytes() == b"fine"
     assert sorted(os.listdir(dest)) == ["ok.txt"]  # no temp file, no bad.txt
