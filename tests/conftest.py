@@ -151,6 +151,15 @@ def on_vault(
     return run_async(run())
 
 
+@pytest.fixture
+def sides(tmp_path: Path) -> tuple[Path, Path]:
+    """Two empty directories: this machine's side of a copy and where it lands back."""
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir()
+    there.mkdir()
+    return here, there
+
+
 @dataclass
 class InitProcess:
     process: subprocess.Popen[bytes]

@@ -36,14 +36,6 @@ def cp(
     return on_vault(init_process, issuer, endpoints)
 
 
-@pytest.fixture
-def sides(tmp_path: Path) -> tuple[Path, Path]:
-    here, there = tmp_path / "here", tmp_path / "there"
-    here.mkdir()
-    there.mkdir()
-    return here, there
-
-
 def test_a_file_round_trip_binary_empty_and_5_mb(
     init_process: InitProcess, issuer: OidcIssuer, sides: tuple[Path, Path]
 ) -> None:

@@ -119,14 +119,6 @@ def check_tree(source: Path, copied: Path) -> None:
     assert (copied / "empty").is_dir() and not any((copied / "empty").iterdir())
 
 
-@pytest.fixture
-def sides(tmp_path: Path) -> tuple[Path, Path]:
-    here, there = tmp_path / "here", tmp_path / "there"
-    here.mkdir()
-    there.mkdir()
-    return here, there
-
-
 def test_a_tree_round_trip_keeps_links_modes_mtimes_and_holes_in_one_stream(
     init_process: InitProcess, issuer: OidcIssuer, sides: tuple[Path, Path]
 ) -> None:
