@@ -1,7 +1,7 @@
 """File tools: read_file, write_file, edit_file, list_dir, copy_files.
 
 They are thin: every byte goes through ``RemoteFiles`` (``Vault.files``), every copy
-through the copy engine (``flyvault.client.copy``), the same calls as ``fly-vault cp``;
+through the copy engine (``flyvault.client.copy_engine``), the same calls as ``fly-vault cp``;
 the text rules are in ``file_text``. Every result is bounded:
 
 - a read returns at most ``MAX_BYTES`` of content; a file up to ``FULL_READ`` is read whole

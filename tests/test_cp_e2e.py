@@ -103,7 +103,7 @@ def test_a_download_resumes_from_a_verified_partial(
     init_process: InitProcess, issuer: OidcIssuer, sides: tuple[Path, Path]
 ) -> None:
     """What an interrupted run left behind is kept when the vault's prefix matches."""
-    from flyvault.client.copy import _partial_name
+    from flyvault.client.copy_engine import _partial_name
 
     here, there = sides
     data = os.urandom(3 * MiB)

@@ -23,7 +23,7 @@ import pytest
 from conftest import TOKEN, InitProcess, on_vault
 
 from flyvault.client import CopyEndpoint, CopyProgress, copy, parse_endpoint
-from flyvault.client.copy import LARGE_FILE
+from flyvault.client.copy_engine import LARGE_FILE
 from flyvault.standins import OidcIssuer
 
 MiB = 1024 * 1024

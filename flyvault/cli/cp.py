@@ -1,4 +1,4 @@
-"""``fly-vault cp``: scp's syntax over the attested channel (``flyvault.client.copy``).
+"""``fly-vault cp``: scp's syntax over the attested channel (``flyvault.client.copy_engine``).
 
 Everything that can be checked here is checked before connecting (exit 2 for usage): the
 endpoints, a directory without ``-r``, a missing local file, the ``--user`` name and the
@@ -54,10 +54,10 @@ def _check_local_source(path: str, recursive: bool) -> None:
 
 async def _copy(args: argparse.Namespace, sources: Any, dest: Any, configs: dict[str, Any]) -> int:
     from flyvault.cli.progress import CopyProgressBar
-    from flyvault.cli.remote import _Console
+    from flyvault.cli.console import Console
     from flyvault.client import Vault, copy
 
-    console = _Console()
+    console = Console()
     opened: dict[str, Any] = {}
 
     def vault(name: str) -> Any:

@@ -13,43 +13,21 @@ import contextlib
 import json
 import os
 import signal
-import sys
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+from flyvault.cli.console import Console
 from flyvault.cli.output import report_error
 from flyvault.cli.terminal import (
-    RESET_MODES,
-    EscapeDetector,
     OutputSink,
     RawTerminal,
     isatty,
     start_stdin_reader,
     terminal_size,
 )
+from flyvault.client.session_runner import CLIENT_FAILURE
 from flyvault.errors import UsageError, VaultError
-
-CLIENT_FAILURE = 255
-
-
-class _Console:
-    """stderr notices that stay readable while the terminal is raw."""
-
-    def __init__(self) -> None:
-        self.raw = False
-
-    def notice(self, message: str) -> None:
-        from flyvault.redact import scrub
-
-        text = scrub(f"fly-vault: {message}")  # os.write below bypasses the wrapped stderr
-        if self.raw:
-            os.write(2, b"\r\n" + text.encode() + b"\r\n")
-        else:
-            print(text, file=sys.stderr, flush=True)
-
-    def event(self, event: Any) -> None:
-        """What the client reports besides results (``flyvault.client.events``)."""
-        self.notice(event.message)
 
 
 def _load(name: str) -> Any:
@@ -161,6 +139,53 @@ def _parse_env(item: str) -> tuple[str, str]:
     return name, value
 
 
+class _LocalFrontend:
+    """The session on this process's own terminal (``flyvault.client.session_runner``)."""
+
+    def __init__(self, console: Console, interactive: bool) -> None:
+        self.console = console
+        self.interactive = interactive
+        self.stdout, self.stderr = OutputSink(1), OutputSink(2)
+
+    def notice(self, message: str) -> None:
+        self.console.notice(message)
+
+    async def write_stdout(self, data: bytes) -> None:
+        await self.stdout.write(data)
+
+    async def write_stderr(self, data: bytes) -> None:
+        await self.stderr.write(data)
+
+    async def flush(self) -> None:
+        await self.stdout.flush()
+        await self.stderr.flush()
+
+    @contextlib.contextmanager
+    def raw(self) -> Iterator[None]:
+        with RawTerminal():
+            self.console.raw = True
+            try:
+                yield
+            finally:
+                self.console.raw = False
+
+    def terminal_size(self) -> tuple[int, int]:
+        return terminal_size()
+
+    def on_resize(self, callback: Callable[[int, int], None]) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGWINCH, lambda: callback(*terminal_size()))
+
+    def start_stdin(
+        self, deliver: Callable[[bytes], Awaitable[None]], on_eof: Callable[[], None]
+    ) -> None:
+        start_stdin_reader(deliver, on_eof)
+
+    def close(self) -> None:
+        self.stdout.close()
+        self.stderr.close()
+
+
 async def _run_session(
     args: argparse.Namespace,
     vault_config: Any,
@@ -170,9 +195,10 @@ async def _run_session(
 ) -> int:
     from flyvault.cli.progress import ProgressLine
     from flyvault.client import ExecHooks, ExecSession, Vault
+    from flyvault.client.session_runner import run_attached
 
-    console = _Console()
-    stdout, stderr = OutputSink(1), OutputSink(2)
+    console = Console()
+    frontend = _LocalFrontend(console, interactive=request.pty and isatty(0))
     progress = ProgressLine()
     vault = Vault(
         vault_config,
@@ -182,12 +208,11 @@ async def _run_session(
         reprovision=getattr(args, "reprovision", False),
         progress=progress,
     )
-    hooks = ExecHooks(stdout=stdout.write, stderr=stderr.write, notice=console.notice)
+    hooks = ExecHooks(
+        stdout=frontend.write_stdout, stderr=frontend.write_stderr, notice=console.notice
+    )
     session = ExecSession(vault, request, hooks)
-    loop = asyncio.get_running_loop()
-    left = loop.create_future()
     listeners = []
-    interactive = request.pty and isatty(0)
     try:
         try:
             await vault.connection()  # fail fast, before touching the terminal
@@ -195,86 +220,15 @@ async def _run_session(
             progress.close()
         for spec in forwards:
             listeners.append(await _start_forward(spec, vault, console))
-        with RawTerminal() if interactive else contextlib.nullcontext():
-            console.raw = interactive
-            if interactive:
-                loop.add_signal_handler(signal.SIGWINCH, lambda: session.resize(*terminal_size()))
-                # A resize while connecting came before the handler: catch it up now.
-                size = terminal_size()
-                if size != (request.rows, request.cols):
-                    session.resize(*size)
-            escapes = EscapeDetector() if interactive else None
-
-            async def deliver(data: bytes) -> None:
-                if escapes is not None:
-                    data, action = escapes.feed(data)
-                    if action == "disconnect" and not left.done():
-                        left.set_result(None)
-                    elif action == "help":
-                        await stderr.write(EscapeDetector.HELP)
-                if data:
-                    session.send_stdin(data)
-                    await session.drain()
-
-            if forward_stdin:
-                start_stdin_reader(deliver, session.close_stdin)
-            runner = asyncio.ensure_future(session.run())
-            await asyncio.wait({runner, left}, return_when=asyncio.FIRST_COMPLETED)
-            if left.done() and not runner.done():
-                runner.cancel()
-                await asyncio.wait({runner}, timeout=2.0)  # no session output after this
-                if interactive:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stdout.write(RESET_MODES), 2.0)
-                # Output that arrived before the escape is still queued for the terminal:
-                # write it first, so the notice is the last thing the user sees.
-                await stdout.flush()
-                await stderr.flush()
-                console.notice(
-                    f"disconnected; session {request.session_id} keeps running "
-                    f"(reattach: fly-vault exec {vault_config.name} --session "
-                    f"{request.session_id})"
-                    if not request.shell
-                    else "disconnected; the shell is hung up if nobody reattaches"
-                )
-                return CLIENT_FAILURE
-            try:
-                exited = runner.result()
-            except VaultError as exc:
-                if interactive:
-                    await stdout.write(RESET_MODES)
-                console.raw = False
-                raise _with_session_hint(exc, request, vault_config.name) from None
-            if exited.reason:
-                # After the session's own output, as its last word: why the vault ended it.
-                await stdout.flush()
-                await stderr.flush()
-                what = "the shell" if request.shell else f"session {request.session_id}"
-                console.notice(
-                    f"{what} was ended by the vault: {exited.reason} "
-                    f"(exit status {exited.exit_status})"
-                )
-            return exited.exit_status
+        return await run_attached(session, request, frontend, vault_config.name, forward_stdin)
     finally:
         for listener in listeners:
             await listener.close()
         await vault.close()
-        stdout.close()
-        stderr.close()
+        frontend.close()
 
 
-def _with_session_hint(error: VaultError, request: Any, vault_name: str) -> VaultError:
-    from flyvault.errors import ConnectionLost
-
-    if isinstance(error, ConnectionLost) and not request.shell and request.argv is not None:
-        error.hint = (
-            f"the command may still be running on the vault as session "
-            f"{request.session_id}: fly-vault exec {vault_name} --session {request.session_id}"
-        )
-    return error
-
-
-async def _start_forward(spec: Any, vault: Any, console: _Console) -> Any:
+async def _start_forward(spec: Any, vault: Any, console: Console) -> Any:
     from flyvault.client.forward import ForwardListener
 
     listener = ForwardListener(spec, vault.connection, on_event=console.notice)
@@ -311,7 +265,7 @@ async def _reprovision(vault_config: Any) -> int:
     from flyvault.cli.progress import ProgressLine
     from flyvault.client import Vault
 
-    console = _Console()
+    console = Console()
     vault = Vault(vault_config, on_event=console.event)
     progress = ProgressLine()
     try:
@@ -376,7 +330,7 @@ def run_forward(args: argparse.Namespace) -> int:
 async def _forward(vault_config: Any, specs: list[Any]) -> int:
     from flyvault.client import Vault
 
-    console = _Console()
+    console = Console()
     vault = Vault(
         vault_config, on_notice=console.notice, on_event=console.event, reconnect_timeout=3600
     )
@@ -449,7 +403,7 @@ def run_kill(args: argparse.Namespace) -> int:
 async def _with_vault(vault_config: Any, action: Any) -> Any:
     from flyvault.client import Vault
 
-    vault = Vault(vault_config, on_event=_Console().event)
+    vault = Vault(vault_config, on_event=Console().event)
     try:
         return await action(vault)
     finally:

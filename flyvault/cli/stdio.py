@@ -62,10 +62,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _pipe(vault_config: Any, host: str, port: int) -> int:
-    from flyvault.cli.remote import _Console
+    from flyvault.cli.console import Console
     from flyvault.client import Vault, pipe_forward
 
-    console = _Console()
+    console = Console()
     # One connection, no reconnects: a lost connection breaks the TCP stream it carried
     # anyway, and ssh must hear that at once rather than after a reconnect budget.
     vault = Vault(vault_config, on_notice=console.notice, on_event=console.event)

@@ -7,7 +7,6 @@ raw is the most common complaint about remote shells (C2).
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
 import functools
@@ -20,9 +19,10 @@ import tty
 from collections.abc import Awaitable, Callable
 from types import FrameType
 
-#: Sent when a session ends abnormally: leave the alternate screen, stop bracketed paste,
-#: show the cursor, reset colours. A remote program that died mid-screen leaves these on.
-RESET_MODES = b"\x1b[?1049l\x1b[?2004l\x1b[?25h\x1b[0m"
+from flyvault.client.escapes import RESET_MODES, EscapeDetector
+
+# asyncio is imported inside the pumps below: the keeper's thin CLI path uses this module's
+# raw mode and sizes, and must not load it.
 
 
 class RawTerminal:
@@ -72,46 +72,6 @@ def terminal_size(fd: int = 1) -> tuple[int, int]:
     return 0, 0
 
 
-class EscapeDetector:
-    """ssh-style escapes: ``~.`` at the start of a line disconnects, ``~~`` sends one ``~``,
-    ``~?`` lists the escapes. Everything else passes through unchanged."""
-
-    HELP = (
-        b"\r\nSupported escape sequences (after a newline):\r\n"
-        b"  ~.  disconnect (the remote session keeps running)\r\n"
-        b"  ~~  send a single ~\r\n"
-        b"  ~?  this help\r\n"
-    )
-
-    def __init__(self) -> None:
-        self._line_start = True
-        self._tilde = False
-
-    def feed(self, data: bytes) -> tuple[bytes, str | None]:
-        """Return (bytes to send, action) where action is None, "disconnect" or "help"."""
-        out = bytearray()
-        for byte in data:
-            char = bytes((byte,))
-            if self._tilde:
-                self._tilde = False
-                if char == b".":
-                    return bytes(out), "disconnect"
-                if char == b"?":
-                    self._line_start = False
-                    return bytes(out), "help"
-                if char != b"~":
-                    out += b"~"
-                out += char
-                self._line_start = char in (b"\r", b"\n")
-                continue
-            if self._line_start and char == b"~":
-                self._tilde = True
-                continue
-            out += char
-            self._line_start = char in (b"\r", b"\n")
-        return bytes(out), None
-
-
 class OutputSink:
     """Writes to a file descriptor from a thread, so a slow reader (``| less``) blocks the
     session's output, through a bounded queue, instead of the event loop."""
@@ -147,6 +107,8 @@ class OutputSink:
             await self._put(written, timeout)
         except queue.Full:
             return
+        import asyncio
+
         await asyncio.get_running_loop().run_in_executor(None, written.wait, timeout)
 
     async def _put(self, item: bytes | threading.Event, timeout: float | None = None) -> None:
@@ -155,6 +117,8 @@ class OutputSink:
             self._queue.put_nowait(item)
         except queue.Full:
             put = functools.partial(self._queue.put, item, True, timeout)
+            import asyncio
+
             await asyncio.get_running_loop().run_in_executor(None, put)
 
     def close(self) -> None:
@@ -171,6 +135,8 @@ def start_stdin_reader(
     a large stdin is read no faster than the vault accepts it. A daemon thread, not the
     loop's executor, because a read blocked on a quiet terminal must not hold up exit.
     """
+    import asyncio
+
     loop = asyncio.get_running_loop()
 
     def pump() -> None:

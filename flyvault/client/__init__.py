@@ -1,24 +1,15 @@
 """The client API: the only way the CLI and the MCP server reach a vault (no printing here).
 
 Light names (requests, events, diagnosis records, signal parsing, the protocol's value types
-callers read) import at once; ``Vault`` and the exec session, which pull in QUIC and crypto,
-load on first use, so ``fly-vault --help`` and config errors stay fast.
+callers read) import at once; ``Vault``, the exec session and the copy engine, which pull in
+asyncio, QUIC and crypto, load on first use, so ``fly-vault --help``, config errors and the
+keeper's thin path (``flyvault.client.mux``) stay fast.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-# The copy engine's module is light (no QUIC): imported at once, which also keeps the name
-# ``copy`` bound to the function rather than to its module.
-from flyvault.client.copy import (
-    CopyEndpoint,
-    CopyProgress,
-    CopySummary,
-    check_endpoints,
-    copy,
-    parse_endpoint,
-)
 from flyvault.client.diagnose import Diagnosis, DiagnosisStep
 from flyvault.client.events import ClientEvent, DevelopmentIssuer, OnEvent
 from flyvault.client.exec_request import ExecRequest, new_session_id, valid_session_id
@@ -27,6 +18,14 @@ from flyvault.protocol.console import Exited, Started
 
 if TYPE_CHECKING:
     from flyvault.client.connection import VaultConnection
+    from flyvault.client.copy_engine import (
+        CopyEndpoint,
+        CopyProgress,
+        CopySummary,
+        check_endpoints,
+        copy,
+        parse_endpoint,
+    )
     from flyvault.client.files import (
         EXPECT_ABSENT,
         FileInfo,
@@ -49,6 +48,14 @@ if TYPE_CHECKING:
 
 #: Names served from ``flyvault.client.vault`` on first use (it imports the transport).
 _LAZY = {
+    # The copy engine imports asyncio: loaded on first use, so the keeper's thin CLI path
+    # (``flyvault.client.mux``), which imports this package, stays free of it.
+    "CopyEndpoint": "flyvault.client.copy_engine",
+    "CopyProgress": "flyvault.client.copy_engine",
+    "CopySummary": "flyvault.client.copy_engine",
+    "check_endpoints": "flyvault.client.copy_engine",
+    "copy": "flyvault.client.copy_engine",
+    "parse_endpoint": "flyvault.client.copy_engine",
     "ExecHooks": "flyvault.client.vault",
     "ExecSession": "flyvault.client.vault",
     "ReprovisionResult": "flyvault.client.vault",

@@ -21,7 +21,7 @@ from flyvault.errors import FileOpError, IntegrityError, NotFoundError, UsageErr
 from .copy_source import CHUNK, LocalEntry, LocalTree, scan, stdin_tree_pieces, tree_pieces
 
 if TYPE_CHECKING:
-    from .copy import CopyEndpoint, CopySummary, _Options, _Tracker
+    from .copy_engine import CopyEndpoint, CopySummary, _Options, _Tracker
 
 
 async def upload(
@@ -32,7 +32,7 @@ async def upload(
     tracker: _Tracker,
     stdin: BinaryIO | None,
 ) -> CopySummary:
-    from .copy import _remote_path
+    from .copy_engine import _remote_path
 
     if sources[0].stdio:
         return await _upload_stdin(files, dest, options, tracker, stdin)
@@ -121,7 +121,7 @@ async def _upload_file(
     counted: bool = False,
 ) -> None:
     """``counted``: the file's size is already in the progress total (a tree's large file)."""
-    from .copy import MAX_ATTEMPTS, _retryable
+    from .copy_engine import MAX_ATTEMPTS, _retryable
 
     info = os.stat(path)
     digest = await asyncio.to_thread(_sha256_file, path)
@@ -180,7 +180,7 @@ async def _upload_tree(
     """Small files as one tar stream (retried whole after a dropped connection: it holds no
     large file), then each large file on its own, resumable."""
     from . import files as files_module
-    from .copy import MAX_ATTEMPTS, _retryable
+    from .copy_engine import MAX_ATTEMPTS, _retryable
 
     tracker.progress.bytes_total = tree.bytes
     tracker.progress.files_total = tree.files
@@ -208,7 +208,7 @@ async def _upload_tree(
 def split_large(tree: LocalTree) -> tuple[LocalTree, list[LocalEntry]]:
     """The tree without its large regular files, and those files. A large file that other
     entries hardlink to stays in the stream (the links must find it there)."""
-    from .copy import LARGE_FILE
+    from .copy_engine import LARGE_FILE
 
     linked = {entry.info.linkname for entry in tree.entries if entry.info.type == tarfile.LNKTYPE}
     small = LocalTree(bytes=tree.bytes, files=tree.files, skipped=tree.skipped)
@@ -242,7 +242,7 @@ async def _upload_stdin(
     import sys
 
     from . import files as files_module
-    from .copy import _remote_path
+    from .copy_engine import _remote_path
 
     source = stdin if stdin is not None else sys.stdin.buffer
     target = _remote_path(dest)

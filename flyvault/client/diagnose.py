@@ -7,7 +7,6 @@ passing step (the server checked the token before it said "cold"), not a failure
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -126,6 +125,8 @@ async def diagnose(
         return Diagnosis(name, tuple(recorder.steps), connection=live, reused=True)
     recorder = StepRecorder(on_step)
     try:
+        import asyncio  # here, not at the top: the package must import without asyncio
+
         connection = await asyncio.wait_for(
             open_vault(vault.config, observer=recorder, settings=vault.settings, provision=False),
             timeout,

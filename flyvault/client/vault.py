@@ -491,7 +491,9 @@ class ExecSession:
         machine's rule), on the vault whose workload it was meant for (same boot id)."""
         if not self.machine.may_recreate or getattr(connection, "boot_id", None) != self._boot_id:
             return False
-        log.info("exec session %s: the vault never got the request; sending it again", self.session_id)
+        log.info(
+            "exec session %s: the vault never got the request; sending it again", self.session_id
+        )
         self.machine.recreate()
         return True
 

@@ -1,0 +1,27 @@
+"""stderr notices that stay readable while the terminal is raw (light: no asyncio)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+
+class Console:
+    """stderr notices that stay readable while the terminal is raw."""
+
+    def __init__(self) -> None:
+        self.raw = False
+
+    def notice(self, message: str) -> None:
+        from flyvault.redact import scrub
+
+        text = scrub(f"fly-vault: {message}")  # os.write below bypasses the wrapped stderr
+        if self.raw:
+            os.write(2, b"\r\n" + text.encode() + b"\r\n")
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def event(self, event: Any) -> None:
+        """What the client reports besides results (``flyvault.client.events``)."""
+        self.notice(event.message)

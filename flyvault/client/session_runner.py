@@ -1,0 +1,137 @@
+"""Run one exec/connect session against a terminal-like frontend, as ssh does.
+
+The rules a user sees are here once: ssh-style escapes on an interactive terminal (``~.``
+leaves the session running and says how to reattach), raw mode only while the session
+runs, the modes reset when a session ends abnormally, the vault's reason for ending a
+session as the last word, and the exit status (the remote command's own, or 255 when
+fly-vault failed or the user left). Two frontends drive it: the CLI's own terminal
+(``flyvault.cli.remote``) and a CLI process served through the connection keeper
+(``flyvault.client.keeper``), so both behave exactly alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from flyvault.client.escapes import RESET_MODES, EscapeDetector
+from flyvault.client.exec_request import ExecRequest
+from flyvault.errors import ConnectionLost, VaultError
+
+#: The exit status when fly-vault itself failed or the user left with ``~.`` (as ssh).
+CLIENT_FAILURE = 255
+
+
+class SessionFrontend(Protocol):
+    """Where a session's bytes and notices go, and where its input comes from."""
+
+    #: A PTY session on a real terminal: raw mode, escapes, resizes.
+    interactive: bool
+
+    def notice(self, message: str) -> None: ...
+
+    async def write_stdout(self, data: bytes) -> None: ...
+
+    async def write_stderr(self, data: bytes) -> None: ...
+
+    async def flush(self) -> None:
+        """Everything written so far has reached its descriptor."""
+
+    def raw(self) -> contextlib.AbstractContextManager[Any]:
+        """The terminal in raw mode for the block (entered only when ``interactive``)."""
+
+    def terminal_size(self) -> tuple[int, int]: ...
+
+    def on_resize(self, callback: Callable[[int, int], None]) -> None: ...
+
+    def start_stdin(
+        self, deliver: Callable[[bytes], Awaitable[None]], on_eof: Callable[[], None]
+    ) -> None: ...
+
+
+async def run_attached(
+    session: Any,
+    request: ExecRequest,
+    frontend: SessionFrontend,
+    vault_name: str,
+    forward_stdin: bool,
+) -> int:
+    """Run ``session`` (an ``ExecSession`` on a connected vault) to its end; the exit status."""
+    left: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    interactive = frontend.interactive
+    with frontend.raw() if interactive else contextlib.nullcontext():
+        if interactive:
+            frontend.on_resize(session.resize)
+            # A resize while connecting came before the handler: catch it up now.
+            size = frontend.terminal_size()
+            if size != (request.rows, request.cols):
+                session.resize(*size)
+        escapes = EscapeDetector() if interactive else None
+
+        async def deliver(data: bytes) -> None:
+            if escapes is not None:
+                data, action = escapes.feed(data)
+                if action == "disconnect" and not left.done():
+                    left.set_result(None)
+                elif action == "help":
+                    await frontend.write_stderr(EscapeDetector.HELP)
+            if data:
+                session.send_stdin(data)
+                await session.drain()
+
+        if forward_stdin:
+            frontend.start_stdin(deliver, session.close_stdin)
+        runner = asyncio.ensure_future(session.run())
+        try:
+            await asyncio.wait({runner, left}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not runner.done():  # left with ~., or our caller was cancelled
+                runner.cancel()
+                await asyncio.wait({runner}, timeout=2.0)  # no session output after this
+        if left.done() and runner.cancelled():
+            return await _left(request, frontend, vault_name)
+        try:
+            exited = runner.result()
+        except VaultError as exc:
+            if interactive:
+                await frontend.write_stdout(RESET_MODES)
+            raise _with_session_hint(exc, request, vault_name) from None
+        if exited.reason:
+            # After the session's own output, as its last word: why the vault ended it.
+            await frontend.flush()
+            what = "the shell" if request.shell else f"session {request.session_id}"
+            frontend.notice(
+                f"{what} was ended by the vault: {exited.reason} (exit status {exited.exit_status})"
+            )
+        return int(exited.exit_status)
+
+
+async def _left(request: ExecRequest, frontend: SessionFrontend, vault_name: str) -> int:
+    """The user typed ``~.``: reset the terminal, say how to come back, exit 255."""
+    if frontend.interactive:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(frontend.write_stdout(RESET_MODES), 2.0)
+    # Output that arrived before the escape is still queued for the terminal: write it
+    # first, so the notice is the last thing the user sees.
+    await frontend.flush()
+    frontend.notice(
+        f"disconnected; session {request.session_id} keeps running "
+        f"(reattach: fly-vault exec {vault_name} --session {request.session_id})"
+        if not request.shell
+        else "disconnected; the shell is hung up if nobody reattaches"
+    )
+    return CLIENT_FAILURE
+
+
+def _with_session_hint(error: VaultError, request: ExecRequest, vault_name: str) -> VaultError:
+    if isinstance(error, ConnectionLost) and not request.shell and request.argv is not None:
+        error.hint = (
+            f"the command may still be running on the vault as session "
+            f"{request.session_id}: fly-vault exec {vault_name} --session {request.session_id}"
+        )
+    return error
+
+
+__all__ = ["CLIENT_FAILURE", "SessionFrontend", "run_attached"]
