@@ -66,7 +66,6 @@ from flyvault.protocol.console import (
     OpenSession,
     SessionsFrame,
     Started,
-    check_session_id,
     decode_json,
     decode_resize,
     decode_signal,
@@ -102,6 +101,7 @@ from flyvault.protocol.control import (
     UploadReady,
 )
 from flyvault.protocol.forward import ForwardFrame, ForwardOpen
+from flyvault.protocol.limits import check_session_id
 from flyvault.protocol.messages import (
     Attestation,
     ErrorMessage,

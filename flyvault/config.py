@@ -97,7 +97,11 @@ _DEFAULTS: dict[str, Any] = {
     "rootfs_allow_devices": False,
     "rootfs_max_expansion_ratio": None,
     "oidc_issuer_url": None,
+    "mux": True,
+    "mux_idle": 600,
 }
+#: mux_idle: seconds, up to a week.
+MAX_MUX_IDLE = 7 * 24 * 3600
 #: rootfs_max_expansion_ratio travels as a u32 in the setup request.
 MAX_EXPANSION_RATIO = 0xFFFFFFFF
 _FIELDS = ("name", "address", "org", "app", *_DEFAULTS)
@@ -123,6 +127,9 @@ class VaultConfig:
     #: the expansion-ratio ceiling (None: the vault's default, 0: none).
     rootfs_allow_devices: bool
     rootfs_max_expansion_ratio: int | None
+    #: Reuse a connection keeper (``flyvault.cli.mux``); it exits after ``mux_idle`` idle s.
+    mux: bool
+    mux_idle: int
 
     def __init__(self, **data: Any) -> None:
         token = data.get("access_token")
@@ -220,6 +227,8 @@ class VaultConfig:
             value = getattr(self, key)
             if isinstance(value, Secret):
                 value = value.get_secret_value()
+            if key in _DEFAULTS and value == _DEFAULTS[key]:
+                continue
             if value is not None and value != () and value is not False:
                 table[key] = list(value) if isinstance(value, tuple) else value
         return table
@@ -264,6 +273,8 @@ def _schema() -> Any:
         oidc_issuer_url: str | None = None
         rootfs_allow_devices: StrictBool = False
         rootfs_max_expansion_ratio: StrictInt | None = None
+        mux: StrictBool = True
+        mux_idle: StrictInt = 600
 
         def __init__(self, **data: Any) -> None:
             try:
@@ -328,6 +339,15 @@ def _schema() -> Any:
                 raise ValueError(
                     "rootfs_max_expansion_ratio must be a whole number from 0 (no limit) to "
                     f"{MAX_EXPANSION_RATIO}"
+                )
+            return value
+
+        @field_validator("mux_idle")
+        @classmethod
+        def _valid_idle(cls, value: int) -> int:
+            if not 1 <= value <= MAX_MUX_IDLE:
+                raise ValueError(
+                    f"mux_idle must be a whole number of seconds from 1 to {MAX_MUX_IDLE}"
                 )
             return value
 

@@ -47,7 +47,8 @@ from typing import Any
 
 from flyvault.defaults import RECONNECT_TIMEOUT
 from flyvault.errors import NotFoundError, RemoteProtocolError, TooManySessions, UsageError
-from flyvault.protocol.console import OpenSession, check_cwd, check_env
+from flyvault.protocol.console import OpenSession
+from flyvault.protocol.limits import check_cwd, check_env
 
 from .accounts import Account, host_account
 from .defaults import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_BUFFER, DEFAULT_SESSION_TTL

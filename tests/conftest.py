@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -23,8 +27,52 @@ TOKEN = "correct-horse-battery-staple-0123456789"
 
 
 @pytest.fixture(autouse=True)
-def isolated_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every test gets its own config, cache and data directories."""
+def isolated_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Every test gets its own config, cache, data and runtime directories; the connection
+    keepers its CLI calls started are stopped afterwards, by the PIDs in their pid files."""
+    # The runtime directory holds the keepers' unix sockets, whose paths must stay short
+    # (108 bytes): a directory of its own under /tmp, not inside tmp_path.
+    runtime = Path(tempfile.mkdtemp(prefix="fvrt-"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    monkeypatch.delenv("FLY_VAULT_MUX", raising=False)
+    yield _isolated_home(tmp_path, monkeypatch)
+    stop_keepers(runtime)
+    shutil.rmtree(runtime, ignore_errors=True)
+
+
+def stop_keepers(runtime: Path) -> None:
+    """SIGTERM each keeper with a pid file under ``runtime``, SIGKILL after 5 s."""
+    pids = []
+    for pid_file in (runtime / "fly-vault").glob("*.pid"):
+        try:
+            pids.append(int(json.loads(pid_file.read_text())["pid"]))
+        except (OSError, ValueError, KeyError):
+            continue
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    for pid in pids:
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A keeper is not our child (it daemonized): once it exits, init reaps it.
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return False
+
+
+def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "home"
     for variable, sub in (
         ("XDG_CONFIG_HOME", "config"),

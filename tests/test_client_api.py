@@ -20,7 +20,8 @@ from flyvault.client import (
     signal_name,
 )
 from flyvault.errors import AuthError, UsageError
-from flyvault.protocol.console import MAX_ARGV, MAX_CONTEXT_LENGTH, OpenSession
+from flyvault.protocol.console import OpenSession
+from flyvault.protocol.limits import MAX_ARGV, MAX_CONTEXT_LENGTH
 from flyvault.standins import OidcIssuer
 
 # -- the exec request ------------------------------------------------------------------------

@@ -53,8 +53,8 @@ def _check_local_source(path: str, recursive: bool) -> None:
 
 
 async def _copy(args: argparse.Namespace, sources: Any, dest: Any, configs: dict[str, Any]) -> int:
-    from flyvault.cli.progress import CopyProgressBar
     from flyvault.cli.console import Console
+    from flyvault.cli.progress import CopyProgressBar
     from flyvault.client import Vault, copy
 
     console = Console()

@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="log each step (config, handshake, attestation, authentication, reconnects) "
         "with timings to stderr",
     )
+    parser.add_argument(
+        "--no-mux",
+        action="store_true",
+        help="connect directly instead of through the vault's connection keeper (env "
+        "FLY_VAULT_MUX=0; config key mux = false)",
+    )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -263,6 +269,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cp.set_defaults(run=_lazy("flyvault.cli.cp", "run"))
 
+    mux = commands.add_parser(
+        "mux",
+        help="the connection keepers: status, stop",
+        description="exec, list-exec and kill reuse a per-vault background connection (the "
+        "keeper), started by the first call and ended after mux_idle seconds without a "
+        "request.",
+    )
+    mux_commands = mux.add_subparsers(dest="mux_command", metavar="ACTION", required=True)
+    mux_status = mux_commands.add_parser("status", help="list the running keepers")
+    mux_status.add_argument("vault", nargs="?", help="only this vault's keeper")
+    mux_status.add_argument("--json", action="store_true", help="print JSON")
+    mux_stop = mux_commands.add_parser("stop", help="stop the keepers (their connections close)")
+    mux_stop.add_argument("vault", nargs="?", help="only this vault's keeper")
+    mux.set_defaults(run=_lazy("flyvault.cli.mux", "run"))
+
     list_exec = commands.add_parser("list-exec", help="list the vault's exec sessions")
     list_exec.add_argument("vault")
     list_exec.add_argument("--json", action="store_true", help="print JSON")
@@ -454,6 +475,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
+    import flyvault.cli
+
+    flyvault.cli.FORK_ALLOWED = True  # this process is the CLI's own: it may fork the keeper
     code = main()
     # Leave without the interpreter's teardown: unloading the ~400 modules QUIC and crypto
     # bring costs ~30 ms on every run, longer than the whole remote round trip. Everything

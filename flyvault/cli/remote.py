@@ -8,7 +8,6 @@ died from signal N), or 255 when fly-vault itself failed or the session was left
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -26,8 +25,11 @@ from flyvault.cli.terminal import (
     start_stdin_reader,
     terminal_size,
 )
-from flyvault.client.session_runner import CLIENT_FAILURE
+from flyvault.client.exec_request import CLIENT_FAILURE
 from flyvault.errors import UsageError, VaultError
+
+# asyncio is imported where a direct connection is made: exec, list-exec and kill through
+# the connection keeper (flyvault.cli.mux) must not load it.
 
 
 def _load(name: str) -> Any:
@@ -74,6 +76,13 @@ def run_exec(args: argparse.Namespace) -> int:
         return 2
     # Reattaching without a terminal must not forward (and close) our stdin.
     forward_stdin = bool(argv) or stdin_tty
+    from flyvault.cli.mux import exec_through_keeper
+
+    status = exec_through_keeper(args, request, forward_stdin)
+    if status is not None:
+        return status
+    import asyncio
+
     try:
         vault = _load(args.vault)
         return asyncio.run(_run_session(args, vault, request, forward_stdin, forwards=[]))
@@ -104,6 +113,8 @@ def _exec_request(args: argparse.Namespace, argv: list[str], stdin_tty: bool) ->
 
 
 def run_connect(args: argparse.Namespace) -> int:
+    import asyncio
+
     from flyvault.client import ExecRequest, new_session_id
 
     rows, cols = terminal_size()
@@ -173,6 +184,8 @@ class _LocalFrontend:
         return terminal_size()
 
     def on_resize(self, callback: Callable[[int, int], None]) -> None:
+        import asyncio
+
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGWINCH, lambda: callback(*terminal_size()))
 
@@ -241,6 +254,8 @@ async def _start_forward(spec: Any, vault: Any, console: Console) -> Any:
 
 
 def run_reprovision(args: argparse.Namespace) -> int:
+    import asyncio
+
     vault_config = with_rootfs_options(_load(args.vault), args)
     source = vault_config.rootfs_source("reprovision")  # config errors before any prompt
     what = getattr(source, "path", None) or getattr(source, "url", "")
@@ -320,6 +335,8 @@ def with_rootfs_options(vault_config: Any, args: argparse.Namespace) -> Any:
 
 
 def run_forward(args: argparse.Namespace) -> int:
+    import asyncio
+
     vault_config = _load(args.vault)
     specs = _forward_specs(args.specs, [])
     if not specs:
@@ -328,6 +345,8 @@ def run_forward(args: argparse.Namespace) -> int:
 
 
 async def _forward(vault_config: Any, specs: list[Any]) -> int:
+    import asyncio
+
     from flyvault.client import Vault
 
     console = Console()
@@ -353,8 +372,14 @@ async def _forward(vault_config: Any, specs: list[Any]) -> int:
 
 
 def run_list_exec(args: argparse.Namespace) -> int:
-    vault_config = _load(args.vault)
-    sessions = asyncio.run(_with_vault(vault_config, lambda v: v.list_sessions()))
+    from flyvault.cli.mux import call_through_keeper, not_used
+
+    sessions = call_through_keeper(args, "list")
+    if not_used(sessions):
+        import asyncio
+
+        vault_config = _load(args.vault)
+        sessions = asyncio.run(_with_vault(vault_config, lambda v: v.list_sessions()))
     if args.json:
         print(json.dumps(sessions, indent=2))
         return 0
@@ -391,11 +416,16 @@ def run_list_exec(args: argparse.Namespace) -> int:
 
 
 def run_kill(args: argparse.Namespace) -> int:
+    from flyvault.cli.mux import call_through_keeper, not_used
     from flyvault.client import parse_signal
 
     signo = parse_signal(args.signal)
-    vault_config = _load(args.vault)
-    asyncio.run(_with_vault(vault_config, lambda v: v.kill(args.session, signo)))
+
+    if not_used(call_through_keeper(args, "kill", session_id=args.session, signal=signo)):
+        import asyncio
+
+        vault_config = _load(args.vault)
+        asyncio.run(_with_vault(vault_config, lambda v: v.kill(args.session, signo)))
     print(f"sent SIG{signal.Signals(signo).name.removeprefix('SIG')} to session {args.session}")
     return 0
 

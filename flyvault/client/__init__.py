@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from flyvault.client.diagnose import Diagnosis, DiagnosisStep
 from flyvault.client.events import ClientEvent, DevelopmentIssuer, OnEvent
 from flyvault.client.exec_request import ExecRequest, new_session_id, valid_session_id
 from flyvault.client.signals import parse_signal, signal_name
-from flyvault.protocol.console import Exited, Started
 
 if TYPE_CHECKING:
     from flyvault.client.connection import VaultConnection
@@ -26,6 +24,7 @@ if TYPE_CHECKING:
         copy,
         parse_endpoint,
     )
+    from flyvault.client.diagnose import Diagnosis, DiagnosisStep
     from flyvault.client.files import (
         EXPECT_ABSENT,
         FileInfo,
@@ -45,9 +44,14 @@ if TYPE_CHECKING:
         SessionTakenOver,
         Vault,
     )
+    from flyvault.protocol.console import Exited, Started
 
 #: Names served from ``flyvault.client.vault`` on first use (it imports the transport).
 _LAZY = {
+    "Diagnosis": "flyvault.client.diagnose",
+    "DiagnosisStep": "flyvault.client.diagnose",
+    "Exited": "flyvault.protocol.console",
+    "Started": "flyvault.protocol.console",
     # The copy engine imports asyncio: loaded on first use, so the keeper's thin CLI path
     # (``flyvault.client.mux``), which imports this package, stays free of it.
     "CopyEndpoint": "flyvault.client.copy_engine",

@@ -9,38 +9,45 @@ The wire message (``OpenSession``) is built from it by ``ExecSession`` only.
 
 from __future__ import annotations
 
+import os
 import re
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from flyvault.errors import RemoteProtocolError, UsageError
-from flyvault.protocol.console import (
+from flyvault.protocol.limits import (
     MAX_ARG_LENGTH,
     MAX_ARGV,
     MAX_CONTEXT_LENGTH,
     MAX_ENV_NAME_LENGTH,
     MAX_PATH_LENGTH,
     MAX_TERM_LENGTH,
-    OpenSession,
     check_cwd,
     check_env,
     check_session_id,
     check_user,
 )
 
+if TYPE_CHECKING:
+    from flyvault.protocol.console import OpenSession
+
 #: Variable names callers may set: the portable (POSIX) ones. Anything else (a '-', a '.')
 #: is a typo more often than not, and shells cannot expand it.
 ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 T = TypeVar("T")
+
+#: The exit status of exec/connect when fly-vault itself failed or the user left with ``~.``
+#: (as ssh's 255): any other status is the remote command's own.
+CLIENT_FAILURE = 255
 
 #: Terminal rows and columns travel as u16.
 MAX_TERMINAL_SIZE = 0xFFFF
 
 
 def new_session_id(prefix: str = "x") -> str:
-    return f"{prefix}-{secrets.token_hex(8)}"
+    # os.urandom is what secrets.token_hex reads; importing secrets costs ~5 ms at start.
+    return f"{prefix}-{os.urandom(8).hex()}"
 
 
 def valid_session_id(session_id: str) -> str:
@@ -100,8 +107,28 @@ class ExecRequest:
         """Whether this request starts something (a reattach never does)."""
         return self.argv is not None or self.shell
 
+    def to_fields(self) -> dict[str, object]:
+        """The request as JSON-able fields (the keeper protocol carries it so)."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+    @classmethod
+    def from_fields(cls, fields: object) -> ExecRequest:
+        """The inverse of ``to_fields``, checked as any request is (``UsageError``)."""
+        if not isinstance(fields, dict) or not set(fields) <= set(cls.__dataclass_fields__):
+            raise UsageError("exec request: not a set of request fields")
+        values = dict(fields)
+        if values.get("argv") is not None:
+            values["argv"] = tuple(str(arg) for arg in values["argv"])
+        values["env"] = tuple((str(name), str(value)) for name, value in values.get("env") or ())
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise UsageError(f"exec request: {exc}") from None
+
     def open_session(self) -> OpenSession:
         """The wire message (``flyvault.protocol.console``)."""
+        from flyvault.protocol.console import OpenSession
+
         return OpenSession(
             session_id=self.session_id,
             argv=self.argv,
@@ -161,4 +188,4 @@ def _check_text(what: str, text: str | None, limit: int) -> None:
         raise UsageError(f"exec request: {what} is {size} bytes, more than {limit}")
 
 
-__all__ = ["ExecRequest", "new_session_id", "valid_session_id"]
+__all__ = ["CLIENT_FAILURE", "ExecRequest", "new_session_id", "valid_session_id"]

@@ -17,11 +17,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from flyvault.client.escapes import RESET_MODES, EscapeDetector
-from flyvault.client.exec_request import ExecRequest
+from flyvault.client.exec_request import CLIENT_FAILURE, ExecRequest
 from flyvault.errors import ConnectionLost, VaultError
-
-#: The exit status when fly-vault itself failed or the user left with ``~.`` (as ssh).
-CLIENT_FAILURE = 255
 
 
 class SessionFrontend(Protocol):

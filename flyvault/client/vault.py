@@ -521,19 +521,26 @@ class ExecSession:
         stream = connection.open_stream(StreamTag.CONSOLE)
         stream.write(opening)
         self._stream = stream
-        await stream.drain()
-        while True:
-            event = self.machine.next_event()
-            if event is None:
-                data = await stream.read()
-                if data:
-                    self.machine.receive_data(data)
-                else:
-                    self.machine.receive_eof()
-                continue
-            exited = await self._handle(event, stream)
-            if exited is not None:
-                return exited
+        try:
+            await stream.drain()
+            while True:
+                event = self.machine.next_event()
+                if event is None:
+                    data = await stream.read()
+                    if data:
+                        self.machine.receive_data(data)
+                    else:
+                        self.machine.receive_eof()
+                    continue
+                exited = await self._handle(event, stream)
+                if exited is not None:
+                    return exited
+        except asyncio.CancelledError:
+            # Our caller left (a keeper's CLI process was interrupted, an MCP call was
+            # cancelled) while the connection lives on: abort the stream, so the vault
+            # sees this client detach now, as it does when a CLI process dies.
+            stream.abort()
+            raise
 
     async def _handle(self, event: ClientEvent, stream: QuicStream) -> Exited | None:
         if isinstance(event, OutputReceived):

@@ -206,7 +206,9 @@ class ExecClient:
     def recreate(self) -> None:
         """After ``may_recreate``: the next ``open_stream`` sends the creating OPEN again."""
         if not self.may_recreate:
-            raise LocalProtocolError(f"cannot create the session again in state '{self.state.value}'")
+            raise LocalProtocolError(
+                f"cannot create the session again in state '{self.state.value}'"
+            )
         self.request = self._creating
         self._opened_once = False
         self._last_error = None

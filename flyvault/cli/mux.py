@@ -1,0 +1,524 @@
+"""The connection keeper from the command line: use one, start one, ``fly-vault mux``.
+
+``exec``, ``list-exec`` and ``kill`` go through the vault's keeper when one may be used
+(``use_keeper``): the first call starts it, later calls reuse its connection. Whatever goes
+wrong before the keeper accepted a request (none could be started, the directory is unsafe,
+the socket is stale) falls back to a direct connection, so the keeper can only make a
+call faster, never make it fail. This module is light: the thin path imports no asyncio,
+QUIC or crypto (``tests/test_keeper.py`` checks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import queue
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import flyvault.cli
+from flyvault.cli.console import Console
+from flyvault.cli.output import report_error
+from flyvault.cli.terminal import RawTerminal, terminal_size
+from flyvault.client.mux import (
+    KeeperLink,
+    KeeperPaths,
+    KeeperUnavailable,
+    call,
+    error_from,
+    keeper_key,
+    keeper_lost,
+    keeper_paths,
+    keepers,
+    runtime_dir,
+)
+from flyvault.defaults import RECONNECT_TIMEOUT
+from flyvault.envvars import env_flag, env_float
+from flyvault.errors import ConfigError, UsageError, VaultError
+from flyvault.protocol.mux import MuxKind, encode, encode_json
+
+log = logging.getLogger("flyvault.mux")
+
+#: How long a keeper waits, with no request in progress, before it exits.
+IDLE_DEFAULT = 600.0
+#: How long a CLI call waits for a keeper it started to listen.
+START_TIMEOUT = 10.0
+#: Stdin chunks in flight to the keeper before the reader waits (backpressure).
+STDIN_IN_FLIGHT = 16
+#: Set by ``entry()``: this process is the ``fly-vault`` CLI's own, so it may fork the
+#: keeper off itself (no interpreter start, nothing imported twice). Elsewhere (tests that
+#: call ``main()``, a host program) the keeper starts as a fresh process instead.
+FORK_ALLOWED = False
+_NOT_USED = object()
+
+
+def use_keeper(args: argparse.Namespace) -> bool:
+    """Whether this call may go through a keeper. Not with ``--no-mux`` or
+    ``FLY_VAULT_MUX=0`` (the config's ``mux = false`` is read when one is started), not
+    with ``-v``/``--log-file`` (they show the connection's own steps), not with a
+    non-default ``--reconnect-timeout`` (the keeper's connection has its own budget), and
+    only where ``SO_PEERCRED`` exists (Linux)."""
+    if getattr(args, "no_mux", False) or not sys.platform.startswith("linux"):
+        return False
+    if os.environ.get("FLY_VAULT_MUX", "").strip() and not env_flag("FLY_VAULT_MUX"):
+        return False
+    if args.verbose or args.log_file:
+        return False
+    return getattr(args, "reconnect_timeout", RECONNECT_TIMEOUT) == RECONNECT_TIMEOUT
+
+
+def _locate(vault_name: str) -> KeeperPaths | None:
+    from flyvault.paths import config_file
+
+    try:
+        path = config_file()
+        data = path.read_bytes()
+        return keeper_paths(runtime_dir(), vault_name, keeper_key(vault_name, path, data))
+    except (OSError, ConfigError) as exc:  # the direct path reports a config problem itself
+        log.info("no connection keeper: %s", exc)
+        return None
+
+
+def open_link(args: argparse.Namespace, op: str, **fields: Any) -> KeeperLink | None:
+    """A request accepted by the vault's keeper (started if needed), or None: go direct."""
+    if not use_keeper(args):
+        return None
+    paths = _locate(args.vault)
+    if paths is None:
+        return None
+    try:
+        return KeeperLink.open(paths.socket, op, **fields)
+    except KeeperUnavailable as exc:
+        log.info("%s", exc)
+    if not _start(paths, args.vault):
+        return None
+    try:
+        return KeeperLink.open(paths.socket, op, **fields)
+    except KeeperUnavailable as exc:
+        log.info("%s; connecting directly", exc)
+        return None
+
+
+def call_through_keeper(args: argparse.Namespace, op: str, **fields: Any) -> Any:
+    """The request's value, or ``NOT_USED`` when it must go direct."""
+    link = open_link(args, op, **fields)
+    if link is None:
+        return _NOT_USED
+    try:
+        return link.result(Console().notice)
+    except OSError:
+        raise keeper_lost() from None
+    finally:
+        link.close()
+
+
+def not_used(value: Any) -> bool:
+    return value is _NOT_USED
+
+
+# Starting a keeper ---------------------------------------------------------------------------
+
+
+def _start(paths: KeeperPaths, vault_name: str) -> bool:
+    """Start the keeper for ``paths``; False (with the reason logged) when none may run."""
+    from flyvault.config import load_vault
+
+    config = load_vault(vault_name)  # a ConfigError here is the user's to see (exit 3)
+    if not config.mux:
+        log.info("vault %s: mux = false in the config: connecting directly", vault_name)
+        return False
+    idle = env_float("FLY_VAULT_MUX_IDLE", float(config.mux_idle), above=0, unit="seconds")
+    read_fd, write_fd = os.pipe()
+    try:
+        if flyvault.cli.FORK_ALLOWED:
+            _fork_keeper(paths, config, idle, read_fd, write_fd)
+        else:
+            _exec_keeper(paths, vault_name, idle, write_fd)
+    finally:
+        os.close(write_fd)
+    try:
+        ready, _, _ = select.select([read_fd], [], [], START_TIMEOUT)
+        answer = os.read(read_fd, 4096) if ready else b"no answer in time"
+    finally:
+        os.close(read_fd)
+    if answer != b"ok":
+        log.info("the connection keeper did not start: %s", answer.decode(errors="replace"))
+        return False
+    return True
+
+
+def _fork_keeper(paths: KeeperPaths, config: Any, idle: float, read_fd: int, write_fd: int) -> None:
+    pid = os.fork()
+    if pid == 0:  # the first child: a new session, then the keeper as its orphaned child
+        code = 0
+        try:
+            os.close(read_fd)
+            os.setsid()
+            if os.fork() == 0:
+                _become_keeper(paths, config, idle, write_fd)
+        except BaseException:
+            code = 1
+        os._exit(code)
+    os.waitpid(pid, 0)
+
+
+def _exec_keeper(paths: KeeperPaths, vault_name: str, idle: float, write_fd: int) -> None:
+    import subprocess
+
+    subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flyvault.cli.mux",
+            vault_name,
+            str(paths.socket),
+            str(idle),
+            str(write_fd),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        pass_fds=(write_fd,),
+        start_new_session=True,
+    )
+
+
+def _become_keeper(paths: KeeperPaths, config: Any, idle: float, ready_fd: int) -> None:
+    """In the keeper's own process: listen, say so on ``ready_fd``, serve, exit."""
+    try:
+        log_fd = os.open(paths.log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        for fd in _open_fds():  # nothing of the CLI's caller (pipes, sockets) stays open
+            if fd > 2 and fd != ready_fd:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        listener = _listen(paths)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.write(ready_fd, f"{exc}".encode()[:4000] or b"failed")
+        os._exit(1)
+    if listener is None:  # another keeper took the socket first: use that one
+        os.write(ready_fd, b"ok")
+        os._exit(0)
+    os.write(ready_fd, b"ok")
+    os.close(ready_fd)
+    os._exit(_serve(paths, config, idle, listener))
+
+
+def _open_fds() -> list[int]:
+    try:
+        return [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return list(range(3, 256))
+
+
+def _listen(paths: KeeperPaths) -> socket.socket | None:
+    """Bind the keeper's socket (0600), replacing a stale one; None if a live keeper has it.
+    A lock file makes this check-and-bind atomic between keepers starting at once."""
+    lock = os.open(f"{paths.socket}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        previous = os.umask(0o177)
+        try:
+            listener.bind(str(paths.socket))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            if _alive(paths.socket):
+                listener.close()
+                return None
+            paths.socket.unlink()  # stale: its keeper died without cleaning up
+            listener.bind(str(paths.socket))
+        finally:
+            os.umask(previous)
+        os.chmod(paths.socket, 0o600)
+        listener.listen(64)
+        tmp = paths.pid.with_suffix(".pid.tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "started_at": time.time()}))
+        tmp.chmod(0o600)
+        tmp.replace(paths.pid)
+        return listener
+    finally:
+        os.close(lock)
+
+
+def _alive(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def _serve(paths: KeeperPaths, config: Any, idle: float, listener: socket.socket) -> int:
+    import asyncio
+
+    from flyvault.cli.output import configure_logging
+    from flyvault.client.keeper import Keeper
+
+    logging.getLogger("flyvault").handlers.clear()
+    configure_logging(None, verbose=True)  # INFO to stderr, which is the keeper's log
+    try:
+        keeper = Keeper(config, listener, idle_seconds=idle, paths=(paths.socket, paths.pid))
+        asyncio.run(keeper.serve())
+        return 0
+    except BaseException:
+        log.exception("the connection keeper failed")
+        for path in (paths.socket, paths.pid):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        return 1
+
+
+def _keeper_process(argv: list[str]) -> None:
+    """``python -m flyvault.cli.mux VAULT SOCKET IDLE READY_FD`` (started by ``_exec_keeper``)."""
+    from flyvault.config import load_vault
+    from flyvault.redact import ScrubbingStream
+
+    name, socket_path, idle, ready_fd = argv
+    sys.stdout, sys.stderr = ScrubbingStream(sys.stdout), ScrubbingStream(sys.stderr)  # type: ignore[assignment]
+    stem = socket_path[: -len(".sock")]
+    paths = KeeperPaths(Path(socket_path), Path(stem + ".pid"), Path(stem + ".log"))
+    try:
+        config = load_vault(name)
+    except VaultError as exc:
+        os.write(int(ready_fd), exc.message.encode()[:4000])
+        os._exit(1)
+    _become_keeper(paths, config, float(idle), int(ready_fd))
+
+
+# exec through a keeper -----------------------------------------------------------------------
+
+
+def exec_through_keeper(args: argparse.Namespace, request: Any, forward_stdin: bool) -> int | None:
+    """Run the exec request through the keeper; its exit status, or None: go direct."""
+    from flyvault.cli.terminal import isatty
+
+    interactive = request.pty and isatty(0)
+    link = open_link(
+        args,
+        "exec",
+        request=request.to_fields(),
+        forward_stdin=forward_stdin,
+        interactive=interactive,
+    )
+    if link is None:
+        return None
+    try:
+        return _ThinSession(link, request, interactive, forward_stdin).run()
+    finally:
+        link.close()
+
+
+class _ThinSession:
+    """The CLI's end of an exec served by the keeper: the terminal and the byte pumps."""
+
+    def __init__(self, link: KeeperLink, request: Any, interactive: bool, forward_stdin: bool):
+        from flyvault.cli.progress import ProgressLine
+
+        self.link = link
+        self.request = request
+        self.interactive = interactive
+        self.forward_stdin = forward_stdin
+        self.console = Console()
+        self.progress = ProgressLine()
+        self.raw: RawTerminal | None = None
+        self.outbox: queue.Queue[bytes | None] = queue.Queue()
+        self.in_flight = threading.BoundedSemaphore(STDIN_IN_FLIGHT)
+        self.broken: set[int] = set()
+
+    def run(self) -> int:
+        threading.Thread(target=self._send_loop, name="keeper-send", daemon=True).start()
+        if self.forward_stdin and not self.interactive:
+            self._start_stdin()
+        try:
+            return self._receive_loop()
+        finally:
+            self._leave_raw()
+            self.progress.close()
+
+    def _receive_loop(self) -> int:
+        while True:
+            try:
+                frame = self.link.receive()
+            except OSError:
+                frame = None
+            if frame is None:
+                return self._fail(_with_session_hint(keeper_lost(), self.request))
+            kind = frame.kind
+            if kind is MuxKind.STDOUT:
+                self._write(1, frame.payload)
+            elif kind is MuxKind.STDERR:
+                self._write(2, frame.payload)
+            elif kind is MuxKind.NOTICE:
+                self.progress.close()
+                self.console.notice(str(frame.json().get("message", "")))
+            elif kind is MuxKind.PROGRESS:
+                value = frame.json()
+                self.progress(str(value["phase"]), int(value["done"]), int(value["total"]))
+            elif kind is MuxKind.RAW:
+                self._raw(bool(frame.json().get("on")))
+            elif kind is MuxKind.RESULT:
+                return int(frame.json()["value"])
+            elif kind is MuxKind.ERROR:
+                return self._fail(error_from(frame))
+
+    def _fail(self, error: VaultError) -> int:
+        from flyvault.client.exec_request import CLIENT_FAILURE
+
+        self._leave_raw()
+        self.progress.close()
+        report_error(error)
+        return CLIENT_FAILURE
+
+    def _write(self, fd: int, data: bytes) -> None:
+        if fd in self.broken:  # a closed pipe: drop the rest, as the direct path does
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError:
+            self.broken.add(fd)
+
+    def _raw(self, on: bool) -> None:
+        if on and self.raw is None and self.interactive:
+            self.progress.close()
+            self.raw = RawTerminal()
+            self.raw.__enter__()
+            self.console.raw = True
+            signal.signal(signal.SIGWINCH, self._resized)
+            if self.forward_stdin:
+                self._start_stdin()
+        elif not on:
+            self._leave_raw()
+
+    def _leave_raw(self) -> None:
+        if self.raw is not None:
+            raw, self.raw = self.raw, None
+            raw.__exit__(None, None, None)
+            self.console.raw = False
+
+    def _resized(self, signo: int, frame: Any) -> None:
+        rows, cols = terminal_size()
+        self.outbox.put(encode_json(MuxKind.RESIZE, {"rows": rows, "cols": cols}))
+
+    def _start_stdin(self) -> None:
+        threading.Thread(target=self._read_stdin, name="stdin", daemon=True).start()
+
+    def _read_stdin(self) -> None:
+        while True:
+            self.in_flight.acquire()  # released once the frame is on the socket
+            try:
+                data = os.read(0, 65536)
+            except OSError:
+                data = b""
+            if not data:
+                self.outbox.put(encode(MuxKind.STDIN_EOF))
+                self.in_flight.release()
+                return
+            self.outbox.put(encode(MuxKind.STDIN, data))
+
+    def _send_loop(self) -> None:
+        while (frame := self.outbox.get()) is not None:
+            try:
+                self.link.send(frame)
+            except OSError:
+                return  # the keeper is gone: the receive loop says so
+            if frame[0] == MuxKind.STDIN:
+                self.in_flight.release()
+
+
+def _with_session_hint(error: VaultError, request: Any) -> VaultError:
+    if not request.shell and request.argv is not None:
+        error.hint = (
+            f"the command may still be running on the vault as session {request.session_id}: "
+            f"fly-vault exec VAULT --session {request.session_id}"
+        )
+    return error
+
+
+# fly-vault mux status|stop -------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        directory = runtime_dir()
+    except OSError as exc:
+        raise UsageError(
+            f"connection keepers cannot be used here: {exc}",
+            hint="fix the directory's owner and mode (0700), or set XDG_RUNTIME_DIR",
+        ) from None
+    found = [
+        (paths, info)
+        for paths, info in keepers(directory)
+        if args.vault is None or paths.socket.name.startswith(f"{args.vault}-")
+    ]
+    return _stop(found) if args.mux_command == "stop" else _status(found, args.json)
+
+
+def _status(found: list[tuple[KeeperPaths, dict[str, Any]]], as_json: bool) -> int:
+    rows = []
+    for paths, info in found:
+        try:
+            status = call(paths.socket, "status")
+        except (KeeperUnavailable, VaultError, OSError) as exc:
+            status = {"pid": info.get("pid"), "error": f"not answering ({exc})"}
+        status["socket"] = str(paths.socket)
+        rows.append(status)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no connection keepers running")
+        return 0
+    for row in rows:
+        if "error" in row:
+            print(f"pid {row.get('pid')}: {row['error']} ({row['socket']})")
+            continue
+        idle = "" if row["active"] else f", exits after {row['idle_seconds']:g} s idle"
+        print(
+            f"vault {row['vault']}: pid {row['pid']}, "
+            f"{'connected' if row['connected'] else 'not connected'}, "
+            f"{row['requests']} request(s), {row['active']} active{idle}"
+        )
+    return 0
+
+
+def _stop(found: list[tuple[KeeperPaths, dict[str, Any]]]) -> int:
+    if not found:
+        print("no connection keepers running")
+        return 0
+    for paths, _info in found:
+        try:
+            status = call(paths.socket, "status")
+            call(paths.socket, "stop")
+            print(f"stopped the keeper of vault {status['vault']} (pid {status['pid']})")
+        except (KeeperUnavailable, VaultError, OSError):
+            for path in (paths.socket, paths.pid):  # a dead keeper's leftovers
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            print(f"removed a stale keeper socket ({paths.socket.name})")
+    return 0
+
+
+if __name__ == "__main__":
+    _keeper_process(sys.argv[1:])

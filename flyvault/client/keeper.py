@@ -1,0 +1,382 @@
+"""The connection keeper: one attested, authenticated connection, shared by CLI calls.
+
+Like ssh's ControlMaster. The first CLI call on a vault starts a keeper (``flyvault.cli.mux``
+forks it); later calls hand their request over a unix socket (``flyvault.client.mux``) and
+pay neither QUIC's and crypto's imports nor a handshake and attestation. The wire format is
+``flyvault.protocol.mux``.
+
+Security, in the order a request meets it:
+
+* the socket lives in a directory only its user can enter (0700) and is itself 0600;
+* every accepted peer's uid is checked with ``SO_PEERCRED``: another user (root included)
+  is refused with a message, even if the modes were loosened;
+* the access token never crosses the socket: the keeper read it from the config itself.
+
+The keeper exits when it has been idle (no request in progress) for ``idle_seconds``, when
+its connection to the vault is lost while idle (the next call starts a fresh keeper), on a
+``stop`` request and on SIGTERM/SIGINT. It removes its socket and pid file on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from flyvault.client.exec_request import ExecRequest
+from flyvault.config import VaultConfig
+from flyvault.errors import RemoteProtocolError, VaultError
+from flyvault.protocol.mux import (
+    MuxDecoder,
+    MuxFrame,
+    MuxKind,
+    check_hello,
+    encode,
+    encode_json,
+)
+
+log = logging.getLogger("flyvault.keeper")
+
+#: How long a new unix connection may take to send its HELLO.
+HELLO_TIMEOUT = 10.0
+#: Output is sent in frames of at most this much.
+CHUNK = 256 * 1024
+_UCRED = struct.Struct("3i")
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a unix socket (Linux ``SO_PEERCRED``)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    _pid, uid, _gid = _UCRED.unpack(raw)
+    return int(uid)
+
+
+class _Link:
+    """One CLI process's unix connection: frames in and out."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.decoder = MuxDecoder()
+        self._frames: list[MuxFrame] = []
+
+    async def receive(self) -> MuxFrame | None:
+        """The next frame, or None when the CLI process closed its end."""
+        while not self._frames:
+            data = await self.reader.read(CHUNK)
+            if not data:
+                if self.decoder.pending:
+                    raise RemoteProtocolError("keeper protocol: the CLI closed mid-frame")
+                return None
+            self._frames = self.decoder.feed(data)
+        return self._frames.pop(0)
+
+    async def send(self, frame: bytes) -> None:
+        self.writer.write(frame)
+        await self.writer.drain()
+
+    def send_nowait(self, frame: bytes) -> None:
+        """For notices from callbacks: queued, flushed by the next ``send``'s drain."""
+        if not self.writer.is_closing():
+            self.writer.write(frame)
+
+    async def send_data(self, kind: MuxKind, data: bytes) -> None:
+        for start in range(0, len(data), CHUNK):
+            await self.send(encode(kind, data[start : start + CHUNK]))
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError, ConnectionError):
+            await self.writer.wait_closed()
+
+
+class _FrameFrontend:
+    """A ``SessionFrontend`` whose terminal is a CLI process at the other end of a ``_Link``."""
+
+    def __init__(self, link: _Link, hello: dict[str, Any]) -> None:
+        self.link = link
+        self.interactive = bool(hello.get("interactive"))
+        request = hello.get("request") or {}
+        self._size = (int(request.get("rows") or 0), int(request.get("cols") or 0))
+        self._on_resize: Callable[[int, int], None] | None = None
+        self._deliver: Callable[[bytes], Awaitable[None]] | None = None
+        self._on_eof: Callable[[], None] | None = None
+        self._stdin_wanted = asyncio.Event()
+
+    def notice(self, message: str) -> None:
+        self.link.send_nowait(encode_json(MuxKind.NOTICE, {"message": message}))
+
+    async def write_stdout(self, data: bytes) -> None:
+        await self.link.send_data(MuxKind.STDOUT, data)
+
+    async def write_stderr(self, data: bytes) -> None:
+        await self.link.send_data(MuxKind.STDERR, data)
+
+    async def flush(self) -> None:
+        await self.link.writer.drain()
+
+    @contextlib.contextmanager
+    def raw(self) -> Iterator[None]:
+        self.link.send_nowait(encode_json(MuxKind.RAW, {"on": True}))
+        try:
+            yield
+        finally:
+            self.link.send_nowait(encode_json(MuxKind.RAW, {"on": False}))
+
+    def terminal_size(self) -> tuple[int, int]:
+        return self._size
+
+    def on_resize(self, callback: Callable[[int, int], None]) -> None:
+        self._on_resize = callback
+
+    def start_stdin(
+        self, deliver: Callable[[bytes], Awaitable[None]], on_eof: Callable[[], None]
+    ) -> None:
+        self._deliver, self._on_eof = deliver, on_eof
+        self._stdin_wanted.set()
+
+    async def pump(self, forward_stdin: bool) -> None:
+        """Read the CLI's frames for the whole request: stdin (held back until the session
+        takes it), resizes, and the CLI leaving, which ends with ``_CliLeft``."""
+        while (frame := await self.link.receive()) is not None:
+            if frame.kind in (MuxKind.STDIN, MuxKind.STDIN_EOF):
+                if not forward_stdin:
+                    continue
+                await self._stdin_wanted.wait()
+                if frame.kind is MuxKind.STDIN:
+                    assert self._deliver is not None
+                    await self._deliver(frame.payload)
+                else:
+                    assert self._on_eof is not None
+                    self._on_eof()
+            elif frame.kind is MuxKind.RESIZE:
+                size = frame.json()
+                self._size = (int(size["rows"]), int(size["cols"]))
+                if self._on_resize is not None:
+                    self._on_resize(*self._size)
+            else:
+                raise RemoteProtocolError(f"keeper protocol: unexpected {frame.kind.name}")
+        raise _CliLeft()
+
+
+class _CliLeft(Exception):
+    """The CLI process closed its end (it exited, was killed, or the user hit Ctrl-C)."""
+
+
+class Keeper:
+    def __init__(
+        self,
+        config: VaultConfig,
+        listener: socket.socket,
+        *,
+        idle_seconds: float,
+        paths: tuple[Path, ...] = (),
+    ) -> None:
+        from flyvault.client.vault import Vault
+
+        self.config = config
+        self.listener = listener
+        self.idle_seconds = idle_seconds
+        self.paths = paths  # the socket and pid file, removed on the way out
+        self.started_at = time.time()
+        self.requests = 0
+        self.refused = 0
+        self._active: set[_Link] = set()
+        self._idle_since = time.monotonic()
+        self._stop = asyncio.Event()
+        self._was_connected = False
+        self.vault = Vault(
+            config, on_notice=self._broadcast, on_event=self._event, progress=self._progress
+        )
+
+    # Vault callbacks go to every CLI process being served ---------------------------------
+
+    def _broadcast(self, message: str) -> None:
+        for link in list(self._active):
+            link.send_nowait(encode_json(MuxKind.NOTICE, {"message": message}))
+
+    def _event(self, event: Any) -> None:
+        self._broadcast(event.message)
+
+    def _progress(self, phase: str, done: int, total: int) -> None:
+        frame = encode_json(MuxKind.PROGRESS, {"phase": phase, "done": done, "total": total})
+        for link in list(self._active):
+            link.send_nowait(frame)
+
+    # Serving ----------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signo in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(signo, self._stop.set)
+        server = await asyncio.start_unix_server(self._accept, sock=self.listener)
+        log.info("keeper for vault %s: serving (pid %d)", self.config.name, os.getpid())
+        try:
+            while not self._stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), 1.0)
+                reason = self._exit_reason()
+                if reason:
+                    log.info("keeper for vault %s: exiting: %s", self.config.name, reason)
+                    break
+        finally:
+            self._remove_paths()  # first: new CLI calls go elsewhere from now on
+            server.close()
+            for link in list(self._active):
+                await link.close()
+            await self.vault.close()
+
+    def _exit_reason(self) -> str | None:
+        if self._active:
+            return None
+        idle = time.monotonic() - self._idle_since
+        if idle >= self.idle_seconds:
+            return f"idle for {idle:.0f} s"
+        if self.vault.current is not None:
+            self._was_connected = True
+        elif self._was_connected:
+            return "the connection to the vault was lost"
+        return None
+
+    def _remove_paths(self) -> None:
+        for path in self.paths:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        link = _Link(reader, writer)
+        sock = writer.get_extra_info("socket")
+        try:
+            uid = peer_uid(sock)
+            if uid != os.getuid():
+                self.refused += 1
+                log.warning("keeper: refused a connection from uid %d", uid)
+                await link.send(_error_frame(_refusal(uid)))
+                return
+            hello = await asyncio.wait_for(link.receive(), HELLO_TIMEOUT)
+            if hello is None:
+                return
+            if hello.kind is not MuxKind.HELLO:
+                raise RemoteProtocolError(f"keeper protocol: {hello.kind.name} before HELLO")
+            request = check_hello(hello.json())
+            self._active.add(link)
+            self.requests += 1
+            await link.send(encode(MuxKind.ACCEPTED))
+            await self._dispatch(link, request)
+        except (TimeoutError, ConnectionError, OSError, _CliLeft):
+            pass
+        except VaultError as exc:
+            with contextlib.suppress(ConnectionError, OSError):
+                await link.send(_error_frame(exc))
+        except Exception:  # a bug: keep serving the others, say so in the log
+            log.exception("keeper: request failed")
+            with contextlib.suppress(ConnectionError, OSError):
+                await link.send(_error_frame(VaultError("the connection keeper failed")))
+        finally:
+            self._active.discard(link)
+            if not self._active:
+                self._idle_since = time.monotonic()
+            await link.close()
+
+    async def _dispatch(self, link: _Link, request: dict[str, Any]) -> None:
+        op = request["op"]
+        if op == "exec":
+            value: Any = await self._exec(link, request)
+        elif op == "list":
+            value = await self.vault.list_sessions()
+        elif op == "kill":
+            await self.vault.kill(str(request["session_id"]), int(request["signal"]))
+            value = None
+        elif op == "status":
+            value = self.status()
+        else:  # stop
+            self._stop.set()
+            value = None
+        await link.send(encode_json(MuxKind.RESULT, {"value": value}))
+
+    async def _exec(self, link: _Link, hello: dict[str, Any]) -> int:
+        from flyvault.client.vault import ExecHooks, ExecSession
+
+        request = ExecRequest.from_fields(hello.get("request"))
+        frontend = _FrameFrontend(link, hello)
+        hooks = ExecHooks(
+            stdout=frontend.write_stdout, stderr=frontend.write_stderr, notice=frontend.notice
+        )
+        session = ExecSession(self.vault, request, hooks)
+        forward_stdin = bool(hello.get("forward_stdin"))
+        # The CLI leaving (Ctrl-C, a kill) ends the session's attachment, as the end of a
+        # direct CLI process does: the pump sees it while connecting and while running.
+        pump = asyncio.ensure_future(frontend.pump(forward_stdin))
+        run = asyncio.ensure_future(
+            self._connect_and_run(session, request, frontend, forward_stdin)
+        )
+        try:
+            await asyncio.wait({pump, run}, return_when=asyncio.FIRST_COMPLETED)
+            if run.done():
+                return run.result()
+            run.cancel()
+            await asyncio.wait({run})
+            pump.result()  # raises: _CliLeft, or the CLI broke the protocol
+            raise _CliLeft()
+        finally:
+            for task in (pump, run):
+                if not task.done():
+                    task.cancel()
+
+    async def _connect_and_run(
+        self, session: Any, request: ExecRequest, frontend: _FrameFrontend, forward_stdin: bool
+    ) -> int:
+        from flyvault.client.session_runner import run_attached
+
+        await self.vault.connection()
+        return await run_attached(session, request, frontend, self.config.name, forward_stdin)
+
+    def status(self) -> dict[str, Any]:
+        current = self.vault.current
+        return {
+            "vault": self.config.name,
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "idle_seconds": self.idle_seconds,
+            "requests": self.requests,
+            "active": len(self._active),
+            "refused": self.refused,
+            "connected": current is not None,
+            "connects": self.vault.connects,
+            "boot_id": getattr(current, "boot_id", None),
+        }
+
+
+def _refusal(uid: int) -> VaultError:
+    return VaultError(
+        f"the connection keeper belongs to uid {os.getuid()}; uid {uid} was refused",
+        hint="each user runs their own keeper: run fly-vault as yourself",
+    )
+
+
+def _error_frame(error: VaultError) -> bytes:
+    return encode_json(
+        MuxKind.ERROR,
+        {
+            "type": type(error).__name__,
+            "message": error.message,
+            "hint": error.hint,
+            "exit_code": error.exit_code,
+        },
+    )
+
+
+def dumps_status(status: dict[str, Any]) -> str:
+    return json.dumps(status, sort_keys=True)
+
+
+__all__ = ["Keeper", "peer_uid"]

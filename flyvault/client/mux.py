@@ -1,0 +1,216 @@
+"""Reaching a connection keeper (``flyvault.client.keeper``) from a short-lived CLI process.
+
+This is the thin path: it imports no asyncio, QUIC or crypto, and it does not even parse
+the config. A keeper's socket is named by a digest of everything its connection was built
+from: the config file's bytes, the vault's name and the ``FLY_VAULT_*`` variables. A keeper
+exists under that name only if a CLI call validated exactly that config and started it, so
+editing the config (or changing a variable) leads the next call to a new keeper, and the old
+one idles out.
+
+Where the sockets live: ``$XDG_RUNTIME_DIR/fly-vault`` (a per-user tmpfs on systemd
+systems), else ``/tmp/fly-vault-<uid>``. Either directory must be a real directory (not a
+symlink) owned by this user with mode 0700; otherwise the keeper is not used and the reason
+is kept for ``fly-vault mux status``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flyvault.errors import RemoteProtocolError, VaultError
+from flyvault.protocol.mux import MUX_VERSION, MuxDecoder, MuxFrame, MuxKind, encode, encode_json
+
+#: AF_UNIX paths are limited to 108 bytes on Linux (104 on macOS), NUL included.
+MAX_SOCKET_PATH = 100
+#: Variables that never change what a keeper connects to (they choose whether to use one).
+_NOT_KEYED = ("FLY_VAULT_MUX", "FLY_VAULT_MUX_IDLE")
+
+
+class KeeperUnavailable(Exception):
+    """No keeper took the request (none runs, it is gone, or it closed before accepting).
+    Nothing was done: the caller may start a keeper or connect directly."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeeperPaths:
+    socket: Path
+    pid: Path
+    log: Path
+
+
+def runtime_dir() -> Path:
+    """The directory for keeper sockets, created and checked; ``OSError`` with the reason
+    when it is unsafe (then no keeper is used)."""
+    base = os.environ.get("XDG_RUNTIME_DIR", "")
+    path = (
+        Path(base) / "fly-vault" if os.path.isabs(base) else Path(f"/tmp/fly-vault-{os.getuid()}")
+    )
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise OSError(f"{path} is not a directory")
+    if info.st_uid != os.getuid():
+        raise OSError(f"{path} belongs to uid {info.st_uid}, not to this user ({os.getuid()})")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        raise OSError(f"{path} has mode {stat.S_IMODE(info.st_mode):04o}; it must be 0700")
+    return path
+
+
+def keeper_key(vault_name: str, config_path: Path, config_bytes: bytes) -> str:
+    digest = hashlib.sha256()
+    for part in (vault_name, str(config_path)):
+        digest.update(part.encode("utf-8", "surrogateescape") + b"\0")
+    digest.update(config_bytes + b"\0")
+    for name in sorted(os.environ):
+        if name.startswith("FLY_VAULT_") and name not in _NOT_KEYED:
+            digest.update(f"{name}={os.environ[name]}\0".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()[:20]
+
+
+def keeper_paths(directory: Path, vault_name: str, key: str) -> KeeperPaths:
+    stem = directory / f"{vault_name[:40]}-{key}"
+    paths = KeeperPaths(Path(f"{stem}.sock"), Path(f"{stem}.pid"), Path(f"{stem}.log"))
+    if len(str(paths.socket)) > MAX_SOCKET_PATH:
+        raise OSError(
+            f"the keeper's socket path {paths.socket} is longer than {MAX_SOCKET_PATH} bytes"
+        )
+    return paths
+
+
+class KeeperLink:
+    """One request to a keeper over its unix socket (blocking I/O, no asyncio)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._decoder = MuxDecoder()
+        self._frames: list[MuxFrame] = []
+
+    @classmethod
+    def open(cls, path: Path, op: str, **fields: Any) -> KeeperLink:
+        """Connect and have the request accepted; ``KeeperUnavailable`` if nothing took it."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(path))
+        except OSError as exc:
+            sock.close()
+            raise KeeperUnavailable(f"no keeper at {path}: {exc.strerror or exc}") from None
+        link = cls(sock)
+        try:
+            link.send(encode_json(MuxKind.HELLO, {"version": MUX_VERSION, "op": op, **fields}))
+            first = link.receive()
+        except OSError as exc:
+            link.close()
+            raise KeeperUnavailable(f"the keeper at {path} went away: {exc}") from None
+        if first is None:
+            link.close()
+            raise KeeperUnavailable(f"the keeper at {path} closed before accepting")
+        if first.kind is MuxKind.ERROR:
+            link.close()
+            raise error_from(first)
+        if first.kind is not MuxKind.ACCEPTED:
+            link.close()
+            raise RemoteProtocolError(f"keeper protocol: {first.kind.name} before ACCEPTED")
+        return link
+
+    def send(self, frame: bytes) -> None:
+        self.sock.sendall(frame)
+
+    def receive(self) -> MuxFrame | None:
+        """The next frame; None when the keeper closed its end."""
+        while not self._frames:
+            data = self.sock.recv(256 * 1024)
+            if not data:
+                if self._decoder.pending:
+                    raise RemoteProtocolError("keeper protocol: the keeper closed mid-frame")
+                return None
+            self._frames = self._decoder.feed(data)
+        return self._frames.pop(0)
+
+    def result(self, on_notice: Callable[[str], None] | None = None) -> Any:
+        """Wait for the request's RESULT (its ``value``); its ERROR is raised. Notices on
+        the way (a reconnect, the development issuer) go to ``on_notice``."""
+        while True:
+            frame = self.receive()
+            if frame is None:
+                raise keeper_lost()
+            if frame.kind is MuxKind.ERROR:
+                raise error_from(frame)
+            if frame.kind is MuxKind.RESULT:
+                return frame.json().get("value")
+            if frame.kind is MuxKind.NOTICE:
+                if on_notice is not None:
+                    on_notice(str(frame.json().get("message", "")))
+            elif frame.kind is not MuxKind.PROGRESS:
+                raise RemoteProtocolError(f"keeper protocol: {frame.kind.name} instead of RESULT")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def call(
+    path: Path, op: str, on_notice: Callable[[str], None] | None = None, **fields: Any
+) -> Any:
+    """One request and its result (``list``, ``kill``, ``status``, ``stop``)."""
+    link = KeeperLink.open(path, op, **fields)
+    try:
+        return link.result(on_notice)
+    finally:
+        link.close()
+
+
+def error_from(frame: MuxFrame) -> VaultError:
+    """The keeper's ERROR frame as the error the CLI reports (message, hint, exit code)."""
+    detail = frame.json()
+    error = VaultError(str(detail.get("message") or "the connection keeper failed"))
+    error.hint = detail.get("hint")
+    error.exit_code = int(detail.get("exit_code") or 1)
+    return error
+
+
+def keeper_lost() -> VaultError:
+    from flyvault.errors import ConnectionLost
+
+    return ConnectionLost(
+        "the connection keeper ended in the middle of the request",
+        hint="run the command again (a new keeper starts); fly-vault mux status shows keepers",
+    )
+
+
+def keepers(directory: Path) -> Iterator[tuple[KeeperPaths, dict[str, Any]]]:
+    """The keepers with a pid file in ``directory``: paths and what the pid file says."""
+    for pid_file in sorted(directory.glob("*.pid")):
+        stem = str(pid_file)[: -len(".pid")]
+        paths = KeeperPaths(Path(stem + ".sock"), pid_file, Path(stem + ".log"))
+        try:
+            info = json.loads(pid_file.read_text())
+        except (OSError, ValueError):
+            info = {}
+        yield paths, info if isinstance(info, dict) else {}
+
+
+def send_frame(link: KeeperLink, kind: MuxKind, payload: bytes = b"") -> None:
+    link.send(encode(kind, payload))
+
+
+__all__ = [
+    "KeeperLink",
+    "KeeperPaths",
+    "KeeperUnavailable",
+    "call",
+    "error_from",
+    "keeper_key",
+    "keeper_lost",
+    "keeper_paths",
+    "keepers",
+    "runtime_dir",
+]
