@@ -33,20 +33,26 @@ from flyvault.cli.output import report_error
 from flyvault.cli.terminal import RawTerminal, terminal_size
 from flyvault.client.mux import (
     KeeperLink,
+    KeeperNotice,
+    KeeperOutput,
     KeeperPaths,
+    KeeperProgress,
+    KeeperRaw,
     KeeperUnavailable,
     call,
-    error_from,
     keeper_key,
     keeper_lost,
     keeper_paths,
     keepers,
+    next_event,
+    resize_frame,
     runtime_dir,
+    stdin_eof_frame,
+    stdin_frame,
 )
 from flyvault.defaults import RECONNECT_TIMEOUT
 from flyvault.envvars import env_flag, env_float
 from flyvault.errors import ConfigError, UsageError, VaultError
-from flyvault.protocol.mux import MuxKind, encode, encode_json
 
 log = logging.getLogger("flyvault.mux")
 
@@ -341,7 +347,8 @@ class _ThinSession:
         self.console = Console()
         self.progress = ProgressLine()
         self.raw: RawTerminal | None = None
-        self.outbox: queue.Queue[bytes | None] = queue.Queue()
+        #: (frame, is stdin): the sender releases a stdin slot once its frame is sent.
+        self.outbox: queue.Queue[tuple[bytes, bool] | None] = queue.Queue()
         self.in_flight = threading.BoundedSemaphore(STDIN_IN_FLIGHT)
         self.broken: set[int] = set()
 
@@ -358,28 +365,22 @@ class _ThinSession:
     def _receive_loop(self) -> int:
         while True:
             try:
-                frame = self.link.receive()
-            except OSError:
-                frame = None
-            if frame is None:
+                event = next_event(self.link)
+            except VaultError as exc:
+                return self._fail(exc)
+            if event is None:
                 return self._fail(_with_session_hint(keeper_lost(), self.request))
-            kind = frame.kind
-            if kind is MuxKind.STDOUT:
-                self._write(1, frame.payload)
-            elif kind is MuxKind.STDERR:
-                self._write(2, frame.payload)
-            elif kind is MuxKind.NOTICE:
+            if isinstance(event, KeeperOutput):
+                self._write(event.fd, event.data)
+            elif isinstance(event, KeeperNotice):
                 self.progress.close()
-                self.console.notice(str(frame.json().get("message", "")))
-            elif kind is MuxKind.PROGRESS:
-                value = frame.json()
-                self.progress(str(value["phase"]), int(value["done"]), int(value["total"]))
-            elif kind is MuxKind.RAW:
-                self._raw(bool(frame.json().get("on")))
-            elif kind is MuxKind.RESULT:
-                return int(frame.json()["value"])
-            elif kind is MuxKind.ERROR:
-                return self._fail(error_from(frame))
+                self.console.notice(event.message)
+            elif isinstance(event, KeeperProgress):
+                self.progress(event.phase, event.done, event.total)
+            elif isinstance(event, KeeperRaw):
+                self._raw(event.on)
+            else:
+                return int(event.value)
 
     def _fail(self, error: VaultError) -> int:
         from flyvault.client.exec_request import CLIENT_FAILURE
@@ -419,7 +420,7 @@ class _ThinSession:
 
     def _resized(self, signo: int, frame: Any) -> None:
         rows, cols = terminal_size()
-        self.outbox.put(encode_json(MuxKind.RESIZE, {"rows": rows, "cols": cols}))
+        self.outbox.put((resize_frame(rows, cols), False))
 
     def _start_stdin(self) -> None:
         threading.Thread(target=self._read_stdin, name="stdin", daemon=True).start()
@@ -432,18 +433,19 @@ class _ThinSession:
             except OSError:
                 data = b""
             if not data:
-                self.outbox.put(encode(MuxKind.STDIN_EOF))
+                self.outbox.put((stdin_eof_frame(), False))
                 self.in_flight.release()
                 return
-            self.outbox.put(encode(MuxKind.STDIN, data))
+            self.outbox.put((stdin_frame(data), True))
 
     def _send_loop(self) -> None:
-        while (frame := self.outbox.get()) is not None:
+        while (item := self.outbox.get()) is not None:
+            frame, is_stdin = item
             try:
                 self.link.send(frame)
             except OSError:
                 return  # the keeper is gone: the receive loop says so
-            if frame[0] == MuxKind.STDIN:
+            if is_stdin:
                 self.in_flight.release()
 
 

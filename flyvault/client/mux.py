@@ -157,9 +157,79 @@ class KeeperLink:
         self.sock.close()
 
 
-def call(
-    path: Path, op: str, on_notice: Callable[[str], None] | None = None, **fields: Any
-) -> Any:
+@dataclass(frozen=True, slots=True)
+class KeeperOutput:
+    """Session output for the CLI's stdout (``fd`` 1) or stderr (``fd`` 2)."""
+
+    fd: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class KeeperNotice:
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeeperRaw:
+    """Put the terminal in raw mode (``on``) or back."""
+
+    on: bool
+
+
+@dataclass(frozen=True, slots=True)
+class KeeperProgress:
+    phase: str
+    done: int
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
+class KeeperResult:
+    value: Any
+
+
+KeeperEvent = KeeperOutput | KeeperNotice | KeeperRaw | KeeperProgress | KeeperResult
+
+
+def next_event(link: KeeperLink) -> KeeperEvent | None:
+    """What the keeper sent next, for the CLI; None when it is gone. Its ERROR is raised."""
+    try:
+        frame = link.receive()
+    except OSError:
+        return None
+    if frame is None:
+        return None
+    kind = frame.kind
+    if kind is MuxKind.STDOUT or kind is MuxKind.STDERR:
+        return KeeperOutput(1 if kind is MuxKind.STDOUT else 2, frame.payload)
+    if kind is MuxKind.NOTICE:
+        return KeeperNotice(str(frame.json().get("message", "")))
+    if kind is MuxKind.RAW:
+        return KeeperRaw(bool(frame.json().get("on")))
+    if kind is MuxKind.PROGRESS:
+        value = frame.json()
+        return KeeperProgress(str(value["phase"]), int(value["done"]), int(value["total"]))
+    if kind is MuxKind.RESULT:
+        return KeeperResult(frame.json().get("value"))
+    if kind is MuxKind.ERROR:
+        raise error_from(frame)
+    raise RemoteProtocolError(f"keeper protocol: unexpected {kind.name}")
+
+
+def stdin_frame(data: bytes) -> bytes:
+    return encode(MuxKind.STDIN, data)
+
+
+def stdin_eof_frame() -> bytes:
+    return encode(MuxKind.STDIN_EOF)
+
+
+def resize_frame(rows: int, cols: int) -> bytes:
+    return encode_json(MuxKind.RESIZE, {"rows": rows, "cols": cols})
+
+
+def call(path: Path, op: str, on_notice: Callable[[str], None] | None = None, **fields: Any) -> Any:
     """One request and its result (``list``, ``kill``, ``status``, ``stop``)."""
     link = KeeperLink.open(path, op, **fields)
     try:
@@ -198,13 +268,15 @@ def keepers(directory: Path) -> Iterator[tuple[KeeperPaths, dict[str, Any]]]:
         yield paths, info if isinstance(info, dict) else {}
 
 
-def send_frame(link: KeeperLink, kind: MuxKind, payload: bytes = b"") -> None:
-    link.send(encode(kind, payload))
-
-
 __all__ = [
+    "KeeperEvent",
     "KeeperLink",
+    "KeeperNotice",
+    "KeeperOutput",
     "KeeperPaths",
+    "KeeperProgress",
+    "KeeperRaw",
+    "KeeperResult",
     "KeeperUnavailable",
     "call",
     "error_from",
@@ -212,5 +284,9 @@ __all__ = [
     "keeper_lost",
     "keeper_paths",
     "keepers",
+    "next_event",
+    "resize_frame",
     "runtime_dir",
+    "stdin_eof_frame",
+    "stdin_frame",
 ]
