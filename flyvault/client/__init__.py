@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from flyvault.client.events import ClientEvent, DevelopmentIssuer, OnEvent
 from flyvault.client.exec_request import ExecRequest, new_session_id, valid_session_id
 from flyvault.client.signals import parse_signal, signal_name
 
@@ -25,6 +24,7 @@ if TYPE_CHECKING:
         parse_endpoint,
     )
     from flyvault.client.diagnose import Diagnosis, DiagnosisStep
+    from flyvault.client.events import ClientEvent, DevelopmentIssuer, OnEvent
     from flyvault.client.files import (
         EXPECT_ABSENT,
         FileInfo,
@@ -48,6 +48,9 @@ if TYPE_CHECKING:
 
 #: Names served from ``flyvault.client.vault`` on first use (it imports the transport).
 _LAZY = {
+    "ClientEvent": "flyvault.client.events",
+    "DevelopmentIssuer": "flyvault.client.events",
+    "OnEvent": "flyvault.client.events",
     "Diagnosis": "flyvault.client.diagnose",
     "DiagnosisStep": "flyvault.client.diagnose",
     "Exited": "flyvault.protocol.console",

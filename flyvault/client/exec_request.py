@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from flyvault.errors import RemoteProtocolError, UsageError
@@ -58,28 +57,93 @@ def valid_session_id(session_id: str) -> str:
         raise UsageError(exc.message) from None
 
 
-@dataclass(frozen=True, slots=True)
 class ExecRequest:
-    """One exec session to open. ``argv`` None without ``shell`` means "reattach only"."""
+    """One exec session to open. ``argv`` None without ``shell`` means "reattach only".
+
+    Immutable, compared and hashed by value, like a frozen dataclass; written out by hand
+    because importing ``dataclasses`` costs ~10 ms, and the keeper's thin CLI path builds
+    one on every ``fly-vault exec``.
+    """
+
+    #: The fields, in order (``to_fields``, ``__repr__``, ``__eq__``).
+    FIELDS = (
+        "session_id",
+        "argv",
+        "pty",
+        "shell",
+        "keep",
+        "context",
+        "term",
+        "rows",
+        "cols",
+        "cwd",
+        "env",
+        "resume_offset",
+        "user",
+    )
+    __slots__ = FIELDS
 
     session_id: str
-    argv: tuple[str, ...] | None = None
-    pty: bool = False
+    argv: tuple[str, ...] | None
+    pty: bool
     #: A login shell (``bash -l``, else ``sh -l``); ``argv`` is ignored.
-    shell: bool = False
+    shell: bool
     #: Keep the session after it exits until collected (named sessions).
-    keep: bool = False
-    context: str | None = None
-    term: str = ""
-    rows: int = 0
-    cols: int = 0
-    cwd: str | None = None
-    env: tuple[tuple[str, str], ...] = ()
+    keep: bool
+    context: str | None
+    term: str
+    rows: int
+    cols: int
+    cwd: str | None
+    env: tuple[tuple[str, str], ...]
     #: Output bytes already seen: a reattach replays from here.
-    resume_offset: int = 0
+    resume_offset: int
     #: The account a new session runs as (a name in the vault's /etc/passwd); None: root.
     #: Needs a vault that speaks protocol 4. A reattach keeps the session's own user.
-    user: str | None = None
+    user: str | None
+
+    def __init__(
+        self,
+        session_id: str,
+        argv: tuple[str, ...] | None = None,
+        pty: bool = False,
+        shell: bool = False,
+        keep: bool = False,
+        context: str | None = None,
+        term: str = "",
+        rows: int = 0,
+        cols: int = 0,
+        cwd: str | None = None,
+        env: tuple[tuple[str, str], ...] = (),
+        resume_offset: int = 0,
+        user: str | None = None,
+    ) -> None:
+        values = locals()
+        for name in self.FIELDS:
+            object.__setattr__(self, name, values[name])
+        self.__post_init__()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"ExecRequest is immutable: cannot set {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"ExecRequest is immutable: cannot delete {name!r}")
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, ExecRequest)
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.FIELDS)
+        return f"ExecRequest({shown})"
 
     def __post_init__(self) -> None:
         valid_session_id(self.session_id)
@@ -109,12 +173,12 @@ class ExecRequest:
 
     def to_fields(self) -> dict[str, object]:
         """The request as JSON-able fields (the keeper protocol carries it so)."""
-        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+        return {name: getattr(self, name) for name in self.FIELDS}
 
     @classmethod
     def from_fields(cls, fields: object) -> ExecRequest:
         """The inverse of ``to_fields``, checked as any request is (``UsageError``)."""
-        if not isinstance(fields, dict) or not set(fields) <= set(cls.__dataclass_fields__):
+        if not isinstance(fields, dict) or not set(fields) <= set(cls.FIELDS):
             raise UsageError("exec request: not a set of request fields")
         values = dict(fields)
         if values.get("argv") is not None:

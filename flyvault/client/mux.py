@@ -22,7 +22,6 @@ import os
 import socket
 import stat
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +39,27 @@ class KeeperUnavailable(Exception):
     Nothing was done: the caller may start a keeper or connect directly."""
 
 
-@dataclass(frozen=True, slots=True)
 class KeeperPaths:
+    __slots__ = ("log", "pid", "socket")
+
     socket: Path
     pid: Path
     log: Path
+
+    def __init__(self, socket: Path, pid: Path, log: Path) -> None:
+        self.socket = socket
+        self.pid = pid
+        self.log = log
+
+    def __repr__(self) -> str:
+        return f"KeeperPaths(socket={self.socket!r}, pid={self.pid!r}, log={self.log!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return other.__class__ is self.__class__ and all(
+            getattr(self, n) == getattr(other, n) for n in self.__slots__
+        )
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 def runtime_dir() -> Path:
@@ -157,36 +172,109 @@ class KeeperLink:
         self.sock.close()
 
 
-@dataclass(frozen=True, slots=True)
 class KeeperOutput:
     """Session output for the CLI's stdout (``fd`` 1) or stderr (``fd`` 2)."""
+
+    __slots__ = ("data", "fd")
 
     fd: int
     data: bytes
 
+    def __init__(self, fd: int, data: bytes) -> None:
+        self.fd = fd
+        self.data = data
 
-@dataclass(frozen=True, slots=True)
+    def __repr__(self) -> str:
+        return f"KeeperOutput(fd={self.fd!r}, data={self.data!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return other.__class__ is self.__class__ and all(
+            getattr(self, n) == getattr(other, n) for n in self.__slots__
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 class KeeperNotice:
+    __slots__ = ("message",)
+
     message: str
 
+    def __init__(self, message: str) -> None:
+        self.message = message
 
-@dataclass(frozen=True, slots=True)
+    def __repr__(self) -> str:
+        return f"KeeperNotice(message={self.message!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return other.__class__ is self.__class__ and all(
+            getattr(self, n) == getattr(other, n) for n in self.__slots__
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 class KeeperRaw:
     """Put the terminal in raw mode (``on``) or back."""
 
+    __slots__ = ("on",)
+
     on: bool
 
+    def __init__(self, on: bool) -> None:
+        self.on = on
 
-@dataclass(frozen=True, slots=True)
+    def __repr__(self) -> str:
+        return f"KeeperRaw(on={self.on!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return other.__class__ is self.__class__ and all(
+            getattr(self, n) == getattr(other, n) for n in self.__slots__
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 class KeeperProgress:
+    __slots__ = ("done", "phase", "total")
+
     phase: str
     done: int
     total: int
 
+    def __init__(self, phase: str, done: int, total: int) -> None:
+        self.phase = phase
+        self.done = done
+        self.total = total
 
-@dataclass(frozen=True, slots=True)
+    def __repr__(self) -> str:
+        return f"KeeperProgress(phase={self.phase!r}, done={self.done!r}, total={self.total!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return other.__class__ is self.__class__ and all(
+            getattr(self, n) == getattr(other, n) for n in self.__slots__
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 class KeeperResult:
+    __slots__ = ("value",)
+
     value: Any
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"KeeperResult(value={self.value!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return other.__class__ is self.__class__ and all(
+            getattr(self, n) == getattr(other, n) for n in self.__slots__
+        )
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 KeeperEvent = KeeperOutput | KeeperNotice | KeeperRaw | KeeperProgress | KeeperResult

@@ -24,7 +24,6 @@ from __future__ import annotations
 import enum
 import json
 import struct
-from dataclasses import dataclass
 from typing import Any
 
 from flyvault.errors import LocalProtocolError, RemoteProtocolError
@@ -56,10 +55,25 @@ class MuxKind(enum.IntEnum):
 OPS = frozenset({"exec", "list", "kill", "status", "stop"})
 
 
-@dataclass(frozen=True, slots=True)
 class MuxFrame:
+    __slots__ = ("kind", "payload")
+
     kind: MuxKind
     payload: bytes
+
+    def __init__(self, kind: MuxKind, payload: bytes) -> None:
+        self.kind = kind
+        self.payload = payload
+
+    def __repr__(self) -> str:
+        return f"MuxFrame(kind={self.kind!r}, payload={self.payload!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return other.__class__ is self.__class__ and all(
+            getattr(self, n) == getattr(other, n) for n in self.__slots__
+        )
+
+    __hash__ = None  # type: ignore[assignment]
 
     def json(self) -> Any:
         """The payload as JSON (a ``RemoteProtocolError`` naming the frame if it is not)."""
