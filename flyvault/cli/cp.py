@@ -39,7 +39,11 @@ def run(args: argparse.Namespace) -> int:
             _check_local_source(source.path, args.recursive)
     names = {endpoint.vault for endpoint in endpoints if endpoint.vault}
     configs = {name: load_vault(name) for name in sorted(names)}  # config errors: exit 3
-    return asyncio.run(_copy(args, sources, dest, configs))
+    from flyvault.cli.mux import keeper_socket
+
+    # Started here, before the event loop: the keeper may be forked off this process.
+    keepers = {name: keeper_socket(args, name) for name in configs}
+    return asyncio.run(_copy(args, sources, dest, configs, keepers))
 
 
 def _check_local_source(path: str, recursive: bool) -> None:
@@ -52,7 +56,13 @@ def _check_local_source(path: str, recursive: bool) -> None:
         )
 
 
-async def _copy(args: argparse.Namespace, sources: Any, dest: Any, configs: dict[str, Any]) -> int:
+async def _copy(
+    args: argparse.Namespace,
+    sources: Any,
+    dest: Any,
+    configs: dict[str, Any],
+    keepers: dict[str, Any],
+) -> int:
     from flyvault.cli.console import Console
     from flyvault.cli.progress import CopyProgressBar
     from flyvault.client import Vault, copy
@@ -67,6 +77,7 @@ async def _copy(args: argparse.Namespace, sources: Any, dest: Any, configs: dict
                 reconnect_timeout=args.reconnect_timeout,
                 on_notice=console.notice,
                 on_event=console.event,
+                keeper=keepers.get(name),
             )
         return opened[name]
 

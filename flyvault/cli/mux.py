@@ -116,6 +116,19 @@ def open_link(args: argparse.Namespace, op: str, **fields: Any) -> KeeperLink | 
         return None
 
 
+def keeper_socket(args: argparse.Namespace, vault_name: str) -> Path | None:
+    """The socket of ``vault_name``'s keeper (started if needed) for a client that opens
+    streams through it (``cp``, ``forward``), or None: connect directly."""
+    if not use_keeper(args):
+        return None
+    paths = _locate(vault_name)
+    if paths is None:
+        return None
+    if _alive(paths.socket) or _start(paths, vault_name):
+        return paths.socket
+    return None
+
+
 def call_through_keeper(args: argparse.Namespace, op: str, **fields: Any) -> Any:
     """The request's value, or ``NOT_USED`` when it must go direct."""
     link = open_link(args, op, **fields)
@@ -515,11 +528,27 @@ def _stop(found: list[tuple[KeeperPaths, dict[str, Any]]]) -> int:
             call(paths.socket, "stop")
             print(f"stopped the keeper of vault {status['vault']} (pid {status['pid']})")
         except (KeeperUnavailable, VaultError, OSError):
-            for path in (paths.socket, paths.pid):  # a dead keeper's leftovers
+            # Not answering: a dead keeper's leftovers, or a keeper of another release
+            # (its pid file says which process; only a fly-vault process is signalled).
+            pid = _info.get("pid")
+            if isinstance(pid, int) and _is_fly_vault(pid):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGTERM)
+                print(f"stopped the keeper with pid {pid} (it did not answer)")
+            for path in (paths.socket, paths.pid):
                 with contextlib.suppress(OSError):
                     path.unlink()
-            print(f"removed a stale keeper socket ({paths.socket.name})")
+            print(f"removed the keeper socket {paths.socket.name}")
     return 0
+
+
+def _is_fly_vault(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        owner = os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return False
+    return owner == os.getuid() and (b"fly-vault" in cmdline or b"flyvault" in cmdline)
 
 
 if __name__ == "__main__":

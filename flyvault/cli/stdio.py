@@ -55,20 +55,21 @@ def run(args: argparse.Namespace) -> int:
             hint="e.g. fly-vault forward --stdio VAULT localhost:22",
         )
     host, port = parse_target(args.specs[0])
+    from flyvault.cli.mux import keeper_socket
     from flyvault.config import load_vault
 
     vault_config = load_vault(args.vault)
-    return asyncio.run(_pipe(vault_config, host, port))
+    return asyncio.run(_pipe(vault_config, host, port, keeper_socket(args, args.vault)))
 
 
-async def _pipe(vault_config: Any, host: str, port: int) -> int:
+async def _pipe(vault_config: Any, host: str, port: int, keeper: Any) -> int:
     from flyvault.cli.console import Console
     from flyvault.client import Vault, pipe_forward
 
     console = Console()
     # One connection, no reconnects: a lost connection breaks the TCP stream it carried
     # anyway, and ssh must hear that at once rather than after a reconnect budget.
-    vault = Vault(vault_config, on_notice=console.notice, on_event=console.event)
+    vault = Vault(vault_config, on_notice=console.notice, on_event=console.event, keeper=keeper)
     task = asyncio.ensure_future(pipe_forward(vault, host, port, FdSource(STDIN), FdSink(STDOUT)))
     # ssh ends its ProxyCommand with SIGHUP when it leaves, often before our stdin's end
     # arrives. Dying there would leave the vault's side to notice only at the idle timeout

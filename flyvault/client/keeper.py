@@ -298,6 +298,10 @@ class Keeper:
             value = None
         elif op == "status":
             value = self.status()
+        elif op == "connect":
+            value = connection_info(await self.vault.connection())
+        elif op == "stream":
+            value = await _relay_stream(link, await self.vault.connection(), request)
         else:  # stop
             self._stop.set()
             value = None
@@ -354,6 +358,103 @@ class Keeper:
             "connects": self.vault.connects,
             "boot_id": getattr(current, "boot_id", None),
         }
+
+
+def connection_info(connection: Any) -> dict[str, Any]:
+    """What a CLI using the keeper's streams needs to know about its connection."""
+    from flyvault.protocol.constants import PROTOCOL_VERSION
+
+    attestation = getattr(connection, "attestation", None)
+    return {
+        "boot_id": connection.boot_id,
+        "protocol_version": getattr(attestation, "protocol_version", PROTOCOL_VERSION),
+        "vm_state": int(connection.vm_state),
+        "runtime_status": int(connection.runtime_status),
+    }
+
+
+async def _relay_stream(link: _Link, connection: Any, request: dict[str, Any]) -> dict[str, int]:
+    """Relay one vault stream of ``request["tag"]`` between the CLI and the connection,
+    both directions independently, until both are done; the byte counts."""
+    from flyvault.protocol.constants import StreamTag
+
+    try:
+        tag = StreamTag(int(request["tag"]))
+    except (KeyError, TypeError, ValueError):
+        raise RemoteProtocolError(
+            f"keeper protocol: no stream tag {request.get('tag')!r}"
+        ) from None
+    stream = connection.open_stream(tag)
+    counts = {"up": 0, "down": 0}
+    up = asyncio.ensure_future(_relay_up(link, stream, counts))
+    down = asyncio.ensure_future(_relay_down(link, stream, counts))
+    try:
+        await asyncio.gather(up, down)
+    finally:
+        for task in (up, down):
+            task.cancel()
+        if not (up.done() and down.done() and not up.cancelled() and not down.cancelled()):
+            stream.abort()
+    return counts
+
+
+async def _relay_up(link: _Link, stream: Any, counts: dict[str, int]) -> None:
+    """CLI -> vault. A failed sending side is reported, and the CLI's frames are then read
+    and dropped until it ends its side (it learns of the failure from FAILED)."""
+    from flyvault.errors import TransportError
+
+    failed = False
+    while (frame := await link.receive()) is not None:
+        if failed:
+            if frame.kind in (MuxKind.STDIN_EOF, MuxKind.ABORT):
+                return
+            continue
+        try:
+            if frame.kind is MuxKind.STDIN:
+                stream.write(frame.payload)
+                counts["up"] += len(frame.payload)
+                await stream.drain()
+            elif frame.kind is MuxKind.STDIN_EOF:
+                stream.write_eof()
+                return
+            elif frame.kind is MuxKind.ABORT:
+                stream.abort()
+                return
+            else:
+                raise RemoteProtocolError(f"keeper protocol: unexpected {frame.kind.name}")
+        except TransportError as exc:
+            failed = True
+            await link.send(_failed_frame(exc, sending=True))
+    stream.abort()  # the CLI went away without ending its side
+    raise _CliLeft()
+
+
+async def _relay_down(link: _Link, stream: Any, counts: dict[str, int]) -> None:
+    """Vault -> CLI, with the CLI's socket as the backpressure."""
+    from flyvault.errors import TransportError
+
+    try:
+        while data := await stream.read(CHUNK):
+            counts["down"] += len(data)
+            await link.send(encode(MuxKind.STDOUT, data))
+    except TransportError as exc:
+        await link.send(_failed_frame(exc, sending=False))
+        return
+    await link.send(encode(MuxKind.EOF))
+
+
+def _failed_frame(error: VaultError, *, sending: bool) -> bytes:
+    return encode_json(
+        MuxKind.FAILED,
+        {
+            "type": type(error).__name__,
+            "message": error.message,
+            "hint": error.hint,
+            "exit_code": error.exit_code,
+            "error_code": getattr(error, "error_code", None),
+            "sending": sending,
+        },
+    )
 
 
 def _refusal(uid: int) -> VaultError:

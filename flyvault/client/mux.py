@@ -82,8 +82,10 @@ def runtime_dir() -> Path:
 
 
 def keeper_key(vault_name: str, config_path: Path, config_bytes: bytes) -> str:
+    from flyvault import __version__
+
     digest = hashlib.sha256()
-    for part in (vault_name, str(config_path)):
+    for part in (f"{__version__}/{MUX_VERSION}", vault_name, str(config_path)):
         digest.update(part.encode("utf-8", "surrogateescape") + b"\0")
     digest.update(config_bytes + b"\0")
     for name in sorted(os.environ):
@@ -131,7 +133,10 @@ class KeeperLink:
             raise KeeperUnavailable(f"the keeper at {path} closed before accepting")
         if first.kind is MuxKind.ERROR:
             link.close()
-            raise error_from(first)
+            error = error_from(first)
+            if "keeper protocol: version" in error.message:  # a keeper of another release
+                raise KeeperUnavailable(error.message)
+            raise error
         if first.kind is not MuxKind.ACCEPTED:
             link.close()
             raise RemoteProtocolError(f"keeper protocol: {first.kind.name} before ACCEPTED")

@@ -25,6 +25,7 @@ import signal as signal_module
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flyvault.client.events import DevelopmentIssuer, OnEvent
@@ -91,8 +92,12 @@ class Vault:
         reprovision: bool = False,
         progress: Callable[[str, int, int], None] | None = None,
         on_event: OnEvent | None = None,
+        keeper: Path | None = None,
     ) -> None:
         self.config = config
+        #: A connection keeper's socket: streams go through it (``keeper_stream``) while
+        #: it answers; without one, or once it is gone, the connection is direct.
+        self.keeper = keeper
         self._on_event = on_event
         self._announced = False
         #: Send the configured rootfs on the first connection even when the vault is Ready.
@@ -171,6 +176,10 @@ class Vault:
             connection.close()
 
     async def _connect(self) -> Any:
+        if self.keeper is not None:
+            connection = await self._through_keeper(self.keeper)
+            if connection is not None:
+                return connection
         from flyvault.client.connection import open_vault
 
         attempt = 0
@@ -242,6 +251,23 @@ class Vault:
             self._current = connection
             self.connects += 1
             return connection
+
+    async def _through_keeper(self, socket_path: Path) -> Any:
+        """The keeper's connection, or None (then never again): connect directly."""
+        from flyvault.client.keeper_stream import KeeperConnection
+        from flyvault.client.mux import KeeperUnavailable
+
+        try:
+            connection = await KeeperConnection.open(socket_path, self._notice)
+        except KeeperUnavailable as exc:
+            log.info("vault %s: %s; connecting directly", self.config.name, exc)
+            self.keeper = None
+            return None
+        self._ever_connected = True
+        self._lost_at = None
+        self._current = connection
+        self.connects += 1
+        return connection
 
     async def reprovision(
         self,

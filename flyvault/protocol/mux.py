@@ -13,6 +13,11 @@ Every message is a frame: ``kind`` (u8), ``length`` (u32, big-endian), ``length`
   new keeper, or a direct connection); after ``ACCEPTED`` it must not.
 * Then, for ``exec``: the client sends ``STDIN`` / ``STDIN_EOF`` / ``RESIZE``; the keeper
   sends ``STDOUT`` / ``STDERR`` / ``NOTICE`` / ``RAW`` / ``PROGRESS``.
+* For ``stream`` (a raw vault stream of the given tag, relayed): the client sends
+  ``STDIN`` / ``STDIN_EOF`` / ``ABORT``; the keeper sends ``STDOUT``, ``EOF`` and
+  ``FAILED`` (one direction failed: a stream reset, the connection lost).
+* ``connect`` makes sure the keeper's connection is up and answers with what the client
+  needs to know about it (boot id, protocol version, VM and runtime state).
 * The keeper ends every accepted request with exactly one ``RESULT`` (JSON) or ``ERROR``
   (JSON ``{"type", "message", "hint", "exit_code"}``), then closes.
 
@@ -28,7 +33,9 @@ from typing import Any
 
 from flyvault.errors import LocalProtocolError, RemoteProtocolError
 
-MUX_VERSION = 1
+#: Bumped whenever the frames or ops change. Keepers are named with it (and the release),
+#: so a CLI never talks to a keeper of another version.
+MUX_VERSION = 2
 HEADER = struct.Struct(">BI")
 #: One frame's payload at most; output and stdin travel in chunks well below it.
 MAX_FRAME = 1024 * 1024
@@ -40,6 +47,8 @@ class MuxKind(enum.IntEnum):
     STDIN = 2
     STDIN_EOF = 3
     RESIZE = 4
+    #: ``stream``: reset the vault stream both ways (the CLI gave up on it).
+    ABORT = 5
     # keeper -> client
     ACCEPTED = 16
     STDOUT = 17
@@ -49,10 +58,15 @@ class MuxKind(enum.IntEnum):
     PROGRESS = 21
     RESULT = 22
     ERROR = 23
+    #: ``stream``: the vault finished sending (its FIN).
+    EOF = 24
+    #: ``stream``: one direction failed; JSON as ERROR plus ``sending`` (which direction)
+    #: and ``error_code`` (a stream reset's). The request goes on for the other direction.
+    FAILED = 25
 
 
 #: Operations a HELLO may name.
-OPS = frozenset({"exec", "list", "kill", "status", "stop"})
+OPS = frozenset({"exec", "list", "kill", "status", "stop", "connect", "stream"})
 
 
 class MuxFrame:
