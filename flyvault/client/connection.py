@@ -107,6 +107,11 @@ class VaultConnection:
     #: What the vault reported about this connection's provisioning (devices created...).
     notes: tuple[str, ...] = ()
 
+    @property
+    def protocol_version(self) -> int:
+        """The protocol version the vault attested (what it can be asked for)."""
+        return int(self.attestation.protocol_version)
+
     def open_stream(self, tag: StreamTag) -> QuicStream:
         stream = self.channel.open_stream()
         _opened(stream, tag.name.lower(), self.vault.name)

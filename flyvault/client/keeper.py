@@ -364,10 +364,9 @@ def connection_info(connection: Any) -> dict[str, Any]:
     """What a CLI using the keeper's streams needs to know about its connection."""
     from flyvault.protocol.constants import PROTOCOL_VERSION
 
-    attestation = getattr(connection, "attestation", None)
     return {
         "boot_id": connection.boot_id,
-        "protocol_version": getattr(attestation, "protocol_version", PROTOCOL_VERSION),
+        "protocol_version": getattr(connection, "protocol_version", PROTOCOL_VERSION),
         "vm_state": int(connection.vm_state),
         "runtime_status": int(connection.runtime_status),
     }

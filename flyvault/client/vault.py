@@ -541,8 +541,7 @@ class ExecSession:
         the session exits, this client is displaced, or the stream fails."""
         # What the connection negotiated decides which fields may be sent (checked before
         # a stream exists, so a refusal leaves nothing half open on the vault).
-        attestation = getattr(connection, "attestation", None)
-        version = getattr(attestation, "protocol_version", PROTOCOL_VERSION)
+        version = getattr(connection, "protocol_version", PROTOCOL_VERSION)
         opening = self.machine.open_stream(version)
         stream = connection.open_stream(StreamTag.CONSOLE)
         stream.write(opening)
