@@ -53,13 +53,14 @@ def stop_keepers(runtime: Path) -> None:
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 5
     for pid in pids:
-        while _alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.02)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not count)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
