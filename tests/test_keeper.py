@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 from conftest import TOKEN, InitProcess, pid_alive, vault_entry
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from flyvault.errors import LocalProtocolError, RemoteProtocolError
@@ -221,6 +221,9 @@ json_values = st.recursive(
 
 
 @given(op=st.sampled_from(sorted(OPS)), version=json_values)
+@example(op="exec", version=True).via("JSON true == 1 in Python")
+@example(op="exec", version=1.0).via("JSON 1.0 == 1 in Python")
+@example(op="exec", version="1")
 def test_hello_with_another_version_is_refused(op: str, version: Any) -> None:
     hello = {"version": version, "op": op}
     if type(version) is int and version == MUX_VERSION:
@@ -231,6 +234,8 @@ def test_hello_with_another_version_is_refused(op: str, version: Any) -> None:
 
 
 @given(op=json_values, extra=st.dictionaries(st.text(), json_values, max_size=3))
+@example(op=["exec"], extra={}).via("a list is not hashable")
+@example(op={"exec": 1}, extra={})
 def test_hello_with_an_unknown_op_is_refused(op: Any, extra: dict[str, Any]) -> None:
     hello = {**extra, "version": MUX_VERSION, "op": op}
     if isinstance(op, str) and op in OPS:
@@ -548,8 +553,8 @@ def test_ctrl_c_detaches_the_session_on_the_vault(vault: str, reaper: list[Any])
     pid, _ = the_keeper()
     assert sessions(vault)["S"]["attached"] is True
     proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=15)
-    assert proc.returncode != 0
+    _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 130 and b"interrupted" in err  # as on the direct path
     wait_for(lambda: sessions(vault)["S"]["attached"] is False, "the vault kept the client")
     info = sessions(vault)["S"]
     assert info["running"] is True  # detached, not killed: it can be picked up again
@@ -736,3 +741,79 @@ def test_token_never_crosses_the_socket_nor_reaches_its_files(vault: str) -> Non
     for path in keeper_dir().iterdir():
         if path.is_file():
             assert TOKEN.encode() not in path.read_bytes(), path
+
+
+# More: concurrent starts, a changed config, the keeper as its own process, a lost vault --------
+
+
+def test_concurrent_first_calls_share_one_keeper(vault: str, reaper: list[Any]) -> None:
+    procs = [fv_popen("exec", vault, "--", "sh", "-c", f"echo {n}") for n in range(6)]
+    reaper.extend(procs)
+    for n, proc in enumerate(procs):
+        out, err = proc.communicate(timeout=60)
+        assert (proc.returncode, out) == (0, f"{n}\n".encode()), err
+    pid, _ = the_keeper()  # the lock let one keeper listen; the others used it
+    [row] = status(vault)
+    assert row["pid"] == pid and row["connects"] == 1
+    assert row["requests"] == 7  # every call went through it, and this status
+
+
+def test_a_changed_config_gets_a_new_keeper(
+    vault: str, init_process: InitProcess, issuer: OidcIssuer
+) -> None:
+    from flyvault.config import save_vault
+
+    assert fv("exec", vault, "--", "true").returncode == 0
+    old_pid, old_stem = the_keeper()
+    save_vault(vault_entry(init_process.port, issuer, name=vault, mux_idle=1))
+    assert fv("exec", vault, "--", "true").returncode == 0
+    stems = {p.with_suffix("") for p in pid_files()}
+    assert len(stems) == 2 and old_stem in stems  # the old one idles out on its own
+    new_stem = (stems - {old_stem}).pop()
+    new_pid = int(json.loads(new_stem.with_suffix(".pid").read_text())["pid"])
+    assert new_pid != old_pid
+    # mux_idle = 1 from the new config: it goes by itself, the old one stays.
+    wait_for(lambda: not pid_alive(new_pid), "the new keeper (mux_idle = 1) did not exit")
+    assert pid_alive(old_pid)
+
+
+def test_a_keeper_started_from_main_runs_as_its_own_process(vault: str) -> None:
+    """Outside the ``fly-vault`` entry point (a host program calling ``main()``) the keeper
+    is not forked off the caller but started as ``python -m flyvault.cli.mux``."""
+    script = (
+        "import sys; from flyvault.cli.main import main; "
+        f"sys.exit(main(['exec', {vault!r}, '--', 'sh', '-c', 'echo hosted']))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=60,
+    )
+    assert (result.returncode, result.stdout) == (0, b"hosted\n"), result.stderr
+    pid, _ = the_keeper()
+    with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+        assert b"flyvault.cli.mux" in cmdline.read()
+    again = fv("exec", vault, "--", "true")  # the entry point's calls use it
+    assert again.returncode == 0
+    [row] = status(vault)
+    assert (row["pid"], row["requests"]) == (pid, 3)
+
+
+def test_bad_idle_variable_is_a_usage_error(vault: str) -> None:
+    result = fv("exec", vault, "--", "true", env={"FLY_VAULT_MUX_IDLE": "soon"})
+    assert result.returncode == 2, result.stderr
+    assert b"FLY_VAULT_MUX_IDLE" in result.stderr
+    assert pid_files() == []
+
+
+def test_keeper_exits_when_its_vault_is_gone_while_idle(
+    vault: str, init_process: InitProcess
+) -> None:
+    assert fv("exec", vault, "--", "true").returncode == 0
+    pid, stem = the_keeper()
+    init_process.process.kill()  # no goodbye: the keeper's connection times out
+    init_process.process.wait()
+    wait_for(lambda: not pid_alive(pid), "the keeper outlived its vault", timeout=60)
+    assert "the connection to the vault was lost" in stem.with_suffix(".log").read_text()
+    assert not stem.with_suffix(".sock").exists() and not stem.with_suffix(".pid").exists()
