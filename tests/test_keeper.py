@@ -387,27 +387,49 @@ def test_stale_socket_is_replaced_by_a_new_keeper(vault: str, with_pid_file: boo
 
 # 5. Another user ----------------------------------------------------------------------------
 
-OTHER_USER = """
-import os, socket, struct, sys
-os.setgroups([])
-os.setgid(65534)
-os.setuid(65534)
-hello = b'{"version":1,"op":"status"}'
-sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-sock.settimeout(20)
-sock.connect(sys.argv[1])
-try:
-    sock.sendall(struct.pack(">BI", 1, len(hello)) + hello)
-except OSError:
-    pass  # the keeper may have answered and closed already
-data = b""
-try:
-    while chunk := sock.recv(65536):
-        data += chunk
-except ConnectionResetError:
-    pass  # the keeper closed with our HELLO unread: queued data comes first, then this
-sys.stdout.buffer.write(data)
-"""
+
+def _as_other_user(sock_path: Path, uid: int = 65534) -> bytes:
+    """Fork; the child drops to ``uid``, connects, sends a HELLO and returns everything the
+    keeper sends until it closes (a fork, not an interpreter: the checkout's directories
+    need not be open to that user)."""
+    hello = encode_json(MuxKind.HELLO, {"version": MUX_VERSION, "op": "status"})
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: system calls only, then _exit
+        code = 1
+        try:
+            os.close(read_fd)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(20)
+            sock.connect(str(sock_path))
+            with contextlib.suppress(OSError):  # the keeper may have answered and closed
+                sock.sendall(hello)
+            data = b""
+            with contextlib.suppress(ConnectionResetError):  # closed with our HELLO unread
+                while chunk := sock.recv(65536):
+                    data += chunk
+            os.write(write_fd, data)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    received = b""
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            if select.select([read_fd], [], [], deadline - time.monotonic())[0]:
+                chunk = os.read(read_fd, 65536)
+                if not chunk:
+                    break
+                received += chunk
+    finally:
+        os.close(read_fd)
+        _, status = os.waitpid(pid, 0)  # bounded: the child's socket timeout is 20 s
+    assert os.waitstatus_to_exitcode(status) == 0, "the other user's child failed"
+    return received
 
 
 @pytest.mark.skipif(not ROOT, reason="dropping to another uid needs root")
@@ -418,15 +440,9 @@ def test_another_user_is_refused_even_with_open_modes(vault: str) -> None:
     keeper_dir().parent.chmod(0o755)
     keeper_dir().chmod(0o755)
     sock_path.chmod(0o666)
-    other = subprocess.run(
-        [sys.executable, "-I", "-c", OTHER_USER, str(sock_path)],
-        capture_output=True,
-        timeout=30,
-        cwd="/",
-    )
-    assert other.returncode == 0, other.stderr
+    received = _as_other_user(sock_path)
     decoder = MuxDecoder()
-    frames = decoder.feed(other.stdout)
+    frames = decoder.feed(received)
     assert decoder.pending == 0
     assert [f.kind for f in frames] == [MuxKind.ERROR], frames
     message = frames[0].json()["message"]
