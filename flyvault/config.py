@@ -229,7 +229,7 @@ class VaultConfig:
                 value = value.get_secret_value()
             if key in _DEFAULTS and value == _DEFAULTS[key]:
                 continue
-            if value is not None and value != () and value is not False:
+            if value is not None and value != ():
                 table[key] = list(value) if isinstance(value, tuple) else value
         return table
 

@@ -40,6 +40,17 @@ def isolated_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
     shutil.rmtree(runtime, ignore_errors=True)
 
 
+@pytest.fixture(params=["keeper", "direct"])
+def exec_route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The CLI subprocesses of a test go through the connection keeper (the default) or
+    connect directly (``FLY_VAULT_MUX=0``, inherited): the exec suites run both ways."""
+    if request.param == "direct":
+        monkeypatch.setenv("FLY_VAULT_MUX", "0")
+    yield request.param
+    if request.param == "direct":  # the switch held: nothing was started
+        assert not list((Path(os.environ["XDG_RUNTIME_DIR"]) / "fly-vault").glob("*.pid"))
+
+
 def stop_keepers(runtime: Path) -> None:
     """SIGTERM each keeper with a pid file under ``runtime``, SIGKILL after 5 s."""
     pids = []
@@ -53,13 +64,14 @@ def stop_keepers(runtime: Path) -> None:
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 5
     for pid in pids:
-        while _alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.02)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not count)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -568,6 +568,9 @@ def _environment(tmp_path: Path, extra: dict[str, str]) -> dict[str, str]:
         (home / sub).mkdir(parents=True, exist_ok=True)
         env[variable] = str(home / sub)
     env["HOME"] = str(home)
+    # The test's own runtime directory: a keeper a CLI call starts is stopped at teardown
+    # (without it, keepers would gather in the shared /tmp/fly-vault-<uid>).
+    env["XDG_RUNTIME_DIR"] = os.environ["XDG_RUNTIME_DIR"]
     env.update(extra)
     return env
 

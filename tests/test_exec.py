@@ -24,7 +24,7 @@ from flyvault.standins import OidcIssuer
 
 
 @pytest.fixture
-def vault(init_process: InitProcess, issuer: OidcIssuer) -> str:
+def vault(init_process: InitProcess, issuer: OidcIssuer, exec_route: str) -> str:
     from flyvault.config import save_vault
 
     save_vault(vault_entry(init_process.port, issuer, name="t"))
@@ -446,6 +446,7 @@ def _token_never_printed(result: Any) -> None:
     assert TOKEN.encode() not in result.stdout + result.stderr
 
 
+@pytest.mark.usefixtures("exec_route")
 def test_session_buffer_is_configurable(tmp_path: Path, fly_api: Any, issuer: OidcIssuer) -> None:
     from flyvault.config import save_vault
 
@@ -520,6 +521,7 @@ def test_hundreds_of_execs_on_one_connection_release_their_streams(
     assert open_streams <= 2
 
 
+@pytest.mark.usefixtures("exec_route")
 def test_remote_sized_datagrams_carry_stdin_and_output_intact(
     tmp_path: Path, issuer: OidcIssuer, fly_api: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -45,7 +45,7 @@ def fv(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def vault(init_process: InitProcess, issuer: OidcIssuer) -> str:
+def vault(init_process: InitProcess, issuer: OidcIssuer, exec_route: str) -> str:
     from flyvault.config import save_vault
 
     save_vault(vault_entry(init_process.port, issuer, name="t"))
@@ -259,7 +259,9 @@ def _rootfs(path: Path) -> Path:
 
 
 @pytest.fixture
-def vm_vault(tmp_path: Path, fly_api: object, issuer: OidcIssuer) -> Iterator[str]:
+def vm_vault(
+    tmp_path: Path, fly_api: object, issuer: OidcIssuer, exec_route: str
+) -> Iterator[str]:
     from flyvault.config import save_vault
 
     init = start_init(tmp_path, fly_api.path, host_mode=False)  # type: ignore[attr-defined]

@@ -269,7 +269,10 @@ def pane(tmp_path: Path, vault: str) -> Iterator[Pane]:
         "PS1": LOCAL_PROMPT,
         "LANG": "C.UTF-8",
     }
-    for name in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME"):
+    # XDG_RUNTIME_DIR: exec's connection keeper lives in the test's own directory and is
+    # stopped at teardown, not left in the shared /tmp/fly-vault-<uid>.
+    names = ("XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME")
+    for name in (*names, "XDG_RUNTIME_DIR"):
         env[name] = os.environ[name]
     opened = Pane(tmp_path, env)
     try:

@@ -151,12 +151,14 @@ def check_hello(value: Any) -> dict[str, Any]:
     """The HELLO object, checked: a dict with this version and a known op."""
     if not isinstance(value, dict):
         raise RemoteProtocolError("keeper protocol: HELLO is not a JSON object")
-    if value.get("version") != MUX_VERSION:
+    version, op = value.get("version"), value.get("op")
+    # Exactly the integer: JSON true and 1.0 compare equal to 1 in Python.
+    if type(version) is not int or version != MUX_VERSION:
         raise RemoteProtocolError(
-            f"keeper protocol: version {value.get('version')!r}, this keeper speaks {MUX_VERSION}"
+            f"keeper protocol: version {version!r}, this keeper speaks {MUX_VERSION}"
         )
-    if value.get("op") not in OPS:
-        raise RemoteProtocolError(f"keeper protocol: unknown op {value.get('op')!r}")
+    if not isinstance(op, str) or op not in OPS:  # a list or object is not hashable
+        raise RemoteProtocolError(f"keeper protocol: unknown op {op!r}")
     return value
 
 

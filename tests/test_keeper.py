@@ -1,0 +1,835 @@
+"""The connection keeper end to end: real CLI processes, real unix sockets, a real init
+process on 127.0.0.1. Nothing of ours is mocked.
+
+The codec (``flyvault.protocol.mux``) is checked by property; everything else by running
+``python -m flyvault.cli.main`` and looking at what it leaves behind: the keeper's pid file,
+socket and log under ``$XDG_RUNTIME_DIR/fly-vault`` (a fresh directory per test, see
+conftest's ``isolated_dirs``), ``fly-vault mux status --json``, and the vault's own view
+(``list-exec``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import re
+import select
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import TOKEN, InitProcess, pid_alive, vault_entry
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from flyvault.errors import LocalProtocolError, RemoteProtocolError
+from flyvault.protocol.mux import (
+    HEADER,
+    MAX_FRAME,
+    MUX_VERSION,
+    OPS,
+    MuxDecoder,
+    MuxFrame,
+    MuxKind,
+    check_hello,
+    encode,
+    encode_json,
+)
+from flyvault.standins import OidcIssuer
+
+ROOT = os.geteuid() == 0
+
+
+# Helpers ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def vault(init_process: InitProcess, issuer: OidcIssuer) -> str:
+    from flyvault.config import save_vault
+
+    save_vault(vault_entry(init_process.port, issuer, name="t"))
+    return "t"
+
+
+def fv(
+    *args: str,
+    env: dict[str, str] | None = None,
+    input_: bytes | None = None,
+    timeout: float = 60,
+    python_flags: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, *python_flags, "-m", "flyvault.cli.main", *args],
+        stdin=subprocess.DEVNULL if input_ is None else None,
+        input=input_,
+        capture_output=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def fv_popen(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "flyvault.cli.main", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def keeper_dir() -> Path:
+    return Path(os.environ["XDG_RUNTIME_DIR"]) / "fly-vault"
+
+
+def pid_files() -> list[Path]:
+    return sorted(keeper_dir().glob("*.pid"))
+
+
+def the_keeper() -> tuple[int, Path]:
+    """The one keeper's pid and its paths' stem (``.../t-<key>``)."""
+    files = pid_files()
+    assert len(files) == 1, f"expected one keeper pid file, found {files}"
+    pid = int(json.loads(files[0].read_text())["pid"])
+    return pid, files[0].with_suffix("")
+
+
+def status(vault: str | None = None) -> list[dict[str, Any]]:
+    result = fv("mux", "status", "--json", *((vault,) if vault else ()))
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert isinstance(rows, list)
+    return rows
+
+
+def wait_for(check: Callable[[], Any], what: str, timeout: float = 30) -> Any:
+    """Poll ``check`` until it returns something true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.05)
+
+
+def read_until(proc: subprocess.Popen[bytes], expected: bytes, timeout: float = 60) -> bytes:
+    assert proc.stdout is not None
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while expected not in seen:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"no {expected!r} within {timeout} s; got {seen!r}"
+        if select.select([proc.stdout], [], [], remaining)[0]:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            assert chunk, f"end of output before {expected!r}; got {seen!r}"
+            seen += chunk
+    return seen
+
+
+def sessions(vault: str) -> dict[str, Any]:
+    result = fv("list-exec", vault, "--json")
+    assert result.returncode == 0, result.stderr
+    return {item["session_id"]: item for item in json.loads(result.stdout)}
+
+
+@pytest.fixture
+def reaper() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """CLI processes a test started: killed (by their own handle) if still running."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def expected_paths(vault: str) -> Any:
+    """The keeper's paths for ``vault`` as the CLI computes them (same config bytes, same
+    ``FLY_VAULT_*`` variables as the subprocesses inherit)."""
+    from flyvault.client.mux import keeper_key, keeper_paths, runtime_dir
+    from flyvault.paths import config_file
+
+    path = config_file()
+    return keeper_paths(runtime_dir(), vault, keeper_key(vault, path, path.read_bytes()))
+
+
+# 1. The frame codec -------------------------------------------------------------------------
+
+frames_strategy = st.lists(
+    st.tuples(st.sampled_from(list(MuxKind)), st.binary(max_size=600)), max_size=12
+)
+
+
+@given(frames=frames_strategy, cuts=st.lists(st.integers(min_value=0), max_size=20))
+@settings(max_examples=300, deadline=None)
+def test_frames_survive_any_cuts(frames: list[tuple[MuxKind, bytes]], cuts: list[int]) -> None:
+    stream = b"".join(encode(kind, payload) for kind, payload in frames)
+    points = sorted({cut % (len(stream) + 1) for cut in cuts} | {0, len(stream)})
+    decoder = MuxDecoder()
+    out: list[MuxFrame] = []
+    for start, end in itertools.pairwise(points):
+        out += decoder.feed(stream[start:end])
+    assert out == [MuxFrame(kind, payload) for kind, payload in frames]
+    assert decoder.pending == 0
+
+
+@given(
+    frames=frames_strategy,
+    kind=st.integers(0, 255).filter(lambda k: k not in set(MuxKind)),
+    length=st.integers(0, 2**32 - 1),
+)
+def test_unknown_kind_is_refused_after_good_frames(
+    frames: list[tuple[MuxKind, bytes]], kind: int, length: int
+) -> None:
+    good = b"".join(encode(k, p) for k, p in frames)
+    with pytest.raises(RemoteProtocolError, match=f"unknown frame kind {kind}"):
+        MuxDecoder().feed(good + HEADER.pack(kind, length))
+
+
+@given(kind=st.sampled_from(list(MuxKind)), length=st.integers(MAX_FRAME + 1, 2**32 - 1))
+def test_oversized_length_is_refused_from_the_header_alone(kind: MuxKind, length: int) -> None:
+    decoder = MuxDecoder()
+    with pytest.raises(RemoteProtocolError, match="over"):
+        decoder.feed(HEADER.pack(kind, length))  # no payload needed: refused before buffering
+
+
+def test_largest_frame_passes_and_one_byte_more_is_refused_both_ways() -> None:
+    payload = os.urandom(MAX_FRAME)
+    assert MuxDecoder().feed(encode(MuxKind.STDOUT, payload)) == [MuxFrame(MuxKind.STDOUT, payload)]
+    with pytest.raises(LocalProtocolError):
+        encode(MuxKind.STDOUT, payload + b"x")
+    with pytest.raises(RemoteProtocolError):
+        MuxDecoder().feed(HEADER.pack(MuxKind.STDOUT, MAX_FRAME + 1))
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@given(op=st.sampled_from(sorted(OPS)), version=json_values)
+@example(op="exec", version=True).via("JSON true == 1 in Python")
+@example(op="exec", version=1.0).via("JSON 1.0 == 1 in Python")
+@example(op="exec", version="1")
+def test_hello_with_another_version_is_refused(op: str, version: Any) -> None:
+    hello = {"version": version, "op": op}
+    if type(version) is int and version == MUX_VERSION:
+        assert check_hello(hello) == hello
+    else:
+        with pytest.raises(RemoteProtocolError, match="version"):
+            check_hello(hello)
+
+
+@given(op=json_values, extra=st.dictionaries(st.text(), json_values, max_size=3))
+@example(op=["exec"], extra={}).via("a list is not hashable")
+@example(op={"exec": 1}, extra={})
+def test_hello_with_an_unknown_op_is_refused(op: Any, extra: dict[str, Any]) -> None:
+    hello = {**extra, "version": MUX_VERSION, "op": op}
+    if isinstance(op, str) and op in OPS:
+        assert check_hello(hello) == hello
+    else:
+        with pytest.raises(RemoteProtocolError, match="unknown op"):
+            check_hello(hello)
+
+
+@given(value=json_values.filter(lambda v: not isinstance(v, dict)))
+def test_hello_that_is_not_an_object_is_refused(value: Any) -> None:
+    with pytest.raises(RemoteProtocolError, match="not a JSON object"):
+        check_hello(value)
+
+
+def test_frame_json_names_the_frame_when_it_is_not_json() -> None:
+    with pytest.raises(RemoteProtocolError, match="RESULT frame does not hold JSON"):
+        MuxFrame(MuxKind.RESULT, b"\xff{").json()
+
+
+# 2. Reuse -----------------------------------------------------------------------------------
+
+SPLIT = (
+    "import sys; sys.stdout.buffer.write(bytes(range(256)) + b'out'); "
+    "sys.stderr.buffer.write(b'err' + bytes(range(255, -1, -1))); sys.exit(7)"
+)
+
+
+def test_second_exec_reuses_the_keepers_connection(vault: str) -> None:
+    command = ("exec", vault, "--", sys.executable, "-c", SPLIT)
+    direct = fv(*command, env={"FLY_VAULT_MUX": "0"})
+    assert pid_files() == []  # the direct call started nothing
+    first = fv(*command)
+    pid, _ = the_keeper()
+    second = fv(*command)
+    third = fv("exec", vault, "--", "sh", "-c", "printf two; printf owt >&2; exit 3")
+    assert the_keeper()[0] == pid  # still the one keeper
+    # Byte for byte what the direct call gave, the connection's notice included; a reused
+    # connection has no notice left to give.
+    assert direct.returncode == 7
+    assert direct.stdout == bytes(range(256)) + b"out"
+    assert direct.stderr.endswith(b"err" + bytes(range(255, -1, -1)))
+    assert (first.returncode, first.stdout, first.stderr) == (7, direct.stdout, direct.stderr)
+    assert (second.returncode, second.stdout, second.stderr) == (
+        7,
+        direct.stdout,
+        b"err" + bytes(range(255, -1, -1)),
+    )
+    assert (third.returncode, third.stdout, third.stderr) == (3, b"two", b"owt")
+    [row] = status(vault)
+    assert row["pid"] == pid
+    assert row["requests"] == 4  # three execs and this status call
+    assert row["connects"] == 1
+    assert row["connected"] is True
+    assert row["active"] == 1  # the status request itself
+
+
+def test_list_exec_and_kill_go_through_the_keeper_too(vault: str, reaper: list[Any]) -> None:
+    proc = fv_popen("exec", vault, "--session", "lk", "--", "sh", "-c", "echo up; exec sleep 30")
+    reaper.append(proc)
+    read_until(proc, b"up\n")
+    pid, _ = the_keeper()
+    before = status(vault)[0]["requests"]
+    assert sessions(vault)["lk"]["running"] is True
+    killed = fv("kill", vault, "lk", "--signal", "KILL")
+    assert killed.returncode == 0, killed.stderr
+    assert proc.wait(timeout=30) == 137
+    after = status(vault)[0]
+    assert after["pid"] == pid
+    assert after["requests"] == before + 3  # list-exec, kill, and this status
+    assert after["connects"] == 1
+
+
+# 3. The thin path's imports -----------------------------------------------------------------
+
+HEAVY = ("asyncio", "aioquic", "cryptography")
+
+
+def imported(stderr: bytes) -> set[str]:
+    """Top-level package names from ``-X importtime`` lines."""
+    names = set()
+    for line in stderr.decode(errors="replace").splitlines():
+        if line.startswith("import time:") and "|" in line:
+            name = line.rsplit("|", 1)[1].strip()
+            if name != "package":  # the header line
+                names.add(name.split(".")[0])
+    return names
+
+
+def test_thin_path_imports_no_asyncio_quic_or_crypto(vault: str) -> None:
+    assert fv("exec", vault, "--", "true").returncode == 0  # warm: the keeper is up
+    pid, _ = the_keeper()
+    before = status(vault)[0]["requests"]
+    thin = fv("exec", vault, "--", "true", python_flags=("-X", "importtime"))
+    assert thin.returncode == 0, thin.stderr
+    names = imported(thin.stderr)
+    assert "flyvault" in names  # the parse worked
+    assert not names & set(HEAVY), sorted(names & set(HEAVY))
+    after = status(vault)[0]
+    assert (after["pid"], after["requests"]) == (pid, before + 2)  # it went through the keeper
+    # The same check does see them on the direct path: it can fail.
+    direct = fv(
+        "exec", vault, "--", "true", python_flags=("-X", "importtime"), env={"FLY_VAULT_MUX": "0"}
+    )
+    assert direct.returncode == 0
+    assert set(HEAVY) <= imported(direct.stderr)
+
+
+@pytest.mark.parametrize("args", [("--help",), ("exec", "--help"), ("mux", "status")])
+def test_help_and_mux_status_import_no_asyncio_quic_or_crypto(args: tuple[str, ...]) -> None:
+    result = fv(*args, python_flags=("-X", "importtime"))
+    assert result.returncode == 0, result.stderr
+    names = imported(result.stderr)
+    assert "flyvault" in names
+    assert not names & set(HEAVY), sorted(names & set(HEAVY))
+
+
+# 4. A stale socket --------------------------------------------------------------------------
+
+
+def _stale_socket(path: Path) -> None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.close()  # the file stays; nothing listens
+    with pytest.raises(ConnectionRefusedError):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        finally:
+            probe.close()
+
+
+@pytest.mark.parametrize("with_pid_file", [False, True])
+def test_stale_socket_is_replaced_by_a_new_keeper(vault: str, with_pid_file: bool) -> None:
+    paths = expected_paths(vault)
+    _stale_socket(paths.socket)
+    if with_pid_file:  # a keeper that was SIGKILLed leaves both behind
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        paths.pid.write_text(json.dumps({"pid": dead.pid, "started_at": 0}))
+    result = fv("exec", vault, "--", "sh", "-c", "echo fine")
+    assert (result.returncode, result.stdout) == (0, b"fine\n"), result.stderr
+    pid, stem = the_keeper()
+    assert stem == paths.socket.with_suffix("")  # the path computed here is the CLI's
+    assert pid_alive(pid)
+    [row] = status(vault)
+    assert row["pid"] == pid and row["requests"] >= 2  # the exec went through it
+
+
+# 5. Another user ----------------------------------------------------------------------------
+
+
+def _as_other_user(sock_path: Path, uid: int = 65534) -> bytes:
+    """Fork; the child drops to ``uid``, connects, sends a HELLO and returns everything the
+    keeper sends until it closes (a fork, not an interpreter: the checkout's directories
+    need not be open to that user)."""
+    hello = encode_json(MuxKind.HELLO, {"version": MUX_VERSION, "op": "status"})
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: system calls only, then _exit
+        code = 1
+        try:
+            os.close(read_fd)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(20)
+            sock.connect(str(sock_path))
+            with contextlib.suppress(OSError):  # the keeper may have answered and closed
+                sock.sendall(hello)
+            data = b""
+            with contextlib.suppress(ConnectionResetError):  # closed with our HELLO unread
+                while chunk := sock.recv(65536):
+                    data += chunk
+            os.write(write_fd, data)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    received = b""
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            if select.select([read_fd], [], [], deadline - time.monotonic())[0]:
+                chunk = os.read(read_fd, 65536)
+                if not chunk:
+                    break
+                received += chunk
+    finally:
+        os.close(read_fd)
+        _, status = os.waitpid(pid, 0)  # bounded: the child's socket timeout is 20 s
+    assert os.waitstatus_to_exitcode(status) == 0, "the other user's child failed"
+    return received
+
+
+@pytest.mark.skipif(not ROOT, reason="dropping to another uid needs root")
+def test_another_user_is_refused_even_with_open_modes(vault: str) -> None:
+    assert fv("exec", vault, "--", "true").returncode == 0
+    pid, stem = the_keeper()
+    sock_path = stem.with_suffix(".sock")
+    keeper_dir().parent.chmod(0o755)
+    keeper_dir().chmod(0o755)
+    sock_path.chmod(0o666)
+    received = _as_other_user(sock_path)
+    decoder = MuxDecoder()
+    frames = decoder.feed(received)
+    assert decoder.pending == 0
+    assert [f.kind for f in frames] == [MuxKind.ERROR], frames
+    message = frames[0].json()["message"]
+    assert f"belongs to uid {os.getuid()}" in message
+    assert "uid 65534 was refused" in message
+    # The keeper is unharmed and counted the refusal (modes back first: status checks them).
+    keeper_dir().chmod(0o700)
+    [row] = status(vault)
+    assert (row["pid"], row["refused"]) == (pid, 1)
+    assert fv("exec", vault, "--", "true").returncode == 0
+
+
+def _raw_exchange(path: Path, data: bytes) -> list[MuxFrame]:
+    """Send ``data`` on a fresh connection; every frame until the keeper closes."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(20)
+    try:
+        sock.connect(str(path))
+        with contextlib.suppress(OSError):
+            sock.sendall(data)
+        decoder, frames = MuxDecoder(), []
+        while chunk := sock.recv(65536):
+            frames += decoder.feed(chunk)
+        assert decoder.pending == 0
+        return frames
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize(
+    ("data", "named"),
+    [
+        (HEADER.pack(99, 0), "unknown frame kind 99"),
+        (HEADER.pack(MuxKind.HELLO, MAX_FRAME + 1), "over"),
+        (encode(MuxKind.STDIN, b"x"), "STDIN before HELLO"),
+        (encode(MuxKind.HELLO, b"not json"), "does not hold JSON"),
+        (encode_json(MuxKind.HELLO, {"version": True, "op": "status"}), "version True"),
+        (encode_json(MuxKind.HELLO, {"version": 1, "op": ["exec"]}), "unknown op ['exec']"),
+        (encode_json(MuxKind.HELLO, {"version": 1, "op": "shutdown"}), "unknown op 'shutdown'"),
+    ],
+    ids=["kind", "oversized", "stdin-first", "not-json", "version", "op-list", "op-name"],
+)
+def test_a_bad_client_gets_one_protocol_error_and_the_keeper_serves_on(
+    vault: str, data: bytes, named: str
+) -> None:
+    assert fv("exec", vault, "--", "true").returncode == 0
+    pid, stem = the_keeper()
+    frames = _raw_exchange(stem.with_suffix(".sock"), data)
+    assert [f.kind for f in frames] == [MuxKind.ERROR], frames
+    assert named in frames[0].json()["message"]
+    assert "Traceback" not in stem.with_suffix(".log").read_text()  # not taken for a bug
+    [row] = status(vault)
+    assert row["pid"] == pid and row["requests"] == 2  # the refused one did not count
+
+
+# 6. Modes -----------------------------------------------------------------------------------
+
+
+def test_directory_and_socket_modes(vault: str) -> None:
+    assert fv("exec", vault, "--", "true").returncode == 0
+    _, stem = the_keeper()
+    assert stat.S_IMODE(keeper_dir().stat().st_mode) == 0o700
+    for suffix in (".sock", ".pid", ".log"):
+        info = os.lstat(stem.with_suffix(suffix))
+        assert stat.S_IMODE(info.st_mode) == 0o600, suffix
+        assert info.st_uid == os.getuid()
+    assert stat.S_ISSOCK(os.lstat(stem.with_suffix(".sock")).st_mode)
+
+
+def test_an_open_directory_means_no_keeper(vault: str) -> None:
+    keeper_dir().mkdir(mode=0o700)
+    keeper_dir().chmod(0o755)
+    result = fv("exec", vault, "--", "sh", "-c", "echo direct; exit 5")
+    assert (result.returncode, result.stdout) == (5, b"direct\n"), result.stderr
+    assert list(keeper_dir().iterdir()) == []  # no socket, no pid file, no log
+    assert stat.S_IMODE(keeper_dir().stat().st_mode) == 0o755  # left as it was
+    mux = fv("mux", "status")
+    assert mux.returncode == 2
+    assert b"has mode 0755" in mux.stderr and b"0700" in mux.stderr
+
+
+def test_a_symlinked_directory_means_no_keeper(vault: str, tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.mkdir(mode=0o700)
+    keeper_dir().symlink_to(target)
+    result = fv("exec", vault, "--", "true")
+    assert result.returncode == 0, result.stderr
+    assert list(target.iterdir()) == []
+    mux = fv("mux", "status")
+    assert mux.returncode == 2 and b"is not a directory" in mux.stderr
+
+
+# 7. The keeper killed in the middle of a command --------------------------------------------
+
+
+def test_keeper_killed_mid_command(vault: str, reaper: list[Any]) -> None:
+    proc = fv_popen("exec", vault, "--", "sh", "-c", "echo started; exec sleep 30")
+    reaper.append(proc)
+    read_until(proc, b"started\n")
+    pid, stem = the_keeper()
+    os.kill(pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=15)  # bounded: the CLI must not wait for the command
+    assert proc.returncode == 255
+    assert b"the connection keeper ended" in err
+    hint = re.search(rb"fly-vault exec \S+ --session (\S+)", err)
+    assert hint, err
+    session_id = hint.group(1).decode()
+    assert session_id in sessions(vault)  # a real session the user can reattach to
+    # The next call works; a new keeper replaced the dead one's socket.
+    again = fv("exec", vault, "--", "sh", "-c", "echo again")
+    assert (again.returncode, again.stdout) == (0, b"again\n"), again.stderr
+    new_pid, new_stem = the_keeper()
+    assert new_pid != pid and new_stem == stem
+    assert not pid_alive(pid)
+
+
+# 8. Ctrl-C ----------------------------------------------------------------------------------
+
+
+def test_ctrl_c_detaches_the_session_on_the_vault(vault: str, reaper: list[Any]) -> None:
+    proc = fv_popen("exec", vault, "--session", "S", "--", "sh", "-c", "echo up; exec sleep 30")
+    reaper.append(proc)
+    read_until(proc, b"up\n")
+    pid, _ = the_keeper()
+    assert sessions(vault)["S"]["attached"] is True
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 130 and b"interrupted" in err  # as on the direct path
+    wait_for(lambda: sessions(vault)["S"]["attached"] is False, "the vault kept the client")
+    info = sessions(vault)["S"]
+    assert info["running"] is True  # detached, not killed: it can be picked up again
+    [row] = status(vault)
+    assert (row["pid"], row["active"]) == (pid, 1)  # only this status request
+    assert fv("kill", vault, "S", "--signal", "KILL").returncode == 0
+
+
+# 9. Idle exit -------------------------------------------------------------------------------
+
+
+def _serving_pid(log: Path) -> int:
+    match = re.search(r"serving \(pid (\d+)\)", log.read_text())
+    assert match, log.read_text()
+    return int(match.group(1))
+
+
+def test_idle_keeper_exits_and_cleans_up(vault: str) -> None:
+    paths = expected_paths(vault)
+    result = fv("exec", vault, "--", "true", env={"FLY_VAULT_MUX_IDLE": "1"})
+    assert result.returncode == 0, result.stderr
+    pid = _serving_pid(paths.log)  # from the log: the pid file may already be gone
+    wait_for(lambda: not pid_alive(pid), "the idle keeper did not exit")
+    assert not paths.socket.exists()
+    assert not paths.pid.exists()
+    assert "exiting: idle for" in paths.log.read_text()
+
+
+def test_busy_keeper_does_not_idle_out(vault: str) -> None:
+    """A request running for longer than the idle time keeps its keeper: the command ends
+    normally through it, and only then does the keeper idle out."""
+    paths = expected_paths(vault)
+    script = "echo up; sleep 3; echo done"
+    result = fv("exec", vault, "--", "sh", "-c", script, env={"FLY_VAULT_MUX_IDLE": "1"})
+    assert (result.returncode, result.stdout) == (0, b"up\ndone\n"), result.stderr
+    pid = _serving_pid(paths.log)
+    wait_for(lambda: not pid_alive(pid), "the idle keeper did not exit afterwards")
+    log = paths.log.read_text()
+    assert log.count("exiting") == 1 and "exiting: idle for" in log
+
+
+# 10. mux stop, --no-mux, FLY_VAULT_MUX, mux = false -----------------------------------------
+
+
+def test_mux_stop_stops_the_keeper(vault: str) -> None:
+    assert fv("exec", vault, "--", "true").returncode == 0
+    pid, stem = the_keeper()
+    stopped = fv("mux", "stop")
+    assert stopped.returncode == 0, stopped.stderr
+    assert f"stopped the keeper of vault {vault} (pid {pid})".encode() in stopped.stdout
+    wait_for(lambda: not pid_alive(pid), "the stopped keeper is still running")
+    assert not stem.with_suffix(".sock").exists()
+    assert not stem.with_suffix(".pid").exists()
+    assert fv("mux", "status").stdout == b"no connection keepers running\n"
+
+
+def test_mux_stop_removes_a_dead_keepers_leftovers(vault: str) -> None:
+    assert fv("exec", vault, "--", "true").returncode == 0
+    pid, stem = the_keeper()
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(pid), "the killed keeper")
+    assert status(vault)[0]["error"].startswith("not answering")
+    stopped = fv("mux", "stop")
+    assert stopped.returncode == 0 and b"removed a stale keeper socket" in stopped.stdout
+    assert pid_files() == [] and not stem.with_suffix(".sock").exists()
+
+
+@pytest.mark.parametrize(
+    "how",
+    [("--no-mux",), {"FLY_VAULT_MUX": "0"}, {"FLY_VAULT_MUX": "off"}],
+    ids=["--no-mux", "MUX=0", "MUX=off"],
+)
+def test_keeper_turned_off_never_starts(vault: str, how: Any) -> None:
+    flags, env = (how, None) if isinstance(how, tuple) else ((), how)
+    result = fv(*flags, "exec", vault, "--", "sh", "-c", "echo x; exit 4", env=env)
+    assert (result.returncode, result.stdout) == (4, b"x\n"), result.stderr
+    assert fv(*flags, "list-exec", vault, "--json", env=env).returncode == 0
+    assert fv(*flags, "kill", vault, "ghost", env=env).returncode == 9
+    assert not keeper_dir().exists() or list(keeper_dir().iterdir()) == []
+    # The same call without the switch does start one: the check can fail.
+    assert fv("exec", vault, "--", "true").returncode == 0
+    assert len(pid_files()) == 1
+
+
+def test_bogus_mux_variable_is_a_usage_error(vault: str) -> None:
+    for args in (("exec", vault, "--", "true"), ("list-exec", vault), ("kill", vault, "x")):
+        result = fv(*args, env={"FLY_VAULT_MUX": "bogus"})
+        assert result.returncode == 2, (args, result.stderr)
+        assert b"FLY_VAULT_MUX" in result.stderr
+    assert pid_files() == []
+
+
+def test_config_mux_false_never_starts_a_keeper(
+    init_process: InitProcess, issuer: OidcIssuer
+) -> None:
+    from flyvault.config import save_vault
+
+    save_vault(vault_entry(init_process.port, issuer, name="nomux", mux=False))
+    result = fv("exec", "nomux", "--", "sh", "-c", "echo ok")
+    assert (result.returncode, result.stdout) == (0, b"ok\n"), result.stderr
+    assert fv("list-exec", "nomux").returncode == 0
+    assert pid_files() == []
+    from flyvault.config import load_vault
+
+    assert load_vault("nomux").mux is False  # the saved entry did keep it
+    assert not any(keeper_dir().glob("*.sock"))
+
+
+# 11. The token never crosses the socket -------------------------------------------------------
+
+
+class Recorder:
+    """A relay at the keeper's socket path, in front of the real keeper (whose socket file
+    was renamed): every byte each way is recorded."""
+
+    def __init__(self, public: Path, real: Path) -> None:
+        self.real = real
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(public))
+        public.chmod(0o600)
+        self.listener.listen(16)
+        self.up = bytearray()
+        self.down = bytearray()
+        self.connections = 0
+        self.threads: list[threading.Thread] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            server.connect(str(self.real))
+            for src, dst, log in ((client, server, self.up), (server, client, self.down)):
+                thread = threading.Thread(target=self._pump, args=(src, dst, log), daemon=True)
+                thread.start()
+                self.threads.append(thread)
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, log: bytearray) -> None:
+        try:
+            while data := src.recv(65536):
+                log += data
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() thread
+        self.listener.close()
+        for thread in self.threads:
+            thread.join(timeout=10)
+
+
+def test_token_never_crosses_the_socket_nor_reaches_its_files(vault: str) -> None:
+    assert fv("exec", vault, "--", "true").returncode == 0
+    _, stem = the_keeper()
+    public, real = stem.with_suffix(".sock"), stem.with_suffix(".real")
+    public.rename(real)
+    recorder = Recorder(public, real)
+    try:
+        result = fv("exec", vault, "--", "sh", "-c", "echo through; echo oops >&2", input_=b"in")
+        assert (result.returncode, result.stdout) == (0, b"through\n"), result.stderr
+        assert fv("list-exec", vault, "--json").returncode == 0
+        status_out = fv("mux", "status", "--json")
+        assert status_out.returncode == 0
+    finally:
+        recorder.close()
+    assert recorder.connections == 3  # every call went through the relay
+    up = MuxDecoder().feed(bytes(recorder.up))
+    down = MuxDecoder().feed(bytes(recorder.down))
+    assert [f.kind for f in up if f.kind is MuxKind.HELLO] == [MuxKind.HELLO] * 3
+    assert MuxFrame(MuxKind.STDOUT, b"through\n") in down  # the relay saw the real traffic
+    for blob in (bytes(recorder.up), bytes(recorder.down), status_out.stdout):
+        assert TOKEN.encode() not in blob
+    for path in keeper_dir().iterdir():
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
+
+
+# More: concurrent starts, a changed config, the keeper as its own process, a lost vault --------
+
+
+def test_concurrent_first_calls_share_one_keeper(vault: str, reaper: list[Any]) -> None:
+    procs = [fv_popen("exec", vault, "--", "sh", "-c", f"echo {n}") for n in range(6)]
+    reaper.extend(procs)
+    for n, proc in enumerate(procs):
+        out, err = proc.communicate(timeout=60)
+        assert (proc.returncode, out) == (0, f"{n}\n".encode()), err
+    pid, _ = the_keeper()  # the lock let one keeper listen; the others used it
+    [row] = status(vault)
+    assert row["pid"] == pid and row["connects"] == 1
+    assert row["requests"] == 7  # every call went through it, and this status
+
+
+def test_a_changed_config_gets_a_new_keeper(
+    vault: str, init_process: InitProcess, issuer: OidcIssuer
+) -> None:
+    from flyvault.config import save_vault
+
+    assert fv("exec", vault, "--", "true").returncode == 0
+    old_pid, old_stem = the_keeper()
+    save_vault(vault_entry(init_process.port, issuer, name=vault, mux_idle=1))
+    assert fv("exec", vault, "--", "true").returncode == 0
+    stems = {p.with_suffix("") for p in pid_files()}
+    assert len(stems) == 2 and old_stem in stems  # the old one idles out on its own
+    new_stem = (stems - {old_stem}).pop()
+    new_pid = int(json.loads(new_stem.with_suffix(".pid").read_text())["pid"])
+    assert new_pid != old_pid
+    # mux_idle = 1 from the new config: it goes by itself, the old one stays.
+    wait_for(lambda: not pid_alive(new_pid), "the new keeper (mux_idle = 1) did not exit")
+    assert pid_alive(old_pid)
+
+
+def test_a_keeper_started_from_main_runs_as_its_own_process(vault: str) -> None:
+    """Outside the ``fly-vault`` entry point (a host program calling ``main()``) the keeper
+    is not forked off the caller but started as ``python -m flyvault.cli.mux``."""
+    script = (
+        "import sys; from flyvault.cli.main import main; "
+        f"sys.exit(main(['exec', {vault!r}, '--', 'sh', '-c', 'echo hosted']))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=60,
+    )
+    assert (result.returncode, result.stdout) == (0, b"hosted\n"), result.stderr
+    pid, _ = the_keeper()
+    with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+        assert b"flyvault.cli.mux" in cmdline.read()
+    again = fv("exec", vault, "--", "true")  # the entry point's calls use it
+    assert again.returncode == 0
+    [row] = status(vault)
+    assert (row["pid"], row["requests"]) == (pid, 3)
+
+
+def test_bad_idle_variable_is_a_usage_error(vault: str) -> None:
+    result = fv("exec", vault, "--", "true", env={"FLY_VAULT_MUX_IDLE": "soon"})
+    assert result.returncode == 2, result.stderr
+    assert b"FLY_VAULT_MUX_IDLE" in result.stderr
+    assert pid_files() == []
+
+
+def test_keeper_exits_when_its_vault_is_gone_while_idle(
+    vault: str, init_process: InitProcess
+) -> None:
+    assert fv("exec", vault, "--", "true").returncode == 0
+    pid, stem = the_keeper()
+    init_process.process.kill()  # no goodbye: the keeper's connection times out
+    init_process.process.wait()
+    wait_for(lambda: not pid_alive(pid), "the keeper outlived its vault", timeout=60)
+    assert "the connection to the vault was lost" in stem.with_suffix(".log").read_text()
+    assert not stem.with_suffix(".sock").exists() and not stem.with_suffix(".pid").exists()
