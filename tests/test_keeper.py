@@ -480,8 +480,14 @@ def _raw_exchange(path: Path, data: bytes) -> list[MuxFrame]:
         (encode(MuxKind.STDIN, b"x"), "STDIN before HELLO"),
         (encode(MuxKind.HELLO, b"not json"), "does not hold JSON"),
         (encode_json(MuxKind.HELLO, {"version": True, "op": "status"}), "version True"),
-        (encode_json(MuxKind.HELLO, {"version": 1, "op": ["exec"]}), "unknown op ['exec']"),
-        (encode_json(MuxKind.HELLO, {"version": 1, "op": "shutdown"}), "unknown op 'shutdown'"),
+        (
+            encode_json(MuxKind.HELLO, {"version": MUX_VERSION, "op": ["exec"]}),
+            "unknown op ['exec']",
+        ),
+        (
+            encode_json(MuxKind.HELLO, {"version": MUX_VERSION, "op": "shutdown"}),
+            "unknown op 'shutdown'",
+        ),
     ],
     ids=["kind", "oversized", "stdin-first", "not-json", "version", "op-list", "op-name"],
 )
@@ -634,7 +640,7 @@ def test_mux_stop_removes_a_dead_keepers_leftovers(vault: str) -> None:
     wait_for(lambda: not pid_alive(pid), "the killed keeper")
     assert status(vault)[0]["error"].startswith("not answering")
     stopped = fv("mux", "stop")
-    assert stopped.returncode == 0 and b"removed a stale keeper socket" in stopped.stdout
+    assert stopped.returncode == 0 and b"removed the keeper socket" in stopped.stdout
     assert pid_files() == [] and not stem.with_suffix(".sock").exists()
 
 
@@ -833,3 +839,58 @@ def test_keeper_exits_when_its_vault_is_gone_while_idle(
     wait_for(lambda: not pid_alive(pid), "the keeper outlived its vault", timeout=60)
     assert "the connection to the vault was lost" in stem.with_suffix(".log").read_text()
     assert not stem.with_suffix(".sock").exists() and not stem.with_suffix(".pid").exists()
+
+
+# Streams through the keeper: cp and forward --stdio ------------------------------------------
+
+
+def test_cp_reuses_the_keepers_connection_and_verifies_every_byte(
+    vault: str, tmp_path: Path
+) -> None:
+    """Two copies in, two out: one connection (the keeper's), every byte checked."""
+    payload = os.urandom(3 * 1024 * 1024 + 17)  # more than one relay chunk, an odd tail
+    source = tmp_path / "in.bin"
+    source.write_bytes(payload)
+    for name in ("a.bin", "b.bin"):
+        result = fv("cp", str(source), f"{vault}:{tmp_path / name}")
+        assert result.returncode == 0, result.stderr
+        back = tmp_path / f"back-{name}"
+        result = fv("cp", f"{vault}:{tmp_path / name}", str(back))
+        assert result.returncode == 0, result.stderr
+        assert back.read_bytes() == payload
+    (row,) = status(vault)
+    assert row["connects"] == 1
+    assert row["requests"] >= 4  # each copy: connect, then its streams
+
+
+def test_cp_goes_on_directly_when_the_keeper_dies_before_it_starts(
+    vault: str, tmp_path: Path
+) -> None:
+    """A keeper killed between two calls: the next copy falls back (a new keeper or a
+    direct connection) instead of failing."""
+    source = tmp_path / "in.bin"
+    source.write_bytes(b"x" * 100_000)
+    assert fv("cp", str(source), f"{vault}:{tmp_path / 'one.bin'}").returncode == 0
+    pid, _stem = the_keeper()
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(pid), "the killed keeper")
+    result = fv("cp", str(source), f"{vault}:{tmp_path / 'two.bin'}")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "two.bin").read_bytes() == source.read_bytes()
+
+
+def test_a_stream_to_a_closed_port_is_refused_through_the_keeper(vault: str) -> None:
+    """forward --stdio to a port nobody listens on: the vault's refusal (not a hang, not a
+    generic error) reaches the CLI through the relay, and the keeper serves on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again below: nothing listens there
+    result = fv("forward", "--stdio", vault, f"127.0.0.1:{port}", timeout=60)
+    assert result.returncode != 0
+    assert b"refused" in result.stderr.lower(), result.stderr
+    # connect and stream went through the keeper (a direct forward would leave only the
+    # status request itself).
+    assert status(vault)[0]["requests"] >= 3
+    assert fv("exec", vault, "--", "true").returncode == 0
+    (row,) = status(vault)
+    assert row["connects"] == 1
