@@ -49,7 +49,8 @@ def _pair(size: int) -> tuple[VaultQuicConnection, VaultQuicConnection]:
     client_config.verify_mode = ssl.CERT_NONE
     client = VaultQuicConnection(configuration=client_config)
     server = VaultQuicConnection(
-        configuration=server_config, original_destination_connection_id=client.original_destination_connection_id
+        configuration=server_config,
+        original_destination_connection_id=client.original_destination_connection_id,
     )
     client.connect(ADDR, now=0.0)
     now = 0.0

@@ -3,7 +3,7 @@ loopback TCP, same run, at each datagram size asked for.
 
 Two processes (server and client) per variant, one stream, N MB client -> server.
     .venv/bin/python bench/transport_bulk.py [--mb 50] [--sizes 1200,default]
-        [--variants ours,aioquic,tcp,qh3] [--profile DIR]
+        [--variants ours,aioquic,tcp,qh3,base] [--base DIR] [--profile DIR]
 
 ``qh3`` needs ``pip install qh3`` (not a dependency). ``--profile`` runs cProfile in both
 processes and writes ``DIR/<size>/<variant>-{sender,receiver}.prof``. Results go to
@@ -187,7 +187,44 @@ async def _client(kind: str, port: int, total: int) -> float:
     return elapsed
 
 
-def measure(kind: str, total: int, profile: str | None = None) -> float:
+def _base_server(base: str, queue: multiprocessing.Queue, total: int) -> None:
+    sys.path.insert(0, base)
+    _server("ours", queue, total)
+
+
+def _base_client(base: str, port: int, total: int, answer: multiprocessing.Queue) -> None:
+    sys.path.insert(0, base)
+    answer.put(asyncio.run(asyncio.wait_for(_client("ours", port, total), 300)))
+
+
+def measure_base(base: str, total: int) -> float:
+    """Our layer as another checkout has it (e.g. the commit before a change), both ends in
+    fresh interpreters that import ``flyvault`` from ``base``."""
+    context = multiprocessing.get_context("spawn")
+    queue: multiprocessing.Queue = context.Queue()
+    answer: multiprocessing.Queue = context.Queue()
+    server = context.Process(target=_base_server, args=(base, queue, total))
+    server.start()
+    client = None
+    try:
+        port = queue.get(timeout=30)
+        client = context.Process(target=_base_client, args=(base, port, total, answer))
+        client.start()
+        elapsed = answer.get(timeout=300)
+    finally:
+        for process in (client, server):
+            if process is None:
+                continue
+            process.join(timeout=10)
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, 9)
+    return total / elapsed / 1e6
+
+
+def measure(kind: str, total: int, profile: str | None = None, base: str | None = None) -> float:
+    if kind == "base":
+        assert base is not None, "--base DIR is needed for the 'base' variant"
+        return measure_base(base, total)
     queue: multiprocessing.Queue = multiprocessing.Queue()
     server_profile = f"{profile}/{kind}-receiver.prof" if profile else None
     server = multiprocessing.Process(target=_server, args=(kind, queue, total, server_profile))
@@ -224,7 +261,7 @@ def main() -> int:
     parser.add_argument(
         "--variants",
         default="ours,aioquic,tcp",
-        help="comma list of ours (our layer), aioquic / qh3 (the library's own asyncio "
+        help="comma list of ours (our layer), base (our layer from --base), aioquic / qh3 (the library's own asyncio "
         "streams, same datagram size), tcp (raw loopback TCP, the scale)",
     )
     parser.add_argument(
@@ -237,6 +274,12 @@ def main() -> int:
     )
     parser.add_argument("--out", help="results JSON (default bench/results/bulk-<date>-<sha>.json)")
     parser.add_argument("--note", default="")
+    parser.add_argument(
+        "--base",
+        metavar="DIR",
+        help="another checkout (e.g. a git worktree of the commit before a change): the "
+        "'base' variant runs our layer from there, in the same run",
+    )
     args = parser.parse_args()
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
@@ -248,6 +291,7 @@ def main() -> int:
         "rounds": args.rounds,
         "git": _git_sha(),
         "note": args.note,
+        "base": args.base,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "sizes": {},
     }
@@ -262,12 +306,12 @@ def main() -> int:
                 profile = f"{args.profile}/{size}" if args.profile else None
                 if profile:
                     os.makedirs(profile, exist_ok=True)
-                results[kind].append(measure(kind, total, profile))
+                results[kind].append(measure(kind, total, profile, args.base))
         summary: dict[str, Any] = {
             k: {"MB_s": sorted(round(x, 2) for x in v), "best": round(max(v), 2)}
             for k, v in results.items()
         }
-        for baseline in ("aioquic", "tcp", "qh3"):
+        for baseline in ("base", "aioquic", "tcp", "qh3"):
             if "ours" in summary and baseline in summary and baseline != "ours":
                 summary[f"ours_vs_{baseline}"] = round(
                     summary["ours"]["best"] / summary[baseline]["best"], 3

@@ -44,8 +44,9 @@ UDP_GRO = 104
 GSO_MAX_SEGMENTS = 64
 #: The largest UDP payload of one send (IPv4: 65535 - 20 - 8).
 GSO_MAX_BYTES = 65507
-#: Datagrams read per loop callback, at most: enough to amortize the callback, few enough
-#: that one busy socket cannot starve the loop's other work.
+#: Datagrams handled per loop callback (a GRO read may bring up to 64 at once): enough to
+#: amortize the callback and the transmit after it, few enough that ACKs and window
+#: updates go out promptly and one busy socket cannot starve the loop's other work.
 READ_BATCH = 64
 RECEIVE_BUFFER = 65536
 #: Bytes that may wait for a full socket buffer to drain before datagrams are dropped.
@@ -182,7 +183,8 @@ class BatchedDatagramTransport(asyncio.DatagramTransport):
 
     def _read_ready(self) -> None:
         protocol = self._protocol
-        for _ in range(READ_BATCH):
+        delivered = 0
+        while delivered < READ_BATCH:
             if self._closing:
                 return
             try:
@@ -200,10 +202,13 @@ class BatchedDatagramTransport(asyncio.DatagramTransport):
                 return
             self.stats["reads"] += 1
             if segment_size and len(data) > segment_size:
-                for datagram in split_segments(data, segment_size):
+                datagrams = split_segments(data, segment_size)
+                for datagram in datagrams:
                     protocol.datagram_received(datagram, addr)
+                delivered += len(datagrams)
             else:
                 protocol.datagram_received(data, addr)
+                delivered += 1
 
     # Sending ------------------------------------------------------------------------------
 
