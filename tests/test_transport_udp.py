@@ -260,3 +260,43 @@ def test_close_reports_connection_lost_and_closes_the_socket() -> None:
         assert sock.fileno() == -1
 
     run_async(scenario())
+
+
+# Pacing -------------------------------------------------------------------------------------
+
+
+def _burst(pacer: Any, datagram_size: int) -> int:
+    """Datagrams the pacer lets go back to back after a long pause."""
+    pacer.update_rate(congestion_window=10 * 1024 * 1024, smoothed_rtt=0.01)
+    now = 100.0
+    sent = 0
+    while pacer.next_send_time(now) is None and sent < 10_000:
+        pacer.update_after_send(now)
+        sent += 1
+    return sent
+
+
+def test_the_pacer_bursts_one_gso_send_at_small_datagrams_and_is_unchanged_at_large() -> None:
+    from aioquic.quic.recovery import QuicPacketPacer
+
+    from flyvault.transport.connection import PACING_BURST, BurstPacer
+
+    assert _burst(QuicPacketPacer(max_datagram_size=1200), 1200) <= 17
+    small = _burst(BurstPacer(max_datagram_size=1200), 1200)
+    assert PACING_BURST // 1200 - 1 <= small <= PACING_BURST // 1200 + 1
+    large = _burst(BurstPacer(max_datagram_size=16000), 16000)
+    assert large == _burst(QuicPacketPacer(max_datagram_size=16000), 16000)
+
+    # A small window still paces: at most a quarter of it goes at once, as in aioquic.
+    def quarter(pacer: Any) -> int:
+        pacer.update_rate(congestion_window=48_000, smoothed_rtt=0.01)
+        now, sent = 100.0, 0
+        while pacer.next_send_time(now) is None and sent < 100:
+            pacer.update_after_send(now)
+            sent += 1
+        return sent
+
+    assert quarter(BurstPacer(max_datagram_size=1200)) <= 48_000 // 4 // 1200 + 1
+    assert quarter(BurstPacer(max_datagram_size=1200)) == quarter(
+        QuicPacketPacer(max_datagram_size=1200)
+    )
