@@ -3,9 +3,10 @@ loopback TCP, same run, at each datagram size asked for.
 
 Two processes (server and client) per variant, one stream, N MB client -> server.
     .venv/bin/python bench/transport_bulk.py [--mb 50] [--sizes 1200,default]
-        [--variants ours,aioquic,tcp,qh3,base] [--base DIR] [--profile DIR]
+        [--variants ours,aioquic,tcp,qh3,qh3-ours,base] [--base DIR] [--profile DIR]
 
-``qh3`` needs ``pip install qh3`` (not a dependency). ``--profile`` runs cProfile in both
+``qh3`` (qh3's own asyncio streams) and ``qh3-ours`` (our channel and UDP transport over
+qh3's core, ``bench/qh3_adapter.py``) need ``pip install qh3`` (not a dependency). ``--profile`` runs cProfile in both
 processes and writes ``DIR/<size>/<variant>-{sender,receiver}.prof``. Results go to
 ``bench/results/bulk-<date>-<sha>.json``.
 """
@@ -51,13 +52,16 @@ def _datagram_size() -> int:
 
 def _load_certificate(config: Any) -> None:
     """An ephemeral certificate, through PEM files (qh3 takes no cryptography objects)."""
+    from flyvault.transport.tls import generate_self_signed
+
+    _load_pem(config, *generate_self_signed())
+
+
+def _load_pem(config: Any, cert: Any, key: Any) -> None:
     import tempfile
 
     from cryptography.hazmat.primitives import serialization
 
-    from flyvault.transport.tls import generate_self_signed
-
-    cert, key = generate_self_signed()
     with tempfile.TemporaryDirectory() as tmp:
         cert_path, key_path = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
         with open(cert_path, "wb") as out:
@@ -102,6 +106,8 @@ def _server(
         config = configuration.QuicConfiguration(
             is_client=False, alpn_protocols=["x"], max_datagram_size=_datagram_size()
         )
+        if hasattr(config, "probe_datagram_size"):  # qh3: keep the size asked for
+            config.probe_datagram_size = False
         _load_certificate(config)
         done = asyncio.Event()
         tasks: set[asyncio.Future[None]] = set()
@@ -139,16 +145,28 @@ def _server(
         await done.wait()
         await asyncio.sleep(0.5)
 
-    main = {"ours": ours, "tcp": tcp}.get(kind, plain)
+    if kind == "qh3-ours":
+        import qh3_adapter
+
+        qh3_adapter.install()
+    main = {"ours": ours, "qh3-ours": ours, "tcp": tcp}.get(kind, plain)
     _profiled(profile, lambda: asyncio.run(main()))
 
 
 async def _client(kind: str, port: int, total: int) -> float:
     payload = b"x" * CHUNK
-    if kind == "ours":
+    if kind == "qh3-ours":
+        import qh3_adapter
+
+        qh3_adapter.install()
+    if kind in ("ours", "qh3-ours"):
         from flyvault.transport import connect
 
-        channel = await connect("127.0.0.1", port)
+        try:
+            channel = await connect("127.0.0.1", port)
+        finally:
+            if kind == "qh3-ours":
+                qh3_adapter.uninstall()  # the next variant in this process is ours again
         stream = channel.open_stream()
         started = time.perf_counter()
         for _ in range(total // CHUNK):
@@ -173,6 +191,8 @@ async def _client(kind: str, port: int, total: int) -> float:
         config = configuration.QuicConfiguration(
             is_client=True, alpn_protocols=["x"], max_datagram_size=_datagram_size()
         )
+        if hasattr(config, "probe_datagram_size"):
+            config.probe_datagram_size = False
         config.verify_mode = ssl.CERT_NONE
         async with aconnect("127.0.0.1", port, configuration=config) as client:
             reader, writer = await client.create_stream()
