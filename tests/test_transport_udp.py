@@ -300,3 +300,55 @@ def test_the_pacer_bursts_one_gso_send_at_small_datagrams_and_is_unchanged_at_la
     assert quarter(BurstPacer(max_datagram_size=1200)) == quarter(
         QuicPacketPacer(max_datagram_size=1200)
     )
+
+
+# A loop that cannot watch sockets (Windows' proactor) -------------------------------------
+
+
+class _NoReadersLoop(asyncio.SelectorEventLoop):
+    """Like the proactor loop: the public add_reader is not implemented (asyncio's own
+    datagram transport uses the private one, so it still works)."""
+
+    def add_reader(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError
+
+
+def test_without_add_reader_the_channels_run_on_asyncios_transport() -> None:
+    from flyvault.transport import QuicChannel, connect, listen
+    from flyvault.transport.udp import supports_readers
+
+    async def scenario() -> None:
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            assert not supports_readers(asyncio.get_running_loop(), probe)
+        finally:
+            probe.close()
+        served: list[QuicChannel] = []
+
+        async def echo(stream: QuicStream) -> None:
+            while data := await stream.read():
+                await stream.send(data)
+            stream.write_eof()
+
+        def on_channel(channel: QuicChannel) -> None:
+            served.append(channel)
+            channel.on_stream = lambda s: asyncio.ensure_future(echo(s))
+
+        listener = await listen("127.0.0.1", 0, on_channel)
+        try:
+            client = await connect(*listener.address)
+            assert not isinstance(client._transport, BatchedDatagramTransport)
+            stream = client.open_stream()
+            payload = bytes(range(256)) * 2000
+            await stream.send(payload, end_stream=True)
+            echoed = b""
+            while chunk := await stream.read():
+                echoed += chunk
+            assert echoed == payload
+            assert not isinstance(served[0]._transport, BatchedDatagramTransport)
+            client.close_now()
+        finally:
+            listener.close()
+
+    with asyncio.Runner(loop_factory=_NoReadersLoop) as runner:
+        runner.run(asyncio.wait_for(scenario(), 30))

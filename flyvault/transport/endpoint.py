@@ -343,7 +343,7 @@ async def connect(host: str, port: int, settings: TransportSettings | None = Non
             sock.bind(local)
             sock.connect(sockaddr)
             _enlarge_buffers(sock)
-            _, channel = open_transport(
+            _, channel = await open_transport(
                 loop, sock, lambda: _ClientChannel(quic, settings), connected=True
             )
         except BaseException:
@@ -692,7 +692,7 @@ async def listen(
     except ConnectError:
         sock.close()
         raise
-    _, listener = open_transport(
+    _, listener = await open_transport(
         loop,
         sock,
         lambda: QuicListener(settings, on_channel, max_connections=max_connections, limits=limits),

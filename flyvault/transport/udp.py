@@ -311,15 +311,33 @@ class _suppress_os_error:
         return kind is not None and issubclass(kind, OSError)
 
 
-def open_transport(
+def supports_readers(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bool:
+    """Whether ``loop`` can watch a socket (selector loops, uvloop); Windows' proactor
+    loop cannot, and gets asyncio's own datagram transport instead."""
+    try:
+        loop.add_reader(sock.fileno(), _nothing)
+    except NotImplementedError:
+        return False
+    loop.remove_reader(sock.fileno())
+    return True
+
+
+def _nothing() -> None:
+    return None
+
+
+async def open_transport(
     loop: asyncio.AbstractEventLoop,
     sock: socket.socket,
     protocol_factory: Callable[[], asyncio.DatagramProtocol],
     *,
     connected: bool = False,
-) -> tuple[BatchedDatagramTransport, asyncio.DatagramProtocol]:
+) -> tuple[asyncio.DatagramTransport, asyncio.DatagramProtocol]:
     """Wrap a bound (and, for a client, connected) socket; the protocol's
-    ``connection_made`` has run when this returns."""
+    ``connection_made`` has run when this returns. The batched transport where the loop
+    allows it, else asyncio's (one datagram per call; the channels handle both)."""
+    if not supports_readers(loop, sock):
+        return await loop.create_datagram_endpoint(protocol_factory, sock=sock)
     protocol = protocol_factory()
     transport = BatchedDatagramTransport(loop, sock, protocol, connected=connected)
     return transport, protocol
