@@ -59,7 +59,9 @@ MAX_DATAGRAM_SIZE = 1200
 #: way. aioquic's cost is per packet, so bulk throughput grows with the size (measured on
 #: this machine kind: 12 MB/s at 1200 bytes, 67 at 8192, 116 at 16000). The bound: aioquic
 #: writes a long-header packet's Length field in 2 bytes (at most 16383), so a padded
-#: Initial must stay below that.
+#: Initial must stay below that; and it writes a STREAM frame's length in 2 bytes too, one
+#: frame per stream per packet, so larger 1-RTT packets after the handshake do not work
+#: either (tried: the peer fails with "Failed to parse frame").
 LOOPBACK_DATAGRAM_SIZE = 16000
 #: Socket buffers asked of the kernel (it caps them at net.core.{r,w}mem_max): the default
 #: 208 KiB holds only a dozen loopback-size datagrams, and a burst beyond that is loss.
