@@ -7,8 +7,9 @@ so a lost or doubled byte is found at the offset where it happens, and the SHA-2
 whole output is checked against the expected one.
 
 Each session has its own ``Vault`` (one connection at a time). Cut points are drawn at
-random byte offsets (seeded) in the first 90% of the output; when the received offset
-passes the next cut point the connection is cut, and the client's own reconnect and
+random byte offsets (seeded) in the first 90% of the output and at least 512 KB before
+its end; when the received offset passes the next cut point the connection is cut (what
+the client had received but not read yet goes with it), and the client's own reconnect and
 resume-by-offset path (``ExecSession.run``: reattach with the offset it has seen) takes
 over. Two kinds of cut:
 
@@ -110,6 +111,10 @@ def expected_sha256(seed: int, size: int) -> str:
     return digest.hexdigest()
 
 
+#: Twice the most one read of the exec stream returns (``QuicStream.read``'s default).
+TAIL_MARGIN = 512 * 1024
+
+
 def silent_cut(connection: Any) -> None:
     """Kill the client's side of the connection without telling the server: no
     CONNECTION_CLOSE is sent, the UDP socket is just closed (the network went away)."""
@@ -175,7 +180,11 @@ async def run_session(
     result = SessionResult(name, seed, size)
     result.expected_sha256 = expected_sha256(seed, size)
     plan = random.Random(seed ^ 0x5EED)
-    points = sorted(plan.randrange(1, max(2, size * 9 // 10)) for _ in range(drops))
+    # A cut too near the end may find the rest of the output and the exit in the read that
+    # crossed it (a read returns up to 256 KB of what arrived): then the session ends
+    # without the reconnect this run counts. So cuts stay TAIL_MARGIN before the end.
+    last = max(2, min(size * 9 // 10, size - TAIL_MARGIN))
+    points = sorted(plan.randrange(1, last) for _ in range(drops))
     kinds = [plan.choice(("close", "silent")) if cut == "mixed" else cut for _ in range(drops)]
     result.cut_points_planned = len(points)
     expected = ExpectedStream(seed, size)
@@ -192,6 +201,13 @@ async def run_session(
             silent_cut(connection)
         else:
             connection.close()
+        # What the client had received but not read yet goes with the connection, as it
+        # would with a dead process: the transport hands a reader everything queued since
+        # its last wake-up (up to the stream window), and reading that old backlog after
+        # the cut would carry the session past later cut points, or to its end, without
+        # the reconnect this run is about. The session must get it replayed instead.
+        for stream in list(connection.channel._streams.values()):
+            stream._chunks.clear()
         result.drops += 1
         result.drops_by_kind[kind] += 1
         cut_at.append(time.monotonic())

@@ -86,10 +86,22 @@ class QuicStream:
                 return b""
             self._readable.clear()
             await self._readable.wait()
-        chunk = self._chunks.popleft()
+        chunks = self._chunks
+        chunk = chunks.popleft()
         if len(chunk) > max_bytes:
-            self._chunks.appendleft(chunk[max_bytes:])
+            chunks.appendleft(chunk[max_bytes:])
             chunk = chunk[:max_bytes]
+        elif chunks and len(chunk) + len(chunks[0]) <= max_bytes:
+            # At 1200-byte datagrams each chunk is one packet's ~1150 bytes: hand the reader
+            # all that has arrived (up to max_bytes) so that it writes to its pipe or
+            # socket once, not once per packet.
+            parts = [chunk]
+            size = len(chunk)
+            while chunks and size + len(chunks[0]) <= max_bytes:
+                part = chunks.popleft()
+                parts.append(part)
+                size += len(part)
+            chunk = b"".join(parts)
         self._channel._consumed(self.stream_id, len(chunk))
         return chunk
 
@@ -315,11 +327,39 @@ class QuicChannel(QuicConnectionProtocol):
         self._schedule_keepalive()
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
-        self.last_received = self._loop.time()
+        now = self._loop.time()
+        self.last_received = now
         if self.peer_address is None:
             self.peer_address = addr
-        super().datagram_received(data, addr)
-        self._check_writable()
+        self._quic.receive_datagram(data, addr, now=now)  # type: ignore[arg-type]
+        self._process_events()
+        if self._watched:
+            self._check_writable()
+        # Answer (ACKs, window updates, more data) once per batch of datagrams, not once
+        # per datagram: the transport hands over every datagram waiting on the socket in
+        # one callback, and each datagrams_to_send pass costs as much as a packet.
+        self._transmit_soon()
+
+    def transmit(self) -> None:
+        """aioquic's transmit, handing the datagrams to the transport as one batch (the
+        batched transport turns runs of them into GSO sends)."""
+        self._transmit_task = None
+        datagrams = self._quic.datagrams_to_send(now=self._loop.time())
+        if datagrams:
+            transport: Any = self._transport
+            send_batch = getattr(transport, "send_batch", None)
+            if send_batch is not None and all(addr == datagrams[0][1] for _, addr in datagrams):
+                send_batch([data for data, _ in datagrams], datagrams[0][1])
+            else:
+                for data, addr in datagrams:
+                    transport.sendto(data, addr)
+        timer_at = self._quic.get_timer()
+        if self._timer is not None and self._timer_at != timer_at:
+            self._timer.cancel()
+            self._timer = None
+        if self._timer is None and timer_at is not None:
+            self._timer = self._loop.call_at(timer_at, self._handle_timer)
+        self._timer_at = timer_at
 
     def connection_lost(self, exc: Exception | None) -> None:
         # The UDP socket itself went away (client side).

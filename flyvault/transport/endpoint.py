@@ -46,6 +46,7 @@ from flyvault.transport.admission import AdmissionLimits, AdmissionTable, Stage,
 from flyvault.transport.channel import BUSY_ERROR_CODE, QuicChannel
 from flyvault.transport.connection import VaultQuicConnection
 from flyvault.transport.tls import generate_self_signed
+from flyvault.transport.udp import open_transport
 
 log = logging.getLogger("flyvault.transport")
 
@@ -58,7 +59,9 @@ MAX_DATAGRAM_SIZE = 1200
 #: way. aioquic's cost is per packet, so bulk throughput grows with the size (measured on
 #: this machine kind: 12 MB/s at 1200 bytes, 67 at 8192, 116 at 16000). The bound: aioquic
 #: writes a long-header packet's Length field in 2 bytes (at most 16383), so a padded
-#: Initial must stay below that.
+#: Initial must stay below that; and it writes a STREAM frame's length in 2 bytes too, one
+#: frame per stream per packet, so larger 1-RTT packets after the handshake do not work
+#: either (tried: the peer fails with "Failed to parse frame").
 LOOPBACK_DATAGRAM_SIZE = 16000
 #: Socket buffers asked of the kernel (it caps them at net.core.{r,w}mem_max): the default
 #: 208 KiB holds only a dozen loopback-size datagrams, and a burst beyond that is loss.
@@ -218,8 +221,8 @@ class _ClientChannel(QuicChannel):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._wrap is not None:
-            # Proxy mode: every datagram aioquic sends gets the routing prefix. aioquic
-            # hands out one datagram per sendto (no GSO batching): one prefix each.
+            # Proxy mode: every datagram aioquic sends gets the routing prefix, one per
+            # datagram, also inside a GSO run (the proxy receives them one by one).
             transport = _WrappingTransport(transport, self._wrap)  # type: ignore[assignment]
         super().connection_made(transport)
 
@@ -233,6 +236,16 @@ class _WrappingTransport:
 
     def sendto(self, data: bytes, addr: Any = None) -> None:
         self._inner.sendto(self._wrap(data), addr)
+
+    def send_batch(self, datagrams: list[bytes], addr: Any = None) -> None:
+        # The prefix has one length, so wrapped runs still have equal-sized segments.
+        wrapped = [self._wrap(data) for data in datagrams]
+        send_batch = getattr(self._inner, "send_batch", None)
+        if send_batch is not None:
+            send_batch(wrapped, addr)
+        else:
+            for data in wrapped:
+                self._inner.sendto(data, addr)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -327,14 +340,18 @@ async def connect(host: str, port: int, settings: TransportSettings | None = Non
     ):
         # A connected socket: the kernel then reports ICMP "port unreachable" to us, so a
         # vault that is down fails at once instead of after the handshake timeout.
-        udp_transport, channel = await loop.create_datagram_endpoint(
-            lambda: _ClientChannel(quic, settings),
-            local_addr=local,
-            remote_addr=sockaddr[:2],
-            family=family,
-        )
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.bind(local)
+            sock.connect(sockaddr)
+            _enlarge_buffers(sock)
+            _, channel = await open_transport(
+                loop, sock, lambda: _ClientChannel(quic, settings), connected=True
+            )
+        except BaseException:
+            sock.close()
+            raise
     assert isinstance(channel, _ClientChannel)
-    _enlarge_buffers(udp_transport.get_extra_info("socket"))
     channel.peer_address = sockaddr
     where = f"{host}:{port}"
     try:
@@ -449,6 +466,13 @@ class QuicListener(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self.stats.datagrams += 1
+        if data and not data[0] & 0x80:
+            # Short header (1-RTT, nearly every datagram): the destination id sits at a
+            # fixed place, no need to parse the header twice (aioquic parses it again).
+            known = self._channels.get(data[1 : 1 + self._config.connection_id_length])
+            if known is not None:
+                known.datagram_received(data, addr)
+                return
         try:
             header = pull_quic_header(
                 Buffer(data=data), host_cid_length=self._config.connection_id_length
@@ -670,9 +694,10 @@ async def listen(
     except ConnectError:
         sock.close()
         raise
-    _, listener = await loop.create_datagram_endpoint(
+    _, listener = await open_transport(
+        loop,
+        sock,
         lambda: QuicListener(settings, on_channel, max_connections=max_connections, limits=limits),
-        sock=sock,
     )
     assert isinstance(listener, QuicListener)
     return listener
