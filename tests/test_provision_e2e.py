@@ -266,7 +266,9 @@ def _processes_running(needle: bytes) -> list[int]:
                 state = (entry / "stat").read_text().split(")")[-1].split()[0]
             except OSError:
                 continue
-            if needle in cmdline and state != "Z":
+            # The workload's own process: its argv starts with the needle (the CLI that
+            # asked for it carries the same words further along its own argv).
+            if cmdline.startswith(needle) and state != "Z":
                 found.append(int(entry.name))
     return found
 

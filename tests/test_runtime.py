@@ -433,7 +433,11 @@ def test_the_fallback_init_reaps_orphans(make_runtime: Callable[..., WorkloadRun
 
             async def reaped() -> bool:
                 nonlocal out
-                out = await output_of(runtime, "cat /proc/[0-9]*/stat")
+                # Each file on its own: a process that exits between the glob and the
+                # read (one of the orphans) must not fail the whole listing.
+                out = await output_of(
+                    runtime, 'for f in /proc/[0-9]*/stat; do cat "$f" 2>/dev/null; done; true'
+                )
                 lines = [line.split(") ", 1) for line in out.splitlines() if ") " in line]
                 states = [rest.split()[0] for _, rest in lines]
                 sleeping = [head for head, _ in lines if head.endswith("(sleep")]

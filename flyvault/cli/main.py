@@ -475,9 +475,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    import flyvault.cli
-
-    flyvault.cli.FORK_ALLOWED = True  # this process is the CLI's own: it may fork the keeper
     code = main()
     # Leave without the interpreter's teardown: unloading the ~400 modules QUIC and crypto
     # bring costs ~30 ms on every run, longer than the whole remote round trip. Everything

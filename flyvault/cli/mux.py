@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import flyvault.cli
 from flyvault.cli.console import Console
 from flyvault.cli.output import report_error
 from flyvault.cli.terminal import RawTerminal, terminal_size
@@ -150,61 +149,39 @@ def not_used(value: Any) -> bool:
 
 
 def _start(paths: KeeperPaths, vault_name: str) -> bool:
-    """Start the keeper for ``paths``; False (with the reason logged) when none may run."""
-    from flyvault.config import load_vault
+    """Start the keeper for ``paths``; False (with the reason logged) when none may run.
 
-    config = load_vault(vault_name)  # a ConfigError here is the user's to see (exit 3)
-    if not config.mux:
-        log.info("vault %s: mux = false in the config: connecting directly", vault_name)
-        return False
-    idle = env_float("FLY_VAULT_MUX_IDLE", float(config.mux_idle), above=0, unit="seconds")
+    The keeper is a fresh ``python -m flyvault.cli.mux`` process (so ``ps`` shows what it
+    is, not the command that started it). It validates the config itself: this process
+    stays thin, and the keeper's start overlaps nothing it would not have done anyway. A
+    config error it finds is raised here (exit 3), as the direct path would.
+    """
     read_fd, write_fd = os.pipe()
     try:
-        if flyvault.cli.FORK_ALLOWED:
-            _fork_keeper(paths, config, idle, read_fd, write_fd)
-        else:
-            _exec_keeper(paths, vault_name, idle, write_fd)
+        _exec_keeper(paths, vault_name, write_fd)
     finally:
         os.close(write_fd)
     try:
         ready, _, _ = select.select([read_fd], [], [], START_TIMEOUT)
-        answer = os.read(read_fd, 4096) if ready else b"no answer in time"
+        answer = os.read(read_fd, 8192) if ready else b"no answer in time"
     finally:
         os.close(read_fd)
-    if answer != b"ok":
-        log.info("the connection keeper did not start: %s", answer.decode(errors="replace"))
-        return False
-    return True
+    if answer == b"ok":
+        return True
+    if answer.startswith(b"error:"):
+        detail = json.loads(answer[len(b"error:") :])
+        error = VaultError(detail["message"], hint=detail.get("hint"))
+        error.exit_code = int(detail.get("exit_code") or 1)
+        raise error
+    log.info("the connection keeper did not start: %s", answer.decode(errors="replace"))
+    return False
 
 
-def _fork_keeper(paths: KeeperPaths, config: Any, idle: float, read_fd: int, write_fd: int) -> None:
-    pid = os.fork()
-    if pid == 0:  # the first child: a new session, then the keeper as its orphaned child
-        code = 0
-        try:
-            os.close(read_fd)
-            os.setsid()
-            if os.fork() == 0:
-                _become_keeper(paths, config, idle, write_fd)
-        except BaseException:
-            code = 1
-        os._exit(code)
-    os.waitpid(pid, 0)
-
-
-def _exec_keeper(paths: KeeperPaths, vault_name: str, idle: float, write_fd: int) -> None:
+def _exec_keeper(paths: KeeperPaths, vault_name: str, write_fd: int) -> None:
     import subprocess
 
     subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "flyvault.cli.mux",
-            vault_name,
-            str(paths.socket),
-            str(idle),
-            str(write_fd),
-        ],
+        [sys.executable, "-m", "flyvault.cli.mux", vault_name, str(paths.socket), str(write_fd)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -308,20 +285,41 @@ def _serve(paths: KeeperPaths, config: Any, idle: float, listener: socket.socket
 
 
 def _keeper_process(argv: list[str]) -> None:
-    """``python -m flyvault.cli.mux VAULT SOCKET IDLE READY_FD`` (started by ``_exec_keeper``)."""
-    from flyvault.config import load_vault
+    """``python -m flyvault.cli.mux VAULT SOCKET READY_FD`` (started by ``_start``): check
+    the config and the switches, answer on READY_FD (``ok``, ``off``, ``changed`` or
+    ``error:`` with the error as JSON), then serve."""
     from flyvault.redact import ScrubbingStream
 
-    name, socket_path, idle, ready_fd = argv
+    name, socket_path, ready = argv
+    ready_fd = int(ready)
     sys.stdout, sys.stderr = ScrubbingStream(sys.stdout), ScrubbingStream(sys.stderr)  # type: ignore[assignment]
-    stem = socket_path[: -len(".sock")]
-    paths = KeeperPaths(Path(socket_path), Path(stem + ".pid"), Path(stem + ".log"))
+    paths = KeeperPaths(
+        Path(socket_path), Path(socket_path[:-5] + ".pid"), Path(socket_path[:-5] + ".log")
+    )
     try:
-        config = load_vault(name)
+        config, idle = _keeper_config(name, paths)
     except VaultError as exc:
-        os.write(int(ready_fd), exc.message.encode()[:4000])
+        detail = {"message": exc.message, "hint": exc.hint, "exit_code": exc.exit_code}
+        os.write(ready_fd, b"error:" + json.dumps(detail).encode()[:8000])
         os._exit(1)
-    _become_keeper(paths, config, float(idle), int(ready_fd))
+    if config is None:
+        os.write(ready_fd, b"off")
+        os._exit(0)
+    _become_keeper(paths, config, idle, ready_fd)
+
+
+def _keeper_config(name: str, paths: KeeperPaths) -> tuple[Any, float]:
+    """The vault's validated config and the idle time; (None, 0) when this keeper must not
+    run: ``mux = false``, or the config changed since the CLI named the keeper after it."""
+    from flyvault.config import load_vault
+
+    config = load_vault(name)
+    if not config.mux:
+        return None, 0.0
+    if _locate(name) != paths:  # edited in between: the name would not match the content
+        return None, 0.0
+    idle = env_float("FLY_VAULT_MUX_IDLE", float(config.mux_idle), above=0, unit="seconds")
+    return config, idle
 
 
 # exec through a keeper -----------------------------------------------------------------------
