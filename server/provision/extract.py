@@ -128,6 +128,7 @@ class StreamingExtractor:
         self._closed = False
         self._received = 0
         self._raw: RawReader | None = None
+        self._stream: UnpackCounter | None = None
         self._writer: TreeWriter | None = None
 
     @property
@@ -258,7 +259,9 @@ class StreamingExtractor:
             log.exception("rootfs extraction failed")
             self._error = ProvisionError(f"the rootfs extraction failed: {exc!r}")
         finally:
-            self._pipe.reader_done()
+            self._pipe.reader_done()  # wakes the prefetching thread if it waits for data
+            if self._stream is not None:
+                self._stream.close()
             if self._writer is not None:
                 self._writer.close()
 
@@ -274,11 +277,12 @@ class StreamingExtractor:
             allow_devices=self._allow_devices,
         )
         raw = self._raw = RawReader(self._pipe)
-        stream = open_archive_stream(
+        stream = self._stream = open_archive_stream(
             raw,
             max_total=self.limits.max_total_bytes,
             max_ratio=self.limits.max_expansion_ratio,
             ratio_floor=self.limits.expansion_floor_bytes,
+            prefetch=True,
         )
         tf = self._open_tar(stream, raw)
         last = ""
@@ -309,6 +313,7 @@ class StreamingExtractor:
         # the size and SHA-256 cover every byte that was sent.
         while stream.read(COPY_CHUNK):
             pass
+        stream.close()  # the prefetching thread is done with the raw stream: drain it here
         raw.drain()
         writer.finish()
         return ExtractReport(
