@@ -27,10 +27,10 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from flyvault.errors import (
     AttestationError,
@@ -525,7 +525,9 @@ class ServerConnection:
             machine.refuse(ProvisionError(f"setup failed: {HOST_MODE_REFUSAL}"))
             stream.stop()  # read no upload: the client stops sending at once
             return
-        if provisioner.lock.locked():
+        # One only settling (answered, its new workload watched for the rest of the
+        # window) is waited for: it ends within SETTLE_SECONDS.
+        if provisioner.lock.locked() and not provisioner.settling:
             machine.refuse(Busy("setup failed: another client is provisioning this vault"))
             return
 
@@ -534,19 +536,36 @@ class ServerConnection:
                 machine.send_progress(Progress(phase, done, total))
                 stream.write(machine.data_to_send())
 
+        state = self.server.state
+
+        async def answer() -> None:
+            # The new workload is up: the client is answered now, while the rest of the
+            # settle window is watched; a death inside it comes as a second message.
+            provisioner.settling = True
+            self._authenticated()
+            # Notes only answer a request with rootfs options: older clients never get them.
+            notes = tuple(job.notes) if not request.options.is_default else ()
+            machine.send_setup_complete(
+                SetupComplete(state.vm_state(), state.runtime_status(), state.boot_id, notes)
+            )
+            await _flush(stream, machine)
+
         async with provisioner.lock:
             job = ProvisionJob(provisioner, progress, request.options)
             try:
                 await job.start()
+                size: int | None = None
+                digest: bytes | None
                 if isinstance(request.rootfs, RootfsInline):
                     size = request.rootfs.size
                     digest = await self._receive_upload(machine, stream, job, size)
-                    timings = await job.complete(size, digest)
                 else:
                     assert isinstance(request.rootfs, RootfsUrl)
                     await job.download(request.rootfs.url)
                     digest = bytes.fromhex(request.rootfs.sha256) if request.rootfs.sha256 else None
-                    timings = await job.complete(None, digest)
+                await _outlive_the_client(
+                    self._activate(machine, stream, job, size, digest, answer)
+                )
             except ProvisionError as exc:
                 await job.abort()
                 log.warning("provisioning for %s failed: %s", self.source, exc)
@@ -559,17 +578,36 @@ class ServerConnection:
             except BaseException:
                 await job.abort()
                 raise
+
+    async def _activate(
+        self,
+        machine: ControlServer,
+        stream: QuicStream,
+        job: ProvisionJob,
+        size: int | None,
+        digest: bytes | None,
+        answer: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Activate, answer once the workload is up, then see the settle window through:
+        all of it runs to the end even if the client has gone meanwhile."""
+        try:
+            timings = await job.complete(size, digest, answer)
+        except ProvisionError as exc:
+            if machine.state is not ServerState.COMPLETE:
+                raise  # not answered yet: refused as any failure
+            # Answered already: the workload died inside the settle window and the previous
+            # rootfs is back. The client learns it on the same stream.
+            await job.abort()
+            log.warning("provisioning for %s rolled back: %s", self.source, exc)
+            machine.send_rolled_back(ProvisionError(f"setup rolled back: {exc.message}"))
+            await _flush(stream, machine, end=True)
+            return
+        finally:
+            job.provisioner.settling = False
         phases = ", ".join(
             f"{name} {seconds:.2f} s" for name, seconds in timings.items() if name != "total"
         )
         log.info("provisioned for %s in %.1f s (%s)", self.source, timings["total"], phases)
-        state = self.server.state
-        self._authenticated()
-        # Notes only answer a request with rootfs options: older clients never get them.
-        notes = tuple(job.notes) if not request.options.is_default else ()
-        machine.send_setup_complete(
-            SetupComplete(state.vm_state(), state.runtime_status(), state.boot_id, notes)
-        )
 
     async def _receive_upload(
         self, machine: ControlServer, stream: QuicStream, job: ProvisionJob, size: int
@@ -599,6 +637,18 @@ class ServerConnection:
             if self.server.listener is not None:
                 self.server.listener.authenticated(self.channel)
             log.info("connection from %s authenticated", self.source)
+
+
+async def _outlive_the_client(completion: Coroutine[Any, Any, None]) -> None:
+    """Run an activation to its end even when the client goes away meanwhile (it may, once
+    answered): its settle window, commit or rollback must not be cut by the connection."""
+    task = asyncio.ensure_future(completion)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await task
+        raise
 
 
 _TAGS = {int(tag) for tag in StreamTag}
