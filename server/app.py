@@ -82,6 +82,7 @@ from .defaults import (
     DEFAULT_MAX_SESSIONS,
     DEFAULT_SESSION_BUFFER,
     DEFAULT_SESSION_TTL,
+    SETTLE_SECONDS,
     URL_MAX_BYTES,
     URL_READ_TIMEOUT,
 )
@@ -119,6 +120,8 @@ class ServerOptions:
     #: rootfs_url downloads: give up after this long without data; refuse beyond this size.
     url_read_timeout: float = URL_READ_TIMEOUT
     url_max_bytes: int = URL_MAX_BYTES
+    #: A (re)provisioned workload dying within this long of its start is rolled back.
+    settle_seconds: float = SETTLE_SECONDS
     #: Output kept per exec session for replay (bytes).
     session_buffer: int = DEFAULT_SESSION_BUFFER
     #: How long a finished named session stays listed.
@@ -193,6 +196,7 @@ class VaultServer:
                 init_binary=options.init_binary,
                 url_read_timeout=options.url_read_timeout,
                 url_max_bytes=options.url_max_bytes,
+                settle_seconds=options.settle_seconds,
                 hostname=options.hostname,
                 limits=Limits(options.memory_max, options.cpu_max),
             )

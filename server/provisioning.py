@@ -23,7 +23,7 @@ from flyvault.protocol.messages import RootfsOptions
 
 from .accounts import Account
 from .cgroups import Limits
-from .defaults import URL_MAX_BYTES, URL_READ_TIMEOUT
+from .defaults import SETTLE_SECONDS, URL_MAX_BYTES, URL_READ_TIMEOUT
 from .provision.extract import ExtractLimits, ExtractReport, StreamingExtractor
 from .provision.store import RootfsStore
 from .runtime import WorkloadRuntime
@@ -34,9 +34,8 @@ log = logging.getLogger("flyvault.server.provision")
 
 ProgressCallback = Callable[[str, int, int], None]
 
-#: The new workload must stay up this long before the old rootfs is deleted; a death
-#: inside the window rolls back, even after the client was answered.
-SETTLE_SECONDS = 2.0
+# SETTLE_SECONDS (defaults): the new workload must stay up this long before the old
+# rootfs is deleted; a death inside the window rolls back, even after the answer.
 #: The client is answered once the new workload is up: the fallback init at once, the
 #: image's init once it has been alive this long (the deaths seen in practice, exec
 #: failures, missing libraries, a script that exits, come well within it).
@@ -57,6 +56,7 @@ class Provisioner:
         init_binary: str = "/sbin/init",
         url_read_timeout: float = URL_READ_TIMEOUT,
         url_max_bytes: int = URL_MAX_BYTES,
+        settle_seconds: float = SETTLE_SECONDS,
         hostname: str | None = None,
         limits: Limits | None = None,
     ) -> None:
@@ -67,6 +67,7 @@ class Provisioner:
         self.lock = asyncio.Lock()
         self.url_read_timeout = url_read_timeout
         self.url_max_bytes = url_max_bytes
+        self.settle_seconds = settle_seconds
         self._purge: asyncio.Future[None] | None = None
         #: A job holds the lock only to watch its answered workload's settle window.
         self.settling = False
@@ -264,10 +265,11 @@ class ProvisionJob:
             # second one restarts the previous rootfs after a rollback (checked in full).
             calls.append(rootfs)
             start: Coroutine[Any, Any, asyncio.Future[None] | None]
+            settle = provisioner.settle_seconds
             if len(calls) > 1:
-                start = runtime.start(settle=SETTLE_SECONDS)
+                start = runtime.start(settle=settle)
             else:
-                start = runtime.start_watched(settle=SETTLE_SECONDS, ready=READY_SECONDS)
+                start = runtime.start_watched(settle=settle, ready=READY_SECONDS)
             future = asyncio.run_coroutine_threadsafe(start, loop)
             try:
                 watch = future.result()
