@@ -27,7 +27,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -530,8 +530,8 @@ class ServerConnection:
             stream.stop()  # read no upload: the client stops sending at once
             return
         # One only settling (answered, its new workload watched for the rest of the
-        # window) is waited for: it ends within SETTLE_SECONDS.
-        if provisioner.lock.locked() and not provisioner.settling:
+        # window) is waited for, by one client at a time: it ends within SETTLE_SECONDS.
+        if provisioner.lock.locked() and (not provisioner.settling or provisioner.waiting):
             machine.refuse(Busy("setup failed: another client is provisioning this vault"))
             return
 
@@ -554,7 +554,7 @@ class ServerConnection:
             )
             await _flush(stream, machine)
 
-        async with provisioner.lock:
+        async with _turn(provisioner):
             job = ProvisionJob(provisioner, progress, request.options)
             try:
                 await job.start()
@@ -641,6 +641,22 @@ class ServerConnection:
             if self.server.listener is not None:
                 self.server.listener.authenticated(self.channel)
             log.info("connection from %s authenticated", self.source)
+
+
+@contextlib.asynccontextmanager
+async def _turn(provisioner: Provisioner) -> AsyncIterator[None]:
+    """The provisioning lock; a client waiting for a settling job is recorded as such."""
+    waiting = provisioner.lock.locked()
+    provisioner.waiting = provisioner.waiting or waiting
+    try:
+        await provisioner.lock.acquire()
+    finally:
+        if waiting:
+            provisioner.waiting = False
+    try:
+        yield
+    finally:
+        provisioner.lock.release()
 
 
 async def _outlive_the_client(completion: Coroutine[Any, Any, None]) -> None:

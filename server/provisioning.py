@@ -71,6 +71,8 @@ class Provisioner:
         self._purge: asyncio.Future[None] | None = None
         #: A job holds the lock only to watch its answered workload's settle window.
         self.settling = False
+        #: A client waits for that job to end (a second one is told BUSY).
+        self.waiting = False
 
     async def boot(self) -> None:
         """At init start: recover an interrupted activation, start a provisioned workload."""

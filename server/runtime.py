@@ -490,6 +490,12 @@ class WorkloadRuntime:
                 return  # stopped or restarted on purpose inside the window: not a failure
             if died:
                 lived = loop.time() - self._started_at
+                if self.on_stop is not None:  # sessions started since the answer are told
+                    with contextlib.suppress(Exception):
+                        await self.on_stop(
+                            "the vault's new workload stopped inside its settle window; "
+                            "the previous rootfs is being restored"
+                        )
                 self._forget()
                 await self._release()
                 raise ProvisionError(
