@@ -27,10 +27,10 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from flyvault.errors import (
     AttestationError,
@@ -82,6 +82,7 @@ from .defaults import (
     DEFAULT_MAX_SESSIONS,
     DEFAULT_SESSION_BUFFER,
     DEFAULT_SESSION_TTL,
+    SETTLE_SECONDS,
     URL_MAX_BYTES,
     URL_READ_TIMEOUT,
 )
@@ -119,6 +120,8 @@ class ServerOptions:
     #: rootfs_url downloads: give up after this long without data; refuse beyond this size.
     url_read_timeout: float = URL_READ_TIMEOUT
     url_max_bytes: int = URL_MAX_BYTES
+    #: A (re)provisioned workload dying within this long of its start is rolled back.
+    settle_seconds: float = SETTLE_SECONDS
     #: Output kept per exec session for replay (bytes).
     session_buffer: int = DEFAULT_SESSION_BUFFER
     #: How long a finished named session stays listed.
@@ -193,6 +196,7 @@ class VaultServer:
                 init_binary=options.init_binary,
                 url_read_timeout=options.url_read_timeout,
                 url_max_bytes=options.url_max_bytes,
+                settle_seconds=options.settle_seconds,
                 hostname=options.hostname,
                 limits=Limits(options.memory_max, options.cpu_max),
             )
@@ -525,7 +529,9 @@ class ServerConnection:
             machine.refuse(ProvisionError(f"setup failed: {HOST_MODE_REFUSAL}"))
             stream.stop()  # read no upload: the client stops sending at once
             return
-        if provisioner.lock.locked():
+        # One only settling (answered, its new workload watched for the rest of the
+        # window) is waited for, by one client at a time: it ends within SETTLE_SECONDS.
+        if provisioner.lock.locked() and (not provisioner.settling or provisioner.waiting):
             machine.refuse(Busy("setup failed: another client is provisioning this vault"))
             return
 
@@ -534,19 +540,36 @@ class ServerConnection:
                 machine.send_progress(Progress(phase, done, total))
                 stream.write(machine.data_to_send())
 
-        async with provisioner.lock:
+        state = self.server.state
+
+        async def answer() -> None:
+            # The new workload is up: the client is answered now, while the rest of the
+            # settle window is watched; a death inside it comes as a second message.
+            provisioner.settling = True
+            self._authenticated()
+            # Notes only answer a request with rootfs options: older clients never get them.
+            notes = tuple(job.notes) if not request.options.is_default else ()
+            machine.send_setup_complete(
+                SetupComplete(state.vm_state(), state.runtime_status(), state.boot_id, notes)
+            )
+            await _flush(stream, machine)
+
+        async with _turn(provisioner):
             job = ProvisionJob(provisioner, progress, request.options)
             try:
                 await job.start()
+                size: int | None = None
+                digest: bytes | None
                 if isinstance(request.rootfs, RootfsInline):
                     size = request.rootfs.size
                     digest = await self._receive_upload(machine, stream, job, size)
-                    timings = await job.complete(size, digest)
                 else:
                     assert isinstance(request.rootfs, RootfsUrl)
                     await job.download(request.rootfs.url)
                     digest = bytes.fromhex(request.rootfs.sha256) if request.rootfs.sha256 else None
-                    timings = await job.complete(None, digest)
+                await _outlive_the_client(
+                    self._activate(machine, stream, job, size, digest, answer)
+                )
             except ProvisionError as exc:
                 await job.abort()
                 log.warning("provisioning for %s failed: %s", self.source, exc)
@@ -559,17 +582,36 @@ class ServerConnection:
             except BaseException:
                 await job.abort()
                 raise
+
+    async def _activate(
+        self,
+        machine: ControlServer,
+        stream: QuicStream,
+        job: ProvisionJob,
+        size: int | None,
+        digest: bytes | None,
+        answer: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Activate, answer once the workload is up, then see the settle window through:
+        all of it runs to the end even if the client has gone meanwhile."""
+        try:
+            timings = await job.complete(size, digest, answer)
+        except ProvisionError as exc:
+            if machine.state is not ServerState.COMPLETE:
+                raise  # not answered yet: refused as any failure
+            # Answered already: the workload died inside the settle window and the previous
+            # rootfs is back. The client learns it on the same stream.
+            await job.abort()
+            log.warning("provisioning for %s rolled back: %s", self.source, exc)
+            machine.send_rolled_back(ProvisionError(f"setup rolled back: {exc.message}"))
+            await _flush(stream, machine, end=True)
+            return
+        finally:
+            job.provisioner.settling = False
         phases = ", ".join(
             f"{name} {seconds:.2f} s" for name, seconds in timings.items() if name != "total"
         )
         log.info("provisioned for %s in %.1f s (%s)", self.source, timings["total"], phases)
-        state = self.server.state
-        self._authenticated()
-        # Notes only answer a request with rootfs options: older clients never get them.
-        notes = tuple(job.notes) if not request.options.is_default else ()
-        machine.send_setup_complete(
-            SetupComplete(state.vm_state(), state.runtime_status(), state.boot_id, notes)
-        )
 
     async def _receive_upload(
         self, machine: ControlServer, stream: QuicStream, job: ProvisionJob, size: int
@@ -599,6 +641,34 @@ class ServerConnection:
             if self.server.listener is not None:
                 self.server.listener.authenticated(self.channel)
             log.info("connection from %s authenticated", self.source)
+
+
+@contextlib.asynccontextmanager
+async def _turn(provisioner: Provisioner) -> AsyncIterator[None]:
+    """The provisioning lock; a client waiting for a settling job is recorded as such."""
+    waiting = provisioner.lock.locked()
+    provisioner.waiting = provisioner.waiting or waiting
+    try:
+        await provisioner.lock.acquire()
+    finally:
+        if waiting:
+            provisioner.waiting = False
+    try:
+        yield
+    finally:
+        provisioner.lock.release()
+
+
+async def _outlive_the_client(completion: Coroutine[Any, Any, None]) -> None:
+    """Run an activation to its end even when the client goes away meanwhile (it may, once
+    answered): its settle window, commit or rollback must not be cut by the connection."""
+    task = asyncio.ensure_future(completion)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await task
+        raise
 
 
 _TAGS = {int(tag) for tag in StreamTag}

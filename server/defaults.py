@@ -13,5 +13,7 @@ DEFAULT_SESSION_TTL: Final = 3600.0
 DEFAULT_MAX_SESSIONS: Final = 256
 #: A rootfs_url download that sends nothing for this long is abandoned; ``--url-timeout``.
 URL_READ_TIMEOUT: Final = 60.0
+#: A (re)provisioned workload that dies within this long of its start is rolled back.
+SETTLE_SECONDS: Final = 2.0
 #: rootfs_url downloads larger than this are refused; ``--url-max-bytes``.
 URL_MAX_BYTES: Final = 32 * 1024**3

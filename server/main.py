@@ -29,6 +29,7 @@ from .defaults import (
     DEFAULT_SESSION_BUFFER,
     DEFAULT_SESSION_TTL,
     MIN_SESSION_BUFFER,
+    SETTLE_SECONDS,
     URL_MAX_BYTES,
     URL_READ_TIMEOUT,
 )
@@ -130,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="abandon a rootfs_url download after this long without data (default %(default)s)",
     )
     parser.add_argument(
+        "--settle-seconds",
+        type=finite_float,
+        default=SETTLE_SECONDS,
+        metavar="SECONDS",
+        help="a (re)provisioned workload that dies within this long of its start is rolled "
+        "back; the client is answered once it is up, before the window ends "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
         "--url-max-bytes",
         type=int,
         default=URL_MAX_BYTES,
@@ -203,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--url-timeout must be greater than 0")
     if args.url_max_bytes < 1:
         parser.error("--url-max-bytes must be at least 1")
+    if args.settle_seconds < 0:
+        parser.error("--settle-seconds must not be negative")
     if args.ready_file is not None and not args.ready_file.parent.is_dir():
         parser.error(f"--ready-file {args.ready_file}: no such directory {args.ready_file.parent}")
     try:
@@ -352,6 +364,7 @@ async def _serve(args: argparse.Namespace, host: str, port: int) -> int:
         session_buffer=args.session_buffer,
         url_read_timeout=args.url_timeout,
         url_max_bytes=args.url_max_bytes,
+        settle_seconds=args.settle_seconds,
         session_ttl=args.session_ttl,
         max_sessions=args.max_sessions,
         hostname=args.hostname,

@@ -13,8 +13,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from flyvault.errors import ProvisionError
 from flyvault.protocol.constants import RuntimeStatus, VmState
@@ -22,7 +23,7 @@ from flyvault.protocol.messages import RootfsOptions
 
 from .accounts import Account
 from .cgroups import Limits
-from .defaults import URL_MAX_BYTES, URL_READ_TIMEOUT
+from .defaults import SETTLE_SECONDS, URL_MAX_BYTES, URL_READ_TIMEOUT
 from .provision.extract import ExtractLimits, ExtractReport, StreamingExtractor
 from .provision.store import RootfsStore
 from .runtime import WorkloadRuntime
@@ -33,8 +34,12 @@ log = logging.getLogger("flyvault.server.provision")
 
 ProgressCallback = Callable[[str, int, int], None]
 
-#: The new workload must stay up this long before the old rootfs is deleted.
-SETTLE_SECONDS = 2.0
+# SETTLE_SECONDS (defaults): the new workload must stay up this long before the old
+# rootfs is deleted; a death inside the window rolls back, even after the answer.
+#: The client is answered once the new workload is up: the fallback init at once, the
+#: image's init once it has been alive this long (the deaths seen in practice, exec
+#: failures, missing libraries, a script that exits, come well within it).
+READY_SECONDS = 0.25
 URL_CONNECT_TIMEOUT = 15.0
 URL_MAX_REDIRECTS = 5
 #: Device nodes named one by one in the result line; more are counted.
@@ -51,6 +56,7 @@ class Provisioner:
         init_binary: str = "/sbin/init",
         url_read_timeout: float = URL_READ_TIMEOUT,
         url_max_bytes: int = URL_MAX_BYTES,
+        settle_seconds: float = SETTLE_SECONDS,
         hostname: str | None = None,
         limits: Limits | None = None,
     ) -> None:
@@ -61,7 +67,12 @@ class Provisioner:
         self.lock = asyncio.Lock()
         self.url_read_timeout = url_read_timeout
         self.url_max_bytes = url_max_bytes
+        self.settle_seconds = settle_seconds
         self._purge: asyncio.Future[None] | None = None
+        #: A job holds the lock only to watch its answered workload's settle window.
+        self.settling = False
+        #: A client waits for that job to end (a second one is told BUSY).
+        self.waiting = False
 
     async def boot(self) -> None:
         """At init start: recover an interrupted activation, start a provisioned workload."""
@@ -212,8 +223,17 @@ class ProvisionJob:
                 hint="check that the URL is reachable from the vault",
             ) from None
 
-    async def complete(self, size: int | None, sha256: bytes | None) -> dict[str, float]:
-        """Finish extraction, then stop the old workload and activate the new rootfs."""
+    async def complete(
+        self,
+        size: int | None,
+        sha256: bytes | None,
+        answer: Callable[[], Awaitable[None]] | None = None,
+    ) -> dict[str, float]:
+        """Finish extraction, then stop the old workload and activate the new rootfs.
+
+        ``answer`` is awaited once the new workload is up, before the rest of the settle
+        window: the caller answers its client there. A death inside the window still rolls
+        back, and this then raises ProvisionError (after ``answer``)."""
         assert self.extractor is not None
         provisioner = self.provisioner
         report = await self.extractor.finish(size, sha256)
@@ -238,23 +258,59 @@ class ProvisionJob:
         await provisioner.runtime.stop(reason=REPROVISION_REASON)
         stopped = time.monotonic() - stopping
         loop = asyncio.get_running_loop()
+        runtime = provisioner.runtime
+        watches: list[asyncio.Future[None]] = []
+        calls: list[Path] = []
 
-        def start_runtime(_rootfs: Path) -> bool:
-            future = asyncio.run_coroutine_threadsafe(
-                provisioner.runtime.start(settle=SETTLE_SECONDS), loop
-            )
+        def start_runtime(rootfs: Path) -> bool:
+            # The first call starts the new rootfs (answered once up, watched after); a
+            # second one restarts the previous rootfs after a rollback (checked in full).
+            calls.append(rootfs)
+            start: Coroutine[Any, Any, asyncio.Future[None] | None]
+            settle = provisioner.settle_seconds
+            if len(calls) > 1:
+                start = runtime.start(settle=settle)
+            else:
+                start = runtime.start_watched(settle=settle, ready=READY_SECONDS)
+            future = asyncio.run_coroutine_threadsafe(start, loop)
             try:
-                future.result()
+                watch = future.result()
             except ProvisionError as exc:
                 log.warning("the workload did not start: %s", exc)
                 with contextlib.suppress(Exception):
-                    asyncio.run_coroutine_threadsafe(provisioner.runtime.stop(), loop).result()
+                    asyncio.run_coroutine_threadsafe(runtime.stop(), loop).result()
                 return False
+            if watch is not None:
+                watches.append(watch)
             return True
 
-        result = await asyncio.to_thread(provisioner.store.activate, start_runtime)
+        async def up() -> None:
+            self.progress("activate", 1, 1)
+            if answer is not None:
+                await answer()
+
+        def started() -> None:
+            asyncio.run_coroutine_threadsafe(up(), loop).result()
+
+        def settled() -> str | None:
+            if not watches:
+                return None
+            try:
+                asyncio.run_coroutine_threadsafe(_wait(watches[0]), loop).result()
+            except ProvisionError as exc:
+                log.warning("the new workload did not stay up: %s", exc)
+                return exc.message
+            return None
+
+        try:
+            result = await asyncio.to_thread(
+                provisioner.store.activate, start_runtime, started=started, settled=settled
+            )
+        finally:
+            for watch in watches:  # a cancelled job must not leave the watch unobserved
+                if not watch.done():
+                    watch.cancel()
         provisioner.purge_later()
-        self.progress("activate", 1, 1)
         # Phases in order: receive and extract, stop the old workload, then activation's
         # (sync, swap, marker, start: includes the settle window, cleanup).
         timings = {"receive_extract": received, "stop_old": stopped, **result.timings}
@@ -266,6 +322,10 @@ class ProvisionJob:
             with contextlib.suppress(Exception):
                 await self.extractor.abort()
         await asyncio.to_thread(self.provisioner.store.discard_staging)
+
+
+async def _wait(watch: asyncio.Future[None]) -> None:
+    await watch
 
 
 def _device_notes(report: ExtractReport) -> list[str]:

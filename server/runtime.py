@@ -77,6 +77,7 @@ STATE_FILE = "workload.json"
 _HOSTNAME_BAD = re.compile(r"[^A-Za-z0-9-]+")
 DEFAULT_HOSTNAME = "fly-vault"
 
+
 def hostname_for(name: str | None) -> str:
     """A valid hostname made of ``name`` (the vault's name), else ``fly-vault``."""
     text = _HOSTNAME_BAD.sub("-", name or "").strip("-")[:63].strip("-")
@@ -441,6 +442,67 @@ class WorkloadRuntime:
                 await self._launch()
                 if settle > 0:
                     await self._settle(settle)
+            self._want_running = True
+            self._ensure_supervisor()
+
+    async def start_watched(self, *, settle: float, ready: float) -> asyncio.Future[None]:
+        """Start the workload; return once it is demonstrably up, watching the rest of
+        ``settle`` in the background (a reprovision answers its client at that point).
+
+        Up means: the fallback init said so (it is our own reaper, nothing of the image's
+        runs in it yet), or the image's init was exec'd and is still alive ``ready`` s
+        later, which catches the deaths seen in practice (exec failures, missing
+        libraries, a script that exits) before anything is answered. The returned task
+        ends when ``settle`` s have passed since the start: with None if the init stayed
+        up (or was stopped or replaced on purpose meanwhile), with ProvisionError if it
+        died on its own, after which nothing of it is left. Supervision (restarts) only
+        begins once the window has passed, so a death inside it is reported, never
+        quietly restarted. Raises ProvisionError if it does not start or dies within
+        ``ready``, like ``start(settle=...)``.
+        """
+        self._check_host()
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            await self._recover_once()
+            if self.running:  # nothing new was started: nothing to watch
+                self._want_running = True
+                self._ensure_supervisor()
+                done: asyncio.Future[None] = loop.create_future()
+                done.set_result(None)
+                return done
+            await self._launch()
+            if not self._fallback and ready > 0:
+                await self._settle(min(ready, settle))
+            process = self._process
+            assert process is not None
+            return loop.create_task(
+                self._watch(process, self._started_at + settle, settle), name="workload-settle"
+            )
+
+    async def _watch(
+        self, process: asyncio.subprocess.Process, deadline: float, settle: float
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        remaining = deadline - loop.time()
+        died = await _exits(process, remaining) if remaining > 0 else process.returncode is not None
+        async with self._lock:
+            if self._process is not process:
+                return  # stopped or restarted on purpose inside the window: not a failure
+            if died:
+                lived = loop.time() - self._started_at
+                if self.on_stop is not None:  # sessions started since the answer are told
+                    with contextlib.suppress(Exception):
+                        await self.on_stop(
+                            "the vault's new workload stopped inside its settle window; "
+                            "the previous rootfs is being restored"
+                        )
+                self._forget()
+                await self._release()
+                raise ProvisionError(
+                    f"the workload's init {self.init_binary} exited {lived:.1f} s after its "
+                    f"start, within the {settle:g} s settle window (status {process.returncode}; "
+                    "see the server log)"
+                )
             self._want_running = True
             self._ensure_supervisor()
 

@@ -509,3 +509,51 @@ def test_exited_reason_round_trip_and_absent_in_the_protocol_2_form() -> None:
         Exited.decode(ended.encode()[:-1])
     with pytest.raises(ProtocolError):
         Exited.decode(ended.encode() + b"\x00")
+
+
+def test_a_rollback_after_setup_complete_reaches_the_client_on_the_same_stream() -> None:
+    """After a provisioning's SETUP_COMPLETE the server may still say that the new
+    workload died inside its settle window (an error frame); a clean end says it stayed."""
+    from flyvault.errors import ProvisionError
+    from flyvault.protocol.control import ErrorReceived, ServerState, StreamEnded
+
+    def answered() -> tuple[ControlClient, ControlServer]:
+        client, server = ControlClient(), ControlServer()
+        client.request_attestation()
+        pump(client, server)
+        events(server)
+        server.send_attestation(VmState.READY, RuntimeStatus.SYSTEM_INIT, "boot-1", "the.jwt")
+        pump(server, client)
+        events(client)
+        client.send_setup(SetupRequest("tok", RootfsInline(1)))
+        pump(client, server)
+        events(server)
+        with pytest.raises(LocalProtocolError):
+            server.send_rolled_back(ProvisionError("too early"))  # only after the answer
+        server.accept_token()
+        pump(server, client)
+        events(client)
+        client.send_rootfs_chunk(b"x")
+        client.end_rootfs(b"\x11" * 32)
+        pump(client, server)
+        events(server)
+        server.send_setup_complete(SetupComplete(VmState.READY, RuntimeStatus.SYSTEM_INIT, "b2"))
+        pump(server, client)
+        assert isinstance(events(client)[-1], SetupCompleted)
+        return client, server
+
+    client, server = answered()
+    server.send_rolled_back(ProvisionError("setup rolled back: its init exited"))
+    assert server.state is ServerState.FAILED
+    pump(server, client)
+    client.receive_eof()
+    [error, end] = events(client)
+    assert isinstance(error, ErrorReceived)
+    assert isinstance(error.error.to_exception(), ProvisionError)
+    assert "rolled back" in error.error.message
+    assert isinstance(end, StreamEnded)
+
+    client, server = answered()
+    client.receive_eof()  # the window passed: the server just ends the stream
+    assert events(client) == [StreamEnded()]
+    assert client.state is ClientState.COMPLETE

@@ -564,3 +564,30 @@ def test_throughput_against_tar(tmp_path: Path, capsys: pytest.CaptureFixture[st
             f"({data_size / MiB / best_ours:.1f} MiB/s), tar xzf {best_tar:.2f}s, "
             f"ratio {best_ours / best_tar:.2f}x (runs: {times})"
         )
+
+
+def test_the_gil_switch_interval_is_lowered_while_extracting_and_restored(tmp_path: Path) -> None:
+    """The convoy fix is process-wide: on while an extraction runs, restored after it,
+    whether it succeeds or is refused."""
+    from flyvault.server.provision.extract import SWITCH_INTERVAL
+
+    before = sys.getswitchinterval()
+    assert before != SWITCH_INTERVAL
+    good = gzip.compress(tar_bytes([regular("a", b"x" * 100)]))
+    seen: list[float] = []
+
+    async def run(dest: Path, data: bytes) -> None:
+        dest.mkdir()
+        extractor = StreamingExtractor(dest)
+        await extractor.feed(data[:10])
+        seen.append(sys.getswitchinterval())
+        await extractor.feed(data[10:])
+        await extractor.finish()
+
+    asyncio.run(run(tmp_path / "ok", good))
+    assert seen == [SWITCH_INTERVAL]
+    assert sys.getswitchinterval() == before
+    with pytest.raises(ProvisionError):
+        asyncio.run(run(tmp_path / "bad", b"\x1f\x8b" + b"not gzip at all" * 100))
+    assert seen == [SWITCH_INTERVAL, SWITCH_INTERVAL]
+    assert sys.getswitchinterval() == before

@@ -506,3 +506,55 @@ def test_sigkill_during_recovery(crash_setup: dict[str, Any], name: str) -> None
             )
             tried += 1
     assert tried > 0
+
+
+def test_death_inside_the_settle_window_rolls_back_after_the_answer(
+    ready: RootfsStore, images: dict[str, bytes]
+) -> None:
+    """The client is answered once the new workload is up (``started``); if it then dies
+    inside the window (``settled`` says why), the previous rootfs still comes back."""
+    before = state(ready)
+    events: list[str] = []
+
+    def start(root: Path) -> bool:
+        events.append("start " + (root / "etc/os-release").read_text().strip())
+        return True
+
+    def started() -> None:
+        events.append("answered")
+
+    def settled() -> str | None:
+        events.append("watched")
+        return "its init exited 0.4 s after its start"
+
+    staging = ready.new_staging()
+    extract_into(staging, images["b"])
+    ready.prepare_persistence(staging)
+    with pytest.raises(ProvisionError, match=r"exited 0.4 s after.*previous rootfs was restored"):
+        ready.activate(start, started=started, settled=settled)
+    assert events == [
+        "start NAME=fly-vault-test-b",
+        "answered",
+        "watched",
+        "start NAME=fly-vault-test-a",
+    ]
+    assert state(ready) == before
+    assert sorted(os.listdir(ready.data_dir)) == [".provisioned", "persist", "rootfs"]
+
+
+def test_a_workload_that_stays_up_through_the_window_is_committed(
+    ready: RootfsStore, images: dict[str, bytes]
+) -> None:
+    staging = ready.new_staging()
+    extract_into(staging, images["b"])
+    ready.prepare_persistence(staging)
+    events: list[str] = []
+    result = ready.activate(
+        lambda root: True,
+        started=lambda: events.append("answered"),
+        settled=lambda: events.append("watched") and None,
+    )
+    assert events == ["answered", "watched"]
+    assert "settle" in result.timings
+    assert (ready.rootfs / "etc/os-release").read_text() == "NAME=fly-vault-test-b\n"
+    assert not ready.journal.exists()

@@ -869,3 +869,60 @@ def test_needs_root_and_a_rootfs(
         run_async(runtime.start())
     with pytest.raises(ProvisionError, match="not running"):
         runtime.wrapper()
+
+
+def test_start_watched_answers_once_up_and_reports_a_death_inside_the_window(
+    make_runtime: Callable[..., WorkloadRuntime], rootfs: Path
+) -> None:
+    """Answered after the short ready check; a death later inside the window (made to
+    happen by a trigger file, not by time) fails the watch and is not restarted."""
+    install_init(rootfs, "#!/bin/sh\nwhile [ ! -e /die ]; do sleep 0.02; done\nexit 4\n")
+
+    async def scenario() -> None:
+        runtime = make_runtime()
+        watch = await runtime.start_watched(settle=600, ready=0.05)
+        assert runtime.status() is RuntimeStatus.SYSTEM_INIT
+        assert not watch.done()
+        (rootfs / "die").touch()
+        with pytest.raises(ProvisionError, match=r"exited .* within the 600 s settle window"):
+            await asyncio.wait_for(watch, 30)
+        assert "status 4" in str(watch.exception())
+        assert runtime.status() is RuntimeStatus.NOT_STARTED
+        assert runtime.restarts == 0  # reported, never quietly restarted
+        await runtime.stop()
+
+    run_async(scenario())
+
+
+def test_start_watched_refuses_an_init_that_dies_before_it_is_up(
+    make_runtime: Callable[..., WorkloadRuntime], rootfs: Path
+) -> None:
+    install_init(rootfs, "#!/bin/sh\nexit 3\n")
+
+    async def scenario() -> None:
+        runtime = make_runtime()
+        with pytest.raises(ProvisionError, match=r"status 3"):
+            await runtime.start_watched(settle=600, ready=60)
+        assert runtime.status() is RuntimeStatus.NOT_STARTED
+        await runtime.stop()
+
+    run_async(scenario())
+
+
+def test_start_watched_commits_a_workload_stopped_on_purpose_or_that_stays_up(
+    make_runtime: Callable[..., WorkloadRuntime], rootfs: Path
+) -> None:
+    install_init(rootfs, "#!/bin/sh\nexec sleep 1000\n")
+
+    async def scenario() -> None:
+        runtime = make_runtime()
+        watch = await runtime.start_watched(settle=600, ready=0)
+        await runtime.stop()  # inside the window, on purpose: not a failure
+        assert await asyncio.wait_for(watch, 30) is None
+        # A window that has passed (settle 0): supervised from then on.
+        watch = await runtime.start_watched(settle=0, ready=0)
+        assert await asyncio.wait_for(watch, 30) is None
+        assert runtime.running and runtime._supervisor is not None
+        await runtime.stop()
+
+    run_async(scenario())

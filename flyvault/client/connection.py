@@ -13,6 +13,7 @@ opens are logged there too (closes by the channel). Nothing logged holds a secre
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -45,6 +46,7 @@ from flyvault.protocol.control import (
     ErrorReceived,
     ProgressReported,
     SetupCompleted,
+    StreamEnded,
     UploadReady,
 )
 from flyvault.protocol.messages import (
@@ -106,6 +108,10 @@ class VaultConnection:
     timings: dict[str, float] = field(default_factory=dict)
     #: What the vault reported about this connection's provisioning (devices created...).
     notes: tuple[str, ...] = ()
+    #: After a (re)provision: done when the vault's settle window has ended. It raises the
+    #: ProvisionError if the new workload died inside it and the vault rolled back (the
+    #: answer came as soon as the workload was up); None when nothing was provisioned.
+    settled: asyncio.Future[None] | None = None
 
     @property
     def protocol_version(self) -> int:
@@ -126,6 +132,8 @@ class VaultConnection:
         """Close at once (no drain wait): right for one-shot commands."""
         if not self.channel.is_closed:
             log.debug("closing the connection to vault %s", self.vault.name)
+        if self.settled is not None:
+            self.settled.cancel()
         self.channel.close_now()
 
 
@@ -319,6 +327,7 @@ async def _open_vault_once(
         if (cold and provision) or reprovision:
             source = vault.rootfs_source("reprovision" if reprovision else "cold boot")
         upload = _RootfsUpload(source, progress) if source is not None else None
+        settle: list[asyncio.Future[None]] = []
 
         async def do_auth() -> tuple[SetupCompleted, str]:
             options = rootfs_options(vault) if upload else RootfsOptions()
@@ -358,6 +367,8 @@ async def _open_vault_once(
                     raise error
                 if isinstance(event, SetupCompleted):
                     stream.write_eof()
+                    if upload is not None:
+                        settle.append(_watch_settle(control, stream, vault.name))
                     what = "access token accepted"
                     if upload is not None:
                         what += f"; rootfs provisioned ({upload.describe()})"
@@ -397,6 +408,7 @@ async def _open_vault_once(
         boot_id=completed.complete.boot_id,
         timings=timings,
         notes=completed.complete.notes,
+        settled=settle[0] if settle else None,
     )
 
 
@@ -519,6 +531,34 @@ class _RootfsUpload:
             rate = self.size / self.elapsed / 1e6 if self.elapsed else 0.0
             return f"{self.size / 1e6:.1f} MB uploaded at {rate:.1f} MB/s"
         return "downloaded by the vault"
+
+
+def _watch_settle(control: ControlClient, stream: QuicStream, name: str) -> asyncio.Future[None]:
+    """After a provisioning's SETUP_COMPLETE: the end of the stream says the new workload
+    stayed up through the vault's settle window, an error frame that the vault rolled back."""
+
+    async def watch() -> None:
+        while True:
+            event = await _next_event(control, stream)
+            if isinstance(event, StreamEnded):
+                return
+            if isinstance(event, ErrorReceived):
+                raise event.error.to_exception()
+            if not isinstance(event, ProgressReported):
+                raise RemoteProtocolError(f"unexpected {type(event).__name__} after setup")
+
+    def observed(task: asyncio.Future[None]) -> None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        if isinstance(error, ProvisionError):
+            log.warning("vault %s: %s", name, error)
+        elif error is not None:
+            log.debug("vault %s: the settle outcome was not received: %s", name, error)
+
+    task = asyncio.ensure_future(watch())
+    task.add_done_callback(observed)
+    return task
 
 
 async def _answer_during_upload(control: ControlClient, stream: QuicStream) -> ControlEvent:

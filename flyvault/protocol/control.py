@@ -13,6 +13,13 @@ One control stream per connection carries the whole exchange::
     [ROOTFS_CHUNK ... ROOTFS_END]  ------>
                                    <------   [PROGRESS ...]
                                    <------   SETUP_COMPLETE(state, runtime, boot id) | ERROR
+                                   <------   [ERROR]  (provisioning only: rolled back)
+                                   <------   end of stream
+
+After a provisioning the server answers SETUP_COMPLETE as soon as the new workload is up and
+keeps the stream open until the end of its settle window: a clean end of the stream then
+says it stayed up, an ERROR frame that it died inside the window and the previous rootfs was
+restored. A client may stop listening after SETUP_COMPLETE; the server finishes regardless.
 
 Both machines are driven the same way: ``receive_data(bytes)`` / ``receive_eof()`` feed what
 the stream delivered, ``next_event()`` returns the next event (or ``None`` when more data is
@@ -388,6 +395,14 @@ class ControlServer(_Machine):
         self._require(ServerState.SETTING_UP, "complete the setup")
         self._queue(ControlFrame.SETUP_COMPLETE, complete.encode())
         self.state = ServerState.COMPLETE
+
+    def send_rolled_back(self, exc: VaultError) -> None:
+        """After SETUP_COMPLETE of a provisioning: the new workload died inside its settle
+        window and the previous rootfs is back. Only legal in COMPLETE; the exchange is over
+        afterwards. (A clean end of the stream instead says the workload stayed up.)"""
+        self._require(ServerState.COMPLETE, "report a rollback")
+        self._queue(ERROR_FRAME, ErrorMessage.from_exception(exc).encode())
+        self.state = ServerState.FAILED
 
     def refuse(self, exc: VaultError) -> None:
         """Refuse with the error frame ``exc``'s class declares; legal in every state but

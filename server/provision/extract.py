@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 import tarfile
 import threading
 import time
@@ -66,6 +67,16 @@ QUEUE_BYTES = 4 * MiB
 #: buffer, so a huge value slows archives of many small files, and a tiny one costs Python
 #: calls per large file; between 10 KiB and 256 KiB the difference was lost in the noise.
 TAR_BUFSIZE = 64 * 1024
+#: The GIL switch interval while an extraction runs (CPython's default is 5 ms). The
+#: extraction thread makes a few syscalls per member (open, write, fchown, fchmod, utime,
+#: close), each releasing the GIL; with the event loop busy receiving the upload (QUIC in
+#: Python), every re-acquisition waited up to the whole interval, a convoy that made
+#: receive+extract of the b5 archive take 12.7-13.3 s instead of 9.8-9.9 s at 0.5 ms
+#: (0.1 ms and 1 ms: 10.8 s). Process-wide, so it is restored when the last one ends.
+SWITCH_INTERVAL = 0.0005
+_switching = threading.Lock()
+_switch_users = 0
+_switch_saved = 0.0
 #: The zero block that ends an archive (missing from typeshed's tarfile).
 EOF_HEADER: type[Exception] = tarfile.EOFHeaderError  # type: ignore[attr-defined]
 
@@ -128,6 +139,7 @@ class StreamingExtractor:
         self._closed = False
         self._received = 0
         self._raw: RawReader | None = None
+        self._stream: UnpackCounter | None = None
         self._writer: TreeWriter | None = None
 
     @property
@@ -228,8 +240,11 @@ class StreamingExtractor:
             try:
                 self._run()
             finally:
+                _fast_switching(False)
                 with contextlib.suppress(RuntimeError):  # the loop is already closed
                     loop.call_soon_threadsafe(notify)
+
+        _fast_switching(True)
 
         self._thread = threading.Thread(target=run, name="rootfs-extract", daemon=True)
         self._thread.start()
@@ -258,7 +273,9 @@ class StreamingExtractor:
             log.exception("rootfs extraction failed")
             self._error = ProvisionError(f"the rootfs extraction failed: {exc!r}")
         finally:
-            self._pipe.reader_done()
+            self._pipe.reader_done()  # wakes the prefetching thread if it waits for data
+            if self._stream is not None:
+                self._stream.close()
             if self._writer is not None:
                 self._writer.close()
 
@@ -274,11 +291,12 @@ class StreamingExtractor:
             allow_devices=self._allow_devices,
         )
         raw = self._raw = RawReader(self._pipe)
-        stream = open_archive_stream(
+        stream = self._stream = open_archive_stream(
             raw,
             max_total=self.limits.max_total_bytes,
             max_ratio=self.limits.max_expansion_ratio,
             ratio_floor=self.limits.expansion_floor_bytes,
+            prefetch=True,
         )
         tf = self._open_tar(stream, raw)
         last = ""
@@ -309,6 +327,7 @@ class StreamingExtractor:
         # the size and SHA-256 cover every byte that was sent.
         while stream.read(COPY_CHUNK):
             pass
+        stream.close()  # the prefetching thread is done with the raw stream: drain it here
         raw.drain()
         writer.finish()
         return ExtractReport(
@@ -352,3 +371,18 @@ class StreamingExtractor:
                 "`tar -C rootfs -czf rootfs.tar.gz .`",
                 hint=REBUILD,
             ) from None
+
+
+def _fast_switching(on: bool) -> None:
+    """Hand the GIL over every SWITCH_INTERVAL while at least one extraction runs."""
+    global _switch_users, _switch_saved
+    with _switching:
+        if on:
+            if _switch_users == 0:
+                _switch_saved = sys.getswitchinterval()
+                sys.setswitchinterval(SWITCH_INTERVAL)
+            _switch_users += 1
+        else:
+            _switch_users -= 1
+            if _switch_users == 0:
+                sys.setswitchinterval(_switch_saved)

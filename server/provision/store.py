@@ -177,12 +177,23 @@ class RootfsStore:
 
     # -- activation -----------------------------------------------------------------------
 
-    def activate(self, start_runtime: Callable[[Path], bool]) -> ActivationResult:
-        """Swap staging in; keep the old rootfs until ``start_runtime(rootfs)`` is True.
+    def activate(
+        self,
+        start_runtime: Callable[[Path], bool],
+        *,
+        started: Callable[[], None] | None = None,
+        settled: Callable[[], str | None] | None = None,
+    ) -> ActivationResult:
+        """Swap staging in; keep the old rootfs until ``start_runtime(rootfs)`` is True
+        (and, with ``settled``, until that returns None: the new workload stayed up).
 
         The caller has stopped the old runtime. If the new one does not start, the old
         rootfs is restored and ``start_runtime`` is called again on it, then a
-        ProvisionError says so. Persistence seeding happens here, under the journal.
+        ProvisionError says so. ``started`` is called once the new one is up (the client
+        is answered there), ``settled`` then waits for the end of the settle window and
+        returns why the workload did not stay up, if it did not: that too rolls back, as
+        the journal still says "activating" until the window has passed. Persistence
+        seeding happens here, under the journal.
         """
         begun = time.monotonic()
         timings: dict[str, float] = {}
@@ -229,6 +240,13 @@ class RootfsStore:
         failure = _start(start_runtime, self.rootfs)
         timings["start"] = time.monotonic() - phase
         self._checkpoint("activate:started")
+        if failure is None and (started is not None or settled is not None):
+            phase = time.monotonic()
+            if started is not None:
+                started()
+            failure = _settled(settled) if settled is not None else None
+            timings["settle"] = time.monotonic() - phase
+            self._checkpoint("activate:settled")
         if failure is None:
             phase = time.monotonic()
             self._write_journal({"state": "committing"})
@@ -440,6 +458,15 @@ def _start(start_runtime: Callable[[Path], bool], rootfs: Path) -> str | None:
     except Exception as exc:
         log.exception("starting the runtime failed")
         return f"starting the runtime raised {exc!r}"
+
+
+def _settled(settled: Callable[[], str | None]) -> str | None:
+    """None when the new runtime stayed up through its settle window, else why not."""
+    try:
+        return settled()
+    except Exception as exc:
+        log.exception("watching the new runtime failed")
+        return f"watching the runtime raised {exc!r}"
 
 
 def _exists(path: Path) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import queue
 import threading
 import zlib
 from collections import deque
@@ -29,6 +30,8 @@ XZ_MAGIC = b"\xfd7zXZ\x00"
 BZIP2_MAGIC = b"BZh"
 
 MiB = 1024 * 1024
+#: What the prefetching thread decompresses per step (its queue holds 16 of them).
+PREFETCH_CHUNK = 256 * 1024
 
 
 class Cancelled(Exception):
@@ -88,9 +91,14 @@ class ChunkPipe:
     def get(self) -> bytes:
         """The next chunk (thread side), b"" at EOF. Blocks while the pipe is empty."""
         with self._lock:
-            while not self._chunks and not self._closed and not self._cancelled:
+            while (
+                not self._chunks
+                and not self._closed
+                and not self._cancelled
+                and not self._reader_gone
+            ):
                 self._readable.wait()
-            if self._cancelled:
+            if self._cancelled or self._reader_gone:
                 raise Cancelled
             if not self._chunks:
                 return b""
@@ -103,11 +111,13 @@ class ChunkPipe:
         return chunk
 
     def reader_done(self) -> None:
-        """The worker stopped: drop what is queued and release a waiting writer."""
+        """The worker stopped: drop what is queued and release a waiting writer (and a
+        reading thread of the worker's that is still waiting for data)."""
         with self._lock:
             self._reader_gone = True
             self._chunks.clear()
             self._buffered = 0
+            self._readable.notify_all()
         self._wake_writer()
 
     def _wake_writer(self) -> None:
@@ -176,6 +186,69 @@ class Readable(Protocol):
     def read(self, size: int) -> bytes: ...
 
 
+class Prefetch:
+    """Runs ``source.read`` in a thread of its own, at most ``depth`` chunks ahead.
+
+    Decompression (zlib and zstd release the GIL) and the SHA-256 of the upload then run
+    on one core while the extraction thread parses headers and creates files on another,
+    as ``gzip -dc | tar x`` does. Memory stays bounded (``depth * chunk`` bytes), and
+    the bomb checks stay with the reader (``UnpackCounter``), where the entry is known.
+    An error of the source's (a corrupt gzip, an abort) is raised to the reader in order,
+    after the data that came before it.
+    """
+
+    def __init__(self, source: Readable, chunk: int = PREFETCH_CHUNK, depth: int = 16) -> None:
+        self._source = source
+        self._chunk = chunk
+        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(depth)
+        self._stopped = False
+        self._current = memoryview(b"")
+        self._eof = False
+        self._thread = threading.Thread(target=self._run, name="rootfs-unpack", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        item: bytes | BaseException
+        while not self._stopped:
+            try:
+                item = self._source.read(self._chunk)
+            except BaseException as exc:  # handed over to the reader, which raises it
+                item = exc
+            while not self._stopped:
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if not isinstance(item, bytes) or not item:
+                return
+
+    def read(self, size: int) -> bytes:
+        while not self._current:
+            if self._eof:
+                return b""
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._eof = True
+                raise item
+            if not item:
+                self._eof = True
+                return b""
+            self._current = memoryview(item)
+        data = self._current[:size]
+        self._current = self._current[size:]
+        return bytes(data)
+
+    def close(self) -> None:
+        """Stop the thread and wait for it (after this, only the caller reads the source)."""
+        self._stopped = True
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    self._queue.get_nowait()
+            self._thread.join(0.05)
+
+
 class UnpackCounter:
     """Counts decompressed bytes and stops a decompression bomb at the configured limits."""
 
@@ -197,6 +270,11 @@ class UnpackCounter:
         self.count = 0
         #: Set by the extractor so that limit errors can name the entry being unpacked.
         self.current_entry = ""
+
+    def close(self) -> None:
+        """Stop a prefetching source's thread (idempotent)."""
+        if isinstance(self._source, Prefetch):
+            self._source.close()
 
     def read(self, size: int) -> bytes:
         data = self._source.read(size)
@@ -316,9 +394,15 @@ class _Zstd:
 
 
 def open_archive_stream(
-    raw: RawReader, *, max_total: int, max_ratio: float | None, ratio_floor: int = 0
+    raw: RawReader,
+    *,
+    max_total: int,
+    max_ratio: float | None,
+    ratio_floor: int = 0,
+    prefetch: bool = False,
 ) -> UnpackCounter:
-    """Sniff the compression and return the decompressed tar stream."""
+    """Sniff the compression and return the decompressed tar stream (with ``prefetch``,
+    decompressed ahead in a thread of its own: ``close()`` it when done)."""
     head = raw.peek(6)
     source: Readable
     if head.startswith(GZIP_MAGIC):
@@ -344,6 +428,8 @@ def open_archive_stream(
         )
     else:
         source, kind = _Plain(raw), "none"
+    if prefetch:
+        source = Prefetch(source)
     return UnpackCounter(source, raw, max_total, max_ratio, kind, ratio_floor)
 
 
