@@ -285,6 +285,11 @@ async def _reprovision(vault_config: Any) -> int:
     progress = ProgressLine()
     try:
         result = await vault.reprovision(progress)
+        progress.close()
+        # The server answered as soon as the new workload was up; it still watches the
+        # rest of its settle window and rolls back a death inside it: learn that outcome
+        # before saying it worked (a rollback is raised: exit 8).
+        await result.wait_settled()
     finally:
         progress.close()
         await vault.close()

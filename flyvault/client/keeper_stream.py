@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flyvault.client.mux import KeeperUnavailable, error_from
+from flyvault.client.mux import KeeperUnavailable, check_accepted, error_from
 from flyvault.errors import (
     ConnectionLost,
     RemoteProtocolError,
@@ -309,18 +309,11 @@ async def _open(
         first = await _next_frame(reader, decoder, frames)
     except (ConnectionError, OSError):
         first = None
-    if first is None:
+    try:
+        check_accepted(first, socket_path)
+    except BaseException:
         writer.close()
-        raise KeeperUnavailable(f"the keeper at {socket_path} closed before accepting")
-    if first.kind is MuxKind.ERROR:
-        writer.close()
-        error = error_from(first)
-        if "keeper protocol: version" in error.message:  # a keeper of another release
-            raise KeeperUnavailable(error.message)
-        raise error
-    if first.kind is not MuxKind.ACCEPTED:
-        writer.close()
-        raise RemoteProtocolError(f"keeper protocol: {first.kind.name} before ACCEPTED")
+        raise
     return reader, writer, decoder, frames
 
 

@@ -128,18 +128,11 @@ class KeeperLink:
         except OSError as exc:
             link.close()
             raise KeeperUnavailable(f"the keeper at {path} went away: {exc}") from None
-        if first is None:
+        try:
+            check_accepted(first, path)
+        except BaseException:
             link.close()
-            raise KeeperUnavailable(f"the keeper at {path} closed before accepting")
-        if first.kind is MuxKind.ERROR:
-            link.close()
-            error = error_from(first)
-            if "keeper protocol: version" in error.message:  # a keeper of another release
-                raise KeeperUnavailable(error.message)
-            raise error
-        if first.kind is not MuxKind.ACCEPTED:
-            link.close()
-            raise RemoteProtocolError(f"keeper protocol: {first.kind.name} before ACCEPTED")
+            raise
         return link
 
     def send(self, frame: bytes) -> None:
@@ -331,6 +324,21 @@ def call(path: Path, op: str, on_notice: Callable[[str], None] | None = None, **
         link.close()
 
 
+def check_accepted(first: MuxFrame | None, path: Path) -> None:
+    """The keeper's first answer to a HELLO must be ACCEPTED. Nothing (it closed), or a
+    refusal of our protocol version (a keeper of another release), is ``KeeperUnavailable``:
+    nothing was done, go elsewhere. Any other refusal is raised as the keeper's error."""
+    if first is None:
+        raise KeeperUnavailable(f"the keeper at {path} closed before accepting")
+    if first.kind is MuxKind.ERROR:
+        error = error_from(first)
+        if "keeper protocol: version" in error.message:
+            raise KeeperUnavailable(error.message)
+        raise error
+    if first.kind is not MuxKind.ACCEPTED:
+        raise RemoteProtocolError(f"keeper protocol: {first.kind.name} before ACCEPTED")
+
+
 def error_from(frame: MuxFrame) -> VaultError:
     """The keeper's ERROR frame as the error the CLI reports (message, hint, exit code)."""
     detail = frame.json()
@@ -372,6 +380,7 @@ __all__ = [
     "KeeperResult",
     "KeeperUnavailable",
     "call",
+    "check_accepted",
     "error_from",
     "keeper_key",
     "keeper_lost",

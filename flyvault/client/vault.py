@@ -277,8 +277,10 @@ class Vault:
     ) -> ReprovisionResult:
         """Replace the vault's rootfs with the configured one, keeping /root and /home.
 
-        Returns once the new workload answers: the server completes the setup only after
-        the new runtime has started and stayed up, and its boot identity must have changed.
+        Returns once the new workload is demonstrably up (the server answers then, before
+        the end of its settle window) and its boot identity has changed. The server still
+        watches the rest of the window and rolls back a workload that dies inside it:
+        ``await result.wait_settled()`` learns that outcome (it raises the rollback).
         A cold vault is provisioned instead (``from_cold``; ``on_cold`` is told first).
         """
         from flyvault.client.connection import host_mode_refusal, open_vault
@@ -300,7 +302,13 @@ class Vault:
                 self.adopt(after)
                 elapsed = time.monotonic() - started
                 return ReprovisionResult(
-                    None, after.boot_id, elapsed, after.runtime_status, after.notes, True
+                    None,
+                    after.boot_id,
+                    elapsed,
+                    after.runtime_status,
+                    after.notes,
+                    True,
+                    getattr(after, "settled", None),
                 )
             self.adopt(before)
         if before.runtime_status is RuntimeStatus.HOST_MODE:
@@ -320,7 +328,12 @@ class Vault:
                 hint="check with: fly-vault doctor " + self.config.name,
             )
         return ReprovisionResult(
-            before.boot_id, after.boot_id, elapsed, after.runtime_status, after.notes
+            before.boot_id,
+            after.boot_id,
+            elapsed,
+            after.runtime_status,
+            after.notes,
+            settled=getattr(after, "settled", None),
         )
 
     async def close(self) -> None:
@@ -385,6 +398,14 @@ class ReprovisionResult:
     notes: tuple[str, ...] = ()
     #: The vault was never provisioned: this provisioned it (one upload).
     from_cold: bool = False
+    #: Resolves when the server's settle window ended with the workload up; raises the
+    #: rollback when it died inside it (None: nothing left to watch).
+    settled: Any = None
+
+    async def wait_settled(self) -> None:
+        """Wait out the rest of the settle window; the rollback, if any, is raised."""
+        if self.settled is not None:
+            await asyncio.shield(self.settled)
 
 
 @dataclass
