@@ -585,6 +585,100 @@ def test_ctrl_c_detaches_the_session_on_the_vault(vault: str, reaper: list[Any])
     assert fv("kill", vault, "S", "--signal", "KILL").returncode == 0
 
 
+def test_ctrl_c_is_seen_while_the_vault_does_not_read_stdin(vault: str, reaper: list[Any]) -> None:
+    """Stdin backed up (the command never reads it) must not hide the CLI leaving: the
+    keeper reads the socket all the time, so the session is detached and the keeper idles
+    again (it used to wait in the stdin hand-over and never noticed)."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flyvault.cli.main",
+            "exec",
+            vault,
+            "--session",
+            "B",
+            "--",
+            "sh",
+            "-c",
+            "echo up; exec sleep 30",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    reaper.append(proc)
+    read_until(proc, b"up\n")
+    assert proc.stdin is not None
+    written = [0]
+    feeder = threading.Thread(target=_feed_until_closed, args=(proc.stdin, written), daemon=True)
+    feeder.start()
+
+    def backed_up() -> bool:
+        """The feeder stopped making progress: every buffer on the way is full, stdin
+        waits in the keeper's hand-over to the session."""
+        before = written[0]
+        time.sleep(0.3)
+        return before > 0 and written[0] == before
+
+    wait_for(backed_up, "stdin to back up", timeout=60)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=15)
+    assert proc.returncode == 130
+    wait_for(lambda: sessions(vault)["B"]["attached"] is False, "the vault kept the client")
+    wait_for(lambda: status(vault)[0]["active"] == 1, "the keeper kept the request")
+    assert fv("kill", vault, "B", "--signal", "KILL").returncode == 0
+
+
+def _feed_until_closed(pipe: Any, written: list[int]) -> None:
+    chunk = b"x" * 65536
+    with contextlib.suppress(OSError, ValueError):
+        for _ in range(4096):  # at most 256 MiB: bounded even if nothing ever blocks
+            pipe.write(chunk)
+            pipe.flush()
+            written[0] += len(chunk)
+
+
+def test_a_stream_reader_is_not_stopped_by_a_keeper_notice(tmp_path: Path) -> None:
+    """NOTICE and PROGRESS frames on a stream request (a reconnect notice, say) are not
+    stream data and must not kill the stream's reader: it returns the data, then the end.
+    The peer here is a scripted keeper on a real unix socket."""
+    import asyncio
+
+    from flyvault.client.keeper_stream import KeeperConnection
+
+    path = tmp_path / "k.sock"
+
+    async def scripted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)  # the HELLO
+        writer.write(encode(MuxKind.ACCEPTED))
+        writer.write(encode_json(MuxKind.NOTICE, {"message": "reconnected to 't'"}))
+        writer.write(encode_json(MuxKind.PROGRESS, {"phase": "x", "done": 1, "total": 2}))
+        writer.write(encode(MuxKind.STDOUT, b"hello"))
+        writer.write(encode(MuxKind.EOF))
+        await writer.drain()
+        await reader.read(65536)  # until the client is done
+        writer.close()
+
+    async def scenario() -> list[bytes]:
+        server = await asyncio.start_unix_server(scripted, path=str(path))
+        try:
+            info = {"boot_id": "b", "protocol_version": 4, "vm_state": 0, "runtime_status": 0}
+            connection = KeeperConnection(path, info)
+            stream = connection.open_stream(5)
+            stream.write_eof()
+            got = [
+                await asyncio.wait_for(stream.read(), 5),
+                await asyncio.wait_for(stream.read(), 5),
+            ]
+            assert not connection.is_closed
+            return got
+        finally:
+            server.close()
+
+    assert asyncio.run(scenario()) == [b"hello", b""]
+
+
 # 9. Idle exit -------------------------------------------------------------------------------
 
 

@@ -31,12 +31,14 @@ from flyvault.cli.console import Console
 from flyvault.cli.output import report_error
 from flyvault.cli.terminal import RawTerminal, terminal_size
 from flyvault.client.mux import (
+    STDIN_IN_FLIGHT,
     KeeperLink,
     KeeperNotice,
     KeeperOutput,
     KeeperPaths,
     KeeperProgress,
     KeeperRaw,
+    KeeperStdinTaken,
     KeeperUnavailable,
     call,
     keeper_key,
@@ -59,8 +61,6 @@ log = logging.getLogger("flyvault.mux")
 IDLE_DEFAULT = 600.0
 #: How long a CLI call waits for a keeper it started to listen.
 START_TIMEOUT = 10.0
-#: Stdin chunks in flight to the keeper before the reader waits (backpressure).
-STDIN_IN_FLIGHT = 16
 #: Set by ``entry()``: this process is the ``fly-vault`` CLI's own, so it may fork the
 #: keeper off itself (no interpreter start, nothing imported twice). Elsewhere (tests that
 #: call ``main()``, a host program) the keeper starts as a fresh process instead.
@@ -170,8 +170,11 @@ def _start(paths: KeeperPaths, vault_name: str) -> bool:
         return True
     if answer.startswith(b"error:"):
         detail = json.loads(answer[len(b"error:") :])
-        error = VaultError(detail["message"], hint=detail.get("hint"))
-        error.exit_code = int(detail.get("exit_code") or 1)
+        code = int(detail.get("exit_code") or 1)
+        # A bad variable is a usage error (exit 2, before any connection) wherever found.
+        kind = UsageError if code == 2 else VaultError
+        error = kind(detail["message"], hint=detail.get("hint"))
+        error.exit_code = code
         raise error
     log.info("the connection keeper did not start: %s", answer.decode(errors="replace"))
     return False
@@ -358,9 +361,11 @@ class _ThinSession:
         self.console = Console()
         self.progress = ProgressLine()
         self.raw: RawTerminal | None = None
-        #: (frame, is stdin): the sender releases a stdin slot once its frame is sent.
-        self.outbox: queue.Queue[tuple[bytes, bool] | None] = queue.Queue()
-        self.in_flight = threading.BoundedSemaphore(STDIN_IN_FLIGHT)
+        #: Frames for the keeper, sent in order by one thread.
+        self.outbox: queue.Queue[bytes | None] = queue.Queue()
+        #: Stdin chunks sent and not yet handed on by the keeper (STDIN_TAKEN frees one).
+        self.in_flight = threading.Semaphore(STDIN_IN_FLIGHT)
+        self._winch: Any = None
         self.broken: set[int] = set()
 
     def run(self) -> int:
@@ -390,6 +395,8 @@ class _ThinSession:
                 self.progress(event.phase, event.done, event.total)
             elif isinstance(event, KeeperRaw):
                 self._raw(event.on)
+            elif isinstance(event, KeeperStdinTaken):
+                self.in_flight.release()
             else:
                 return int(event.value)
 
@@ -417,7 +424,10 @@ class _ThinSession:
             self.raw = RawTerminal()
             self.raw.__enter__()
             self.console.raw = True
-            signal.signal(signal.SIGWINCH, self._resized)
+            self._winch = signal.signal(signal.SIGWINCH, self._resized)
+            # A resize while connecting came before the handler: catch it up now.
+            if terminal_size() != (self.request.rows, self.request.cols):
+                self._resized(signal.SIGWINCH, None)
             if self.forward_stdin:
                 self._start_stdin()
         elif not on:
@@ -428,36 +438,35 @@ class _ThinSession:
             raw, self.raw = self.raw, None
             raw.__exit__(None, None, None)
             self.console.raw = False
+            if self._winch is not None:
+                signal.signal(signal.SIGWINCH, self._winch)
+                self._winch = None
 
     def _resized(self, signo: int, frame: Any) -> None:
         rows, cols = terminal_size()
-        self.outbox.put((resize_frame(rows, cols), False))
+        self.outbox.put(resize_frame(rows, cols))
 
     def _start_stdin(self) -> None:
         threading.Thread(target=self._read_stdin, name="stdin", daemon=True).start()
 
     def _read_stdin(self) -> None:
         while True:
-            self.in_flight.acquire()  # released once the frame is on the socket
+            self.in_flight.acquire()  # released when the keeper says it handed one on
             try:
                 data = os.read(0, 65536)
             except OSError:
                 data = b""
             if not data:
-                self.outbox.put((stdin_eof_frame(), False))
-                self.in_flight.release()
+                self.outbox.put(stdin_eof_frame())
                 return
-            self.outbox.put((stdin_frame(data), True))
+            self.outbox.put(stdin_frame(data))
 
     def _send_loop(self) -> None:
-        while (item := self.outbox.get()) is not None:
-            frame, is_stdin = item
+        while (frame := self.outbox.get()) is not None:
             try:
                 self.link.send(frame)
             except OSError:
                 return  # the keeper is gone: the receive loop says so
-            if is_stdin:
-                self.in_flight.release()
 
 
 def _with_session_hint(error: VaultError, request: Any) -> VaultError:

@@ -26,7 +26,7 @@ from flyvault.cli.terminal import (
     terminal_size,
 )
 from flyvault.client.exec_request import CLIENT_FAILURE
-from flyvault.errors import UsageError, VaultError
+from flyvault.errors import TransportError, UsageError, VaultError
 
 # asyncio is imported where a direct connection is made: exec, list-exec and kill through
 # the connection keeper (flyvault.cli.mux) must not load it.
@@ -78,7 +78,14 @@ def run_exec(args: argparse.Namespace) -> int:
     forward_stdin = bool(argv) or stdin_tty
     from flyvault.cli.mux import exec_through_keeper
 
-    status = exec_through_keeper(args, request, forward_stdin)
+    try:
+        status = exec_through_keeper(args, request, forward_stdin)
+    except UsageError as exc:  # FLY_VAULT_MUX, before any connection
+        report_error(exc)
+        return 2
+    except VaultError as exc:  # e.g. the config error a starting keeper found: as direct
+        report_error(exc)
+        return CLIENT_FAILURE
     if status is not None:
         return status
     import asyncio
@@ -289,7 +296,13 @@ async def _reprovision(vault_config: Any) -> int:
         # The server answered as soon as the new workload was up; it still watches the
         # rest of its settle window and rolls back a death inside it: learn that outcome
         # before saying it worked (a rollback is raised: exit 8).
-        await result.wait_settled()
+        try:
+            await result.wait_settled()
+        except TransportError as exc:
+            console.notice(
+                f"the connection was lost during the new workload's settle window "
+                f"({exc.message}); check it with: fly-vault doctor {vault_config.name}"
+            )
     finally:
         progress.close()
         await vault.close()

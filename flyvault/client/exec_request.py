@@ -145,6 +145,10 @@ class ExecRequest:
         shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.FIELDS)
         return f"ExecRequest({shown})"
 
+    def __reduce__(self) -> tuple[type[ExecRequest], tuple[object, ...]]:
+        # copy.copy and pickle, as a frozen dataclass allowed (slots, no __dict__).
+        return (ExecRequest, self._values())
+
     def __post_init__(self) -> None:
         valid_session_id(self.session_id)
         if self.argv is not None:

@@ -36,6 +36,7 @@ from flyvault.client.exec_request import ExecRequest
 from flyvault.config import VaultConfig
 from flyvault.errors import RemoteProtocolError, VaultError
 from flyvault.protocol.mux import (
+    STDIN_IN_FLIGHT,
     MuxDecoder,
     MuxFrame,
     MuxKind,
@@ -48,6 +49,12 @@ log = logging.getLogger("flyvault.keeper")
 
 #: How long a new unix connection may take to send its HELLO.
 HELLO_TIMEOUT = 10.0
+#: A connection that received nothing for this long is asked (a PING) whether the vault
+#: still answers before a request goes on it; its keep-alive PINGs are answered every 2 s.
+PROBE_AFTER = 0.5
+#: How long the vault has to answer that PING (a loopback answers in microseconds, a
+#: distant one in a round trip).
+PROBE_TIMEOUT = 1.5
 #: Output is sent in frames of at most this much.
 CHUNK = 256 * 1024
 _UCRED = struct.Struct("3i")
@@ -145,27 +152,42 @@ class _FrameFrontend:
         self._stdin_wanted.set()
 
     async def pump(self, forward_stdin: bool) -> None:
-        """Read the CLI's frames for the whole request: stdin (held back until the session
-        takes it), resizes, and the CLI leaving, which ends with ``_CliLeft``."""
-        while (frame := await self.link.receive()) is not None:
-            if frame.kind in (MuxKind.STDIN, MuxKind.STDIN_EOF):
-                if not forward_stdin:
-                    continue
-                await self._stdin_wanted.wait()
-                if frame.kind is MuxKind.STDIN:
-                    assert self._deliver is not None
-                    await self._deliver(frame.payload)
+        """Read the CLI's frames for the whole request, always, so the CLI leaving (Ctrl-C,
+        a kill) is seen at once whatever else waits. Stdin goes through a queue to
+        ``_feed``, held back until the session takes it and while the vault does not read
+        it. The queue stays small because the CLI sends at most ``STDIN_IN_FLIGHT``
+        chunks that ``_feed`` has not acknowledged (STDIN_TAKEN). Ends with ``_CliLeft``."""
+        stdin: asyncio.Queue[bytes | None] = asyncio.Queue()
+        feeder = asyncio.ensure_future(self._feed(stdin)) if forward_stdin else None
+        try:
+            while (frame := await self.link.receive()) is not None:
+                if frame.kind in (MuxKind.STDIN, MuxKind.STDIN_EOF):
+                    if feeder is None:
+                        continue
+                    if stdin.qsize() > STDIN_IN_FLIGHT:
+                        raise RemoteProtocolError(
+                            f"keeper protocol: more than {STDIN_IN_FLIGHT} stdin chunks unacknowledged"
+                        )
+                    stdin.put_nowait(frame.payload if frame.kind is MuxKind.STDIN else None)
+                elif frame.kind is MuxKind.RESIZE:
+                    size = frame.json()
+                    self._size = (int(size["rows"]), int(size["cols"]))
+                    if self._on_resize is not None:
+                        self._on_resize(*self._size)
                 else:
-                    assert self._on_eof is not None
-                    self._on_eof()
-            elif frame.kind is MuxKind.RESIZE:
-                size = frame.json()
-                self._size = (int(size["rows"]), int(size["cols"]))
-                if self._on_resize is not None:
-                    self._on_resize(*self._size)
-            else:
-                raise RemoteProtocolError(f"keeper protocol: unexpected {frame.kind.name}")
+                    raise RemoteProtocolError(f"keeper protocol: unexpected {frame.kind.name}")
+        finally:
+            if feeder is not None:
+                feeder.cancel()
         raise _CliLeft()
+
+    async def _feed(self, stdin: asyncio.Queue[bytes | None]) -> None:
+        await self._stdin_wanted.wait()
+        assert self._deliver is not None and self._on_eof is not None
+        while (data := await stdin.get()) is not None:
+            await self._deliver(data)  # waits while the vault does not read
+            self.link.send_nowait(encode(MuxKind.STDIN_TAKEN))
+        self._on_eof()
 
 
 class _CliLeft(Exception):
@@ -193,7 +215,10 @@ class Keeper:
         self._active: set[_Link] = set()
         self._idle_since = time.monotonic()
         self._stop = asyncio.Event()
+        self._closing = False
         self._was_connected = False
+        #: Links serving exec requests: the ones vault notices and progress go to.
+        self._terminals: set[_Link] = set()
         self.vault = Vault(
             config, on_notice=self._broadcast, on_event=self._event, progress=self._progress
         )
@@ -201,7 +226,7 @@ class Keeper:
     # Vault callbacks go to every CLI process being served ---------------------------------
 
     def _broadcast(self, message: str) -> None:
-        for link in list(self._active):
+        for link in list(self._terminals):
             link.send_nowait(encode_json(MuxKind.NOTICE, {"message": message}))
 
     def _event(self, event: Any) -> None:
@@ -209,7 +234,7 @@ class Keeper:
 
     def _progress(self, phase: str, done: int, total: int) -> None:
         frame = encode_json(MuxKind.PROGRESS, {"phase": phase, "done": done, "total": total})
-        for link in list(self._active):
+        for link in list(self._terminals):
             link.send_nowait(frame)
 
     # Serving ----------------------------------------------------------------------------
@@ -229,7 +254,8 @@ class Keeper:
                     log.info("keeper for vault %s: exiting: %s", self.config.name, reason)
                     break
         finally:
-            self._remove_paths()  # first: new CLI calls go elsewhere from now on
+            self._closing = True  # before any await: nothing is accepted from here on
+            self._remove_paths()  # new CLI calls go elsewhere from now on
             server.close()
             for link in list(self._active):
                 await link.close()
@@ -254,44 +280,95 @@ class Keeper:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         link = _Link(reader, writer)
-        sock = writer.get_extra_info("socket")
         try:
-            uid = peer_uid(sock)
-            if uid != os.getuid():
-                self.refused += 1
-                log.warning("keeper: refused a connection from uid %d", uid)
-                await link.send(_error_frame(_refusal(uid)))
+            request = await self._admit(link)
+            if request is None:
                 return
-            hello = await asyncio.wait_for(link.receive(), HELLO_TIMEOUT)
-            if hello is None:
-                return
-            if hello.kind is not MuxKind.HELLO:
-                raise RemoteProtocolError(f"keeper protocol: {hello.kind.name} before HELLO")
-            request = check_hello(hello.json())
-            self._active.add(link)
-            self.requests += 1
-            await link.send(encode(MuxKind.ACCEPTED))
-            await self._dispatch(link, request)
-        except (TimeoutError, ConnectionError, OSError, _CliLeft):
-            pass
-        except VaultError as exc:
-            with contextlib.suppress(ConnectionError, OSError):
-                await link.send(_error_frame(exc))
-        except Exception:  # a bug: keep serving the others, say so in the log
-            log.exception("keeper: request failed")
-            with contextlib.suppress(ConnectionError, OSError):
-                await link.send(_error_frame(VaultError("the connection keeper failed")))
+            await self._serve_request(link, request)
         finally:
             self._active.discard(link)
             if not self._active:
                 self._idle_since = time.monotonic()
             await link.close()
 
+    async def _admit(self, link: _Link) -> dict[str, Any] | None:
+        """Check the peer and read its HELLO; the request, once ACCEPTED is sent, or None.
+        Nothing here acts on anything: a refusal or a failure leaves the CLI free to go
+        elsewhere."""
+        try:
+            uid = peer_uid(link.writer.get_extra_info("socket"))
+            if uid != os.getuid():
+                self.refused += 1
+                log.warning("keeper: refused a connection from uid %d", uid)
+                await link.send(_error_frame(_refusal(uid)))
+                return None
+            hello = await asyncio.wait_for(link.receive(), HELLO_TIMEOUT)
+            if hello is None:
+                return None
+            if hello.kind is not MuxKind.HELLO:
+                raise RemoteProtocolError(f"keeper protocol: {hello.kind.name} before HELLO")
+            request = check_hello(hello.json())
+            if self._closing:  # on the way out: say nothing, the CLI goes elsewhere
+                return None
+            # No await between the check above and these: the keeper cannot start closing
+            # in between, so an accepted request is always served.
+            self._active.add(link)
+            self.requests += 1
+            link.send_nowait(encode(MuxKind.ACCEPTED))
+            return request
+        except (TimeoutError, ConnectionError, OSError):
+            return None
+        except VaultError as exc:
+            with contextlib.suppress(ConnectionError, OSError):
+                await link.send(_error_frame(exc))
+            return None
+
+    async def _serve_request(self, link: _Link, request: dict[str, Any]) -> None:
+        try:
+            await self._dispatch(link, request)
+        except _CliLeft:
+            pass
+        except VaultError as exc:
+            with contextlib.suppress(ConnectionError, OSError):
+                await link.send(_error_frame(exc))
+        except (ConnectionResetError, BrokenPipeError):
+            pass  # the CLI went away while we wrote to it
+        except Exception:  # a bug, or an error the client layer did not map: say so
+            log.exception("keeper: request %s failed", request.get("op"))
+            with contextlib.suppress(ConnectionError, OSError):
+                await link.send(_error_frame(VaultError("the connection keeper failed")))
+
+    async def _live_connection(self) -> Any:
+        """The vault connection, checked when it sat idle: a vault that restarted since
+        (the old connection not closed with a word) would swallow the request. A failed
+        check reconnects before anything is sent."""
+        connection = await self.vault.connection()
+        channel = getattr(connection, "channel", None)
+        loop = asyncio.get_running_loop()
+        if channel is None or loop.time() - channel.last_received < PROBE_AFTER:
+            return connection
+        if await channel.probe(PROBE_TIMEOUT):
+            return connection
+        log.info(
+            "keeper for vault %s: the connection did not answer; reconnecting", self.config.name
+        )
+        self.vault.invalidate(connection)
+        return await self.vault.connection()
+
     async def _dispatch(self, link: _Link, request: dict[str, Any]) -> None:
         op = request["op"]
         if op == "exec":
-            value: Any = await self._exec(link, request)
-        elif op == "list":
+            # Registered first: the connecting (and its notices) is this CLI's to see.
+            self._terminals.add(link)
+            try:
+                value: Any = await self._exec(link, request)
+            finally:
+                self._terminals.discard(link)
+            await link.send(encode_json(MuxKind.RESULT, {"value": value}))
+            return
+        if op in ("list", "kill", "connect", "stream"):
+            await self._live_connection()
+        if op == "list":
             value = await self.vault.list_sessions()
         elif op == "kill":
             await self.vault.kill(str(request["session_id"]), int(request["signal"]))
@@ -341,7 +418,7 @@ class Keeper:
     ) -> int:
         from flyvault.client.session_runner import run_attached
 
-        await self.vault.connection()
+        await self._live_connection()
         return await run_attached(session, request, frontend, self.config.name, forward_stdin)
 
     def status(self) -> dict[str, Any]:
@@ -385,27 +462,48 @@ async def _relay_stream(link: _Link, connection: Any, request: dict[str, Any]) -
         ) from None
     stream = connection.open_stream(tag)
     counts = {"up": 0, "down": 0}
-    up = asyncio.ensure_future(_relay_up(link, stream, counts))
+    sent = asyncio.Event()  # the CLI ended its side (or it failed): only ABORT may follow
+    up = asyncio.ensure_future(_relay_up(link, stream, counts, sent))
     down = asyncio.ensure_future(_relay_down(link, stream, counts))
+    ended = asyncio.ensure_future(sent.wait())
+    completed = False
     try:
-        await asyncio.gather(up, down)
+        # Done when the vault's side reached its end and ours was ended; until then the
+        # up task also watches for ABORT and for the CLI leaving (it raises _CliLeft).
+        await _first_error_or_all(up, down, ended)
+        completed = True
     finally:
-        for task in (up, down):
+        for task in (up, down, ended):
             task.cancel()
-        if not (up.done() and down.done() and not up.cancelled() and not down.cancelled()):
+        if not completed:
             stream.abort()
     return counts
 
 
-async def _relay_up(link: _Link, stream: Any, counts: dict[str, int]) -> None:
-    """CLI -> vault. A failed sending side is reported, and the CLI's frames are then read
-    and dropped until it ends its side (it learns of the failure from FAILED)."""
+async def _first_error_or_all(up: asyncio.Task[None], *others: asyncio.Future[Any]) -> None:
+    """Wait for ``others``; ``up`` ending first (an ABORT, the CLI gone) ends the wait,
+    with its exception if any."""
+    pending: set[asyncio.Future[Any]] = {up, *others}
+    while any(not task.done() for task in others):
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        if up in done:
+            return
+
+
+async def _relay_up(link: _Link, stream: Any, counts: dict[str, int], sent: asyncio.Event) -> None:
+    """CLI -> vault. After STDIN_EOF, or a failed sending side (reported with FAILED), the
+    CLI's frames are read and dropped; an ABORT still resets the stream."""
     from flyvault.errors import TransportError
 
     failed = False
     while (frame := await link.receive()) is not None:
         if failed:
-            if frame.kind in (MuxKind.STDIN_EOF, MuxKind.ABORT):
+            sent.set()
+            if frame.kind is MuxKind.ABORT:
+                stream.abort()
                 return
             continue
         try:
@@ -415,7 +513,8 @@ async def _relay_up(link: _Link, stream: Any, counts: dict[str, int]) -> None:
                 await stream.drain()
             elif frame.kind is MuxKind.STDIN_EOF:
                 stream.write_eof()
-                return
+                failed = True  # our side is done: from here on only ABORT or the end
+                sent.set()
             elif frame.kind is MuxKind.ABORT:
                 stream.abort()
                 return
@@ -423,8 +522,9 @@ async def _relay_up(link: _Link, stream: Any, counts: dict[str, int]) -> None:
                 raise RemoteProtocolError(f"keeper protocol: unexpected {frame.kind.name}")
         except TransportError as exc:
             failed = True
+            sent.set()
             await link.send(_failed_frame(exc, sending=True))
-    stream.abort()  # the CLI went away without ending its side
+    stream.abort()  # the CLI went away
     raise _CliLeft()
 
 

@@ -18,7 +18,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flyvault.client.mux import KeeperUnavailable, check_accepted, error_from
+from flyvault.client.mux import (
+    ACCEPT_TIMEOUT,
+    CONNECT_TIMEOUT,
+    KeeperUnavailable,
+    check_accepted,
+    error_from,
+    keeper_silent,
+)
 from flyvault.errors import (
     ConnectionLost,
     RemoteProtocolError,
@@ -235,14 +242,19 @@ class KeeperStream:
                 await self._room.wait()
                 frame = await _next_frame(reader, decoder, frames)
                 if frame is None:
-                    if not (self._eof and self._write_closed):
+                    # Our own abort closed the socket, or both directions were done: the
+                    # keeper is fine. Anything else is the keeper gone.
+                    if not self._aborted and not (self._eof and self._write_closed):
                         self._keeper_gone()
                     return
                 self._on_frame(frame)
         except (ConnectionError, OSError):
-            self._keeper_gone()
+            if not self._aborted:
+                self._keeper_gone()
         except TransportError as exc:
             self._fail(exc)
+        except VaultError as exc:  # the keeper broke the protocol: no reader may hang
+            self._fail(_as_transport(exc))
         finally:
             writer.close()
 
@@ -266,7 +278,7 @@ class KeeperStream:
                 self._readable.set()
         elif kind is MuxKind.ERROR:
             self._fail(_as_transport(error_from(frame)))
-        elif kind is not MuxKind.RESULT:
+        elif kind not in (MuxKind.RESULT, MuxKind.NOTICE, MuxKind.PROGRESS):
             raise RemoteProtocolError(f"keeper protocol: unexpected {kind.name}")
 
     def _keeper_gone(self) -> None:
@@ -299,16 +311,25 @@ async def _open(
     """Connect and have ``hello`` accepted; ``KeeperUnavailable`` if nothing took it. Also
     the decoder and the frames that came with ACCEPTED, for the caller to go on with."""
     try:
-        reader, writer = await asyncio.open_unix_connection(str(socket_path))
-    except OSError as exc:
-        raise KeeperUnavailable(f"no keeper at {socket_path}: {exc.strerror or exc}") from None
-    writer.write(encode_json(MuxKind.HELLO, {"version": MUX_VERSION, **hello}))
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_unix_connection(str(socket_path)), CONNECT_TIMEOUT
+        )
+    except (OSError, TimeoutError) as exc:
+        raise KeeperUnavailable(f"no keeper at {socket_path}: {exc}") from None
+    try:
+        writer.write(encode_json(MuxKind.HELLO, {"version": MUX_VERSION, **hello}))
+    except VaultError as exc:  # too big for the keeper's frames: go direct
+        writer.close()
+        raise KeeperUnavailable(exc.message) from None
     decoder: MuxDecoder = MuxDecoder()
     frames: list[Any] = []
     try:
-        first = await _next_frame(reader, decoder, frames)
-    except (ConnectionError, OSError):
+        first = await asyncio.wait_for(_next_frame(reader, decoder, frames), ACCEPT_TIMEOUT)
+    except (ConnectionError, OSError, RemoteProtocolError):
         first = None
+    except TimeoutError:
+        writer.close()
+        raise keeper_silent(socket_path) from None
     try:
         check_accepted(first, socket_path)
     except BaseException:

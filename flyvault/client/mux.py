@@ -26,12 +26,29 @@ from pathlib import Path
 from typing import Any
 
 from flyvault.errors import RemoteProtocolError, VaultError
-from flyvault.protocol.mux import MUX_VERSION, MuxDecoder, MuxFrame, MuxKind, encode, encode_json
+from flyvault.protocol.mux import (
+    MUX_VERSION,
+    STDIN_IN_FLIGHT,
+    MuxDecoder,
+    MuxFrame,
+    MuxKind,
+    encode,
+    encode_json,
+)
 
 #: AF_UNIX paths are limited to 108 bytes on Linux (104 on macOS), NUL included.
 MAX_SOCKET_PATH = 100
 #: Variables that never change what a keeper connects to (they choose whether to use one).
 _NOT_KEYED = ("FLY_VAULT_MUX", "FLY_VAULT_MUX_IDLE")
+
+
+#: Connecting to a keeper's socket: a live keeper answers at once (a full backlog would
+#: block a blocking connect for good).
+CONNECT_TIMEOUT = 2.0
+#: A keeper accepts (or refuses) a request as soon as it reads it, before acting on it.
+#: One that says nothing for this long is hung: an error, not a fallback, because a late
+#: ACCEPTED would have the request run twice.
+ACCEPT_TIMEOUT = 30.0
 
 
 class KeeperUnavailable(Exception):
@@ -116,6 +133,7 @@ class KeeperLink:
     def open(cls, path: Path, op: str, **fields: Any) -> KeeperLink:
         """Connect and have the request accepted; ``KeeperUnavailable`` if nothing took it."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(CONNECT_TIMEOUT)
         try:
             sock.connect(str(path))
         except OSError as exc:
@@ -123,11 +141,21 @@ class KeeperLink:
             raise KeeperUnavailable(f"no keeper at {path}: {exc.strerror or exc}") from None
         link = cls(sock)
         try:
-            link.send(encode_json(MuxKind.HELLO, {"version": MUX_VERSION, "op": op, **fields}))
+            hello = encode_json(MuxKind.HELLO, {"version": MUX_VERSION, "op": op, **fields})
+        except VaultError as exc:  # too big for the keeper's frames: go direct
+            link.close()
+            raise KeeperUnavailable(exc.message) from None
+        try:
+            sock.settimeout(ACCEPT_TIMEOUT)
+            link.send(hello)
             first = link.receive()
-        except OSError as exc:
+        except TimeoutError:
+            link.close()
+            raise keeper_silent(path) from None
+        except (OSError, RemoteProtocolError) as exc:
             link.close()
             raise KeeperUnavailable(f"the keeper at {path} went away: {exc}") from None
+        sock.settimeout(None)
         try:
             check_accepted(first, path)
         except BaseException:
@@ -275,7 +303,17 @@ class KeeperResult:
     __hash__ = None  # type: ignore[assignment]
 
 
-KeeperEvent = KeeperOutput | KeeperNotice | KeeperRaw | KeeperProgress | KeeperResult
+class KeeperStdinTaken:
+    """The keeper handed one stdin chunk on: one more may be sent."""
+
+    __slots__ = ()
+
+
+STDIN_TAKEN = KeeperStdinTaken()
+
+KeeperEvent = (
+    KeeperOutput | KeeperNotice | KeeperRaw | KeeperProgress | KeeperResult | KeeperStdinTaken
+)
 
 
 def next_event(link: KeeperLink) -> KeeperEvent | None:
@@ -298,6 +336,8 @@ def next_event(link: KeeperLink) -> KeeperEvent | None:
         return KeeperProgress(str(value["phase"]), int(value["done"]), int(value["total"]))
     if kind is MuxKind.RESULT:
         return KeeperResult(frame.json().get("value"))
+    if kind is MuxKind.STDIN_TAKEN:
+        return STDIN_TAKEN
     if kind is MuxKind.ERROR:
         raise error_from(frame)
     raise RemoteProtocolError(f"keeper protocol: unexpected {kind.name}")
@@ -348,6 +388,14 @@ def error_from(frame: MuxFrame) -> VaultError:
     return error
 
 
+def keeper_silent(path: Path) -> VaultError:
+    return VaultError(
+        f"the connection keeper at {path} did not answer within {ACCEPT_TIMEOUT:g} s",
+        hint="fly-vault mux stop (it is ended by its PID if it does not answer), or "
+        "--no-mux to connect directly",
+    )
+
+
 def keeper_lost() -> VaultError:
     from flyvault.errors import ConnectionLost
 
@@ -370,6 +418,9 @@ def keepers(directory: Path) -> Iterator[tuple[KeeperPaths, dict[str, Any]]]:
 
 
 __all__ = [
+    "ACCEPT_TIMEOUT",
+    "CONNECT_TIMEOUT",
+    "STDIN_IN_FLIGHT",
     "KeeperEvent",
     "KeeperLink",
     "KeeperNotice",
@@ -378,6 +429,7 @@ __all__ = [
     "KeeperProgress",
     "KeeperRaw",
     "KeeperResult",
+    "KeeperStdinTaken",
     "KeeperUnavailable",
     "call",
     "check_accepted",
@@ -385,6 +437,7 @@ __all__ = [
     "keeper_key",
     "keeper_lost",
     "keeper_paths",
+    "keeper_silent",
     "keepers",
     "next_event",
     "resize_frame",

@@ -35,7 +35,7 @@ from flyvault.errors import LocalProtocolError, RemoteProtocolError
 
 #: Bumped whenever the frames or ops change. Keepers are named with it (and the release),
 #: so a CLI never talks to a keeper of another version.
-MUX_VERSION = 2
+MUX_VERSION = 3
 HEADER = struct.Struct(">BI")
 #: One frame's payload at most; output and stdin travel in chunks well below it.
 MAX_FRAME = 1024 * 1024
@@ -63,7 +63,14 @@ class MuxKind(enum.IntEnum):
     #: ``stream``: one direction failed; JSON as ERROR plus ``sending`` (which direction)
     #: and ``error_code`` (a stream reset's). The request goes on for the other direction.
     FAILED = 25
+    #: ``exec``: the keeper handed one STDIN chunk to the session; the CLI may send one
+    #: more. Without it a keeper whose vault does not read stdin would have to stop
+    #: reading the socket, and could not see the CLI leave.
+    STDIN_TAKEN = 26
 
+
+#: STDIN chunks a CLI may have sent and the keeper not yet acknowledged (STDIN_TAKEN).
+STDIN_IN_FLIGHT = 16
 
 #: Operations a HELLO may name.
 OPS = frozenset({"exec", "list", "kill", "status", "stop", "connect", "stream"})
@@ -92,7 +99,7 @@ class MuxFrame:
     def json(self) -> Any:
         """The payload as JSON (a ``RemoteProtocolError`` naming the frame if it is not)."""
         try:
-            return json.loads(self.payload)
+            return json.loads(self.payload.decode("utf-8", "surrogatepass"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise RemoteProtocolError(
                 f"keeper protocol: the {self.kind.name} frame does not hold JSON"
@@ -108,7 +115,11 @@ def encode(kind: MuxKind, payload: bytes = b"") -> bytes:
 
 
 def encode_json(kind: MuxKind, value: Any) -> bytes:
-    return encode(kind, json.dumps(value, separators=(",", ":")).encode())
+    # UTF-8 as is: escaping non-ASCII would grow text up to 6x, past MAX_FRAME for requests
+    # that fit the vault's own limits. surrogatepass, as the console codec: an argv may
+    # hold the surrogates Python makes of bytes that are not UTF-8.
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return encode(kind, text.encode("utf-8", "surrogatepass"))
 
 
 class MuxDecoder:
@@ -166,6 +177,7 @@ __all__ = [
     "MAX_FRAME",
     "MUX_VERSION",
     "OPS",
+    "STDIN_IN_FLIGHT",
     "MuxDecoder",
     "MuxFrame",
     "MuxKind",

@@ -486,6 +486,24 @@ class QuicChannel(QuicConnectionProtocol):
         if self.on_terminated is not None:
             self.on_terminated(self)
 
+    async def probe(self, timeout: float) -> bool:
+        """Whether the peer still answers: a PING, then any datagram from it within
+        ``timeout`` seconds. For a connection that sat idle (a keeper's): a peer that died
+        or restarted without a word looks alive until its idle timeout, and a request sent
+        into it is lost with no way to know whether it arrived."""
+        if self.is_closed:
+            return False
+        sent = self._loop.time()
+        self.quic.send_ping(0)
+        self.transmit()
+        deadline = sent + timeout
+        while self.last_received <= sent and not self.is_closed:
+            left = deadline - self._loop.time()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(left, 0.005))
+        return not self.is_closed
+
     def _schedule_keepalive(self) -> None:
         if self._keepalive_interval > 0 and not self.is_closed:
             self._keepalive_handle = self._loop.call_later(
