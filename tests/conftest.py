@@ -287,3 +287,20 @@ def init_process(tmp_path: Path, fly_api: FlyApiSocket) -> Iterator[InitProcess]
     running = start_init(tmp_path, fly_api.path)
     yield running
     running.stop()
+
+
+def read_until(proc: subprocess.Popen[bytes], expected: bytes, timeout: float = 60) -> bytes:
+    """Read the process's stdout pipe until ``expected`` has arrived (fail after ``timeout``)."""
+    import select
+
+    assert proc.stdout is not None
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while expected not in seen:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"no {expected!r} within {timeout} s; got {seen!r}"
+        if select.select([proc.stdout], [], [], remaining)[0]:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            assert chunk, f"end of output before {expected!r}; got {seen!r}"
+            seen += chunk
+    return seen

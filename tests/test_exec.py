@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import select
 import shlex
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TOKEN, InitProcess, run_async, start_init, vault_entry
+from conftest import TOKEN, InitProcess, read_until, run_async, start_init, vault_entry
 
 from flyvault.standins import OidcIssuer
 
@@ -41,21 +40,6 @@ def fv(
         capture_output=True,
         timeout=timeout,
     )
-
-
-def _read_until(proc: subprocess.Popen[bytes], expected: bytes, timeout: float = 60) -> bytes:
-    """Read the process's stdout pipe until ``expected`` has arrived (fail after ``timeout``)."""
-    assert proc.stdout is not None
-    seen = b""
-    deadline = time.monotonic() + timeout
-    while expected not in seen:
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"no {expected!r} within {timeout} s; got {seen!r}"
-        if select.select([proc.stdout], [], [], remaining)[0]:
-            chunk = os.read(proc.stdout.fileno(), 65536)
-            assert chunk, f"end of output before {expected!r}; got {seen!r}"
-            seen += chunk
-    return seen
 
 
 def _wait_for(check: Any, what: str, timeout: float = 60) -> None:
@@ -148,7 +132,7 @@ def test_named_session_reattach_and_list_and_kill(vault: str) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    _read_until(proc, b"one\ntwo\n")  # both lines made it through the vault
+    read_until(proc, b"one\ntwo\n")  # both lines made it through the vault
     proc.kill()
     proc.wait()
     listing = json.loads(fv("list-exec", vault, "--json").stdout)
@@ -337,9 +321,7 @@ def test_stdin_is_exact_across_dropped_connections(
     assert out.split() == [str(len(payload)).encode(), hashlib.sha256(payload).hexdigest().encode()]
 
 
-def test_takeover_tells_the_first_client_and_it_does_not_fight(
-    vault: str, tmp_path: Path
-) -> None:
+def test_takeover_tells_the_first_client_and_it_does_not_fight(vault: str, tmp_path: Path) -> None:
     started, go = tmp_path / "started", tmp_path / "go"
     first = subprocess.Popen(
         [

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TOKEN, InitProcess, pid_alive, vault_entry
+from conftest import TOKEN, InitProcess, pid_alive, read_until, vault_entry
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -121,20 +121,6 @@ def wait_for(check: Callable[[], Any], what: str, timeout: float = 30) -> Any:
             return value
         assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
         time.sleep(0.05)
-
-
-def read_until(proc: subprocess.Popen[bytes], expected: bytes, timeout: float = 60) -> bytes:
-    assert proc.stdout is not None
-    seen = b""
-    deadline = time.monotonic() + timeout
-    while expected not in seen:
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"no {expected!r} within {timeout} s; got {seen!r}"
-        if select.select([proc.stdout], [], [], remaining)[0]:
-            chunk = os.read(proc.stdout.fileno(), 65536)
-            assert chunk, f"end of output before {expected!r}; got {seen!r}"
-            seen += chunk
-    return seen
 
 
 def sessions(vault: str) -> dict[str, Any]:
