@@ -778,6 +778,16 @@ class Bench:
                 continue
         return None
 
+    def wait_for_keeper(self, timeout: float = 15.0) -> None:
+        """Until the vault's keeper (started in the background) holds its connection."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = check_output([FLY_VAULT, "mux", "status", "--json"], timeout=30, env=self.env)
+            if any(row.get("connected") for row in json.loads(out)):
+                return
+            time.sleep(0.05)
+        raise BenchError(f"the connection keeper was not connected within {timeout:g} s")
+
     def keeper_rss_kib(self) -> int | None:
         pid = self.keeper_pid()
         try:
@@ -816,6 +826,8 @@ class Bench:
             # Through the vault's connection keeper, started by the warm-up runs.
             "fly_vault_exec_true": [FLY_VAULT, "exec", VAULT, "--", "true"],
             # The first call on a vault: no keeper yet (each sample stops it first, untimed).
+            # It goes direct and starts the keeper beside it, whose start is waited out
+            # afterwards (untimed) so it overlaps no other sample.
             "fly_vault_exec_true_keeper_cold": [FLY_VAULT, "exec", VAULT, "--", "true"],
             # No keeper at all: a fresh handshake and attestation in every process.
             "fly_vault_exec_true_direct": [FLY_VAULT, "--no-mux", "exec", VAULT, "--", "true"],
@@ -835,6 +847,7 @@ class Bench:
                 _, _, code, err = run_timed(argv, self.env, 60)
                 if code != 0:
                     raise BenchError(f"{' '.join(argv)} exited {code}: {err.strip()}")
+        self.wait_for_keeper()
         names = list(variants)
         deadline = self.budget(180, 600)
         truncated = False
@@ -855,6 +868,8 @@ class Bench:
                     raise BenchError(f"{name} exited {code}: {err.strip()}")
                 if keeper:
                     keeper_cpu += tree_cpu(keeper) - keeper_before
+                if name == "fly_vault_exec_true_keeper_cold":
+                    self.wait_for_keeper()
                 samples[name].append(wall)
                 client_cpu[name] += cpu
                 # The server's share, read before the next command starts (children reaped

@@ -42,10 +42,11 @@ def isolated_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
 
 @pytest.fixture(params=["keeper", "direct"])
 def exec_route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """The CLI subprocesses of a test go through the connection keeper (the default) or
-    connect directly (``FLY_VAULT_MUX=0``, inherited): the exec suites run both ways."""
-    if request.param == "direct":
-        monkeypatch.setenv("FLY_VAULT_MUX", "0")
+    """The CLI subprocesses of a test go through the connection keeper or connect directly
+    (``FLY_VAULT_MUX=0``, inherited): the exec suites run both ways. Through the keeper
+    means every call, the first included (``FLY_VAULT_MUX=wait``: by default the first call
+    goes direct and starts the keeper beside it)."""
+    monkeypatch.setenv("FLY_VAULT_MUX", "0" if request.param == "direct" else "wait")
     yield request.param
     if request.param == "direct":  # the switch held: nothing was started
         assert not list((Path(os.environ["XDG_RUNTIME_DIR"]) / "fly-vault").glob("*.pid"))

@@ -53,6 +53,15 @@ ROOT = os.geteuid() == 0
 # Helpers ----------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def first_call_waits(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The keeper a test's first call starts serves that call too (``FLY_VAULT_MUX=wait``),
+    so what each call went through is known. Tests marked ``background`` keep the default:
+    the first call goes direct and starts the keeper beside it."""
+    if request.node.get_closest_marker("background") is None:
+        monkeypatch.setenv("FLY_VAULT_MUX", "wait")
+
+
 @pytest.fixture
 def vault(init_process: InitProcess, issuer: OidcIssuer) -> str:
     from flyvault.config import save_vault
@@ -881,7 +890,7 @@ def test_a_changed_config_gets_a_new_keeper(
 
 def test_a_keeper_started_from_main_runs_as_its_own_process(vault: str) -> None:
     """Outside the ``fly-vault`` entry point (a host program calling ``main()``) the keeper
-    is not forked off the caller but started as ``python -m flyvault.cli.mux``."""
+    is not forked off the caller but started as ``python -m flyvault.cli.keeperd``."""
     script = (
         "import sys; from flyvault.cli.main import main; "
         f"sys.exit(main(['exec', {vault!r}, '--', 'sh', '-c', 'echo hosted']))"
@@ -895,7 +904,7 @@ def test_a_keeper_started_from_main_runs_as_its_own_process(vault: str) -> None:
     assert (result.returncode, result.stdout) == (0, b"hosted\n"), result.stderr
     pid, _ = the_keeper()
     with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-        assert b"flyvault.cli.mux" in cmdline.read()
+        assert b"flyvault.cli.keeperd" in cmdline.read()
     again = fv("exec", vault, "--", "true")  # the entry point's calls use it
     assert again.returncode == 0
     [row] = status(vault)

@@ -1,10 +1,12 @@
 """The connection keeper from the command line: use one, start one, ``fly-vault mux``.
 
 ``exec``, ``list-exec`` and ``kill`` go through the vault's keeper when one may be used
-(``use_keeper``): the first call starts it, later calls reuse its connection. Whatever goes
-wrong before the keeper accepted a request (none could be started, the directory is unsafe,
-the socket is stale) falls back to a direct connection, so the keeper can only make a
-call faster, never make it fail. This module is light: the thin path imports no asyncio,
+(``mux_mode``): the first call connects directly and starts the keeper beside it, so it pays
+nothing for it; later calls reuse the keeper's connection. ``FLY_VAULT_MUX=wait`` makes the
+first call wait for the keeper it starts and go through it too. Whatever goes wrong before
+the keeper accepted a request (none could be started, the directory is unsafe, the socket
+is stale) falls back to a direct connection, so the keeper can only make a call faster,
+never make it fail. This module is light: the thin path imports no asyncio,
 QUIC or crypto (``tests/test_keeper.py`` checks).
 """
 
@@ -44,6 +46,7 @@ from flyvault.client.mux import (
     keeper_key,
     keeper_lost,
     keeper_paths,
+    keeper_paths_at,
     keepers,
     next_event,
     resize_frame,
@@ -52,20 +55,38 @@ from flyvault.client.mux import (
     stdin_frame,
 )
 from flyvault.defaults import RECONNECT_TIMEOUT
-from flyvault.envvars import env_flag, env_float
+from flyvault.envvars import FALSE_WORDS, TRUE_WORDS, env_float, env_text
 from flyvault.errors import ConfigError, UsageError, VaultError
 
 log = logging.getLogger("flyvault.mux")
 
 #: How long a keeper waits, with no request in progress, before it exits.
 IDLE_DEFAULT = 600.0
-#: How long a CLI call waits for a keeper it started to listen.
+#: How long a CLI call waits for a keeper it started to listen (``FLY_VAULT_MUX=wait``).
 START_TIMEOUT = 10.0
-#: Set by ``entry()``: this process is the ``fly-vault`` CLI's own, so it may fork the
-#: keeper off itself (no interpreter start, nothing imported twice). Elsewhere (tests that
-#: call ``main()``, a host program) the keeper starts as a fresh process instead.
-FORK_ALLOWED = False
 _NOT_USED = object()
+#: ``FLY_VAULT_MUX``: a yes word (or unset) starts keepers in the background, ``wait``
+#: has the call that starts one wait for it, a no word turns keepers off.
+MUX_VARIABLE = "FLY_VAULT_MUX"
+WAIT = "wait"
+BACKGROUND = "background"
+
+
+def mux_mode() -> str | None:
+    """``BACKGROUND`` or ``WAIT`` from ``FLY_VAULT_MUX``, None when it turns keepers off.
+    A value that is none of these is a usage error (exit 2), found before connecting."""
+    text = env_text(MUX_VARIABLE)
+    if text is None or text.lower() in TRUE_WORDS:
+        return BACKGROUND
+    if text.lower() == WAIT:
+        return WAIT
+    if text.lower() in FALSE_WORDS:
+        return None
+    raise UsageError(
+        f"{MUX_VARIABLE}={text!r} is not valid: expected {WAIT}, one of "
+        f"{', '.join(TRUE_WORDS)} (on) or one of {', '.join(FALSE_WORDS)} (off)",
+        hint=f"unset {MUX_VARIABLE} for the default, or set {MUX_VARIABLE}=0 to turn keepers off",
+    )
 
 
 def use_keeper(args: argparse.Namespace) -> bool:
@@ -76,8 +97,11 @@ def use_keeper(args: argparse.Namespace) -> bool:
     only where ``SO_PEERCRED`` exists (Linux)."""
     if getattr(args, "no_mux", False) or not sys.platform.startswith("linux"):
         return False
-    if os.environ.get("FLY_VAULT_MUX", "").strip() and not env_flag("FLY_VAULT_MUX"):
+    if mux_mode() is None:
         return False
+    # Read by the keeper, checked here too: a keeper started in the background reports
+    # nothing, so a bad value must fail this call (exit 2) rather than go unnoticed.
+    env_float("FLY_VAULT_MUX_IDLE", IDLE_DEFAULT, above=0, unit="seconds")
     if args.verbose or args.log_file:
         return False
     return getattr(args, "reconnect_timeout", RECONNECT_TIMEOUT) == RECONNECT_TIMEOUT
@@ -96,11 +120,13 @@ def _locate(vault_name: str) -> KeeperPaths | None:
 
 
 def open_link(args: argparse.Namespace, op: str, **fields: Any) -> KeeperLink | None:
-    """A request accepted by the vault's keeper (started if needed), or None: go direct."""
+    """A request accepted by the vault's keeper, or None: go direct. With no keeper
+    running, one is started: in the background (this call goes direct), or with
+    ``FLY_VAULT_MUX=wait`` waited for and used."""
     if not use_keeper(args):
         return None
     paths = _locate(args.vault)
-    if paths is None:
+    if paths is None or paths.off.exists():
         return None
     try:
         return KeeperLink.open(paths.socket, op, **fields)
@@ -116,12 +142,13 @@ def open_link(args: argparse.Namespace, op: str, **fields: Any) -> KeeperLink | 
 
 
 def keeper_socket(args: argparse.Namespace, vault_name: str) -> Path | None:
-    """The socket of ``vault_name``'s keeper (started if needed) for a client that opens
-    streams through it (``cp``, ``forward``), or None: connect directly."""
+    """The socket of ``vault_name``'s keeper for a client that opens streams through it
+    (``cp``, ``forward``), or None: connect directly (a keeper is started as for
+    ``open_link``)."""
     if not use_keeper(args):
         return None
     paths = _locate(vault_name)
-    if paths is None:
+    if paths is None or paths.off.exists():
         return None
     if _alive(paths.socket) or _start(paths, vault_name):
         return paths.socket
@@ -149,13 +176,18 @@ def not_used(value: Any) -> bool:
 
 
 def _start(paths: KeeperPaths, vault_name: str) -> bool:
-    """Start the keeper for ``paths``; False (with the reason logged) when none may run.
+    """Start the keeper for ``paths``. True when it listens and this call may use it;
+    False (the reason logged) when this call goes direct: always in the background mode,
+    where the keeper's start overlaps this call's own connection instead of delaying it.
 
-    The keeper is a fresh ``python -m flyvault.cli.mux`` process (so ``ps`` shows what it
+    The keeper is a fresh ``python -m flyvault.cli.keeperd`` process (so ``ps`` shows what it
     is, not the command that started it). It validates the config itself: this process
-    stays thin, and the keeper's start overlaps nothing it would not have done anyway. A
-    config error it finds is raised here (exit 3), as the direct path would.
+    stays thin. With ``FLY_VAULT_MUX=wait`` a config error it finds is raised here
+    (exit 3), as the direct path would; in the background the direct call finds it.
     """
+    if mux_mode() != WAIT:
+        _exec_keeper(paths, vault_name, None)
+        return False
     read_fd, write_fd = os.pipe()
     try:
         _exec_keeper(paths, vault_name, write_fd)
@@ -180,42 +212,48 @@ def _start(paths: KeeperPaths, vault_name: str) -> bool:
     return False
 
 
-def _exec_keeper(paths: KeeperPaths, vault_name: str, write_fd: int) -> None:
-    import subprocess
-
-    subprocess.Popen(
-        [sys.executable, "-m", "flyvault.cli.mux", vault_name, str(paths.socket), str(write_fd)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        pass_fds=(write_fd,),
-        start_new_session=True,
-    )
-
-
-def _become_keeper(paths: KeeperPaths, config: Any, idle: float, ready_fd: int) -> None:
-    """In the keeper's own process: listen, say so on ``ready_fd``, serve, exit."""
+def _exec_keeper(paths: KeeperPaths, vault_name: str, write_fd: int | None) -> None:
+    """Start the keeper process; ``write_fd`` is the pipe it answers on (None: nobody
+    waits, it starts in the background). ``posix_spawn``: no ``subprocess`` import on the
+    thin path. The keeper detaches itself (its own session, no inherited descriptors)."""
+    ready = "-" if write_fd is None else str(write_fd)
+    if write_fd is not None:
+        os.set_inheritable(write_fd, True)
+    argv = [
+        sys.executable,
+        "-m",
+        "flyvault.cli.keeperd",
+        vault_name,
+        str(paths.socket),
+        ready,
+        str(os.getpid()),
+    ]
+    null = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
     try:
-        log_fd = os.open(paths.log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        for fd in _open_fds():  # nothing of the CLI's caller (pipes, sockets) stays open
-            if fd > 2 and fd != ready_fd:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        listener = _listen(paths)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.write(ready_fd, f"{exc}".encode()[:4000] or b"failed")
-        os._exit(1)
-    if listener is None:  # another keeper took the socket first: use that one
-        os.write(ready_fd, b"ok")
-        os._exit(0)
-    os.write(ready_fd, b"ok")
-    os.close(ready_fd)
-    os._exit(_serve(paths, config, idle, listener))
+        os.posix_spawn(sys.executable, argv, os.environ, file_actions=null, setsid=True)
+    except OSError as exc:
+        log.info("the connection keeper could not be started: %s", exc)
+
+
+def _detach(keep: int | None) -> None:
+    """Nothing of the CLI's caller (its terminal, pipes, sockets) stays open in the keeper:
+    standard streams go to /dev/null until the keeper has its log."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    for fd in _open_fds():
+        if fd > 2 and fd != keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _open_log(paths: KeeperPaths) -> None:
+    """Standard output and error to the keeper's log. Opened (and emptied) only by the
+    keeper that won the socket: a keeper that lost must not wipe the winner's log."""
+    log_fd = os.open(paths.log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
 
 
 def _open_fds() -> list[int]:
@@ -267,7 +305,9 @@ def _alive(path: Path) -> bool:
         probe.close()
 
 
-def _serve(paths: KeeperPaths, config: Any, idle: float, listener: socket.socket) -> int:
+def _serve(
+    paths: KeeperPaths, config: Any, idle: float, listener: socket.socket, *, warm: bool
+) -> int:
     import asyncio
 
     from flyvault.cli.output import configure_logging
@@ -277,7 +317,7 @@ def _serve(paths: KeeperPaths, config: Any, idle: float, listener: socket.socket
     configure_logging(None, verbose=True)  # INFO to stderr, which is the keeper's log
     try:
         keeper = Keeper(config, listener, idle_seconds=idle, paths=(paths.socket, paths.pid))
-        asyncio.run(keeper.serve())
+        asyncio.run(keeper.serve(warm=warm))
         return 0
     except BaseException:
         log.exception("the connection keeper failed")
@@ -287,28 +327,60 @@ def _serve(paths: KeeperPaths, config: Any, idle: float, listener: socket.socket
         return 1
 
 
-def _keeper_process(argv: list[str]) -> None:
-    """``python -m flyvault.cli.mux VAULT SOCKET READY_FD`` (started by ``_start``): check
-    the config and the switches, answer on READY_FD (``ok``, ``off``, ``changed`` or
-    ``error:`` with the error as JSON), then serve."""
+def keeper_process(argv: list[str]) -> None:
+    """The keeper's process (``flyvault.cli.keeperd``), given VAULT SOCKET READY_FD.
+
+    The socket is taken first, before the config is read and QUIC imported, so CLI calls
+    made while this keeper starts wait in its backlog instead of starting keepers of their
+    own. Then the config and the switches are checked, the answer goes on READY_FD (``ok``,
+    ``off`` or ``error:`` with the error as JSON; READY_FD ``-``: nobody waits, connect at
+    once), and the keeper serves. A keeper that must not run gives the socket up: calls
+    waiting on it see it close and go direct."""
     from flyvault.redact import ScrubbingStream
 
     name, socket_path, ready = argv
-    ready_fd = int(ready)
+    ready_fd = None if ready == "-" else int(ready)
     sys.stdout, sys.stderr = ScrubbingStream(sys.stdout), ScrubbingStream(sys.stderr)  # type: ignore[assignment]
-    paths = KeeperPaths(
-        Path(socket_path), Path(socket_path[:-5] + ".pid"), Path(socket_path[:-5] + ".log")
-    )
+    paths = keeper_paths_at(Path(socket_path))
+    try:
+        _detach(ready_fd)
+        listener = _listen(paths)
+    except BaseException as exc:
+        _answer(ready_fd, f"{exc}".encode()[:4000] or b"failed")
+        os._exit(1)
+    if listener is None:  # another keeper has the socket: use that one
+        _answer(ready_fd, b"ok")
+        os._exit(0)
     try:
         config, idle = _keeper_config(name, paths)
     except VaultError as exc:
+        _give_up(paths, listener)
         detail = {"message": exc.message, "hint": exc.hint, "exit_code": exc.exit_code}
-        os.write(ready_fd, b"error:" + json.dumps(detail).encode()[:8000])
+        _answer(ready_fd, b"error:" + json.dumps(detail).encode()[:8000])
         os._exit(1)
     if config is None:
-        os.write(ready_fd, b"off")
+        _give_up(paths, listener)
+        _answer(ready_fd, b"off")
         os._exit(0)
-    _become_keeper(paths, config, idle, ready_fd)
+    _open_log(paths)
+    _answer(ready_fd, b"ok")
+    if ready_fd is not None:
+        os.close(ready_fd)
+    os._exit(_serve(paths, config, idle, listener, warm=ready_fd is None))
+
+
+def _answer(ready_fd: int | None, answer: bytes) -> None:
+    if ready_fd is not None:
+        with contextlib.suppress(OSError):
+            os.write(ready_fd, answer)
+
+
+def _give_up(paths: KeeperPaths, listener: socket.socket) -> None:
+    """Leave the socket this keeper took (it must not run after all)."""
+    for path in (paths.socket, paths.pid):
+        with contextlib.suppress(OSError):
+            path.unlink()
+    listener.close()
 
 
 def _keeper_config(name: str, paths: KeeperPaths) -> tuple[Any, float]:
@@ -318,6 +390,8 @@ def _keeper_config(name: str, paths: KeeperPaths) -> tuple[Any, float]:
 
     config = load_vault(name)
     if not config.mux:
+        # Remembered for this exact config: later calls go direct without starting one.
+        paths.off.touch(mode=0o600)
         return None, 0.0
     if _locate(name) != paths:  # edited in between: the name would not match the content
         return None, 0.0
@@ -556,7 +630,3 @@ def _is_fly_vault(pid: int) -> bool:
     except OSError:
         return False
     return owner == os.getuid() and (b"fly-vault" in cmdline or b"flyvault" in cmdline)
-
-
-if __name__ == "__main__":
-    _keeper_process(sys.argv[1:])

@@ -1,7 +1,7 @@
 """The connection keeper: one attested, authenticated connection, shared by CLI calls.
 
-Like ssh's ControlMaster. The first CLI call on a vault starts a keeper (``flyvault.cli.mux``
-forks it); later calls hand their request over a unix socket (``flyvault.client.mux``) and
+Like ssh's ControlMaster. The first CLI call on a vault starts a keeper in the background
+(``flyvault.cli.mux``, process ``flyvault.cli.keeperd``); later calls hand their request over a unix socket (``flyvault.client.mux``) and
 pay neither QUIC's and crypto's imports nor a handshake and attestation. The wire format is
 ``flyvault.protocol.mux``.
 
@@ -239,12 +239,16 @@ class Keeper:
 
     # Serving ----------------------------------------------------------------------------
 
-    async def serve(self) -> None:
+    async def serve(self, *, warm: bool = False) -> None:
+        """Serve until stopped, idle or lost. ``warm``: connect at once (the keeper was
+        started in the background by a call that went direct), and exit if that fails,
+        since nothing would be kept."""
         loop = asyncio.get_running_loop()
         for signo in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(signo, self._stop.set)
         server = await asyncio.start_unix_server(self._accept, sock=self.listener)
         log.info("keeper for vault %s: serving (pid %d)", self.config.name, os.getpid())
+        warming = asyncio.ensure_future(self._warm()) if warm else None
         try:
             while not self._stop.is_set():
                 with contextlib.suppress(TimeoutError):
@@ -254,12 +258,27 @@ class Keeper:
                     log.info("keeper for vault %s: exiting: %s", self.config.name, reason)
                     break
         finally:
+            if warming is not None and not warming.done():
+                warming.cancel()
             self._closing = True  # before any await: nothing is accepted from here on
             self._remove_paths()  # new CLI calls go elsewhere from now on
             server.close()
             for link in list(self._active):
                 await link.close()
             await self.vault.close()
+
+    async def _warm(self) -> None:
+        try:
+            await self.vault.connection()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.info(
+                "keeper for vault %s: exiting: could not connect: %s",
+                self.config.name,
+                getattr(exc, "message", None) or exc,
+            )
+            self._stop.set()
 
     def _exit_reason(self) -> str | None:
         if self._active:

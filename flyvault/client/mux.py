@@ -57,19 +57,24 @@ class KeeperUnavailable(Exception):
 
 
 class KeeperPaths:
-    __slots__ = ("log", "pid", "socket")
+    """A keeper's files, named by one stem: the socket, its pid file, its log, and the
+    ``.off`` mark left when its config says ``mux = false``."""
+
+    __slots__ = ("log", "off", "pid", "socket")
 
     socket: Path
     pid: Path
     log: Path
+    off: Path
 
-    def __init__(self, socket: Path, pid: Path, log: Path) -> None:
-        self.socket = socket
-        self.pid = pid
-        self.log = log
+    def __init__(self, stem: str) -> None:
+        self.socket = Path(f"{stem}.sock")
+        self.pid = Path(f"{stem}.pid")
+        self.log = Path(f"{stem}.log")
+        self.off = Path(f"{stem}.off")
 
     def __repr__(self) -> str:
-        return f"KeeperPaths(socket={self.socket!r}, pid={self.pid!r}, log={self.log!r})"
+        return f"KeeperPaths(socket={self.socket!r})"
 
     def __eq__(self, other: object) -> bool:
         return other.__class__ is self.__class__ and all(
@@ -112,8 +117,7 @@ def keeper_key(vault_name: str, config_path: Path, config_bytes: bytes) -> str:
 
 
 def keeper_paths(directory: Path, vault_name: str, key: str) -> KeeperPaths:
-    stem = directory / f"{vault_name[:40]}-{key}"
-    paths = KeeperPaths(Path(f"{stem}.sock"), Path(f"{stem}.pid"), Path(f"{stem}.log"))
+    paths = KeeperPaths(f"{directory / vault_name[:40]}-{key}")
     if len(str(paths.socket)) > MAX_SOCKET_PATH:
         raise OSError(
             f"the keeper's socket path {paths.socket} is longer than {MAX_SOCKET_PATH} bytes"
@@ -405,11 +409,15 @@ def keeper_lost() -> VaultError:
     )
 
 
+def keeper_paths_at(socket_path: Path) -> KeeperPaths:
+    """The paths of the keeper whose socket is ``socket_path`` (``STEM.sock``)."""
+    return KeeperPaths(str(socket_path)[: -len(".sock")])
+
+
 def keepers(directory: Path) -> Iterator[tuple[KeeperPaths, dict[str, Any]]]:
     """The keepers with a pid file in ``directory``: paths and what the pid file says."""
     for pid_file in sorted(directory.glob("*.pid")):
-        stem = str(pid_file)[: -len(".pid")]
-        paths = KeeperPaths(Path(stem + ".sock"), pid_file, Path(stem + ".log"))
+        paths = KeeperPaths(str(pid_file)[: -len(".pid")])
         try:
             info = json.loads(pid_file.read_text())
         except (OSError, ValueError):
@@ -437,6 +445,7 @@ __all__ = [
     "keeper_key",
     "keeper_lost",
     "keeper_paths",
+    "keeper_paths_at",
     "keeper_silent",
     "keepers",
     "next_event",
