@@ -53,11 +53,13 @@ def exec_route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
 
 
 def stop_keepers(runtime: Path) -> None:
-    """SIGTERM each keeper with a pid file under ``runtime``, SIGKILL after 5 s."""
-    pids = []
+    """SIGTERM each keeper of ``runtime``, SIGKILL after 5 s: those with a pid file, and
+    those still starting (a keeper started in the background writes its pid file only once
+    its caller ended), found by their socket path under ``runtime`` in their command line."""
+    pids = set(_starting_keepers(runtime))
     for pid_file in (runtime / "fly-vault").glob("*.pid"):
         try:
-            pids.append(int(json.loads(pid_file.read_text())["pid"]))
+            pids.add(int(json.loads(pid_file.read_text())["pid"]))
         except (OSError, ValueError, KeyError):
             continue
     for pid in pids:
@@ -69,6 +71,21 @@ def stop_keepers(runtime: Path) -> None:
             time.sleep(0.02)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+def _starting_keepers(runtime: Path) -> Iterator[int]:
+    """PIDs of ``python -m flyvault.cli.keeperd`` processes whose socket is in ``runtime``:
+    the directory is this test's own (a fresh mkdtemp), so nothing else matches."""
+    needle = f"{runtime}/fly-vault/".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"flyvault.cli.keeperd" in cmdline and needle in cmdline:
+            yield int(entry.name)
 
 
 def pid_alive(pid: int) -> bool:
