@@ -722,6 +722,26 @@ def test_mux_stop_stops_the_keeper(vault: str) -> None:
     assert fv("mux", "status").stdout == b"no connection keepers running\n"
 
 
+def test_mux_stop_names_one_vault_exactly(
+    vault: str, init_process: InitProcess, issuer: OidcIssuer
+) -> None:
+    """``mux stop t`` stops vault ``t``'s keeper, not vault ``t-2``'s (whose files also
+    start with ``t-``)."""
+    from flyvault.config import save_vault
+
+    save_vault(vault_entry(init_process.port, issuer, name="t-2"))
+    for name in (vault, "t-2"):
+        assert fv("exec", name, "--", "true").returncode == 0
+    rows = {row["vault"]: row["pid"] for row in status()}
+    assert set(rows) == {vault, "t-2"}
+    assert [row["vault"] for row in status("t-2")] == ["t-2"]
+    stopped = fv("mux", "stop", vault)
+    assert stopped.returncode == 0, stopped.stderr
+    wait_for(lambda: not pid_alive(rows[vault]), "the stopped keeper is still running")
+    assert pid_alive(rows["t-2"])
+    assert [row["vault"] for row in status()] == ["t-2"]
+
+
 def test_mux_stop_removes_a_dead_keepers_leftovers(vault: str) -> None:
     assert fv("exec", vault, "--", "true").returncode == 0
     pid, stem = the_keeper()

@@ -566,9 +566,15 @@ def run(args: argparse.Namespace) -> int:
     found = [
         (paths, info)
         for paths, info in keepers(directory)
-        if args.vault is None or paths.socket.name.startswith(f"{args.vault}-")
+        if args.vault is None or _vault_of(paths) == args.vault[:40]
     ]
     return _stop(found) if args.mux_command == "stop" else _status(found, args.json)
+
+
+def _vault_of(paths: KeeperPaths) -> str:
+    """The vault name (its first 40 characters) in ``<vault>-<key>.sock``: exact, so that
+    ``mux stop a`` leaves vault ``a-b``'s keeper alone."""
+    return paths.socket.name[: -len(".sock")].rsplit("-", 1)[0]
 
 
 def _status(found: list[tuple[KeeperPaths, dict[str, Any]]], as_json: bool) -> int:
