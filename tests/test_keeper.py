@@ -329,6 +329,7 @@ def test_thin_path_imports_no_asyncio_quic_or_crypto(vault: str) -> None:
     names = imported(thin.stderr)
     assert "flyvault" in names  # the parse worked
     assert not names & set(HEAVY), sorted(names & set(HEAVY))
+    assert "subprocess" not in names  # a keeper is started with posix_spawn
     after = status(vault)[0]
     assert (after["pid"], after["requests"]) == (pid, before + 2)  # it went through the keeper
     # The same check does see them on the direct path: it can fail.

@@ -108,10 +108,64 @@ def test_mux_false_is_remembered_and_no_keeper_is_started_again(
         assert (again.returncode, again.stdout) == (0, b"ok\n"), again.stderr
     assert paths.off.stat().st_mtime_ns == marked  # no keeper process touched it again
     assert pid_files() == []
+    shown = fv("mux", "status", "nomux")
+    assert b"vault nomux: no keeper (mux = false in its entry" in shown.stdout, shown.stdout
+    # mux stop clears the mark; the next call's keeper finds mux = false again.
+    stopped = fv("mux", "stop", "nomux")
+    assert b"cleared the mux = false mark of vault nomux" in stopped.stdout, stopped.stdout
+    assert not paths.off.exists()
+    assert fv("exec", "nomux", "--", "true").returncode == 0
+    wait_for(paths.off.exists, "the keeper did not mark mux = false again")
     # An edited config is another keeper's: the mark does not carry over.
     save_vault(vault_entry(init_process.port, issuer, name="nomux", mux=True))
     assert fv("exec", "nomux", "--", "true").returncode == 0
     wait_for(lambda: len(pid_files()) == 1, "a keeper did not start once mux was on again")
+
+
+def test_the_keeper_holds_nothing_of_its_caller(vault: str, tmp_path: Path) -> None:
+    """Not the caller's pipes (a reader waiting for EOF would wait for the keeper's whole
+    life), not its working directory, not its session."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "flyvault.cli.main", "exec", vault, "--", "true"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            pass_fds=(write_end,),
+            cwd=tmp_path,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        os.close(write_end)
+        write_end = -1
+        row, _ = polled_status(expected_paths(vault).socket)
+        os.set_blocking(read_end, False)
+        assert os.read(read_end, 1) == b""  # EOF: no process holds the write end any more
+        assert os.readlink(f"/proc/{row['pid']}/cwd") == "/"
+        assert os.getsid(row["pid"]) == row["pid"]
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+
+
+def test_mux_stop_stops_a_keeper_that_is_still_starting(vault: str, reaper: list[Any]) -> None:
+    """The keeper takes its socket and writes its pid file before it waits for its caller:
+    ``mux stop`` finds it even then (and wakes it to ask)."""
+    proc = fv_popen("exec", vault, "--", "sleep", "20")
+    reaper.append(proc)
+    [pid_file] = wait_for(pid_files, "the keeper wrote no pid file while its caller ran")
+    pid = json.loads(pid_file.read_text())["pid"]
+    stopped = fv("mux", "stop", vault)
+    assert stopped.returncode == 0, stopped.stderr
+    assert f"(pid {pid})".encode() in stopped.stdout, stopped.stdout
+    wait_for(lambda: not pid_alive(pid), "the stopped keeper is still running")
+    assert proc.poll() is None  # the call it started goes on, direct
+    proc.kill()
 
 
 @pytest.mark.parametrize("mode", ["1", "wait"])

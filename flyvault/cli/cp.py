@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     configs = {name: load_vault(name) for name in sorted(names)}  # config errors: exit 3
     from flyvault.cli.mux import keeper_socket
 
-    # Started here, before the event loop: the keeper may be forked off this process.
+    # Looked up before the event loop: the lookup (and a keeper's start) is synchronous.
     keepers = {name: keeper_socket(args, name) for name in configs}
     return asyncio.run(_copy(args, sources, dest, configs, keepers))
 

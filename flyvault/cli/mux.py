@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
-import fcntl
 import json
 import logging
 import os
@@ -25,11 +23,11 @@ import signal
 import socket
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 from flyvault.cli.console import Console
+from flyvault.cli.keeperd import alive, answer
 from flyvault.cli.output import report_error
 from flyvault.cli.terminal import RawTerminal, terminal_size
 from flyvault.client.mux import (
@@ -150,7 +148,7 @@ def keeper_socket(args: argparse.Namespace, vault_name: str) -> Path | None:
     paths = _locate(vault_name)
     if paths is None or paths.off.exists():
         return None
-    if _alive(paths.socket) or _start(paths, vault_name):
+    if alive(str(paths.socket)) or _start(paths, vault_name):
         return paths.socket
     return None
 
@@ -195,20 +193,20 @@ def _start(paths: KeeperPaths, vault_name: str) -> bool:
         os.close(write_fd)
     try:
         ready, _, _ = select.select([read_fd], [], [], START_TIMEOUT)
-        answer = os.read(read_fd, 8192) if ready else b"no answer in time"
+        reply = os.read(read_fd, 8192) if ready else b"no answer in time"
     finally:
         os.close(read_fd)
-    if answer == b"ok":
+    if reply == b"ok":
         return True
-    if answer.startswith(b"error:"):
-        detail = json.loads(answer[len(b"error:") :])
+    if reply.startswith(b"error:"):
+        detail = json.loads(reply[len(b"error:") :])
         code = int(detail.get("exit_code") or 1)
         # A bad variable is a usage error (exit 2, before any connection) wherever found.
         kind = UsageError if code == 2 else VaultError
         error = kind(detail["message"], hint=detail.get("hint"))
         error.exit_code = code
         raise error
-    log.info("the connection keeper did not start: %s", answer.decode(errors="replace"))
+    log.info("the connection keeper did not start: %s", reply.decode(errors="replace"))
     return False
 
 
@@ -229,22 +227,13 @@ def _exec_keeper(paths: KeeperPaths, vault_name: str, write_fd: int | None) -> N
         str(os.getpid()),
     ]
     null = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
+    # Signals the caller ignores (a background job's SIGINT, nohup's SIGHUP) are the
+    # keeper's to handle: back to their defaults. keeperd leaves the caller's session.
+    defaults = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP)
     try:
-        os.posix_spawn(sys.executable, argv, os.environ, file_actions=null, setsid=True)
-    except OSError as exc:
+        os.posix_spawn(sys.executable, argv, os.environ, file_actions=null, setsigdef=defaults)
+    except Exception as exc:  # never a reason for the call to fail
         log.info("the connection keeper could not be started: %s", exc)
-
-
-def _detach(keep: int | None) -> None:
-    """Nothing of the CLI's caller (its terminal, pipes, sockets) stays open in the keeper:
-    standard streams go to /dev/null until the keeper has its log."""
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    for fd in _open_fds():
-        if fd > 2 and fd != keep:
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
 
 def _open_log(paths: KeeperPaths) -> None:
@@ -254,55 +243,6 @@ def _open_log(paths: KeeperPaths) -> None:
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     os.close(log_fd)
-
-
-def _open_fds() -> list[int]:
-    try:
-        return [int(name) for name in os.listdir("/proc/self/fd")]
-    except OSError:
-        return list(range(3, 256))
-
-
-def _listen(paths: KeeperPaths) -> socket.socket | None:
-    """Bind the keeper's socket (0600), replacing a stale one; None if a live keeper has it.
-    A lock file makes this check-and-bind atomic between keepers starting at once."""
-    lock = os.open(f"{paths.socket}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        previous = os.umask(0o177)
-        try:
-            listener.bind(str(paths.socket))
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise
-            if _alive(paths.socket):
-                listener.close()
-                return None
-            paths.socket.unlink()  # stale: its keeper died without cleaning up
-            listener.bind(str(paths.socket))
-        finally:
-            os.umask(previous)
-        os.chmod(paths.socket, 0o600)
-        listener.listen(64)
-        tmp = paths.pid.with_suffix(".pid.tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "started_at": time.time()}))
-        tmp.chmod(0o600)
-        tmp.replace(paths.pid)
-        return listener
-    finally:
-        os.close(lock)
-
-
-def _alive(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
 
 
 def _serve(
@@ -316,68 +256,50 @@ def _serve(
     logging.getLogger("flyvault").handlers.clear()
     configure_logging(None, verbose=True)  # INFO to stderr, which is the keeper's log
     try:
-        keeper = Keeper(config, listener, idle_seconds=idle, paths=(paths.socket, paths.pid))
+        keeper = Keeper(config, listener, idle_seconds=idle, paths=(paths.pid, paths.socket))
         asyncio.run(keeper.serve(warm=warm))
         return 0
     except BaseException:
         log.exception("the connection keeper failed")
-        for path in (paths.socket, paths.pid):
+        for path in (paths.pid, paths.socket):
             with contextlib.suppress(OSError):
                 path.unlink()
         return 1
 
 
-def keeper_process(argv: list[str]) -> None:
-    """The keeper's process (``flyvault.cli.keeperd``), given VAULT SOCKET READY_FD.
-
-    The socket is taken first, before the config is read and QUIC imported, so CLI calls
-    made while this keeper starts wait in its backlog instead of starting keepers of their
-    own. Then the config and the switches are checked, the answer goes on READY_FD (``ok``,
-    ``off`` or ``error:`` with the error as JSON; READY_FD ``-``: nobody waits, connect at
-    once), and the keeper serves. A keeper that must not run gives the socket up: calls
-    waiting on it see it close and go direct."""
+def keeper_process(
+    name: str, socket_path: str, ready_fd: int | None, listener: socket.socket
+) -> None:
+    """The keeper, once ``flyvault.cli.keeperd`` took the socket: check the config and the
+    switches, answer on ``ready_fd`` (``ok``, ``off`` or ``error:`` with the error as JSON;
+    None: nobody waits, connect at once), then serve. A keeper that must not run gives the
+    socket up: calls waiting in its backlog see it close and go direct."""
     from flyvault.redact import ScrubbingStream
 
-    name, socket_path, ready = argv
-    ready_fd = None if ready == "-" else int(ready)
     sys.stdout, sys.stderr = ScrubbingStream(sys.stdout), ScrubbingStream(sys.stderr)  # type: ignore[assignment]
     paths = keeper_paths_at(Path(socket_path))
-    try:
-        _detach(ready_fd)
-        listener = _listen(paths)
-    except BaseException as exc:
-        _answer(ready_fd, f"{exc}".encode()[:4000] or b"failed")
-        os._exit(1)
-    if listener is None:  # another keeper has the socket: use that one
-        _answer(ready_fd, b"ok")
-        os._exit(0)
     try:
         config, idle = _keeper_config(name, paths)
     except VaultError as exc:
         _give_up(paths, listener)
         detail = {"message": exc.message, "hint": exc.hint, "exit_code": exc.exit_code}
-        _answer(ready_fd, b"error:" + json.dumps(detail).encode()[:8000])
+        answer(ready_fd, b"error:" + json.dumps(detail).encode()[:8000])
         os._exit(1)
     if config is None:
         _give_up(paths, listener)
-        _answer(ready_fd, b"off")
+        answer(ready_fd, b"off")
         os._exit(0)
     _open_log(paths)
-    _answer(ready_fd, b"ok")
+    answer(ready_fd, b"ok")
     if ready_fd is not None:
         os.close(ready_fd)
     os._exit(_serve(paths, config, idle, listener, warm=ready_fd is None))
 
 
-def _answer(ready_fd: int | None, answer: bytes) -> None:
-    if ready_fd is not None:
-        with contextlib.suppress(OSError):
-            os.write(ready_fd, answer)
-
-
 def _give_up(paths: KeeperPaths, listener: socket.socket) -> None:
-    """Leave the socket this keeper took (it must not run after all)."""
-    for path in (paths.socket, paths.pid):
+    """Leave the socket this keeper took (it must not run after all). The pid file goes
+    first: once the socket is gone a new keeper may bind and write its own."""
+    for path in (paths.pid, paths.socket):
         with contextlib.suppress(OSError):
             path.unlink()
     listener.close()
@@ -389,11 +311,11 @@ def _keeper_config(name: str, paths: KeeperPaths) -> tuple[Any, float]:
     from flyvault.config import load_vault
 
     config = load_vault(name)
+    if _locate(name) != paths:  # edited in between: the name would not match the content
+        return None, 0.0
     if not config.mux:
         # Remembered for this exact config: later calls go direct without starting one.
         paths.off.touch(mode=0o600)
-        return None, 0.0
-    if _locate(name) != paths:  # edited in between: the name would not match the content
         return None, 0.0
     idle = env_float("FLY_VAULT_MUX_IDLE", float(config.mux_idle), above=0, unit="seconds")
     return config, idle
@@ -566,18 +488,37 @@ def run(args: argparse.Namespace) -> int:
     found = [
         (paths, info)
         for paths, info in keepers(directory)
-        if args.vault is None or _vault_of(paths) == args.vault[:40]
+        if args.vault is None or _vault_of(paths.socket) == args.vault[:40]
     ]
-    return _stop(found) if args.mux_command == "stop" else _status(found, args.json)
+    # ``mux = false`` marks (``<vault>-<key>.off``): shown by status, cleared by stop.
+    marks = [
+        mark
+        for mark in sorted(directory.glob("*.off"))
+        if args.vault is None or _vault_of(mark) == args.vault[:40]
+    ]
+    if args.mux_command == "stop":
+        _clear_marks(marks)
+        return _stop(found)
+    return _status(found, marks, args.json)
 
 
-def _vault_of(paths: KeeperPaths) -> str:
-    """The vault name (its first 40 characters) in ``<vault>-<key>.sock``: exact, so that
-    ``mux stop a`` leaves vault ``a-b``'s keeper alone."""
-    return paths.socket.name[: -len(".sock")].rsplit("-", 1)[0]
+def _clear_marks(marks: list[Path]) -> None:
+    for mark in marks:
+        with contextlib.suppress(FileNotFoundError):
+            mark.unlink()
+        vault = _vault_of(mark)
+        print(f"cleared the mux = false mark of vault {vault} ({mark.name})")
 
 
-def _status(found: list[tuple[KeeperPaths, dict[str, Any]]], as_json: bool) -> int:
+def _vault_of(path: Path) -> str:
+    """The vault name (its first 40 characters) in ``<vault>-<key>.sock`` (or ``.off``):
+    exact, so that ``mux stop a`` leaves vault ``a-b``'s keeper alone."""
+    return path.stem.rsplit("-", 1)[0]
+
+
+def _status(
+    found: list[tuple[KeeperPaths, dict[str, Any]]], marks: list[Path], as_json: bool
+) -> int:
     rows = []
     for paths, info in found:
         try:
@@ -586,9 +527,12 @@ def _status(found: list[tuple[KeeperPaths, dict[str, Any]]], as_json: bool) -> i
             status = {"pid": info.get("pid"), "error": f"not answering ({exc})"}
         status["socket"] = str(paths.socket)
         rows.append(status)
+    offs = [{"vault": _vault_of(m), "off": str(m)} for m in marks]
     if as_json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows + offs, indent=2))
         return 0
+    for off in offs:
+        print(f"vault {off['vault']}: no keeper (mux = false in its entry; {off['off']})")
     if not rows:
         print("no connection keepers running")
         return 0
