@@ -246,6 +246,16 @@ def test_keepers_off(vault: str, flags: tuple[str, ...], env: Any, reason: str) 
     assert report["steps"][-1]["ok"] is True
 
 
+def test_a_bad_mux_variable_is_a_warning(vault: str) -> None:
+    result = fv("doctor", vault, env={"FLY_VAULT_MUX": "bogus"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    line = keeper_line(result.stdout)
+    assert line.split()[:2] == ["WARN", "keeper"]
+    assert "FLY_VAULT_MUX='bogus' is not a yes/no value" in line
+    assert "not counted in the exit code" in line
+    assert_clean(result)
+
+
 def test_config_mux_false_is_off(init_process: InitProcess, issuer: OidcIssuer) -> None:
     from flyvault.config import save_vault
 
