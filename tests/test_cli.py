@@ -109,7 +109,9 @@ def test_doctor_passes_against_init_with_standins(
         "handshake",
         "attestation",
         "authenticate",
+        "keeper",  # none runs: doctor reports it and starts none
     ]
+    assert report["keeper"]["state"] == "none"
     assert all(s["elapsed_ms"] >= 0 for s in report["steps"])
 
 

@@ -64,12 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor = commands.add_parser(
         "doctor",
-        help="check a vault step by step: config, QUIC, attestation, access token",
-        description="Check a vault step by step and say what to fix. The exit code names "
-        "the failed step (3 config, 4 unreachable, 5 attestation, 6 token, 7 protocol).",
+        help="check a vault step by step: config, QUIC, attestation, access token, keeper",
+        description="Check a vault step by step with a fresh connection and say what to fix. "
+        "The exit code names the failed step (3 config, 4 unreachable, 5 attestation, "
+        "6 token, 7 protocol). Then the vault's connection keeper, if one runs, is asked for "
+        "its status and a PING over its connection; that step never changes the exit code.",
     )
     doctor.add_argument("vault", help="name of a [vault.NAME] entry in the config")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+    doctor.add_argument(
+        "--no-mux",
+        action="store_true",
+        default=argparse.SUPPRESS,  # absent: the global flag's value stands
+        help="as the global flag: report the vault's connection keeper as off",
+    )
     doctor.set_defaults(run=_lazy("flyvault.cli.doctor", "run"))
 
     remote = "flyvault.cli.remote"

@@ -93,28 +93,46 @@ def use_keeper(args: argparse.Namespace) -> bool:
     with ``-v``/``--log-file`` (they show the connection's own steps), not with a
     non-default ``--reconnect-timeout`` (the keeper's connection has its own budget), and
     only where ``SO_PEERCRED`` exists (Linux)."""
-    if getattr(args, "no_mux", False) or not sys.platform.startswith("linux"):
-        return False
+    return keeper_off_reason(args) is None
+
+
+def keeper_off_reason(args: argparse.Namespace) -> str | None:
+    """Why this call may not go through a keeper (see ``use_keeper``), or None when it may.
+    A bad ``FLY_VAULT_MUX`` or ``FLY_VAULT_MUX_IDLE`` is a ``UsageError``."""
+    if getattr(args, "no_mux", False):
+        return "--no-mux"
+    if not sys.platform.startswith("linux"):
+        return "not on Linux (no SO_PEERCRED)"
     if mux_mode() is None:
-        return False
+        return f"FLY_VAULT_MUX={os.environ.get('FLY_VAULT_MUX', '').strip()}"
     # Read by the keeper, checked here too: a keeper started in the background reports
     # nothing, so a bad value must fail this call (exit 2) rather than go unnoticed.
     env_float("FLY_VAULT_MUX_IDLE", IDLE_DEFAULT, above=0, unit="seconds")
     if args.verbose or args.log_file:
-        return False
-    return getattr(args, "reconnect_timeout", RECONNECT_TIMEOUT) == RECONNECT_TIMEOUT
+        return "-v/--log-file"
+    if getattr(args, "reconnect_timeout", RECONNECT_TIMEOUT) != RECONNECT_TIMEOUT:
+        return "--reconnect-timeout"
+    return None
 
 
 def _locate(vault_name: str) -> KeeperPaths | None:
-    from flyvault.paths import config_file
-
     try:
-        path = config_file()
-        data = path.read_bytes()
-        return keeper_paths(runtime_dir(), vault_name, keeper_key(vault_name, path, data))
+        return locate(vault_name)
     except (OSError, ConfigError) as exc:  # the direct path reports a config problem itself
         log.info("no connection keeper: %s", exc)
         return None
+
+
+def locate(vault_name: str, *, create: bool = True) -> KeeperPaths:
+    """Where the keeper for ``vault_name`` (as the config reads now) listens, whether or not
+    one does. ``OSError`` (``FileNotFoundError`` for a missing directory when ``create`` is
+    false) or ``ConfigError`` when no keeper can be there."""
+    from flyvault.paths import config_file
+
+    path = config_file()
+    data = path.read_bytes()
+    directory = runtime_dir(create=create)
+    return keeper_paths(directory, vault_name, keeper_key(vault_name, path, data))
 
 
 def open_link(args: argparse.Namespace, op: str, **fields: Any) -> KeeperLink | None:

@@ -394,6 +394,8 @@ class Keeper:
             value = None
         elif op == "status":
             value = self.status()
+        elif op == "ping":
+            value = {**self.status(), **await self.ping()}
         elif op == "connect":
             value = connection_info(await self.vault.connection())
         elif op == "stream":
@@ -439,6 +441,28 @@ class Keeper:
 
         await self._live_connection()
         return await run_attached(session, request, frontend, self.config.name, forward_stdin)
+
+    async def ping(self) -> dict[str, Any]:
+        """One PING over the live vault connection, the way ``_live_connection`` checks an
+        idle one (``channel.probe``), for ``fly-vault doctor``: whether the vault answered
+        within ``PROBE_TIMEOUT`` and the round trip in ms. It never connects, reconnects or
+        drops the connection: a request after it checks the connection on its own."""
+        current = self.vault.current
+        channel = getattr(current, "channel", None)
+        result: dict[str, Any] = {
+            "answered": None,
+            "rtt_ms": None,
+            "probe_timeout": PROBE_TIMEOUT,
+        }
+        if channel is None:
+            return result
+        sent = asyncio.get_running_loop().time()
+        answered = await channel.probe(PROBE_TIMEOUT)
+        result["answered"] = answered
+        if answered:
+            # The first datagram after the PING (its ACK, usually) was stamped on arrival.
+            result["rtt_ms"] = max(0.0, (channel.last_received - sent) * 1000)
+        return result
 
     def status(self) -> dict[str, Any]:
         current = self.vault.current

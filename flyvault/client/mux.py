@@ -84,15 +84,17 @@ class KeeperPaths:
     __hash__ = None  # type: ignore[assignment]
 
 
-def runtime_dir() -> Path:
-    """The directory for keeper sockets, created and checked; ``OSError`` with the reason
-    when it is unsafe (then no keeper is used)."""
+def runtime_dir(*, create: bool = True) -> Path:
+    """The directory for keeper sockets, created (unless ``create`` is false: then a missing
+    one is ``FileNotFoundError``) and checked; ``OSError`` with the reason when it is
+    unsafe (then no keeper is used)."""
     base = os.environ.get("XDG_RUNTIME_DIR", "")
     path = (
         Path(base) / "fly-vault" if os.path.isabs(base) else Path(f"/tmp/fly-vault-{os.getuid()}")
     )
-    with contextlib.suppress(FileExistsError):
-        path.mkdir(mode=0o700)
+    if create:
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=0o700)
     info = os.lstat(path)
     if not stat.S_ISDIR(info.st_mode):
         raise OSError(f"{path} is not a directory")
@@ -134,8 +136,12 @@ class KeeperLink:
         self._frames: list[MuxFrame] = []
 
     @classmethod
-    def open(cls, path: Path, op: str, **fields: Any) -> KeeperLink:
-        """Connect and have the request accepted; ``KeeperUnavailable`` if nothing took it."""
+    def open(
+        cls, path: Path, op: str, *, answer_timeout: float | None = None, **fields: Any
+    ) -> KeeperLink:
+        """Connect and have the request accepted; ``KeeperUnavailable`` if nothing took it.
+        ``answer_timeout`` bounds the wait for ACCEPTED (``ACCEPT_TIMEOUT`` by default) and
+        then each read of the answer (``TimeoutError``); by default those wait for good."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(CONNECT_TIMEOUT)
         try:
@@ -150,16 +156,18 @@ class KeeperLink:
             link.close()
             raise KeeperUnavailable(exc.message) from None
         try:
-            sock.settimeout(ACCEPT_TIMEOUT)
+            sock.settimeout(ACCEPT_TIMEOUT if answer_timeout is None else answer_timeout)
             link.send(hello)
             first = link.receive()
         except TimeoutError:
             link.close()
-            raise keeper_silent(path) from None
+            raise keeper_silent(
+                path, ACCEPT_TIMEOUT if answer_timeout is None else answer_timeout
+            ) from None
         except (OSError, RemoteProtocolError) as exc:
             link.close()
             raise KeeperUnavailable(f"the keeper at {path} went away: {exc}") from None
-        sock.settimeout(None)
+        sock.settimeout(answer_timeout)
         try:
             check_accepted(first, path)
         except BaseException:
@@ -359,9 +367,18 @@ def resize_frame(rows: int, cols: int) -> bytes:
     return encode_json(MuxKind.RESIZE, {"rows": rows, "cols": cols})
 
 
-def call(path: Path, op: str, on_notice: Callable[[str], None] | None = None, **fields: Any) -> Any:
-    """One request and its result (``list``, ``kill``, ``status``, ``stop``)."""
-    link = KeeperLink.open(path, op, **fields)
+def call(
+    path: Path,
+    op: str,
+    on_notice: Callable[[str], None] | None = None,
+    *,
+    answer_timeout: float | None = None,
+    **fields: Any,
+) -> Any:
+    """One request and its result (``list``, ``kill``, ``status``, ``stop``, ``ping``).
+    With ``answer_timeout``, a keeper silent that long is an error (``keeper_silent``
+    before it accepted, ``TimeoutError`` after)."""
+    link = KeeperLink.open(path, op, answer_timeout=answer_timeout, **fields)
     try:
         return link.result(on_notice)
     finally:
@@ -392,9 +409,9 @@ def error_from(frame: MuxFrame) -> VaultError:
     return error
 
 
-def keeper_silent(path: Path) -> VaultError:
+def keeper_silent(path: Path, timeout: float = ACCEPT_TIMEOUT) -> VaultError:
     return VaultError(
-        f"the connection keeper at {path} did not answer within {ACCEPT_TIMEOUT:g} s",
+        f"the connection keeper at {path} did not answer within {timeout:g} s",
         hint="fly-vault mux stop (it is ended by its PID if it does not answer), or "
         "--no-mux to connect directly",
     )

@@ -18,6 +18,8 @@ Every message is a frame: ``kind`` (u8), ``length`` (u32, big-endian), ``length`
   ``FAILED`` (one direction failed: a stream reset, the connection lost).
 * ``connect`` makes sure the keeper's connection is up and answers with what the client
   needs to know about it (boot id, protocol version, VM and runtime state).
+* ``ping`` (``fly-vault doctor``) answers with the keeper's status plus one PING over its
+  live vault connection: whether it answered and the round trip in ms. It never connects.
 * The keeper ends every accepted request with exactly one ``RESULT`` (JSON) or ``ERROR``
   (JSON ``{"type", "message", "hint", "exit_code"}``), then closes.
 
@@ -35,7 +37,7 @@ from flyvault.errors import LocalProtocolError, RemoteProtocolError
 
 #: Bumped whenever the frames or ops change. Keepers are named with it (and the release),
 #: so a CLI never talks to a keeper of another version.
-MUX_VERSION = 3
+MUX_VERSION = 4
 HEADER = struct.Struct(">BI")
 #: One frame's payload at most; output and stdin travel in chunks well below it.
 MAX_FRAME = 1024 * 1024
@@ -73,7 +75,7 @@ class MuxKind(enum.IntEnum):
 STDIN_IN_FLIGHT = 16
 
 #: Operations a HELLO may name.
-OPS = frozenset({"exec", "list", "kill", "status", "stop", "connect", "stream"})
+OPS = frozenset({"exec", "list", "kill", "status", "stop", "connect", "stream", "ping"})
 
 
 class MuxFrame:
