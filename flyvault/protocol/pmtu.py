@@ -107,6 +107,11 @@ class PmtuSearch:
 
     # Probing -----------------------------------------------------------------------------
 
+    @property
+    def outstanding(self) -> Probe | None:
+        """The probe sent and not yet answered, if any."""
+        return self._outstanding
+
     def next_probe(self, now: float) -> Probe | None:
         """The probe to send now, if any (it counts as sent at ``now``)."""
         if self.state is not PmtuState.SEARCHING or self._outstanding is not None:
@@ -176,10 +181,12 @@ class PmtuSearch:
     # Ordinary packets: black-hole detection ------------------------------------------------
 
     def packet_acked(self, size: int, sent_at: float) -> None:
-        if size <= self.config.base:
+        # Called for every packet acknowledged: the common case returns at once.
+        if size <= self.config.base or sent_at <= self._last_large_acked:
             return
-        self._last_large_acked = max(self._last_large_acked, sent_at)
-        self._unanswered_losses = [t for t in self._unanswered_losses if t > sent_at]
+        self._last_large_acked = sent_at
+        if self._unanswered_losses:
+            self._unanswered_losses = [t for t in self._unanswered_losses if t > sent_at]
 
     def packet_lost(self, size: int, sent_at: float, now: float) -> None:
         # Packets of a size given up on (sent before a fall back) say nothing new.
