@@ -349,6 +349,7 @@ async def connect(host: str, port: int, settings: TransportSettings | None = Non
     loop = asyncio.get_running_loop()
     proxied = settings.datagram_wrapper is not None
     forced = forced_datagram_size()
+    enabled = discovery_enabled()
     datagram_size = (
         datagram_size_for(str(sockaddr[0]), proxied=proxied)
         if forced is None or proxied
@@ -361,7 +362,7 @@ async def connect(host: str, port: int, settings: TransportSettings | None = Non
         and forced is None
         and not proxied
         and settings.max_datagram_size is None
-        and discovery_enabled()
+        and enabled
     )
     if discover:
         datagram_size = MAX_DATAGRAM_SIZE  # where the search starts
@@ -755,7 +756,8 @@ async def listen(
     except ConnectError:
         sock.close()
         raise
-    probe_mode = settings.max_datagram_size is None and discovery_enabled() and set_probe_mode(sock)
+    enabled = discovery_enabled()
+    probe_mode = settings.max_datagram_size is None and enabled and set_probe_mode(sock)
     _, listener = await open_transport(
         loop,
         sock,

@@ -27,6 +27,7 @@ import os
 import socket
 from typing import TYPE_CHECKING
 
+from flyvault.errors import ConfigError
 from flyvault.protocol.pmtu import BASE_PLPMTU, PmtuConfig, PmtuSearch, PmtuState
 
 if TYPE_CHECKING:
@@ -36,6 +37,10 @@ log = logging.getLogger("flyvault.transport")
 
 #: ``FLY_VAULT_PMTU=0`` (or false/no/off) turns discovery off: datagrams stay at 1200 bytes.
 PMTU_ENV = "FLY_VAULT_PMTU"
+#: The yes/no words every fly-vault variable accepts (as ``flyvault.envvars``, which the
+#: transport layer may not import).
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
 #: Linux socket options the socket module does not name (linux/in.h, linux/in6.h).
 IP_MTU_DISCOVER = 10
 IP_MTU = 14
@@ -52,8 +57,17 @@ PROBES_PER_STEP = 16
 
 
 def discovery_enabled() -> bool:
-    value = os.environ.get(PMTU_ENV, "").strip().lower()
-    return value not in {"0", "false", "no", "off"}
+    """``FLY_VAULT_PMTU``: on unless set to a "no" word. Raises ``ConfigError``."""
+    text = os.environ.get(PMTU_ENV, "").strip()
+    if not text or text.lower() in TRUE_WORDS:
+        return True
+    if text.lower() in FALSE_WORDS:
+        return False
+    raise ConfigError(
+        f"{PMTU_ENV}={text!r} is not a yes/no value: expected one of {', '.join(TRUE_WORDS)} "
+        f"or {', '.join(FALSE_WORDS)}",
+        hint=f"unset {PMTU_ENV} (path MTU discovery on), or set {PMTU_ENV}=0 to turn it off",
+    )
 
 
 def set_probe_mode(sock: socket.socket) -> bool:
