@@ -9,6 +9,7 @@ smaller MTU in the middle is in tests/test_pmtu_netns.py (root).
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import os
@@ -175,3 +176,69 @@ def test_loopback_without_a_ceiling_runs_no_search() -> None:
 def test_the_switch(monkeypatch: pytest.MonkeyPatch, value: str, enabled: bool) -> None:
     monkeypatch.setenv(PMTU_ENV, value)
     assert discovery_enabled() is enabled
+
+
+class _ProbeHole(_BlackHole):
+    """Drops only what is sent alone (probes) over ``limit``: the data path is fine."""
+
+    def sendto(self, data: bytes, addr: Any = None) -> None:
+        self._inner.sendto(data, addr)
+
+    def send_batch(self, datagrams: list[bytes], addr: Any = None) -> None:
+        self._inner.send_batch(datagrams, addr)
+
+
+def test_lost_probes_are_no_congestion_signal() -> None:
+    async def scenario() -> None:
+        listener, _ = await echo_server(TransportSettings.for_server())
+        try:
+            client = await connect(*listener.address, TransportSettings(pmtu_ceiling=CEILING))
+            hole = _ProbeHole(client._transport)
+            hole.limit = 1300
+            client._transport = hole  # type: ignore[assignment]
+            # A trickle of small packets: their ACKs make QUIC declare the probes lost
+            # (packet and time thresholds), the path a congestion loss would take.
+            stream = client.open_stream()
+
+            async def trickle() -> None:
+                while not client.pmtu.search_complete:
+                    await stream.send(b"t" * 100)
+                    await stream.read()
+                    await asyncio.sleep(0.002)
+
+            await asyncio.wait_for(trickle(), SEARCH_WAIT)
+            assert hole.dropped >= 3
+            assert 1300 - 8 < client.datagram_size <= 1300
+            # Reno leaves slow start (sets ssthresh) at the first congestion event.
+            assert client.quic._loss._cc.ssthresh is None
+            client.close_now()
+        finally:
+            listener.close()
+
+    run_async(scenario())
+
+
+def test_send_now_returns_the_kernels_refusal() -> None:
+    import socket
+
+    from flyvault.transport.udp import BatchedDatagramTransport
+
+    async def scenario() -> None:
+        receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        receiver.bind(("127.0.0.1", 0))
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.connect(receiver.getsockname())
+        transport = BatchedDatagramTransport(
+            asyncio.get_running_loop(), sock, asyncio.DatagramProtocol(), connected=True
+        )
+        try:
+            assert transport.send_now(b"x" * 1500) is None
+            assert receiver.recv(65536) == b"x" * 1500
+            error = transport.send_now(b"x" * 65508)  # over the largest IPv4 UDP payload
+            assert error is not None and error.errno == errno.EMSGSIZE
+        finally:
+            transport.close()
+            receiver.close()
+            await asyncio.sleep(0)
+
+    run_async(scenario())
