@@ -2,11 +2,14 @@
 fixed 1200-byte datagrams of ``FLY_VAULT_DATAGRAM_SIZE=1200`` (root only).
 
     sudo .venv/bin/python bench/pmtu_netns.py [--mb 32] [--rounds 3] [--hop-mtu 1500,1400]
+        [--fixed 1200,1368]
 
 The path is tests/netns_path.py's: client ns -- veth 1500 -- router ns -- veth HOP -- server
 ns. Per round and variant a fresh server and client (tests/pmtu_peer.py): the client
 echoes N MB once while the search runs, waits for the search, then echoes N MB again,
-timed (bytes both ways / seconds). Variants alternate within a round. Results in
+timed (bytes both ways / seconds). Variants alternate within a round: ``discovery`` and
+``fixed-N`` for each ``--fixed`` size (``FLY_VAULT_DATAGRAM_SIZE=N``, no search; a size the
+path carries isolates what the search itself costs). Results in
 ``bench/results/pmtu-<date>-<sha>.json``.
 """
 
@@ -28,7 +31,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 from netns_path import SERVER_ADDRESS, netns_path, netns_skip_reason  # noqa: E402
 
 PEER = str(ROOT / "tests" / "pmtu_peer.py")
-VARIANTS = {"discovery": {}, "fixed-1200": {"FLY_VAULT_DATAGRAM_SIZE": "1200"}}
 
 
 def one_run(path: Any, env: dict[str, str], size: int) -> dict[str, Any]:
@@ -59,6 +61,7 @@ def main() -> int:
     parser.add_argument("--mb", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--hop-mtu", default="1500,1400")
+    parser.add_argument("--fixed", default="1200")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     reason = netns_skip_reason()
@@ -71,12 +74,15 @@ def main() -> int:
         if k not in ("FLY_VAULT_DATAGRAM_SIZE", "FLY_VAULT_PMTU")
     }
     size = args.mb * 1024 * 1024
+    variants: dict[str, dict[str, str]] = {"discovery": {}}
+    for fixed in args.fixed.split(","):
+        variants[f"fixed-{fixed}"] = {"FLY_VAULT_DATAGRAM_SIZE": fixed}
     results: dict[str, Any] = {"mb": args.mb, "rounds": args.rounds, "paths": {}}
     for hop in (int(h) for h in args.hop_mtu.split(",")):
-        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in VARIANTS}
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
         with netns_path(hop, icmp=True) as path:
             for _ in range(args.rounds):
-                for name, extra in VARIANTS.items():
+                for name, extra in variants.items():
                     runs[name].append(one_run(path, {**base_env, **extra}, size))
         summary = {
             name: {

@@ -155,10 +155,7 @@ class PathMtuDriver:
         before = self.machine.size
         self.machine.packet_lost(size, sent_at, self._loop.time())
         if self.machine.size != before:
-            log.info(
-                "path MTU to %s: large datagrams stopped arriving (black hole?)",
-                self._channel.peer_address,
-            )
+            log.info("path MTU to %s: large datagrams stopped arriving (black hole?)", self._peer())
             self._apply()
             self._schedule_step()
 
@@ -212,10 +209,14 @@ class PathMtuDriver:
         old = self._quic.max_datagram_size
         if size != old:
             self._quic.set_max_datagram_size(size)
-            log.info(
-                "path MTU to %s: datagram size %d -> %d bytes",
-                self._channel.peer_address, old, size,
-            )  # fmt: skip
+            log.info("path MTU to %s: datagram size %d -> %d bytes", self._peer(), old, size)
+
+    def _peer(self) -> str:
+        address = self._channel.peer_address
+        if not isinstance(address, tuple) or len(address) < 2:
+            return str(address)
+        host = str(address[0]).removeprefix("::ffff:")
+        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
 
 
 __all__ = [
