@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     from flyvault.config_values import parse_address
     from flyvault.errors import VaultError
     from flyvault.transport.endpoint import forced_datagram_size
+    from flyvault.transport.pmtu import discovery_enabled
 
     try:
         host, port = parse_address(args.listen, allow_any_port=True)
@@ -241,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         forced_datagram_size()  # FLY_VAULT_DATAGRAM_SIZE: refuse a bad value before starting
+        discovery_enabled()  # FLY_VAULT_PMTU too
     except VaultError as exc:
         return _report(exc)
     if args.firewall:

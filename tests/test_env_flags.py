@@ -162,6 +162,13 @@ CASES = [
         "unset FLY_VAULT_DATAGRAM_SIZE",
         code=3,
     ),
+    init(
+        "FLY_VAULT_PMTU",
+        {"FLY_VAULT_PMTU": "maybe"},
+        "FLY_VAULT_PMTU='maybe' is not a yes/no value",
+        "FLY_VAULT_PMTU=0",
+        code=3,
+    ),
     # -- fly-vault-init: flags ---------------------------------------------------------------
     init_flag(
         "--session-buffer-text",
@@ -403,6 +410,14 @@ CASES = [
         code=3,
     ),
     mcp(
+        "FLY_VAULT_PMTU",
+        (),
+        {"FLY_VAULT_PMTU": "maybe"},
+        "FLY_VAULT_PMTU='maybe' is not a yes/no value",
+        "FLY_VAULT_PMTU=0",
+        code=3,
+    ),
+    mcp(
         "FLY_VAULT_CONFIG",
         (),
         {"FLY_VAULT_CONFIG": "{dir}"},
@@ -485,6 +500,14 @@ CASES = [
         {"FLY_VAULT_CONFIG": "{config}", "FLY_VAULT_DATAGRAM_SIZE": "99999"},
         "FLY_VAULT_DATAGRAM_SIZE='99999'",
         "unset FLY_VAULT_DATAGRAM_SIZE",
+        code=3,
+    ),
+    cli(
+        "FLY_VAULT_PMTU",
+        ("list-exec", "dev"),
+        {"FLY_VAULT_CONFIG": "{config}", "FLY_VAULT_PMTU": "maybe"},
+        "FLY_VAULT_PMTU='maybe' is not a yes/no value",
+        "FLY_VAULT_PMTU=0",
         code=3,
     ),
     cli(
@@ -615,6 +638,7 @@ def test_help_works_whatever_the_environment(tmp_path: Path) -> None:
         "VAULT_PROXY_LOG_LEVEL": "abc",
         "FLY_API_BASE": "abc",
         "FLY_VAULT_DATAGRAM_SIZE": "abc",
+        "FLY_VAULT_PMTU": "abc",
         "FLY_VAULT_CONFIG": str(tmp_path),
     }
     env = _environment(tmp_path, bad)

@@ -242,6 +242,8 @@ class QuicChannel(QuicConnectionProtocol):
         self.owns_transport = True
         #: The error code of the peer's CONNECTION_CLOSE, once one arrived.
         self.peer_error_code: int | None = None
+        #: The path MTU search (``transport.pmtu.PathMtuDriver``) when one runs.
+        self.pmtu: Any = None
 
     def __repr__(self) -> str:
         return f"<QuicChannel #{self.number} peer={self.peer_address}>"
@@ -267,6 +269,25 @@ class QuicChannel(QuicConnectionProtocol):
                 callback()
 
         self._handshake_done.add_done_callback(done)
+
+    @property
+    def datagram_size(self) -> int:
+        """The largest UDP payload this connection sends now (path MTU discovery may raise
+        it while the connection runs)."""
+        return self.quic.max_datagram_size
+
+    def send_alone(self, datagram: bytes) -> OSError | None:
+        """Send one datagram by itself, returning the send error (a path MTU probe)."""
+        transport: Any = self._transport
+        address = self.quic.get_peer_address() or self.peer_address
+        if transport is None:
+            return None
+        send_now = getattr(transport, "send_now", None)
+        if send_now is not None:
+            error: OSError | None = send_now(datagram, address)
+            return error
+        transport.sendto(datagram, address)
+        return None
 
     def export_keying_material(self, label: bytes, length: int) -> bytes:
         return self.quic.export_keying_material(label, length)
@@ -469,6 +490,8 @@ class QuicChannel(QuicConnectionProtocol):
         if self._keepalive_handle is not None:
             self._keepalive_handle.cancel()
             self._keepalive_handle = None
+        if self.pmtu is not None:
+            self.pmtu.stop()
         error = ConnectionLost(self._terminated_reason)
         named = [s for s in self._streams.values() if s.kind is not None]
         if named or self.quic._is_client:

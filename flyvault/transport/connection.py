@@ -9,6 +9,9 @@ lacks and we need:
   through the server Finished, which is exactly what "exp master" is derived from. The
   value is only handed out once the handshake has completed (a quiche PR shows the trap of
   exposing it earlier).
+* path MTU probes (``build_pmtu_probe``) and a way to change the datagram size while the
+  connection runs (``set_max_datagram_size``): aioquic fixes it at creation. The search
+  itself is ``flyvault.protocol.pmtu``, driven by ``transport.pmtu``.
 * receive windows that follow what the application consumed. aioquic doubles a stream's
   window whenever the peer has used half of it, whatever the application has read, so a
   slow reader lets memory grow without bound. Here the window is ``consumed + window``:
@@ -19,11 +22,13 @@ lacks and we need:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from aioquic import tls
-from aioquic.quic.connection import QuicConnection
-from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.connection import END_STATES, QuicConnection
+from aioquic.quic.packet import QuicFrameType, QuicPacketType
+from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder, QuicSentPacket
 from aioquic.quic.recovery import QuicPacketPacer
 from aioquic.quic.stream import QuicStream as _AioStream
 from cryptography.hazmat.primitives import hashes
@@ -48,6 +53,11 @@ class BurstPacer(QuicPacketPacer):
         self._burst = max(16 * max_datagram_size, PACING_BURST)
         self._datagram_size = max_datagram_size
 
+    def set_datagram_size(self, size: int) -> None:
+        self._max_datagram_size = size  # what aioquic's own rate computation reads
+        self._datagram_size = size
+        self._burst = max(16 * size, PACING_BURST)
+
     def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
         super().update_rate(congestion_window, smoothed_rtt)
         pacing_rate = congestion_window / max(smoothed_rtt, 1e-6)
@@ -64,6 +74,10 @@ class VaultQuicConnection(QuicConnection):
         self._exporter_algorithm: hashes.HashAlgorithm | None = None
         self._consumed: dict[int, int] = {}
         self.handshake_complete = False
+        #: Packet numbers of path MTU probes not yet acknowledged or lost.
+        self._pmtu_probes: set[int] = set()
+        #: ``(probe_id, acked)`` for each probe's fate (set by ``transport.pmtu``).
+        self.on_pmtu_probe: Callable[[int, bool], None] | None = None
 
     # TLS exporter --------------------------------------------------------------------
 
@@ -101,6 +115,120 @@ class VaultQuicConnection(QuicConnection):
     @property
     def negotiated_alpn(self) -> str | None:
         return self.tls.alpn_negotiated if self.tls is not None else None
+
+    # Path MTU ------------------------------------------------------------------------
+
+    @property
+    def max_datagram_size(self) -> int:
+        return int(self._max_datagram_size)
+
+    def set_max_datagram_size(self, size: int) -> None:
+        """Use ``size`` for every packet built from now on. aioquic reads the size at
+        creation into the connection, the pacer and the congestion controller (Reno and
+        CUBIC keep it for their window arithmetic); each copy is updated here. Packets
+        already sent keep their size: their frames are rebuilt at the new size if lost."""
+        self._max_datagram_size = size
+        pacer = self._loss._pacer
+        if isinstance(pacer, BurstPacer):
+            pacer.set_datagram_size(size)
+        else:
+            pacer._max_datagram_size = size
+        cc = self._loss._cc
+        if hasattr(cc, "_max_datagram_size"):
+            cc._max_datagram_size = size
+        if hasattr(cc, "additive_increase_factor"):
+            cc.additive_increase_factor = size
+
+    def pmtu_ready(self) -> bool:
+        """Whether a probe can be sent: 1-RTT keys and a confirmed handshake (before it,
+        aioquic arms no loss timer for 1-RTT packets, so a lost probe would go unseen)."""
+        return (
+            self._state not in END_STATES
+            and self._handshake_confirmed
+            and self._cryptos[tls.Epoch.ONE_RTT].send.is_valid()
+        )
+
+    def build_pmtu_probe(self, probe_id: int, size: int, now: float) -> bytes | None:
+        """A datagram of exactly ``size`` bytes: one 1-RTT packet holding a PING (so it is
+        acknowledged) and PADDING. Its fate reaches ``on_pmtu_probe``; its loss is no
+        congestion signal (RFC 9000 §14.4), see ``watch_packet_fates``."""
+        if not self.pmtu_ready():
+            return None
+        assert self._version is not None
+        builder = QuicPacketBuilder(
+            host_cid=self.host_cid,
+            is_client=self._is_client,
+            max_datagram_size=size,
+            packet_number=self._packet_number,
+            peer_cid=self._peer_cid.cid,
+            peer_token=self._peer_token,
+            quic_logger=self._quic_logger,
+            spin_bit=self._spin_bit,
+            version=self._version,
+        )
+        builder.start_packet(QuicPacketType.ONE_RTT, self._cryptos[tls.Epoch.ONE_RTT])
+        packet_number = builder.packet_number
+        buf = builder.start_frame(
+            QuicFrameType.PING, handler=self._on_pmtu_probe_delivery, handler_args=(probe_id,)
+        )
+        buf.push_bytes(bytes(builder.remaining_buffer_space))  # PADDING frames are zeros
+        self._pmtu_probes.add(packet_number)
+        datagrams = self._flush_builder(
+            builder=builder,
+            network_path=self._network_paths[0],
+            peer_cid=self._peer_cid.cid,
+            now=now,
+        )
+        if len(datagrams) != 1 or len(datagrams[0][0]) != size:
+            self._pmtu_probes.discard(packet_number)
+            return None
+        return datagrams[0][0]
+
+    def _on_pmtu_probe_delivery(self, delivery: QuicDeliveryState, probe_id: int) -> None:
+        if self.on_pmtu_probe is not None:
+            self.on_pmtu_probe(probe_id, delivery == QuicDeliveryState.ACKED)
+
+    def watch_packet_fates(self, callback: Callable[[int, float, bool], None]) -> None:
+        """Report ``(size, sent_time, acked)`` for every packet the congestion controller
+        learns the fate of (the black-hole signal), and keep lost probes out of it.
+
+        The congestion controller is the one place that sees each in-flight packet's
+        acknowledgement or loss with its size; its methods are wrapped on this instance
+        only. Lost probes are passed as expired (removed from bytes in flight) instead of
+        lost, so that probing never shrinks the congestion window."""
+        cc = self._loss._cc
+        acked, lost, expired = cc.on_packet_acked, cc.on_packets_lost, cc.on_packets_expired
+        probes = self._pmtu_probes
+
+        def on_packet_acked(*, now: float, packet: QuicSentPacket) -> None:
+            acked(now=now, packet=packet)
+            probes.discard(packet.packet_number)
+            callback(packet.sent_bytes, packet.sent_time or now, True)
+
+        def on_packets_lost(*, now: float, packets: Iterable[QuicSentPacket]) -> None:
+            real = [p for p in packets if p.packet_number not in probes]
+            probed = [p for p in packets if p.packet_number in probes]
+            probes.difference_update(p.packet_number for p in probed)
+            if probed:
+                expired(packets=probed)
+            if real:
+                lost(now=now, packets=real)
+            for packet in real:
+                callback(packet.sent_bytes, packet.sent_time or now, False)
+
+        def on_packets_expired(*, packets: Iterable[QuicSentPacket]) -> None:
+            # A PTO gave up on these (aioquic's "expired"): also the only loss signal
+            # when a black hole swallows every large packet and no ACK comes back.
+            packets = list(packets)
+            expired(packets=packets)
+            for packet in packets:
+                if packet.packet_number not in probes:
+                    callback(packet.sent_bytes, packet.sent_time or 0.0, False)
+                probes.discard(packet.packet_number)
+
+        cc.on_packet_acked = on_packet_acked  # type: ignore[method-assign]
+        cc.on_packets_lost = on_packets_lost  # type: ignore[method-assign]
+        cc.on_packets_expired = on_packets_expired  # type: ignore[method-assign]
 
     # Flow control --------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import ipaddress
 import logging
 import os
@@ -45,6 +46,12 @@ from flyvault.protocol.proxy_header import HEADER_SIZE, encode_header
 from flyvault.transport.admission import AdmissionLimits, AdmissionTable, Stage, Verdict
 from flyvault.transport.channel import BUSY_ERROR_CODE, QuicChannel
 from flyvault.transport.connection import VaultQuicConnection
+from flyvault.transport.pmtu import (
+    PathMtuDriver,
+    discovery_enabled,
+    interface_ceiling,
+    set_probe_mode,
+)
 from flyvault.transport.tls import generate_self_signed
 from flyvault.transport.udp import open_transport
 
@@ -94,6 +101,9 @@ class TransportSettings:
     #: Largest UDP payload we send; None picks it from the peer's address
     #: (``datagram_size_for``).
     max_datagram_size: int | None = None
+    #: Search the path MTU up to this size even where no search would run (loopback):
+    #: for tests. None: the search runs on paths of unknown MTU (see ``transport.pmtu``).
+    pmtu_ceiling: int | None = None
     #: Client only: the local address to send from (tests and benchmarks use other
     #: loopback addresses, 127.0.0.x, to act as other hosts); None lets the kernel pick.
     local_host: str | None = None
@@ -126,10 +136,11 @@ def forced_datagram_size() -> int | None:
 
 
 def datagram_size_for(peer_host: str, *, proxied: bool = False) -> int:
-    """The datagram size for a peer: large on loopback, the QUIC minimum elsewhere.
+    """The datagram size a connection starts with: large on loopback, the QUIC minimum
+    elsewhere (where path MTU discovery may raise it, see ``transport.pmtu``).
 
-    Without path-MTU discovery (aioquic has none) only the loopback path is known. Through
-    vault-proxy the next hop is unknown whatever the proxy's own address, so 1200 there.
+    Only the loopback path is known in advance. Through vault-proxy the next hop is unknown
+    whatever the proxy's own address, so 1200 there.
     """
     if proxied:
         return MAX_DATAGRAM_SIZE
@@ -203,6 +214,12 @@ class _ClientChannel(QuicChannel):
         self._wrap = settings.datagram_wrapper
 
     def error_received(self, exc: Exception) -> None:
+        if getattr(exc, "errno", None) == errno.EMSGSIZE:
+            # ICMP "fragmentation needed", or a send over the interface's MTU: something
+            # was too big for the path, which says nothing about the vault being there.
+            if self.pmtu is not None:
+                self.pmtu.too_big_reported()
+            return
         # ICMP port unreachable arrives as ECONNREFUSED: nothing listens there. Fail the
         # handshake at once instead of waiting out the handshake timeout.
         reason = f"nothing is listening there ({getattr(exc, 'strerror', None) or exc})"
@@ -246,6 +263,14 @@ class _WrappingTransport:
         else:
             for data in wrapped:
                 self._inner.sendto(data, addr)
+
+    def send_now(self, data: bytes, addr: Any = None) -> OSError | None:
+        send_now = getattr(self._inner, "send_now", None)
+        if send_now is None:
+            self._inner.sendto(self._wrap(data), addr)
+            return None
+        error: OSError | None = send_now(self._wrap(data), addr)
+        return error
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -324,11 +349,23 @@ async def connect(host: str, port: int, settings: TransportSettings | None = Non
     loop = asyncio.get_running_loop()
     proxied = settings.datagram_wrapper is not None
     forced = forced_datagram_size()
+    enabled = discovery_enabled()
     datagram_size = (
         datagram_size_for(str(sockaddr[0]), proxied=proxied)
         if forced is None or proxied
         else forced
     )
+    # Search the path MTU where it is unknown (not on loopback, not through the proxy) and
+    # nobody fixed the size.
+    discover = settings.pmtu_ceiling is not None or (
+        datagram_size == MAX_DATAGRAM_SIZE
+        and forced is None
+        and not proxied
+        and settings.max_datagram_size is None
+        and enabled
+    )
+    if discover:
+        datagram_size = MAX_DATAGRAM_SIZE  # where the search starts
     quic = VaultQuicConnection(
         configuration=_configuration(settings, is_client=True, datagram_size=datagram_size)
     )
@@ -345,6 +382,8 @@ async def connect(host: str, port: int, settings: TransportSettings | None = Non
             sock.bind(local)
             sock.connect(sockaddr)
             _enlarge_buffers(sock)
+            discover = discover and set_probe_mode(sock)
+            ceiling = settings.pmtu_ceiling or interface_ceiling(sock, LOOPBACK_DATAGRAM_SIZE)
             _, channel = await open_transport(
                 loop, sock, lambda: _ClientChannel(quic, settings), connected=True
             )
@@ -361,6 +400,9 @@ async def connect(host: str, port: int, settings: TransportSettings | None = Non
     except ConnectError as exc:
         channel.close_now(reason=_close_reason(exc))
         raise
+    if discover and ceiling > MAX_DATAGRAM_SIZE:
+        channel.pmtu = PathMtuDriver(channel, ceiling=ceiling)
+        channel.pmtu.start()
     return channel
 
 
@@ -454,6 +496,8 @@ class QuicListener(asyncio.DatagramProtocol):
         self._timer_at: float | None = None
         self._closed_cids: dict[bytes, float] = {}
         self.stats = ListenerStats()
+        #: Whether the socket is in path MTU probe mode (set by ``listen``).
+        self.probe_mode = False
 
     @property
     def address(self) -> tuple[str, int]:
@@ -586,6 +630,9 @@ class QuicListener(asyncio.DatagramProtocol):
     ) -> QuicChannel:
         config = self._config
         datagram_size = self._settings.max_datagram_size or datagram_size_for(str(addr[0]))
+        discovers = self._discovers(datagram_size)
+        if discovers:
+            datagram_size = MAX_DATAGRAM_SIZE  # where the search starts
         if datagram_size != config.max_datagram_size:
             config = dataclasses.replace(config, max_datagram_size=datagram_size)
         quic = VaultQuicConnection(
@@ -594,6 +641,12 @@ class QuicListener(asyncio.DatagramProtocol):
             retry_source_connection_id=retry_cid,
         )
         channel = QuicChannel(quic, keepalive_interval=self._settings.keepalive_interval)
+        if discovers:
+            driver = PathMtuDriver(
+                channel, ceiling=self._settings.pmtu_ceiling or LOOPBACK_DATAGRAM_SIZE
+            )
+            channel.pmtu = driver
+            channel.on_handshake(driver.start)
         channel.owns_transport = False
         channel.peer_address = addr
         assert self._transport is not None
@@ -611,6 +664,15 @@ class QuicListener(asyncio.DatagramProtocol):
         self.stats.active = len(self._live)
         self._on_channel(channel)
         return channel
+
+    def _discovers(self, datagram_size: int) -> bool:
+        if self._settings.pmtu_ceiling is not None:
+            return True
+        return (
+            self.probe_mode
+            and datagram_size == MAX_DATAGRAM_SIZE
+            and self._settings.max_datagram_size is None
+        )
 
     # Called by the server --------------------------------------------------------------
 
@@ -694,12 +756,15 @@ async def listen(
     except ConnectError:
         sock.close()
         raise
+    enabled = discovery_enabled()
+    probe_mode = settings.max_datagram_size is None and enabled and set_probe_mode(sock)
     _, listener = await open_transport(
         loop,
         sock,
         lambda: QuicListener(settings, on_channel, max_connections=max_connections, limits=limits),
     )
     assert isinstance(listener, QuicListener)
+    listener.probe_mode = probe_mode
     return listener
 
 

@@ -231,6 +231,27 @@ class BatchedDatagramTransport(asyncio.DatagramTransport):
             for datagram in datagrams:
                 self._send(datagram, 0, addr)
 
+    def send_now(self, data: bytes, addr: Any = None) -> OSError | None:
+        """Send one datagram on its own (never in a GSO run) and return the error instead
+        of reporting it: a path MTU probe needs to know that the kernel refused it
+        (EMSGSIZE), and a probe larger than the interface allows inside a GSO run would
+        make the whole run fail."""
+        if self._closing:
+            return None
+        if self._connected:
+            addr = None
+        if self._queue:
+            self._enqueue(data, 0, addr)
+            return None
+        try:
+            self._syscall(data, 0, addr)
+        except (BlockingIOError, InterruptedError):
+            self._enqueue(data, 0, addr)
+            self._loop.add_writer(self._sock.fileno(), self._write_ready)
+        except OSError as exc:
+            return exc
+        return None
+
     def _send(
         self, payload: bytes, segment_size: int, addr: Any, run: list[bytes] | None = None
     ) -> None:

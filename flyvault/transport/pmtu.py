@@ -1,0 +1,228 @@
+"""Path MTU discovery on a live QUIC channel: drives ``flyvault.protocol.pmtu.PmtuSearch``.
+
+The search machine decides; this module does the I/O around it:
+
+* the UDP socket is put in "probe" mode (``IP_MTU_DISCOVER`` / ``IPV6_MTU_DISCOVER`` =
+  ``*_PMTUDISC_PROBE``): the kernel sets Don't Fragment and never fragments, so a probe
+  larger than the path is dropped (or answered by ICMP) instead of arriving in pieces,
+  and the kernel's own path MTU cache does not cap what we try. Anything larger than the
+  interface's MTU fails the send with EMSGSIZE: proof that the size cannot work;
+* probes are built by ``VaultQuicConnection.build_pmtu_probe`` (PING + PADDING) and sent
+  alone (``send_now``), never inside a GSO run of smaller datagrams;
+* every acknowledged probe, lost probe and large packet's fate goes to the machine; when
+  its confirmed size changes, the connection's datagram size follows (logged at INFO).
+
+Where discovery runs is decided in ``transport.endpoint``: not on loopback (its MTU is
+known), not through vault-proxy, not when ``FLY_VAULT_DATAGRAM_SIZE`` fixes the size, and
+not when ``FLY_VAULT_PMTU=0``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+from typing import TYPE_CHECKING
+
+from flyvault.errors import ConfigError
+from flyvault.protocol.pmtu import BASE_PLPMTU, PmtuConfig, PmtuSearch, PmtuState
+
+if TYPE_CHECKING:
+    from flyvault.transport.channel import QuicChannel
+
+log = logging.getLogger("flyvault.transport")
+
+#: ``FLY_VAULT_PMTU=0`` (or false/no/off) turns discovery off: datagrams stay at 1200 bytes.
+PMTU_ENV = "FLY_VAULT_PMTU"
+#: The yes/no words every fly-vault variable accepts (as ``flyvault.envvars``, which the
+#: transport layer may not import).
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+#: Linux socket options the socket module does not name (linux/in.h, linux/in6.h).
+IP_MTU_DISCOVER = 10
+IP_MTU = 14
+IPV6_MTU_DISCOVER = 23
+IPV6_MTU = 24
+PMTUDISC_PROBE = 3
+#: IP + UDP header bytes in front of a UDP payload.
+IPV4_OVERHEAD = 20 + 8
+IPV6_OVERHEAD = 40 + 8
+#: How soon to look again when the handshake is not confirmed yet (the probe needs it).
+NOT_READY_RETRY = 0.05
+#: Probes one timer callback may send when each is refused at once (EMSGSIZE).
+PROBES_PER_STEP = 16
+
+
+def discovery_enabled() -> bool:
+    """``FLY_VAULT_PMTU``: on unless set to a "no" word. Raises ``ConfigError``."""
+    text = os.environ.get(PMTU_ENV, "").strip()
+    if not text or text.lower() in TRUE_WORDS:
+        return True
+    if text.lower() in FALSE_WORDS:
+        return False
+    raise ConfigError(
+        f"{PMTU_ENV}={text!r} is not a yes/no value: expected one of {', '.join(TRUE_WORDS)} "
+        f"or {', '.join(FALSE_WORDS)}",
+        hint=f"unset {PMTU_ENV} (path MTU discovery on), or set {PMTU_ENV}=0 to turn it off",
+    )
+
+
+def set_probe_mode(sock: socket.socket) -> bool:
+    """Don't Fragment, no kernel path MTU cap: oversized datagrams are dropped or refused.
+    Returns whether the kernel took it (Linux only; elsewhere discovery stays off)."""
+    ok = False
+    levels = [(socket.IPPROTO_IP, IP_MTU_DISCOVER)]
+    if sock.family == socket.AF_INET6:
+        # A dual-stack socket sends IPv4 too: both options apply to it.
+        levels.insert(0, (socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER))
+    for level, option in levels:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(level, option, PMTUDISC_PROBE)
+            ok = True
+    return ok
+
+
+def interface_ceiling(sock: socket.socket, limit: int) -> int:
+    """The largest UDP payload the route of a connected socket allows, at most ``limit``
+    (a larger probe could only fail with EMSGSIZE)."""
+    v6 = sock.family == socket.AF_INET6
+    try:
+        mtu = sock.getsockopt(
+            socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP, IPV6_MTU if v6 else IP_MTU
+        )
+    except OSError:
+        return limit
+    return max(BASE_PLPMTU, min(limit, mtu - (IPV6_OVERHEAD if v6 else IPV4_OVERHEAD)))
+
+
+class PathMtuDriver:
+    """Runs one channel's search; created by the endpoint, started after the handshake."""
+
+    def __init__(self, channel: QuicChannel, *, ceiling: int, config: PmtuConfig | None = None):
+        self._channel = channel
+        self._quic = channel.quic
+        self._loop = asyncio.get_running_loop()
+        self.machine = PmtuSearch(config or PmtuConfig(ceiling=ceiling), self._loop.time())
+        self._timer: asyncio.TimerHandle | None = None
+        self._step_scheduled = False
+        self._started = False
+        self._quic.on_pmtu_probe = self._probe_fate
+        self._quic.watch_packet_fates(self._packet_fate)
+
+    @property
+    def search_complete(self) -> bool:
+        return self.machine.state is PmtuState.SEARCH_COMPLETE
+
+    def start(self) -> None:
+        self._started = True
+        self._schedule_step()
+
+    def stop(self) -> None:
+        self._started = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def too_big_reported(self) -> None:
+        """ICMP "fragmentation needed" for something we sent (EMSGSIZE on a connected
+        socket's receive): the probe out, if any, counts as lost now. Only as one loss:
+        an ICMP message can be forged, and it may concern an earlier datagram."""
+        probe = self.machine.outstanding
+        if probe is not None:
+            self.machine.probe_lost(probe.probe_id, self._loop.time())
+            self._apply()
+            self._schedule_step()
+
+    # Fates reported by the connection (inside aioquic's receive and timer handling) -----
+
+    def _probe_fate(self, probe_id: int, acked: bool) -> None:
+        now = self._loop.time()
+        if acked:
+            self.machine.probe_acked(probe_id, now)
+        else:
+            self.machine.probe_lost(probe_id, now)
+        self._apply()
+        # Not from inside aioquic's ACK processing: the next probe goes out from the loop.
+        self._schedule_step()
+
+    def _packet_fate(self, size: int, sent_at: float, acked: bool) -> None:
+        if acked:
+            self.machine.packet_acked(size, sent_at)
+            return
+        before = self.machine.size
+        self.machine.packet_lost(size, sent_at, self._loop.time())
+        if self.machine.size != before:
+            log.info("path MTU to %s: large datagrams stopped arriving (black hole?)", self._peer())
+            self._apply()
+            self._schedule_step()
+
+    # Probing ------------------------------------------------------------------------------
+
+    def _schedule_step(self) -> None:
+        if self._started and not self._step_scheduled:
+            self._step_scheduled = True
+            self._loop.call_soon(self._step)
+
+    def _step(self) -> None:
+        self._step_scheduled = False
+        if not self._started or self._channel.is_closed:
+            return
+        now = self._loop.time()
+        deadline = self.machine.next_deadline()
+        if deadline is not None and now >= deadline:
+            self.machine.handle_timer(now)
+        if not self._quic.pmtu_ready():
+            self._arm(now + NOT_READY_RETRY)
+            return
+        sent = False
+        for _ in range(PROBES_PER_STEP):
+            probe = self.machine.next_probe(now)
+            if probe is None:
+                break
+            datagram = self._quic.build_pmtu_probe(probe.probe_id, probe.size, now)
+            if datagram is None:
+                self.machine.probe_lost(probe.probe_id, now)
+                break
+            error = self._channel.send_alone(datagram)
+            sent = True
+            if error is None or error.errno != errno.EMSGSIZE:
+                break  # in flight (any other error: lost, as the machine will see)
+            self.machine.probe_too_big(probe.probe_id, now)
+        self._apply()
+        if sent:
+            # The probe changed aioquic's loss timer; let the channel re-arm it.
+            self._channel.transmit()
+        self._arm(self.machine.next_deadline())
+
+    def _arm(self, when: float | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if when is not None and self._started:
+            self._timer = self._loop.call_at(when, self._schedule_step)
+
+    def _apply(self) -> None:
+        size = self.machine.size
+        old = self._quic.max_datagram_size
+        if size != old:
+            self._quic.set_max_datagram_size(size)
+            log.info("path MTU to %s: datagram size %d -> %d bytes", self._peer(), old, size)
+
+    def _peer(self) -> str:
+        address = self._channel.peer_address
+        if not isinstance(address, tuple) or len(address) < 2:
+            return str(address)
+        host = str(address[0]).removeprefix("::ffff:")
+        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+
+
+__all__ = [
+    "PMTU_ENV",
+    "PathMtuDriver",
+    "discovery_enabled",
+    "interface_ceiling",
+    "set_probe_mode",
+]
