@@ -135,6 +135,20 @@ def silent_cut(connection: Any) -> None:
         transport.close()
 
 
+def unread_by_client(connection: Any) -> int:
+    """Received (and so acknowledged) by the client's QUIC stack but not read by it: what
+    waits in its streams, and what aioquic holds past the first gap (counted whole, gaps
+    included, so this is an upper bound)."""
+    channel = connection.channel
+    total = 0
+    for stream_id, stream in channel._streams.items():
+        total += sum(len(chunk) for chunk in stream._chunks)
+        aio = channel.quic._streams.get(stream_id)
+        if aio is not None:
+            total += max(0, aio.receiver.highest_offset - aio.receiver._buffer_start)
+    return total
+
+
 @dataclass
 class SessionResult:
     name: str
@@ -150,6 +164,9 @@ class SessionResult:
     drops_by_kind: dict[str, int] = field(default_factory=lambda: {"close": 0, "silent": 0})
     cut_points_planned: int = 0
     reported_dropped: int = 0
+    #: Bytes the client's QUIC stack had acknowledged but the client had not read when a
+    #: connection was cut (they die with it): the most the vault may have had to drop.
+    unread_at_cuts: int = 0
     stderr_bytes: int = 0
     connects: int = 0
     outages: list[float] = field(default_factory=list)
@@ -197,6 +214,7 @@ async def run_session(
         if connection is None:
             return  # already down: this chunk came from the old stream's buffer
         kind = kinds[result.drops]
+        result.unread_at_cuts += unread_by_client(connection)  # before the cut changes it
         if kind == "silent":
             silent_cut(connection)
         else:
