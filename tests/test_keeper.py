@@ -1004,3 +1004,106 @@ def test_a_stream_to_a_closed_port_is_refused_through_the_keeper(vault: str) -> 
     assert fv("exec", vault, "--", "true").returncode == 0
     (row,) = status(vault)
     assert row["connects"] == 1
+
+
+# Port forwards through the keeper -----------------------------------------------------------
+
+
+class EchoServer:
+    """A TCP echo server on 127.0.0.1 (the forward's target), served by daemon threads."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def echo_through(port: int, payload: bytes, timeout: float = 30) -> bytes:
+    """Send ``payload`` to 127.0.0.1:``port`` (retrying the connect until the forward
+    listens, bounded) and read as many bytes back."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+            break
+        except ConnectionRefusedError:
+            assert time.monotonic() < deadline, f"nothing listens on {port}"
+            time.sleep(0.05)
+    with conn:
+        conn.sendall(payload)
+        conn.shutdown(socket.SHUT_WR)
+        received = bytearray()
+        while data := conn.recv(65536):
+            received += data
+    return bytes(received)
+
+
+@pytest.fixture
+def echo() -> Iterator[EchoServer]:
+    server = EchoServer()
+    yield server
+    server.close()
+
+
+def test_a_port_forward_goes_through_the_keeper_and_holds_it(
+    vault: str, echo: EchoServer, reaper: list[Any]
+) -> None:
+    """Each forwarded connection is a stream on the keeper's connection (no handshake of the
+    forward's own), and the keeper stays while the forward runs, idle time or not."""
+    assert fv("exec", vault, "--", "true", env={"FLY_VAULT_MUX_IDLE": "1"}).returncode == 0
+    pid, _ = the_keeper()
+    local = free_port()
+    proc = fv_popen("forward", vault, f"{local}:127.0.0.1:{echo.port}")
+    reaper.append(proc)
+    payloads = [os.urandom(300_000), os.urandom(5)]
+    for payload in payloads:
+        assert echo_through(local, payload) == payload
+    time.sleep(2.5)  # past idle time + check interval (1 s each): the lease keeps it
+    assert pid_alive(pid)
+    [row] = status(vault)
+    assert (row["pid"], row["connects"]) == (pid, 1)
+    assert row["active"] == 2  # the forward's lease and this status request
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
+    wait_for(lambda: not pid_alive(pid), "the keeper did not idle out once the forward ended")
+
+
+def test_a_forward_goes_on_directly_when_its_keeper_dies(
+    vault: str, echo: EchoServer, reaper: list[Any]
+) -> None:
+    assert fv("exec", vault, "--", "true").returncode == 0
+    pid, _ = the_keeper()
+    local = free_port()
+    proc = fv_popen("forward", vault, f"{local}:127.0.0.1:{echo.port}")
+    reaper.append(proc)
+    assert echo_through(local, b"before") == b"before"
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(pid), "the killed keeper")
+    # The lease ended with the keeper: the next connection is made without it, at once.
+    assert echo_through(local, b"after" * 1000) == b"after" * 1000
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0

@@ -355,21 +355,30 @@ def with_rootfs_options(vault_config: Any, args: argparse.Namespace) -> Any:
 def run_forward(args: argparse.Namespace) -> int:
     import asyncio
 
+    from flyvault.cli.mux import keeper_socket
+
     vault_config = _load(args.vault)
     specs = _forward_specs(args.specs, [])
     if not specs:
         raise UsageError("forward needs at least one LOCAL_PORT:HOST:REMOTE_PORT")
-    return asyncio.run(_forward(vault_config, specs))
+    return asyncio.run(_forward(vault_config, specs, keeper_socket(args, args.vault)))
 
 
-async def _forward(vault_config: Any, specs: list[Any]) -> int:
+async def _forward(vault_config: Any, specs: list[Any], keeper: Any = None) -> int:
+    """Forward until Ctrl-C. With ``keeper`` (the vault's keeper socket) each forwarded
+    connection is a stream the keeper relays on its connection: no handshake of our own,
+    and the keeper stays while we run. If it goes, the next connection is made directly."""
     import asyncio
 
     from flyvault.client import Vault
 
     console = Console()
     vault = Vault(
-        vault_config, on_notice=console.notice, on_event=console.event, reconnect_timeout=3600
+        vault_config,
+        on_notice=console.notice,
+        on_event=console.event,
+        reconnect_timeout=3600,
+        keeper=keeper,
     )
     listeners = []
     stop = asyncio.Event()

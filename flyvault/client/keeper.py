@@ -397,7 +397,12 @@ class Keeper:
         elif op == "ping":
             value = {**self.status(), **await self.ping()}
         elif op == "connect":
-            value = connection_info(await self.vault.connection())
+            # The CLI holds this request open while it uses the connection (its lease):
+            # RESULT now, then wait for its end. Counted as active, so no idle exit.
+            info = connection_info(await self.vault.connection())
+            await link.send(encode_json(MuxKind.RESULT, {"value": info}))
+            await _held_until_closed(link)
+            return
         elif op == "stream":
             value = await _relay_stream(link, await self.vault.connection(), request)
         else:  # stop
@@ -478,6 +483,13 @@ class Keeper:
             "connects": self.vault.connects,
             "boot_id": getattr(current, "boot_id", None),
         }
+
+
+async def _held_until_closed(link: _Link) -> None:
+    """Until the CLI closes its end of a leased request (or the keeper closes it)."""
+    with contextlib.suppress(ConnectionError, OSError, RemoteProtocolError):
+        while await link.receive() is not None:
+            pass
 
 
 def connection_info(connection: Any) -> dict[str, Any]:

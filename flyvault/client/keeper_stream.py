@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,12 @@ HIGH_WATER = 1024 * 1024
 class KeeperConnection:
     """The keeper's connection as this process sees it: streams, and what it is."""
 
-    def __init__(self, socket_path: Path, info: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        socket_path: Path,
+        info: dict[str, Any],
+        lease: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None,
+    ) -> None:
         from flyvault.protocol.constants import RuntimeStatus, VmState
 
         self.socket_path = socket_path
@@ -53,6 +59,20 @@ class KeeperConnection:
         self.notes: tuple[str, ...] = ()
         self._closed = False
         self._streams: set[KeeperStream] = set()
+        #: The ``connect`` request, held open while this connection is in use: the keeper
+        #: does not idle out under a long ``forward`` or ``cp``, and its end (the keeper
+        #: stopped or died) closes this connection at once, so the next stream goes
+        #: through a new connection instead of failing on the old one.
+        self._lease_writer = lease[1] if lease is not None else None
+        self._lease_watch = (
+            asyncio.ensure_future(self._watch_lease(lease[0])) if lease is not None else None
+        )
+
+    async def _watch_lease(self, reader: asyncio.StreamReader) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while await reader.read(4096):
+                pass  # the keeper sends nothing more on it; anything is ignored
+        self._lost()
 
     @classmethod
     async def open(
@@ -69,15 +89,16 @@ class KeeperConnection:
                 if frame.kind is MuxKind.ERROR:
                     raise error_from(frame)
                 if frame.kind is MuxKind.RESULT:
-                    return cls(socket_path, frame.json()["value"])
+                    return cls(socket_path, frame.json()["value"], lease=(reader, writer))
                 if frame.kind is MuxKind.NOTICE and on_notice is not None:
                     on_notice(str(frame.json().get("message", "")))
                 elif frame.kind not in (MuxKind.NOTICE, MuxKind.PROGRESS):
                     raise RemoteProtocolError(
                         f"keeper protocol: {frame.kind.name} instead of RESULT"
                     )
-        finally:
+        except BaseException:
             writer.close()
+            raise
 
     @property
     def is_closed(self) -> bool:
@@ -94,10 +115,22 @@ class KeeperConnection:
         self._closed = True
         for stream in list(self._streams):
             stream.abort()
+        self._end_lease()
+
+    def _end_lease(self) -> None:
+        if self._lease_writer is not None:
+            self._lease_writer.close()
+            self._lease_writer = None
+        if self._lease_watch is not None and not self._lease_watch.done():
+            self._lease_watch.cancel()
 
     def _lost(self) -> None:
-        """A stream found the keeper gone: every other stream is gone with it."""
+        """The keeper is gone (a stream found it so, or the lease ended): every other
+        stream is gone with it."""
         self._closed = True
+        if self._lease_writer is not None:
+            self._lease_writer.close()
+            self._lease_writer = None
 
     def _forget(self, stream: KeeperStream) -> None:
         self._streams.discard(stream)

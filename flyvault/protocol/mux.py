@@ -37,7 +37,7 @@ from flyvault.errors import LocalProtocolError, RemoteProtocolError
 
 #: Bumped whenever the frames or ops change. Keepers are named with it (and the release),
 #: so a CLI never talks to a keeper of another version.
-MUX_VERSION = 4
+MUX_VERSION = 5
 HEADER = struct.Struct(">BI")
 #: One frame's payload at most; output and stdin travel in chunks well below it.
 MAX_FRAME = 1024 * 1024
