@@ -191,8 +191,27 @@ def test_stale_socket_is_a_warning_not_a_failure(vault: str) -> None:
     assert keeper_line(fv("doctor", vault).stdout).split()[0] == "ok"
 
 
+def _age_pid_file(seconds: float) -> None:
+    """Make the one keeper's pid file say it started ``seconds`` ago."""
+    [pid_file] = pid_files()
+    info = json.loads(pid_file.read_text())
+    info["started_at"] = time.time() - seconds
+    pid_file.write_text(json.dumps(info))
+
+
+def test_a_stopped_young_keeper_gets_longer_to_answer(vault: str, stopped: list[int]) -> None:
+    """A keeper that started seconds ago may still be importing: 15 s, not 3."""
+    pid = warm_keeper(vault)
+    os.kill(pid, signal.SIGSTOP)
+    stopped.append(pid)
+    result = fv("doctor", vault, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "did not answer within 15 s" in keeper_line(result.stdout)
+
+
 def test_stopped_keeper_is_reported_within_bounds(vault: str, stopped: list[int]) -> None:
     pid = warm_keeper(vault)
+    _age_pid_file(60)  # no longer starting: the short wait applies
     os.kill(pid, signal.SIGSTOP)
     stopped.append(pid)
     started = time.monotonic()

@@ -29,6 +29,9 @@ STEP_KEEPER = "keeper"
 #: How long doctor waits for a keeper to accept its request, and then for each part of the
 #: answer: a live keeper accepts at once and bounds its PING by its own 1.5 s.
 KEEPER_TIMEOUT = 3.0
+#: A keeper younger than this may still be starting (it takes its socket before it imports
+#: QUIC and reads the config, which a loaded machine makes slow): it gets this long.
+KEEPER_START_TIMEOUT = 15.0
 _NOT_COUNTED = "not counted in the exit code"
 
 
@@ -135,6 +138,15 @@ def check_keeper(args: argparse.Namespace, vault: Any) -> tuple[Any, dict[str, A
     return DiagnosisStep(STEP_KEEPER, ok, elapsed, detail, hint), found
 
 
+def _young(pid_file: Any) -> bool:
+    """Whether the keeper's pid file says it started less than KEEPER_START_TIMEOUT ago."""
+    try:
+        started = float(json.loads(pid_file.read_text()).get("started_at") or 0)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return time.time() - started < KEEPER_START_TIMEOUT
+
+
 def _keeper_report(
     args: argparse.Namespace, vault: Any
 ) -> tuple[bool, str, str | None, dict[str, Any]]:
@@ -152,7 +164,7 @@ def _keeper_report(
         detail = f"keepers off ({reason}): such calls connect directly"
         return True, detail, None, {"state": "off", "reason": reason}
     none_running = (
-        "none running; the next exec (or list-exec, kill, cp, forward --stdio) starts one"
+        "none running; the next exec (or list-exec, kill, cp, forward) starts one"
     )
     try:
         paths = locate(vault.name, create=False)
@@ -167,7 +179,8 @@ def _keeper_report(
         return True, none_running, None, {**found, "state": "none"}
     stop = f"fly-vault mux stop {vault.name}"
     try:
-        link = KeeperLink.open(paths.socket, "ping", answer_timeout=KEEPER_TIMEOUT)
+        timeout = KEEPER_START_TIMEOUT if _young(paths.pid) else KEEPER_TIMEOUT
+        link = KeeperLink.open(paths.socket, "ping", answer_timeout=timeout)
     except KeeperUnavailable as exc:
         detail = (
             f"a keeper socket is there but no keeper answers ({exc}); {_NOT_COUNTED}: "
