@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 import pytest
+from aioquic import tls
 from conftest import run_async
 
 from flyvault.protocol.pmtu import BASE_PLPMTU
@@ -240,5 +241,53 @@ def test_send_now_returns_the_kernels_refusal() -> None:
             transport.close()
             receiver.close()
             await asyncio.sleep(0)
+
+    run_async(scenario())
+
+
+def test_refused_probes_leave_nothing_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A probe the kernel refuses (EMSGSIZE) never left: it must not stay in aioquic's
+    loss recovery (bytes in flight, PTO). With a 16000 ceiling and a 1500 MTU (1472-byte
+    payloads) about eleven probes are refused, far more than the congestion window."""
+    from flyvault.transport.udp import BatchedDatagramTransport
+
+    interface = 1472
+    real_send_now = BatchedDatagramTransport.send_now
+
+    def send_now(self: Any, data: bytes, addr: Any = None) -> OSError | None:
+        if len(data) > interface:  # the kernel's answer on a 1500-byte interface
+            return OSError(errno.EMSGSIZE, os.strerror(errno.EMSGSIZE))
+        error: OSError | None = real_send_now(self, data, addr)
+        return error
+
+    monkeypatch.setattr(BatchedDatagramTransport, "send_now", send_now)
+
+    async def scenario() -> None:
+        listener, _ = await echo_server(TransportSettings.for_server())
+        try:
+            client = await connect(*listener.address, TransportSettings(pmtu_ceiling=16000))
+            driver = client.pmtu
+            quic = client.quic
+            at_completion: list[int] = []
+            step = driver._step
+
+            def watched_step() -> None:
+                step()
+                if driver.search_complete and not at_completion:
+                    at_completion.append(quic._loss._cc.bytes_in_flight)
+
+            driver._step = watched_step  # type: ignore[method-assign]
+            await wait_for(lambda: driver.search_complete, "the client's search")
+            assert client.datagram_size == interface
+            assert driver.machine.probes_sent >= 8
+            # Measured in the step that finished the search, before any PTO could help.
+            assert at_completion and at_completion[0] < 2 * interface
+            space = quic._spaces[tls.Epoch.ONE_RTT]
+            assert all(p.sent_bytes <= interface for p in space.sent_packets.values())
+            assert not quic._pmtu_probes
+            await asyncio.wait_for(echo_bulk(client, 2 * 1024 * 1024), 30)
+            client.close_now()
+        finally:
+            listener.close()
 
     run_async(scenario())

@@ -78,6 +78,9 @@ class VaultQuicConnection(QuicConnection):
         self._pmtu_probes: set[int] = set()
         #: ``(probe_id, acked)`` for each probe's fate (set by ``transport.pmtu``).
         self.on_pmtu_probe: Callable[[int, bool], None] | None = None
+        #: The congestion controller's own ``on_packets_expired`` (before
+        #: ``watch_packet_fates`` wraps it): takes packets out of bytes in flight.
+        self._expire_packets: Callable[..., None] | None = None
 
     # TLS exporter --------------------------------------------------------------------
 
@@ -148,10 +151,12 @@ class VaultQuicConnection(QuicConnection):
             and self._cryptos[tls.Epoch.ONE_RTT].send.is_valid()
         )
 
-    def build_pmtu_probe(self, probe_id: int, size: int, now: float) -> bytes | None:
-        """A datagram of exactly ``size`` bytes: one 1-RTT packet holding a PING (so it is
-        acknowledged) and PADDING. Its fate reaches ``on_pmtu_probe``; its loss is no
-        congestion signal (RFC 9000 §14.4), see ``watch_packet_fates``."""
+    def build_pmtu_probe(self, probe_id: int, size: int, now: float) -> tuple[int, bytes] | None:
+        """``(packet_number, datagram)``: a datagram of exactly ``size`` bytes, one 1-RTT
+        packet holding a PING (so it is acknowledged) and PADDING. Its fate reaches
+        ``on_pmtu_probe``; its loss is no congestion signal (RFC 9000 §14.4), see
+        ``watch_packet_fates``. The packet is registered with loss recovery as sent: if it
+        cannot be sent after all, the caller must ``abandon_pmtu_probe`` it."""
         if not self.pmtu_ready():
             return None
         assert self._version is not None
@@ -180,9 +185,25 @@ class VaultQuicConnection(QuicConnection):
             now=now,
         )
         if len(datagrams) != 1 or len(datagrams[0][0]) != size:
-            self._pmtu_probes.discard(packet_number)
+            self.abandon_pmtu_probe(packet_number)
             return None
-        return datagrams[0][0]
+        return packet_number, datagrams[0][0]
+
+    def abandon_pmtu_probe(self, packet_number: int) -> None:
+        """Forget a probe that never left (the kernel refused it, or it was built at the
+        wrong size): ``_flush_builder`` registered it with loss recovery as sent, which
+        put its bytes in flight and armed the PTO. Undone here as aioquic's own
+        ``discard_space`` does, without a loss or any fate being reported."""
+        self._pmtu_probes.discard(packet_number)
+        space = self._spaces[tls.Epoch.ONE_RTT]
+        packet = space.sent_packets.pop(packet_number, None)
+        if packet is None:
+            return
+        if packet.is_ack_eliciting:
+            space.ack_eliciting_in_flight = max(0, space.ack_eliciting_in_flight - 1)
+        if packet.in_flight:
+            expire = self._expire_packets or self._loss._cc.on_packets_expired
+            expire(packets=[packet])
 
     def _on_pmtu_probe_delivery(self, delivery: QuicDeliveryState, probe_id: int) -> None:
         if self.on_pmtu_probe is not None:
@@ -198,6 +219,7 @@ class VaultQuicConnection(QuicConnection):
         lost, so that probing never shrinks the congestion window."""
         cc = self._loss._cc
         acked, lost, expired = cc.on_packet_acked, cc.on_packets_lost, cc.on_packets_expired
+        self._expire_packets = expired
         probes = self._pmtu_probes
 
         def on_packet_acked(*, now: float, packet: QuicSentPacket) -> None:

@@ -182,14 +182,20 @@ class PathMtuDriver:
             probe = self.machine.next_probe(now)
             if probe is None:
                 break
-            datagram = self._quic.build_pmtu_probe(probe.probe_id, probe.size, now)
-            if datagram is None:
+            built = self._quic.build_pmtu_probe(probe.probe_id, probe.size, now)
+            sent = True  # even an abandoned probe may have changed aioquic's loss timer
+            if built is None:
                 self.machine.probe_lost(probe.probe_id, now)
                 break
+            packet_number, datagram = built
             error = self._channel.send_alone(datagram)
-            sent = True
-            if error is None or error.errno != errno.EMSGSIZE:
-                break  # in flight (any other error: lost, as the machine will see)
+            if error is None:
+                break  # in flight
+            # It never left: out of loss recovery (bytes in flight, PTO) again.
+            self._quic.abandon_pmtu_probe(packet_number)
+            if error.errno != errno.EMSGSIZE:
+                self.machine.probe_lost(probe.probe_id, now)
+                break
             self.machine.probe_too_big(probe.probe_id, now)
         self._apply()
         if sent:
