@@ -291,3 +291,42 @@ def test_refused_probes_leave_nothing_in_flight(monkeypatch: pytest.MonkeyPatch)
             listener.close()
 
     run_async(scenario())
+
+
+def test_send_now_reports_other_errors_to_the_protocol() -> None:
+    """Only EMSGSIZE is the probe's business: ECONNREFUSED (a pending ICMP "port
+    unreachable" on a connected socket) reaches ``error_received``, which is how a client
+    notices a vault that stopped answering."""
+    import socket
+    import time
+
+    from flyvault.transport.udp import BatchedDatagramTransport
+
+    class Protocol(asyncio.DatagramProtocol):
+        def __init__(self) -> None:
+            self.errors: list[Exception] = []
+
+        def error_received(self, exc: Exception) -> None:
+            self.errors.append(exc)
+
+    async def scenario() -> None:
+        closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        closed.bind(("127.0.0.1", 0))
+        address = closed.getsockname()
+        closed.close()  # nobody listens there: the kernel answers with ICMP
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.connect(address)
+        protocol = Protocol()
+        transport = BatchedDatagramTransport(
+            asyncio.get_running_loop(), sock, protocol, connected=True
+        )
+        try:
+            sock.send(b"x")
+            time.sleep(0.05)  # the ICMP error is now pending on the socket (no loop turn)
+            assert transport.send_now(b"y" * 1300) is None
+            assert [getattr(e, "errno", None) for e in protocol.errors] == [errno.ECONNREFUSED]
+        finally:
+            transport.close()
+            await asyncio.sleep(0)
+
+    run_async(scenario())

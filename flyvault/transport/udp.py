@@ -232,10 +232,12 @@ class BatchedDatagramTransport(asyncio.DatagramTransport):
                 self._send(datagram, 0, addr)
 
     def send_now(self, data: bytes, addr: Any = None) -> OSError | None:
-        """Send one datagram on its own (never in a GSO run) and return the error instead
-        of reporting it: a path MTU probe needs to know that the kernel refused it
-        (EMSGSIZE), and a probe larger than the interface allows inside a GSO run would
-        make the whole run fail."""
+        """Send one datagram on its own (never in a GSO run) and return EMSGSIZE instead
+        of reporting it: a path MTU probe needs to know that the kernel refused it, and a
+        probe larger than the interface allows inside a GSO run would make the whole run
+        fail. Any other error (ECONNREFUSED from a pending ICMP on a connected socket ...)
+        goes to the protocol's ``error_received`` as on every other send, and None is
+        returned: the datagram is as lost as any other that could not be sent."""
         if self._closing:
             return None
         if self._connected:
@@ -249,7 +251,9 @@ class BatchedDatagramTransport(asyncio.DatagramTransport):
             self._enqueue(data, 0, addr)
             self._loop.add_writer(self._sock.fileno(), self._write_ready)
         except OSError as exc:
-            return exc
+            if exc.errno == errno.EMSGSIZE:
+                return exc
+            self._protocol.error_received(exc)
         return None
 
     def _send(
