@@ -27,6 +27,13 @@ costs a file descriptor; the original's table was unbounded), at most
 are swept. A socket error towards the machine (an ICMP port-unreachable, say) closes the
 session at once instead of leaving a live session with a dead relay (reference §5 bug 2).
 
+Path MTU: the public socket is in "probe" mode (``IP_MTU_DISCOVER`` /
+``IPV6_MTU_DISCOVER`` = ``*_PMTUDISC_PROBE``, Linux): Don't Fragment, never fragmented
+locally. A machine's path MTU search (flyvault.transport.pmtu) runs end to end through the
+relay, and a probe larger than the proxy->client path must be lost, not delivered in
+fragments that would "confirm" a size the path cannot carry. A reply larger than the
+proxy's own interface fails with EMSGSIZE and is counted as ``client_failed``.
+
 Hot path: sockets are read with ``loop.add_reader`` in bounded batches instead of asyncio's
 datagram transports, which pay a full event-loop iteration per datagram. Sends never wait:
 a full socket buffer drops the datagram (counted) and QUIC's loss recovery does the rest,
@@ -59,9 +66,29 @@ from .wire import (
 
 log = logging.getLogger("vault-proxy.relay")
 
+#: Linux socket options the socket module does not name (linux/in.h, linux/in6.h).
+IP_MTU_DISCOVER = 10
+IPV6_MTU_DISCOVER = 23
+PMTUDISC_PROBE = 3
 #: Large enough for any UDP datagram: a truncated datagram would be silently corrupted.
 RECV_SIZE = 65535
 _LONG_HEADER = 0x80
+
+
+def set_no_fragmentation(sock: socket.socket) -> bool:
+    """Don't Fragment and no local fragmentation (``PMTUDISC_PROBE``, see the module
+    docstring): an oversized datagram is dropped on the path or refused with EMSGSIZE.
+    Returns whether the kernel took it (Linux only; elsewhere the default stays)."""
+    ok = False
+    levels = [(socket.IPPROTO_IP, IP_MTU_DISCOVER)]
+    if sock.family == socket.AF_INET6:
+        # A dual-stack socket sends IPv4 too: both options apply to it.
+        levels.insert(0, (socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER))
+    for level, option in levels:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(level, option, PMTUDISC_PROBE)
+            ok = True
+    return ok
 
 
 @dataclass(frozen=True)
@@ -215,6 +242,7 @@ class Relay:
                 # Best effort: the kernel caps it at net.core.[rw]mem_max.
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, option, o.socket_buffer)
+            set_no_fragmentation(sock)
             sock.bind(sockaddr)
             sock.setblocking(False)
         except OSError:

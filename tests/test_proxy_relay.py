@@ -8,9 +8,11 @@ machine map comes from an in-memory API. Real QUIC through the proxy is in test_
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import random
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -32,7 +34,7 @@ from proxy_support import (
 )
 
 from flyvault.proxy.discovery import Directory, DirectoryOptions
-from flyvault.proxy.relay import Relay, RelayOptions
+from flyvault.proxy.relay import IP_MTU_DISCOVER, PMTUDISC_PROBE, Relay, RelayOptions
 from flyvault.proxy.status import StatusServer
 from flyvault.proxy.wire import MALFORMED, Drop, encode
 
@@ -500,6 +502,60 @@ def test_client_and_machine_payloads_pass_unchanged() -> None:
             reply, _ = await client.recv()
             assert machine.received[0][0] == datagram
             assert reply[6:14] == CLIENT_CID  # the machine's reply, as it sent it
+            client.close()
+
+    run(scenario)
+
+
+class _Mtu1500:
+    """The relay's public socket on a 1500-byte interface: what the kernel does with a
+    datagram that does not fit once fragmentation is off (loopback carries any size)."""
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self.refused = 0
+
+    def sendto(self, data: bytes, addr: Any) -> int:
+        if len(data) > 1472:
+            self.refused += 1
+            raise OSError(errno.EMSGSIZE, os.strerror(errno.EMSGSIZE))
+        sent: int = self._sock.sendto(data, addr)
+        return sent
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def test_replies_to_clients_are_never_fragmented() -> None:
+    """A machine's path MTU search runs end to end through the relay: the public socket
+    sets Don't Fragment without local fragmentation (PMTUDISC_PROBE), so an oversized
+    probe is lost instead of "confirmed" in fragments. A refused send is a counted drop."""
+
+    async def scenario() -> None:
+        port = free_udp_port("127.0.0.2")
+        api = StaticApi()
+        api.put(A, "127.0.0.2")
+        async with (
+            machines(port, ("A", "127.0.0.2")),
+            relay_for(api, port) as (relay, proxy),
+        ):
+            front = relay._front
+            assert front is not None
+            assert front.getsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER) == PMTUDISC_PROBE
+            client = await udp_client()
+            client.send(encode(A, initial(b"\x07" * 8)), proxy)
+            await client.recv()
+            wrapped = _Mtu1500(front)
+            relay._front = wrapped  # type: ignore[assignment]
+            # The machine echoes the body: a reply of ~3000 bytes, then a small one.
+            client.send(encode(A, short(MACHINE_CID, b"x" * 3000)), proxy)
+            await eventually(lambda: relay.counters.dropped[Drop.CLIENT_FAILED] == 1)
+            assert wrapped.refused == 1
+            client.send(encode(A, short(MACHINE_CID, b"small")), proxy)
+            reply, _ = await client.recv()
+            assert reply.endswith(b"A:small")
+            assert relay.sessions == 1
+            relay._front = front
             client.close()
 
     run(scenario)
