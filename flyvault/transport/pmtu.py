@@ -13,8 +13,11 @@ The search machine decides; this module does the I/O around it:
   its confirmed size changes, the connection's datagram size follows (logged at INFO).
 
 Where discovery runs is decided in ``transport.endpoint``: not on loopback (its MTU is
-known), not through vault-proxy, not when ``FLY_VAULT_DATAGRAM_SIZE`` fixes the size, and
-not when ``FLY_VAULT_PMTU=0``.
+known), not by a client in proxy mode (its datagrams carry the proxy header and stay at
+1200; the server behind vault-proxy does search, end to end through the relay, whose
+public socket never fragments), not when ``FLY_VAULT_DATAGRAM_SIZE`` fixes the size, and
+not when ``FLY_VAULT_PMTU=0``. A probe that never left (refused by the kernel) is taken
+out of aioquic's loss recovery again (``abandon_pmtu_probe``).
 """
 
 from __future__ import annotations
