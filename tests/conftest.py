@@ -307,18 +307,22 @@ def init_process(tmp_path: Path, fly_api: FlyApiSocket) -> Iterator[InitProcess]
     running.stop()
 
 
-def read_until(proc: subprocess.Popen[bytes], expected: bytes, timeout: float = 60) -> bytes:
-    """Read the process's stdout pipe until ``expected`` has arrived (fail after ``timeout``)."""
+def read_until(
+    proc: subprocess.Popen[bytes], expected: bytes, timeout: float = 60, *, stderr: bool = False
+) -> bytes:
+    """Read the process's stdout (or stderr) pipe until ``expected`` has arrived (fail after
+    ``timeout``)."""
     import select
 
-    assert proc.stdout is not None
+    pipe = proc.stderr if stderr else proc.stdout
+    assert pipe is not None
     seen = b""
     deadline = time.monotonic() + timeout
     while expected not in seen:
         remaining = deadline - time.monotonic()
         assert remaining > 0, f"no {expected!r} within {timeout} s; got {seen!r}"
-        if select.select([proc.stdout], [], [], remaining)[0]:
-            chunk = os.read(proc.stdout.fileno(), 65536)
+        if select.select([pipe], [], [], remaining)[0]:
+            chunk = os.read(pipe.fileno(), 65536)
             assert chunk, f"end of output before {expected!r}; got {seen!r}"
             seen += chunk
     return seen

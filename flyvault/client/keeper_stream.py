@@ -48,6 +48,7 @@ class KeeperConnection:
         socket_path: Path,
         info: dict[str, Any],
         lease: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None,
+        on_notice: Callable[[str], None] | None = None,
     ) -> None:
         from flyvault.protocol.constants import RuntimeStatus, VmState
 
@@ -63,6 +64,7 @@ class KeeperConnection:
         #: does not idle out under a long ``forward`` or ``cp``, and its end (the keeper
         #: stopped or died) closes this connection at once, so the next stream goes
         #: through a new connection instead of failing on the old one.
+        self._on_notice = on_notice
         self._lease_writer = lease[1] if lease is not None else None
         self._lease_watch = (
             asyncio.ensure_future(self._watch_lease(lease[0])) if lease is not None else None
@@ -72,6 +74,8 @@ class KeeperConnection:
         with contextlib.suppress(ConnectionError, OSError):
             while await reader.read(4096):
                 pass  # the keeper sends nothing more on it; anything is ignored
+        if not self._closed and self._on_notice is not None:
+            self._on_notice("the connection keeper ended; new connections go directly to the vault")
         self._lost()
 
     @classmethod
@@ -89,7 +93,8 @@ class KeeperConnection:
                 if frame.kind is MuxKind.ERROR:
                     raise error_from(frame)
                 if frame.kind is MuxKind.RESULT:
-                    return cls(socket_path, frame.json()["value"], lease=(reader, writer))
+                    info = frame.json()["value"]
+                    return cls(socket_path, info, lease=(reader, writer), on_notice=on_notice)
                 if frame.kind is MuxKind.NOTICE and on_notice is not None:
                     on_notice(str(frame.json().get("message", "")))
                 elif frame.kind not in (MuxKind.NOTICE, MuxKind.PROGRESS):
