@@ -163,9 +163,15 @@ def test_the_file_worker_runs_in_the_workloads_cgroup(
                 for p in pids
                 if p != worker and _same_mnt(p, mine)
             }
-            # The writer: the FIFO as the host sees it through the worker's root.
-            with open(f"/proc/{worker}/root/tmp/fifo", "wb") as fifo:
-                fifo.write(b"through the fifo")
+
+            # The writer: the FIFO as the host sees it through the worker's root. Opened in a
+            # thread: opening a FIFO blocks until its reader opens it, and the read request
+            # may still need this event loop to reach the worker (a deadlock otherwise).
+            def write_fifo() -> None:
+                with open(f"/proc/{worker}/root/tmp/fifo", "wb") as fifo:
+                    fifo.write(b"through the fifo")
+
+            await asyncio.wait_for(asyncio.to_thread(write_fifo), 60)
             out["data"] = await reading
         finally:
             await vault.close()
