@@ -3,6 +3,7 @@
     fly-vault-mcp                                   # stdio, for agent clients
     FLY_VAULT_MCP_TOKEN=... fly-vault-mcp --http 127.0.0.1:8765
     fly-vault-mcp --http 127.0.0.1:8765 --token-file ~/.config/fly-vault/mcp-token
+    fly-vault-mcp --share-keeper                    # one connection per vault with the CLI
 
 Logs go to stderr only (stdout is the protocol on stdio), never with a secret in them.
 """
@@ -59,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="output kept per exec session in this process (default %(default)s MiB)",
     )
+    parser.add_argument(
+        "--share-keeper",
+        action="store_true",
+        help="reach each vault through its connection keeper (the one fly-vault CLI calls "
+        "use; started if none runs), so this server and the CLI hold one connection per vault "
+        "instead of two; off by default: a tool call then pays a relay hop",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log to stderr at INFO")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     return parser
@@ -98,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         from flyvault.client.environment import check_environment
 
         check_environment()  # bad variables refused at start, not at every tool call
+        if args.share_keeper:
+            from flyvault.client.keeper_start import mux_mode
+
+            mux_mode()  # a bad FLY_VAULT_MUX too
         return _run(args)
     except VaultError as exc:
         print(f"{PROG}: error: {exc.message}", file=sys.stderr)
@@ -114,7 +126,7 @@ def _run(args: argparse.Namespace) -> int:
     from .server import build_server, make_state
 
     if args.http is None:
-        state = make_state(buffer_bytes=args.buffer_mib * MIB)
+        state = make_state(buffer_bytes=args.buffer_mib * MIB, share_keeper=args.share_keeper)
         server = build_server(state)
         server.run()
         return 0
@@ -122,7 +134,9 @@ def _run(args: argparse.Namespace) -> int:
 
     host, port = parse_loopback(args.http)
     token = load_token(args.token_file, args.token_env)
-    state = make_state(buffer_bytes=args.buffer_mib * MIB, extra_secrets=(token,))
+    state = make_state(
+        buffer_bytes=args.buffer_mib * MIB, extra_secrets=(token,), share_keeper=args.share_keeper
+    )
     server = build_server(state)
     anyio.run(serve, server, host, port, token)
     return 0

@@ -9,6 +9,7 @@ changed gets a new ``Vault`` and its old connection is closed.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import os
@@ -75,9 +76,14 @@ class VaultPool:
         *,
         config_path: Path | None = None,
         reconnect_timeout: float = 20.0,
+        share_keeper: bool = False,
     ) -> None:
         self.config_path = config_path
         self.reconnect_timeout = reconnect_timeout
+        #: ``--share-keeper``: connect through the vault's connection keeper (the one the
+        #: CLI's calls use; started if none runs), so the agent's shell and its tools hold
+        #: one attested connection between them instead of two.
+        self.share_keeper = share_keeper
         self._vaults: dict[str, Vault] = {}
         self._config: Config | None = None
         self._stamp: tuple[int, int, int] | None = None
@@ -139,6 +145,7 @@ class VaultPool:
             await vault.close()
         vault = Vault(
             entry,
+            keeper=await self._keeper(name),
             reconnect_timeout=self.reconnect_timeout,
             on_notice=lambda message: log.info("%s", message),
             # Results say it as data (dev_issuer); the log says it too.
@@ -147,6 +154,23 @@ class VaultPool:
         )
         self._vaults[name] = vault
         return vault
+
+    async def _keeper(self, name: str) -> Path | None:
+        """The keeper's socket to go through, or None: connect directly."""
+        if not self.share_keeper:
+            return None
+        from flyvault.client.keeper_start import shared_keeper
+        from flyvault.paths import config_file
+
+        if self.config_path is not None and self.config_path != config_file():
+            # A keeper reads the config the CLI reads; this pool reads another one.
+            log.info("vault %s: not sharing a keeper: the config is not the CLI's", name)
+            return None
+        try:
+            return await asyncio.to_thread(shared_keeper, name)
+        except VaultError as exc:  # the direct connection reports it as a tool error
+            log.info("vault %s: no connection keeper: %s", name, exc.message)
+            return None
 
     def connected(self, name: str) -> bool:
         vault = self._vaults.get(name)

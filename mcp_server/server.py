@@ -79,6 +79,7 @@ def make_state(
     config_path: Path | None = None,
     buffer_bytes: int = BUFFER_BYTES,
     extra_secrets: tuple[str, ...] = (),
+    share_keeper: bool = False,
 ) -> State:
     for value in extra_secrets:
         register(value)
@@ -86,7 +87,7 @@ def make_state(
 
     for variable in ("FLY_API_TOKEN", "FLY_VAULT_ACCESS_TOKEN", "FLY_VAULT_USAGE_BEARER_TOKEN"):
         register(os.environ.get(variable))
-    pool = VaultPool(config_path=config_path)
+    pool = VaultPool(config_path=config_path, share_keeper=share_keeper)
     return State(
         pool=pool,
         execs=ExecRegistry(pool, buffer_bytes=buffer_bytes),

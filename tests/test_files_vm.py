@@ -171,13 +171,13 @@ def test_the_file_worker_runs_in_the_workloads_cgroup(
                 with open(f"/proc/{worker}/root/tmp/fifo", "wb") as fifo:
                     fifo.write(b"through the fifo")
 
-            await asyncio.wait_for(asyncio.to_thread(write_fifo), 60)
-            out["data"] = await reading
+            await _step("writing the FIFO", asyncio.to_thread(write_fifo), vm_init)
+            out["data"] = await _step("reading back", reading, vm_init)
         finally:
-            await vault.close()
+            await _step("closing the vault", vault.close(), vm_init)
         return out
 
-    out = run_async(body(), timeout=120)
+    out = run_async(body(), timeout=110)
     assert out["data"] == b"through the fifo"
     init_cgroups = _cgroups(vm_init.process.pid)
     # Every mounted hierarchy the worker was moved in (the unified "0::" line of a host
@@ -192,6 +192,25 @@ def test_the_file_worker_runs_in_the_workloads_cgroup(
     for hierarchy in moved:
         assert out["worker"] in out["neighbours"][hierarchy]
     assert out["workload"], "no process of the workload shares the worker's cgroup"
+
+
+async def _step(what: str, awaitable: Any, init: InitProcess, timeout: float = 25) -> Any:
+    """``awaitable``, bounded: a step that hangs fails naming itself, with init's log and
+    its children (one whole-suite run once hung here, at an unknown step)."""
+    try:
+        return await asyncio.wait_for(awaitable, timeout)
+    except TimeoutError:
+        children = {c: _cmdline(c) for c in _children(init.process.pid)}
+        log = init.log.read_text(errors="replace")[-6000:] if init.log.exists() else ""
+        raise AssertionError(
+            f"{what}: hung for {timeout} s; init's children {children}\n{log}"
+        ) from None
+
+
+def _cmdline(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    return "?"
 
 
 def _same_mnt(pid: int, namespace: str) -> bool:

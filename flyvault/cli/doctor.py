@@ -150,7 +150,8 @@ def _young(pid_file: Any) -> bool:
 def _keeper_report(
     args: argparse.Namespace, vault: Any
 ) -> tuple[bool, str, str | None, dict[str, Any]]:
-    from flyvault.cli.mux import keeper_off_reason, locate
+    from flyvault.cli.mux import keeper_off_reason
+    from flyvault.client.keeper_start import locate
     from flyvault.client.mux import KeeperLink, KeeperUnavailable
     from flyvault.errors import ConfigError
 
@@ -163,9 +164,7 @@ def _keeper_report(
     if reason is not None:
         detail = f"keepers off ({reason}): such calls connect directly"
         return True, detail, None, {"state": "off", "reason": reason}
-    none_running = (
-        "none running; the next exec (or list-exec, kill, cp, forward) starts one"
-    )
+    none_running = "none running; the next exec (or list-exec, kill, cp, forward) starts one"
     try:
         paths = locate(vault.name, create=False)
     except FileNotFoundError:  # not even the directory: no keeper ever ran here

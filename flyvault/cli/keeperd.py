@@ -24,6 +24,8 @@ import socket
 import sys
 import time
 
+from flyvault.client.keeper_start import alive
+
 #: The longest a keeper started in the background waits for its caller to end.
 CALLER_HEAD_START = 1.0
 
@@ -87,18 +89,6 @@ def _write_pid_file(path: str) -> None:
     with os.fdopen(fd, "w") as out:
         out.write(json.dumps({"pid": os.getpid(), "started_at": time.time()}))
     os.replace(tmp, path)
-
-
-def alive(socket_path: str) -> bool:
-    """Whether a process accepts connections on ``socket_path``."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(socket_path)
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
 
 
 def after_caller(pid: int, listener: socket.socket, limit: float) -> None:

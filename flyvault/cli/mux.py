@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import queue
-import select
 import signal
 import socket
 import sys
@@ -27,9 +26,17 @@ from pathlib import Path
 from typing import Any
 
 from flyvault.cli.console import Console
-from flyvault.cli.keeperd import alive, answer
+from flyvault.cli.keeperd import answer
 from flyvault.cli.output import report_error
 from flyvault.cli.terminal import RawTerminal, terminal_size
+from flyvault.client.keeper_start import (
+    WAIT,
+    alive,
+    locate,
+    mux_mode,
+    spawn,
+    start_and_wait,
+)
 from flyvault.client.mux import (
     STDIN_IN_FLIGHT,
     KeeperLink,
@@ -41,9 +48,7 @@ from flyvault.client.mux import (
     KeeperStdinTaken,
     KeeperUnavailable,
     call,
-    keeper_key,
     keeper_lost,
-    keeper_paths,
     keeper_paths_at,
     keepers,
     next_event,
@@ -53,38 +58,14 @@ from flyvault.client.mux import (
     stdin_frame,
 )
 from flyvault.defaults import RECONNECT_TIMEOUT
-from flyvault.envvars import FALSE_WORDS, TRUE_WORDS, env_float, env_text
+from flyvault.envvars import env_float
 from flyvault.errors import ConfigError, UsageError, VaultError
 
 log = logging.getLogger("flyvault.mux")
 
 #: How long a keeper waits, with no request in progress, before it exits.
 IDLE_DEFAULT = 600.0
-#: How long a CLI call waits for a keeper it started to listen (``FLY_VAULT_MUX=wait``).
-START_TIMEOUT = 10.0
 _NOT_USED = object()
-#: ``FLY_VAULT_MUX``: a yes word (or unset) starts keepers in the background, ``wait``
-#: has the call that starts one wait for it, a no word turns keepers off.
-MUX_VARIABLE = "FLY_VAULT_MUX"
-WAIT = "wait"
-BACKGROUND = "background"
-
-
-def mux_mode() -> str | None:
-    """``BACKGROUND`` or ``WAIT`` from ``FLY_VAULT_MUX``, None when it turns keepers off.
-    A value that is none of these is a usage error (exit 2), found before connecting."""
-    text = env_text(MUX_VARIABLE)
-    if text is None or text.lower() in TRUE_WORDS:
-        return BACKGROUND
-    if text.lower() == WAIT:
-        return WAIT
-    if text.lower() in FALSE_WORDS:
-        return None
-    raise UsageError(
-        f"{MUX_VARIABLE}={text!r} is not valid: expected {WAIT}, one of "
-        f"{', '.join(TRUE_WORDS)} (on) or one of {', '.join(FALSE_WORDS)} (off)",
-        hint=f"unset {MUX_VARIABLE} for the default, or set {MUX_VARIABLE}=0 to turn keepers off",
-    )
 
 
 def use_keeper(args: argparse.Namespace) -> bool:
@@ -121,18 +102,6 @@ def _locate(vault_name: str) -> KeeperPaths | None:
     except (OSError, ConfigError) as exc:  # the direct path reports a config problem itself
         log.info("no connection keeper: %s", exc)
         return None
-
-
-def locate(vault_name: str, *, create: bool = True) -> KeeperPaths:
-    """Where the keeper for ``vault_name`` (as the config reads now) listens, whether or not
-    one does. ``OSError`` (``FileNotFoundError`` for a missing directory when ``create`` is
-    false) or ``ConfigError`` when no keeper can be there."""
-    from flyvault.paths import config_file
-
-    path = config_file()
-    data = path.read_bytes()
-    directory = runtime_dir(create=create)
-    return keeper_paths(directory, vault_name, keeper_key(vault_name, path, data))
 
 
 def open_link(args: argparse.Namespace, op: str, **fields: Any) -> KeeperLink | None:
@@ -202,56 +171,9 @@ def _start(paths: KeeperPaths, vault_name: str) -> bool:
     (exit 3), as the direct path would; in the background the direct call finds it.
     """
     if mux_mode() != WAIT:
-        _exec_keeper(paths, vault_name, None)
+        spawn(paths, vault_name, None)
         return False
-    read_fd, write_fd = os.pipe()
-    try:
-        _exec_keeper(paths, vault_name, write_fd)
-    finally:
-        os.close(write_fd)
-    try:
-        ready, _, _ = select.select([read_fd], [], [], START_TIMEOUT)
-        reply = os.read(read_fd, 8192) if ready else b"no answer in time"
-    finally:
-        os.close(read_fd)
-    if reply == b"ok":
-        return True
-    if reply.startswith(b"error:"):
-        detail = json.loads(reply[len(b"error:") :])
-        code = int(detail.get("exit_code") or 1)
-        # A bad variable is a usage error (exit 2, before any connection) wherever found.
-        kind = UsageError if code == 2 else VaultError
-        error = kind(detail["message"], hint=detail.get("hint"))
-        error.exit_code = code
-        raise error
-    log.info("the connection keeper did not start: %s", reply.decode(errors="replace"))
-    return False
-
-
-def _exec_keeper(paths: KeeperPaths, vault_name: str, write_fd: int | None) -> None:
-    """Start the keeper process; ``write_fd`` is the pipe it answers on (None: nobody
-    waits, it starts in the background). ``posix_spawn``: no ``subprocess`` import on the
-    thin path. The keeper detaches itself (its own session, no inherited descriptors)."""
-    ready = "-" if write_fd is None else str(write_fd)
-    if write_fd is not None:
-        os.set_inheritable(write_fd, True)
-    argv = [
-        sys.executable,
-        "-m",
-        "flyvault.cli.keeperd",
-        vault_name,
-        str(paths.socket),
-        ready,
-        str(os.getpid()),
-    ]
-    null = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
-    # Signals the caller ignores (a background job's SIGINT, nohup's SIGHUP) are the
-    # keeper's to handle: back to their defaults. keeperd leaves the caller's session.
-    defaults = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP)
-    try:
-        os.posix_spawn(sys.executable, argv, os.environ, file_actions=null, setsigdef=defaults)
-    except Exception as exc:  # never a reason for the call to fail
-        log.info("the connection keeper could not be started: %s", exc)
+    return start_and_wait(paths, vault_name)
 
 
 def _open_log(paths: KeeperPaths) -> None:

@@ -494,10 +494,15 @@ async def _held_until_closed(link: _Link) -> None:
 
 def connection_info(connection: Any) -> dict[str, Any]:
     """What a CLI using the keeper's streams needs to know about its connection."""
+    import dataclasses
+
     from flyvault.protocol.constants import PROTOCOL_VERSION
 
+    claims = getattr(connection, "claims", None)
     return {
         "boot_id": connection.boot_id,
+        # What the attestation verified (no secrets in it): status reports show it.
+        "claims": dataclasses.asdict(claims) if dataclasses.is_dataclass(claims) else None,
         "protocol_version": getattr(connection, "protocol_version", PROTOCOL_VERSION),
         "vm_state": int(connection.vm_state),
         "runtime_status": int(connection.runtime_status),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,10 @@ class KeeperConnection:
         self.protocol_version = int(info["protocol_version"])
         self.vm_state = VmState(int(info["vm_state"]))
         self.runtime_status = RuntimeStatus(int(info["runtime_status"]))
+        #: The keeper's verified attestation claims, read as attributes like
+        #: ``AttestationClaims`` (not imported: it would load jwt and crypto here).
+        claims = info.get("claims")
+        self.claims = types.SimpleNamespace(**claims) if isinstance(claims, dict) else None
         self.notes: tuple[str, ...] = ()
         self._closed = False
         self._streams: set[KeeperStream] = set()
