@@ -1385,25 +1385,16 @@ class Bench:
         self.peer = peer
         relay, relay_port = self.start_peer("relay", str(source_port))
         fwd_port, ssh_port, ssh_gcm_port = free_port(), free_port(), free_port()
-        log = self.tmp / "forward.log"
-        forward = ssh_l = ssh_gcm = None
+        direct_port = free_port()
+        forward = direct = ssh_l = ssh_gcm = None
         try:
-            with open(log, "wb") as log_file:
-                forward = self.procs.start(
-                    "fly-vault forward",
-                    [FLY_VAULT, "forward", VAULT, f"{fwd_port}:127.0.0.1:{source_port}"],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=log_file,
-                    env=self.env,
-                )
-            wait_until(
-                "fly-vault forward",
-                lambda: forward.poll() is not None or b"forwarding 127.0.0.1:" in log.read_bytes(),
-                30,
-            )
-            if forward.poll() is not None:
-                raise BenchError(f"fly-vault forward exited: {log.read_text()[-2000:]}")
+            # Both routes: through the vault's connection keeper (the default once one
+            # runs: started here by an exec, as B1's warm-up does) and direct (--no-mux).
+            check_output([FLY_VAULT, "exec", VAULT, "--", "true"], timeout=60, env=self.env)
+            self.wait_for_keeper()
+            spec = f"127.0.0.1:{source_port}"
+            forward = self.start_forward("keeper", [], f"{fwd_port}:{spec}")
+            direct = self.start_forward("direct", ["--no-mux"], f"{direct_port}:{spec}")
             rss_fresh = rss_kb(forward.pid)
             ssh_common = ("-N", "-o", "ExitOnForwardFailure=yes")
             ssh_l = self.procs.start(
@@ -1439,6 +1430,7 @@ class Bench:
             paths = {
                 # name: (port, client-side tunnel pid, server-side CPU probe, bytes)
                 "fly_vault_forward": (fwd_port, forward.pid, self.vault_cpu, size),
+                "fly_vault_forward_direct": (direct_port, direct.pid, self.vault_cpu, size),
                 "ssh_L_default_cipher": (ssh_port, ssh_l.pid, self.sshd_cpu, fast_size),
                 "ssh_L_aes128_gcm": (ssh_gcm_port, ssh_gcm.pid, self.sshd_cpu, fast_size),
                 "python_socket_relay": (relay_port, relay.pid, None, fast_size),
@@ -1466,7 +1458,9 @@ class Bench:
                             truncated = True
                             break
                         timeout = max(120.0, nbytes / (1 * MB))
+                        keeper = self.keeper_pid() if name == "fly_vault_forward" else None
                         c = {
+                            "keeper": tree_cpu(keeper) if keeper else None,
                             "client_tunnel": tree_cpu(middle) if middle else None,
                             "server_tunnel": server() if server else None,
                             "bench_endpoint": self_cpu(),
@@ -1474,6 +1468,7 @@ class Bench:
                         }
                         elapsed = move(port, nbytes, timeout)
                         after = {
+                            "keeper": tree_cpu(keeper) if keeper else None,
                             "client_tunnel": tree_cpu(middle) if middle else None,
                             "server_tunnel": server() if server else None,
                             "bench_endpoint": self_cpu(),
@@ -1490,7 +1485,7 @@ class Bench:
             if not self.quick:
                 slow_ssh = self.slow_reader(ssh_l.pid, ssh_port, None)
         finally:
-            for process in (ssh_gcm, ssh_l, forward):
+            for process in (ssh_gcm, ssh_l, direct, forward):
                 if process is not None:
                     self.procs.stop(process)
             self.procs.stop(relay)
@@ -1512,7 +1507,13 @@ class Bench:
             metrics["ssh_L_slow_reader_memory"] = slow_ssh
         ours_down = metrics["fly_vault_forward"]["download"]["rate"]["p50"]
         ours_up = metrics["fly_vault_forward"]["upload"]["rate"]["p50"]
-        ratios = {}
+        ratios = {
+            f"keeper_over_direct_{direction}": ratio(
+                metrics["fly_vault_forward"][direction]["rate"]["p50"],
+                metrics["fly_vault_forward_direct"][direction]["rate"]["p50"],
+            )
+            for direction in ("download", "upload")
+        }
         for base in (
             "ssh_L_default_cipher",
             "ssh_L_aes128_gcm",
@@ -1524,7 +1525,9 @@ class Bench:
                     ours, metrics[base][direction]["rate"]["p50"]
                 )
         return {
-            "what": "MB/s of one TCP flow through `fly-vault forward` (CLI subprocess) vs "
+            "what": "MB/s of one TCP flow through `fly-vault forward` (CLI subprocess, through "
+            "the vault's connection keeper, and direct with --no-mux; the keeper's CPU is "
+            "counted as `keeper`) vs "
             "`ssh -L` vs a Python socket relay vs direct loopback; download = vault side -> "
             "local reader, upload = local writer -> vault side; plus the forward client's RSS "
             "under a 1 MB/s reader",
@@ -1544,6 +1547,27 @@ class Bench:
                 ),
             ],
         }
+
+    def start_forward(self, label: str, options: list[str], spec: str) -> subprocess.Popen[bytes]:
+        """A ``fly-vault forward`` subprocess, once it listens (its stderr in a log)."""
+        log = self.tmp / f"forward-{label}.log"
+        with open(log, "wb") as log_file:
+            forward = self.procs.start(
+                f"fly-vault forward ({label})",
+                [FLY_VAULT, *options, "forward", VAULT, spec],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+                env=self.env,
+            )
+        wait_until(
+            "fly-vault forward",
+            lambda: forward.poll() is not None or b"forwarding 127.0.0.1:" in log.read_bytes(),
+            30,
+        )
+        if forward.poll() is not None:
+            raise BenchError(f"fly-vault forward exited: {log.read_text()[-2000:]}")
+        return forward
 
     def slow_reader(self, client_pid: int, port: int, server_pid: int | None) -> dict[str, Any]:
         """A reader at ~1 MB/s for 10 s against a source that could go 100x faster.
