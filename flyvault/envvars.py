@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from flyvault.errors import UsageError
+from flyvault.errors import UsageError, VaultError
 
 #: Values a yes/no variable accepts (case-insensitive); unset or empty means no.
 TRUE_WORDS = ("1", "true", "yes", "on")
@@ -142,15 +142,27 @@ def env_float(
 
 def env_flag(name: str) -> bool:
     """A yes/no variable: 1/true/yes/on or 0/false/no/off (any case); unset means no."""
+    return env_switch(name, default=False)
+
+
+def env_switch(name: str, *, default: bool, error: type[VaultError] = UsageError) -> bool:
+    """A yes/no variable (any case), ``default`` when unset; another word raises ``error``
+    (a ``UsageError``, or a ``ConfigError`` for the transport's settings)."""
     text = env_text(name)
-    if text is None or text.lower() in FALSE_WORDS:
-        return False
+    if text is None:
+        return default
     if text.lower() in TRUE_WORDS:
         return True
-    raise UsageError(
+    if text.lower() in FALSE_WORDS:
+        return False
+    if default:
+        hint = f"unset {name} (or set {name}=1) to turn it on, or set {name}=0 to turn it off"
+    else:
+        hint = f"set {name}=1 to turn it on, or unset it (or {name}=0) to turn it off"
+    raise error(
         f"{name}={text!r} is not a yes/no value: expected one of {', '.join(TRUE_WORDS)} "
         f"or {', '.join(FALSE_WORDS)}",
-        hint=f"set {name}=1 to turn it on, or unset it (or {name}=0) to turn it off",
+        hint=hint,
     )
 
 

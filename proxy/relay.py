@@ -52,6 +52,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from flyvault.udp_options import set_probe_mode
+
 from .discovery import Directory
 from .wire import (
     DEFAULT_CID_LENGTH,
@@ -66,29 +68,9 @@ from .wire import (
 
 log = logging.getLogger("vault-proxy.relay")
 
-#: Linux socket options the socket module does not name (linux/in.h, linux/in6.h).
-IP_MTU_DISCOVER = 10
-IPV6_MTU_DISCOVER = 23
-PMTUDISC_PROBE = 3
 #: Large enough for any UDP datagram: a truncated datagram would be silently corrupted.
 RECV_SIZE = 65535
 _LONG_HEADER = 0x80
-
-
-def set_no_fragmentation(sock: socket.socket) -> bool:
-    """Don't Fragment and no local fragmentation (``PMTUDISC_PROBE``, see the module
-    docstring): an oversized datagram is dropped on the path or refused with EMSGSIZE.
-    Returns whether the kernel took it (Linux only; elsewhere the default stays)."""
-    ok = False
-    levels = [(socket.IPPROTO_IP, IP_MTU_DISCOVER)]
-    if sock.family == socket.AF_INET6:
-        # A dual-stack socket sends IPv4 too: both options apply to it.
-        levels.insert(0, (socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER))
-    for level, option in levels:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(level, option, PMTUDISC_PROBE)
-            ok = True
-    return ok
 
 
 @dataclass(frozen=True)
@@ -242,7 +224,7 @@ class Relay:
                 # Best effort: the kernel caps it at net.core.[rw]mem_max.
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, option, o.socket_buffer)
-            set_no_fragmentation(sock)
+            set_probe_mode(sock)
             sock.bind(sockaddr)
             sock.setblocking(False)
         except OSError:

@@ -5,6 +5,7 @@ the MCP server in process through ``mcp.Client``."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -74,9 +75,12 @@ def test_a_stopped_keeper_leaves_the_server_working_directly(vault: str) -> None
     async def scenario(s: Session) -> None:
         await echo(s, vault, "one")
         wait_for(paths.pid.exists, "no keeper was started")
+        pid = json.loads(paths.pid.read_text())["pid"]
         stopped = fv("mux", "stop", vault)
         assert stopped.returncode == 0, stopped.stderr
         wait_for(lambda: not paths.socket.exists(), "the keeper did not stop")
+        # The keeper was this process's child (the server runs in it): reaped, no zombie.
+        wait_for(lambda: not Path(f"/proc/{pid}").exists(), "the stopped keeper was not reaped")
         await echo(s, vault, "two")  # reconnects, directly
         assert pid_files() == []
 

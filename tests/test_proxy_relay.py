@@ -34,9 +34,10 @@ from proxy_support import (
 )
 
 from flyvault.proxy.discovery import Directory, DirectoryOptions
-from flyvault.proxy.relay import IP_MTU_DISCOVER, PMTUDISC_PROBE, Relay, RelayOptions
+from flyvault.proxy.relay import Relay, RelayOptions
 from flyvault.proxy.status import StatusServer
 from flyvault.proxy.wire import MALFORMED, Drop, encode
+from flyvault.udp_options import IP_MTU_DISCOVER, PMTUDISC_PROBE
 
 A, B = "148e21ea7e46e8", "3d8d9014b32d68"
 
@@ -262,9 +263,10 @@ def test_idle_sessions_expire() -> None:
         time = FakeTime()
         async with (
             machines(port, ("A", "127.0.0.2")) as (machine,),
-            relay_for(
-                api, port, time.clock, session_timeout=10, sweep_interval=0.05
-            ) as (relay, proxy),
+            relay_for(api, port, time.clock, session_timeout=10, sweep_interval=0.05) as (
+                relay,
+                proxy,
+            ),
         ):
             client = await udp_client()
             client.send(encode(A, initial(b"\x07" * 8)), proxy)

@@ -10,6 +10,7 @@ waits for its answer on a pipe (``FLY_VAULT_MUX=wait``, and the MCP server with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import select
 import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 
 from flyvault.client.mux import KeeperPaths, keeper_key, keeper_paths, runtime_dir
@@ -98,9 +100,20 @@ def spawn(paths: KeeperPaths, vault_name: str, ready_fd: int | None) -> None:
     # keeper's to handle: back to their defaults. keeperd leaves the caller's session.
     defaults = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP)
     try:
-        os.posix_spawn(sys.executable, argv, os.environ, file_actions=null, setsigdef=defaults)
+        pid = os.posix_spawn(
+            sys.executable, argv, os.environ, file_actions=null, setsigdef=defaults
+        )
     except Exception as exc:
         log.info("the connection keeper could not be started: %s", exc)
+        return
+    # The keeper stays our child (it only leaves our session): reaped when it exits, so a
+    # long-lived caller (the MCP server, a long exec) keeps no zombie of it.
+    threading.Thread(target=_reap, args=(pid,), name="keeper-reaper", daemon=True).start()
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
 
 
 def start_and_wait(paths: KeeperPaths, vault_name: str, timeout: float = START_TIMEOUT) -> bool:

@@ -23,15 +23,15 @@ out of aioquic's loss recovery again (``abandon_pmtu_probe``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
-import os
 import socket
 from typing import TYPE_CHECKING
 
+from flyvault.envvars import env_switch
 from flyvault.errors import ConfigError
 from flyvault.protocol.pmtu import BASE_PLPMTU, PmtuConfig, PmtuSearch, PmtuState
+from flyvault.udp_options import IP_MTU, IPV6_MTU, set_probe_mode
 
 if TYPE_CHECKING:
     from flyvault.transport.channel import QuicChannel
@@ -40,16 +40,6 @@ log = logging.getLogger("flyvault.transport")
 
 #: ``FLY_VAULT_PMTU=0`` (or false/no/off) turns discovery off: datagrams stay at 1200 bytes.
 PMTU_ENV = "FLY_VAULT_PMTU"
-#: The yes/no words every fly-vault variable accepts (as ``flyvault.envvars``, which the
-#: transport layer may not import).
-TRUE_WORDS = ("1", "true", "yes", "on")
-FALSE_WORDS = ("0", "false", "no", "off")
-#: Linux socket options the socket module does not name (linux/in.h, linux/in6.h).
-IP_MTU_DISCOVER = 10
-IP_MTU = 14
-IPV6_MTU_DISCOVER = 23
-IPV6_MTU = 24
-PMTUDISC_PROBE = 3
 #: IP + UDP header bytes in front of a UDP payload.
 IPV4_OVERHEAD = 20 + 8
 IPV6_OVERHEAD = 40 + 8
@@ -61,31 +51,7 @@ PROBES_PER_STEP = 16
 
 def discovery_enabled() -> bool:
     """``FLY_VAULT_PMTU``: on unless set to a "no" word. Raises ``ConfigError``."""
-    text = os.environ.get(PMTU_ENV, "").strip()
-    if not text or text.lower() in TRUE_WORDS:
-        return True
-    if text.lower() in FALSE_WORDS:
-        return False
-    raise ConfigError(
-        f"{PMTU_ENV}={text!r} is not a yes/no value: expected one of {', '.join(TRUE_WORDS)} "
-        f"or {', '.join(FALSE_WORDS)}",
-        hint=f"unset {PMTU_ENV} (path MTU discovery on), or set {PMTU_ENV}=0 to turn it off",
-    )
-
-
-def set_probe_mode(sock: socket.socket) -> bool:
-    """Don't Fragment, no kernel path MTU cap: oversized datagrams are dropped or refused.
-    Returns whether the kernel took it (Linux only; elsewhere discovery stays off)."""
-    ok = False
-    levels = [(socket.IPPROTO_IP, IP_MTU_DISCOVER)]
-    if sock.family == socket.AF_INET6:
-        # A dual-stack socket sends IPv4 too: both options apply to it.
-        levels.insert(0, (socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER))
-    for level, option in levels:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(level, option, PMTUDISC_PROBE)
-            ok = True
-    return ok
+    return env_switch(PMTU_ENV, default=True, error=ConfigError)
 
 
 def interface_ceiling(sock: socket.socket, limit: int) -> int:
