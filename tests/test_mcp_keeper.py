@@ -61,6 +61,25 @@ def test_the_mcp_server_and_the_cli_share_one_keeper_connection(vault: str) -> N
     assert rows["second"]["requests"] > rows["first"]["requests"] + 1
 
 
+def test_finished_execs_through_the_keeper_leave_no_session_behind(vault: str) -> None:
+    """Each exec acknowledges its exit through the keeper's relay (the stream stops
+    reading but still delivers the EXIT_ACK), so the vault forgets the finished session
+    at once instead of keeping it for an hour: 256 of them would refuse new execs."""
+
+    async def scenario(s: Session) -> None:
+        for n in range(5):
+            await echo(s, vault, f"n{n}")
+
+    run(sharing_server(), scenario)
+
+    def none_left() -> bool:
+        listed = fv("--no-mux", "list-exec", vault)
+        assert listed.returncode == 0, listed.stderr
+        return b"no exec sessions" in listed.stdout
+
+    wait_for(none_left, "finished sessions stayed on the vault", timeout=15)
+
+
 def test_without_the_flag_the_server_starts_no_keeper(vault: str) -> None:
     async def scenario(s: Session) -> None:
         await echo(s, vault, "direct")

@@ -523,7 +523,11 @@ async def _relay_stream(link: _Link, connection: Any, request: dict[str, Any]) -
     stream = connection.open_stream(tag)
     counts = {"up": 0, "down": 0}
     sent = asyncio.Event()  # the CLI ended its side (or it failed): only ABORT may follow
-    up = asyncio.ensure_future(_relay_up(link, stream, counts, sent))
+    #: The CLI ended its side with STDIN_EOF, all of it handed to the stream: if the CLI
+    #: leaves now, what it wrote (an exec's EXIT_ACK) must still reach the vault, so the
+    #: stream only stops reading; an abort would reset it and drop the unsent bytes.
+    clean = asyncio.Event()
+    up = asyncio.ensure_future(_relay_up(link, stream, counts, sent, clean))
     down = asyncio.ensure_future(_relay_down(link, stream, counts))
     ended = asyncio.ensure_future(sent.wait())
     completed = False
@@ -536,8 +540,17 @@ async def _relay_stream(link: _Link, connection: Any, request: dict[str, Any]) -
         for task in (up, down, ended):
             task.cancel()
         if not completed:
-            stream.abort()
+            _give_up(stream, clean.is_set())
     return counts
+
+
+def _give_up(stream: Any, sent_cleanly: bool) -> None:
+    """End a relayed stream the CLI left: stop reading, and reset our sending side only if
+    the CLI did not end it cleanly."""
+    if sent_cleanly:
+        stream.stop()
+    else:
+        stream.abort()
 
 
 async def _first_error_or_all(up: asyncio.Task[None], *others: asyncio.Future[Any]) -> None:
@@ -553,7 +566,9 @@ async def _first_error_or_all(up: asyncio.Task[None], *others: asyncio.Future[An
             return
 
 
-async def _relay_up(link: _Link, stream: Any, counts: dict[str, int], sent: asyncio.Event) -> None:
+async def _relay_up(
+    link: _Link, stream: Any, counts: dict[str, int], sent: asyncio.Event, clean: asyncio.Event
+) -> None:
     """CLI -> vault. After STDIN_EOF, or a failed sending side (reported with FAILED), the
     CLI's frames are read and dropped; an ABORT still resets the stream."""
     from flyvault.errors import TransportError
@@ -574,6 +589,7 @@ async def _relay_up(link: _Link, stream: Any, counts: dict[str, int], sent: asyn
             elif frame.kind is MuxKind.STDIN_EOF:
                 stream.write_eof()
                 failed = True  # our side is done: from here on only ABORT or the end
+                clean.set()
                 sent.set()
             elif frame.kind is MuxKind.ABORT:
                 stream.abort()
@@ -584,7 +600,7 @@ async def _relay_up(link: _Link, stream: Any, counts: dict[str, int], sent: asyn
             failed = True
             sent.set()
             await link.send(_failed_frame(exc, sending=True))
-    stream.abort()  # the CLI went away
+    _give_up(stream, clean.is_set())  # the CLI went away
     raise _CliLeft()
 
 

@@ -124,7 +124,7 @@ class KeeperConnection:
     def close(self) -> None:
         self._closed = True
         for stream in list(self._streams):
-            stream.abort()
+            stream.close()
         self._end_lease()
 
     def _end_lease(self) -> None:
@@ -164,6 +164,7 @@ class KeeperStream:
         self._send_error: BaseException | None = None
         self._write_closed = False
         self._aborted = False
+        self._stopped = False  # stop(): incoming data is dropped
         self._opened = asyncio.Event()  # the socket is open, or opening failed
         self._task = asyncio.ensure_future(self._run(tag))
 
@@ -249,7 +250,26 @@ class KeeperStream:
         self._close()
 
     reset = abort
-    stop = abort
+
+    def close(self) -> None:
+        """The connection closes: a stream whose sending side ended cleanly just leaves
+        (the keeper still delivers what it wrote); any other is aborted."""
+        if self._write_closed and not self._aborted and self._send_error is None:
+            self._close()
+        else:
+            self.abort()
+
+    def stop(self, error_code: int = 1) -> None:
+        """Read no more (``QuicStream.stop``): what arrives is dropped here. Unlike
+        ``abort``, what was written still reaches the vault (an exec's EXIT_ACK goes just
+        before this; an abort would reset the vault stream and lose it, and the finished
+        session would wait on the vault for an hour). The keeper's relay of the stream ends
+        when the vault ends its side."""
+        self._stopped = True
+        self._eof = True
+        self._chunks.clear()
+        self._room.set()
+        self._readable.set()
 
     # The background task: open, then read the keeper's frames ----------------------------
 
@@ -300,10 +320,13 @@ class KeeperStream:
             self._fail(_as_transport(exc))
         finally:
             writer.close()
+            self._connection._forget(self)
 
     def _on_frame(self, frame: Any) -> None:
         kind = frame.kind
         if kind is MuxKind.STDOUT:
+            if self._stopped:
+                return
             self._chunks.append(frame.payload)
             if self.queued > HIGH_WATER:
                 self._room.clear()
