@@ -149,12 +149,17 @@ def stop_keepers(runtime: Path) -> None:
     import shutil
     import signal
 
+    pids = []
     for pid_file in (runtime / "fly-vault").glob("*.pid"):
         try:
-            os.kill(int(json.loads(pid_file.read_text())["pid"]), signal.SIGTERM)
+            pid = int(json.loads(pid_file.read_text())["pid"])
+            os.kill(pid, signal.SIGTERM)
+            pids.append(pid)
         except (OSError, ValueError, KeyError):
             continue
-    time.sleep(0.5)  # the keeper removes its own files as it exits
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)  # each keeper removes its own files as it exits (reaped by us)
     shutil.rmtree(runtime, ignore_errors=True)
 
 

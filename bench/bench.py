@@ -1394,6 +1394,7 @@ class Bench:
             self.wait_for_keeper()
             spec = f"127.0.0.1:{source_port}"
             forward = self.start_forward("keeper", [], f"{fwd_port}:{spec}")
+            self.check_forward_holds_keeper()
             direct = self.start_forward("direct", ["--no-mux"], f"{direct_port}:{spec}")
             rss_fresh = rss_kb(forward.pid)
             ssh_common = ("-N", "-o", "ExitOnForwardFailure=yes")
@@ -1479,8 +1480,12 @@ class Bench:
                             if v0 is not None:
                                 pct = (after[key] - v0) / elapsed * 100
                                 cpu_pct[name][direction].setdefault(key, []).append(pct)
+            keeper_rest = self.keeper_rss_kib()
             slow = self.slow_reader(forward.pid, fwd_port, self.vault_pid)
             slow["rss_fresh_kb"] = rss_fresh
+            # The keeper relays the forward's bytes: its RSS must stay flat too.
+            slow["keeper_rss_before_kb"] = keeper_rest
+            slow["keeper_rss_after_kb"] = self.keeper_rss_kib()
             slow_ssh = None
             if not self.quick:
                 slow_ssh = self.slow_reader(ssh_l.pid, ssh_port, None)
@@ -1547,6 +1552,18 @@ class Bench:
                 ),
             ],
         }
+
+    def check_forward_holds_keeper(self) -> None:
+        """The default forward goes through the keeper: it holds a lease (an active
+        request) there, else the keeper/direct comparison would compare direct with direct.
+        (The status request counts itself as active: a lease makes it two.)"""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            out = check_output([FLY_VAULT, "mux", "status", "--json"], timeout=30, env=self.env)
+            if any(row.get("active", 0) >= 2 for row in json.loads(out)):
+                return
+            time.sleep(0.05)
+        raise BenchError("the forward did not go through the connection keeper")
 
     def start_forward(self, label: str, options: list[str], spec: str) -> subprocess.Popen[bytes]:
         """A ``fly-vault forward`` subprocess, once it listens (its stderr in a log)."""

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="reach each vault through its connection keeper (the one fly-vault CLI calls "
         "use; started if none runs), so this server and the CLI hold one connection per vault "
-        "instead of two; off by default: a tool call then pays a relay hop",
+        "instead of two; without it the server keeps its own and skips the relay hop",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log to stderr at INFO")
     parser.add_argument("--version", action="store_true", help="print the version and exit")

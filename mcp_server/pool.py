@@ -85,6 +85,7 @@ class VaultPool:
         #: one attested connection between them instead of two.
         self.share_keeper = share_keeper
         self._vaults: dict[str, Vault] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
         self._config: Config | None = None
         self._stamp: tuple[int, int, int] | None = None
 
@@ -136,6 +137,12 @@ class VaultPool:
     # Vaults ----------------------------------------------------------------------------
 
     async def get(self, name: str) -> Vault:
+        # One at a time per vault: finding the keeper to share may wait (off the loop), and
+        # two calls must not both build a Vault (the loser's connection would be orphaned).
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            return await self._get(name)
+
+    async def _get(self, name: str) -> Vault:
         entry = self.entry(name)
         vault = self._vaults.get(name)
         if vault is not None and vault.config == entry:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import io
 import os
@@ -164,14 +165,11 @@ def test_the_file_worker_runs_in_the_workloads_cgroup(
                 if p != worker and _same_mnt(p, mine)
             }
 
-            # The writer: the FIFO as the host sees it through the worker's root. Opened in a
-            # thread: opening a FIFO blocks until its reader opens it, and the read request
-            # may still need this event loop to reach the worker (a deadlock otherwise).
-            def write_fifo() -> None:
-                with open(f"/proc/{worker}/root/tmp/fifo", "wb") as fifo:
-                    fifo.write(b"through the fifo")
-
-            await _step("writing the FIFO", asyncio.to_thread(write_fifo), vm_init)
+            # The writer: the FIFO as the host sees it through the worker's root. Opened
+            # without blocking, retried until the worker has it open for reading (a
+            # blocking open would hold this loop, which the read request may still need).
+            fifo = f"/proc/{worker}/root/tmp/fifo"
+            await _step("writing the FIFO", _write_when_read(fifo, b"through the fifo"), vm_init)
             out["data"] = await _step("reading back", reading, vm_init)
         finally:
             await _step("closing the vault", vault.close(), vm_init)
@@ -205,6 +203,22 @@ async def _step(what: str, awaitable: Any, init: InitProcess, timeout: float = 2
         raise AssertionError(
             f"{what}: hung for {timeout} s; init's children {children}\n{log}"
         ) from None
+
+
+async def _write_when_read(path: str, data: bytes) -> None:
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:  # ENXIO: no reader yet
+                raise
+            await asyncio.sleep(0.02)  # polling a condition, bounded by _step
+            continue
+        try:
+            os.write(fd, data)  # a FIFO takes this much at once
+        finally:
+            os.close(fd)
+        return
 
 
 def _cmdline(pid: int) -> str:

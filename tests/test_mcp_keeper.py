@@ -42,10 +42,17 @@ def test_the_mcp_server_and_the_cli_share_one_keeper_connection(vault: str) -> N
         # The keeper the server started: it holds the one connection, and the server's
         # exec went through it.
         first, _ = polled_status(paths.socket)
-        assert first["connects"] == 1 and first["active"] >= 1, first
-        # A CLI call on the same vault goes through the same keeper and connection.
+        # Active: the server's lease (its held connect request), this status request, and
+        # perhaps the exec's stream still ending.
+        assert first["connects"] == 1 and first["active"] >= 2, first
+        # A CLI call on the same vault goes through the same keeper and connection: the
+        # keeper counts its request (and each status poll counts itself).
+        before, _ = polled_status(paths.socket)
         cli = fv("exec", vault, "--", "echo", "from-cli")
         assert (cli.returncode, cli.stdout) == (0, b"from-cli\n"), cli.stderr
+        after, _ = polled_status(paths.socket)
+        assert after["requests"] - before["requests"] == 2, (before, after)
+        assert (after["pid"], after["connects"]) == (first["pid"], 1)
         await echo(s, vault, "again")
         status = await s.data("vault_status", {"vault": vault})
         assert status["ok"] and status["reused_connection"], status
@@ -57,8 +64,6 @@ def test_the_mcp_server_and_the_cli_share_one_keeper_connection(vault: str) -> N
     rows = run(sharing_server(), scenario)
     assert rows["second"]["pid"] == rows["first"]["pid"]
     assert rows["second"]["connects"] == 1
-    # The CLI's exec was a request of its own (besides the status polls).
-    assert rows["second"]["requests"] > rows["first"]["requests"] + 1
 
 
 def test_finished_execs_through_the_keeper_leave_no_session_behind(vault: str) -> None:
@@ -78,6 +83,49 @@ def test_finished_execs_through_the_keeper_leave_no_session_behind(vault: str) -
         return b"no exec sessions" in listed.stdout
 
     wait_for(none_left, "finished sessions stayed on the vault", timeout=15)
+
+
+def test_vault_status_first_shares_the_keeper_and_a_fresh_check_keeps_it(vault: str) -> None:
+    paths = expected_paths(vault)
+
+    async def scenario(s: Session) -> None:
+        status = await s.data("vault_status", {"vault": vault})
+        assert status["ok"] and status["claims"]["app_name"] == APP, status
+        assert "connection keeper" in status["steps"][1]["detail"], status["steps"]
+        fresh = await s.data("vault_status", {"vault": vault, "fresh": True})
+        assert fresh["ok"] and not fresh["reused_connection"], fresh
+        await echo(s, vault, "still-shared")
+        row, _ = polled_status(paths.socket)
+        # One connection, the keeper's: the status checks did not replace it.
+        assert row["connects"] == 1 and row["active"] >= 2, (
+            row
+        )  # the lease and this poll (and a stream ending)
+
+    run(sharing_server(), scenario)
+
+
+def test_a_keeper_is_given_no_secrets_and_is_not_named_after_them(
+    vault: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain = expected_paths(vault)
+    secrets = {
+        "FLY_VAULT_MCP_TOKEN": "mcp-bearer-token-0123456789",
+        "FLY_API_TOKEN": "fly-api-token-0123456789",
+        "FLY_VAULT_ACCESS_TOKEN": "tenant-token-0123456789",
+    }
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    # The server (holding the secrets) and a shell without them share one keeper.
+    assert expected_paths(vault) == plain
+
+    async def scenario(s: Session) -> None:
+        await echo(s, vault, "one")
+
+    run(sharing_server(), scenario)
+    pid = json.loads(plain.pid.read_text())["pid"]
+    environ = Path(f"/proc/{pid}/environ").read_bytes()
+    for name, value in secrets.items():
+        assert name.encode() not in environ and value.encode() not in environ
 
 
 def test_without_the_flag_the_server_starts_no_keeper(vault: str) -> None:

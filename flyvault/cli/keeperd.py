@@ -1,5 +1,5 @@
 """``python -m flyvault.cli.keeperd VAULT SOCKET READY_FD CALLER``: a connection keeper's
-process, started by a CLI call (``flyvault.cli.mux._start``).
+process, started by a CLI call or the MCP server (``flyvault.client.keeper_start.spawn``).
 
 What it does first needs only the standard library, so it costs the machine next to
 nothing while the call that started it runs: it detaches (its own session, ``/`` as its
@@ -23,8 +23,6 @@ import select
 import socket
 import sys
 import time
-
-from flyvault.client.keeper_start import alive
 
 #: The longest a keeper started in the background waits for its caller to end.
 CALLER_HEAD_START = 1.0
@@ -68,6 +66,9 @@ def listen(socket_path: str) -> socket.socket | None:
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE:
                 raise
+            # Imported here: a first start (no socket yet) stays on the standard library.
+            from flyvault.client.keeper_start import alive
+
             if alive(socket_path):
                 listener.close()
                 return None

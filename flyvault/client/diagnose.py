@@ -105,8 +105,9 @@ async def diagnose(
     timeout: float | None = None,
     on_step: OnStep | None = None,
 ) -> Diagnosis:
-    """Reuse the live connection unless ``fresh``; else connect without provisioning and
-    make the new connection the vault's current one."""
+    """Reuse the live connection unless ``fresh``, or the keeper's when the vault shares
+    one; else connect without provisioning and make the new connection the vault's current
+    one (unless it shares a keeper: then that connection is closed after the check)."""
     from flyvault.client.connection import open_vault
 
     name = vault.config.name
@@ -123,6 +124,20 @@ async def diagnose(
             )
         )
         return Diagnosis(name, tuple(recorder.steps), connection=live, reused=True)
+    if live is None and not fresh and vault.keeper is not None:
+        shared = await vault.through_keeper()
+        if shared is not None:
+            recorder = StepRecorder(on_step)
+            recorder.add(
+                DiagnosisStep(
+                    STEP_CONNECTION,
+                    True,
+                    0.0,
+                    "through the connection keeper, whose connection is attested and "
+                    "authenticated",
+                )
+            )
+            return Diagnosis(name, tuple(recorder.steps), connection=shared, reused=True)
     recorder = StepRecorder(on_step)
     try:
         import asyncio  # here, not at the top: the package must import without asyncio
@@ -140,7 +155,11 @@ async def diagnose(
         return Diagnosis(name, tuple(recorder.steps), error=error)
     except VaultError as exc:
         return Diagnosis(name, tuple(recorder.steps), error=exc)
-    vault.adopt(connection)
+    if vault.keeper is not None:
+        # Checked on a connection of its own (fresh): the vault keeps sharing the keeper's.
+        connection.close()
+    else:
+        vault.adopt(connection)
     return Diagnosis(name, tuple(recorder.steps), connection=connection)
 
 

@@ -4,8 +4,8 @@ A keeper is its own process, ``python -m flyvault.cli.keeperd``, started here wi
 ``posix_spawn`` (no ``subprocess`` import on the CLI's thin path). A caller either leaves it
 to start in the background (the CLI's default: the call connects directly meanwhile) or
 waits for its answer on a pipe (``FLY_VAULT_MUX=wait``, and the MCP server with
-``--share-keeper``, which starts once and stays). Standard library and
-``flyvault.client.mux`` only: light enough for the thin path.
+``--share-keeper``, which starts once and stays). Nothing heavier than
+``flyvault.client.mux``, ``envvars`` and ``errors``: light enough for the thin path.
 """
 
 from __future__ import annotations
@@ -20,8 +20,15 @@ import socket
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
-from flyvault.client.mux import KeeperPaths, keeper_key, keeper_paths, runtime_dir
+from flyvault.client.mux import (
+    NOT_FOR_KEEPERS,
+    KeeperPaths,
+    keeper_key,
+    keeper_paths,
+    runtime_dir,
+)
 from flyvault.envvars import FALSE_WORDS, TRUE_WORDS, env_text
 from flyvault.errors import UsageError, VaultError
 
@@ -51,6 +58,8 @@ def mux_mode() -> str | None:
     )
 
 
+#: The descriptor a waited-for keeper answers on.
+READY_FD = 3
 #: How long a caller waits for a keeper it started to listen (or refuse).
 START_TIMEOUT = 10.0
 
@@ -84,28 +93,38 @@ def spawn(paths: KeeperPaths, vault_name: str, ready_fd: int | None) -> None:
     waits, it starts in the background). The keeper detaches itself (its own session, no
     inherited descriptors). Failing to start is logged, never raised: the caller then
     connects directly."""
+    actions: list[tuple[Any, ...]] = [
+        (os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)
+    ]
+    spare = None
     if ready_fd is not None:
-        os.set_inheritable(ready_fd, True)
+        # Only the keeper gets the pipe, as descriptor 3 (dup2 clears close-on-exec there):
+        # marking it inheritable would leak it into anything else spawned meanwhile (the
+        # MCP server is threaded), and a dead keeper would then not close it.
+        if ready_fd == READY_FD:  # dup2 onto itself would keep close-on-exec
+            spare = ready_fd = os.dup(ready_fd)
+        actions.append((os.POSIX_SPAWN_DUP2, ready_fd, READY_FD))
     argv = [
         sys.executable,
         "-m",
         "flyvault.cli.keeperd",
         vault_name,
         str(paths.socket),
-        "-" if ready_fd is None else str(ready_fd),
+        "-" if ready_fd is None else str(READY_FD),
         str(os.getpid()),
     ]
-    null = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
+    env = {k: v for k, v in os.environ.items() if k not in NOT_FOR_KEEPERS}
     # Signals the caller ignores (a background job's SIGINT, nohup's SIGHUP) are the
     # keeper's to handle: back to their defaults. keeperd leaves the caller's session.
     defaults = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP)
     try:
-        pid = os.posix_spawn(
-            sys.executable, argv, os.environ, file_actions=null, setsigdef=defaults
-        )
+        pid = os.posix_spawn(sys.executable, argv, env, file_actions=actions, setsigdef=defaults)
     except Exception as exc:
         log.info("the connection keeper could not be started: %s", exc)
         return
+    finally:
+        if spare is not None:
+            os.close(spare)
     # The keeper stays our child (it only leaves our session): reaped when it exits, so a
     # long-lived caller (the MCP server, a long exec) keeps no zombie of it.
     threading.Thread(target=_reap, args=(pid,), name="keeper-reaper", daemon=True).start()

@@ -38,8 +38,17 @@ from flyvault.protocol.mux import (
 
 #: AF_UNIX paths are limited to 108 bytes on Linux (104 on macOS), NUL included.
 MAX_SOCKET_PATH = 100
+#: Secrets of other tools (the MCP server's HTTP bearer token, the admin's tokens): a
+#: keeper never needs them, so it is not given them (``keeper_start.spawn``), and they do
+#: not name it (an MCP server run with one shares the keeper of a shell without it).
+NOT_FOR_KEEPERS = (
+    "FLY_VAULT_MCP_TOKEN",
+    "FLY_VAULT_ACCESS_TOKEN",
+    "FLY_VAULT_USAGE_BEARER_TOKEN",
+    "FLY_API_TOKEN",
+)
 #: Variables that never change what a keeper connects to (they choose whether to use one).
-_NOT_KEYED = ("FLY_VAULT_MUX", "FLY_VAULT_MUX_IDLE")
+_NOT_KEYED = ("FLY_VAULT_MUX", "FLY_VAULT_MUX_IDLE", *NOT_FOR_KEEPERS)
 
 
 #: Connecting to a keeper's socket: a live keeper answers at once (a full backlog would

@@ -252,6 +252,13 @@ class Vault:
             self.connects += 1
             return connection
 
+    async def through_keeper(self) -> Any:
+        """The keeper's connection made the current one, or None when this vault shares no
+        keeper (any more). Never connects directly."""
+        if self.keeper is None:
+            return None
+        return await self._through_keeper(self.keeper)
+
     async def _through_keeper(self, socket_path: Path) -> Any:
         """The keeper's connection, or None (then never again): connect directly."""
         from flyvault.client.keeper_stream import KeeperConnection
