@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from flyvault.cli.console import Console
-from flyvault.cli.keeperd import answer
 from flyvault.cli.output import report_error
 from flyvault.cli.terminal import RawTerminal, terminal_size
 from flyvault.client.keeper_start import (
@@ -214,6 +213,7 @@ def keeper_process(
     switches, answer on ``ready_fd`` (``ok``, ``off`` or ``error:`` with the error as JSON;
     None: nobody waits, connect at once), then serve. A keeper that must not run gives the
     socket up: calls waiting in its backlog see it close and go direct."""
+    from flyvault.cli.keeperd import answer  # the keeper's side only: not on the thin path
     from flyvault.redact import ScrubbingStream
 
     sys.stdout, sys.stderr = ScrubbingStream(sys.stdout), ScrubbingStream(sys.stderr)  # type: ignore[assignment]

@@ -16,7 +16,6 @@ is kept for ``fly-vault mux status``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import socket
@@ -35,6 +34,14 @@ from flyvault.protocol.mux import (
     encode,
     encode_json,
 )
+
+try:  # CPython's built-in SHA-256: hashlib would load OpenSSL (~3 ms of the thin path)
+    from _sha2 import sha256 as _sha256  # type: ignore[import-not-found]  # 3.12+
+except ImportError:  # pragma: no cover - depends on the interpreter
+    try:
+        from _sha256 import sha256 as _sha256  # type: ignore[import-not-found,no-redef]
+    except ImportError:
+        from hashlib import sha256 as _sha256  # type: ignore[assignment]
 
 #: AF_UNIX paths are limited to 108 bytes on Linux (104 on macOS), NUL included.
 MAX_SOCKET_PATH = 100
@@ -117,7 +124,7 @@ def runtime_dir(*, create: bool = True) -> Path:
 def keeper_key(vault_name: str, config_path: Path, config_bytes: bytes) -> str:
     from flyvault import __version__
 
-    digest = hashlib.sha256()
+    digest = _sha256()
     for part in (f"{__version__}/{MUX_VERSION}", vault_name, str(config_path)):
         digest.update(part.encode("utf-8", "surrogateescape") + b"\0")
     digest.update(config_bytes + b"\0")
