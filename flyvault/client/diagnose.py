@@ -112,32 +112,17 @@ async def diagnose(
 
     name = vault.config.name
     live = None if fresh else vault.current
+    detail = (
+        f"reusing the pooled connection (attested, authenticated; {vault.connects} connect(s) "
+        "so far)"
+    )
+    if live is None and not fresh and vault.keeper is not None:
+        live = await vault.through_keeper()
+        detail = "through the connection keeper, whose connection is attested and authenticated"
     if live is not None:
         recorder = StepRecorder(on_step)
-        recorder.add(
-            DiagnosisStep(
-                STEP_CONNECTION,
-                True,
-                0.0,
-                "reusing the pooled connection (attested, authenticated; "
-                f"{vault.connects} connect(s) so far)",
-            )
-        )
+        recorder.add(DiagnosisStep(STEP_CONNECTION, True, 0.0, detail))
         return Diagnosis(name, tuple(recorder.steps), connection=live, reused=True)
-    if live is None and not fresh and vault.keeper is not None:
-        shared = await vault.through_keeper()
-        if shared is not None:
-            recorder = StepRecorder(on_step)
-            recorder.add(
-                DiagnosisStep(
-                    STEP_CONNECTION,
-                    True,
-                    0.0,
-                    "through the connection keeper, whose connection is attested and "
-                    "authenticated",
-                )
-            )
-            return Diagnosis(name, tuple(recorder.steps), connection=shared, reused=True)
     recorder = StepRecorder(on_step)
     try:
         import asyncio  # here, not at the top: the package must import without asyncio
