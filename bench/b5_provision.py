@@ -3,8 +3,8 @@
 As root. One temp dir on the same disk for everything. Steps, interleaved per round:
 ``tar xzf`` of the archive into a fresh dir (with ``sync``), then ``fly-vault reprovision``
 of the same archive to a local vm-mode vault (upload, streamed extraction, activation,
-the new workload up: the client's answer; the rest of the settle window is not waited
-for by the client, but by this bench before the next step). Reported against the tar
+the new workload up: the client's answer; then the CLI waits out the rest of the settle
+window to report a rollback, since 88a1068, and that is in its wall time). Reported against the tar
 time of the same round: end to end (the CLI's wall time, plus ``sync``) and init's
 receive+extract phase. Also records the init server's peak RSS across sizes, to show it
 does not grow with the image.
