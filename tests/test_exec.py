@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -99,6 +100,30 @@ def test_stdin_eof_ends_cat_at_once(vault: str) -> None:
     assert result.returncode == 0
     assert result.stdout == b""
     assert time.monotonic() - started < 15  # a hang would hit the subprocess timeout
+
+
+def test_a_reader_that_leaves_ends_the_command_as_over_ssh(vault: str) -> None:
+    """``fly-vault exec VAULT -- yes | head -c 10``: once the reader of our output has
+    gone, the remote command gets the SIGPIPE a local one would, and we exit with its
+    status (128 + 13), both directly and through the keeper. It used to run forever."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flyvault.cli.main", "exec", vault, "--", "yes"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.read(10) == b"y\n" * 5
+        proc.stdout.close()  # as `head -c 10` does once it has its bytes
+        assert proc.wait(timeout=30) == 128 + signal.SIGPIPE, proc.stderr.read()
+        err = proc.stderr.read()  # quiet, as a local `yes | head` (the dev-issuer note aside)
+        assert b"error" not in err and b"Traceback" not in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not any(info["running"] for info in _sessions(vault).values())
 
 
 def test_stdin_forwarded_in_full(vault: str) -> None:

@@ -303,6 +303,7 @@ class _ThinSession:
         self.in_flight = threading.Semaphore(STDIN_IN_FLIGHT)
         self._winch: Any = None
         self.broken: set[int] = set()
+        self.reader_gone_told = False
 
     def run(self) -> int:
         threading.Thread(target=self._send_loop, name="keeper-send", daemon=True).start()
@@ -351,8 +352,22 @@ class _ThinSession:
         try:
             while view:
                 view = view[os.write(fd, view) :]
-        except OSError:
+        except OSError as exc:
             self.broken.add(fd)
+            if isinstance(exc, BrokenPipeError) and not self.reader_gone_told:
+                self.reader_gone_told = True
+                self._signal_remote(signal.SIGPIPE)
+
+    def _signal_remote(self, signo: int) -> None:
+        """The reader of our output left (``exec VAULT -- yes | head``): the remote command
+        gets the SIGPIPE a local one would, through a ``kill`` request of its own; its exit
+        then ends this session as usual."""
+        if self.link.path is None:
+            return
+        try:
+            call(self.link.path, "kill", session_id=self.request.session_id, signal=int(signo))
+        except (KeeperUnavailable, VaultError, OSError) as exc:
+            log.info("could not signal session %s: %s", self.request.session_id, exc)
 
     def _raw(self, on: bool) -> None:
         if on and self.raw is None and self.interactive:

@@ -164,15 +164,26 @@ class _LocalFrontend:
         self.console = console
         self.interactive = interactive
         self.stdout, self.stderr = OutputSink(1), OutputSink(2)
+        #: Called once when our stdout's or stderr's reader went away (EPIPE):
+        #: ``exec VAULT -- yes | head`` must end, as it does over ssh.
+        self.reader_gone: Callable[[], None] = lambda: None
+        self._reader_gone_told = False
 
     def notice(self, message: str) -> None:
         self.console.notice(message)
 
     async def write_stdout(self, data: bytes) -> None:
         await self.stdout.write(data)
+        self._check_reader(self.stdout)
 
     async def write_stderr(self, data: bytes) -> None:
         await self.stderr.write(data)
+        self._check_reader(self.stderr)
+
+    def _check_reader(self, sink: OutputSink) -> None:
+        if not self._reader_gone_told and sink.reader_gone:
+            self._reader_gone_told = True
+            self.reader_gone()
 
     async def flush(self) -> None:
         await self.stdout.flush()
@@ -232,6 +243,9 @@ async def _run_session(
         stdout=frontend.write_stdout, stderr=frontend.write_stderr, notice=console.notice
     )
     session = ExecSession(vault, request, hooks)
+    # The reader of our output left: the remote command gets the SIGPIPE a local one would
+    # (it ends, and we exit with its status, 141 for most).
+    frontend.reader_gone = lambda: session.signal(signal.SIGPIPE)
     listeners = []
     try:
         try:

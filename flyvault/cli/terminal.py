@@ -96,6 +96,11 @@ class OutputSink:
             except OSError as exc:  # a closed pipe: drop the rest, remember why
                 self.error = exc
 
+    @property
+    def reader_gone(self) -> bool:
+        """Whether the descriptor is a pipe whose reader closed it (EPIPE)."""
+        return isinstance(self.error, BrokenPipeError)
+
     async def write(self, data: bytes) -> None:
         await self._put(data)
 

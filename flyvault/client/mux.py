@@ -146,8 +146,10 @@ def keeper_paths(directory: Path, vault_name: str, key: str) -> KeeperPaths:
 class KeeperLink:
     """One request to a keeper over its unix socket (blocking I/O, no asyncio)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, path: Path | None = None) -> None:
         self.sock = sock
+        #: The keeper's socket: where a further request about this one goes.
+        self.path = path
         self._decoder = MuxDecoder()
         self._frames: list[MuxFrame] = []
 
@@ -165,7 +167,7 @@ class KeeperLink:
         except OSError as exc:
             sock.close()
             raise KeeperUnavailable(f"no keeper at {path}: {exc.strerror or exc}") from None
-        link = cls(sock)
+        link = cls(sock, path)
         try:
             hello = encode_json(MuxKind.HELLO, {"version": MUX_VERSION, "op": op, **fields})
         except VaultError as exc:  # too big for the keeper's frames: go direct
