@@ -126,6 +126,30 @@ def test_a_reader_that_leaves_ends_the_command_as_over_ssh(vault: str) -> None:
     assert not any(info["running"] for info in _sessions(vault).values())
 
 
+def test_a_command_that_ignores_sigpipe_gets_sigterm_when_the_reader_leaves(vault: str) -> None:
+    """A command that ignores SIGPIPE (as Python programs do) never sees the EPIPE a local
+    pipeline would give it (the vault's pipe stays open): SIGTERM follows after a grace."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            *("-m", "flyvault.cli.main", "exec", vault, "--"),
+            *("sh", "-c", 'trap "" PIPE; while :; do echo y; done'),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.read(4) == b"y\ny\n"
+        proc.stdout.close()
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_stdin_forwarded_in_full(vault: str) -> None:
     payload = os.urandom(3 * 1024 * 1024)
     result = fv("exec", vault, "--", "sha256sum", input_=payload)

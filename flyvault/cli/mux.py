@@ -27,7 +27,7 @@ from typing import Any
 
 from flyvault.cli.console import Console
 from flyvault.cli.output import report_error
-from flyvault.cli.terminal import RawTerminal, terminal_size
+from flyvault.cli.terminal import READER_GONE_GRACE, RawTerminal, terminal_size
 from flyvault.client.keeper_start import (
     WAIT,
     alive,
@@ -357,6 +357,10 @@ class _ThinSession:
             if isinstance(exc, BrokenPipeError) and not self.reader_gone_told:
                 self.reader_gone_told = True
                 self._signal_remote(signal.SIGPIPE)
+                # As the direct path: SIGTERM for a command that ignored it.
+                later = threading.Timer(READER_GONE_GRACE, self._signal_remote, (signal.SIGTERM,))
+                later.daemon = True
+                later.start()
 
     def _signal_remote(self, signo: int) -> None:
         """The reader of our output left (``exec VAULT -- yes | head``): the remote command

@@ -19,6 +19,7 @@ from typing import Any
 from flyvault.cli.console import Console
 from flyvault.cli.output import report_error
 from flyvault.cli.terminal import (
+    READER_GONE_GRACE,
     OutputSink,
     RawTerminal,
     isatty,
@@ -245,7 +246,7 @@ async def _run_session(
     session = ExecSession(vault, request, hooks)
     # The reader of our output left: the remote command gets the SIGPIPE a local one would
     # (it ends, and we exit with its status, 141 for most).
-    frontend.reader_gone = lambda: session.signal(signal.SIGPIPE)
+    frontend.reader_gone = lambda: _reader_gone(session)
     listeners = []
     try:
         try:
@@ -260,6 +261,21 @@ async def _run_session(
             await listener.close()
         await vault.close()
         frontend.close()
+
+
+def _reader_gone(session: Any) -> None:
+    """SIGPIPE now; SIGTERM after ``READER_GONE_GRACE`` s for a command that ignores SIGPIPE
+    (Python programs do): its writes go to the vault's pipe, which stays open, so it would
+    never see the EPIPE a local pipeline gives it."""
+    import asyncio
+
+    session.signal(signal.SIGPIPE)
+
+    def escalate() -> None:
+        with contextlib.suppress(Exception):  # the session may have ended meanwhile
+            session.signal(signal.SIGTERM)
+
+    asyncio.get_running_loop().call_later(READER_GONE_GRACE, escalate)
 
 
 async def _start_forward(spec: Any, vault: Any, console: Console) -> Any:

@@ -72,6 +72,11 @@ def terminal_size(fd: int = 1) -> tuple[int, int]:
     return 0, 0
 
 
+#: Seconds a remote command that ignored SIGPIPE gets before SIGTERM, once the reader of
+#: exec's output left (the direct path and the keeper's thin path alike).
+READER_GONE_GRACE = 2.0
+
+
 class OutputSink:
     """Writes to a file descriptor from a thread, so a slow reader (``| less``) blocks the
     session's output, through a bounded queue, instead of the event loop."""
