@@ -27,7 +27,8 @@ from typing import Any
 
 from flyvault.cli.console import Console
 from flyvault.cli.output import report_error
-from flyvault.cli.terminal import READER_GONE_GRACE, RawTerminal, terminal_size
+from flyvault.cli.terminal import RawTerminal, terminal_size
+from flyvault.client.exec_request import READER_GONE_EXIT, READER_GONE_GRACE, reader_gone_signal
 from flyvault.client.keeper_start import (
     WAIT,
     alive,
@@ -279,19 +280,26 @@ def exec_through_keeper(args: argparse.Namespace, request: Any, forward_stdin: b
     if link is None:
         return None
     try:
-        return _ThinSession(link, request, interactive, forward_stdin).run()
+        return _ThinSession(link, request, interactive, forward_stdin, args.vault).run()
     finally:
         link.close()
+
+
+#: How long the signal for a command whose reader left may take through the keeper.
+KILL_TIMEOUT = 5.0
 
 
 class _ThinSession:
     """The CLI's end of an exec served by the keeper: the terminal and the byte pumps."""
 
-    def __init__(self, link: KeeperLink, request: Any, interactive: bool, forward_stdin: bool):
+    def __init__(
+        self, link: KeeperLink, request: Any, interactive: bool, forward_stdin: bool, vault: str
+    ):
         from flyvault.cli.progress import ProgressLine
 
         self.link = link
         self.request = request
+        self.vault = vault
         self.interactive = interactive
         self.forward_stdin = forward_stdin
         self.console = Console()
@@ -303,7 +311,8 @@ class _ThinSession:
         self.in_flight = threading.Semaphore(STDIN_IN_FLIGHT)
         self._winch: Any = None
         self.broken: set[int] = set()
-        self.reader_gone_told = False
+        self.reader_gone = False
+        self.escalation: threading.Timer | None = None
 
     def run(self) -> int:
         threading.Thread(target=self._send_loop, name="keeper-send", daemon=True).start()
@@ -312,6 +321,8 @@ class _ThinSession:
         try:
             return self._receive_loop()
         finally:
+            if self.escalation is not None:  # decided: nothing signals the command any more
+                self.escalation.cancel()
             self._leave_raw()
             self.progress.close()
 
@@ -325,6 +336,8 @@ class _ThinSession:
                 return self._fail(_with_session_hint(keeper_lost(), self.request))
             if isinstance(event, KeeperOutput):
                 self._write(event.fd, event.data)
+                if self.reader_gone and self.request.keep:
+                    return self._reader_left()
             elif isinstance(event, KeeperNotice):
                 self.progress.close()
                 self.console.notice(event.message)
@@ -336,6 +349,15 @@ class _ThinSession:
                 self.in_flight.release()
             else:
                 return int(event.value)
+
+    def _reader_left(self) -> int:
+        """A kept session nobody here reads any more: leave it running (closing the link
+        detaches it in the keeper), as the direct path does."""
+        self.console.notice(
+            f"the reader of the output left; session {self.request.session_id} keeps running "
+            f"(reattach: fly-vault exec {self.vault} --session {self.request.session_id})"
+        )
+        return READER_GONE_EXIT
 
     def _fail(self, error: VaultError) -> int:
         from flyvault.client.exec_request import CLIENT_FAILURE
@@ -354,22 +376,32 @@ class _ThinSession:
                 view = view[os.write(fd, view) :]
         except OSError as exc:
             self.broken.add(fd)
-            if isinstance(exc, BrokenPipeError) and not self.reader_gone_told:
-                self.reader_gone_told = True
-                self._signal_remote(signal.SIGPIPE)
-                # As the direct path: SIGTERM for a command that ignored it.
-                later = threading.Timer(READER_GONE_GRACE, self._signal_remote, (signal.SIGTERM,))
-                later.daemon = True
-                later.start()
+            if isinstance(exc, BrokenPipeError) and not self.reader_gone:
+                self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        """The reader of our output left: as the direct path (``session_runner``). A kept
+        session is left running (the receive loop ends, closing the link: the keeper
+        detaches); a command of ours gets its signal through a ``kill`` request of its own,
+        from a thread (the receive loop keeps draining), and SIGTERM after the grace."""
+        self.reader_gone = True
+        if self.request.keep:
+            return
+        signo = reader_gone_signal(self.request)
+        threading.Thread(target=self._signal_remote, args=(signo,), daemon=True).start()
+        self.escalation = threading.Timer(READER_GONE_GRACE, self._signal_remote, (signal.SIGTERM,))
+        self.escalation.daemon = True
+        self.escalation.start()
 
     def _signal_remote(self, signo: int) -> None:
-        """The reader of our output left (``exec VAULT -- yes | head``): the remote command
-        gets the SIGPIPE a local one would, through a ``kill`` request of its own; its exit
-        then ends this session as usual."""
-        if self.link.path is None:
-            return
         try:
-            call(self.link.path, "kill", session_id=self.request.session_id, signal=int(signo))
+            call(
+                self.link.path,
+                "kill",
+                answer_timeout=KILL_TIMEOUT,
+                session_id=self.request.session_id,
+                signal=int(signo),
+            )
         except (KeeperUnavailable, VaultError, OSError) as exc:
             log.info("could not signal session %s: %s", self.request.session_id, exc)
 

@@ -19,7 +19,6 @@ from typing import Any
 from flyvault.cli.console import Console
 from flyvault.cli.output import report_error
 from flyvault.cli.terminal import (
-    READER_GONE_GRACE,
     OutputSink,
     RawTerminal,
     isatty,
@@ -162,12 +161,20 @@ class _LocalFrontend:
     """The session on this process's own terminal (``flyvault.client.session_runner``)."""
 
     def __init__(self, console: Console, interactive: bool) -> None:
+        import asyncio
+
         self.console = console
         self.interactive = interactive
-        self.stdout, self.stderr = OutputSink(1), OutputSink(2)
-        #: Called once when our stdout's or stderr's reader went away (EPIPE):
-        #: ``exec VAULT -- yes | head`` must end, as it does over ssh.
-        self.reader_gone: Callable[[], None] = lambda: None
+        loop = asyncio.get_running_loop()
+
+        #: Told from a sink's writer thread the moment a write hit EPIPE (not at the next
+        #: write, which may never come: `tail -f log | head`).
+        def broken() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop already ended: nothing to do
+                loop.call_soon_threadsafe(self._reader_left)
+
+        self.stdout, self.stderr = OutputSink(1, on_broken=broken), OutputSink(2, on_broken=broken)
+        self._reader_gone: Callable[[], None] | None = None
         self._reader_gone_told = False
 
     def notice(self, message: str) -> None:
@@ -175,16 +182,17 @@ class _LocalFrontend:
 
     async def write_stdout(self, data: bytes) -> None:
         await self.stdout.write(data)
-        self._check_reader(self.stdout)
 
     async def write_stderr(self, data: bytes) -> None:
         await self.stderr.write(data)
-        self._check_reader(self.stderr)
 
-    def _check_reader(self, sink: OutputSink) -> None:
-        if not self._reader_gone_told and sink.reader_gone:
+    def on_reader_gone(self, callback: Callable[[], None]) -> None:
+        self._reader_gone = callback
+
+    def _reader_left(self) -> None:
+        if not self._reader_gone_told and self._reader_gone is not None:
             self._reader_gone_told = True
-            self.reader_gone()
+            self._reader_gone()
 
     async def flush(self) -> None:
         await self.stdout.flush()
@@ -244,9 +252,6 @@ async def _run_session(
         stdout=frontend.write_stdout, stderr=frontend.write_stderr, notice=console.notice
     )
     session = ExecSession(vault, request, hooks)
-    # The reader of our output left: the remote command gets the SIGPIPE a local one would
-    # (it ends, and we exit with its status, 141 for most).
-    frontend.reader_gone = lambda: _reader_gone(session)
     listeners = []
     try:
         try:
@@ -261,21 +266,6 @@ async def _run_session(
             await listener.close()
         await vault.close()
         frontend.close()
-
-
-def _reader_gone(session: Any) -> None:
-    """SIGPIPE now; SIGTERM after ``READER_GONE_GRACE`` s for a command that ignores SIGPIPE
-    (Python programs do): its writes go to the vault's pipe, which stays open, so it would
-    never see the EPIPE a local pipeline gives it."""
-    import asyncio
-
-    session.signal(signal.SIGPIPE)
-
-    def escalate() -> None:
-        with contextlib.suppress(Exception):  # the session may have ended meanwhile
-            session.signal(signal.SIGTERM)
-
-    asyncio.get_running_loop().call_later(READER_GONE_GRACE, escalate)
 
 
 async def _start_forward(spec: Any, vault: Any, console: Console) -> Any:

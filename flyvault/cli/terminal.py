@@ -72,17 +72,16 @@ def terminal_size(fd: int = 1) -> tuple[int, int]:
     return 0, 0
 
 
-#: Seconds a remote command that ignored SIGPIPE gets before SIGTERM, once the reader of
-#: exec's output left (the direct path and the keeper's thin path alike).
-READER_GONE_GRACE = 2.0
-
-
 class OutputSink:
     """Writes to a file descriptor from a thread, so a slow reader (``| less``) blocks the
     session's output, through a bounded queue, instead of the event loop."""
 
-    def __init__(self, fd: int, capacity: int = 64) -> None:
+    def __init__(
+        self, fd: int, capacity: int = 64, on_broken: Callable[[], None] | None = None
+    ) -> None:
         self.fd = fd
+        #: Called from the writer thread at each write that found the reader gone (EPIPE).
+        self.on_broken = on_broken
         self._queue: queue.Queue[bytes | threading.Event | None] = queue.Queue(capacity)
         self._thread = threading.Thread(target=self._run, name=f"sink-{fd}", daemon=True)
         self._thread.start()
@@ -100,11 +99,8 @@ class OutputSink:
                     view = view[written:]
             except OSError as exc:  # a closed pipe: drop the rest, remember why
                 self.error = exc
-
-    @property
-    def reader_gone(self) -> bool:
-        """Whether the descriptor is a pipe whose reader closed it (EPIPE)."""
-        return isinstance(self.error, BrokenPipeError)
+                if isinstance(exc, BrokenPipeError) and self.on_broken is not None:
+                    self.on_broken()
 
     async def write(self, data: bytes) -> None:
         await self._put(data)

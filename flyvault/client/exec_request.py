@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal as _signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -39,6 +40,19 @@ T = TypeVar("T")
 #: The exit status of exec/connect when fly-vault itself failed or the user left with ``~.``
 #: (as ssh's 255): any other status is the remote command's own.
 CLIENT_FAILURE = 255
+#: Seconds a remote command that ignored the reader-gone signal gets before SIGTERM.
+READER_GONE_GRACE = 2.0
+#: ``exec`` exits with this when it stopped following a kept session because the reader
+#: of its output left (128 + SIGPIPE, what the shell shows for a writer killed by a pipe).
+READER_GONE_EXIT = 141
+
+
+def reader_gone_signal(request: ExecRequest) -> int:
+    """The signal a command gets when the reader of its output left: SIGPIPE, as a local
+    writer to a closed pipe gets; SIGHUP for a terminal session, as a vanished terminal
+    gives."""
+    return int(_signal.SIGHUP if request.pty or request.shell else _signal.SIGPIPE)
+
 
 #: Terminal rows and columns travel as u16.
 MAX_TERMINAL_SIZE = 0xFFFF

@@ -122,6 +122,10 @@ class _FrameFrontend:
     def notice(self, message: str) -> None:
         self.link.send_nowait(encode_json(MuxKind.NOTICE, {"message": message}))
 
+    def on_reader_gone(self, callback: Callable[[], None]) -> None:
+        """The CLI at the other end sees its reader leave and acts itself (a ``kill``
+        request, or it leaves): nothing to watch here."""
+
     async def write_stdout(self, data: bytes) -> None:
         await self.link.send_data(MuxKind.STDOUT, data)
 

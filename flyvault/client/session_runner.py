@@ -13,11 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from flyvault.client.escapes import RESET_MODES, EscapeDetector
-from flyvault.client.exec_request import CLIENT_FAILURE, ExecRequest
+from flyvault.client.exec_request import (
+    CLIENT_FAILURE,
+    READER_GONE_EXIT,
+    READER_GONE_GRACE,
+    ExecRequest,
+    reader_gone_signal,
+)
 from flyvault.errors import ConnectionLost, VaultError
 
 
@@ -47,6 +54,10 @@ class SessionFrontend(Protocol):
         self, deliver: Callable[[bytes], Awaitable[None]], on_eof: Callable[[], None]
     ) -> None: ...
 
+    def on_reader_gone(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the loop, once) when the reader of our output left (EPIPE);
+        a frontend that cannot tell never calls it."""
+
 
 async def run_attached(
     session: Any,
@@ -56,8 +67,10 @@ async def run_attached(
     forward_stdin: bool,
 ) -> int:
     """Run ``session`` (an ``ExecSession`` on a connected vault) to its end; the exit status."""
-    left: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    left: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     interactive = frontend.interactive
+    escalation: list[asyncio.TimerHandle] = []
+    frontend.on_reader_gone(lambda: _reader_gone(session, request, left, escalation))
     with frontend.raw() if interactive else contextlib.nullcontext():
         if interactive:
             frontend.on_resize(session.resize)
@@ -71,7 +84,7 @@ async def run_attached(
             if escapes is not None:
                 data, action = escapes.feed(data)
                 if action == "disconnect" and not left.done():
-                    left.set_result(None)
+                    left.set_result("escape")
                 elif action == "help":
                     await frontend.write_stderr(EscapeDetector.HELP)
             if data:
@@ -84,10 +97,14 @@ async def run_attached(
         try:
             await asyncio.wait({runner, left}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            for handle in escalation:  # decided: nothing signals the command any more
+                handle.cancel()
             if not runner.done():  # left with ~., or our caller was cancelled
                 runner.cancel()
                 await asyncio.wait({runner}, timeout=2.0)  # no session output after this
         if left.done() and runner.cancelled():
+            if left.result() == "reader":
+                return await _reader_left(request, frontend, vault_name)
             return await _left(request, frontend, vault_name)
         try:
             exited = runner.result()
@@ -103,6 +120,40 @@ async def run_attached(
                 f"{what} was ended by the vault: {exited.reason} (exit status {exited.exit_status})"
             )
         return int(exited.exit_status)
+
+
+def _reader_gone(
+    session: Any,
+    request: ExecRequest,
+    left: asyncio.Future[str],
+    escalation: list[asyncio.TimerHandle],
+) -> None:
+    """The reader of our output left (``exec VAULT -- yes | head``). A command of this
+    client gets what a local one would: SIGPIPE (SIGHUP for a terminal session, as a
+    vanished terminal gives), then SIGTERM after ``READER_GONE_GRACE`` s for one that
+    ignores it (its writes go to the vault's pipe, which stays open, so it never sees
+    EPIPE). A kept session (``--session``) outlives its clients: stop following it, as
+    ``~.`` does."""
+    if request.keep:
+        if not left.done():
+            left.set_result("reader")
+        return
+    session.signal(reader_gone_signal(request))
+
+    def escalate() -> None:
+        with contextlib.suppress(Exception):  # ended meanwhile: nothing to signal
+            session.signal(signal.SIGTERM)
+
+    escalation.append(asyncio.get_running_loop().call_later(READER_GONE_GRACE, escalate))
+
+
+async def _reader_left(request: ExecRequest, frontend: SessionFrontend, vault_name: str) -> int:
+    """A kept session whose output nobody reads here any more: it keeps running."""
+    frontend.notice(
+        f"the reader of the output left; session {request.session_id} keeps running "
+        f"(reattach: fly-vault exec {vault_name} --session {request.session_id})"
+    )
+    return READER_GONE_EXIT
 
 
 async def _left(request: ExecRequest, frontend: SessionFrontend, vault_name: str) -> int:
