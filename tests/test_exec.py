@@ -102,79 +102,55 @@ def test_stdin_eof_ends_cat_at_once(vault: str) -> None:
     assert time.monotonic() - started < 15  # a hang would hit the subprocess timeout
 
 
-def test_a_reader_that_leaves_ends_the_command_as_over_ssh(vault: str) -> None:
-    """``fly-vault exec VAULT -- yes | head -c 10``: once the reader of our output has
-    gone, the remote command gets the SIGPIPE a local one would, and we exit with its
-    status (128 + 13), both directly and through the keeper. It used to run forever."""
+def _reader_leaves(vault: str, *args: str, first: bytes) -> tuple[int, bytes]:
+    """Run ``fly-vault exec VAULT ARGS`` with its stdout on a pipe, read ``first`` from it
+    and close the pipe, as ``| head -c N`` does; its exit status and stderr (bounded)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flyvault.cli.main", "exec", vault, "--", "yes"],
+        [sys.executable, "-m", "flyvault.cli.main", "exec", vault, *args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
     try:
         assert proc.stdout is not None and proc.stderr is not None
-        assert proc.stdout.read(10) == b"y\n" * 5
-        proc.stdout.close()  # as `head -c 10` does once it has its bytes
-        assert proc.wait(timeout=30) == 128 + signal.SIGPIPE, proc.stderr.read()
-        err = proc.stderr.read().lower()  # quiet, as `yes | head` (the dev-issuer note aside)
-        assert b"error" not in err and b"traceback" not in err and b"broken" not in err, err
+        assert proc.stdout.read(len(first)) == first
+        proc.stdout.close()
+        code = proc.wait(timeout=30)
+        return code, proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_reader_that_leaves_ends_the_command_as_over_ssh(vault: str) -> None:
+    """``fly-vault exec VAULT -- yes | head -c 10``: once the reader of our output has
+    gone, the remote command gets the SIGPIPE a local one would, and we exit with its
+    status (128 + 13), both directly and through the keeper. It used to run forever."""
+    code, err = _reader_leaves(vault, "--", "yes", first=b"y\n" * 5)
+    assert code == 128 + signal.SIGPIPE, err
+    err = err.lower()  # quiet, as `yes | head` (the dev-issuer note aside)
+    assert b"error" not in err and b"traceback" not in err and b"broken" not in err, err
     assert not any(info["running"] for info in _sessions(vault).values())
 
 
 def test_a_command_that_ignores_sigpipe_gets_sigterm_when_the_reader_leaves(vault: str) -> None:
     """A command that ignores SIGPIPE (as Python programs do) never sees the EPIPE a local
     pipeline would give it (the vault's pipe stays open): SIGTERM follows after a grace."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            *("-m", "flyvault.cli.main", "exec", vault, "--"),
-            *("sh", "-c", 'trap "" PIPE; while :; do echo y; done'),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert proc.stdout is not None and proc.stderr is not None
-        assert proc.stdout.read(4) == b"y\ny\n"
-        proc.stdout.close()
-        assert proc.wait(timeout=30) == 128 + signal.SIGTERM, proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    script = 'trap "" PIPE; while :; do echo y; done'
+    code, err = _reader_leaves(vault, "--", "sh", "-c", script, first=b"y\ny\n")
+    assert code == 128 + signal.SIGTERM, err
 
 
 def test_a_kept_session_whose_reader_leaves_keeps_running(vault: str) -> None:
     """``exec --session NAME ... | head``: a kept session outlives its clients, so a reader
     that leaves only stops this client following it (exit 141, and how to reattach)."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            *("-m", "flyvault.cli.main", "exec", vault, "--session", "piped", "--"),
-            *("sh", "-c", "while :; do echo y; sleep 0.01; done"),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+    script = "while :; do echo y; sleep 0.01; done"
+    code, err = _reader_leaves(
+        vault, "--session", "piped", "--", "sh", "-c", script, first=b"y\ny\n"
     )
-    try:
-        assert proc.stdout is not None and proc.stderr is not None
-        assert proc.stdout.read(4) == b"y\ny\n"
-        proc.stdout.close()
-        assert proc.wait(timeout=30) == 141, proc.stderr.read()
-        err = proc.stderr.read()
-        assert b"session piped keeps running" in err, err
-        assert b"--session piped" in err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    assert code == 141, err
+    assert b"session piped keeps running" in err and b"--session piped" in err, err
     assert _sessions(vault)["piped"]["running"] is True
     killed = fv("kill", vault, "piped", "--signal", "KILL")
     assert killed.returncode == 0, killed.stderr
