@@ -52,6 +52,10 @@ class ErrorCode(enum.IntEnum):
     PATH_NOT_FOUND = 17
     #: A compare-and-swap write found the file changed (or present, or gone): not written.
     CONFLICT = 18
+    #: The command (or its working directory) does not exist: the shell's 127.
+    COMMAND_NOT_FOUND = 19
+    #: The command exists but cannot be executed: the shell's 126.
+    COMMAND_NOT_EXECUTABLE = 20
 
 
 class VaultError(Exception):
@@ -95,6 +99,12 @@ class TransportError(VaultError):
 
 class ConnectError(TransportError):
     """The vault could not be reached (resolution, handshake, refused)."""
+
+
+class NoAnswer(ConnectError):
+    """Nothing answered at the vault's address (no QUIC answer, refused, unreachable): the
+    vault is not running there, or the address is wrong. The client names the vault in the
+    hint (``fly-vault local up`` for the local dev vault)."""
 
 
 class ServerBusy(ConnectError):
@@ -307,6 +317,26 @@ class SpawnError(VaultError):
     code = ErrorCode.INVALID_REQUEST
 
 
+class CommandNotFound(SpawnError):
+    """No such program (or working directory): ``exec`` exits 127, as ssh's shell would."""
+
+    exit_code = 127
+    code = ErrorCode.COMMAND_NOT_FOUND
+
+
+class CommandNotExecutable(SpawnError):
+    """The program exists but cannot be run (permissions, not a program, a directory):
+    ``exec`` exits 126, as ssh's shell would."""
+
+    exit_code = 126
+    code = ErrorCode.COMMAND_NOT_EXECUTABLE
+
+
+def spawn_error(message: str, exit_code: int) -> SpawnError:
+    """The SpawnError for a start that failed with the shell's ``exit_code`` (126 or 127)."""
+    return CommandNotExecutable(message) if exit_code == 126 else CommandNotFound(message)
+
+
 class FirewallError(VaultError):
     """The firewall could not be applied; init must not start serving without it."""
 
@@ -338,6 +368,8 @@ WIRE_CLASSES: tuple[type[VaultError], ...] = (
     IntegrityError,
     PathNotFound,
     Conflict,
+    CommandNotFound,
+    CommandNotExecutable,
 )
 
 _BY_CODE: dict[int, type[VaultError]] = {cls.code: cls for cls in WIRE_CLASSES}

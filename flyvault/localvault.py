@@ -34,11 +34,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from flyvault.defaults import LOCAL_APP, LOCAL_ORG
 from flyvault.errors import ConfigError, VaultError
 from flyvault.paths import data_dir
 
-LOCAL_ORG = "local"
-LOCAL_APP = "fly-vault-local"
 START_TIMEOUT = 20.0
 #: ``down`` waits this long for the vault to end its sessions, stop the workload and remove
 #: its cgroups before it kills the server (which would leave them to the next ``up``).

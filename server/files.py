@@ -20,7 +20,6 @@ import logging
 import os
 import signal
 import socket
-import struct
 from typing import TYPE_CHECKING
 
 from flyvault.errors import (
@@ -30,6 +29,7 @@ from flyvault.errors import (
     TransportError,
     VaultError,
 )
+from flyvault.protocol.codec import Frame, FrameDecoder, encode_frame
 from flyvault.protocol.constants import ERROR_FRAME
 from flyvault.protocol.files import (
     MAX_FRAME,
@@ -63,7 +63,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flyvault.server.files")
 
-_HEADER = struct.Struct(">BI")
+#: Upload frames go to the worker once this many bytes are queued (or the stream is idle).
+UPLOAD_BATCH = 256 * 1024
+#: The most one read from the worker takes.
+RECEIVE_SIZE = 1024 * 1024
 
 
 async def handle_files(connection: ServerConnection, stream: QuicStream, initial: bytes) -> None:
@@ -152,6 +155,8 @@ class _Worker:
         self.sock = sock
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.outbox = bytearray()
+        self.inbox = FrameDecoder(MAX_FRAME)
 
     @classmethod
     def fork(cls, request: FileRequest, target: Target) -> _Worker:
@@ -174,10 +179,16 @@ class _Worker:
     async def open(self) -> None:
         self.reader, self.writer = await asyncio.open_unix_connection(sock=self.sock)
 
-    async def send(self, kind: int, payload: bytes = b"") -> None:
-        assert self.writer is not None
-        self.writer.write(_HEADER.pack(kind, len(payload)) + payload)
-        await self.writer.drain()
+    def queue(self, kind: int, payload: bytes = b"") -> None:
+        """A frame for the worker, written by the next ``flush``."""
+        self.outbox += encode_frame(kind, payload, max_payload=MAX_FRAME)
+
+    async def flush(self) -> None:
+        if self.outbox:
+            assert self.writer is not None
+            data, self.outbox = bytes(self.outbox), bytearray()
+            self.writer.write(data)
+            await self.writer.drain()
 
     def end_input(self) -> None:
         """No more client data: the worker sees the end of its input (abandoned upload)."""
@@ -185,16 +196,28 @@ class _Worker:
             with contextlib.suppress(OSError):
                 self.writer.write_eof()
 
-    async def receive(self) -> tuple[int, bytes] | None:
+    async def receive(self) -> list[Frame] | None:
+        """Every frame the worker has sent so far (waiting for one), or None once it ended.
+
+        Raises RemoteError for a frame larger than MAX_FRAME."""
         assert self.reader is not None
-        try:
-            header = await self.reader.readexactly(_HEADER.size)
-            kind, length = _HEADER.unpack(header)
-            if length > MAX_FRAME:
-                raise RemoteError("the file worker sent an oversized frame")
-            return kind, await self.reader.readexactly(length)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            return None
+        while True:
+            try:
+                frame = self.inbox.next_frame()
+            except RemoteProtocolError:
+                raise RemoteError("the file worker sent an oversized frame") from None
+            if frame is not None:
+                frames = [frame]
+                while (more := self.inbox.next_frame()) is not None:
+                    frames.append(more)
+                return frames
+            try:
+                data = await self.reader.read(RECEIVE_SIZE)
+            except ConnectionError:
+                data = b""
+            if not data:
+                return None
+            self.inbox.feed(data)
 
     async def close(self) -> None:
         if self.writer is not None:
@@ -227,80 +250,114 @@ async def _serve(machine: FileServer, stream: QuicStream, worker: _Worker) -> No
 
 
 async def _upload(machine: FileServer, stream: QuicStream, worker: _Worker) -> None:
-    """Client -> worker, through the machine's checks."""
+    """Client -> worker, through the machine's checks. The frames of everything read from
+    the stream so far go to the worker in one write (one per frame cost more than the bytes
+    for a tree of small files)."""
     loop = asyncio.get_running_loop()
     while True:
         try:
             event = machine.next_event(loop.time())
         except RemoteProtocolError as exc:
             log.debug("file stream: %s", exc)
+            await worker.flush()
             worker.end_input()
             await _send(stream, machine)
             return
         if event is None:
+            await worker.flush()
             if machine.finished or machine.input_ended:
                 worker.end_input()
                 return
-            try:
-                async with asyncio.timeout_at(machine.next_deadline()):
-                    data = await stream.read()
-            except TimeoutError:
-                machine.handle_timer(loop.time())
-                worker.end_input()
-                await _send(stream, machine)
+            if not await _read_into(machine, stream, worker):
                 return
-            except TransportError:
-                worker.end_input()
-                return
-            if data:
-                machine.receive_data(data)
-            else:
-                machine.receive_eof()
-            continue
-        if isinstance(event, ResumeRequested):
-            await worker.send(FileFrame.RESUME_AT, encode_offset(event.offset))
-        elif isinstance(event, DataReceived):
-            await worker.send(FileFrame.DATA, event.data)
-        elif isinstance(event, DigestReceived):
-            await worker.send(FileFrame.DIGEST, event.digest.encode())
-        elif isinstance(event, UploadEnded):
-            await worker.send(FileFrame.END)
-        elif isinstance(event, (UploadAbandoned, UploadTimedOut)):
-            worker.end_input()
-            if isinstance(event, UploadTimedOut):
-                await _send(stream, machine)
+        elif not await _pass_on(event, stream, machine, worker):
             return
+        elif len(worker.outbox) >= UPLOAD_BATCH:
+            await worker.flush()
+
+
+async def _read_into(machine: FileServer, stream: QuicStream, worker: _Worker) -> bool:
+    """The next bytes from the client into the machine; False when the upload is over."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout_at(machine.next_deadline()):
+            data = await stream.read()
+    except TimeoutError:
+        machine.handle_timer(loop.time())
+        worker.end_input()
+        await _send(stream, machine)
+        return False
+    except TransportError:
+        worker.end_input()
+        return False
+    if data:
+        machine.receive_data(data)
+    else:
+        machine.receive_eof()
+    return True
+
+
+async def _pass_on(
+    event: object, stream: QuicStream, machine: FileServer, worker: _Worker
+) -> bool:
+    """One upload event to the worker; False when the upload is over."""
+    if isinstance(event, ResumeRequested):
+        worker.queue(FileFrame.RESUME_AT, encode_offset(event.offset))
+    elif isinstance(event, DataReceived):
+        worker.queue(FileFrame.DATA, event.data)
+    elif isinstance(event, DigestReceived):
+        worker.queue(FileFrame.DIGEST, event.digest.encode())
+    elif isinstance(event, UploadEnded):
+        worker.queue(FileFrame.END)
+        await worker.flush()
+    elif isinstance(event, (UploadAbandoned, UploadTimedOut)):
+        await worker.flush()
+        worker.end_input()
+        if isinstance(event, UploadTimedOut):
+            await _send(stream, machine)
+        return False
+    return True
 
 
 async def _download(machine: FileServer, stream: QuicStream, worker: _Worker) -> None:
-    """Worker -> client, through the machine; ends when the answer went out."""
-    loop = asyncio.get_running_loop()
+    """Worker -> client, through the machine; ends when the answer went out. Every frame
+    that has arrived is handled before one write to the stream."""
     while not machine.finished:
-        frame = await worker.receive()
-        if machine.finished:
-            break
-        if frame is None:
+        try:
+            frames = await worker.receive()
+        except RemoteError as exc:
+            frames = None
+            machine.refuse(exc)
+        if frames is None and not machine.finished:
             machine.refuse(RemoteError("the file worker ended without an answer (see init logs)"))
-        else:
-            kind, payload = frame
-            if kind == FileFrame.READY:
-                ready = WriteReady.decode(payload)
-                machine.ready(ready.have, ready.sha256, loop.time())
-            elif kind == FileFrame.DATA:
-                machine.send_data(payload)
-            elif kind == FileFrame.DIGEST:
-                machine.send_digest(MemberDigest.decode(payload))
-            elif kind == FileFrame.ITEMS:
-                machine.send_items(list(decode_items(payload)))
-            elif kind == FileFrame.RESULT:
-                machine.answer(decode_result(payload))
-            elif kind == ERROR_FRAME:
-                machine.refuse(ErrorMessage.decode(payload).to_exception())
-            else:
-                machine.refuse(RemoteError(f"the file worker sent frame 0x{kind:02x}"))
+        for frame in frames or ():
+            if machine.finished:
+                break
+            _hand_over(machine, frame.type, frame.payload)
         data = machine.data_to_send()
+        if not data and not machine.finished:
+            continue
         try:
             stream.write(data, end_stream=machine.finished)
             await stream.drain()
         except TransportError:
             return
+
+
+def _hand_over(machine: FileServer, kind: int, payload: bytes) -> None:
+    """One frame of the worker's into the machine (which checks what may follow what)."""
+    if kind == FileFrame.DATA:
+        machine.send_data(payload)
+    elif kind == FileFrame.DIGEST:
+        machine.send_digest(MemberDigest.decode(payload))
+    elif kind == FileFrame.READY:
+        ready = WriteReady.decode(payload)
+        machine.ready(ready.have, ready.sha256, asyncio.get_running_loop().time())
+    elif kind == FileFrame.ITEMS:
+        machine.send_items(list(decode_items(payload)))
+    elif kind == FileFrame.RESULT:
+        machine.answer(decode_result(payload))
+    elif kind == ERROR_FRAME:
+        machine.refuse(ErrorMessage.decode(payload).to_exception())
+    else:
+        machine.refuse(RemoteError(f"the file worker sent frame 0x{kind:02x}"))

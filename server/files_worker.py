@@ -32,13 +32,13 @@ from dataclasses import dataclass, field
 from flyvault.errors import (
     Conflict,
     IntegrityError,
+    LocalProtocolError,
     RemoteError,
-    RemoteProtocolError,
     UsageError,
     VaultError,
     file_error,
 )
-from flyvault.protocol.codec import encode_frame
+from flyvault.protocol.codec import FrameDecoder
 from flyvault.protocol.constants import ERROR_FRAME
 from flyvault.protocol.files import MAX_FRAME, decode_offset
 from flyvault.protocol.files_messages import (
@@ -64,6 +64,10 @@ from .workload_entry import CLONE_NEWNS, setns
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 _HEADER = struct.Struct(">BI")
+#: Frames to the handler are written in batches of about this many bytes.
+FLUSH_AT = 256 * 1024
+#: The most one read from the handler takes.
+RECEIVE_SIZE = 1024 * 1024
 EMPTY_SHA256 = hashlib.sha256().hexdigest()
 PARTIAL_PREFIX = ".flyvault-partial-"
 TEMP_PREFIX = ".flyvault-tmp-"
@@ -175,41 +179,50 @@ def _become(user: str) -> str:
 
 
 class Channel:
-    """Blocking frames to and from the handler."""
+    """Blocking frames to and from the handler.
+
+    Frames out are collected and written about FLUSH_AT bytes at a time, and always before
+    the worker waits for input or ends (``receive``, ``result``, ``error``): a write per frame
+    cost more than the bytes for a tree of small files. Frames in are split from whatever
+    the socket holds."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self._out = bytearray()
+        self._in = FrameDecoder(MAX_FRAME)
 
     def send(self, kind: int, payload: bytes = b"") -> None:
-        self.sock.sendall(encode_frame(kind, payload, max_payload=MAX_FRAME))
+        if len(payload) > MAX_FRAME:  # our bug, named as encode_frame names it
+            raise LocalProtocolError(
+                f"frame payload of {len(payload)} bytes exceeds the limit of {MAX_FRAME} bytes"
+            )
+        self._out += _HEADER.pack(kind, len(payload))
+        self._out += payload  # copied once (encode_frame's join would be a second copy)
+        if len(self._out) >= FLUSH_AT:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._out:
+            data, self._out = self._out, bytearray()
+            self.sock.sendall(data)
 
     def error(self, exc: VaultError) -> None:
         self.send(ERROR_FRAME, ErrorMessage.from_exception(exc).encode())
+        self.flush()
 
     def result(self, result: dict[str, object]) -> None:
         self.send(FileFrame.RESULT, encode_result(result))
+        self.flush()
 
     def receive(self) -> tuple[int, bytes] | None:
         """The next frame from the handler, or None at the end of the stream (abandoned)."""
-        header = self._exactly(_HEADER.size)
-        if header is None:
-            return None
-        kind, length = _HEADER.unpack(header)
-        if length > MAX_FRAME:
-            raise RemoteProtocolError("oversized frame from the handler")
-        payload = self._exactly(length) if length else b""
-        if payload is None:
-            return None
-        return kind, payload
-
-    def _exactly(self, size: int) -> bytes | None:
-        chunks = bytearray()
-        while len(chunks) < size:
-            chunk = self.sock.recv(min(size - len(chunks), 1024 * 1024))
+        self.flush()
+        while (frame := self._in.next_frame()) is None:
+            chunk = self.sock.recv(RECEIVE_SIZE)
             if not chunk:
                 return None
-            chunks += chunk
-        return bytes(chunks)
+            self._in.feed(chunk)
+        return frame.type, frame.payload
 
 
 # The operations ----------------------------------------------------------------------
@@ -295,6 +308,7 @@ class Worker:
                 [self._abs(p) for p in request.paths],
                 request.follow,
                 request.defer_above,
+                exact_mtimes=request.preserve,
             )
         elif op is FileOp.TAR_PUT:
             files_tar.tar_put(self.channel, request, path)

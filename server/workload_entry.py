@@ -17,7 +17,7 @@ import subprocess
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-from flyvault.errors import ProvisionError, SpawnError
+from flyvault.errors import ProvisionError, SpawnError, spawn_error
 
 from .accounts import Account, switch_to
 
@@ -239,9 +239,7 @@ class WorkloadEntry:
             if report:
                 process.wait()
                 code, _, message = report.decode(errors="replace").partition(" ")
-                error = SpawnError(message)
-                error.exit_code = int(code) if code.isdigit() else 126
-                raise error
+                raise spawn_error(message, 127 if code == "127" else 126)
             return process
         finally:
             for fd in fds:
@@ -256,7 +254,6 @@ def not_running() -> ProvisionError:
 
 
 def _spawn_error(argv: Sequence[str], exc: OSError) -> SpawnError:
-    error = SpawnError(f"cannot run {argv[0]!r} in the workload: {exc.strerror or exc}")
-    if exc.errno in (errno.EACCES, errno.ENOEXEC, errno.EPERM, errno.EISDIR):
-        error.exit_code = 126
-    return error
+    not_runnable = exc.errno in (errno.EACCES, errno.ENOEXEC, errno.EPERM, errno.EISDIR)
+    message = f"cannot run {argv[0]!r} in the workload: {exc.strerror or exc}"
+    return spawn_error(message, 126 if not_runnable else 127)

@@ -159,11 +159,46 @@ def test_doctor_unreachable_and_unknown_vault(issuer: OidcIssuer) -> None:
     assert "gone" in unknown.stdout  # the hint lists the configured names
 
 
+def test_a_vault_that_does_not_answer_gets_a_hint_naming_it(issuer: OidcIssuer) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    write_config(
+        entry("gone", port, issuer) + entry("local", port, issuer, org="local", app="fly-vault-local")
+    )
+    remote = fly_vault("--no-mux", "exec", "gone", "--", "true")
+    assert remote.returncode == 255
+    assert "fly-vault: hint: is the vault running" in remote.stderr
+    assert "check with: fly-vault doctor gone" in remote.stderr
+    local = fly_vault("--no-mux", "exec", "local", "--", "true")
+    assert local.returncode == 255
+    assert "the local dev vault is not running: start it with fly-vault local up" in local.stderr
+
+
 def test_missing_config_file_is_a_clear_error() -> None:
     result = fly_vault("doctor", "anything")
     assert result.returncode == 3
     assert "not found" in result.stdout
     assert "[vault." in result.stdout  # the hint shows an example entry
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["connect", "anything", "--forward", "abc:def"], "--forward 'abc:def'"),
+        (["forward", "anything", "abc"], "forward spec 'abc'"),
+        (["forward", "anything"], "the following arguments are required: L:HOST:R"),
+        (["exec", "anything", "--env", "FOO", "--", "true"], "--env 'FOO'"),
+    ],
+)
+def test_usage_errors_exit_2_before_the_config_is_read(argv: list[str], words: str) -> None:
+    """No config file exists here: a usage error must be found (exit 2) before it is read,
+    let alone before anything connects."""
+    result = fly_vault(*argv)
+    assert result.returncode == 2, result.stderr
+    assert words in result.stderr and "config file" not in result.stderr
 
 
 def test_local_vault_up_doctor_status_down_keeps_other_entries(issuer: OidcIssuer) -> None:

@@ -21,10 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flyvault.client import CopyEndpoint, copy, parse_endpoint
-from flyvault.client.copy_tar import TarReader, TarStreamError
+from flyvault.client.copy_local import SPARSE_BLOCK, SparseWriter
 from flyvault.errors import IntegrityError, NotFoundError, UnsafeEntry, UsageError
+from flyvault.protocol.tar_stream import TarReader, TarStreamError
 
 Member = tuple[tarfile.TarInfo, bytes | None]
 
@@ -108,7 +111,12 @@ class TarVault:
         return _Info(kind)
 
     async def tar_get(
-        self, paths: list[str], *, follow_symlinks: bool = False, defer_above: int | None = None
+        self,
+        paths: list[str],
+        *,
+        follow_symlinks: bool = False,
+        defer_above: int | None = None,
+        exact_mtimes: bool = False,
     ) -> AsyncIterator[Any]:
         self.asked.append(list(paths))
         sent = 0
@@ -212,6 +220,17 @@ def test_a_file_over_an_existing_symlink_replaces_the_link_not_its_target(
     assert (outside / "victim").read_text() == "safe"
     assert not (dest / "app" / "file").is_symlink()
     assert (dest / "app" / "file").read_bytes() == b"new"
+
+
+def test_a_file_over_an_existing_directory_is_refused_and_the_directory_kept(
+    area: tuple[Path, Path],
+) -> None:
+    dest, _ = area
+    (dest / "app" / "data").mkdir(parents=True)
+    (dest / "app" / "data" / "keep").write_text("mine")
+    raw = tar_bytes([member("app", tarfile.DIRTYPE), member("app/data", data=b"file")])
+    _refused(raw, area, "app/data", "would replace a directory of the same name")
+    assert (dest / "app" / "data" / "keep").read_text() == "mine"
 
 
 def test_device_node_is_refused(area: tuple[Path, Path]) -> None:
@@ -416,3 +435,40 @@ def test_a_bad_vault_name_is_a_usage_error() -> None:
         parse_endpoint("b@d:/x")
     with pytest.raises(UsageError, match="not a vault name"):
         parse_endpoint(":/x")
+
+
+# -- the sparse writer ------------------------------------------------------------------------
+
+
+@st.composite
+def _sparse_cases(draw: st.DrawFn) -> tuple[int, bytes, list[int]]:
+    """A starting length, data made of zero and non-zero runs, and a way to cut it."""
+    runs = draw(
+        st.lists(
+            st.tuples(st.booleans(), st.integers(1, 3 * SPARSE_BLOCK)), min_size=0, max_size=40
+        )
+    )
+    data = b"".join(bytes(size) if zero else b"\x07" * size for zero, size in runs)
+    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=12)))
+    return draw(st.sampled_from([0, 1, SPARSE_BLOCK, 5000])), data, cuts
+
+
+@settings(max_examples=150, deadline=None)
+@given(_sparse_cases())
+def test_the_sparse_writer_writes_exactly_the_data_in_any_pieces(
+    tmp_path_factory: pytest.TempPathFactory, case: tuple[int, bytes, list[int]]
+) -> None:
+    start, data, cuts = case
+    path = tmp_path_factory.mktemp("sparse") / "file"
+    prefix = b"p" * start
+    path.write_bytes(prefix)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        writer = SparseWriter(fd, start)
+        for begin, end in zip([0, *cuts], [*cuts, len(data)], strict=True):
+            writer.write(data[begin:end])
+        assert writer.size == start + len(data)
+        writer.finish()
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == prefix + data

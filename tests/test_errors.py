@@ -27,6 +27,7 @@ from flyvault.errors import (
     ConnectionLost,
     ErrorCode,
     LocalProtocolError,
+    NoAnswer,
     NotAuthenticated,
     NotFoundError,
     ProvisionError,
@@ -72,6 +73,8 @@ EXPECTED: dict[type[VaultError], tuple[ErrorCode, int]] = {
     errors.IntegrityError: (ErrorCode.INTEGRITY, 10),
     errors.PathNotFound: (ErrorCode.PATH_NOT_FOUND, 9),
     errors.Conflict: (ErrorCode.CONFLICT, 10),
+    errors.CommandNotFound: (ErrorCode.COMMAND_NOT_FOUND, 127),
+    errors.CommandNotExecutable: (ErrorCode.COMMAND_NOT_EXECUTABLE, 126),
 }
 
 #: Server-side classes sent under another class's code: (class, the class it arrives as).
@@ -173,9 +176,9 @@ class _Channel:
 @pytest.mark.parametrize(
     ("raised", "refused", "expected", "message", "close_reason"),
     [
-        (TimeoutError(), False, ConnectError, "no QUIC answer from h:1 within 3 s", "timeout"),
-        (OSError(113, "No route to host"), False, ConnectError, "cannot reach h:1: No route", "socket"),
-        (ConnectionLost("closed"), False, ConnectError, "cannot connect to h:1: closed", "failed"),
+        (TimeoutError(), False, NoAnswer, "no QUIC answer from h:1 within 3 s", "timeout"),
+        (OSError(113, "No route to host"), False, NoAnswer, "cannot reach h:1: No route", "socket"),
+        (ConnectionLost("closed"), False, NoAnswer, "cannot connect to h:1: closed", "failed"),
         (ConnectionLost("server busy: x"), True, ServerBusy, "h:1 is busy: server busy", "failed"),
         (ValueError("bad cid"), False, ConnectError, "QUIC handshake with h:1 failed", "failed"),
     ],

@@ -81,6 +81,20 @@ def test_exit_codes_pass_through(vault: str, code: int) -> None:
     assert result.returncode == code
 
 
+def test_a_command_that_cannot_start_exits_127_or_126_as_a_shell_would(
+    vault: str, tmp_path: Path
+) -> None:
+    missing = fv("exec", vault, "--", "no-such-program-zz", "arg")
+    assert missing.returncode == 127, missing.stderr
+    assert b"cannot run 'no-such-program-zz': No such file or directory" in missing.stderr
+    script = tmp_path / "not-executable.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(0o644)
+    denied = fv("exec", vault, "--", str(script))
+    assert denied.returncode == 126, denied.stderr
+    assert b"Permission denied" in denied.stderr and denied.stdout == b""
+
+
 def test_death_by_signal_gives_128_plus_n(vault: str) -> None:
     assert fv("exec", vault, "--", "sh", "-c", "kill -TERM $$").returncode == 143
     assert fv("exec", vault, "--", "sh", "-c", "kill -KILL $$").returncode == 137

@@ -102,14 +102,15 @@ def test_user_in_a_pty(vault: str) -> None:
 
 
 def test_unknown_user_and_missing_cwd_are_refused(vault: str) -> None:
-    # Refused by the vault: exec's own failures are 255 (the command's codes are its own).
+    # Refused by the vault: exec's own failures are 255; a command that cannot start is
+    # 127 (or 126), as ssh's remote shell gives.
     unknown = fv("exec", vault, "--user", "no-such-user-zz", "--", "true")
     assert unknown.returncode == 255
     assert "cannot run as user 'no-such-user-zz': no such user in this host's /etc/passwd" in (
         unknown.stderr
     )
     missing = fv("exec", vault, "--cwd", "/no/such/dir", "--", "true")
-    assert missing.returncode == 255
+    assert missing.returncode == 127
     assert "cannot change directory to '/no/such/dir'" in missing.stderr
     assert "no exec sessions" in fv("list-exec", vault).stdout  # nothing was left behind
 
@@ -293,7 +294,7 @@ def test_vm_mode_runs_as_an_account_of_the_images_passwd(vm_vault: str) -> None:
     assert unknown.returncode == 255
     assert "no such user in the vault's /etc/passwd" in unknown.stderr
     missing = fv("exec", vm_vault, "--user", "dev", "--cwd", "/nope", "--", "true")
-    assert missing.returncode == 255 and "cannot change directory to '/nope'" in missing.stderr
+    assert missing.returncode == 127 and "cannot change directory to '/nope'" in missing.stderr
     # The directory is entered as the user: root's 0700 home is not theirs to enter.
     denied = fv("exec", vm_vault, "--user", "dev", "--cwd", "/root", "--", "true")
-    assert denied.returncode == 255 and "Permission denied" in denied.stderr
+    assert denied.returncode == 127 and "Permission denied" in denied.stderr

@@ -154,6 +154,6 @@ def test_tar_put_refuses_a_member_whose_digest_does_not_match(
         return caught.value
 
     error = on_vault(init_process, issuer, body)
-    assert "'bad.txt'" in str(error) and "not stored" in str(error)
+    assert "bad.txt: SHA-256 mismatch" in str(error) and "not stored" in str(error)
     assert (dest / "ok.txt").read_bytes() == b"fine"
     assert sorted(os.listdir(dest)) == ["ok.txt"]  # no temp file, no bad.txt

@@ -291,12 +291,13 @@ def test_tree_streams_through_the_namespace_worker(
 
 
 def _pack(root: Path, top: str) -> list[Any]:
-    """A pax tar of ``root/top`` with a MemberDigest after each regular file's data."""
+    """A pax tar of ``root/top`` with a MemberDigest after each regular file's data (plain
+    "w" mode writes each member through at once; "w|" would hold data back in its buffer)."""
     from flyvault.client import MemberDigest
 
     pieces: list[Any] = []
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w|", format=tarfile.PAX_FORMAT) as archive:
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
         for path in sorted([root / top, *(root / top).rglob("*")]):
             name = path.relative_to(root).as_posix()
             member = archive.gettarinfo(str(path), name)

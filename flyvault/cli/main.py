@@ -23,7 +23,8 @@ PORT = number(int, minimum=1, maximum=65535)
 
 EXIT_CODES_HELP = """\
 exit codes:
-  0   success (exec/connect: the remote command's own code, 0-255)
+  0   success (exec/connect: the remote command's own code, 0-255; 127 command not
+      found, 126 not executable; 255 fly-vault failed)
   1   other fly-vault error          2   usage error (bad flag or argument)
   3   config error                   4   vault unreachable / connection lost
   5   attestation failed (token not sent)

@@ -360,12 +360,12 @@ class _ThinSession:
         return READER_GONE_EXIT
 
     def _fail(self, error: VaultError) -> int:
-        from flyvault.client.exec_request import CLIENT_FAILURE
+        from flyvault.client.exec_request import failure_status
 
         self._leave_raw()
         self.progress.close()
         report_error(error)
-        return CLIENT_FAILURE
+        return failure_status(error)
 
     def _write(self, fd: int, data: bytes) -> None:
         if fd in self.broken:  # a closed pipe: drop the rest, as the direct path does

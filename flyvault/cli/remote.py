@@ -25,7 +25,7 @@ from flyvault.cli.terminal import (
     start_stdin_reader,
     terminal_size,
 )
-from flyvault.client.exec_request import CLIENT_FAILURE
+from flyvault.client.exec_request import failure_status
 from flyvault.errors import TransportError, UsageError, VaultError
 
 # asyncio is imported where a direct connection is made: exec, list-exec and kill through
@@ -38,19 +38,26 @@ def _load(name: str) -> Any:
     return load_vault(name)
 
 
-def _forward_specs(values: list[str], defaults: list[Any]) -> list[Any]:
-    """CLI forwards plus the config's; a CLI spec wins for the same local port."""
+def _parse_forwards(values: list[str], label: str) -> list[Any]:
+    """The forwards given on the command line, checked before anything connects (a
+    ``UsageError`` naming ``label``, the flag or argument they came from)."""
     from flyvault.config import parse_forward_spec
     from flyvault.errors import ConfigError
 
-    specs: dict[int, Any] = {spec.local_port: spec for spec in defaults}
+    specs = []
     for value in values:
         try:
-            spec = parse_forward_spec(value)
+            specs.append(parse_forward_spec(value))
         except ConfigError as exc:
-            raise UsageError(f"--forward: {exc.message}", hint=exc.hint) from None
-        specs[spec.local_port] = spec
-    return list(specs.values())
+            raise UsageError(f"{label} {value!r}: {exc.message}", hint=exc.hint) from None
+    return specs
+
+
+def _with_defaults(specs: list[Any], defaults: list[Any]) -> list[Any]:
+    """The config's forwards plus the command line's; the command line wins for a port."""
+    merged: dict[int, Any] = {spec.local_port: spec for spec in defaults}
+    merged.update((spec.local_port, spec) for spec in specs)
+    return list(merged.values())
 
 
 # exec / connect --------------------------------------------------------------------------
@@ -85,7 +92,7 @@ def run_exec(args: argparse.Namespace) -> int:
         return 2
     except VaultError as exc:  # e.g. the config error a starting keeper found: as direct
         report_error(exc)
-        return CLIENT_FAILURE
+        return failure_status(exc)
     if status is not None:
         return status
     import asyncio
@@ -95,7 +102,7 @@ def run_exec(args: argparse.Namespace) -> int:
         return asyncio.run(_run_session(args, vault, request, forward_stdin, forwards=[]))
     except VaultError as exc:
         report_error(exc)
-        return CLIENT_FAILURE
+        return failure_status(exc)
 
 
 def _exec_request(args: argparse.Namespace, argv: list[str], stdin_tty: bool) -> Any:
@@ -135,16 +142,17 @@ def run_connect(args: argparse.Namespace) -> int:
             cols=cols,
             user=args.user,
         )
+        cli_forwards = _parse_forwards(args.forward, "--forward")
     except UsageError as exc:
         report_error(exc)
         return 2
     try:
         vault = with_rootfs_options(_load(args.vault), args)
-        forwards = _forward_specs(args.forward, vault.forwards())
+        forwards = _with_defaults(cli_forwards, vault.forwards())
         return asyncio.run(_run_session(args, vault, request, True, forwards=forwards))
     except VaultError as exc:
         report_error(exc)
-        return CLIENT_FAILURE
+        return failure_status(exc)
 
 
 def _parse_env(item: str) -> tuple[str, str]:
@@ -377,10 +385,10 @@ def run_forward(args: argparse.Namespace) -> int:
 
     from flyvault.cli.mux import keeper_socket
 
-    vault_config = _load(args.vault)
-    specs = _forward_specs(args.specs, [])
+    specs = _parse_forwards(args.specs, "forward spec")  # usage errors before the config
     if not specs:
         raise UsageError("forward needs at least one LOCAL_PORT:HOST:REMOTE_PORT")
+    vault_config = _load(args.vault)
     return asyncio.run(_forward(vault_config, specs, keeper_socket(args, args.vault)))
 
 

@@ -278,8 +278,9 @@ async def _download_tree(
     """Small files as one tar stream; large ones arrive as headers only (deferred) and are
     fetched afterwards with ranged reads into partial files that survive a dropped
     connection. Directories get their metadata last, once every file is in."""
+    from flyvault.protocol.tar_stream import ArchiveEnded, TarReader
+
     from .copy_local import LocalTreeWriter
-    from .copy_tar import ArchiveEnded, TarReader
 
     writer = LocalTreeWriter(dest, tops, preserve=options.preserve)
     try:
@@ -311,14 +312,25 @@ async def _receive_tree(
 ) -> list[tuple[Any, int, int]]:
     """The tar stream into ``writer``; returns the deferred members (info, mtime, size)."""
     from flyvault.protocol.files_messages import DEFERRED_RECORD
+    from flyvault.protocol.tar_stream import (
+        ArchiveEnded,
+        DataReceived,
+        FileEnded,
+        MemberStarted,
+        Verified,
+    )
 
     from .copy_local import refuse
-    from .copy_tar import ArchiveEnded, DataReceived, FileEnded, MemberStarted, Verified
 
     deferred: list[tuple[Any, int, int]] = []
     seen: set[str] = set()
     skipping: str | None = None
-    pieces = files.tar_get(paths, follow_symlinks=options.follow_symlinks, defer_above=LARGE_FILE)
+    pieces = files.tar_get(
+        paths,
+        follow_symlinks=options.follow_symlinks,
+        defer_above=LARGE_FILE,
+        exact_mtimes=options.preserve,
+    )
     async for piece in pieces:
         if isinstance(piece, bytes | bytearray | memoryview):
             events = reader.feed(bytes(piece))
@@ -504,11 +516,13 @@ async def _to_stdout(
 
     out = stdout if stdout is not None else sys.stdout.buffer
     if options.recursive:
-        from .copy_tar import FileEnded, TarReader
+        from flyvault.protocol.tar_stream import FileEnded, TarReader
 
         reader = TarReader(expect_digests=True)  # checks the digests of what passes through
         count = 0
-        async for piece in files.tar_get(paths, follow_symlinks=options.follow_symlinks):
+        async for piece in files.tar_get(
+            paths, follow_symlinks=options.follow_symlinks, exact_mtimes=options.preserve
+        ):
             if isinstance(piece, bytes | bytearray | memoryview):
                 data = bytes(piece)
                 events = reader.feed(data)

@@ -31,8 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flyvault.errors import UnsafeEntry, VaultError
-
-from .copy_tar import (
+from flyvault.protocol.tar_stream import (
     ArchiveEnded,
     DataReceived,
     FileEnded,
@@ -45,6 +44,8 @@ DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Zero runs of this size, aligned, are seeked over instead of written (sparse files).
 SPARSE_BLOCK = 4096
+#: Data held before writing: a file up to this size costs one write.
+HOLD = 64 * 1024
 ZERO_BLOCK = bytes(SPARSE_BLOCK)
 MAX_PATH = 4096
 TEMP_PREFIX = ".fv-part-"
@@ -83,6 +84,8 @@ class SparseWriter:
         self.fd = fd
         self.position = position  # where the carried bytes begin
         self._carry = b""
+        #: The file's length as written so far (it is ``position`` long when handed over).
+        self._length = position
 
     @property
     def size(self) -> int:
@@ -90,12 +93,16 @@ class SparseWriter:
 
     def write(self, data: bytes) -> None:
         if self._carry:
-            data, self._carry = self._carry + data, b""
-        cut = len(data) - (self.position + len(data)) % SPARSE_BLOCK
-        if cut <= 0:
+            data = self._carry + data
+        if len(data) < HOLD:  # a small file lands in one write, from ``finish``
             self._carry = data
             return
+        cut = len(data) - (self.position + len(data)) % SPARSE_BLOCK
         data, self._carry = data[:cut], data[cut:]
+        self._put(data)
+
+    def _put(self, data: bytes) -> None:
+        """``data`` at ``position``: aligned whole zero blocks are seeked over."""
         if ZERO_BLOCK not in data:  # the common case: no zero run worth a hole
             self._write_at(data)
             return
@@ -118,12 +125,16 @@ class SparseWriter:
             written = os.pwrite(self.fd, view, self.position)
             self.position += written
             view = view[written:]
+        self._length = max(self._length, self.position)
 
     def finish(self, size: int | None = None) -> None:
         """Write the carried bytes and set the length (a trailing hole is part of it)."""
         carry, self._carry = self._carry, b""
-        self._write_at(carry)
-        os.ftruncate(self.fd, self.position if size is None else size)
+        self._put(carry)
+        length = self.position if size is None else size
+        if length != self._length:  # a trailing hole (or a shorter file): one more call
+            os.ftruncate(self.fd, length)
+            self._length = length
 
 
 class LocalTreeWriter:
@@ -152,6 +163,8 @@ class LocalTreeWriter:
         self._deferred: dict[tuple[str, ...], tuple[tarfile.TarInfo, int]] = {}
         self._files: set[tuple[str, ...]] = set()
         self._pending: _Pending | None = None
+        self._nonce = secrets.token_hex(8)
+        self._made = 0
         self._partials: dict[int, tuple[int, tuple[str, ...], str]] = {}
 
     # -- events -------------------------------------------------------------------------
@@ -324,8 +337,12 @@ class LocalTreeWriter:
     def _start_file(
         self, info: tarfile.TarInfo, mtime_ns: int, parent: int, parts: tuple[str, ...]
     ) -> None:
-        temp = f"{TEMP_PREFIX}{secrets.token_hex(8)}"
-        fd = os.open(temp, FILE_FLAGS, 0o600, dir_fd=parent)
+        self._made += 1  # unique with the writer's random nonce; O_EXCL guards the rest
+        temp = f"{TEMP_PREFIX}{self._nonce}-{self._made}"
+        # Without -p the file's final mode is its mode less the umask, which open(2) applies
+        # itself: one fchmod less per file. With -p the mode is set once the digest matched.
+        mode = 0o600 if self.preserve else info.mode & 0o777
+        fd = os.open(temp, FILE_FLAGS, mode, dir_fd=parent)
         self._pending = _Pending(info, mtime_ns, parent, parts, temp, SparseWriter(fd))
 
     def _land(self) -> None:
@@ -335,12 +352,14 @@ class LocalTreeWriter:
         fd = pending.writer.fd
         entry = pending.info.name
         try:
-            self._metadata(pending.info, pending.mtime_ns, fd=fd)
+            self._metadata(pending.info, pending.mtime_ns, fd=fd, mode_set=not self.preserve)
             name = pending.parts[-1]
-            existing = _lstat(name, pending.parent)
-            if existing is not None and stat.S_ISDIR(existing.st_mode):
-                raise refuse(entry, "it would replace a directory of the same name")
-            os.rename(pending.temp, name, src_dir_fd=pending.parent, dst_dir_fd=pending.parent)
+            try:
+                os.rename(
+                    pending.temp, name, src_dir_fd=pending.parent, dst_dir_fd=pending.parent
+                )
+            except IsADirectoryError:  # rename(2) never replaces a directory with a file
+                raise refuse(entry, "it would replace a directory of the same name") from None
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -380,7 +399,9 @@ class LocalTreeWriter:
         name: str | None = None,
         dir_fd: int | None = None,
         link: bool = False,
+        mode_set: bool = False,
     ) -> None:
+        """``mode_set``: the file was created with its final mode (see ``_start_file``)."""
         if self.preserve and self.is_root:
             if fd is not None:
                 os.fchown(fd, info.uid, info.gid)
@@ -391,8 +412,9 @@ class LocalTreeWriter:
                 os.utime(name or "", ns=(mtime_ns, mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
             return
         assert fd is not None
-        mode = info.mode & 0o7777 if self.preserve else info.mode & 0o777 & ~self._umask
-        os.fchmod(fd, mode)
+        if not mode_set:
+            mode = info.mode & 0o7777 if self.preserve else info.mode & 0o777 & ~self._umask
+            os.fchmod(fd, mode)
         if self.preserve:
             os.utime(fd, ns=(mtime_ns, mtime_ns))
 
@@ -418,13 +440,6 @@ class _Pending:
     parts: tuple[str, ...]
     temp: str
     writer: SparseWriter
-
-
-def _lstat(name: str, dir_fd: int) -> os.stat_result | None:
-    try:
-        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
 
 
 def _os_refusal(entry: str, exc: OSError) -> VaultError:

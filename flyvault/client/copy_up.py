@@ -226,7 +226,7 @@ async def _restore_dir_mtimes(
     files: Any, into: str, tree: LocalTree, large: list[LocalEntry]
 ) -> None:
     """Writing a large file after the stream touched its directory's mtime: set it back."""
-    from .copy_tar import mtime_ns_of
+    from flyvault.protocol.tar_stream import mtime_ns_of
 
     parents = {posixpath.dirname(entry.info.name) for entry in large}
     for entry in tree.entries:

@@ -40,6 +40,15 @@ T = TypeVar("T")
 #: The exit status of exec/connect when fly-vault itself failed or the user left with ``~.``
 #: (as ssh's 255): any other status is the remote command's own.
 CLIENT_FAILURE = 255
+#: The shell's codes for a command that could not be started: not executable, not found.
+COMMAND_FAILURES = (126, 127)
+
+
+def failure_status(error: Exception) -> int:
+    """The exit status of ``exec``/``connect`` that failed with ``error``: 126 or 127 when
+    the command could not be started (as ssh's remote shell exits), 255 otherwise."""
+    code = getattr(error, "exit_code", None)
+    return code if code in COMMAND_FAILURES else CLIENT_FAILURE
 #: Seconds a remote command that ignored the reader-gone signal gets before SIGTERM.
 READER_GONE_GRACE = 2.0
 #: ``exec`` exits with this when it stopped following a kept session because the reader
@@ -270,4 +279,10 @@ def _check_text(what: str, text: str | None, limit: int) -> None:
         raise UsageError(f"exec request: {what} is {size} bytes, more than {limit}")
 
 
-__all__ = ["CLIENT_FAILURE", "ExecRequest", "new_session_id", "valid_session_id"]
+__all__ = [
+    "CLIENT_FAILURE",
+    "ExecRequest",
+    "failure_status",
+    "new_session_id",
+    "valid_session_id",
+]

@@ -66,6 +66,9 @@ if TYPE_CHECKING:
     from .vault import Vault
 
 TarPiece = bytes | MemberDigest
+#: tar_put hands its queued frames to the stream once per this many bytes: a frame per
+#: write cost more than the bytes for a tree of small files.
+BATCH = 64 * 1024
 _READ_ONLY = frozenset({FileOp.STAT, FileOp.LIST, FileOp.SHA256, FileOp.READLINK})
 
 __all__ = [
@@ -166,6 +169,10 @@ class _Exchange:
             self.machine.send_digest(piece)
         else:
             self.machine.send_data(piece)
+        self.flush()
+        await self.stream.drain()
+
+    async def send_queued(self) -> None:
         self.flush()
         await self.stream.drain()
 
@@ -405,7 +412,7 @@ class RemoteFiles:
         while True:
             connection, exchange = await self._open(request)
             try:
-                return await self._write_once(exchange, source, path, on_progress)
+                return await self._write_once(exchange, source, path, on_progress, sha256)
             except TransportError as exc:
                 self.vault.invalidate(connection)
                 if resume_key is None:
@@ -420,7 +427,10 @@ class RemoteFiles:
         source: bytes | AsyncIterable[bytes],
         path: str,
         on_progress: Callable[[int], None] | None,
+        known: str | None = None,
     ) -> WriteResult:
+        """``known``: the caller's SHA-256 of the whole source, which the vault checks the
+        bytes against before the rename; then the data is not hashed a second time here."""
         event = await exchange.next_event()
         if not isinstance(event, Ready):
             raise RemoteProtocolError(f"expected READY, got {type(event).__name__}")
@@ -436,15 +446,16 @@ class RemoteFiles:
         exchange.flush()
         done = start
         try:
+            hash_sent = digest.update if known is None else _ignore
             if rest:
                 await exchange.send(rest)
-                digest.update(rest)
+                hash_sent(rest)
                 done += len(rest)
             async for chunk in chunks:
                 if not chunk:
                     continue
                 await exchange.send(chunk)
-                digest.update(chunk)
+                hash_sent(chunk)
                 done += len(chunk)
                 if on_progress is not None:
                     on_progress(done)
@@ -456,10 +467,11 @@ class RemoteFiles:
         written = WriteResult(
             result_str(result, "path"), result_int(result, "size"), result_digest(result), start
         )
-        if written.sha256 != digest.hexdigest():
+        sent = digest.hexdigest() if known is None else known
+        if written.sha256 != sent:
             raise IntegrityError(
                 f"{path}: the vault stored data whose SHA-256 ({written.sha256}) differs from "
-                f"what was sent ({digest.hexdigest()})"
+                f"what was sent ({sent})"
             )
         return written
 
@@ -471,9 +483,11 @@ class RemoteFiles:
         *,
         follow_symlinks: bool = False,
         defer_above: int | None = None,
+        exact_mtimes: bool = False,
     ) -> AsyncIterator[TarPiece]:
         """A pax tar stream of the trees, a MemberDigest after each regular file's data.
-        Files above ``defer_above`` bytes come as headers only (``DEFERRED_RECORD``)."""
+        Files above ``defer_above`` bytes come as headers only (``DEFERRED_RECORD``).
+        ``exact_mtimes``: nanosecond mtimes in pax records (otherwise whole seconds)."""
         if isinstance(paths, str) or not paths:
             raise UsageError("tar_get needs a list of paths")
         for path in paths:
@@ -484,6 +498,7 @@ class RemoteFiles:
             user=self.user,
             follow=follow_symlinks,
             defer_above=defer_above,
+            preserve=exact_mtimes,
         )
         yielded = False
         while True:
@@ -523,12 +538,14 @@ class RemoteFiles:
         connection, exchange = await self._open(request)
         try:
             try:
+                machine = exchange.machine
                 async for piece in pieces:
                     if isinstance(piece, MemberDigest):
-                        await exchange.send(piece)
-                        continue
-                    for start in range(0, len(piece), MAX_DATA):
-                        await exchange.send(bytes(piece[start : start + MAX_DATA]))
+                        machine.send_digest(piece)
+                    else:
+                        machine.send_data(piece)  # split into MAX_DATA frames
+                    if machine.queued >= BATCH:
+                        await exchange.send_queued()
                 exchange.machine.finish(_loop_time())
                 exchange.flush()
             except TransportError as lost:
@@ -545,6 +562,10 @@ class RemoteFiles:
                 "send the tree again (files already there are replaced)"
             ) from exc
         return TreeResult(*(result_int(result, n) for n in ("files", "dirs", "symlinks", "bytes")))
+
+
+def _ignore(data: bytes) -> None:
+    pass
 
 
 async def _chunks(source: bytes | AsyncIterable[bytes]) -> AsyncIterator[bytes]:

@@ -31,10 +31,11 @@ from typing import TYPE_CHECKING, Any
 from flyvault.client.events import DevelopmentIssuer, OnEvent
 from flyvault.client.exec_request import ExecRequest, new_session_id
 from flyvault.config import VaultConfig
-from flyvault.defaults import RECONNECT_TIMEOUT
+from flyvault.defaults import LOCAL_APP, LOCAL_ORG, RECONNECT_TIMEOUT
 from flyvault.errors import (
     ConnectError,
     ConnectionLost,
+    NoAnswer,
     NotFoundError,
     RemoteError,
     RemoteProtocolError,
@@ -74,6 +75,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("flyvault.client")
 
 Notice = Callable[[str], None]
+
+
+def no_answer_hint(config: VaultConfig) -> str:
+    """What to do when nothing answers at the vault's address, naming the vault."""
+    if (config.org, config.app) == (LOCAL_ORG, LOCAL_APP):
+        return "the local dev vault is not running: start it with fly-vault local up"
+    return (
+        "is the vault running, and is its address (host:port, UDP) right? "
+        f"check with: fly-vault doctor {config.name}"
+    )
 
 
 def _close_reason(connection: Any) -> str | None:
@@ -209,6 +220,8 @@ class Vault:
                 ) from None
             except (ConnectError, ConnectionLost) as exc:
                 if not self._ever_connected:
+                    if isinstance(exc, NoAnswer):
+                        exc.hint = no_answer_hint(self.config)
                     raise
                 assert self._lost_at is not None
                 waited = time.monotonic() - self._lost_at

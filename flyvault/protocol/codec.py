@@ -46,10 +46,18 @@ def encode_frame(frame_type: int, payload: bytes = b"", *, max_payload: int | No
 
 
 class FrameDecoder:
-    """Incremental decoder for ``u8 type | u32 length | payload`` frames."""
+    """Incremental decoder for ``u8 type | u32 length | payload`` frames.
+
+    Frames are read from a start offset, and the consumed front is dropped only once it is
+    large and at least half the buffer (or everything was read): dropping it per frame
+    copied the whole buffer for each small frame, quadratic in the frames one ``feed``
+    brings."""
+
+    _COMPACT_AT = 64 * 1024
 
     def __init__(self, max_payload: int) -> None:
         self._buffer = bytearray()
+        self._start = 0
         self._max_payload = max_payload
         self._eof = False
         self._error: RemoteProtocolError | None = None
@@ -65,11 +73,11 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as frames."""
-        return len(self._buffer)
+        return len(self._buffer) - self._start
 
     @property
     def at_frame_boundary(self) -> bool:
-        return not self._buffer
+        return not self.buffered
 
     def feed(self, data: bytes) -> None:
         """Buffer ``data``. Never raises: a violation is reported by ``next_frame``."""
@@ -81,12 +89,12 @@ class FrameDecoder:
         self._buffer += data
         # Validate the header as soon as it is complete, so an oversized declaration is
         # refused before its payload accumulates.
-        if len(self._buffer) >= FRAME_HEADER_SIZE:
+        if self.buffered >= FRAME_HEADER_SIZE:
             try:
                 self._check_header()
             except RemoteProtocolError as exc:
                 self._error = exc
-                del self._buffer[FRAME_HEADER_SIZE:]
+                del self._buffer[self._start + FRAME_HEADER_SIZE :]
 
     def feed_eof(self) -> None:
         """The peer finished the stream. Raises if it stopped in the middle of a frame."""
@@ -100,33 +108,43 @@ class FrameDecoder:
         """
         if self._error is not None:
             raise self._error
-        if len(self._buffer) < FRAME_HEADER_SIZE:
-            if self._eof and self._buffer:
+        buffered = self.buffered
+        if buffered < FRAME_HEADER_SIZE:
+            if self._eof and buffered:
                 raise RemoteProtocolError(
-                    f"stream ended inside a frame header ({len(self._buffer)} of "
+                    f"stream ended inside a frame header ({buffered} of "
                     f"{FRAME_HEADER_SIZE} bytes)"
                 )
             return None
         frame_type, length = self._check_header()
-        end = FRAME_HEADER_SIZE + length
-        if len(self._buffer) < end:
+        if buffered < FRAME_HEADER_SIZE + length:
             if self._eof:
                 raise RemoteProtocolError(
                     f"stream ended inside a frame (type 0x{frame_type:02x}, "
-                    f"{len(self._buffer) - FRAME_HEADER_SIZE} of {length} payload bytes)"
+                    f"{buffered - FRAME_HEADER_SIZE} of {length} payload bytes)"
                 )
             return None
-        payload = bytes(self._buffer[FRAME_HEADER_SIZE:end])
-        del self._buffer[:end]
+        begin = self._start + FRAME_HEADER_SIZE
+        end = begin + length
+        with memoryview(self._buffer) as view:  # one copy (a bytearray slice would be two)
+            payload = bytes(view[begin:end])
+        if end == len(self._buffer):
+            self._buffer.clear()
+            self._start = 0
+        elif end >= self._COMPACT_AT and 2 * end >= len(self._buffer):
+            del self._buffer[:end]
+            self._start = 0
+        else:
+            self._start = end
         return Frame(frame_type, payload)
 
     @property
     def finished(self) -> bool:
         """True when the peer ended the stream and every frame has been returned."""
-        return self._eof and not self._buffer
+        return self._eof and not self.buffered
 
     def _check_header(self) -> tuple[int, int]:
-        frame_type, length = _HEADER.unpack_from(self._buffer, 0)
+        frame_type, length = _HEADER.unpack_from(self._buffer, self._start)
         if length > self._max_payload:
             raise RemoteProtocolError(
                 f"frame of type 0x{frame_type:02x} declares {length} bytes, more than the "

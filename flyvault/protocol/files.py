@@ -57,6 +57,7 @@ State tables (anything not listed is illegal)::
 from __future__ import annotations
 
 import enum
+import functools
 import struct
 from collections import deque
 from dataclasses import dataclass
@@ -202,6 +203,7 @@ FileEvent: TypeAlias = (
 _ANSWER = frozenset({FileFrame.RESULT, ERROR_FRAME})
 
 
+@functools.cache  # asked once per frame: a tree of small files has two frames a file
 def client_accepts(state: FileState, op: FileOp) -> frozenset[int]:
     if state is FileState.AWAIT_READY:
         return frozenset({FileFrame.READY, ERROR_FRAME})
@@ -219,6 +221,7 @@ def client_accepts(state: FileState, op: FileOp) -> frozenset[int]:
     return frozenset()
 
 
+@functools.cache
 def server_accepts(state: FileState, op: FileOp | None) -> frozenset[int]:
     if state is FileState.AWAIT_REQUEST:
         return frozenset({FileFrame.REQUEST})
@@ -280,6 +283,10 @@ class _Base:
     def data_to_send(self) -> bytes:
         data, self._outbox = bytes(self._outbox), bytearray()
         return data
+
+    @property
+    def queued(self) -> int:
+        return len(self._outbox)
 
     def next_deadline(self) -> float | None:
         return self._deadline

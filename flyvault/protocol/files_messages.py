@@ -334,7 +334,7 @@ class MemberDigest:
     sha256: str
 
     def encode(self) -> bytes:
-        return encode_json(asdict(self))
+        return encode_json({"name": self.name, "size": self.size, "sha256": self.sha256})
 
     @classmethod
     def decode(cls, payload: bytes) -> MemberDigest:

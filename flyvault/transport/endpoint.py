@@ -38,6 +38,7 @@ from flyvault.errors import (
     ConnectError,
     ConnectionLost,
     ExceptionMapping,
+    NoAnswer,
     ServerBusy,
     map_exceptions,
 )
@@ -310,19 +311,23 @@ def _handshake_errors(where: str, timeout: float, channel: _ClientChannel) -> Ex
         message = exc.message if isinstance(exc, ConnectionLost) else str(exc)
         if channel.refused_by_peer:
             return ServerBusy(f"{where} is busy: {message}")
-        return ConnectError(
+        return NoAnswer(
             f"cannot connect to {where}: {message}",
             hint="is the vault running, and is the address (host:port) right? "
             "(fly-vault doctor VAULT)",
         )
 
     return {
-        TimeoutError: lambda exc: ConnectError(
+        TimeoutError: lambda exc: NoAnswer(
             f"no QUIC answer from {where} within {timeout:g} s",
             hint="is the vault running and is its UDP port reachable? check the address "
             "(fly-vault doctor VAULT)",
         ),
-        OSError: lambda exc: ConnectError(f"cannot reach {where}: {_strerror(exc)}"),
+        OSError: lambda exc: NoAnswer(
+            f"cannot reach {where}: {_strerror(exc)}",
+            hint="is the vault running, and is the address (host:port) right? "
+            "(fly-vault doctor VAULT)",
+        ),
         ConnectionLost: lost,
         Exception: lambda exc: ConnectError(f"QUIC handshake with {where} failed: {exc}"),
     }

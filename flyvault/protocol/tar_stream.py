@@ -3,7 +3,7 @@
 Theory of operation. A tree crosses the wire as one POSIX (pax) tar stream, with a
 ``MemberDigest`` after each regular file's data (``RemoteFiles.tar_get`` / ``tar_put``).
 ``TarReader`` is sans-I/O: bytes go in (``feed``), digests go in (``digest``), past-tense
-events come out. It parses headers itself, with ``tarfile.TarInfo.frombuf`` for the 512-byte
+events come out. It parses headers itself, with ``tar_header.decode_header`` for the 512-byte
 block only, because the stream from a vault is untrusted input: every size is bounded
 before anything is buffered, GNU sparse maps and global headers are refused, a member's data
 never reaches the caller without its header having been parsed first, and a regular file is
@@ -23,7 +23,9 @@ import hashlib
 import tarfile
 from dataclasses import dataclass
 
-from flyvault.errors import RemoteProtocolError
+from flyvault.errors import IntegrityError, RemoteProtocolError
+
+from .tar_header import decode_header, encode_header
 
 BLOCK = 512
 #: The end-of-archive marker tarfile writes (two zero blocks).
@@ -81,7 +83,7 @@ def padding(size: int) -> bytes:
 
 def header(info: tarfile.TarInfo) -> bytes:
     """The pax header block(s) of ``info`` (names beyond ustar's limits go in pax records)."""
-    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    return encode_header(info)
 
 
 def mtime_ns_of(text: str) -> int:
@@ -96,9 +98,14 @@ def mtime_ns_of(text: str) -> int:
 class TarReader:
     """Push parser of one tar stream; see the module's theory of operation."""
 
-    def __init__(self, *, expect_digests: bool) -> None:
+    def __init__(self, *, expect_digests: bool, sender: str = "the vault") -> None:
         self._expect = expect_digests
-        self._buffer = bytearray()
+        #: Who sent the stream, as error messages name it.
+        self._sender = sender
+        #: Bytes fed and not yet parsed are ``self._held[self._at:]``: parsing moves the
+        #: offset, so a feed of many small members is not copied once per member.
+        self._held = b""
+        self._at = 0
         self._state = "header"  # header | meta | data | padding | digest | ended
         self._remaining = 0
         self._meta_kind = ""
@@ -119,10 +126,15 @@ class TarReader:
     def feed(self, data: bytes) -> list[TarEvent]:
         if self._state == "ended":
             return []  # what follows the marker (tar's record padding) is ignored
-        self._buffer += data
-        if self._state == "digest" and len(self._buffer) > MAX_HELD_BYTES:
+        if self._at < len(self._held):
+            self._held = self._held[self._at :] + data
+        else:
+            self._held = bytes(data)
+        self._at = 0
+        if self._state == "digest" and len(self._held) > MAX_HELD_BYTES:
             raise TarStreamError(
-                f"the vault sent no digest after {self.last_name!r}; the stream is malformed"
+                f"{self._sender} sent no digest after {self.last_name!r}; the stream is "
+                "malformed"
             )
         return self._parse()
 
@@ -137,12 +149,10 @@ class TarReader:
                 f"({last.size} bytes)"
             )
         if sha256.lower() != last.sha256:
-            from flyvault.errors import IntegrityError
-
             raise IntegrityError(
-                f"{last.name}: SHA-256 mismatch: received {last.sha256}, the vault read "
+                f"{last.name}: SHA-256 mismatch: received {last.sha256}, {self._sender} read "
                 f"{sha256}; the data was corrupted in transit or the file changed while it "
-                "was copied; copy it again"
+                "was copied; not stored: copy it again"
             )
         self._state = "padding" if self._remaining else "header"
         self._last = None
@@ -163,24 +173,24 @@ class TarReader:
         events: list[TarEvent] = []
         while self._state not in ("digest", "ended"):
             if self._state == "data":
-                if not self._buffer:
+                if self._at == len(self._held):
                     break
                 events.extend(self._data())
             elif self._state in ("padding", "meta"):
                 if not self._skip_or_collect():
                     break
             else:  # header
-                if len(self._buffer) < BLOCK:
+                if len(self._held) - self._at < BLOCK:
                     break
-                block = bytes(self._buffer[:BLOCK])
-                del self._buffer[:BLOCK]
+                block = self._held[self._at : self._at + BLOCK]
+                self._at += BLOCK
                 events.extend(self._header(block))
         return events
 
     def _data(self) -> list[TarEvent]:
-        take = min(self._remaining, len(self._buffer))
-        chunk = bytes(self._buffer[:take])
-        del self._buffer[:take]
+        take = min(self._remaining, len(self._held) - self._at)
+        chunk = self._held[self._at : self._at + take]  # the object itself when it is all
+        self._at += take
         self._remaining -= take
         self._hash.update(chunk)
         events: list[TarEvent] = [DataReceived(chunk)]
@@ -201,10 +211,10 @@ class TarReader:
         return ended
 
     def _skip_or_collect(self) -> bool:
-        take = min(self._remaining, len(self._buffer))
+        take = min(self._remaining, len(self._held) - self._at)
         if self._state == "meta":
-            self._meta += self._buffer[:take]
-        del self._buffer[:take]
+            self._meta += self._held[self._at : self._at + take]
+        self._at += take
         self._remaining -= take
         if self._remaining:
             return False
@@ -219,7 +229,7 @@ class TarReader:
             self._state = "ended"
             return [ArchiveEnded()]
         try:
-            info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+            info = decode_header(block)
         except tarfile.HeaderError as exc:
             after = f" after {self.last_name!r}" if self.last_name else ""
             raise TarStreamError(f"the tar stream has a bad header{after} ({exc})") from None
