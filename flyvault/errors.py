@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 from collections.abc import Callable, Iterator, Mapping
 from typing import ClassVar
 
@@ -330,6 +331,12 @@ class CommandNotExecutable(SpawnError):
 
     exit_code = 126
     code = ErrorCode.COMMAND_NOT_EXECUTABLE
+
+
+def shell_status(exc: OSError) -> int:
+    """A shell's status for a command it could not start: 127 when something named does
+    not exist (ENOENT), 126 for every other reason (permissions, not a program, ...)."""
+    return 127 if exc.errno == errno.ENOENT else 126
 
 
 def spawn_error(message: str, exit_code: int) -> SpawnError:

@@ -163,7 +163,7 @@ def _add_file(walk: _Walk, path: str, info: tarfile.TarInfo, st: os.stat_result)
         while remaining:
             chunk = os.read(fd, min(remaining, MAX_DATA))
             if not chunk:
-                raise OSError(5, "the file shrank while it was read; copy again", path)
+                raise FileOpError(f"{path}: the file shrank while it was read; copy again")
             digest.update(chunk)
             out.write(chunk)
             remaining -= len(chunk)
@@ -221,6 +221,8 @@ class _Extractor:
         self.deferred: list[tuple[tuple[str, ...], tarfile.TarInfo, int]] = []
         self.landing: _Landing | None = None
         self._chown = request.preserve and self.as_root
+        #: The worker's umask, for parents made on the way (tar_put runs with umask 0).
+        self.umask = 0o022
         self._nonce = os.urandom(8).hex()
         self._made = 0
         #: Parent directories opened before, by their parts: the caller gets a dup. Safe to
@@ -241,8 +243,8 @@ class _Extractor:
         for part in parts:
             try:
                 child = os.open(part, _DIR_FLAGS, dir_fd=fd)
-            except FileNotFoundError:
-                os.mkdir(part, 0o755, dir_fd=fd)
+            except FileNotFoundError:  # as mkdir -p would make it, under the worker's umask
+                os.mkdir(part, 0o755 & ~self.umask, dir_fd=fd)
                 child = os.open(part, _DIR_FLAGS, dir_fd=fd)
             except OSError:
                 os.close(fd)
@@ -438,6 +440,7 @@ def tar_put(channel: Any, request: FileRequest, dest: str) -> None:
     reader = TarReader(expect_digests=True, sender="the client")
     extractor = _Extractor(request, dest)
     umask = os.umask(0)  # modes are set exactly (this worker process does only this op)
+    extractor.umask = umask
     try:
         while (frame := channel.receive()) is not None:
             kind, payload = frame

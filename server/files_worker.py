@@ -10,8 +10,9 @@ the operation. Everything the child runs is imported before the fork: after the 
 init's files are not visible. In host mode the same child runs on the host.
 
 The child talks to the handler over a socketpair in the file stream's own frames (the
-handler re-encodes what its ``FileServer`` machine validated), blocking, one chunk at a time:
-the socket's buffer is the only buffer, so a 1 GB file never sits in memory.
+handler re-encodes what its ``FileServer`` machine validated), blocking, a chunk at a time: at
+most ``FLUSH_AT`` bytes of frames wait to be written (and a read takes at most
+``RECEIVE_SIZE``), so a 1 GB file never sits in memory.
 """
 
 from __future__ import annotations

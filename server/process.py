@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from flyvault.errors import SpawnError, spawn_error
+from flyvault.errors import SpawnError, shell_status, spawn_error
 
 from .accounts import Account
 from .outputlog import STDERR, STDOUT
@@ -148,12 +148,11 @@ def _credentials(account: Account | None) -> dict[str, Any]:
 def _spawn_error(command: Sequence[str], cwd: str | None, exc: OSError) -> SpawnError:
     reason = exc.strerror or str(exc)
     # subprocess names the cwd as the failing filename when chdir failed.
-    if cwd is not None and exc.filename == cwd:  # 127 whatever the reason, as in vm mode
+    if cwd is not None and exc.filename == cwd:
         message = f"cannot run {command[0]!r}: cannot change directory to {cwd!r}: {reason}"
-        return spawn_error(message, 127)
-    message = f"cannot run {command[0]!r}: {reason}"
-    not_runnable = exc.errno in (errno.EACCES, errno.ENOEXEC, errno.EPERM, errno.EISDIR)
-    return spawn_error(message, 126 if not_runnable else 127)
+    else:
+        message = f"cannot run {command[0]!r}: {reason}"
+    return spawn_error(message, shell_status(exc))
 
 
 class ManagedProcess:

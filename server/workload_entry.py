@@ -17,7 +17,7 @@ import subprocess
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-from flyvault.errors import ProvisionError, SpawnError, spawn_error
+from flyvault.errors import ProvisionError, SpawnError, shell_status, spawn_error
 
 from .accounts import Account, switch_to
 
@@ -199,17 +199,20 @@ class WorkloadEntry:
                     os.fchdir(root)
                     os.chroot(".")
                 except OSError as exc:
-                    fail(f"cannot enter the workload: {exc.strerror or exc}", 126)
+                    fail(f"cannot enter the workload: {exc.strerror or exc}", 1)
                 if account is not None:
                     try:
                         switch_to(account)
                     except OSError as exc:
-                        fail(f"cannot switch to user {account.name!r}: {exc.strerror or exc}", 126)
+                        fail(f"cannot switch to user {account.name!r}: {exc.strerror or exc}", 1)
                 try:
                     os.chdir(cwd)
                 except OSError as exc:
                     if strict:
-                        fail(f"cannot change directory to {cwd!r}: {exc.strerror or exc}", 127)
+                        fail(
+                            f"cannot change directory to {cwd!r}: {exc.strerror or exc}",
+                            shell_status(exc),
+                        )
                     os.chdir("/")
                 if preexec is not None:
                     preexec()
@@ -239,7 +242,9 @@ class WorkloadEntry:
             if report:
                 process.wait()
                 code, _, message = report.decode(errors="replace").partition(" ")
-                raise spawn_error(message, 127 if code == "127" else 126)
+                if code in ("126", "127"):
+                    raise spawn_error(message, int(code))
+                raise SpawnError(message)  # entering or switching failed: ours, not the command's
             return process
         finally:
             for fd in fds:
@@ -254,6 +259,5 @@ def not_running() -> ProvisionError:
 
 
 def _spawn_error(argv: Sequence[str], exc: OSError) -> SpawnError:
-    not_runnable = exc.errno in (errno.EACCES, errno.ENOEXEC, errno.EPERM, errno.EISDIR)
     message = f"cannot run {argv[0]!r} in the workload: {exc.strerror or exc}"
-    return spawn_error(message, 126 if not_runnable else 127)
+    return spawn_error(message, shell_status(exc))

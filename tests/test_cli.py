@@ -166,7 +166,8 @@ def test_a_vault_that_does_not_answer_gets_a_hint_naming_it(issuer: OidcIssuer) 
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     write_config(
-        entry("gone", port, issuer) + entry("local", port, issuer, org="local", app="fly-vault-local")
+        entry("gone", port, issuer)
+        + entry("local", port, issuer, org="local", app="fly-vault-local")
     )
     remote = fly_vault("--no-mux", "exec", "gone", "--", "true")
     assert remote.returncode == 255
@@ -316,7 +317,15 @@ def test_init_stops_cleanly_on_sigterm(init_process: InitProcess) -> None:
 
 def test_init_rejects_bad_listen_address(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "flyvault.server.main", "--listen", "nonsense", "--data-dir", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "flyvault.server.main",
+            "--listen",
+            "nonsense",
+            "--data-dir",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=30,

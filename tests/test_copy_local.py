@@ -472,3 +472,36 @@ def test_the_sparse_writer_writes_exactly_the_data_in_any_pieces(
     finally:
         os.close(fd)
     assert path.read_bytes() == prefix + data
+
+
+def test_a_long_run_of_links_goes_in_bounded_pieces(tmp_path: Path) -> None:
+    """Headers without data between files are sent once they fill a piece: no piece grows
+    with the length of the run (it was rebuilt for every header, quadratic in it)."""
+    import tarfile as tarfile_module
+
+    from flyvault.client.copy_source import CHUNK, scan, tree_pieces
+
+    top = tmp_path / "links"
+    top.mkdir()
+    for index in range(1500):
+        (top / f"l{index:04d}").symlink_to(f"target-{index}")
+    (top / "zz-file").write_bytes(b"data")
+    tree = scan([(str(top), "links")], recursive=True, follow_symlinks=False, preserve=False)
+
+    async def collect() -> list[Any]:
+        return [
+            piece
+            async for piece in tree_pieces(
+                tree, lambda *a: ("digest", *a), lambda n: None, lambda n: None
+            )
+        ]
+
+    pieces = asyncio.run(collect())
+    data = [piece for piece in pieces if isinstance(piece, bytes)]
+    assert max(len(piece) for piece in data) < CHUNK + 4096
+    assert [piece for piece in pieces if not isinstance(piece, bytes)] == [
+        ("digest", "links/zz-file", 4, hashlib.sha256(b"data").hexdigest())
+    ]
+    with tarfile_module.open(fileobj=io.BytesIO(b"".join(data))) as archive:
+        names = archive.getnames()
+    assert len(names) == 1502 and names[-1] == "links/zz-file"

@@ -227,6 +227,7 @@ def big_tree(root: Path) -> tuple[Path, bytes]:
         (tree / f"small{index:02d}").write_bytes(os.urandom(1000))
     data = os.urandom(LARGE_FILE + 3 * MiB)
     (tree / "inner" / "large").write_bytes(data)
+    (tree / "inner" / "large").chmod(0o750)  # fetched apart from the stream: its mode too
     return tree, data
 
 
@@ -261,8 +262,11 @@ def test_a_large_file_in_a_tree_resumes_after_a_dropped_connection(
         return summaries
 
     up, down = on_vault(init_process, issuer, body)
+    umask = os.umask(0)
+    os.umask(umask)
     for copied in (there / "big", here / "down"):
         assert (copied / "inner" / "large").read_bytes() == data
+        assert stat.S_IMODE((copied / "inner" / "large").stat().st_mode) == 0o750 & ~umask
         assert len(list(copied.iterdir())) == 51
         assert not [p for p in copied.rglob(".fv-part-*")]
         assert not [p for p in copied.rglob(".flyvault-partial-*")]

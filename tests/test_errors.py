@@ -169,8 +169,9 @@ def test_map_exceptions_lets_unlisted_exceptions_through() -> None:
 
 
 class _Channel:
-    def __init__(self, refused: bool) -> None:
+    def __init__(self, refused: bool, nothing_listening: bool = False) -> None:
         self.refused_by_peer = refused
+        self.nothing_listening = nothing_listening
 
 
 @pytest.mark.parametrize(
@@ -178,7 +179,7 @@ class _Channel:
     [
         (TimeoutError(), False, NoAnswer, "no QUIC answer from h:1 within 3 s", "timeout"),
         (OSError(113, "No route to host"), False, NoAnswer, "cannot reach h:1: No route", "socket"),
-        (ConnectionLost("closed"), False, NoAnswer, "cannot connect to h:1: closed", "failed"),
+        (ConnectionLost("closed"), False, ConnectError, "cannot connect to h:1: closed", "failed"),
         (ConnectionLost("server busy: x"), True, ServerBusy, "h:1 is busy: server busy", "failed"),
         (ValueError("bad cid"), False, ConnectError, "QUIC handshake with h:1 failed", "failed"),
     ],
@@ -194,6 +195,17 @@ def test_handshake_mapping(
     assert type(caught.value) is expected
     assert caught.value.message.startswith(message)
     assert close_reason in endpoint._close_reason(caught.value)
+
+
+def test_nothing_listening_is_no_answer_and_a_tls_alert_is_not() -> None:
+    from flyvault.transport import endpoint
+
+    for listening, expected in ((True, NoAnswer), (False, ConnectError)):
+        channel = _Channel(False, nothing_listening=listening)
+        mapping = endpoint._handshake_errors("h:1", 3.0, channel)  # type: ignore[arg-type]
+        with pytest.raises(ConnectError) as caught, map_exceptions(mapping):
+            raise ConnectionLost("nothing is listening there (Connection refused)")
+        assert type(caught.value) is expected
 
 
 def test_resolve_failure_is_a_connect_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -43,6 +43,16 @@ def fv(
     )
 
 
+def fv_popen(*args: str) -> subprocess.Popen[bytes]:
+    """The CLI running in the background, stdout and stderr piped, no stdin."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "flyvault.cli.main", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
 def _wait_for(check: Any, what: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -170,6 +180,28 @@ def test_a_kept_session_whose_reader_leaves_keeps_running(vault: str) -> None:
     assert killed.returncode == 0, killed.stderr
 
 
+def test_kill_waits_and_says_whether_the_session_ended(vault: str) -> None:
+    for name, script in (("ends", "exec sleep 600"), ("stubborn", "trap '' TERM; sleep 600")):
+        proc = fv_popen("exec", vault, "--session", name, "--", "sh", "-c", f"echo up; {script}")
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline() == b"up\n"
+        finally:
+            proc.kill()
+            proc.wait()
+    ended = fv("kill", vault, "ends")
+    assert ended.returncode == 0, ended.stderr
+    assert ended.stdout.strip() == b"sent SIGTERM: session ends ended (killed by SIGTERM)"
+    stubborn = fv("kill", vault, "stubborn", "--wait", "0.5")
+    assert stubborn.returncode == 0, stubborn.stderr
+    assert b"session stubborn is still running after 0.5 s" in stubborn.stdout
+    assert b"--signal KILL" in stubborn.stdout
+    assert _sessions(vault)["stubborn"]["running"] is True
+    at_once = fv("kill", vault, "stubborn", "--signal", "KILL", "--wait", "0")
+    assert at_once.stdout.strip() == b"sent SIGKILL to session stubborn"
+    _wait_for(lambda: not _sessions(vault)["stubborn"]["running"], "the KILL")
+
+
 def test_stdin_forwarded_in_full(vault: str) -> None:
     payload = os.urandom(3 * 1024 * 1024)
     result = fv("exec", vault, "--", "sha256sum", input_=payload)
@@ -181,25 +213,9 @@ def test_stdin_forwarded_in_full(vault: str) -> None:
 
 def test_named_session_reattach_and_list_and_kill(vault: str) -> None:
     # It keeps running after the client is killed: emulate a dropped laptop.
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "flyvault.cli.main",
-            "exec",
-            vault,
-            "--session",
-            "job-2",
-            "--context",
-            "why: testing",
-            "--",
-            "sh",
-            "-c",
-            "echo one; sleep 1; echo two; sleep 30",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+    script = "echo one; sleep 1; echo two; sleep 30"
+    proc = fv_popen(
+        "exec", vault, "--session", "job-2", "--context", "why: testing", "--", "sh", "-c", script
     )
     read_until(proc, b"one\ntwo\n")  # both lines made it through the vault
     proc.kill()

@@ -297,4 +297,4 @@ def test_vm_mode_runs_as_an_account_of_the_images_passwd(vm_vault: str) -> None:
     assert missing.returncode == 127 and "cannot change directory to '/nope'" in missing.stderr
     # The directory is entered as the user: root's 0700 home is not theirs to enter.
     denied = fv("exec", vm_vault, "--user", "dev", "--cwd", "/root", "--", "true")
-    assert denied.returncode == 127 and "Permission denied" in denied.stderr
+    assert denied.returncode == 126 and "Permission denied" in denied.stderr

@@ -268,12 +268,17 @@ def test_second_exec_reuses_the_keepers_connection(vault: str) -> None:
     second = fv(*command)
     third = fv("exec", vault, "--", "sh", "-c", "printf two; printf owt >&2; exit 3")
     assert the_keeper()[0] == pid  # still the one keeper
-    # Byte for byte what the direct call gave, the connection's notice included; a reused
-    # connection has no notice left to give.
+    # Byte for byte what the direct call gave. The development issuer's note came with the
+    # direct call, the first today, so neither keeper call repeats it.
     assert direct.returncode == 7
     assert direct.stdout == bytes(range(256)) + b"out"
+    assert b"attested by the development issuer" in direct.stderr
     assert direct.stderr.endswith(b"err" + bytes(range(255, -1, -1)))
-    assert (first.returncode, first.stdout, first.stderr) == (7, direct.stdout, direct.stderr)
+    assert (first.returncode, first.stdout, first.stderr) == (
+        7,
+        direct.stdout,
+        b"err" + bytes(range(255, -1, -1)),
+    )
     assert (second.returncode, second.stdout, second.stderr) == (
         7,
         direct.stdout,
@@ -295,12 +300,15 @@ def test_list_exec_and_kill_go_through_the_keeper_too(vault: str, reaper: list[A
     pid, _ = the_keeper()
     before = status(vault)[0]["requests"]
     assert sessions(vault)["lk"]["running"] is True
-    killed = fv("kill", vault, "lk", "--signal", "KILL")
+    killed = fv("kill", vault, "lk", "--signal", "KILL", "--wait", "0")
     assert killed.returncode == 0, killed.stderr
     assert proc.wait(timeout=30) == 137
     after = status(vault)[0]
     assert after["pid"] == pid
-    assert after["requests"] == before + 3  # list-exec, kill, and this status
+    assert after["requests"] == before + 3  # list-exec, kill (not waiting), this status
+    waited = fv("kill", vault, "lk", "--signal", "KILL")  # it ended: one list says so
+    assert b"session lk ended (killed by SIGKILL)" in waited.stdout, waited.stderr
+    assert status(vault)[0]["requests"] == before + 6  # kill, one list, this status
     assert after["connects"] == 1
 
 

@@ -596,8 +596,13 @@ def test_reprovision_ends_sessions_with_the_reason_and_starts_them_as_a_login(
     elsewhere = fv("exec", "vm", "--cwd", "/etc", "--", "sh", "-c", "pwd")
     assert elsewhere.stdout == b"/etc\n", elsewhere.stderr
     missing = fv("exec", "vm", "--cwd", "/nope", "--", "sh", "-c", "pwd")
-    assert missing.returncode == 255
+    assert missing.returncode == 127  # as a shell gives for a missing directory
     assert b"cannot change directory to '/nope'" in missing.stderr
+    no_program = fv("exec", "vm", "--", "no-such-program-zz")
+    assert no_program.returncode == 127, no_program.stderr
+    assert b"cannot run 'no-such-program-zz' in the workload" in no_program.stderr
+    not_runnable = fv("exec", "vm", "--", "/etc/passwd")
+    assert not_runnable.returncode == 126, not_runnable.stderr
 
     named = subprocess.Popen(
         [*CLI, "exec", "vm", "--session", "s1", "-T", "--", "sleep", "300"],

@@ -362,8 +362,18 @@ def test_escape_help_then_disconnect_exits_255(pane: Pane) -> None:
     pane.type("")
     pane.type("~.", enter=False)
     assert pane.wait_exit(pid, timeout=15) == 255
-    pane.wait_for(r"fly-vault: disconnected")
+    pane.wait_for(r"fly-vault: disconnected; the shell waits for you")
     pane.assert_cooked()
+    # The notice names the command that comes back to the same shell.
+    pane.wait_for(r"fly-vault exec t --session shell-[0-9a-f]+")
+    session = re.findall(r"fly-vault exec t --session (shell-[0-9a-f]+)", pane.screen())[-1]
+    start = pane.mark()
+    pid = pane.start_client("exec", "t", "--session", session)
+    # Attached once the shell's replayed output shows; type only then.
+    pane.wait_for(rf"^{re.escape(REMOTE_PROMPT.rstrip())}", after=start)
+    remote(pane, "echo BACK=$((6*7))", r"^BACK=42$")
+    pane.type("exit")
+    assert pane.wait_exit(pid, timeout=15) == 0
 
 
 @needs_tmux

@@ -14,7 +14,15 @@ class Console:
         self.raw = False
 
     def notice(self, message: str) -> None:
+        from flyvault.client.events import DevelopmentIssuer
         from flyvault.redact import scrub
+
+        note = DevelopmentIssuer.parse(message)  # relayed by a keeper as text, too
+        if note is not None:
+            from flyvault.cli.notes import show_dev_issuer_note
+
+            if not show_dev_issuer_note(note.vault, note.issuer):
+                return
 
         text = scrub(f"fly-vault: {message}")  # os.write below bypasses the wrapped stderr
         if self.raw:

@@ -302,6 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
     kill.add_argument("vault")
     kill.add_argument("session")
     kill.add_argument("--signal", "-s", default="TERM", help="name or number (default TERM)")
+    kill.add_argument(
+        "--wait",
+        type=number(float, minimum=0, maximum=60, unit="seconds"),
+        default=2.0,
+        metavar="SECONDS",
+        help="wait this long for the session to end and say whether it did (default 2; 0: "
+        "do not wait)",
+    )
     kill.set_defaults(run=_lazy(remote, "run_kill"))
 
     local = commands.add_parser(

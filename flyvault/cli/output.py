@@ -59,6 +59,13 @@ def _open_log_file(raw: str) -> TextIO:
     return open(fd, "w", encoding="utf-8", buffering=1)
 
 
+def is_verbose() -> bool:
+    """``-v`` was given: the console handler shows INFO lines (a log file alone does not
+    count: it takes DEBUG lines without changing what stderr shows)."""
+    root = logging.getLogger("flyvault")
+    return any(h.get_name() == _HANDLERS[0] and h.level <= logging.INFO for h in root.handlers)
+
+
 def configure_logging(log_file: str | None, verbose: bool) -> None:
     """Warnings always reach stderr (the original was silent without --log-file, B12).
 

@@ -44,13 +44,19 @@ def _parse_forwards(values: list[str], label: str) -> list[Any]:
     from flyvault.config import parse_forward_spec
     from flyvault.errors import ConfigError
 
-    specs = []
+    specs: dict[int, Any] = {}
     for value in values:
         try:
-            specs.append(parse_forward_spec(value))
+            spec = parse_forward_spec(value)
         except ConfigError as exc:
             raise UsageError(f"{label} {value!r}: {exc.message}", hint=exc.hint) from None
-    return specs
+        if spec.local_port in specs:
+            raise UsageError(
+                f"{label} {value!r}: local port {spec.local_port} is given twice",
+                hint="give each local port once",
+            )
+        specs[spec.local_port] = spec
+    return list(specs.values())
 
 
 def _with_defaults(specs: list[Any], defaults: list[Any]) -> list[Any]:
@@ -470,19 +476,75 @@ def run_list_exec(args: argparse.Namespace) -> int:
     return 0
 
 
+#: How often ``kill`` looks whether the session ended while it waits.
+KILL_POLL = 0.1
+
+
 def run_kill(args: argparse.Namespace) -> int:
+    """Send the signal; then wait up to ``--wait`` seconds and say whether the session
+    ended (a shell ignores SIGTERM: the answer says which signal to try next)."""
     from flyvault.cli.mux import call_through_keeper, not_used
     from flyvault.client import parse_signal
 
     signo = parse_signal(args.signal)
-
     if not_used(call_through_keeper(args, "kill", session_id=args.session, signal=signo)):
         import asyncio
 
-        vault_config = _load(args.vault)
-        asyncio.run(_with_vault(vault_config, lambda v: v.kill(args.session, signo)))
-    print(f"sent SIG{signal.Signals(signo).name.removeprefix('SIG')} to session {args.session}")
+        async def kill_and_watch(vault: Any) -> Any:
+            await vault.kill(args.session, signo)
+            deadline = time.monotonic() + args.wait
+            while args.wait:
+                info = _session_info(await vault.list_sessions(), args.session)
+                if not _still_running(info) or time.monotonic() >= deadline:
+                    return info
+                await asyncio.sleep(KILL_POLL)
+            return None  # --wait 0: not looked at
+
+        info = asyncio.run(_with_vault(_load(args.vault), kill_and_watch))
+    else:
+        info = None
+        deadline = time.monotonic() + args.wait
+        while args.wait:
+            listing = call_through_keeper(args, "list")
+            if not_used(listing):  # the keeper went away meanwhile: no answer to give
+                print(_kill_outcome(args.session, signo, 0, None))
+                return 0
+            info = _session_info(listing, args.session)
+            if not _still_running(info) or time.monotonic() >= deadline:
+                break
+            time.sleep(KILL_POLL)
+    print(_kill_outcome(args.session, signo, args.wait, info))
     return 0
+
+
+def _session_info(sessions: Any, session_id: str) -> dict[str, Any] | None:
+    return next((s for s in sessions or () if s.get("session_id") == session_id), None)
+
+
+def _still_running(info: dict[str, Any] | None) -> bool:
+    return info is not None and bool(info.get("running"))
+
+
+def _kill_outcome(session: str, signo: int, wait: float, info: dict[str, Any] | None) -> str:
+    from flyvault.client import signal_name
+
+    name = signal_name(signo)
+    if wait == 0:
+        return f"sent {name} to session {session}"
+    if info is None:
+        return f"sent {name}: session {session} ended"
+    if not info.get("running"):
+        ended = (
+            f"killed by {signal_name(info['signal'])}"
+            if info.get("signal")
+            else f"exit status {info.get('exit_code')}"
+        )
+        return f"sent {name}: session {session} ended ({ended})"
+    if info.get("kind") == "shell" and signo != signal.SIGHUP:
+        advice = "a shell ignores SIGTERM and SIGINT: try --signal HUP, or --signal KILL"
+    else:
+        advice = "it may be handling the signal; --signal KILL ends it at once"
+    return f"sent {name}: session {session} is still running after {wait:g} s ({advice})"
 
 
 async def _with_vault(vault_config: Any, action: Any) -> Any:

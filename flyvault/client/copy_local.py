@@ -343,7 +343,8 @@ class LocalTreeWriter:
         # itself: one fchmod less per file. With -p the mode is set once the digest matched.
         mode = 0o600 if self.preserve else info.mode & 0o777
         fd = os.open(temp, FILE_FLAGS, mode, dir_fd=parent)
-        self._pending = _Pending(info, mtime_ns, parent, parts, temp, SparseWriter(fd))
+        writer = SparseWriter(fd)
+        self._pending = _Pending(info, mtime_ns, parent, parts, temp, writer, not self.preserve)
 
     def _land(self) -> None:
         """The digest matched: metadata, then the rename that makes the file appear."""
@@ -352,7 +353,7 @@ class LocalTreeWriter:
         fd = pending.writer.fd
         entry = pending.info.name
         try:
-            self._metadata(pending.info, pending.mtime_ns, fd=fd, mode_set=not self.preserve)
+            self._metadata(pending.info, pending.mtime_ns, fd=fd, mode_set=pending.mode_set)
             name = pending.parts[-1]
             try:
                 os.rename(
@@ -440,6 +441,8 @@ class _Pending:
     parts: tuple[str, ...]
     temp: str
     writer: SparseWriter
+    #: Created with its final mode (``_start_file`` without -p): no chmod when it lands.
+    mode_set: bool = False
 
 
 def _os_refusal(entry: str, exc: OSError) -> VaultError:

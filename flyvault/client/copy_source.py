@@ -186,23 +186,26 @@ async def tree_pieces(
     small file's header and data go as one, and a file's padding goes with the next header,
     after the digest (the reader takes a digest before or after the padding). A small file
     so costs two pieces, not four."""
-    lead = b""
+    lead = bytearray()  # grown in place: a long run of directories or links stays linear
     for entry in tree.entries:
         info = entry.info
         if info.type == tarfile.REGTYPE:
             sha = hashlib.sha256()
             try:
-                for piece in _file_pieces(entry.path, info, lead, sha, on_bytes):
+                for piece in _file_pieces(entry.path, info, bytes(lead), sha, on_bytes):
                     yield piece
             except OSError as exc:
                 raise FileOpError(_os_words(entry.path, exc)) from None
             yield digest(info.name, info.size, sha.hexdigest())
-            lead = padding(info.size)
+            lead = bytearray(padding(info.size))
         else:
             lead += header(info)
+            if len(lead) >= CHUNK:
+                yield bytes(lead)
+                lead = bytearray()
         if info.type in (tarfile.REGTYPE, tarfile.LNKTYPE):
             on_file(info.name)
-    yield lead + END_OF_ARCHIVE
+    yield bytes(lead + END_OF_ARCHIVE)
 
 
 def _file_pieces(

@@ -6,6 +6,7 @@ reports them as data (``dev_issuer`` in its results).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +27,17 @@ class DevelopmentIssuer:
         return (
             f"note: '{self.vault}' is attested by the development issuer {self.issuer}, not by Fly"
         )
+
+    @classmethod
+    def parse(cls, message: str) -> DevelopmentIssuer | None:
+        """The event whose ``message`` this is (a keeper relays events as notice text)."""
+        match = _NOTE.fullmatch(message)
+        return cls(match["vault"], match["issuer"]) if match else None
+
+
+_NOTE = re.compile(
+    r"note: '(?P<vault>[^']+)' is attested by the development issuer (?P<issuer>\S+), not by Fly"
+)
 
 
 #: Every event type the client emits (a union as more kinds arrive).

@@ -168,7 +168,8 @@ async def _left(request: ExecRequest, frontend: SessionFrontend, vault_name: str
         f"disconnected; session {request.session_id} keeps running "
         f"(reattach: fly-vault exec {vault_name} --session {request.session_id})"
         if not request.shell
-        else "disconnected; the shell is hung up if nobody reattaches"
+        else f"disconnected; the shell waits for you (10 minutes by default) before it is "
+        f"hung up: fly-vault exec {vault_name} --session {request.session_id}"
     )
     return CLIENT_FAILURE
 

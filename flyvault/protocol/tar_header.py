@@ -92,7 +92,6 @@ def _fits_ustar(info: tarfile.TarInfo, name: str) -> bool:
         and 0 <= info.uid < _OCTAL_8
         and 0 <= info.gid < _OCTAL_8
         and 0 <= info.size < _OCTAL_12
-        and type(info.mtime) is int
         and 0 <= info.mtime < _OCTAL_12
         and not _PAX_OVERRIDES.intersection(info.pax_headers)
         and all(k.isascii() and v.isascii() for k, v in info.pax_headers.items())

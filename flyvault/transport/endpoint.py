@@ -213,6 +213,8 @@ class _ClientChannel(QuicChannel):
     def __init__(self, quic: VaultQuicConnection, settings: TransportSettings) -> None:
         super().__init__(quic, keepalive_interval=settings.keepalive_interval)
         self._wrap = settings.datagram_wrapper
+        #: The handshake failed on ICMP port unreachable (not a TLS alert, not a refusal).
+        self.nothing_listening = False
 
     def error_received(self, exc: Exception) -> None:
         if getattr(exc, "errno", None) == errno.EMSGSIZE:
@@ -225,6 +227,7 @@ class _ClientChannel(QuicChannel):
         # handshake at once instead of waiting out the handshake timeout.
         reason = f"nothing is listening there ({getattr(exc, 'strerror', None) or exc})"
         if not self.quic.handshake_complete:
+            self.nothing_listening = True
             self._terminate(reason)
             return
         # On a working connection an ICMP error is only a hint (it can be forged): give up
@@ -311,6 +314,8 @@ def _handshake_errors(where: str, timeout: float, channel: _ClientChannel) -> Ex
         message = exc.message if isinstance(exc, ConnectionLost) else str(exc)
         if channel.refused_by_peer:
             return ServerBusy(f"{where} is busy: {message}")
+        if not getattr(channel, "nothing_listening", False):  # e.g. a TLS alert: it answered
+            return ConnectError(f"cannot connect to {where}: {message}")
         return NoAnswer(
             f"cannot connect to {where}: {message}",
             hint="is the vault running, and is the address (host:port) right? "
