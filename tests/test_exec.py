@@ -202,6 +202,53 @@ def test_kill_waits_and_says_whether_the_session_ended(vault: str) -> None:
     _wait_for(lambda: not _sessions(vault)["stubborn"]["running"], "the KILL")
 
 
+def test_ctrl_c_interrupts_the_remote_command_and_a_second_one_detaches(vault: str) -> None:
+    """As ``ssh -t``: the first Ctrl-C (SIGINT to this client) reaches the command; the
+    second leaves it running and says how to come back to it or stop it."""
+    trapped = fv_popen(
+        "exec",
+        vault,
+        "--",
+        "sh",
+        "-c",
+        "trap 'echo got-INT; exit 7' INT; echo up; while :; do sleep 0.1; done",
+    )
+    read_until(trapped, b"up\n")
+    trapped.send_signal(signal.SIGINT)
+    out, err = trapped.communicate(timeout=30)
+    assert trapped.returncode == 7, err
+    assert out == b"got-INT\n"
+
+    script = "trap 'echo got-INT' INT; echo up; while :; do sleep 0.1; done"
+    stubborn = fv_popen("exec", vault, "--", "sh", "-c", script)  # it survives Ctrl-C
+    read_until(stubborn, b"up\n")
+    stubborn.send_signal(signal.SIGINT)
+    read_until(stubborn, b"got-INT\n")  # the first Ctrl-C arrived; the client still follows
+    assert stubborn.poll() is None
+    stubborn.send_signal(signal.SIGINT)
+    _, err = stubborn.communicate(timeout=30)
+    assert stubborn.returncode == 130, err
+    notice = err.decode().strip().splitlines()[-1]
+    assert notice.startswith("fly-vault: detached; session ") and "keeps running" in notice
+    session = notice.split("session ", 1)[1].split()[0]
+    assert f"fly-vault exec {vault} --session {session}" in notice
+    assert f"fly-vault kill {vault} {session}" in notice
+    assert _sessions(vault)[session]["running"] is True
+    assert fv("kill", vault, session, "--signal", "KILL").returncode == 0
+
+    # Following a named session, Ctrl-C only stops following (remote-task relies on it).
+    named = fv_popen(
+        "exec", vault, "--session", "follow-me", "--", "sh", "-c", "echo up; exec sleep 600"
+    )
+    read_until(named, b"up\n")
+    named.send_signal(signal.SIGINT)
+    _, err = named.communicate(timeout=30)
+    assert named.returncode != 0
+    assert b"Traceback" not in err, err
+    assert _sessions(vault)["follow-me"]["running"] is True  # no SIGINT reached it
+    assert fv("kill", vault, "follow-me", "--signal", "KILL").returncode == 0
+
+
 def test_stdin_forwarded_in_full(vault: str) -> None:
     payload = os.urandom(3 * 1024 * 1024)
     result = fv("exec", vault, "--", "sha256sum", input_=payload)

@@ -28,7 +28,13 @@ from typing import Any
 from flyvault.cli.console import Console
 from flyvault.cli.output import report_error
 from flyvault.cli.terminal import RawTerminal, terminal_size
-from flyvault.client.exec_request import READER_GONE_EXIT, READER_GONE_GRACE, reader_gone_signal
+from flyvault.client.exec_request import (
+    INTERRUPT_EXIT,
+    READER_GONE_EXIT,
+    READER_GONE_GRACE,
+    detached_notice,
+    reader_gone_signal,
+)
 from flyvault.client.keeper_start import (
     WAIT,
     alive,
@@ -289,6 +295,10 @@ def exec_through_keeper(args: argparse.Namespace, request: Any, forward_stdin: b
 KILL_TIMEOUT = 5.0
 
 
+class _Detach(Exception):
+    """Raised by the second Ctrl-C in the thin path's receive loop."""
+
+
 class _ThinSession:
     """The CLI's end of an exec served by the keeper: the terminal and the byte pumps."""
 
@@ -313,18 +323,41 @@ class _ThinSession:
         self.broken: set[int] = set()
         self.reader_gone = False
         self.escalation: threading.Timer | None = None
+        self.interrupts = 0
+        self.following = True
 
     def run(self) -> int:
         threading.Thread(target=self._send_loop, name="keeper-send", daemon=True).start()
         if self.forward_stdin and not self.interactive:
             self._start_stdin()
+        plain = not self.interactive and not self.request.keep  # as in session_runner
+        previous = signal.signal(signal.SIGINT, self._interrupted) if plain else None
         try:
-            return self._receive_loop()
+            try:
+                return self._receive_loop()
+            finally:
+                self.following = False  # a Ctrl-C from here on is not ours to act on
+        except _Detach:  # a second Ctrl-C: the session goes on without us
+            self.progress.close()
+            self.console.notice(detached_notice(self.request, self.vault))
+            return INTERRUPT_EXIT
         finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
             if self.escalation is not None:  # decided: nothing signals the command any more
                 self.escalation.cancel()
             self._leave_raw()
             self.progress.close()
+
+    def _interrupted(self, signo: int, frame: Any) -> None:
+        """Ctrl-C as the direct path (``session_runner``) takes it: the first goes to the
+        command as SIGINT (a ``kill`` request from a thread), the second leaves."""
+        if not self.following:
+            return
+        self.interrupts += 1
+        if self.interrupts > 1:
+            raise _Detach
+        threading.Thread(target=self._signal_remote, args=(signal.SIGINT,), daemon=True).start()
 
     def _receive_loop(self) -> int:
         while True:

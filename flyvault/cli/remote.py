@@ -203,6 +203,11 @@ class _LocalFrontend:
     def on_reader_gone(self, callback: Callable[[], None]) -> None:
         self._reader_gone = callback
 
+    def on_interrupt(self, callback: Callable[[], None]) -> None:
+        import asyncio
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGINT, callback)
+
     def _reader_left(self) -> None:
         if not self._reader_gone_told and self._reader_gone is not None:
             self._reader_gone_told = True

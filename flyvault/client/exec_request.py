@@ -49,11 +49,25 @@ def failure_status(error: Exception) -> int:
     the command could not be started (as ssh's remote shell exits), 255 otherwise."""
     code = getattr(error, "exit_code", None)
     return code if code in COMMAND_FAILURES else CLIENT_FAILURE
+
+
 #: Seconds a remote command that ignored the reader-gone signal gets before SIGTERM.
 READER_GONE_GRACE = 2.0
 #: ``exec`` exits with this when it stopped following a kept session because the reader
 #: of its output left (128 + SIGPIPE, what the shell shows for a writer killed by a pipe).
 READER_GONE_EXIT = 141
+#: A plain ``exec`` left with a second Ctrl-C (128 + SIGINT, as a shell reports it).
+INTERRUPT_EXIT = 130
+
+
+def detached_notice(request: ExecRequest, vault: str) -> str:
+    """What a second Ctrl-C on a plain ``exec`` says: the command keeps running, and how
+    to come back to it or stop it."""
+    session = request.session_id
+    return (
+        f"detached; session {session} keeps running (reattach: fly-vault exec {vault} "
+        f"--session {session}; stop: fly-vault kill {vault} {session})"
+    )
 
 
 def reader_gone_signal(request: ExecRequest) -> int:

@@ -126,6 +126,10 @@ class _FrameFrontend:
         """The CLI at the other end sees its reader leave and acts itself (a ``kill``
         request, or it leaves): nothing to watch here."""
 
+    def on_interrupt(self, callback: Callable[[], None]) -> None:
+        """Ctrl-C reaches the CLI at the other end, which acts itself (a ``kill`` request
+        with SIGINT, or it leaves): nothing to watch here."""
+
     async def write_stdout(self, data: bytes) -> None:
         await self.link.send_data(MuxKind.STDOUT, data)
 

@@ -20,9 +20,11 @@ from typing import Any, Protocol
 from flyvault.client.escapes import RESET_MODES, EscapeDetector
 from flyvault.client.exec_request import (
     CLIENT_FAILURE,
+    INTERRUPT_EXIT,
     READER_GONE_EXIT,
     READER_GONE_GRACE,
     ExecRequest,
+    detached_notice,
     reader_gone_signal,
 )
 from flyvault.errors import ConnectionLost, VaultError
@@ -58,6 +60,10 @@ class SessionFrontend(Protocol):
         """Call ``callback`` (on the loop, once) when the reader of our output left (EPIPE);
         a frontend that cannot tell never calls it."""
 
+    def on_interrupt(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the loop) at each Ctrl-C (SIGINT) this process gets while
+        the session is not on a raw terminal; a frontend without one never calls it."""
+
 
 async def run_attached(
     session: Any,
@@ -71,6 +77,10 @@ async def run_attached(
     interactive = frontend.interactive
     escalation: list[asyncio.TimerHandle] = []
     frontend.on_reader_gone(lambda: _reader_gone(session, request, left, escalation))
+    # A plain exec only: on a raw terminal Ctrl-C is a byte for the remote's terminal, and
+    # following a named session (``--session``) Ctrl-C only stops following, as before.
+    if not interactive and not request.keep:
+        frontend.on_interrupt(_interrupter(session, left))
     with frontend.raw() if interactive else contextlib.nullcontext():
         if interactive:
             frontend.on_resize(session.resize)
@@ -105,6 +115,10 @@ async def run_attached(
         if left.done() and runner.cancelled():
             if left.result() == "reader":
                 return await _reader_left(request, frontend, vault_name)
+            if left.result() == "interrupt":
+                await frontend.flush()
+                frontend.notice(detached_notice(request, vault_name))
+                return INTERRUPT_EXIT
             return await _left(request, frontend, vault_name)
         try:
             exited = runner.result()
@@ -120,6 +134,25 @@ async def run_attached(
                 f"{what} was ended by the vault: {exited.reason} (exit status {exited.exit_status})"
             )
         return int(exited.exit_status)
+
+
+def _interrupter(session: Any, left: asyncio.Future[str]) -> Callable[[], None]:
+    """Ctrl-C as ``ssh -t`` gives it: the first goes to the remote command as SIGINT; the
+    second leaves the session running and says how to come back (``detached_notice``)."""
+    count = 0
+
+    def interrupted() -> None:
+        nonlocal count
+        count += 1
+        if left.done():
+            return
+        if count == 1:
+            with contextlib.suppress(Exception):  # ended meanwhile: nothing to interrupt
+                session.signal(signal.SIGINT)
+        else:
+            left.set_result("interrupt")
+
+    return interrupted
 
 
 def _reader_gone(
