@@ -12,7 +12,8 @@
 - **warm exec with ``--share-keeper``**: the same loop with the server reaching the vault
   through the connection keeper the CLI uses (each stream relayed by the keeper).
 - **tools/list size**: the ``tools/list`` answer as JSON (what an agent loads into its
-  context), approximate tokens = characters / 4, per tool as well.
+  context), approximate tokens = characters / 4, per tool as well; as a server without a
+  Fly API token lists it (no ``tenant`` tool) and as one with the token does.
 
 A host-mode local vault is started in a temporary XDG home (``flyvault.localvault.up``) and
 stopped at the end; the user's own config is never touched. Samples are taken in batches of
@@ -116,12 +117,13 @@ async def bare_exec_samples(n: int) -> list[float]:
     return samples
 
 
-async def tools_list_size() -> dict[str, Any]:
+async def tools_list_size(*, tenant_tool: bool) -> dict[str, Any]:
     from mcp import Client
 
     from flyvault.mcp_server.server import build_server
 
-    async with Client(build_server(), mode="legacy") as client:
+    # Said explicitly: the server offers the tenant tool only when FLY_API_TOKEN is set.
+    async with Client(build_server(tenant_tool=tenant_tool), mode="legacy") as client:
         listing = await client.list_tools()
     wire = listing.model_dump(mode="json", by_alias=True, exclude_none=True)
     text = json.dumps(wire, separators=(",", ":"), ensure_ascii=False)
@@ -193,7 +195,8 @@ async def measure(samples: int) -> dict[str, Any]:
             "target": f"p50 <= {TARGET_P50_MS:g} ms (mcp_in_process)",
             "met": p50 <= TARGET_P50_MS,
         },
-        "tools_list": await tools_list_size(),
+        "tools_list": await tools_list_size(tenant_tool=False),
+        "tools_list_with_tenant_tool": await tools_list_size(tenant_tool=True),
     }
 
 
@@ -261,7 +264,6 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(document, indent=2) + "\n")
 
     exec_ = results["warm_exec_true"]
-    listing = results["tools_list"]
     for label, key in (
         ("MCP in process", "mcp_in_process"),
         ("MCP legacy JSON-RPC", "mcp_in_process_legacy_jsonrpc"),
@@ -273,9 +275,15 @@ def main(argv: list[str] | None = None) -> int:
             f"warm exec true, {label:<22} p50 {s['p50']:7.2f} ms  p90 {s['p90']:7.2f}  p99 {s['p99']:7.2f}"
         )
     print(f"target {exec_['target']}: {'met' if exec_['met'] else 'NOT met'}")
-    print(
-        f"tools/list: {listing['tools']} tools, {listing['chars']} chars, ~{listing['approx_tokens']} tokens"
-    )
+    for label, key in (
+        ("", "tools_list"),
+        (" with the tenant tool", "tools_list_with_tenant_tool"),
+    ):
+        listing = results[key]
+        print(
+            f"tools/list{label}: {listing['tools']} tools, {listing['chars']} chars, "
+            f"~{listing['approx_tokens']} tokens"
+        )
     print(f"results: {out}")
     return 0
 

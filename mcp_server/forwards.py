@@ -2,7 +2,7 @@
 
 Each forward is a ``ForwardListener`` on 127.0.0.1 that tunnels every local TCP connection
 to ``HOST:PORT`` as seen from the vault, over the pooled connection (so it follows the
-pool's reconnects). The listeners live as long as this process or until ``forward_stop``.
+pool's reconnects). The listeners live as long as this process or until ``forward(action="stop")``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class ForwardManager:
         if len(self._forwards) >= MAX_FORWARDS:
             raise UsageError(
                 f"{MAX_FORWARDS} forwards are open already",
-                hint="stop some with forward_stop",
+                hint='stop some with forward(action="stop", ...)',
             )
         try:
             # A spec only holds ports 1-65535; local port 0 (any free port) is passed apart.
@@ -97,7 +97,7 @@ class ForwardManager:
         ]
         if not chosen:
             raise NotFoundError(
-                "no such forward", hint="forward_list shows the forwards this server runs"
+                "no such forward", hint='forward(action="list") shows the forwards this server runs'
             )
         for fid in chosen:
             _, listener = self._forwards.pop(fid)

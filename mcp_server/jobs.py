@@ -26,6 +26,7 @@ from typing import Any
 
 from flyvault.errors import NotFoundError, VaultError
 
+from .hints import for_agent
 from .models import JobResult, Progress
 from .progress import Reporter, human_bytes
 
@@ -201,7 +202,7 @@ class JobRegistry:
             progress=Progress(phase=phase[0], done=phase[1], total=phase[2]) if phase else None,
             result=None if running else job.result,
             error=error.message if error is not None else None,
-            hint=error.hint if error is not None else None,
+            hint=for_agent(error.hint, job.target) if error is not None and error.hint else None,
             log=list(job.log)[-40:],
             next_step=next_step,
         )

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from .defaults import BUFFER_MIB
+from .defaults import BUFFER_MIB, SPILL_MIB
 
 MIB = 1024 * 1024
 
@@ -58,7 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=BUFFER_MIB,
         metavar="N",
-        help="output kept per exec session in this process (default %(default)s MiB)",
+        help="output kept in memory per exec session in this process (default %(default)s MiB)",
+    )
+    parser.add_argument(
+        "--spill-mib",
+        type=int,
+        default=SPILL_MIB,
+        metavar="N",
+        help="older output of a session kept on disk (an unlinked temporary file), so the "
+        "head of a large output is read back by offset (default %(default)s MiB; 0: none)",
     )
     parser.add_argument(
         "--share-keeper",
@@ -99,10 +107,14 @@ def main(argv: list[str] | None = None) -> int:
                     f"--config {config} is a directory, not a config file",
                     hint=f"give the config file's path, e.g. {config / 'config.toml'}",
                 )
-            # Everything (local_vault_up included) must agree on the file.
+            # Everything (local_vault included) must agree on the file.
             os.environ["FLY_VAULT_CONFIG"] = str(config)
         if args.buffer_mib < 1:
             raise UsageError("--buffer-mib must be at least 1")
+        if args.spill_mib < 0:
+            raise UsageError(
+                "--spill-mib cannot be negative", hint="0 keeps no output on disk (memory only)"
+            )
         from flyvault.client.environment import check_environment
 
         check_environment()  # bad variables refused at start, not at every tool call
@@ -126,7 +138,11 @@ def _run(args: argparse.Namespace) -> int:
     from .server import build_server, make_state
 
     if args.http is None:
-        state = make_state(buffer_bytes=args.buffer_mib * MIB, share_keeper=args.share_keeper)
+        state = make_state(
+            buffer_bytes=args.buffer_mib * MIB,
+            spill_bytes=args.spill_mib * MIB,
+            share_keeper=args.share_keeper,
+        )
         server = build_server(state)
         server.run()
         return 0
@@ -135,7 +151,10 @@ def _run(args: argparse.Namespace) -> int:
     host, port = parse_loopback(args.http)
     token = load_token(args.token_file, args.token_env)
     state = make_state(
-        buffer_bytes=args.buffer_mib * MIB, extra_secrets=(token,), share_keeper=args.share_keeper
+        buffer_bytes=args.buffer_mib * MIB,
+        spill_bytes=args.spill_mib * MIB,
+        extra_secrets=(token,),
+        share_keeper=args.share_keeper,
     )
     server = build_server(state)
     anyio.run(serve, server, host, port, token)

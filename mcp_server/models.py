@@ -6,9 +6,12 @@ which an agent pays for in context. The full meaning is in references/mcp-tools.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from flyvault.localvault import LocalState
 
 
 class VaultEntry(BaseModel):
@@ -29,6 +32,7 @@ class VaultEntry(BaseModel):
 class VaultList(BaseModel):
     config_file: str
     vaults: list[VaultEntry]
+    local_vault: LocalVault | None = None
 
 
 class StatusStep(BaseModel):
@@ -76,14 +80,17 @@ class ExecResult(BaseModel):
     #: Why the vault ended the session (it stopped, restarted or was reprovisioned).
     end_reason: str | None = None
     timed_out: bool
+    #: Ran in a PTY: one stream, in stdout.
+    tty: bool
+    stdout: str
+    stderr: str
     offset: int
     next_offset: int
     total_bytes: int
-    returned_bytes: int
+    stdout_bytes: int
+    stderr_bytes: int
     omitted_bytes: int
     dropped_bytes: int
-    truncated: bool
-    output: str
     elapsed_seconds: float
     next_step: str | None
 
@@ -138,10 +145,8 @@ class ForwardInfo(BaseModel):
 
 class ForwardList(BaseModel):
     forwards: list[ForwardInfo]
-
-
-class ForwardStopped(BaseModel):
-    stopped: list[str]
+    #: forward(action="stop"): the ids stopped.
+    stopped: list[str] = []
 
 
 class Progress(BaseModel):
@@ -280,3 +285,23 @@ class CopyResult(BaseModel):
     verified: bool
     #: Local entries not sent (sockets, FIFOs, devices, symlink loops), with why.
     skipped: list[str]
+
+
+def local_vault_info(state: LocalState | None, **extra: Any) -> LocalVault:
+    """The local dev vault's state file as a result (not running: ``running=false``)."""
+    if state is None:
+        return LocalVault(running=False, **extra)
+    return LocalVault(
+        running=True,
+        pid=state.pid,
+        address=f"{state.host}:{state.port}",
+        mode=state.mode,
+        issuer_base_url=state.issuer_base_url,
+        data_dir=state.data_dir,
+        log_file=state.log_file,
+        started_at=state.started_at,
+        **extra,
+    )
+
+
+VaultList.model_rebuild()

@@ -13,7 +13,15 @@ them. Silent truncation in the middle is what hurts agents most (copilot-cli#173
 
 from __future__ import annotations
 
+import bisect
+import os
+import re
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import BinaryIO
+
+from .defaults import SPILL_BYTES
 
 #: Share of a bounded result given to the head; the tail (where errors usually are) gets
 #: the rest.
@@ -23,13 +31,29 @@ LINE_SLACK = 0.25
 
 
 class OutputBuffer:
-    """The newest ``capacity`` bytes of a session's output, addressed by absolute offset."""
+    """A session's output at its absolute offsets, with the stream each byte came on.
 
-    def __init__(self, capacity: int, start: int = 0) -> None:
+    The newest ``capacity`` bytes are in memory. Older ones are not dropped but moved to an
+    unlinked temporary file (mode 0600) of at most ``spill_bytes``, so the head of a large
+    output stays readable by offset after memory has moved on. Only past that limit are
+    bytes lost: the file keeps the head, memory the tail, and a read of the bytes between
+    is told how many it lost (``dropped``).
+
+    Regions: the file holds ``[start, file_end)``, memory ``[mem_start, end)``; between
+    them is the gap of lost bytes (empty until the file is full).
+    """
+
+    def __init__(self, capacity: int, start: int = 0, *, spill_bytes: int = SPILL_BYTES) -> None:
         self.capacity = capacity
-        #: Offset of the oldest byte still held.
+        self.spill_bytes = spill_bytes
+        #: Offset of the oldest byte still held (on disk or in memory).
         self.start = start
+        self.file_end = start
+        self.mem_start = start
+        self._file: BinaryIO | None = None
         self._data = bytearray()
+        #: ``(offset, is_stderr)`` at every change of stream, oldest first.
+        self._runs: list[tuple[int, bool]] = []
         self.stdout_bytes = 0
         self.stderr_bytes = 0
         #: Bytes the vault's own buffer had lost before it could replay them to us.
@@ -38,33 +62,148 @@ class OutputBuffer:
     @property
     def end(self) -> int:
         """Offset just past the newest byte: the output produced so far."""
-        return self.start + len(self._data)
+        return self.mem_start + len(self._data)
+
+    @property
+    def spilled(self) -> int:
+        """Bytes held on disk."""
+        return self.file_end - self.start
+
+    @property
+    def held(self) -> int:
+        """Bytes held, on disk and in memory."""
+        return self.spilled + len(self._data)
 
     def append(self, data: bytes, *, stderr: bool = False) -> None:
+        if not data:
+            return
+        if not self._runs or self._runs[-1][1] != stderr:
+            self._runs.append((self.end, stderr))
         self._data += data
         if stderr:
             self.stderr_bytes += len(data)
         else:
             self.stdout_bytes += len(data)
-        # Trim in batches: deleting from the front moves the whole buffer.
+        # Move out in batches: deleting from the front moves the whole buffer.
         excess = len(self._data) - self.capacity
         if excess > self.capacity // 4:
-            del self._data[:excess]
-            self.start += excess
+            self._evict(excess)
+
+    def _evict(self, count: int) -> None:
+        """Move the ``count`` oldest bytes of memory to the file, or drop them."""
+        spilled = self.file_end - self.start
+        if self.file_end == self.mem_start and spilled + count <= self.spill_bytes:
+            if self._file is None:
+                # Lives as long as the buffer: closed by ``close`` (or with the process).
+                self._file = tempfile.TemporaryFile(prefix="fly-vault-mcp-")  # noqa: SIM115
+            self._file.seek(0, os.SEEK_END)
+            self._file.write(self._data[:count])
+            self.file_end += count
+        del self._data[:count]
+        self.mem_start += count
+        if spilled == 0 and self.file_end != self.mem_start:
+            self.start = self.file_end = self.mem_start  # nothing on disk: they are gone
+        self._trim_runs()
+
+    def _trim_runs(self) -> None:
+        """Forget stream changes before the oldest byte held (keep the one it lies in)."""
+        keep = bisect.bisect_right(self._runs, self.start, key=_run_offset) - 1
+        if keep > 0:
+            del self._runs[:keep]
 
     def skip_to(self, offset: int) -> None:
         """The vault replays from ``offset``; anything between ``end`` and it is lost."""
         if offset > self.end:
             self.lost_upstream += offset - self.end
+            self.close()
             self._data.clear()
-            self.start = offset
+            self._runs.clear()
+            self.start = self.file_end = self.mem_start = offset
+
+    def close(self) -> None:
+        """Delete the spill file (what was on disk is gone)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.start = self.file_end = self.mem_start
+        self._trim_runs()
 
     def read(self, offset: int, end: int | None = None) -> tuple[int, bytes, int]:
-        """Bytes from ``offset`` to ``end`` (default: all); returns (start, data, dropped)."""
+        """Contiguous bytes from ``offset`` to ``end`` (default: all); returns (start, data,
+        dropped). A range that spans lost bytes keeps its newest part: ``offset`` plus
+        ``length`` in the head reads the head."""
         stop = self.end if end is None else min(end, self.end)
-        dropped = max(0, self.start - offset)
-        begin = min(max(offset, self.start), stop)
-        return begin, bytes(self._data[begin - self.start : stop - self.start]), dropped
+        begin = max(offset, self.start)
+        if self.file_end < self.mem_start:  # a gap of lost bytes
+            if self.file_end <= begin < self.mem_start:
+                begin = self.mem_start
+            elif begin < self.file_end < stop:
+                if stop <= self.mem_start:
+                    stop = self.file_end
+                else:
+                    begin = self.mem_start
+        begin = min(begin, max(stop, self.start))
+        stop = max(stop, begin)
+        dropped = (begin - offset) - self._held(offset, begin) if begin > offset else 0
+        return begin, self._bytes(begin, stop), dropped
+
+    def _held(self, first: int, last: int) -> int:
+        """Bytes held in ``[first, last)``."""
+        on_disk = max(0, min(last, self.file_end) - max(first, self.start))
+        return on_disk + max(0, min(last, self.end) - max(first, self.mem_start))
+
+    def _bytes(self, begin: int, stop: int) -> bytes:
+        pieces = []
+        if begin < min(stop, self.file_end) and self._file is not None:
+            upto = min(stop, self.file_end)
+            self._file.seek(begin - self.start)
+            pieces.append(self._file.read(upto - begin))
+            begin = upto
+        if begin < stop:
+            pieces.append(bytes(self._data[begin - self.mem_start : stop - self.mem_start]))
+        return b"".join(pieces)
+
+    def split(self, begin: int, data: bytes) -> tuple[StreamBytes, StreamBytes]:
+        """``data`` (read from ``begin``) as its stdout part and its stderr part."""
+        parts = (StreamBytes(), StreamBytes())
+        stop = begin + len(data)
+        index = max(0, bisect.bisect_right(self._runs, begin, key=_run_offset) - 1)
+        position = begin
+        while position < stop:
+            is_stderr = self._runs[index][1] if index < len(self._runs) else False
+            upto = self._runs[index + 1][0] if index + 1 < len(self._runs) else stop
+            upto = min(max(upto, position), stop)
+            parts[is_stderr].add(position, data[position - begin : upto - begin])
+            position = upto
+            index += 1
+        return parts
+
+
+def _run_offset(run: tuple[int, bool]) -> int:
+    return run[0]
+
+
+class StreamBytes:
+    """One stream's bytes out of a range of the session's output, with where each piece
+    was in the session's offsets (to name the offsets of a part left out)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        #: ``(index in data, session offset)`` at the start of every piece.
+        self._pieces: list[tuple[int, int]] = []
+
+    def add(self, offset: int, piece: bytes) -> None:
+        if piece:
+            self._pieces.append((len(self.data), offset))
+            self.data += piece
+
+    def offset_of(self, index: int) -> int:
+        """The session offset of byte ``index`` of ``data`` (``len(data)``: past the end)."""
+        if not self._pieces:
+            return 0
+        at = max(0, bisect.bisect_right(self._pieces, index, key=lambda piece: piece[0]) - 1)
+        first, offset = self._pieces[at]
+        return offset + index - first
 
 
 @dataclass(frozen=True)
@@ -100,11 +239,13 @@ def render(
     offset: int,
     max_bytes: int,
     reread: str,
+    locate: Callable[[int], int] | None = None,
 ) -> Rendered:
     """Text for ``data`` (which starts at ``offset``), at most about ``max_bytes``.
 
     ``reread`` is a format string with ``{offset}`` and ``{length}``: the call that reads
-    the part left out.
+    the part left out. ``locate`` maps an index of ``data`` to its session offset when
+    ``data`` is one stream picked out of the session's output (default: ``offset`` + it).
     """
     if len(data) <= max_bytes:
         return Rendered(decode(data), len(data), 0, None, None)
@@ -119,11 +260,51 @@ def render(
     if newline >= 0 and (newline + 1) - tail_start <= tail_budget * LINE_SLACK:
         tail_start = newline + 1
     omitted = tail_start - head_end
-    first, last = offset + head_end, offset + tail_start
+    where = locate or (lambda index: offset + index)
+    first, last = where(head_end), where(tail_start)
     marker = (
         f"\n[... {omitted} bytes left out here (offsets {first} to {last}); read them with "
-        + reread.format(offset=first, length=omitted)
+        + reread.format(offset=first, length=last - first)
         + " ...]\n"
     )
     text = decode(data[:head_end]) + marker + decode(data[tail_start:])
     return Rendered(text, head_end + len(data) - tail_start, omitted, first, last)
+
+
+#: Terminal control sequences: CSI (colours, cursor, modes such as ``ESC[?2004h``), OSC
+#: (window titles, hyperlinks; ended by BEL or ST), and two-byte escapes (``ESC =``,
+#: charset selection ``ESC ( B``).
+_ESCAPES = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]"
+    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"
+    r"|\x1b[()*+][0-9A-Za-z]"
+    r"|\x1b[@-Z\\-_=>78]"
+    r"|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
+)
+
+
+def plain_text(text: str) -> str:
+    """Terminal output as an agent wants to read it: control sequences removed, ``\\r\\n``
+    as ``\\n``, a line rewritten with ``\\r`` (a progress bar) as its last state, and
+    backspaces applied."""
+    text = text.replace("\r\n", "\n")
+    lines = []
+    for line in text.split("\n"):
+        if "\r" in line:
+            parts = [part for part in line.split("\r") if part]
+            line = parts[-1] if parts else ""
+        if "\b" in line:
+            line = _backspace(line)
+        lines.append(line)
+    return _ESCAPES.sub("", "\n".join(lines))
+
+
+def _backspace(line: str) -> str:
+    out: list[str] = []
+    for char in line:
+        if char == "\b":
+            if out:
+                out.pop()
+        else:
+            out.append(char)
+    return "".join(out)

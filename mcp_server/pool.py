@@ -3,7 +3,7 @@
 The pool is why a second exec costs a round trip and not a handshake: the QUIC connection,
 its attestation and its authentication stay up between tool calls (``Vault`` reconnects on
 its own when the connection drops). The config file is re-read only when it changed on
-disk (``local_vault_up`` rewrites it with a fresh token and port); a vault whose entry
+disk (``local_vault(action="up")`` rewrites it with a fresh token and port); a vault whose entry
 changed gets a new ``Vault`` and its old connection is closed.
 """
 

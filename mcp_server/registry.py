@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, get_args, get_origin
 
 from mcp_types import ToolAnnotations
 
@@ -25,12 +25,16 @@ Handler = Callable[..., Awaitable[Any]]
 @dataclass(frozen=True)
 class ToolSpec:
     name: str
+    title: str
     annotations: ToolAnnotations
     handler: Handler
+    #: Publish the result model as the tool's output schema (the structure agents use).
+    output_schema: bool = False
 
     @property
     def description(self) -> str:
-        return _legacy_indent(inspect.getdoc(self.handler) or "")
+        """The docstring as one paragraph (its line breaks are only source layout)."""
+        return " ".join((inspect.getdoc(self.handler) or "").split())
 
 
 class ToolRegistry:
@@ -38,16 +42,35 @@ class ToolRegistry:
         self.specs: list[ToolSpec] = []
 
     def tool(
-        self, annotations: ToolAnnotations, *, name: str | None = None
+        self,
+        title: str,
+        *,
+        read_only: bool,
+        destructive: bool,
+        idempotent: bool,
+        open_world: bool,
+        name: str | None = None,
+        output_schema: bool = False,
     ) -> Callable[[Handler], Handler]:
         """Register the decorated function as a tool, named as the function unless ``name``
-        says otherwise (``exec`` is a builtin's name, so that function is ``exec_tool``)."""
+        says otherwise (``exec`` is a builtin's name, so that function is ``exec_tool``).
+
+        All four hints are required: a client assumes the worst of an unset one (an unset
+        ``destructiveHint`` reads as destructive). The result model in the return
+        annotation is published as an output schema only with ``output_schema``: every
+        schema is sent in tools/list, and most results are read as their text."""
 
         def register(handler: Handler) -> Handler:
             tool_name = name or handler.__name__
             if any(spec.name == tool_name for spec in self.specs):
                 raise ValueError(f"tool {tool_name} is registered twice")
-            self.specs.append(ToolSpec(tool_name, annotations, handler))
+            annotations = ToolAnnotations(
+                read_only_hint=read_only,
+                destructive_hint=destructive,
+                idempotent_hint=idempotent,
+                open_world_hint=open_world,
+            )
+            self.specs.append(ToolSpec(tool_name, title, annotations, handler, output_schema))
             return handler
 
         return register
@@ -55,14 +78,15 @@ class ToolRegistry:
     def register_all(self, server: VaultMCP, state: State) -> None:
         for spec in self.specs:
             server.add_tool(
-                bind(spec.handler, state, spec.name),
+                bind(spec.handler, state, spec.name, spec.output_schema),
                 name=spec.name,
+                title=spec.title,
                 description=spec.description,
                 annotations=spec.annotations,
             )
 
 
-def bind(handler: Handler, state: State, name: str) -> Handler:
+def bind(handler: Handler, state: State, name: str, output_schema: bool = True) -> Handler:
     """``handler`` with ``state`` filled in, and a signature (annotations evaluated) that
     no longer lists it: the SDK builds the tool's input and output schemas from that."""
     signature = inspect.signature(handler, eval_str=True)
@@ -73,18 +97,13 @@ def bind(handler: Handler, state: State, name: str) -> Handler:
 
     tool.__name__ = tool.__qualname__ = name
     tool.__doc__ = handler.__doc__
-    tool.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
     tool.__annotations__ = {p.name: p.annotation for p in parameters}
-    tool.__annotations__["return"] = signature.return_annotation
+    returns = signature.return_annotation
+    if not output_schema and get_origin(returns) is Annotated:
+        returns = get_args(returns)[0]  # CallToolResult alone: no output schema
+    tool.__signature__ = signature.replace(parameters=parameters, return_annotation=returns)  # type: ignore[attr-defined]
+    tool.__annotations__["return"] = returns
     return tool
-
-
-def _legacy_indent(text: str) -> str:
-    """Descriptions as agents have seen them: the tools were nested functions, whose raw
-    docstrings indented continuation lines by 8 spaces. Kept byte for byte (tools/list is
-    compared) until the issue that renames the tools rewrites their descriptions."""
-    first, *rest = text.split("\n")
-    return "\n".join([first, *(f"{' ' * 8}{line}" if line else line for line in rest)])
 
 
 __all__ = ["ToolRegistry", "ToolSpec", "bind"]

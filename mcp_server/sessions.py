@@ -8,7 +8,7 @@ to continue from, and ``read_output`` picks up from there. The command itself ne
 depends on a tool call being alive, except that cancelling the exec call that started it
 stops it (SIGTERM, then SIGKILL after a grace period), as Ctrl-C would.
 
-Sessions the caller names are kept by the vault after they exit (``list_sessions`` shows
+Sessions the caller names are kept by the vault after they exit (``list_exec`` shows
 their exit status for an hour); unnamed ones are dropped by the vault once their exit was
 delivered here, and this process remembers the newest finished ones itself. A session this
 process does not follow (another MCP server started it, the CLI, or the connection was lost
@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
+import shlex
 import signal as signal_module
 import time
 from dataclasses import dataclass, field
@@ -39,9 +41,9 @@ from flyvault.client import (
 )
 from flyvault.errors import NotFoundError, Timeout, UsageError, VaultError
 
-from .defaults import BUFFER_BYTES
+from .defaults import BUFFER_BYTES, SPILL_BYTES
 from .models import ExecResult, SessionInfo, SessionList
-from .output import OutputBuffer, render
+from .output import OutputBuffer, Rendered, StreamBytes, plain_text, render
 from .pool import VaultPool, tool_error
 from .progress import Reporter, human_bytes
 
@@ -56,11 +58,14 @@ START_TIMEOUT = 30.0
 #: Pattern matches look back this far into output seen before (a match split by chunks).
 PATTERN_OVERLAP = 4096
 MAX_FINISHED = 64
-#: Output kept for finished sessions, all together; the oldest go first.
+#: Output kept for finished sessions, all together, in memory and on disk; the oldest go
+#: first.
 MAX_FINISHED_BYTES = 64 * 1024 * 1024
+MAX_FINISHED_DISK = 1024 * 1024 * 1024
 FINISHED_TTL = 3600.0
 
 Until = Literal["exit", "output"]
+Stream = Literal["stdout", "stderr"]
 
 
 @dataclass(eq=False)
@@ -80,6 +85,10 @@ class ExecRecord:
     session: ExecSession | None = None
     task: asyncio.Task[None] | None = None
     stdin_closed: bool = False
+    #: The command runs in a PTY: one stream, terminal control sequences in it.
+    tty: bool = False
+    #: Followed read-only (protocol 5): an attached CLI client stays attached.
+    observing: bool = False
     cursor: int = 0
     started_at: float = field(default_factory=time.monotonic)
     finished_at: float | None = None
@@ -115,6 +124,7 @@ class ExecRecord:
         if self.created is None:
             self.created = started.created
         self.pid = started.pid
+        self.tty = started.pty
         self.attached_ok = True
         self.buffer.skip_to(started.offset)
         self.started.set()
@@ -122,13 +132,19 @@ class ExecRecord:
 
 
 class ExecRegistry:
-    def __init__(self, pool: VaultPool, *, buffer_bytes: int = BUFFER_BYTES) -> None:
+    def __init__(
+        self, pool: VaultPool, *, buffer_bytes: int = BUFFER_BYTES, spill_bytes: int = SPILL_BYTES
+    ) -> None:
         self.pool = pool
         self.buffer_bytes = buffer_bytes
+        self.spill_bytes = spill_bytes
         self._records: dict[tuple[str, str], ExecRecord] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         #: Stops of cancelled foreground execs: given a moment to finish at shutdown.
         self._stopping: set[asyncio.Task[None]] = set()
+
+    def _buffer(self, start: int = 0) -> OutputBuffer:
+        return OutputBuffer(self.buffer_bytes, start, spill_bytes=self.spill_bytes)
 
     def get(self, vault: str, session_id: str) -> ExecRecord | None:
         return self._records.get((vault, session_id))
@@ -163,6 +179,8 @@ class ExecRegistry:
     ) -> ExecRecord:
         vault = await self.connect(vault_name, wait_seconds)
         existing = self.get(vault_name, request.session_id)
+        if request.keep and not request.shell:
+            await self._refuse_other_command(vault, vault_name, request, existing)
         if existing is not None and (existing.following or existing.exited is not None):
             # Never attach twice from one process (the vault would detach our follower),
             # and never run a named command twice: report the session we have.
@@ -172,7 +190,7 @@ class ExecRegistry:
         record = ExecRecord(
             vault=vault_name,
             session_id=request.session_id,
-            buffer=OutputBuffer(self.buffer_bytes),
+            buffer=self._buffer(),
             argv=list(request.argv or ()),
             context=request.context,
         )
@@ -201,6 +219,32 @@ class ExecRegistry:
         return record
 
     @staticmethod
+    async def _refuse_other_command(
+        vault: Vault, vault_name: str, request: ExecRequest, existing: ExecRecord | None
+    ) -> None:
+        """A named session that exists is followed, never run twice; but one that runs
+        another command is an error, not a silent switch to the old command's output."""
+        argv = list(request.argv or ())
+        running: str | None = None  # what the existing session runs, in words
+        if existing is not None and existing.argv:
+            running = shlex.join(existing.argv) if existing.argv != argv else None
+        else:
+            sessions = await vault.list_sessions()
+            found = [s for s in sessions if s.get("session_id") == request.session_id]
+            if found and found[0].get("kind") == "shell":  # from connect: no command of ours
+                running = "an interactive shell"
+            elif found and list(found[0].get("argv") or ()) != argv:
+                running = shlex.join(found[0].get("argv") or ())
+        if running:
+            where = f'vault="{vault_name}", session_id="{request.session_id}"'
+            raise UsageError(
+                f"session {request.session_id} already exists on vault '{vault_name}' and runs "
+                f"{running}, not {shlex.join(argv)}",
+                hint=f"follow it with read_output({where}), or give this command another "
+                "session_id",
+            )
+
+    @staticmethod
     def _send_stdin(
         record: ExecRecord, session: ExecSession, stdin: bytes | None, stdin_open: bool
     ) -> None:
@@ -210,25 +254,35 @@ class ExecRegistry:
             session.close_stdin()
             record.stdin_closed = True
 
-    async def attach(self, vault_name: str, session_id: str, offset: int) -> ExecRecord:
-        """Follow a session this process does not follow (yet, or any more)."""
+    async def attach(
+        self, vault_name: str, session_id: str, offset: int, *, take_over: bool = False
+    ) -> ExecRecord:
+        """Follow a session this process does not follow (yet, or any more): read-only
+        where the vault can (a person's attached client stays attached), unless
+        ``take_over`` (to send input: then this process becomes the attached client)."""
         record = self.get(vault_name, session_id)
-        if record is not None and (record.following or record.exited is not None):
+        if record is not None and record.exited is not None:
             return record
+        if record is not None and record.following:
+            if not (take_over and record.observing):
+                return record
+            await self._stop_following(record)
         vault = await self.connect(vault_name, START_TIMEOUT)
+        observe = not take_over and await vault.can_observe()
         new = record is None
         if record is None:
             record = ExecRecord(
                 vault=vault_name,
                 session_id=session_id,
-                buffer=OutputBuffer(self.buffer_bytes, max(offset, 0)),
+                buffer=self._buffer(max(offset, 0)),
                 cursor=max(offset, 0),
             )
             self._records[(vault_name, session_id)] = record
         record.error = None
         record.attached_ok = False
+        record.observing = observe
         record.started = asyncio.Event()
-        request = ExecRequest.reattach(session_id, record.buffer.end)
+        request = ExecRequest.reattach(session_id, record.buffer.end, observe=observe)
         self._follow(record, ExecSession(vault, request, self._hooks(record)))
         try:
             await self._await_start(record)
@@ -237,6 +291,14 @@ class ExecRegistry:
                 self._records.pop((vault_name, session_id), None)
             raise
         return record
+
+    @staticmethod
+    async def _stop_following(record: ExecRecord) -> None:
+        task = record.task
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
     def _hooks(self, record: ExecRecord) -> ExecHooks:
         return ExecHooks(
@@ -275,12 +337,12 @@ class ExecRegistry:
         except TimeoutError:
             raise UsageError(
                 f"the vault did not confirm session {record.session_id} within {START_TIMEOUT:g} s",
-                hint=f'check it with list_sessions(vault="{record.vault}")',
+                hint=f'check it with list_exec(vault="{record.vault}")',
             ) from None
         if record.error is not None and not record.attached_ok:
             error = record.error
             if isinstance(error, NotFoundError):
-                error.hint = f'list the sessions with list_sessions(vault="{record.vault}")'
+                error.hint = f'list the sessions with list_exec(vault="{record.vault}")'
             raise error
 
     def _spawn(self, coroutine: object) -> asyncio.Task[None]:
@@ -299,12 +361,15 @@ class ExecRegistry:
             if not r.following and (r.exited is not None or r.error is not None)
         ]
         finished.sort(key=lambda r: r.finished_at or r.started_at, reverse=True)  # newest first
-        kept_bytes = 0
+        in_memory = on_disk = 0
         for index, record in enumerate(finished):
-            kept_bytes += record.buffer.end - record.buffer.start
+            on_disk += record.buffer.spilled
+            in_memory += record.buffer.held - record.buffer.spilled
             old = now - (record.finished_at or record.started_at) > FINISHED_TTL
-            if index >= MAX_FINISHED or kept_bytes > MAX_FINISHED_BYTES or old:
+            full = in_memory > MAX_FINISHED_BYTES or on_disk > MAX_FINISHED_DISK
+            if index >= MAX_FINISHED or full or old:
                 self._records.pop((record.vault, record.session_id), None)
+                record.buffer.close()
 
     # Stopping ---------------------------------------------------------------------------
 
@@ -349,7 +414,7 @@ class ExecRegistry:
         try:
             await vault.kill(session_id, signo)
         except NotFoundError as exc:
-            exc.hint = f'list the sessions with list_sessions(vault="{vault_name}")'
+            exc.hint = f'list the sessions with list_exec(vault="{vault_name}")'
             raise
 
     # Waiting and reading -------------------------------------------------------------------
@@ -398,23 +463,31 @@ class ExecRegistry:
         offset: int,
         length: int | None,
         max_bytes: int,
+        stream: Stream | None = None,
+        raw: bool = False,
     ) -> ExecResult:
+        """The output from ``offset`` (``length`` bytes, default all so far) as one result:
+        stdout and stderr apart, each bounded to its share of ``max_bytes`` (head and tail
+        around a marker naming the call that reads the rest). A PTY's output is one stream
+        (in ``stdout``), returned as plain text unless ``raw``."""
         stop = None if length is None else offset + length
         begin, data, dropped = record.buffer.read(offset, stop)
-        reread = (
-            f'read_output(vault="{record.vault}", session_id="{record.session_id}", '
-            "offset={offset}, length={length})"
-        )
-        rendered = render(data, begin, max_bytes, reread)
+        out, err = record.buffer.split(begin, data)
+        if stream == "stdout":
+            err = StreamBytes()
+        elif stream == "stderr":
+            out = StreamBytes()
+        out_budget, err_budget = _budgets(len(out.data), len(err.data), max_bytes)
+        stdout = self._render(record, out, "stdout", out_budget, raw)
+        stderr = self._render(record, err, "stderr", err_budget, raw)
         next_offset = begin + len(data)
         record.cursor = max(record.cursor, next_offset)
         exited = record.exited
-        running = exited is None
         return ExecResult(
             vault=record.vault,
             session_id=record.session_id,
             created=record.created,
-            running=running,
+            running=exited is None,
             exit_code=exited.code if exited else None,
             signal=exited.signal if exited else None,
             signal_name=signal_name(exited.signal) if exited else None,
@@ -422,17 +495,33 @@ class ExecRegistry:
             # A vault that restarted has no exit to tell: the follower's error says why.
             end_reason=exited.reason if exited else getattr(record.error, "reason", None),
             timed_out=record.timed_out,
+            tty=record.tty,
+            stdout=stdout.text,
+            stderr=stderr.text,
             offset=begin,
             next_offset=next_offset,
             total_bytes=record.buffer.end,
-            returned_bytes=rendered.returned_bytes,
-            omitted_bytes=rendered.omitted_bytes,
+            stdout_bytes=len(out.data),
+            stderr_bytes=len(err.data),
+            omitted_bytes=stdout.omitted_bytes + stderr.omitted_bytes,
             dropped_bytes=dropped,
-            truncated=rendered.omitted_bytes > 0,
-            output=rendered.text,
             elapsed_seconds=round(time.monotonic() - record.started_at, 3),
             next_step=self._next_step(record, next_offset),
         )
+
+    @staticmethod
+    def _render(
+        record: ExecRecord, part: StreamBytes, name: str, budget: int, raw: bool
+    ) -> Rendered:
+        reread = (
+            f'read_output(vault="{record.vault}", session_id="{record.session_id}", '
+            f'offset={{offset}}, length={{length}}, stream="{name}")'
+        )
+        data = bytes(part.data)
+        rendered = render(data, part.offset_of(0), budget, reread, part.offset_of)
+        if record.tty and not raw:
+            return dataclasses.replace(rendered, text=plain_text(rendered.text))
+        return rendered
 
     @staticmethod
     def _next_step(record: ExecRecord, next_offset: int) -> str | None:
@@ -457,8 +546,9 @@ class ExecRegistry:
         self, vault_name: str, session_id: str, data: bytes, eof: bool
     ) -> ExecRecord:
         record = self.get(vault_name, session_id)
-        if record is None or not record.following:
-            record = await self.attach(vault_name, session_id, record.buffer.end if record else 0)
+        if record is None or not record.following or record.observing:
+            offset = record.buffer.end if record else 0
+            record = await self.attach(vault_name, session_id, offset, take_over=True)
         if record.exited is not None or record.session is None:
             raise UsageError(
                 f"session {session_id} has exited (status {record.exited.exit_status if record.exited else '?'}); "
@@ -547,6 +637,16 @@ class ExecRegistry:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+def _budgets(stdout_size: int, stderr_size: int, max_bytes: int) -> tuple[int, int]:
+    """``max_bytes`` shared by the two streams: what one does not need goes to the other,
+    and stderr (short, and where the errors are) is never squeezed below a quarter."""
+    if stdout_size + stderr_size <= max_bytes:
+        return max_bytes, max_bytes
+    stderr_budget = max(max_bytes // 4, max_bytes - stdout_size)
+    stderr_budget = min(stderr_budget, stderr_size)
+    return max_bytes - stderr_budget, max(stderr_budget, 1)
 
 
 __all__ = ["ExecRecord", "ExecRegistry", "tool_error"]

@@ -145,7 +145,12 @@ def create_plans(
 def dry_run(plans: list[Any]) -> dict[str, Any]:
     from flyvault.admin.commands import dry_run_plan
 
-    return {"applied": False, "requests": dry_run_plan(plans)}
+    return {
+        "applied": False,
+        "requests": dry_run_plan(plans),
+        "next_step": "show these requests to the user; to create the tenant, call "
+        'tenant(action="create") again with confirm=true',
+    }
 
 
 def create_work(s: AdminSettings, tenant_id: str, plans: list[Any], wait_timeout: float) -> Work:
@@ -161,7 +166,7 @@ def create_work(s: AdminSettings, tenant_id: str, plans: list[Any], wait_timeout
                 {k: m.get(k) for k in ("id", "name", "state", "region", "instance_id")}
                 for m in created
             ],
-            "next_step": f'tenant_list(tenant="{tenant_id}") shows it',
+            "next_step": f'tenant(action="list", tenant_id="{tenant_id}") shows it',
         }
 
     return work
@@ -186,7 +191,8 @@ async def delete_plan(s: AdminSettings, tenant_id: str) -> dict[str, Any]:
         "next_step": (
             f'nothing to delete for tenant "{tenant_id}"'
             if not live and not volumes
-            else "show this plan to the user; to delete, call tenant_delete again with confirm=true"
+            else "show this plan to the user; to delete, call "
+            'tenant(action="delete") again with confirm=true'
         ),
     }
 
@@ -223,7 +229,7 @@ async def update_plan(
         if missing:
             raise UsageError(
                 f"no managed machines for tenant(s): {', '.join(missing)}",
-                hint="check the ids with tenant_list",
+                hint='check the ids with tenant(action="list")',
             )
     rows = []
     for machine in sorted(machines, key=lambda m: (str(tenant_of(m)), str(m.get("id")))):
@@ -242,7 +248,7 @@ async def update_plan(
         "image": image,
         "machines": rows,
         "next_step": "show this plan to the user; to roll the image out (canary first, "
-        "rollback on failure), call tenant_update_image again with confirm=true",
+        'rollback on failure), call tenant(action="update_image") again with confirm=true',
     }
 
 

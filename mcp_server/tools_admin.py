@@ -1,16 +1,17 @@
-"""Provisioning and administration tools: reprovision, job_status, local_vault_up/down/status,
-tenant_list, tenant_usage_facts, tenant_create, tenant_delete, tenant_update_image."""
+"""Provisioning and administration tools: reprovision, job_status, local_vault (up, down), and
+tenant (list, usage_facts, create, delete, update_image as an action; registered only when
+the server has a Fly API token)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import anyio.to_thread
 from mcp.server.mcpserver import Context
-from mcp_types import CallToolResult, ToolAnnotations
+from mcp_types import CallToolResult
 from pydantic import Field
 
 from flyvault import localvault
@@ -18,61 +19,34 @@ from flyvault.errors import UsageError
 
 from . import tenants as admin
 from .jobs import Job
-from .models import JobResult, LocalVault, TenantList, UsageFacts
+from .models import JobResult, LocalVault, local_vault_info
 from .registry import ToolRegistry
 from .server import State, structured
-from .tools_vault import MAX_WAIT, VaultName
+from .tools_vault import VaultName, WaitSeconds, check_port
 
-WaitSeconds = Annotated[
-    float,
-    Field(ge=0, le=MAX_WAIT, description="wait at most this long, then return the job handle"),
-]
-Confirm = Annotated[
-    bool, Field(description="true only after the user agreed; false shows what would happen")
-]
-App = Annotated[str | None, Field(description="Fly app of the tenant machines (default FLY_APP)")]
-TenantId = Annotated[str, Field(description="tenant id")]
+Confirm = Annotated[bool, Field(description="true only after the user agreed")]
 
-TENANT_READ = ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=True)
-
-#: The provisioning, local-vault and tenant tools, in tools/list order (after the vault
-#: tools); ``server.build_server`` registers them.
+#: The provisioning and local-vault tools, in tools/list order (after the vault and file
+#: tools), and the tenant tool; ``server.build_server`` registers them.
 admin_tools = ToolRegistry()
-
-
-def _local(state: localvault.LocalState | None, **extra: Any) -> LocalVault:
-    if state is None:
-        return LocalVault(running=False, **extra)
-    data = asdict(state)
-    return LocalVault(
-        running=True,
-        pid=data["pid"],
-        address=f"{state.host}:{state.port}",
-        mode=data["mode"],
-        issuer_base_url=data["issuer_base_url"],
-        data_dir=data["data_dir"],
-        log_file=data["log_file"],
-        started_at=data["started_at"],
-        **extra,
-    )
+tenant_tools = ToolRegistry()
 
 
 # Provisioning -----------------------------------------------------------------------
 
 
-@admin_tools.tool(ToolAnnotations(destructive_hint=True, open_world_hint=True))
+@admin_tools.tool(
+    "Reprovision", read_only=False, destructive=True, idempotent=False, open_world=True
+)
 async def reprovision(
     state: State,
     ctx: Context,
     vault: VaultName,
-    confirm: Annotated[bool, Field(description="must be true: only after the user agreed")] = False,
+    confirm: Confirm = False,
     wait_seconds: WaitSeconds = 30.0,
 ) -> Annotated[CallToolResult, JobResult]:
-    """Replace a vault's rootfs with the one its config entry names (rootfs file,
-    uploaded with progress notifications, or rootfs_url, downloaded by the vault).
-    Every process on the vault is stopped; /root and /home are kept; the old rootfs
-    comes back if the new one fails to start. A cold vault is provisioned. Refused
-    unless confirm=true: ask the user first. Returns a job; job_status follows it."""
+    """New rootfs from the config; processes stop, /root and /home stay. Ask the user;
+    confirm=true."""
     entry = state.pool.entry(vault)
     source = entry.rootfs_source("reprovision")
     path = getattr(source, "path", None)
@@ -116,16 +90,16 @@ async def reprovision(
     return structured(await state.jobs.follow(job, ctx, wait_seconds, foreground=True))
 
 
-@admin_tools.tool(ToolAnnotations(read_only_hint=True, open_world_hint=False))
+@admin_tools.tool(
+    "Job status", read_only=True, destructive=False, idempotent=True, open_world=False
+)
 async def job_status(
     state: State,
     ctx: Context,
-    job_id: Annotated[str, Field(description="from reprovision or a tenant tool")],
+    job_id: str,
     wait_seconds: WaitSeconds = 30.0,
 ) -> Annotated[CallToolResult, JobResult]:
-    """Follow a job (reprovision, tenant create/delete/update-image): waits up to
-    wait_seconds for it to finish, then returns its state, progress, result or error,
-    and its last log lines. Waiting here never cancels the job."""
+    """Wait for a job up to wait_seconds: state, result or error."""
     job = state.jobs.get(job_id)
     return structured(await state.jobs.follow(job, ctx, wait_seconds, foreground=False))
 
@@ -133,161 +107,142 @@ async def job_status(
 # Local vault ------------------------------------------------------------------------
 
 
-@admin_tools.tool(ToolAnnotations(idempotent_hint=True, open_world_hint=False))
-async def local_vault_up(
+@admin_tools.tool(
+    "Local vault", read_only=False, destructive=True, idempotent=True, open_world=False
+)
+async def local_vault(
     state: State,
-    name: Annotated[str, Field(description="config entry to write")] = "local",
-    port: Annotated[int, Field(ge=0, le=65535, description="UDP port (0: any)")] = 0,
-    rootfs: Annotated[
-        str | None,
-        Field(description="a .tar.gz rootfs: vm mode (root only); default host mode"),
-    ] = None,
+    action: Literal["up", "down"],
+    name: str = "local",
+    port: int = 0,
+    rootfs: str | None = None,
 ) -> Annotated[CallToolResult, LocalVault]:
-    """Start a local dev vault on this machine (127.0.0.1, attested by a local stand-in
-    issuer) and write its config entry with a fresh access token. Host mode runs
-    commands as this user on this machine; with rootfs, vm mode runs them in their own
-    namespaces. Idempotent: an already running one is returned. Then use the other
-    tools with vault=name."""
+    """up: start a dev vault here as name (vm mode with rootfs). down: stop it."""
+    check_port("port", port, lowest=0)
+    if action == "down":
+        stopped = await anyio.to_thread.run_sync(localvault.down)
+        if stopped is not None:
+            await state.pool.forget(f"{stopped.host}:{stopped.port}")
+        return structured(LocalVault(running=False, pid=stopped.pid if stopped else None))
     up_state, started = await anyio.to_thread.run_sync(
         lambda: localvault.up(name=name, port=port, rootfs=Path(rootfs) if rootfs else None)
     )
     state.pool.config()  # pick up the new entry (and its token, for scrubbing) now
     return structured(
-        _local(
+        local_vault_info(
             up_state,
             started_now=started,
             vault=name,
-            next_step=f'exec(vault="{name}", command="uname -a", context="check the '
-            'local vault") or vault_status',
+            next_step=f'exec(vault="{name}", command="uname -a", context="check the local vault")',
         )
     )
-
-
-@admin_tools.tool(ToolAnnotations(destructive_hint=True, idempotent_hint=True))
-async def local_vault_down(state: State) -> Annotated[CallToolResult, LocalVault]:
-    """Stop the local dev vault (every command running on it ends). Its config entry
-    stays; local_vault_up starts it again with a new token."""
-    stopped = await anyio.to_thread.run_sync(localvault.down)
-    if stopped is not None:
-        await state.pool.forget(f"{stopped.host}:{stopped.port}")
-    return structured(
-        LocalVault(running=False, pid=stopped.pid if stopped else None, next_step=None)
-    )
-
-
-@admin_tools.tool(ToolAnnotations(read_only_hint=True, idempotent_hint=True))
-async def local_vault_status(state: State) -> Annotated[CallToolResult, LocalVault]:
-    """Is the local dev vault running? Its pid, address, mode (host or vm), log file."""
-    running = await anyio.to_thread.run_sync(localvault.running_state)
-    return structured(_local(running))
 
 
 # Tenants ----------------------------------------------------------------------------
 
 
-@admin_tools.tool(TENANT_READ)
-async def tenant_list(
-    state: State,
-    tenant: Annotated[str | None, Field(description="only this tenant")] = None,
-    app: App = None,
-) -> Annotated[CallToolResult, TenantList]:
-    """List the tenants of the admin app (machines managed by fly-vault-admin): per
-    tenant the machine counts (total/started/stopped), regions, image (or drift) and
-    machines. Needs FLY_API_TOKEN in the MCP server's environment."""
-    return structured(await admin.tenant_list(admin.settings(app, None), tenant))
-
-
-@admin_tools.tool(TENANT_READ)
-async def tenant_usage_facts(
-    state: State,
-    tenant: Annotated[str | None, Field(description="only this tenant")] = None,
-    app: App = None,
-) -> Annotated[CallToolResult, UsageFacts]:
-    """Usage facts for metering (one per machine, deleted ones included): state,
-    lifecycle timestamps, volumes and sizes."""
-    return structured(await admin.usage_facts(admin.settings(app, None), tenant))
-
-
-@admin_tools.tool(ToolAnnotations(open_world_hint=True))
-async def tenant_create(
+@tenant_tools.tool("Tenants", read_only=False, destructive=True, idempotent=False, open_world=True)
+async def tenant(
     state: State,
     ctx: Context,
-    tenant_id: TenantId,
-    template: Annotated[str, Field(description="path of the tenant template (TOML)")],
-    variables: Annotated[dict[str, str] | None, Field(description="template variables")] = None,
-    dry_run: Annotated[bool, Field(description="only show the requests")] = False,
+    action: Literal["list", "usage_facts", "create", "delete", "update_image"],
+    tenant_id: str | None = None,
+    template: str | None = None,
+    variables: dict[str, str] | None = None,
+    image: str | None = None,
+    tenants: list[str] | None = None,
+    all_tenants: bool = False,
+    confirm: Confirm = False,
+    canary: Annotated[int, Field(ge=0)] = 1,
+    concurrency: Annotated[int, Field(ge=1)] = 4,
     wait_seconds: WaitSeconds = 30.0,
-    app: App = None,
-) -> Annotated[CallToolResult, JobResult]:
-    """Create a tenant's volumes and machines from a template and wait until they run;
-    on failure everything created is removed. An existing tenant is refused.
-    {{access_token}} comes from FLY_VAULT_ACCESS_TOKEN in the server's environment.
-    dry_run=true shows the requests (secrets hidden). Returns a job."""
+    app: str | None = None,
+) -> CallToolResult:
+    """Admin app tenants; create, delete, update_image only plan without confirm."""
     settings = admin.settings(app, None)
-    plans = admin.create_plans(settings, tenant_id, template, variables or {})
+    if action == "list":
+        return structured(await admin.tenant_list(settings, tenant_id))
+    if action == "usage_facts":
+        return structured(await admin.usage_facts(settings, tenant_id))
+    if action == "create":
+        job = _create_job(state, settings, tenant_id, template, variables, not confirm)
+    elif action == "delete":
+        job = _delete_job(state, settings, _required(tenant_id, "tenant_id", action), confirm)
+    else:
+        job = _update_job(
+            state,
+            settings,
+            _required(image, "image", action),
+            tenants,
+            all_tenants,
+            confirm,
+            RolloutChoices(canary, concurrency),
+        )
+    return structured(await state.jobs.follow(job, ctx, wait_seconds, foreground=True))
+
+
+def _required(value: str | None, name: str, action: str) -> str:
+    if not value:
+        raise UsageError(
+            f'tenant(action="{action}") needs {name}',
+            hint=f'pass {name}=...; tenant(action="list") shows the tenants',
+        )
+    return value
+
+
+def _create_job(
+    state: State,
+    settings: Any,
+    tenant_id: str | None,
+    template: str | None,
+    variables: dict[str, str] | None,
+    dry_run: bool,
+) -> Job:
+    tenant_id = _required(tenant_id, "tenant_id", "create")
+    plans = admin.create_plans(
+        settings, tenant_id, _required(template, "template", "create"), variables or {}
+    )
     if dry_run:
 
         async def show(job: Job) -> dict[str, Any]:
             return admin.dry_run(plans)
 
-        job = state.jobs.start("tenant_create (dry run)", tenant_id, show)
-    else:
-        job = state.jobs.start(
-            "tenant_create", tenant_id, admin.create_work(settings, tenant_id, plans, 180.0)
-        )
-    return structured(await state.jobs.follow(job, ctx, wait_seconds, foreground=True))
+        return state.jobs.start("tenant create (dry run)", tenant_id, show)
+    work = admin.create_work(settings, tenant_id, plans, 180.0)
+    return state.jobs.start("tenant create", tenant_id, work)
 
 
-@admin_tools.tool(
-    ToolAnnotations(destructive_hint=True, idempotent_hint=True, open_world_hint=True)
-)
-async def tenant_delete(
-    state: State,
-    ctx: Context,
-    tenant_id: TenantId,
-    confirm: Confirm = False,
-    wait_seconds: WaitSeconds = 30.0,
-    app: App = None,
-) -> Annotated[CallToolResult, JobResult]:
-    """Delete a tenant: stop and destroy its machines, delete their volumes (data is
-    lost). Without confirm=true only returns the plan (applied=false): show it to the
-    user first. Running it again after a partial failure finishes the job."""
-    settings = admin.settings(app, None)
+def _delete_job(state: State, settings: Any, tenant_id: str, confirm: bool) -> Job:
     if confirm:
-        job = state.jobs.start(
-            "tenant_delete", tenant_id, admin.delete_work(settings, tenant_id, 180.0)
-        )
-    else:
+        work = admin.delete_work(settings, tenant_id, 180.0)
+        return state.jobs.start("tenant delete", tenant_id, work)
 
-        async def plan(job: Job) -> dict[str, Any]:
-            return await admin.delete_plan(settings, tenant_id)
+    async def plan(job: Job) -> dict[str, Any]:
+        return await admin.delete_plan(settings, tenant_id)
 
-        job = state.jobs.start("tenant_delete (plan)", tenant_id, plan)
-    return structured(await state.jobs.follow(job, ctx, wait_seconds, foreground=True))
+    return state.jobs.start("tenant delete (plan)", tenant_id, plan)
 
 
-@admin_tools.tool(ToolAnnotations(destructive_hint=True, open_world_hint=True))
-async def tenant_update_image(
+@dataclass(frozen=True)
+class RolloutChoices:
+    canary: int
+    concurrency: int
+
+
+def _update_job(
     state: State,
-    ctx: Context,
-    image: Annotated[str, Field(description="new image reference")],
-    tenants: Annotated[list[str] | None, Field(description="tenant ids")] = None,
-    all_tenants: Annotated[bool, Field(description="every tenant instead")] = False,
-    confirm: Confirm = False,
-    canary: Annotated[int, Field(ge=0, description="canary machines first")] = 1,
-    concurrency: Annotated[int, Field(ge=1, description="machines per batch")] = 4,
-    soak_seconds: Annotated[float, Field(ge=0, description="healthy time per machine")] = 20.0,
-    force: Annotated[bool, Field(description="also machines already on image")] = False,
-    wait_seconds: WaitSeconds = 30.0,
-    app: App = None,
-) -> Annotated[CallToolResult, JobResult]:
-    """Roll an image out to tenant machines: canary first, then batches with at most
-    one machine per tenant; each is health-checked and soaked, and every updated
-    machine goes back to its previous image (by digest) if one fails. Resumable.
-    Without confirm=true only returns the plan (applied=false). Returns a job."""
+    settings: Any,
+    image: str,
+    tenants: list[str] | None,
+    all_tenants: bool,
+    confirm: bool,
+    choices: RolloutChoices,
+) -> Job:
     if all_tenants == bool(tenants):
-        raise UsageError("give either tenants=[...] or all_tenants=true")
-    settings = admin.settings(app, None)
+        raise UsageError(
+            'tenant(action="update_image") needs either tenants=[...] or all_tenants=true',
+            hint='tenant(action="list") shows the tenant ids',
+        )
     selection = None if all_tenants else sorted(set(tenants or ()))
     if confirm:
         from flyvault.admin.rollout import RolloutOptions
@@ -295,19 +250,15 @@ async def tenant_update_image(
         options = RolloutOptions(
             image=image,
             tenants=selection,
-            concurrency=concurrency,
-            canary=canary,
-            soak_secs=soak_seconds,
-            force=force,
+            concurrency=choices.concurrency,
+            canary=choices.canary,
         )
-        job = state.jobs.start("tenant_update_image", image, admin.update_work(settings, options))
-    else:
+        return state.jobs.start("tenant update_image", image, admin.update_work(settings, options))
 
-        async def plan(job: Job) -> dict[str, Any]:
-            return await admin.update_plan(settings, image, selection, force)
+    async def plan(job: Job) -> dict[str, Any]:
+        return await admin.update_plan(settings, image, selection, False)
 
-        job = state.jobs.start("tenant_update_image (plan)", image, plan)
-    return structured(await state.jobs.follow(job, ctx, wait_seconds, foreground=True))
+    return state.jobs.start("tenant update_image (plan)", image, plan)
 
 
-__all__ = ["admin_tools"]
+__all__ = ["admin_tools", "tenant_tools"]

@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from mcp.server.mcpserver import Context
-from mcp_types import CallToolResult, ToolAnnotations
+from mcp_types import CallToolResult
 from pydantic import Field
 
 from flyvault.client import CopyEndpoint, copy
@@ -67,8 +67,8 @@ MAX_ENTRIES = 10_000
 #: Symlinks followed before a write gives up, as the kernel does (ELOOP).
 MAX_LINKS = 40
 
-UserArg = Annotated[str | None, Field(description="act as this user of the vault (default: root)")]
-PathArg = Annotated[str, Field(description="absolute path on the vault")]
+UserArg = str | None
+PathArg = str
 
 
 #: The file tools, in tools/list order; ``server.build_server`` registers them.
@@ -78,32 +78,23 @@ file_tools = ToolRegistry()
 # read_file ----------------------------------------------------------------------------
 
 
-@file_tools.tool(
-    ToolAnnotations(
-        title="Read a file on a vault",
-        read_only_hint=True,
-        idempotent_hint=True,
-        open_world_hint=True,
-    )
-)
+@file_tools.tool("Read file", read_only=True, destructive=False, idempotent=True, open_world=True)
 async def read_file(
     state: State,
     vault: VaultName,
     path: PathArg,
     offset: Annotated[
         int,
-        Field(description="lines to skip (negative: the last N lines); base64: bytes"),
+        Field(description="lines to skip (<0: the last lines); base64: bytes"),
     ] = 0,
     limit: Annotated[
         int | None,
-        Field(ge=1, description=f"lines (default {DEFAULT_LINES}); base64: bytes"),
+        Field(ge=1, description=f"lines ({DEFAULT_LINES}); base64: bytes"),
     ] = None,
     encoding: Literal["text", "base64"] = "text",
     user: UserArg = None,
 ) -> Annotated[CallToolResult, FileRead]:
-    """Read a file on a vault. Text comes back exact (content), shown with line numbers
-    (a prefix, not part of the file); at most 128 KiB per call, continue at next_offset.
-    A binary file is not shown unless encoding="base64". Has size, sha256, total_lines."""
+    """Text with line numbers (not in the file), 128 KiB per call; binary as base64."""
     files = await _files(state, vault, user)
     info = await files.stat(path, follow=True)
     _must_be_file(info, path)
@@ -308,14 +299,7 @@ def _read_text_view(result: FileRead) -> str:
 # write_file, edit_file ----------------------------------------------------------------
 
 
-@file_tools.tool(
-    ToolAnnotations(
-        title="Write a file on a vault",
-        destructive_hint=True,
-        idempotent_hint=True,
-        open_world_hint=True,
-    )
-)
+@file_tools.tool("Write file", read_only=False, destructive=True, idempotent=True, open_world=True)
 async def write_file(
     state: State,
     vault: VaultName,
@@ -324,14 +308,12 @@ async def write_file(
     encoding: Literal["text", "base64"] = "text",
     mode: Annotated[
         str | None,
-        Field(pattern=r"^0?[0-7]{3,4}$", description='octal, e.g. "0755" (default: kept)'),
+        Field(pattern=r"^0?[0-7]{3,4}$", description="octal; default: kept"),
     ] = None,
-    make_parents: Annotated[bool, Field(description="create missing directories")] = False,
+    make_parents: bool = False,
     user: UserArg = None,
 ) -> Annotated[CallToolResult, FileWritten]:
-    """Create or replace a whole file on a vault, atomically (text, or base64 for
-    binary). Returns size and sha256 as stored. For a change inside a file use
-    edit_file; for big or many files, copy_files."""
+    """Create or replace a file atomically."""
     data = _decode_content(content, encoding)
     files = await _files(state, vault, user)
     target, previous = await _resolve(files, path)
@@ -350,23 +332,17 @@ async def write_file(
     )
 
 
-@file_tools.tool(
-    ToolAnnotations(title="Edit a file on a vault", destructive_hint=True, open_world_hint=True)
-)
+@file_tools.tool("Edit file", read_only=False, destructive=True, idempotent=False, open_world=True)
 async def edit_file(
     state: State,
     vault: VaultName,
     path: PathArg,
-    old_string: Annotated[str, Field(description="exact text to replace")],
+    old_string: str,
     new_string: str,
-    replace_all: Annotated[
-        bool, Field(description="replace every occurrence (else it must occur once)")
-    ] = False,
+    replace_all: bool = False,
     user: UserArg = None,
 ) -> Annotated[CallToolResult, FileEdited]:
-    """Replace an exact string in a text file on a vault; it must occur exactly once
-    unless replace_all. Refused if the file changes during the edit. Atomic; returns
-    a short diff."""
+    """Replace old_string once (or all: replace_all), atomically."""
     files = await _files(state, vault, user)
     target, info = await _resolve(files, path)
     if info is None:
@@ -474,23 +450,17 @@ async def _resolve(files: RemoteFiles, path: str) -> tuple[str, FileInfo | None]
 
 
 @file_tools.tool(
-    ToolAnnotations(
-        title="List a directory on a vault",
-        read_only_hint=True,
-        idempotent_hint=True,
-        open_world_hint=True,
-    )
+    "List directory", read_only=True, destructive=False, idempotent=True, open_world=True
 )
 async def list_dir(
     state: State,
     vault: VaultName,
     path: PathArg,
-    glob: Annotated[str | None, Field(description='only names matching, e.g. "*.py"')] = None,
+    glob: str | None = None,
     limit: Annotated[int, Field(ge=1, le=MAX_ENTRIES)] = 200,
     user: UserArg = None,
 ) -> Annotated[CallToolResult, DirListing]:
-    """List a directory on a vault, sorted by name: kind, size, mode (octal), mtime
-    (ISO 8601, UTC), symlink target. At most limit entries (truncated says more exist)."""
+    """Entries: kind, size, mode, mtime, link target."""
     files = await _files(state, vault, user)
     entries = await files.list_dir(path, limit=MAX_ENTRIES)
     listed_all = len(entries) < MAX_ENTRIES
@@ -523,28 +493,19 @@ def _entry(info: FileInfo) -> DirEntry:
 # copy_files ---------------------------------------------------------------------------
 
 
-@file_tools.tool(
-    ToolAnnotations(
-        title="Copy files to or from a vault",
-        destructive_hint=True,
-        idempotent_hint=True,
-        open_world_hint=True,
-    )
-)
+@file_tools.tool("Copy files", read_only=False, destructive=True, idempotent=True, open_world=True)
 async def copy_files(
     state: State,
     ctx: Context,
     vault: VaultName,
-    source: Annotated[str, Field(description="path to copy (local for upload)")],
-    destination: Annotated[str, Field(description="path to copy to (on the vault for upload)")],
+    source: str,
+    destination: str,
     direction: Literal["upload", "download"] = "upload",
-    recursive: Annotated[bool, Field(description="copy a directory tree")] = False,
-    preserve: Annotated[bool, Field(description="keep modes and mtimes")] = False,
+    recursive: bool = False,
+    preserve: Annotated[bool, Field(description="modes, mtimes")] = False,
     user: UserArg = None,
 ) -> Annotated[CallToolResult, CopyResult]:
-    """Copy a file or tree between this machine and a vault (upload or download), like
-    `fly-vault cp`: for big or binary files. Atomic per file, verified by SHA-256,
-    progress notifications. Local paths are on the MCP server's machine."""
+    """Copy files or trees to or from a vault, SHA-256 verified."""
     local_path, remote_path = (source, destination)
     if direction == "download":
         local_path, remote_path = destination, source

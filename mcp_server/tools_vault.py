@@ -1,15 +1,21 @@
-"""Vault tools: list_vaults, vault_status, exec, read_output, send_input, signal,
-list_sessions, forward_start, forward_stop, forward_list."""
+"""Vault tools: vault_status, connect, exec, read_output, send_input, signal,
+list_exec, forward.
+
+Argument descriptions are kept to what the name and type do not say: every word is sent in
+tools/list on every agent session (budget: tests/test_mcp_tools_list.py). Meanings shared by
+several tools (vault, session_id, offsets) are in the server's instructions."""
 
 from __future__ import annotations
 
 import re
 from typing import Annotated, Literal
 
+import anyio.to_thread
 from mcp.server.mcpserver import Context
-from mcp_types import CallToolResult, ToolAnnotations
-from pydantic import Field
+from mcp_types import CallToolResult
+from pydantic import AfterValidator, Field
 
+from flyvault import localvault
 from flyvault.client import (
     ExecRequest,
     new_session_id,
@@ -19,16 +25,16 @@ from flyvault.client import (
 )
 from flyvault.errors import UsageError
 
+from .hints import for_agent
 from .models import (
     ExecResult,
-    ForwardInfo,
     ForwardList,
-    ForwardStopped,
     SendInputResult,
     SessionList,
     SignalResult,
     VaultList,
     VaultStatus,
+    local_vault_info,
 )
 from .progress import Reporter
 from .registry import ToolRegistry
@@ -37,38 +43,17 @@ from .server import State, structured
 MAX_WAIT = 600.0
 MIN_OUTPUT = 1024
 MAX_OUTPUT = 1024 * 1024
+MAX_CONTEXT = 4096
 
-VaultName = Annotated[str, Field(description="vault name from list_vaults")]
-SessionId = Annotated[str, Field(description="session id from exec or list_sessions")]
-WaitSeconds = Annotated[
-    float,
-    Field(
-        ge=0,
-        le=MAX_WAIT,
-        description="wait at most this long, then return (still running: running=true)",
-    ),
-]
-MaxOutput = Annotated[
-    int,
-    Field(
-        ge=MIN_OUTPUT,
-        le=MAX_OUTPUT,
-        description="cap on output bytes in this result; head and tail are kept",
-    ),
-]
-UntilArg = Annotated[
-    Literal["exit", "output"],
-    Field(description='"exit": return at exit; "output": return as soon as new output arrives'),
-]
-PatternArg = Annotated[
-    str | None, Field(description="also return once new output matches this regex")
-]
-
-READ_ONLY = ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False)
-#: Reads a vault (open world) without changing anything.
-READS_VAULT = ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=True)
-#: Runs or changes something on a vault.
-ACTS_ON_VAULT = ToolAnnotations(destructive_hint=True, open_world_hint=True)
+VaultName = str
+SessionId = str
+#: Out-of-range waits and output caps are clamped, not refused (the server's instructions
+#: say so): a limit in every schema would cost tools/list more than it tells.
+WaitSeconds = Annotated[float, AfterValidator(lambda value: min(max(value, 0.0), MAX_WAIT))]
+MaxOutput = Annotated[int, AfterValidator(lambda value: min(max(value, MIN_OUTPUT), MAX_OUTPUT))]
+UntilArg = Literal["exit", "output"]
+PatternArg = Annotated[str | None, Field(description="regex")]
+RawArg = bool
 
 #: The vault tools, in tools/list order; ``server.build_server`` registers them.
 vault_tools = ToolRegistry()
@@ -80,11 +65,35 @@ def _compile(pattern: str | None) -> re.Pattern[str] | None:
     try:
         return re.compile(pattern)
     except re.error as exc:
-        raise UsageError(f"invalid pattern {pattern!r}: {exc}") from None
+        raise UsageError(
+            f"pattern {pattern!r} is not a valid regular expression: {exc}",
+            hint="fix the pattern (Python re syntax), or leave it out",
+        ) from None
+
+
+def check_port(name: str, port: int, *, lowest: int) -> None:
+    if not lowest <= port <= 65535:
+        raise UsageError(
+            f"{name} must be a port number from {lowest} to 65535, not {port}",
+            hint="0 picks any free port" if lowest == 0 else f"give the {name} to use",
+        )
+
+
+def _check_exec(context: str | None, timeout_seconds: float | None) -> None:
+    if context is not None and len(context) > MAX_CONTEXT:
+        raise UsageError(
+            f"context is {len(context)} characters; at most {MAX_CONTEXT} are kept",
+            hint="say in a sentence why the command runs",
+        )
+    if timeout_seconds is not None and timeout_seconds <= 0:
+        raise UsageError(
+            f"timeout_seconds must be more than 0, not {timeout_seconds:g}",
+            hint="leave it out to let the command run until it exits",
+        )
 
 
 def exec_text(result: ExecResult) -> str:
-    """What the model reads: one status line, the output, what to do next."""
+    """What the model reads: one status line, each stream, what to do next."""
     where = f"session {result.session_id} on vault {result.vault}"
     if result.running:
         state = f"still running after {result.elapsed_seconds:g} s"
@@ -97,105 +106,121 @@ def exec_text(result: ExecResult) -> str:
     if result.timed_out:
         state += ", stopped by timeout_seconds"
     span = f"output bytes {result.offset}-{result.next_offset} of {result.total_bytes}"
-    if result.truncated:
+    if result.omitted_bytes:
         span += f", {result.omitted_bytes} left out (see marker)"
     if result.dropped_bytes:
-        span += f", {result.dropped_bytes} no longer buffered"
+        span += f", {result.dropped_bytes} no longer kept"
     lines = [f"{where}: {state}; {span}"]
-    if result.output:
-        lines += ["-----", result.output.rstrip("\n"), "-----"]
+    streams = [("terminal" if result.tty else "stdout", result.stdout), ("stderr", result.stderr)]
+    for name, text in streams:
+        if text:
+            lines += [f"----- {name}", text.rstrip("\n")]
     if result.next_step:
         lines.append(f"next: {result.next_step}")
     return "\n".join(lines)
 
 
-@vault_tools.tool(READ_ONLY)
-async def list_vaults(state: State) -> Annotated[CallToolResult, VaultList]:
-    """List the vaults configured for this user (name, address, org/app, whether a token
-    and a rootfs are set, whether a connection is open). Never shows a secret. Start
-    here to find the vault name the other tools take."""
-    return structured(state.pool.list())
-
-
-@vault_tools.tool(READS_VAULT)
+@vault_tools.tool("Vaults", read_only=True, destructive=False, idempotent=True, open_world=True)
 async def vault_status(
     state: State,
+    vault: str | None = None,
+    fresh: bool = False,
+) -> Annotated[CallToolResult, VaultStatus | VaultList]:
+    """No vault: the vaults and the local dev vault. A vault: check it."""
+    if vault is None:
+        vaults = state.pool.list()
+        running = await anyio.to_thread.run_sync(localvault.running_state)
+        vaults.local_vault = local_vault_info(running)
+        return structured(vaults)
+    status = await state.pool.status(vault, fresh=fresh)
+    for step in status.steps:
+        step.hint = for_agent(step.hint, vault) if step.hint else None
+    status.hint = for_agent(status.hint, vault) if status.hint else None
+    return structured(status)
+
+
+@vault_tools.tool("Shell", read_only=False, destructive=True, idempotent=False, open_world=True)
+async def connect(
+    state: State,
+    ctx: Context,
     vault: VaultName,
-    fresh: Annotated[
-        bool, Field(description="check with a new connection even if one is open")
-    ] = False,
-) -> Annotated[CallToolResult, VaultStatus]:
-    """Check a vault step by step like `fly-vault doctor`: QUIC handshake, attestation
-    (the attested app, machine, region, image), access token, then the state: "ready",
-    or "cold" (never provisioned; the first exec or reprovision provisions it). Never
-    provisions. On failure ok=false and the failing step says what to fix. Use it when
-    a vault tool fails, or before the first exec on an unknown vault."""
-    return structured(await state.pool.status(vault, fresh=fresh))
+    session_id: str | None = None,
+    user: str | None = None,
+    wait_seconds: WaitSeconds = 2.0,
+) -> Annotated[CallToolResult, ExecResult]:
+    """A login shell in a PTY: send_input types, read_output reads plain text."""
+    request = ExecRequest(
+        session_id=valid_session_id(session_id) if session_id else new_session_id("shell"),
+        pty=True,
+        shell=True,
+        keep=True,
+        term="xterm-256color",
+        rows=40,
+        cols=160,
+        user=user,
+    )
+    execs = state.execs
+    record = await execs.start(
+        vault, request, stdin=None, stdin_open=True, timeout=None, wait_seconds=wait_seconds
+    )
+    since = record.cursor
+    async with Reporter(ctx) as reporter:
+        await execs.wait(
+            record,
+            since=since,
+            wait_seconds=wait_seconds,
+            until="exit",
+            pattern=None,
+            reporter=reporter,
+        )
+    result = execs.result(record, offset=since, length=None, max_bytes=32 * 1024)
+    return structured(result, exec_text(result))
 
 
-@vault_tools.tool(ACTS_ON_VAULT, name="exec")
+@vault_tools.tool(
+    "Run command",
+    read_only=False,
+    destructive=True,
+    idempotent=False,
+    open_world=True,
+    name="exec",
+    output_schema=True,
+)
 async def exec_tool(
     state: State,
     ctx: Context,
     vault: VaultName,
-    command: Annotated[str | None, Field(description="shell command line, run with sh -c")] = None,
-    argv: Annotated[
-        list[str] | None, Field(description="exact argv, no shell (instead of command)")
-    ] = None,
-    context: Annotated[
-        str | None,
-        Field(max_length=4096, description="why this runs (stored with the session)"),
-    ] = None,
-    cwd: Annotated[
-        str | None,
-        Field(description="working directory on the vault (absolute; default: the user's home)"),
-    ] = None,
-    env: Annotated[
-        dict[str, str] | None,
-        Field(description="environment variables set over the login's (NAME: value)"),
-    ] = None,
-    user: Annotated[
-        str | None,
-        Field(description="run as this account of the vault's /etc/passwd (default root)"),
-    ] = None,
-    stdin: Annotated[str | None, Field(description="text for standard input")] = None,
-    stdin_open: Annotated[
-        bool, Field(description="keep stdin open for send_input (default: closed)")
-    ] = False,
-    session_id: Annotated[
-        str | None,
-        Field(
-            description="name the session (kept after exit; an existing session of "
-            "that name is followed, never run twice)"
-        ),
-    ] = None,
+    command: str | None = None,
+    argv: list[str] | None = None,
+    context: str | None = None,
+    cwd: str | None = None,
+    env: dict[str, str] | None = None,
+    user: str | None = None,
+    stdin: str | None = None,
+    stdin_open: bool = False,
+    session_id: str | None = None,
     wait_seconds: WaitSeconds = 30.0,
-    timeout_seconds: Annotated[
-        float | None,
-        Field(gt=0, description="stop the command (TERM, then KILL) after this long"),
-    ] = None,
+    timeout_seconds: float | None = None,
     until: UntilArg = "exit",
     pattern: PatternArg = None,
     max_output_bytes: MaxOutput = 32 * 1024,
-    tty: Annotated[bool, Field(description="run in a PTY (merged output)")] = False,
+    tty: bool = False,
 ) -> Annotated[CallToolResult, ExecResult]:
-    """Run a command on a vault. Waits until it exits or wait_seconds (default 30)
-    pass, then returns exit_code/signal/exit_status, the output (stdout and stderr
-    merged, bounded: head and tail around a marker) and byte offsets. If it is still
-    running, running=true: continue with read_output(session_id), stop it with signal.
-    Long jobs: pass session_id and a small wait_seconds, then read_output. Servers: use
-    pattern (e.g. "listening") to return once they are up. Cancelling this call stops
-    the command. For shell syntax use command; for exact arguments use argv."""
+    """Run command (sh -c) or argv until exit or wait_seconds; stdout, stderr apart,
+    bounded. Cancel stops it."""
+    _check_exec(context, timeout_seconds)
     if (command is None) == (argv is None):
-        raise UsageError("give exactly one of command (a shell line) or argv (a list)")
+        raise UsageError(
+            "exec needs exactly one of command (a shell line) or argv (a list)",
+            hint='e.g. command="make test", or argv=["ls", "-l"]',
+        )
     full_argv = ("sh", "-c", command) if command is not None else tuple(argv or ())
     regex = _compile(pattern)
-    named = session_id is not None
     request = ExecRequest(
-        session_id=session_id if session_id else new_session_id("mcp"),
+        session_id=valid_session_id(session_id) if session_id else new_session_id("mcp"),
         argv=full_argv,
         pty=tty,
-        keep=named,
+        keep=session_id is not None,
         context=context,
         term="xterm-256color" if tty else "",
         rows=24 if tty else 0,
@@ -233,32 +258,25 @@ async def exec_tool(
     return structured(result, exec_text(result))
 
 
-@vault_tools.tool(READS_VAULT)
+@vault_tools.tool(
+    "Read output", read_only=True, destructive=False, idempotent=True, open_world=True
+)
 async def read_output(
     state: State,
     ctx: Context,
     vault: VaultName,
     session_id: SessionId,
-    offset: Annotated[
-        int | None,
-        Field(
-            description="absolute byte offset to read from (default: where the last "
-            "result ended; negative: that many bytes before the end)"
-        ),
-    ] = None,
-    length: Annotated[
-        int | None, Field(ge=1, description="read at most this many bytes from offset")
-    ] = None,
+    offset: int | None = None,
+    length: Annotated[int | None, Field(ge=1)] = None,
+    stream: Literal["stdout", "stderr"] | None = None,
     wait_seconds: WaitSeconds = 30.0,
     until: UntilArg = "exit",
     pattern: PatternArg = None,
     max_output_bytes: MaxOutput = 32 * 1024,
+    raw: RawArg = False,
 ) -> Annotated[CallToolResult, ExecResult]:
-    """Read a session's output from an offset, waiting up to wait_seconds for the
-    command to exit (until="output": for any new output; pattern: for a match). Use
-    it to follow a command exec returned with running=true, to page through output a
-    marker left out (offset + length), or to reattach to any session of the vault
-    (also one started by the CLI or an earlier MCP server). Never stops the command."""
+    """Follow a session until exit, output or pattern, or read a part a marker left out.
+    Read-only: an attached client stays."""
     regex = _compile(pattern)
     session_id = valid_session_id(session_id)
     execs = state.execs
@@ -283,21 +301,24 @@ async def read_output(
                 pattern=regex,
                 reporter=reporter,
             )
-    result = execs.result(record, offset=since, length=length, max_bytes=max_output_bytes)
+    result = execs.result(
+        record, offset=since, length=length, max_bytes=max_output_bytes, stream=stream, raw=raw
+    )
     return structured(result, exec_text(result))
 
 
-@vault_tools.tool(ACTS_ON_VAULT)
+@vault_tools.tool(
+    "Send input", read_only=False, destructive=True, idempotent=False, open_world=True
+)
 async def send_input(
     state: State,
     vault: VaultName,
     session_id: SessionId,
-    text: Annotated[str, Field(description="text to write to stdin (add \\n for Enter)")] = "",
-    eof: Annotated[bool, Field(description="then close stdin (end of input)")] = False,
+    text: str = "",
+    eof: Annotated[bool, Field(description="then close stdin")] = False,
 ) -> Annotated[CallToolResult, SendInputResult]:
-    """Write text to the standard input of a running session (started with
-    stdin_open=true; add tty=true for programs that want a terminal), optionally
-    closing it. Read the reaction with read_output(until="output")."""
+    """Write to a session's stdin (connect, or exec with stdin_open); takes over from an
+    attached client."""
     record = await state.execs.send_input(vault, valid_session_id(session_id), text.encode(), eof)
     return structured(
         SendInputResult(
@@ -310,17 +331,14 @@ async def send_input(
     )
 
 
-@vault_tools.tool(ACTS_ON_VAULT)
+@vault_tools.tool("Signal", read_only=False, destructive=True, idempotent=False, open_world=True)
 async def signal(
     state: State,
     vault: VaultName,
     session_id: SessionId,
-    signal: Annotated[
-        str, Field(description="TERM (default), INT, KILL, HUP, ... or a number 1-64")
-    ] = "TERM",
+    signal: str = "TERM",
 ) -> Annotated[CallToolResult, SignalResult]:
-    """Send a signal to a session's process group (like `fly-vault kill`). Use it to
-    stop a command; read_output then reports how it ended (128+N for signal N)."""
+    """Signal a session: TERM, INT, KILL, HUP... or a number."""
     signo = parse_signal(signal)
     sid = valid_session_id(session_id)
     await state.execs.signal(vault, sid, signo)
@@ -328,51 +346,41 @@ async def signal(
     return structured(SignalResult(vault=vault, session_id=sid, signal=signo, signal_name=name))
 
 
-@vault_tools.tool(READS_VAULT)
-async def list_sessions(state: State, vault: VaultName) -> Annotated[CallToolResult, SessionList]:
-    """List a vault's exec sessions: running or exited (status, signal), command,
-    context, output bytes, whether a client is attached, and the offset this server
-    read up to. Includes finished sessions this server followed that the vault dropped."""
+@vault_tools.tool("Sessions", read_only=True, destructive=False, idempotent=True, open_world=True)
+async def list_exec(state: State, vault: VaultName) -> Annotated[CallToolResult, SessionList]:
+    """A vault's sessions: command, context, status, bytes."""
     return structured(await state.execs.list_sessions(vault))
 
 
-@vault_tools.tool(ToolAnnotations(open_world_hint=True))
-async def forward_start(
+@vault_tools.tool("Forwards", read_only=False, destructive=False, idempotent=False, open_world=True)
+async def forward(
     state: State,
-    vault: VaultName,
-    remote_port: Annotated[int, Field(ge=1, le=65535, description="port on the vault side")],
-    host: Annotated[
-        str, Field(description="host as seen from the vault (localhost: the vault)")
-    ] = "localhost",
-    local_port: Annotated[
-        int, Field(ge=0, le=65535, description="port on 127.0.0.1 here (0: any free)")
-    ] = 0,
-) -> Annotated[CallToolResult, ForwardInfo]:
-    """Forward 127.0.0.1:local_port on this machine to host:remote_port as seen from
-    the vault (a dev server, a database). The listener belongs to this MCP server and
-    runs until forward_stop or the server exits; connect to local_address."""
-    info = await state.forwards.start(vault, host, remote_port, local_port)
-    return structured(info)
-
-
-@vault_tools.tool(ToolAnnotations(idempotent_hint=True, open_world_hint=False))
-async def forward_stop(
-    state: State,
-    forward_id: Annotated[str | None, Field(description="from forward_start")] = None,
-    vault: Annotated[str | None, Field(description="stop all of this vault's")] = None,
-    local_port: Annotated[int | None, Field(description="the local port")] = None,
-) -> Annotated[CallToolResult, ForwardStopped]:
-    """Stop forwards (their live connections are reset)."""
-    stopped = await state.forwards.stop(forward_id, vault, local_port)
-    return structured(ForwardStopped(stopped=stopped))
-
-
-@vault_tools.tool(READ_ONLY)
-async def forward_list(
-    state: State,
-    vault: Annotated[str | None, Field(description="only this vault's")] = None,
+    action: Literal["start", "stop", "list"],
+    vault: str | None = None,
+    remote_port: int | None = None,
+    host: str = "localhost",
+    local_port: int | None = None,
+    forward_id: str | None = None,
 ) -> Annotated[CallToolResult, ForwardList]:
-    """List the forwards this MCP server runs, with live and total connection counts."""
+    """start: 127.0.0.1:local_port to host:remote_port seen from the vault; stop; list."""
+    if action == "start":
+        if vault is None or remote_port is None:
+            raise UsageError(
+                'forward(action="start") needs vault and remote_port',
+                hint='e.g. forward(action="start", vault="local", remote_port=8000)',
+            )
+        check_port("remote_port", remote_port, lowest=1)
+        check_port("local_port", local_port or 0, lowest=0)
+        info = await state.forwards.start(vault, host, remote_port, local_port or 0)
+        return structured(ForwardList(forwards=[info]))
+    if action == "stop":
+        if forward_id is None and vault is None and local_port is None:
+            raise UsageError(
+                'forward(action="stop") needs forward_id, vault or local_port',
+                hint='forward(action="list") shows them',
+            )
+        stopped = await state.forwards.stop(forward_id, vault, local_port)
+        return structured(ForwardList(forwards=[], stopped=stopped))
     return structured(state.forwards.listing(vault))
 
 

@@ -87,6 +87,7 @@ from .defaults import (
     URL_READ_TIMEOUT,
 )
 from .provisioning import Provisioner, ProvisionJob
+from .session_disk import DiskLogLimits, clear_stale
 from .sessions import SessionRegistry, SpawnPolicy
 
 log = logging.getLogger("flyvault.server")
@@ -124,6 +125,9 @@ class ServerOptions:
     settle_seconds: float = SETTLE_SECONDS
     #: Output kept per exec session for replay (bytes).
     session_buffer: int = DEFAULT_SESSION_BUFFER
+    #: Named sessions' output on disk, under ``<data_dir>/sessions``: the head kept whole
+    #: and a rotating tail (bytes; 0 and 0: none).
+    session_log: DiskLogLimits = field(default_factory=DiskLogLimits)
     #: How long a finished named session stays listed.
     session_ttl: float = DEFAULT_SESSION_TTL
     max_sessions: int = DEFAULT_MAX_SESSIONS
@@ -210,6 +214,8 @@ class VaultServer:
             buffer_size=options.session_buffer,
             max_sessions=options.max_sessions,
             exited_ttl=options.session_ttl,
+            disk_root=_session_logs(options),
+            disk_limits=options.session_log,
         )
         if self.provisioner is not None:
             # Before every stop of the workload, its sessions end with the reason.
@@ -680,6 +686,16 @@ HOST_MODE_REFUSAL = (
     "fly-vault local down, then fly-vault local up --rootfs IMAGE (as root); elsewhere run "
     "fly-vault-init without --host-mode, as root"
 )
+
+
+def _session_logs(options: ServerOptions) -> Path | None:
+    """Where named sessions' output logs go: ``<data_dir>/sessions``, emptied at start (no
+    session outlives init). None without a data directory (a host-mode init given none)."""
+    if not options.session_log.enabled or not options.data_dir.is_dir():
+        return None
+    root = options.data_dir / "sessions"
+    clear_stale(root)
+    return root
 
 
 def _spawn_policy(options: ServerOptions) -> SpawnPolicy:

@@ -167,11 +167,14 @@ async def _attach(
     request = machine.request
     assert request is not None and session.process is not None
     resume = min(request.resume_offset, session.log.end)
-    start = max(resume, session.log.start)
-    attachment = session.attach(start, lambda: stream.unacknowledged)
+    start = session.first_held(resume)
+    attach = session.observe if request.observe else session.attach
+    attachment = attach(start, lambda: stream.unacknowledged)
     machine.start(_started(session, created, start, start - resume))
     stream.write(machine.data_to_send())
-    if not created and request.pty and session.pty and request.rows and request.cols:
+    if request.observe:
+        pass  # a read-only attach changes nothing, not even the terminal's size
+    elif not created and request.pty and session.pty and request.rows and request.cols:
         session.process.resize(request.rows, request.cols)
     output = asyncio.ensure_future(
         _pump_output(session, attachment, machine, stream, clock, reasons)
@@ -219,7 +222,7 @@ async def _pump_output(
     reasons: bool = False,
 ) -> None:
     while machine.state is ServerState.ATTACHED:
-        result = session.log.read(attachment.offset, CHUNK)
+        result = session.read(attachment.offset, CHUNK)
         if result.dropped:
             # Rare (output is paused for an attached client before it could be lost, but a
             # process's last burst is read whole): say where the stream resumes, so the
@@ -277,7 +280,8 @@ async def _pump_input(
                 stream.write(machine.data_to_send())
             _feed(machine, await stream.read())
         elif isinstance(event, ExitAcknowledged):
-            registry.acknowledge_exit(session)
+            if not attachment.observer:  # an onlooker's acknowledgement collects nothing
+                registry.acknowledge_exit(session)
             return
         elif isinstance(event, ClientDetached):
             return  # the client closed its side: it detached

@@ -7,6 +7,10 @@ from typing import Final
 #: Output kept per exec session for replay (bytes); ``--session-buffer``.
 DEFAULT_SESSION_BUFFER: Final = 1024 * 1024
 MIN_SESSION_BUFFER: Final = 128 * 1024
+#: A named session's output on disk: the head kept whole, the newest tail rotating (bytes);
+#: ``--session-log-head``, ``--session-log-tail``.
+DEFAULT_SESSION_LOG_HEAD: Final = 1024 * 1024
+DEFAULT_SESSION_LOG_TAIL: Final = 64 * 1024 * 1024
 #: How long a finished named session stays listed (seconds); ``--session-ttl``.
 DEFAULT_SESSION_TTL: Final = 3600.0
 #: Sessions one vault holds at most; ``--max-sessions``.

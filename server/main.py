@@ -27,6 +27,8 @@ from flyvault.errors import UsageError
 from .defaults import (
     DEFAULT_MAX_SESSIONS,
     DEFAULT_SESSION_BUFFER,
+    DEFAULT_SESSION_LOG_HEAD,
+    DEFAULT_SESSION_LOG_TAIL,
     DEFAULT_SESSION_TTL,
     MIN_SESSION_BUFFER,
     SETTLE_SECONDS,
@@ -154,6 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
         f"default {DEFAULT_SESSION_BUFFER})",
     )
     parser.add_argument(
+        "--session-log-head",
+        type=int,
+        metavar="BYTES",
+        help="the first output of each named session kept on disk whole, readable after the "
+        f"buffer moved on (env VAULT_SESSION_LOG_HEAD; default {DEFAULT_SESSION_LOG_HEAD}; 0: none)",
+    )
+    parser.add_argument(
+        "--session-log-tail",
+        type=int,
+        metavar="BYTES",
+        help="the newest output of each named session kept on disk, in segments (env "
+        f"VAULT_SESSION_LOG_TAIL; default {DEFAULT_SESSION_LOG_TAIL}; 0: none)",
+    )
+    parser.add_argument(
         "--session-ttl",
         type=finite_float,
         metavar="SECONDS",
@@ -205,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(arguments)
     if args.session_buffer is not None and args.session_buffer < MIN_SESSION_BUFFER:
         parser.error("--session-buffer must be at least 131072 bytes (128 KiB)")
+    for name in ("session_log_head", "session_log_tail"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must not be negative (0: none on disk)")
     if args.max_sessions is not None and args.max_sessions < 1:
         parser.error("--max-sessions must be at least 1")
     if args.session_ttl is not None and args.session_ttl < 0:
@@ -305,6 +324,14 @@ def _apply_environment(args: argparse.Namespace) -> str:
         args.session_buffer = env_int(
             "VAULT_SESSION_BUFFER", DEFAULT_SESSION_BUFFER, minimum=MIN_SESSION_BUFFER, unit="bytes"
         )
+    if args.session_log_head is None:
+        args.session_log_head = env_int(
+            "VAULT_SESSION_LOG_HEAD", DEFAULT_SESSION_LOG_HEAD, minimum=0, unit="bytes"
+        )
+    if args.session_log_tail is None:
+        args.session_log_tail = env_int(
+            "VAULT_SESSION_LOG_TAIL", DEFAULT_SESSION_LOG_TAIL, minimum=0, unit="bytes"
+        )
     if args.session_ttl is None:
         args.session_ttl = env_float(
             "VAULT_SESSION_TTL", DEFAULT_SESSION_TTL, minimum=0, unit="seconds"
@@ -340,6 +367,7 @@ async def _serve(args: argparse.Namespace, host: str, port: int) -> int:
     from .app import ServerOptions, VaultServer
     from .attestation import FlyOidcAttestor
     from .auth import AccessToken
+    from .session_disk import DiskLogLimits
 
     log = logging.getLogger("flyvault.server")
     if args.access_token_fd is not None:
@@ -364,6 +392,7 @@ async def _serve(args: argparse.Namespace, host: str, port: int) -> int:
         host_mode=args.host_mode,
         init_binary=args.init_binary,
         session_buffer=args.session_buffer,
+        session_log=DiskLogLimits(args.session_log_head, args.session_log_tail),
         url_read_timeout=args.url_timeout,
         url_max_bytes=args.url_max_bytes,
         settle_seconds=args.settle_seconds,

@@ -2,10 +2,11 @@
 
 A session is one process plus its output log (a ring buffer with absolute offsets). At
 most one client is attached at a time; a new attach displaces the old one, which is told
-so (DETACHED) instead of seeing a bare end of stream.
+so (DETACHED) instead of seeing a bare end of stream. Read-only attachments (observers,
+protocol 5: an agent following a person's session) follow beside it, displacing no one.
 
 Memory is bounded: ``max_sessions`` sessions of at most ``buffer_size`` bytes of output
-each. While a client is attached and a whole buffer behind what it has *acknowledged*
+each. While a client (or an observer) is attached and a whole buffer behind what it has *acknowledged*
 (bytes sent but unacknowledged die with a cut connection), the process's output is paused
 (it blocks on a full pipe) instead of losing bytes the client has not got. When the
 connection is lost rather than closed on purpose, the same hold lasts ``DETACH_HOLD``
@@ -43,6 +44,7 @@ import signal
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from flyvault.defaults import RECONNECT_TIMEOUT
@@ -52,8 +54,9 @@ from flyvault.protocol.limits import check_cwd, check_env
 
 from .accounts import Account, host_account
 from .defaults import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_BUFFER, DEFAULT_SESSION_TTL
-from .outputlog import OutputLog
+from .outputlog import OutputLog, ReadResult
 from .process import Entry, ExitStatus, ManagedProcess
+from .session_disk import DiskLog, DiskLogLimits
 
 log = logging.getLogger("flyvault.server.sessions")
 
@@ -116,9 +119,13 @@ class Attachment:
     client has confirmed (``unacked`` counts what is sent but not yet acknowledged by the
     client's QUIC stack: after a silent network cut those bytes never arrive)."""
 
-    def __init__(self, offset: int, unacked: Callable[[], int] = lambda: 0) -> None:
+    def __init__(
+        self, offset: int, unacked: Callable[[], int] = lambda: 0, *, observer: bool = False
+    ) -> None:
         self.offset = offset
         self.unacked = unacked
+        #: A read-only attach: beside the attached client, never displacing it.
+        self.observer = observer
         self.displaced = asyncio.Event()
         self.reason = ""
 
@@ -138,6 +145,7 @@ class Session:
         argv: list[str],
         buffer_size: int,
         clock: Callable[[], float],
+        disk: DiskLog | None = None,
     ) -> None:
         self.id = request.session_id
         self.argv = argv
@@ -149,6 +157,8 @@ class Session:
         self.keep = request.keep
         self.started_at = time.time()
         self.log = OutputLog(buffer_size)
+        #: Named sessions: the head and a long tail of the output on disk, past the ring.
+        self.disk = disk
         self.process: ManagedProcess | None = None
         self.exit: ExitStatus | None = None
         #: Why the vault ended it (reprovision, restart, shutdown), when it did.
@@ -158,6 +168,8 @@ class Session:
         #: Standard input bytes taken from clients (all attachments), for exact resends.
         self.stdin_handled = 0
         self.attachment: Attachment | None = None
+        #: Read-only attachments (protocol 5): they follow the output and change nothing.
+        self.observers: set[Attachment] = set()
         self.detached_since: float | None = clock()
         self._clock = clock
         self._changed = asyncio.Event()
@@ -170,8 +182,36 @@ class Session:
 
     def on_output(self, channel: int, data: bytes) -> None:
         self.log.append(channel, data)
+        if self.disk is not None:
+            self.disk.append(channel, data)
         self._apply_backpressure()
         self._notify()
+
+    def first_held(self, offset: int) -> int:
+        """``offset`` if its byte is still held (in the ring or on disk), else the next
+        offset that is: where a replay from ``offset`` starts."""
+        if offset >= self.log.start:
+            return min(offset, self.log.end)
+        disk = self.disk
+        if disk is None or disk.failed:
+            return self.log.start
+        return min(disk.first_held(offset), self.log.start)
+
+    def read(self, offset: int, max_bytes: int) -> ReadResult:
+        """Output from ``offset``: from the ring, or from disk for what the ring no longer
+        holds; ``dropped`` counts the bytes neither holds."""
+        start = self.first_held(offset)
+        if start >= self.log.start or self.disk is None:
+            result = self.log.read(start, max_bytes)
+        else:
+            result = self.disk.read(start, min(max_bytes, self.log.start - start))
+        return ReadResult(result.chunks, result.start_offset, result.next_offset, start - offset)
+
+    def close(self) -> None:
+        """The session is gone from the registry: its disk log goes too."""
+        if self.disk is not None:
+            self.disk.close()
+            self.disk = None
 
     def _apply_backpressure(self) -> None:
         if self.process is None:
@@ -198,11 +238,12 @@ class Session:
         with the connection, and the client then resumes from before them). Just after a
         connection was lost: what that client had confirmed, until ``DETACH_HOLD`` passes,
         so a client that reconnects at once finds every byte it missed."""
+        floors = [observer.confirmed() for observer in self.observers]
         if self.attachment is not None:
-            return self.attachment.confirmed()
-        if self._hold_until is not None and self._clock() < self._hold_until:
-            return self._hold_offset
-        return None
+            floors.append(self.attachment.confirmed())
+        elif self._hold_until is not None and self._clock() < self._hold_until:
+            floors.append(self._hold_offset)
+        return min(floors) if floors else None
 
     def release_hold(self, now: float) -> None:
         """The lost client did not come back in time: the oldest bytes may go again."""
@@ -252,11 +293,22 @@ class Session:
         self._apply_backpressure()
         return self.attachment
 
+    def observe(self, offset: int, unacked: Callable[[], int] = lambda: 0) -> Attachment:
+        """A read-only attachment: it gets the output (held for it like for the attached
+        client, so it loses nothing) and displaces no one."""
+        observer = Attachment(offset, unacked, observer=True)
+        self.observers.add(observer)
+        self._apply_backpressure()
+        return observer
+
     def detach(self, attachment: Attachment, *, lost_at: int | None = None) -> None:
         """``lost_at``: the connection went away (the client did not detach on purpose)
         with the client holding output up to this offset; output is then held for
         ``DETACH_HOLD`` seconds for it to reconnect."""
-        if self.attachment is attachment:
+        if attachment.observer:
+            self.observers.discard(attachment)
+            self._apply_backpressure()
+        elif self.attachment is attachment:
             if lost_at is not None and self.running:
                 self._hold_until = self._clock() + DETACH_HOLD
                 self._hold_offset = lost_at
@@ -278,6 +330,7 @@ class Session:
             "user": self.user,
             "pty": self.pty,
             "attached": self.attachment is not None,
+            "observers": len(self.observers),
             "running": exit_status is None,
             "exit_code": exit_status.code if exit_status else None,
             "signal": exit_status.signal if exit_status else None,
@@ -286,7 +339,7 @@ class Session:
             "pid": self.process.pid if self.process else None,
             "started_at": self.started_at,
             "bytes": self.log.end,
-            "retained_from": self.log.start,
+            "retained_from": self.first_held(0),
         }
 
 
@@ -319,9 +372,15 @@ class SessionRegistry:
         exited_ttl: float = DEFAULT_SESSION_TTL,
         shell_idle: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
+        disk_root: Path | None = None,
+        disk_limits: DiskLogLimits | None = None,
     ) -> None:
         self.policy = policy
         self.buffer_size = buffer_size
+        #: Where named sessions' output logs go (None: memory only), and how much of each.
+        self.disk_root = disk_root
+        self.disk_limits = disk_limits or DiskLogLimits()
+        self._disk_logs = 0
         self.max_sessions = max_sessions
         self.exited_ttl = exited_ttl
         self.shell_idle = shell_idle
@@ -370,7 +429,7 @@ class SessionRegistry:
             argv = policy.shell_argv(account.shell if account is not None else None)
         else:
             argv = list(request.argv or ())
-        session = Session(request, argv, self.buffer_size, self._clock)
+        session = Session(request, argv, self.buffer_size, self._clock, self._disk_log(request))
         session.user = account.name if account is not None else _own_user_name()
         env.update(dict(request.env))
         if request.term:
@@ -403,7 +462,7 @@ class SessionRegistry:
                 account=switch if entry is None else None,
             )
         except BaseException:
-            del self.sessions[session.id]
+            self._remove(session)
             raise
         log.info(
             "session %s started: pid %d, %s%s",
@@ -418,10 +477,29 @@ class SessionRegistry:
         self._ensure_collector()
         return session, True
 
+    def _disk_log(self, request: OpenSession) -> DiskLog | None:
+        """A disk log for a named session, when init keeps them. Trouble creating one is
+        said and costs the session only the disk log."""
+        if not request.keep or self.disk_root is None or not self.disk_limits.enabled:
+            return None
+        self._disk_logs += 1
+        directory = self.disk_root / f"{request.session_id}.{os.getpid()}.{self._disk_logs}"
+        try:
+            self.disk_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            return DiskLog(directory, self.disk_limits)
+        except OSError as exc:
+            log.warning("session %s: no output log on disk: %s", request.session_id, exc)
+            return None
+
+    def _remove(self, session: Session) -> None:
+        if self.sessions.get(session.id) is session:
+            del self.sessions[session.id]
+        session.close()
+
     def acknowledge_exit(self, session: Session) -> None:
         session.exit_acknowledged = True
-        if not session.keep and self.sessions.get(session.id) is session:
-            del self.sessions[session.id]
+        if not session.keep:
+            self._remove(session)
 
     def kill(self, session_id: str, signo: int) -> Session:
         session = self.get(session_id)
@@ -442,7 +520,7 @@ class SessionRegistry:
                 expired = now - session.exited_at >= self.exited_ttl
                 done = session.exit_acknowledged and not session.keep
                 if session.attachment is None and (expired or done):
-                    del self.sessions[session.id]
+                    self._remove(session)
             elif (
                 session.kind == "shell"
                 and session.detached_since is not None
@@ -494,5 +572,6 @@ class SessionRegistry:
         for session in self.sessions.values():
             if session.process is not None and session.running:
                 session.process.kill()
+            session.close()
         if self._collector is not None:
             self._collector.cancel()

@@ -275,10 +275,38 @@ def test_named_session_reattach_and_list_and_kill(vault: str) -> None:
     assert by_id["job-2"]["bytes"] == len(b"one\ntwo\n")
     killed = fv("kill", vault, "job-2", "--signal", "KILL")
     assert killed.returncode == 0, killed.stderr
-    # Reattach: replays the whole output (offset 0), then the exit (killed).
-    again = fv("exec", vault, "--session", "job-2")
+    # Reattach from the start: the whole output, then the exit (killed). (Without
+    # --from-start, what this machine showed may be left out: test_reattach_shows_...)
+    again = fv("exec", vault, "--session", "job-2", "--from-start")
     assert again.stdout == b"one\ntwo\n"
     assert again.returncode == 137
+
+
+def test_reattach_shows_only_what_this_machine_has_not_shown(vault: str, tmp_path: Path) -> None:
+    """A named session followed, left with Ctrl-C, and reattached later shows only the
+    output that came since (the cursor in the state directory); --from-start shows it all.
+    Through the keeper the keeper records the cursor when the CLI leaves: the test waits
+    for the record instead of guessing."""
+    from flyvault.client import cursors
+
+    flag = tmp_path / "go"
+    script = f"echo one; {_gate(flag)}; echo two"
+    proc = fv_popen("exec", vault, "--session", "seen", "--", "sh", "-c", script)
+    read_until(proc, b"one\n")
+    proc.send_signal(signal.SIGINT)  # a named session: stop following it
+    proc.communicate(timeout=30)
+    _wait_for(lambda: cursors.shown(vault, "seen") is not None, "the cursor to be recorded")
+    assert cursors.shown(vault, "seen").offset == len(b"one\n")
+    flag.touch()
+    _wait_for(lambda: _sessions(vault)["seen"]["running"] is False, "the session to end")
+    rest = fv("exec", vault, "--session", "seen")
+    assert (rest.stdout, rest.returncode) == (b"two\n", 0), rest.stderr
+    again = fv("exec", vault, "--session", "seen")
+    assert again.stdout == b"", "output shown twice"
+    everything = fv("exec", vault, "--session", "seen", "--from-start")
+    assert everything.stdout == b"one\ntwo\n" and everything.returncode == 0
+    misuse = fv("exec", vault, "--from-start", "--", "true")
+    assert misuse.returncode == 2 and b"--from-start needs --session" in misuse.stderr
 
 
 def test_unknown_session_is_a_clear_error(vault: str) -> None:
@@ -307,8 +335,10 @@ def test_kill_unknown_session_and_bad_signal(vault: str) -> None:
     assert bad.returncode == 2 and b"unknown signal" in bad.stderr
 
 
-def test_output_while_detached_replays_last_buffer_exactly(vault: str, tmp_path: Path) -> None:
-    """C8: 10 MB while nobody is attached; the reattach gets exactly the retained tail."""
+def test_output_while_detached_replays_all_of_it_exactly(vault: str, tmp_path: Path) -> None:
+    """C8: 10 MB while nobody is attached: far past the 1 MiB ring, but a named session's
+    output is also on disk (1 MiB head, 64 MiB tail), so the reattach gets every byte, in
+    order, and nothing is reported dropped."""
     started, go = tmp_path / "started", tmp_path / "go"
     # The command starts its output only once the test has detached (host mode: same files).
     gate = (
@@ -354,13 +384,9 @@ def test_output_while_detached_replays_last_buffer_exactly(vault: str, tmp_path:
     assert info["flood"]["bytes"] == total
     again = fv("exec", vault, "--session", "flood")
     assert again.returncode == 0
-    tail = again.stdout
-    assert len(tail) == 1024 * 1024  # the default buffer
-    expected = b"".join(f"{i:09d}".encode() + b"x" * 1014 + b"\n" for i in range(10 * 1024))[
-        -1024 * 1024 :
-    ]
-    assert tail == expected
-    assert b"9437184 bytes of output were dropped" in again.stderr
+    expected = b"".join(f"{i:09d}".encode() + b"x" * 1014 + b"\n" for i in range(10 * 1024))
+    assert again.stdout == expected
+    assert b"dropped" not in again.stderr
 
 
 def _script_session(vault: Any, name: str, script: str, out: bytearray) -> Any:
@@ -564,7 +590,10 @@ def _token_never_printed(result: Any) -> None:
 def test_session_buffer_is_configurable(tmp_path: Path, fly_api: Any, issuer: OidcIssuer) -> None:
     from flyvault.config import save_vault
 
-    init = start_init(tmp_path, fly_api.path, extra_args=("--session-buffer", "131072"))
+    no_disk_log = ("--session-log-head", "0", "--session-log-tail", "0")
+    init = start_init(
+        tmp_path, fly_api.path, extra_args=("--session-buffer", "131072", *no_disk_log)
+    )
     try:
         save_vault(vault_entry(init.port, issuer, name="small"))
         assert (
@@ -573,9 +602,43 @@ def test_session_buffer_is_configurable(tmp_path: Path, fly_api: Any, issuer: Oi
             ).returncode
             == 0
         )
-        again = fv("exec", "small", "--session", "big")
+        again = fv("exec", "small", "--session", "big", "--from-start")
         assert len(again.stdout) == 131072
         assert b"868928 bytes of output were dropped" in again.stderr
+    finally:
+        init.stop()
+
+
+@pytest.mark.usefixtures("exec_route")
+def test_a_named_sessions_head_and_tail_are_read_back_from_disk(
+    tmp_path: Path, fly_api: Any, issuer: OidcIssuer
+) -> None:
+    """Past the memory ring (128 KiB here), a named session's output is on disk: its first
+    64 KiB whole and a 256 KiB tail (four 64 KiB segments, the newest filling). A replay
+    from the start gets the head, says what was dropped between, then the tail."""
+    import hashlib
+
+    from flyvault.config import save_vault
+
+    limits = ("--session-log-head", "65536", "--session-log-tail", "262144")
+    init = start_init(tmp_path, fly_api.path, extra_args=("--session-buffer", "131072", *limits))
+    # 1,500,000 bytes of numbered lines: every byte's place can be checked.
+    script = "seq -w 1 125000 | sed 's/$/ line/'"  # 125,000 lines of 12 bytes
+    produced = "".join(f"{i:06d} line\n" for i in range(1, 125001)).encode()
+    try:
+        save_vault(vault_entry(init.port, issuer, name="disk"))
+        first = fv("exec", "disk", "--session", "long", "--", "sh", "-c", script)
+        assert hashlib.sha256(first.stdout).digest() == hashlib.sha256(produced).digest()
+        logs = list((init.data_dir / "sessions").iterdir())
+        assert len(logs) == 1 and (logs[0] / "head").stat().st_size == 65536
+        again = fv("exec", "disk", "--session", "long", "--from-start")
+        assert again.returncode == 0, again.stderr
+        head, rest = again.stdout[:65536], again.stdout[65536:]
+        assert head == produced[:65536]  # the real start, long after the ring moved on
+        assert produced.endswith(rest) and len(rest) >= 3 * 65536 > 131072  # more than the ring
+        dropped = len(produced) - len(again.stdout)
+        assert f"{dropped} bytes of output were dropped".encode() in again.stderr
+        fv("kill", "disk", "long")  # an exited session: nothing to signal
     finally:
         init.stop()
 

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from flyvault.errors import LocalProtocolError, RemoteProtocolError
+from flyvault.errors import LocalProtocolError, RemoteProtocolError, Unsupported
 from flyvault.protocol.codec import FrameDecoder, encode_frame
 from flyvault.protocol.console import (
     ConsoleFrame,
@@ -779,3 +779,62 @@ def test_client_glue_gives_up_on_exit_delivery_at_the_machines_deadline() -> Non
     frames = _frames(bytes(stream.written))
     assert [kind for kind, _ in frames[1:]] == [ConsoleFrame.STDIN, ConsoleFrame.EXIT_ACK]
     assert stream.ended
+
+
+# A read-only attach (protocol 5) -----------------------------------------------------------
+
+
+@given(
+    st.from_regex(r"[a-z0-9][a-z0-9_.-]{0,39}", fullmatch=True),
+    st.integers(min_value=0, max_value=2**63),
+    st.booleans(),
+)
+def test_a_read_only_open_round_trips_and_can_never_start_a_session(
+    session_id: str, offset: int, pty: bool
+) -> None:
+    request = OpenSession(session_id, pty=pty, resume_offset=offset, observe=True)
+    assert OpenSession.decode(request.encode()) == request
+    for creating in (OpenSession(session_id, ("ls",)), OpenSession(session_id, shell=True)):
+        payload = bytearray(creating.encode())
+        payload[len(session_id.encode()) + 4] |= 16  # the flags byte, after the id
+        with pytest.raises(RemoteProtocolError, match="read-only attach cannot start"):
+            OpenSession.decode(bytes(payload))
+
+
+@pytest.mark.parametrize(
+    "kind", [ConsoleFrame.STDIN, ConsoleFrame.STDIN_EOF, ConsoleFrame.RESIZE, ConsoleFrame.SIGNAL]
+)
+def test_the_server_refuses_input_from_a_read_only_attach(kind: ConsoleFrame) -> None:
+    server = ExecServer(0.0)
+    server.receive_data(encode_frame(ConsoleFrame.OPEN, OpenSession("s", observe=True).encode()))
+    assert isinstance(server.next_event(), SessionOpenRequested)
+    server.start(Started("s", False, 0, 0, 1, False, 0))
+    server.data_to_send()
+    payload = {
+        ConsoleFrame.STDIN: b"x",
+        ConsoleFrame.RESIZE: b"\x00\x18\x00\x50",
+        ConsoleFrame.SIGNAL: b"\x02",
+    }
+    server.receive_data(encode_frame(kind, payload.get(kind, b"")))
+    with pytest.raises(RemoteProtocolError, match="read-only attach cannot send"):
+        server.next_event()
+    assert server.state is ServerState.FAILED
+    assert _frames(server.data_to_send())[-1][0] == ERROR_FRAME
+
+
+def test_a_read_only_client_sends_nothing_and_needs_protocol_5() -> None:
+    client = ExecClient(OpenSession("s", resume_offset=10, observe=True))
+    with pytest.raises(Unsupported, match="protocol 4, which has no read-only attach"):
+        client.open_stream(4)
+    opened = _frames(client.open_stream(5))
+    assert OpenSession.decode(opened[0][1]).observe
+    for act in (
+        lambda: client.send_stdin(b"x"),
+        client.close_stdin,
+        lambda: client.resize(24, 80),
+        lambda: client.signal(2),
+    ):
+        with pytest.raises(LocalProtocolError, match="read-only attach cannot"):
+            act()
+    client.stream_lost()
+    assert OpenSession.decode(_frames(client.open_stream(5))[0][1]).observe  # reattach too

@@ -1,11 +1,13 @@
 """The MCP server's exec tools through ``mcp.Client`` in process, against a real init process
 (host mode, real QUIC on 127.0.0.1, the Fly stand-ins).
 
-Covers: the tool listing (annotations, output schemas), exit codes and signals, a command
-longer than the wait read to its end, output over the cap (head, tail, marker, paging),
-cancellation of a foreground call stopping the remote command, timeout_seconds, stdin,
-early return on a pattern, list_sessions, connection reuse, errors with the CLI's text, and
-the secret scrubber.
+Covers: exit codes and signals, stdout and stderr apart, a command
+longer than the wait read to its end, output over the cap (head, tail, marker, paging), the
+head of an output larger than the memory buffer read back by offset, cancellation of a
+foreground call stopping the remote command, timeout_seconds, stdin, early return on a
+pattern, list_exec, a named session reused (same command: followed; another: refused), an
+interactive shell (connect) read as plain text, connection reuse, errors with the CLI's
+text (hints as tool calls), and the secret scrubber.
 """
 
 from __future__ import annotations
@@ -25,32 +27,6 @@ from mcp_support import Session, gate, mcp_server, text, vault, wait_for_path
 
 __all__ = ["mcp_server", "vault"]
 
-DESTRUCTIVE = {
-    "exec",
-    "write_file",
-    "edit_file",
-    "copy_files",
-    "send_input",
-    "signal",
-    "reprovision",
-    "local_vault_down",
-    "tenant_delete",
-    "tenant_update_image",
-}
-READ_ONLY = {
-    "list_vaults",
-    "vault_status",
-    "read_output",
-    "read_file",
-    "list_dir",
-    "list_sessions",
-    "forward_list",
-    "job_status",
-    "local_vault_status",
-    "tenant_list",
-    "tenant_usage_facts",
-}
-
 
 def run(server: Any, scenario: Any, mode: str = "auto", timeout: float = 90) -> Any:
     async def main() -> Any:
@@ -60,31 +36,13 @@ def run(server: Any, scenario: Any, mode: str = "auto", timeout: float = 90) -> 
     return run_async(main(), timeout)
 
 
-def test_tool_listing_is_typed_annotated_and_compact(mcp_server: Any) -> None:
-    async def scenario(s: Session) -> None:
-        tools = {tool.name: tool for tool in (await s.client.list_tools()).tools}
-        assert set(tools) >= DESTRUCTIVE | READ_ONLY
-        for name, tool in tools.items():
-            assert tool.description and len(tool.description) > 40, name
-            assert tool.output_schema is not None, name
-            assert tool.annotations is not None, name
-            assert bool(tool.annotations.destructive_hint) == (name in DESTRUCTIVE), name
-            assert bool(tool.annotations.read_only_hint) == (name in READ_ONLY), name
-            assert '"title"' not in str(tool.input_schema).replace("'", '"'), name
-        exec_schema = tools["exec"].input_schema
-        assert exec_schema["required"] == ["vault"]
-        assert exec_schema["properties"]["wait_seconds"]["default"] == 30.0
-        assert "exit_code" in tools["exec"].output_schema["properties"]
-
-    run(mcp_server, scenario)
-
-
 @pytest.mark.parametrize("mode", ["auto", "legacy"])
 def test_exec_exit_codes_signals_argv_stdin_cwd_env(mcp_server: Any, vault: str, mode: str) -> None:
     async def scenario(s: Session) -> None:
-        listing = await s.data("list_vaults")
+        listing = await s.data("vault_status")
         assert [v["name"] for v in listing["vaults"]] == [vault]
         assert listing["vaults"][0]["access_token_set"] is True
+        assert listing["local_vault"]["running"] is False
 
         status = await s.data("vault_status", {"vault": vault})
         assert status["ok"] and status["state"] == "ready" and status["runtime"] == "host mode"
@@ -114,7 +72,8 @@ def test_exec_exit_codes_signals_argv_stdin_cwd_env(mcp_server: Any, vault: str,
         echoed = await s.data(
             "exec", {"vault": vault, "argv": [sys.executable, "-c", script, *args]}
         )
-        assert echoed["output"].strip() == __import__("json").dumps(args)
+        assert echoed["stdout"].strip() == __import__("json").dumps(args)
+        assert echoed["stderr"] == ""
 
         piped = await s.data(
             "exec",
@@ -127,8 +86,11 @@ def test_exec_exit_codes_signals_argv_stdin_cwd_env(mcp_server: Any, vault: str,
                 "context": "test: stdin, cwd and env",
             },
         )
-        assert piped["output"].splitlines() == ["from stdin", "/tmp", "hello", "oops"]
-        assert piped["total_bytes"] == len(piped["output"].encode())
+        assert piped["stdout"].splitlines() == ["from stdin", "/tmp", "hello"]
+        assert piped["stderr"] == "oops\n"
+        assert piped["stdout_bytes"] == len(piped["stdout"].encode())
+        assert piped["stderr_bytes"] == len(piped["stderr"].encode())
+        assert piped["total_bytes"] == piped["stdout_bytes"] + piped["stderr_bytes"]
 
         # cat with stdin closed (the default) ends at once instead of hanging.
         cat = await s.data("exec", {"vault": vault, "argv": ["cat"], "wait_seconds": 20})
@@ -137,12 +99,27 @@ def test_exec_exit_codes_signals_argv_stdin_cwd_env(mcp_server: Any, vault: str,
     run(mcp_server, scenario, mode)
 
 
+def test_stdout_and_stderr_come_back_apart(mcp_server: Any, vault: str) -> None:
+    async def scenario(s: Session) -> None:
+        result = await s.call("exec", {"vault": vault, "command": "echo out; echo err >&2; exit 3"})
+        data = result.structured_content
+        assert (data["stdout"], data["stderr"], data["exit_code"]) == ("out\n", "err\n", 3)
+        assert (data["stdout_bytes"], data["stderr_bytes"]) == (4, 4)
+        assert data["tty"] is False and data["omitted_bytes"] == 0
+        assert "output" not in data and "truncated" not in data and "returned_bytes" not in data
+        # What the model reads: each stream under its own header.
+        words = text(result)
+        assert "----- stdout\nout" in words and "----- stderr\nerr" in words
+
+    run(mcp_server, scenario)
+
+
 def test_second_exec_reuses_the_pooled_connection(mcp_server: Any, vault: str) -> None:
     async def scenario(s: Session) -> None:
         for _ in range(5):
             await s.data("exec", {"vault": vault, "argv": ["true"]})
         assert mcp_server.state.pool._vaults[vault].connects == 1
-        listing = await s.data("list_vaults")
+        listing = await s.data("vault_status")
         assert listing["vaults"][0]["connected"] is True
         status = await s.data("vault_status", {"vault": vault})
         assert status["reused_connection"] is True
@@ -174,11 +151,12 @@ def test_long_command_returns_a_handle_then_read_to_its_end(
             },
         )
         assert first["running"] is True and first["exit_code"] is None
-        assert first["output"] == "start\n" and first["next_offset"] == 6
+        assert first["stdout"] == "start\n" and first["next_offset"] == 6
+        assert first["stderr"] == "" and first["stdout_bytes"] == 6
         assert "read_output" in first["next_step"]
         sid = first["session_id"]
 
-        sessions = await s.data("list_sessions", {"vault": vault})
+        sessions = await s.data("list_exec", {"vault": vault})
         mine = [x for x in sessions["sessions"] if x["session_id"] == sid]
         assert mine and mine[0]["running"] and mine[0]["context"] == "long job"
         assert mine[0]["followed_here"] is True and mine[0]["read_offset"] == 6
@@ -189,7 +167,7 @@ def test_long_command_returns_a_handle_then_read_to_its_end(
             "read_output",
             {"vault": vault, "session_id": sid, "until": "output", "wait_seconds": 30},
         )
-        assert nxt["output"] == "middle\n" and nxt["running"] is True and nxt["offset"] == 6
+        assert nxt["stdout"] == "middle\n" and nxt["running"] is True and nxt["offset"] == 6
         reading = asyncio.ensure_future(
             s.data(
                 "read_output",
@@ -206,16 +184,16 @@ def test_long_command_returns_a_handle_then_read_to_its_end(
         end.touch()
         done = await reading
         assert done["running"] is False and done["exit_code"] == 7
-        assert done["output"] == "end\n" and done["next_offset"] == done["total_bytes"] == 17
+        assert done["stdout"] == "end\n" and done["next_offset"] == done["total_bytes"] == 17
 
         whole = await s.data(
             "read_output", {"vault": vault, "session_id": sid, "offset": 0, "wait_seconds": 0}
         )
-        assert whole["output"] == "start\nmiddle\nend\n"
+        assert whole["stdout"] == "start\nmiddle\nend\n"
         tail = await s.data(
             "read_output", {"vault": vault, "session_id": sid, "offset": -4, "wait_seconds": 0}
         )
-        assert tail["output"] == "end\n"
+        assert tail["stdout"] == "end\n"
 
     run(mcp_server, scenario)
     # Heartbeats while the last read waited, increasing.
@@ -232,20 +210,24 @@ def test_output_over_the_cap_keeps_head_and_tail_and_pages(mcp_server: Any, vaul
         )
         total = len("".join(f"{i}\n" for i in range(1, 100001)).encode())
         assert result["exit_code"] == 0 and result["total_bytes"] == total
-        assert result["truncated"] is True
-        assert result["returned_bytes"] <= 8192
-        assert result["returned_bytes"] + result["omitted_bytes"] == total
-        output = result["output"]
+        assert result["omitted_bytes"] > 0 and result["dropped_bytes"] == 0
+        assert result["stdout_bytes"] == total and result["stderr"] == ""
+        output = result["stdout"]
         assert output.startswith("1\n2\n3\n") and output.endswith("99999\n100000\n")
         marker = re.search(
-            r"\[\.\.\. (\d+) bytes left out here \(offsets (\d+) to (\d+)\); read them with "
-            r'read_output\(vault="t", session_id="([^"]+)", offset=(\d+), length=(\d+)\) \.\.\.\]',
+            r"\n\[\.\.\. (\d+) bytes left out here \(offsets (\d+) to (\d+)\); read them with "
+            r'read_output\(vault="t", session_id="([^"]+)", offset=(\d+), length=(\d+), '
+            r'stream="stdout"\) \.\.\.\]\n',
             output,
         )
         assert marker is not None, output[3000:3500]
         omitted, first, last, sid, offset, length = marker.groups()
+        # One stream: the span of session offsets is exactly the bytes left out.
         assert int(omitted) == result["omitted_bytes"] == int(last) - int(first)
         assert (offset, length) == (first, omitted)
+        returned = len(output.encode()) - len(marker.group(0).encode())
+        assert returned <= 8192
+        assert returned + result["omitted_bytes"] == total
         # Lines are not cut: the head ends and the tail starts at a line boundary.
         head = output[: output.index("\n[... ")]
         assert head.endswith("\n") and head.splitlines()[-1].isdigit()
@@ -253,11 +235,18 @@ def test_output_over_the_cap_keeps_head_and_tail_and_pages(mcp_server: Any, vaul
         # Page through the part that was left out, exactly as the marker says.
         page = await s.data(
             "read_output",
-            {"vault": vault, "session_id": sid, "offset": int(first), "length": 4096},
+            {
+                "vault": vault,
+                "session_id": sid,
+                "offset": int(first),
+                "length": 4096,
+                "stream": "stdout",
+            },
         )
         assert page["offset"] == int(first) and page["next_offset"] == int(first) + 4096
-        assert page["truncated"] is False and len(page["output"].encode()) == 4096
-        assert page["output"].startswith(str(int(head.splitlines()[-1]) + 1) + "\n")
+        assert page["omitted_bytes"] == 0 and len(page["stdout"].encode()) == 4096
+        assert page["stdout_bytes"] == 4096
+        assert page["stdout"].startswith(str(int(head.splitlines()[-1]) + 1) + "\n")
 
     run(mcp_server, scenario)
 
@@ -289,7 +278,7 @@ def test_cancelling_a_foreground_exec_stops_the_remote_command(
         )
         assert ended["running"] is False and ended["signal"] == 15
         # The vault kept the named session, with how it ended.
-        sessions = await s.data("list_sessions", {"vault": vault})
+        sessions = await s.data("list_exec", {"vault": vault})
         kept = [x for x in sessions["sessions"] if x["session_id"] == "cancel-me"]
         assert kept and kept[0]["exit_status"] == 143 and kept[0]["on_vault"] is True
 
@@ -321,7 +310,7 @@ def test_timeout_signal_stdin_open_and_pattern(mcp_server: Any, vault: str) -> N
             "read_output",
             {"vault": vault, "session_id": sid, "until": "output", "wait_seconds": 10},
         )
-        assert echo["output"] == "ping\n"
+        assert echo["stdout"] == "ping\n"
         await s.data("send_input", {"vault": vault, "session_id": sid, "eof": True})
         end = await s.data("read_output", {"vault": vault, "session_id": sid, "wait_seconds": 10})
         assert end["exit_code"] == 0
@@ -351,7 +340,7 @@ def test_timeout_signal_stdin_open_and_pattern(mcp_server: Any, vault: str) -> N
                 "wait_seconds": 20,
             },
         )
-        assert server["running"] is True and "listening on 8080" in server["output"]
+        assert server["running"] is True and "listening on 8080" in server["stdout"]
         assert server["elapsed_seconds"] < 15  # at the match, not after the 20 s wait
         await s.data(
             "signal", {"vault": vault, "session_id": server["session_id"], "signal": "KILL"}
@@ -376,12 +365,22 @@ def test_errors_are_tool_errors_with_the_cli_text(mcp_server: Any, vault: str, i
         assert "invalid session id" in text(bad_id)
         missing = await s.call("read_output", {"vault": vault, "session_id": "never-ran"}, ok=False)
         assert "exec session never-ran not found" in text(missing)
-        assert "list_sessions" in text(missing)
+        assert 'list_exec(vault="t")' in text(missing)
 
-        bad_wait = await s.call(
-            "exec", {"vault": vault, "command": "true", "wait_seconds": -1}, ok=False
+        # Out-of-range waits and output caps are clamped, not refused.
+        clamped = await s.data(
+            "exec",
+            {"vault": vault, "command": "true", "wait_seconds": -1, "max_output_bytes": 1},
         )
-        assert "wait_seconds" in text(bad_wait)
+        assert clamped["session_id"] and clamped["elapsed_seconds"] < 10
+        bad_timeout = await s.call(
+            "exec", {"vault": vault, "command": "true", "timeout_seconds": 0}, ok=False
+        )
+        assert "timeout_seconds must be more than 0" in text(bad_timeout)
+        long_context = await s.call(
+            "exec", {"vault": vault, "command": "true", "context": "x" * 5000}, ok=False
+        )
+        assert "at most 4096" in text(long_context)
 
     run(mcp_server, scenario)
 
@@ -397,6 +396,7 @@ def test_errors_are_tool_errors_with_the_cli_text(mcp_server: Any, vault: str, i
     async def wrong(s: Session) -> None:
         failed = await s.call("exec", {"vault": vault, "command": "true"}, ok=False)
         assert "access token verification failed" in text(failed)
+        assert "fly-vault doctor" not in text(failed)  # hints are tool calls, not commands
         status = await s.data("vault_status", {"vault": vault})
         assert status["ok"] is False and status["exit_code"] == 6
         assert status["steps"][-1]["step"] == "authenticate" and not status["steps"][-1]["ok"]
@@ -412,8 +412,8 @@ def test_a_token_printed_by_a_command_is_scrubbed(mcp_server: Any, vault: str) -
 
         # Host mode: the vault can read this machine's config file, token included.
         result = await s.data("exec", {"vault": vault, "argv": ["cat", str(config_file())]})
-        assert "access_token" in result["output"] and "<redacted>" in result["output"]
-        assert TOKEN not in result["output"]
+        assert "access_token" in result["stdout"] and "<redacted>" in result["stdout"]
+        assert TOKEN not in result["stdout"]
 
     run(mcp_server, scenario)
 
@@ -423,18 +423,20 @@ def test_reattach_from_another_server_process_replays_by_offset(
 ) -> None:
     go = tmp_path / "go"
 
+    command = f"echo one; {gate(go)}; echo two"
+
     async def start(s: Session) -> str:
         first = await s.data(
             "exec",
             {
                 "vault": vault,
-                "command": f"echo one; {gate(go)}; echo two",
+                "command": command,
                 "session_id": "job-x",
                 "pattern": "one",
                 "wait_seconds": 30,
             },
         )
-        assert first["output"] == "one\n" and first["created"] is True
+        assert first["stdout"] == "one\n" and first["created"] is True
         return str(first["session_id"])
 
     sid = run(mcp_server, start)
@@ -446,14 +448,27 @@ def test_reattach_from_another_server_process_replays_by_offset(
         rest = await s.data(
             "read_output", {"vault": vault, "session_id": sid, "offset": 4, "wait_seconds": 30}
         )
-        assert rest["output"] == "two\n" and rest["exit_code"] == 0
-        # exec with the same name never runs the command twice.
+        assert rest["stdout"] == "two\n" and rest["exit_code"] == 0
+        # exec with the same name and command never runs the command twice.
         again = await s.data(
-            "exec", {"vault": vault, "command": "echo NEW", "session_id": sid, "wait_seconds": 5}
+            "exec", {"vault": vault, "command": command, "session_id": sid, "wait_seconds": 5}
         )
-        assert again["created"] is False and "NEW" not in again["output"]
+        assert again["created"] is False and again["exit_code"] == 0
+        assert "one" not in again["stdout"] and "two" not in again["stdout"]
 
     run(build_server(), follow)
+
+    async def other_command(s: Session) -> None:
+        # A third server knows the session only from the vault: another command under its
+        # name is refused, not silently answered with the old command's output.
+        refused = await s.call(
+            "exec", {"vault": vault, "command": "echo NEW", "session_id": sid}, ok=False
+        )
+        words = text(refused)
+        assert f"session {sid} already exists" in words and "echo NEW" in words, words
+        assert f'read_output(vault="{vault}", session_id="{sid}")' in words, words
+
+    run(build_server(), other_command)
 
 
 def test_many_execs_on_one_connection(
@@ -523,7 +538,7 @@ def test_exec_user_cwd_env_travel_in_the_protocol_not_the_shell(
             },
         )
         assert ran["exit_code"] == 0, ran
-        assert ran["output"].splitlines() == ["nobody", "/tmp", "it's $not expanded"]
+        assert ran["stdout"].splitlines() == ["nobody", "/tmp", "it's $not expanded"]
         bad = await s.call("exec", {"vault": vault, "argv": ["true"], "cwd": "tmp"}, ok=False)
         assert "the working directory 'tmp' is not an absolute path" in text(bad)
         unknown = await s.call(
@@ -532,3 +547,144 @@ def test_exec_user_cwd_env_travel_in_the_protocol_not_the_shell(
         assert "no such user" in text(unknown)
 
     run(mcp_server, scenario)
+
+
+def test_a_named_session_runs_once_and_refuses_another_command(mcp_server: Any, vault: str) -> None:
+    async def scenario(s: Session) -> None:
+        sleeper = {"vault": vault, "command": "sleep 30", "session_id": "reuse-1"}
+        first = await s.data("exec", {**sleeper, "wait_seconds": 0})
+        assert first["created"] is True and first["running"] is True
+
+        refused = await s.call(
+            "exec",
+            {"vault": vault, "command": "echo other", "session_id": "reuse-1"},
+            ok=False,
+        )
+        words = text(refused)
+        assert "session reuse-1 already exists on vault 't'" in words, words
+        assert "sleep 30" in words and "echo other" in words, words
+        assert 'read_output(vault="t", session_id="reuse-1")' in words, words
+
+        sig = await s.data("signal", {"vault": vault, "session_id": "reuse-1", "signal": "TERM"})
+        assert sig["signal"] == 15
+
+        # The same command under the same name follows the session (now ended by the
+        # signal); it does not start a second sleep.
+        again = await s.data("exec", {**sleeper, "wait_seconds": 20})
+        assert again["created"] is False and again["session_id"] == "reuse-1"
+        assert again["running"] is False and again["signal"] == 15, again
+        sessions = await s.data("list_exec", {"vault": vault})
+        assert [x["session_id"] for x in sessions["sessions"]].count("reuse-1") == 1
+
+    run(mcp_server, scenario)
+
+
+def test_the_head_of_an_output_larger_than_the_memory_buffer_is_read_back(vault: str) -> None:
+    """Memory keeps the newest 256 KiB of a session; the 6 MB before them go to a spill
+    file, so offset 0 still reads the first line, and nothing counts as dropped."""
+    from flyvault.mcp_server.server import build_server, make_state
+
+    size = 6_000_000
+    server = build_server(make_state(buffer_bytes=256 * 1024))
+
+    async def scenario(s: Session) -> None:
+        big = await s.data(
+            "exec",
+            {
+                "vault": vault,
+                "command": f"echo FIRST-LINE; head -c {size} /dev/zero | tr '\\0' 'x'",
+                "wait_seconds": 60,
+            },
+        )
+        assert big["running"] is False and big["exit_code"] == 0, big
+        assert big["total_bytes"] == len("FIRST-LINE\n") + size
+        assert big["omitted_bytes"] > 0 and big["dropped_bytes"] == 0
+        assert big["stdout"].startswith("FIRST-LINE\nxxx") and big["stdout"].endswith("xxx")
+        head = await s.data(
+            "read_output",
+            {
+                "vault": vault,
+                "session_id": big["session_id"],
+                "offset": 0,
+                "length": 20,
+                "stream": "stdout",
+            },
+        )
+        assert head["stdout"].startswith("FIRST-LINE"), head
+        assert head["stdout"] == "FIRST-LINE\n" + "x" * 9
+        assert head["dropped_bytes"] == 0 and (head["offset"], head["next_offset"]) == (0, 20)
+        middle = await s.data(
+            "read_output",
+            {"vault": vault, "session_id": big["session_id"], "offset": 3_000_000, "length": 8},
+        )
+        assert middle["stdout"] == "x" * 8 and middle["dropped_bytes"] == 0
+
+    run(server, scenario)
+
+
+def test_connect_opens_a_shell_read_as_plain_text(mcp_server: Any, vault: str) -> None:
+    async def scenario(s: Session) -> None:
+        shell = await s.data("connect", {"vault": vault})
+        sid = shell["session_id"]
+        assert sid.startswith("shell-") and shell["tty"] is True and shell["running"] is True
+        seen = [shell]
+        sent = await s.data(
+            "send_input", {"vault": vault, "session_id": sid, "text": "echo $((6*7))\n"}
+        )
+        assert sent["running"] is True
+        stdout = ""
+        deadline = asyncio.get_running_loop().time() + 30
+        while "42" not in stdout.splitlines():
+            assert asyncio.get_running_loop().time() < deadline, stdout
+            read = await s.data(
+                "read_output",
+                {"vault": vault, "session_id": sid, "pattern": "42", "wait_seconds": 10},
+            )
+            seen.append(read)
+            stdout += read["stdout"]
+            assert read["running"] is True, read
+        await s.data("send_input", {"vault": vault, "session_id": sid, "text": "exit\n"})
+        ended = shell
+        while ended["running"]:
+            assert asyncio.get_running_loop().time() < deadline + 30, ended
+            ended = await s.data(
+                "read_output", {"vault": vault, "session_id": sid, "wait_seconds": 10}
+            )
+            seen.append(ended)
+        assert ended["exit_code"] == 0, ended
+        for result in seen:
+            # One stream (a PTY), as plain text: no control sequences, no carriage returns.
+            assert result["tty"] is True and result["stderr"] == "", result
+            assert "\x1b" not in result["stdout"] and "\r" not in result["stdout"], result
+
+    run(mcp_server, scenario)
+
+
+def test_the_instructions_name_only_real_tools_and_arguments() -> None:
+    """Every snake_case name in the server's instructions is a tool, an argument (or an
+    action value) of one, or a field of the exec result: an agent follows them literally."""
+    from flyvault.mcp_server.server import build_server
+
+    def enums(node: Any) -> set[str]:
+        found: set[str] = set()
+        if isinstance(node, dict):
+            found |= {v for v in node.get("enum", ()) if isinstance(v, str)}
+            for value in node.values():
+                found |= enums(value)
+        elif isinstance(node, list):
+            for item in node:
+                found |= enums(item)
+        return found
+
+    async def main() -> tuple[set[str], str]:
+        async with Client(build_server(tenant_tool=True)) as client:
+            known: set[str] = set()
+            for tool in (await client.list_tools()).tools:
+                known |= {tool.name, *tool.input_schema.get("properties", {})}
+                known |= set((tool.output_schema or {}).get("properties", {}))
+                known |= enums(tool.input_schema)
+            return known, client.instructions or ""
+
+    known, instructions = run_async(main(), 60)
+    named = set(re.findall(r"\b[a-z]+(?:_[a-z]+)+\b", instructions))
+    assert named and not named - known, f"not tools or arguments: {sorted(named - known)}"

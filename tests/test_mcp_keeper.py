@@ -31,7 +31,7 @@ def sharing_server(share: bool = True) -> Any:
 
 async def echo(s: Session, vault_name: str, word: str) -> None:
     result = await s.data("exec", {"vault": vault_name, "argv": ["echo", word]})
-    assert (result["exit_code"], result["output"]) == (0, f"{word}\n"), result
+    assert (result["exit_code"], result["stdout"], result["stderr"]) == (0, f"{word}\n", ""), result
 
 
 def test_the_mcp_server_and_the_cli_share_one_keeper_connection(vault: str) -> None:

@@ -7,7 +7,7 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flyvault.mcp_server.output import OutputBuffer, render
+from flyvault.mcp_server.output import OutputBuffer, plain_text, render
 from flyvault.mcp_server.server import compact_schema
 
 REREAD = 'read_output(vault="v", session_id="s", offset={offset}, length={length})'
@@ -44,18 +44,110 @@ def test_cuts_prefer_line_ends() -> None:
     assert head.endswith("\n") and tail.split(" ...]\n", 1)[1].startswith("line ")
 
 
-def test_buffer_trims_the_oldest_bytes_and_reports_drops() -> None:
-    buffer = OutputBuffer(capacity=1000)
+def test_without_a_spill_file_the_oldest_bytes_go_and_reads_are_told() -> None:
+    buffer = OutputBuffer(capacity=1000, spill_bytes=0)
     for i in range(30):
         buffer.append(bytes([65 + i % 26]) * 100, stderr=i % 2 == 1)
     assert buffer.end == 3000 and buffer.stdout_bytes == buffer.stderr_bytes == 1500
-    assert 1000 <= buffer.end - buffer.start <= 1250
+    assert 1000 <= buffer.end - buffer.start <= 1250 and buffer.spilled == 0
     start, data, dropped = buffer.read(0)
     assert start == buffer.start and dropped == buffer.start and len(data) == 3000 - start
     start, data, dropped = buffer.read(2900, 2950)
     assert (start, len(data), dropped) == (2900, 50, 0)
     buffer.skip_to(4000)  # the vault's replay started later: 1000 bytes were lost upstream
     assert buffer.lost_upstream == 1000 and buffer.read(3500)[2] == 500
+
+
+def test_old_output_spills_to_disk_and_is_read_back_by_offset() -> None:
+    buffer = OutputBuffer(capacity=1000, spill_bytes=10_000)
+    produced = b"".join(b"line %05d\n" % i for i in range(800))  # 8,800 bytes
+    for index in range(0, len(produced), 70):
+        buffer.append(produced[index : index + 70])
+    assert buffer.start == 0 and buffer.end == len(produced)
+    assert buffer.held - buffer.spilled <= 1250  # memory stays bounded
+    assert buffer.read(0) == (0, produced, 0)
+    assert buffer.read(10, 30) == (10, produced[10:30], 0)
+    buffer.close()  # the spill file is gone: only memory is left
+    start, data, dropped = buffer.read(0)
+    assert start == buffer.start > 0 and dropped == start and data == produced[start:]
+
+
+def test_past_the_spill_limit_the_head_and_the_tail_stay_and_the_middle_is_counted() -> None:
+    buffer = OutputBuffer(capacity=1000, spill_bytes=2000)
+    produced = bytes(range(256)) * 40  # 10,240 bytes
+    for index in range(0, len(produced), 100):
+        buffer.append(produced[index : index + 100])
+    assert buffer.start == 0 and 0 < buffer.file_end < buffer.mem_start
+    head = buffer.read(0, 500)
+    assert head == (0, produced[:500], 0)  # the real start, long after memory moved on
+    start, data, dropped = buffer.read(0)  # a read across the lost part keeps the tail
+    assert start == buffer.mem_start and data == produced[start:]
+    assert dropped == buffer.mem_start - buffer.file_end
+    start, data, dropped = buffer.read(buffer.file_end - 10, buffer.file_end + 10)
+    assert (start, data, dropped) == (buffer.file_end - 10, produced[start : start + 10], 0)
+
+
+@given(
+    st.lists(st.tuples(st.booleans(), st.binary(min_size=0, max_size=300)), max_size=60),
+    st.integers(min_value=64, max_value=2000),
+    st.integers(min_value=0, max_value=20_000),
+    st.data(),
+)
+def test_reads_and_stream_splits_match_what_was_appended(
+    appends: list[tuple[bool, bytes]], capacity: int, spill: int, data: st.DataObject
+) -> None:
+    buffer = OutputBuffer(capacity=capacity, spill_bytes=spill)
+    produced = bytearray()
+    streams = bytearray()  # which stream every byte came on: b"e" or b"o"
+    for is_stderr, chunk in appends:
+        buffer.append(chunk, stderr=is_stderr)
+        produced += chunk
+        streams += (b"e" if is_stderr else b"o") * len(chunk)
+    first = data.draw(st.integers(min_value=0, max_value=len(produced)))
+    last = data.draw(st.integers(min_value=first, max_value=len(produced)))
+    start, got, dropped = buffer.read(first, last)
+    assert got == bytes(produced[start : start + len(got)])
+    assert start + len(got) <= last and (start >= first)
+    # Whatever was skipped is either counted as lost or was held (a read across a gap).
+    assert dropped <= start - first
+    out, err = buffer.split(start, got)
+    picked = range(start, start + len(got))
+    assert bytes(out.data) == bytes(produced[i] for i in picked if streams[i] == ord("o"))
+    assert bytes(err.data) == bytes(produced[i] for i in picked if streams[i] == ord("e"))
+    for part, mark in ((out, ord("o")), (err, ord("e"))):
+        offsets = [i for i in picked if streams[i] == mark]
+        for index in range(0, len(offsets), 37):
+            assert part.offset_of(index) == offsets[index]
+
+
+def test_a_marker_in_one_stream_names_session_offsets_and_the_stream() -> None:
+    buffer = OutputBuffer(capacity=1 << 20)
+    for i in range(200):
+        buffer.append(b"out %03d\n" % i)
+        buffer.append(b"err %03d\n" % i, stderr=True)
+    start, got, _ = buffer.read(0)
+    out, _err = buffer.split(start, got)
+    reread = 'read_output(offset={offset}, length={length}, stream="stdout")'
+    rendered = render(bytes(out.data), out.offset_of(0), 400, reread, out.offset_of)
+    first, last = rendered.omitted_from, rendered.omitted_to
+    assert first is not None and last is not None
+    assert f"offset={first}, length={last - first}" in rendered.text
+    left_out = buffer.read(first, last)[1]
+    assert buffer.split(first, left_out)[0].data.startswith(b"out ")
+    assert (
+        bytes(buffer.split(first, left_out)[0].data)
+        == bytes(out.data)[
+            rendered.returned_bytes - len(rendered.text.split(" ...]\n", 1)[1].encode()) :
+        ][: rendered.omitted_bytes]
+    )
+
+
+def test_terminal_output_as_plain_text() -> None:
+    raw = (
+        "\x1b[?2004h\x1b]0;root@vault: ~\x07root@vault:~# echo $((6*7))\r\n42\r\n"
+        "\x1b[01;32mgreen\x1b[0m \x1b(Bdone\r\n10%\r55%\r100%\r\nab\bc\x1b[?2004l"
+    )
+    assert plain_text(raw) == "root@vault:~# echo $((6*7))\n42\ngreen done\n100%\nac"
 
 
 def test_compact_schema_keeps_meaning_and_property_named_title() -> None:

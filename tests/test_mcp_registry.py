@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Any
 
 import pytest
-from mcp_types import ToolAnnotations
 
 from flyvault.mcp_server.registry import ToolRegistry, bind
 
 
 def test_tools_are_listed_in_definition_order_without_the_state_parameter() -> None:
     from flyvault.mcp_server.server import build_server, make_state
-    from flyvault.mcp_server.tools_admin import admin_tools
+    from flyvault.mcp_server.tools_admin import admin_tools, tenant_tools
     from flyvault.mcp_server.tools_files import file_tools
     from flyvault.mcp_server.tools_vault import vault_tools
 
     server = build_server(make_state())
     names = [spec.name for spec in vault_tools.specs + file_tools.specs + admin_tools.specs]
-    assert names[:3] == ["list_vaults", "vault_status", "exec"]
+    if os.environ.get("FLY_API_TOKEN"):
+        names += [spec.name for spec in tenant_tools.specs]
+    assert names[:3] == ["vault_status", "connect", "exec"]
     tools = server._tool_manager.list_tools()
     assert [tool.name for tool in tools] == names
     for tool in tools:
@@ -47,7 +49,8 @@ def test_a_tool_name_is_registered_once() -> None:
     async def twice(state: Any) -> None:
         """One."""
 
-    registry.tool(ToolAnnotations())(twice)
+    hints = {"read_only": True, "destructive": False, "idempotent": True, "open_world": False}
+    registry.tool("Twice", **hints)(twice)
     with pytest.raises(ValueError, match="registered twice"):
-        registry.tool(ToolAnnotations(), name="twice")(twice)
+        registry.tool("Twice", **hints, name="twice")(twice)
     assert registry.specs[0].description == "One."

@@ -1,4 +1,4 @@
-"""MCP forwards, reprovision, and the local vault tools, against real init processes.
+"""MCP forwards, reprovision, and the local vault tool, against real init processes.
 
 The reprovision test runs a VM-mode init (root, busybox, namespaces) like
 test_provision_e2e.py: a cold vault is provisioned through the tool with upload progress,
@@ -46,7 +46,11 @@ def test_forward_start_use_list_stop(mcp_server: Any, vault: str) -> None:
         target = await asyncio.start_server(echo, "127.0.0.1", 0)
         port = target.sockets[0].getsockname()[1]
         try:
-            info = await s.data("forward_start", {"vault": vault, "remote_port": port})
+            started = await s.data(
+                "forward", {"action": "start", "vault": vault, "remote_port": port}
+            )
+            [info] = started["forwards"]
+            assert started["stopped"] == []
             assert info["local_address"].startswith("127.0.0.1:") and info["local_port"] > 0
             assert info["target"] == f"localhost:{port}"
             for _ in range(2):
@@ -55,24 +59,39 @@ def test_forward_start_use_list_stop(mcp_server: Any, vault: str) -> None:
                 writer.write_eof()
                 assert await reader.read() == b"THROUGH THE VAULT"
                 writer.close()
-            listing = await s.data("forward_list")
+            listing = await s.data("forward", {"action": "list"})
             [entry] = listing["forwards"]
             assert entry["forward_id"] == info["forward_id"] and entry["total_connections"] == 2
 
             refused = await s.call(
-                "forward_start",
-                {"vault": vault, "remote_port": port, "local_port": info["local_port"]},
+                "forward",
+                {
+                    "action": "start",
+                    "vault": vault,
+                    "remote_port": port,
+                    "local_port": info["local_port"],
+                },
                 ok=False,
             )
             assert "already in use" in text(refused)
 
-            stopped = await s.data("forward_stop", {"forward_id": info["forward_id"]})
-            assert stopped["stopped"] == [info["forward_id"]]
-            assert (await s.data("forward_list"))["forwards"] == []
+            by_vault = await s.data("forward", {"action": "list", "vault": vault})
+            assert [f["forward_id"] for f in by_vault["forwards"]] == [info["forward_id"]]
+            stopped = await s.data("forward", {"action": "stop", "forward_id": info["forward_id"]})
+            assert stopped["stopped"] == [info["forward_id"]] and stopped["forwards"] == []
+            assert (await s.data("forward", {"action": "list"}))["forwards"] == []
             with pytest.raises(OSError):
                 await asyncio.open_connection("127.0.0.1", info["local_port"])
-            missing = await s.call("forward_stop", {"forward_id": "t:1"}, ok=False)
+            missing = await s.call("forward", {"action": "stop", "forward_id": "t:1"}, ok=False)
             assert "no such forward" in text(missing)
+            bare = await s.call("forward", {"action": "stop"}, ok=False)
+            assert "needs forward_id, vault or local_port" in text(bare)
+            no_port = await s.call("forward", {"action": "start", "vault": vault}, ok=False)
+            assert "needs vault and remote_port" in text(no_port)
+            bad_port = await s.call(
+                "forward", {"action": "start", "vault": vault, "remote_port": 70000}, ok=False
+            )
+            assert "remote_port must be a port number from 1 to 65535" in text(bad_port)
         finally:
             target.close()
             await target.wait_closed()
@@ -152,7 +171,7 @@ def test_provision_cold_vault_then_reprovision_through_jobs(
         assert job["ok"] is True and job["running"] is False, job
         assert job["result"]["provisioned_from_cold"] is True
         version = await s.data("exec", {"vault": "vm", "command": "cat /etc/version"})
-        assert version["output"] == "A\n"
+        assert version["stdout"] == "A\n"
         await s.data("exec", {"vault": "vm", "command": "echo kept > /root/keep"})
 
     run(mcp_server, cold)
@@ -168,7 +187,7 @@ def test_provision_cold_vault_then_reprovision_through_jobs(
         assert result["provisioned_from_cold"] is False
         assert result["old_boot_id"] != result["new_boot_id"]
         after = await s.data("exec", {"vault": "vm", "command": "cat /etc/version /root/keep"})
-        assert after["output"].split() == ["B", "kept"]
+        assert after["stdout"].split() == ["B", "kept"]
         unknown = await s.call("job_status", {"job_id": "job-nope"}, ok=False)
         assert "job job-nope not found" in text(unknown)
 
@@ -179,32 +198,50 @@ def test_local_vault_tools_provision_a_vault_an_agent_can_use(mcp_server: Any) -
     from flyvault import localvault
 
     async def scenario(s: Session) -> None:
-        assert (await s.data("local_vault_status"))["running"] is False
-        up = await s.data("local_vault_up", {"name": "dev"})
+        assert (await s.data("vault_status"))["local_vault"]["running"] is False
+        up = await s.data("local_vault", {"action": "up", "name": "dev"})
         assert up["running"] and up["started_now"] and up["mode"] == "host"
         assert up["vault"] == "dev" and up["address"].startswith("127.0.0.1:")
         # The fresh token is in the config now: the scan covers it from here on.
         from flyvault.config import load_vault
 
         SECRETS.append(load_vault("dev").require_access_token())
-        again = await s.data("local_vault_up", {"name": "dev"})
+        again = await s.data("local_vault", {"action": "up", "name": "dev"})
         assert again["started_now"] is False and again["pid"] == up["pid"]
-        listing = await s.data("list_vaults")
+        listing = await s.data("vault_status")
         assert [v["name"] for v in listing["vaults"]] == ["dev"]
+        local = listing["local_vault"]
+        assert local["running"] is True and local["pid"] == up["pid"]
+        assert (local["address"], local["mode"]) == (up["address"], "host")
         status = await s.data("vault_status", {"vault": "dev"})
         assert status["ok"] and status["dev_issuer"] is True
         result = await s.data("exec", {"vault": "dev", "command": "echo hello from dev"})
-        assert result["output"] == "hello from dev\n"
-        down = await s.data("local_vault_down")
+        assert result["stdout"] == "hello from dev\n"
+        down = await s.data("local_vault", {"action": "down"})
         assert down["running"] is False and down["pid"] == up["pid"]
-        assert (await s.data("local_vault_status"))["running"] is False
+        assert (await s.data("vault_status"))["local_vault"]["running"] is False
         gone = await s.call(
             "exec", {"vault": "dev", "command": "true", "wait_seconds": 5}, ok=False
         )
-        assert "hint:" in text(gone)
+        # The hint is the tool call that starts it again, not the CLI command.
+        assert (
+            'hint: the local dev vault is not running: start it with local_vault(action="up")'
+            in text(gone)
+        )
 
     try:
         run(mcp_server, scenario)
     finally:
         localvault.down()
         SECRETS[:] = SECRETS[:1]
+
+
+def test_forward_hints_name_the_forward_tool(mcp_server: Any) -> None:
+    """A hint names a call the agent can make: forward(action=...), not a retired tool."""
+
+    async def scenario(s: Session) -> None:
+        missing = await s.call("forward", {"action": "stop", "forward_id": "t:1"}, ok=False)
+        assert "no such forward" in text(missing)
+        assert 'forward(action="list")' in text(missing), text(missing)
+
+    run(mcp_server, scenario)

@@ -16,6 +16,7 @@ from flyvault.protocol.constants import (
     ERROR_FRAME,
     MAX_PAYLOAD,
     MAX_PREAUTH_PAYLOAD,
+    MAX_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
     ControlFrame,
     ErrorCode,
@@ -378,7 +379,8 @@ def test_version_mismatch_is_refused_with_clear_error() -> None:
     assert isinstance(event, ErrorReceived)
     error = event.error.to_exception()
     assert isinstance(error, VersionMismatch)
-    assert "client speaks 1..1, server speaks 2..4" in error.message
+    expected = f"client speaks 1..1, server speaks 2..{MAX_PROTOCOL_VERSION}"
+    assert expected in error.message
 
 
 def test_client_refuses_attestation_with_unsupported_version() -> None:

@@ -475,7 +475,7 @@ def test_skills_name_only_real_mcp_tools() -> None:
     try:
         from flyvault.mcp_server.server import build_server
 
-        tools = {tool.name for tool in asyncio.run(build_server().list_tools())}
+        tools = {tool.name for tool in asyncio.run(build_server(tenant_tool=True).list_tools())}
     except Exception as exc:  # the MCP server is optional for this check
         pytest.skip(f"the MCP server cannot be built here: {exc}")
     unknown = {skill: sorted(names - tools) for skill, names in mentioned.items() if names - tools}
@@ -568,7 +568,10 @@ def collect_messages() -> tuple[Message, ...]:
             owner = func.value if isinstance(func, ast.Attribute) else None
             if called in classes or called in MESSAGE_HELPERS:
                 kind = called
-            elif called == "ValueError" and name in ("flyvault/config.py", "flyvault/config_values.py"):
+            elif called == "ValueError" and name in (
+                "flyvault/config.py",
+                "flyvault/config_values.py",
+            ):
                 kind = "ValueError"  # validator messages become ConfigError lines
             elif called == "append" and isinstance(owner, ast.Name) and owner.id == "problems":
                 kind = "problem"

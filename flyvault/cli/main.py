@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="name the session: creates it, or reattaches when it exists; without a command, "
         "only reattaches",
     )
+    exec_.add_argument(
+        "--from-start",
+        action="store_true",
+        help="with --session: replay all the output the vault holds, not only what this "
+        "machine has not shown yet",
+    )
     exec_.add_argument("--context", metavar="TEXT", help="why this runs (shown by list-exec)")
     tty_group = exec_.add_mutually_exclusive_group()
     tty_group.add_argument(

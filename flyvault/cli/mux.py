@@ -282,6 +282,7 @@ def exec_through_keeper(args: argparse.Namespace, request: Any, forward_stdin: b
         request=request.to_fields(),
         forward_stdin=forward_stdin,
         interactive=interactive,
+        from_start=bool(getattr(args, "from_start", False)),
     )
     if link is None:
         return None

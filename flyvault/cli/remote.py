@@ -81,6 +81,14 @@ def run_exec(args: argparse.Namespace) -> int:
             )
         )
         return 2
+    if args.from_start and not args.session:
+        report_error(
+            UsageError(
+                "--from-start needs --session: only a named session is replayed",
+                hint=f"fly-vault exec {args.vault} --session ID --from-start",
+            )
+        )
+        return 2
     stdin_tty = isatty(0)
     try:
         request = _exec_request(args, argv, stdin_tty)
@@ -253,8 +261,8 @@ async def _run_session(
     forwards: list[Any],
 ) -> int:
     from flyvault.cli.progress import ProgressLine
-    from flyvault.client import ExecHooks, ExecSession, Vault
-    from flyvault.client.session_runner import run_attached
+    from flyvault.client import ExecSession, Vault
+    from flyvault.client.session_runner import output_hooks, remember_shown, run_attached
 
     console = Console()
     frontend = _LocalFrontend(console, interactive=request.pty and isatty(0))
@@ -267,8 +275,9 @@ async def _run_session(
         reprovision=getattr(args, "reprovision", False),
         progress=progress,
     )
-    hooks = ExecHooks(
-        stdout=frontend.write_stdout, stderr=frontend.write_stderr, notice=console.notice
+    from_start = bool(getattr(args, "from_start", False))
+    hooks, seen = output_hooks(
+        vault_config.name, request, frontend, console.notice, from_start=from_start
     )
     session = ExecSession(vault, request, hooks)
     listeners = []
@@ -281,6 +290,7 @@ async def _run_session(
             listeners.append(await _start_forward(spec, vault, console))
         return await run_attached(session, request, frontend, vault_config.name, forward_stdin)
     finally:
+        remember_shown(vault_config.name, request, seen)
         for listener in listeners:
             await listener.close()
         await vault.close()

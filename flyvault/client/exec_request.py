@@ -117,6 +117,7 @@ class ExecRequest:
         "env",
         "resume_offset",
         "user",
+        "observe",
     )
     __slots__ = FIELDS
 
@@ -138,6 +139,9 @@ class ExecRequest:
     #: The account a new session runs as (a name in the vault's /etc/passwd); None: root.
     #: Needs a vault that speaks protocol 4. A reattach keeps the session's own user.
     user: str | None
+    #: A read-only reattach: follows the output without displacing the attached client;
+    #: sends no input. Needs a vault that speaks protocol 5.
+    observe: bool
 
     def __init__(
         self,
@@ -154,6 +158,7 @@ class ExecRequest:
         env: tuple[tuple[str, str], ...] = (),
         resume_offset: int = 0,
         user: str | None = None,
+        observe: bool = False,
     ) -> None:
         values = locals()
         for name in self.FIELDS:
@@ -201,11 +206,14 @@ class ExecRequest:
                 raise UsageError(f"exec request: {name} {value} is outside 0-{MAX_TERMINAL_SIZE}")
         if self.resume_offset < 0:
             raise UsageError("exec request: the resume offset cannot be negative")
+        if self.observe and self.creates:
+            raise UsageError("exec request: a read-only attach cannot start a command")
 
     @classmethod
-    def reattach(cls, session_id: str, offset: int = 0) -> ExecRequest:
-        """Follow an existing session from output ``offset``; never starts a command."""
-        return cls(session_id=session_id, resume_offset=offset)
+    def reattach(cls, session_id: str, offset: int = 0, *, observe: bool = False) -> ExecRequest:
+        """Follow an existing session from output ``offset``; never starts a command.
+        ``observe``: read-only, beside the attached client instead of taking over."""
+        return cls(session_id=session_id, resume_offset=offset, observe=observe)
 
     @property
     def creates(self) -> bool:
@@ -248,6 +256,7 @@ class ExecRequest:
             env=self.env,
             resume_offset=self.resume_offset,
             user=self.user,
+            observe=self.observe,
         )
 
 

@@ -419,12 +419,14 @@ class Keeper:
         await link.send(encode_json(MuxKind.RESULT, {"value": value}))
 
     async def _exec(self, link: _Link, hello: dict[str, Any]) -> int:
-        from flyvault.client.vault import ExecHooks, ExecSession
+        from flyvault.client.session_runner import output_hooks, remember_shown
+        from flyvault.client.vault import ExecSession
 
         request = ExecRequest.from_fields(hello.get("request"))
         frontend = _FrameFrontend(link, hello)
-        hooks = ExecHooks(
-            stdout=frontend.write_stdout, stderr=frontend.write_stderr, notice=frontend.notice
+        from_start = bool(hello.get("from_start"))
+        hooks, seen = output_hooks(
+            self.config.name, request, frontend, frontend.notice, from_start=from_start
         )
         session = ExecSession(self.vault, request, hooks)
         forward_stdin = bool(hello.get("forward_stdin"))
@@ -446,6 +448,7 @@ class Keeper:
             for task in (pump, run):
                 if not task.done():
                     task.cancel()
+            remember_shown(self.config.name, request, seen)
 
     async def _connect_and_run(
         self, session: Any, request: ExecRequest, frontend: _FrameFrontend, forward_stdin: bool

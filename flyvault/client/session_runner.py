@@ -17,6 +17,8 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from flyvault.client import cursors
+from flyvault.client.cursors import SeenFilter
 from flyvault.client.escapes import RESET_MODES, EscapeDetector
 from flyvault.client.exec_request import (
     CLIENT_FAILURE,
@@ -134,6 +136,33 @@ async def run_attached(
                 f"{what} was ended by the vault: {exited.reason} (exit status {exited.exit_status})"
             )
         return int(exited.exit_status)
+
+
+def output_hooks(
+    vault_name: str,
+    request: ExecRequest,
+    frontend: SessionFrontend,
+    notice: Callable[[str], None],
+    *,
+    from_start: bool = False,
+) -> tuple[Any, SeenFilter | None]:
+    """The session's output hooks. A named session shows only what this machine has not
+    shown yet (``flyvault.client.cursors``), unless ``from_start``; the filter is returned
+    for ``remember_shown``."""
+    from flyvault.client.vault import ExecHooks
+
+    if not request.keep:
+        return ExecHooks(frontend.write_stdout, frontend.write_stderr, notice=notice), None
+    previous = None if from_start else cursors.shown(vault_name, request.session_id)
+    seen = SeenFilter(previous, frontend.write_stdout, frontend.write_stderr)
+    return ExecHooks(seen.stdout, seen.stderr, started=seen.started, notice=notice), seen
+
+
+def remember_shown(vault_name: str, request: ExecRequest, seen: SeenFilter | None) -> None:
+    """After a named session's run, however it ended: what this machine has shown."""
+    cursor = seen.cursor if seen is not None else None
+    if cursor is not None:
+        cursors.remember(vault_name, request.session_id, cursor)
 
 
 def _interrupter(session: Any, left: asyncio.Future[str]) -> Callable[[], None]:

@@ -53,7 +53,7 @@ from flyvault.protocol.console import (
     decode_json,
     frame,
 )
-from flyvault.protocol.constants import ERROR_FRAME, PROTOCOL_VERSION, StreamTag
+from flyvault.protocol.constants import ERROR_FRAME, OBSERVE_VERSION, PROTOCOL_VERSION, StreamTag
 from flyvault.protocol.exec_client import ExecClient
 from flyvault.protocol.exec_session import (
     ClientEvent,
@@ -123,6 +123,11 @@ class Vault:
         self._ever_connected = False
         self._lost_at: float | None = None
         self.connects = 0
+
+    async def can_observe(self) -> bool:
+        """Whether the vault's init takes a read-only attach (``ExecRequest.observe``)."""
+        connection = await self.connection()
+        return getattr(connection, "protocol_version", PROTOCOL_VERSION) >= OBSERVE_VERSION
 
     async def connection(self) -> Any:
         """The live connection, reconnecting when needed (one attempt at a time)."""

@@ -90,6 +90,10 @@ class OpenSession:
     #: without it is byte for byte what older clients send. A reattach never carries it:
     #: the session keeps the user it was started as.
     user: str | None = None
+    #: Protocol 5: a read-only attach. It follows the output from ``resume_offset`` beside
+    #: the session's attached client instead of displacing it, and may send no input,
+    #: resize or signal; its EXIT_ACK does not collect the session. Only for a reattach.
+    observe: bool = False
 
     @property
     def create(self) -> bool:
@@ -101,6 +105,7 @@ class OpenSession:
             | (2 if self.pty else 0)
             | (4 if self.shell else 0)
             | (8 if self.keep else 0)
+            | (16 if self.observe else 0)
         )
         writer = PayloadWriter().text(self.session_id).u8(flags)
         argv = self.argv or ()
@@ -121,8 +126,10 @@ class OpenSession:
         reader = PayloadReader(payload, "console open")
         session_id = check_session_id(reader.text("session id", 512))
         flags = reader.u8("flags")
-        if flags & ~0x0F:
+        if flags & ~0x1F:
             raise RemoteProtocolError(f"console open: unknown flags 0x{flags:02x}")
+        if flags & 16 and flags & (1 | 4):
+            raise RemoteProtocolError("console open: a read-only attach cannot start a session")
         count = reader.u32("argv count")
         if count > MAX_ARGV:
             raise RemoteProtocolError(f"console open: {count} arguments, more than {MAX_ARGV}")
@@ -159,6 +166,7 @@ class OpenSession:
             env,
             resume,
             user,
+            bool(flags & 16),
         )
 
 

@@ -20,10 +20,11 @@ from flyvault.errors import ErrorCode as ErrorCode
 #: ended a session); a version 2 peer is still served, without it. Version 4 adds the
 #: ``user`` of an exec session (console OPEN) and the file stream: a client never sends
 #: either to an older server (it refuses the request itself, saying the vault's init needs
-#: updating). A peer outside the range gets a clear refusal.
-PROTOCOL_VERSION: Final = 4
+#: updating). Version 5 adds the read-only attach (the console OPEN's ``observe`` flag). A
+#: peer outside the range gets a clear refusal.
+PROTOCOL_VERSION: Final = 5
 MIN_PROTOCOL_VERSION: Final = 2
-MAX_PROTOCOL_VERSION: Final = 4
+MAX_PROTOCOL_VERSION: Final = 5
 #: The first version whose EXITED frame may carry a reason.
 EXIT_REASON_VERSION: Final = 3
 #: The first version whose console OPEN may name the user a new session runs as.
@@ -31,6 +32,8 @@ EXEC_USER_VERSION: Final = 4
 #: The first version with the file stream (``StreamTag.FILES``): an older init would reset the
 #: unknown stream, so the client refuses first, saying what to update.
 FILES_VERSION: Final = 4
+#: The first version whose console OPEN may ask for a read-only attach (``observe``).
+OBSERVE_VERSION: Final = 5
 
 #: ALPN labels. The server accepts both: ``h3`` is what the original used as a bare label.
 ALPN_PROTOCOLS: Final = ("fly-vault", "h3")

@@ -48,6 +48,7 @@ from flyvault.protocol.constants import (
     ERROR_FRAME,
     EXEC_USER_VERSION,
     MAX_PAYLOAD,
+    OBSERVE_VERSION,
     PROTOCOL_VERSION,
     ErrorCode,
 )
@@ -171,6 +172,12 @@ class ExecClient:
         here (``Unsupported``), before anything is sent."""
         if self.state not in (ClientState.IDLE, ClientState.DISCONNECTED):
             raise LocalProtocolError(f"cannot open a console stream in state '{self.state.value}'")
+        if self.request.observe and version < OBSERVE_VERSION:
+            raise Unsupported(
+                f"this vault's init speaks protocol {version}, which has no read-only attach "
+                f"(protocol {OBSERVE_VERSION}); update the vault's image (fly-vault-admin "
+                "tenant update-image), or attach normally"
+            )
         if self.request.user is not None and version < EXEC_USER_VERSION and not self._opened_once:
             raise Unsupported(
                 f"this vault's init speaks protocol {version}, which cannot run a command as "
@@ -227,7 +234,12 @@ class ExecClient:
             self._deadline = None
             self.state = ClientState.DONE
 
+    def _writable(self, what: str) -> None:
+        if self.request.observe:
+            raise LocalProtocolError(f"a read-only attach cannot {what}")
+
     def send_stdin(self, data: bytes) -> None:
+        self._writable("send input")
         if self._stdin_closed or not data:
             return
         self._unacked += data
@@ -235,14 +247,17 @@ class ExecClient:
         self._flush_stdin()
 
     def close_stdin(self) -> None:
+        self._writable("close the input")
         self._stdin_closed = True
         self._flush_stdin()
 
     def resize(self, rows: int, cols: int) -> None:
+        self._writable("resize the terminal")
         self._size = (rows, cols)
         self._control(encode_frame(ConsoleFrame.RESIZE, encode_resize(rows, cols)))
 
     def signal(self, signo: int) -> None:
+        self._writable("send a signal")
         self._control(encode_frame(ConsoleFrame.SIGNAL, bytes((signo,))))
 
     def acknowledge_exit(self, now: float) -> None:
@@ -401,6 +416,7 @@ def _reattach(request: OpenSession, offset: int, size: tuple[int, int] | None) -
         rows=rows,
         cols=cols,
         resume_offset=offset,
+        observe=request.observe,
     )
 
 

@@ -15,6 +15,9 @@ events and the glue's output into frames, keeping both counters:
   Whenever the machine has no complete frame left to return it queues a STDIN_ACK with the
   offset reached (if it changed), so the client can drop what it keeps for a resend.
 
+A read-only attach (OPEN with ``observe``) is refused input, resizes and signals as
+protocol errors; everything else is the same.
+
 After EXITED the client acknowledges (EXIT_ACK) or closes its side; the wait is bounded by
 ``ACK_TIMEOUT``. ``displace`` (another client attached) queues DETACHED and ends the
 machine's side: input arriving afterwards is never applied, because the new attachment was
@@ -221,6 +224,10 @@ class ExecServer:
             if item is None:
                 return self._idle()
             self._frames.check(item, allowed, self.state.value)
+            if item.type in _INPUT and self.request is not None and self.request.observe:
+                raise RemoteProtocolError(
+                    f"console: a read-only attach cannot send {ConsoleFrame(item.type).name}"
+                )
             return self._handle(item)
         except RemoteProtocolError as exc:
             self.refuse(ErrorCode.PROTOCOL, exc.message)
