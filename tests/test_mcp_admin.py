@@ -146,17 +146,6 @@ def test_tenant_tools_errors(
             ok=False,
         )
         assert "invalid tenant id" in text(bad_id)
-        other_app = await s.call(
-            "tenant",
-            {
-                "action": "create",
-                "tenant_id": "acme",
-                "template": str(template),
-                "app": "other-app",
-            },
-            ok=False,
-        )
-        assert "does not match configured app 'other-app'" in text(other_app)
 
     run(scenario)
 
@@ -198,6 +187,15 @@ def test_tenant_tools_errors(
 
     run(no_access_token)
     assert _live(admin_env) == []
+
+    monkeypatch.setenv("FLY_APP", "other-app")  # the tool's app: the server's FLY_APP
+
+    async def other_app(s: Session) -> None:
+        create = {"action": "create", "tenant_id": "acme", "template": str(template)}
+        refused = await s.call("tenant", create, ok=False)
+        assert "does not match configured app 'other-app'" in text(refused)
+
+    run(other_app)
 
 
 def test_tenant_next_steps_and_hints_name_the_tenant_tool(

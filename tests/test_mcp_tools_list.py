@@ -71,7 +71,10 @@ def wire_listing(with_api_token: bool) -> tuple[str, dict[str, Any]]:
         line = server.stdout.readline()
         response = json.loads(line)
         assert response["id"] == 2, line[:200]
-        return json.dumps(response["result"], separators=(",", ":")), initialized["result"]
+        # The tools as listed, without the envelope the SDK adds (which varies with the
+        # protocol version: _meta, ttlMs, ...): what this project controls and agents load.
+        tools = {"tools": response["result"]["tools"]}
+        return json.dumps(tools, separators=(",", ":")), initialized["result"]
     finally:
         if server.stdin is not None:
             server.stdin.close()
