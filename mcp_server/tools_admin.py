@@ -24,7 +24,8 @@ from .registry import ToolRegistry
 from .server import State, structured
 from .tools_vault import VaultName, WaitSeconds, check_port
 
-Confirm = Annotated[bool, Field(description="true only after the user agreed")]
+#: True only after the user agreed (the tools' descriptions and the instructions say so).
+Confirm = bool
 
 #: The provisioning and local-vault tools, in tools/list order (after the vault and file
 #: tools), and the tenant tool; ``server.build_server`` registers them.
@@ -156,10 +157,9 @@ async def tenant(
     canary: Annotated[int, Field(ge=0)] = 1,
     concurrency: Annotated[int, Field(ge=1)] = 4,
     wait_seconds: WaitSeconds = 30.0,
-    app: str | None = None,
 ) -> CallToolResult:
     """Admin app tenants; create, delete, update_image only plan without confirm."""
-    settings = admin.settings(app, None)
+    settings = admin.settings(None, None)  # the app: FLY_APP in the server's environment
     if action == "list":
         return structured(await admin.tenant_list(settings, tenant_id))
     if action == "usage_facts":
