@@ -91,6 +91,8 @@ class ExecRecord:
     observing: bool = False
     cursor: int = 0
     started_at: float = field(default_factory=time.monotonic)
+    #: The same moment as Unix time (list_exec shows it for sessions only this process has).
+    started_wall: float = field(default_factory=time.time)
     finished_at: float | None = None
     started: asyncio.Event = field(default_factory=asyncio.Event)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -465,6 +467,7 @@ class ExecRegistry:
         max_bytes: int,
         stream: Stream | None = None,
         raw: bool = False,
+        opened: bool = False,
     ) -> ExecResult:
         """The output from ``offset`` (``length`` bytes, default all so far) as one result:
         stdout and stderr apart, each bounded to its share of ``max_bytes`` (head and tail
@@ -486,7 +489,8 @@ class ExecRegistry:
         return ExecResult(
             vault=record.vault,
             session_id=record.session_id,
-            created=record.created,
+            # Only the call that opened the session says whether it started the command.
+            created=record.created if opened else None,
             running=exited is None,
             exit_code=exited.code if exited else None,
             signal=exited.signal if exited else None,
@@ -614,7 +618,7 @@ class ExecRegistry:
                     signal=exited.signal if exited else None,
                     exit_status=exited.exit_status if exited else None,
                     end_reason=exited.reason if exited else None,
-                    started_at=None,
+                    started_at=round(record.started_wall, 3),
                     bytes=record.buffer.end,
                     attached=record.following,
                     followed_here=record.following,

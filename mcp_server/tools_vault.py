@@ -169,11 +169,11 @@ async def connect(
             record,
             since=since,
             wait_seconds=wait_seconds,
-            until="exit",
+            until="output",  # the first output (the prompt), not the shell's exit
             pattern=None,
             reporter=reporter,
         )
-    result = execs.result(record, offset=since, length=None, max_bytes=32 * 1024)
+    result = execs.result(record, offset=since, length=None, max_bytes=32 * 1024, opened=True)
     return structured(result, exec_text(result))
 
 
@@ -254,7 +254,9 @@ async def exec_tool(
         finally:
             if not finished:
                 execs.stop_in_background(record)
-    result = execs.result(record, offset=since, length=None, max_bytes=max_output_bytes)
+    result = execs.result(
+        record, offset=since, length=None, max_bytes=max_output_bytes, opened=True
+    )
     return structured(result, exec_text(result))
 
 
