@@ -75,3 +75,27 @@ def data_dir() -> Path:
 
 def state_dir() -> Path:
     return _xdg("XDG_STATE_HOME", ".local/state") / APP_DIR
+
+
+def load_state(name: str) -> dict[str, object]:
+    """The JSON object kept in the state directory under ``name``; empty when missing or
+    damaged (state only saves repeating something: it is never worth an error)."""
+    import json
+
+    try:
+        data = json.loads((state_dir() / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def save_state(name: str, data: dict[str, object]) -> None:
+    """Replace the state file ``name`` atomically (a temporary file of this process,
+    renamed); raises ``OSError`` (callers decide whether that matters)."""
+    import json
+
+    path = state_dir() / name
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    temp = path.with_name(f".{name}.{os.getpid()}")
+    temp.write_text(json.dumps(data), encoding="utf-8")
+    os.replace(temp, path)

@@ -49,7 +49,8 @@ _REWRITES: list[_Rewrite] = [
     ),
     (
         re.compile(r"fly-vault reprovision(?: ([\w.-]+|VAULT))?"),
-        lambda m, v: f'reprovision(vault="{_vault(m, v)}", confirm=true)',
+        # Without confirm: the tool then says what it would do, for the user to agree.
+        lambda m, v: f'reprovision(vault="{_vault(m, v)}")',
     ),
     # fly-vault-admin's, in the tenant tool's jobs (the "vault" there is the job's target).
     (

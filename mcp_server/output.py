@@ -14,14 +14,16 @@ them. Silent truncation in the middle is what hurts agents most (copilot-cli#173
 from __future__ import annotations
 
 import bisect
-import os
+import logging
 import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 from .defaults import SPILL_BYTES
+
+log = logging.getLogger("mcp_server")
 
 #: Share of a bounded result given to the head; the tail (where errors usually are) gets
 #: the rest.
@@ -91,13 +93,9 @@ class OutputBuffer:
 
     def _evict(self, count: int) -> None:
         """Move the ``count`` oldest bytes of memory to the file, or drop them."""
-        spilled = self.file_end - self.start
-        if self.file_end == self.mem_start and spilled + count <= self.spill_bytes:
-            if self._file is None:
-                # Lives as long as the buffer: closed by ``close`` (or with the process).
-                self._file = tempfile.TemporaryFile(prefix="fly-vault-mcp-")  # noqa: SIM115
-            self._file.seek(0, os.SEEK_END)
-            self._file.write(self._data[:count])
+        spilled = self.spilled
+        room = self.file_end == self.mem_start and spilled + count <= self.spill_bytes
+        if room and self._spill(self._data[:count]):
             self.file_end += count
         del self._data[:count]
         self.mem_start += count
@@ -105,20 +103,50 @@ class OutputBuffer:
             self.start = self.file_end = self.mem_start  # nothing on disk: they are gone
         self._trim_runs()
 
+    def _spill(self, data: bytearray) -> bool:
+        """Append ``data`` to the spill file. A disk error ends spilling (said once), not
+        the session: from then on the oldest bytes go, counted as dropped."""
+        try:
+            if self._file is None:
+                # Lives as long as the buffer: closed by ``close`` (or with the process).
+                self._file = tempfile.TemporaryFile(prefix="fly-vault-mcp-")  # noqa: SIM115
+            self._file.seek(self.spilled)
+            self._file.write(data)
+            self._file.flush()
+        except OSError as exc:
+            log.warning("session output past memory cannot go to disk (%s); it is dropped", exc)
+            self.spill_bytes = 0
+            return False
+        return True
+
     def _trim_runs(self) -> None:
-        """Forget stream changes before the oldest byte held (keep the one it lies in)."""
+        """Forget stream changes no byte held needs: before the oldest byte held, and inside
+        the gap of lost bytes (each time keeping the one a held byte lies in)."""
         keep = bisect.bisect_right(self._runs, self.start, key=_run_offset) - 1
         if keep > 0:
             del self._runs[:keep]
+        if self.file_end < self.mem_start:
+            first = bisect.bisect_right(self._runs, self.file_end, key=_run_offset)
+            last = bisect.bisect_right(self._runs, self.mem_start, key=_run_offset) - 1
+            if last > first:
+                del self._runs[first:last]
 
     def skip_to(self, offset: int) -> None:
-        """The vault replays from ``offset``; anything between ``end`` and it is lost."""
-        if offset > self.end:
-            self.lost_upstream += offset - self.end
-            self.close()
+        """The vault replays from ``offset``; anything between ``end`` and it is lost. What
+        is held stays readable: memory goes to the spill file if it can."""
+        if offset <= self.end:
+            return
+        self.lost_upstream += offset - self.end
+        held = len(self._data)
+        if held:
+            contiguous = self.file_end == self.mem_start
+            if contiguous and self.spilled + held <= self.spill_bytes and self._spill(self._data):
+                self.file_end += held
             self._data.clear()
-            self._runs.clear()
-            self.start = self.file_end = self.mem_start = offset
+        if self.spilled == 0:
+            self.start = self.file_end = offset
+        self.mem_start = offset
+        self._trim_runs()
 
     def close(self) -> None:
         """Delete the spill file (what was on disk is gone)."""
@@ -132,6 +160,11 @@ class OutputBuffer:
         """Contiguous bytes from ``offset`` to ``end`` (default: all); returns (start, data,
         dropped). A range that spans lost bytes keeps its newest part: ``offset`` plus
         ``length`` in the head reads the head."""
+        begin, stop, dropped = self.span(offset, end)
+        return begin, self.slice(begin, stop), dropped
+
+    def span(self, offset: int, end: int | None = None) -> tuple[int, int, int]:
+        """What ``read`` would return, without the bytes: (start, stop, dropped)."""
         stop = self.end if end is None else min(end, self.end)
         begin = max(offset, self.start)
         if self.file_end < self.mem_start:  # a gap of lost bytes
@@ -145,14 +178,26 @@ class OutputBuffer:
         begin = min(begin, max(stop, self.start))
         stop = max(stop, begin)
         dropped = (begin - offset) - self._held(offset, begin) if begin > offset else 0
-        return begin, self._bytes(begin, stop), dropped
+        return begin, stop, dropped
+
+    def stream_sizes(self, begin: int, stop: int) -> tuple[int, int]:
+        """How many of the bytes in ``[begin, stop)`` came on stdout and on stderr."""
+        sizes = [0, 0]
+        index = max(0, bisect.bisect_right(self._runs, begin, key=_run_offset) - 1)
+        while index < len(self._runs) and self._runs[index][0] < stop:
+            start = max(begin, self._runs[index][0])
+            upto = self._runs[index + 1][0] if index + 1 < len(self._runs) else stop
+            sizes[self._runs[index][1]] += max(0, min(upto, stop) - start)
+            index += 1
+        return sizes[0], sizes[1]
 
     def _held(self, first: int, last: int) -> int:
         """Bytes held in ``[first, last)``."""
         on_disk = max(0, min(last, self.file_end) - max(first, self.start))
         return on_disk + max(0, min(last, self.end) - max(first, self.mem_start))
 
-    def _bytes(self, begin: int, stop: int) -> bytes:
+    def slice(self, begin: int, stop: int) -> bytes:
+        """The bytes of ``[begin, stop)``, a range ``span`` returned (so all held)."""
         pieces = []
         if begin < min(stop, self.file_end) and self._file is not None:
             upto = min(stop, self.file_end)
@@ -165,7 +210,7 @@ class OutputBuffer:
 
     def split(self, begin: int, data: bytes) -> tuple[StreamBytes, StreamBytes]:
         """``data`` (read from ``begin``) as its stdout part and its stderr part."""
-        parts = (StreamBytes(), StreamBytes())
+        parts = (StreamBytes(begin), StreamBytes(begin))
         stop = begin + len(data)
         index = max(0, bisect.bisect_right(self._runs, begin, key=_run_offset) - 1)
         position = begin
@@ -187,10 +232,12 @@ class StreamBytes:
     """One stream's bytes out of a range of the session's output, with where each piece
     was in the session's offsets (to name the offsets of a part left out)."""
 
-    def __init__(self) -> None:
+    def __init__(self, base: int = 0) -> None:
         self.data = bytearray()
         #: ``(index in data, session offset)`` at the start of every piece.
         self._pieces: list[tuple[int, int]] = []
+        #: Where the range these bytes were picked from begins (when none were).
+        self._base = base
 
     def add(self, offset: int, piece: bytes) -> None:
         if piece:
@@ -200,7 +247,7 @@ class StreamBytes:
     def offset_of(self, index: int) -> int:
         """The session offset of byte ``index`` of ``data`` (``len(data)``: past the end)."""
         if not self._pieces:
-            return 0
+            return self._base
         at = max(0, bisect.bisect_right(self._pieces, index, key=lambda piece: piece[0]) - 1)
         first, offset = self._pieces[at]
         return offset + index - first
@@ -249,26 +296,126 @@ def render(
     """
     if len(data) <= max_bytes:
         return Rendered(decode(data), len(data), 0, None, None)
+    where = locate or (lambda index: offset + index)
+    return render_ends(Part(data, where), Part(data, where), len(data), max_bytes, reread)
+
+
+@dataclass(frozen=True)
+class Part:
+    """Bytes of one stream and where each lies in the session's offsets."""
+
+    data: bytes
+    locate: Callable[[int], int]
+
+
+def render_ends(head: Part, tail: Part, total: int, max_bytes: int, reread: str) -> Rendered:
+    """Text for a stream of ``total`` bytes from its first bytes (``head``) and its last
+    (``tail``; the same bytes when the stream was read whole): the head's start and the
+    tail's end within ``max_bytes``, cut at line ends where that costs little, and a
+    marker for whatever lies between."""
     head_budget = int(max_bytes * HEAD_SHARE)
     tail_budget = max_bytes - head_budget
-    head_end = _char_end(data, head_budget)
+    data = head.data
+    head_end = len(data) if len(data) <= head_budget else _char_end(data, head_budget)
     newline = data.rfind(b"\n", 0, head_end)
-    if newline >= 0 and head_end - (newline + 1) <= head_budget * LINE_SLACK:
+    cut = head_end < len(data) and newline >= 0
+    if cut and head_end - (newline + 1) <= head_budget * LINE_SLACK:
         head_end = newline + 1
-    tail_start = _char_start(data, len(data) - tail_budget)
+    data = tail.data
+    tail_start = 0 if len(data) <= tail_budget else _char_start(data, len(data) - tail_budget)
     newline = data.find(b"\n", tail_start, len(data))
-    if newline >= 0 and (newline + 1) - tail_start <= tail_budget * LINE_SLACK:
+    if tail_start > 0 and newline >= 0 and (newline + 1) - tail_start <= tail_budget * LINE_SLACK:
         tail_start = newline + 1
-    omitted = tail_start - head_end
-    where = locate or (lambda index: offset + index)
-    first, last = where(head_end), where(tail_start)
+    if head.data is not data and total == len(head.data) + len(data) <= max_bytes:
+        return Rendered(decode(head.data + data), total, 0, None, None)  # two ends, all of it
+    returned = head_end + len(data) - tail_start
+    omitted = total - returned
+    if omitted <= 0:
+        return Rendered(decode(head.data[:head_end] + data[tail_start:]), returned, 0, None, None)
+    first, last = head.locate(head_end), tail.locate(tail_start)
     marker = (
         f"\n[... {omitted} bytes left out here (offsets {first} to {last}); read them with "
         + reread.format(offset=first, length=last - first)
         + " ...]\n"
     )
-    text = decode(data[:head_end]) + marker + decode(data[tail_start:])
-    return Rendered(text, head_end + len(data) - tail_start, omitted, first, last)
+    text = decode(head.data[:head_end]) + marker + decode(data[tail_start:])
+    return Rendered(text, returned, omitted, first, last)
+
+
+#: A result reads at most this much of each end of a large range (or 4 times its cap):
+#: the middle is left out anyway, so it is never loaded (a 200 MiB output on disk).
+WINDOW = 1024 * 1024
+
+Stream = Literal["stdout", "stderr"]
+
+
+@dataclass(frozen=True)
+class Streams:
+    """One result's output: a range of the session's offsets, each stream bounded."""
+
+    begin: int
+    next_offset: int
+    dropped: int
+    stdout: Rendered
+    stderr: Rendered
+    stdout_bytes: int
+    stderr_bytes: int
+
+
+_EMPTY = Rendered("", 0, 0, None, None)
+
+
+def bounded_streams(
+    buffer: OutputBuffer,
+    offset: int,
+    stop: int | None,
+    max_bytes: int,
+    reread: Callable[[str], str],
+    pick: Stream | None = None,
+) -> Streams:
+    """``[offset, stop)`` of ``buffer`` as stdout and stderr apart, sharing ``max_bytes``
+    (``_budgets``), each head and tail around a marker whose call (``reread(stream)``, a
+    format string with ``{offset}`` and ``{length}``) reads what was left out. Only the
+    ends of a large range are read. ``pick``: that stream only."""
+    begin, end, dropped = buffer.span(offset, stop)
+    sizes = list(buffer.stream_sizes(begin, end))
+    if pick is not None:
+        sizes[pick == "stdout"] = 0  # the other one
+    edge = max(WINDOW, 4 * max_bytes)
+    whole = end - begin <= 2 * edge
+    if whole:
+        heads = tails = buffer.split(begin, buffer.slice(begin, end))
+    else:
+        heads = buffer.split(begin, buffer.slice(begin, begin + edge))
+        tails = buffer.split(end - edge, buffer.slice(end - edge, end))
+    budgets = _budgets(sizes[0], sizes[1], max_bytes)
+    rendered = []
+    for index, name in enumerate(("stdout", "stderr")):
+        head, tail = heads[index], tails[index]
+        if not sizes[index]:
+            rendered.append(_EMPTY)
+        elif whole:
+            data = bytes(head.data)
+            rendered.append(
+                render(data, head.offset_of(0), budgets[index], reread(name), head.offset_of)
+            )
+        else:
+            first, last = (
+                Part(bytes(head.data), head.offset_of),
+                Part(bytes(tail.data), tail.offset_of),
+            )
+            rendered.append(render_ends(first, last, sizes[index], budgets[index], reread(name)))
+    return Streams(begin, end, dropped, rendered[0], rendered[1], sizes[0], sizes[1])
+
+
+def _budgets(stdout_size: int, stderr_size: int, max_bytes: int) -> tuple[int, int]:
+    """``max_bytes`` shared by the two streams: what one does not need goes to the other,
+    and stderr (short, and where the errors are) is never squeezed below a quarter."""
+    if stdout_size + stderr_size <= max_bytes:
+        return max_bytes, max_bytes
+    stderr_budget = max(max_bytes // 4, max_bytes - stdout_size)
+    stderr_budget = min(stderr_budget, stderr_size)
+    return max_bytes - stderr_budget, max(stderr_budget, 1)
 
 
 #: Terminal control sequences: CSI (colours, cursor, modes such as ``ESC[?2004h``), OSC

@@ -308,6 +308,8 @@ def invalid_arguments(tool: str, error: ValidationError) -> str:
         message = message[0].lower() + message[1:] if message else "is not valid"
         if item["type"] == "missing":
             problems.append(f"{where} is required")
+        elif item["loc"] and item["loc"][0] in _UNSHOWN:
+            problems.append(f"{where}: {message}")  # its value may be a secret: not echoed
         else:
             problems.append(f"{where}: {message} (got {_short(item.get('input'))})")
     return (
@@ -316,6 +318,11 @@ def invalid_arguments(tool: str, error: ValidationError) -> str:
         + f"\nhint: call {tool} again with them fixed (its input schema in tools/list "
         "gives each type)"
     )
+
+
+#: Arguments whose values are never echoed in an error: environment values, input and file
+#: contents may carry secrets the scrubber does not know.
+_UNSHOWN = frozenset({"env", "stdin", "text", "content", "old_string", "new_string"})
 
 
 def _short(value: Any) -> str:

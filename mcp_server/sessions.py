@@ -43,7 +43,7 @@ from flyvault.errors import NotFoundError, Timeout, UsageError, VaultError
 
 from .defaults import BUFFER_BYTES, SPILL_BYTES
 from .models import ExecResult, SessionInfo, SessionList
-from .output import OutputBuffer, Rendered, StreamBytes, plain_text, render
+from .output import OutputBuffer, Stream, bounded_streams, plain_text
 from .pool import VaultPool, tool_error
 from .progress import Reporter, human_bytes
 
@@ -65,7 +65,6 @@ MAX_FINISHED_DISK = 1024 * 1024 * 1024
 FINISHED_TTL = 3600.0
 
 Until = Literal["exit", "output"]
-Stream = Literal["stdout", "stderr"]
 
 
 @dataclass(eq=False)
@@ -208,6 +207,7 @@ class ExecRegistry:
             await self._await_start(record)
         except VaultError:
             self._records.pop((vault_name, request.session_id), None)
+            await self._stop_following(record)  # no follower left behind, unlisted
             raise
         except asyncio.CancelledError:
             self.stop_in_background(record)
@@ -271,6 +271,8 @@ class ExecRegistry:
             await self._stop_following(record)
         vault = await self.connect(vault_name, START_TIMEOUT)
         observe = not take_over and await vault.can_observe()
+        if not take_over and not observe:
+            await self._refuse_taking_over(vault, vault_name, session_id)
         new = record is None
         if record is None:
             record = ExecRecord(
@@ -289,10 +291,25 @@ class ExecRegistry:
         try:
             await self._await_start(record)
         except VaultError:
+            await self._stop_following(record)
             if new:
                 self._records.pop((vault_name, session_id), None)
             raise
         return record
+
+    @staticmethod
+    async def _refuse_taking_over(vault: Vault, vault_name: str, session_id: str) -> None:
+        """A vault before protocol 5 has no read-only attach: reading a session another
+        client is attached to would take it over, which a read must never do."""
+        listing = {str(s.get("session_id")): s for s in await vault.list_sessions()}
+        if listing.get(session_id, {}).get("attached"):
+            where = f'vault="{vault_name}", session_id="{session_id}"'
+            raise UsageError(
+                f"session {session_id} has a client attached, and this vault's init "
+                "(protocol 4) cannot follow it read-only: reading it would detach that client",
+                hint=f"update the vault's image; or take the session over with "
+                f"send_input({where}), which detaches the other client",
+            )
 
     @staticmethod
     async def _stop_following(record: ExecRecord) -> None:
@@ -458,6 +475,18 @@ class ExecRegistry:
                 f"{human_bytes(record.buffer.end)} of output",
             )
 
+    @staticmethod
+    async def wait_for(record: ExecRecord, offset: int, wait_seconds: float) -> None:
+        """Until the output up to ``offset`` has arrived (or the session ended, or is no
+        longer followed), at most ``wait_seconds``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_seconds
+        while record.following and record.exited is None and record.buffer.end < offset:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            await record.changed(remaining)
+
     def result(
         self,
         record: ExecRecord,
@@ -474,16 +503,19 @@ class ExecRegistry:
         around a marker naming the call that reads the rest). A PTY's output is one stream
         (in ``stdout``), returned as plain text unless ``raw``."""
         stop = None if length is None else offset + length
-        begin, data, dropped = record.buffer.read(offset, stop)
-        out, err = record.buffer.split(begin, data)
-        if stream == "stdout":
-            err = StreamBytes()
-        elif stream == "stderr":
-            out = StreamBytes()
-        out_budget, err_budget = _budgets(len(out.data), len(err.data), max_bytes)
-        stdout = self._render(record, out, "stdout", out_budget, raw)
-        stderr = self._render(record, err, "stderr", err_budget, raw)
-        next_offset = begin + len(data)
+
+        def reread(name: str) -> str:
+            return (
+                f'read_output(vault="{record.vault}", session_id="{record.session_id}", '
+                f'offset={{offset}}, length={{length}}, stream="{name}")'
+            )
+
+        view = bounded_streams(record.buffer, offset, stop, max_bytes, reread, stream)
+        stdout, stderr = view.stdout, view.stderr
+        if record.tty and not raw:
+            stdout = dataclasses.replace(stdout, text=plain_text(stdout.text))
+            stderr = dataclasses.replace(stderr, text=plain_text(stderr.text))
+        begin, dropped, next_offset = view.begin, view.dropped, view.next_offset
         record.cursor = max(record.cursor, next_offset)
         exited = record.exited
         return ExecResult(
@@ -505,27 +537,13 @@ class ExecRegistry:
             offset=begin,
             next_offset=next_offset,
             total_bytes=record.buffer.end,
-            stdout_bytes=len(out.data),
-            stderr_bytes=len(err.data),
+            stdout_bytes=view.stdout_bytes,
+            stderr_bytes=view.stderr_bytes,
             omitted_bytes=stdout.omitted_bytes + stderr.omitted_bytes,
             dropped_bytes=dropped,
             elapsed_seconds=round(time.monotonic() - record.started_at, 3),
             next_step=self._next_step(record, next_offset),
         )
-
-    @staticmethod
-    def _render(
-        record: ExecRecord, part: StreamBytes, name: str, budget: int, raw: bool
-    ) -> Rendered:
-        reread = (
-            f'read_output(vault="{record.vault}", session_id="{record.session_id}", '
-            f'offset={{offset}}, length={{length}}, stream="{name}")'
-        )
-        data = bytes(part.data)
-        rendered = render(data, part.offset_of(0), budget, reread, part.offset_of)
-        if record.tty and not raw:
-            return dataclasses.replace(rendered, text=plain_text(rendered.text))
-        return rendered
 
     @staticmethod
     def _next_step(record: ExecRecord, next_offset: int) -> str | None:
@@ -641,16 +659,6 @@ class ExecRegistry:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-
-
-def _budgets(stdout_size: int, stderr_size: int, max_bytes: int) -> tuple[int, int]:
-    """``max_bytes`` shared by the two streams: what one does not need goes to the other,
-    and stderr (short, and where the errors are) is never squeezed below a quarter."""
-    if stdout_size + stderr_size <= max_bytes:
-        return max_bytes, max_bytes
-    stderr_budget = max(max_bytes // 4, max_bytes - stdout_size)
-    stderr_budget = min(stderr_budget, stderr_size)
-    return max_bytes - stderr_budget, max(stderr_budget, 1)
 
 
 __all__ = ["ExecRecord", "ExecRegistry", "tool_error"]

@@ -303,6 +303,8 @@ async def read_output(
                 pattern=regex,
                 reporter=reporter,
             )
+    else:  # a range: its bytes (a replay may still be on its way), not the command's end
+        await execs.wait_for(record, since + length, wait_seconds)
     result = execs.result(
         record, offset=since, length=length, max_bytes=max_output_bytes, stream=stream, raw=raw
     )

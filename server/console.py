@@ -166,7 +166,9 @@ async def _attach(
 ) -> None:
     request = machine.request
     assert request is not None and session.process is not None
-    resume = min(request.resume_offset, session.log.end)
+    # A session this OPEN created replays from 0: its output may already have begun, and an
+    # offset the client kept from an earlier run of that name means nothing here.
+    resume = 0 if created else min(request.resume_offset, session.log.end)
     start = session.first_held(resume)
     attach = session.observe if request.observe else session.attach
     attachment = attach(start, lambda: stream.unacknowledged)

@@ -11,6 +11,8 @@ MIN_SESSION_BUFFER: Final = 128 * 1024
 #: ``--session-log-head``, ``--session-log-tail``.
 DEFAULT_SESSION_LOG_HEAD: Final = 1024 * 1024
 DEFAULT_SESSION_LOG_TAIL: Final = 64 * 1024 * 1024
+#: All named sessions' logs together (bytes); ``--session-log-total``.
+DEFAULT_SESSION_LOG_TOTAL: Final = 1024 * 1024 * 1024
 #: How long a finished named session stays listed (seconds); ``--session-ttl``.
 DEFAULT_SESSION_TTL: Final = 3600.0
 #: Sessions one vault holds at most; ``--max-sessions``.

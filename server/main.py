@@ -29,6 +29,7 @@ from .defaults import (
     DEFAULT_SESSION_BUFFER,
     DEFAULT_SESSION_LOG_HEAD,
     DEFAULT_SESSION_LOG_TAIL,
+    DEFAULT_SESSION_LOG_TOTAL,
     DEFAULT_SESSION_TTL,
     MIN_SESSION_BUFFER,
     SETTLE_SECONDS,
@@ -170,6 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"VAULT_SESSION_LOG_TAIL; default {DEFAULT_SESSION_LOG_TAIL}; 0: none)",
     )
     parser.add_argument(
+        "--session-log-total",
+        type=int,
+        metavar="BYTES",
+        help="all named sessions' logs on disk together; past it (or with under 256 MiB "
+        "free on the volume) a log rotates its tail without growing, or stops (env "
+        f"VAULT_SESSION_LOG_TOTAL; default {DEFAULT_SESSION_LOG_TOTAL})",
+    )
+    parser.add_argument(
         "--session-ttl",
         type=finite_float,
         metavar="SECONDS",
@@ -221,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(arguments)
     if args.session_buffer is not None and args.session_buffer < MIN_SESSION_BUFFER:
         parser.error("--session-buffer must be at least 131072 bytes (128 KiB)")
-    for name in ("session_log_head", "session_log_tail"):
+    for name in ("session_log_head", "session_log_tail", "session_log_total"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must not be negative (0: none on disk)")
     if args.max_sessions is not None and args.max_sessions < 1:
@@ -332,6 +341,10 @@ def _apply_environment(args: argparse.Namespace) -> str:
         args.session_log_tail = env_int(
             "VAULT_SESSION_LOG_TAIL", DEFAULT_SESSION_LOG_TAIL, minimum=0, unit="bytes"
         )
+    if args.session_log_total is None:
+        args.session_log_total = env_int(
+            "VAULT_SESSION_LOG_TOTAL", DEFAULT_SESSION_LOG_TOTAL, minimum=0, unit="bytes"
+        )
     if args.session_ttl is None:
         args.session_ttl = env_float(
             "VAULT_SESSION_TTL", DEFAULT_SESSION_TTL, minimum=0, unit="seconds"
@@ -392,7 +405,9 @@ async def _serve(args: argparse.Namespace, host: str, port: int) -> int:
         host_mode=args.host_mode,
         init_binary=args.init_binary,
         session_buffer=args.session_buffer,
-        session_log=DiskLogLimits(args.session_log_head, args.session_log_tail),
+        session_log=DiskLogLimits(
+            args.session_log_head, args.session_log_tail, args.session_log_total
+        ),
         url_read_timeout=args.url_timeout,
         url_max_bytes=args.url_max_bytes,
         settle_seconds=args.settle_seconds,

@@ -15,8 +15,12 @@ list of the offsets where the stream changes, trimmed with the segments). A read
 between the head and the oldest segment (bytes dropped from disk too) skips to the oldest
 byte held, with the count dropped, as the ring does.
 
-Disk trouble (full, read-only) never stops a session: the log stops writing, says so once,
-and the ring goes on alone. The directory goes when the session does.
+All logs together stay within a budget (``--session-log-total``, 1 GiB) and leave
+``FREE_FLOOR`` free on the volume (the workload's files live there too): a log that would
+go past either rotates its own tail without growing, or stops. Disk trouble (full,
+read-only) never stops a session: the log stops writing, says so once, and the ring goes
+on alone. The directory goes when the session does. The files are 0600 in 0700
+directories: a copy at rest of what the commands printed.
 """
 
 from __future__ import annotations
@@ -29,7 +33,11 @@ from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .defaults import DEFAULT_SESSION_LOG_HEAD, DEFAULT_SESSION_LOG_TAIL
+from .defaults import (
+    DEFAULT_SESSION_LOG_HEAD,
+    DEFAULT_SESSION_LOG_TAIL,
+    DEFAULT_SESSION_LOG_TOTAL,
+)
 from .outputlog import ReadResult
 
 log = logging.getLogger("flyvault.server.sessions")
@@ -40,12 +48,36 @@ MIN_SEGMENT = 64 * 1024
 MAX_SEGMENT = 4 * 1024 * 1024
 
 
+#: Room a new segment must leave free on the volume.
+FREE_FLOOR = 256 * 1024 * 1024
+
+
+class DiskBudget:
+    """The bytes all session logs of one init may hold, and the room they must leave."""
+
+    def __init__(self, root: Path, total: int, free_floor: int = FREE_FLOOR) -> None:
+        self.root = root
+        self.total = total
+        self.free_floor = free_floor
+        self.used = 0
+
+    def allows(self, size: int) -> bool:
+        if self.used + size > self.total:
+            return False
+        try:
+            stats = os.statvfs(self.root)
+        except OSError:
+            return False
+        return stats.f_bavail * stats.f_frsize - size >= self.free_floor
+
+
 @dataclass(frozen=True)
 class DiskLogLimits:
     """How much of each named session's output init keeps on disk (``--session-log-*``)."""
 
     head_bytes: int = DEFAULT_SESSION_LOG_HEAD
     tail_bytes: int = DEFAULT_SESSION_LOG_TAIL
+    total_bytes: int = DEFAULT_SESSION_LOG_TOTAL
 
     @property
     def segment_bytes(self) -> int:
@@ -67,9 +99,12 @@ class _Segment:
 class DiskLog:
     """One session's output on disk (see the module's docstring)."""
 
-    def __init__(self, directory: Path, limits: DiskLogLimits) -> None:
+    def __init__(
+        self, directory: Path, limits: DiskLogLimits, budget: DiskBudget | None = None
+    ) -> None:
         self.directory = directory
         self.limits = limits
+        self.budget = budget
         directory.mkdir(mode=0o700, parents=True, exist_ok=False)
         self._head = _Segment(0, directory / "head")
         self._head.fd = _create(self._head.path)
@@ -79,13 +114,18 @@ class DiskLog:
         self._run_offsets = array("Q")
         self._run_channels = bytearray()
         self.failed = False
+        #: The budget stopped the tail: past the head, only the offsets move.
+        self._stopped = False
 
     # Writing ---------------------------------------------------------------------------
 
     def append(self, channel: int, data: bytes | bytearray | memoryview) -> None:
         if self.failed or not data:
             return
-        if not self._run_channels or self._run_channels[-1] != channel:
+        storing = not self._stopped and (
+            self._head.size < self.limits.head_bytes or self.limits.tail_bytes > 0
+        )
+        if storing and (not self._run_channels or self._run_channels[-1] != channel):
             self._run_offsets.append(self.end)
             self._run_channels.append(channel)
         view = memoryview(data)
@@ -98,6 +138,8 @@ class DiskLog:
                 room = self._room(segment)
                 piece = view[:room]
                 _write_all(segment, piece)
+                if self.budget is not None:
+                    self.budget.used += len(piece)
                 self.end += len(piece)
                 view = view[len(piece) :]
         except OSError as exc:
@@ -111,25 +153,51 @@ class DiskLog:
         if self._head.size < self.limits.head_bytes:
             return self._head
         self._close_fd(self._head)
-        if self.limits.tail_bytes <= 0:
+        if self.limits.tail_bytes <= 0 or self._stopped:
             return None
         if self._tail and self._tail[-1].size < self.limits.segment_bytes:
             return self._tail[-1]
         if self._tail:
             self._close_fd(self._tail[-1])
+        if not self._room_for_a_segment():
+            return None
         segment = _Segment(self.end, self.directory / f"tail-{self.end:020d}")
         segment.fd = _create(segment.path)
         self._tail.append(segment)
         self._drop_old_segments()
         return segment
 
+    def _room_for_a_segment(self) -> bool:
+        """Within the budget, a new segment may grow the log; past it, the oldest segment
+        makes room (the tail rotates without growing); with none to give, the tail stops."""
+        budget = self.budget
+        size = self.limits.segment_bytes
+        if budget is None or budget.allows(size):
+            return True
+        if len(self._tail) > 1:  # the newest is full: the oldest goes first
+            self._drop(self._tail.pop(0))
+            self._trim_runs()
+            return True
+        log.warning(
+            "session output log %s: the logs' budget or the volume's free space is used up; "
+            "past its first %d bytes this session's output is kept in memory only",
+            self.directory,
+            self._head.size,
+        )
+        self._stopped = True
+        return False
+
+    def _drop(self, segment: _Segment) -> None:
+        self._close_fd(segment)
+        segment.path.unlink(missing_ok=True)
+        if self.budget is not None:
+            self.budget.used -= segment.size
+
     def _drop_old_segments(self) -> None:
         """Keep the newest ``tail_bytes`` (whole segments: at least the one being written)."""
         keep = max(1, self.limits.tail_bytes // max(1, self.limits.segment_bytes))
         while len(self._tail) > keep:
-            old = self._tail.pop(0)
-            self._close_fd(old)
-            old.path.unlink(missing_ok=True)
+            self._drop(self._tail.pop(0))
         self._trim_runs()
 
     def _trim_runs(self) -> None:
@@ -203,6 +271,10 @@ class DiskLog:
         for segment in (self._head, *self._tail):
             self._close_fd(segment)
         if remove:
+            if self.budget is not None:
+                self.budget.used -= self._head.size + sum(s.size for s in self._tail)
+                self._head.size = 0
+                self._tail = []
             shutil.rmtree(self.directory, ignore_errors=True)
 
     @staticmethod
@@ -229,4 +301,4 @@ def clear_stale(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-__all__ = ["DiskLog", "DiskLogLimits", "clear_stale"]
+__all__ = ["DiskBudget", "DiskLog", "DiskLogLimits", "clear_stale"]

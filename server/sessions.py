@@ -56,7 +56,7 @@ from .accounts import Account, host_account
 from .defaults import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_BUFFER, DEFAULT_SESSION_TTL
 from .outputlog import OutputLog, ReadResult
 from .process import Entry, ExitStatus, ManagedProcess
-from .session_disk import DiskLog, DiskLogLimits
+from .session_disk import DiskBudget, DiskLog, DiskLogLimits
 
 log = logging.getLogger("flyvault.server.sessions")
 
@@ -218,13 +218,23 @@ class Session:
             return
         floor = self._kept_from()
         # Leave room for one more read before bytes the client may still need are dropped.
-        should_pause = floor is not None and self.log.end - floor >= self.log.capacity - 65536
+        should_pause = floor is not None and self.log.end - floor >= self._held_span() - 65536
         if should_pause and not self._paused:
             self.process.pause_output()
             self._paused = True
         elif not should_pause and self._paused:
             self.process.resume_output()
             self._paused = False
+
+    def _held_span(self) -> int:
+        """How far behind the newest byte a reader may be and lose nothing: the ring, or
+        with a healthy disk log the disk tail (less the segment being dropped next), so a
+        reader replaying from disk does not pause the command."""
+        disk = self.disk
+        if disk is None or disk.failed:
+            return self.log.capacity
+        limits = disk.limits
+        return max(self.log.capacity, limits.tail_bytes - limits.segment_bytes)
 
     @property
     def output_held(self) -> bool:
@@ -378,8 +388,10 @@ class SessionRegistry:
         self.policy = policy
         self.buffer_size = buffer_size
         #: Where named sessions' output logs go (None: memory only), and how much of each.
-        self.disk_root = disk_root
         self.disk_limits = disk_limits or DiskLogLimits()
+        self.disk_budget = (
+            DiskBudget(disk_root, self.disk_limits.total_bytes) if disk_root is not None else None
+        )
         self._disk_logs = 0
         self.max_sessions = max_sessions
         self.exited_ttl = exited_ttl
@@ -480,13 +492,17 @@ class SessionRegistry:
     def _disk_log(self, request: OpenSession) -> DiskLog | None:
         """A disk log for a named session, when init keeps them. Trouble creating one is
         said and costs the session only the disk log."""
-        if not request.keep or self.disk_root is None or not self.disk_limits.enabled:
+        budget = self.disk_budget
+        if not request.keep or budget is None or not self.disk_limits.enabled:
             return None
         self._disk_logs += 1
-        directory = self.disk_root / f"{request.session_id}.{os.getpid()}.{self._disk_logs}"
+        directory = budget.root / f"{request.session_id}.{os.getpid()}.{self._disk_logs}"
         try:
-            self.disk_root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            return DiskLog(directory, self.disk_limits)
+            budget.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not budget.allows(self.disk_limits.head_bytes):
+                log.info("session %s: no output log on disk (budget used up)", request.session_id)
+                return None
+            return DiskLog(directory, self.disk_limits, budget)
         except OSError as exc:
             log.warning("session %s: no output log on disk: %s", request.session_id, exc)
             return None
@@ -519,7 +535,8 @@ class SessionRegistry:
                 assert session.exited_at is not None
                 expired = now - session.exited_at >= self.exited_ttl
                 done = session.exit_acknowledged and not session.keep
-                if session.attachment is None and (expired or done):
+                followed = session.attachment is not None or session.observers
+                if not followed and (expired or done):
                     self._remove(session)
             elif (
                 session.kind == "shell"

@@ -19,52 +19,64 @@ class _Started:
     offset: int
     pid: int
     created: bool = False
+    session_id: str = "job"
 
 
-def _run(previous: Cursor | None, started: _Started, chunks: list[tuple[bool, bytes]]) -> bytes:
-    shown = bytearray()
+def _run(
+    previous: Cursor | None, started: _Started, chunks: list[tuple[bool, bytes]]
+) -> tuple[bytes, Cursor | None, list[str]]:
+    shown, notices = bytearray(), []
 
-    async def main() -> None:
-        seen = SeenFilter(previous, shown.extend, shown.extend)
+    async def main() -> Cursor | None:
+        seen = SeenFilter(previous, shown.extend, shown.extend, notices.append, "--from-start")
         seen.started(started)
         for is_stderr, chunk in chunks:
             await (seen.stderr if is_stderr else seen.stdout)(chunk)
-        cursor = seen.cursor
-        assert cursor is not None and cursor.pid == started.pid
-        produced = started.offset + sum(len(chunk) for _, chunk in chunks)
-        assert cursor.offset == max(produced, previous.offset if _same(previous, started) else 0)
+        return seen.cursor
 
-    asyncio.run(main())
-    return bytes(shown)
-
-
-def _same(previous: Cursor | None, started: _Started) -> bool:
-    return previous is not None and previous.pid == started.pid and not started.created
+    cursor = asyncio.run(main())
+    return bytes(shown), cursor, notices
 
 
 @given(
     st.lists(st.tuples(st.booleans(), st.binary(min_size=1, max_size=50)), max_size=20),
     st.integers(min_value=0, max_value=400),
     st.integers(min_value=0, max_value=100),
-    st.booleans(),
 )
-def test_only_what_was_not_shown_passes_whatever_the_chunks(
-    chunks: list[tuple[bool, bytes]], shown_up_to: int, replay_from: int, same_process: bool
+def test_a_replay_of_the_same_run_shows_only_what_was_not_shown(
+    chunks: list[tuple[bool, bytes]], shown_up_to: int, replay_from: int
 ) -> None:
     output = b"".join(chunk for _, chunk in chunks)
-    started = _Started(offset=replay_from, pid=42)
-    previous = Cursor(shown_up_to, 42 if same_process else 7)
-    passed = _run(previous, started, chunks)
-    if same_process:
-        assert passed == output[max(0, shown_up_to - replay_from) :]
-    else:  # another run of that name: its offsets start again, nothing is skipped
-        assert passed == output
-    assert _run(None, started, chunks) == output  # --from-start, or never shown
+    passed, cursor, notices = _run(Cursor(shown_up_to, 42), _Started(replay_from, 42), chunks)
+    assert passed == output[max(0, shown_up_to - replay_from) :]
+    end = replay_from + len(output)
+    assert cursor == Cursor(max(end, shown_up_to), 42) and notices == []
 
 
-def test_a_session_created_by_this_request_is_never_filtered() -> None:
-    chunks = [(False, b"new run\n")]
-    assert _run(Cursor(100, 42), _Started(0, 42, created=True), chunks) == b"new run\n"
+@given(
+    st.lists(st.tuples(st.booleans(), st.binary(min_size=1, max_size=50)), max_size=20),
+    st.integers(min_value=0, max_value=100),
+)
+def test_another_run_of_that_name_is_shown_whole_and_a_gap_is_said(
+    chunks: list[tuple[bool, bytes]], replay_from: int
+) -> None:
+    output = b"".join(chunk for _, chunk in chunks)
+    passed, cursor, notices = _run(Cursor(1000, 7), _Started(replay_from, 42), chunks)
+    assert passed == output and cursor == Cursor(replay_from + len(output), 42)
+    if replay_from:  # the vault replayed from the old run's cursor: the start is missing
+        assert notices == [
+            f"session job is another run than the one shown here before; its first "
+            f"{replay_from} bytes were not shown (--from-start shows them)"
+        ]
+    else:
+        assert notices == []
+
+
+def test_never_shown_or_created_here_passes_everything() -> None:
+    chunks = [(False, b"new run\n"), (True, b"err\n")]
+    assert _run(None, _Started(0, 42), chunks)[0] == b"new run\nerr\n"
+    created = _run(Cursor(100, 42), _Started(0, 42, created=True), chunks)
+    assert created[0] == b"new run\nerr\n" and created[2] == []
 
 
 def test_cursors_are_kept_per_vault_and_session_and_bounded() -> None:

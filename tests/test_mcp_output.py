@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flyvault.mcp_server.output import OutputBuffer, plain_text, render
+from flyvault.mcp_server.output import WINDOW, OutputBuffer, bounded_streams, plain_text, render
 from flyvault.mcp_server.server import compact_schema
 
 REREAD = 'read_output(vault="v", session_id="s", offset={offset}, length={length})'
@@ -163,3 +164,61 @@ def test_compact_schema_keeps_meaning_and_property_named_title() -> None:
         "type": "object",
         "properties": {"title": {"type": ["string", "null"]}, "n": {"type": "integer"}},
     }
+
+
+def test_a_gap_from_the_vault_keeps_what_is_held() -> None:
+    buffer = OutputBuffer(capacity=1000, spill_bytes=10_000)
+    buffer.append(b"head line\n" * 150)  # 1,500 bytes: some on disk, some in memory
+    buffer.skip_to(buffer.end + 500)  # the vault's ring lost 500 bytes before its replay
+    buffer.append(b"after the gap\n")
+    assert buffer.read(0, 10) == (0, b"head line\n", 0)
+    start, data, dropped = buffer.read(1400)
+    assert (start, data, dropped) == (2000, b"after the gap\n", 500)
+    assert buffer.lost_upstream == 500
+
+
+def test_a_spill_that_cannot_be_written_drops_the_oldest_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import tempfile
+
+    def full(*args: object, **kwargs: object) -> object:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", full)
+    buffer = OutputBuffer(capacity=1000, spill_bytes=10_000)
+    for _ in range(30):
+        buffer.append(b"x" * 100)  # no exception: the session is still followed
+    start, data, dropped = buffer.read(0)
+    assert start > 0 and dropped == start and len(data) == buffer.end - start
+    assert "cannot go to disk" in caplog.text
+
+
+def test_a_large_range_reads_only_its_ends_and_accounts_for_every_stream_byte() -> None:
+    buffer = OutputBuffer(capacity=1 << 20, spill_bytes=64 << 20)
+    buffer.append(b"ERR first\n", stderr=True)
+    for i in range(300_000):  # ~4.5 MB of stdout, stderr lines at the start, middle, end
+        buffer.append(b"line %07d\n" % i)
+        if i == 150_000:
+            buffer.append(b"ERR middle\n", stderr=True)
+    buffer.append(b"ERR last\n", stderr=True)
+    reads: list[int] = []
+    slice_whole = buffer.slice
+    buffer.slice = lambda a, b: reads.append(b - a) or slice_whole(a, b)  # type: ignore[method-assign]
+
+    def reread(name: str) -> str:
+        return f"read_output(offset={{offset}}, length={{length}}, stream={name!r})"
+
+    view = bounded_streams(buffer, 0, None, 4096, reread)
+    assert max(reads) <= 2 * WINDOW < buffer.end  # the middle was never loaded
+    assert view.stdout.text.startswith("line 0000000\n")
+    assert view.stdout.text.endswith("line 0299999\n")
+    assert (view.stdout_bytes, view.stderr_bytes) == (300_000 * 13, 30)
+    assert view.stdout.returned_bytes + view.stdout.omitted_bytes == view.stdout_bytes
+    assert view.stderr.returned_bytes + view.stderr.omitted_bytes == 30
+    assert "ERR first\n" in view.stderr.text and "ERR last\n" in view.stderr.text
+    # The middle stderr line is left out, and the marker's call reads exactly it.
+    first, last = view.stderr.omitted_from, view.stderr.omitted_to
+    assert first is not None and last is not None and view.stderr.omitted_bytes == 11
+    start, data, _ = buffer.read(first, last)
+    assert bytes(buffer.split(start, data)[1].data) == b"ERR middle\n"

@@ -12,7 +12,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from conftest import InitProcess, run_async, vault_entry
+from conftest import InitProcess, run_async, start_init, vault_entry
 from mcp import Client
 from mcp_support import Session, configure_vault, gate, mcp_server
 
@@ -98,11 +98,11 @@ def test_read_output_leaves_a_person_attached_and_send_input_takes_over(
             args = {"vault": name, "session_id": "shared"}
             read = await s.data("read_output", {**args, "offset": 0, "pattern": "line4"})
             assert read["stdout"].startswith("line0\n") and read["running"] is True
-            await asyncio.sleep(0.3)  # a displaced client would have been told by now
+            # The vault's own account: the person attached, the agent beside as an observer
+            # (a takeover would show no observer, and the person's run would end).
+            [shared] = [x for x in await person.list_sessions() if x["session_id"] == "shared"]
+            assert shared["attached"] is True and shared["observers"] == 1, shared
             assert not running.done(), "read_output displaced the person's client"
-            listing = await s.data("list_exec", {"vault": name})
-            shared = next(x for x in listing["sessions"] if x["session_id"] == "shared")
-            assert shared["attached"] is True
             flag.touch()
             await s.data("send_input", {**args, "text": "from the agent\n"})  # takes over
             try:
@@ -120,3 +120,43 @@ def test_read_output_leaves_a_person_attached_and_send_input_takes_over(
             await scenario(Session(client))
 
     run_async(main(), 90)
+
+
+def test_an_agent_reads_the_head_of_a_cli_session_back_from_the_vaults_disk_log(
+    tmp_path: Path, fly_api: Any, issuer: OidcIssuer
+) -> None:
+    """A named session the CLI ran wrote far past the vault's 128 KiB ring; an MCP server
+    that never followed it reads its first line by offset (from the vault's disk log),
+    with nothing reported dropped."""
+    from flyvault.mcp_server.server import build_server
+
+    init = start_init(tmp_path, fly_api.path, extra_args=("--session-buffer", "131072"))
+    try:
+        name = configure_vault(init, issuer, name="ringed")
+
+        async def run_it() -> None:
+            person = Vault(vault_entry(init.port, issuer, name="ringed"))
+            try:
+                seen = bytearray()
+                script = "echo FIRST-LINE; head -c 1000000 /dev/zero | tr '\\0' y"
+                request = ExecRequest("cli-job", ("sh", "-c", script), keep=True)
+                assert (await _follower(person, request, seen).run()).exit_status == 0
+                assert len(seen) == 11 + 1_000_000
+            finally:
+                await person.close()
+
+        run_async(run_it(), timeout=60)
+
+        async def read_head() -> None:
+            async with Client(build_server()) as client:
+                s = Session(client)
+                args = {"vault": name, "session_id": "cli-job", "stream": "stdout"}
+                head = await s.data("read_output", {**args, "offset": 0, "length": 11})
+                assert (head["stdout"], head["dropped_bytes"]) == ("FIRST-LINE\n", 0), head
+                end = await s.data("read_output", {**args, "offset": 1_000_000})
+                assert end["running"] is False and end["exit_code"] == 0, end
+                assert end["stdout"] == "y" * 11 and end["total_bytes"] == 1_000_011
+
+        run_async(read_head(), timeout=60)
+    finally:
+        init.stop()

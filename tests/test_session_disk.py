@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flyvault.server.outputlog import STDERR, STDOUT
-from flyvault.server.session_disk import MIN_SEGMENT, DiskLog, DiskLogLimits
+from flyvault.server.session_disk import MIN_SEGMENT, DiskBudget, DiskLog, DiskLogLimits
 
 _LIMITS = st.builds(
     DiskLogLimits,
@@ -87,4 +87,33 @@ def test_a_disk_error_stops_the_log_not_the_session(
     monkeypatch.undo()
     assert disk.failed
     disk.append(STDOUT, b"z")
+    disk.close()
+
+
+def test_all_logs_share_a_budget_and_leave_the_volume_room(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    limits = DiskLogLimits(head_bytes=1000, tail_bytes=4 * MIN_SEGMENT, total_bytes=0)
+    budget = DiskBudget(tmp_path, total=1000 + 3 * MIN_SEGMENT, free_floor=0)
+    first = DiskLog(tmp_path / "first", limits, budget)
+    first.append(STDOUT, b"a" * (1000 + 3 * MIN_SEGMENT))  # head + 3 segments: the budget
+    assert budget.used == 1000 + 3 * MIN_SEGMENT
+    first.append(STDOUT, b"b" * MIN_SEGMENT)  # past it: its own oldest segment goes first
+    assert budget.used == 1000 + 3 * MIN_SEGMENT and first.first_held(1000) == 1000 + MIN_SEGMENT
+    second = DiskLog(tmp_path / "second", limits, budget)
+    second.append(STDOUT, b"c" * 1000)  # the head was allowed when the log was made
+    second.append(STDOUT, b"d" * 10)  # no segment to give up: this log's tail stops
+    assert "budget or the volume's free space is used up" in caplog.text
+    assert second.read(0, 2000).next_offset == 1000 and second.end == 1010
+    first.close()
+    second.close()
+    assert budget.used == 0
+
+
+def test_a_volume_short_of_room_gets_no_tail(tmp_path: Path) -> None:
+    huge = 1 << 62  # more free space than any disk has: every new segment is refused
+    budget = DiskBudget(tmp_path, total=1 << 40, free_floor=huge)
+    disk = DiskLog(tmp_path / "log", DiskLogLimits(head_bytes=10, tail_bytes=MIN_SEGMENT), budget)
+    disk.append(STDERR, b"e" * 100)
+    assert disk.first_held(10) == disk.end == 100 and not list(disk.directory.glob("tail-*"))
     disk.close()

@@ -10,37 +10,24 @@ A stamp that cannot be read or written shows the note: when in doubt, say it.
 
 from __future__ import annotations
 
-import json
-import os
+import contextlib
 import time
-from pathlib import Path
 
 #: How long a shown note stays quiet for the same vault and issuer.
 QUIET_SECONDS = 24 * 3600
 STAMPS = "notes.json"
 
 
-def _stamps_file() -> Path:
-    from flyvault.paths import state_dir
-
-    return state_dir() / STAMPS
-
-
 def show_dev_issuer_note(vault: str, issuer: str, now: float | None = None) -> bool:
     """Whether to print the note for ``vault`` and ``issuer`` now (records that it was)."""
     from flyvault.cli.output import is_verbose
+    from flyvault.paths import load_state, save_state
 
     if is_verbose():  # -v: every time
         return True
     now = time.time() if now is None else now
     key = f"dev-issuer {vault} {issuer}"
-    path = _stamps_file()
-    try:
-        stamps = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(stamps, dict):
-            stamps = {}
-    except (OSError, ValueError):
-        stamps = {}
+    stamps = load_state(STAMPS)
     last = stamps.get(key)
     if isinstance(last, (int, float)) and 0 <= now - last < QUIET_SECONDS:
         return False
@@ -48,11 +35,6 @@ def show_dev_issuer_note(vault: str, issuer: str, now: float | None = None) -> b
         k: v for k, v in stamps.items() if isinstance(v, (int, float)) and now - v < QUIET_SECONDS
     }
     stamps[key] = now
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        temp = path.with_name(f".{STAMPS}.{os.getpid()}")
-        temp.write_text(json.dumps(stamps), encoding="utf-8")
-        os.replace(temp, path)
-    except OSError:
-        pass  # shown now; shown again next time
+    with contextlib.suppress(OSError):  # shown now; shown again next time
+        save_state(STAMPS, stamps)
     return True

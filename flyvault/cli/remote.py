@@ -262,7 +262,7 @@ async def _run_session(
 ) -> int:
     from flyvault.cli.progress import ProgressLine
     from flyvault.client import ExecSession, Vault
-    from flyvault.client.session_runner import output_hooks, remember_shown, run_attached
+    from flyvault.client.session_runner import follow, remember_shown, run_attached
 
     console = Console()
     frontend = _LocalFrontend(console, interactive=request.pty and isatty(0))
@@ -276,7 +276,7 @@ async def _run_session(
         progress=progress,
     )
     from_start = bool(getattr(args, "from_start", False))
-    hooks, seen = output_hooks(
+    request, hooks, seen = follow(
         vault_config.name, request, frontend, console.notice, from_start=from_start
     )
     session = ExecSession(vault, request, hooks)

@@ -5,10 +5,12 @@ client should start from is this machine's business: ``cursors.json`` in the use
 directory keeps, per vault and session, the offset shown up to and the session's process id
 (a later session of the same name is another process: its offsets start again).
 
-A reattach still asks the vault for everything it holds (as before) and ``SeenFilter`` drops
-what was shown: the process id in STARTED tells whether the cursor belongs to this session
-before any byte is dropped, which a resume offset sent in the OPEN could not. The replay is
-bounded by the vault's ring buffer (1 MiB by default). ``--from-start`` skips the filter.
+A plain reattach asks the vault to replay from the cursor (a named session's output may be
+65 MiB on the vault's disk: replaying it only to drop it would cost that much and hold the
+command up meanwhile). The process id in STARTED then tells whether the cursor was this
+session's: if the name now belongs to another run, the output before the cursor was not
+shown, and ``SeenFilter`` says so and how to see it (``--from-start``). A request that may
+create the session replays from 0, and the filter drops what was shown.
 
 Entries are bounded (the newest ``MAX_ENTRIES``); the file is replaced atomically, and a
 damaged one is treated as empty (it only saves repeating output).
@@ -16,9 +18,7 @@ damaged one is treated as empty (it only saves repeating output).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -47,17 +47,11 @@ def _key(vault: str, session_id: str) -> str:
     return f"{vault}/{session_id}"
 
 
-def _load(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def shown(vault: str, session_id: str) -> Cursor | None:
     """Where this machine stopped showing the session, if it ever showed it."""
-    entry = _load(_path()).get(_key(vault, session_id))
+    from flyvault.paths import load_state
+
+    entry = load_state(FILE).get(_key(vault, session_id))
     if not isinstance(entry, dict):
         return None
     offset, pid = entry.get("offset"), entry.get("pid")
@@ -69,8 +63,9 @@ def shown(vault: str, session_id: str) -> Cursor | None:
 def remember(vault: str, session_id: str, cursor: Cursor, now: float | None = None) -> None:
     """Record what was shown (best effort: a read-only state directory only costs a
     repeat on the next reattach)."""
-    path = _path()
-    entries = _load(path)
+    from flyvault.paths import load_state, save_state
+
+    entries = load_state(FILE)
     entries[_key(vault, session_id)] = {
         "offset": cursor.offset,
         "pid": cursor.pid,
@@ -80,10 +75,7 @@ def remember(vault: str, session_id: str, cursor: Cursor, now: float | None = No
         newest = sorted(entries.items(), key=lambda item: _age(item[1]), reverse=True)
         entries = dict(newest[:MAX_ENTRIES])
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        temp = path.with_name(f".{FILE}.{os.getpid()}")
-        temp.write_text(json.dumps(entries), encoding="utf-8")
-        os.replace(temp, path)
+        save_state(FILE, entries)
     except OSError as exc:
         log.info("could not record what was shown of session %s: %s", session_id, exc)
 
@@ -100,10 +92,19 @@ class SeenFilter:
     """Output hooks that drop what this machine already showed of the session and count
     what they pass on, so ``cursor`` is where the next reattach takes over."""
 
-    def __init__(self, previous: Cursor | None, stdout: Write, stderr: Write) -> None:
+    def __init__(
+        self,
+        previous: Cursor | None,
+        stdout: Write,
+        stderr: Write,
+        notice: Callable[[str], None] = lambda message: None,
+        from_start: str = "--from-start",
+    ) -> None:
         self._previous = previous
         self._stdout = stdout
         self._stderr = stderr
+        self._notice = notice
+        self._from_start = from_start
         self._skip_until = 0
         self._position = 0
         self._pid: int | None = None
@@ -113,8 +114,19 @@ class SeenFilter:
         self._position = started.offset
         self._pid = started.pid
         previous = self._previous
-        same = previous is not None and previous.pid == started.pid and not started.created
-        self._skip_until = previous.offset if same and previous is not None else 0
+        if previous is None or started.created:
+            self._skip_until = 0
+        elif previous.pid == started.pid:
+            self._skip_until = previous.offset
+        else:
+            self._skip_until = 0
+            if started.offset > 0:  # replayed from the old run's cursor: say what is missing
+                self._notice(
+                    f"session {started.session_id} is another run than the one shown here "
+                    f"before; its first {started.offset} bytes were not shown ({self._from_start} "
+                    "shows them)"
+                )
+            self._previous = None  # said once
 
     async def stdout(self, data: bytes) -> None:
         await self._pass(self._stdout, data)

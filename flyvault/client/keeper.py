@@ -419,13 +419,13 @@ class Keeper:
         await link.send(encode_json(MuxKind.RESULT, {"value": value}))
 
     async def _exec(self, link: _Link, hello: dict[str, Any]) -> int:
-        from flyvault.client.session_runner import output_hooks, remember_shown
+        from flyvault.client.session_runner import follow, remember_shown
         from flyvault.client.vault import ExecSession
 
         request = ExecRequest.from_fields(hello.get("request"))
         frontend = _FrameFrontend(link, hello)
         from_start = bool(hello.get("from_start"))
-        hooks, seen = output_hooks(
+        request, hooks, seen = follow(
             self.config.name, request, frontend, frontend.notice, from_start=from_start
         )
         session = ExecSession(self.vault, request, hooks)

@@ -138,24 +138,32 @@ async def run_attached(
         return int(exited.exit_status)
 
 
-def output_hooks(
+def follow(
     vault_name: str,
     request: ExecRequest,
     frontend: SessionFrontend,
     notice: Callable[[str], None],
     *,
     from_start: bool = False,
-) -> tuple[Any, SeenFilter | None]:
-    """The session's output hooks. A named session shows only what this machine has not
-    shown yet (``flyvault.client.cursors``), unless ``from_start``; the filter is returned
-    for ``remember_shown``."""
+) -> tuple[ExecRequest, Any, SeenFilter | None]:
+    """The request and output hooks for a session. A named session shows only what this
+    machine has not shown yet (``flyvault.client.cursors``), unless ``from_start``: a
+    plain reattach asks the vault to replay from there, and the filter drops what a replay
+    from earlier repeats (a creating request replays from 0: it may start the session).
+    The filter is returned for ``remember_shown``."""
     from flyvault.client.vault import ExecHooks
 
     if not request.keep:
-        return ExecHooks(frontend.write_stdout, frontend.write_stderr, notice=notice), None
+        hooks = ExecHooks(frontend.write_stdout, frontend.write_stderr, notice=notice)
+        return request, hooks, None
     previous = None if from_start else cursors.shown(vault_name, request.session_id)
-    seen = SeenFilter(previous, frontend.write_stdout, frontend.write_stderr)
-    return ExecHooks(seen.stdout, seen.stderr, started=seen.started, notice=notice), seen
+    if previous is not None and not request.creates:
+        fields = {**request.to_fields(), "resume_offset": previous.offset}
+        request = ExecRequest.from_fields(fields)
+    how = f"fly-vault exec {vault_name} --session {request.session_id} --from-start"
+    seen = SeenFilter(previous, frontend.write_stdout, frontend.write_stderr, notice, how)
+    hooks = ExecHooks(seen.stdout, seen.stderr, started=seen.started, notice=notice)
+    return request, hooks, seen
 
 
 def remember_shown(vault_name: str, request: ExecRequest, seen: SeenFilter | None) -> None:
