@@ -17,6 +17,7 @@ import bisect
 import logging
 import re
 import tempfile
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO, Literal
@@ -55,7 +56,10 @@ class OutputBuffer:
         self._file: BinaryIO | None = None
         self._data = bytearray()
         #: ``(offset, is_stderr)`` at every change of stream, oldest first.
-        self._runs: list[tuple[int, bool]] = []
+        #: Where the stream changes (offsets) and to which (1: stderr): arrays, not tuples,
+        #: since an interleaving command changes stream at every line (9 bytes a change).
+        self._run_offsets = array("Q")
+        self._run_stderr = bytearray()
         self.stdout_bytes = 0
         self.stderr_bytes = 0
         #: Bytes the vault's own buffer had lost before it could replay them to us.
@@ -79,8 +83,9 @@ class OutputBuffer:
     def append(self, data: bytes, *, stderr: bool = False) -> None:
         if not data:
             return
-        if not self._runs or self._runs[-1][1] != stderr:
-            self._runs.append((self.end, stderr))
+        if not self._run_stderr or self._run_stderr[-1] != stderr:
+            self._run_offsets.append(self.end)
+            self._run_stderr.append(stderr)
         self._data += data
         if stderr:
             self.stderr_bytes += len(data)
@@ -122,14 +127,18 @@ class OutputBuffer:
     def _trim_runs(self) -> None:
         """Forget stream changes no byte held needs: before the oldest byte held, and inside
         the gap of lost bytes (each time keeping the one a held byte lies in)."""
-        keep = bisect.bisect_right(self._runs, self.start, key=_run_offset) - 1
+        keep = bisect.bisect_right(self._run_offsets, self.start) - 1
         if keep > 0:
-            del self._runs[:keep]
+            self._forget_runs(0, keep)
         if self.file_end < self.mem_start:
-            first = bisect.bisect_right(self._runs, self.file_end, key=_run_offset)
-            last = bisect.bisect_right(self._runs, self.mem_start, key=_run_offset) - 1
+            first = bisect.bisect_right(self._run_offsets, self.file_end)
+            last = bisect.bisect_right(self._run_offsets, self.mem_start) - 1
             if last > first:
-                del self._runs[first:last]
+                self._forget_runs(first, last)
+
+    def _forget_runs(self, first: int, last: int) -> None:
+        del self._run_offsets[first:last]
+        del self._run_stderr[first:last]
 
     def skip_to(self, offset: int) -> None:
         """The vault replays from ``offset``; anything between ``end`` and it is lost. What
@@ -183,11 +192,12 @@ class OutputBuffer:
     def stream_sizes(self, begin: int, stop: int) -> tuple[int, int]:
         """How many of the bytes in ``[begin, stop)`` came on stdout and on stderr."""
         sizes = [0, 0]
-        index = max(0, bisect.bisect_right(self._runs, begin, key=_run_offset) - 1)
-        while index < len(self._runs) and self._runs[index][0] < stop:
-            start = max(begin, self._runs[index][0])
-            upto = self._runs[index + 1][0] if index + 1 < len(self._runs) else stop
-            sizes[self._runs[index][1]] += max(0, min(upto, stop) - start)
+        offsets, kinds = self._run_offsets, self._run_stderr
+        index = max(0, bisect.bisect_right(offsets, begin) - 1)
+        while index < len(offsets) and offsets[index] < stop:
+            start = max(begin, offsets[index])
+            upto = offsets[index + 1] if index + 1 < len(offsets) else stop
+            sizes[kinds[index]] += max(0, min(upto, stop) - start)
             index += 1
         return sizes[0], sizes[1]
 
@@ -212,20 +222,17 @@ class OutputBuffer:
         """``data`` (read from ``begin``) as its stdout part and its stderr part."""
         parts = (StreamBytes(begin), StreamBytes(begin))
         stop = begin + len(data)
-        index = max(0, bisect.bisect_right(self._runs, begin, key=_run_offset) - 1)
+        offsets, kinds = self._run_offsets, self._run_stderr
+        index = max(0, bisect.bisect_right(offsets, begin) - 1)
         position = begin
         while position < stop:
-            is_stderr = self._runs[index][1] if index < len(self._runs) else False
-            upto = self._runs[index + 1][0] if index + 1 < len(self._runs) else stop
+            is_stderr = bool(kinds[index]) if index < len(kinds) else False
+            upto = offsets[index + 1] if index + 1 < len(offsets) else stop
             upto = min(max(upto, position), stop)
             parts[is_stderr].add(position, data[position - begin : upto - begin])
             position = upto
             index += 1
         return parts
-
-
-def _run_offset(run: tuple[int, bool]) -> int:
-    return run[0]
 
 
 class StreamBytes:

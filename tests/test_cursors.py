@@ -102,3 +102,19 @@ def test_a_damaged_cursor_file_only_means_a_full_replay() -> None:
     assert cursors.shown("v", "s") == Cursor(5, 9)
     path.write_text(json.dumps({"v/s": {"offset": -1, "pid": 9}}))
     assert cursors.shown("v", "s") is None
+
+
+def test_the_same_pid_after_a_vault_restart_is_another_run() -> None:
+    shown, notices = bytearray(), []
+
+    async def main() -> Cursor | None:
+        previous = Cursor(100, 42, boot="boot-1")
+        seen = SeenFilter(previous, shown.extend, shown.extend, notices.append, boot=lambda: "b2")
+        seen.started(_Started(100, 42))  # the old cursor's offset, a new boot: not that run
+        await seen.stdout(b"new\n")
+        return seen.cursor
+
+    assert asyncio.run(main()) == Cursor(104, 42, "b2")
+    assert shown == b"new\n" and "its first 100 bytes were not shown" in notices[0]
+    cursors.remember("v", "s", Cursor(104, 42, "b2"))
+    assert cursors.shown("v", "s") == Cursor(104, 42, "b2")

@@ -277,7 +277,12 @@ async def _run_session(
     )
     from_start = bool(getattr(args, "from_start", False))
     request, hooks, seen = follow(
-        vault_config.name, request, frontend, console.notice, from_start=from_start
+        vault_config.name,
+        request,
+        frontend,
+        console.notice,
+        from_start=from_start,
+        boot=lambda: getattr(vault.current, "boot_id", None),
     )
     session = ExecSession(vault, request, hooks)
     listeners = []

@@ -35,6 +35,9 @@ MAX_ENTRIES = 256
 class Cursor:
     offset: int
     pid: int
+    #: The vault's boot id when it was shown: after a restart pids repeat, so a pid alone
+    #: could take another run of that name for this one (None: not known).
+    boot: str | None = None
 
 
 def _path() -> Path:
@@ -54,9 +57,9 @@ def shown(vault: str, session_id: str) -> Cursor | None:
     entry = load_state(FILE).get(_key(vault, session_id))
     if not isinstance(entry, dict):
         return None
-    offset, pid = entry.get("offset"), entry.get("pid")
+    offset, pid, boot = entry.get("offset"), entry.get("pid"), entry.get("boot")
     if isinstance(offset, int) and isinstance(pid, int) and offset >= 0:
-        return Cursor(offset, pid)
+        return Cursor(offset, pid, boot if isinstance(boot, str) else None)
     return None
 
 
@@ -69,6 +72,7 @@ def remember(vault: str, session_id: str, cursor: Cursor, now: float | None = No
     entries[_key(vault, session_id)] = {
         "offset": cursor.offset,
         "pid": cursor.pid,
+        "boot": cursor.boot,
         "at": time.time() if now is None else now,
     }
     if len(entries) > MAX_ENTRIES:
@@ -99,8 +103,11 @@ class SeenFilter:
         stderr: Write,
         notice: Callable[[str], None] = lambda message: None,
         from_start: str = "--from-start",
+        boot: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._previous = previous
+        self._boot = boot
+        self._boot_seen: str | None = None
         self._stdout = stdout
         self._stderr = stderr
         self._notice = notice
@@ -113,10 +120,11 @@ class SeenFilter:
         """STARTED: where the replay begins, and whether the cursor is this session's."""
         self._position = started.offset
         self._pid = started.pid
+        self._boot_seen = self._boot()
         previous = self._previous
         if previous is None or started.created:
             self._skip_until = 0
-        elif previous.pid == started.pid:
+        elif previous.pid == started.pid and _same_boot(previous.boot, self._boot_seen):
             self._skip_until = previous.offset
         else:
             self._skip_until = 0
@@ -150,7 +158,11 @@ class SeenFilter:
         """What has been shown so far (None before STARTED)."""
         if self._pid is None:
             return None
-        return Cursor(max(self._position, self._skip_until), self._pid)
+        return Cursor(max(self._position, self._skip_until), self._pid, self._boot_seen)
+
+
+def _same_boot(kept: str | None, now: str | None) -> bool:
+    return kept is None or now is None or kept == now
 
 
 __all__ = ["Cursor", "SeenFilter", "remember", "shown"]

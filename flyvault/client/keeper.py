@@ -426,7 +426,12 @@ class Keeper:
         frontend = _FrameFrontend(link, hello)
         from_start = bool(hello.get("from_start"))
         request, hooks, seen = follow(
-            self.config.name, request, frontend, frontend.notice, from_start=from_start
+            self.config.name,
+            request,
+            frontend,
+            frontend.notice,
+            from_start=from_start,
+            boot=lambda: getattr(self.vault.current, "boot_id", None),
         )
         session = ExecSession(self.vault, request, hooks)
         forward_stdin = bool(hello.get("forward_stdin"))

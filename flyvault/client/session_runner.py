@@ -145,12 +145,14 @@ def follow(
     notice: Callable[[str], None],
     *,
     from_start: bool = False,
+    boot: Callable[[], str | None] = lambda: None,
 ) -> tuple[ExecRequest, Any, SeenFilter | None]:
     """The request and output hooks for a session. A named session shows only what this
     machine has not shown yet (``flyvault.client.cursors``), unless ``from_start``: a
     plain reattach asks the vault to replay from there, and the filter drops what a replay
     from earlier repeats (a creating request replays from 0: it may start the session).
-    The filter is returned for ``remember_shown``."""
+    ``boot`` gives the vault's boot id (the cursor is that boot's). The filter is
+    returned for ``remember_shown``."""
     from flyvault.client.vault import ExecHooks
 
     if not request.keep:
@@ -161,7 +163,7 @@ def follow(
         fields = {**request.to_fields(), "resume_offset": previous.offset}
         request = ExecRequest.from_fields(fields)
     how = f"fly-vault exec {vault_name} --session {request.session_id} --from-start"
-    seen = SeenFilter(previous, frontend.write_stdout, frontend.write_stderr, notice, how)
+    seen = SeenFilter(previous, frontend.write_stdout, frontend.write_stderr, notice, how, boot)
     hooks = ExecHooks(seen.stdout, seen.stderr, started=seen.started, notice=notice)
     return request, hooks, seen
 
