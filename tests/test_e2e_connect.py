@@ -27,6 +27,7 @@ from flyvault.protocol.codec import FrameDecoder, encode_frame
 from flyvault.protocol.constants import (
     ERROR_FRAME,
     MAX_PAYLOAD,
+    MAX_PROTOCOL_VERSION,
     ControlFrame,
     ErrorCode,
     RuntimeStatus,
@@ -327,7 +328,7 @@ def test_version_mismatch_end_to_end(
             assert isinstance(event, ErrorReceived)
             error = event.error.to_exception()
             assert isinstance(error, VersionMismatch)
-            assert "client speaks 1..1, server speaks 2..4" in error.message
+            assert f"client speaks 1..1, server speaks 2..{MAX_PROTOCOL_VERSION}" in error.message
             channel.close_now()
         finally:
             server.close()

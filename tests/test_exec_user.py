@@ -70,7 +70,9 @@ def test_user_cwd_and_env_each_and_together(vault: str, tmp_path: Path) -> None:
     where = fv("exec", vault, "--cwd", str(tmp_path), "--", "pwd")
     assert (where.returncode, where.stdout) == (0, f"{tmp_path}\n"), where.stderr
 
-    env = fv("exec", vault, "--env", "FOO=bar", "--env", "EQ=a=b", "--", "sh", "-c", "echo $FOO $EQ")
+    env = fv(
+        "exec", vault, "--env", "FOO=bar", "--env", "EQ=a=b", "--", "sh", "-c", "echo $FOO $EQ"
+    )
     assert (env.returncode, env.stdout) == (0, "bar a=b\n"), env.stderr
 
     together = fv(
@@ -119,11 +121,16 @@ def test_unknown_user_and_missing_cwd_are_refused(vault: str) -> None:
 def test_reattach_keeps_the_sessions_own_user(vault: str) -> None:
     first = fv("exec", vault, "--session", "as-nobody", "--user", "nobody", "--", "id", "-un")
     assert (first.returncode, first.stdout) == (0, "nobody\n"), first.stderr
-    # The session exists: it is followed, not run again, whatever user the request names.
-    again = fv("exec", vault, "--session", "as-nobody", "--user", "root", "--", "id", "-un")
+    # The session exists: it is followed, not run again, whatever user the request names
+    # (--from-start: its whole output, not only what this machine has not shown).
+    again = fv(
+        "exec", vault, "--session", "as-nobody", "--from-start", "--user", "root", "--", "id", "-un"
+    )
     assert (again.returncode, again.stdout) == (0, "nobody\n"), again.stderr
-    plain = fv("exec", vault, "--session", "as-nobody")
+    plain = fv("exec", vault, "--session", "as-nobody", "--from-start")
     assert (plain.returncode, plain.stdout) == (0, "nobody\n"), plain.stderr
+    shown = fv("exec", vault, "--session", "as-nobody")  # all of it was shown here already
+    assert (shown.returncode, shown.stdout) == (0, ""), shown.stderr
     listing = json.loads(fv("list-exec", vault, "--json").stdout)
     assert [(s["session_id"], s["user"]) for s in listing] == [("as-nobody", "nobody")]
 
@@ -246,7 +253,9 @@ def _rootfs(path: Path) -> Path:
                 "etc/passwd",
                 b"root:x:0:0:root:/root:/bin/sh\ndev:x:1000:1000::/home/dev:/bin/sh\n",
             ),
-            regular("etc/group", b"root:x:0:\ndev:x:1000:\nwheel:x:10:root,dev\ndocker:x:999:dev\n"),
+            regular(
+                "etc/group", b"root:x:0:\ndev:x:1000:\nwheel:x:10:root,dev\ndocker:x:999:dev\n"
+            ),
             directory("root", 0o700),
             directory("home"),
             directory("home/dev", 0o750, uid=1000, gid=1000),
@@ -260,9 +269,7 @@ def _rootfs(path: Path) -> Path:
 
 
 @pytest.fixture
-def vm_vault(
-    tmp_path: Path, fly_api: object, issuer: OidcIssuer, exec_route: str
-) -> Iterator[str]:
+def vm_vault(tmp_path: Path, fly_api: object, issuer: OidcIssuer, exec_route: str) -> Iterator[str]:
     from flyvault.config import save_vault
 
     init = start_init(tmp_path, fly_api.path, host_mode=False)  # type: ignore[attr-defined]
