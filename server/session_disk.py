@@ -8,7 +8,8 @@ also goes to disk, under the session's own directory:
 
 - ``head``: the first ``head_bytes`` of output, kept whole for the session's life;
 - ``tail-<offset>``: segments (a sixteenth of the tail, 64 KiB to 4 MiB) after the head;
-  only the newest ``tail_bytes`` worth are kept, the oldest going when a new one starts.
+  at least the newest ``tail_bytes`` are kept (at most two segments more on disk), the
+  oldest segment going when a new one starts.
 
 Offsets are the log's own (absolute), and which stream each byte came on is kept too (a
 list of the offsets where the stream changes, trimmed with the segments). A read that falls
@@ -43,7 +44,7 @@ from .outputlog import ReadResult
 log = logging.getLogger("flyvault.server.sessions")
 
 #: Tail segments: a sixteenth of the tail, within these bounds (the tail is dropped a
-#: segment at a time, so it holds between 15/16 of ``tail_bytes`` and all of it).
+#: segment at a time, so it holds at least ``tail_bytes`` and at most two segments more).
 MIN_SEGMENT = 64 * 1024
 MAX_SEGMENT = 4 * 1024 * 1024
 
@@ -194,8 +195,10 @@ class DiskLog:
             self.budget.used -= segment.size
 
     def _drop_old_segments(self) -> None:
-        """Keep the newest ``tail_bytes`` (whole segments: at least the one being written)."""
-        keep = max(1, self.limits.tail_bytes // max(1, self.limits.segment_bytes))
+        """Keep at least the newest ``tail_bytes``: enough full segments to hold them, and
+        the one being written."""
+        segment = max(1, self.limits.segment_bytes)
+        keep = -(-self.limits.tail_bytes // segment) + 1
         while len(self._tail) > keep:
             self._drop(self._tail.pop(0))
         self._trim_runs()

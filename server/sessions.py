@@ -228,13 +228,13 @@ class Session:
 
     def _held_span(self) -> int:
         """How far behind the newest byte a reader may be and lose nothing: the ring, or
-        with a healthy disk log the disk tail (less the segment being dropped next), so a
+        with a healthy disk log the disk tail (which always holds ``tail_bytes``), so a
         reader replaying from disk does not pause the command."""
         disk = self.disk
         if disk is None or disk.failed:
             return self.log.capacity
         limits = disk.limits
-        return max(self.log.capacity, limits.tail_bytes - limits.segment_bytes)
+        return max(self.log.capacity, limits.tail_bytes)
 
     @property
     def output_held(self) -> bool:
