@@ -284,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cp.set_defaults(run=_lazy("flyvault.cli.cp", "run"))
 
+    from flyvault.cli.deploy import add_parser as add_deploy_parser
+
+    add_deploy_parser(commands)
+
     mux = commands.add_parser(
         "mux",
         help="the connection keepers: status, stop",

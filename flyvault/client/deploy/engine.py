@@ -1,0 +1,530 @@
+"""Apply, status and reverse of a deploy plan on one vault (the engine runs here, on the
+client; the vault needs nothing but ``/bin/sh``).
+
+Each step is decided as run or skip: skipped when the ledger holds it with the same
+fingerprint (and, for a step in the rootfs domain, the same rootfs identity), or when its
+guard says the work is done. The ledger is rewritten after every step, so a failure or a
+lost connection leaves an accurate record and the next apply resumes at the first step not
+done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from flyvault.client.deploy import blocks
+from flyvault.client.deploy.guest import Account, RunResult, VaultGuest
+from flyvault.client.deploy.ledger import (
+    BACKUPS,
+    LeaseHolder,
+    Ledger,
+    PlanRecord,
+    StepRecord,
+)
+from flyvault.client.deploy.plan import Plan, ResolvedStep, resolve
+from flyvault.errors import NotFoundError, VaultError
+
+
+@dataclass
+class Decision:
+    step: str
+    kind: str
+    action: str  # run | skip | failed
+    reason: str
+    detail: str = ""
+    exit_code: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ApplyReport:
+    plan: str
+    dry_run: bool
+    decisions: list[Decision] = field(default_factory=list)
+    status: str = "applied"
+
+    @property
+    def changed(self) -> int:
+        return sum(1 for d in self.decisions if d.action == "run")
+
+    @property
+    def failed(self) -> bool:
+        return any(d.action == "failed" for d in self.decisions)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "plan": self.plan,
+            "dry_run": self.dry_run,
+            "status": self.status,
+            "changed": self.changed,
+            "unchanged": sum(1 for d in self.decisions if d.action == "skip"),
+            "steps": [d.to_json() for d in self.decisions],
+        }
+
+
+class Engine:
+    def __init__(self, vault: Any, *, clock: Any = time.time) -> None:
+        self.guest = VaultGuest(vault)
+        self.ledger = Ledger(self.guest)
+        self.clock = clock
+
+    # -- apply ------------------------------------------------------------------------------
+
+    async def apply(
+        self,
+        plan: Plan,
+        *,
+        dry_run: bool = False,
+        force: frozenset[str] = frozenset(),
+        force_all: bool = False,
+        break_lock: bool = False,
+    ) -> ApplyReport:
+        account = await self.guest.account(plan.user)
+        report = ApplyReport(plan.name, dry_run)
+        if dry_run:
+            record = await self.ledger.load(plan.name)
+            rootfs_id = await self.ledger.rootfs_id(create=False)
+            for step in plan.steps:
+                resolved = resolve(step, account.home)
+                reason = self._up_to_date(resolved, record, rootfs_id, force, force_all)
+                if reason is None:
+                    reason = await self._guard(resolved, account) or ""
+                action = "skip" if reason else "run"
+                report.decisions.append(
+                    Decision(
+                        step.id,
+                        step.kind,
+                        action,
+                        reason or _why_run(resolved, record),
+                        _show(resolved),
+                    )
+                )
+            report.status = "dry-run"
+            return report
+        lease = LeaseHolder(self.guest, plan.name, clock=self.clock)
+        await lease.acquire(break_expired=break_lock)
+        try:
+            await self._apply_steps(plan, account, report, lease, force, force_all)
+        finally:
+            await lease.release()
+        return report
+
+    async def _apply_steps(
+        self,
+        plan: Plan,
+        account: Account,
+        report: ApplyReport,
+        lease: LeaseHolder,
+        force: frozenset[str],
+        force_all: bool,
+    ) -> None:
+        record = await self.ledger.load(plan.name) or PlanRecord(
+            plan.name, plan.user, account.home, plan.digest(), plan.path
+        )
+        record.status, record.started_at, record.finished_at = "partial", self.clock(), None
+        record.plan_digest, record.home, record.source = plan.digest(), account.home, plan.path
+        record.applied_by = f"fly-vault on {socket.gethostname()}"
+        rootfs_id = await self.ledger.rootfs_id(create=True)
+        await self.ledger.save(record)
+        for step in plan.steps:
+            resolved = resolve(step, account.home)
+            reason = self._up_to_date(resolved, record, rootfs_id, force, force_all)
+            if reason is not None:
+                report.decisions.append(Decision(step.id, step.kind, "skip", reason))
+                continue
+            await lease.renew(seconds=max(900.0, float(resolved.fields.get("timeout", 0)) + 120))
+            decision = await self._run_step(plan, resolved, account, record, rootfs_id)
+            report.decisions.append(decision)
+            await self.ledger.save(record)
+            if decision.action == "failed":
+                report.status = record.status = "partial"
+                await self.ledger.save(record)
+                return
+        record.status, record.finished_at = "applied", self.clock()
+        report.status = "applied"
+        await self.ledger.save(record)
+
+    def _up_to_date(
+        self,
+        resolved: ResolvedStep,
+        record: PlanRecord | None,
+        rootfs_id: str | None,
+        force: frozenset[str],
+        force_all: bool,
+    ) -> str | None:
+        """Why the step needs nothing (a skip reason), or None when it must run."""
+        if force_all or resolved.id in force:
+            return None
+        held = record.steps.get(resolved.id) if record else None
+        if held is None or held.state == "failed" or held.fingerprint != resolved.fingerprint:
+            return None
+        if held.domain == "rootfs" and held.rootfs_id != rootfs_id:
+            return None
+        return "unchanged" if held.state == "applied" else f"unchanged ({held.reason})"
+
+    async def _guard(self, resolved: ResolvedStep, account: Account) -> str | None:
+        """A shell step's guard: why it need not run (read-only probes), else None."""
+        if resolved.kind != "shell":
+            return None
+        creates = resolved.fields.get("creates")
+        if creates and await self.guest.exists(creates):
+            return f"guard: {creates} exists"
+        unless = resolved.fields.get("unless")
+        if unless:
+            result = await self.guest.run(
+                unless,
+                account=account,
+                as_user=resolved.as_user,
+                probe=True,
+                env=resolved.fields.get("env") or {},
+            )
+            if result.ok:
+                return "guard: 'unless' succeeded"
+        return None
+
+    async def _run_step(
+        self,
+        plan: Plan,
+        resolved: ResolvedStep,
+        account: Account,
+        record: PlanRecord,
+        rootfs_id: str | None,
+    ) -> Decision:
+        held = record.steps.get(resolved.id)
+        why = _why_run(resolved, record)
+        entry = StepRecord(
+            kind=resolved.kind,
+            domain=resolved.domain,
+            fingerprint=resolved.fingerprint,
+            state="applied",
+            rootfs_id=rootfs_id,
+            at=self.clock(),
+        )
+        guard = await self._guard(resolved, account)
+        if guard is not None:
+            entry.state, entry.reason = "skipped", guard
+            entry.reverse_ops = held.reverse_ops if held else []
+            record.steps[resolved.id] = entry
+            return Decision(resolved.id, resolved.kind, "skip", guard)
+        old_ops = held.reverse_ops if held and held.state != "failed" else []
+        step_runner = getattr(self, f"_do_{resolved.kind}")
+        result: RunResult | None = await step_runner(plan, resolved, account, entry, old_ops)
+        record.steps.pop(resolved.id, None)
+        record.steps[resolved.id] = entry  # moved to the end: reverse walks back in order
+        if result is not None and not result.ok:
+            entry.state, entry.exit_code = "failed", result.code
+            entry.stderr_tail = result.tail()
+            entry.reverse_ops = old_ops
+            entry.reason = f"exit code {result.code}"
+            return Decision(
+                resolved.id,
+                resolved.kind,
+                "failed",
+                f"exit code {result.code}",
+                entry.stderr_tail,
+                result.code,
+            )
+        return Decision(resolved.id, resolved.kind, "run", why)
+
+    # -- the step kinds --------------------------------------------------------------------
+
+    async def _do_shell(
+        self, plan: Plan, step: ResolvedStep, account: Account, entry: StepRecord, old: list[Any]
+    ) -> RunResult:
+        fields = step.fields
+        result = await self.guest.run(
+            fields["run"],
+            account=account,
+            as_user=step.as_user,
+            env=fields.get("env") or {},
+            timeout=float(fields["timeout"]),
+        )
+        if fields.get("reverse"):
+            entry.reverse_ops = [
+                {
+                    "kind": "shell",
+                    "as": "user" if step.as_user else "root",
+                    "command": fields["reverse"],
+                }
+            ]
+        return result
+
+    async def _do_file(
+        self, plan: Plan, step: ResolvedStep, account: Account, entry: StepRecord, old: list[Any]
+    ) -> None:
+        dest = step.fields["dest"]
+        data = step.step.data or b""
+        await self._retire(old, keep_target=dest, account=account)
+        kept = [op for op in old if op.get("target") == dest]
+        entry.reverse_ops = kept or [await self._backup(plan, step, dest)]
+        user = account.name if step.as_user and account.name != "root" else None
+        files = self.guest.files(user)
+        await files.write(
+            dest, data, mode=int(step.fields["mode"], 8), make_parents=True, fsync=True
+        )
+        return None
+
+    async def _backup(self, plan: Plan, step: ResolvedStep, dest: str) -> dict[str, Any]:
+        """The reverse op for a file about to be written: restore what was there, else remove."""
+        op: dict[str, Any] = {
+            "kind": "rm-file",
+            "target": dest,
+            "as": "user" if step.as_user else "root",
+        }
+        files = self.guest.files()
+        try:
+            info = await files.stat(dest)
+        except NotFoundError:
+            return op
+        if info.kind != "file":
+            raise VaultError(f"{dest} exists on the vault and is a {info.kind}, not a file")
+        backup = f"{BACKUPS}/{plan.name}/{step.id}/{hashlib.sha256(dest.encode()).hexdigest()[:16]}"
+        data = await files.read_bytes(dest)
+        await files.write(backup, data, mode=0o600, make_parents=True, fsync=True)
+        return {
+            "kind": "restore-file",
+            "target": dest,
+            "backup": backup,
+            "mode": info.mode & 0o7777,
+            "uid": info.uid,
+            "gid": info.gid,
+        }
+
+    async def _do_env(
+        self, plan: Plan, step: ResolvedStep, account: Account, entry: StepRecord, old: list[Any]
+    ) -> None:
+        home = account.home
+        path = f"{home}/{blocks.ENV_DIR}/{blocks.env_file_name(plan.name, step.id)}"
+        text = blocks.env_file(plan.name, step.id, step.fields["vars"], step.fields["path_prepend"])
+        files = self.guest.files(account.name if account.name != "root" else None)
+        await files.write(path, text.encode(), mode=0o644, make_parents=True)
+        body = blocks.env_block_body(home)
+        for rc in blocks.profile_files(home, account.shell):
+            await self._edit(rc, account, lambda t: blocks.upsert_block(t, blocks.ENV_BLOCK, body))
+        entry.reverse_ops = [{"kind": "remove-env-file", "target": path, "as": "user"}]
+        return None
+
+    async def _do_snippet(
+        self, plan: Plan, step: ResolvedStep, account: Account, entry: StepRecord, old: list[Any]
+    ) -> None:
+        rc = step.fields["file"]
+        key = f"{plan.name}/{step.id}"
+        await self._retire(old, keep_target=rc, account=account)
+        await self._edit(
+            rc, account, lambda t: blocks.upsert_block(t, key, step.fields["body"]), step.as_user
+        )
+        entry.reverse_ops = [
+            {
+                "kind": "remove-block",
+                "target": rc,
+                "key": key,
+                "as": "user" if step.as_user else "root",
+            }
+        ]
+        return None
+
+    async def _edit(self, path: str, account: Account, change: Any, as_user: bool = True) -> None:
+        """Read-modify-write of a text file, swapped only if unchanged meanwhile."""
+        from flyvault.client.files import EXPECT_ABSENT
+
+        user = account.name if as_user and account.name != "root" else None
+        files = self.guest.files(user)
+        try:
+            data = await files.read_bytes(path)
+            mode, expect = (await files.stat(path)).mode & 0o7777, hashlib.sha256(data).hexdigest()
+        except NotFoundError:
+            data, mode, expect = b"", 0o644, EXPECT_ABSENT
+        new = change(data.decode("utf-8")).encode()
+        if new == data:
+            return
+        await files.write(path, new, mode=mode, make_parents=True, expect_sha256=expect)
+
+    async def _retire(
+        self, old: list[dict[str, Any]], *, keep_target: str, account: Account
+    ) -> None:
+        """Undo what an earlier version of a step did to targets it no longer covers."""
+        for op in reversed(old):
+            if op.get("target") != keep_target:
+                await self.undo(op, account)
+
+    # -- reverse -----------------------------------------------------------------------------
+
+    async def reverse(
+        self, name: str, *, dry_run: bool = False, break_lock: bool = False
+    ) -> ApplyReport:
+        record = await self.ledger.load(name)
+        report = ApplyReport(name, dry_run, status="reversed")
+        if record is None:
+            raise NotFoundError(
+                f"no plan {name!r} is recorded on this vault",
+                hint="'fly-vault deploy status VAULT' lists the plans applied there",
+            )
+        account = await self.guest.account(record.user)
+        if dry_run:
+            for step_id, step in reversed(record.steps.items()):
+                for op in reversed(step.reverse_ops):
+                    report.decisions.append(
+                        Decision(step_id, step.kind, "run", op["kind"], _describe(op))
+                    )
+            report.status = "dry-run"
+            return report
+        lease = LeaseHolder(self.guest, name, clock=self.clock)
+        await lease.acquire(break_expired=break_lock)
+        try:
+            for step_id, step in reversed(list(record.steps.items())):
+                for op in reversed(step.reverse_ops):
+                    try:
+                        await self.undo(op, account)
+                        report.decisions.append(
+                            Decision(step_id, step.kind, "run", op["kind"], _describe(op))
+                        )
+                    except VaultError as exc:
+                        report.status = "partial"
+                        report.decisions.append(
+                            Decision(step_id, step.kind, "failed", op["kind"], str(exc))
+                        )
+            if report.status != "partial":
+                await self.ledger.delete(name)
+        finally:
+            await lease.release()
+        return report
+
+    async def undo(self, op: dict[str, Any], account: Account) -> None:
+        """One recorded reverse op; "already gone" is success."""
+        kind, target = op["kind"], op.get("target", "")
+        as_user = op.get("as") == "user"
+        user = account.name if as_user and account.name != "root" else None
+        files = self.guest.files(user)
+        if kind == "shell":
+            result = await self.guest.run(op["command"], account=account, as_user=as_user)
+            if not result.ok:
+                raise VaultError(f"reverse command exited {result.code}: {result.tail().strip()}")
+        elif kind in ("rm-file", "remove-env-file"):
+            with contextlib.suppress(NotFoundError):
+                await files.remove(target)
+            if kind == "remove-env-file":
+                await self._drop_env_block(account)
+        elif kind == "restore-file":
+            root = self.guest.files()
+            data = await root.read_bytes(op["backup"])
+            await root.write(target, data, mode=op["mode"], fsync=True)
+            await root.chown(target, op["uid"], op["gid"])
+            await root.chmod(target, op["mode"])
+            await root.remove(op["backup"])
+        elif kind == "remove-block":
+            await self._edit(target, account, lambda t: blocks.remove_block(t, op["key"]), as_user)
+        else:
+            raise VaultError(
+                f"unknown reverse op {kind!r} in the ledger (a newer fly-vault wrote it)"
+            )
+
+    async def _drop_env_block(self, account: Account) -> None:
+        directory = f"{account.home}/{blocks.ENV_DIR}"
+        try:
+            left = [
+                e for e in await self.guest.files().list_dir(directory) if e.name.endswith(".sh")
+            ]
+        except NotFoundError:
+            left = []
+        if left:
+            return
+        for rc in blocks.profile_files(account.home, account.shell):
+            with contextlib.suppress(NotFoundError):
+                await self._edit(rc, account, lambda t: blocks.remove_block(t, blocks.ENV_BLOCK))
+
+    # -- status ------------------------------------------------------------------------------
+
+    async def status(self, name: str | None, plan: Plan | None) -> list[dict[str, Any]]:
+        """Each recorded plan (or the one named) with its steps' states."""
+        names = [name] if name else await self.ledger.names()
+        rootfs_id = await self.ledger.rootfs_id(create=False)
+        out = []
+        for plan_name in names:
+            record = await self.ledger.load(plan_name)
+            if record is None:
+                out.append({"plan": plan_name, "status": "not applied", "steps": _pending(plan)})
+                continue
+            out.append(
+                await self._plan_status(
+                    record, plan if plan and plan.name == plan_name else None, rootfs_id
+                )
+            )
+        return out
+
+    async def _plan_status(
+        self, record: PlanRecord, plan: Plan | None, rootfs_id: str | None
+    ) -> dict[str, Any]:
+        steps = []
+        wanted = {s.id: resolve(s, record.home) for s in plan.steps} if plan else {}
+        for step_id, step in record.steps.items():
+            state = step.state
+            if step.domain == "rootfs" and step.rootfs_id != rootfs_id and state != "failed":
+                state = "lost"
+            elif plan is not None and step_id not in wanted:
+                state = "orphaned"
+            elif plan is not None and wanted[step_id].fingerprint != step.fingerprint:
+                state = "changed"
+            steps.append(
+                {
+                    "id": step_id,
+                    "kind": step.kind,
+                    "state": state,
+                    "reason": step.reason,
+                    "exit_code": step.exit_code,
+                    "stderr_tail": step.stderr_tail,
+                    "domain": step.domain,
+                }
+            )
+        for step_id, resolved in wanted.items():
+            if step_id not in record.steps:
+                steps.append({"id": step_id, "kind": resolved.kind, "state": "pending"})
+        converged = record.status == "applied" and all(
+            s["state"] in ("applied", "skipped") for s in steps
+        )
+        return {
+            "plan": record.name,
+            "status": record.status,
+            "converged": converged,
+            "user": record.user,
+            "finished_at": record.finished_at,
+            "steps": steps,
+        }
+
+
+def _pending(plan: Plan | None) -> list[dict[str, Any]]:
+    return [{"id": s.id, "kind": s.kind, "state": "pending"} for s in (plan.steps if plan else ())]
+
+
+def _why_run(resolved: ResolvedStep, record: PlanRecord | None) -> str:
+    held = record.steps.get(resolved.id) if record else None
+    if held is None:
+        return "new"
+    if held.state == "failed":
+        return "failed before"
+    if held.fingerprint != resolved.fingerprint:
+        return "changed"
+    return "rootfs replaced" if held.domain == "rootfs" else "forced"
+
+
+def _show(resolved: ResolvedStep) -> str:
+    fields = resolved.fields
+    if resolved.kind == "shell":
+        return str(fields["run"])
+    if resolved.kind == "file":
+        return f"write {fields['dest']} ({fields['mode']}, sha256 {fields['sha256'][:12]})"
+    if resolved.kind == "env":
+        return "env.d file: " + ", ".join(sorted(fields["vars"]) + fields["path_prepend"])
+    return f"block in {fields['file']}"
+
+
+def _describe(op: dict[str, Any]) -> str:
+    if op["kind"] == "shell":
+        return str(op["command"])
+    return f"{op['kind']} {op.get('target', '')}".strip()

@@ -1,0 +1,332 @@
+"""``fly-vault deploy`` end to end, as root: a busybox rootfs in the workload's namespaces,
+the real init over QUIC on 127.0.0.1, and the CLI as a user runs it.
+
+One plan with every kind this version runs (shell with guards and a reverse, file from
+inline content and from a source file, env, snippet), applied, re-applied (0 changed), one
+source edited (1 changed), a failing step (partial, resumed), the lease, a dry run that
+changes nothing, and a reverse that gives back the pre-existing files byte for byte."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import InitProcess, run_async, start_init, vault_entry
+from test_provision_e2e import BUSYBOX, configure, fv
+
+from flyvault.standins import OidcIssuer
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="namespaces and pivot_root need root"),
+    pytest.mark.skipif(not BUSYBOX.exists(), reason="needs /bin/busybox (busybox-static)"),
+    pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare"),
+]
+
+APPLETS = ("sh", "ls", "cat", "echo", "id", "mkdir", "rm", "touch", "test", "[", "printf")
+PASSWD = "root:x:0:0:root:/root:/bin/sh\ndev:x:1000:1000:Dev:/home/dev:/bin/sh\n"
+PROFILE = b"export A=1"  # no final newline: the block must come out byte for byte
+MOTD = b"the old motd\n"
+LEDGER = "/root/.local/state/fly-vault/deploy"
+
+
+@pytest.fixture
+def vm_init(tmp_path: Path, fly_api: Any) -> Any:
+    init = start_init(tmp_path, fly_api.path, host_mode=False)
+    yield init
+    init.stop()
+
+
+def deploy_rootfs(path: Path) -> Path:
+    tree = path.with_suffix(".tree")
+    for sub in ("bin", "etc", "root", "home/dev", "tmp", "proc", "dev"):
+        (tree / sub).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(BUSYBOX, tree / "bin/busybox")
+    for applet in APPLETS:
+        (tree / "bin" / applet).symlink_to("busybox")
+    (tree / "etc/passwd").write_text(PASSWD)
+    (tree / "etc/group").write_text("root:x:0:\ndev:x:1000:\n")
+    (tree / "etc/motd").write_bytes(MOTD)
+    (tree / "home/dev/.profile").write_bytes(PROFILE)
+    os.chown(tree / "home/dev", 1000, 1000)
+    os.chown(tree / "home/dev/.profile", 1000, 1000)
+    os.chmod(tree / "tmp", 0o1777)
+    with tarfile.open(path, "w:gz") as archive:
+        archive.add(tree, arcname=".")
+    return path
+
+
+PLAN = """\
+schema = 1
+name = "dev-box"
+[target]
+user = "dev"
+[vars]
+GREETING = "from fly-vault"
+
+[[step]]
+id = "data-dir"
+kind = "shell"
+run = "mkdir -p /opt/data && echo ok > /opt/data/marker"
+creates = "/opt/data/marker"
+reverse = "rm -rf /opt/data"
+
+[[step]]
+id = "motd"
+kind = "file"
+dest = "/etc/motd"
+content = "hello ${GREETING}\\n"
+
+[[step]]
+id = "gitconfig"
+kind = "file"
+source = "files/gitconfig"
+dest = "{{home}}/.gitconfig"
+mode = "0600"
+
+[[step]]
+id = "env"
+kind = "env"
+vars = { EDITOR = "vim" }
+path_prepend = ["{{home}}/.local/bin"]
+
+[[step]]
+id = "aliases"
+kind = "snippet"
+file = "{{home}}/.profile"
+body = "alias ll='ls -l'"
+
+[[step]]
+id = "as-user"
+kind = "shell"
+as = "user"
+run = "touch \\"$HOME/user-was-here\\""
+creates = "{{home}}/user-was-here"
+"""
+
+
+def write_plan(
+    directory: Path, text: str = PLAN, gitconfig: str = "[user]\n  name = Dev\n"
+) -> Path:
+    (directory / "files").mkdir(parents=True, exist_ok=True)
+    (directory / "files/gitconfig").write_text(gitconfig)
+    plan = directory / "plan.toml"
+    plan.write_text(text)
+    return plan
+
+
+def on_vm(port: int, issuer: OidcIssuer, rootfs: Path, body: Any) -> Any:
+    from flyvault.client import Vault
+
+    async def run() -> Any:
+        vault = Vault(vault_entry(port, issuer, name="vm", rootfs=str(rootfs)))
+        try:
+            return await body(vault)
+        finally:
+            await vault.close()
+
+    return run_async(run())
+
+
+def report(result: Any) -> dict[str, Any]:
+    assert result.returncode in (0, 1), result.stderr.decode()
+    return json.loads(result.stdout)
+
+
+def test_apply_reapply_edit_fail_resume_and_reverse(
+    tmp_path: Path, vm_init: InitProcess, issuer: OidcIssuer
+) -> None:
+    rootfs = deploy_rootfs(tmp_path / "rootfs.tar.gz")
+    configure(vm_init.port, issuer, rootfs=str(rootfs))
+    plan = write_plan(tmp_path / "plan")
+
+    first = fv("deploy", "apply", "vm", str(plan), "--json")
+    assert first.returncode == 0, first.stderr.decode()
+    data = report(first)
+    assert data["changed"] == 6 and data["status"] == "applied"
+
+    async def look(vault: Any) -> dict[str, Any]:
+        files = vault.files()
+        out: dict[str, Any] = {
+            "motd": await files.read_bytes("/etc/motd"),
+            "marker": await files.read_bytes("/opt/data/marker"),
+            "gitconfig": await files.stat("/home/dev/.gitconfig"),
+            "touched": await files.stat("/home/dev/user-was-here"),
+            "profile": await files.read_bytes("/home/dev/.profile"),
+        }
+        return out
+
+    seen = on_vm(vm_init.port, issuer, rootfs, look)
+    assert seen["motd"] == b"hello from fly-vault\n"
+    assert seen["marker"] == b"ok\n"
+    assert (seen["gitconfig"].uid, seen["gitconfig"].mode & 0o777) == (1000, 0o600)
+    assert seen["touched"].uid == 1000  # the user step ran as dev
+    profile = seen["profile"].decode()
+    assert profile.startswith("export A=1\n# >>> fly-vault env >>> +newline\n")
+    assert "alias ll='ls -l'" in profile
+
+    # The env block works in a login shell, and sourcing the profile twice keeps PATH short.
+    login = fv(
+        "exec",
+        "vm",
+        "--user",
+        "dev",
+        "--",
+        "sh",
+        "-c",
+        '. ~/.profile; . ~/.profile; echo "$EDITOR|$PATH"',
+    )
+    assert login.returncode == 0, login.stderr.decode()
+    editor, path = login.stdout.decode().strip().split("|")
+    assert editor == "vim"
+    assert path.split(":").count("/home/dev/.local/bin") == 1
+
+    again = report(fv("deploy", "apply", "vm", str(plan), "--json"))
+    assert again["changed"] == 0
+    assert {step["action"] for step in again["steps"]} == {"skip"}
+    text = fv("deploy", "apply", "vm", str(plan))
+    assert b"0 changed, 6 unchanged" in text.stdout
+
+    status = fv("deploy", "status", "vm", str(plan))
+    assert status.returncode == 0, status.stdout.decode() + status.stderr.decode()
+
+    # One edited source re-runs that step only.
+    write_plan(tmp_path / "plan", gitconfig="[user]\n  name = Dev Two\n")
+    edited = report(fv("deploy", "apply", "vm", str(plan), "--json"))
+    assert [s["step"] for s in edited["steps"] if s["action"] == "run"] == ["gitconfig"]
+    changed_first = report(fv("deploy", "apply", "vm", str(plan), "--json", "--dry-run"))
+    assert changed_first["changed"] == 0
+
+    # A failing step: exit code and stderr in the ledger, status partial, resumed later.
+    failing = PLAN + '\n[[step]]\nid = "boom"\nkind = "shell"\nrun = "echo broken >&2; exit 3"\n'
+    plan.write_text(failing)
+    failed = fv("deploy", "apply", "vm", str(plan), "--json")
+    assert failed.returncode == 1
+    body = report(failed)
+    assert body["status"] == "partial"
+    boom = next(s for s in body["steps"] if s["step"] == "boom")
+    assert boom["action"] == "failed" and boom["exit_code"] == 3 and "broken" in boom["detail"]
+    partial = fv("deploy", "status", "vm", "dev-box", "--json")
+    assert partial.returncode == 1
+    listed = json.loads(partial.stdout)["plans"][0]
+    assert listed["status"] == "partial"
+    assert {s["id"]: s["state"] for s in listed["steps"]}["boom"] == "failed"
+    plan.write_text(failing.replace("exit 3", "exit 0"))
+    resumed = report(fv("deploy", "apply", "vm", str(plan), "--json"))
+    assert [s["step"] for s in resumed["steps"] if s["action"] == "run"] == ["boom"]
+    assert resumed["status"] == "applied"
+
+    # Reverse: recorded ops in reverse order; pre-existing files come back byte for byte.
+    dry_undo = fv("deploy", "reverse", "vm", "dev-box", "--dry-run", "--json")
+    order = [s["step"] for s in json.loads(dry_undo.stdout)["steps"]]
+    # Last applied, first undone (gitconfig re-ran after its edit, so it is the newest).
+    assert order == ["gitconfig", "aliases", "env", "motd", "data-dir"], order
+    undo = fv("deploy", "reverse", "vm", "dev-box")
+    assert undo.returncode == 0, undo.stdout.decode() + undo.stderr.decode()
+
+    async def after(vault: Any) -> dict[str, Any]:
+        from flyvault.errors import NotFoundError
+
+        files = vault.files()
+        out: dict[str, Any] = {
+            "motd": await files.read_bytes("/etc/motd"),
+            "profile": await files.read_bytes("/home/dev/.profile"),
+        }
+        for path in (
+            "/home/dev/.gitconfig",
+            "/opt/data",
+            f"{LEDGER}/plans/dev-box.json",
+            "/home/dev/.config/fly-vault/env.d/dev-box.env.sh",
+        ):
+            try:
+                await files.stat(path)
+                out[path] = "present"
+            except NotFoundError:
+                out[path] = "gone"
+        return out
+
+    gone = on_vm(vm_init.port, issuer, rootfs, after)
+    assert gone["motd"] == MOTD
+    assert gone["profile"] == PROFILE, undo.stdout.decode()
+    assert {k: v for k, v in gone.items() if k.startswith("/")} == dict.fromkeys(
+        (
+            "/home/dev/.gitconfig",
+            "/opt/data",
+            f"{LEDGER}/plans/dev-box.json",
+            "/home/dev/.config/fly-vault/env.d/dev-box.env.sh",
+        ),
+        "gone",
+    )
+    nothing = fv("deploy", "status", "vm")
+    assert nothing.returncode == 1 and b"no plan is recorded" in nothing.stdout
+
+
+def test_dry_run_changes_nothing_and_the_lease_refuses_a_second_applier(
+    tmp_path: Path, vm_init: InitProcess, issuer: OidcIssuer
+) -> None:
+    rootfs = deploy_rootfs(tmp_path / "rootfs.tar.gz")
+    configure(vm_init.port, issuer, rootfs=str(rootfs))
+    plan = write_plan(tmp_path / "plan")
+
+    async def snapshot(vault: Any) -> dict[str, Any]:
+        result = await listing(vault.files(), "/")
+        return result
+
+    before = on_vm(vm_init.port, issuer, rootfs, snapshot)
+    dry = fv("deploy", "apply", "vm", str(plan), "--dry-run")
+    assert dry.returncode == 0, dry.stderr.decode()
+    assert b"6 to run" in dry.stdout and b"mkdir -p /opt/data" in dry.stdout
+    assert on_vm(vm_init.port, issuer, rootfs, snapshot) == before
+
+    # A live lease held by another applier refuses this one; an expired one needs
+    # --break-lock.
+    async def plant(vault: Any, expires: float) -> None:
+        files = vault.files()
+        await files.mkdir(LEDGER, parents=True, exist_ok=True)
+        lease = {
+            "owner": "other",
+            "host": "elsewhere",
+            "pid": 1,
+            "plan": "x",
+            "started": time.time(),
+            "expires": expires,
+        }
+        await files.write(f"{LEDGER}/lease.json", json.dumps(lease).encode())
+
+    on_vm(vm_init.port, issuer, rootfs, lambda v: plant(v, time.time() + 600))
+    held = fv("deploy", "apply", "vm", str(plan))
+    assert held.returncode != 0 and b"another deploy holds the vault's lease" in held.stderr
+    assert b"elsewhere" in held.stderr
+    on_vm(vm_init.port, issuer, rootfs, lambda v: plant(v, time.time() - 1))
+    stale = fv("deploy", "apply", "vm", str(plan))
+    assert stale.returncode != 0 and b"--break-lock" in stale.stderr
+    broken = fv("deploy", "apply", "vm", str(plan), "--break-lock")
+    assert broken.returncode == 0, broken.stderr.decode()
+
+    from flyvault.client.deploy.guest import VaultGuest
+
+    async def check(vault: Any) -> str | None:
+        return await VaultGuest(vault).read_text(f"{LEDGER}/lease.json")
+
+    assert on_vm(vm_init.port, issuer, rootfs, check) is None  # released at the end
+
+
+async def listing(files: Any, top: str) -> dict[str, Any]:
+    """Every path under ``top`` (but /proc and /dev) with its kind, mode, owner and size."""
+    out: dict[str, Any] = {}
+    pending = [top]
+    while pending:  # bounded by the tree's size
+        directory = pending.pop()
+        for entry in await files.list_dir(directory):
+            path = entry.path
+            if path in ("/proc", "/dev", "/sys"):
+                continue
+            out[path] = (entry.kind, entry.mode, entry.uid, entry.size, entry.mtime_ns)
+            if entry.kind == "dir":
+                pending.append(path)
+    return out
