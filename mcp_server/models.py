@@ -95,6 +95,26 @@ class ExecResult(BaseModel):
     next_step: str | None
 
 
+# The fields of ``ExecResult`` published as exec's output schema: what agents branch on.
+# The others (byte counts, offsets, timing) are in every result all the same (the schema
+# does not forbid extra keys) and described in references/mcp-tools.md; listing them would
+# cost every session's tools/list more than their types tell. (A comment, not a docstring:
+# a docstring would be sent as the schema's description.)
+class ExecResultSchema(BaseModel):
+    vault: str
+    session_id: str
+    running: bool
+    exit_code: int | None
+    signal: int | None
+    timed_out: bool
+    tty: bool
+    stdout: str
+    stderr: str
+    next_offset: int
+    dropped_bytes: int
+    next_step: str | None
+
+
 class SendInputResult(BaseModel):
     vault: str
     session_id: str

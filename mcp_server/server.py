@@ -345,13 +345,14 @@ def build_server(state: State | None = None, *, tenant_tool: bool | None = None)
     import os
 
     from .tools_admin import admin_tools, tenant_tools
+    from .tools_deploy import deploy_tools
     from .tools_files import file_tools
     from .tools_vault import vault_tools
 
     state = state or make_state()
     tenants = bool(os.environ.get("FLY_API_TOKEN")) if tenant_tool is None else tenant_tool
     server = VaultMCP(state, instructions=INSTRUCTIONS + ("" if tenants else NO_TENANT_TOOL))
-    registries = [vault_tools, file_tools, admin_tools]  # tools/list shows them in this order
+    registries = [vault_tools, file_tools, admin_tools, deploy_tools]  # tools/list shows them in this order
     if tenants:
         registries.append(tenant_tools)
     for registry in registries:

@@ -28,6 +28,7 @@ from flyvault.errors import UsageError
 from .hints import for_agent
 from .models import (
     ExecResult,
+    ExecResultSchema,
     ForwardList,
     SendInputResult,
     SessionList,
@@ -205,7 +206,7 @@ async def exec_tool(
     pattern: PatternArg = None,
     max_output_bytes: MaxOutput = 32 * 1024,
     tty: bool = False,
-) -> Annotated[CallToolResult, ExecResult]:
+) -> Annotated[CallToolResult, ExecResultSchema]:
     """Run command (sh -c) or argv until exit or wait_seconds; stdout, stderr apart,
     bounded. Cancel stops it."""
     _check_exec(context, timeout_seconds)

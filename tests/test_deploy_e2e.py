@@ -330,3 +330,41 @@ async def listing(files: Any, top: str) -> dict[str, Any]:
             if entry.kind == "dir":
                 pending.append(path)
     return out
+
+
+def test_after_a_reprovision_only_the_rootfs_steps_are_lost_and_run_again(
+    tmp_path: Path, vm_init: InitProcess, issuer: OidcIssuer
+) -> None:
+    rootfs = deploy_rootfs(tmp_path / "rootfs.tar.gz")
+    configure(vm_init.port, issuer, rootfs=str(rootfs))
+    plan = write_plan(tmp_path / "plan")
+    assert fv("deploy", "apply", "vm", str(plan)).returncode == 0
+
+    again = fv("reprovision", "vm", "--yes")
+    assert again.returncode == 0, again.stderr.decode()
+    status = fv("deploy", "status", "vm", "dev-box", "--json")
+    assert status.returncode == 1  # not converged: the rootfs went
+    states = {s["id"]: s["state"] for s in json.loads(status.stdout)["plans"][0]["steps"]}
+    assert states == {
+        "data-dir": "lost",  # /opt: the rootfs
+        "motd": "lost",  # /etc: the rootfs
+        "gitconfig": "applied",  # /home survives
+        "env": "applied",
+        "aliases": "applied",
+        "as-user": "lost",  # a shell step is in the rootfs domain unless it says home
+    }
+    rerun = report(fv("deploy", "apply", "vm", str(plan), "--json"))
+    decided = {s["step"]: (s["action"], s["reason"]) for s in rerun["steps"]}
+    assert decided["data-dir"] == ("run", "rootfs replaced")
+    assert decided["motd"] == ("run", "rootfs replaced")
+    assert decided["as-user"][0] == "skip" and "guard" in decided["as-user"][1]  # in /home
+    assert {decided[k][0] for k in ("gitconfig", "env", "aliases")} == {"skip"}
+    assert fv("deploy", "status", "vm", str(plan)).returncode == 0
+
+    # The motd step backed up the new rootfs's own file, not the old one's.
+    assert fv("deploy", "reverse", "vm", "dev-box").returncode == 0
+
+    async def motd(vault: Any) -> bytes:
+        return bytes(await vault.files().read_bytes("/etc/motd"))
+
+    assert on_vm(vm_init.port, issuer, rootfs, motd) == MOTD

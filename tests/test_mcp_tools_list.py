@@ -39,6 +39,7 @@ DESTRUCTIVE = {
     "reprovision",
     "local_vault",
     "tenant",
+    "deploy",
 }
 READ_ONLY = {"vault_status", "read_output", "list_exec", "read_file", "list_dir", "job_status"}
 

@@ -207,13 +207,15 @@ class Engine:
             rootfs_id=rootfs_id,
             at=self.clock(),
         )
+        # What an earlier apply recorded is void when that apply failed, or when its effects
+        # went with a replaced rootfs (a backup taken there is of a file that no longer is).
+        lost = held is not None and held.domain == "rootfs" and held.rootfs_id != rootfs_id
+        old_ops = held.reverse_ops if held and held.state != "failed" and not lost else []
         guard = await self._guard(resolved, account)
         if guard is not None:
-            entry.state, entry.reason = "skipped", guard
-            entry.reverse_ops = held.reverse_ops if held else []
+            entry.state, entry.reason, entry.reverse_ops = "skipped", guard, old_ops
             record.steps[resolved.id] = entry
             return Decision(resolved.id, resolved.kind, "skip", guard)
-        old_ops = held.reverse_ops if held and held.state != "failed" else []
         step_runner = getattr(self, f"_do_{resolved.kind}")
         result: RunResult | None = await step_runner(plan, resolved, account, entry, old_ops)
         record.steps.pop(resolved.id, None)
