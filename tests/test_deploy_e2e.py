@@ -368,3 +368,119 @@ def test_after_a_reprovision_only_the_rootfs_steps_are_lost_and_run_again(
         return bytes(await vault.files().read_bytes("/etc/motd"))
 
     assert on_vm(vm_init.port, issuer, rootfs, motd) == MOTD
+
+
+def test_verify_finds_drift_prune_undoes_dropped_steps_and_wait_takes_a_freed_lease(
+    tmp_path: Path, vm_init: InitProcess, issuer: OidcIssuer
+) -> None:
+    import subprocess
+    import sys
+
+    rootfs = deploy_rootfs(tmp_path / "rootfs.tar.gz")
+    configure(vm_init.port, issuer, rootfs=str(rootfs))
+    plan = write_plan(tmp_path / "plan")
+
+    # Through the engine, with the guest recording what it ran: a re-apply runs nothing.
+    from flyvault.client.deploy import load_plan
+    from flyvault.client.deploy.engine import Engine
+
+    async def twice(vault: Any) -> tuple[list[str], list[str], int]:
+        first = Engine(vault)
+        await first.apply(load_plan(plan))
+        second = Engine(vault)
+        report = await second.apply(load_plan(plan))
+        return first.guest.probes, second.guest.probes, report.changed
+
+    ran_first, ran_again, changed = on_vm(vm_init.port, issuer, rootfs, twice)
+    assert any(p.startswith("run: mkdir -p /opt/data") for p in ran_first)
+    assert ran_again == [] and changed == 0
+
+    assert fv("deploy", "status", "vm", "--verify").returncode == 0
+
+    async def tamper(vault: Any) -> None:
+        files = vault.files()
+        await files.write("/etc/motd", b"edited by hand\n")
+        profile = (await files.read_bytes("/home/dev/.profile")).decode()
+        await files.write("/home/dev/.profile", profile.replace("alias ll=", "alias LL=").encode())
+
+    on_vm(vm_init.port, issuer, rootfs, tamper)
+    drift = fv("deploy", "status", "vm", "--verify", "--json")
+    assert drift.returncode == 1
+    steps = {s["id"]: s for s in json.loads(drift.stdout)["plans"][0]["steps"]}
+    assert (
+        steps["motd"]["state"] == "drifted" and "/etc/motd was changed" in steps["motd"]["reason"]
+    )
+    assert steps["aliases"]["state"] == "drifted" and "was edited" in steps["aliases"]["reason"]
+    assert steps["gitconfig"]["state"] == "applied"
+
+    # A step dropped from the plan is reported and kept; --prune undoes it.
+    dropped = (
+        PLAN[: PLAN.index('[[step]]\nid = "aliases"')]
+        + PLAN[PLAN.index('[[step]]\nid = "as-user"') :]
+    )
+    plan.write_text(dropped)
+    kept = report(fv("deploy", "apply", "vm", str(plan), "--json"))
+    assert [(s["step"], s["action"]) for s in kept["steps"] if s["action"] == "orphaned"] == [
+        ("aliases", "orphaned")
+    ]
+    pruned = report(fv("deploy", "apply", "vm", str(plan), "--json", "--prune"))
+    assert [(s["step"], s["action"]) for s in pruned["steps"] if s["step"] == "aliases"] == [
+        ("aliases", "pruned")
+    ]
+
+    async def profile(vault: Any) -> bytes:
+        return bytes(await vault.files().read_bytes("/home/dev/.profile"))
+
+    assert b"alias" not in on_vm(vm_init.port, issuer, rootfs, profile)
+    listed = json.loads(fv("deploy", "status", "vm", "dev-box", "--json").stdout)
+    assert "aliases" not in {s["id"] for s in listed["plans"][0]["steps"]}
+
+    # --wait: a live lease is waited for, and taken once its holder removes it.
+    async def plant(vault: Any) -> None:
+        files = vault.files()
+        lease = {
+            "owner": "other",
+            "host": "elsewhere",
+            "pid": 1,
+            "plan": "x",
+            "started": time.time(),
+            "expires": time.time() + 600,
+        }
+        await files.write(f"{LEDGER}/lease.json", json.dumps(lease).encode())
+
+    async def release(vault: Any) -> None:
+        await vault.files().remove(f"{LEDGER}/lease.json")
+
+    on_vm(vm_init.port, issuer, rootfs, plant)
+    waiting = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flyvault.cli.main",
+            "deploy",
+            "apply",
+            "vm",
+            str(plan),
+            "--wait",
+            "60",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert waiting.stderr is not None
+        said = b""
+        for _ in range(10):  # notes first (the development issuer's), then the wait
+            line = waiting.stderr.readline()  # blocks until a line, or b"" at the end
+            said += line
+            if not line or b"waiting up to" in line:
+                break
+        assert b"waiting up to 60 s: another deploy holds the vault's lease" in said, said
+        on_vm(vm_init.port, issuer, rootfs, release)
+        out, err = waiting.communicate(timeout=60)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait()
+    assert waiting.returncode == 0, err.decode()
+    assert b"0 changed" in out

@@ -15,6 +15,8 @@ NOT_CONVERGED = 1
 
 
 def add_parser(commands: Any) -> None:
+    from flyvault.envvars import number
+
     deploy = commands.add_parser(
         "deploy",
         help="apply a plan (TOML) inside a vault, show its state, reverse it",
@@ -37,6 +39,18 @@ def add_parser(commands: Any) -> None:
     )
     apply.add_argument("--force-all", action="store_true", help="run every step")
     apply.add_argument(
+        "--prune",
+        action="store_true",
+        help="undo the steps the ledger holds that the plan no longer has",
+    )
+    apply.add_argument(
+        "--wait",
+        type=number(float, minimum=0, maximum=3600, unit="seconds"),
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to this long for another apply's lease (default 0: refuse at once)",
+    )
+    apply.add_argument(
         "--break-lock", action="store_true", help="clear an expired lease left by a crashed apply"
     )
     status = actions.add_parser(
@@ -45,6 +59,11 @@ def add_parser(commands: Any) -> None:
     status.add_argument("vault")
     status.add_argument("plan", nargs="?", help="a plan file (compare) or a recorded plan's name")
     status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument(
+        "--verify",
+        action="store_true",
+        help="probe what each step left (file digests, managed blocks): changed ones are drifted",
+    )
     reverse = actions.add_parser("reverse", help="undo what a plan applied, from the ledger")
     reverse.add_argument("vault")
     reverse.add_argument("name", help="the plan's name (as recorded on the vault)")
@@ -103,6 +122,9 @@ async def _run(args: argparse.Namespace, config: Any, plan: Any, name: str | Non
                 force=frozenset(args.force),
                 force_all=args.force_all,
                 break_lock=args.break_lock,
+                prune=args.prune,
+                wait_seconds=args.wait,
+                on_wait=console.notice,
             )
             _print_report(report, args.json, verb="changed")
             return NOT_CONVERGED if report.failed else 0
@@ -112,7 +134,7 @@ async def _run(args: argparse.Namespace, config: Any, plan: Any, name: str | Non
             )
             _print_report(report, args.json, verb="undone")
             return NOT_CONVERGED if report.status == "partial" else 0
-        plans = await engine.status(name, plan)
+        plans = await engine.status(name, plan, verify=args.verify)
         _print_status(plans, args.json)
         converged = bool(plans) and all(p.get("converged") for p in plans)
         return 0 if converged else NOT_CONVERGED

@@ -28,7 +28,7 @@ ENV_DIR = ".config/fly-vault/env.d"
 def upsert_block(text: str, key: str, body: str) -> str:
     """``text`` with the block ``key`` holding ``body`` (replaced in place, else appended)."""
     span = _find(text, key)
-    lines = body if body.endswith("\n") or not body else body + "\n"
+    lines = normal_body(body)
     if span is not None:
         start, end, added = span
         begin = _BEGIN.format(key=key) + (_ADDED_NEWLINE if added else "")
@@ -65,6 +65,21 @@ def _first_line(text: str) -> str:
 
 def has_block(text: str, key: str) -> bool:
     return _find(text, key) is not None
+
+
+def block_body(text: str, key: str) -> str | None:
+    """The body of the block ``key`` as ``upsert_block`` wrote it, or None when absent."""
+    span = _find(text, key)
+    if span is None:
+        return None
+    start, end, _ = span
+    lines = text[start:end].splitlines(keepends=True)
+    return "".join(lines[1:-1])
+
+
+def normal_body(body: str) -> str:
+    """``body`` as a block holds it (with its final newline)."""
+    return body if body.endswith("\n") or not body else body + "\n"
 
 
 def _find(text: str, key: str) -> tuple[int, int, bool] | None:

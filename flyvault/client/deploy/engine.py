@@ -52,7 +52,7 @@ class ApplyReport:
 
     @property
     def changed(self) -> int:
-        return sum(1 for d in self.decisions if d.action == "run")
+        return sum(1 for d in self.decisions if d.action in ("run", "pruned"))
 
     @property
     def failed(self) -> bool:
@@ -85,6 +85,9 @@ class Engine:
         force: frozenset[str] = frozenset(),
         force_all: bool = False,
         break_lock: bool = False,
+        prune: bool = False,
+        wait_seconds: float = 0.0,
+        on_wait: Any = None,
     ) -> ApplyReport:
         account = await self.guest.account(plan.user)
         report = ApplyReport(plan.name, dry_run)
@@ -106,12 +109,13 @@ class Engine:
                         _show(resolved),
                     )
                 )
+            report.decisions += _orphans(plan, record, prune, dry_run=True)
             report.status = "dry-run"
             return report
         lease = LeaseHolder(self.guest, plan.name, clock=self.clock)
-        await lease.acquire(break_expired=break_lock)
+        await lease.acquire(break_expired=break_lock, wait_seconds=wait_seconds, on_wait=on_wait)
         try:
-            await self._apply_steps(plan, account, report, lease, force, force_all)
+            await self._apply_steps(plan, account, report, lease, force, force_all, prune)
         finally:
             await lease.release()
         return report
@@ -124,6 +128,7 @@ class Engine:
         lease: LeaseHolder,
         force: frozenset[str],
         force_all: bool,
+        prune: bool,
     ) -> None:
         record = await self.ledger.load(plan.name) or PlanRecord(
             plan.name, plan.user, account.home, plan.digest(), plan.path
@@ -147,6 +152,14 @@ class Engine:
                 report.status = record.status = "partial"
                 await self.ledger.save(record)
                 return
+        for decision in _orphans(plan, record, prune, dry_run=False):
+            if decision.action == "pruned":
+                held = record.steps[decision.step]
+                for op in reversed(held.reverse_ops):
+                    await self.undo(op, account)
+                del record.steps[decision.step]
+                await self.ledger.save(record)
+            report.decisions.append(decision)
         record.status, record.finished_at = "applied", self.clock()
         report.status = "applied"
         await self.ledger.save(record)
@@ -248,6 +261,8 @@ class Engine:
             env=fields.get("env") or {},
             timeout=float(fields["timeout"]),
         )
+        if fields.get("creates"):
+            entry.checks = [{"path": fields["creates"], "exists": True}]
         if fields.get("reverse"):
             entry.reverse_ops = [
                 {
@@ -271,6 +286,7 @@ class Engine:
         await files.write(
             dest, data, mode=int(step.fields["mode"], 8), make_parents=True, fsync=True
         )
+        entry.checks = [{"path": dest, "sha256": step.fields["sha256"]}]
         return None
 
     async def _backup(self, plan: Plan, step: ResolvedStep, dest: str) -> dict[str, Any]:
@@ -311,6 +327,11 @@ class Engine:
         for rc in blocks.profile_files(home, account.shell):
             await self._edit(rc, account, lambda t: blocks.upsert_block(t, blocks.ENV_BLOCK, body))
         entry.reverse_ops = [{"kind": "remove-env-file", "target": path, "as": "user"}]
+        entry.checks = [{"path": path, "sha256": hashlib.sha256(text.encode()).hexdigest()}]
+        entry.checks += [
+            {"path": rc, "block": blocks.ENV_BLOCK, "sha256": _digest(body)}
+            for rc in blocks.profile_files(home, account.shell)
+        ]
         return None
 
     async def _do_snippet(
@@ -322,6 +343,7 @@ class Engine:
         await self._edit(
             rc, account, lambda t: blocks.upsert_block(t, key, step.fields["body"]), step.as_user
         )
+        entry.checks = [{"path": rc, "block": key, "sha256": _digest(step.fields["body"])}]
         entry.reverse_ops = [
             {
                 "kind": "remove-block",
@@ -443,8 +465,12 @@ class Engine:
 
     # -- status ------------------------------------------------------------------------------
 
-    async def status(self, name: str | None, plan: Plan | None) -> list[dict[str, Any]]:
-        """Each recorded plan (or the one named) with its steps' states."""
+    async def status(
+        self, name: str | None, plan: Plan | None, *, verify: bool = False
+    ) -> list[dict[str, Any]]:
+        """Each recorded plan (or the one named) with its steps' states; ``verify`` probes
+        what each applied step left (file digests, managed blocks, guard paths): a step
+        whose result was changed since is ``drifted``."""
         names = [name] if name else await self.ledger.names()
         rootfs_id = await self.ledger.rootfs_id(create=False)
         out = []
@@ -453,12 +479,51 @@ class Engine:
             if record is None:
                 out.append({"plan": plan_name, "status": "not applied", "steps": _pending(plan)})
                 continue
-            out.append(
-                await self._plan_status(
-                    record, plan if plan and plan.name == plan_name else None, rootfs_id
-                )
+            shown = await self._plan_status(
+                record, plan if plan and plan.name == plan_name else None, rootfs_id
             )
+            if verify:
+                await self._verify(record, shown)
+            out.append(shown)
         return out
+
+    async def _verify(self, record: PlanRecord, shown: dict[str, Any]) -> None:
+        account = await self.guest.account(record.user)
+        for step in shown["steps"]:
+            held = record.steps.get(step["id"])
+            if held is None or step["state"] != "applied":
+                continue
+            for check in held.checks:
+                problem = await self._probe(check, account)
+                if problem:
+                    step["state"], step["reason"] = "drifted", problem
+                    break
+        shown["converged"] = shown["converged"] and all(
+            s["state"] != "drifted" for s in shown["steps"]
+        )
+
+    async def _probe(self, check: dict[str, Any], account: Account) -> str | None:
+        """What is no longer as the step left it, or None (read-only)."""
+        path = str(check["path"])
+        if "block" in check:
+            text = await self.guest.read_text(path)
+            body = blocks.block_body(text or "", str(check["block"]))
+            if body is None:
+                return f"the block {check['block']} is gone from {path}"
+            if hashlib.sha256(body.encode()).hexdigest() != check["sha256"]:
+                return f"the block {check['block']} in {path} was edited"
+            return None
+        try:
+            found = await self.guest.files().sha256(path) if "sha256" in check else None
+        except NotFoundError:
+            return f"{path} is gone"
+        except VaultError as exc:
+            return f"{path}: {exc}"
+        if "sha256" in check and found != check["sha256"]:
+            return f"{path} was changed"
+        if check.get("exists") and not await self.guest.exists(path):
+            return f"{path} is gone"
+        return None
 
     async def _plan_status(
         self, record: PlanRecord, plan: Plan | None, rootfs_id: str | None
@@ -498,6 +563,30 @@ class Engine:
             "finished_at": record.finished_at,
             "steps": steps,
         }
+
+
+def _orphans(
+    plan: Plan, record: PlanRecord | None, prune: bool, *, dry_run: bool
+) -> list[Decision]:
+    """Steps the ledger holds that the plan no longer has: undone with ``prune``, else
+    reported and kept."""
+    wanted = {step.id for step in plan.steps}
+    out = []
+    for step_id, held in reversed(list((record.steps if record else {}).items())):
+        if step_id in wanted:
+            continue
+        if prune:
+            ops = ", ".join(_describe(op) for op in reversed(held.reverse_ops)) or "nothing to undo"
+            out.append(Decision(step_id, held.kind, "pruned", "gone from the plan", ops))
+        else:
+            out.append(
+                Decision(step_id, held.kind, "orphaned", "gone from the plan; --prune undoes it")
+            )
+    return out
+
+
+def _digest(body: str) -> str:
+    return hashlib.sha256(blocks.normal_body(body).encode()).hexdigest()
 
 
 def _pending(plan: Plan | None) -> list[dict[str, Any]]:

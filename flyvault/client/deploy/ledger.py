@@ -34,6 +34,8 @@ LEASE = f"{ROOT}/lease.json"
 #: recorded id differs from this one was undone by the reprovision.
 ROOTFS_ID = "/var/lib/fly-vault/rootfs-id"
 LEASE_SECONDS = 900.0
+#: How often a waiting applier looks at the lease again.
+POLL_SECONDS = 1.0
 RECORD_SCHEMA = 1
 
 
@@ -48,6 +50,9 @@ class StepRecord:
     exit_code: int | None = None
     stderr_tail: str = ""
     reverse_ops: list[dict[str, Any]] = field(default_factory=list)
+    #: What ``status --verify`` re-probes: ``{"path", "sha256"}`` (a file's digest),
+    #: ``{"path", "block", "sha256"}`` (a managed block's body) or ``{"path", "exists"}``.
+    checks: list[dict[str, Any]] = field(default_factory=list)
     at: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -162,6 +167,10 @@ class Ledger:
         return value
 
 
+class LeaseBusy(Conflict):
+    """A live lease is held by another applier (``--wait`` waits for it to go)."""
+
+
 @dataclass
 class Lease:
     owner: str
@@ -190,7 +199,34 @@ class LeaseHolder:
         self.lease = Lease(uuid.uuid4().hex, socket.gethostname(), os.getpid(), plan, 0.0, 0.0)
         self._digest: str | None = None
 
-    async def acquire(self, *, break_expired: bool = False) -> None:
+    async def acquire(
+        self,
+        *,
+        break_expired: bool = False,
+        wait_seconds: float = 0.0,
+        sleep: Any = None,
+        on_wait: Any = None,
+    ) -> None:
+        """Take the lease; with ``wait_seconds``, wait that long for a live one to go
+        (polled every ``POLL_SECONDS``: the count and the time are both bounded)."""
+        import asyncio
+
+        sleep = sleep or asyncio.sleep
+        deadline = self.clock() + wait_seconds
+        for _ in range(int(wait_seconds / POLL_SECONDS) + 2):
+            try:
+                await self._try_acquire(break_expired)
+                return
+            except LeaseBusy as exc:
+                if self.clock() + POLL_SECONDS > deadline:
+                    raise
+                if on_wait is not None:
+                    on_wait(f"waiting up to {wait_seconds:g} s: {exc}")
+                    on_wait = None  # said once
+            await sleep(POLL_SECONDS)
+        await self._try_acquire(break_expired)
+
+    async def _try_acquire(self, break_expired: bool) -> None:
         from flyvault.client.files import EXPECT_ABSENT
 
         files = self.guest.files()
@@ -199,10 +235,11 @@ class LeaseHolder:
         if held is not None:
             lease, digest = held
             if lease.expires > self.clock():
-                raise Conflict(
+                raise LeaseBusy(
                     f"another deploy holds the vault's lease: {lease.describe()}",
-                    hint="wait for it to finish; a lease left by a crashed apply expires, "
-                    "then 'fly-vault deploy apply ... --break-lock' clears it",
+                    hint="wait for it to finish (--wait SECONDS waits for it); a lease left "
+                    "by a crashed apply expires, then 'fly-vault deploy apply ... --break-lock' "
+                    "clears it",
                 )
             if not break_expired:
                 raise Conflict(
@@ -212,7 +249,10 @@ class LeaseHolder:
                 )
             await self._write(expect=digest)
             return
-        await self._write(expect=EXPECT_ABSENT)
+        try:
+            await self._write(expect=EXPECT_ABSENT)
+        except Conflict as exc:  # another applier created it between the read and the write
+            raise LeaseBusy(str(exc), hint=exc.hint) from None
 
     async def renew(self, seconds: float = LEASE_SECONDS) -> None:
         await self._write(expect=self._digest, seconds=seconds)
