@@ -484,3 +484,89 @@ def test_verify_finds_drift_prune_undoes_dropped_steps_and_wait_takes_a_freed_le
             waiting.wait()
     assert waiting.returncode == 0, err.decode()
     assert b"0 changed" in out
+
+
+def test_artifacts_placed_and_extracted_then_only_what_they_created_is_removed(
+    tmp_path: Path, vm_init: InitProcess, issuer: OidcIssuer
+) -> None:
+    import hashlib
+    import io
+
+    rootfs = deploy_rootfs(tmp_path / "rootfs.tar.gz")
+    configure(vm_init.port, issuer, rootfs=str(rootfs))
+    directory = tmp_path / "plan"
+    directory.mkdir()
+    tool = directory / "tool.bin"
+    tool.write_bytes(os.urandom(3 * 1024 * 1024 + 7))  # more than one chunk
+    bundle = directory / "bundle.tar.gz"
+    with tarfile.open(bundle, "w:gz") as archive:
+        for name, data in (("bin/run", b"#!/bin/sh\necho run\n"), ("share/doc", b"doc\n")):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o755
+            archive.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("bin/alias")
+        link.type, link.linkname = tarfile.SYMTYPE, "run"
+        archive.addfile(link)
+
+    def sha(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    plan = directory / "plan.toml"
+    plan.write_text(
+        'schema = 1\nname = "tools"\n[target]\nuser = "dev"\n'
+        '[[step]]\nid = "tool"\nkind = "artifact"\nsource = "tool.bin"\n'
+        f'sha256 = "{sha(tool)}"\ndest = "/usr/local/bin/tool"\n'
+        '[[step]]\nid = "bundle"\nkind = "artifact"\nsource = "bundle.tar.gz"\n'
+        f'sha256 = "{sha(bundle)}"\nextract_to = "{{{{home}}}}/.local"\n'
+    )
+
+    async def seed(vault: Any) -> None:  # what the user had before: must survive the reverse
+        dev = vault.files(user="dev")
+        await dev.write("/home/dev/.local/bin/mine", b"mine\n", make_parents=True)
+
+    on_vm(vm_init.port, issuer, rootfs, seed)
+    applied = report(fv("deploy", "apply", "vm", str(plan), "--json"))
+    assert applied["changed"] == 2, applied
+    ran = fv("exec", "vm", "--user", "dev", "--", "/home/dev/.local/bin/alias")
+    assert ran.returncode == 0 and ran.stdout == b"run\n", ran.stderr.decode()
+
+    async def look(vault: Any) -> dict[str, Any]:
+        files = vault.files()
+        placed = await files.stat("/usr/local/bin/tool")
+        return {
+            "sha": await files.sha256("/usr/local/bin/tool"),
+            "mode": placed.mode & 0o777,
+            "owner": (await files.stat("/home/dev/.local/share/doc")).uid,
+        }
+
+    seen = on_vm(vm_init.port, issuer, rootfs, look)
+    assert seen == {"sha": sha(tool), "mode": 0o755, "owner": 1000}
+    assert report(fv("deploy", "apply", "vm", str(plan), "--json"))["changed"] == 0
+    assert fv("deploy", "status", "vm", "--verify").returncode == 0
+
+    assert fv("deploy", "reverse", "vm", "tools").returncode == 0
+
+    async def after(vault: Any) -> dict[str, bool]:
+        vault.files()
+        out = {}
+        for path in (
+            "/usr/local/bin/tool",
+            "/home/dev/.local/bin/run",
+            "/home/dev/.local/bin/alias",
+            "/home/dev/.local/share",
+            "/home/dev/.local/bin/mine",
+            "/home/dev/.local/bin",
+        ):
+            out[path] = await VaultGuest(vault).exists(path)
+        return out
+
+    from flyvault.client.deploy.guest import VaultGuest
+
+    assert on_vm(vm_init.port, issuer, rootfs, after) == {
+        "/usr/local/bin/tool": False,
+        "/home/dev/.local/bin/run": False,
+        "/home/dev/.local/bin/alias": False,
+        "/home/dev/.local/share": False,  # created by the extraction
+        "/home/dev/.local/bin/mine": True,  # the user's own
+        "/home/dev/.local/bin": True,  # existed before (it holds the user's file)
+    }

@@ -196,3 +196,70 @@ def test_usage_errors_exit_2_before_connecting(tmp_path: Path) -> None:
     assert forced.returncode == 2 and b"no step with that id" in forced.stderr
     name = fv("deploy", "reverse", "nowhere", "Bad Name")
     assert name.returncode == 2 and b"is not a plan name" in name.stderr
+
+
+def _tarball(path: Path, members: list[tuple[str, str, str]]) -> Path:
+    """(name, kind, data or link target) members, gzip-compressed."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as archive:
+        for name, kind, value in members:
+            info = tarfile.TarInfo(name)
+            if kind == "file":
+                info.size = len(value)
+                archive.addfile(info, io.BytesIO(value.encode()))
+            elif kind == "dir":
+                info.type = tarfile.DIRTYPE
+                archive.addfile(info)
+            elif kind == "symlink":
+                info.type, info.linkname = tarfile.SYMTYPE, value
+                archive.addfile(info)
+            elif kind == "chr":
+                info.type = tarfile.CHRTYPE
+                archive.addfile(info)
+    return path
+
+
+def _artifact_plan(source: str, sha: str, target: str = 'extract_to = "/opt/t"') -> str:
+    return (
+        'schema = 1\nname = "a"\n[[step]]\nid = "t"\nkind = "artifact"\n'
+        f'source = "{source}"\nsha256 = "{sha}"\n{target}\n'
+    )
+
+
+def test_artifacts_are_checked_before_connecting(tmp_path: Path) -> None:
+    import hashlib
+
+    good = _tarball(
+        tmp_path / "good.tar.gz",
+        [("./bin", "dir", ""), ("./bin/tool", "file", "x"), ("./bin/t", "symlink", "tool")],
+    )
+    sha = hashlib.sha256(good.read_bytes()).hexdigest()
+    plan = parse_plan(_artifact_plan("good.tar.gz", sha), source="p.toml", base=tmp_path)
+    assert plan.steps[0].members == ("bin", "bin/tool", "bin/t")
+    assert resolve(plan.steps[0], "/root").domain == "rootfs"
+
+    with pytest.raises(UsageError, match="has SHA-256 .*, the plan says 0000"):
+        parse_plan(_artifact_plan("good.tar.gz", "0" * 64), source="p.toml", base=tmp_path)
+    with pytest.raises(UsageError, match="exactly one of 'dest' and 'extract_to'"):
+        parse_plan(_artifact_plan("good.tar.gz", sha, ""), source="p.toml", base=tmp_path)
+    for members, problem in [
+        ([("../up", "file", "x")], "would land outside extract_to"),
+        ([("/abs", "file", "x")], "would land outside extract_to"),
+        ([("a/l", "symlink", "../../etc")], "outside extract_to"),
+        ([("a/l", "symlink", "/etc/passwd")], "outside extract_to"),
+        ([("null", "chr", "")], "device node or a fifo"),
+    ]:
+        bad = _tarball(tmp_path / "bad.tar.gz", members)
+        digest = hashlib.sha256(bad.read_bytes()).hexdigest()
+        with pytest.raises(UsageError, match=problem):
+            parse_plan(_artifact_plan("bad.tar.gz", digest), source="p.toml", base=tmp_path)
+    (tmp_path / "notar").write_bytes(b"plain bytes, not an archive" * 40)
+    digest = hashlib.sha256((tmp_path / "notar").read_bytes()).hexdigest()
+    with pytest.raises(UsageError, match="not a readable tar archive"):
+        parse_plan(_artifact_plan("notar", digest), source="p.toml", base=tmp_path)
+    single = parse_plan(
+        _artifact_plan("notar", digest, 'dest = "/usr/local/bin/x"'), source="p.toml", base=tmp_path
+    )
+    assert single.steps[0].members == () and single.steps[0].fields["mode"] == "0755"

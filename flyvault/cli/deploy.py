@@ -20,7 +20,7 @@ def add_parser(commands: Any) -> None:
     deploy = commands.add_parser(
         "deploy",
         help="apply a plan (TOML) inside a vault, show its state, reverse it",
-        description="Plans are TOML files of ordered steps (shell, file, env, snippet); the "
+        description="Plans are TOML files of ordered steps (shell, file, env, snippet, artifact); the "
         "vault keeps a ledger under /root of what each plan applied and how to undo it. "
         "See references/deploy-plans.md.",
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import posixpath
 import socket
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from flyvault.client.deploy.ledger import (
     StepRecord,
 )
 from flyvault.client.deploy.plan import Plan, ResolvedStep, resolve
-from flyvault.errors import NotFoundError, VaultError
+from flyvault.errors import FileOpError, NotFoundError, VaultError
 
 
 @dataclass
@@ -354,6 +355,60 @@ class Engine:
         ]
         return None
 
+    async def _do_artifact(
+        self, plan: Plan, step: ResolvedStep, account: Account, entry: StepRecord, old: list[Any]
+    ) -> None:
+        from pathlib import Path
+
+        from flyvault.client.deploy import archive
+
+        fields = step.fields
+        local = Path(fields["path"])
+        user = account.name if step.as_user and account.name != "root" else None
+        files = self.guest.files(user)
+        target = fields["dest"] or fields["extract_to"]
+        await self._retire(old, keep_target=target, account=account)
+        kept = [op for op in old if op.get("target") == target]
+        if fields["dest"] is not None:
+            entry.reverse_ops = kept or [await self._backup(plan, step, target)]
+            await files.write(
+                target,
+                archive.file_chunks(local),
+                mode=int(fields["mode"], 8),
+                make_parents=True,
+                fsync=True,
+                size=local.stat().st_size,
+                sha256=fields["sha256"],
+            )
+            entry.checks = [{"path": target, "sha256": fields["sha256"]}]
+            return None
+        await files.mkdir(target, parents=True, exist_ok=True)
+        existing = await self._existing(target, step.step.members)
+        await files.tar_put(target, archive.tar_pieces(local), fsync=True)
+        created = [name for name in step.step.members if name not in existing]
+        earlier = kept[0]["entries"] if kept else []
+        entry.reverse_ops = [
+            {
+                "kind": "rm-tree",
+                "target": target,
+                "entries": sorted(set(earlier) | set(created)),
+                "as": "user" if step.as_user else "root",
+            }
+        ]
+        return None
+
+    async def _existing(self, top: str, members: tuple[str, ...]) -> set[str]:
+        """Which of ``members`` exist under ``top`` now: one listing per directory."""
+        found: set[str] = set()
+        files = self.guest.files()
+        for parent in sorted({posixpath.dirname(name) for name in members}):
+            try:
+                entries = await files.list_dir(posixpath.join(top, parent) if parent else top)
+            except (NotFoundError, FileOpError):
+                continue
+            found |= {posixpath.join(parent, e.name) if parent else e.name for e in entries}
+        return found
+
     async def _edit(self, path: str, account: Account, change: Any, as_user: bool = True) -> None:
         """Read-modify-write of a text file, swapped only if unchanged meanwhile."""
         from flyvault.client.files import EXPECT_ABSENT
@@ -442,12 +497,28 @@ class Engine:
             await root.chown(target, op["uid"], op["gid"])
             await root.chmod(target, op["mode"])
             await root.remove(op["backup"])
+        elif kind == "rm-tree":
+            await self._remove_entries(files, target, op.get("entries", []))
         elif kind == "remove-block":
             await self._edit(target, account, lambda t: blocks.remove_block(t, op["key"]), as_user)
         else:
             raise VaultError(
                 f"unknown reverse op {kind!r} in the ledger (a newer fly-vault wrote it)"
             )
+
+    async def _remove_entries(self, files: Any, top: str, entries: list[str]) -> None:
+        """The entries an extraction created, deepest first; a directory that holds
+        something else now is kept."""
+        for name in sorted(entries, key=lambda n: (n.count("/"), n), reverse=True):
+            path = posixpath.join(top, name)
+            try:
+                await files.remove(path)
+            except NotFoundError:
+                pass  # gone already: done
+            except FileOpError as exc:
+                if "(ENOTEMPTY)" not in str(exc):
+                    raise
+                # A directory that holds entries fly-vault did not create: kept.
 
     async def _drop_env_block(self, account: Account) -> None:
         directory = f"{account.home}/{blocks.ENV_DIR}"
@@ -612,6 +683,9 @@ def _show(resolved: ResolvedStep) -> str:
         return f"write {fields['dest']} ({fields['mode']}, sha256 {fields['sha256'][:12]})"
     if resolved.kind == "env":
         return "env.d file: " + ", ".join(sorted(fields["vars"]) + fields["path_prepend"])
+    if resolved.kind == "artifact":
+        where = fields["dest"] or f"extract into {fields['extract_to']}"
+        return f"{fields['source']} (sha256 {fields['sha256'][:12]}) -> {where}"
     return f"block in {fields['file']}"
 
 

@@ -30,10 +30,16 @@ VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 HOME = "{{home}}"
 #: Kinds the proposal names that this version does not run yet: refused by name, so a plan
 #: written for a later fly-vault fails before it changes anything.
-LATER_KINDS = ("packages", "service", "artifact", "restart", "image")
+LATER_KINDS = ("packages", "service", "restart", "image")
 #: Where a path counts as surviving a reprovision (bind-mounted from the volume).
 PERSIST_PREFIXES = ("/root", "/home")
 MAX_CONTENT = 16 * 1024 * 1024
+
+
+def _octal_mode(value: str) -> str:
+    if not re.fullmatch(r"0?[0-7]{3,4}", value):
+        raise ValueError('mode is an octal string such as "0644"')
+    return value
 
 
 class _Step(BaseModel):
@@ -76,9 +82,7 @@ class FileStep(_Step):
     @field_validator("mode")
     @classmethod
     def _mode(cls, value: str) -> str:
-        if not re.fullmatch(r"0?[0-7]{3,4}", value):
-            raise ValueError('mode is an octal string such as "0644"')
-        return value
+        return _octal_mode(value)
 
 
 class EnvStep(_Step):
@@ -102,7 +106,31 @@ class SnippetStep(_Step):
     as_: Literal["root", "user"] | None = Field(None, alias="as")
 
 
-StepModel = Annotated[ShellStep | FileStep | EnvStep | SnippetStep, Field(discriminator="kind")]
+class ArtifactStep(_Step):
+    kind: Literal["artifact"]
+    source: str
+    sha256: str
+    dest: str | None = None
+    extract_to: str | None = None
+    mode: str = "0755"
+    as_: Literal["root", "user"] | None = Field(None, alias="as")
+
+    @field_validator("sha256")
+    @classmethod
+    def _digest(cls, value: str) -> str:
+        if not re.fullmatch(r"[0-9a-f]{64}", value):
+            raise ValueError("sha256 is 64 lower-case hex digits (sha256sum prints it)")
+        return value
+
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, value: str) -> str:
+        return _octal_mode(value)
+
+
+StepModel = Annotated[
+    ShellStep | FileStep | EnvStep | SnippetStep | ArtifactStep, Field(discriminator="kind")
+]
 
 
 class _Target(BaseModel):
@@ -132,6 +160,8 @@ class Step:
     line: int
     #: The bytes a ``file`` step writes (its source read at load time), else None.
     data: bytes | None = None
+    #: An ``artifact`` to extract: its members' normalized names, checked at load time.
+    members: tuple[str, ...] = ()
 
     def runs_as(self, home: str) -> str:
         """ "root" or "user": who acts for this step."""
@@ -140,7 +170,12 @@ class Step:
             return str(declared)
         if self.kind in ("env",):
             return "user"
-        path = str(self.fields.get("dest") or self.fields.get("file") or "")
+        path = str(
+            self.fields.get("dest")
+            or self.fields.get("file")
+            or self.fields.get("extract_to")
+            or ""
+        )
         return "user" if path == HOME or path.startswith(HOME + "/") else "root"
 
 
@@ -249,11 +284,12 @@ def _check_steps_before_model(raw: dict[str, Any], source: str, lines: _Lines) -
         if kind in LATER_KINDS:
             raise UsageError(
                 f"{where}: step kind {kind!r} is not supported by this fly-vault yet "
-                "(it runs shell, file, env and snippet steps); do it in a shell step for now"
+                "(it runs shell, file, env, snippet and artifact steps); do it in a shell step "
+                "for now"
             )
-        if kind not in ("shell", "file", "env", "snippet"):
+        if kind not in KINDS:
             raise UsageError(
-                f"{where}: unknown step kind {kind!r}: use shell, file, env or snippet"
+                f"{where}: unknown step kind {kind!r}: use shell, file, env, snippet or artifact"
             )
         step_id = step.get("id")
         if isinstance(step_id, str):
@@ -283,7 +319,7 @@ def _explain(exc: ValidationError, source: str, lines: _Lines) -> str:
     return "; ".join(problems)
 
 
-KINDS = ("shell", "file", "env", "snippet")
+KINDS = ("shell", "file", "env", "snippet", "artifact")
 
 
 def _locate(loc: list[Any], lines: _Lines) -> tuple[int, str]:
@@ -314,18 +350,21 @@ def _build_step(
     }
     step_id, kind = fields.pop("id"), fields.pop("kind")
     data = None
+    members: tuple[str, ...] = ()
     if kind == "file":
         data = _file_data(fields, base, f"{source}:{line}")
-    if kind in ("file", "snippet"):
-        key = "dest" if kind == "file" else "file"
-        _check_absolute(fields[key], f"{source}:{lines.key(index, key)}")
+    if kind == "artifact":
+        members = _artifact(fields, base, f"{source}:{line}")
+    for key in ("dest", "file", "extract_to"):
+        if fields.get(key) is not None:
+            _check_absolute(fields[key], f"{source}:{lines.key(index, key)}")
     if kind == "shell" and fields.get("creates"):
         _check_absolute(fields["creates"], f"{source}:{lines.key(index, 'creates')}")
     if kind == "snippet" and any(
         mark in fields["body"] for mark in (">>> fly-vault", "<<< fly-vault")
     ):
         raise UsageError(f"{source}:{line}: a snippet's body may not contain fly-vault markers")
-    return Step(id=step_id, kind=kind, fields=fields, line=line, data=data)
+    return Step(id=step_id, kind=kind, fields=fields, line=line, data=data, members=members)
 
 
 def _fill(value: Any, variables: dict[str, str], where: str) -> Any:
@@ -368,6 +407,29 @@ def _file_data(fields: dict[str, Any], base: Path | None, where: str) -> bytes:
     return data
 
 
+def _artifact(fields: dict[str, Any], base: Path | None, where: str) -> tuple[str, ...]:
+    """Check an artifact before anything connects: one target, the source's digest as
+    declared, and (to extract) every member safe to unpack under ``extract_to``."""
+    from flyvault.client.deploy.archive import check_members, file_sha256
+
+    if (fields["dest"] is None) == (fields["extract_to"] is None):
+        raise UsageError(f"{where}: an artifact step needs exactly one of 'dest' and 'extract_to'")
+    path = Path(fields["source"])
+    if not path.is_absolute():
+        path = (base or Path(".")) / path
+    try:
+        found = file_sha256(path)
+    except OSError as exc:
+        raise UsageError(f"{where}: cannot read source {str(path)!r} ({exc.strerror})") from None
+    if found != fields["sha256"]:
+        raise UsageError(
+            f"{where}: {path} has SHA-256 {found}, the plan says {fields['sha256']}: "
+            "not the file the plan was written for"
+        )
+    fields["path"] = str(path.resolve())
+    return check_members(path, where) if fields["extract_to"] is not None else ()
+
+
 def _check_absolute(path: str, where: str) -> None:
     if not (path.startswith("/") or path == HOME or path.startswith(HOME + "/")):
         raise UsageError(f"{where}: {path!r} must be absolute or start with {HOME}")
@@ -406,7 +468,7 @@ def _domain(kind: str, fields: dict[str, Any]) -> str:
         return "home"
     if kind == "shell":
         return str(fields["domain"])
-    path = str(fields.get("dest") or fields.get("file"))
+    path = str(fields.get("dest") or fields.get("file") or fields.get("extract_to"))
     persistent = any(path == p or path.startswith(p + "/") for p in PERSIST_PREFIXES)
     return "home" if persistent else "rootfs"
 
