@@ -240,7 +240,7 @@ def test_artifacts_are_checked_before_connecting(tmp_path: Path) -> None:
     assert plan.steps[0].members == ("bin", "bin/tool", "bin/t")
     assert resolve(plan.steps[0], "/root").domain == "rootfs"
 
-    with pytest.raises(UsageError, match="has SHA-256 .*, the plan says 0000"):
+    with pytest.raises(UsageError, match=r"has SHA-256 .*, the plan says 0000"):
         parse_plan(_artifact_plan("good.tar.gz", "0" * 64), source="p.toml", base=tmp_path)
     with pytest.raises(UsageError, match="exactly one of 'dest' and 'extract_to'"):
         parse_plan(_artifact_plan("good.tar.gz", sha, ""), source="p.toml", base=tmp_path)
