@@ -43,7 +43,7 @@ async def deploy(
     async def work(job: Job) -> dict[str, Any]:
         from flyvault.client.deploy.engine import Engine
 
-        engine = Engine(await state.pool.get(vault))
+        engine = Engine(await state.pool.get(vault), yes=confirm)
         if action == "status":
             plans = await engine.status(name, parsed)
             converged = bool(plans) and all(p.get("converged") for p in plans)

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from flyvault.errors import RemoteProtocolError, TransportError, VaultError
+from flyvault.errors import RemoteProtocolError, TransportError, Unsupported, VaultError
 from flyvault.protocol.console import (
     Exited,
     FrameChannel,
@@ -329,6 +329,8 @@ async def handle_sessions(connection: ServerConnection, stream: QuicStream, init
             session = registry.kill(request.session_id, request.signal)
             log.info("session %s sent signal %d by request", session.id, request.signal)
             await stream.send(frame(SessionsFrame.KILLED), end_stream=True)
+        elif kind == SessionsFrame.RESTART:
+            await stream.send(await _restart(connection), end_stream=True)
         else:
             raise RemoteProtocolError(f"unexpected sessions frame type 0x{kind:02x}")
     except TimeoutError:
@@ -336,6 +338,25 @@ async def handle_sessions(connection: ServerConnection, stream: QuicStream, init
         await _refuse_with(stream, late)
     except VaultError as exc:  # the code is the one its class declares
         await _refuse_with(stream, exc)
+
+
+async def _restart(connection: ServerConnection) -> bytes:
+    """The workload stopped (its sessions ended with the reason) and started again."""
+    provisioner = connection.server.provisioner
+    if provisioner is None:
+        raise Unsupported(
+            "a host-mode vault has no workload to restart (commands run on its host)"
+        )
+    state = connection.server.state
+    old = state.boot_id
+    log.info("workload restart requested by %s", connection.source)
+    await provisioner.restart_workload()
+    answer = {
+        "old_boot_id": old,
+        "new_boot_id": state.boot_id,
+        "runtime": state.runtime_status().name.lower(),
+    }
+    return frame(SessionsFrame.RESTARTED, encode_json(answer))
 
 
 async def _refuse_with(stream: QuicStream, exc: VaultError) -> None:

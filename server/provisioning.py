@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from flyvault.errors import ProvisionError
+from flyvault.errors import Busy, ProvisionError
 from flyvault.protocol.constants import RuntimeStatus, VmState
 from flyvault.protocol.messages import RootfsOptions
 
@@ -122,6 +122,21 @@ class Provisioner:
             await asyncio.to_thread(self.store.purge_discarded)
         except OSError as exc:  # retried at the next activation or start
             log.warning("could not delete the previous rootfs: %s", exc)
+
+    async def restart_workload(
+        self, reason: str = "the vault's workload is restarting (a client asked)"
+    ) -> None:
+        """Stop the workload and start it again on the same rootfs: a new boot id when this
+        returns. Refused on a cold vault and while a (re)provision holds the lock."""
+        if not self.store.provisioned:
+            raise ProvisionError(
+                "the vault is cold: there is no workload to restart",
+                hint="connect once to provision it",
+            )
+        if self.lock.locked() and not self.settling:
+            raise Busy("a provisioning is running on this vault: restart once it has ended")
+        async with self.lock:  # a settle window (a new workload being watched) is waited out
+            await self.runtime.restart(reason=reason)
 
     async def stop(self, reason: str = "the vault is shutting down") -> None:
         await self.runtime.stop(reason=reason)

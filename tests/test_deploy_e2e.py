@@ -28,7 +28,7 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare"),
 ]
 
-APPLETS = ("sh", "ls", "cat", "echo", "id", "mkdir", "rm", "touch", "test", "[", "printf")
+APPLETS = ("sh", "ls", "cat", "echo", "id", "mkdir", "rm", "touch", "test", "[", "printf", "true", "sleep")
 PASSWD = "root:x:0:0:root:/root:/bin/sh\ndev:x:1000:1000:Dev:/home/dev:/bin/sh\n"
 PROFILE = b"export A=1"  # no final newline: the block must come out byte for byte
 MOTD = b"the old motd\n"

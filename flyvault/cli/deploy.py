@@ -20,7 +20,7 @@ def add_parser(commands: Any) -> None:
     deploy = commands.add_parser(
         "deploy",
         help="apply a plan (TOML) inside a vault, show its state, reverse it",
-        description="Plans are TOML files of ordered steps (shell, file, env, snippet, artifact); the "
+        description="Plans are TOML files of ordered steps (shell, file, env, snippet, artifact, restart); the "
         "vault keeps a ledger under /root of what each plan applied and how to undo it. "
         "See references/deploy-plans.md.",
     )
@@ -38,6 +38,12 @@ def add_parser(commands: Any) -> None:
         help="run this step even if unchanged (repeatable)",
     )
     apply.add_argument("--force-all", action="store_true", help="run every step")
+    apply.add_argument(
+        "--yes",
+        "-y",
+        action="store_true",
+        help="agree to steps that need it (restart: every session on the vault ends)",
+    )
     apply.add_argument(
         "--prune",
         action="store_true",
@@ -83,6 +89,13 @@ def run(args: argparse.Namespace) -> int:
         plan = load_plan(args.plan)
         if args.force and args.force_all:
             raise UsageError("--force and --force-all do not go together: pick one")
+        gated = [step.id for step in plan.steps if step.kind == "restart"]
+        if gated and not (args.yes or args.dry_run):
+            raise UsageError(
+                f"the plan restarts the vault's workload (step {gated[0]!r}), which ends every "
+                "session on it: refusing without --yes",
+                hint=f"fly-vault deploy apply {args.vault} {args.plan} --yes",
+            )
         unknown = sorted(set(args.force) - {step.id for step in plan.steps})
         if unknown:
             raise UsageError(f"--force {unknown[0]!r}: the plan has no step with that id")
@@ -114,7 +127,7 @@ async def _run(args: argparse.Namespace, config: Any, plan: Any, name: str | Non
     console = Console()
     vault = Vault(config, on_notice=console.notice, on_event=console.event)
     try:
-        engine = Engine(vault)
+        engine = Engine(vault, yes=getattr(args, "yes", False))
         if args.deploy_command == "apply":
             report = await engine.apply(
                 plan,

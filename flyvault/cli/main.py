@@ -238,6 +238,26 @@ def build_parser() -> argparse.ArgumentParser:
     _rootfs_options(reprovision)
     reprovision.set_defaults(run=_lazy(remote, "run_reprovision"))
 
+    restart = commands.add_parser(
+        "restart",
+        help="restart the vault's workload (same rootfs; every session ends)",
+        description="Stops the workload (its init and every process) and starts it again "
+        "on the same rootfs, then waits until the vault reports a new boot id (and, under "
+        "systemd, until the system is running or degraded). Refused while sessions run, "
+        "unless --yes.",
+    )
+    restart.add_argument("vault")
+    restart.add_argument("--yes", "-y", action="store_true", help="even if sessions run")
+    restart.add_argument("--json", action="store_true", help="print JSON")
+    restart.add_argument(
+        "--timeout",
+        type=number(float, minimum=1, maximum=3600, unit="seconds"),
+        default=300.0,
+        metavar="SECONDS",
+        help="how long the restart may take (default 300)",
+    )
+    restart.set_defaults(run=_lazy("flyvault.cli.restart", "run"))
+
     cp = commands.add_parser(
         "cp",
         help="copy files and trees to or from a vault (scp's syntax)",

@@ -42,6 +42,7 @@ from flyvault.errors import (
     SessionGone,
     SessionTakenOver,
     TransportError,
+    Unsupported,
 )
 from flyvault.protocol.console import (
     Exited,
@@ -53,7 +54,13 @@ from flyvault.protocol.console import (
     decode_json,
     frame,
 )
-from flyvault.protocol.constants import ERROR_FRAME, OBSERVE_VERSION, PROTOCOL_VERSION, StreamTag
+from flyvault.protocol.constants import (
+    ERROR_FRAME,
+    OBSERVE_VERSION,
+    PROTOCOL_VERSION,
+    RESTART_VERSION,
+    StreamTag,
+)
 from flyvault.protocol.exec_client import ExecClient
 from flyvault.protocol.exec_session import (
     ClientEvent,
@@ -402,6 +409,35 @@ class Vault:
         if not isinstance(sessions, list):
             raise RemoteProtocolError("session list is not a JSON array")
         return sessions
+
+    async def restart_workload(self) -> dict[str, Any]:
+        """Stop the vault's workload and start it again (same rootfs; every session ends):
+        ``{"old_boot_id", "new_boot_id", "runtime"}`` once the new one runs. Sent once,
+        never retried on a new connection (a retry could restart it twice)."""
+        connection = await self.connection()
+        version = getattr(connection, "protocol_version", PROTOCOL_VERSION)
+        if version < RESTART_VERSION:
+            raise Unsupported(
+                f"this vault's init speaks protocol {version}; a workload restart needs "
+                f"{RESTART_VERSION}",
+                hint="update the vault's image (fly-vault-admin tenant update-image), or "
+                "reprovision it",
+            )
+        stream = connection.open_stream(StreamTag.EXEC_LIST)
+        await stream.send(frame(SessionsFrame.RESTART), end_stream=True)
+        channel = FrameChannel()
+        while (item := channel.next_frame()) is None:
+            if channel.finished:
+                raise RemoteProtocolError("the vault closed the stream without answering")
+            channel.feed(await stream.read())
+        if item.type == ERROR_FRAME:
+            raise ErrorMessage.decode(item.payload).to_exception()
+        if item.type != SessionsFrame.RESTARTED:
+            raise RemoteProtocolError(f"unexpected answer 0x{item.type:02x} to a restart")
+        answer = decode_json(item.payload, "restart answer")
+        if not isinstance(answer, dict) or not isinstance(answer.get("new_boot_id"), str):
+            raise RemoteProtocolError("restart answer: not an object with new_boot_id")
+        return answer
 
     async def kill(self, session_id: str, signo: int = signal_module.SIGTERM) -> None:
         request = KillSession(session_id, signo)

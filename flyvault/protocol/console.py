@@ -62,8 +62,12 @@ class ConsoleFrame(enum.IntEnum):
 class SessionsFrame(enum.IntEnum):
     LIST = 0x01
     KILL = 0x02
+    #: C->S (protocol 6): restart the workload; every session ends (reason given).
+    RESTART = 0x03
     LIST_RESULT = 0x11
     KILLED = 0x12
+    #: S->C: JSON ``{"old_boot_id", "new_boot_id", "runtime"}``, once the new workload runs.
+    RESTARTED = 0x13
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,11 +20,12 @@ from flyvault.errors import ErrorCode as ErrorCode
 #: ended a session); a version 2 peer is still served, without it. Version 4 adds the
 #: ``user`` of an exec session (console OPEN) and the file stream: a client never sends
 #: either to an older server (it refuses the request itself, saying the vault's init needs
-#: updating). Version 5 adds the read-only attach (the console OPEN's ``observe`` flag). A
-#: peer outside the range gets a clear refusal.
-PROTOCOL_VERSION: Final = 5
+#: updating). Version 5 adds the read-only attach (the console OPEN's ``observe`` flag).
+#: Version 6 adds the workload restart request (``SessionsFrame.RESTART``). A peer outside
+#: the range gets a clear refusal.
+PROTOCOL_VERSION: Final = 6
 MIN_PROTOCOL_VERSION: Final = 2
-MAX_PROTOCOL_VERSION: Final = 5
+MAX_PROTOCOL_VERSION: Final = 6
 #: The first version whose EXITED frame may carry a reason.
 EXIT_REASON_VERSION: Final = 3
 #: The first version whose console OPEN may name the user a new session runs as.
@@ -34,6 +35,9 @@ EXEC_USER_VERSION: Final = 4
 FILES_VERSION: Final = 4
 #: The first version whose console OPEN may ask for a read-only attach (``observe``).
 OBSERVE_VERSION: Final = 5
+#: The first version whose sessions stream takes RESTART (the workload stopped and started
+#: again, a new boot id): an older init refuses the unknown frame, so the client asks first.
+RESTART_VERSION: Final = 6
 
 #: ALPN labels. The server accepts both: ``h3`` is what the original used as a bare label.
 ALPN_PROTOCOLS: Final = ("fly-vault", "h3")

@@ -28,7 +28,7 @@ from flyvault.client.deploy.ledger import (
     StepRecord,
 )
 from flyvault.client.deploy.plan import Plan, ResolvedStep, resolve
-from flyvault.errors import FileOpError, NotFoundError, VaultError
+from flyvault.errors import FileOpError, NotFoundError, UsageError, VaultError
 
 
 @dataclass
@@ -71,7 +71,9 @@ class ApplyReport:
 
 
 class Engine:
-    def __init__(self, vault: Any, *, clock: Any = time.time) -> None:
+    def __init__(self, vault: Any, *, clock: Any = time.time, yes: bool = False) -> None:
+        #: The user agreed to steps that need it (a restart ends every session).
+        self.yes = yes
         self.guest = VaultGuest(vault)
         self.ledger = Ledger(self.guest)
         self.clock = clock
@@ -97,7 +99,8 @@ class Engine:
             rootfs_id = await self.ledger.rootfs_id(create=False)
             for step in plan.steps:
                 resolved = resolve(step, account.home)
-                reason = self._up_to_date(resolved, record, rootfs_id, force, force_all)
+                ran = any(d.action == "run" for d in report.decisions)
+                reason = self._up_to_date(resolved, record, rootfs_id, force, force_all, ran)
                 if reason is None:
                     reason = await self._guard(resolved, account) or ""
                 action = "skip" if reason else "run"
@@ -141,7 +144,8 @@ class Engine:
         await self.ledger.save(record)
         for step in plan.steps:
             resolved = resolve(step, account.home)
-            reason = self._up_to_date(resolved, record, rootfs_id, force, force_all)
+            ran = any(d.action == "run" for d in report.decisions)
+            reason = self._up_to_date(resolved, record, rootfs_id, force, force_all, ran)
             if reason is not None:
                 report.decisions.append(Decision(step.id, step.kind, "skip", reason))
                 continue
@@ -172,10 +176,16 @@ class Engine:
         rootfs_id: str | None,
         force: frozenset[str],
         force_all: bool,
+        ran_before: bool = False,
     ) -> str | None:
-        """Why the step needs nothing (a skip reason), or None when it must run."""
+        """Why the step needs nothing (a skip reason), or None when it must run. A restart
+        runs like a handler: when an earlier step ran in this apply (or ``always``)."""
         if force_all or resolved.id in force:
             return None
+        if resolved.kind == "restart":
+            if ran_before or resolved.fields.get("always"):
+                return None
+            return "nothing ran before it in this apply"
         held = record.steps.get(resolved.id) if record else None
         if held is None or held.state == "failed" or held.fingerprint != resolved.fingerprint:
             return None
@@ -234,6 +244,8 @@ class Engine:
         result: RunResult | None = await step_runner(plan, resolved, account, entry, old_ops)
         record.steps.pop(resolved.id, None)
         record.steps[resolved.id] = entry  # moved to the end: reverse walks back in order
+        if entry.reason and result is None:
+            why = entry.reason
         if result is not None and not result.ok:
             entry.state, entry.exit_code = "failed", result.code
             entry.stderr_tail = result.tail()
@@ -353,6 +365,26 @@ class Engine:
                 "as": "user" if step.as_user else "root",
             }
         ]
+        return None
+
+    async def _do_restart(
+        self, plan: Plan, step: ResolvedStep, account: Account, entry: StepRecord, old: list[Any]
+    ) -> None:
+        from flyvault.client.restart import restart_and_wait
+
+        if not self.yes:
+            raise UsageError(
+                f"step {step.id!r} restarts the vault's workload (every session ends): "
+                "refusing without --yes",
+                hint="apply again with --yes (MCP: confirm=true)",
+            )
+        done = await restart_and_wait(
+            self.guest.vault, allow_running=True, deadline=float(step.fields["timeout"])
+        )
+        system = f", systemd {done.system_state}" if done.system_state else ""
+        entry.reason = (
+            f"restarted: boot id {done.old_boot_id[:12]} -> {done.new_boot_id[:12]}{system}"
+        )
         return None
 
     async def _do_artifact(
@@ -665,6 +697,8 @@ def _pending(plan: Plan | None) -> list[dict[str, Any]]:
 
 
 def _why_run(resolved: ResolvedStep, record: PlanRecord | None) -> str:
+    if resolved.kind == "restart":
+        return "always" if resolved.fields.get("always") else "an earlier step ran"
     held = record.steps.get(resolved.id) if record else None
     if held is None:
         return "new"
@@ -683,6 +717,8 @@ def _show(resolved: ResolvedStep) -> str:
         return f"write {fields['dest']} ({fields['mode']}, sha256 {fields['sha256'][:12]})"
     if resolved.kind == "env":
         return "env.d file: " + ", ".join(sorted(fields["vars"]) + fields["path_prepend"])
+    if resolved.kind == "restart":
+        return "restart the workload and wait for it" + (" (always)" if fields["always"] else "")
     if resolved.kind == "artifact":
         where = fields["dest"] or f"extract into {fields['extract_to']}"
         return f"{fields['source']} (sha256 {fields['sha256'][:12]}) -> {where}"

@@ -30,7 +30,7 @@ VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 HOME = "{{home}}"
 #: Kinds the proposal names that this version does not run yet: refused by name, so a plan
 #: written for a later fly-vault fails before it changes anything.
-LATER_KINDS = ("packages", "service", "restart", "image")
+LATER_KINDS = ("packages", "service", "image")
 #: Where a path counts as surviving a reprovision (bind-mounted from the volume).
 PERSIST_PREFIXES = ("/root", "/home")
 MAX_CONTENT = 16 * 1024 * 1024
@@ -128,8 +128,18 @@ class ArtifactStep(_Step):
         return _octal_mode(value)
 
 
+class RestartStep(_Step):
+    """Restart the workload, like a handler: only when an earlier step ran in this apply,
+    or every time with ``always``."""
+
+    kind: Literal["restart"]
+    always: bool = False
+    timeout: float = Field(300.0, gt=0, le=3600)
+
+
 StepModel = Annotated[
-    ShellStep | FileStep | EnvStep | SnippetStep | ArtifactStep, Field(discriminator="kind")
+    ShellStep | FileStep | EnvStep | SnippetStep | ArtifactStep | RestartStep,
+    Field(discriminator="kind"),
 ]
 
 
@@ -284,12 +294,13 @@ def _check_steps_before_model(raw: dict[str, Any], source: str, lines: _Lines) -
         if kind in LATER_KINDS:
             raise UsageError(
                 f"{where}: step kind {kind!r} is not supported by this fly-vault yet "
-                "(it runs shell, file, env, snippet and artifact steps); do it in a shell step "
-                "for now"
+                "(it runs shell, file, env, snippet, artifact and restart steps); do it in a "
+                "shell step for now"
             )
         if kind not in KINDS:
             raise UsageError(
-                f"{where}: unknown step kind {kind!r}: use shell, file, env, snippet or artifact"
+                f"{where}: unknown step kind {kind!r}: use shell, file, env, snippet, "
+                "artifact or restart"
             )
         step_id = step.get("id")
         if isinstance(step_id, str):
@@ -319,7 +330,7 @@ def _explain(exc: ValidationError, source: str, lines: _Lines) -> str:
     return "; ".join(problems)
 
 
-KINDS = ("shell", "file", "env", "snippet", "artifact")
+KINDS = ("shell", "file", "env", "snippet", "artifact", "restart")
 
 
 def _locate(loc: list[Any], lines: _Lines) -> tuple[int, str]:
@@ -464,8 +475,8 @@ def _home(value: Any, home: str) -> Any:
 
 
 def _domain(kind: str, fields: dict[str, Any]) -> str:
-    if kind == "env":
-        return "home"
+    if kind in ("env", "restart"):
+        return "home"  # nothing of it lives in the rootfs
     if kind == "shell":
         return str(fields["domain"])
     path = str(fields.get("dest") or fields.get("file") or fields.get("extract_to"))
