@@ -28,7 +28,21 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare"),
 ]
 
-APPLETS = ("sh", "ls", "cat", "echo", "id", "mkdir", "rm", "touch", "test", "[", "printf", "true", "sleep")
+APPLETS = (
+    "sh",
+    "ls",
+    "cat",
+    "echo",
+    "id",
+    "mkdir",
+    "rm",
+    "touch",
+    "test",
+    "[",
+    "printf",
+    "true",
+    "sleep",
+)
 PASSWD = "root:x:0:0:root:/root:/bin/sh\ndev:x:1000:1000:Dev:/home/dev:/bin/sh\n"
 PROFILE = b"export A=1"  # no final newline: the block must come out byte for byte
 MOTD = b"the old motd\n"
@@ -570,3 +584,42 @@ def test_artifacts_placed_and_extracted_then_only_what_they_created_is_removed(
         "/home/dev/.local/bin/mine": True,  # the user's own
         "/home/dev/.local/bin": True,  # existed before (it holds the user's file)
     }
+
+
+def test_packages_and_services_are_recorded_skips_on_busybox(
+    tmp_path: Path, vm_init: InitProcess, issuer: OidcIssuer
+) -> None:
+    rootfs = deploy_rootfs(tmp_path / "rootfs.tar.gz")
+    configure(vm_init.port, issuer, rootfs=str(rootfs))
+    plan = tmp_path / "plan.toml"
+    plan.write_text(
+        'schema = 1\nname = "sys"\n'
+        '[[step]]\nid = "pkgs"\nkind = "packages"\npackages = ["git", "curl"]\n'
+        '[[step]]\nid = "svc"\nkind = "service"\nunit = "ssh.service"\n'
+    )
+    gated = fv("deploy", "apply", "vm", str(plan))
+    assert gated.returncode == 2 and b"installs packages in the rootfs" in gated.stderr
+    first = report(fv("deploy", "apply", "vm", str(plan), "--yes", "--json"))
+    decided = {s["step"]: (s["action"], s["reason"]) for s in first["steps"]}
+    assert decided == {
+        "pkgs": ("skip", "no package manager in this rootfs"),
+        "svc": ("skip", "no systemd running in this vault"),
+    }
+    assert first["status"] == "applied"
+    status = json.loads(fv("deploy", "status", "vm", "sys", "--json").stdout)
+    assert {s["id"]: s["state"] for s in status["plans"][0]["steps"]} == {
+        "pkgs": "skipped",
+        "svc": "skipped",
+    }
+    again = report(fv("deploy", "apply", "vm", str(plan), "--yes", "--json"))
+    assert again["changed"] == 0
+
+    # Required: the same conditions are failures.
+    plan.write_text(
+        'schema = 1\nname = "sys2"\n[target]\nrequires_init = "systemd"\n'
+        '[[step]]\nid = "svc"\nkind = "service"\nunit = "ssh.service"\n'
+    )
+    failed = fv("deploy", "apply", "vm", str(plan), "--yes", "--json")
+    assert failed.returncode == 1
+    step = report(failed)["steps"][0]
+    assert step["action"] == "failed" and "no systemd running" in step["detail"]

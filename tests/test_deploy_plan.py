@@ -74,8 +74,8 @@ def test_a_good_plan_resolves_vars_now_and_home_per_vault() -> None:
         (('name = "web"', 'name = "Web App"'), "p.toml:2: plan name 'Web App'"),
         (("${V}\\n", "${W}\\n"), "p.toml:18: ${W} is not defined in [vars]"),
         (
-            ('kind = "file"', 'kind = "packages"'),
-            "p.toml:16: step kind 'packages' is not supported",
+            ('kind = "file"', 'kind = "image"'),
+            "p.toml:16: step kind 'image' is not supported",
         ),
         (('kind = "file"', 'kind = "ftp"'), "p.toml:16: unknown step kind 'ftp'"),
         (("schema = 1", "schema = 2"), "schema 2 is not one this fly-vault reads"),

@@ -12,6 +12,12 @@ from flyvault.errors import UsageError
 
 #: Exit code of an apply with a failed step, and of a status that is not converged.
 NOT_CONVERGED = 1
+#: Step kinds an apply runs only with --yes, and why.
+GATED = {
+    "restart": "restarts the vault's workload, which ends every session on it",
+    "packages": "installs packages in the rootfs",
+    "service": "enables and starts systemd services",
+}
 
 
 def add_parser(commands: Any) -> None:
@@ -20,7 +26,7 @@ def add_parser(commands: Any) -> None:
     deploy = commands.add_parser(
         "deploy",
         help="apply a plan (TOML) inside a vault, show its state, reverse it",
-        description="Plans are TOML files of ordered steps (shell, file, env, snippet, artifact, restart); the "
+        description="Plans are TOML files of ordered steps (shell, file, env, snippet, artifact, packages, service, restart); the "
         "vault keeps a ledger under /root of what each plan applied and how to undo it. "
         "See references/deploy-plans.md.",
     )
@@ -75,6 +81,12 @@ def add_parser(commands: Any) -> None:
     reverse.add_argument("name", help="the plan's name (as recorded on the vault)")
     reverse.add_argument("--dry-run", action="store_true", help="show the recorded undo operations")
     reverse.add_argument("--json", action="store_true", help="print a JSON report")
+    reverse.add_argument(
+        "--keep-packages", action="store_true", help="leave the packages the plan installed"
+    )
+    reverse.add_argument(
+        "--keep-services", action="store_true", help="leave its services enabled and running"
+    )
     reverse.add_argument("--break-lock", action="store_true", help="clear an expired lease first")
     deploy.set_defaults(run=run)
 
@@ -89,12 +101,12 @@ def run(args: argparse.Namespace) -> int:
         plan = load_plan(args.plan)
         if args.force and args.force_all:
             raise UsageError("--force and --force-all do not go together: pick one")
-        gated = [step.id for step in plan.steps if step.kind == "restart"]
+        gated = [step for step in plan.steps if step.kind in GATED]
         if gated and not (args.yes or args.dry_run):
             raise UsageError(
-                f"the plan restarts the vault's workload (step {gated[0]!r}), which ends every "
-                "session on it: refusing without --yes",
-                hint=f"fly-vault deploy apply {args.vault} {args.plan} --yes",
+                f"the plan {GATED[gated[0].kind]} (step {gated[0].id!r}): refusing without --yes",
+                hint=f"fly-vault deploy apply {args.vault} {args.plan} --yes (--dry-run first "
+                "shows what would run)",
             )
         unknown = sorted(set(args.force) - {step.id for step in plan.steps})
         if unknown:
@@ -142,8 +154,10 @@ async def _run(args: argparse.Namespace, config: Any, plan: Any, name: str | Non
             _print_report(report, args.json, verb="changed")
             return NOT_CONVERGED if report.failed else 0
         if args.deploy_command == "reverse":
+            keep = {"packages"} if args.keep_packages else set()
+            keep |= {"services"} if args.keep_services else set()
             report = await engine.reverse(
-                name or "", dry_run=args.dry_run, break_lock=args.break_lock
+                name or "", dry_run=args.dry_run, break_lock=args.break_lock, keep=frozenset(keep)
             )
             _print_report(report, args.json, verb="undone")
             return NOT_CONVERGED if report.status == "partial" else 0

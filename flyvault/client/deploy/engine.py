@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from flyvault.client.deploy import blocks
+from flyvault.client.deploy import blocks, system
 from flyvault.client.deploy.guest import Account, RunResult, VaultGuest
 from flyvault.client.deploy.ledger import (
     BACKUPS,
@@ -74,6 +74,9 @@ class Engine:
     def __init__(self, vault: Any, *, clock: Any = time.time, yes: bool = False) -> None:
         #: The user agreed to steps that need it (a restart ends every session).
         self.yes = yes
+        #: Package ops of the other plans, while a reverse runs (their packages are kept).
+        self._others: list[dict[str, Any]] = []
+        self._reversing: str | None = None
         self.guest = VaultGuest(vault)
         self.ledger = Ledger(self.guest)
         self.clock = clock
@@ -157,7 +160,10 @@ class Engine:
                 report.status = record.status = "partial"
                 await self.ledger.save(record)
                 return
-        for decision in _orphans(plan, record, prune, dry_run=False):
+        orphans = _orphans(plan, record, prune, dry_run=False)
+        if any(d.action == "pruned" for d in orphans):
+            self._others = await self._package_ops(exclude=plan.name)
+        for decision in orphans:
             if decision.action == "pruned":
                 held = record.steps[decision.step]
                 for op in reversed(held.reverse_ops):
@@ -244,6 +250,8 @@ class Engine:
         result: RunResult | None = await step_runner(plan, resolved, account, entry, old_ops)
         record.steps.pop(resolved.id, None)
         record.steps[resolved.id] = entry  # moved to the end: reverse walks back in order
+        if entry.state == "skipped":
+            return Decision(resolved.id, resolved.kind, "skip", entry.reason)
         if entry.reason and result is None:
             why = entry.reason
         if result is not None and not result.ok:
@@ -367,17 +375,58 @@ class Engine:
         ]
         return None
 
+    async def _do_packages(
+        self, plan: Plan, step: ResolvedStep, account: Account, entry: StepRecord, old: list[Any]
+    ) -> RunResult | None:
+        self._need_yes(step, "installs packages in the rootfs")
+        outcome = await system.packages(self.guest, step.fields)
+        return self._system_outcome(outcome, entry, old)
+
+    async def _do_service(
+        self, plan: Plan, step: ResolvedStep, account: Account, entry: StepRecord, old: list[Any]
+    ) -> RunResult | None:
+        self._need_yes(step, "enables and starts a service")
+        ops: list[dict[str, Any]] = []
+        unit_path = None
+        if step.fields.get("unit_file") is not None:
+            unit_path = f"/etc/systemd/system/{step.fields['unit']}"
+            kept = [op for op in old if op.get("target") == unit_path]
+            ops = [
+                {"kind": "service-reload", "unit": step.fields["unit"], "target": "reload"},
+                *(kept or [await self._backup(plan, step, unit_path)]),
+            ]
+            files = self.guest.files()
+            await files.write(unit_path, step.step.data or b"", mode=0o644, make_parents=True)
+            entry.checks = [{"path": unit_path, "sha256": step.fields["sha256"]}]
+        outcome = await system.service(self.guest, step.fields, unit_path)
+        result = self._system_outcome(outcome, entry, [])
+        entry.reverse_ops = ops + entry.reverse_ops
+        return result
+
+    def _system_outcome(
+        self, outcome: system.Outcome, entry: StepRecord, old: list[Any]
+    ) -> RunResult | None:
+        if outcome.skip is not None:
+            entry.state, entry.reason, entry.reverse_ops = "skipped", outcome.skip, old
+            return None
+        entry.reason = outcome.reason
+        # A changed step keeps what it recorded earlier (packages it added then, say).
+        entry.reverse_ops = [*old, *outcome.reverse_ops] if outcome.result is None else old
+        return outcome.result
+
+    def _need_yes(self, step: ResolvedStep, what: str) -> None:
+        if not self.yes:
+            raise UsageError(
+                f"step {step.id!r} {what}: refusing without --yes",
+                hint="apply again with --yes (MCP: confirm=true)",
+            )
+
     async def _do_restart(
         self, plan: Plan, step: ResolvedStep, account: Account, entry: StepRecord, old: list[Any]
     ) -> None:
         from flyvault.client.restart import restart_and_wait
 
-        if not self.yes:
-            raise UsageError(
-                f"step {step.id!r} restarts the vault's workload (every session ends): "
-                "refusing without --yes",
-                hint="apply again with --yes (MCP: confirm=true)",
-            )
+        self._need_yes(step, "restarts the vault's workload (every session ends)")
         done = await restart_and_wait(
             self.guest.vault, allow_running=True, deadline=float(step.fields["timeout"])
         )
@@ -468,8 +517,15 @@ class Engine:
     # -- reverse -----------------------------------------------------------------------------
 
     async def reverse(
-        self, name: str, *, dry_run: bool = False, break_lock: bool = False
+        self,
+        name: str,
+        *,
+        dry_run: bool = False,
+        break_lock: bool = False,
+        keep: frozenset[str] = frozenset(),
     ) -> ApplyReport:
+        """Undo a plan from its record, newest first, going on past failures. ``keep``:
+        op families left alone (``packages``, ``services``)."""
         record = await self.ledger.load(name)
         report = ApplyReport(name, dry_run, status="reversed")
         if record is None:
@@ -478,38 +534,89 @@ class Engine:
                 hint="'fly-vault deploy status VAULT' lists the plans applied there",
             )
         account = await self.guest.account(record.user)
+        steps = [
+            (i, s, op)
+            for i, s in reversed(list(record.steps.items()))
+            for op in reversed(s.reverse_ops)
+        ]
         if dry_run:
-            for step_id, step in reversed(record.steps.items()):
-                for op in reversed(step.reverse_ops):
-                    report.decisions.append(
-                        Decision(step_id, step.kind, "run", op["kind"], _describe(op))
-                    )
+            for step_id, step, op in steps:
+                action = "kept" if _family(op) in keep else "run"
+                report.decisions.append(
+                    Decision(step_id, step.kind, action, op["kind"], _describe(op))
+                )
             report.status = "dry-run"
             return report
         lease = LeaseHolder(self.guest, name, clock=self.clock)
         await lease.acquire(break_expired=break_lock)
         try:
-            for step_id, step in reversed(list(record.steps.items())):
-                for op in reversed(step.reverse_ops):
-                    try:
-                        await self.undo(op, account)
-                        report.decisions.append(
-                            Decision(step_id, step.kind, "run", op["kind"], _describe(op))
-                        )
-                    except VaultError as exc:
-                        report.status = "partial"
-                        report.decisions.append(
-                            Decision(step_id, step.kind, "failed", op["kind"], str(exc))
-                        )
+            self._others = await self._package_ops(exclude=name)
+            self._reversing = name
+            for step_id, step, op in steps:
+                if _family(op) in keep:
+                    report.decisions.append(
+                        Decision(step_id, step.kind, "kept", op["kind"], _describe(op))
+                    )
+                    continue
+                try:
+                    note = await self.undo(op, account)
+                    report.decisions.append(
+                        Decision(step_id, step.kind, "run", op["kind"], note or _describe(op))
+                    )
+                except VaultError as exc:
+                    report.status = "partial"
+                    report.decisions.append(
+                        Decision(step_id, step.kind, "failed", op["kind"], str(exc))
+                    )
             if report.status != "partial":
                 await self.ledger.delete(name)
         finally:
             await lease.release()
         return report
 
-    async def undo(self, op: dict[str, Any], account: Account) -> None:
-        """One recorded reverse op; "already gone" is success."""
+    async def _hand_over(self, op: dict[str, Any]) -> None:
+        """Packages this plan installed that another still wants were kept: that plan's
+        record now lists them as its own, so they go when the last plan wanting them goes."""
+        kept = [n for n in op["packages"] if any(n in o.get("wanted", ()) for o in self._others)]
+        for name in kept:
+            for other in await self.ledger.names():
+                ledger = Ledger(self.guest)
+                held = await ledger.load(other)
+                wanting = [
+                    o
+                    for step in (held.steps.values() if held else ())
+                    for o in step.reverse_ops
+                    if o["kind"] == "package-remove" and name in o.get("wanted", ()) and o is not op
+                ]
+                if held is not None and wanting and held.name != self._reversing:
+                    if name not in wanting[0]["packages"]:
+                        wanting[0]["packages"].append(name)
+                        wanting[0]["command"] = system.remove_command(
+                            wanting[0]["manager"], wanting[0]["packages"]
+                        )
+                        await ledger.save(held)
+                    break
+
+    async def _package_ops(self, *, exclude: str) -> list[dict[str, Any]]:
+        """The package ops every other plan recorded (a package they added is kept)."""
+        ops = []
+        for other in await self.ledger.names():
+            if other == exclude:
+                continue
+            held = await Ledger(self.guest).load(other)
+            for step in held.steps.values() if held else ():
+                ops += [op for op in step.reverse_ops if op["kind"] == "package-remove"]
+        return ops
+
+    async def undo(self, op: dict[str, Any], account: Account) -> str | None:
+        """One recorded reverse op; "already gone" is success. Returns a note, if any."""
         kind, target = op["kind"], op.get("target", "")
+        if kind == "package-remove":
+            note = await system.undo(self.guest, op, self._others)
+            await self._hand_over(op)
+            return note
+        if kind in ("service-disable", "service-stop", "service-reload"):
+            return await system.undo(self.guest, op, self._others)
         as_user = op.get("as") == "user"
         user = account.name if as_user and account.name != "root" else None
         files = self.guest.files(user)
@@ -688,6 +795,13 @@ def _orphans(
     return out
 
 
+def _family(op: dict[str, Any]) -> str:
+    kind = str(op["kind"])
+    if kind.startswith("package"):
+        return "packages"
+    return "services" if kind.startswith("service") else kind
+
+
 def _digest(body: str) -> str:
     return hashlib.sha256(blocks.normal_body(body).encode()).hexdigest()
 
@@ -717,6 +831,10 @@ def _show(resolved: ResolvedStep) -> str:
         return f"write {fields['dest']} ({fields['mode']}, sha256 {fields['sha256'][:12]})"
     if resolved.kind == "env":
         return "env.d file: " + ", ".join(sorted(fields["vars"]) + fields["path_prepend"])
+    if resolved.kind == "packages":
+        return f"{fields['manager']}: install what is missing of {', '.join(fields['packages'])}"
+    if resolved.kind == "service":
+        return f"systemd: {fields['unit']} enable={fields['enable']}, start={fields['start']}"
     if resolved.kind == "restart":
         return "restart the workload and wait for it" + (" (always)" if fields["always"] else "")
     if resolved.kind == "artifact":

@@ -30,7 +30,7 @@ VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 HOME = "{{home}}"
 #: Kinds the proposal names that this version does not run yet: refused by name, so a plan
 #: written for a later fly-vault fails before it changes anything.
-LATER_KINDS = ("packages", "service", "image")
+LATER_KINDS = ("image",)
 #: Where a path counts as surviving a reprovision (bind-mounted from the volume).
 PERSIST_PREFIXES = ("/root", "/home")
 MAX_CONTENT = 16 * 1024 * 1024
@@ -128,6 +128,41 @@ class ArtifactStep(_Step):
         return _octal_mode(value)
 
 
+class PackagesStep(_Step):
+    kind: Literal["packages"]
+    packages: list[str] = Field(min_length=1)
+    manager: Literal["auto", "apt", "apk", "dnf", "pacman"] = "auto"
+    #: Fail (instead of a recorded skip) when the rootfs has no such package manager.
+    required: bool = False
+
+    @field_validator("packages")
+    @classmethod
+    def _names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9+._:-]{0,127}", name):
+                raise ValueError(f"{name!r} is not a package name")
+        return value
+
+
+class ServiceStep(_Step):
+    kind: Literal["service"]
+    unit: str
+    #: A unit file on this machine (relative to the plan), written to /etc/systemd/system.
+    unit_file: str | None = None
+    enable: bool = True
+    start: Literal["best-effort", "required", "no"] = "best-effort"
+    #: Fail (instead of a recorded skip) without systemd; [target] requires_init =
+    #: "systemd" sets it for every service step.
+    required: bool = False
+
+    @field_validator("unit")
+    @classmethod
+    def _unit(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9:_.@-]+\.(service|socket|timer|target|path|mount)", value):
+            raise ValueError(f"{value!r} is not a systemd unit name (e.g. ssh.service)")
+        return value
+
+
 class RestartStep(_Step):
     """Restart the workload, like a handler: only when an earlier step ran in this apply,
     or every time with ``always``."""
@@ -138,7 +173,14 @@ class RestartStep(_Step):
 
 
 StepModel = Annotated[
-    ShellStep | FileStep | EnvStep | SnippetStep | ArtifactStep | RestartStep,
+    ShellStep
+    | FileStep
+    | EnvStep
+    | SnippetStep
+    | ArtifactStep
+    | RestartStep
+    | PackagesStep
+    | ServiceStep,
     Field(discriminator="kind"),
 ]
 
@@ -257,7 +299,7 @@ def parse_plan(text: str, *, source: str = "<plan>", base: Path | None = None) -
     if not USER_RE.fullmatch(model.target.user):
         raise UsageError(f"{source}: target user {model.target.user!r} is not a user name")
     steps = tuple(
-        _build_step(index, step, model.vars, source, lines, base)
+        _build_step(index, step, model.vars, source, lines, base, model.target.requires_init)
         for index, step in enumerate(model.step)
     )
     return Plan(
@@ -294,14 +336,10 @@ def _check_steps_before_model(raw: dict[str, Any], source: str, lines: _Lines) -
         if kind in LATER_KINDS:
             raise UsageError(
                 f"{where}: step kind {kind!r} is not supported by this fly-vault yet "
-                "(it runs shell, file, env, snippet, artifact and restart steps); do it in a "
-                "shell step for now"
+                f"(it runs {', '.join(KINDS)}); do it in a shell step for now"
             )
         if kind not in KINDS:
-            raise UsageError(
-                f"{where}: unknown step kind {kind!r}: use shell, file, env, snippet, "
-                "artifact or restart"
-            )
+            raise UsageError(f"{where}: unknown step kind {kind!r}: use one of {', '.join(KINDS)}")
         step_id = step.get("id")
         if isinstance(step_id, str):
             if step_id in seen:
@@ -330,7 +368,7 @@ def _explain(exc: ValidationError, source: str, lines: _Lines) -> str:
     return "; ".join(problems)
 
 
-KINDS = ("shell", "file", "env", "snippet", "artifact", "restart")
+KINDS = ("shell", "file", "env", "snippet", "artifact", "restart", "packages", "service")
 
 
 def _locate(loc: list[Any], lines: _Lines) -> tuple[int, str]:
@@ -352,6 +390,7 @@ def _build_step(
     source: str,
     lines: _Lines,
     base: Path | None,
+    requires_init: str = "any",
 ) -> Step:
     line = lines.step(index)
     raw = model.model_dump(by_alias=True, exclude={"description"})
@@ -366,6 +405,14 @@ def _build_step(
         data = _file_data(fields, base, f"{source}:{line}")
     if kind == "artifact":
         members = _artifact(fields, base, f"{source}:{line}")
+    if kind == "service":
+        fields["required"] = fields["required"] or requires_init == "systemd"
+        if fields["unit_file"] is not None:
+            fields["source"], fields["content"] = fields.pop("unit_file"), None
+            data = _file_data(fields, base, f"{source}:{line}")
+            fields["unit_file"] = fields.pop("source")
+        else:
+            fields.pop("unit_file")
     for key in ("dest", "file", "extract_to"):
         if fields.get(key) is not None:
             _check_absolute(fields[key], f"{source}:{lines.key(index, key)}")
