@@ -184,7 +184,9 @@ class OutputBuffer:
                     stop = self.file_end
                 else:
                     begin = self.mem_start
-        begin = min(begin, max(stop, self.start))
+        # A range wholly in what was lost reads as empty at its end (all of it dropped),
+        # never as the first held byte past it.
+        begin = stop if stop < self.start else min(begin, stop)
         stop = max(stop, begin)
         dropped = (begin - offset) - self._held(offset, begin) if begin > offset else 0
         return begin, stop, dropped
