@@ -73,10 +73,6 @@ def test_a_good_plan_resolves_vars_now_and_home_per_vault() -> None:
         (('id = "conf"', 'id = "tool"'), "p.toml:15: duplicate step id 'tool' (first at line 9)"),
         (('name = "web"', 'name = "Web App"'), "p.toml:2: plan name 'Web App'"),
         (("${V}\\n", "${W}\\n"), "p.toml:18: ${W} is not defined in [vars]"),
-        (
-            ('kind = "file"', 'kind = "image"'),
-            "p.toml:16: step kind 'image' is not supported",
-        ),
         (('kind = "file"', 'kind = "ftp"'), "p.toml:16: unknown step kind 'ftp'"),
         (("schema = 1", "schema = 2"), "schema 2 is not one this fly-vault reads"),
         (

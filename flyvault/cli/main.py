@@ -305,8 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     cp.set_defaults(run=_lazy("flyvault.cli.cp", "run"))
 
     from flyvault.cli.deploy import add_parser as add_deploy_parser
+    from flyvault.cli.images import add_parser as add_image_parser
 
     add_deploy_parser(commands)
+    add_image_parser(commands)
 
     mux = commands.add_parser(
         "mux",

@@ -356,9 +356,7 @@ class LocalTreeWriter:
             self._metadata(pending.info, pending.mtime_ns, fd=fd, mode_set=pending.mode_set)
             name = pending.parts[-1]
             try:
-                os.rename(
-                    pending.temp, name, src_dir_fd=pending.parent, dst_dir_fd=pending.parent
-                )
+                os.rename(pending.temp, name, src_dir_fd=pending.parent, dst_dir_fd=pending.parent)
             except IsADirectoryError:  # rename(2) never replaces a directory with a file
                 raise refuse(entry, "it would replace a directory of the same name") from None
         except BaseException:

@@ -421,6 +421,27 @@ class Engine:
                 hint="apply again with --yes (MCP: confirm=true)",
             )
 
+    async def _do_image(
+        self, plan: Plan, step: ResolvedStep, account: Account, entry: StepRecord, old: list[Any]
+    ) -> None:
+        from flyvault.client.images import copy_image
+
+        fields = step.fields
+        user = account.name if step.as_user and account.name != "root" else None
+        done = await copy_image(
+            self.guest.vault, fields["image"], tag=fields["tag"], user=user, engine=fields["engine"]
+        )
+        entry.reason = f"{done.tag}: {done.action} (id {done.image_id[:12]})"
+        entry.reverse_ops = [
+            {
+                "kind": "image-remove",
+                "target": done.tag,
+                "image_id": done.image_id,
+                "as": "user" if user else "root",
+            }
+        ]
+        return None
+
     async def _do_restart(
         self, plan: Plan, step: ResolvedStep, account: Account, entry: StepRecord, old: list[Any]
     ) -> None:
@@ -617,6 +638,16 @@ class Engine:
             return note
         if kind in ("service-disable", "service-stop", "service-reload"):
             return await system.undo(self.guest, op, self._others)
+        if kind == "image-remove":
+            from flyvault.client.images import remove_image
+
+            await remove_image(
+                self.guest.vault,
+                op["target"],
+                op["image_id"],
+                user=(account.name if op.get("as") == "user" and account.name != "root" else None),
+            )
+            return None
         as_user = op.get("as") == "user"
         user = account.name if as_user and account.name != "root" else None
         files = self.guest.files(user)
@@ -835,6 +866,8 @@ def _show(resolved: ResolvedStep) -> str:
         return f"{fields['manager']}: install what is missing of {', '.join(fields['packages'])}"
     if resolved.kind == "service":
         return f"systemd: {fields['unit']} enable={fields['enable']}, start={fields['start']}"
+    if resolved.kind == "image":
+        return f"{fields['engine']} save {fields['image']} | podman load (id {fields['image_id'][:12]})"
     if resolved.kind == "restart":
         return "restart the workload and wait for it" + (" (always)" if fields["always"] else "")
     if resolved.kind == "artifact":

@@ -28,9 +28,6 @@ STEP_ID_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 USER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
 VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 HOME = "{{home}}"
-#: Kinds the proposal names that this version does not run yet: refused by name, so a plan
-#: written for a later fly-vault fails before it changes anything.
-LATER_KINDS = ("image",)
 #: Where a path counts as surviving a reprovision (bind-mounted from the volume).
 PERSIST_PREFIXES = ("/root", "/home")
 MAX_CONTENT = 16 * 1024 * 1024
@@ -163,6 +160,18 @@ class ServiceStep(_Step):
         return value
 
 
+class ImageStep(_Step):
+    """A container image from this machine's podman (or docker) into the vault's podman
+    (``fly-vault cp-image``)."""
+
+    kind: Literal["image"]
+    image: str
+    tag: str | None = None
+    #: Into the target user's rootless storage instead of root's.
+    rootless: bool = False
+    engine: Literal["podman", "docker"] | None = None
+
+
 class RestartStep(_Step):
     """Restart the workload, like a handler: only when an earlier step ran in this apply,
     or every time with ``always``."""
@@ -180,7 +189,8 @@ StepModel = Annotated[
     | ArtifactStep
     | RestartStep
     | PackagesStep
-    | ServiceStep,
+    | ServiceStep
+    | ImageStep,
     Field(discriminator="kind"),
 ]
 
@@ -216,11 +226,11 @@ class Step:
     members: tuple[str, ...] = ()
 
     def runs_as(self, home: str) -> str:
-        """ "root" or "user": who acts for this step."""
+        """Who acts for this step: "root" or "user"."""
         declared = self.fields.get("as")
         if declared is not None:
             return str(declared)
-        if self.kind in ("env",):
+        if self.kind == "env" or (self.kind == "image" and self.fields.get("rootless")):
             return "user"
         path = str(
             self.fields.get("dest")
@@ -333,11 +343,6 @@ def _check_steps_before_model(raw: dict[str, Any], source: str, lines: _Lines) -
         if not isinstance(step, dict):
             raise UsageError(f"{where}: a step must be a table")
         kind = step.get("kind")
-        if kind in LATER_KINDS:
-            raise UsageError(
-                f"{where}: step kind {kind!r} is not supported by this fly-vault yet "
-                f"(it runs {', '.join(KINDS)}); do it in a shell step for now"
-            )
         if kind not in KINDS:
             raise UsageError(f"{where}: unknown step kind {kind!r}: use one of {', '.join(KINDS)}")
         step_id = step.get("id")
@@ -368,7 +373,17 @@ def _explain(exc: ValidationError, source: str, lines: _Lines) -> str:
     return "; ".join(problems)
 
 
-KINDS = ("shell", "file", "env", "snippet", "artifact", "restart", "packages", "service")
+KINDS = (
+    "shell",
+    "file",
+    "env",
+    "snippet",
+    "artifact",
+    "restart",
+    "packages",
+    "service",
+    "image",
+)
 
 
 def _locate(loc: list[Any], lines: _Lines) -> tuple[int, str]:
@@ -405,6 +420,8 @@ def _build_step(
         data = _file_data(fields, base, f"{source}:{line}")
     if kind == "artifact":
         members = _artifact(fields, base, f"{source}:{line}")
+    if kind == "image":
+        fields["image_id"] = _local_image(fields, f"{source}:{line}")
     if kind == "service":
         fields["required"] = fields["required"] or requires_init == "systemd"
         if fields["unit_file"] is not None:
@@ -488,6 +505,20 @@ def _artifact(fields: dict[str, Any], base: Path | None, where: str) -> tuple[st
     return check_members(path, where) if fields["extract_to"] is not None else ()
 
 
+def _local_image(fields: dict[str, Any], where: str) -> str:
+    """The image's id here: in the fingerprint, so a rebuilt image is copied again."""
+    from flyvault.client.images import check_ref, local_engine, local_image_id
+
+    try:
+        check_ref(fields["image"])
+        if fields["tag"] is not None:
+            check_ref(fields["tag"], "image tag")
+        fields["engine"] = local_engine(fields["engine"])
+        return local_image_id(fields["engine"], fields["image"])
+    except UsageError as exc:
+        raise UsageError(f"{where}: {exc.message}", hint=exc.hint) from None
+
+
 def _check_absolute(path: str, where: str) -> None:
     if not (path.startswith("/") or path == HOME or path.startswith(HOME + "/")):
         raise UsageError(f"{where}: {path!r} must be absolute or start with {HOME}")
@@ -524,6 +555,8 @@ def _home(value: Any, home: str) -> Any:
 def _domain(kind: str, fields: dict[str, Any]) -> str:
     if kind in ("env", "restart"):
         return "home"  # nothing of it lives in the rootfs
+    if kind == "image":
+        return "home" if fields["rootless"] else "rootfs"  # root's storage: /var/lib
     if kind == "shell":
         return str(fields["domain"])
     path = str(fields.get("dest") or fields.get("file") or fields.get("extract_to"))
