@@ -183,6 +183,8 @@ run = "systemctl is-active fvtest.service > /root/after-restart; fvhello >> /roo
 """
     )
     first = apply(plan_a)
+    assert first["preflight"]["system"].startswith("Debian GNU/Linux")
+    assert first["preflight"]["runtime"] == "system_init"
     steps = {s["step"]: s for s in first["steps"]}
     assert first["status"] == "applied", first
     assert steps["hello"]["reason"] == "apt: installed fvhello", steps["hello"]

@@ -163,6 +163,9 @@ def test_apply_reapply_edit_fail_resume_and_reverse(
     assert first.returncode == 0, first.stderr.decode()
     data = report(first)
     assert data["changed"] == 6 and data["status"] == "applied"
+    facts = data["preflight"]
+    assert (facts["user"], facts["home"], facts["shell"]) == ("dev", "/home/dev", "/bin/sh")
+    assert facts["runtime"] == "fallback_init" and facts["system"].startswith("unknown")
 
     async def look(vault: Any) -> dict[str, Any]:
         files = vault.files()
@@ -623,3 +626,73 @@ def test_packages_and_services_are_recorded_skips_on_busybox(
     assert failed.returncode == 1
     step = report(failed)["steps"][0]
     assert step["action"] == "failed" and "no systemd running" in step["detail"]
+
+
+def test_a_connection_cut_mid_upload_leaves_the_destination_and_the_ledger_as_they_were(
+    tmp_path: Path, vm_init: InitProcess, issuer: OidcIssuer
+) -> None:
+    import hashlib
+    import signal
+    import subprocess
+    import sys
+
+    rootfs = deploy_rootfs(tmp_path / "rootfs.tar.gz")
+    configure(vm_init.port, issuer, rootfs=str(rootfs))
+    assert fv("exec", "vm", "--", "true").returncode == 0  # provisioned
+    big = tmp_path / "big.bin"
+    sha = hashlib.sha256()
+    with big.open("wb") as out:
+        for _ in range(128):  # 128 MiB: the upload lasts long enough to be cut
+            block = os.urandom(1024 * 1024)
+            sha.update(block)
+            out.write(block)
+    digest = sha.hexdigest()
+    plan = tmp_path / "plan.toml"
+    plan.write_text(
+        'schema = 1\nname = "cut"\n[[step]]\nid = "blob"\nkind = "artifact"\n'
+        f'source = "big.bin"\nsha256 = "{digest}"\ndest = "/etc/motd"\nmode = "0644"\n'
+    )
+    etc = vm_init.data_dir / "rootfs" / "etc"
+    applier = subprocess.Popen(
+        [sys.executable, "-m", "flyvault.cli.main", "deploy", "apply", "vm", str(plan)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # bounded: until the upload's temp file appears
+            partial = [p for p in etc.glob(".flyvault-tmp-*") if p.stat().st_size > 0]
+            if partial or applier.poll() is not None:
+                break
+            time.sleep(0.01)
+        assert partial, "the upload never started"
+        applier.send_signal(signal.SIGKILL)  # by its pid: the connection is cut mid-upload
+    finally:
+        if applier.poll() is None:
+            applier.kill()
+        applier.wait()
+
+    async def after(vault: Any) -> dict[str, Any]:
+        from flyvault.client.deploy.ledger import Ledger
+
+        guest = VaultGuest(vault)
+        record = await Ledger(guest).load("cut")
+        return {
+            "motd": bytes(await vault.files().read_bytes("/etc/motd")),
+            "blob": record.steps.get("blob") if record else None,
+        }
+
+    from flyvault.client.deploy.guest import VaultGuest
+
+    seen = on_vm(vm_init.port, issuer, rootfs, after)
+    assert seen["motd"] == MOTD  # the old file, whole
+    assert seen["blob"] is None  # not recorded as applied
+    # The lease the killed apply held blocks the next one until it expires; clear it as
+    # an operator would once that apply is known to be gone, then apply again: done.
+
+    async def drop_lease(vault: Any) -> None:
+        await vault.files().remove(f"{LEDGER}/lease.json")
+
+    on_vm(vm_init.port, issuer, rootfs, drop_lease)
+    done = report(fv("deploy", "apply", "vm", str(plan), "--json"))
+    assert done["status"] == "applied" and done["changed"] == 1

@@ -173,6 +173,12 @@ def _print_report(report: Any, as_json: bool, *, verb: str) -> None:
     if as_json:
         print(json.dumps(report.to_json(), indent=2))
         return
+    facts = getattr(report, "preflight", None)
+    if facts:
+        print(
+            f"vault: {facts['system']}, runtime {facts['runtime'].replace('_', ' ')}; user "
+            f"{facts['user']} ({facts['home']}, {facts['shell']})"
+        )
     for decision in report.decisions:
         line = f"  {decision.action:<6} {decision.step:<24} {decision.reason}"
         print(line)

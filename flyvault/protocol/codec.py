@@ -112,8 +112,7 @@ class FrameDecoder:
         if buffered < FRAME_HEADER_SIZE:
             if self._eof and buffered:
                 raise RemoteProtocolError(
-                    f"stream ended inside a frame header ({buffered} of "
-                    f"{FRAME_HEADER_SIZE} bytes)"
+                    f"stream ended inside a frame header ({buffered} of {FRAME_HEADER_SIZE} bytes)"
                 )
             return None
         frame_type, length = self._check_header()

@@ -133,8 +133,7 @@ class TarReader:
         self._at = 0
         if self._state == "digest" and len(self._held) > MAX_HELD_BYTES:
             raise TarStreamError(
-                f"{self._sender} sent no digest after {self.last_name!r}; the stream is "
-                "malformed"
+                f"{self._sender} sent no digest after {self.last_name!r}; the stream is malformed"
             )
         return self._parse()
 

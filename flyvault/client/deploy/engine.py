@@ -50,6 +50,8 @@ class ApplyReport:
     dry_run: bool
     decisions: list[Decision] = field(default_factory=list)
     status: str = "applied"
+    #: What apply found before deciding: the system, the runtime, the user, the rootfs id.
+    preflight: dict[str, Any] = field(default_factory=dict)
 
     @property
     def changed(self) -> int:
@@ -67,6 +69,7 @@ class ApplyReport:
             "changed": self.changed,
             "unchanged": sum(1 for d in self.decisions if d.action == "skip"),
             "steps": [d.to_json() for d in self.decisions],
+            "preflight": self.preflight,
         }
 
 
@@ -97,6 +100,7 @@ class Engine:
     ) -> ApplyReport:
         account = await self.guest.account(plan.user)
         report = ApplyReport(plan.name, dry_run)
+        report.preflight = await self._preflight(account)
         if dry_run:
             record = await self.ledger.load(plan.name)
             rootfs_id = await self.ledger.rootfs_id(create=False)
@@ -126,6 +130,28 @@ class Engine:
         finally:
             await lease.release()
         return report
+
+    async def _preflight(self, account: Account) -> dict[str, Any]:
+        """Read-only facts shown with the report (and kept in its JSON)."""
+        connection = await self.guest.vault.connection()
+        release = await self.guest.read_text("/etc/os-release") or ""
+        pretty = next(
+            (
+                line.split("=", 1)[1].strip().strip('"')
+                for line in release.splitlines()
+                if line.startswith("PRETTY_NAME=")
+            ),
+            "unknown (no /etc/os-release)",
+        )
+        return {
+            "system": pretty,
+            "runtime": connection.runtime_status.name.lower(),
+            "boot_id": connection.boot_id,
+            "user": account.name,
+            "home": account.home,
+            "shell": account.shell,
+            "rootfs_id": await self.ledger.rootfs_id(create=False),
+        }
 
     async def _apply_steps(
         self,
