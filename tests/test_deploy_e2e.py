@@ -159,7 +159,9 @@ def test_apply_reapply_edit_fail_resume_and_reverse(
     configure(vm_init.port, issuer, rootfs=str(rootfs))
     plan = write_plan(tmp_path / "plan")
 
+    began = time.monotonic()
     first = fv("deploy", "apply", "vm", str(plan), "--json")
+    applied_in = time.monotonic() - began
     assert first.returncode == 0, first.stderr.decode()
     data = report(first)
     assert data["changed"] == 6 and data["status"] == "applied"
@@ -203,7 +205,12 @@ def test_apply_reapply_edit_fail_resume_and_reverse(
     assert editor == "vim"
     assert path.split(":").count("/home/dev/.local/bin") == 1
 
+    began = time.monotonic()
     again = report(fv("deploy", "apply", "vm", str(plan), "--json"))
+    print(  # for the record (pytest -s): a CLI process each, connection included
+        f"\n[deploy times] busybox plan of 6 steps: apply {applied_in:.2f} s, "
+        f"re-apply {time.monotonic() - began:.2f} s"
+    )
     assert again["changed"] == 0
     assert {step["action"] for step in again["steps"]} == {"skip"}
     text = fv("deploy", "apply", "vm", str(plan))
