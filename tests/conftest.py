@@ -301,6 +301,14 @@ def start_init(
 
 
 @pytest.fixture
+def vm_init(tmp_path: Path, fly_api: FlyApiSocket) -> Iterator[InitProcess]:
+    """An init in vm mode (namespaces, a rootfs): the tests that use it need root."""
+    init = start_init(tmp_path, fly_api.path, host_mode=False)
+    yield init
+    init.stop()
+
+
+@pytest.fixture
 def init_process(tmp_path: Path, fly_api: FlyApiSocket) -> Iterator[InitProcess]:
     running = start_init(tmp_path, fly_api.path)
     yield running

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import InitProcess, start_init, vault_entry
+from conftest import InitProcess, vault_entry
 from debian_rootfs import Unavailable, debian_systemd_archive
 
 from flyvault.standins import OidcIssuer
@@ -45,13 +45,6 @@ def image() -> Path:
         return debian_systemd_archive()
     except Unavailable as exc:
         pytest.skip(f"no Debian rootfs with systemd: {exc}")
-
-
-@pytest.fixture
-def vm_init(tmp_path: Path, fly_api: Any) -> Any:
-    init = start_init(tmp_path, fly_api.path, host_mode=False)
-    yield init
-    init.stop()
 
 
 def fv(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[bytes]:

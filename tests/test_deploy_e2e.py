@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import InitProcess, run_async, start_init, vault_entry
+from conftest import InitProcess, run_async, vault_entry
 from test_provision_e2e import BUSYBOX, configure, fv
 
 from flyvault.standins import OidcIssuer
@@ -47,13 +47,6 @@ PASSWD = "root:x:0:0:root:/root:/bin/sh\ndev:x:1000:1000:Dev:/home/dev:/bin/sh\n
 PROFILE = b"export A=1"  # no final newline: the block must come out byte for byte
 MOTD = b"the old motd\n"
 LEDGER = "/root/.local/state/fly-vault/deploy"
-
-
-@pytest.fixture
-def vm_init(tmp_path: Path, fly_api: Any) -> Any:
-    init = start_init(tmp_path, fly_api.path, host_mode=False)
-    yield init
-    init.stop()
 
 
 def deploy_rootfs(path: Path) -> Path:

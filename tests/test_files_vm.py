@@ -13,12 +13,12 @@ import os
 import shutil
 import tarfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import InitProcess, run_async, start_init, vault_entry
+from conftest import InitProcess, run_async, vault_entry
 from test_provision_e2e import BUSYBOX, configure, fv, make_rootfs
 
 from flyvault.errors import FileOpError, NotFoundError, UsageError
@@ -29,13 +29,6 @@ pytestmark = [
     pytest.mark.skipif(not BUSYBOX.exists(), reason="needs /bin/busybox (busybox-static)"),
     pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare"),
 ]
-
-
-@pytest.fixture
-def vm_init(tmp_path: Path, fly_api: Any) -> Iterator[InitProcess]:
-    init = start_init(tmp_path, fly_api.path, host_mode=False)
-    yield init
-    init.stop()
 
 
 PASSWD = b"root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000:U:/home/user:/bin/sh\n"

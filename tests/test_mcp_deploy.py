@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import InitProcess, run_async, start_init
+from conftest import InitProcess, run_async
 from mcp import Client
 from mcp_support import Session, configure_vault, mcp_server, text
 from test_deploy_e2e import PLAN, deploy_rootfs
@@ -28,13 +28,6 @@ pytestmark = [
 
 #: The e2e plan without its source file (a plan given as text has no directory of its own).
 TEXT_PLAN = PLAN.replace('source = "files/gitconfig"', 'content = "[user]\\\\n  name = Dev\\\\n"')
-
-
-@pytest.fixture
-def vm_init(tmp_path: Path, fly_api: Any) -> Any:
-    init = start_init(tmp_path, fly_api.path, host_mode=False)
-    yield init
-    init.stop()
 
 
 def test_deploy_tool_dry_run_apply_status_reverse(

@@ -11,12 +11,11 @@ import asyncio
 import os
 import shutil
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import InitProcess, run_async, start_init
+from conftest import InitProcess, run_async
 from mcp import Client
 from mcp_support import SECRETS, Session, configure_vault, mcp_server, text, vault
 
@@ -139,13 +138,6 @@ def _rootfs(path: Path, version: str) -> Path:
     with tarfile.open(path, "w:gz") as archive:
         archive.add(tree, arcname=".")
     return path
-
-
-@pytest.fixture
-def vm_init(tmp_path: Path, fly_api: Any) -> Iterator[InitProcess]:
-    init = start_init(tmp_path, fly_api.path, host_mode=False)
-    yield init
-    init.stop()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="namespaces and pivot_root need root")

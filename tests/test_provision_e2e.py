@@ -86,13 +86,6 @@ def evil_archive(path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def vm_init(tmp_path: Path, fly_api: Any) -> Iterator[InitProcess]:
-    init = start_init(tmp_path, fly_api.path, host_mode=False)
-    yield init
-    init.stop()
-
-
 CLI = (sys.executable, "-m", "flyvault.cli.main")
 
 

@@ -9,10 +9,9 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import InitProcess, run_async, start_init
+from conftest import InitProcess, run_async
 from test_deploy_e2e import deploy_rootfs, report
 from test_provision_e2e import BUSYBOX, configure, fv
 
@@ -23,13 +22,6 @@ root_only = [
     pytest.mark.skipif(not BUSYBOX.exists(), reason="needs /bin/busybox (busybox-static)"),
     pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare"),
 ]
-
-
-@pytest.fixture
-def vm_init(tmp_path: Path, fly_api: Any) -> Any:
-    init = start_init(tmp_path, fly_api.path, host_mode=False)
-    yield init
-    init.stop()
 
 
 def boot_id(name: str) -> str:

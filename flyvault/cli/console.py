@@ -33,3 +33,16 @@ class Console:
     def event(self, event: Any) -> None:
         """What the client reports besides results (``flyvault.client.events``)."""
         self.notice(event.message)
+
+
+async def with_vault(config: Any, action: Any) -> Any:
+    """``await action(vault)`` on a ``Vault`` whose notices and events go to stderr, closed
+    afterwards whatever happens."""
+    from flyvault.client import Vault
+
+    console = Console()
+    vault = Vault(config, on_notice=console.notice, on_event=console.event)
+    try:
+        return await action(vault)
+    finally:
+        await vault.close()

@@ -132,41 +132,41 @@ def _plan_name(text: str) -> str:
 
 
 async def _run(args: argparse.Namespace, config: Any, plan: Any, name: str | None) -> int:
+    from flyvault.cli.console import with_vault
+
+    return int(await with_vault(config, lambda vault: _act(args, vault, plan, name)))
+
+
+async def _act(args: argparse.Namespace, vault: Any, plan: Any, name: str | None) -> int:
     from flyvault.cli.console import Console
-    from flyvault.client import Vault
     from flyvault.client.deploy.engine import Engine
 
-    console = Console()
-    vault = Vault(config, on_notice=console.notice, on_event=console.event)
-    try:
-        engine = Engine(vault, yes=getattr(args, "yes", False))
-        if args.deploy_command == "apply":
-            report = await engine.apply(
-                plan,
-                dry_run=args.dry_run,
-                force=frozenset(args.force),
-                force_all=args.force_all,
-                break_lock=args.break_lock,
-                prune=args.prune,
-                wait_seconds=args.wait,
-                on_wait=console.notice,
-            )
-            _print_report(report, args.json, verb="changed")
-            return NOT_CONVERGED if report.failed else 0
-        if args.deploy_command == "reverse":
-            keep = {"packages"} if args.keep_packages else set()
-            keep |= {"services"} if args.keep_services else set()
-            report = await engine.reverse(
-                name or "", dry_run=args.dry_run, break_lock=args.break_lock, keep=frozenset(keep)
-            )
-            _print_report(report, args.json, verb="undone")
-            return NOT_CONVERGED if report.status == "partial" else 0
-        plans = await engine.status(name, plan, verify=args.verify)
-        _print_status(plans, args.json)
-        converged = bool(plans) and all(p.get("converged") for p in plans)
-        return 0 if converged else NOT_CONVERGED
-    finally:
-        await vault.close()
+    engine = Engine(vault, yes=getattr(args, "yes", False))
+    if args.deploy_command == "apply":
+        report = await engine.apply(
+            plan,
+            dry_run=args.dry_run,
+            force=frozenset(args.force),
+            force_all=args.force_all,
+            break_lock=args.break_lock,
+            prune=args.prune,
+            wait_seconds=args.wait,
+            on_wait=Console().notice,
+        )
+        _print_report(report, args.json, verb="changed")
+        return NOT_CONVERGED if report.failed else 0
+    if args.deploy_command == "reverse":
+        keep = {"packages"} if args.keep_packages else set()
+        keep |= {"services"} if args.keep_services else set()
+        report = await engine.reverse(
+            name or "", dry_run=args.dry_run, break_lock=args.break_lock, keep=frozenset(keep)
+        )
+        _print_report(report, args.json, verb="undone")
+        return NOT_CONVERGED if report.status == "partial" else 0
+    plans = await engine.status(name, plan, verify=args.verify)
+    _print_status(plans, args.json)
+    converged = bool(plans) and all(p.get("converged") for p in plans)
+    return 0 if converged else NOT_CONVERGED
 
 
 def _print_report(report: Any, as_json: bool, *, verb: str) -> None:

@@ -48,18 +48,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _copy(args: argparse.Namespace, config: Any) -> int:
-    from flyvault.cli.console import Console
-    from flyvault.client import Vault
+    from flyvault.cli.console import with_vault
     from flyvault.client.images import copy_image
 
-    console = Console()
-    vault = Vault(config, on_notice=console.notice, on_event=console.event)
-    try:
-        done = await copy_image(
+    done = await with_vault(
+        config,
+        lambda vault: copy_image(
             vault, args.image, tag=args.tag, user=args.rootless, engine=args.engine
-        )
-    finally:
-        await vault.close()
+        ),
+    )
     if args.json:
         print(json.dumps(done.to_json(), indent=2))
     elif done.action == "skipped":

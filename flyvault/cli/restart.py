@@ -18,16 +18,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _restart(args: argparse.Namespace, config: Any) -> int:
-    from flyvault.cli.console import Console
-    from flyvault.client import Vault
+    from flyvault.cli.console import with_vault
     from flyvault.client.restart import restart_and_wait
 
-    console = Console()
-    vault = Vault(config, on_notice=console.notice, on_event=console.event)
-    try:
-        done = await restart_and_wait(vault, allow_running=args.yes, deadline=args.timeout)
-    finally:
-        await vault.close()
+    done = await with_vault(
+        config,
+        lambda vault: restart_and_wait(vault, allow_running=args.yes, deadline=args.timeout),
+    )
     if args.json:
         print(json.dumps(done.to_json(), indent=2))
     else:
