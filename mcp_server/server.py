@@ -352,7 +352,12 @@ def build_server(state: State | None = None, *, tenant_tool: bool | None = None)
     state = state or make_state()
     tenants = bool(os.environ.get("FLY_API_TOKEN")) if tenant_tool is None else tenant_tool
     server = VaultMCP(state, instructions=INSTRUCTIONS + ("" if tenants else NO_TENANT_TOOL))
-    registries = [vault_tools, file_tools, admin_tools, deploy_tools]  # tools/list shows them in this order
+    registries = [
+        vault_tools,
+        file_tools,
+        admin_tools,
+        deploy_tools,
+    ]  # tools/list shows them in this order
     if tenants:
         registries.append(tenant_tools)
     for registry in registries:

@@ -696,3 +696,43 @@ def test_a_connection_cut_mid_upload_leaves_the_destination_and_the_ledger_as_th
     on_vm(vm_init.port, issuer, rootfs, drop_lease)
     done = report(fv("deploy", "apply", "vm", str(plan), "--json"))
     assert done["status"] == "applied" and done["changed"] == 1
+
+
+def test_a_failed_reverse_keeps_only_what_is_left_and_a_script_gets_eof_and_a_timeout(
+    tmp_path: Path, vm_init: InitProcess, issuer: OidcIssuer
+) -> None:
+    rootfs = deploy_rootfs(tmp_path / "rootfs.tar.gz")
+    configure(vm_init.port, issuer, rootfs=str(rootfs))
+    plan = tmp_path / "plan.toml"
+    plan.write_text(
+        'schema = 1\nname = "undo"\n'
+        '[[step]]\nid = "motd"\nkind = "file"\ndest = "/etc/motd"\ncontent = "new\\n"\n'
+        '[[step]]\nid = "stdin"\nkind = "shell"\nrun = "cat > /root/read-stdin"\n'
+        'reverse = "test -f /root/allow-undo && rm /root/read-stdin"\ndomain = "home"\n'
+    )
+    applied = report(fv("deploy", "apply", "vm", str(plan), "--json"))
+    assert applied["status"] == "applied"  # `cat` saw the end of its input at once
+
+    first = fv("deploy", "reverse", "vm", "undo", "--json")
+    assert first.returncode == 1
+    steps = {s["step"]: s["action"] for s in json.loads(first.stdout)["steps"]}
+    assert steps == {"stdin": "failed", "motd": "run"}
+    assert fv("exec", "vm", "--", "cat", "/etc/motd").stdout == MOTD  # restored already
+    assert fv("exec", "vm", "--", "touch", "/root/allow-undo").returncode == 0
+    again = fv("deploy", "reverse", "vm", "undo", "--json")
+    assert again.returncode == 0, again.stdout.decode() + again.stderr.decode()
+    assert [s["step"] for s in json.loads(again.stdout)["steps"]] == ["stdin"]  # only the rest
+    assert fv("exec", "vm", "--", "cat", "/etc/motd").stdout == MOTD
+
+    # A script over its timeout is killed and recorded as failed (124), not left running.
+    plan.write_text(
+        'schema = 1\nname = "slow"\n'
+        '[[step]]\nid = "nap"\nkind = "shell"\nrun = "sleep 30"\ntimeout = 1\n'
+    )
+    slow = fv("deploy", "apply", "vm", str(plan), "--json")
+    assert slow.returncode == 1
+    nap = report(slow)["steps"][0]
+    assert nap["action"] == "failed" and nap["exit_code"] == 124
+    assert "killed after its 1 s timeout" in nap["detail"]
+    sessions = json.loads(fv("list-exec", "vm", "--json").stdout)
+    assert not [s for s in sessions if s["running"]], sessions

@@ -30,6 +30,7 @@ ENGINES = ("podman", "docker")
 ROOT_MARKERS = "/var/lib/fly-vault/images"
 USER_MARKERS = "$HOME/.local/share/fly-vault/images"
 REF_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}")
+ID_RE = re.compile(r"[0-9a-f]{64}")
 _LOAD = """set -e
 d=$(mktemp -d)
 trap 'rm -rf "$d"' EXIT
@@ -105,13 +106,16 @@ async def copy_image(
     engine = local_engine(engine)
     image_id = await asyncio.to_thread(local_image_id, engine, image)
     tag = tag or image
+    if not ID_RE.fullmatch(image_id):
+        raise VaultError(f"{engine} reported {image_id!r} as the id of {image}: not a sha256 id")
     remote = _Remote(vault, user)
     await remote.require_podman()
-    if await remote.verified(tag, image_id):
-        return ImageCopy(image, tag, image_id, "skipped", 0, round(time.monotonic() - began, 2))
     action = "copied"
-    if await remote.present(image_id):  # there, but never verified: torn
-        await remote.remove(image_id)
+    if await remote.present(image_id):
+        if await remote.marked(image_id):  # there and verified (under any name): tag it
+            await remote.finish(image_id, tag)
+            return ImageCopy(image, tag, image_id, "skipped", 0, round(time.monotonic() - began, 2))
+        await remote.remove(image_id)  # there, but never verified: torn
         action = "recopied"
     sent = 0
     for attempt in range(2):
@@ -195,41 +199,53 @@ class _Remote:
     async def present(self, image_id: str) -> bool:
         return await self.image_id(image_id) == image_id
 
-    async def verified(self, tag: str, image_id: str) -> bool:
-        if await self.image_id(tag) != image_id:
-            return False
+    async def marked(self, image_id: str) -> bool:
         code, _, _, _ = await self.run(f'test -f "{self.markers}/{image_id}"')
         return code == 0
 
     async def remove(self, image_id: str) -> None:
-        await self.run(
-            f'podman rmi -f {shlex.quote(image_id)} >/dev/null 2>&1; rm -f "{self.markers}/{image_id}"'
+        """Every name of a torn image, then the image; never a container (no -f): one that
+        uses it is a refusal in words."""
+        code, _, err, _ = await self.run(
+            f'rm -f "{self.markers}/{image_id}"\n'
+            f"podman image exists {image_id} || exit 0\n"
+            f"podman untag {image_id} && podman rmi {image_id} >/dev/null"
         )
+        if code != 0:
+            raise VaultError(
+                f"image {image_id[:12]} on the vault was never verified (a load cut short?) and "
+                f"cannot be removed: {err.decode(errors='replace').strip()[-300:]}",
+                hint="a container uses it: remove the container on the vault, then copy again",
+            )
 
     async def load(
         self, engine: str, image: str, on_bytes: Callable[[int], None] | None
     ) -> tuple[int, str | None]:
         """Stream ``engine save`` into the vault's load; (bytes sent, the digest when what
         the vault received is what was sent)."""
-        save = subprocess.Popen(
-            [engine, "save", image], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        assert save.stdout is not None
-        source = _HashingReader(save.stdout, on_bytes)
-        try:
-            code, out, err, sent = await self.run(_LOAD, stdin=source)
-        finally:
-            if save.poll() is None:
-                save.kill()
-            save.wait()
-            save.stdout.close()
-        if save.returncode != 0:
-            detail = save.stderr.read().decode(errors="replace").strip() if save.stderr else ""
-            raise VaultError(f"{engine} save {image} failed here: {detail[-500:]}")
-        if code != 0:
+        import tempfile
+
+        # stderr to a file: a pipe nobody reads until the end could fill and stall save.
+        with tempfile.TemporaryFile() as errors:
+            save = subprocess.Popen([engine, "save", image], stdout=subprocess.PIPE, stderr=errors)
+            assert save.stdout is not None
+            source = _HashingReader(save.stdout, on_bytes)
+            try:
+                code, out, err, sent = await self.run(_LOAD, stdin=source)
+            finally:
+                stopped_by_us = save.poll() is None
+                if stopped_by_us:
+                    save.kill()
+                save.wait()
+                save.stdout.close()
+            errors.seek(0)
+            detail = errors.read().decode(errors="replace").strip()[-500:]
+        if code != 0:  # the vault's side first: a save killed because of it says nothing
             raise VaultError(
                 f"podman load on the vault exited {code}: {err.decode(errors='replace')[-500:].strip()}"
             )
+        if save.returncode != 0 and not stopped_by_us:
+            raise VaultError(f"{engine} save {image} failed here: {detail}")
         match = re.search(rb"fly-vault-digest ([0-9a-f]{64})", out)
         received = match.group(1).decode() if match else None
         return sent, source.digest() if received == source.digest() else None
@@ -274,6 +290,11 @@ async def _pump(source: _HashingReader, session: Any, task: asyncio.Future[Any])
             break
         session.send_stdin(data)
         sent += len(data)
-        await session.drain()
+        drained = asyncio.ensure_future(session.drain())
+        # The command may end while input waits for room: then stop sending.
+        await asyncio.wait({drained, task}, return_when=asyncio.FIRST_COMPLETED)
+        if not drained.done():
+            drained.cancel()
+            break
     session.close_stdin()
     return sent

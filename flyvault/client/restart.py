@@ -44,6 +44,23 @@ async def restart_and_wait(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> Restarted:
+    try:
+        async with asyncio.timeout(deadline):
+            return await _restart(vault, allow_running, deadline, clock, sleep)
+    except TimeoutError:
+        raise Timeout(
+            f"the restart did not complete within {deadline:g} s",
+            hint="look at 'fly-vault doctor VAULT'; raise --timeout for a slow boot",
+        ) from None
+
+
+async def _restart(
+    vault: Any,
+    allow_running: bool,
+    deadline: float,
+    clock: Callable[[], float],
+    sleep: Callable[[float], Awaitable[None]],
+) -> Restarted:
     began = clock()
     busy = await running_sessions(vault)
     if busy and not allow_running:

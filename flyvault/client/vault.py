@@ -437,6 +437,9 @@ class Vault:
         answer = decode_json(item.payload, "restart answer")
         if not isinstance(answer, dict) or not isinstance(answer.get("new_boot_id"), str):
             raise RemoteProtocolError("restart answer: not an object with new_boot_id")
+        # This connection still carries the old boot id, which sessions compare against
+        # after a reconnect: the next call connects afresh and learns the new one.
+        self.invalidate(connection)
         return answer
 
     async def kill(self, session_id: str, signo: int = signal_module.SIGTERM) -> None:

@@ -178,7 +178,7 @@ class Engine:
             if reason is not None:
                 report.decisions.append(Decision(step.id, step.kind, "skip", reason))
                 continue
-            await lease.renew(seconds=max(900.0, float(resolved.fields.get("timeout", 0)) + 120))
+            await lease.renew(seconds=_lease_for(resolved))
             decision = await self._run_step(plan, resolved, account, record, rootfs_id)
             report.decisions.append(decision)
             await self.ledger.save(record)
@@ -187,8 +187,20 @@ class Engine:
                 await self.ledger.save(record)
                 return
         orphans = _orphans(plan, record, prune, dry_run=False)
-        if any(d.action == "pruned" for d in orphans):
-            self._others = await self._package_ops(exclude=plan.name)
+        pruned = [d for d in orphans if d.action == "pruned"]
+        if any(d.kind in ("packages", "service", "restart") for d in pruned) and not self.yes:
+            raise UsageError(
+                "pruning undoes packages or services the plan no longer has: refusing "
+                "without --yes",
+                hint="apply again with --prune --yes",
+            )
+        if pruned:
+            # Other plans' packages, and those the steps this plan keeps still want.
+            kept_steps = [s for i, s in record.steps.items() if i in {x.id for x in plan.steps}]
+            self._others = await self._package_ops(exclude=plan.name) + [
+                op for s in kept_steps for op in s.reverse_ops if op["kind"] == "package-remove"
+            ]
+            self._reversing = plan.name
         for decision in orphans:
             if decision.action == "pruned":
                 held = record.steps[decision.step]
@@ -263,10 +275,11 @@ class Engine:
             rootfs_id=rootfs_id,
             at=self.clock(),
         )
-        # What an earlier apply recorded is void when that apply failed, or when its effects
-        # went with a replaced rootfs (a backup taken there is of a file that no longer is).
+        # What an earlier apply recorded is void when its effects went with a replaced
+        # rootfs (a backup taken there is of a file that no longer is). A failed entry
+        # carries the ops of the run before it, so those are kept.
         lost = held is not None and held.domain == "rootfs" and held.rootfs_id != rootfs_id
-        old_ops = held.reverse_ops if held and held.state != "failed" and not lost else []
+        old_ops = held.reverse_ops if held and not lost else []
         guard = await self._guard(resolved, account)
         if guard is not None:
             entry.state, entry.reason, entry.reverse_ops = "skipped", guard, old_ops
@@ -283,7 +296,8 @@ class Engine:
         if result is not None and not result.ok:
             entry.state, entry.exit_code = "failed", result.code
             entry.stderr_tail = result.tail()
-            entry.reverse_ops = old_ops
+            # What this run did before failing (a unit file written, say) stays undoable.
+            entry.reverse_ops = old_ops + [op for op in entry.reverse_ops if op not in old_ops]
             entry.reason = f"exit code {result.code}"
             return Decision(
                 resolved.id,
@@ -412,10 +426,18 @@ class Engine:
         self, plan: Plan, step: ResolvedStep, account: Account, entry: StepRecord, old: list[Any]
     ) -> RunResult | None:
         self._need_yes(step, "enables and starts a service")
-        ops: list[dict[str, Any]] = []
+        unit = step.fields["unit"]
         unit_path = None
         if step.fields.get("unit_file") is not None:
-            unit_path = f"/etc/systemd/system/{step.fields['unit']}"
+            unit_path = f"/etc/systemd/system/{unit}"
+        # A renamed unit (or a unit file dropped): what the earlier version did goes first.
+        ours = {unit, unit_path, "reload"}
+        for op in reversed(old):
+            if op.get("target") not in ours:
+                await self.undo(op, account)
+        old = [op for op in old if op.get("target") in ours]
+        ops: list[dict[str, Any]] = []
+        if unit_path is not None:
             kept = [op for op in old if op.get("target") == unit_path]
             ops = [
                 {"kind": "service-reload", "unit": step.fields["unit"], "target": "reload"},
@@ -425,8 +447,10 @@ class Engine:
             await files.write(unit_path, step.step.data or b"", mode=0o644, make_parents=True)
             entry.checks = [{"path": unit_path, "sha256": step.fields["sha256"]}]
         outcome = await system.service(self.guest, step.fields, unit_path)
-        result = self._system_outcome(outcome, entry, [])
-        entry.reverse_ops = ops + entry.reverse_ops
+        # Enabling/starting recorded before (it was not enabled then) stays to be undone.
+        earlier = [op for op in old if op.get("target") == unit]
+        result = self._system_outcome(outcome, entry, earlier)
+        entry.reverse_ops = ops + [op for op in entry.reverse_ops if op not in ops]
         return result
 
     def _system_outcome(
@@ -437,7 +461,8 @@ class Engine:
             return None
         entry.reason = outcome.reason
         # A changed step keeps what it recorded earlier (packages it added then, say).
-        entry.reverse_ops = [*old, *outcome.reverse_ops] if outcome.result is None else old
+        new = [op for op in outcome.reverse_ops if op not in old]
+        entry.reverse_ops = old + new if outcome.result is None else old
         return outcome.result
 
     def _need_yes(self, step: ResolvedStep, what: str) -> None:
@@ -458,6 +483,8 @@ class Engine:
             self.guest.vault, fields["image"], tag=fields["tag"], user=user, engine=fields["engine"]
         )
         entry.reason = f"{done.tag}: {done.action} (id {done.image_id[:12]})"
+        if done.action == "skipped":  # there and verified already: not this plan's to remove
+            return None
         entry.reverse_ops = [
             {
                 "kind": "image-remove",
@@ -548,7 +575,8 @@ class Engine:
             mode, expect = (await files.stat(path)).mode & 0o7777, hashlib.sha256(data).hexdigest()
         except NotFoundError:
             data, mode, expect = b"", 0o644, EXPECT_ABSENT
-        new = change(data.decode("utf-8")).encode()
+        # surrogateescape: bytes that are not UTF-8 outside the block come back unchanged.
+        new = change(data.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
         if new == data:
             return
         await files.write(path, new, mode=mode, make_parents=True, expect_sha256=expect)
@@ -572,22 +600,12 @@ class Engine:
         keep: frozenset[str] = frozenset(),
     ) -> ApplyReport:
         """Undo a plan from its record, newest first, going on past failures. ``keep``:
-        op families left alone (``packages``, ``services``)."""
-        record = await self.ledger.load(name)
+        op families left alone (``packages``, ``services``). Each op that succeeded leaves
+        the record at once, so a reverse run again after a failure retries only the rest."""
         report = ApplyReport(name, dry_run, status="reversed")
-        if record is None:
-            raise NotFoundError(
-                f"no plan {name!r} is recorded on this vault",
-                hint="'fly-vault deploy status VAULT' lists the plans applied there",
-            )
-        account = await self.guest.account(record.user)
-        steps = [
-            (i, s, op)
-            for i, s in reversed(list(record.steps.items()))
-            for op in reversed(s.reverse_ops)
-        ]
         if dry_run:
-            for step_id, step, op in steps:
+            record = await self._recorded(name)
+            for step_id, step, op in _undo_order(record):
                 action = "kept" if _family(op) in keep else "run"
                 report.decisions.append(
                     Decision(step_id, step.kind, action, op["kind"], _describe(op))
@@ -597,9 +615,11 @@ class Engine:
         lease = LeaseHolder(self.guest, name, clock=self.clock)
         await lease.acquire(break_expired=break_lock)
         try:
+            record = await self._recorded(name)  # read under the lease
+            account = await self.guest.account(record.user)
             self._others = await self._package_ops(exclude=name)
             self._reversing = name
-            for step_id, step, op in steps:
+            for step_id, step, op in _undo_order(record):
                 if _family(op) in keep:
                     report.decisions.append(
                         Decision(step_id, step.kind, "kept", op["kind"], _describe(op))
@@ -607,19 +627,31 @@ class Engine:
                     continue
                 try:
                     note = await self.undo(op, account)
-                    report.decisions.append(
-                        Decision(step_id, step.kind, "run", op["kind"], note or _describe(op))
-                    )
                 except VaultError as exc:
                     report.status = "partial"
                     report.decisions.append(
                         Decision(step_id, step.kind, "failed", op["kind"], str(exc))
                     )
+                    continue
+                step.reverse_ops.remove(op)
+                await self.ledger.save(record)
+                report.decisions.append(
+                    Decision(step_id, step.kind, "run", op["kind"], note or _describe(op))
+                )
             if report.status != "partial":
                 await self.ledger.delete(name)
         finally:
             await lease.release()
         return report
+
+    async def _recorded(self, name: str) -> PlanRecord:
+        record = await self.ledger.load(name)
+        if record is None:
+            raise NotFoundError(
+                f"no plan {name!r} is recorded on this vault",
+                hint="'fly-vault deploy status VAULT' lists the plans applied there",
+            )
+        return record
 
     async def _hand_over(self, op: dict[str, Any]) -> None:
         """Packages this plan installed that another still wants were kept: that plan's
@@ -850,6 +882,23 @@ def _orphans(
                 Decision(step_id, held.kind, "orphaned", "gone from the plan; --prune undoes it")
             )
     return out
+
+
+def _undo_order(record: PlanRecord) -> list[tuple[str, StepRecord, dict[str, Any]]]:
+    """Every recorded op, newest step first and within a step last op first."""
+    return [
+        (step_id, step, op)
+        for step_id, step in reversed(list(record.steps.items()))
+        for op in reversed(list(step.reverse_ops))
+    ]
+
+
+def _lease_for(resolved: ResolvedStep) -> float:
+    """How long the lease must outlive the step about to run (its own timeout, or the
+    longest a package install, an image copy or an upload is allowed)."""
+    if resolved.kind in ("packages", "image", "artifact"):
+        return 3600.0 + 120
+    return max(900.0, float(resolved.fields.get("timeout", 0)) + 120)
 
 
 def _family(op: dict[str, Any]) -> str:

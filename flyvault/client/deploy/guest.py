@@ -7,14 +7,18 @@ shared error tree, never an exit code.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 from dataclasses import dataclass
 from typing import Any
 
 from flyvault.client.exec_request import ExecRequest, new_session_id
-from flyvault.errors import NotFoundError, Timeout, UsageError
+from flyvault.errors import NotFoundError, UsageError, VaultError
 
 #: Kept of a failing step's output for the ledger and the report.
 TAIL = 4096
+#: The exit code of a script killed at its timeout (as timeout(1) reports it).
+TIMED_OUT = 124
 #: What every step script starts with: the exec environment is init's own (no HOME, no
 #: TERM), so the script sets what shell tools expect.
 PREAMBLE = "umask 022\nexport HOME={home} USER={user} LOGNAME={user}\nexport PATH={path}\n"
@@ -80,12 +84,17 @@ class VaultGuest:
         )
         stdout, stderr = bytearray(), bytearray()
         session = ExecSession(self.vault, request, ExecHooks(stdout.extend, stderr.extend))
+        session.close_stdin()  # a script reading stdin sees its end, not a wait
         self.probes.append(("probe: " if probe else "run: ") + script)
         try:
             async with asyncio.timeout(timeout):
                 exited = await session.run()
         except TimeoutError:
-            raise Timeout(f"a deploy script ran over its {timeout:g} s timeout") from None
+            # Killed, not left running beside the next apply; a failure like any other.
+            with contextlib.suppress(VaultError):
+                await self.vault.kill(request.session_id, signal.SIGKILL)
+            note = f"\nfly-vault: killed after its {timeout:g} s timeout\n".encode()
+            return RunResult(TIMED_OUT, bytes(stdout), bytes(stderr) + note)
         return RunResult(exited.exit_status, bytes(stdout), bytes(stderr))
 
     async def account(self, name: str) -> Account:
@@ -110,7 +119,8 @@ class VaultGuest:
     async def read_text(self, path: str, user: str | None = None) -> str | None:
         """The file's text, or None when it does not exist."""
         try:
-            return (await self.files(user).read_bytes(path)).decode("utf-8")
+            # surrogateescape: any bytes survive a read-modify-write unchanged.
+            return (await self.files(user).read_bytes(path)).decode("utf-8", "surrogateescape")
         except NotFoundError:
             return None
 

@@ -107,8 +107,11 @@ class Ledger:
             return None
         self._digests[name] = hashlib.sha256(data).hexdigest()
         try:
-            return PlanRecord.from_json(json.loads(data))
-        except (ValueError, TypeError, KeyError) as exc:
+            raw = json.loads(data)
+            if not isinstance(raw, dict):
+                raise ValueError("not a JSON object")
+            return PlanRecord.from_json(raw)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise VaultError(
                 f"the ledger record {path} on the vault is damaged ({exc})",
                 hint=f"look at it with 'fly-vault exec VAULT -- cat {path}'; remove it to start over",
