@@ -182,6 +182,7 @@ run = "systemctl is-active fvtest.service > /root/after-restart; fvhello >> /roo
     applied_in = time.monotonic() - began
     assert first["preflight"]["system"].startswith("Debian GNU/Linux")
     assert first["preflight"]["runtime"] == "system_init"
+    assert first["preflight"]["package_manager"] == "apt"
     steps = {s["step"]: s for s in first["steps"]}
     assert first["status"] == "applied", first
     assert steps["hello"]["reason"] == "apt: installed fvhello", steps["hello"]

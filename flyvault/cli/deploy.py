@@ -176,8 +176,9 @@ def _print_report(report: Any, as_json: bool, *, verb: str) -> None:
     facts = getattr(report, "preflight", None)
     if facts:
         print(
-            f"vault: {facts['system']}, runtime {facts['runtime'].replace('_', ' ')}; user "
-            f"{facts['user']} ({facts['home']}, {facts['shell']})"
+            f"vault: {facts['system']}, runtime {facts['runtime'].replace('_', ' ')}, packages "
+            f"{facts.get('package_manager') or 'none'}; user {facts['user']} ({facts['home']}, "
+            f"{facts['shell']})"
         )
     for decision in report.decisions:
         line = f"  {decision.action:<6} {decision.step:<24} {decision.reason}"

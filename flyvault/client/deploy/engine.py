@@ -151,6 +151,7 @@ class Engine:
             "home": account.home,
             "shell": account.shell,
             "rootfs_id": await self.ledger.rootfs_id(create=False),
+            "package_manager": await system.detect_manager(self.guest, "auto"),
         }
 
     async def _apply_steps(

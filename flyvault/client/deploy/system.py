@@ -54,17 +54,20 @@ class Outcome:
     reverse_ops: tuple[dict[str, Any], ...] = ()
 
 
-async def _sh(guest: Any, script: str, *args: str, timeout: float = 1800.0) -> RunResult:
+async def _sh(
+    guest: Any, script: str, *args: str, timeout: float = 1800.0, probe: bool = False
+) -> RunResult:
+    """``script`` as root with ``args`` as its "$@"; ``probe``: it changes nothing."""
     quoted = " ".join(shlex.quote(a) for a in args)
     return await guest.run(
-        f"set -- {quoted}\n{script}", account=ROOT, as_user=False, timeout=timeout
+        f"set -- {quoted}\n{script}", account=ROOT, as_user=False, timeout=timeout, probe=probe
     )
 
 
 async def detect_manager(guest: Any, wanted: str) -> str | None:
     names = MANAGERS if wanted == "auto" else (wanted,)
     for name in names:
-        found = await _sh(guest, 'command -v "$1" >/dev/null 2>&1', _BINARIES[name])
+        found = await _sh(guest, 'command -v "$1" >/dev/null 2>&1', _BINARIES[name], probe=True)
         if found.ok:
             return name
     return None
@@ -79,7 +82,7 @@ async def packages(guest: Any, fields: dict[str, Any]) -> Outcome:
         if fields["required"]:
             return Outcome(result=RunResult(127, b"", reason.encode()))
         return Outcome(skip=reason)
-    probe = await _sh(guest, _MISSING[manager], *wanted)
+    probe = await _sh(guest, _MISSING[manager], *wanted, probe=True)
     if not probe.ok:
         return Outcome(result=probe)
     missing = [name for name in probe.stdout.decode().split() if name in wanted]
@@ -110,7 +113,7 @@ def remove_command(manager: str, names: list[str]) -> str:
 async def service(guest: Any, fields: dict[str, Any], unit_path: str | None) -> Outcome:
     """Enable (required) and start (per ``start``) a systemd unit; ``unit_path``: where the
     step wrote the unit file (then daemon-reload first)."""
-    systemd = await _sh(guest, "test -d /run/systemd/system")
+    systemd = await _sh(guest, "test -d /run/systemd/system", probe=True)
     if not systemd.ok:
         reason = "no systemd running in this vault"
         if fields["required"]:
@@ -122,7 +125,7 @@ async def service(guest: Any, fields: dict[str, Any], unit_path: str | None) -> 
         reloaded = await _sh(guest, "systemctl daemon-reload")
         if not reloaded.ok:
             return Outcome(result=reloaded)
-    enabled_before = (await _sh(guest, 'systemctl is-enabled --quiet "$1"', unit)).ok
+    enabled_before = (await _sh(guest, 'systemctl is-enabled --quiet "$1"', unit, probe=True)).ok
     if fields["enable"]:
         enabled = await _sh(guest, 'systemctl enable --quiet "$1"', unit)
         if not enabled.ok:
@@ -169,7 +172,7 @@ async def undo(guest: Any, op: dict[str, Any], others: list[dict[str, Any]]) -> 
         "service-stop": 'systemctl stop "$1"',
         "service-reload": "systemctl daemon-reload",
     }[kind]
-    systemd = await _sh(guest, "test -d /run/systemd/system")
+    systemd = await _sh(guest, "test -d /run/systemd/system", probe=True)
     if not systemd.ok:
         return "no systemd running now: nothing to undo"
     result = await _sh(guest, script, *([op["unit"]] if kind != "service-reload" else []))
