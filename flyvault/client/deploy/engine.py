@@ -15,7 +15,6 @@ import hashlib
 import posixpath
 import socket
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from flyvault.client.deploy import blocks, system
@@ -28,49 +27,8 @@ from flyvault.client.deploy.ledger import (
     StepRecord,
 )
 from flyvault.client.deploy.plan import Plan, ResolvedStep, resolve
+from flyvault.client.deploy.report import ApplyReport, Decision, describe_op, show_step, why_run
 from flyvault.errors import FileOpError, NotFoundError, UsageError, VaultError
-
-
-@dataclass
-class Decision:
-    step: str
-    kind: str
-    action: str  # run | skip | failed
-    reason: str
-    detail: str = ""
-    exit_code: int | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass
-class ApplyReport:
-    plan: str
-    dry_run: bool
-    decisions: list[Decision] = field(default_factory=list)
-    status: str = "applied"
-    #: What apply found before deciding: the system, the runtime, the user, the rootfs id.
-    preflight: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def changed(self) -> int:
-        return sum(1 for d in self.decisions if d.action in ("run", "pruned"))
-
-    @property
-    def failed(self) -> bool:
-        return any(d.action == "failed" for d in self.decisions)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "plan": self.plan,
-            "dry_run": self.dry_run,
-            "status": self.status,
-            "changed": self.changed,
-            "unchanged": sum(1 for d in self.decisions if d.action == "skip"),
-            "steps": [d.to_json() for d in self.decisions],
-            "preflight": self.preflight,
-        }
 
 
 class Engine:
@@ -116,8 +74,8 @@ class Engine:
                         step.id,
                         step.kind,
                         action,
-                        reason or _why_run(resolved, record),
-                        _show(resolved),
+                        reason or why_run(resolved, record),
+                        show_step(resolved),
                     )
                 )
             report.decisions += _orphans(plan, record, prune, dry_run=True)
@@ -267,7 +225,7 @@ class Engine:
         rootfs_id: str | None,
     ) -> Decision:
         held = record.steps.get(resolved.id)
-        why = _why_run(resolved, record)
+        why = why_run(resolved, record)
         entry = StepRecord(
             kind=resolved.kind,
             domain=resolved.domain,
@@ -609,7 +567,7 @@ class Engine:
             for step_id, step, op in _undo_order(record):
                 action = "kept" if _family(op) in keep else "run"
                 report.decisions.append(
-                    Decision(step_id, step.kind, action, op["kind"], _describe(op))
+                    Decision(step_id, step.kind, action, op["kind"], describe_op(op))
                 )
             report.status = "dry-run"
             return report
@@ -623,7 +581,7 @@ class Engine:
             for step_id, step, op in _undo_order(record):
                 if _family(op) in keep:
                     report.decisions.append(
-                        Decision(step_id, step.kind, "kept", op["kind"], _describe(op))
+                        Decision(step_id, step.kind, "kept", op["kind"], describe_op(op))
                     )
                     continue
                 try:
@@ -637,7 +595,7 @@ class Engine:
                 step.reverse_ops.remove(op)
                 await self.ledger.save(record)
                 report.decisions.append(
-                    Decision(step_id, step.kind, "run", op["kind"], note or _describe(op))
+                    Decision(step_id, step.kind, "run", op["kind"], note or describe_op(op))
                 )
             if report.status != "partial":
                 await self.ledger.delete(name)
@@ -768,101 +726,10 @@ class Engine:
     async def status(
         self, name: str | None, plan: Plan | None, *, verify: bool = False
     ) -> list[dict[str, Any]]:
-        """Each recorded plan (or the one named) with its steps' states; ``verify`` probes
-        what each applied step left (file digests, managed blocks, guard paths): a step
-        whose result was changed since is ``drifted``."""
-        names = [name] if name else await self.ledger.names()
-        rootfs_id = await self.ledger.rootfs_id(create=False)
-        out = []
-        for plan_name in names:
-            record = await self.ledger.load(plan_name)
-            if record is None:
-                out.append({"plan": plan_name, "status": "not applied", "steps": _pending(plan)})
-                continue
-            shown = await self._plan_status(
-                record, plan if plan and plan.name == plan_name else None, rootfs_id
-            )
-            if verify:
-                await self._verify(record, shown)
-            out.append(shown)
-        return out
+        """Each recorded plan (or the one named) with its steps' states (``status.py``)."""
+        from flyvault.client.deploy.status import plan_states
 
-    async def _verify(self, record: PlanRecord, shown: dict[str, Any]) -> None:
-        account = await self.guest.account(record.user)
-        for step in shown["steps"]:
-            held = record.steps.get(step["id"])
-            if held is None or step["state"] != "applied":
-                continue
-            for check in held.checks:
-                problem = await self._probe(check, account)
-                if problem:
-                    step["state"], step["reason"] = "drifted", problem
-                    break
-        shown["converged"] = shown["converged"] and all(
-            s["state"] != "drifted" for s in shown["steps"]
-        )
-
-    async def _probe(self, check: dict[str, Any], account: Account) -> str | None:
-        """What is no longer as the step left it, or None (read-only)."""
-        path = str(check["path"])
-        if "block" in check:
-            text = await self.guest.read_text(path)
-            body = blocks.block_body(text or "", str(check["block"]))
-            if body is None:
-                return f"the block {check['block']} is gone from {path}"
-            if hashlib.sha256(body.encode()).hexdigest() != check["sha256"]:
-                return f"the block {check['block']} in {path} was edited"
-            return None
-        try:
-            found = await self.guest.files().sha256(path) if "sha256" in check else None
-        except NotFoundError:
-            return f"{path} is gone"
-        except VaultError as exc:
-            return f"{path}: {exc}"
-        if "sha256" in check and found != check["sha256"]:
-            return f"{path} was changed"
-        if check.get("exists") and not await self.guest.exists(path):
-            return f"{path} is gone"
-        return None
-
-    async def _plan_status(
-        self, record: PlanRecord, plan: Plan | None, rootfs_id: str | None
-    ) -> dict[str, Any]:
-        steps = []
-        wanted = {s.id: resolve(s, record.home) for s in plan.steps} if plan else {}
-        for step_id, step in record.steps.items():
-            state = step.state
-            if step.domain == "rootfs" and step.rootfs_id != rootfs_id and state != "failed":
-                state = "lost"
-            elif plan is not None and step_id not in wanted:
-                state = "orphaned"
-            elif plan is not None and wanted[step_id].fingerprint != step.fingerprint:
-                state = "changed"
-            steps.append(
-                {
-                    "id": step_id,
-                    "kind": step.kind,
-                    "state": state,
-                    "reason": step.reason,
-                    "exit_code": step.exit_code,
-                    "stderr_tail": step.stderr_tail,
-                    "domain": step.domain,
-                }
-            )
-        for step_id, resolved in wanted.items():
-            if step_id not in record.steps:
-                steps.append({"id": step_id, "kind": resolved.kind, "state": "pending"})
-        converged = record.status == "applied" and all(
-            s["state"] in ("applied", "skipped") for s in steps
-        )
-        return {
-            "plan": record.name,
-            "status": record.status,
-            "converged": converged,
-            "user": record.user,
-            "finished_at": record.finished_at,
-            "steps": steps,
-        }
+        return await plan_states(self.guest, self.ledger, name, plan, verify=verify)
 
 
 def _orphans(
@@ -876,7 +743,9 @@ def _orphans(
         if step_id in wanted:
             continue
         if prune:
-            ops = ", ".join(_describe(op) for op in reversed(held.reverse_ops)) or "nothing to undo"
+            ops = (
+                ", ".join(describe_op(op) for op in reversed(held.reverse_ops)) or "nothing to undo"
+            )
             out.append(Decision(step_id, held.kind, "pruned", "gone from the plan", ops))
         else:
             out.append(
@@ -911,48 +780,3 @@ def _family(op: dict[str, Any]) -> str:
 
 def _digest(body: str) -> str:
     return hashlib.sha256(blocks.normal_body(body).encode()).hexdigest()
-
-
-def _pending(plan: Plan | None) -> list[dict[str, Any]]:
-    return [{"id": s.id, "kind": s.kind, "state": "pending"} for s in (plan.steps if plan else ())]
-
-
-def _why_run(resolved: ResolvedStep, record: PlanRecord | None) -> str:
-    if resolved.kind == "restart":
-        return "always" if resolved.fields.get("always") else "an earlier step ran"
-    held = record.steps.get(resolved.id) if record else None
-    if held is None:
-        return "new"
-    if held.state == "failed":
-        return "failed before"
-    if held.fingerprint != resolved.fingerprint:
-        return "changed"
-    return "rootfs replaced" if held.domain == "rootfs" else "forced"
-
-
-def _show(resolved: ResolvedStep) -> str:
-    fields = resolved.fields
-    if resolved.kind == "shell":
-        return str(fields["run"])
-    if resolved.kind == "file":
-        return f"write {fields['dest']} ({fields['mode']}, sha256 {fields['sha256'][:12]})"
-    if resolved.kind == "env":
-        return "env.d file: " + ", ".join(sorted(fields["vars"]) + fields["path_prepend"])
-    if resolved.kind == "packages":
-        return f"{fields['manager']}: install what is missing of {', '.join(fields['packages'])}"
-    if resolved.kind == "service":
-        return f"systemd: {fields['unit']} enable={fields['enable']}, start={fields['start']}"
-    if resolved.kind == "image":
-        return f"{fields['engine']} save {fields['image']} | podman load (id {fields['image_id'][:12]})"
-    if resolved.kind == "restart":
-        return "restart the workload and wait for it" + (" (always)" if fields["always"] else "")
-    if resolved.kind == "artifact":
-        where = fields["dest"] or f"extract into {fields['extract_to']}"
-        return f"{fields['source']} (sha256 {fields['sha256'][:12]}) -> {where}"
-    return f"block in {fields['file']}"
-
-
-def _describe(op: dict[str, Any]) -> str:
-    if op["kind"] == "shell":
-        return str(op["command"])
-    return f"{op['kind']} {op.get('target', '')}".strip()
