@@ -14,11 +14,13 @@ from flyvault.mcp_server.registry import ToolRegistry, bind
 def test_tools_are_listed_in_definition_order_without_the_state_parameter() -> None:
     from flyvault.mcp_server.server import build_server, make_state
     from flyvault.mcp_server.tools_admin import admin_tools, tenant_tools
+    from flyvault.mcp_server.tools_deploy import deploy_tools
     from flyvault.mcp_server.tools_files import file_tools
     from flyvault.mcp_server.tools_vault import vault_tools
 
     server = build_server(make_state())
-    names = [spec.name for spec in vault_tools.specs + file_tools.specs + admin_tools.specs]
+    registries = [vault_tools, file_tools, admin_tools, deploy_tools]
+    names = [spec.name for registry in registries for spec in registry.specs]
     if os.environ.get("FLY_API_TOKEN"):
         names += [spec.name for spec in tenant_tools.specs]
     assert names[:3] == ["vault_status", "connect", "exec"]
