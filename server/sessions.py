@@ -114,6 +114,19 @@ class SpawnPolicy:
         return ["/bin/sh", "-l"]
 
 
+#: Variables of the server's own login session, dropped when a session runs as another
+#: account (sshd starts such a session without them too).
+OWN_SESSION_VARS = (
+    "XDG_RUNTIME_DIR",
+    "XDG_CONFIG_HOME",
+    "XDG_DATA_HOME",
+    "XDG_CACHE_HOME",
+    "XDG_STATE_HOME",
+    "DBUS_SESSION_BUS_ADDRESS",
+    "MAIL",
+)
+
+
 class Attachment:
     """One client's view of a session: how far it has been sent, and how much of that the
     client has confirmed (``unacked`` counts what is sent but not yet acknowledged by the
@@ -435,6 +448,11 @@ class SessionRegistry:
             switch = account if request.user is not None else None
         elif request.user is not None:
             account = switch = host_account(request.user)
+        if switch is not None:
+            # The server's own per-user session (its runtime dir, its XDG dirs, its bus)
+            # is not the switched-to user's: a program would use, or refuse, the wrong one.
+            for name in OWN_SESSION_VARS:
+                env.pop(name, None)
         if account is not None:
             env.update(account.environment())  # as sshd: HOME, USER, LOGNAME, SHELL, PATH
         if request.shell:

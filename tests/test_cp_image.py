@@ -145,3 +145,42 @@ def test_a_plan_image_step_copies_once_and_reverse_removes_it(
             sentinel.unlink(missing_ok=True)
         marker = Path("/var/lib/fly-vault/images") / image_id.removeprefix("sha256:")
         marker.unlink(missing_ok=True)
+
+
+@pytest.mark.skipif(shutil.which("useradd") is None, reason="needs useradd for a rootless user")
+def test_cp_image_into_a_users_rootless_storage(
+    tmp_path: Path, fly_api: Any, issuer: OidcIssuer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flyvault.config import save_vault
+
+    user = f"fvimg{os.getpid() % 100000}"
+    made = subprocess.run(["useradd", "-m", "-s", "/bin/sh", user], capture_output=True)
+    assert made.returncode == 0, made.stderr
+    here = storage(tmp_path / "here")
+    monkeypatch.delenv("CONTAINERS_STORAGE_CONF", raising=False)
+    init = start_init(tmp_path, fly_api.path, host_mode=True)  # the user's own storage
+    monkeypatch.setenv("CONTAINERS_STORAGE_CONF", str(here))
+
+    def as_user(*args: str) -> subprocess.CompletedProcess[str]:
+        line = " ".join(["podman", *args])
+        return subprocess.run(["su", "-", user, "-c", line], capture_output=True, text=True)
+
+    try:
+        save_vault(vault_entry(init.port, issuer, name="box"))
+        image_id = make_image(here, tmp_path)
+        copied = fv("cp-image", "box", IMAGE, "--rootless", user, "--json")
+        assert copied.returncode == 0, copied.stderr.decode()
+        assert json.loads(copied.stdout)["action"] == "copied"
+        seen = as_user("image", "inspect", "--format", "'{{.Id}}'", IMAGE)
+        assert seen.stdout.strip() == image_id, seen.stderr
+        marker = Path(f"/home/{user}/.local/share/fly-vault/images") / image_id.removeprefix(
+            "sha256:"
+        )
+        assert marker.exists()  # in the user's home, not root's
+        again = json.loads(fv("cp-image", "box", IMAGE, "--rootless", user, "--json").stdout)
+        assert again["action"] == "skipped"
+    finally:
+        init.stop()
+        as_user("system", "reset", "--force")
+        podman(here, "system", "reset", "--force")
+        subprocess.run(["userdel", "-r", user], capture_output=True)
