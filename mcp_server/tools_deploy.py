@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import anyio.to_thread
 from mcp.server.mcpserver import Context
 from mcp_types import CallToolResult
 
@@ -37,7 +38,8 @@ async def deploy(
     confirm: bool = False,
 ) -> Annotated[CallToolResult, JobResult]:
     """plan: TOML, a .toml path, or a name (status, reverse). Dry run unless confirm."""
-    parsed, name = _plan(plan, action)
+    # Off the event loop: reading the plan hashes its artifacts (and asks the image engine).
+    parsed, name = await anyio.to_thread.run_sync(lambda: _plan(plan, action))
     state.pool.entry(vault)  # an unknown vault is a usage error now, not in the job
 
     async def work(job: Job) -> dict[str, Any]:
