@@ -11,6 +11,7 @@ import hashlib
 import io
 import os
 import shutil
+import stat
 import tarfile
 import time
 from collections.abc import AsyncIterator
@@ -110,14 +111,19 @@ def _cgroups(pid: int) -> dict[str, str]:
 
 async def _file_worker(init: InitProcess, deadline: float) -> int:
     """The forked file worker: a child of init running init's own program, once it has
-    entered the workload's cgroup (it does so first)."""
+    entered the workload's cgroup (it does so first) and then its mount namespace. Until
+    then its /proc/PID/root is the host's: a path through it would reach the host's /tmp
+    (a run under load once wrote the host's /tmp/fifo that way, and the read hung)."""
     own = Path(f"/proc/{init.process.pid}/cmdline").read_bytes()
+    host_mnt = os.readlink(f"/proc/{init.process.pid}/ns/mnt")
     while time.monotonic() < deadline:
         for child in _children(init.process.pid):
             with contextlib.suppress(OSError):
-                if Path(f"/proc/{child}/cmdline").read_bytes() == own and _cgroups(
-                    child
-                ) != _cgroups(init.process.pid):
+                if (
+                    Path(f"/proc/{child}/cmdline").read_bytes() == own
+                    and _cgroups(child) != _cgroups(init.process.pid)
+                    and not _same_mnt(child, host_mnt)
+                ):
                     return child
         await asyncio.sleep(0.02)  # polling a condition, bounded by the deadline
     raise AssertionError("no file worker appeared")
@@ -201,6 +207,8 @@ async def _step(what: str, awaitable: Any, init: InitProcess, timeout: float = 2
 async def _write_when_read(path: str, data: bytes) -> None:
     while True:
         try:
+            if not stat.S_ISFIFO(os.stat(path).st_mode):  # never write anything but the FIFO
+                raise AssertionError(f"{path} is not the workload's FIFO")
             fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
         except OSError as exc:
             if exc.errno != errno.ENXIO:  # ENXIO: no reader yet
