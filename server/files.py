@@ -297,9 +297,7 @@ async def _read_into(machine: FileServer, stream: QuicStream, worker: _Worker) -
     return True
 
 
-async def _pass_on(
-    event: object, stream: QuicStream, machine: FileServer, worker: _Worker
-) -> bool:
+async def _pass_on(event: object, stream: QuicStream, machine: FileServer, worker: _Worker) -> bool:
     """One upload event to the worker; False when the upload is over."""
     if isinstance(event, ResumeRequested):
         worker.queue(FileFrame.RESUME_AT, encode_offset(event.offset))
@@ -308,7 +306,7 @@ async def _pass_on(
     elif isinstance(event, DigestReceived):
         worker.queue(FileFrame.DIGEST, event.digest.encode())
     elif isinstance(event, UploadEnded):
-        worker.queue(FileFrame.END)
+        worker.queue(FileFrame.END, bytes.fromhex(event.sha256) if event.sha256 else b"")
         await worker.flush()
     elif isinstance(event, (UploadAbandoned, UploadTimedOut)):
         await worker.flush()

@@ -364,10 +364,13 @@ class Worker:
             self.channel.send(FileFrame.ITEMS, encode_items(batch))
         self.channel.result({"count": count, "truncated": truncated})
 
-    def _chunks(self, path: str) -> Iterator[bytes]:
+    def _chunks(self, path: str, seen: list[os.stat_result] | None = None) -> Iterator[bytes]:
+        """The requested range of ``path``; ``seen`` gets its fstat before the first read and
+        after the last (a regular file written meanwhile differs in size or times)."""
         request = self.request
         with open(path, "rb", buffering=0) as file:
-            if stat.S_ISDIR(os.fstat(file.fileno()).st_mode):
+            before = os.fstat(file.fileno())
+            if stat.S_ISDIR(before.st_mode):
                 raise OSError(errno.EISDIR, os.strerror(errno.EISDIR), path)
             if request.offset:  # a FIFO or a character device cannot seek, even to 0
                 file.seek(request.offset)
@@ -376,17 +379,27 @@ class Worker:
                 want = MAX_DATA if remaining is None else min(MAX_DATA, remaining)
                 chunk = file.read(want)
                 if not chunk:
-                    return
+                    break
                 if remaining is not None:
                     remaining -= len(chunk)
                 yield chunk
+            if seen is not None:
+                seen.extend((before, os.fstat(file.fileno())))
 
     def _read(self, path: str) -> None:
+        """DATA frames, then the size and SHA-256 of what was sent, and whether the file
+        changed while it was read (the reader then holds a mixture, whatever its digest)."""
         size = 0
-        for chunk in self._chunks(path):
+        digest = hashlib.sha256()
+        seen: list[os.stat_result] = []
+        for chunk in self._chunks(path, seen):
             self.channel.send(FileFrame.DATA, chunk)
+            digest.update(chunk)
             size += len(chunk)
-        self.channel.result({"size": size})
+        before, after = seen
+        self.channel.result(
+            {"size": size, "sha256": digest.hexdigest(), "changed": _changed(before, after)}
+        )
 
     def _hash(self, path: str) -> tuple[str, int]:
         digest = hashlib.sha256()
@@ -395,6 +408,16 @@ class Worker:
             digest.update(chunk)
             size += len(chunk)
         return digest.hexdigest(), size
+
+
+def _changed(before: os.stat_result, after: os.stat_result) -> bool:
+    """A regular file written between two fstats: its size, mtime or ctime moved. (Kernels
+    since 6.13 give a change right after a stat a fine-grained time on ext4, xfs, btrfs and
+    tmpfs; an older one may let a write in the same clock tick as the first fstat pass.)"""
+    if not stat.S_ISREG(before.st_mode):
+        return False  # a FIFO's or a device's times say nothing about what was read
+    fields = ("st_size", "st_mtime_ns", "st_ctime_ns")
+    return any(getattr(before, name) != getattr(after, name) for name in fields)
 
 
 def _mkdir(path: str, request: FileRequest) -> None:
@@ -505,11 +528,13 @@ def _receive_into(channel: Channel, request: FileRequest, path: str, fd: int, te
         digest.update(payload)
         size += len(payload)
     found = digest.hexdigest()
+    # The handler's machine checked END's payload: empty, or the whole file's SHA-256.
+    expected = request.sha256 or (payload.hex() if payload else None)
     if request.size is not None and size != request.size:
         raise IntegrityError(f"{path}: received {size} bytes, expected {request.size}; not stored")
-    if request.sha256 is not None and found != request.sha256:
+    if expected is not None and found != expected:
         raise IntegrityError(
-            f"{path}: SHA-256 mismatch (expected {request.sha256}, received {found}); not stored"
+            f"{path}: SHA-256 mismatch (expected {expected}, received {found}); not stored"
         )
     mode = request.mode
     if mode is None:

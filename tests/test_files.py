@@ -84,6 +84,44 @@ def test_stat_list_read_sha256_and_errors_in_words(
     assert str(out["notdir"]) == f"{tree / 'blob.bin'}: not a directory (ENOTDIR)"
 
 
+def test_a_read_ends_with_the_digest_of_what_it_sent_and_whether_the_file_changed(
+    init_process: InitProcess, issuer: OidcIssuer, tmp_path: Path
+) -> None:
+    """The READ answer carries the SHA-256 of the bytes sent (so a whole-file copy needs no
+    second pass over the file) and says when the file was written while it was read."""
+    # Far more than the stream's window and every buffer on the way: when the first chunk
+    # arrives here, the vault is still reading.
+    data = os.urandom(64 * 1024 * 1024)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+
+    async def body(vault: Any) -> dict[str, Any]:
+        files = vault.files()
+        out: dict[str, Any] = {"whole": [], "range": [], "moving": []}
+        got = [c async for c in files.read(str(path), answers=out["whole"])]
+        out["bytes"] = b"".join(got)
+        await files.read_bytes(str(path))  # no answers asked: nothing to collect
+        async for _ in files.read(str(path), offset=7, length=1000, answers=out["range"]):
+            pass
+        async for _ in files.read(str(path), answers=out["moving"]):
+            if not out.get("written"):
+                with open(path, "r+b") as handle:  # while the vault is still reading
+                    handle.write(b"new")
+                out["written"] = True
+        return out
+
+    out = on_vault(init_process, issuer, body)
+    assert out["bytes"] == data
+    [whole] = out["whole"]
+    assert (whole.offset, whole.size, whole.changed) == (0, len(data), False)
+    assert whole.sha256 == hashlib.sha256(data).hexdigest()
+    [part] = out["range"]
+    assert (part.offset, part.size, part.changed) == (7, 1000, False)
+    assert part.sha256 == hashlib.sha256(data[7:1007]).hexdigest()
+    [moving] = out["moving"]
+    assert moving.changed and moving.size == len(data)
+
+
 def test_changes_mkdir_remove_rename_chmod_chown_mtime_symlink(
     init_process: InitProcess, issuer: OidcIssuer, tmp_path: Path
 ) -> None:
@@ -168,6 +206,124 @@ def test_write_is_atomic_verified_and_reports_progress(
     assert "SHA-256 mismatch" in str(out["mismatch"]) and "not stored" in str(out["mismatch"])
     assert isinstance(out["noparent"], NotFoundError)
     assert os.listdir(target.parent) == ["big.bin"]  # no temp file left behind
+
+
+def test_a_write_hashed_as_it_goes_is_checked_by_the_vault_before_the_rename(
+    init_process: InitProcess, issuer: OidcIssuer, tmp_path: Path
+) -> None:
+    """Version 7: without a digest up front, the client sends the SHA-256 of what it sent
+    with END and the vault refuses a mismatch before anything lands. A client that lies in
+    END (driven here through the real machine and stream) stores nothing."""
+    from flyvault.protocol.constants import StreamTag
+    from flyvault.protocol.files import FileClient, Ready, Refused
+    from flyvault.protocol.files_messages import FileOp, FileRequest
+
+    (tmp_path / "w").mkdir()
+    target = tmp_path / "w" / "t.bin"
+    data = os.urandom(600_000)
+
+    async def lying_write(vault: Any) -> Refused:
+        connection = await vault.connection()
+        stream = connection.open_stream(StreamTag.FILES)
+        machine = FileClient(FileRequest(FileOp.WRITE, str(target), size=len(data)), 0.0)
+        stream.write(machine.data_to_send())
+        events: list[Any] = []
+        while not events or not isinstance(events[-1], Ready | Refused):
+            machine.receive_data(await stream.read())
+            while (event := machine.next_event(0.0)) is not None:
+                events.append(event)
+        machine.resume_at(0, 0.0)
+        machine.send_data(data)
+        machine.finish(0.0, hashlib.sha256(b"something else").hexdigest())
+        stream.write(machine.data_to_send(), end_stream=True)
+        while not isinstance(events[-1], Refused):
+            chunk = await stream.read()
+            machine.receive_data(chunk) if chunk else machine.receive_eof()
+            while (event := machine.next_event(0.0)) is not None:
+                events.append(event)
+        return events[-1]
+
+    async def body(vault: Any) -> dict[str, Any]:
+        files = vault.files()
+        out = {"checks": await files.checks_end_digest()}
+        out["written"] = await files.write(str(target), data)  # no sha256 given
+        out["refused"] = await lying_write(vault)
+        return out
+
+    out = on_vault(init_process, issuer, body)
+    assert out["checks"] is True
+    assert out["written"].sha256 == hashlib.sha256(data).hexdigest()
+    error = out["refused"].error.to_exception()
+    assert isinstance(error, IntegrityError) and "SHA-256 mismatch" in str(error)
+    assert target.read_bytes() == data  # the lying write changed nothing
+    assert os.listdir(target.parent) == ["t.bin"]  # and left no temp file
+
+
+def test_an_upload_to_a_version_6_vault_is_hashed_first_and_a_moving_source_is_refused(
+    init_process: InitProcess, issuer: OidcIssuer, sides: tuple[Path, Path]
+) -> None:
+    """A version 6 init refuses a payload in END: the client then hashes the file before it
+    sends it (the digest goes in the request). Hashed as it is sent instead, a source that
+    changes meanwhile is refused here, since a mixture would verify."""
+    from flyvault.client.copy_engine import CopyEndpoint, CopyProgress, copy
+
+    here, there = sides
+    source = here / "big"
+    source.write_bytes(os.urandom(24 * 1024 * 1024))
+
+    class Version6:
+        """A real connection that reports protocol 6 (what an older init negotiates)."""
+
+        protocol_version = 6
+
+        def __init__(self, real: Any) -> None:
+            self.real = real
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.real, name)
+
+    class OldVault:
+        def __init__(self, vault: Any) -> None:
+            self.vault = vault
+
+        async def connection(self) -> Version6:
+            return Version6(await self.vault.connection())
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.vault, name)
+
+        def files(self, user: str | None = None) -> Any:
+            from flyvault.client.files import RemoteFiles
+
+            return RemoteFiles(self, user)  # type: ignore[arg-type]
+
+    touched: list[bool] = []
+
+    def touch(state: CopyProgress) -> None:
+        if state.bytes_done >= 2 * 1024 * 1024 and not touched:
+            touched.append(True)
+            with open(source, "r+b") as handle:
+                handle.write(b"moved")
+
+    async def body(vault: Any) -> dict[str, Any]:
+        old = OldVault(vault)
+        out: dict[str, Any] = {"checks": await old.files().checks_end_digest()}
+        up = [CopyEndpoint(None, str(source))]
+        out["old"] = await copy(lambda name: old, up, CopyEndpoint("dev", str(there / "a")))
+        try:
+            await copy(
+                lambda name: vault, up, CopyEndpoint("dev", str(there / "b")), on_progress=touch
+            )
+        except FileOpError as exc:
+            out["moving"] = exc
+        return out
+
+    out = on_vault(init_process, issuer, body)
+    assert out["checks"] is False
+    assert out["old"].files == 1 and out["old"].verified
+    assert touched and "changed while it was being copied" in str(out["moving"])
+    assert not (there / "b").exists()
+    assert (there / "a").read_bytes() != source.read_bytes()  # it was copied before the touch
 
 
 def test_bad_arguments_are_usage_errors_before_anything_is_sent(

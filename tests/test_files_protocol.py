@@ -77,9 +77,10 @@ def drain(machine: FileServer | FileClient, pieces: list[bytes], eof: bool) -> l
     have=st.integers(0, 50),
     cuts=st.lists(st.integers(0, 10**7), max_size=12),
     back=st.lists(st.integers(0, 10**7), max_size=6),
+    end_digest=st.booleans(),
 )
 def test_a_write_round_trips_through_both_machines_whatever_the_cuts(
-    data: bytes, have: int, cuts: list[int], back: list[int]
+    data: bytes, have: int, cuts: list[int], back: list[int], end_digest: bool
 ) -> None:
     have = min(have, len(data))
     request = FileRequest(FileOp.WRITE, "/srv/f", size=len(data), resume_key="k")
@@ -93,11 +94,12 @@ def test_a_write_round_trips_through_both_machines_whatever_the_cuts(
     assert isinstance(ready, Ready) and ready.ready.have == have
     client.resume_at(have, 0.0)
     client.send_data(data[have:])
-    client.finish(0.0)
+    digest = hashlib.sha256(data).hexdigest() if end_digest else None
+    client.finish(0.0, digest)
     assert client.sending_finished
     events = drain(server, cut(client.data_to_send(), cuts), eof=True)
     assert events[0] == ResumeRequested(have)
-    assert events[-1] == UploadEnded()
+    assert events[-1] == UploadEnded(digest)
     received = b"".join(e.data for e in events if isinstance(e, DataReceived))
     assert received == data[have:]
     server.answer({"path": "/srv/f", "size": len(data), "sha256": "0" * 64})
@@ -213,6 +215,56 @@ def test_the_client_refuses_every_frame_its_state_does_not_accept(
         with pytest.raises(RemoteProtocolError):
             client.next_event(0.0)
         assert client.state is FileState.FAILED
+
+
+def test_only_a_writes_end_carries_a_digest_and_only_a_whole_one() -> None:
+    """Version 7: a write's END may carry the file's raw SHA-256; anything else in an END
+    is refused with an ERROR frame, and the client will not send it."""
+    good = hashlib.sha256(b"x").digest()
+
+    def write_server(request: FileRequest) -> FileServer:
+        server = FileServer(0.0)
+        drain(server, [encode_frame(FileFrame.REQUEST, request.encode())], eof=False)
+        server.ready(0, hashlib.sha256(b"").hexdigest(), 0.0)
+        drain(server, [encode_frame(FileFrame.RESUME_AT, encode_offset(0))], eof=False)
+        server.data_to_send()  # READY
+        return server
+
+    cases = {
+        "not a 32-byte SHA-256": (FileRequest(FileOp.WRITE, "/f"), good[:31]),
+        "contradicts the request": (
+            FileRequest(FileOp.WRITE, "/f", sha256=hashlib.sha256(b"y").hexdigest()),
+            good,
+        ),
+    }
+    for message, (request, payload) in cases.items():
+        server = write_server(request)
+        with pytest.raises(RemoteProtocolError, match=message):
+            drain(server, [encode_frame(FileFrame.END, payload)], eof=False)
+        assert server.state is FileState.FAILED
+        assert server.data_to_send()[:1] == bytes([ERROR_FRAME])
+    tree = FileServer(0.0)
+    drain(
+        tree, [encode_frame(FileFrame.REQUEST, FileRequest(FileOp.TAR_PUT, "/d").encode())], False
+    )
+    with pytest.raises(RemoteProtocolError, match="a tree's END carries no payload"):
+        drain(tree, [encode_frame(FileFrame.END, good)], eof=False)
+    same = write_server(FileRequest(FileOp.WRITE, "/f", sha256=good.hex()))
+    assert drain(same, [encode_frame(FileFrame.END, good)], eof=False) == [UploadEnded(good.hex())]
+    client = FileClient(FileRequest(FileOp.TAR_PUT, "/d"), 0.0)
+    with pytest.raises(LocalProtocolError, match="a write's SHA-256 only"):
+        client.finish(0.0, good.hex())
+    writer = FileClient(FileRequest(FileOp.WRITE, "/f"), 0.0)
+    drain(writer, [_ready_frame()], eof=False)
+    writer.resume_at(0, 0.0)
+    with pytest.raises(LocalProtocolError, match="64 hex digits"):
+        writer.finish(0.0, "ABC")
+
+
+def _ready_frame() -> bytes:
+    from flyvault.protocol.files_messages import WriteReady
+
+    return encode_frame(FileFrame.READY, WriteReady(0, hashlib.sha256(b"").hexdigest()).encode())
 
 
 def test_resume_past_what_the_vault_holds_is_refused() -> None:

@@ -389,10 +389,12 @@ def test_client_refuses_attestation_with_unsupported_version() -> None:
     client.receive_data(
         encode_frame(
             ControlFrame.ATTESTATION,
-            Attestation(7, VmState.READY, RuntimeStatus.SYSTEM_INIT, "b", "j").encode(),
+            Attestation(
+                MAX_PROTOCOL_VERSION + 1, VmState.READY, RuntimeStatus.SYSTEM_INIT, "b", "j"
+            ).encode(),
         )
     )
-    with pytest.raises(VersionMismatch, match="server=7"):
+    with pytest.raises(VersionMismatch, match=f"server={MAX_PROTOCOL_VERSION + 1}"):
         client.next_event()
 
 

@@ -420,10 +420,11 @@ async def _fetch_into(files: Any, path: str, fd: int, tracker: _Tracker) -> None
     sha = await _verified_prefix(files, path, fd, tracker)
     writer = SparseWriter(fd, os.fstat(fd).st_size)
     vault = getattr(files, "vault", None)
+    answers: list[Any] = []
     for attempt in range(MAX_ATTEMPTS):
         connects = getattr(vault, "connects", 0)
         try:
-            async for chunk in files.read(path, offset=writer.size):
+            async for chunk in files.read(path, offset=writer.size, answers=answers):
                 now = getattr(vault, "connects", 0)
                 if now != connects:  # the read resumed on a new connection after a drop
                     tracker.resumed += writer.size
@@ -437,7 +438,13 @@ async def _fetch_into(files: Any, path: str, fd: int, tracker: _Tracker) -> None
                 raise
             tracker.resumed += writer.size
     writer.finish()
-    remote = await files.sha256(path)
+    remote = await _whole_digest(files, path, answers)
+    if remote is None:
+        os.ftruncate(fd, 0)
+        raise IntegrityError(
+            f"{path}: the file changed on the vault while it was copied, so what arrived "
+            "may be a mixture of old and new bytes; nothing was kept: copy it again"
+        )
     if remote != sha.hexdigest():
         os.ftruncate(fd, 0)
         raise IntegrityError(
@@ -445,6 +452,15 @@ async def _fetch_into(files: Any, path: str, fd: int, tracker: _Tracker) -> None
             f"{remote}; the file changed on the vault while it was copied, or the data "
             "was corrupted; nothing was kept: copy it again"
         )
+
+
+async def _whole_digest(files: Any, path: str, answers: list[Any]) -> str | None:
+    """The vault's SHA-256 of the whole file, or None when it changed while it was read.
+    One read from the start already said what it sent: that is the digest, and the file is
+    not read twice. Otherwise (a resumed copy, a vault that does not say) it hashes it now."""
+    if len(answers) == 1 and answers[0].offset == 0 and answers[0].sha256 is not None:
+        return None if answers[0].changed else str(answers[0].sha256)
+    return str(await files.sha256(path))
 
 
 async def _download_file(
@@ -541,11 +557,17 @@ async def _to_stdout(
         )
     tracker.progress.bytes_total = info.size
     sha = hashlib.sha256()
-    async for chunk in _read_all(files, paths[0], tracker):
+    answers: list[Any] = []
+    async for chunk in _read_all(files, paths[0], tracker, answers):
         sha.update(chunk)
         await _write_out(out, chunk)
     await asyncio.to_thread(out.flush)
-    remote = await files.sha256(paths[0])
+    remote = await _whole_digest(files, paths[0], answers)
+    if remote is None:
+        raise IntegrityError(
+            f"{paths[0]}: the file changed on the vault while it was copied, so what went to "
+            "standard output may be a mixture of old and new bytes; discard it and copy again"
+        )
     if remote != sha.hexdigest():
         raise IntegrityError(
             f"{paths[0]}: SHA-256 mismatch: sent {sha.hexdigest()} to standard output, the "
@@ -555,13 +577,15 @@ async def _to_stdout(
     return tracker.summary(1, 0, 0)
 
 
-async def _read_all(files: Any, path: str, tracker: _Tracker) -> AsyncIterator[bytes]:
+async def _read_all(
+    files: Any, path: str, tracker: _Tracker, answers: list[Any]
+) -> AsyncIterator[bytes]:
     """A remote file's bytes, continuing after dropped connections from where they stopped
     (what was written to stdout cannot be taken back, so it is never re-read)."""
     offset = 0
     for attempt in range(MAX_ATTEMPTS):
         try:
-            async for chunk in files.read(path, offset=offset):
+            async for chunk in files.read(path, offset=offset, answers=answers):
                 offset += len(chunk)
                 tracker.bytes(len(chunk))
                 yield chunk

@@ -1,8 +1,10 @@
 """Sending to a vault: single files with ``RemoteFiles.write``, trees with ``tar_put``.
 
-A single file is hashed first (the vault refuses, and removes its temporary file, when what
-it stored does not match), then written with a ``resume_key`` made of the source's path,
-size and mtime and the destination: after a dropped connection the same call continues
+A single file is hashed as it is sent, and the digest goes with the write's END (a version 7
+vault; an older one is given it up front, so there the file is hashed first): the vault
+refuses, and removes its temporary file, when what it stored does not match. A file that
+changes while it is sent is refused here. The write has a ``resume_key`` made of the source's
+path, size and mtime and the destination: after a dropped connection the same call continues
 after the prefix the vault verified. With ``-r`` everything goes as one tar stream.
 """
 
@@ -95,12 +97,24 @@ class FileSource:
     async def __aiter__(self) -> AsyncIterator[bytes]:
         remaining = self.size
         with open(self.path, "rb", buffering=0) as source:
+            before = os.fstat(source.fileno())
             while remaining:
                 data = source.read(min(CHUNK, remaining))
                 if not data:
                     raise FileOpError(f"{self.path}: shrank while it was being copied")
                 remaining -= len(data)
+                if not remaining and _moved(before, os.fstat(source.fileno())):
+                    # Hashed as it went, a mixture of old and new bytes would verify.
+                    raise FileOpError(
+                        f"{self.path}: changed while it was being copied; nothing was stored: "
+                        "copy it again"
+                    )
                 yield data
+
+
+def _moved(before: os.stat_result, after: os.stat_result) -> bool:
+    fields = ("st_size", "st_mtime_ns", "st_ctime_ns")
+    return any(getattr(before, name) != getattr(after, name) for name in fields)
 
 
 def _sha256_file(path: str) -> str:
@@ -124,7 +138,10 @@ async def _upload_file(
     from .copy_engine import MAX_ATTEMPTS, _retryable
 
     info = os.stat(path)
-    digest = await asyncio.to_thread(_sha256_file, path)
+    # A version 7 vault checks the digest sent with END; an older one needs it up front.
+    digest = (
+        None if await files.checks_end_digest() else await asyncio.to_thread(_sha256_file, path)
+    )
     if not counted:
         tracker.progress.bytes_total = (tracker.progress.bytes_total or 0) + info.st_size
     base = tracker.progress.bytes_done
@@ -156,7 +173,9 @@ async def _upload_file(
         except Exception as exc:
             if not _retryable(exc) or attempt == MAX_ATTEMPTS - 1:
                 raise
-    if result.sha256 != digest:  # the vault checks this too; a vault may be compromised
+    # The vault checks this too; a vault may be compromised. (Without a digest up front,
+    # files.write compared the vault's with the digest of what it sent.)
+    if digest is not None and result.sha256 != digest:
         raise IntegrityError(f"{target}: the vault stored {result.sha256}, not {digest}")
     # What the vault held verified from an interrupted attempt (this run's or an earlier one).
     tracker.resumed += result.resumed

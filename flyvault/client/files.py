@@ -29,7 +29,12 @@ from flyvault.errors import (
     Unsupported,
     UsageError,
 )
-from flyvault.protocol.constants import FILES_VERSION, StreamTag
+from flyvault.protocol.constants import (
+    END_DIGEST_VERSION,
+    FILES_VERSION,
+    PROTOCOL_VERSION,
+    StreamTag,
+)
 from flyvault.protocol.files import (
     Answered,
     AnswerTimedOut,
@@ -76,6 +81,7 @@ __all__ = [
     "FileInfo",
     "FileKind",
     "MemberDigest",
+    "ReadAnswer",
     "RemoteFiles",
     "TarPiece",
     "TreeResult",
@@ -92,6 +98,19 @@ class WriteResult:
     #: Bytes not sent because the vault held them verified from an interrupted write
     #: with the same resume key (its READY frame); 0 for a fresh write.
     resumed: int = 0
+
+
+@dataclass(frozen=True)
+class ReadAnswer:
+    """What the vault said at the end of one read request (a read that resumes after a
+    dropped connection makes one request per connection)."""
+
+    offset: int
+    size: int
+    #: Hex, of the bytes this request sent; None from a vault before it said so.
+    sha256: str | None
+    #: The file was written while it was read: what arrived may be a mixture.
+    changed: bool
 
 
 @dataclass(frozen=True)
@@ -280,13 +299,20 @@ class RemoteFiles:
                 self.vault.invalidate(connection)
 
     async def read(
-        self, path: str, *, offset: int = 0, length: int | None = None
+        self,
+        path: str,
+        *,
+        offset: int = 0,
+        length: int | None = None,
+        answers: list[ReadAnswer] | None = None,
     ) -> AsyncIterator[bytes]:
-        """The bytes of ``path`` from ``offset`` (at most ``length``), chunk by chunk."""
+        """The bytes of ``path`` from ``offset`` (at most ``length``), chunk by chunk;
+        ``answers`` gets each request's ``ReadAnswer`` once its bytes are all yielded."""
         _check_path(path)
         _check_range(offset, length)
         while True:
             request = self._request(FileOp.READ, path, offset=offset, length=length)
+            start = offset
             connection, exchange = await self._open(request)
             try:
                 while True:
@@ -299,6 +325,8 @@ class RemoteFiles:
                             length -= len(event.data)
                         yield event.data
                     elif isinstance(event, Answered):
+                        if answers is not None:
+                            answers.append(_read_answer(event.result, start, offset))
                         return
             except TransportError:
                 # Resumes after what was yielded: the next request starts there.
@@ -412,7 +440,9 @@ class RemoteFiles:
         while True:
             connection, exchange = await self._open(request)
             try:
-                return await self._write_once(exchange, source, path, on_progress, sha256)
+                return await self._write_once(
+                    exchange, source, path, on_progress, sha256, _end_digest(connection)
+                )
             except TransportError as exc:
                 self.vault.invalidate(connection)
                 if resume_key is None:
@@ -428,9 +458,12 @@ class RemoteFiles:
         path: str,
         on_progress: Callable[[int], None] | None,
         known: str | None = None,
+        end_digest: bool = False,
     ) -> WriteResult:
         """``known``: the caller's SHA-256 of the whole source, which the vault checks the
-        bytes against before the rename; then the data is not hashed a second time here."""
+        bytes against before the rename; then the data is not hashed a second time here.
+        Otherwise the data is hashed as it goes, and with ``end_digest`` (a version 7 vault)
+        that digest goes with END, so the vault checks it before the rename all the same."""
         event = await exchange.next_event()
         if not isinstance(event, Ready):
             raise RemoteProtocolError(f"expected READY, got {type(event).__name__}")
@@ -459,7 +492,8 @@ class RemoteFiles:
                 done += len(chunk)
                 if on_progress is not None:
                     on_progress(done)
-            exchange.machine.finish(_loop_time())
+            trailing = digest.hexdigest() if known is None and end_digest else None
+            exchange.machine.finish(_loop_time(), trailing)
             exchange.flush()
         except TransportError as lost:
             raise await exchange.refusal_after(lost) from None
@@ -474,6 +508,11 @@ class RemoteFiles:
                 f"what was sent ({sent})"
             )
         return written
+
+    async def checks_end_digest(self) -> bool:
+        """Whether a write without ``sha256`` is still checked by the vault before the
+        rename (a version 7 vault takes the digest with END); connects if need be."""
+        return _end_digest(await self.vault.connection())
 
     # Trees -------------------------------------------------------------------------------
 
@@ -562,6 +601,23 @@ class RemoteFiles:
                 "send the tree again (files already there are replaced)"
             ) from exc
         return TreeResult(*(result_int(result, n) for n in ("files", "dirs", "symlinks", "bytes")))
+
+
+def _end_digest(connection: Any) -> bool:
+    return bool(getattr(connection, "protocol_version", PROTOCOL_VERSION) >= END_DIGEST_VERSION)
+
+
+def _read_answer(result: dict[str, Any], start: int, end: int) -> ReadAnswer:
+    size = result_int(result, "size")
+    if size != end - start:
+        raise RemoteProtocolError(f"the vault sent {end - start} bytes and counted {size}")
+    digest = result.get("sha256")
+    return ReadAnswer(
+        start,
+        size,
+        result_digest(result) if digest is not None else None,
+        result.get("changed") is True,
+    )
 
 
 def _ignore(data: bytes) -> None:

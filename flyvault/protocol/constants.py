@@ -21,11 +21,12 @@ from flyvault.errors import ErrorCode as ErrorCode
 #: ``user`` of an exec session (console OPEN) and the file stream: a client never sends
 #: either to an older server (it refuses the request itself, saying the vault's init needs
 #: updating). Version 5 adds the read-only attach (the console OPEN's ``observe`` flag).
-#: Version 6 adds the workload restart request (``SessionsFrame.RESTART``). A peer outside
-#: the range gets a clear refusal.
-PROTOCOL_VERSION: Final = 6
+#: Version 6 adds the workload restart request (``SessionsFrame.RESTART``). Version 7 lets a
+#: write's END carry the SHA-256 of the whole file. A peer outside the range gets a clear
+#: refusal.
+PROTOCOL_VERSION: Final = 7
 MIN_PROTOCOL_VERSION: Final = 2
-MAX_PROTOCOL_VERSION: Final = 6
+MAX_PROTOCOL_VERSION: Final = 7
 #: The first version whose EXITED frame may carry a reason.
 EXIT_REASON_VERSION: Final = 3
 #: The first version whose console OPEN may name the user a new session runs as.
@@ -38,6 +39,10 @@ OBSERVE_VERSION: Final = 5
 #: The first version whose sessions stream takes RESTART (the workload stopped and started
 #: again, a new boot id): an older init refuses the unknown frame, so the client asks first.
 RESTART_VERSION: Final = 6
+#: The first version whose write END may carry the SHA-256 of the whole file, computed while
+#: the data went out (the vault checks it before the rename, as a ``sha256`` known up front):
+#: a client then reads a file once, not once to hash and again to send.
+END_DIGEST_VERSION: Final = 7
 
 #: ALPN labels. The server accepts both: ``h3`` is what the original used as a bare label.
 ALPN_PROTOCOLS: Final = ("fly-vault", "h3")

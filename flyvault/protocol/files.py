@@ -9,7 +9,7 @@ What follows depends on the operation::
     list:                               C: REQUEST, end      S: ITEMS*, RESULT | ERROR
     read, tar_get:                      C: REQUEST, end      S: DATA* (DIGEST*), RESULT | ERROR
     write:   C: REQUEST   S: READY(have, sha256)   C: RESUME_AT(offset) DATA* END, end
-             S: RESULT | ERROR
+             S: RESULT | ERROR      (END may carry the file's SHA-256: version 7)
     tar_put: C: REQUEST DATA* DIGEST* END, end             S: RESULT | ERROR
 
 A write is resumable: READY says how many bytes of a partial left by an earlier attempt with
@@ -80,6 +80,7 @@ from flyvault.protocol.files_messages import (
     decode_result,
     encode_items,
     encode_result,
+    valid_digest,
 )
 from flyvault.protocol.messages import ErrorMessage
 
@@ -88,6 +89,8 @@ from flyvault.protocol.messages import ErrorMessage
 IDLE_TIMEOUT: Final = 600.0
 #: The largest frame either side accepts (a DATA frame, a JSON frame).
 MAX_FRAME: Final = max(MAX_DATA, MAX_JSON)
+#: A write's END payload (version 7): the raw SHA-256 of the whole file.
+END_DIGEST_SIZE: Final = 32
 _U64 = struct.Struct(">Q")
 
 
@@ -139,7 +142,10 @@ class ItemsReceived:
 
 @dataclass(frozen=True, slots=True)
 class UploadEnded:
-    """Server: END: the client sent everything."""
+    """Server: END: the client sent everything; ``sha256`` (a write's END, version 7): hex,
+    of the whole file, to be checked before the rename."""
+
+    sha256: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -457,9 +463,24 @@ class FileServer(_Base):
             return DigestReceived(MemberDigest.decode(frame.payload))
         self.state = FileState.WORKING
         self._deadline = None
-        if frame.payload:
-            raise RemoteProtocolError("file stream: END carries no payload")
-        return UploadEnded()
+        return UploadEnded(self._end_digest(frame.payload))
+
+    def _end_digest(self, payload: bytes) -> str | None:
+        """A write's END may carry the file's SHA-256 (32 bytes); a tree's carries nothing."""
+        if not payload:
+            return None
+        assert self.request is not None
+        if self.request.op is not FileOp.WRITE:
+            raise RemoteProtocolError("file stream: a tree's END carries no payload")
+        if len(payload) != END_DIGEST_SIZE:
+            raise RemoteProtocolError(
+                f"file stream: END carries {len(payload)} bytes, not a {END_DIGEST_SIZE}-byte "
+                "SHA-256"
+            )
+        digest = payload.hex()
+        if self.request.sha256 is not None and digest != self.request.sha256:
+            raise RemoteProtocolError("file stream: END's SHA-256 contradicts the request's")
+        return digest
 
 
 class FileClient(_Base):
@@ -514,9 +535,16 @@ class FileClient(_Base):
             raise LocalProtocolError("member digests belong to tar_put only")
         self._queue(FileFrame.DIGEST, digest.encode())
 
-    def finish(self, now: float) -> None:
+    def finish(self, now: float, sha256: str | None = None) -> None:
+        """END. ``sha256`` (a write to a version 7 vault): hex, of the whole file, which the
+        vault checks before the rename."""
         self._require(FileState.SENDING, "finish the upload")
-        self._queue(FileFrame.END)
+        payload = b""
+        if sha256 is not None:
+            if self.request.op is not FileOp.WRITE or not valid_digest(sha256):
+                raise LocalProtocolError("END carries 64 hex digits of a write's SHA-256 only")
+            payload = bytes.fromhex(sha256)
+        self._queue(FileFrame.END, payload)
         self.state = FileState.AWAIT_RESULT
         self._deadline = now + self._idle_timeout
 
