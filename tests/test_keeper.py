@@ -11,6 +11,7 @@ conftest's ``isolated_dirs``), ``fly-vault mux status --json``, and the vault's 
 from __future__ import annotations
 
 import contextlib
+import filecmp
 import itertools
 import json
 import os
@@ -291,6 +292,41 @@ def test_second_exec_reuses_the_keepers_connection(vault: str) -> None:
     assert row["connects"] == 1
     assert row["connected"] is True
     assert row["active"] == 1  # the status request itself
+
+
+def test_a_large_file_goes_over_a_connection_of_its_own(
+    vault: str, init_process: InitProcess, tmp_path: Path
+) -> None:
+    """cp through a keeper: small requests and small files use the keeper's connection; a
+    file of DIRECT_FROM bytes or more goes over a connection of the cp's own, each way."""
+    from flyvault.client.copy_engine import DIRECT_FROM
+
+    def connections() -> int:
+        return init_process.log.read_text().count("authenticated")
+
+    big, small = tmp_path / "big", tmp_path / "small"
+    big.write_bytes(os.urandom(1024 * 1024) * (DIRECT_FROM // (1024 * 1024)))
+    small.write_bytes(b"small")
+    assert fv("exec", vault, "--", "true").returncode == 0  # the keeper is up
+    before = connections()
+    for args in (
+        (str(small), f"{vault}:{tmp_path}/small-up"),
+        (f"{vault}:{tmp_path}/small-up", str(tmp_path / "small-down")),
+    ):
+        result = fv("cp", *args)
+        assert result.returncode == 0, result.stderr
+    assert connections() == before  # the keeper's connection served both
+    for args in (
+        (str(big), f"{vault}:{tmp_path}/big-up"),
+        (f"{vault}:{tmp_path}/big-up", str(tmp_path / "big-down")),
+    ):
+        result = fv("cp", *args, timeout=120)
+        assert result.returncode == 0, result.stderr
+    assert connections() == before + 2
+    assert (tmp_path / "small-down").read_bytes() == b"small"
+    assert filecmp.cmp(big, tmp_path / "big-down", shallow=False)
+    [row] = status(vault)
+    assert row["connects"] == 1  # the keeper itself never reconnected
 
 
 def test_list_exec_and_kill_go_through_the_keeper_too(vault: str, reaper: list[Any]) -> None:

@@ -44,6 +44,10 @@ CHUNK = 256 * 1024
 #: resumable write up, ranged reads down), so a dropped connection costs at most the small
 #: files' stream again, never a large file's bytes that the other side already verified.
 LARGE_FILE = 8 * 1024 * 1024
+#: A file of at least this size goes over a connection of its own, not through the
+#: vault's connection keeper (``RemoteFiles.for_bulk``): the handshake costs ~0.1 s, the
+#: keeper's extra hop about a fifth of a large file's time.
+DIRECT_FROM = 128 * 1024 * 1024
 #: What leaves a download's verified partial file in place for the next run: a connection
 #: that did not come back, Ctrl-C (the copy's task cancelled). Its prefix is checked against
 #: the vault's SHA-256 before it is trusted.
@@ -393,7 +397,7 @@ async def _fetch_large(
     keep = True
     try:
         tracker.progress.bytes_total = (tracker.progress.bytes_total or 0) + size
-        await _fetch_into(files, path, fd, tracker)
+        await _fetch_into(files.for_bulk() if size >= DIRECT_FROM else files, path, fd, tracker)
         if os.fstat(fd).st_size != size:
             keep = False
             raise IntegrityError(
@@ -471,7 +475,9 @@ async def _download_file(
     fd = os.open(partial, flags, 0o600)
     landed = False
     try:
-        await _fetch_into(files, path, fd, tracker)
+        await _fetch_into(
+            files.for_bulk() if info.size >= DIRECT_FROM else files, path, fd, tracker
+        )
         mode = info.mode & (0o7777 if options.preserve and os.geteuid() == 0 else 0o777)
         if options.preserve and os.geteuid() == 0:
             os.fchown(fd, info.uid, info.gid)
@@ -556,6 +562,8 @@ async def _to_stdout(
             f"{paths[0]} is a {info.kind} on the vault: '-' takes one file (or -r for a tar stream)"
         )
     tracker.progress.bytes_total = info.size
+    if info.size >= DIRECT_FROM:
+        files = files.for_bulk()
     sha = hashlib.sha256()
     answers: list[Any] = []
     async for chunk in _read_all(files, paths[0], tracker, answers):

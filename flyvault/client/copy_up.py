@@ -135,9 +135,11 @@ async def _upload_file(
     counted: bool = False,
 ) -> None:
     """``counted``: the file's size is already in the progress total (a tree's large file)."""
-    from .copy_engine import MAX_ATTEMPTS, _retryable
+    from .copy_engine import DIRECT_FROM, MAX_ATTEMPTS, _retryable
 
     info = os.stat(path)
+    if info.st_size >= DIRECT_FROM:
+        files = files.for_bulk()
     # A version 7 vault checks the digest sent with END; an older one needs it up front.
     digest = (
         None if await files.checks_end_digest() else await asyncio.to_thread(_sha256_file, path)

@@ -509,6 +509,12 @@ class RemoteFiles:
             )
         return written
 
+    def for_bulk(self) -> RemoteFiles:
+        """The same operations over a connection of their own when this vault's go through a
+        keeper (``Vault.bulk``): for one large file's bytes."""
+        bulk = getattr(self.vault, "bulk", None)
+        return self if bulk is None else RemoteFiles(bulk(), self.user)
+
     async def checks_end_digest(self) -> bool:
         """Whether a write without ``sha256`` is still checked by the vault before the
         rename (a version 7 vault takes the digest with END); connects if need be."""
