@@ -252,8 +252,9 @@ class PathNotFound(NotFoundError):
 
 
 class FileOpError(RemoteError):
-    """A file operation failed on the vault; the message names the path and the errno in
-    words, e.g. "/etc/x: permission denied (EACCES)"."""
+    """A file operation failed on the vault (the message names the path and the errno in
+    words, e.g. "/etc/x: permission denied (EACCES)"), or a local file changed or shrank
+    while a copy read it."""
 
     code = ErrorCode.FILE_OP
 

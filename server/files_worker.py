@@ -27,6 +27,7 @@ import signal
 import socket
 import stat
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -387,8 +388,9 @@ class Worker:
                 seen.extend((before, os.fstat(file.fileno())))
 
     def _read(self, path: str) -> None:
-        """DATA frames, then the size and SHA-256 of what was sent, and whether the file
-        changed while it was read (the reader then holds a mixture, whatever its digest)."""
+        """DATA frames, then the size of what was sent, whether the file changed while it
+        was read (the reader then holds a mixture, whatever its digest) and, unless the file
+        was written too recently to tell, the SHA-256 of what was sent."""
         size = 0
         digest = hashlib.sha256()
         seen: list[os.stat_result] = []
@@ -397,9 +399,14 @@ class Worker:
             digest.update(chunk)
             size += len(chunk)
         before, after = seen
-        self.channel.result(
-            {"size": size, "sha256": digest.hexdigest(), "changed": _changed(before, after)}
+        whole = not self.request.offset and self.request.length is None
+        changed = _changed(before, after) or (
+            whole and stat.S_ISREG(after.st_mode) and size != after.st_size
         )
+        result: dict[str, object] = {"size": size, "changed": changed}
+        if _settled(after):
+            result["sha256"] = digest.hexdigest()
+        self.channel.result(result)
 
     def _hash(self, path: str) -> tuple[str, int]:
         digest = hashlib.sha256()
@@ -418,6 +425,20 @@ def _changed(before: os.stat_result, after: os.stat_result) -> bool:
         return False  # a FIFO's or a device's times say nothing about what was read
     fields = ("st_size", "st_mtime_ns", "st_ctime_ns")
     return any(getattr(before, name) != getattr(after, name) for name in fields)
+
+
+#: A file whose mtime or ctime is younger than this when its read ends may have been written
+#: in the same clock tick as the fstat before the read (on kernels without fine-grained
+#: timestamps a tick is 1-10 ms): its digest is left out, and the reader asks for one.
+RECENT = 0.05
+
+
+def _settled(after: os.stat_result) -> bool:
+    """Whether the times ``_changed`` compares could have shown every write: a regular file
+    last changed more than ``RECENT`` ago, or anything else (its times say nothing)."""
+    if not stat.S_ISREG(after.st_mode):
+        return True
+    return time.time() - max(after.st_mtime, after.st_ctime) > RECENT
 
 
 def _mkdir(path: str, request: FileRequest) -> None:

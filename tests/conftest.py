@@ -229,6 +229,18 @@ def on_vault(
     return run_async(run())
 
 
+@pytest.fixture(scope="module")
+def debian_image() -> Path:
+    """A Debian rootfs archive with systemd, built once with debootstrap and cached; the
+    test is skipped, saying why, where none can be built."""
+    from debian_rootfs import Unavailable, debian_systemd_archive
+
+    try:
+        return debian_systemd_archive()
+    except Unavailable as exc:
+        pytest.skip(f"no Debian rootfs with systemd: {exc}")
+
+
 @pytest.fixture
 def sides(tmp_path: Path) -> tuple[Path, Path]:
     """Two empty directories: this machine's side of a copy and where it lands back."""

@@ -176,7 +176,9 @@ def test_a_failed_verification_keeps_nothing(
     its read (its size and times moved), so nothing lands and no partial stays."""
     here, there = sides
     source = there / "moving"
-    source.write_bytes(os.urandom(4 * MiB))
+    # Far more than every buffer between the vault's reader and this side: the vault is
+    # still reading when the change is made.
+    source.write_bytes(os.urandom(32 * MiB))
     changed: list[bool] = []
 
     def progress(state: CopyProgress) -> None:

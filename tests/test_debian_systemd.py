@@ -34,7 +34,6 @@ from typing import Any
 
 import pytest
 from conftest import InitProcess, start_init, vault_entry
-from debian_rootfs import Unavailable, debian_systemd_archive
 
 from flyvault.server import cgroups
 from flyvault.server.sessions import END_GRACE, END_KILL_WAIT
@@ -48,14 +47,6 @@ pytestmark = [
 #: The vault's name: the config entry, and the workload's hostname.
 VAULT = "debvault"
 REASON = "the vault is being reprovisioned"
-
-
-@pytest.fixture(scope="module")
-def image() -> Path:
-    try:
-        return debian_systemd_archive()
-    except Unavailable as exc:
-        pytest.skip(f"no Debian rootfs with systemd: {exc}")
 
 
 CLI = (sys.executable, "-m", "flyvault.cli.main")
@@ -279,7 +270,7 @@ def until(predicate: Any, timeout: float, what: str) -> None:
 
 
 def test_systemd_boots_sessions_end_with_the_reason_and_the_host_is_untouched(
-    isolated_dirs: Path, image: Path
+    isolated_dirs: Path, debian_image: Path
 ) -> None:
     """The local dev vault in vm mode, from ``local up`` to ``local down``."""
     before = host_snapshot()
@@ -289,7 +280,7 @@ def test_systemd_boots_sessions_end_with_the_reason_and_the_host_is_untouched(
     named: subprocess.Popen[bytes] | None = None
     shell: AttachedShell | None = None
     timings: dict[str, float] = {}
-    fv_ok("local", "up", "--rootfs", str(image), "--name", VAULT)
+    fv_ok("local", "up", "--rootfs", str(debian_image), "--name", VAULT)
     try:
         began = time.monotonic()
         fv_ok("exec", VAULT, "--", "true")  # provisions the cold vault
@@ -378,7 +369,7 @@ def test_systemd_boots_sessions_end_with_the_reason_and_the_host_is_untouched(
     assert cgroups.existing(cgroups.subtree_name(data_dir)) == []
     assert_host_unchanged(before, data_dir)
     print(
-        f"\nDebian {image.name}: provision {timings['provision']:.1f} s; reprovision "
+        f"\nDebian {debian_image.name}: provision {timings['provision']:.1f} s; reprovision "
         f"{timings['reprovision']:.1f} s without sessions, "
         f"{timings['reprovision_with_sessions']:.1f} s with a named session and a shell "
         f"attached; init's phases: {phases(log)}"
@@ -386,7 +377,7 @@ def test_systemd_boots_sessions_end_with_the_reason_and_the_host_is_untouched(
 
 
 def test_init_sigkilled_with_a_session_running_leaves_nothing_after_the_restart(
-    tmp_path: Path, fly_api: Any, issuer: OidcIssuer, image: Path
+    tmp_path: Path, fly_api: Any, issuer: OidcIssuer, debian_image: Path
 ) -> None:
     port = free_udp_port()
     listen = ("--listen", f"127.0.0.1:{port}", "--hostname", VAULT)
@@ -395,7 +386,7 @@ def test_init_sigkilled_with_a_session_running_leaves_nothing_after_the_restart(
     named: subprocess.Popen[bytes] | None = None
     again: InitProcess | None = None
     try:
-        configure(init.port, issuer, rootfs=str(image))
+        configure(init.port, issuer, rootfs=str(debian_image))
         fv_ok("exec", VAULT, "--", "true")
         assert wait_booted() in ("running", "degraded")
         named = subprocess.Popen(

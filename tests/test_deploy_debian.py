@@ -26,7 +26,6 @@ from typing import Any
 
 import pytest
 from conftest import InitProcess, vault_entry
-from debian_rootfs import Unavailable, debian_systemd_archive
 
 from flyvault.standins import OidcIssuer
 
@@ -37,14 +36,6 @@ pytestmark = [
 ]
 
 VAULT = "debdeploy"
-
-
-@pytest.fixture(scope="module")
-def image() -> Path:
-    try:
-        return debian_systemd_archive()
-    except Unavailable as exc:
-        pytest.skip(f"no Debian rootfs with systemd: {exc}")
 
 
 def fv(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
@@ -117,11 +108,11 @@ WantedBy=multi-user.target
 
 
 def test_packages_service_restart_on_debian(
-    tmp_path: Path, vm_init: InitProcess, issuer: OidcIssuer, image: Path
+    tmp_path: Path, vm_init: InitProcess, issuer: OidcIssuer, debian_image: Path
 ) -> None:
     from flyvault.config import save_vault
 
-    save_vault(vault_entry(vm_init.port, issuer, name=VAULT, rootfs=str(image)))
+    save_vault(vault_entry(vm_init.port, issuer, name=VAULT, rootfs=str(debian_image)))
     work = tmp_path / "plan"
     work.mkdir()
     repo = repo_tarball(work)

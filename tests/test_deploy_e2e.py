@@ -145,11 +145,18 @@ def report(result: Any) -> dict[str, Any]:
     return json.loads(result.stdout)
 
 
+def configured_vm(tmp_path: Path, vm_init: InitProcess, issuer: OidcIssuer) -> Path:
+    """The VM-mode vault "vm" configured with the deploy tests' rootfs (provisioned by the
+    first call); the rootfs archive's path."""
+    rootfs = deploy_rootfs(tmp_path / "rootfs.tar.gz")
+    configure(vm_init.port, issuer, rootfs=str(rootfs))
+    return rootfs
+
+
 def test_apply_reapply_edit_fail_resume_and_reverse(
     tmp_path: Path, vm_init: InitProcess, issuer: OidcIssuer
 ) -> None:
-    rootfs = deploy_rootfs(tmp_path / "rootfs.tar.gz")
-    configure(vm_init.port, issuer, rootfs=str(rootfs))
+    rootfs = configured_vm(tmp_path, vm_init, issuer)
     plan = write_plan(tmp_path / "plan")
 
     began = time.monotonic()
@@ -287,8 +294,7 @@ def test_apply_reapply_edit_fail_resume_and_reverse(
 def test_dry_run_changes_nothing_and_the_lease_refuses_a_second_applier(
     tmp_path: Path, vm_init: InitProcess, issuer: OidcIssuer
 ) -> None:
-    rootfs = deploy_rootfs(tmp_path / "rootfs.tar.gz")
-    configure(vm_init.port, issuer, rootfs=str(rootfs))
+    rootfs = configured_vm(tmp_path, vm_init, issuer)
     plan = write_plan(tmp_path / "plan")
 
     async def snapshot(vault: Any) -> dict[str, Any]:
@@ -353,8 +359,7 @@ async def listing(files: Any, top: str) -> dict[str, Any]:
 def test_after_a_reprovision_only_the_rootfs_steps_are_lost_and_run_again(
     tmp_path: Path, vm_init: InitProcess, issuer: OidcIssuer
 ) -> None:
-    rootfs = deploy_rootfs(tmp_path / "rootfs.tar.gz")
-    configure(vm_init.port, issuer, rootfs=str(rootfs))
+    rootfs = configured_vm(tmp_path, vm_init, issuer)
     plan = write_plan(tmp_path / "plan")
     assert fv("deploy", "apply", "vm", str(plan)).returncode == 0
 
@@ -394,8 +399,7 @@ def test_verify_finds_drift_prune_undoes_dropped_steps_and_wait_takes_a_freed_le
     import subprocess
     import sys
 
-    rootfs = deploy_rootfs(tmp_path / "rootfs.tar.gz")
-    configure(vm_init.port, issuer, rootfs=str(rootfs))
+    rootfs = configured_vm(tmp_path, vm_init, issuer)
     plan = write_plan(tmp_path / "plan")
 
     # Through the engine, with the guest recording what it ran: a re-apply runs nothing.
@@ -512,8 +516,7 @@ def test_artifacts_placed_and_extracted_then_only_what_they_created_is_removed(
     import hashlib
     import io
 
-    rootfs = deploy_rootfs(tmp_path / "rootfs.tar.gz")
-    configure(vm_init.port, issuer, rootfs=str(rootfs))
+    rootfs = configured_vm(tmp_path, vm_init, issuer)
     directory = tmp_path / "plan"
     directory.mkdir()
     tool = directory / "tool.bin"
@@ -595,8 +598,7 @@ def test_artifacts_placed_and_extracted_then_only_what_they_created_is_removed(
 def test_packages_and_services_are_recorded_skips_on_busybox(
     tmp_path: Path, vm_init: InitProcess, issuer: OidcIssuer
 ) -> None:
-    rootfs = deploy_rootfs(tmp_path / "rootfs.tar.gz")
-    configure(vm_init.port, issuer, rootfs=str(rootfs))
+    configured_vm(tmp_path, vm_init, issuer)
     plan = tmp_path / "plan.toml"
     plan.write_text(
         'schema = 1\nname = "sys"\n'
@@ -639,8 +641,7 @@ def test_a_connection_cut_mid_upload_leaves_the_destination_and_the_ledger_as_th
     import subprocess
     import sys
 
-    rootfs = deploy_rootfs(tmp_path / "rootfs.tar.gz")
-    configure(vm_init.port, issuer, rootfs=str(rootfs))
+    rootfs = configured_vm(tmp_path, vm_init, issuer)
     assert fv("exec", "vm", "--", "true").returncode == 0  # provisioned
     big = tmp_path / "big.bin"
     sha = hashlib.sha256()
@@ -704,8 +705,7 @@ def test_a_connection_cut_mid_upload_leaves_the_destination_and_the_ledger_as_th
 def test_a_failed_reverse_keeps_only_what_is_left_and_a_script_gets_eof_and_a_timeout(
     tmp_path: Path, vm_init: InitProcess, issuer: OidcIssuer
 ) -> None:
-    rootfs = deploy_rootfs(tmp_path / "rootfs.tar.gz")
-    configure(vm_init.port, issuer, rootfs=str(rootfs))
+    configured_vm(tmp_path, vm_init, issuer)
     plan = tmp_path / "plan.toml"
     plan.write_text(
         'schema = 1\nname = "undo"\n'

@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import os
 import stat
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from flyvault.errors import (
     NotFoundError,
     UsageError,
 )
+from flyvault.server.files_worker import RECENT
 from flyvault.standins import OidcIssuer
 
 
@@ -94,10 +96,13 @@ def test_a_read_ends_with_the_digest_of_what_it_sent_and_whether_the_file_change
     data = os.urandom(64 * 1024 * 1024)
     path = tmp_path / "blob"
     path.write_bytes(data)
+    # Only a file older than a clock tick or two gets a digest (younger, the reader asks):
+    # see RECENT. Waiting for time to pass is what makes it old; nothing is raced here.
+    time.sleep(2 * RECENT)
 
     async def body(vault: Any) -> dict[str, Any]:
         files = vault.files()
-        out: dict[str, Any] = {"whole": [], "range": [], "moving": []}
+        out: dict[str, Any] = {"whole": [], "range": [], "moving": [], "fresh": []}
         got = [c async for c in files.read(str(path), answers=out["whole"])]
         out["bytes"] = b"".join(got)
         await files.read_bytes(str(path))  # no answers asked: nothing to collect
@@ -108,6 +113,13 @@ def test_a_read_ends_with_the_digest_of_what_it_sent_and_whether_the_file_change
                 with open(path, "r+b") as handle:  # while the vault is still reading
                     handle.write(b"new")
                 out["written"] = True
+        fresh = tmp_path / "fresh"
+        fresh.write_bytes(b"fresh")
+        # Younger than RECENT whatever the machine's load: an mtime a minute ahead.
+        ahead = time.time() + 60
+        os.utime(fresh, (ahead, ahead))
+        async for _ in files.read(str(fresh), answers=out["fresh"]):
+            pass
         return out
 
     out = on_vault(init_process, issuer, body)
@@ -120,6 +132,8 @@ def test_a_read_ends_with_the_digest_of_what_it_sent_and_whether_the_file_change
     assert part.sha256 == hashlib.sha256(data[7:1007]).hexdigest()
     [moving] = out["moving"]
     assert moving.changed and moving.size == len(data)
+    [fresh] = out["fresh"]
+    assert fresh.sha256 is None and not fresh.changed and fresh.size == 5  # "just written"
 
 
 def test_changes_mkdir_remove_rename_chmod_chown_mtime_symlink(
@@ -322,7 +336,7 @@ def test_an_upload_to_a_version_6_vault_is_hashed_first_and_a_moving_source_is_r
     assert out["checks"] is False
     assert out["old"].files == 1 and out["old"].verified
     assert touched and "changed while it was being copied" in str(out["moving"])
-    assert not (there / "b").exists()
+    assert os.listdir(there) == ["a"]  # no partial of "b" left behind: the vault removed it
     assert (there / "a").read_bytes() != source.read_bytes()  # it was copied before the touch
 
 
@@ -440,3 +454,25 @@ def test_an_older_init_is_refused_before_the_file_stream_is_opened() -> None:
     with pytest.raises(Unsupported, match="protocol 3, which has no file stream") as caught:
         asyncio.run(files.stat("/etc/hostname"))
     assert caught.value.exit_code == 10
+
+
+def test_a_source_replaced_after_the_copy_began_is_refused_before_anything_is_sent(
+    tmp_path: Path,
+) -> None:
+    from flyvault.client.copy_up import FileSource
+
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 1000)
+    source = FileSource(str(path), os.stat(path))
+    # An editor's save: a new file of the same size and mtime renamed over it.
+    (tmp_path / "f.new").write_bytes(b"y" * 1000)
+    os.utime(tmp_path / "f.new", ns=(source.info.st_atime_ns, source.info.st_mtime_ns))
+    os.replace(tmp_path / "f.new", path)
+
+    async def first() -> bytes:
+        async for chunk in source:
+            return chunk
+        return b""
+
+    with pytest.raises(FileOpError, match="changed while it was being copied"):
+        asyncio.run(first())

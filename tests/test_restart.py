@@ -39,6 +39,15 @@ def boot_id(name: str) -> str:
     return str(run_async(ask()))
 
 
+def provision_vm(tmp_path: Path, vm_init: InitProcess, issuer: OidcIssuer) -> None:
+    """The VM-mode vault "vm" with a small rootfs, provisioned (skipped without root)."""
+    for mark in root_only:
+        if mark.args[0]:
+            pytest.skip(mark.kwargs["reason"])
+    configure(vm_init.port, issuer, rootfs=str(deploy_rootfs(tmp_path / "r.tar.gz")))
+    assert fv("exec", "vm", "--", "true").returncode == 0  # provisions it
+
+
 def start_named_session(name: str) -> None:
     """A named session left running (its client is gone; the session is kept)."""
     import subprocess
@@ -79,11 +88,7 @@ def start_named_session(name: str) -> None:
 def test_restart_refuses_while_sessions_run_then_restarts_and_waits(
     _: None, tmp_path: Path, vm_init: InitProcess, issuer: OidcIssuer
 ) -> None:
-    for mark in root_only:
-        if mark.args[0]:
-            pytest.skip(mark.kwargs["reason"])
-    configure(vm_init.port, issuer, rootfs=str(deploy_rootfs(tmp_path / "r.tar.gz")))
-    assert fv("exec", "vm", "--", "true").returncode == 0  # provisions it
+    provision_vm(tmp_path, vm_init, issuer)
     start_named_session("long")
     before = boot_id("vm")
 
@@ -109,11 +114,7 @@ def test_restart_refuses_while_sessions_run_then_restarts_and_waits(
 def test_a_plan_restarts_only_after_a_change_and_continues(
     tmp_path: Path, vm_init: InitProcess, issuer: OidcIssuer
 ) -> None:
-    for mark in root_only:
-        if mark.args[0]:
-            pytest.skip(mark.kwargs["reason"])
-    configure(vm_init.port, issuer, rootfs=str(deploy_rootfs(tmp_path / "r.tar.gz")))
-    assert fv("exec", "vm", "--", "true").returncode == 0  # provisions it
+    provision_vm(tmp_path, vm_init, issuer)
     plan = tmp_path / "plan.toml"
     plan.write_text(
         'schema = 1\nname = "svc"\n'

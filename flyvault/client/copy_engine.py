@@ -200,18 +200,25 @@ async def copy(
     direction = check_endpoints(sources, dest, recursive=recursive)
     tracker = _Tracker(on_progress)
     options = _Options(recursive, preserve, follow_symlinks, user)
-    if direction == "up":
-        assert dest.vault is not None
-        from .copy_up import upload
+    name = dest.vault if direction == "up" else next(s.vault for s in sources if s.vault)
+    assert name is not None
+    vault = vaults(name)
+    files = vault.files(user=user)
+    try:
+        if direction == "up":
+            from .copy_up import upload
 
-        files = vaults(dest.vault).files(user=user)
-        return await upload(files, sources, dest.path, options, tracker, stdin)
-    vault = next(source.vault for source in sources if source.vault)
-    files = vaults(vault).files(user=user)
-    paths = [_remote_path(source.path) for source in sources]
-    if dest.stdio:
-        return await _to_stdout(files, paths, options, tracker, stdout)
-    return await _download(files, paths, dest.path, options, tracker)
+            return await upload(files, sources, dest.path, options, tracker, stdin)
+        paths = [_remote_path(source.path) for source in sources]
+        if dest.stdio:
+            return await _to_stdout(files, paths, options, tracker, stdout)
+        return await _download(files, paths, dest.path, options, tracker)
+    finally:
+        # A large file's own connection (Vault.bulk) ends with the copy: a long-lived
+        # caller (the MCP server) keeps only the keeper's.
+        end_bulk = getattr(vault, "end_bulk", None)
+        if end_bulk is not None:
+            await end_bulk()
 
 
 @dataclass(frozen=True)

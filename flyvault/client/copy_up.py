@@ -88,16 +88,23 @@ def resume_key(path: str, info: os.stat_result, dest: str) -> str:
 
 class FileSource:
     """A local file as a re-iterable source: each iteration reads from the start (the API
-    skips what the vault already verified)."""
+    skips what the vault already verified). ``info``: the file's stat when the copy began;
+    the file opened must still be that file, unchanged, and stay so while it is read."""
 
-    def __init__(self, path: str, size: int) -> None:
+    def __init__(self, path: str, info: os.stat_result) -> None:
         self.path = path
-        self.size = size
+        self.info = info
+        self.size = info.st_size
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         remaining = self.size
         with open(self.path, "rb", buffering=0) as source:
             before = os.fstat(source.fileno())
+            if _moved(self.info, before):
+                raise FileOpError(
+                    f"{self.path}: changed while it was being copied; nothing was stored: "
+                    "copy it again"
+                )
             while remaining:
                 data = source.read(min(CHUNK, remaining))
                 if not data:
@@ -113,7 +120,7 @@ class FileSource:
 
 
 def _moved(before: os.stat_result, after: os.stat_result) -> bool:
-    fields = ("st_size", "st_mtime_ns", "st_ctime_ns")
+    fields = ("st_size", "st_mtime_ns", "st_ctime_ns", "st_ino", "st_dev")
     return any(getattr(before, name) != getattr(after, name) for name in fields)
 
 
@@ -150,9 +157,9 @@ async def _upload_file(
     keep_special = options.preserve and options.remote_root
     mode = info.st_mode & (0o7777 if keep_special else 0o777)
     source: bytes | FileSource = (
-        await asyncio.to_thread(_read_small, path)
+        await asyncio.to_thread(_read_small, path, info)
         if info.st_size <= CHUNK
-        else FileSource(path, info.st_size)
+        else FileSource(path, info)
     )
 
     def progress(done: int) -> None:
@@ -190,9 +197,15 @@ async def _upload_file(
     tracker.file(target)
 
 
-def _read_small(path: str) -> bytes:
+def _read_small(path: str, info: os.stat_result) -> bytes:
+    """The whole file, which must still be the one ``info`` describes."""
     with open(path, "rb") as source:
-        return source.read()
+        data = source.read()
+        if _moved(info, os.fstat(source.fileno())):
+            raise FileOpError(
+                f"{path}: changed while it was being copied; nothing was stored: copy it again"
+            )
+        return data
 
 
 async def _upload_tree(

@@ -468,9 +468,13 @@ class RemoteFiles:
         if not isinstance(event, Ready):
             raise RemoteProtocolError(f"expected READY, got {type(event).__name__}")
         have = event.ready.have
-        chunks = _chunks(source)
         digest = hashlib.sha256()
-        skipped, rest = await _skip(chunks, have, digest)
+        try:
+            chunks = _chunks(source)
+            skipped, rest = await _skip(chunks, have, digest)
+        except Exception:
+            await _abandon(exchange)
+            raise
         start = have if skipped == have and digest.hexdigest() == event.ready.sha256 else 0
         if start == 0 and have:
             digest = hashlib.sha256()
@@ -497,6 +501,9 @@ class RemoteFiles:
             exchange.flush()
         except TransportError as lost:
             raise await exchange.refusal_after(lost) from None
+        except Exception:
+            await _abandon(exchange)  # the source failed (a local file changed, say)
+            raise
         result = await exchange.answer()
         written = WriteResult(
             result_str(result, "path"), result_int(result, "size"), result_digest(result), start
@@ -607,6 +614,30 @@ class RemoteFiles:
                 "send the tree again (files already there are replaced)"
             ) from exc
         return TreeResult(*(result_int(result, n) for n in ("files", "dirs", "symlinks", "bytes")))
+
+
+#: How long a write whose source failed waits for the vault to refuse what it received.
+ABANDON_WAIT = 10.0
+
+
+async def _abandon(exchange: _Exchange) -> None:
+    """The source failed in the middle of a write. With a size declared, END now makes the
+    vault refuse the short file and remove what it received (a partial left behind would
+    never be resumed: the source changed, and so did its resume key); otherwise the stream
+    is reset (an upload without a resume key then leaves nothing either)."""
+    import asyncio
+
+    machine = exchange.machine
+    try:
+        if machine.may_send and machine.request.size is not None:
+            machine.finish(_loop_time())
+            exchange.flush()
+            async with asyncio.timeout(ABANDON_WAIT):
+                await exchange.answer()
+        else:
+            exchange.stream.abort()
+    except Exception:  # the refusal expected, or the connection gone: either way, done
+        exchange.stream.abort()
 
 
 def _end_digest(connection: Any) -> bool:

@@ -138,16 +138,13 @@ async def remove_image(vault: Any, tag: str, image_id: str, *, user: str | None 
     """Untag ``tag`` on the vault (the image goes with its last name) and forget that it was
     verified; an image already gone is done."""
     remote = _Remote(vault, user)
-    code, _, err, _ = await remote.run(
+    await remote.must(
         f"podman image exists {shlex.quote(tag)} || exit 0\n"
         f"podman rmi {shlex.quote(tag)} >/dev/null\n"
-        f'podman image exists {shlex.quote(image_id)} || rm -f "{remote.markers}/{image_id}"'
+        f'podman image exists {shlex.quote(image_id)} || rm -f "{remote.markers}/{image_id}"',
+        lambda code, err: f"podman rmi {tag} on the vault exited {code}: {err}",
+        hint="a container still uses it? 'podman ps -a' on the vault",
     )
-    if code != 0:
-        raise VaultError(
-            f"podman rmi {tag} on the vault exited {code}: {err.decode(errors='replace').strip()}",
-            hint="a container still uses it? 'podman ps -a' on the vault",
-        )
 
 
 class _Remote:
@@ -180,6 +177,16 @@ class _Remote:
                 task.cancel()
         return exited.exit_status, bytes(out), bytes(err), sent
 
+    async def must(
+        self, script: str, failure: Callable[[int, str], str], hint: str | None = None
+    ) -> None:
+        """Run ``script``; a non-zero exit is a VaultError worded by ``failure(code, the
+        end of its stderr)``."""
+        code, _, err, _ = await self.run(script)
+        if code != 0:
+            detail = err.decode(errors="replace").strip()[-300:]
+            raise VaultError(failure(code, detail), hint=hint)
+
     async def require_podman(self) -> None:
         code, _, _, _ = await self.run("command -v podman >/dev/null")
         if code != 0:
@@ -206,17 +213,16 @@ class _Remote:
     async def remove(self, image_id: str) -> None:
         """Every name of a torn image, then the image; never a container (no -f): one that
         uses it is a refusal in words."""
-        code, _, err, _ = await self.run(
+        await self.must(
             f'rm -f "{self.markers}/{image_id}"\n'
             f"podman image exists {image_id} || exit 0\n"
-            f"podman untag {image_id} && podman rmi {image_id} >/dev/null"
+            f"podman untag {image_id} && podman rmi {image_id} >/dev/null",
+            lambda code, err: (
+                f"image {image_id[:12]} on the vault was never verified (a load "
+                f"cut short?) and cannot be removed: {err}"
+            ),
+            hint="a container uses it: remove the container on the vault, then copy again",
         )
-        if code != 0:
-            raise VaultError(
-                f"image {image_id[:12]} on the vault was never verified (a load cut short?) and "
-                f"cannot be removed: {err.decode(errors='replace').strip()[-300:]}",
-                hint="a container uses it: remove the container on the vault, then copy again",
-            )
 
     async def load(
         self, engine: str, image: str, on_bytes: Callable[[int], None] | None
@@ -251,15 +257,11 @@ class _Remote:
         return sent, source.digest() if received == source.digest() else None
 
     async def finish(self, image_id: str, tag: str) -> None:
-        script = (
+        await self.must(
             f"podman tag {shlex.quote(image_id)} {shlex.quote(tag)} && "
-            f'mkdir -p "{self.markers}" && : > "{self.markers}/{image_id}"'
+            f'mkdir -p "{self.markers}" && : > "{self.markers}/{image_id}"',
+            lambda code, err: f"podman tag on the vault exited {code}: {err}",
         )
-        code, _, err, _ = await self.run(script)
-        if code != 0:
-            raise VaultError(
-                f"podman tag on the vault exited {code}: {err.decode(errors='replace').strip()}"
-            )
 
 
 class _HashingReader:

@@ -374,15 +374,20 @@ class Vault:
             self._connecting.cancel()
         if self._current is not None:
             self._current.close()
-        if self._bulk is not None:
-            await self._bulk.close()
+        await self.end_bulk()
+
+    async def end_bulk(self) -> None:
+        """Close the twin ``bulk`` made, if any (the next ``bulk`` makes a new one)."""
+        twin, self._bulk = self._bulk, None
+        if twin is not None:
+            await twin.close()
 
     def bulk(self) -> Vault:
         """This vault for a large transfer: without a keeper, itself; with one, a twin that
         connects directly (once, when first used; closed with this one). Through a keeper,
         every byte crosses a unix socket and a second process before QUIC: for a file of
         hundreds of MB that costs more than a handshake of its own (measured in
-        bench/cp_bench.py on 2 cores: about a fifth of the time)."""
+        bench/cp_bench.py on 2 cores: about a fifth of the time). ``end_bulk`` closes it."""
         if self.keeper is None:
             return self
         if self._bulk is None:
