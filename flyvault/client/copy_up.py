@@ -101,10 +101,7 @@ class FileSource:
         with open(self.path, "rb", buffering=0) as source:
             before = os.fstat(source.fileno())
             if _moved(self.info, before):
-                raise FileOpError(
-                    f"{self.path}: changed while it was being copied; nothing was stored: "
-                    "copy it again"
-                )
+                raise _changed(self.path)
             while remaining:
                 data = source.read(min(CHUNK, remaining))
                 if not data:
@@ -112,16 +109,19 @@ class FileSource:
                 remaining -= len(data)
                 if not remaining and _moved(before, os.fstat(source.fileno())):
                     # Hashed as it went, a mixture of old and new bytes would verify.
-                    raise FileOpError(
-                        f"{self.path}: changed while it was being copied; nothing was stored: "
-                        "copy it again"
-                    )
+                    raise _changed(self.path)
                 yield data
 
 
 def _moved(before: os.stat_result, after: os.stat_result) -> bool:
     fields = ("st_size", "st_mtime_ns", "st_ctime_ns", "st_ino", "st_dev")
     return any(getattr(before, name) != getattr(after, name) for name in fields)
+
+
+def _changed(path: str) -> FileOpError:
+    return FileOpError(
+        f"{path}: changed while it was being copied; nothing was stored: copy it again"
+    )
 
 
 def _sha256_file(path: str) -> str:
@@ -142,11 +142,10 @@ async def _upload_file(
     counted: bool = False,
 ) -> None:
     """``counted``: the file's size is already in the progress total (a tree's large file)."""
-    from .copy_engine import DIRECT_FROM, MAX_ATTEMPTS, _retryable
+    from .copy_engine import MAX_ATTEMPTS, _retryable, for_size
 
     info = os.stat(path)
-    if info.st_size >= DIRECT_FROM:
-        files = files.for_bulk()
+    files = for_size(files, info.st_size)
     # A version 7 vault checks the digest sent with END; an older one needs it up front.
     digest = (
         None if await files.checks_end_digest() else await asyncio.to_thread(_sha256_file, path)
@@ -202,9 +201,7 @@ def _read_small(path: str, info: os.stat_result) -> bytes:
     with open(path, "rb") as source:
         data = source.read()
         if _moved(info, os.fstat(source.fileno())):
-            raise FileOpError(
-                f"{path}: changed while it was being copied; nothing was stored: copy it again"
-            )
+            raise _changed(path)
         return data
 
 
