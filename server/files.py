@@ -70,6 +70,7 @@ RECEIVE_SIZE = 1024 * 1024
 
 
 async def handle_files(connection: ServerConnection, stream: QuicStream, initial: bytes) -> None:
+    stream.use_bulk_buffers()  # before the first read: the next window update is wide
     loop = asyncio.get_running_loop()
     machine = FileServer(loop.time())
     if initial:

@@ -476,3 +476,30 @@ def test_a_source_replaced_after_the_copy_began_is_refused_before_anything_is_se
 
     with pytest.raises(FileOpError, match="changed while it was being copied"):
         asyncio.run(first())
+
+
+def test_a_file_stream_has_bulk_buffers_on_both_ends(
+    init_process: InitProcess, issuer: OidcIssuer, tmp_path: Path
+) -> None:
+    """A large file stalled on the default stream buffers: the client's file stream writes
+    with bulk watermarks, and init grants it the bulk receive window."""
+    from flyvault.protocol.constants import StreamTag
+    from flyvault.protocol.files import FileClient
+    from flyvault.protocol.files_messages import FileOp, FileRequest
+    from flyvault.transport.channel import BULK_HIGH_WATER, BULK_RECEIVE_WINDOW
+    from flyvault.transport.endpoint import STREAM_WINDOW
+
+    async def body(vault: Any) -> tuple[int, int, int]:
+        connection = await vault.connection()
+        stream = connection.open_stream(StreamTag.FILES)
+        machine = FileClient(FileRequest(FileOp.STAT, str(tmp_path)), 0.0)
+        stream.write(machine.data_to_send())  # the request; the stream stays open
+        assert await stream.read()  # init's handler runs: its window update went first
+        granted = connection.channel.quic._streams[stream.stream_id].max_stream_data_remote
+        plain = connection.open_stream(StreamTag.EXEC_LIST)
+        return stream.high_water, granted, plain.high_water
+
+    high_water, granted, plain = on_vault(init_process, issuer, body)
+    assert high_water == BULK_HIGH_WATER
+    assert granted >= BULK_RECEIVE_WINDOW > STREAM_WINDOW
+    assert plain < BULK_HIGH_WATER  # other streams keep the defaults

@@ -10,6 +10,8 @@ from conftest import run_async
 
 from flyvault.errors import ConnectError, ConnectionLost
 from flyvault.transport import QuicChannel, QuicStream, TransportSettings, connect, listen
+from flyvault.transport.channel import BULK_HIGH_WATER, BULK_LOW_WATER, BULK_RECEIVE_WINDOW
+from flyvault.transport.endpoint import STREAM_WINDOW
 
 LABEL = b"fly-vault-channel-binding"
 
@@ -118,6 +120,66 @@ def test_slow_reader_bounds_memory_on_both_sides() -> None:
             await asyncio.sleep(0.2)
             assert sent > window + stream.high_water
             task.cancel()
+            client.close_now()
+        finally:
+            listener.close()
+
+    run_async(scenario())
+
+
+def test_bulk_buffers_widen_one_streams_window_and_still_bound_it() -> None:
+    """A file stream's receiver lets the peer have BULK_RECEIVE_WINDOW queued, not the
+    default 1 MiB, and its writer keeps more unacknowledged; memory stays bounded, and the
+    connection's other streams keep the default window."""
+
+    async def scenario() -> None:
+        held: list[QuicStream] = []
+
+        def on_stream(stream: QuicStream) -> None:
+            if not held:
+                stream.use_bulk_buffers()
+            held.append(stream)  # accept, never read
+
+        def on_channel(channel: QuicChannel) -> None:
+            channel.on_stream = on_stream
+
+        listener = await listen("127.0.0.1", 0, on_channel)
+        try:
+            client = await connect(*listener.address)
+            chunk = b"x" * 65536
+            sent: dict[int, int] = {}
+
+            def opened() -> QuicStream:
+                stream = client.open_stream()
+                stream.write(chunk)  # the next open_stream gets the next stream id
+                sent[stream.stream_id] = len(chunk)
+                return stream
+
+            bulk = opened()
+            bulk.use_bulk_buffers()
+            assert (bulk.high_water, bulk.low_water) == (BULK_HIGH_WATER, BULK_LOW_WATER)
+            plain = opened()
+
+            async def flood(stream: QuicStream) -> None:
+                for _ in range(400):  # bounded: 25 MiB at most
+                    await stream.send(chunk)
+                    sent[stream.stream_id] += len(chunk)
+
+            tasks = [asyncio.ensure_future(flood(s)) for s in (bulk, plain)]
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            # Until the bulk stream's receiver holds its whole wide window (it never reads).
+            while not (len(held) == 2 and held[0].queued >= BULK_RECEIVE_WINDOW):
+                assert loop.time() < deadline, f"stuck: {[s.queued for s in held]} {sent}"
+                assert all(s.queued <= BULK_RECEIVE_WINDOW for s in held)
+                await asyncio.sleep(0.01)
+            assert held[0].queued == BULK_RECEIVE_WINDOW
+            assert held[1].queued <= STREAM_WINDOW
+            assert not any(task.done() for task in tasks), "both writers wait on backpressure"
+            assert sent[bulk.stream_id] <= BULK_RECEIVE_WINDOW + BULK_HIGH_WATER + 2 * len(chunk)
+            assert sent[plain.stream_id] <= STREAM_WINDOW + plain.high_water + 2 * len(chunk)
+            for task in tasks:
+                task.cancel()
             client.close_now()
         finally:
             listener.close()

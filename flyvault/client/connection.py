@@ -121,6 +121,8 @@ class VaultConnection:
     def open_stream(self, tag: StreamTag) -> QuicStream:
         stream = self.channel.open_stream()
         _opened(stream, tag.name.lower(), self.vault.name)
+        if tag is StreamTag.FILES:  # a file's bytes: see QuicStream.use_bulk_buffers
+            stream.use_bulk_buffers()
         stream.write(bytes((tag,)))
         return stream
 

@@ -73,6 +73,8 @@ class VaultQuicConnection(QuicConnection):
         self._exporter_secret: bytes | None = None
         self._exporter_algorithm: hashes.HashAlgorithm | None = None
         self._consumed: dict[int, int] = {}
+        #: Streams whose receive window is not the configuration's (``set_receive_window``).
+        self._windows: dict[int, int] = {}
         self.handshake_complete = False
         #: Packet numbers of path MTU probes not yet acknowledged or lost.
         self._pmtu_probes: set[int] = set()
@@ -264,11 +266,21 @@ class VaultQuicConnection(QuicConnection):
         stream = self._streams.get(stream_id)
         if stream is None or not stream.max_stream_data_local:
             return False
-        window = self._configuration.max_stream_data
+        window = self._window(stream_id)
         return consumed + window - stream.max_stream_data_local >= window // 4
+
+    def set_receive_window(self, stream_id: int, window: int) -> None:
+        """Let the peer have up to ``window`` bytes of ``stream_id`` in our queue (the
+        configuration's ``max_stream_data`` for every other stream). A wider window takes
+        effect with the stream's next window update."""
+        self._windows[stream_id] = window
+
+    def _window(self, stream_id: int) -> int:
+        return self._windows.get(stream_id, self._configuration.max_stream_data)
 
     def forget_stream(self, stream_id: int) -> None:
         self._consumed.pop(stream_id, None)
+        self._windows.pop(stream_id, None)
 
     def send_buffered(self, stream_id: int) -> int:
         """Bytes written to ``stream_id`` that the peer has not acknowledged yet."""
@@ -281,7 +293,7 @@ class VaultQuicConnection(QuicConnection):
     def _write_stream_limits(
         self, builder: QuicPacketBuilder, space: Any, stream: _AioStream
     ) -> None:
-        window = self._configuration.max_stream_data
+        window = self._window(stream.stream_id)
         if stream.max_stream_data_local:
             target = self._consumed.get(stream.stream_id, 0) + window
             # Announce in steps of a quarter window, not on every read.
