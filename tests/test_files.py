@@ -486,7 +486,11 @@ def test_a_file_stream_has_bulk_buffers_on_both_ends(
     from flyvault.protocol.constants import StreamTag
     from flyvault.protocol.files import FileClient
     from flyvault.protocol.files_messages import FileOp, FileRequest
-    from flyvault.transport.channel import BULK_HIGH_WATER, BULK_RECEIVE_WINDOW
+    from flyvault.transport.channel import (
+        BULK_HIGH_WATER,
+        BULK_RECEIVE_WINDOW,
+        DEFAULT_HIGH_WATER,
+    )
     from flyvault.transport.endpoint import STREAM_WINDOW
 
     async def body(vault: Any) -> tuple[int, int, int]:
@@ -496,10 +500,31 @@ def test_a_file_stream_has_bulk_buffers_on_both_ends(
         stream.write(machine.data_to_send())  # the request; the stream stays open
         assert await stream.read()  # init's handler runs: its window update went first
         granted = connection.channel.quic._streams[stream.stream_id].max_stream_data_remote
-        plain = connection.open_stream(StreamTag.EXEC_LIST)
-        return stream.high_water, granted, plain.high_water
+        return stream.high_water, granted
 
-    high_water, granted, plain = on_vault(init_process, issuer, body)
-    assert high_water == BULK_HIGH_WATER
+    high_water, granted = on_vault(init_process, issuer, body)
+    assert high_water == BULK_HIGH_WATER > DEFAULT_HIGH_WATER
     assert granted >= BULK_RECEIVE_WINDOW > STREAM_WINDOW
-    assert plain < BULK_HIGH_WATER  # other streams keep the defaults
+
+
+def test_file_operations_on_one_connection_leave_no_stream_behind(
+    init_process: InitProcess, issuer: OidcIssuer, tmp_path: Path
+) -> None:
+    """A file operation's reader stops at the answer; the stream is still released, with
+    its window state (a long-lived connection would otherwise grow with every operation)."""
+    (tmp_path / "f").write_bytes(b"x" * 1000)
+
+    async def body(vault: Any) -> tuple[int, int]:
+        files = vault.files()
+        for _ in range(25):  # bounded
+            await files.stat(str(tmp_path / "f"))
+            assert await files.read_bytes(str(tmp_path / "f")) == b"x" * 1000
+        channel = (await vault.connection()).channel
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while channel.open_streams:
+            assert loop.time() < deadline, f"{channel.open_streams} streams still open"
+            await asyncio.sleep(0.01)
+        return channel.open_streams, len(channel.quic._windows)
+
+    assert on_vault(init_process, issuer, body) == (0, 0)

@@ -136,9 +136,9 @@ def test_bulk_buffers_widen_one_streams_window_and_still_bound_it() -> None:
         held: list[QuicStream] = []
 
         def on_stream(stream: QuicStream) -> None:
-            if not held:
+            if stream.stream_id == 0:  # the client's first stream is its bulk one
                 stream.use_bulk_buffers()
-            held.append(stream)  # accept, never read
+            held.append(stream)  # accept, never read (until asked to below)
 
         def on_channel(channel: QuicChannel) -> None:
             channel.on_stream = on_stream
@@ -156,6 +156,7 @@ def test_bulk_buffers_widen_one_streams_window_and_still_bound_it() -> None:
                 return stream
 
             bulk = opened()
+            assert bulk.stream_id == 0
             bulk.use_bulk_buffers()
             assert (bulk.high_water, bulk.low_water) == (BULK_HIGH_WATER, BULK_LOW_WATER)
             plain = opened()
@@ -178,6 +179,14 @@ def test_bulk_buffers_widen_one_streams_window_and_still_bound_it() -> None:
             assert not any(task.done() for task in tasks), "both writers wait on backpressure"
             assert sent[bulk.stream_id] <= BULK_RECEIVE_WINDOW + BULK_HIGH_WATER + 2 * len(chunk)
             assert sent[plain.stream_id] <= STREAM_WINDOW + plain.high_water + 2 * len(chunk)
+            # Reading moves the wide window on: the queue fills up to it again, no further.
+            received = 0
+            while received < STREAM_WINDOW:
+                received += len(await held[0].read())
+            while held[0].queued < BULK_RECEIVE_WINDOW:
+                assert loop.time() < deadline, f"window not moved on: {held[0].queued} bytes"
+                await asyncio.sleep(0.01)
+            assert held[0].queued == BULK_RECEIVE_WINDOW
             for task in tasks:
                 task.cancel()
             client.close_now()
@@ -279,6 +288,49 @@ def test_finished_streams_are_released_on_both_sides() -> None:
             while server.open_streams and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.05)
             assert server.open_streams == 0
+            client.close_now()
+        finally:
+            listener.close()
+
+    run_async(scenario())
+
+
+def test_a_reader_that_stops_at_its_answer_still_releases_the_stream() -> None:
+    """A request/answer stream whose reader never reads the empty end (it has its answer):
+    once the peer's end arrived and every byte was read, the stream is released on both
+    sides, its window state too, whether the end came with the last bytes or after them."""
+
+    async def answer(stream: QuicStream) -> None:
+        stream.use_bulk_buffers()
+        request = await stream.read()
+        await stream.send(b"answer to " + request)
+        if request.endswith(b"late"):  # the end in a packet of its own, after the answer
+            await stream.wait_delivered()
+        stream.write_eof()
+
+    def on_channel(channel: QuicChannel) -> None:
+        channel.on_stream = lambda s: asyncio.ensure_future(answer(s))
+
+    async def scenario() -> None:
+        channels: list[QuicChannel] = []
+        listener = await listen("127.0.0.1", 0, lambda c: (channels.append(c), on_channel(c)))
+        try:
+            client = await connect(*listener.address)
+            loop = asyncio.get_running_loop()
+            for i in range(40):  # bounded
+                stream = client.open_stream()
+                stream.use_bulk_buffers()
+                request = f"n{i} {'late' if i % 2 else 'early'}".encode()
+                await stream.send(request, end_stream=True)
+                got = b""
+                while len(got) < len(b"answer to ") + len(request):
+                    got += await stream.read()
+                assert got == b"answer to " + request  # and no read of the end
+            deadline = loop.time() + 10
+            while client.open_streams or channels[-1].open_streams:
+                assert loop.time() < deadline, (client.open_streams, channels[-1].open_streams)
+                await asyncio.sleep(0.01)
+            assert client.quic._windows == {} and client.quic._consumed == {}
             client.close_now()
         finally:
             listener.close()

@@ -98,8 +98,7 @@ class QuicStream:
                 self._maybe_done()
                 raise self._error
             if self._eof:
-                self._read_done = True
-                self._maybe_done()
+                self._end_read()
                 return b""
             self._readable.clear()
             await self._readable.wait()
@@ -120,6 +119,8 @@ class QuicStream:
                 size += len(part)
             chunk = b"".join(parts)
         self._channel._consumed(self.stream_id, len(chunk))
+        if self._eof and not chunks:
+            self._end_read()
         return chunk
 
     @property
@@ -208,11 +209,19 @@ class QuicStream:
 
     # Called by the channel -----------------------------------------------------------
 
+    def _end_read(self) -> None:
+        """Everything the peer sent has been read. A reader that stops at an answer never
+        reads the empty end, and the stream would stay in the channel until it closed."""
+        self._read_done = True
+        self._maybe_done()
+
     def _feed(self, data: bytes, end_stream: bool) -> None:
         if data:
             self._chunks.append(data)
         if end_stream:
             self._eof = True
+            if not self._chunks:
+                self._end_read()
         self._readable.set()
 
     def _fail(self, error: BaseException, *, sending: bool = True) -> None:

@@ -270,10 +270,10 @@ class VaultQuicConnection(QuicConnection):
         return consumed + window - stream.max_stream_data_local >= window // 4
 
     def set_receive_window(self, stream_id: int, window: int) -> None:
-        """Let the peer have up to ``window`` bytes of ``stream_id`` in our queue (the
-        configuration's ``max_stream_data`` for every other stream). A wider window takes
-        effect with the stream's next window update."""
-        self._windows[stream_id] = window
+        """Let the peer have up to ``window`` bytes of ``stream_id`` in our queue, never
+        fewer than the configuration's ``max_stream_data`` (every other stream's). It is
+        announced in the next packet built; a limit once announced is never taken back."""
+        self._windows[stream_id] = max(window, self._configuration.max_stream_data)
 
     def _window(self, stream_id: int) -> int:
         return self._windows.get(stream_id, self._configuration.max_stream_data)
@@ -293,9 +293,11 @@ class VaultQuicConnection(QuicConnection):
     def _write_stream_limits(
         self, builder: QuicPacketBuilder, space: Any, stream: _AioStream
     ) -> None:
-        window = self._window(stream.stream_id)
+        stream_id = stream.stream_id
+        assert stream_id is not None  # aioquic types it optional; a data stream has one
+        window = self._window(stream_id)
         if stream.max_stream_data_local:
-            target = self._consumed.get(stream.stream_id, 0) + window
+            target = self._consumed.get(stream_id, 0) + window
             # Announce in steps of a quarter window, not on every read.
             if target - stream.max_stream_data_local >= window // 4:
                 stream.max_stream_data_local = target
@@ -306,6 +308,6 @@ class VaultQuicConnection(QuicConnection):
                 handler=self._on_max_stream_data_delivery,
                 handler_args=(stream,),
             )
-            buf.push_uint_var(stream.stream_id)
+            buf.push_uint_var(stream_id)
             buf.push_uint_var(stream.max_stream_data_local)
             stream.max_stream_data_local_sent = stream.max_stream_data_local
