@@ -149,15 +149,20 @@ def _target(connection: ServerConnection) -> Target:
 
 
 class _Worker:
-    """The forked worker, seen from the handler: frames over a socketpair, and its exit."""
+    """The forked worker, seen from the handler: frames over a socketpair, and its exit.
+
+    The socket is used with the loop's ``sock_*`` calls, not asyncio streams: a stream
+    copies every byte twice more on the way in (into its buffer, out of it), which for a
+    large file is a good part of init's work."""
 
     def __init__(self, pid: int, sock: socket.socket) -> None:
         self.pid = pid
         self.sock = sock
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-        self.outbox = bytearray()
+        sock.setblocking(False)
+        self.outbox: list[bytes] = []
+        self.outbox_size = 0
         self.inbox = FrameDecoder(MAX_FRAME)
+        self._input_ended = False
 
     @classmethod
     def fork(cls, request: FileRequest, target: Target) -> _Worker:
@@ -177,43 +182,48 @@ class _Worker:
                 os.close(fd)
         return cls(pid, ours)
 
-    async def open(self) -> None:
-        self.reader, self.writer = await asyncio.open_unix_connection(sock=self.sock)
-
     def queue(self, kind: int, payload: bytes = b"") -> None:
         """A frame for the worker, written by the next ``flush``."""
-        self.outbox += encode_frame(kind, payload, max_payload=MAX_FRAME)
+        self.pass_on(encode_frame(kind, payload, max_payload=MAX_FRAME))
+
+    def pass_on(self, frames: bytes) -> None:
+        """Frames already encoded (``FileServer.take_upload``), written by the next ``flush``."""
+        self.outbox.append(frames)
+        self.outbox_size += len(frames)
 
     async def flush(self) -> None:
         if self.outbox:
-            assert self.writer is not None
-            data, self.outbox = bytes(self.outbox), bytearray()
-            self.writer.write(data)
-            await self.writer.drain()
+            data = b"".join(self.outbox)
+            self.outbox, self.outbox_size = [], 0
+            await asyncio.get_running_loop().sock_sendall(self.sock, data)
 
     def end_input(self) -> None:
         """No more client data: the worker sees the end of its input (abandoned upload)."""
-        if self.writer is not None and not self.writer.is_closing():
+        if not self._input_ended:
+            self._input_ended = True
             with contextlib.suppress(OSError):
-                self.writer.write_eof()
+                self.sock.shutdown(socket.SHUT_WR)
 
-    async def receive(self) -> list[Frame] | None:
-        """Every frame the worker has sent so far (waiting for one), or None once it ended.
+    async def receive(self, relayed: frozenset[int]) -> tuple[bytes, list[Frame]] | None:
+        """What the worker has sent so far (waiting for something), or None once it ended:
+        a run of frames of the ``relayed`` types still encoded, or else every frame decoded.
 
         Raises RemoteError for a frame larger than MAX_FRAME."""
-        assert self.reader is not None
+        loop = asyncio.get_running_loop()
         while True:
+            run = self.inbox.take_run(relayed, RECEIVE_SIZE) if relayed else b""
+            if run:
+                return run, []
+            frames: list[Frame] = []
             try:
-                frame = self.inbox.next_frame()
+                while (frame := self.inbox.next_frame()) is not None:
+                    frames.append(frame)
             except RemoteProtocolError:
                 raise RemoteError("the file worker sent an oversized frame") from None
-            if frame is not None:
-                frames = [frame]
-                while (more := self.inbox.next_frame()) is not None:
-                    frames.append(more)
-                return frames
+            if frames:
+                return b"", frames
             try:
-                data = await self.reader.read(RECEIVE_SIZE)
+                data = await loop.sock_recv(self.sock, RECEIVE_SIZE)
             except ConnectionError:
                 data = b""
             if not data:
@@ -221,10 +231,7 @@ class _Worker:
             self.inbox.feed(data)
 
     async def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        else:
-            self.sock.close()
+        self.sock.close()
         with contextlib.suppress(ChildProcessError):
             await asyncio.to_thread(os.waitpid, self.pid, 0)
 
@@ -235,7 +242,6 @@ async def _send(stream: QuicStream, machine: FileServer) -> None:
 
 
 async def _serve(machine: FileServer, stream: QuicStream, worker: _Worker) -> None:
-    await worker.open()
     upload = asyncio.ensure_future(_upload(machine, stream, worker))
     try:
         await _download(machine, stream, worker)
@@ -253,9 +259,15 @@ async def _serve(machine: FileServer, stream: QuicStream, worker: _Worker) -> No
 async def _upload(machine: FileServer, stream: QuicStream, worker: _Worker) -> None:
     """Client -> worker, through the machine's checks. The frames of everything read from
     the stream so far go to the worker in one write (one per frame cost more than the bytes
-    for a tree of small files)."""
+    for a tree of small files); data and digests go still encoded (``take_upload``)."""
     loop = asyncio.get_running_loop()
     while True:
+        run = machine.take_upload(loop.time())
+        if run:
+            worker.pass_on(run)
+            if worker.outbox_size >= UPLOAD_BATCH:
+                await worker.flush()
+            continue
         try:
             event = machine.next_event(loop.time())
         except RemoteProtocolError as exc:
@@ -273,7 +285,7 @@ async def _upload(machine: FileServer, stream: QuicStream, worker: _Worker) -> N
                 return
         elif not await _pass_on(event, stream, machine, worker):
             return
-        elif len(worker.outbox) >= UPLOAD_BATCH:
+        elif worker.outbox_size >= UPLOAD_BATCH:
             await worker.flush()
 
 
@@ -323,13 +335,16 @@ async def _download(machine: FileServer, stream: QuicStream, worker: _Worker) ->
     that has arrived is handled before one write to the stream."""
     while not machine.finished:
         try:
-            frames = await worker.receive()
+            received = await worker.receive(machine.relayable())
         except RemoteError as exc:
-            frames = None
+            received = None
             machine.refuse(exc)
-        if frames is None and not machine.finished:
+        if received is None and not machine.finished:
             machine.refuse(RemoteError("the file worker ended without an answer (see init logs)"))
-        for frame in frames or ():
+        run, frames = received or (b"", [])
+        if run:
+            machine.relay(run)
+        for frame in frames:
             if machine.finished:
                 break
             _hand_over(machine, frame.type, frame.payload)

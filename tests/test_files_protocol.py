@@ -335,3 +335,161 @@ def _frames(data: bytes) -> list[tuple[int, bytes]]:
     while (frame := decoder.next_frame()) is not None:
         out.append((frame.type, frame.payload))
     return out
+
+
+# Frames passed on still encoded (init's relay between the client and the worker) --------
+
+frame_lists = st.lists(
+    st.tuples(st.sampled_from([1, 2, 3, 0x42]), st.binary(max_size=300)), max_size=12
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    frames=frame_lists, cuts=st.lists(st.integers(0, 10**5), max_size=8), limit=st.integers(1, 2000)
+)
+def test_take_run_and_next_frame_together_read_every_frame_in_order(
+    frames: list[tuple[int, bytes]], cuts: list[int], limit: int
+) -> None:
+    """Whatever the cuts and the run limit: the runs are the wire bytes of a prefix of
+    relayed frames, never cut inside one, and with next_frame for the others every frame
+    comes out once, in order."""
+    wire = b"".join(encode_frame(kind, payload) for kind, payload in frames)
+    relayed = frozenset({1, 2})
+    decoder = FrameDecoder(MAX_PAYLOAD)
+    out: list[tuple[int, bytes]] = []
+    for piece in [*cut(wire, cuts), b""]:
+        decoder.feed(piece)
+        while True:
+            run = decoder.take_run(relayed, limit)
+            if run:
+                assert len(run) < limit + 5 + 300  # the limit is checked between frames
+                inner = FrameDecoder(MAX_PAYLOAD)
+                inner.feed(run)
+                while (frame := inner.next_frame()) is not None:
+                    assert frame.type in relayed
+                    out.append((frame.type, frame.payload))
+                assert inner.at_frame_boundary  # whole frames only
+                continue
+            frame = decoder.next_frame()
+            if frame is None:
+                break
+            assert frame.type not in relayed  # a relayed frame first is always taken
+            out.append((frame.type, frame.payload))
+    assert out == frames
+    assert decoder.at_frame_boundary
+
+
+def test_take_run_stops_before_an_oversized_declaration_which_next_frame_reports() -> None:
+    decoder = FrameDecoder(100)
+    decoder.feed(encode_frame(1, b"a" * 10) + bytes([1]) + (101).to_bytes(4, "big"))
+    assert decoder.take_run(frozenset({1}), 10**6) == encode_frame(1, b"a" * 10)
+    assert decoder.take_run(frozenset({1}), 10**6) == b""
+    with pytest.raises(RemoteProtocolError, match="declares 101 bytes"):
+        decoder.next_frame()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    chunks=st.lists(st.binary(max_size=3000), max_size=6),
+    cuts=st.lists(st.integers(0, 10**6), max_size=10),
+)
+def test_an_uploads_frames_taken_encoded_are_what_next_event_would_pass_on(
+    chunks: list[bytes], cuts: list[int]
+) -> None:
+    """tar_put through take_upload: the worker gets the same frames as through next_event
+    (data and digests in order), END still comes as an event, and each run moves the idle
+    deadline."""
+    client = FileClient(FileRequest(FileOp.TAR_PUT, "/srv"), 0.0)
+    sent: list[tuple[int, bytes]] = []
+    for index, chunk in enumerate(chunks):
+        if chunk:
+            client.send_data(chunk)
+            sent.append((FileFrame.DATA, chunk))
+        digest = MemberDigest(f"srv/{index}", len(chunk), hashlib.sha256(chunk).hexdigest())
+        client.send_digest(digest)
+        sent.append((FileFrame.DIGEST, digest.encode()))
+    client.finish(0.0)
+    server = FileServer(0.0, idle_timeout=10.0)
+    passed = FrameDecoder(MAX_PAYLOAD)  # what the worker reads
+    events: list[FileEvent] = []
+    now = 0.0
+    for piece in [*cut(client.data_to_send(), cuts)]:
+        server.receive_data(piece)
+        now += 1.0
+        while True:
+            run = server.take_upload(now)
+            if run:
+                passed.feed(run)
+                assert server.next_deadline() == now + 10.0
+                continue
+            event = server.next_event(now)
+            if event is None:
+                break
+            events.append(event)
+    assert isinstance(events[0], RequestReceived)
+    assert events[1:] == [UploadEnded(None)]
+    got = []
+    while (frame := passed.next_frame()) is not None:
+        got.append((frame.type, frame.payload))
+    assert got == sent
+
+
+def test_take_upload_takes_nothing_outside_an_upload() -> None:
+    server = FileServer(0.0)
+    write = FileClient(FileRequest(FileOp.WRITE, "/srv/f", size=3), 0.0)
+    server.receive_data(write.data_to_send())
+    assert server.take_upload(1.0) == b""  # the request is not read yet
+    assert isinstance(server.next_event(1.0), RequestReceived)
+    server.receive_data(encode_frame(FileFrame.DATA, b"abc"))
+    assert server.take_upload(1.0) == b""  # preparing: nothing is read
+    server.ready(0, hashlib.sha256(b"").hexdigest(), 1.0)
+    assert server.take_upload(1.0) == b""  # awaiting RESUME_AT: this DATA is an error
+    with pytest.raises(RemoteProtocolError, match="DATA is not allowed while awaiting resume"):
+        server.next_event(1.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    chunks=st.lists(st.binary(max_size=3000), max_size=5),
+    cuts=st.lists(st.integers(0, 10**6), max_size=10),
+)
+def test_relayed_worker_frames_reach_the_client_as_sent_ones_would(
+    chunks: list[bytes], cuts: list[int]
+) -> None:
+    """tar_get: the worker's frames relayed still encoded give the client the same events
+    as send_data / send_digest; a READ relays DATA only, other operations nothing."""
+    client = FileClient(FileRequest(FileOp.TAR_GET, paths=("/srv",)), 0.0)
+    server = FileServer(0.0)
+    drain(server, [client.data_to_send()], eof=True)
+    assert server.relayable() == frozenset({FileFrame.DATA, FileFrame.DIGEST})
+    worker_wire = b""
+    expected: list[object] = []
+    for index, chunk in enumerate(chunks):
+        digest = MemberDigest(f"srv/{index}", len(chunk), hashlib.sha256(chunk).hexdigest())
+        worker_wire += encode_frame(FileFrame.DATA, chunk) + encode_frame(
+            FileFrame.DIGEST, digest.encode()
+        )
+        expected += [chunk, digest]
+    inbox = FrameDecoder(MAX_PAYLOAD)
+    for piece in cut(worker_wire, cuts):
+        inbox.feed(piece)
+        while run := inbox.take_run(server.relayable(), 4096):
+            server.relay(run)
+    server.answer({"files": len(chunks), "dirs": 1, "symlinks": 0, "bytes": 0})
+    assert server.relayable() == frozenset()  # answered: nothing more passes
+    events = drain(client, cut(server.data_to_send(), cuts), eof=True)
+    pieces = [
+        e.data if isinstance(e, DataReceived) else e.digest
+        for e in events
+        if isinstance(e, DataReceived | DigestReceived)
+    ]
+    assert pieces == expected and isinstance(events[-1], Answered)
+    read = FileServer(0.0)
+    drain(read, [FileClient(FileRequest(FileOp.READ, "/srv/f"), 0.0).data_to_send()], eof=True)
+    assert read.relayable() == frozenset({FileFrame.DATA})
+    stat = FileServer(0.0)
+    drain(stat, [FileClient(FileRequest(FileOp.STAT, "/srv/f"), 0.0).data_to_send()], eof=True)
+    assert stat.relayable() == frozenset()
+    with pytest.raises(LocalProtocolError, match="cannot relay frames for a stat"):
+        stat.relay(encode_frame(FileFrame.DATA, b"x"))

@@ -17,7 +17,7 @@ import pytest
 from conftest import InitProcess, on_vault
 
 from flyvault.client import MemberDigest
-from flyvault.errors import FileOpError, IntegrityError
+from flyvault.errors import FileOpError, IntegrityError, VaultError
 from flyvault.standins import OidcIssuer
 
 
@@ -157,3 +157,37 @@ def test_tar_put_refuses_a_member_whose_digest_does_not_match(
     assert "bad.txt: SHA-256 mismatch" in str(error) and "not stored" in str(error)
     assert (dest / "ok.txt").read_bytes() == b"fine"
     assert sorted(os.listdir(dest)) == ["ok.txt"]  # no temp file, no bad.txt
+
+
+def test_tar_put_refuses_a_digest_frame_that_is_not_a_member_digest(
+    init_process: InitProcess, issuer: OidcIssuer, tmp_path: Path
+) -> None:
+    """Init passes a tree's digest frames to the worker still encoded; the worker's strict
+    decoding refuses a bad one, and the member it was for is not stored."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+
+    class NotADigest(MemberDigest):
+        def encode(self) -> bytes:
+            return b'{"name": "bad.txt", "size": "four"}'
+
+    pieces = [
+        NotADigest(p.name, p.size, p.sha256)
+        if isinstance(p, MemberDigest) and p.name == "bad.txt"
+        else p
+        for p in _tar(_member("ok.txt", data=b"fine"), _member("bad.txt", data=b"evil"))
+    ]
+
+    async def body(vault: Any) -> Exception:
+        async def source() -> AsyncIterator[Any]:
+            for piece in pieces:
+                yield piece
+
+        with pytest.raises(VaultError) as caught:
+            await vault.files().tar_put(str(dest), source())
+        return caught.value
+
+    error = on_vault(init_process, issuer, body)
+    assert "member digest" in str(error), error
+    assert (dest / "ok.txt").read_bytes() == b"fine"
+    assert sorted(os.listdir(dest)) == ["ok.txt"]

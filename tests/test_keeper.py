@@ -329,6 +329,41 @@ def test_a_large_file_goes_over_a_connection_of_its_own(
     assert row["connects"] == 1  # the keeper itself never reconnected
 
 
+def test_a_large_tree_goes_over_a_connection_of_its_own(
+    vault: str, init_process: InitProcess, tmp_path: Path
+) -> None:
+    """cp -r up through a keeper: a tree whose streamed bytes (its files of at most
+    LARGE_FILE) reach TREE_DIRECT_FROM goes over a connection of the cp's own; a smaller
+    tree uses the keeper's."""
+    from flyvault.client.copy_engine import LARGE_FILE, TREE_DIRECT_FROM
+
+    def connections() -> int:
+        return init_process.log.read_text().count("authenticated")
+
+    small, large = tmp_path / "small", tmp_path / "large"
+    small.mkdir()
+    large.mkdir()
+    (small / "a").write_bytes(b"a" * 1000)
+    chunk = os.urandom(LARGE_FILE)  # LARGE_FILE itself still travels in the stream
+    for i in range(-(-TREE_DIRECT_FROM // LARGE_FILE)):
+        (large / f"f{i}").write_bytes(chunk[i:] + chunk[:i])
+    assert fv("exec", vault, "--", "true").returncode == 0  # the keeper is up
+    before = connections()
+    result = fv("cp", "-r", str(small), f"{vault}:{tmp_path}/small-up")
+    assert result.returncode == 0, result.stderr
+    assert connections() == before
+    result = fv("cp", "-r", str(large), f"{vault}:{tmp_path}/large-up", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert connections() == before + 1
+    assert filecmp.dircmp(large, tmp_path / "large-up").diff_files == []
+    assert sorted(p.name for p in (tmp_path / "large-up").iterdir()) == sorted(
+        p.name for p in large.iterdir()
+    )
+    assert (tmp_path / "small-up" / "a").read_bytes() == b"a" * 1000
+    [row] = status(vault)
+    assert row["connects"] == 1
+
+
 def test_list_exec_and_kill_go_through_the_keeper_too(vault: str, reaper: list[Any]) -> None:
     proc = fv_popen("exec", vault, "--session", "lk", "--", "sh", "-c", "echo up; exec sleep 30")
     reaper.append(proc)
@@ -382,6 +417,33 @@ def test_thin_path_imports_no_asyncio_quic_or_crypto(vault: str) -> None:
     )
     assert direct.returncode == 0
     assert set(HEAVY) <= imported(direct.stderr)
+
+
+def test_cp_through_the_keeper_imports_no_quic_or_crypto(vault: str, tmp_path: Path) -> None:
+    """cp needs asyncio, but through the keeper neither QUIC nor crypto (~0.1 s a call)."""
+    source = tmp_path / "one"
+    source.write_bytes(b"one")
+    assert fv("exec", vault, "--", "true").returncode == 0  # warm: the keeper is up
+    heavy = {"aioquic", "cryptography"}
+    for args in (
+        (str(source), f"{vault}:{tmp_path}/up"),
+        (f"{vault}:{tmp_path}/up", str(tmp_path / "down")),
+    ):
+        result = fv("cp", *args, python_flags=("-X", "importtime"))
+        assert result.returncode == 0, result.stderr
+        names = imported(result.stderr)
+        assert "flyvault" in names
+        assert not names & heavy, sorted(names & heavy)
+    assert (tmp_path / "down").read_bytes() == b"one"
+    direct = fv(
+        "cp",
+        str(source),
+        f"{vault}:{tmp_path}/up2",
+        python_flags=("-X", "importtime"),
+        env={"FLY_VAULT_MUX": "0"},
+    )
+    assert direct.returncode == 0, direct.stderr
+    assert heavy <= imported(direct.stderr)  # the same check sees them: it can fail
 
 
 @pytest.mark.parametrize("args", [("--help",), ("exec", "--help"), ("mux", "status")])

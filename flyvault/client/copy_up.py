@@ -211,17 +211,19 @@ async def _upload_tree(
     """Small files as one tar stream (retried whole after a dropped connection: it holds no
     large file), then each large file on its own, resumable."""
     from . import files as files_module
-    from .copy_engine import MAX_ATTEMPTS, _retryable
+    from .copy_engine import MAX_ATTEMPTS, TREE_DIRECT_FROM, _retryable, for_size
 
     tracker.progress.bytes_total = tree.bytes
     tracker.progress.files_total = tree.files
     small, large = split_large(tree)
+    streamed = tree.bytes - sum(entry.info.size for entry in large)
+    tar_files = for_size(files, streamed, TREE_DIRECT_FROM)
     base = tracker.progress.bytes_done, tracker.progress.files_done
     for attempt in range(MAX_ATTEMPTS):
         tracker.progress.bytes_done, tracker.progress.files_done = base
         pieces = tree_pieces(small, files_module.MemberDigest, tracker.bytes, tracker.file)
         try:
-            result = await files.tar_put(into, pieces, preserve=options.preserve)
+            result = await tar_files.tar_put(into, pieces, preserve=options.preserve)
             break
         except Exception as exc:
             if not _retryable(exc) or attempt == MAX_ATTEMPTS - 1:

@@ -74,10 +74,10 @@ from flyvault.protocol.exec_session import (
     StreamEndedEarly,
 )
 from flyvault.protocol.messages import ErrorMessage
-from flyvault.transport import QuicStream, TransportSettings
 
 if TYPE_CHECKING:
     from flyvault.client.diagnose import Diagnosis, OnStep
+    from flyvault.transport import QuicStream, TransportSettings
 
 log = logging.getLogger("flyvault.client")
 

@@ -35,14 +35,20 @@ class Frame:
 
 def encode_frame(frame_type: int, payload: bytes = b"", *, max_payload: int | None = None) -> bytes:
     """Encode one frame. Refuses payloads the u32 length cannot carry (flaw B5)."""
+    return encode_frame_header(frame_type, len(payload), max_payload=max_payload) + payload
+
+
+def encode_frame_header(frame_type: int, length: int, *, max_payload: int | None = None) -> bytes:
+    """The 5-byte header of a frame whose payload of ``length`` bytes follows it (sent apart,
+    so a large payload is not copied to be joined to it), checked as ``encode_frame``."""
     if not 0 <= frame_type <= 0xFF:
         raise LocalProtocolError(f"frame type {frame_type} does not fit in a byte")
     limit = 0xFFFFFFFF if max_payload is None else max_payload
-    if len(payload) > limit:
+    if length > limit:
         raise LocalProtocolError(
-            f"frame payload of {len(payload)} bytes exceeds the limit of {limit} bytes"
+            f"frame payload of {length} bytes exceeds the limit of {limit} bytes"
         )
-    return _HEADER.pack(frame_type, len(payload)) + payload
+    return _HEADER.pack(frame_type, length)
 
 
 class FrameDecoder:
@@ -127,6 +133,35 @@ class FrameDecoder:
         end = begin + length
         with memoryview(self._buffer) as view:  # one copy (a bytearray slice would be two)
             payload = bytes(view[begin:end])
+        self._consume_to(end)
+        return Frame(frame_type, payload)
+
+    def take_run(self, types: frozenset[int], limit: int) -> bytes:
+        """The next complete frames, still encoded, while their types are in ``types``: at
+        least one frame when one is there, then more while the run is under ``limit`` bytes.
+
+        For a relay that passes frames on unchanged: one copy for the whole run, where
+        ``next_frame`` costs a ``Frame`` and a copy of each payload, and re-encoding one
+        more. Stops before a frame of another type, an incomplete frame, or an oversized
+        declaration (which ``next_frame`` then reports); returns b"" when none is first."""
+        if self._error is not None:
+            return b""
+        buffer, start = self._buffer, self._start
+        size, end = len(buffer), start
+        while size - end >= FRAME_HEADER_SIZE and end - start < limit:
+            frame_type, length = _HEADER.unpack_from(buffer, end)
+            after = end + FRAME_HEADER_SIZE + length
+            if frame_type not in types or length > self._max_payload or after > size:
+                break
+            end = after
+        if end == start:
+            return b""
+        with memoryview(buffer) as view:
+            run = bytes(view[start:end])
+        self._consume_to(end)
+        return run
+
+    def _consume_to(self, end: int) -> None:
         if end == len(self._buffer):
             self._buffer.clear()
             self._start = 0
@@ -135,7 +170,6 @@ class FrameDecoder:
             self._start = 0
         else:
             self._start = end
-        return Frame(frame_type, payload)
 
     @property
     def finished(self) -> bool:

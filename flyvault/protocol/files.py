@@ -64,7 +64,7 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
 from flyvault.errors import LocalProtocolError, RemoteProtocolError, VaultError
-from flyvault.protocol.codec import Frame, FrameDecoder, encode_frame
+from flyvault.protocol.codec import Frame, FrameDecoder, encode_frame_header
 from flyvault.protocol.constants import ERROR_FRAME, REQUEST_TIMEOUT
 from flyvault.protocol.files_messages import (
     MAX_DATA,
@@ -92,6 +92,8 @@ MAX_FRAME: Final = max(MAX_DATA, MAX_JSON)
 #: A write's END payload (version 7): the raw SHA-256 of the whole file.
 END_DIGEST_SIZE: Final = 32
 _U64 = struct.Struct(">Q")
+#: The most bytes of frames one ``take_upload`` returns (the glue's batch to the worker).
+UPLOAD_RUN: Final = 1024 * 1024
 
 
 class FileState(enum.Enum):
@@ -250,6 +252,18 @@ _OPEN_SERVER = frozenset(
     }
 )
 _READING_SERVER = frozenset({FileState.AWAIT_REQUEST, FileState.AWAIT_RESUME, FileState.RECEIVING})
+#: The frames the server glue passes on still encoded (``take_upload``, ``relay``): an
+#: upload's data and a tree's digests, the worker's data and digests. Their payloads are
+#: read by the worker (an upload's) or were written by it, so decoding them here would
+#: only cost a copy and, for a digest, JSON each way.
+_UPLOAD_RUN = {
+    FileOp.TAR_PUT: frozenset({FileFrame.DATA, FileFrame.DIGEST}),
+    FileOp.WRITE: frozenset({FileFrame.DATA}),
+}
+_RELAYED = {
+    FileOp.READ: frozenset({FileFrame.DATA}),
+    FileOp.TAR_GET: frozenset({FileFrame.DATA, FileFrame.DIGEST}),
+}
 
 
 def _frame_name(kind: int) -> str:
@@ -276,7 +290,10 @@ class _Base:
     def __init__(self, state: FileState) -> None:
         self.state = state
         self._decoder = FrameDecoder(MAX_FRAME)
-        self._outbox = bytearray()
+        #: Headers and payloads apart, joined once by ``data_to_send``: a payload is
+        #: copied once on its way out (and not at all when it is all there is).
+        self._outbox: list[bytes] = []
+        self._queued = 0
         self._events: deque[FileEvent] = deque()
         self._deadline: float | None = None
 
@@ -287,18 +304,26 @@ class _Base:
         self._decoder.feed_eof()
 
     def data_to_send(self) -> bytes:
-        data, self._outbox = bytes(self._outbox), bytearray()
+        data = b"".join(self._outbox)
+        self._outbox, self._queued = [], 0
         return data
 
     @property
     def queued(self) -> int:
-        return len(self._outbox)
+        return self._queued
 
     def next_deadline(self) -> float | None:
         return self._deadline
 
     def _queue(self, kind: int, payload: bytes = b"") -> None:
-        self._outbox += encode_frame(kind, payload, max_payload=MAX_FRAME)
+        self._outbox.append(encode_frame_header(kind, len(payload), max_payload=MAX_FRAME))
+        if payload:
+            self._outbox.append(payload)
+        self._queued += 5 + len(payload)
+
+    def _queue_encoded(self, frames: bytes) -> None:
+        self._outbox.append(frames)
+        self._queued += len(frames)
 
     def _require(self, states: frozenset[FileState] | FileState, action: str) -> None:
         allowed = states if isinstance(states, frozenset) else frozenset({states})
@@ -353,6 +378,19 @@ class FileServer(_Base):
         self._require_streaming({FileOp.TAR_GET}, "send a member digest")
         self._queue(FileFrame.DIGEST, digest.encode())
 
+    def relayable(self) -> frozenset[int]:
+        """The worker's frame types the glue may hand to ``relay`` still encoded now."""
+        if self.state is not FileState.WORKING or self.request is None:
+            return frozenset()
+        return _RELAYED.get(self.request.op, frozenset())
+
+    def relay(self, frames: bytes) -> None:
+        """Frames the worker encoded, all of ``relayable`` types (``FrameDecoder.take_run``
+        gives such a run), queued unchanged: what ``send_data`` and ``send_digest`` would
+        queue for them, without decoding and encoding each."""
+        self._require_streaming({FileOp.READ, FileOp.TAR_GET}, "relay frames")
+        self._queue_encoded(frames)
+
     def send_items(self, items: list[FileInfo]) -> None:
         self._require_streaming({FileOp.LIST}, "send records")
         self._queue(FileFrame.ITEMS, encode_items(items))
@@ -394,6 +432,20 @@ class FileServer(_Base):
             self._events.append(UploadTimedOut(seconds))
 
     # Incoming ----------------------------------------------------------------------------
+
+    def take_upload(self, now: float) -> bytes:
+        """While receiving an upload: its next DATA frames (and a tree's DIGEST frames)
+        still encoded, for the glue to pass to the worker unchanged, which reads them as
+        ``next_event``'s glue would have passed them on. b"" when the next frame is another
+        (END, or one not allowed: ``next_event`` then reports it) or not complete yet."""
+        if self._events or self.state is not FileState.RECEIVING or self.request is None:
+            return b""
+        run = self._decoder.take_run(_UPLOAD_RUN[self.request.op], UPLOAD_RUN)
+        if run:
+            self._now = now
+            if self._deadline is not None:
+                self._deadline = now + self._idle_timeout
+        return run
 
     def next_event(self, now: float | None = None) -> FileEvent | None:
         """The next event; ``now`` (when given) moves the upload's idle deadline."""

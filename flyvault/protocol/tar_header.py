@@ -126,19 +126,16 @@ def encode_header(info: tarfile.TarInfo) -> bytes:
 
 
 def _text(field: bytes) -> str:
-    end = field.find(b"\0")
-    return (field if end < 0 else field[:end]).decode(_ENCODING, _ERRORS)
+    return field.partition(b"\0")[0].decode(_ENCODING, _ERRORS)
 
 
 def _number(field: bytes) -> int:
-    """An octal field, as ``tarfile.nti`` reads it; ValueError for anything else."""
-    if field[0] in (0o200, 0o377):
-        raise ValueError("base-256")
-    end = field.find(b"\0")
-    digits = field if end < 0 else field[:end]
-    if not digits.isascii():
-        raise ValueError("not ASCII")
-    return int(digits.strip() or b"0", 8)
+    """An octal field, as ``tarfile.nti`` reads it; ValueError for anything else.
+
+    ``int`` refuses what ``nti`` would not read as octal (base-256's high bytes, other
+    non-ASCII bytes) and skips the spaces ``nti`` strips; a field of spaces alone, which
+    ``nti`` reads as 0, raises here and so takes ``frombuf``'s path."""
+    return int(field.partition(b"\0")[0] or b"0", 8)
 
 
 def decode_header(block: bytes) -> tarfile.TarInfo:
@@ -151,9 +148,9 @@ def decode_header(block: bytes) -> tarfile.TarInfo:
     fields = _USTAR.unpack(block)
     kind: bytes = fields[7]
     try:
-        mode, uid, gid, size, mtime, chksum = (_number(fields[i]) for i in range(1, 7))
+        mode, uid, gid, size, mtime, chksum = map(_number, fields[1:7])
         devmajor, devminor = _number(fields[12]), _number(fields[13])
-    except (ValueError, UnicodeDecodeError):
+    except ValueError:
         return tarfile.TarInfo.frombuf(block, _ENCODING, _ERRORS)
     unsigned = 256 + sum(block) - sum(block[148:156])
     if chksum != unsigned or kind == tarfile.GNUTYPE_SPARSE:
