@@ -58,6 +58,7 @@ from flyvault.protocol.files_messages import (
     encode_result,
 )
 from flyvault.protocol.messages import ErrorMessage
+from flyvault.writeback import Writeback
 
 from . import files_tar
 from .accounts import MAX_ACCOUNT_FILE, parse_groups, parse_passwd, switch_to
@@ -536,6 +537,7 @@ def _receive_into(channel: Channel, request: FileRequest, path: str, fd: int, te
         digest = _prefix_digest(fd, offset)
     os.lseek(fd, offset, os.SEEK_SET)
     size = offset
+    writeback = Writeback(fd, offset) if request.fsync else None
     while True:
         frame = channel.receive()
         if frame is None:
@@ -548,6 +550,8 @@ def _receive_into(channel: Channel, request: FileRequest, path: str, fd: int, te
             view = view[os.write(fd, view) :]
         digest.update(payload)
         size += len(payload)
+        if writeback is not None:
+            writeback.wrote(size)
     found = digest.hexdigest()
     # The handler's machine checked END's payload: empty, or the whole file's SHA-256.
     expected = request.sha256 or (payload.hex() if payload else None)

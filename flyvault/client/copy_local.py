@@ -39,6 +39,7 @@ from flyvault.protocol.tar_stream import (
     TarEvent,
     Verified,
 )
+from flyvault.writeback import Writeback
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -84,6 +85,7 @@ class SparseWriter:
         self.fd = fd
         self.position = position  # where the carried bytes begin
         self._carry = b""
+        self._writeback = Writeback(fd, position)
         #: The file's length as written so far (it is ``position`` long when handed over).
         self._length = position
 
@@ -126,6 +128,7 @@ class SparseWriter:
             self.position += written
             view = view[written:]
         self._length = max(self._length, self.position)
+        self._writeback.wrote(self.position)
 
     def finish(self, size: int | None = None) -> None:
         """Write the carried bytes and set the length (a trailing hole is part of it)."""
