@@ -9,6 +9,9 @@ waited for all of it at the end (0.3-0.4 s here, with the disk idle meanwhile).
 the data arrives, without waiting for it; the final fsync then waits for the tail only,
 and still reports any error (the kick's own result is ignored for that reason).
 Elsewhere than Linux there is no such call, and nothing is done.
+
+The kick runs on the writer's thread (the client's event loop); it only queues the I/O, but
+on a device whose queue is full that queuing can take a moment, once every ``STEP`` bytes.
 """
 
 from __future__ import annotations
@@ -28,10 +31,16 @@ _kick: Kick | None = None
 def start_writeback(fd: int, offset: int, length: int) -> bool:
     """Start writing back ``length`` bytes of ``fd`` from ``offset``; False when it could
     not be started (not Linux, not a regular file): the final fsync does the work then."""
+    return prepare()(fd, offset, length)
+
+
+def prepare() -> Kick:
+    """Find the system call now (the first use would otherwise): init does so before it
+    forks workers, which then look up nothing after entering the workload's root."""
     global _kick
     if _kick is None:
         _kick = _load()
-    return _kick(fd, offset, length)
+    return _kick
 
 
 def _load() -> Kick:
@@ -40,7 +49,7 @@ def _load() -> Kick:
     import ctypes
 
     try:
-        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+        call = ctypes.CDLL(None).sync_file_range
     except (OSError, AttributeError):  # a libc without it
         return lambda fd, offset, length: False
     call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]

@@ -342,7 +342,7 @@ async def _download(machine: FileServer, stream: QuicStream, worker: _Worker) ->
         if received is None and not machine.finished:
             machine.refuse(RemoteError("the file worker ended without an answer (see init logs)"))
         run, frames = received or (b"", [])
-        if run:
+        if run and not machine.finished:  # the upload side may have refused meanwhile
             machine.relay(run)
         for frame in frames:
             if machine.finished:

@@ -58,7 +58,7 @@ from flyvault.protocol.files_messages import (
     encode_result,
 )
 from flyvault.protocol.messages import ErrorMessage
-from flyvault.writeback import Writeback
+from flyvault.writeback import Writeback, prepare
 
 from . import files_tar
 from .accounts import MAX_ACCOUNT_FILE, parse_groups, parse_passwd, switch_to
@@ -66,6 +66,7 @@ from .workload_entry import CLONE_NEWNS, setns
 
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
+prepare()  # in init, before any worker is forked: nothing to look up after setns/chroot
 _HEADER = struct.Struct(">BI")
 #: Frames to the handler are written in batches of about this many bytes.
 FLUSH_AT = 256 * 1024

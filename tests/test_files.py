@@ -528,3 +528,58 @@ def test_file_operations_on_one_connection_leave_no_stream_behind(
         return channel.open_streams, len(channel.quic._windows)
 
     assert on_vault(init_process, issuer, body) == (0, 0)
+
+
+def test_worker_data_arriving_after_a_refusal_is_dropped_not_relayed() -> None:
+    """Init's download pump waits for the worker with the frame types it may relay; if the
+    upload side refuses the stream meanwhile (a stray frame from the client), the worker's
+    next data must not be relayed behind the ERROR. Driven with a real FileServer and a
+    real socketpair standing for the worker; the QUIC stream is a recorder."""
+    import socket
+
+    from flyvault.errors import RemoteProtocolError
+    from flyvault.protocol.codec import FrameDecoder, encode_frame
+    from flyvault.protocol.constants import ERROR_FRAME
+    from flyvault.protocol.files import FileClient, FileServer, RequestReceived
+    from flyvault.protocol.files_messages import FileFrame, FileOp, FileRequest
+    from flyvault.server.files import _download, _Worker
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.sent = b""
+            self.ended = False
+
+        def write(self, data: bytes, end_stream: bool = False) -> None:
+            self.sent += data
+            self.ended = self.ended or end_stream
+
+        async def drain(self) -> None:
+            return None
+
+    async def scenario() -> tuple[bytes, bool]:
+        machine = FileServer(0.0)
+        machine.receive_data(FileClient(FileRequest(FileOp.READ, "/f"), 0.0).data_to_send())
+        assert isinstance(machine.next_event(0.0), RequestReceived)
+        ours, theirs = socket.socketpair()
+        worker = _Worker(os.getpid(), ours)
+        stream = Recorder()
+        pump = asyncio.ensure_future(_download(machine, stream, worker))  # type: ignore[arg-type]
+        try:
+            for _ in range(5):
+                await asyncio.sleep(0)  # the pump now waits in worker.receive
+            assert not pump.done()
+            machine.refuse(RemoteProtocolError("file stream: frame DATA is not allowed"))
+            theirs.sendall(encode_frame(FileFrame.DATA, b"late"))
+            await asyncio.wait_for(pump, 10)  # the old code raised LocalProtocolError here
+        finally:
+            ours.close()
+            theirs.close()
+        return stream.sent, stream.ended
+
+    sent, ended = asyncio.run(scenario())
+    decoder = FrameDecoder(1 << 20)
+    decoder.feed(sent)
+    frames = []
+    while (frame := decoder.next_frame()) is not None:
+        frames.append(frame.type)
+    assert frames == [ERROR_FRAME] and ended

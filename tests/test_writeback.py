@@ -47,7 +47,7 @@ def test_the_real_call_starts_writeback_of_a_file_and_refuses_a_pipe(tmp_path: P
         os.close(write)
 
 
-def test_the_download_writer_kicks_as_it_writes(
+def test_the_download_writer_kicks_as_it_writes_a_file_to_be_fsynced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     kicks: list[tuple[int, int]] = []
@@ -59,10 +59,13 @@ def test_the_download_writer_kicks_as_it_writes(
     monkeypatch.setattr(writeback, "_kick", record)  # the system call, not our code
     piece = os.urandom(1 << 20)
     with open(tmp_path / "big", "wb") as out:
-        writer = SparseWriter(out.fileno())
+        writer = SparseWriter(out.fileno(), fsync_follows=True)
         for _ in range(2 * STEP // len(piece) + 3):
             writer.write(piece)
         writer.finish()
+        tree_member = SparseWriter(out.fileno())  # not fsynced: no kick
+        for _ in range(2 * STEP // len(piece)):
+            tree_member.write(piece)
     assert [offset for offset, _ in kicks] == [0, kicks[0][1]]
     assert all(length >= STEP for _, length in kicks)
     assert sum(length for _, length in kicks) <= (tmp_path / "big").stat().st_size

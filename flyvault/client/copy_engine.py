@@ -48,7 +48,7 @@ LARGE_FILE = 8 * 1024 * 1024
 #: vault's connection keeper (``RemoteFiles.for_bulk``): its own connection costs one more
 #: handshake (~0.1 s); the keeper's extra hop costs about a fifth of a large file's time.
 DIRECT_FROM = 128 * 1024 * 1024
-#: The same for a tree sent up whose tar stream holds this many bytes: a stream of small
+#: The same for a tree sent up whose small files hold this many bytes: a stream of small
 #: files costs the keeper's hop more per byte (measured on 2 cores, tmpfs: 3,000 and 5,000
 #: files of 10 kB were faster through the keeper, 10,000 were not). A download's size is
 #: not known before it starts, so a tree always comes down through the keeper.
@@ -435,13 +435,16 @@ async def _fetch_large(
             writer.drop_partial(fd, keep=keep)
 
 
-async def _fetch_into(files: Any, path: str, fd: int, tracker: _Tracker) -> None:
+async def _fetch_into(
+    files: Any, path: str, fd: int, tracker: _Tracker, *, fsync_follows: bool = False
+) -> None:
     """Fill ``fd`` with the vault's ``path`` after the prefix it already verifiably holds;
-    raises IntegrityError (the partial emptied) when the whole does not match."""
+    raises IntegrityError (the partial emptied) when the whole does not match.
+    ``fsync_follows``: the caller fsyncs the file, so its writeback starts as it arrives."""
     from .copy_local import SparseWriter
 
     sha = await _verified_prefix(files, path, fd, tracker)
-    writer = SparseWriter(fd, os.fstat(fd).st_size)
+    writer = SparseWriter(fd, os.fstat(fd).st_size, fsync_follows=fsync_follows)
     vault = getattr(files, "vault", None)
     answers: list[Any] = []
     for attempt in range(MAX_ATTEMPTS):
@@ -494,7 +497,7 @@ async def _download_file(
     fd = os.open(partial, flags, 0o600)
     landed = False
     try:
-        await _fetch_into(for_size(files, info.size), path, fd, tracker)
+        await _fetch_into(for_size(files, info.size), path, fd, tracker, fsync_follows=True)
         mode = info.mode & (0o7777 if options.preserve and os.geteuid() == 0 else 0o777)
         if options.preserve and os.geteuid() == 0:
             os.fchown(fd, info.uid, info.gid)

@@ -81,11 +81,12 @@ class SparseWriter:
     Data arrives in pieces of any size, so up to one block is carried to the next call:
     only whole aligned blocks are judged, and ``finish`` writes what is left."""
 
-    def __init__(self, fd: int, position: int = 0) -> None:
+    def __init__(self, fd: int, position: int = 0, *, fsync_follows: bool = False) -> None:
         self.fd = fd
         self.position = position  # where the carried bytes begin
         self._carry = b""
-        self._writeback = Writeback(fd, position)
+        #: Started as it goes for a file fsynced at its end (``flyvault.writeback``).
+        self._writeback = Writeback(fd, position) if fsync_follows else None
         #: The file's length as written so far (it is ``position`` long when handed over).
         self._length = position
 
@@ -128,7 +129,8 @@ class SparseWriter:
             self.position += written
             view = view[written:]
         self._length = max(self._length, self.position)
-        self._writeback.wrote(self.position)
+        if self._writeback is not None:
+            self._writeback.wrote(self.position)
 
     def finish(self, size: int | None = None) -> None:
         """Write the carried bytes and set the length (a trailing hole is part of it)."""

@@ -148,7 +148,7 @@ class FrameDecoder:
             return b""
         buffer, start = self._buffer, self._start
         size, end = len(buffer), start
-        while size - end >= FRAME_HEADER_SIZE and end - start < limit:
+        while size - end >= FRAME_HEADER_SIZE and (end == start or end - start < limit):
             frame_type, length = _HEADER.unpack_from(buffer, end)
             after = end + FRAME_HEADER_SIZE + length
             if frame_type not in types or length > self._max_payload or after > size:

@@ -24,7 +24,10 @@ stream delivered, ``next_event()`` returns the next past-tense event or ``None``
 input is needed, commands queue bytes that ``data_to_send()`` drains. ``now`` is passed in;
 each machine states its one deadline as data (``next_deadline()``) and ``handle_timer(now)``
 turns a passed deadline into a ``...TimedOut`` event. Frame sizes are bounded before any
-payload is buffered (``MAX_DATA``, ``MAX_JSON``).
+payload is buffered (``MAX_DATA``, ``MAX_JSON``). A relay between the stream and a worker
+(init) passes data and digests on still encoded: ``take_upload`` hands it the upload's next
+such frames, ``relayable`` / ``relay`` take the worker's, each checked as the per-frame
+calls would check them, without decoding the payloads.
 
 State tables (anything not listed is illegal)::
 
@@ -36,9 +39,11 @@ State tables (anything not listed is illegal)::
     PREPARING       ready(have, sha256)            AWAIT_RESUME -
     AWAIT_RESUME    RESUME_AT (<= have)            RECEIVING    ResumeRequested
     RECEIVING       DATA / DIGEST (tar_put) / END  RECEIVING / WORKING   DataReceived / ...
+    RECEIVING       take_upload(now): DATA / DIGEST still encoded   RECEIVING   -
     AWAIT_RESUME, RECEIVING   end of stream        CLOSED       UploadAbandoned
     AWAIT_RESUME, RECEIVING   idle deadline        FAILED       UploadTimedOut (error sent)
     WORKING         send_data / send_digest / send_items (streaming ops)   WORKING   -
+    WORKING         relay(frames): DATA / DIGEST still encoded (read, tar_get)   WORKING   -
     any open        answer(result)                 DONE         -
     any open        refuse(exc)                    FAILED       -
 
@@ -65,7 +70,7 @@ from typing import Any, Final, TypeAlias
 
 from flyvault.errors import LocalProtocolError, RemoteProtocolError, VaultError
 from flyvault.protocol.codec import Frame, FrameDecoder, encode_frame_header
-from flyvault.protocol.constants import ERROR_FRAME, REQUEST_TIMEOUT
+from flyvault.protocol.constants import ERROR_FRAME, FRAME_HEADER_SIZE, REQUEST_TIMEOUT
 from flyvault.protocol.files_messages import (
     MAX_DATA,
     MAX_JSON,
@@ -318,8 +323,9 @@ class _Base:
     def _queue(self, kind: int, payload: bytes = b"") -> None:
         self._outbox.append(encode_frame_header(kind, len(payload), max_payload=MAX_FRAME))
         if payload:
-            self._outbox.append(payload)
-        self._queued += 5 + len(payload)
+            # Kept until data_to_send: a view of a buffer its owner reuses would change.
+            self._outbox.append(payload if type(payload) is bytes else bytes(payload))
+        self._queued += FRAME_HEADER_SIZE + len(payload)
 
     def _queue_encoded(self, frames: bytes) -> None:
         self._outbox.append(frames)
