@@ -71,6 +71,15 @@ def drain(machine: FileServer | FileClient, pieces: list[bytes], eof: bool) -> l
     return events
 
 
+def tree_pieces(events: list[FileEvent]) -> list[object]:
+    """A tree download's data and digests, in the order they came."""
+    return [
+        e.data if isinstance(e, DataReceived) else e.digest
+        for e in events
+        if isinstance(e, DataReceived | DigestReceived)
+    ]
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     data=st.binary(max_size=3 * MAX_DATA // 2),
@@ -129,12 +138,7 @@ def test_a_tree_download_keeps_data_and_digests_in_order(
         expected.append(digest)
     server.answer({"files": len(chunks), "dirs": 1, "symlinks": 0, "bytes": 0})
     events = drain(client, cut(server.data_to_send(), cuts), eof=True)
-    pieces = [
-        e.data if isinstance(e, DataReceived) else e.digest
-        for e in events
-        if isinstance(e, DataReceived | DigestReceived)
-    ]
-    assert pieces == expected and isinstance(events[-1], Answered)
+    assert tree_pieces(events) == expected and isinstance(events[-1], Answered)
 
 
 def test_a_listing_arrives_in_batches_then_the_result() -> None:
@@ -479,12 +483,7 @@ def test_relayed_worker_frames_reach_the_client_as_sent_ones_would(
     server.answer({"files": len(chunks), "dirs": 1, "symlinks": 0, "bytes": 0})
     assert server.relayable() == frozenset()  # answered: nothing more passes
     events = drain(client, cut(server.data_to_send(), cuts), eof=True)
-    pieces = [
-        e.data if isinstance(e, DataReceived) else e.digest
-        for e in events
-        if isinstance(e, DataReceived | DigestReceived)
-    ]
-    assert pieces == expected and isinstance(events[-1], Answered)
+    assert tree_pieces(events) == expected and isinstance(events[-1], Answered)
     read = FileServer(0.0)
     drain(read, [FileClient(FileRequest(FileOp.READ, "/srv/f"), 0.0).data_to_send()], eof=True)
     assert read.relayable() == frozenset({FileFrame.DATA})

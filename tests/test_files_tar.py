@@ -131,6 +131,27 @@ def test_tar_put_refuses_escapes_and_devices(
     assert not Path("/abs.txt").exists()
 
 
+def _refused_tar_put(
+    init_process: InitProcess,
+    issuer: OidcIssuer,
+    dest: Path,
+    pieces: list[Any],
+    expected: type[Exception],
+) -> Exception:
+    """tar_put of ``pieces`` into ``dest``, which must fail with ``expected``."""
+
+    async def body(vault: Any) -> Exception:
+        async def source() -> AsyncIterator[Any]:
+            for piece in pieces:
+                yield piece
+
+        with pytest.raises(expected) as caught:
+            await vault.files().tar_put(str(dest), source())
+        return caught.value
+
+    return on_vault(init_process, issuer, body)
+
+
 def test_tar_put_refuses_a_member_whose_digest_does_not_match(
     init_process: InitProcess, issuer: OidcIssuer, tmp_path: Path
 ) -> None:
@@ -144,16 +165,7 @@ def test_tar_put_refuses_a_member_whose_digest_does_not_match(
         for p in pieces
     ]
 
-    async def body(vault: Any) -> Exception:
-        async def source() -> AsyncIterator[Any]:
-            for piece in pieces:
-                yield piece
-
-        with pytest.raises(IntegrityError) as caught:
-            await vault.files().tar_put(str(dest), source())
-        return caught.value
-
-    error = on_vault(init_process, issuer, body)
+    error = _refused_tar_put(init_process, issuer, dest, pieces, IntegrityError)
     assert "bad.txt: SHA-256 mismatch" in str(error) and "not stored" in str(error)
     assert (dest / "ok.txt").read_bytes() == b"fine"
     assert sorted(os.listdir(dest)) == ["ok.txt"]  # no temp file, no bad.txt
@@ -178,16 +190,7 @@ def test_tar_put_refuses_a_digest_frame_that_is_not_a_member_digest(
         for p in _tar(_member("ok.txt", data=b"fine"), _member("bad.txt", data=b"evil"))
     ]
 
-    async def body(vault: Any) -> Exception:
-        async def source() -> AsyncIterator[Any]:
-            for piece in pieces:
-                yield piece
-
-        with pytest.raises(VaultError) as caught:
-            await vault.files().tar_put(str(dest), source())
-        return caught.value
-
-    error = on_vault(init_process, issuer, body)
+    error = _refused_tar_put(init_process, issuer, dest, pieces, VaultError)
     assert "member digest" in str(error), error
     assert (dest / "ok.txt").read_bytes() == b"fine"
     assert sorted(os.listdir(dest)) == ["ok.txt"]
