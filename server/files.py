@@ -33,8 +33,6 @@ from flyvault.protocol.codec import Frame, FrameDecoder, encode_frame
 from flyvault.protocol.constants import ERROR_FRAME
 from flyvault.protocol.files import (
     MAX_FRAME,
-    DataReceived,
-    DigestReceived,
     FileServer,
     RequestReceived,
     RequestTimedOut,
@@ -311,13 +309,10 @@ async def _read_into(machine: FileServer, stream: QuicStream, worker: _Worker) -
 
 
 async def _pass_on(event: object, stream: QuicStream, machine: FileServer, worker: _Worker) -> bool:
-    """One upload event to the worker; False when the upload is over."""
+    """One upload event to the worker; False when the upload is over. (Data and digests
+    never come here: ``take_upload`` hands them over still encoded, before any event.)"""
     if isinstance(event, ResumeRequested):
         worker.queue(FileFrame.RESUME_AT, encode_offset(event.offset))
-    elif isinstance(event, DataReceived):
-        worker.queue(FileFrame.DATA, event.data)
-    elif isinstance(event, DigestReceived):
-        worker.queue(FileFrame.DIGEST, event.digest.encode())
     elif isinstance(event, UploadEnded):
         worker.queue(FileFrame.END, bytes.fromhex(event.sha256) if event.sha256 else b"")
         await worker.flush()

@@ -71,6 +71,14 @@ def drain(machine: FileServer | FileClient, pieces: list[bytes], eof: bool) -> l
     return events
 
 
+def started_tar_get() -> tuple[FileClient, FileServer]:
+    """A tar_get's two machines, its request read: the server is working."""
+    client = FileClient(FileRequest(FileOp.TAR_GET, paths=("/srv",)), 0.0)
+    server = FileServer(0.0)
+    drain(server, [client.data_to_send()], eof=True)
+    return client, server
+
+
 def tree_pieces(events: list[FileEvent]) -> list[object]:
     """A tree download's data and digests, in the order they came."""
     return [
@@ -125,9 +133,7 @@ def test_a_write_round_trips_through_both_machines_whatever_the_cuts(
 def test_a_tree_download_keeps_data_and_digests_in_order(
     chunks: list[bytes], cuts: list[int]
 ) -> None:
-    client = FileClient(FileRequest(FileOp.TAR_GET, paths=("/srv",)), 0.0)
-    server = FileServer(0.0)
-    drain(server, [client.data_to_send()], eof=True)
+    client, server = started_tar_get()
     expected: list[object] = []
     for index, chunk in enumerate(chunks):
         if chunk:
@@ -463,9 +469,7 @@ def test_relayed_worker_frames_reach_the_client_as_sent_ones_would(
 ) -> None:
     """tar_get: the worker's frames relayed still encoded give the client the same events
     as send_data / send_digest; a READ relays DATA only, other operations nothing."""
-    client = FileClient(FileRequest(FileOp.TAR_GET, paths=("/srv",)), 0.0)
-    server = FileServer(0.0)
-    drain(server, [client.data_to_send()], eof=True)
+    client, server = started_tar_get()
     assert server.relayable() == frozenset({FileFrame.DATA, FileFrame.DIGEST})
     worker_wire = b""
     expected: list[object] = []

@@ -261,7 +261,7 @@ _READING_SERVER = frozenset({FileState.AWAIT_REQUEST, FileState.AWAIT_RESUME, Fi
 #: upload's data and a tree's digests, the worker's data and digests. Their payloads are
 #: read by the worker (an upload's) or were written by it, so decoding them here would
 #: only cost a copy and, for a digest, JSON each way.
-_UPLOAD_RUN = {
+_UPLOADED = {
     FileOp.TAR_PUT: frozenset({FileFrame.DATA, FileFrame.DIGEST}),
     FileOp.WRITE: frozenset({FileFrame.DATA}),
 }
@@ -446,7 +446,7 @@ class FileServer(_Base):
         (END, or one not allowed: ``next_event`` then reports it) or not complete yet."""
         if self._events or self.state is not FileState.RECEIVING or self.request is None:
             return b""
-        run = self._decoder.take_run(_UPLOAD_RUN[self.request.op], UPLOAD_RUN)
+        run = self._decoder.take_run(_UPLOADED[self.request.op], UPLOAD_RUN)
         if run:
             self._now = now
             if self._deadline is not None:
