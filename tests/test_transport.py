@@ -393,16 +393,21 @@ class _SizeRecordingRelay(asyncio.DatagramProtocol):
             self.transport.sendto(data, self.server)
 
 
-@pytest.mark.parametrize("fixed", [None, 1200, "env"])
+@pytest.mark.parametrize("fixed", [None, 1200, "env", "env-max"])
 def test_loopback_connections_use_large_datagrams_both_ways(
     fixed: int | str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def scenario() -> None:
-        from flyvault.transport.endpoint import DATAGRAM_SIZE_ENV, LOOPBACK_DATAGRAM_SIZE
+        from flyvault.transport.endpoint import (
+            DATAGRAM_SIZE_ENV,
+            LOOPBACK_DATAGRAM_SIZE,
+        )
 
         size = 1200 if fixed == 1200 else None
         if fixed == "env":  # both ends read it: the bench's like-for-like setting
             monkeypatch.setenv(DATAGRAM_SIZE_ENV, "4000")
+        if fixed == "env-max":  # a fixed size never grows to the bulk size
+            monkeypatch.setenv(DATAGRAM_SIZE_ENV, str(LOOPBACK_DATAGRAM_SIZE))
         settings = TransportSettings(max_datagram_size=size)
         listener, _ = await echo_server(
             TransportSettings(idle_timeout=60.0, keepalive_interval=5.0, max_datagram_size=size)
@@ -423,11 +428,17 @@ def test_loopback_connections_use_large_datagrams_both_ways(
             assert bytes(received) == payload
             client.close_now()
             largest = max(relay.to_server), max(relay.to_client)
+            first = relay.to_server[0], relay.to_client[0]
             if fixed is None:
-                assert all(size > 8000 for size in largest), largest
-                assert all(size <= LOOPBACK_DATAGRAM_SIZE for size in largest), largest
+                # The handshake at the loopback size (the client's Initial is padded to
+                # it), then bulk datagrams once it is confirmed, where the socket has room.
+                assert first == (LOOPBACK_DATAGRAM_SIZE, LOOPBACK_DATAGRAM_SIZE), first
+                bulk = listener.bulk_size or LOOPBACK_DATAGRAM_SIZE
+                assert largest == (bulk, bulk), largest
             elif fixed == "env":
                 assert largest == (4000, 4000)
+            elif fixed == "env-max":
+                assert largest == (LOOPBACK_DATAGRAM_SIZE, LOOPBACK_DATAGRAM_SIZE)
             else:
                 assert largest == (1200, 1200)
         finally:

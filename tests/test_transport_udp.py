@@ -14,7 +14,9 @@ from conftest import run_async
 from flyvault.transport.channel import QuicStream
 from flyvault.transport.udp import (
     GSO_MAX_BYTES,
+    READ_BATCH_BYTES,
     BatchedDatagramTransport,
+    holds_bulk,
     segment_runs,
     split_segments,
 )
@@ -239,6 +241,41 @@ def test_gro_on_receive_splits_coalesced_datagrams() -> None:
             receiver.close()
 
     run_async(scenario())
+
+
+def test_one_read_callback_stops_once_it_has_read_batch_bytes() -> None:
+    """Large datagrams: 64 of them would be the whole of a bulk stream's window, so the
+    callback hands over about READ_BATCH_BYTES and lets the ACKs go out before the rest."""
+
+    async def scenario() -> None:
+        _, receiver, collector = await _pair()
+        size = 60_000
+        per_callback = -(-READ_BATCH_BYTES // size)  # the read that reaches the bound ends it
+        plain = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            for i in range(2 * per_callback + 1):
+                plain.sendto(_datagram(size, i), receiver.get_extra_info("sockname"))
+            receiver._read_ready()  # loopback delivered them all during sendto
+            assert len(collector.datagrams) == per_callback
+            receiver._read_ready()
+            assert len(collector.datagrams) == 2 * per_callback
+            receiver._read_ready()
+            assert [d[0] for d in collector.datagrams] == list(range(2 * per_callback + 1))
+        finally:
+            plain.close()
+            receiver.close()
+
+    run_async(scenario())
+
+
+def test_holds_bulk_needs_the_granted_receive_buffer() -> None:
+    small = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        small.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        assert not holds_bulk(small)
+    finally:
+        small.close()
+    assert not holds_bulk(small)  # closed: the question fails, the answer is no
 
 
 def test_close_reports_connection_lost_and_closes_the_socket() -> None:

@@ -11,7 +11,9 @@ lacks and we need:
   exposing it earlier).
 * path MTU probes (``build_pmtu_probe``) and a way to change the datagram size while the
   connection runs (``set_max_datagram_size``): aioquic fixes it at creation. The search
-  itself is ``flyvault.protocol.pmtu``, driven by ``transport.pmtu``.
+  itself is ``flyvault.protocol.pmtu``, driven by ``transport.pmtu``. On loopback the size
+  grows to ``bulk_datagram_size`` once the handshake is confirmed, and STREAM frames carry
+  their length in as many bytes as it needs (``_write_stream_frame``), not aioquic's 2.
 * receive windows that follow what the application consumed. aioquic doubles a stream's
   window whenever the peer has used half of it, whatever the application has read, so a
   slow reader lets memory grow without bound. Here the window is ``consumed + window``:
@@ -26,6 +28,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from aioquic import tls
+from aioquic.buffer import size_uint_var
 from aioquic.quic.connection import END_STATES, QuicConnection
 from aioquic.quic.packet import QuicFrameType, QuicPacketType
 from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder, QuicSentPacket
@@ -40,6 +43,8 @@ from flyvault.transport.tls import export_keying_material
 PACING_BURST = 64 * 1024
 _MAX_STREAM_DATA_FRAME = 0x11
 _MAX_STREAM_DATA_FRAME_CAPACITY = 1 + 8 + 8
+#: The largest value a 2-byte variable-length integer holds (RFC 9000 §16).
+_TWO_BYTE_VARINT_MAX = 16383
 
 
 class BurstPacer(QuicPacketPacer):
@@ -83,6 +88,17 @@ class VaultQuicConnection(QuicConnection):
         #: The congestion controller's own ``on_packets_expired`` (before
         #: ``watch_packet_fates`` wraps it): takes packets out of bytes in flight.
         self._expire_packets: Callable[..., None] | None = None
+        #: The datagram size to take once the handshake is confirmed (set on loopback,
+        #: see ``transport.endpoint.LOOPBACK_BULK_SIZE``); None: the size stays.
+        self.bulk_datagram_size: int | None = None
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
+        if self.bulk_datagram_size is not None and self._handshake_confirmed:
+            # Confirmed: the Initial and Handshake keys are gone, so every packet from now
+            # on is a 1-RTT one, whose short header has no 2-byte Length field to outgrow.
+            self.set_max_datagram_size(self.bulk_datagram_size)
+            self.bulk_datagram_size = None
+        return super().datagrams_to_send(now)
 
     # TLS exporter --------------------------------------------------------------------
 
@@ -311,3 +327,44 @@ class VaultQuicConnection(QuicConnection):
             buf.push_uint_var(stream_id)
             buf.push_uint_var(stream.max_stream_data_local)
             stream.max_stream_data_local_sent = stream.max_stream_data_local
+
+    def _write_stream_frame(
+        self, builder: QuicPacketBuilder, space: Any, stream: _AioStream, max_offset: int
+    ) -> int:
+        """aioquic's STREAM frame, with its length as a variable-length integer of the size
+        the frame needs. aioquic always writes 2 bytes, which caps a frame, and so a packet
+        (one frame per stream per packet), at 16383 bytes of data: loopback's bulk
+        datagrams (``transport.endpoint.LOOPBACK_BULK_SIZE``) carry more."""
+        sender = stream.sender
+        stream_id = stream.stream_id
+        assert stream_id is not None  # aioquic types it optional; a data stream has one
+        head = 1 + size_uint_var(stream_id)
+        if sender.next_offset:
+            head += size_uint_var(sender.next_offset)
+        room = builder.remaining_flight_space - head
+        length_size = 2 if room - 2 <= _TWO_BYTE_VARINT_MAX else 4
+        previous_highest = sender.highest_offset
+        frame = sender.get_frame(room - length_size, max_offset)
+        if frame is None:
+            return 0
+        frame_type = QuicFrameType.STREAM_BASE | 2  # the LEN bit: a length follows
+        if frame.offset:
+            frame_type |= 4
+        if frame.fin:
+            frame_type |= 1
+        buf = builder.start_frame(
+            frame_type,
+            capacity=head + length_size,
+            handler=sender.on_data_delivery,
+            handler_args=(frame.offset, frame.offset + len(frame.data), frame.fin),
+        )
+        buf.push_uint_var(stream_id)
+        if frame.offset:
+            buf.push_uint_var(frame.offset)
+        buf.push_uint_var(len(frame.data))
+        buf.push_bytes(frame.data)
+        if self._quic_logger is not None:
+            builder.quic_logger_frames.append(
+                self._quic_logger.encode_stream_frame(frame, stream_id=stream_id)
+            )
+        return int(sender.highest_offset - previous_highest)

@@ -9,7 +9,6 @@ peers cannot make the server hold unbounded state.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import errno
 import ipaddress
@@ -54,7 +53,7 @@ from flyvault.transport.pmtu import (
     set_probe_mode,
 )
 from flyvault.transport.tls import generate_self_signed
-from flyvault.transport.udp import open_transport
+from flyvault.transport.udp import enlarge_buffers, holds_bulk, open_transport
 
 log = logging.getLogger("flyvault.transport")
 
@@ -62,18 +61,21 @@ log = logging.getLogger("flyvault.transport")
 ICMP_GRACE = 1.5
 #: Datagram size without path-MTU discovery (the original used 1200 too).
 MAX_DATAGRAM_SIZE = 1200
-#: Datagram size when the peer is on loopback. There the first hop is the whole path, and
-#: its MTU is 64 KiB, so nothing can black-hole a large datagram; TCP uses that MTU the same
-#: way. aioquic's cost is per packet, so bulk throughput grows with the size (measured on
-#: this machine kind: 12 MB/s at 1200 bytes, 67 at 8192, 116 at 16000). The bound: aioquic
-#: writes a long-header packet's Length field in 2 bytes (at most 16383), so a padded
-#: Initial must stay below that; and it writes a STREAM frame's length in 2 bytes too, one
-#: frame per stream per packet, so larger 1-RTT packets after the handshake do not work
-#: either (tried: the peer fails with "Failed to parse frame").
+#: Datagram size when the peer is on loopback, for the handshake. There the first hop is
+#: the whole path, and its MTU is 64 KiB, so nothing can black-hole a large datagram; TCP
+#: uses that MTU the same way. aioquic's cost is per packet, so bulk throughput grows with
+#: the size (this machine kind: 12 MB/s at 1200 bytes, 67 at 8192, 116 at 16000). The
+#: bound: aioquic writes a long-header packet's Length field in 2 bytes (at most 16383),
+#: so a padded Initial must stay below that.
 LOOPBACK_DATAGRAM_SIZE = 16000
-#: Socket buffers asked of the kernel (it caps them at net.core.{r,w}mem_max): the default
-#: 208 KiB holds only a dozen loopback-size datagrams, and a burst beyond that is loss.
-SOCKET_BUFFER = 4 * 1024 * 1024
+#: Loopback's size once the handshake is confirmed, where the socket holds enough such
+#: datagrams (``transport.udp.holds_bulk``): only 1-RTT packets are built then, and their
+#: STREAM frames carry their length in as many bytes as it needs (aioquic's 2 bytes failed
+#: above 16383: ``VaultQuicConnection._write_stream_frame``). It fits the loopback MTU as
+#: IPv4 (65507) and IPv6 (65488) UDP payloads and the default max_udp_payload_size (65527;
+#: aioquic neither sends nor reads it, and on loopback both ends are ours). A 1 GB download
+#: took ~10.7 CPU-s across cp, init and the worker at 16000, ~8.5 at this size.
+LOOPBACK_BULK_SIZE = 65000
 #: Proxy mode (vault-proxy) puts ``u64 LE len(machine_id) || machine_id`` in front of every
 #: datagram (``flyvault.protocol.proxy_header``). The QUIC datagram cannot shrink to make
 #: room: aioquic refuses a ``max_datagram_size`` below 1200 and RFC 9000 §14.1 wants the
@@ -154,13 +156,13 @@ def datagram_size_for(peer_host: str, *, proxied: bool = False) -> int:
     return LOOPBACK_DATAGRAM_SIZE if address.is_loopback else MAX_DATAGRAM_SIZE
 
 
-def _enlarge_buffers(sock: Any) -> None:
-    """``sock``: a socket, or asyncio's wrapper of one (it has ``setsockopt`` too)."""
-    if sock is None:
-        return
-    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+def _bulk_size(sock: socket.socket, datagram_size: int) -> int | None:
+    """What a connection that starts at ``datagram_size`` on ``sock`` grows to after its
+    handshake (``VaultQuicConnection.bulk_datagram_size``): loopback's bulk size where the
+    socket has room for it, else None."""
+    if datagram_size == LOOPBACK_DATAGRAM_SIZE and holds_bulk(sock):
+        return LOOPBACK_BULK_SIZE
+    return None
 
 
 def proxy_prefix(machine_id: str) -> bytes:
@@ -391,7 +393,9 @@ async def connect(host: str, port: int, settings: TransportSettings | None = Non
         try:
             sock.bind(local)
             sock.connect(sockaddr)
-            _enlarge_buffers(sock)
+            enlarge_buffers(sock)
+            if forced is None and settings.max_datagram_size is None:
+                quic.bulk_datagram_size = _bulk_size(sock, datagram_size)
             discover = discover and set_probe_mode(sock)
             ceiling = settings.pmtu_ceiling or interface_ceiling(sock, LOOPBACK_DATAGRAM_SIZE)
             _, channel = await open_transport(
@@ -508,6 +512,8 @@ class QuicListener(asyncio.DatagramProtocol):
         self.stats = ListenerStats()
         #: Whether the socket is in path MTU probe mode (set by ``listen``).
         self.probe_mode = False
+        #: What loopback connections grow to after the handshake (set by ``listen``).
+        self.bulk_size: int | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -650,6 +656,8 @@ class QuicListener(asyncio.DatagramProtocol):
             original_destination_connection_id=original_cid,
             retry_source_connection_id=retry_cid,
         )
+        if self._settings.max_datagram_size is None and datagram_size == LOOPBACK_DATAGRAM_SIZE:
+            quic.bulk_datagram_size = self.bulk_size
         channel = QuicChannel(quic, keepalive_interval=self._settings.keepalive_interval)
         if discovers:
             driver = PathMtuDriver(
@@ -762,7 +770,7 @@ async def listen(
                 # "[::]" serves IPv4 too (dual stack), as the original's default did.
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind((host, port))
-            _enlarge_buffers(sock)
+            enlarge_buffers(sock)
     except ConnectError:
         sock.close()
         raise
@@ -775,11 +783,13 @@ async def listen(
     )
     assert isinstance(listener, QuicListener)
     listener.probe_mode = probe_mode
+    listener.bulk_size = _bulk_size(sock, LOOPBACK_DATAGRAM_SIZE)
     return listener
 
 
 __all__ = [
     "DATAGRAM_SIZE_ENV",
+    "LOOPBACK_BULK_SIZE",
     "LOOPBACK_DATAGRAM_SIZE",
     "MAX_DATAGRAM_SIZE",
     "MAX_WRAPPED_DATAGRAM_SIZE",
