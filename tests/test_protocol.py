@@ -84,6 +84,45 @@ def test_frame_round_trip_in_arbitrary_chunks() -> None:
     assert out == frames
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=300)), max_size=12),
+    st.lists(st.integers(1, 400), min_size=1, max_size=8),
+    st.sampled_from([bytes, bytearray, memoryview]),
+)
+def test_frames_come_out_whole_whatever_the_cuts_and_chunk_types(
+    frames: list[tuple[int, bytes]], cuts: list[int], kind: type
+) -> None:
+    """Cut the wire anywhere, feed bytes, bytearrays or memoryviews (changed right after,
+    as a caller's reused buffer is): every frame comes out once, whole, in order."""
+    wire = b"".join(encode_frame(t, p) for t, p in frames)
+    decoder = FrameDecoder(MAX_PAYLOAD)
+    out: list[tuple[int, bytes]] = []
+    position, turn = 0, 0
+    while position < len(wire):
+        size = cuts[turn % len(cuts)]
+        piece = bytearray(wire[position : position + size])
+        decoder.feed(kind(piece))
+        piece[:] = b"\xff" * len(piece)  # a reused buffer: must not reach the frames
+        position += size
+        turn += 1
+        while (frame := decoder.next_frame()) is not None:
+            out.append((frame.type, frame.payload))
+    decoder.feed_eof()
+    assert out == frames
+    assert decoder.finished and decoder.buffered == 0
+
+
+def test_a_payload_fed_as_its_own_chunk_is_not_copied() -> None:
+    payload = bytes(range(256)) * 1024
+    decoder = FrameDecoder(MAX_PAYLOAD)
+    decoder.feed(encode_frame(7, b"")[:1] + len(payload).to_bytes(4, "big"))
+    decoder.feed(payload)
+    frame = decoder.next_frame()
+    assert frame is not None and frame.payload is payload
+    assert decoder.at_frame_boundary
+
+
 def test_oversized_declaration_refused_before_payload_arrives() -> None:
     decoder = FrameDecoder(MAX_PREAUTH_PAYLOAD)
     header = bytes([1]) + (0xFFFFFFFF).to_bytes(4, "big")

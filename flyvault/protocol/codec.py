@@ -14,6 +14,7 @@ length first and every failure is a ``RemoteProtocolError`` naming the field, ne
 from __future__ import annotations
 
 import struct
+from collections import deque
 from dataclasses import dataclass
 
 from flyvault.errors import LocalProtocolError, RemoteProtocolError
@@ -54,16 +55,15 @@ def encode_frame_header(frame_type: int, length: int, *, max_payload: int | None
 class FrameDecoder:
     """Incremental decoder for ``u8 type | u32 length | payload`` frames.
 
-    Frames are read from a start offset, and the consumed front is dropped only once it is
-    large and at least half the buffer (or everything was read): dropping it per frame
-    copied the whole buffer for each small frame, quadratic in the frames one ``feed``
-    brings."""
-
-    _COMPACT_AT = 64 * 1024
+    The fed chunks are kept as they came (``bytes`` are not copied) and each payload is
+    cut out of them with one copy, or none when a chunk is exactly that payload: a bulk
+    download's every byte went through the decoder twice when chunks were appended to one
+    buffer and payloads copied out of it. Consuming the front is O(1) per frame."""
 
     def __init__(self, max_payload: int) -> None:
-        self._buffer = bytearray()
-        self._start = 0
+        self._chunks: deque[bytes] = deque()
+        self._skip = 0  # bytes of the first chunk already consumed
+        self._size = 0  # bytes buffered, not yet returned
         self._max_payload = max_payload
         self._eof = False
         self._error: RemoteProtocolError | None = None
@@ -79,28 +79,33 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as frames."""
-        return len(self._buffer) - self._start
+        return self._size
 
     @property
     def at_frame_boundary(self) -> bool:
-        return not self.buffered
+        return not self._size
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Buffer ``data``. Never raises: a violation is reported by ``next_frame``."""
         if self._error is not None:
             return  # poisoned: drop everything, hold nothing more
         if self._eof and data:
             self._error = RemoteProtocolError("data received after the end of the stream")
             return
-        self._buffer += data
+        if not data:
+            return
+        # bytes() returns a bytes object itself; a caller's bytearray may change: copied.
+        self._chunks.append(bytes(data))
+        self._size += len(data)
         # Validate the header as soon as it is complete, so an oversized declaration is
         # refused before its payload accumulates.
-        if self.buffered >= FRAME_HEADER_SIZE:
+        if self._size >= FRAME_HEADER_SIZE:
             try:
                 self._check_header()
             except RemoteProtocolError as exc:
                 self._error = exc
-                del self._buffer[self._start + FRAME_HEADER_SIZE :]
+                head = self._peek(FRAME_HEADER_SIZE)
+                self._chunks, self._skip, self._size = deque([head]), 0, len(head)
 
     def feed_eof(self) -> None:
         """The peer finished the stream. Raises if it stopped in the middle of a frame."""
@@ -114,7 +119,7 @@ class FrameDecoder:
         """
         if self._error is not None:
             raise self._error
-        buffered = self.buffered
+        buffered = self._size
         if buffered < FRAME_HEADER_SIZE:
             if self._eof and buffered:
                 raise RemoteProtocolError(
@@ -129,61 +134,95 @@ class FrameDecoder:
                     f"{buffered - FRAME_HEADER_SIZE} of {length} payload bytes)"
                 )
             return None
-        begin = self._start + FRAME_HEADER_SIZE
-        end = begin + length
-        with memoryview(self._buffer) as view:  # one copy (a bytearray slice would be two)
-            payload = bytes(view[begin:end])
-        self._consume_to(end)
-        return Frame(frame_type, payload)
+        self._take(FRAME_HEADER_SIZE)
+        return Frame(frame_type, self._take(length))
 
     def take_run(self, types: frozenset[int], limit: int) -> bytes:
         """The next complete frames, still encoded, while their types are in ``types``: at
         least one frame when one is there, then more while the run is under ``limit`` bytes.
 
-        For a relay that passes frames on unchanged: one copy for the whole run, where
-        ``next_frame`` costs a ``Frame`` and a copy of each payload, and re-encoding one
-        more. Stops before a frame of another type, an incomplete frame, or an oversized
-        declaration (which ``next_frame`` then reports); returns b"" when none is first."""
+        For a relay that passes frames on unchanged: one copy for the whole run (none when
+        it is exactly one fed chunk), where ``next_frame`` costs a ``Frame`` and a copy of
+        each payload, and re-encoding one more. Stops before a frame of another type, an
+        incomplete frame, or an oversized declaration (which ``next_frame`` then reports);
+        returns b"" when none is first."""
         if self._error is not None:
             return b""
-        buffer, start = self._buffer, self._start
-        size, end = len(buffer), start
-        while size - end >= FRAME_HEADER_SIZE and (end == start or end - start < limit):
-            frame_type, length = _HEADER.unpack_from(buffer, end)
+        size, end = self._size, 0
+        while size - end >= FRAME_HEADER_SIZE and (end == 0 or end < limit):
+            frame_type, length = _HEADER.unpack(self._peek(FRAME_HEADER_SIZE, end))
             after = end + FRAME_HEADER_SIZE + length
             if frame_type not in types or length > self._max_payload or after > size:
                 break
             end = after
-        if end == start:
-            return b""
-        with memoryview(buffer) as view:
-            run = bytes(view[start:end])
-        self._consume_to(end)
-        return run
-
-    def _consume_to(self, end: int) -> None:
-        if end == len(self._buffer):
-            self._buffer.clear()
-            self._start = 0
-        elif end >= self._COMPACT_AT and 2 * end >= len(self._buffer):
-            del self._buffer[:end]
-            self._start = 0
-        else:
-            self._start = end
+        return self._take(end) if end else b""
 
     @property
     def finished(self) -> bool:
         """True when the peer ended the stream and every frame has been returned."""
-        return self._eof and not self.buffered
+        return self._eof and not self._size
 
     def _check_header(self) -> tuple[int, int]:
-        frame_type, length = _HEADER.unpack_from(self._buffer, self._start)
+        frame_type, length = _HEADER.unpack(self._peek(FRAME_HEADER_SIZE))
         if length > self._max_payload:
             raise RemoteProtocolError(
                 f"frame of type 0x{frame_type:02x} declares {length} bytes, more than the "
                 f"{self._max_payload} allowed here"
             )
         return frame_type, length
+
+    def _peek(self, size: int, offset: int = 0) -> bytes:
+        """``size`` buffered bytes from ``offset`` (both within what is buffered)."""
+        start = self._skip + offset
+        first = self._chunks[0]
+        if start + size <= len(first):  # the usual case: one slice
+            return first[start : start + size]
+        pieces: list[bytes] = []
+        wanted = size
+        for chunk in self._chunks:
+            if start >= len(chunk):
+                start -= len(chunk)
+                continue
+            piece = chunk[start : start + wanted]
+            pieces.append(piece)
+            wanted -= len(piece)
+            start = 0
+            if not wanted:
+                break
+        return b"".join(pieces)
+
+    def _take(self, size: int) -> bytes:
+        """Consume and return the first ``size`` buffered bytes: one copy at most."""
+        if not size:
+            return b""
+        chunks = self._chunks
+        first = chunks[0]
+        skip = self._skip
+        self._size -= size
+        if skip + size <= len(first):
+            if skip == 0 and size == len(first):
+                chunks.popleft()
+                return first
+            self._skip = skip + size
+            if self._skip == len(first):
+                chunks.popleft()
+                self._skip = 0
+            return first[skip : skip + size]
+        pieces: list[memoryview] = []
+        while size:
+            chunk = chunks[0]
+            view = memoryview(chunk)[self._skip : self._skip + size]
+            pieces.append(view)
+            size -= len(view)
+            if self._skip + len(view) == len(chunk):
+                chunks.popleft()
+                self._skip = 0
+            else:
+                self._skip += len(view)
+        taken = b"".join(pieces)
+        for view in pieces:
+            view.release()
+        return taken
 
 
 def split_first_frame(buffer: bytes | bytearray, max_payload: int) -> tuple[Frame, bytes] | None:
