@@ -13,6 +13,8 @@ import errno
 import hashlib
 import logging
 import os
+import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,7 +24,7 @@ from conftest import run_async
 from flyvault.protocol.pmtu import BASE_PLPMTU
 from flyvault.transport import QuicChannel, QuicStream, TransportSettings, connect, listen
 from flyvault.transport.endpoint import LOOPBACK_DATAGRAM_SIZE
-from flyvault.transport.pmtu import PMTU_ENV, discovery_enabled
+from flyvault.transport.pmtu import PMTU_ENV, discovery_enabled, loopback_payload_limit
 
 CEILING = 4000
 #: Bounded waits for the search (it takes a few round trips on loopback).
@@ -164,7 +166,7 @@ def test_loopback_without_a_ceiling_runs_no_search() -> None:
             await echo_bulk(client, 64 * 1024)
             assert client.pmtu is None and servers[0].pmtu is None
             # The loopback size, grown to the bulk size after the handshake where the
-            # socket has room for it (transport.endpoint.bulk_size_for), never searched.
+            # socket has room for it (transport.endpoint._bulk_size), never searched.
             assert client.datagram_size == (listener.bulk_size or LOOPBACK_DATAGRAM_SIZE)
             assert servers[0].datagram_size == client.datagram_size
             client.close_now()
@@ -334,3 +336,13 @@ def test_send_now_reports_other_errors_to_the_protocol() -> None:
             await asyncio.sleep(0)
 
     run_async(scenario())
+
+
+def test_loopback_payload_limit_is_the_loopback_mtu_less_the_headers() -> None:
+    mtu_file = Path("/sys/class/net/lo/mtu")
+    if not mtu_file.exists():
+        pytest.skip("no /sys/class/net/lo/mtu to compare with (not Linux)")
+    mtu = int(mtu_file.read_text())
+    # An IPv4 packet is at most 65535 bytes whatever the MTU (its length field).
+    assert loopback_payload_limit(socket.AF_INET) == min(mtu, 65535) - 28
+    assert loopback_payload_limit(socket.AF_INET6) in (mtu - 48, None)  # None: no IPv6

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flyvault.errors import LocalProtocolError, ProtocolError, RemoteProtocolError, VersionMismatch
-from flyvault.protocol.codec import FrameDecoder, PayloadReader, encode_frame
+from flyvault.protocol.codec import Frame, FrameDecoder, PayloadReader, encode_frame
 from flyvault.protocol.constants import (
     ERROR_FRAME,
     MAX_PAYLOAD,
@@ -111,6 +111,14 @@ def test_frames_come_out_whole_whatever_the_cuts_and_chunk_types(
     decoder.feed_eof()
     assert out == frames
     assert decoder.finished and decoder.buffered == 0
+
+
+def test_a_typed_memoryview_is_counted_in_bytes() -> None:
+    wire = encode_frame(3, b"abc")  # 8 bytes: two 4-byte items as a typed view
+    decoder = FrameDecoder(MAX_PAYLOAD)
+    decoder.feed(memoryview(wire).cast("I"))
+    assert decoder.buffered == len(wire)
+    assert decoder.next_frame() == Frame(3, b"abc")
 
 
 def test_a_payload_fed_as_its_own_chunk_is_not_copied() -> None:

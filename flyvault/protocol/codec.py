@@ -95,8 +95,9 @@ class FrameDecoder:
         if not data:
             return
         # bytes() returns a bytes object itself; a caller's bytearray may change: copied.
-        self._chunks.append(bytes(data))
-        self._size += len(data)
+        chunk = bytes(data)
+        self._chunks.append(chunk)
+        self._size += len(chunk)  # a typed memoryview's len() counts items, not bytes
         # Validate the header as soon as it is complete, so an oversized declaration is
         # refused before its payload accumulates.
         if self._size >= FRAME_HEADER_SIZE:
@@ -148,9 +149,17 @@ class FrameDecoder:
         returns b"" when none is first."""
         if self._error is not None:
             return b""
-        size, end = self._size, 0
+        chunks, size, end = self._chunks, self._size, 0
+        index, base = 0, -self._skip  # the chunk holding offset ``end``, and where it starts
         while size - end >= FRAME_HEADER_SIZE and (end == 0 or end < limit):
-            frame_type, length = _HEADER.unpack(self._peek(FRAME_HEADER_SIZE, end))
+            while base + len(chunks[index]) <= end:
+                base += len(chunks[index])
+                index += 1
+            chunk, at = chunks[index], end - base
+            if at + FRAME_HEADER_SIZE <= len(chunk):
+                frame_type, length = _HEADER.unpack_from(chunk, at)
+            else:  # the header spans chunks
+                frame_type, length = _HEADER.unpack(self._gather(index, at, FRAME_HEADER_SIZE))
             after = end + FRAME_HEADER_SIZE + length
             if frame_type not in types or length > self._max_payload or after > size:
                 break
@@ -171,24 +180,21 @@ class FrameDecoder:
             )
         return frame_type, length
 
-    def _peek(self, size: int, offset: int = 0) -> bytes:
-        """``size`` buffered bytes from ``offset`` (both within what is buffered)."""
-        start = self._skip + offset
-        first = self._chunks[0]
-        if start + size <= len(first):  # the usual case: one slice
-            return first[start : start + size]
+    def _peek(self, size: int) -> bytes:
+        """The first ``size`` buffered bytes (``size`` <= ``buffered``), not consumed."""
+        return self._gather(0, self._skip, size)
+
+    def _gather(self, index: int, at: int, size: int) -> bytes:
+        """``size`` bytes from offset ``at`` of chunk ``index`` on, across chunks."""
+        chunk = self._chunks[index]
+        if at + size <= len(chunk):  # the usual case: one slice
+            return chunk[at : at + size]
         pieces: list[bytes] = []
-        wanted = size
-        for chunk in self._chunks:
-            if start >= len(chunk):
-                start -= len(chunk)
-                continue
-            piece = chunk[start : start + wanted]
+        while size:
+            piece = self._chunks[index][at : at + size]
             pieces.append(piece)
-            wanted -= len(piece)
-            start = 0
-            if not wanted:
-                break
+            size -= len(piece)
+            index, at = index + 1, 0
         return b"".join(pieces)
 
     def _take(self, size: int) -> bytes:

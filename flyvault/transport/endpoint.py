@@ -50,6 +50,7 @@ from flyvault.transport.pmtu import (
     PathMtuDriver,
     discovery_enabled,
     interface_ceiling,
+    loopback_payload_limit,
     set_probe_mode,
 )
 from flyvault.transport.tls import generate_self_signed
@@ -158,11 +159,15 @@ def datagram_size_for(peer_host: str, *, proxied: bool = False) -> int:
 
 def _bulk_size(sock: socket.socket, datagram_size: int) -> int | None:
     """What a connection that starts at ``datagram_size`` on ``sock`` grows to after its
-    handshake (``VaultQuicConnection.bulk_datagram_size``): loopback's bulk size where the
-    socket has room for it, else None."""
-    if datagram_size == LOOPBACK_DATAGRAM_SIZE and holds_bulk(sock):
-        return LOOPBACK_BULK_SIZE
-    return None
+    handshake (``VaultQuicConnection.bulk_datagram_size``): on loopback, the bulk size or
+    what the loopback device's MTU allows if that is less (a larger send would fail with
+    EMSGSIZE); None where the socket lacks room, the MTU is unknown or no larger."""
+    if datagram_size != LOOPBACK_DATAGRAM_SIZE or not holds_bulk(sock):
+        return None
+    limit = loopback_payload_limit(sock.family)
+    if limit is None or limit <= LOOPBACK_DATAGRAM_SIZE:
+        return None
+    return min(limit, LOOPBACK_BULK_SIZE)
 
 
 def proxy_prefix(machine_id: str) -> bytes:

@@ -67,6 +67,21 @@ def interface_ceiling(sock: socket.socket, limit: int) -> int:
     return max(BASE_PLPMTU, min(limit, mtu - (IPV6_OVERHEAD if v6 else IPV4_OVERHEAD)))
 
 
+def loopback_payload_limit(family: int) -> int | None:
+    """The largest UDP payload the loopback device carries for ``family`` (its MTU less
+    the IP and UDP headers), or None where the kernel does not say (not Linux)."""
+    v6 = family == socket.AF_INET6
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(("::1" if v6 else "127.0.0.1", 9))  # UDP: nothing is sent
+            mtu = probe.getsockopt(
+                socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP, IPV6_MTU if v6 else IP_MTU
+            )
+    except OSError:
+        return None
+    return int(mtu) - (IPV6_OVERHEAD if v6 else IPV4_OVERHEAD)
+
+
 class PathMtuDriver:
     """Runs one channel's search; created by the endpoint, started after the handshake."""
 
