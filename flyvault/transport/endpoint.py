@@ -75,7 +75,7 @@ LOOPBACK_DATAGRAM_SIZE = 16000
 #: above 16383: ``VaultQuicConnection._write_stream_frame``). It fits the loopback MTU as
 #: IPv4 (65507) and IPv6 (65488) UDP payloads and the default max_udp_payload_size (65527;
 #: aioquic neither sends nor reads it, and on loopback both ends are ours). A 1 GB download
-#: took ~10.7 CPU-s across cp, init and the worker at 16000, ~8.5 at this size.
+#: took 12.1 CPU-s across cp, init and the worker at 16000, 9.1 at this size (one pair).
 LOOPBACK_BULK_SIZE = 65000
 #: Proxy mode (vault-proxy) puts ``u64 LE len(machine_id) || machine_id`` in front of every
 #: datagram (``flyvault.protocol.proxy_header``). The QUIC datagram cannot shrink to make
