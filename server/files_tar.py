@@ -1,7 +1,8 @@
 """Tree streams of the file stream, run in the worker: tar_get and tar_put.
 
 tar_get writes a POSIX (pax) tar of the trees straight into DATA frames: each member's
-header, data and padding, then the MemberDigest of a regular file's data. Members are named
+header, data and padding, and after each frame the MemberDigests of the files whose data
+ended in it. Members are named
 relative to the parent of their top; symlinks stay symlinks unless ``follow``; a file seen
 before (same device and inode) becomes a tar hardlink; owner names come from the workload's
 own account files (``Accounts``), never from NSS. Exact nanosecond mtimes (a pax record per
@@ -59,22 +60,31 @@ _OPEN_DIRS = 256
 
 
 class _Out:
-    """Tar bytes into DATA frames of MAX_DATA bytes."""
+    """Tar bytes into DATA frames of MAX_DATA bytes, each followed by the digests of the
+    files whose data ended in it: a frame per file less than flushing after each file (the
+    client holds what follows a file's data until its digest comes)."""
 
     def __init__(self, channel: Any) -> None:
         self.channel = channel
         self.buffer = bytearray()
+        self.digests: list[bytes] = []
 
     def write(self, data: bytes) -> None:
         self.buffer += data
         if len(self.buffer) >= MAX_DATA:
             self.flush()
 
+    def digest(self, digest: MemberDigest) -> None:
+        self.digests.append(digest.encode())
+
     def flush(self) -> None:
-        while self.buffer:
-            chunk = bytes(self.buffer[:MAX_DATA])
-            del self.buffer[:MAX_DATA]
-            self.channel.send(FileFrame.DATA, chunk)
+        buffer, self.buffer = self.buffer, bytearray()
+        with memoryview(buffer) as view:  # the channel copies each frame out once
+            for start in range(0, len(view), MAX_DATA):
+                self.channel.send(FileFrame.DATA, view[start : start + MAX_DATA])
+        for digest in self.digests:
+            self.channel.send(FileFrame.DIGEST, digest)
+        self.digests.clear()
 
 
 @dataclass
@@ -170,8 +180,7 @@ def _add_file(walk: _Walk, path: str, info: tarfile.TarInfo, st: os.stat_result)
     finally:
         os.close(fd)
     out.write(padding(size))
-    out.flush()
-    out.channel.send(FileFrame.DIGEST, MemberDigest(info.name, size, digest.hexdigest()).encode())
+    out.digest(MemberDigest(info.name, size, digest.hexdigest()))
     walk.counts["bytes"] += size
 
 
@@ -179,9 +188,7 @@ def _add_deferred(out: _Out, info: tarfile.TarInfo, size: int) -> None:
     """A large file as its header only: the client fetches the data with ranged reads."""
     info.pax_headers = {**info.pax_headers, DEFERRED_RECORD: str(size)}
     out.write(encode_header(info))
-    out.flush()
-    empty = hashlib.sha256().hexdigest()
-    out.channel.send(FileFrame.DIGEST, MemberDigest(info.name, 0, empty).encode())
+    out.digest(MemberDigest(info.name, 0, hashlib.sha256().hexdigest()))
 
 
 def _refuse(name: str, problem: str) -> FileOpError:
@@ -225,18 +232,32 @@ class _Extractor:
         self.umask = 0o022
         self._nonce = os.urandom(8).hex()
         self._made = 0
-        #: Parent directories opened before, by their parts: the caller gets a dup. Safe to
-        #: keep: a member can never turn a directory into something else (``replace``).
+        #: Parent directories opened before, by their parts, least recently used first;
+        #: ``parent`` lends them (no dup and close per file). Safe to keep: a member can
+        #: never turn a directory into something else (``replace``).
         self._dirs: dict[tuple[str, ...], int] = {}
 
     def parent(self, parts: tuple[str, ...], name: str) -> int:
-        cached = self._dirs.get(parts)
+        """The directory ``parts`` below the destination, opened without following
+        symlinks: lent, closed by ``close`` (or when ``_OPEN_DIRS`` others came after it)."""
+        cached = self._dirs.pop(parts, None)
         if cached is not None:
-            return os.dup(cached)
+            self._dirs[parts] = cached  # now the newest: a lent directory is never evicted
+            return cached
         fd = self._open_parent(parts, name)
-        if len(self._dirs) < _OPEN_DIRS:
-            self._dirs[parts] = os.dup(fd)
+        if len(self._dirs) >= _OPEN_DIRS:
+            self._evict()
+        self._dirs[parts] = fd
         return fd
+
+    def _evict(self) -> None:
+        """Closes the least recently used directory but the one a landing file uses."""
+        in_use = self.landing.parent if self.landing is not None else -1
+        for parts, fd in self._dirs.items():
+            if fd != in_use:
+                del self._dirs[parts]
+                os.close(fd)
+                return
 
     def _open_parent(self, parts: tuple[str, ...], name: str) -> int:
         fd = os.dup(self.root)
@@ -276,17 +297,10 @@ class _Extractor:
             # The final mode at once, when no chown comes later to clear bits: one call less
             # per file (tar_put runs with umask 0, so open(2) gives exactly this mode).
             mode = 0o600 if self._chown else self.mode_of(member)
-            try:
-                fd = os.open(temp, _FILE_FLAGS, mode, dir_fd=parent)
-            except BaseException:
-                os.close(parent)
-                raise
+            fd = os.open(temp, _FILE_FLAGS, mode, dir_fd=parent)
             self.landing = _Landing(fd, temp, parent, parts[-1], member, mtime_ns)
             return
-        try:
-            self._make(member, mtime_ns, parts, parent)
-        finally:
-            os.close(parent)
+        self._make(member, mtime_ns, parts, parent)
 
     def _make(
         self, member: tarfile.TarInfo, mtime_ns: int, parts: tuple[str, ...], parent: int
@@ -317,17 +331,10 @@ class _Extractor:
     def _link(self, member: tarfile.TarInfo, parent: int, leaf: str) -> None:
         target = _parts(member.linkname, "hardlink target")
         source_parent = self.parent(target[:-1], member.name)
-        try:
-            self.replace(parent, leaf)
-            os.link(
-                target[-1],
-                leaf,
-                src_dir_fd=source_parent,
-                dst_dir_fd=parent,
-                follow_symlinks=False,
-            )
-        finally:
-            os.close(source_parent)
+        self.replace(parent, leaf)
+        os.link(
+            target[-1], leaf, src_dir_fd=source_parent, dst_dir_fd=parent, follow_symlinks=False
+        )
 
     def write(self, chunk: bytes) -> None:
         landing = self.landing
@@ -372,7 +379,6 @@ class _Extractor:
             self.landing = landing  # dropped (temp removed) by close
             raise
         os.close(landing.fd)
-        os.close(landing.parent)
         self.counts["files"] += 1
         self.counts["bytes"] += landing.size
 
@@ -421,14 +427,10 @@ class _Extractor:
             os.close(landing.fd)
             with contextlib.suppress(OSError):
                 os.unlink(landing.temp, dir_fd=landing.parent)
-            os.close(landing.parent)
         try:
             for parts, member, mtime_ns in reversed(self.deferred):
                 parent = self.parent(parts[:-1], member.name)
-                try:
-                    self.finish(member, mtime_ns, parent, parts[-1])
-                finally:
-                    os.close(parent)
+                self.finish(member, mtime_ns, parent, parts[-1])
         finally:
             for fd in self._dirs.values():
                 os.close(fd)

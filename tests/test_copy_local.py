@@ -505,3 +505,36 @@ def test_a_long_run_of_links_goes_in_bounded_pieces(tmp_path: Path) -> None:
     with tarfile_module.open(fileobj=io.BytesIO(b"".join(data))) as archive:
         names = archive.getnames()
     assert len(names) == 1502 and names[-1] == "links/zz-file"
+
+
+def test_small_files_go_several_to_a_piece_with_their_digests_after(tmp_path: Path) -> None:
+    """A tree of small files costs about a frame per file (its digest), not two: the bytes
+    go in pieces of about CHUNK, each followed by the digests of the files it ended, and a
+    strict reader verifies every file from them."""
+    from flyvault.client.copy_source import CHUNK, scan, tree_pieces
+    from flyvault.protocol.tar_stream import TarReader, Verified
+
+    top = tmp_path / "small"
+    top.mkdir()
+    for index in range(400):
+        (top / f"f{index:03d}").write_bytes(os.urandom(1000 + index))
+    tree = scan([(str(top), "small")], recursive=True, follow_symlinks=False, preserve=False)
+
+    async def collect() -> list[Any]:
+        return [
+            piece
+            async for piece in tree_pieces(
+                tree, lambda *a: ("digest", *a), lambda n: None, lambda n: None
+            )
+        ]
+
+    pieces = asyncio.run(collect())
+    data = [piece for piece in pieces if isinstance(piece, bytes)]
+    assert len(data) <= 4 and max(len(piece) for piece in data) < 2 * CHUNK
+    reader = TarReader(expect_digests=True, sender="the test")
+    verified = []
+    for piece in pieces:
+        events = reader.feed(piece) if isinstance(piece, bytes) else reader.digest(*piece[1:])
+        verified += [event.name for event in events if isinstance(event, Verified)]
+    reader.close()
+    assert verified == [f"small/f{index:03d}" for index in range(400)]

@@ -194,3 +194,43 @@ def test_tar_put_refuses_a_digest_frame_that_is_not_a_member_digest(
     assert "member digest" in str(error), error
     assert (dest / "ok.txt").read_bytes() == b"fine"
     assert sorted(os.listdir(dest)) == ["ok.txt"]
+
+
+def test_small_files_share_frames_and_their_digests_follow(
+    init_process: InitProcess, issuer: OidcIssuer, tmp_path: Path
+) -> None:
+    """Small files go several to a DATA frame, each frame followed by the digests of the
+    files that ended in it (a frame per file less than a flush after each), and the stream
+    still lands every file verified."""
+    source, dest = tmp_path / "src", tmp_path / "dst"
+    (source / "many").mkdir(parents=True)
+    dest.mkdir()
+    for index in range(300):
+        (source / "many" / f"f{index:03d}").write_bytes(os.urandom(700 + index))
+
+    async def body(vault: Any) -> Any:
+        files = vault.files()
+        pieces = [piece async for piece in files.tar_get([str(source / "many")])]
+
+        async def replay() -> AsyncIterator[Any]:
+            for piece in pieces:
+                yield piece
+
+        return pieces, await files.tar_put(str(dest), replay())
+
+    pieces, result = on_vault(init_process, issuer, body)
+    data = [piece for piece in pieces if not isinstance(piece, MemberDigest)]
+    digests = [piece for piece in pieces if isinstance(piece, MemberDigest)]
+    assert len(digests) == 300 and len(data) <= 4
+    ended = 0  # each digest comes after the data of its file, never before
+    with tarfile.open(fileobj=io.BytesIO(b"".join(data))) as archive:
+        offsets = {m.name: m.offset_data + m.size for m in archive.getmembers()}
+    for piece in pieces:
+        if isinstance(piece, MemberDigest):
+            assert offsets[piece.name] <= ended
+        else:
+            ended += len(piece)
+    assert result.files == 300
+    for index in range(300):
+        name = f"many/f{index:03d}"
+        assert (dest / name).read_bytes() == (source / name).read_bytes()

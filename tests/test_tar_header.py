@@ -112,3 +112,31 @@ def test_gnu_and_ustar_headers_of_other_tools_are_read() -> None:
         block = info.tobuf(fmt, "utf-8", "surrogateescape")[-512:]
         theirs = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
         assert _fields(decode_header(block)) == _fields(theirs)
+
+
+@st.composite
+def blocks(draw: st.DrawFn) -> bytes:
+    """512 bytes, any number of them non-zero, the bytes at the edges included."""
+    nonzero = draw(st.integers(0, 512))
+    block = bytearray(512)
+    for index in draw(st.permutations(range(512)))[:nonzero]:
+        block[index] = draw(st.sampled_from([1, 0x20, 0x30, 0x7F, 0xFF]))
+    return bytes(block)
+
+
+@settings(max_examples=400, deadline=None)
+@given(blocks())
+def test_the_checksums_byte_sum_is_exact(block: bytes) -> None:
+    from flyvault.protocol.tar_header import byte_sum
+
+    assert byte_sum(block) == sum(block)
+    assert byte_sum(bytearray(block)) == sum(block)
+
+
+def test_the_byte_sum_at_its_bound() -> None:
+    """256 bytes of 0xFF is the most the Adler-32 path takes; one more takes ``sum``."""
+    from flyvault.protocol.tar_header import byte_sum
+
+    for nonzero in (255, 256, 257, 512):
+        block = b"\xff" * nonzero + bytes(512 - nonzero)
+        assert byte_sum(block) == sum(block) == 255 * nonzero

@@ -180,45 +180,71 @@ async def tree_pieces(
     on_bytes: Callable[[int], None],
     on_file: Callable[[str], None],
 ) -> AsyncIterator[bytes | object]:
-    """The pax stream of ``tree``: header, data, ``digest(name, size, sha256)``, padding.
+    """The pax stream of ``tree``: header, data, padding, and ``digest(name, size, sha256)``.
 
-    Pieces are joined where that saves a frame (each costs a trip through every hop): a
-    small file's header and data go as one, and a file's padding goes with the next header,
-    after the digest (the reader takes a digest before or after the padding). A small file
-    so costs two pieces, not four."""
-    lead = bytearray()  # grown in place: a long run of directories or links stays linear
+    Every piece costs a frame at each hop, so small members are joined: headers, data and
+    padding go in pieces of about CHUNK bytes, each followed by the digests of the files
+    whose data ended in it. The receiver holds what follows a file's data until its digest
+    comes (``TarReader``), so it holds at most a piece. A tree of small files so costs about
+    one frame per file (its digest) instead of two."""
+    batch = _Batch()
     for entry in tree.entries:
         info = entry.info
         if info.type == tarfile.REGTYPE:
             sha = hashlib.sha256()
+            for piece in batch.add(header(info)):
+                yield piece
             try:
-                for piece in _file_pieces(entry.path, info, bytes(lead), sha, on_bytes):
-                    yield piece
+                for data in _file_data(entry.path, info, sha, on_bytes):
+                    for piece in batch.add(data):
+                        yield piece
             except OSError as exc:
                 raise FileOpError(_os_words(entry.path, exc)) from None
-            yield digest(info.name, info.size, sha.hexdigest())
-            lead = bytearray(padding(info.size))
+            for piece in batch.add(padding(info.size)):
+                yield piece
+            batch.digests.append(digest(info.name, info.size, sha.hexdigest()))
         else:
-            lead += header(info)
-            if len(lead) >= CHUNK:
-                yield bytes(lead)
-                lead = bytearray()
+            for piece in batch.add(header(info)):
+                yield piece
         if info.type in (tarfile.REGTYPE, tarfile.LNKTYPE):
             on_file(info.name)
-    yield bytes(lead + END_OF_ARCHIVE)
+    for piece in [*batch.add(END_OF_ARCHIVE), *batch.rest()]:
+        yield piece
 
 
-def _file_pieces(
-    path: str,
-    info: tarfile.TarInfo,
-    lead: bytes,
-    sha: Any,
-    on_bytes: Callable[[int], None],
+class _Batch:
+    """Tar bytes joined into pieces of at most CHUNK (a frame each: a larger piece would be
+    cut and copied again), each followed by the digests of the files that ended in it."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.digests: list[object] = []
+
+    def add(self, data: bytes) -> list[bytes | object]:
+        """Adds ``data``; returns what must go first to keep pieces within CHUNK."""
+        pieces = self.rest() if self.size + len(data) > CHUNK else []
+        if data:
+            self.parts.append(data)
+            self.size += len(data)
+        return pieces
+
+    def rest(self) -> list[bytes | object]:
+        """The bytes so far as one piece (a lone chunk is not copied), then the digests."""
+        pieces: list[bytes | object] = []
+        if self.parts:
+            pieces.append(self.parts[0] if len(self.parts) == 1 else b"".join(self.parts))
+        pieces += self.digests
+        self.parts, self.size, self.digests = [], 0, []
+        return pieces
+
+
+def _file_data(
+    path: str, info: tarfile.TarInfo, sha: Any, on_bytes: Callable[[int], None]
 ) -> Iterator[bytes]:
-    """``lead``, the header and the data of one regular file, in pieces of about CHUNK."""
+    """The data of one regular file, in chunks of at most CHUNK, hashed as read."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        first = lead + header(info)
         remaining = info.size
         while remaining:
             data = os.read(fd, min(CHUNK, remaining))
@@ -227,10 +253,7 @@ def _file_pieces(
             remaining -= len(data)
             sha.update(data)
             on_bytes(len(data))
-            yield first + data if first else data
-            first = b""
-        if first:
-            yield first
+            yield data
     finally:
         os.close(fd)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import struct
 import tarfile
+import zlib
 from collections.abc import Mapping
 
 BLOCK = 512
@@ -28,6 +29,17 @@ _PAX_NAME = b"././@PaxHeader"
 _PAX_OVERRIDES = frozenset({"path", "linkpath", "uname", "gname", "size", "uid", "gid"})
 _OCTAL_8 = 8**7
 _OCTAL_12 = 8**11
+
+
+def byte_sum(block: bytes | bytearray) -> int:
+    """``sum(block)`` of a header block, the checksum's sum, in a quarter of the time.
+
+    Why: ``sum`` walks the 512 bytes as Python ints (2-3 us, twice per file of a tree). With at
+    most 256 non-zero bytes (any header but a long name's) the sum is at most 65,280, below
+    Adler-32's modulus, so Adler-32's low half (1 + the byte sum, modulo 65,521) is exact."""
+    if block.count(0) >= len(block) - 256:
+        return (zlib.adler32(block) & 0xFFFF) - 1
+    return sum(block)
 
 
 def _octal(value: int, width: int) -> bytes:
@@ -65,7 +77,7 @@ def _ustar_block(
             b"",
         )
     )
-    block[148:155] = b"%06o\0" % sum(block)
+    block[148:155] = b"%06o\0" % byte_sum(block)
     return bytes(block)
 
 
@@ -138,6 +150,11 @@ def _number(field: bytes) -> int:
     return int(field.partition(b"\0")[0] or b"0", 8)
 
 
+def _device(field: bytes) -> int:
+    """A device number: the NULs of a header that has none (ours) need no parsing."""
+    return 0 if field == _NO_DEVICE else _number(field)
+
+
 def decode_header(block: bytes) -> tarfile.TarInfo:
     """``TarInfo.frombuf(block, "utf-8", "surrogateescape")``, in one step for POSIX headers.
 
@@ -149,10 +166,10 @@ def decode_header(block: bytes) -> tarfile.TarInfo:
     kind: bytes = fields[7]
     try:
         mode, uid, gid, size, mtime, chksum = map(_number, fields[1:7])
-        devmajor, devminor = _number(fields[12]), _number(fields[13])
+        devmajor, devminor = _device(fields[12]), _device(fields[13])
     except ValueError:
         return tarfile.TarInfo.frombuf(block, _ENCODING, _ERRORS)
-    unsigned = 256 + sum(block) - sum(block[148:156])
+    unsigned = 256 + byte_sum(block) - sum(block[148:156])
     if chksum != unsigned or kind == tarfile.GNUTYPE_SPARSE:
         return tarfile.TarInfo.frombuf(block, _ENCODING, _ERRORS)  # signed sums, sparse maps
     info = tarfile.TarInfo(_text(fields[0]))

@@ -10,8 +10,9 @@ never reaches the caller without its header having been parsed first, and a regu
 only reported ``Verified`` once the vault's digest matched the bytes this side hashed.
 
 While a digest is awaited the reader parses nothing further (bytes are held, bounded), so
-wherever the sender puts the digest (right after the data, or after the padding) the
-extractor never sees a later member before the current file is settled.
+wherever the sender puts the digest (right after the data, after the padding, or after the
+frame of joined members the data ended in) the extractor never sees a later member before
+the current file is settled.
 
 The same reader parses a plain tar (``expect_digests=False``: standard input with ``-r``),
 reporting each file's SHA-256 in ``FileEnded`` so the writer can add the digests.
