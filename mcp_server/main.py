@@ -95,7 +95,6 @@ def main(argv: list[str] | None = None) -> int:
     from flyvault.redact import install_log_filter
 
     install_log_filter()  # every record the root handler writes is scrubbed of secrets
-    __import__("flyvault.heap").heap.reuse_freed_buffers()
     from flyvault.errors import VaultError
 
     try:

@@ -113,9 +113,16 @@ def tar_get(
     from .files_worker import Accounts
 
     walk = _Walk(_Out(channel), follow, Accounts.load(), defer_above, exact_mtimes)
-    for top in paths:
-        os.stat(top, follow_symlinks=follow)  # a missing top is an error naming it
-        _add(walk, top, os.path.basename(top.rstrip("/")) or ".")
+    try:
+        for top in paths:
+            os.stat(top, follow_symlinks=follow)  # a missing top is an error naming it
+            _add(walk, top, os.path.basename(top.rstrip("/")) or ".")
+    except Exception:
+        # The files that ended before the error still land, verified (their digests were
+        # held for the frame): the client keeps what was verified before the ERROR.
+        with contextlib.suppress(Exception):
+            walk.out.flush()
+        raise
     walk.out.write(END_OF_ARCHIVE)
     walk.out.flush()
     channel.result(walk.counts)

@@ -40,6 +40,7 @@ from flyvault.errors import (
     VaultError,
     file_error,
 )
+from flyvault.heap import reuse_freed_buffers
 from flyvault.protocol.codec import FrameDecoder
 from flyvault.protocol.constants import ERROR_FRAME
 from flyvault.protocol.files import MAX_FRAME, decode_offset
@@ -651,6 +652,7 @@ def child_main(sock: socket.socket, request: FileRequest, target: Target) -> Non
     status = 0
     try:
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        reuse_freed_buffers()  # one operation, then gone: what it keeps goes with it
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         held = (target.mount_ns, target.root, *target.cgroup_procs)
         keep = {sock.fileno(), *(fd for fd in held if fd is not None)}

@@ -258,7 +258,6 @@ def main(argv: list[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     __import__("flyvault.redact").redact.install_log_filter()  # no secret in any log line
-    __import__("flyvault.heap").heap.reuse_freed_buffers()  # its file workers inherit it
     from flyvault.config_values import parse_address
     from flyvault.errors import VaultError
     from flyvault.transport.endpoint import forced_datagram_size

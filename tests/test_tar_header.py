@@ -117,14 +117,15 @@ def test_gnu_and_ustar_headers_of_other_tools_are_read() -> None:
 @st.composite
 def blocks(draw: st.DrawFn) -> bytes:
     """512 bytes, any number of them non-zero, the bytes at the edges included."""
+    rng = draw(st.randoms(use_true_random=False))
     nonzero = draw(st.integers(0, 512))
     block = bytearray(512)
-    for index in draw(st.permutations(range(512)))[:nonzero]:
-        block[index] = draw(st.sampled_from([1, 0x20, 0x30, 0x7F, 0xFF]))
+    for index in rng.sample(range(512), nonzero):
+        block[index] = rng.choice((1, 0x20, 0x30, 0x7F, 0xFF))
     return bytes(block)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(blocks())
 def test_the_checksums_byte_sum_is_exact(block: bytes) -> None:
     from flyvault.protocol.tar_header import byte_sum

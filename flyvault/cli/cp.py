@@ -43,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
 
     # Looked up before the event loop: the lookup (and a keeper's start) is synchronous.
     keepers = {name: keeper_socket(args, name) for name in configs}
+    from flyvault.heap import reuse_freed_buffers
+
+    reuse_freed_buffers()  # after the keeper's start: a long-lived keeper keeps the defaults
     return asyncio.run(_copy(args, sources, dest, configs, keepers))
 
 

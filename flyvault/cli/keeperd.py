@@ -123,9 +123,6 @@ def main(argv: list[str]) -> None:
     if ready_fd is None:
         after_caller(int(caller), listener, CALLER_HEAD_START)
     from flyvault.cli.mux import keeper_process
-    from flyvault.heap import reuse_freed_buffers
-
-    reuse_freed_buffers()
     keeper_process(name, socket_path, ready_fd, listener)
 
 

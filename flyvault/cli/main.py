@@ -506,7 +506,6 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout, sys.stderr = ScrubbingStream(sys.stdout), ScrubbingStream(sys.stderr)  # type: ignore[assignment]
     try:
         configure_logging(args.log_file, args.verbose)
-        __import__("flyvault.heap").heap.reuse_freed_buffers()
         code: int = args.run(args)
         return code
     except VaultError as exc:

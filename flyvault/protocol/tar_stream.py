@@ -33,7 +33,8 @@ BLOCK = 512
 END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
 #: A pax extended header or GNU long name larger than this is refused, not buffered.
 MAX_META_BYTES = 1024 * 1024
-#: Bytes held while a file's digest is awaited (the padding and a few headers).
+#: Bytes held while a file's digest is awaited: what followed its data in the frames that
+#: came before the digest (our senders put it within 512 KiB).
 MAX_HELD_BYTES = 4 * 1024 * 1024
 #: Types that carry data in the archive.
 DATA_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
