@@ -474,19 +474,11 @@ def test_the_sparse_writer_writes_exactly_the_data_in_any_pieces(
     assert path.read_bytes() == prefix + data
 
 
-def test_a_long_run_of_links_goes_in_bounded_pieces(tmp_path: Path) -> None:
-    """Headers without data between files are sent once they fill a piece: no piece grows
-    with the length of the run (it was rebuilt for every header, quadratic in it)."""
-    import tarfile as tarfile_module
+def _pieces_of(top: Path, name: str) -> list[Any]:
+    """``tree_pieces`` of the tree at ``top``; a digest is ("digest", name, size, sha256)."""
+    from flyvault.client.copy_source import scan, tree_pieces
 
-    from flyvault.client.copy_source import CHUNK, scan, tree_pieces
-
-    top = tmp_path / "links"
-    top.mkdir()
-    for index in range(1500):
-        (top / f"l{index:04d}").symlink_to(f"target-{index}")
-    (top / "zz-file").write_bytes(b"data")
-    tree = scan([(str(top), "links")], recursive=True, follow_symlinks=False, preserve=False)
+    tree = scan([(str(top), name)], recursive=True, follow_symlinks=False, preserve=False)
 
     async def collect() -> list[Any]:
         return [
@@ -496,7 +488,22 @@ def test_a_long_run_of_links_goes_in_bounded_pieces(tmp_path: Path) -> None:
             )
         ]
 
-    pieces = asyncio.run(collect())
+    return asyncio.run(collect())
+
+
+def test_a_long_run_of_links_goes_in_bounded_pieces(tmp_path: Path) -> None:
+    """Headers without data between files are sent once they fill a piece: no piece grows
+    with the length of the run (it was rebuilt for every header, quadratic in it)."""
+    import tarfile as tarfile_module
+
+    from flyvault.client.copy_source import CHUNK
+
+    top = tmp_path / "links"
+    top.mkdir()
+    for index in range(1500):
+        (top / f"l{index:04d}").symlink_to(f"target-{index}")
+    (top / "zz-file").write_bytes(b"data")
+    pieces = _pieces_of(top, "links")
     data = [piece for piece in pieces if isinstance(piece, bytes)]
     assert max(len(piece) for piece in data) < CHUNK + 4096
     assert [piece for piece in pieces if not isinstance(piece, bytes)] == [
@@ -511,24 +518,14 @@ def test_small_files_go_several_to_a_piece_with_their_digests_after(tmp_path: Pa
     """A tree of small files costs about a frame per file (its digest), not two: the bytes
     go in pieces of about CHUNK, each followed by the digests of the files it ended, and a
     strict reader verifies every file from them."""
-    from flyvault.client.copy_source import CHUNK, scan, tree_pieces
+    from flyvault.client.copy_source import CHUNK
     from flyvault.protocol.tar_stream import TarReader, Verified
 
     top = tmp_path / "small"
     top.mkdir()
     for index in range(400):
         (top / f"f{index:03d}").write_bytes(os.urandom(1000 + index))
-    tree = scan([(str(top), "small")], recursive=True, follow_symlinks=False, preserve=False)
-
-    async def collect() -> list[Any]:
-        return [
-            piece
-            async for piece in tree_pieces(
-                tree, lambda *a: ("digest", *a), lambda n: None, lambda n: None
-            )
-        ]
-
-    pieces = asyncio.run(collect())
+    pieces = _pieces_of(top, "small")
     data = [piece for piece in pieces if isinstance(piece, bytes)]
     total = sum(len(piece) for piece in data)  # pax headers too, where a uid needs them
     assert len(data) <= total // CHUNK + 2 and max(len(piece) for piece in data) <= CHUNK

@@ -36,6 +36,22 @@ def make_tree(root: Path) -> None:
     os.utime(root / "app/empty", ns=(1_500_000_000_000_000_000,) * 2)
 
 
+def _round_trip(top: Path, dest: Path, preserve: bool) -> Any:
+    """A body for ``on_vault``: tar_get of ``top``, its pieces kept and put into ``dest``."""
+
+    async def body(vault: Any) -> Any:
+        files = vault.files()
+        pieces = [piece async for piece in files.tar_get([str(top)])]
+
+        async def replay() -> AsyncIterator[Any]:
+            for piece in pieces:
+                yield piece
+
+        return pieces, await files.tar_put(str(dest), replay(), preserve=preserve)
+
+    return body
+
+
 def test_tar_get_then_tar_put_round_trips_a_tree(
     init_process: InitProcess, issuer: OidcIssuer, tmp_path: Path
 ) -> None:
@@ -44,17 +60,7 @@ def test_tar_get_then_tar_put_round_trips_a_tree(
     dest.mkdir()
     make_tree(source)
 
-    async def body(vault: Any) -> Any:
-        files = vault.files()
-        pieces = [piece async for piece in files.tar_get([str(source / "app")])]
-
-        async def replay() -> AsyncIterator[Any]:
-            for piece in pieces:
-                yield piece
-
-        return pieces, await files.tar_put(str(dest), replay(), preserve=True)
-
-    pieces, result = on_vault(init_process, issuer, body)
+    pieces, result = on_vault(init_process, issuer, _round_trip(source / "app", dest, True))
     digests = [p for p in pieces if isinstance(p, MemberDigest)]
     assert {d.name for d in digests} == {"app/hard.txt", "app/sparse.bin"}  # first name wins
     assert (result.files, result.symlinks) == (3, 1) and result.dirs == 3  # a hardlink counts
@@ -208,17 +214,7 @@ def test_small_files_share_frames_and_their_digests_follow(
     for index in range(300):
         (source / "many" / f"f{index:03d}").write_bytes(os.urandom(700 + index))
 
-    async def body(vault: Any) -> Any:
-        files = vault.files()
-        pieces = [piece async for piece in files.tar_get([str(source / "many")])]
-
-        async def replay() -> AsyncIterator[Any]:
-            for piece in pieces:
-                yield piece
-
-        return pieces, await files.tar_put(str(dest), replay())
-
-    pieces, result = on_vault(init_process, issuer, body)
+    pieces, result = on_vault(init_process, issuer, _round_trip(source / "many", dest, False))
     data = [piece for piece in pieces if not isinstance(piece, MemberDigest)]
     digests = [piece for piece in pieces if isinstance(piece, MemberDigest)]
     total = sum(len(piece) for piece in data)
