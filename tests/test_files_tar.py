@@ -261,3 +261,34 @@ def test_files_finished_before_an_error_still_get_their_digests(tmp_path: Path) 
     assert names == ["top/a", "top/b"]
     with tarfile.open(fileobj=io.BytesIO(sent[0][1]), mode="r|") as archive:
         assert [member.name for member in archive] == ["top", "top/a", "top/b"]
+
+
+def test_a_local_file_gone_mid_tree_keeps_the_files_sent_before_it(
+    init_process: InitProcess, issuer: OidcIssuer, tmp_path: Path
+) -> None:
+    """A source file that vanished after the scan stops the upload with its name; the small
+    files before it, whose digests were still held for their piece, land all the same (the
+    stream is ended, not reset), and nothing of it or after it is stored."""
+    from flyvault.client.copy_source import scan, tree_pieces
+
+    top, dest = tmp_path / "tree", tmp_path / "dst"
+    top.mkdir()
+    dest.mkdir()
+    for index in range(20):
+        (top / f"a{index:02d}").write_bytes(os.urandom(900))
+    (top / "m-gone").write_bytes(b"soon gone")
+    (top / "z-after").write_bytes(b"never sent")
+    tree = scan([(str(top), "tree")], recursive=True, follow_symlinks=False, preserve=False)
+    (top / "m-gone").unlink()
+
+    async def body(vault: Any) -> Any:
+        pieces = tree_pieces(tree, MemberDigest, lambda n: None, lambda n: None)
+        with pytest.raises(FileOpError, match="m-gone"):
+            await vault.files().tar_put(str(dest), pieces)
+
+    on_vault(init_process, issuer, body)
+    landed = sorted(path.name for path in (dest / "tree").iterdir())
+    assert landed == [f"a{index:02d}" for index in range(20)]
+    for index in range(20):
+        name = f"a{index:02d}"
+        assert (dest / "tree" / name).read_bytes() == (top / name).read_bytes()

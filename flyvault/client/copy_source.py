@@ -198,7 +198,13 @@ async def tree_pieces(
                 for data in _file_data(entry.path, info, sha, on_bytes):
                     for piece in batch.add(data):
                         yield piece
-            except OSError as exc:
+            except (OSError, FileOpError) as exc:
+                # The files that ended before this one go with their digests, so they land
+                # (the consumer then ends the stream; this file's part is refused there).
+                for piece in batch.rest():
+                    yield piece
+                if isinstance(exc, FileOpError):
+                    raise
                 raise FileOpError(_os_words(entry.path, exc)) from None
             for piece in batch.add(padding(info.size)):
                 yield piece

@@ -602,6 +602,9 @@ class RemoteFiles:
                 exchange.flush()
             except TransportError as lost:
                 raise await exchange.refusal_after(lost) from None
+            except Exception:
+                await _abandon(exchange)  # the source failed: what it sent before still lands
+                raise
             result = await exchange.answer()
         except Timeout:
             raise
@@ -623,13 +626,16 @@ ABANDON_WAIT = 10.0
 async def _abandon(exchange: _Exchange) -> None:
     """The source failed in the middle of a write. With a size declared, END now makes the
     vault refuse the short file and remove what it received (a partial left behind would
-    never be resumed: the source changed, and so did its resume key); otherwise the stream
-    is reset (an upload without a resume key then leaves nothing either)."""
+    never be resumed: the source changed, and so did its resume key). In a tar_put, END
+    lands the files whose data and digest were sent, and the vault refuses the rest (the
+    stream has no end-of-archive marker). Otherwise the stream is reset (an upload without
+    a resume key then leaves nothing either)."""
     import asyncio
 
     machine = exchange.machine
+    ends = machine.request.size is not None or machine.request.op is FileOp.TAR_PUT
     try:
-        if machine.may_send and machine.request.size is not None:
+        if machine.may_send and ends:
             machine.finish(_loop_time())
             exchange.flush()
             async with asyncio.timeout(ABANDON_WAIT):
