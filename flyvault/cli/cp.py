@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     keepers = {name: keeper_socket(args, name) for name in configs}
     from flyvault.heap import reuse_freed_buffers
 
-    reuse_freed_buffers()  # after the keeper's start: a long-lived keeper keeps the defaults
+    reuse_freed_buffers()  # this process only (a keeper is spawned and exec'd: glibc's own)
     return asyncio.run(_copy(args, sources, dest, configs, keepers))
 
 

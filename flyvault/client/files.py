@@ -605,6 +605,9 @@ class RemoteFiles:
             except Exception:
                 await _abandon(exchange)  # the source failed: what it sent before still lands
                 raise
+            except BaseException:  # cancelled: nothing awaited, the vault's worker freed now
+                exchange.stream.abort()
+                raise
             result = await exchange.answer()
         except Timeout:
             raise
