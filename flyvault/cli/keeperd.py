@@ -123,6 +123,7 @@ def main(argv: list[str]) -> None:
     if ready_fd is None:
         after_caller(int(caller), listener, CALLER_HEAD_START)
     from flyvault.cli.mux import keeper_process
+
     keeper_process(name, socket_path, ready_fd, listener)
 
 

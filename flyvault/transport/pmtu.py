@@ -54,32 +54,35 @@ def discovery_enabled() -> bool:
     return env_switch(PMTU_ENV, default=True, error=ConfigError)
 
 
-def interface_ceiling(sock: socket.socket, limit: int) -> int:
-    """The largest UDP payload the route of a connected socket allows, at most ``limit``
-    (a larger probe could only fail with EMSGSIZE)."""
+def _route_payload(sock: socket.socket) -> int | None:
+    """The largest UDP payload the route of a connected socket carries (its MTU less the
+    IP and UDP headers), or None where the kernel does not say (not Linux)."""
     v6 = sock.family == socket.AF_INET6
     try:
         mtu = sock.getsockopt(
             socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP, IPV6_MTU if v6 else IP_MTU
         )
     except OSError:
-        return limit
-    return max(BASE_PLPMTU, min(limit, mtu - (IPV6_OVERHEAD if v6 else IPV4_OVERHEAD)))
+        return None
+    return int(mtu) - (IPV6_OVERHEAD if v6 else IPV4_OVERHEAD)
+
+
+def interface_ceiling(sock: socket.socket, limit: int) -> int:
+    """The largest UDP payload the route of a connected socket allows, at most ``limit``
+    (a larger probe could only fail with EMSGSIZE)."""
+    payload = _route_payload(sock)
+    return limit if payload is None else max(BASE_PLPMTU, min(limit, payload))
 
 
 def loopback_payload_limit(family: int) -> int | None:
-    """The largest UDP payload the loopback device carries for ``family`` (its MTU less
-    the IP and UDP headers), or None where the kernel does not say (not Linux)."""
-    v6 = family == socket.AF_INET6
+    """The largest UDP payload the loopback device carries for ``family``, or None where
+    the kernel does not say (not Linux)."""
     try:
         with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            probe.connect(("::1" if v6 else "127.0.0.1", 9))  # UDP: nothing is sent
-            mtu = probe.getsockopt(
-                socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP, IPV6_MTU if v6 else IP_MTU
-            )
+            probe.connect(("::1" if family == socket.AF_INET6 else "127.0.0.1", 9))  # UDP: nothing sent
+            return _route_payload(probe)
     except OSError:
         return None
-    return int(mtu) - (IPV6_OVERHEAD if v6 else IPV4_OVERHEAD)
 
 
 class PathMtuDriver:
