@@ -46,6 +46,7 @@ from flyvault.protocol.tar_stream import (
     DataReceived,
     FileEnded,
     MemberStarted,
+    PieceBatcher,
     TarReader,
     TarStreamError,
     Verified,
@@ -60,31 +61,28 @@ _OPEN_DIRS = 256
 
 
 class _Out:
-    """Tar bytes into DATA frames of MAX_DATA bytes, each followed by the digests of the
-    files whose data ended in it: a frame per file less than flushing after each file (the
-    client holds what follows a file's data until its digest comes)."""
+    """Tar bytes into DATA frames of at most MAX_DATA bytes, each followed by the digests of
+    the files whose data ended in it (``PieceBatcher``)."""
 
     def __init__(self, channel: Any) -> None:
         self.channel = channel
-        self.buffer = bytearray()
-        self.digests: list[bytes] = []
+        self.pieces: PieceBatcher[MemberDigest] = PieceBatcher(MAX_DATA)
 
     def write(self, data: bytes) -> None:
-        self.buffer += data
-        if len(self.buffer) >= MAX_DATA:
-            self.flush()
+        self._send(self.pieces.add(data))
 
     def digest(self, digest: MemberDigest) -> None:
-        self.digests.append(digest.encode())
+        self.pieces.digest(digest)
 
     def flush(self) -> None:
-        buffer, self.buffer = self.buffer, bytearray()
-        with memoryview(buffer) as view:  # the channel copies each frame out once
-            for start in range(0, len(view), MAX_DATA):
-                self.channel.send(FileFrame.DATA, view[start : start + MAX_DATA])
-        for digest in self.digests:
-            self.channel.send(FileFrame.DIGEST, digest)
-        self.digests.clear()
+        self._send(self.pieces.rest())
+
+    def _send(self, pieces: list[bytes | MemberDigest]) -> None:
+        for piece in pieces:
+            if isinstance(piece, MemberDigest):
+                self.channel.send(FileFrame.DIGEST, piece.encode())
+            else:
+                self.channel.send(FileFrame.DATA, piece)
 
 
 @dataclass

@@ -32,6 +32,7 @@ from flyvault.protocol.tar_stream import (
     DataReceived,
     FileEnded,
     MemberStarted,
+    PieceBatcher,
     TarReader,
     header,
     padding,
@@ -182,12 +183,9 @@ async def tree_pieces(
 ) -> AsyncIterator[bytes | object]:
     """The pax stream of ``tree``: header, data, padding, and ``digest(name, size, sha256)``.
 
-    Every piece costs a frame at each hop, so small members are joined: headers, data and
-    padding go in pieces of about CHUNK bytes, each followed by the digests of the files
-    whose data ended in it. The receiver holds what follows a file's data until its digest
-    comes (``TarReader``), so it holds at most a piece. A tree of small files so costs about
-    one frame per file (its digest) instead of two."""
-    batch = _Batch()
+    Small members are joined into pieces of at most CHUNK bytes, each followed by the
+    digests of the files whose data ended in it (``PieceBatcher``)."""
+    batch: PieceBatcher[object] = PieceBatcher(CHUNK)
     for entry in tree.entries:
         info = entry.info
         if info.type == tarfile.REGTYPE:
@@ -208,7 +206,7 @@ async def tree_pieces(
                 raise FileOpError(_os_words(entry.path, exc)) from None
             for piece in batch.add(padding(info.size)):
                 yield piece
-            batch.digests.append(digest(info.name, info.size, sha.hexdigest()))
+            batch.digest(digest(info.name, info.size, sha.hexdigest()))
         else:
             for piece in batch.add(header(info)):
                 yield piece
@@ -216,33 +214,6 @@ async def tree_pieces(
             on_file(info.name)
     for piece in [*batch.add(END_OF_ARCHIVE), *batch.rest()]:
         yield piece
-
-
-class _Batch:
-    """Tar bytes joined into pieces of at most CHUNK (a frame each: a larger piece would be
-    cut and copied again), each followed by the digests of the files that ended in it."""
-
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-        self.size = 0
-        self.digests: list[object] = []
-
-    def add(self, data: bytes) -> list[bytes | object]:
-        """Adds ``data``; returns what must go first to keep pieces within CHUNK."""
-        pieces = self.rest() if self.size + len(data) > CHUNK else []
-        if data:
-            self.parts.append(data)
-            self.size += len(data)
-        return pieces
-
-    def rest(self) -> list[bytes | object]:
-        """The bytes so far as one piece (a lone chunk is not copied), then the digests."""
-        pieces: list[bytes | object] = []
-        if self.parts:
-            pieces.append(self.parts[0] if len(self.parts) == 1 else b"".join(self.parts))
-        pieces += self.digests
-        self.parts, self.size, self.digests = [], 0, []
-        return pieces
 
 
 def _file_data(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import tarfile
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from flyvault.errors import IntegrityError, RemoteProtocolError
 
@@ -77,6 +78,45 @@ class ArchiveEnded:
 
 
 TarEvent = MemberStarted | DataReceived | FileEnded | Verified | ArchiveEnded
+
+
+#: A sender's digest, as it hands it to ``PieceBatcher`` (never ``bytes``).
+Digest = TypeVar("Digest")
+
+
+class PieceBatcher(Generic[Digest]):
+    """A sender's tar bytes joined into pieces of at most ``limit`` bytes (a frame each), each
+    followed by the digests of the files whose data ended in it: a tree of small files costs
+    about one frame per file (its digest) instead of two. The receiver holds what follows a
+    file's data until its digest comes (``TarReader``), so it holds at most a piece."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._digests: list[Digest] = []
+
+    def add(self, data: bytes) -> list[bytes | Digest]:
+        """Adds ``data`` (at most ``limit``); returns what must go first to keep the limit."""
+        pieces = self.rest() if self._size + len(data) > self.limit else []
+        if data:
+            self._parts.append(data)
+            self._size += len(data)
+        return pieces
+
+    def digest(self, digest: Digest) -> None:
+        """The digest of the file whose data ``add`` took last: it goes after this piece."""
+        self._digests.append(digest)
+
+    def rest(self) -> list[bytes | Digest]:
+        """The bytes so far as one piece (a lone part is not copied), then the digests."""
+        pieces: list[bytes | Digest] = []
+        if self._parts:
+            parts = self._parts
+            pieces.append(parts[0] if len(parts) == 1 else b"".join(parts))
+        pieces += self._digests
+        self._parts, self._size, self._digests = [], 0, []
+        return pieces
 
 
 def padding(size: int) -> bytes:
