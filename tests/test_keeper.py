@@ -329,13 +329,12 @@ def test_a_large_file_goes_over_a_connection_of_its_own(
     assert row["connects"] == 1  # the keeper itself never reconnected
 
 
-def test_a_large_tree_goes_over_a_connection_of_its_own(
+def test_a_tree_goes_through_the_keeper_whatever_its_size(
     vault: str, init_process: InitProcess, tmp_path: Path
 ) -> None:
-    """cp -r up through a keeper: a tree whose streamed bytes (its files of at most
-    LARGE_FILE) reach TREE_DIRECT_FROM goes over a connection of the cp's own; a smaller
-    tree uses the keeper's."""
-    from flyvault.client.copy_engine import LARGE_FILE, TREE_DIRECT_FROM
+    """cp -r up through a keeper: a tree's stream stays on the keeper's connection, also when
+    its files of at most LARGE_FILE hold 64 MiB (which once took a connection of its own)."""
+    from flyvault.client.copy_engine import LARGE_FILE
 
     def connections() -> int:
         return init_process.log.read_text().count("authenticated")
@@ -345,16 +344,15 @@ def test_a_large_tree_goes_over_a_connection_of_its_own(
     large.mkdir()
     (small / "a").write_bytes(b"a" * 1000)
     chunk = os.urandom(LARGE_FILE)  # LARGE_FILE itself still travels in the stream
-    for i in range(-(-TREE_DIRECT_FROM // LARGE_FILE)):
+    for i in range(64 * 1024 * 1024 // LARGE_FILE):
         (large / f"f{i}").write_bytes(chunk[i:] + chunk[:i])
     assert fv("exec", vault, "--", "true").returncode == 0  # the keeper is up
     before = connections()
     result = fv("cp", "-r", str(small), f"{vault}:{tmp_path}/small-up")
     assert result.returncode == 0, result.stderr
-    assert connections() == before
     result = fv("cp", "-r", str(large), f"{vault}:{tmp_path}/large-up", timeout=120)
     assert result.returncode == 0, result.stderr
-    assert connections() == before + 1
+    assert connections() == before
     assert filecmp.dircmp(large, tmp_path / "large-up").diff_files == []
     assert sorted(p.name for p in (tmp_path / "large-up").iterdir()) == sorted(
         p.name for p in large.iterdir()

@@ -48,11 +48,6 @@ LARGE_FILE = 8 * 1024 * 1024
 #: vault's connection keeper (``RemoteFiles.for_bulk``): its own connection costs one more
 #: handshake (~0.1 s); the keeper's extra hop costs about a fifth of a large file's time.
 DIRECT_FROM = 128 * 1024 * 1024
-#: The same for a tree sent up whose small files hold this many bytes: a stream of small
-#: files costs the keeper's hop more per byte (measured on 2 cores, tmpfs: 3,000 and 5,000
-#: files of 10 kB were faster through the keeper, 10,000 were not). A download's size is
-#: not known before it starts, so a tree always comes down through the keeper.
-TREE_DIRECT_FROM = 64 * 1024 * 1024
 #: What leaves a download's verified partial file in place for the next run: a connection
 #: that did not come back, Ctrl-C (the copy's task cancelled). Its prefix is checked against
 #: the vault's SHA-256 before it is trusted.
@@ -240,10 +235,10 @@ class _Options:
         return self.user in (None, "root")
 
 
-def for_size(files: Any, size: int, direct_from: int = DIRECT_FROM) -> Any:
-    """The file operations to move ``size`` bytes with: a large file's (or tree's) go over a
-    connection of their own (``DIRECT_FROM``, ``TREE_DIRECT_FROM``)."""
-    return files.for_bulk() if size >= direct_from else files
+def for_size(files: Any, size: int) -> Any:
+    """The file operations to move one file's ``size`` bytes with: a large file's go over a
+    connection of their own (``DIRECT_FROM``)."""
+    return files.for_bulk() if size >= DIRECT_FROM else files
 
 
 def _remote_path(path: str) -> str:
