@@ -128,6 +128,17 @@ class TarVault:
                 return
             yield piece
 
+    async def tar_get_batches(self, paths: list[str], **options: Any) -> AsyncIterator[Any]:
+        """``tar_get``'s pieces in lists of up to three, as the stream's batches come."""
+        batch: list[Any] = []
+        async for piece in self.tar_get(paths, **options):
+            batch.append(piece)
+            if len(batch) == 3:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
 
 @dataclass
 class _Info:

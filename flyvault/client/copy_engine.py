@@ -329,6 +329,8 @@ async def _receive_tree(
     files: Any, paths: list[str], reader: Any, writer: Any, options: _Options, tracker: _Tracker
 ) -> list[tuple[Any, int, int]]:
     """The tar stream into ``writer``; returns the deferred members (info, mtime, size)."""
+    from contextlib import aclosing
+
     from flyvault.protocol.files_messages import DEFERRED_RECORD
     from flyvault.protocol.tar_stream import (
         ArchiveEnded,
@@ -338,45 +340,54 @@ async def _receive_tree(
         Verified,
     )
 
-    from .copy_local import refuse
-
     deferred: list[tuple[Any, int, int]] = []
     seen: set[str] = set()
-    skipping: str | None = None
-    pieces = files.tar_get(
+    skipping: str | None = None  # a deferred member: its (empty) file events are not written
+    batches = files.tar_get_batches(
         paths,
         follow_symlinks=options.follow_symlinks,
         defer_above=LARGE_FILE,
         exact_mtimes=options.preserve,
     )
-    async for piece in pieces:
-        if isinstance(piece, bytes | bytearray | memoryview):
-            events = reader.feed(bytes(piece))
-        else:
-            events = reader.digest(piece.name, piece.size, piece.sha256)
-        for event in events:
-            if isinstance(event, MemberStarted) and DEFERRED_RECORD in event.info.pax_headers:
-                size_text = event.info.pax_headers[DEFERRED_RECORD]
-                if not size_text.isdigit() or event.info.size:
-                    raise refuse(event.info.name, f"a malformed deferred size {size_text!r}")
-                if event.info.name not in seen:  # a retried stream sends it again
-                    seen.add(event.info.name)
-                    deferred.append((event.info, event.mtime_ns, int(size_text)))
-                skipping = event.info.name
-                continue
-            if skipping is not None and isinstance(event, FileEnded | Verified):
-                if isinstance(event, Verified):
-                    skipping = None
-                continue
-            if isinstance(event, ArchiveEnded):
-                continue  # directories are finished after the large files
-            writer.handle(event)
-            if isinstance(event, DataReceived):
-                tracker.bytes(len(event.data))
-            elif isinstance(event, FileEnded):
-                tracker.file(event.name)
+    async with aclosing(batches):
+        async for batch in batches:
+            for piece in batch:
+                if isinstance(piece, bytes | bytearray | memoryview):
+                    events = reader.feed(piece if type(piece) is bytes else bytes(piece))
+                else:  # a MemberDigest
+                    events = reader.digest(piece.name, piece.size, piece.sha256)
+                # Dispatched by exact type, the most frequent first: ~40,000 events a tree.
+                for event in events:
+                    if type(event) is DataReceived:
+                        writer.handle(event)
+                        tracker.bytes(len(event.data))
+                    elif skipping is not None and type(event) in (FileEnded, Verified):
+                        if type(event) is Verified:
+                            skipping = None
+                    elif type(event) is MemberStarted and DEFERRED_RECORD in event.info.pax_headers:
+                        skipping = _defer(event, seen, deferred)
+                    elif type(event) is not ArchiveEnded:  # directories: after the large files
+                        writer.handle(event)
+                        if type(event) is FileEnded:
+                            tracker.file(event.name)
     reader.close()
     return deferred
+
+
+def _defer(event: Any, seen: set[str], deferred: list[tuple[Any, int, int]]) -> str:
+    """A member the vault sent as a header only: fetched after the stream. Its name."""
+    from flyvault.protocol.files_messages import DEFERRED_RECORD
+
+    from .copy_local import refuse
+
+    info = event.info
+    size_text = info.pax_headers[DEFERRED_RECORD]
+    if not size_text.isdigit() or info.size:
+        raise refuse(info.name, f"a malformed deferred size {size_text!r}")
+    if info.name not in seen:  # a retried stream sends it again
+        seen.add(info.name)
+        deferred.append((info, event.mtime_ns, int(size_text)))
+    return str(info.name)
 
 
 def _partial_name(path: str, info: Any, local: str) -> str:

@@ -175,18 +175,19 @@ class LocalTreeWriter:
     # -- events -------------------------------------------------------------------------
 
     def handle(self, event: TarEvent) -> None:
-        if isinstance(event, DataReceived):
+        # By exact type (the event classes are @final), the most frequent first: ~4 a file.
+        if type(event) is DataReceived:
             assert self._pending is not None
             self._pending.writer.write(event.data)
             self.counts.bytes += len(event.data)
-        elif isinstance(event, MemberStarted):
+        elif type(event) is MemberStarted:
             self._member(event.info, event.mtime_ns)
-        elif isinstance(event, FileEnded):
+        elif type(event) is FileEnded:
             assert self._pending is not None
             self._pending.writer.finish(event.size)
-        elif isinstance(event, Verified):
+        elif type(event) is Verified:
             self._land()
-        elif isinstance(event, ArchiveEnded):
+        elif type(event) is ArchiveEnded:
             self._finish()
 
     def close(self) -> None:

@@ -66,7 +66,7 @@ import functools
 import struct
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, TypeAlias, final
 
 from flyvault.errors import LocalProtocolError, RemoteProtocolError, VaultError
 from flyvault.protocol.codec import Frame, FrameDecoder, encode_frame_header
@@ -132,11 +132,13 @@ class ResumeRequested:
     offset: int
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class DataReceived:
     data: bytes
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class DigestReceived:
     digest: MemberDigest
@@ -167,6 +169,7 @@ class Ready:
     ready: WriteReady
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Answered:
     """Client: the operation succeeded; ``result`` is its JSON object."""
@@ -174,6 +177,7 @@ class Answered:
     result: dict[str, Any]
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Refused:
     """Client: the vault refused; ``error.to_exception()`` is the matching exception."""
@@ -191,6 +195,7 @@ class UploadTimedOut:
     seconds: float
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class AnswerTimedOut:
     seconds: float

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import tarfile
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, final
 
 from flyvault.errors import IntegrityError, RemoteProtocolError
 
@@ -45,6 +45,7 @@ class TarStreamError(RemoteProtocolError):
     """The tar stream is malformed (truncated, a bad header, a digest out of place)."""
 
 
+@final
 @dataclass(frozen=True)
 class MemberStarted:
     """A member's header, pax records applied; ``mtime_ns`` is exact (pax decimal)."""
@@ -53,11 +54,13 @@ class MemberStarted:
     mtime_ns: int
 
 
+@final
 @dataclass(frozen=True)
 class DataReceived:
     data: bytes
 
 
+@final
 @dataclass(frozen=True)
 class FileEnded:
     name: str
@@ -65,6 +68,7 @@ class FileEnded:
     sha256: str
 
 
+@final
 @dataclass(frozen=True)
 class Verified:
     """The sender's digest of the last file matched what was received."""
@@ -72,6 +76,7 @@ class Verified:
     name: str
 
 
+@final
 @dataclass(frozen=True)
 class ArchiveEnded:
     pass
