@@ -325,6 +325,17 @@ def decode_items(payload: bytes) -> tuple[FileInfo, ...]:
     return tuple(FileInfo.from_json(item) for item in raw)
 
 
+#: A name JSON writes as it is (printable ASCII but the quote and the backslash), and the
+#: whole digest as ``encode_json`` writes it with such a name: nearly every digest. One comes
+#: with every small file of a tree (10,000 a tree), so both ways skip the JSON machinery for
+#: these; the result is the same, byte for byte and field for field (property-tested).
+_PLAIN_NAME = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]*")
+_PLAIN_DIGEST = re.compile(
+    rb'\{"name":"([\x20\x21\x23-\x5b\x5d-\x7e]*)","size":(0|[1-9][0-9]{0,19}),'
+    rb'"sha256":"([0-9a-f]{64})"\}'
+)
+
+
 @dataclass(frozen=True, slots=True)
 class MemberDigest:
     """In a tree stream, after a regular file member's data: its name, size and SHA-256."""
@@ -334,10 +345,31 @@ class MemberDigest:
     sha256: str
 
     def encode(self) -> bytes:
+        plain = _PLAIN_NAME.fullmatch(self.name) and _HEX64.fullmatch(self.sha256)
+        if plain and type(self.size) is int and self.size >= 0:  # not a bool either
+            return b'{"name":"%s","size":%d,"sha256":"%s"}' % (
+                self.name.encode("ascii"),
+                self.size,
+                self.sha256.encode("ascii"),
+            )
+        return self.encode_json()
+
+    def encode_json(self) -> bytes:
+        """The general encoding (``encode`` gives the same bytes, faster, for most names)."""
         return encode_json({"name": self.name, "size": self.size, "sha256": self.sha256})
 
     @classmethod
     def decode(cls, payload: bytes) -> MemberDigest:
+        plain = _PLAIN_DIGEST.fullmatch(payload)
+        if plain is not None:
+            name, size, sha256 = plain.groups()
+            if len(name) <= MAX_PATH and int(size) <= _U64_MAX:
+                return cls(name.decode("ascii"), int(size), sha256.decode("ascii"))
+        return cls.decode_json(payload)
+
+    @classmethod
+    def decode_json(cls, payload: bytes) -> MemberDigest:
+        """The general reading (``decode`` gives the same digest, or error, faster)."""
         raw = _object(payload, "member digest")
         return cls(
             _str(raw.get("name"), "member digest: name"),
