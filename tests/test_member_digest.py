@@ -13,12 +13,13 @@ from flyvault.errors import RemoteProtocolError
 from flyvault.protocol.files_messages import MAX_PATH, MemberDigest
 
 HEX = st.text("0123456789abcdef", min_size=64, max_size=64)
+ASCII = st.characters(min_codepoint=0, max_codepoint=0x7F)  # controls and DEL too
 NAMES = st.one_of(
-    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=80),
-    st.text(max_size=40),  # quotes, backslashes, controls, non-ASCII, lone surrogates
+    st.text(ASCII, max_size=80),
+    st.text(st.characters(exclude_categories=()), max_size=40),  # non-ASCII, lone surrogates
     st.sampled_from(["", "a" * MAX_PATH, "a" * (MAX_PATH + 1), 'q"uote', "back\\slash"]),
 )
-SIZES = st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 2**64, -1]))
+SIZES = st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 2**64, -1, True, False]))
 
 
 def both_ways(payload: bytes) -> tuple[object, object]:
@@ -47,13 +48,13 @@ def test_decode_reads_what_the_general_reading_reads(name: str, size: int, sha25
     fast, general = both_ways(payload)
     assert fast == general
     valid_name = "\0" not in name and len(name.encode("utf-8", "surrogateescape")) <= MAX_PATH
-    if valid_name and 0 <= size < 2**64:
+    if valid_name and type(size) is int and 0 <= size < 2**64:  # a bool reads as an error
         assert fast == MemberDigest(name, size, sha256)
 
 
 @settings(max_examples=600, deadline=None)
 @given(
-    name=st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=20),
+    name=st.text(ASCII, max_size=20),
     at=st.integers(0, 200),
     byte=st.integers(0, 255),
     drop=st.booleans(),

@@ -345,12 +345,13 @@ class MemberDigest:
     sha256: str
 
     def encode(self) -> bytes:
-        plain = _PLAIN_NAME.fullmatch(self.name) and _HEX64.fullmatch(self.sha256)
-        if plain and type(self.size) is int and self.size >= 0:  # not a bool either
+        name, size, sha256 = self.name, self.size, self.sha256
+        plain = type(name) is str and type(sha256) is str and type(size) is int  # no bool
+        if plain and _PLAIN_NAME.fullmatch(name) and _HEX64.fullmatch(sha256) and size >= 0:
             return b'{"name":"%s","size":%d,"sha256":"%s"}' % (
-                self.name.encode("ascii"),
-                self.size,
-                self.sha256.encode("ascii"),
+                name.encode("ascii"),
+                size,
+                sha256.encode("ascii"),
             )
         return self.encode_json()
 
