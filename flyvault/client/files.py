@@ -605,8 +605,8 @@ class RemoteFiles:
         exact_mtimes: bool = False,
     ) -> AsyncGenerator[list[TarPiece], None]:
         """``tar_get``'s pieces in the lists the stream delivered them in: one step of the
-        iterator per batch rather than per piece (a tree of 10,000 files has twice as
-        many pieces)."""
+        iterator per batch rather than per piece (a tree of 10,000 small files has a digest
+        for each, and a DATA piece per 256 KiB)."""
         if isinstance(paths, str) or not paths:
             raise UsageError("tar_get needs a list of paths")
         for path in paths:
