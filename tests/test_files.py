@@ -498,9 +498,16 @@ def test_a_file_stream_has_bulk_buffers_on_both_ends(
         stream = connection.open_stream(StreamTag.FILES)
         machine = FileClient(FileRequest(FileOp.STAT, str(tmp_path)), 0.0)
         stream.write(machine.data_to_send())  # the request; the stream stays open
-        assert await stream.read()  # init's handler runs: its window update went first
-        granted = connection.channel.quic._streams[stream.stream_id].max_stream_data_remote
-        return stream.high_water, granted
+        assert await stream.read()  # init's handler ran, and announced its window
+        quic_stream = connection.channel.quic._streams[stream.stream_id]
+        # The announcement goes before the answer, but a datagram lost on a loaded host
+        # makes it arrive after (resent on loss): wait for it, up to a bound.
+        deadline = asyncio.get_running_loop().time() + 10
+        while quic_stream.max_stream_data_remote < BULK_RECEIVE_WINDOW:
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.01)
+        return stream.high_water, quic_stream.max_stream_data_remote
 
     high_water, granted = on_vault(init_process, issuer, body)
     assert high_water == BULK_HIGH_WATER > DEFAULT_HIGH_WATER
