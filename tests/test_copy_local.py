@@ -26,7 +26,13 @@ from hypothesis import strategies as st
 
 from flyvault.client import CopyEndpoint, copy, parse_endpoint
 from flyvault.client.copy_local import SPARSE_BLOCK, SparseWriter
-from flyvault.errors import IntegrityError, NotFoundError, UnsafeEntry, UsageError
+from flyvault.errors import (
+    ConnectionLost,
+    IntegrityError,
+    NotFoundError,
+    UnsafeEntry,
+    UsageError,
+)
 from flyvault.protocol.tar_stream import TarReader, TarStreamError
 
 Member = tuple[tarfile.TarInfo, bytes | None]
@@ -94,9 +100,12 @@ class TarVault:
         tamper: str | None = None,
         kinds: dict[str, str] | None = None,
         cut: int | None = None,
+        drop_at: int | None = None,
     ) -> None:
         self.raw = raw
         self.cut = len(raw) if cut is None else cut
+        #: The first stream is lost (``ConnectionLost``) after this many bytes.
+        self.drop_at = drop_at
         self.tamper = tamper
         self.kinds = kinds or {}
         self.asked: list[list[str]] = []
@@ -120,7 +129,10 @@ class TarVault:
     ) -> AsyncIterator[Any]:
         self.asked.append(list(paths))
         sent = 0
+        drop_at, self.drop_at = self.drop_at, None
         for piece in pieces(self.raw, tamper=self.tamper):
+            if drop_at is not None and sent >= drop_at:
+                raise ConnectionLost("test: the connection dropped mid-stream")
             if isinstance(piece, bytes):
                 piece = piece[: max(self.cut - sent, 0)]
                 sent += len(piece)
@@ -151,6 +163,7 @@ def fetch(raw: bytes, src: str, dest: Path, **options: Any) -> Any:
         tamper=options.pop("tamper", None),
         kinds=options.pop("kinds", None),
         cut=options.pop("cut", None),
+        drop_at=options.pop("drop_at", None),
     )
     return asyncio.run(
         copy(
@@ -308,6 +321,20 @@ def test_a_truncated_stream_is_refused(area: tuple[Path, Path]) -> None:
     with pytest.raises(TarStreamError, match="cut short"):
         fetch(raw, "/srv/app", area[0], cut=raw.index(b"payload") + 300)
     assert not (area[0] / "app" / "f").exists()
+
+
+def test_a_stream_lost_mid_file_is_asked_again_and_leaves_no_partial_file(
+    area: tuple[Path, Path],
+) -> None:
+    """The file cut off by the loss was being written under a temporary name: the retry
+    must remove it, not leave it beside the tree that lands from the second stream."""
+    dest, _ = area
+    files = [member(f"app/f{n}", data=bytes([n]) * 3000) for n in range(4)]
+    raw = tar_bytes([member("app", tarfile.DIRTYPE), *files])
+    summary = fetch(raw, "/srv/app", dest, drop_at=raw.index(bytes([2]) * 3000) + 1500)
+    assert summary.files == 4
+    assert listing(dest) == {"app", "app/f0", "app/f1", "app/f2", "app/f3"}
+    assert (dest / "app" / "f2").read_bytes() == bytes([2]) * 3000
 
 
 def test_a_file_without_its_digest_is_refused() -> None:

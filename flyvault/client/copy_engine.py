@@ -312,6 +312,7 @@ async def _download_tree(
                 # The stream holds no large file: sending it again costs little.
                 if not _retryable(exc) or attempt == MAX_ATTEMPTS - 1:
                     raise
+                writer.restart()
                 tracker.progress.bytes_done, tracker.progress.files_done = base
         remote_tops = {posixpath.basename(path) or "/": path for path in paths}
         for info, mtime_ns, size in deferred:

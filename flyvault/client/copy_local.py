@@ -193,17 +193,26 @@ class LocalTreeWriter:
     def close(self) -> None:
         for fd in list(self._partials):
             self.drop_partial(fd, keep=True)
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            os.close(pending.writer.fd)
-            with contextlib.suppress(OSError):
-                os.unlink(pending.temp, dir_fd=pending.parent)
+        self._discard_pending()
         for fd in self._dirs.values():
             os.close(fd)
         self._dirs.clear()
         if self._root_fd >= 0:
             os.close(self._root_fd)
             self._root_fd = -1
+
+    def restart(self) -> None:
+        """The stream was lost and is asked for again from its start: the file it cut off
+        goes, and the counts start over (the new stream sends every entry again)."""
+        self._discard_pending()
+        self.counts = TreeCounts()
+
+    def _discard_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            os.close(pending.writer.fd)
+            with contextlib.suppress(OSError):
+                os.unlink(pending.temp, dir_fd=pending.parent)
 
     # -- large files, fetched apart from the stream -------------------------------------
 
