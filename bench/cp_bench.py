@@ -168,6 +168,19 @@ def tree_manifest(root: Path) -> dict[str, tuple[Any, ...]]:
     return out
 
 
+def filesystem_of(path: Path) -> str:
+    """The type of the filesystem ``path`` is on (the longest mount point above it)."""
+    best, kind = "", "unknown"
+    with contextlib.suppress(OSError), open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            point = fields[1].replace("\\040", " ")
+            inside = str(path) == point or str(path).startswith(point.rstrip("/") + "/")
+            if inside and len(point) > len(best):
+                best, kind = point, fields[2]
+    return kind
+
+
 def remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -361,7 +374,8 @@ class CpBench(Bench):
                         f"warm-up {' '.join(argv)} exited {result.returncode}: {result.stderr.strip()}"
                     )
         for path in list(self.remote.iterdir()) + list(self.local.iterdir()):
-            remove(path)
+            if "-tree-" not in path.name:  # trees stay to the end: see tree_copy
+                remove(path)
         for path in (self.data / "large.bin", self.data / "small.bin"):
             file_sha256(path)  # into the page cache, for every variant alike
         info["init_rss_at_rest_kb"] = rss_kb(self.init_pid) if self.init_pid else None
@@ -571,23 +585,31 @@ class CpBench(Bench):
 
     # C2: the tree --------------------------------------------------------------------------
 
-    def tree_variants(self) -> dict[str, tuple[list[str], str, Path]]:
+    def tree_variants(self, run: str) -> dict[str, tuple[list[str], str, Path]]:
+        """Each run copies into names of its own (``run``): see ``tree_copy``."""
         tree = self.data / "tree"
         host = f"{BENCH_USER}@127.0.0.1"
         ssh = " ".join(shlex.quote(a) for a in self.ssh())
         q = shlex.quote
-        up_tar = self.remote / "tar-tree"
-        down_tar = self.local / "tar-tree"
+        up_tar = self.remote / f"tar-tree-{run}"
+        down_tar = self.local / f"tar-tree-{run}"
         return {
             "fly_vault_up": (
-                [FLY_VAULT, "cp", "-r", "--json", str(tree), f"{VAULT}:{self.remote}/fv-tree"],
+                [
+                    FLY_VAULT,
+                    "cp",
+                    "-r",
+                    "--json",
+                    str(tree),
+                    f"{VAULT}:{self.remote}/fv-tree-{run}",
+                ],
                 "vault",
-                self.remote / "fv-tree",
+                self.remote / f"fv-tree-{run}",
             ),
             "scp_up": (
-                self.scp("-r", str(tree), f"{host}:{self.remote}/scp-tree"),
+                self.scp("-r", str(tree), f"{host}:{self.remote}/scp-tree-{run}"),
                 "sshd",
-                self.remote / "scp-tree",
+                self.remote / f"scp-tree-{run}",
             ),
             "tar_ssh_up": (
                 [
@@ -601,14 +623,21 @@ class CpBench(Bench):
                 up_tar,
             ),
             "fly_vault_down": (
-                [FLY_VAULT, "cp", "-r", "--json", f"{VAULT}:{tree}", str(self.local / "fv-tree")],
+                [
+                    FLY_VAULT,
+                    "cp",
+                    "-r",
+                    "--json",
+                    f"{VAULT}:{tree}",
+                    str(self.local / f"fv-tree-{run}"),
+                ],
                 "vault",
-                self.local / "fv-tree",
+                self.local / f"fv-tree-{run}",
             ),
             "scp_down": (
-                self.scp("-r", f"{host}:{tree}", str(self.local / "scp-tree")),
+                self.scp("-r", f"{host}:{tree}", str(self.local / f"scp-tree-{run}")),
                 "sshd",
-                self.local / "scp-tree",
+                self.local / f"scp-tree-{run}",
             ),
             "tar_ssh_down": (
                 [
@@ -624,8 +653,14 @@ class CpBench(Bench):
         }
 
     def tree_copy(self, name: str, spec: tuple[list[str], str, Path]) -> dict[str, Any]:
+        """Into a new name, and the copy is kept until the end of the bench. Removing it
+        would skew the next runs: on ext4 without a journal (this project's CI disk) the
+        inode allocator skips inodes freed in the last 30 s (5.5 min while their table
+        block is dirty) by reading each one's deletion time, so right after a 10,000-file
+        tree was removed, every file created costs ~0.7 ms of system time (perf:
+        ``recently_deleted`` in ``ext4_create``), and the tar pipeline took 0.6 s or 7 s
+        for the same tree depending on what was deleted before it."""
         argv, server, dest = spec
-        remove(dest)
         os.sync()
         result = self.copy(argv, server, sample=name.startswith("fly_vault"), timeout=600)
         t0 = time.monotonic()
@@ -647,13 +682,11 @@ class CpBench(Bench):
                 file=sys.stderr,
             )
         result["verify_s"] = round(time.monotonic() - t0, 2)
-        remove(dest)
         os.sync()
         return result
 
     def bench_tree(self, label: str) -> dict[str, Any]:
-        variants = self.tree_variants()
-        names = list(variants)
+        names = list(self.tree_variants(label))
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
         deadline = time.monotonic() + self.args.budget
         truncated = False
@@ -661,6 +694,7 @@ class CpBench(Bench):
             if i > 0 and time.monotonic() > deadline:
                 truncated = True
                 break
+            variants = self.tree_variants(f"{label}-{i}")
             order = names[i % len(names) :] + names[: i % len(names)]
             for name in order:
                 runs[name].append(self.tree_copy(name, variants[name]))
@@ -754,7 +788,11 @@ class CpBench(Bench):
             },
             git=git_info(),
             machine=machine_info(),
-            setup={"tmp": str(self.tmp), "pycache_prefix": self.env.get("PYTHONPYCACHEPREFIX")},
+            setup={
+                "tmp": str(self.tmp),
+                "tmp_filesystem": filesystem_of(self.tmp),
+                "pycache_prefix": self.env.get("PYTHONPYCACHEPREFIX"),
+            },
         )
         self.results["machine"]["loadavg_start"] = os.getloadavg()
         try:
