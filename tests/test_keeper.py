@@ -444,6 +444,37 @@ def test_cp_through_the_keeper_imports_no_quic_or_crypto(vault: str, tmp_path: P
     assert heavy <= imported(direct.stderr)  # the same check sees them: it can fail
 
 
+def test_the_copy_modules_leave_the_exec_protocol_unimported() -> None:
+    """``cp`` and ``forward`` reach ``Vault`` but no exec session: the exec protocol's
+    modules (~12 ms of imports) load with ``flyvault.client.session`` only. Checked through
+    ``sys.modules``: ``-X importtime`` misses what ``importlib.import_module`` loads."""
+    exec_modules = ["flyvault.protocol.console", "flyvault.protocol.exec_client"]
+    probe = (
+        "import sys, importlib\n"
+        "for name in sys.argv[1:]: importlib.import_module(name)\n"
+        f"print(sorted(set({exec_modules!r}) & set(sys.modules)))"
+    )
+
+    def loaded(*modules: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-c", probe, *modules], capture_output=True, text=True, check=True
+        )
+        return result.stdout.strip()
+
+    copy_path = (
+        "flyvault.cli.cp",
+        "flyvault.cli.mux",
+        "flyvault.client.vault",
+        "flyvault.client.copy_engine",
+        "flyvault.client.copy_up",
+        "flyvault.client.files",
+        "flyvault.client.keeper_stream",
+        "flyvault.client.forward",
+    )
+    assert loaded(*copy_path) == "[]"
+    assert loaded(*copy_path, "flyvault.client.session") == repr(exec_modules)  # it can fail
+
+
 @pytest.mark.parametrize("args", [("--help",), ("exec", "--help"), ("mux", "status")])
 def test_help_and_mux_status_import_no_asyncio_quic_or_crypto(args: tuple[str, ...]) -> None:
     result = fv(*args, python_flags=("-X", "importtime"))

@@ -36,9 +36,8 @@ if TYPE_CHECKING:
         WriteResult,
     )
     from flyvault.client.pipe import ByteSink, ByteSource, pipe_forward
+    from flyvault.client.session import ExecHooks, ExecSession
     from flyvault.client.vault import (
-        ExecHooks,
-        ExecSession,
         ReprovisionResult,
         SessionGone,
         SessionTakenOver,
@@ -63,8 +62,8 @@ _LAZY = {
     "check_endpoints": "flyvault.client.copy_engine",
     "copy": "flyvault.client.copy_engine",
     "parse_endpoint": "flyvault.client.copy_engine",
-    "ExecHooks": "flyvault.client.vault",
-    "ExecSession": "flyvault.client.vault",
+    "ExecHooks": "flyvault.client.session",
+    "ExecSession": "flyvault.client.session",
     "ReprovisionResult": "flyvault.client.vault",
     "SessionGone": "flyvault.client.vault",
     "SessionTakenOver": "flyvault.client.vault",

@@ -157,7 +157,7 @@ class _Remote:
 
     async def run(self, script: str, stdin: Any = None) -> tuple[int, bytes, bytes, int]:
         from flyvault.client.exec_request import ExecRequest, new_session_id
-        from flyvault.client.vault import ExecHooks, ExecSession
+        from flyvault.client.session import ExecHooks, ExecSession
 
         out, err = bytearray(), bytearray()
         request = ExecRequest(

@@ -419,8 +419,8 @@ class Keeper:
         await link.send(encode_json(MuxKind.RESULT, {"value": value}))
 
     async def _exec(self, link: _Link, hello: dict[str, Any]) -> int:
+        from flyvault.client.session import ExecSession
         from flyvault.client.session_runner import follow, remember_shown
-        from flyvault.client.vault import ExecSession
 
         request = ExecRequest.from_fields(hello.get("request"))
         frontend = _FrameFrontend(link, hello)

@@ -103,7 +103,7 @@ async def _wait_for_systemd(
 
 async def _system_state(vault: Any) -> str | None:
     from flyvault.client.exec_request import ExecRequest, new_session_id
-    from flyvault.client.vault import ExecHooks, ExecSession
+    from flyvault.client.session import ExecHooks, ExecSession
 
     out = bytearray()
     request = ExecRequest(session_id=new_session_id(), argv=("systemctl", "is-system-running"))

@@ -153,7 +153,7 @@ def follow(
     from earlier repeats (a creating request replays from 0: it may start the session).
     ``boot`` gives the vault's boot id (the cursor is that boot's). The filter is
     returned for ``remember_shown``."""
-    from flyvault.client.vault import ExecHooks
+    from flyvault.client.session import ExecHooks
 
     if not request.keep:
         hooks = ExecHooks(frontend.write_stdout, frontend.write_stderr, notice=notice)

@@ -69,7 +69,7 @@ class VaultGuest:
         probe: bool = False,
     ) -> RunResult:
         """``script`` under ``/bin/sh -c``, as root or as ``account``."""
-        from flyvault.client.vault import ExecHooks, ExecSession
+        from flyvault.client.session import ExecHooks, ExecSession
 
         runner = account if as_user else ROOT
         preamble = PREAMBLE.format(
