@@ -8,7 +8,8 @@ import hashlib
 import io
 import os
 import stat
-from collections.abc import Awaitable
+import subprocess
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import pytest
 from conftest import InitProcess, on_vault
 
 from flyvault.client import CopyEndpoint, CopyProgress, copy, parse_endpoint
-from flyvault.errors import IntegrityError, UsageError
+from flyvault.errors import FileOpError, IntegrityError, UsageError
 from flyvault.standins import OidcIssuer
 
 MiB = 1024 * 1024
@@ -191,3 +192,34 @@ def test_a_failed_verification_keeps_nothing(
     with pytest.raises(IntegrityError, match="changed on the vault while it was copied"):
         cp(init_process, issuer, [f"dev:{source}"], str(here / "moving"), on_progress=progress)
     assert os.listdir(here) == []
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs: a real ENOSPC, not a patched one."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs (a disk that really fills up) needs root")
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(tiny)], check=True)
+    yield tiny
+    subprocess.run(["umount", str(tiny)], check=True)
+
+
+def test_a_full_local_disk_is_an_error_naming_the_file_and_leaves_no_partial(
+    init_process: InitProcess, issuer: OidcIssuer, sides: tuple[Path, Path], full_disk: Path
+) -> None:
+    """It was an OSError's traceback, naming nothing; in a tree, it names the entry."""
+    _, there = sides
+    (there / "tree").mkdir()
+    (there / "tree" / "big").write_bytes(os.urandom(3 * MiB))
+    for source, dest, named, options in (
+        (f"dev:{there}/tree/big", str(full_disk / "big"), f"{full_disk}/big", {}),
+        (f"dev:{there}/tree", str(full_disk), "tree/big", {"recursive": True}),
+    ):
+        with pytest.raises(FileOpError) as caught:
+            cp(init_process, issuer, [source], dest, **options)
+        assert caught.value.message == f"{named}: the local disk is full (ENOSPC)"
+        assert caught.value.hint is not None and "free some space" in caught.value.hint
+        assert not [p for p in full_disk.rglob("*") if p.name.startswith(".fv-part-")]
+    assert not (full_disk / "big").exists() and not (full_disk / "tree" / "big").exists()

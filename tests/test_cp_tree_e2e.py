@@ -430,3 +430,67 @@ def test_cli_progress_on_a_terminal_none_when_piped_and_the_json_summary(
     )
     assert isinstance(record["seconds"], float)
     assert describe(there / "t2") == describe(tree)
+
+
+def _children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as listing:
+            found |= {int(child) for child in listing.read().split()}
+    return found
+
+
+async def _settles(check: Any, seconds: float = 10.0) -> bool:
+    """``check()`` becomes true within ``seconds`` of the loop's clock (polled)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not check():
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+def test_an_abandoned_read_frees_the_vaults_worker_and_stream(
+    init_process: InitProcess, issuer: OidcIssuer, sides: tuple[Path, Path]
+) -> None:
+    """A tree refused part-way (a FIFO, sorted first, then 48 MiB the vault cannot send
+    before the client reads it) and a file read left after its first chunk: both streams
+    are aborted at once, so the vault's worker ends, instead of waiting, blocked on flow
+    control, until the connection closes (a long-lived client keeps it for hours)."""
+    here, there = sides
+    tree = there / "tree"
+    (tree / "a").mkdir(parents=True)
+    os.mkfifo(tree / "a" / "fifo")
+    for n in range(12):
+        (tree / f"f{n:02d}").write_bytes(os.urandom(4 * MiB))
+    large = there / "large"  # more than any window: its worker waits for the reader
+    large.write_bytes(os.urandom(48 * MiB))
+    init_pid = init_process.process.pid
+
+    async def body(vault: Any) -> list[str]:
+        from flyvault.errors import UnsafeEntry
+
+        await vault.connection()
+        workers = _children(init_pid)
+        streams = vault.current.channel._streams
+        failures = []
+        with pytest.raises(UnsafeEntry, match="FIFO"):
+            await copy(
+                lambda name: vault,
+                [parse_endpoint(f"dev:{tree}")],
+                CopyEndpoint(None, str(here)),
+                recursive=True,
+            )
+        if not await _settles(lambda: not streams and _children(init_pid) == workers):
+            failures.append(f"tree: streams {list(streams)}, workers {_children(init_pid)}")
+        chunks = vault.files().read(str(large))
+        assert len(await chunks.__anext__()) > 0
+        assert _children(init_pid) != workers  # the read's worker, serving
+        await chunks.aclose()
+        if not await _settles(lambda: not streams and _children(init_pid) == workers):
+            failures.append(f"read: streams {list(streams)}, workers {_children(init_pid)}")
+        return failures
+
+    assert on_vault(init_process, issuer, body) == []
+    assert not list(here.rglob(".fv-part-*"))

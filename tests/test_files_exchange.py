@@ -25,9 +25,13 @@ class RecordedStream:
         self.chunks = list(chunks)
         self.written: list[bytes] = []
         self.ended = False
+        self.aborted = False
 
     def write(self, data: bytes, end_stream: bool = False) -> None:
         self.written.append(data)
+
+    def abort(self) -> None:
+        self.aborted = True
 
     async def read(self) -> bytes:
         if self.chunks:
@@ -150,9 +154,11 @@ def batches_of(vault: RecordedVault) -> list[list[object]]:
 
 
 def test_tar_get_batches_ends_with_the_answer_read_with_the_data() -> None:
-    vault = RecordedVault([RecordedStream([vault_frames(answer=True)])])
+    answered = RecordedStream([vault_frames(answer=True)])
+    vault = RecordedVault([answered])
     assert batches_of(vault) == [[b"x" * 512, DIGEST]]
     assert vault.invalidated == 0
+    assert not answered.aborted  # the vault ended it
 
 
 def test_tar_get_batches_asks_again_when_the_connection_dropped_before_any_piece() -> None:
@@ -160,6 +166,7 @@ def test_tar_get_batches_asks_again_when_the_connection_dropped_before_any_piece
     vault = RecordedVault([lost, RecordedStream([vault_frames(answer=True)])])
     assert batches_of(vault) == [[b"x" * 512, DIGEST]]
     assert vault.invalidated == 1
+    assert lost.aborted
 
 
 def test_tar_get_batches_stops_when_the_connection_dropped_after_a_piece() -> None:
@@ -168,3 +175,18 @@ def test_tar_get_batches_stops_when_the_connection_dropped_after_a_piece() -> No
     with pytest.raises(ConnectionLost, match="arrived only in part"):
         batches_of(vault)
     assert vault.invalidated == 1 and len(vault.streams) == 1  # not asked again
+    assert half.aborted
+
+
+def test_tar_get_batches_left_early_aborts_its_stream() -> None:
+    """The caller stops (it refused an entry, say): the vault must stop sending now."""
+    stream = RecordedStream([vault_frames()])  # data, and no answer yet
+
+    async def main() -> None:
+        batches = RemoteFiles(RecordedVault([stream])).tar_get_batches(["/srv"])
+        assert await batches.__anext__() == [b"x" * 512, DIGEST]
+        assert not stream.aborted
+        await batches.aclose()
+
+    asyncio.run(main())
+    assert stream.aborted

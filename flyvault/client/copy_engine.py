@@ -417,13 +417,18 @@ async def _fetch_large(
     """A deferred member: resumable ranged reads into a partial beside its final name."""
     from types import SimpleNamespace
 
+    from .copy_local import local_error
+
     version = SimpleNamespace(size=size, mtime_ns=mtime_ns)
     key = _partial_key(path, version, str(dest / member.name))
     fd, _ = writer.open_partial(member, key)
     keep = True
     try:
         tracker.progress.bytes_total = (tracker.progress.bytes_total or 0) + size
-        await _fetch_into(for_size(files, size), path, fd, tracker)
+        try:
+            await _fetch_into(for_size(files, size), path, fd, tracker)
+        except OSError as exc:
+            raise local_error(member.name, exc) from None
         if os.fstat(fd).st_size != size:
             keep = False
             raise IntegrityError(
@@ -499,20 +504,21 @@ async def _whole_digest(files: Any, path: str, answers: list[Any]) -> str | None
 async def _download_file(
     files: Any, path: str, info: Any, local: str, options: _Options, tracker: _Tracker
 ) -> None:
+    from .copy_local import local_error
+
     partial = _partial_name(path, info, local)
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(partial, flags, 0o600)
+    try:
+        fd = os.open(partial, flags, 0o600)
+    except OSError as exc:
+        raise local_error(local, exc) from None
     landed = False
     try:
-        await _fetch_into(for_size(files, info.size), path, fd, tracker, fsync_follows=True)
-        mode = info.mode & (0o7777 if options.preserve and os.geteuid() == 0 else 0o777)
-        if options.preserve and os.geteuid() == 0:
-            os.fchown(fd, info.uid, info.gid)
-        os.fchmod(fd, mode if options.preserve else mode & ~_umask())
-        if options.preserve:
-            os.utime(fd, ns=(info.mtime_ns, info.mtime_ns))
-        os.fsync(fd)
-        os.rename(partial, local)
+        try:
+            await _fetch_into(for_size(files, info.size), path, fd, tracker, fsync_follows=True)
+            _land_download(fd, partial, local, info, options)
+        except OSError as exc:  # a local write, never the network's (a TransportError)
+            raise local_error(local, exc) from None
         landed = True
         tracker.file(path)
     except INTERRUPTED:
@@ -524,6 +530,19 @@ async def _download_file(
         raise
     finally:
         os.close(fd)
+
+
+def _land_download(fd: int, partial: str, local: str, info: Any, options: _Options) -> None:
+    """The verified partial file: its metadata, on the disk, then under its name."""
+    root = options.preserve and os.geteuid() == 0
+    mode = info.mode & (0o7777 if root else 0o777)
+    if root:
+        os.fchown(fd, info.uid, info.gid)
+    os.fchmod(fd, mode if options.preserve else mode & ~_umask())
+    if options.preserve:
+        os.utime(fd, ns=(info.mtime_ns, info.mtime_ns))
+    os.fsync(fd)
+    os.rename(partial, local)
 
 
 async def _verified_prefix(files: Any, path: str, fd: int, tracker: _Tracker) -> Any:

@@ -171,24 +171,31 @@ class LocalTreeWriter:
         self._nonce = secrets.token_hex(8)
         self._made = 0
         self._partials: dict[int, tuple[int, tuple[str, ...], str]] = {}
+        self._entry = ""  # the entry being handled, for errors
 
     # -- events -------------------------------------------------------------------------
 
     def handle(self, event: TarEvent) -> None:
-        # By exact type (the event classes are @final), the most frequent first: ~4 a file.
-        if type(event) is DataReceived:
-            assert self._pending is not None
-            self._pending.writer.write(event.data)
-            self.counts.bytes += len(event.data)
-        elif type(event) is MemberStarted:
-            self._member(event.info, event.mtime_ns)
-        elif type(event) is FileEnded:
-            assert self._pending is not None
-            self._pending.writer.finish(event.size)
-        elif type(event) is Verified:
-            self._land()
-        elif type(event) is ArchiveEnded:
-            self._finish()
+        """Apply one event. A file system error here (the disk full, say) is raised as a
+        ``FileOpError`` naming the entry, never a temporary name."""
+        try:
+            # By exact type (the event classes are @final), the most frequent first.
+            if type(event) is DataReceived:
+                assert self._pending is not None
+                self._pending.writer.write(event.data)
+                self.counts.bytes += len(event.data)
+            elif type(event) is MemberStarted:
+                self._entry = event.info.name
+                self._member(event.info, event.mtime_ns)
+            elif type(event) is FileEnded:
+                assert self._pending is not None
+                self._pending.writer.finish(event.size)
+            elif type(event) is Verified:
+                self._land()
+            elif type(event) is ArchiveEnded:
+                self._finish()
+        except OSError as exc:
+            raise local_error(self._entry, exc) from None
 
     def close(self) -> None:
         for fd in list(self._partials):
@@ -230,7 +237,7 @@ class LocalTreeWriter:
                 temp, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent
             )
         except OSError as exc:
-            raise _os_refusal(entry, exc) from None
+            raise local_error(entry, exc) from None
         self._partials[fd] = (parent, parts, temp)
         return fd, os.fstat(fd).st_size
 
@@ -238,7 +245,10 @@ class LocalTreeWriter:
         """The partial's SHA-256 matched the vault's: metadata, then the rename."""
         parent, parts, temp = self._partials.pop(fd)
         self._pending = _Pending(info, mtime_ns, parent, parts, temp, SparseWriter(fd))
-        self._land()
+        try:
+            self._land()
+        except OSError as exc:
+            raise local_error(info.name, exc) from None
 
     def holds(self, fd: int) -> bool:
         return fd in self._partials
@@ -274,7 +284,7 @@ class LocalTreeWriter:
             else:
                 self._hardlink(info, parent, parts, entry)
         except OSError as exc:
-            raise _os_refusal(entry, exc) from None
+            raise local_error(entry, exc) from None
 
     def _parts(self, name: str, entry: str, what: str) -> tuple[str, ...]:
         if len(name) > MAX_PATH or "\0" in name:
@@ -438,6 +448,7 @@ class LocalTreeWriter:
             raise refuse(self._pending.info.name, "the stream ended before its digest")
         for parts in sorted(self._deferred, key=len, reverse=True):
             info, mtime_ns = self._deferred[parts]
+            self._entry = info.name
             fd = self._dir_fd(parts, info.name)
             if self.preserve and self.is_root:
                 os.fchown(fd, info.uid, info.gid)
@@ -458,11 +469,15 @@ class _Pending:
     mode_set: bool = False
 
 
-def _os_refusal(entry: str, exc: OSError) -> VaultError:
+def local_error(entry: str, exc: OSError) -> VaultError:
+    """A file system error on this machine while ``entry`` was created or written."""
     from flyvault.errors import FileOpError
 
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return FileOpError(f"{entry}: the local disk is full ({errno.errorcode[exc.errno]})")
-    words = (exc.strerror or str(exc)).lower()
     code = errno.errorcode.get(exc.errno or 0, "EIO")
-    return FileOpError(f"{entry}: could not be created here: {words} ({code})")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return FileOpError(
+            f"{entry}: the local disk is full ({code})",
+            hint="free some space on this machine, then run the same copy again",
+        )
+    words = (exc.strerror or str(exc)).lower()
+    return FileOpError(f"{entry}: could not be written here: {words} ({code})")

@@ -357,6 +357,7 @@ class RemoteFiles:
             request = self._request(FileOp.READ, path, offset=offset, length=length)
             start = offset
             connection, exchange = await self._open(request)
+            answered = False
             try:
                 while True:
                     event = await exchange.next_event()
@@ -368,12 +369,16 @@ class RemoteFiles:
                             length -= len(event.data)
                         yield event.data
                     elif isinstance(event, Answered):
+                        answered = True
                         if answers is not None:
                             answers.append(_read_answer(event.result, start, offset))
                         return
             except TransportError:
                 # Resumes after what was yielded: the next request starts there.
                 self.vault.invalidate(connection)
+            finally:
+                if not answered:
+                    _leave(exchange)
 
     async def read_bytes(self, path: str, *, offset: int = 0, length: int | None = None) -> bytes:
         return b"".join([chunk async for chunk in self.read(path, offset=offset, length=length)])
@@ -622,10 +627,10 @@ class RemoteFiles:
         yielded = False
         while True:
             connection, exchange = await self._open(request)
+            answered = False
             try:
                 while True:
                     pieces: list[TarPiece] = []
-                    answered = False
                     for event in await exchange.next_events():
                         if type(event) is DataReceived:
                             pieces.append(event.data)
@@ -648,6 +653,9 @@ class RemoteFiles:
                         "tree arrived only in part: fetch it again"
                     ) from exc
                 # Nothing was passed on yet: asking again on a new connection is safe.
+            finally:
+                if not answered:
+                    _leave(exchange)
 
     async def tar_put(
         self,
@@ -682,6 +690,7 @@ class RemoteFiles:
                 raise
             result = await exchange.answer()
         except Timeout:
+            exchange.stream.abort()  # the caller may send the tree again: not beside this one
             raise
         except TransportError as exc:
             # Not retried: ``pieces`` cannot be read again from here.
@@ -692,6 +701,14 @@ class RemoteFiles:
                 "send the tree again (files already there are replaced)"
             ) from exc
         return TreeResult(*(result_int(result, n) for n in ("files", "dirs", "symlinks", "bytes")))
+
+
+def _leave(exchange: _Exchange) -> None:
+    """A reading stream left before its answer (the caller refused an entry, failed, was
+    cancelled or closed the iterator; or the stream failed): aborted, so the vault stops
+    sending and its worker ends now, not when the connection closes. A long-lived client
+    (the MCP server) would otherwise keep one worker and stream per abandoned read."""
+    exchange.stream.abort()
 
 
 #: How long a write whose source failed waits for the vault to refuse what it received.
