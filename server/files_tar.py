@@ -32,7 +32,7 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from flyvault.errors import FileOpError
+from flyvault.errors import FileOpError, file_error
 from flyvault.protocol.files_messages import (
     DEFERRED_RECORD,
     MAX_DATA,
@@ -237,6 +237,8 @@ class _Extractor:
         self.umask = 0o022
         self._nonce = os.urandom(8).hex()
         self._made = 0
+        #: The member being handled, which an error names.
+        self.entry = ""
         #: Parent directories opened before, by their parts, least recently used first;
         #: ``parent`` lends them (no dup and close per file). Safe to keep: a member can
         #: never turn a directory into something else (``replace``).
@@ -288,6 +290,7 @@ class _Extractor:
 
     def start(self, member: tarfile.TarInfo, mtime_ns: int) -> None:
         """A member's header arrived: a regular file starts landing, the rest is made now."""
+        self.entry = member.name
         parts = _parts(member.name)
         if not parts:
             if member.isreg():
@@ -424,22 +427,26 @@ class _Extractor:
             else:
                 os.utime(leaf, ns=(mtime_ns, mtime_ns), dir_fd=parent, follow_symlinks=False)
 
+    def finish_dirs(self) -> None:
+        """Directory modes and mtimes last (children first, so their mtimes stick). Only
+        after a whole stream: a cut-off one leaves its directories writable (as made), so
+        the same tree sent again lands even as a user a mode like 0555 would lock out."""
+        for parts, member, mtime_ns in reversed(self.deferred):
+            self.entry = member.name
+            parent = self.parent(parts[:-1], member.name)
+            self.finish(member, mtime_ns, parent, parts[-1])
+
     def close(self) -> None:
-        """Directory modes and mtimes last (children first, so their mtimes stick); a file
-        still landing is dropped."""
+        """A file still landing is dropped; the directories' fds are closed. Never raises
+        a file system error of its own (it would hide the one that ended the stream)."""
         landing, self.landing = self.landing, None
         if landing is not None:
             os.close(landing.fd)
             with contextlib.suppress(OSError):
                 os.unlink(landing.temp, dir_fd=landing.parent)
-        try:
-            for parts, member, mtime_ns in reversed(self.deferred):
-                parent = self.parent(parts[:-1], member.name)
-                self.finish(member, mtime_ns, parent, parts[-1])
-        finally:
-            for fd in self._dirs.values():
-                os.close(fd)
-            os.close(self.root)
+        for fd in self._dirs.values():
+            os.close(fd)
+        os.close(self.root)
 
 
 def tar_put(channel: Any, request: FileRequest, dest: str) -> None:
@@ -463,10 +470,17 @@ def tar_put(channel: Any, request: FileRequest, dest: str) -> None:
         else:
             raise ConnectionAbortedError("the client went away during tar_put")
         reader.close()
+        extractor.finish_dirs()
     except TarStreamError as exc:
         raise FileOpError(
             f"{dest}: the tar stream is not valid ({exc}); the rest was not written"
         ) from None
+    except OSError as exc:
+        if isinstance(exc, ConnectionError):  # the client is gone: nobody to tell
+            raise
+        # Named by the entry: the call's own file name is a temp name or a bare leaf.
+        where = os.path.join(dest, extractor.entry) if extractor.entry else dest
+        raise file_error(where, exc.errno, exc.strerror) from None
     finally:
         os.umask(umask)
         extractor.close()

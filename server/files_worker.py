@@ -280,13 +280,13 @@ class Worker:
     def run(self) -> None:
         try:
             self._dispatch()
+        except ConnectionError:
+            raise  # the handler or the client is gone: nobody to tell
         except OSError as exc:
             where = exc.filename if isinstance(exc.filename, str) else self.subject
             self.channel.error(file_error(where, exc.errno, exc.strerror))
         except VaultError as exc:
             self.channel.error(exc)
-        except (BrokenPipeError, ConnectionResetError):
-            raise  # the handler is gone: nobody to tell
         except Exception as exc:
             self.channel.error(
                 RemoteError(f"{self.subject}: internal error ({type(exc).__name__}: {exc})")

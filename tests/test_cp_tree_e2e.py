@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from conftest import TOKEN, InitProcess, on_vault
 
 from flyvault.client import CopyEndpoint, CopyProgress, copy, parse_endpoint
 from flyvault.client.copy_engine import LARGE_FILE
+from flyvault.errors import FileOpError
 from flyvault.standins import OidcIssuer
 
 MiB = 1024 * 1024
@@ -494,3 +496,88 @@ def test_an_abandoned_read_frees_the_vaults_worker_and_stream(
 
     assert on_vault(init_process, issuer, body) == []
     assert not list(here.rglob(".fv-part-*"))
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory a user other than root may write into (tmp_path's parents are 0700)."""
+    import pwd
+    import shutil
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("acting as another user (nobody) needs root")
+    try:
+        pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("needs the user nobody")
+    path = Path(tempfile.mkdtemp(prefix="fv-shared-", dir="/tmp"))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_users_upload_error_names_the_entry_not_a_temp_name_or_a_later_error(
+    init_process: InitProcess, issuer: OidcIssuer, sides: tuple[Path, Path], shared_dir: Path
+) -> None:
+    """nobody may not write into root's ``tree``: the error names the file it could not
+    create. It named the directory's bare leaf with the EPERM of the mode set on the way
+    out, which hid the EACCES (and a temp file's name where that did not happen)."""
+    here, _ = sides
+    (here / "tree").mkdir()
+    (here / "tree" / "f").write_bytes(b"x" * 100)
+    (shared_dir / "tree").mkdir(mode=0o755)
+    with pytest.raises(FileOpError) as caught:
+        cp(
+            init_process,
+            issuer,
+            [str(here / "tree")],
+            f"dev:{shared_dir}",
+            recursive=True,
+            user="nobody",
+        )
+    assert caught.value.message == f"{shared_dir}/tree/f: permission denied (EACCES)"
+
+
+def test_a_users_tree_sent_again_after_a_drop_lands_under_its_read_only_directory(
+    init_process: InitProcess, issuer: OidcIssuer, sides: tuple[Path, Path], shared_dir: Path
+) -> None:
+    """A user's tree cut off mid-stream is sent again and lands whole, its directory
+    read-only only at the end. (Whether the cut-off stream's worker or the new one runs
+    first is the vault's timing; ``test_files_tar``'s directory mode test pins the rule
+    that keeps the order from mattering: a cut-off stream sets no directory modes.)"""
+    here, _ = sides
+    tree = here / "tree"
+    tree.mkdir()
+    for n in range(40):
+        (tree / f"f{n:02d}").write_bytes(os.urandom(64 * 1024))
+    tree.chmod(0o555)
+
+    async def body(vault: Any) -> Any:
+        connection = await vault.connection()
+        cut: list[int] = []
+
+        def progress(state: CopyProgress) -> None:
+            if state.bytes_done > MiB and not cut:
+                cut.append(state.bytes_done)
+                connection.channel.close_now(reason="test: drop mid-copy")
+
+        summary = await copy(
+            lambda name: vault,
+            [CopyEndpoint(None, str(tree))],
+            CopyEndpoint("dev", str(shared_dir)),
+            recursive=True,
+            user="nobody",
+            on_progress=progress,
+        )
+        assert cut
+        return summary
+
+    try:
+        summary = on_vault(init_process, issuer, body)
+    finally:
+        tree.chmod(0o755)
+    assert summary.files == 40
+    landed = shared_dir / "tree"
+    assert stat.S_IMODE(landed.stat().st_mode) == 0o555
+    assert sorted(p.name for p in landed.iterdir()) == [f"f{n:02d}" for n in range(40)]

@@ -292,3 +292,73 @@ def test_a_local_file_gone_mid_tree_keeps_the_files_sent_before_it(
     for index in range(20):
         name = f"a{index:02d}"
         assert (dest / "tree" / name).read_bytes() == (top / name).read_bytes()
+
+
+class _RecordedChannel:
+    """The worker's channel to init, replaying frames (then the handler's end, None)."""
+
+    def __init__(self, pieces: list[Any], *, end: bool) -> None:
+        from flyvault.protocol.files_messages import FileFrame
+
+        self.frames: list[tuple[int, bytes]] = [
+            (FileFrame.DIGEST, p.encode()) if isinstance(p, MemberDigest) else (FileFrame.DATA, p)
+            for p in pieces
+        ]
+        if end:
+            self.frames.append((FileFrame.END, b""))
+        self.answers: list[Any] = []
+
+    def receive(self) -> tuple[int, bytes] | None:
+        return self.frames.pop(0) if self.frames else None
+
+    def send(self, kind: int, payload: bytes = b"") -> None:
+        pass
+
+    def result(self, result: Any) -> None:
+        self.answers.append(result)
+
+    def error(self, exc: VaultError) -> None:
+        self.answers.append(exc)
+
+
+def _read_only_dir_tree() -> list[Any]:
+    top = tarfile.TarInfo("app")
+    top.type, top.mode = tarfile.DIRTYPE, 0o555
+    return _tar((top, b""), _member("app/f", data=b"payload"))
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_directory_modes_are_set_only_once_the_stream_is_whole(tmp_path: Path, whole: bool) -> None:
+    """A stream cut off leaves its directories as made (writable): the same tree sent
+    again as a user must not meet a 0555 it set on its way out (EACCES on every file)."""
+    from flyvault.protocol.files_messages import FileOp, FileRequest
+    from flyvault.server.files_tar import tar_put
+
+    pieces = _read_only_dir_tree()
+    channel = _RecordedChannel(pieces if whole else pieces[:2], end=whole)
+    request = FileRequest(FileOp.TAR_PUT, path=str(tmp_path))
+    if whole:
+        tar_put(channel, request, str(tmp_path))
+        assert channel.answers[0]["files"] == 1
+    else:
+        with pytest.raises(ConnectionAbortedError):
+            tar_put(channel, request, str(tmp_path))
+    mode = stat.S_IMODE((tmp_path / "app").stat().st_mode)
+    assert mode == (0o555 if whole else 0o700)
+    # Cut off before its digest, the file was not kept (nor its temp file).
+    assert [p.name for p in (tmp_path / "app").iterdir()] == (["f"] if whole else [])
+
+
+def test_a_file_system_error_names_the_member_not_a_temp_name(tmp_path: Path) -> None:
+    from flyvault.protocol.files_messages import FileOp, FileRequest
+    from flyvault.server.files_worker import Accounts, Worker
+
+    long = "n" * 300  # over NAME_MAX: the rename from the temp name fails
+    channel = _RecordedChannel(
+        _tar(_member("app", tarfile.DIRTYPE, b""), _member(f"app/{long}")), end=True
+    )
+    Worker(channel, FileRequest(FileOp.TAR_PUT, path=str(tmp_path)), Accounts()).run()  # type: ignore[arg-type]
+    (error,) = channel.answers
+    assert isinstance(error, FileOpError)
+    assert error.message == f"{tmp_path}/app/{long}: file name too long (ENAMETOOLONG)"
+    assert [p.name for p in (tmp_path / "app").iterdir()] == []  # no temp file left
