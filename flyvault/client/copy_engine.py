@@ -459,14 +459,15 @@ async def _fetch_into(
     writer = SparseWriter(fd, os.fstat(fd).st_size, fsync_follows=fsync_follows)
     vault = getattr(files, "vault", None)
     answers: list[Any] = []
+    resuming = False  # a failed attempt: the next one's first chunk resumes
     for attempt in range(MAX_ATTEMPTS):
         connects = getattr(vault, "connects", 0)
         try:
             async for chunk in files.read(path, offset=writer.size, answers=answers):
                 now = getattr(vault, "connects", 0)
-                if now != connects:  # the read resumed on a new connection after a drop
+                if now != connects or resuming:  # resumed after a drop: counted once
                     tracker.resumed += writer.size
-                    connects = now
+                    connects, resuming = now, False
                 writer.write(chunk)
                 sha.update(chunk)
                 tracker.bytes(len(chunk))
@@ -474,7 +475,7 @@ async def _fetch_into(
         except Exception as exc:
             if not _retryable(exc) or attempt == MAX_ATTEMPTS - 1:
                 raise
-            tracker.resumed += writer.size
+            resuming = True
     writer.finish()
     remote = await _whole_digest(files, path, answers)
     if remote is None:
