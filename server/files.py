@@ -20,7 +20,7 @@ import logging
 import os
 import signal
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flyvault.errors import (
     ProvisionError,
@@ -65,6 +65,10 @@ log = logging.getLogger("flyvault.server.files")
 UPLOAD_BATCH = 256 * 1024
 #: The most one read from the worker takes.
 RECEIVE_SIZE = 1024 * 1024
+#: How long a worker has to end once its stream is over (it answered, or its client left)
+#: before it is killed; and how often its exit is looked for meanwhile.
+WORKER_EXIT_GRACE = 5.0
+WORKER_EXIT_POLL = 0.01
 
 
 async def handle_files(connection: ServerConnection, stream: QuicStream, initial: bytes) -> None:
@@ -229,9 +233,35 @@ class _Worker:
             self.inbox.feed(data)
 
     async def close(self) -> None:
+        """Close the socket and reap the worker. One that does not end within
+        ``WORKER_EXIT_GRACE`` of that (its client left while it was blocked, on a FIFO
+        without a writer, say) is killed: it would hold a thread of init's for ever."""
+        # No reader or writer may outlive the fd: its number goes to the next socket.
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.sock.fileno())
+        loop.remove_writer(self.sock.fileno())
         self.sock.close()
-        with contextlib.suppress(ChildProcessError):
-            await asyncio.to_thread(os.waitpid, self.pid, 0)
+        if not await _exited(self.pid, WORKER_EXIT_GRACE):
+            log.info("file worker %d did not end after its stream; killed", self.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            await _exited(self.pid, None)
+
+
+async def _exited(pid: int, timeout: float | None) -> bool:
+    """Reap ``pid`` once it exits; False if it has not within ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    while True:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return True
+        if done:
+            return True
+        if deadline is not None and loop.time() >= deadline:
+            return False
+        await asyncio.sleep(WORKER_EXIT_POLL)
 
 
 async def _send(stream: QuicStream, machine: FileServer) -> None:
@@ -326,11 +356,34 @@ async def _pass_on(event: object, stream: QuicStream, machine: FileServer, worke
 
 
 async def _download(machine: FileServer, stream: QuicStream, worker: _Worker) -> None:
-    """Worker -> client, through the machine; ends when the answer went out. Every frame
-    that has arrived is handled before one write to the stream."""
+    """Worker -> client, through the machine; ends when the answer went out, or when the
+    client stopped reading (it left: the worker, perhaps blocked on a FIFO's open or a long
+    hash, is then stopped by ``close``). Every frame that has arrived is handled before one
+    write to the stream."""
+    stopped = asyncio.ensure_future(stream.wait_stopped())
+    try:
+        await _relay(machine, stream, worker, stopped)
+    finally:
+        stopped.cancel()
+
+
+async def _relay(
+    machine: FileServer, stream: QuicStream, worker: _Worker, stopped: asyncio.Future[Any]
+) -> None:
     while not machine.finished:
+        receiving = asyncio.ensure_future(worker.receive(machine.relayable()))
         try:
-            received = await worker.receive(machine.relayable())
+            await asyncio.wait((receiving, stopped), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not receiving.done():  # the client left, or this handler was cancelled
+                receiving.cancel()
+                # Its sock_recv unregisters the socket's fd as the cancel lands: before
+                # ``close`` frees the fd, which the next worker's socket may get.
+                await asyncio.wait((receiving,))
+        if receiving.cancelled():
+            return
+        try:
+            received = receiving.result()
         except RemoteError as exc:
             received = None
             machine.refuse(exc)

@@ -8,6 +8,7 @@ bar on a real PTY and its JSON summary."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import os
@@ -581,3 +582,30 @@ def test_a_users_tree_sent_again_after_a_drop_lands_under_its_read_only_director
     landed = shared_dir / "tree"
     assert stat.S_IMODE(landed.stat().st_mode) == 0o555
     assert sorted(p.name for p in landed.iterdir()) == [f"f{n:02d}" for n in range(40)]
+
+
+def test_a_request_given_up_while_the_vaults_worker_is_blocked_ends_that_worker(
+    init_process: InitProcess, issuer: OidcIssuer, sides: tuple[Path, Path]
+) -> None:
+    """A hash of a FIFO without a writer blocks the worker in open(2), where it sends
+    nothing. The client gives up (an MCP call cancelled, a timeout): init must notice the
+    aborted stream and stop the worker, not keep it, and a thread waiting for it, for ever."""
+    _, there = sides
+    os.mkfifo(there / "fifo")
+    init_pid = init_process.process.pid
+
+    async def body(vault: Any) -> list[str]:
+        await vault.connection()
+        workers = _children(init_pid)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(vault.files().sha256(str(there / "fifo")), 0.5)
+        failures = []
+        if not await _settles(lambda: _children(init_pid) == workers, seconds=15.0):
+            failures.append(f"workers left: {_children(init_pid) - workers}")
+        (there / "after").write_bytes(b"still serving")
+        digest = await vault.files().sha256(str(there / "after"))
+        if digest != hashlib.sha256(b"still serving").hexdigest():
+            failures.append(f"a later hash: {digest}")
+        return failures
+
+    assert on_vault(init_process, issuer, body) == []

@@ -563,6 +563,10 @@ def test_worker_data_arriving_after_a_refusal_is_dropped_not_relayed() -> None:
         async def drain(self) -> None:
             return None
 
+        async def wait_stopped(self) -> BaseException:
+            await asyncio.Future()  # the client keeps reading
+            raise AssertionError("unreachable")
+
     async def scenario() -> tuple[bytes, bool]:
         machine = FileServer(0.0)
         machine.receive_data(FileClient(FileRequest(FileOp.READ, "/f"), 0.0).data_to_send())

@@ -300,8 +300,10 @@ class RemoteFiles:
         """One request, one answer; read-only ones are retried on a lost connection."""
         while True:
             connection, exchange = await self._open(request)
+            answer: dict[str, Any] | None = None
             try:
-                return await exchange.answer()
+                answer = await exchange.answer()
+                return answer
             except TransportError as exc:
                 self.vault.invalidate(connection)
                 if request.op not in _READ_ONLY:
@@ -309,6 +311,9 @@ class RemoteFiles:
                         f"the connection was lost during {request.op.value} of "
                         f"{request.path!r}; check the result before repeating it"
                     ) from exc
+            finally:
+                if answer is None:  # cancelled (a hash of a large file, say), refused, lost
+                    _leave(exchange)
 
     def _request(self, op: FileOp, path: str = "", **fields: Any) -> FileRequest:
         return FileRequest(op, path=path, user=self.user, **fields)
@@ -329,6 +334,7 @@ class RemoteFiles:
         while True:
             connection, exchange = await self._open(request)
             items: list[FileInfo] = []
+            answered = False
             try:
                 while True:
                     event = await exchange.next_event()
@@ -337,9 +343,13 @@ class RemoteFiles:
                         if len(items) > limit:
                             raise RemoteProtocolError(f"the vault listed more than {limit}")
                     elif isinstance(event, Answered):
+                        answered = True
                         return items
             except TransportError:
                 self.vault.invalidate(connection)
+            finally:
+                if not answered:
+                    _leave(exchange)
 
     async def read(
         self,
@@ -704,10 +714,10 @@ class RemoteFiles:
 
 
 def _leave(exchange: _Exchange) -> None:
-    """A reading stream left before its answer (the caller refused an entry, failed, was
-    cancelled or closed the iterator; or the stream failed): aborted, so the vault stops
-    sending and its worker ends now, not when the connection closes. A long-lived client
-    (the MCP server) would otherwise keep one worker and stream per abandoned read."""
+    """A stream left before its answer (the caller refused an entry, failed, was cancelled
+    or closed the iterator; or the stream failed): aborted, so the vault stops sending and
+    its worker ends now, not when the connection closes. A long-lived client (the MCP
+    server) would otherwise keep one worker and stream per abandoned request."""
     exchange.stream.abort()
 
 

@@ -71,6 +71,7 @@ class QuicStream:
         self._write_closed = False
         self._read_done = False
         self._send_error: BaseException | None = None
+        self._send_failed = asyncio.Event()  # set with _send_error
         self.high_water = high_water
         self.low_water = low_water
         #: What the stream carries ("control", "console", ...), when its opener said so;
@@ -170,6 +171,13 @@ class QuicStream:
         if self._send_error is not None:
             raise self._send_error
 
+    async def wait_stopped(self) -> BaseException:
+        """Wait until nothing more can be sent: the peer stopped reading (STOP_SENDING),
+        or the stream or its connection failed. Returns that error."""
+        await self._send_failed.wait()
+        assert self._send_error is not None
+        return self._send_error
+
     async def wait_delivered(self) -> None:
         """Wait until the peer has acknowledged every byte written so far."""
         if self._channel.buffered(self.stream_id) > 0 and self._send_error is None:
@@ -228,12 +236,12 @@ class QuicStream:
         self._error = error
         self._readable.set()
         if sending:
-            self._send_error = error
-            self._writable.set()
+            self._fail_send(error)
 
     def _fail_send(self, error: BaseException) -> None:
         self._send_error = error
         self._writable.set()
+        self._send_failed.set()
 
 
 class QuicChannel(QuicConnectionProtocol):
