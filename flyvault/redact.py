@@ -121,6 +121,32 @@ def scrub_value(value: Any) -> Any:
     return value
 
 
+def printable(text: str) -> str:
+    """``text`` as valid UTF-8, for a transport that must carry it (the MCP server's JSON).
+    A file name's bytes that are not UTF-8 arrive as lone surrogates (surrogateescape);
+    they are shown as ``\\xNN``, any other lone surrogate as ``\\udNNN``."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def outgoing(value: Any) -> Any:
+    """``scrub`` and ``printable`` applied to every string inside a JSON-like value."""
+    if isinstance(value, str):
+        return printable(scrub(value))
+    if isinstance(value, dict):
+        return {outgoing(k): outgoing(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(outgoing(v) for v in value)
+    return value
+
+
 def occurs(secret: str, text: str) -> bool:
     """Whether ``secret`` is in ``text`` by the matching rule above (no registry involved)."""
     secret = secret.strip()

@@ -16,6 +16,8 @@ import logging
 from types import TracebackType
 from typing import Any
 
+from flyvault.redact import outgoing
+
 from .pool import PROGRESS
 
 log = logging.getLogger("mcp_server")
@@ -95,6 +97,8 @@ class Reporter:
             total = None
         self._last = progress
         try:
-            await self._ctx.report_progress(progress, total, message)  # type: ignore[union-attr]
+            # A file name in the message may hold bytes that are not UTF-8: see outgoing.
+            text = outgoing(message)
+            await self._ctx.report_progress(progress, total, text)  # type: ignore[union-attr]
         except Exception as exc:  # the caller went away: nothing to tell
             log.debug("progress notification failed: %s", exc)

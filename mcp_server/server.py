@@ -31,7 +31,7 @@ from pydantic import BaseModel, ValidationError
 
 from flyvault import __version__
 from flyvault.errors import VaultError
-from flyvault.redact import register, scrub, scrub_value
+from flyvault.redact import outgoing, register
 
 from .defaults import BUFFER_BYTES, SPILL_BYTES
 from .forwards import ForwardManager
@@ -253,12 +253,12 @@ class VaultMCP(MCPServer[Any]):
             cause = exc.__cause__
             if isinstance(cause, VaultError):
                 words = for_agent(error_text(cause), _vault_argument(arguments))
-                raise ToolError(scrub(f"{name} failed: {words}")) from None
-            raise UnexpectedToolError(scrub(str(exc))) from cause
+                raise ToolError(outgoing(f"{name} failed: {words}")) from None
+            raise UnexpectedToolError(outgoing(str(exc))) from cause
         except ToolError as exc:
             if isinstance(exc.__cause__, ValidationError):
-                raise ToolError(scrub(invalid_arguments(name, exc.__cause__))) from None
-            raise ToolError(scrub(str(exc))) from None
+                raise ToolError(outgoing(invalid_arguments(name, exc.__cause__))) from None
+            raise ToolError(outgoing(str(exc))) from None
         if isinstance(result, CallToolResult):
             return _scrubbed(result)
         return result
@@ -280,16 +280,18 @@ class VaultMCP(MCPServer[Any]):
 
 
 def _scrubbed(result: CallToolResult) -> CallToolResult:
-    """``result`` with every secret this process knows scrubbed from its text and data."""
+    """``result`` with every secret this process knows scrubbed from its text and data, and
+    every string valid UTF-8 (a file name that is not would stop the server: the SDK's
+    writer cannot encode it, and that ends the process with every session in it)."""
     content = [
-        block.model_copy(update={"text": scrub(block.text)})
+        block.model_copy(update={"text": outgoing(block.text)})
         if isinstance(block, TextContent)
         else block
         for block in result.content
     ]
     structured = result.structured_content
     if structured is not None:
-        structured = scrub_value(structured)
+        structured = outgoing(structured)
     return result.model_copy(update={"content": content, "structured_content": structured})
 
 

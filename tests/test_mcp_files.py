@@ -283,6 +283,47 @@ def test_list_dir_with_glob_and_limit(vault: str, tmp_path: Path) -> None:
     over_stdio(scenario)
 
 
+def test_names_that_are_not_utf8_are_shown_escaped_and_the_server_lives_on(
+    vault: str, tmp_path: Path
+) -> None:
+    """A file name or link target with bytes that are not UTF-8 reaches the server as lone
+    surrogates. Sent as they were, they stopped the whole server (its JSON writer cannot
+    encode them): in a listing, and in a copy's progress notification."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    with open(os.path.join(os.fsencode(tree), b"caf\xe9.txt"), "wb") as file:
+        file.write(b"x" * 10)
+    os.symlink(b"tar\xffget", os.path.join(os.fsencode(tree), b"link"))
+    notes: list[str | None] = []
+
+    async def progress(done: float, total: float | None, message: str | None) -> None:
+        notes.append(message)
+
+    async def scenario(s: Session) -> None:
+        listing = await s.data("list_dir", {"vault": vault, "path": str(tree)})
+        entries = {e["name"]: e for e in listing["entries"]}
+        assert set(entries) == {"caf\\xe9.txt", "link"}
+        assert entries["link"]["target"] == "tar\\xffget"
+        copied = await s.call(
+            "copy_files",
+            {
+                "vault": vault,
+                "source": str(tree),
+                "destination": str(tmp_path / "out"),
+                "direction": "download",
+                "recursive": True,
+            },
+            progress=progress,
+        )
+        assert not copied.is_error, text(copied)
+        again = await s.data("list_dir", {"vault": vault, "path": str(tmp_path / "out")})
+        assert len(again["entries"]) == 2  # the server is still there
+
+    over_stdio(scenario)
+    assert (tmp_path / "out" / os.fsdecode(b"caf\xe9.txt")).read_bytes() == b"x" * 10
+    assert any(note and "\\xe9" in note for note in notes), notes
+
+
 def test_copy_a_tree_up_and_down_with_progress(vault: str, tmp_path: Path) -> None:
     local = tmp_path / "local"
     (local / "pkg" / "deep").mkdir(parents=True)
