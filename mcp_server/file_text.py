@@ -138,25 +138,57 @@ def _cut(line: bytes, max_bytes: int) -> bytes:
     return line[:max_bytes].decode("utf-8", "ignore").encode()
 
 
-def tail_lines(data: bytes, count: int, max_bytes: int, *, from_start: bool) -> list[bytes]:
-    """The last ``count`` lines of ``data`` (a file's tail), within ``max_bytes``.
+def split_lines(data: bytes) -> list[bytes]:
+    """``data``'s lines with their ends, split at ``\\n`` only, as ``count_lines`` counts
+    them (``bytes.splitlines`` also splits at a lone ``\\r``, which a progress bar's log
+    is full of: the numbers shown would not be the file's)."""
+    lines = data.split(b"\n")
+    last = lines.pop()
+    out = [line + b"\n" for line in lines]
+    if last:
+        out.append(last)
+    return out
 
-    Unless ``data`` starts at the file's start, its first line may be partial and is
-    dropped."""
-    lines = data.splitlines(keepends=True)
-    if not from_start and lines:
-        lines = lines[1:]
+
+def split_text_lines(text: str) -> list[str]:
+    """``split_lines`` for text: ``str.splitlines`` also splits at \\f, \\x1c-\\x1e, \\x85,
+    U+2028 and U+2029."""
+    lines = text.split("\n")
+    last = lines.pop()
+    out = [line + "\n" for line in lines]
+    if last:
+        out.append(last)
+    return out
+
+
+def tail_lines(
+    data: bytes, count: int, max_bytes: int, *, from_start: bool
+) -> tuple[list[bytes], bool]:
+    """The last ``count`` lines of ``data`` (a file's tail), within ``max_bytes``; and
+    whether the first of them is only the end of its line (the line did not fit, or began
+    before ``data``).
+
+    Unless ``data`` starts at the file's start, its first line may be partial: it is shown
+    (as cut) only when the complete lines after it are fewer than ``count``."""
+    lines = split_lines(data)
+    partial = lines.pop(0) if not from_start and lines else None
     picked: list[bytes] = []
     size = 0
+    cut = False
     for line in reversed(lines[-count:] if count else []):
         if size + len(line) > max_bytes:
             if not picked:
                 picked.append(_cut_tail(line, max_bytes))
+                cut = True
             break
         picked.append(line)
         size += len(line)
+    else:
+        if partial and len(picked) < count and size < max_bytes:
+            picked.append(_cut_tail(partial, max_bytes - size))
+            cut = True
     picked.reverse()
-    return picked
+    return picked, cut
 
 
 def _cut_tail(line: bytes, max_bytes: int) -> bytes:
@@ -166,7 +198,8 @@ def _cut_tail(line: bytes, max_bytes: int) -> bytes:
 def numbered(text: str, first_line: int | None) -> str:
     """``cat -n`` style, the form agents know from their own read tools: the number, a
     tab, the line. Without a known line number the lines are shown as they are."""
-    lines = text.splitlines()
+    # A CRLF file's \r is not shown, as before; other separators stay inside their line.
+    lines = [line.rstrip("\n").removesuffix("\r") for line in split_text_lines(text)]
     if first_line is None:
         return "\n".join(lines)
     return "\n".join(f"{n:>6}\t{line}" for n, line in enumerate(lines, first_line))
@@ -184,7 +217,7 @@ def apply_edit(text: str, old: str, new: str, *, replace_all: bool, path: str) -
         )
     if old == new:
         raise UsageError("old_string and new_string are the same: nothing to change")
-    count = text.count(old)
+    count = occurrences(text, old, stop_at=None if replace_all else 2)
     if count == 0:
         raise UsageError(
             f"old_string not found in {path}",
@@ -192,18 +225,35 @@ def apply_edit(text: str, old: str, new: str, *, replace_all: bool, path: str) -
             "without the line-number prefix",
         )
     if count > 1 and not replace_all:
+        count = occurrences(text, old, stop_at=None)
         raise UsageError(
-            f"old_string occurs {count} times in {path}; it must occur exactly once",
+            f"old_string occurs {count} times in {path} (overlaps counted); it must occur "
+            "exactly once",
             hint="add surrounding lines to make it unique, or pass replace_all=true",
         )
+    if replace_all:
+        count = text.count(old)  # what replace does: left to right, without overlaps
     return text.replace(old, new), count
+
+
+def occurrences(text: str, old: str, *, stop_at: int | None) -> int:
+    """How often ``old`` occurs in ``text``, overlapping ones too (``"aa"`` is twice in
+    ``"aaa"``: an edit meant for one of them is ambiguous); counting stops at ``stop_at``."""
+    count = 0
+    start = text.find(old)
+    while start >= 0:
+        count += 1
+        if count == stop_at:
+            break
+        start = text.find(old, start + 1)
+    return count
 
 
 def short_diff(before: str, after: str, path: str, *, max_chars: int = MAX_DIFF_CHARS) -> str:
     """A unified diff with two lines of context, cut after ``max_chars`` with a marker."""
     lines = difflib.unified_diff(
-        before.splitlines(keepends=True),
-        after.splitlines(keepends=True),
+        split_text_lines(before),
+        split_text_lines(after),
         f"a{path}" if path.startswith("/") else f"a/{path}",
         f"b{path}" if path.startswith("/") else f"b/{path}",
         n=2,
@@ -231,6 +281,9 @@ __all__ = [
     "count_lines",
     "decode_text",
     "numbered",
+    "occurrences",
     "short_diff",
+    "split_lines",
+    "split_text_lines",
     "tail_lines",
 ]

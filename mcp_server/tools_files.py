@@ -108,20 +108,25 @@ async def read_file(
 async def _read_text(
     files: RemoteFiles, vault: str, info: FileInfo, path: str, offset: int, limit: int
 ) -> FileRead:
-    if info.size <= FULL_READ:
-        data = await files.read_bytes(path)
+    # Read at most one byte more than a whole read may take: a file that grew past it
+    # since the stat (a log being written) goes the bounded way below.
+    data = await files.read_bytes(path, length=FULL_READ + 1) if info.size <= FULL_READ else b""
+    if info.size <= FULL_READ and len(data) <= FULL_READ:
         text = decode_text(data)
         digest = hashlib.sha256(data).hexdigest()
         if text is None:
             return _binary(vault, path, len(data), digest)
         total = count_lines(data)
         if offset < 0:
-            picked = tail_lines(data, -offset, MAX_BYTES, from_start=True)
-            return _text(vault, path, len(data), digest, picked, total - len(picked), total)
+            picked, cut = tail_lines(data, -offset, MAX_BYTES, from_start=True)
+            skipped = total - len(picked)
+            return _tail(vault, path, len(data), digest, picked, skipped, total, -offset, cut)
         window = LineWindow(offset, limit, MAX_BYTES)
         window.feed(data)
         window.finish()
-        return _text(vault, path, len(data), digest, window.lines, offset, total, window.cut_line)
+        cut_at = offset + len(window.lines) if window.cut_line else None
+        return _text(vault, path, len(data), digest, window.lines, offset, total, cut_at)
+    info = await files.stat(path, follow=True)  # grown: its size now
     if offset < 0:
         return await _read_big_tail(files, vault, info, path, -offset)
     return await _read_big_head(files, vault, info, path, offset, limit)
@@ -157,7 +162,8 @@ async def _read_big_head(
     if ended:
         window.finish()
     total = window.seen if ended else None
-    return _text(vault, path, info.size, digest, window.lines, offset, total, window.cut_line)
+    cut_at = offset + len(window.lines) if window.cut_line else None
+    return _text(vault, path, info.size, digest, window.lines, offset, total, cut_at)
 
 
 async def _read_big_tail(
@@ -168,11 +174,17 @@ async def _read_big_tail(
     data = await files.read_bytes(path, offset=start, length=MAX_BYTES)
     digest = await files.sha256(path)
     # The first line of the tail is partial (and may start inside a UTF-8 sequence).
-    body = data if start == 0 else data[data.find(b"\n") + 1 :]
+    newline = data.find(b"\n")
+    if start == 0:
+        body = data
+    elif newline >= 0:
+        body = data[newline + 1 :]
+    else:  # no line starts in it: it begins inside a line, maybe inside a character
+        body = data[next((i for i, b in enumerate(data[:4]) if b & 0xC0 != 0x80), 0) :]
     if decode_text(body) is None:
         return _binary(vault, path, info.size, digest)
-    picked = tail_lines(data, count, MAX_BYTES, from_start=start == 0)
-    return _text(vault, path, info.size, digest, picked, None, None)
+    picked, cut = tail_lines(data, count, MAX_BYTES, from_start=start == 0)
+    return _tail(vault, path, info.size, digest, picked, None, None, count, cut)
 
 
 async def _read_base64(
@@ -225,6 +237,43 @@ def _binary(vault: str, path: str, size: int, digest: str) -> FileRead:
     )
 
 
+def _tail(
+    vault: str,
+    path: str,
+    size: int,
+    digest: str,
+    lines: list[bytes],
+    skipped: int | None,
+    total: int | None,
+    asked: int,
+    cut: bool,
+) -> FileRead:
+    """A tail's result. ``cut``: its first line is only the end of a line that did not fit
+    (or began before the bytes read). Fewer lines than ``asked`` with lines before them:
+    the byte bound stopped it, and the result says where the rest is."""
+    result = _text(vault, path, size, digest, lines, skipped, total)
+    missing = asked - len(lines)
+    if cut:
+        where = f"line {skipped + 1}" if skipped is not None else "the first line shown"
+        return result.model_copy(
+            update={
+                "truncated": True,
+                "next_step": f"{where} is only the end of a line longer than {MAX_BYTES} "
+                'bytes: read the line whole with encoding="base64" and a byte offset',
+            }
+        )
+    if missing > 0 and skipped:
+        earlier = min(missing, skipped)
+        return result.model_copy(
+            update={
+                "truncated": True,
+                "next_step": f"the {earlier} lines before did not fit in {MAX_BYTES} bytes: "
+                f"read_file(offset={skipped - earlier}, limit={earlier})",
+            }
+        )
+    return result
+
+
 def _text(
     vault: str,
     path: str,
@@ -233,21 +282,22 @@ def _text(
     lines: list[bytes],
     skipped: int | None,
     total: int | None,
-    cut_line: bool = False,
+    cut_at: int | None = None,
 ) -> FileRead:
-    """A text result: ``skipped`` lines come before the window (None: unknown)."""
+    """A text result: ``skipped`` lines come before the window (None: unknown); line
+    ``cut_at`` (the window's last) was longer than MAX_BYTES and is shown cut."""
     content = b"".join(lines).decode("utf-8")
     first = None if skipped is None else skipped + 1
     after = None if skipped is None else skipped + len(lines)
     truncated = (
-        cut_line
+        cut_at is not None
         or (total is None and skipped is not None)
         or (after is not None and total is not None and after < total)
     )
     next_step = None
-    if cut_line and first is not None:
+    if cut_at is not None:
         next_step = (
-            f"line {first + len(lines) - 1} is longer than {MAX_BYTES} bytes and was cut: "
+            f"line {cut_at} is longer than {MAX_BYTES} bytes and was cut: "
             'read it with encoding="base64" and a byte offset'
         )
     elif truncated and after is not None:
@@ -353,7 +403,12 @@ async def edit_file(
             f"{path} is {info.size} bytes; edit_file edits files up to {FULL_READ} bytes",
             hint="change it with exec (sed, a script), or fetch it with copy_files",
         )
-    data = await files.read_bytes(target)
+    data = await files.read_bytes(target, length=FULL_READ + 1)
+    if len(data) > FULL_READ:  # it grew since the stat
+        raise UsageError(
+            f"{path} grew past {FULL_READ} bytes while edit_file read it; nothing was written",
+            hint="change it with exec (sed, a script), or fetch it with copy_files",
+        )
     text = decode_text(data)
     if text is None:
         raise UsageError(

@@ -14,7 +14,9 @@ from flyvault.mcp_server.file_text import (
     count_lines,
     decode_text,
     numbered,
+    occurrences,
     short_diff,
+    split_lines,
     tail_lines,
 )
 
@@ -89,14 +91,43 @@ def test_a_line_longer_than_the_cap_is_cut_on_a_character_boundary() -> None:
     assert later.content == b"wanted\n" and not later.cut_line
 
 
-def test_tail_lines_drops_a_partial_first_line_unless_at_the_start() -> None:
+def test_tail_lines_shows_a_partial_first_line_only_as_cut() -> None:
     data = b"partial line\nb\nc\nd"
-    assert tail_lines(data, 2, 100, from_start=False) == [b"c\n", b"d"]
-    assert tail_lines(data, 10, 100, from_start=False) == [b"b\n", b"c\n", b"d"]
-    assert tail_lines(data, 10, 100, from_start=True)[0] == b"partial line\n"
-    assert tail_lines(data, 10, 4, from_start=True) == [b"c\n", b"d"]
-    assert tail_lines(b"x" * 50, 1, 10, from_start=True) == [b"x" * 10]
-    assert tail_lines(data, 0, 100, from_start=True) == []
+    assert tail_lines(data, 2, 100, from_start=False) == ([b"c\n", b"d"], False)
+    # Fewer complete lines than asked: the partial one comes too, flagged as cut.
+    assert tail_lines(data, 10, 100, from_start=False) == (
+        [b"partial line\n", b"b\n", b"c\n", b"d"],
+        True,
+    )
+    assert tail_lines(data, 10, 100, from_start=True) == (
+        [b"partial line\n", b"b\n", b"c\n", b"d"],
+        False,
+    )
+    assert tail_lines(data, 10, 4, from_start=True) == ([b"c\n", b"d"], False)
+    assert tail_lines(b"x" * 50, 1, 10, from_start=True) == ([b"x" * 10], True)
+    assert tail_lines(b"x" * 50, 1, 10, from_start=False) == ([b"x" * 10], True)
+    assert tail_lines(data, 0, 100, from_start=True) == ([], False)
+
+
+def test_lines_split_at_newlines_only_as_they_are_counted() -> None:
+    """A lone \\r (a progress bar's log), \\f or U+2028 ends no line: the numbers shown
+    must be the file's, which count_lines counts by \\n."""
+    data = b"a\rb\nform\x0cfeed\nsep\xe2\x80\xa8x\nlast"
+    assert split_lines(data) == [b"a\rb\n", b"form\x0cfeed\n", b"sep\xe2\x80\xa8x\n", b"last"]
+    assert len(split_lines(data)) == count_lines(data) == 4
+    assert tail_lines(data, 2, 100, from_start=True)[0] == [b"sep\xe2\x80\xa8x\n", b"last"]
+    text = data.decode()
+    assert numbered(text, 1).count("\n") == 3
+    assert numbered("crlf\r\nfile\r\n", 1) == "     1\tcrlf\n     2\tfile"
+    diff = short_diff("a\x0cb\nc\n", "a\x0cb\nd\n", "/f")
+    assert "No newline" not in diff and "@@ -1,2 +1,2 @@" in diff
+
+
+def test_an_overlapping_second_occurrence_makes_an_edit_ambiguous() -> None:
+    with pytest.raises(UsageError, match="occurs 2 times"):
+        apply_edit("aaa", "aa", "b", replace_all=False, path="/f")
+    assert apply_edit("aaa", "aa", "b", replace_all=True, path="/f") == ("ba", 1)
+    assert occurrences("aaaa", "aa", stop_at=None) == 3
 
 
 def test_numbered_lines_look_like_cat_n() -> None:

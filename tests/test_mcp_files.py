@@ -128,6 +128,32 @@ def test_read_text_by_lines_and_tail_binary_flagged_and_base64_exact(
     over_stdio(scenario)
 
 
+def test_tails_say_when_a_line_was_cut_and_count_lines_by_newline_only(
+    vault: str, tmp_path: Path
+) -> None:
+    """A tail cut by the byte bound said nothing (or came back empty, for a big file whose
+    last 128 KiB hold no newline), and a lone \\r split a line the count did not."""
+    cr = tmp_path / "cr.txt"
+    cr.write_bytes(b"a\rb\nc\n")
+    long_tail = tmp_path / "long.txt"
+    long_tail.write_bytes(b"short\n" + b"x" * 200_000 + b"\n")
+    big = tmp_path / "big.json"
+    big.write_bytes(b"{}\n" * 1_500_000 + b'"' + b"z" * 200_000 + b'"')  # 4.7 MB
+
+    async def scenario(s: Session) -> None:
+        tail = await s.data("read_file", {"vault": vault, "path": str(cr), "offset": -2})
+        assert (tail["content"], tail["first_line"], tail["lines"]) == ("a\rb\nc\n", 1, 2)
+        assert tail["total_lines"] == 2 and tail["truncated"] is False
+        cut = await s.data("read_file", {"vault": vault, "path": str(long_tail), "offset": -1})
+        assert cut["first_line"] == 2 and cut["content"] == "x" * (128 * 1024 - 1) + "\n"
+        assert cut["truncated"] is True and "line 2 is only the end" in cut["next_step"]
+        huge = await s.data("read_file", {"vault": vault, "path": str(big), "offset": -1})
+        assert huge["content"].endswith('zzz"') and huge["lines"] == 1
+        assert huge["truncated"] is True and "only the end of a line" in huge["next_step"]
+
+    over_stdio(scenario)
+
+
 def test_write_text_and_base64_with_sha256_modes_parents_and_symlinks(
     vault: str, tmp_path: Path
 ) -> None:
