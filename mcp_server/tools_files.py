@@ -446,7 +446,9 @@ def _decode_content(content: str, encoding: str) -> bytes:
     if encoding == "text":
         return content.encode("utf-8")
     try:
-        return base64.b64decode(content, validate=True)
+        # Line breaks and spaces are dropped first: base64 is often wrapped at 76 columns
+        # (base64(1), MIME), and they are never data. Anything else is still refused.
+        return base64.b64decode("".join(content.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise UsageError(
             f"content is not valid base64: {exc}",
@@ -517,8 +519,10 @@ async def list_dir(
 ) -> Annotated[CallToolResult, DirListing]:
     """Entries: kind, size, mode, mtime, link target."""
     files = await _files(state, vault, user)
-    entries = await files.list_dir(path, limit=MAX_ENTRIES)
-    listed_all = len(entries) < MAX_ENTRIES
+    # One more than is searched: a directory of exactly MAX_ENTRIES is listed whole.
+    entries = await files.list_dir(path, limit=MAX_ENTRIES + 1)
+    listed_all = len(entries) <= MAX_ENTRIES
+    entries = entries[:MAX_ENTRIES]
     if glob is not None:
         entries = [e for e in entries if fnmatch.fnmatchcase(e.name, glob)]
     shown = [_entry(e) for e in entries[:limit]]

@@ -210,6 +210,19 @@ def test_write_text_and_base64_with_sha256_modes_parents_and_symlinks(
         )
         assert "content is not valid base64" in text(bad)
         assert blob.read_bytes() == blob_data
+        wrapped = base64.encodebytes(b"wrapped at 76 columns " * 10).decode()  # MIME lines
+        assert "\n" in wrapped.rstrip("\n")
+        done = await s.data(
+            "write_file",
+            {
+                "vault": vault,
+                "path": str(tmp_path / "w.txt"),
+                "content": wrapped,
+                "encoding": "base64",
+            },
+        )
+        assert (tmp_path / "w.txt").read_bytes() == b"wrapped at 76 columns " * 10
+        assert done["size"] == 220
         directory = await s.call(
             "write_file", {"vault": vault, "path": str(tmp_path), "content": "x"}, ok=False
         )
@@ -305,6 +318,32 @@ def test_list_dir_with_glob_and_limit(vault: str, tmp_path: Path) -> None:
         assert python["total"] == 2 and not python["truncated"]
         two = await s.data("list_dir", {"vault": vault, "path": str(tree), "limit": 2})
         assert len(two["entries"]) == 2 and two["truncated"] is True and two["total"] == 5
+
+    over_stdio(scenario)
+
+
+def test_a_directory_of_exactly_the_searched_size_is_listed_whole(
+    vault: str, tmp_path: Path
+) -> None:
+    """10,000 entries (hard links: no inode each, so quick to make) are all searched: it
+    said truncated; one more is not, and says so."""
+    tree = tmp_path / "many"
+    tree.mkdir()
+    (tmp_path / "one").write_text("x")
+    for n in range(10_000):
+        os.link(tmp_path / "one", tree / f"{n:05d}")
+
+    async def scenario(s: Session) -> None:
+        whole = await s.data("list_dir", {"vault": vault, "path": str(tree), "limit": 10_000})
+        assert (whole["total"], whole["truncated"], len(whole["entries"])) == (
+            10_000,
+            False,
+            10_000,
+        )
+        os.link(tmp_path / "one", tree / "10000")
+        over = await s.data("list_dir", {"vault": vault, "path": str(tree), "glob": "?999?"})
+        # 09990-09999 among the first 10,000 names; "10000" was not searched: truncated.
+        assert over["truncated"] is True and over["total"] == 10
 
     over_stdio(scenario)
 
