@@ -165,30 +165,26 @@ def tail_lines(
     data: bytes, count: int, max_bytes: int, *, from_start: bool
 ) -> tuple[list[bytes], bool]:
     """The last ``count`` lines of ``data`` (a file's tail), within ``max_bytes``; and
-    whether the first of them is only the end of its line (the line did not fit, or began
-    before ``data``).
+    whether the first of them is only the end of its line, because that line is longer
+    than ``max_bytes`` (or than ``data``, when ``data`` is not the file's start).
 
-    Unless ``data`` starts at the file's start, its first line may be partial: it is shown
-    (as cut) only when the complete lines after it are fewer than ``count``."""
+    Unless ``data`` starts at the file's start, its first line may be partial: it is
+    dropped, unless it is all there is."""
     lines = split_lines(data)
     partial = lines.pop(0) if not from_start and lines else None
     picked: list[bytes] = []
     size = 0
-    cut = False
     for line in reversed(lines[-count:] if count else []):
         if size + len(line) > max_bytes:
             if not picked:
-                picked.append(_cut_tail(line, max_bytes))
-                cut = True
+                return [_cut_tail(line, max_bytes)], True
             break
         picked.append(line)
         size += len(line)
-    else:
-        if partial and len(picked) < count and size < max_bytes:
-            picked.append(_cut_tail(partial, max_bytes - size))
-            cut = True
+    if partial and count and not picked:  # no line starts inside data: show its end
+        return [_cut_tail(partial, max_bytes)], True
     picked.reverse()
-    return picked, cut
+    return picked, False
 
 
 def _cut_tail(line: bytes, max_bytes: int) -> bytes:
@@ -217,7 +213,7 @@ def apply_edit(text: str, old: str, new: str, *, replace_all: bool, path: str) -
         )
     if old == new:
         raise UsageError("old_string and new_string are the same: nothing to change")
-    count = occurrences(text, old, stop_at=None if replace_all else 2)
+    count = text.count(old) if replace_all else occurrences(text, old, stop_at=2)
     if count == 0:
         raise UsageError(
             f"old_string not found in {path}",
@@ -225,15 +221,18 @@ def apply_edit(text: str, old: str, new: str, *, replace_all: bool, path: str) -
             "without the line-number prefix",
         )
     if count > 1 and not replace_all:
-        count = occurrences(text, old, stop_at=None)
+        count = occurrences(text, old, stop_at=MAX_COUNTED + 1)
+        times = f"{count} times" if count <= MAX_COUNTED else f"over {MAX_COUNTED} times"
         raise UsageError(
-            f"old_string occurs {count} times in {path} (overlaps counted); it must occur "
-            "exactly once",
+            f"old_string occurs {times} in {path} (overlaps counted); it must occur exactly once",
             hint="add surrounding lines to make it unique, or pass replace_all=true",
         )
-    if replace_all:
-        count = text.count(old)  # what replace does: left to right, without overlaps
+    # replace_all: the count is what replace does, left to right without overlaps.
     return text.replace(old, new), count
+
+
+#: Occurrences counted for an error message, at most (a Python loop on the event loop).
+MAX_COUNTED = 1000
 
 
 def occurrences(text: str, old: str, *, stop_at: int | None) -> int:

@@ -248,30 +248,31 @@ def _tail(
     asked: int,
     cut: bool,
 ) -> FileRead:
-    """A tail's result. ``cut``: its first line is only the end of a line that did not fit
-    (or began before the bytes read). Fewer lines than ``asked`` with lines before them:
-    the byte bound stopped it, and the result says where the rest is."""
+    """A tail's result (``skipped`` None: a big file's, read from its last MAX_BYTES).
+    ``cut``: its one line is only the end of a line longer than MAX_BYTES. Fewer lines
+    than ``asked``, with lines before them: the result says where the rest is."""
     result = _text(vault, path, size, digest, lines, skipped, total)
     missing = asked - len(lines)
     if cut:
-        where = f"line {skipped + 1}" if skipped is not None else "the first line shown"
-        return result.model_copy(
-            update={
-                "truncated": True,
-                "next_step": f"{where} is only the end of a line longer than {MAX_BYTES} "
-                'bytes: read the line whole with encoding="base64" and a byte offset',
-            }
+        where = f"line {skipped + 1}" if skipped is not None else "the line shown"
+        step = (
+            f"{where} is only the end of a line longer than {MAX_BYTES} bytes: read the "
+            'line whole with encoding="base64" and byte offsets'
         )
-    if missing > 0 and skipped:
+    elif missing > 0 and skipped:
         earlier = min(missing, skipped)
-        return result.model_copy(
-            update={
-                "truncated": True,
-                "next_step": f"the {earlier} lines before did not fit in {MAX_BYTES} bytes: "
-                f"read_file(offset={skipped - earlier}, limit={earlier})",
-            }
+        step = (
+            f"the {earlier} lines before did not fit in {MAX_BYTES} bytes: "
+            f"read_file(offset={skipped - earlier}, limit={earlier})"
         )
-    return result
+    elif missing > 0 and skipped is None and len(lines) and size > MAX_BYTES:
+        step = (
+            f"earlier lines lie before the last {MAX_BYTES} bytes this reads of a big file: "
+            f"exec tail -n {asked} {path}, or copy_files"
+        )
+    else:
+        return result
+    return result.model_copy(update={"truncated": True, "next_step": step})
 
 
 def _text(

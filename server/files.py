@@ -44,6 +44,7 @@ from flyvault.protocol.files import (
 )
 from flyvault.protocol.files_messages import (
     FileFrame,
+    FileOp,
     FileRequest,
     MemberDigest,
     WriteReady,
@@ -65,8 +66,14 @@ log = logging.getLogger("flyvault.server.files")
 UPLOAD_BATCH = 256 * 1024
 #: The most one read from the worker takes.
 RECEIVE_SIZE = 1024 * 1024
-#: How long a worker has to end once its stream is over (it answered, or its client left)
-#: before it is killed; and how often its exit is looked for meanwhile.
+#: Operations that change nothing on the vault: when their client leaves, the worker is
+#: stopped (``_download``), and killed if it has not ended ``WORKER_EXIT_GRACE`` after its
+#: stream (blocked opening a FIFO, hashing a huge file). Any other operation runs to its
+#: end, as it would have without the client: a remove or a tar_put cut short by a kill
+#: would leave half a tree and temp files. Its exit is looked for every ``WORKER_EXIT_POLL``.
+READING_OPS = frozenset(
+    {FileOp.STAT, FileOp.LIST, FileOp.READ, FileOp.SHA256, FileOp.READLINK, FileOp.TAR_GET}
+)
 WORKER_EXIT_GRACE = 5.0
 WORKER_EXIT_POLL = 0.01
 
@@ -88,10 +95,11 @@ async def handle_files(connection: ServerConnection, stream: QuicStream, initial
         await _send(stream, machine)
         return
     worker = _Worker.fork(request, target)
+    reading = request.op in READING_OPS
     try:
-        await _serve(machine, stream, worker)
+        await _serve(machine, stream, worker, reading)
     finally:
-        await worker.close()
+        await worker.close(kill_after=WORKER_EXIT_GRACE if reading else None)
 
 
 async def _receive_request(machine: FileServer, stream: QuicStream) -> FileRequest | None:
@@ -232,16 +240,15 @@ class _Worker:
                 return None
             self.inbox.feed(data)
 
-    async def close(self) -> None:
-        """Close the socket and reap the worker. One that does not end within
-        ``WORKER_EXIT_GRACE`` of that (its client left while it was blocked, on a FIFO
-        without a writer, say) is killed: it would hold a thread of init's for ever."""
+    async def close(self, *, kill_after: float | None) -> None:
+        """Close the socket and reap the worker (polled: no thread waits on it). With
+        ``kill_after``, one not ended by then is killed (see ``READING_OPS``)."""
         # No reader or writer may outlive the fd: its number goes to the next socket.
         loop = asyncio.get_running_loop()
         loop.remove_reader(self.sock.fileno())
         loop.remove_writer(self.sock.fileno())
         self.sock.close()
-        if not await _exited(self.pid, WORKER_EXIT_GRACE):
+        if not await _exited(self.pid, kill_after):
             log.info("file worker %d did not end after its stream; killed", self.pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
@@ -269,10 +276,10 @@ async def _send(stream: QuicStream, machine: FileServer) -> None:
         await stream.send(machine.data_to_send(), end_stream=machine.finished)
 
 
-async def _serve(machine: FileServer, stream: QuicStream, worker: _Worker) -> None:
+async def _serve(machine: FileServer, stream: QuicStream, worker: _Worker, reading: bool) -> None:
     upload = asyncio.ensure_future(_upload(machine, stream, worker))
     try:
-        await _download(machine, stream, worker)
+        await _download(machine, stream, worker, reading)
     finally:
         if not upload.done():
             upload.cancel()
@@ -355,12 +362,16 @@ async def _pass_on(event: object, stream: QuicStream, machine: FileServer, worke
     return True
 
 
-async def _download(machine: FileServer, stream: QuicStream, worker: _Worker) -> None:
-    """Worker -> client, through the machine; ends when the answer went out, or when the
-    client stopped reading (it left: the worker, perhaps blocked on a FIFO's open or a long
-    hash, is then stopped by ``close``). Every frame that has arrived is handled before one
-    write to the stream."""
-    stopped = asyncio.ensure_future(stream.wait_stopped())
+async def _download(
+    machine: FileServer, stream: QuicStream, worker: _Worker, reading: bool
+) -> None:
+    """Worker -> client, through the machine; ends when the answer went out. A ``reading``
+    operation's also when its client stopped reading (it left: the worker, perhaps blocked
+    on a FIFO's open or a long hash, is then stopped by ``close``); any other runs on until
+    its worker answers, so what the client sent before it stopped reading still lands.
+    Every frame that has arrived is handled before one write to the stream."""
+    never: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    stopped = asyncio.ensure_future(stream.wait_stopped()) if reading else never
     try:
         await _relay(machine, stream, worker, stopped)
     finally:

@@ -449,6 +449,11 @@ class _Extractor:
         os.close(self.root)
 
 
+class ClientGone(Exception):
+    """The handler's socket ended or broke: nobody is left to answer. Apart from OSError,
+    so that no file system error (a network filesystem's ECONNRESET, say) is taken for it."""
+
+
 def tar_put(channel: Any, request: FileRequest, dest: str) -> None:
     """The client's tar stream into ``dest``; see the module's docstring."""
     reader = TarReader(expect_digests=True, sender="the client")
@@ -468,7 +473,7 @@ def tar_put(channel: Any, request: FileRequest, dest: str) -> None:
             for event in events:
                 _apply(extractor, event)
         else:
-            raise ConnectionAbortedError("the client went away during tar_put")
+            raise ClientGone("the client went away during tar_put")
         reader.close()
         extractor.finish_dirs()
     except TarStreamError as exc:
@@ -476,8 +481,6 @@ def tar_put(channel: Any, request: FileRequest, dest: str) -> None:
             f"{dest}: the tar stream is not valid ({exc}); the rest was not written"
         ) from None
     except OSError as exc:
-        if isinstance(exc, ConnectionError):  # the client is gone: nobody to tell
-            raise
         # Named by the entry: the call's own file name is a temp name or a bare leaf.
         where = os.path.join(dest, extractor.entry) if extractor.entry else dest
         raise file_error(where, exc.errno, exc.strerror) from None

@@ -63,6 +63,7 @@ from flyvault.writeback import Writeback, prepare
 
 from . import files_tar
 from .accounts import MAX_ACCOUNT_FILE, parse_groups, parse_passwd, switch_to
+from .files_tar import ClientGone
 from .workload_entry import CLONE_NEWNS, setns
 
 _PR_SET_PDEATHSIG = 1
@@ -209,7 +210,10 @@ class Channel:
     def flush(self) -> None:
         if self._out:
             data, self._out = self._out, bytearray()
-            self.sock.sendall(data)
+            try:
+                self.sock.sendall(data)
+            except OSError as exc:
+                raise ClientGone(f"the handler's socket failed: {exc}") from exc
 
     def error(self, exc: VaultError) -> None:
         self.send(ERROR_FRAME, ErrorMessage.from_exception(exc).encode())
@@ -223,7 +227,10 @@ class Channel:
         """The next frame from the handler, or None at the end of the stream (abandoned)."""
         self.flush()
         while (frame := self._in.next_frame()) is None:
-            chunk = self.sock.recv(RECEIVE_SIZE)
+            try:
+                chunk = self.sock.recv(RECEIVE_SIZE)
+            except OSError as exc:
+                raise ClientGone(f"the handler's socket failed: {exc}") from exc
             if not chunk:
                 return None
             self._in.feed(chunk)
@@ -280,7 +287,7 @@ class Worker:
     def run(self) -> None:
         try:
             self._dispatch()
-        except ConnectionError:
+        except ClientGone:
             raise  # the handler or the client is gone: nobody to tell
         except OSError as exc:
             where = exc.filename if isinstance(exc.filename, str) else self.subject

@@ -574,7 +574,7 @@ def test_worker_data_arriving_after_a_refusal_is_dropped_not_relayed() -> None:
         ours, theirs = socket.socketpair()
         worker = _Worker(os.getpid(), ours)
         stream = Recorder()
-        pump = asyncio.ensure_future(_download(machine, stream, worker))  # type: ignore[arg-type]
+        pump = asyncio.ensure_future(_download(machine, stream, worker, True))  # type: ignore[arg-type]
         try:
             for _ in range(5):
                 await asyncio.sleep(0)  # the pump now waits in worker.receive

@@ -91,12 +91,13 @@ def test_a_line_longer_than_the_cap_is_cut_on_a_character_boundary() -> None:
     assert later.content == b"wanted\n" and not later.cut_line
 
 
-def test_tail_lines_shows_a_partial_first_line_only_as_cut() -> None:
+def test_tail_lines_drops_a_partial_first_line_unless_it_is_all_there_is() -> None:
     data = b"partial line\nb\nc\nd"
     assert tail_lines(data, 2, 100, from_start=False) == ([b"c\n", b"d"], False)
-    # Fewer complete lines than asked: the partial one comes too, flagged as cut.
-    assert tail_lines(data, 10, 100, from_start=False) == (
-        [b"partial line\n", b"b\n", b"c\n", b"d"],
+    assert tail_lines(data, 10, 100, from_start=False) == ([b"b\n", b"c\n", b"d"], False)
+    # No line starts inside the bytes read: the end of the one they are part of, as cut.
+    assert tail_lines(b"...end of a long line\n", 3, 100, from_start=False) == (
+        [b"...end of a long line\n"],
         True,
     )
     assert tail_lines(data, 10, 100, from_start=True) == (
@@ -128,6 +129,8 @@ def test_an_overlapping_second_occurrence_makes_an_edit_ambiguous() -> None:
         apply_edit("aaa", "aa", "b", replace_all=False, path="/f")
     assert apply_edit("aaa", "aa", "b", replace_all=True, path="/f") == ("ba", 1)
     assert occurrences("aaaa", "aa", stop_at=None) == 3
+    with pytest.raises(UsageError, match="over 1000 times"):  # counted with a bound
+        apply_edit("a" * 5000, "a", "b", replace_all=False, path="/f")
 
 
 def test_numbered_lines_look_like_cat_n() -> None:

@@ -139,6 +139,8 @@ def test_tails_say_when_a_line_was_cut_and_count_lines_by_newline_only(
     long_tail.write_bytes(b"short\n" + b"x" * 200_000 + b"\n")
     big = tmp_path / "big.json"
     big.write_bytes(b"{}\n" * 1_500_000 + b'"' + b"z" * 200_000 + b'"')  # 4.7 MB
+    log = tmp_path / "big.log"
+    log.write_bytes(b"".join(b"entry %07d\n" % n for n in range(400_000)))  # 5.2 MB
 
     async def scenario(s: Session) -> None:
         tail = await s.data("read_file", {"vault": vault, "path": str(cr), "offset": -2})
@@ -150,6 +152,10 @@ def test_tails_say_when_a_line_was_cut_and_count_lines_by_newline_only(
         huge = await s.data("read_file", {"vault": vault, "path": str(big), "offset": -1})
         assert huge["content"].endswith('zzz"') and huge["lines"] == 1
         assert huge["truncated"] is True and "only the end of a line" in huge["next_step"]
+        many = await s.data("read_file", {"vault": vault, "path": str(log), "offset": -20_000})
+        assert many["content"].endswith("entry 0399999\n") and 0 < many["lines"] < 20_000
+        assert many["content"].startswith("entry ")  # whole lines only: none cut
+        assert many["truncated"] is True and "earlier lines lie before" in many["next_step"]
 
     over_stdio(scenario)
 
