@@ -1243,3 +1243,52 @@ def test_a_forward_goes_on_directly_when_its_keeper_dies(
     assert proc.poll() is None
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == 0
+
+
+def test_an_aborted_keeper_stream_with_unread_data_ends_its_task(
+    vault: str, tmp_path: Path
+) -> None:
+    """A read through the keeper left with more than HIGH_WATER unread: its task waited on
+    the stream's own event, and once the abort made the connection forget the stream,
+    nothing held the task: it was collected pending ("Task was destroyed but it is
+    pending!" on the user's terminal). It must end instead, its socket closed."""
+    import asyncio
+    import gc
+    import weakref
+
+    from flyvault.cli.mux import _locate
+    from flyvault.client.keeper_stream import HIGH_WATER, KeeperConnection
+    from flyvault.protocol.constants import StreamTag
+    from flyvault.protocol.files import FileClient
+    from flyvault.protocol.files_messages import FileOp, FileRequest
+
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(8 * 1024 * 1024))
+    assert fv("exec", vault, "--", "true").returncode == 0  # the keeper is up
+    paths = _locate(vault)
+    assert paths is not None
+
+    async def body() -> tuple[bool, list[str]]:
+        loop = asyncio.get_running_loop()
+        problems: list[str] = []
+        loop.set_exception_handler(lambda _, context: problems.append(context["message"]))
+        connection = await KeeperConnection.open(paths.socket)
+        stream = connection.open_stream(StreamTag.FILES)
+        request = FileRequest(FileOp.READ, path=str(big))
+        stream.write(FileClient(request, loop.time()).data_to_send(), end_stream=True)
+        deadline = loop.time() + 10
+        while stream.queued <= HIGH_WATER and loop.time() < deadline:
+            await asyncio.sleep(0.01)  # unread: the stream's queue fills past HIGH_WATER
+        assert stream.queued > HIGH_WATER
+        task = weakref.ref(stream._task)
+        stream.abort()
+        del stream
+        gc.collect()
+        while (alive := task()) is not None and not alive.done() and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        gc.collect()
+        connection.close()
+        return task() is None or task().done(), problems  # type: ignore[union-attr]
+
+    ended, problems = asyncio.run(body())
+    assert ended and not [p for p in problems if "destroyed" in p], problems

@@ -136,6 +136,8 @@ class _Exchange:
         self._ended = False
         #: An error kept back by ``next_events`` behind the events before it.
         self._held: Exception | None = None
+        #: The vault refused the operation (its ERROR ended the stream).
+        self.refused = False
         self.flush()
 
     def flush(self) -> None:
@@ -160,6 +162,7 @@ class _Exchange:
             if event is not None:
                 self.flush()
                 if type(event) in _FAILURES:
+                    self.refused = type(event) is Refused
                     raise _failure(event)
                 return event
             await self._receive()
@@ -176,6 +179,7 @@ class _Exchange:
             try:
                 while (event := self.machine.next_event(now)) is not None:
                     if type(event) in _FAILURES:
+                        self.refused = type(event) is Refused
                         raise _failure(event)
                     events.append(event)
             except Exception as exc:
@@ -717,8 +721,10 @@ def _leave(exchange: _Exchange) -> None:
     """A stream left before its answer (the caller refused an entry, failed, was cancelled
     or closed the iterator; or the stream failed): aborted, so the vault stops sending and
     its worker ends now, not when the connection closes. A long-lived client (the MCP
-    server) would otherwise keep one worker and stream per abandoned request."""
-    exchange.stream.abort()
+    server) would otherwise keep one worker and stream per abandoned request. A stream the
+    vault ended (its refusal) is left alone: there is nothing to stop."""
+    if not exchange.refused:
+        exchange.stream.abort()
 
 
 #: How long a write whose source failed waits for the vault to refuse what it received.

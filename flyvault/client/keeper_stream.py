@@ -40,6 +40,12 @@ from flyvault.protocol.mux import MUX_VERSION, MuxDecoder, MuxKind, encode, enco
 #: Bytes received and not yet read before the stream stops reading its socket.
 HIGH_WATER = 1024 * 1024
 
+#: The streams' background tasks, held until they end. The loop keeps only weak references
+#: to tasks, and an aborted stream is forgotten by its connection: its task, parked on the
+#: stream's own event, would be collected while pending ("Task was destroyed but it is
+#: pending!" on a user's terminal) instead of ending when its socket closes.
+_RUNNING: set[asyncio.Task[None]] = set()
+
 
 class KeeperConnection:
     """The keeper's connection as this process sees it: streams, and what it is."""
@@ -167,6 +173,8 @@ class KeeperStream:
         self._stopped = False  # stop(): incoming data is dropped
         self._opened = asyncio.Event()  # the socket is open, or opening failed
         self._task = asyncio.ensure_future(self._run(tag))
+        _RUNNING.add(self._task)
+        self._task.add_done_callback(_RUNNING.discard)
 
     # Reading ---------------------------------------------------------------------------
 
@@ -248,6 +256,13 @@ class KeeperStream:
         self._write_closed = True
         self._put(encode(MuxKind.ABORT))
         self._close()
+        # Nobody reads an aborted stream: what still arrives is dropped, and a task parked
+        # on a full queue reads on to the socket's end (and ends) instead of waiting.
+        self._stopped = True
+        self._eof = True  # a read after it ends at once, as on a QUIC stream
+        self._chunks.clear()
+        self._readable.set()
+        self._room.set()
 
     reset = abort
 
