@@ -112,7 +112,13 @@ def _opt_int(value: object, what: str, low: int = 0, high: int = _U64_MAX) -> in
 
 
 def _str(value: object, what: str, limit: int = MAX_PATH) -> str:
-    if not isinstance(value, str) or len(value.encode("utf-8", "surrogateescape")) > limit:
+    if not isinstance(value, str):
+        raise RemoteProtocolError(f"{what} must be a string of at most {limit} bytes")
+    try:  # a name's bytes that are not UTF-8 arrive escaped (\udc80-\udcff): those count
+        size = len(value.encode("utf-8", "surrogateescape"))
+    except UnicodeEncodeError:  # any other lone surrogate (JSON may hold "\ud800")
+        raise RemoteProtocolError(f"{what} holds a lone surrogate: not a name") from None
+    if size > limit:
         raise RemoteProtocolError(f"{what} must be a string of at most {limit} bytes")
     if "\0" in value:
         raise RemoteProtocolError(f"{what} contains a NUL byte")
