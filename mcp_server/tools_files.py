@@ -126,7 +126,8 @@ async def _read_text(
         window.finish()
         cut_at = offset + len(window.lines) if window.cut_line else None
         return _text(vault, path, len(data), digest, window.lines, offset, total, cut_at)
-    info = await files.stat(path, follow=True)  # grown: its size now
+    if info.size <= FULL_READ:  # it grew past a whole read since the stat: its size now
+        info = await files.stat(path, follow=True)
     if offset < 0:
         return await _read_big_tail(files, vault, info, path, -offset)
     return await _read_big_head(files, vault, info, path, offset, limit)
