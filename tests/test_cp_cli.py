@@ -52,6 +52,20 @@ def test_a_missing_local_source_exits_9(tmp_path: Path, capsys: pytest.CaptureFi
     assert "no such file or directory (ENOENT)" in err
 
 
+def test_a_local_destination_under_a_file_is_not_a_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The kernel's word (ENOTDIR, naming the file in the way), not "no such directory".
+    (tmp_path / "file").write_text("x")
+    for dest in ("file/sub", "file/a/b", "file/"):
+        code, err = run(["cp", "nosuch:/x", f"{tmp_path}/{dest}"], capsys)
+        assert code == 10, dest
+        assert f"{tmp_path / 'file'}: not a directory (ENOTDIR)" in err, dest
+    code, err = run(["cp", "nosuch:/x", str(tmp_path / "none" / "sub")], capsys)
+    assert code == 9
+    assert f"{tmp_path / 'none'}: no such directory (ENOENT)" in err
+
+
 def test_several_sources_need_a_local_directory(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

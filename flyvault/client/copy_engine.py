@@ -27,10 +27,12 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from flyvault.config_values import NAME_RE
 from flyvault.errors import (
+    FileOpError,
     IntegrityError,
     NotFoundError,
     TransportError,
     UsageError,
+    VaultError,
 )
 
 if TYPE_CHECKING:
@@ -143,10 +145,21 @@ def _check_local_dest(path: str, count: int) -> None:
             f"{path}: not a directory; several sources need an existing directory as DST"
         )
     if path.endswith("/"):
-        raise NotFoundError(f"{path}: no such directory (ENOENT)")
+        raise _missing_directory(path.rstrip("/") or "/")
     parent = os.path.dirname(path) or "."
     if not os.path.isdir(parent):
-        raise NotFoundError(f"{parent}: no such directory (ENOENT)")
+        raise _missing_directory(parent)
+
+
+def _missing_directory(path: str) -> VaultError:
+    """ENOTDIR naming the file when ``path`` (or a directory above it) is not a
+    directory, as the kernel would say; else ENOENT naming ``path``."""
+    existing = path
+    while not os.path.lexists(existing) and os.path.dirname(existing) not in ("", existing):
+        existing = os.path.dirname(existing)
+    if os.path.lexists(existing) and not os.path.isdir(existing):
+        return FileOpError(f"{existing}: not a directory (ENOTDIR)")
+    return NotFoundError(f"{path}: no such directory (ENOENT)")
 
 
 class _Tracker:
