@@ -32,6 +32,29 @@ def decode_text(data: bytes) -> str | None:
         return None
 
 
+def first_character(data: bytes) -> int:
+    """Where the first whole character starts in ``data``, a window of a file that may
+    begin inside a UTF-8 sequence (at most 3 continuation bytes come before it)."""
+    for index, byte in enumerate(data[:4]):
+        if byte & 0xC0 != 0x80:
+            return index
+    return len(data) if len(data) < 4 else 0  # four in a row: not UTF-8, let decoding say so
+
+
+def window_is_text(data: bytes, *, starts_inside: bool, ends_inside: bool) -> bool:
+    """Whether a byte window of a file is text (no NUL, valid UTF-8), though it may start
+    (``starts_inside``: not at the file's start) or end (``ends_inside``: before the file's
+    end) inside a character: a window cut through an "é" is still text."""
+    if b"\0" in data:
+        return False
+    body = data[first_character(data) :] if starts_inside else data
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(body, final=not ends_inside)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 class TextSniffer:
     """Binary detection over a stream: chunks may split a UTF-8 sequence anywhere."""
 

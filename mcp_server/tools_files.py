@@ -42,9 +42,11 @@ from .file_text import (
     apply_edit,
     count_lines,
     decode_text,
+    first_character,
     numbered,
     short_diff,
     tail_lines,
+    window_is_text,
 )
 from .models import CopyResult, DirEntry, DirListing, FileEdited, FileRead, FileWritten
 from .progress import Reporter, human_bytes
@@ -53,7 +55,7 @@ from .server import State, structured
 from .tools_vault import VaultName
 
 if TYPE_CHECKING:
-    from flyvault.client import CopyProgress, FileInfo, RemoteFiles, WriteResult
+    from flyvault.client import CopyProgress, FileInfo, ReadAnswer, RemoteFiles, WriteResult
 
 #: Most content bytes one read_file result holds (before base64).
 MAX_BYTES = 128 * 1024
@@ -89,7 +91,7 @@ async def read_file(
     ] = 0,
     limit: Annotated[
         int | None,
-        Field(ge=1, description=f"lines ({DEFAULT_LINES}); base64: bytes"),
+        Field(ge=1, description=f"lines ({DEFAULT_LINES}; a tail: its own); base64: bytes"),
     ] = None,
     encoding: Literal["text", "base64"] = "text",
     user: UserArg = None,
@@ -101,7 +103,9 @@ async def read_file(
     if encoding == "base64":
         result = await _read_base64(files, vault, info, path, offset, limit)
     else:
-        result = await _read_text(files, vault, info, path, offset, limit or DEFAULT_LINES)
+        # A tail's lines are the ones it names (-50: 50) unless a limit says fewer.
+        lines = limit or (-offset if offset < 0 else DEFAULT_LINES)
+        result = await _read_text(files, vault, info, path, offset, lines)
     return structured(result, _read_text_view(result))
 
 
@@ -110,27 +114,69 @@ async def _read_text(
 ) -> FileRead:
     # Read at most one byte more than a whole read may take: a file that grew past it
     # since the stat (a log being written) goes the bounded way below.
-    data = await files.read_bytes(path, length=FULL_READ + 1) if info.size <= FULL_READ else b""
+    data, changed = b"", False
+    if info.size <= FULL_READ:
+        data, changed = await _read_settled(files, path, length=FULL_READ + 1)
     if info.size <= FULL_READ and len(data) <= FULL_READ:
-        text = decode_text(data)
-        digest = hashlib.sha256(data).hexdigest()
-        if text is None:
-            return _binary(vault, path, len(data), digest)
-        total = count_lines(data)
-        if offset < 0:
-            picked, cut = tail_lines(data, -offset, MAX_BYTES, from_start=True)
-            skipped = total - len(picked)
-            return _tail(vault, path, len(data), digest, picked, skipped, total, -offset, cut)
-        window = LineWindow(offset, limit, MAX_BYTES)
-        window.feed(data)
-        window.finish()
-        cut_at = offset + len(window.lines) if window.cut_line else None
-        return _text(vault, path, len(data), digest, window.lines, offset, total, cut_at)
+        return _mixed(_read_whole(vault, path, data, offset, limit), changed)
     if info.size <= FULL_READ:  # it grew past a whole read since the stat: its size now
         info = await files.stat(path, follow=True)
     if offset < 0:
-        return await _read_big_tail(files, vault, info, path, -offset)
+        return await _read_big_tail(files, vault, info, path, -offset, limit)
     return await _read_big_head(files, vault, info, path, offset, limit)
+
+
+def _read_whole(vault: str, path: str, data: bytes, offset: int, limit: int) -> FileRead:
+    """A window of a file read whole. A tail of more lines than ``limit`` is the window
+    of ``limit`` lines where the tail starts (``offset=-50, limit=10``: 10 lines from the
+    50th last)."""
+    text = decode_text(data)
+    digest = hashlib.sha256(data).hexdigest()
+    if text is None:
+        return _binary(vault, path, len(data), digest)
+    total = count_lines(data)
+    if offset < 0 and limit >= -offset:
+        picked, cut = tail_lines(data, -offset, MAX_BYTES, from_start=True)
+        skipped = total - len(picked)
+        return _tail(vault, path, len(data), digest, picked, skipped, total, -offset, cut)
+    if offset < 0:
+        offset = max(0, total + offset)
+    window = LineWindow(offset, limit, MAX_BYTES)
+    window.feed(data)
+    window.finish()
+    cut_at = offset + len(window.lines) if window.cut_line else None
+    return _text(vault, path, len(data), digest, window.lines, offset, total, cut_at)
+
+
+#: Reads of a file that is being written (the vault says so) before the result says so.
+SETTLE_READS = 2
+
+
+async def _read_settled(
+    files: RemoteFiles, path: str, *, offset: int = 0, length: int
+) -> tuple[bytes, bool]:
+    """The bytes, and whether the file was still being written while they were read
+    (they may then mix two versions): a read the vault says changed is read again."""
+    for _ in range(SETTLE_READS):
+        answers: list[ReadAnswer] = []
+        chunks = files.read(path, offset=offset, length=length, answers=answers)
+        data = b"".join([chunk async for chunk in chunks])
+        changed = any(answer.changed for answer in answers)
+        if not changed:
+            break
+    return data, changed
+
+
+def _mixed(result: FileRead, changed: bool) -> FileRead:
+    """A result read while its file was being written says so first in ``next_step``."""
+    if not changed:
+        return result
+    note = (
+        "the file was being written while it was read (twice): this content may mix "
+        "old and new bytes; read it again once it is quiet"
+    )
+    step = f"{note}; {result.next_step}" if result.next_step else note
+    return result.model_copy(update={"next_step": step})
 
 
 async def _read_big_head(
@@ -168,11 +214,11 @@ async def _read_big_head(
 
 
 async def _read_big_tail(
-    files: RemoteFiles, vault: str, info: FileInfo, path: str, count: int
+    files: RemoteFiles, vault: str, info: FileInfo, path: str, count: int, limit: int
 ) -> FileRead:
     """The last lines of a file too big to count: read only its last MAX_BYTES."""
     start = max(0, info.size - MAX_BYTES)
-    data = await files.read_bytes(path, offset=start, length=MAX_BYTES)
+    data, changed = await _read_settled(files, path, offset=start, length=MAX_BYTES)
     digest = await files.sha256(path)
     # The first line of the tail is partial (and may start inside a UTF-8 sequence).
     newline = data.find(b"\n")
@@ -181,11 +227,12 @@ async def _read_big_tail(
     elif newline >= 0:
         body = data[newline + 1 :]
     else:  # no line starts in it: it begins inside a line, maybe inside a character
-        body = data[next((i for i, b in enumerate(data[:4]) if b & 0xC0 != 0x80), 0) :]
+        body = data[first_character(data) :]
     if decode_text(body) is None:
         return _binary(vault, path, info.size, digest)
     picked, cut = tail_lines(data, count, MAX_BYTES, from_start=start == 0)
-    return _tail(vault, path, info.size, digest, picked, None, None, count, cut)
+    result = _tail(vault, path, info.size, digest, picked, None, None, count, cut, limit)
+    return _mixed(result, changed)
 
 
 async def _read_base64(
@@ -193,17 +240,17 @@ async def _read_base64(
 ) -> FileRead:
     start = max(0, info.size + offset) if offset < 0 else offset
     length = min(limit or MAX_BYTES, MAX_BYTES)
-    data = await files.read_bytes(path, offset=start, length=length)
+    data, changed = await _read_settled(files, path, offset=start, length=length)
     whole = start == 0 and len(data) == info.size
     digest = hashlib.sha256(data).hexdigest() if whole else await files.sha256(path)
     end = start + len(data)
     truncated = end < info.size
-    return FileRead(
+    result = FileRead(
         vault=vault,
         path=path,
         size=info.size,
         sha256=digest,
-        binary=decode_text(data) is None,
+        binary=not window_is_text(data, starts_inside=start > 0, ends_inside=end < info.size),
         encoding="base64",
         content=base64.b64encode(data).decode("ascii"),
         first_line=None,
@@ -215,6 +262,7 @@ async def _read_base64(
         next_offset=end if truncated else None,
         next_step=f'more: read_file(encoding="base64", offset={end})' if truncated else None,
     )
+    return _mixed(result, changed)
 
 
 def _binary(vault: str, path: str, size: int, digest: str) -> FileRead:
@@ -248,11 +296,23 @@ def _tail(
     total: int | None,
     asked: int,
     cut: bool,
+    limit: int | None = None,
 ) -> FileRead:
     """A tail's result (``skipped`` None: a big file's, read from its last MAX_BYTES).
     ``cut``: its one line is only the end of a line longer than MAX_BYTES. Fewer lines
-    than ``asked``, with lines before them: the result says where the rest is."""
-    result = _text(vault, path, size, digest, lines, skipped, total)
+    than ``asked``, with lines before them: the result says where the rest is. More than
+    ``limit``: the first ``limit`` of them, and where the later ones are."""
+    shown = lines if limit is None else lines[:limit]
+    result = _text(vault, path, size, digest, shown, skipped, total)
+    later = len(lines) - len(shown)
+    if later and skipped is None:  # no line numbers: the rest is the last ``later`` lines
+        result = result.model_copy(
+            update={
+                "truncated": True,
+                "next_offset": -later,
+                "next_step": f"more: read_file(offset={-later})",
+            }
+        )
     missing = asked - len(lines)
     if cut:
         where = f"line {skipped + 1}" if skipped is not None else "the line shown"
@@ -269,7 +329,9 @@ def _tail(
     elif missing > 0 and skipped is None and len(lines) and size > MAX_BYTES:
         step = (
             f"earlier lines lie before the last {MAX_BYTES} bytes this reads of a big file: "
-            f"exec tail -n {asked} {path}, or copy_files"
+            f"exec tail -n {asked} {path}"
+            + (f" | head -n {limit}" if limit is not None and limit < asked else "")
+            + ", or copy_files"
         )
     else:
         return result

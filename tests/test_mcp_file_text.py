@@ -13,11 +13,13 @@ from flyvault.mcp_server.file_text import (
     apply_edit,
     count_lines,
     decode_text,
+    first_character,
     numbered,
     occurrences,
     short_diff,
     split_lines,
     tail_lines,
+    window_is_text,
 )
 
 
@@ -40,6 +42,22 @@ def test_the_sniffer_accepts_utf8_split_across_chunks_but_not_a_truncated_end() 
     assert TextSniffer().feed(b"text\0")
     random = TextSniffer()
     assert random.feed(os.urandom(1024) + b"\xff")
+
+
+def test_a_window_cut_through_a_character_is_still_text() -> None:
+    text = "é€𝄞".encode()  # 2, 3 and 4 bytes
+    for start in range(len(text)):
+        for end in range(start + 1, len(text) + 1):
+            inside = {"starts_inside": start > 0, "ends_inside": end < len(text)}
+            assert window_is_text(text[start:end], **inside), (start, end)
+    # Cut only where the file goes on: a file that ends inside a character is not text.
+    assert not window_is_text(text[:-1], starts_inside=False, ends_inside=False)
+    assert not window_is_text(text[1:], starts_inside=False, ends_inside=True)
+    assert not window_is_text(b"ab\0c", starts_inside=True, ends_inside=True)
+    assert not window_is_text(b"\xff" + b"a" * 10, starts_inside=True, ends_inside=True)
+    assert not window_is_text(b"\x80" * 4 + b"a", starts_inside=True, ends_inside=True)
+    assert first_character(b"\x80\x80abc") == 2 and first_character(b"abc") == 0
+    assert first_character(b"\x80\x80") == 2  # all continuation, fewer than four
 
 
 def test_count_lines_counts_a_last_line_without_newline() -> None:

@@ -160,6 +160,51 @@ def test_tails_say_when_a_line_was_cut_and_count_lines_by_newline_only(
     over_stdio(scenario)
 
 
+def test_a_tail_takes_its_limit_and_a_base64_window_through_a_character_is_text(
+    vault: str, tmp_path: Path
+) -> None:
+    """A negative offset ignored ``limit``, and a base64 window that began or ended inside
+    a UTF-8 character said ``binary: true`` of a text file."""
+    lines = tmp_path / "lines.txt"
+    lines.write_bytes(b"".join(b"line %d\n" % n for n in range(1, 3001)))
+    log = tmp_path / "big.log"
+    log.write_bytes(b"".join(b"entry %07d\n" % n for n in range(400_000)))  # 5.2 MB
+    accents = tmp_path / "accents.txt"
+    accents.write_bytes("é".encode() * 1000)
+
+    async def scenario(s: Session) -> None:
+        call = {"vault": vault, "path": str(lines)}
+        part = await s.data("read_file", {**call, "offset": -50, "limit": 10})
+        assert part["content"] == "".join(f"line {n}\n" for n in range(2951, 2961))
+        assert (part["first_line"], part["lines"], part["total_lines"]) == (2951, 10, 3000)
+        assert part["truncated"] is True and part["next_offset"] == 2960
+        whole = await s.data("read_file", {**call, "offset": -3, "limit": 10})
+        assert whole["content"] == "line 2998\nline 2999\nline 3000\n"
+        assert whole["truncated"] is False
+        before = await s.data("read_file", {**call, "offset": -5000, "limit": 2})
+        assert before["content"] == "line 1\nline 2\n" and before["first_line"] == 1
+
+        big = {"vault": vault, "path": str(log)}
+        first = await s.data("read_file", {**big, "offset": -20, "limit": 5})
+        assert first["content"] == "".join(f"entry {n:07d}\n" for n in range(399_980, 399_985))
+        assert first["truncated"] is True and first["next_offset"] == -15
+        assert first["next_step"] == "more: read_file(offset=-15)"
+        rest = await s.data("read_file", {**big, "offset": first["next_offset"]})
+        assert rest["content"] == "".join(f"entry {n:07d}\n" for n in range(399_985, 400_000))
+        assert rest["truncated"] is False
+
+        window = {"vault": vault, "path": str(accents), "encoding": "base64"}
+        for offset, limit in ((1, 10), (0, 11), (-3, None), (101, 100)):
+            args = {**window, "offset": offset} | ({"limit": limit} if limit else {})
+            got = await s.data("read_file", args)
+            assert got["binary"] is False, (offset, limit)
+        whole_file = await s.data("read_file", {**window})
+        assert whole_file["binary"] is False
+        assert base64.b64decode(whole_file["content"]) == accents.read_bytes()
+
+    over_stdio(scenario)
+
+
 def test_write_text_and_base64_with_sha256_modes_parents_and_symlinks(
     vault: str, tmp_path: Path
 ) -> None:
