@@ -43,8 +43,8 @@ from flyvault.protocol.files import (
     encode_offset,
 )
 from flyvault.protocol.files_messages import (
+    READING_OPS,
     FileFrame,
-    FileOp,
     FileRequest,
     MemberDigest,
     WriteReady,
@@ -66,14 +66,11 @@ log = logging.getLogger("flyvault.server.files")
 UPLOAD_BATCH = 256 * 1024
 #: The most one read from the worker takes.
 RECEIVE_SIZE = 1024 * 1024
-#: Operations that change nothing on the vault: when their client leaves, the worker is
-#: stopped (``_download``), and killed if it has not ended ``WORKER_EXIT_GRACE`` after its
-#: stream (blocked opening a FIFO, hashing a huge file). Any other operation runs to its
-#: end, as it would have without the client: a remove or a tar_put cut short by a kill
-#: would leave half a tree and temp files. Its exit is looked for every ``WORKER_EXIT_POLL``.
-READING_OPS = frozenset(
-    {FileOp.STAT, FileOp.LIST, FileOp.READ, FileOp.SHA256, FileOp.READLINK, FileOp.TAR_GET}
-)
+# READING_OPS (files_messages): when their client leaves, the worker is stopped
+# (``_download``), and killed if it has not ended ``WORKER_EXIT_GRACE`` after its stream
+# (blocked opening a FIFO, hashing a huge file). Any other operation runs to its end, as it
+# would have without the client: a remove or a tar_put cut short by a kill would leave half
+# a tree and temp files. Its exit is looked for every ``WORKER_EXIT_POLL``.
 WORKER_EXIT_GRACE = 5.0
 WORKER_EXIT_POLL = 0.01
 

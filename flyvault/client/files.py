@@ -53,6 +53,7 @@ from flyvault.protocol.files_messages import (
     MAX_LIST_LIMIT,
     MAX_PATH,
     MAX_RESUME_KEY,
+    READING_OPS,
     FileInfo,
     FileKind,
     FileOp,
@@ -74,7 +75,6 @@ TarPiece = bytes | MemberDigest
 #: tar_put hands its queued frames to the stream once per this many bytes: a frame per
 #: write cost more than the bytes for a tree of small files.
 BATCH = 64 * 1024
-_READ_ONLY = frozenset({FileOp.STAT, FileOp.LIST, FileOp.SHA256, FileOp.READLINK})
 
 __all__ = [
     "EXPECT_ABSENT",
@@ -310,7 +310,7 @@ class RemoteFiles:
                 return answer
             except TransportError as exc:
                 self.vault.invalidate(connection)
-                if request.op not in _READ_ONLY:
+                if request.op not in READING_OPS:
                     raise ConnectionLost(
                         f"the connection was lost during {request.op.value} of "
                         f"{request.path!r}; check the result before repeating it"

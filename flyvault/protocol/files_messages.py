@@ -76,6 +76,11 @@ class FileOp(enum.Enum):
 STREAMING_OPS: Final = frozenset({FileOp.READ, FileOp.TAR_GET, FileOp.LIST})
 #: Operations the client streams DATA for (after READY for a write).
 UPLOAD_OPS: Final = frozenset({FileOp.WRITE, FileOp.TAR_PUT})
+#: Operations that change nothing on the vault: safe to ask again after a lost connection,
+#: and safe to stop when their client leaves.
+READING_OPS: Final = frozenset(
+    {FileOp.STAT, FileOp.LIST, FileOp.READ, FileOp.SHA256, FileOp.READLINK, FileOp.TAR_GET}
+)
 
 FileKind = Literal["file", "dir", "symlink", "fifo", "socket", "char", "block"]
 FILE_KINDS: Final = ("file", "dir", "symlink", "fifo", "socket", "char", "block")
