@@ -25,6 +25,7 @@ DELETE_ATTEMPTS = 3
 def cleanup_poll() -> float:
     """Pause between two tries of a volume delete (``admin.commands.CLEANUP_POLL``)."""
     from . import commands
+
     return float(commands.CLEANUP_POLL)
 
 

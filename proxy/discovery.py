@@ -236,9 +236,7 @@ class Directory:
         while True:
             o = self.options
             requested = self._refresh_requested
-            due = self._last_attempt + (
-                o.min_refresh_interval if requested else o.refresh_interval
-            )
+            due = self._last_attempt + (o.min_refresh_interval if requested else o.refresh_interval)
             now = self._clock()
             if now >= due:
                 # Requests made from here on ask for the refresh after this one.

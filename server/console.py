@@ -344,9 +344,7 @@ async def _restart(connection: ServerConnection) -> bytes:
     """The workload stopped (its sessions ended with the reason) and started again."""
     provisioner = connection.server.provisioner
     if provisioner is None:
-        raise Unsupported(
-            "a host-mode vault has no workload to restart (commands run on its host)"
-        )
+        raise Unsupported("a host-mode vault has no workload to restart (commands run on its host)")
     state = connection.server.state
     old = state.boot_id
     log.info("workload restart requested by %s", connection.source)

@@ -119,6 +119,7 @@ def cli(
 ) -> Cli:
     """The CLI in-process, on a ``SkewClock`` (``cli.clock``), with fast hangs."""
     import flyvault.admin.commands as admin_commands
+
     clock = SkewClock()
 
     monkeypatch.setenv("FLY_API_TOKEN", API_TOKEN)

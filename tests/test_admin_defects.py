@@ -412,6 +412,7 @@ def test_7_list_shows_a_pinned_image_with_its_tag_and_no_false_drift(
     wide = cli("tenant", "list", "--wide")
     assert wide.out.count(f"init:2026-03-02@{digest[7:19]}") == 2
     import flyvault.admin.commands as admin_commands
+
     monkeypatch.setattr(admin_commands, "terminal_width", lambda: 100)
     narrow = cli("tenant", "list")
     assert all(len(line) <= 100 for line in narrow.out.splitlines()), narrow.out

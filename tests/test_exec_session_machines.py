@@ -614,7 +614,9 @@ def test_a_lost_first_open_is_sent_again_when_the_reattach_finds_nothing() -> No
     client.stream_lost(client.data_to_send())
     assert OpenSession.decode(_frames(client.open_stream())[0][1]).argv is None
     assert not client.may_recreate
-    client.receive_data(encode_frame(ERROR_FRAME, ErrorMessage(ErrorCode.NOT_FOUND, "gone").encode()))
+    client.receive_data(
+        encode_frame(ERROR_FRAME, ErrorMessage(ErrorCode.NOT_FOUND, "gone").encode())
+    )
     assert isinstance(client.next_event(), ErrorReceived)
     assert client.may_recreate
     client.recreate()

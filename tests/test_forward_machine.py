@@ -234,13 +234,28 @@ def _error(data: bytes) -> ErrorMessage:
 @pytest.mark.parametrize(
     ("wire", "message"),
     [
-        (encode_frame(ForwardFrame.OPENED, b"x"), "expected a forward OPEN frame, got frame type 0x11"),
+        (
+            encode_frame(ForwardFrame.OPENED, b"x"),
+            "expected a forward OPEN frame, got frame type 0x11",
+        ),
         (encode_frame(ERROR_FRAME, b""), "expected a forward OPEN frame, got frame type 0xff"),
         (encode_frame(ForwardFrame.OPEN, b"\x00\x00\x00\x00\x00\x01"), "forward open: empty host"),
-        (encode_frame(ForwardFrame.OPEN, ForwardOpen("h", 1).encode()[:-2] + b"\x00\x00"), "forward open: port 0"),
-        (encode_frame(ForwardFrame.OPEN, ForwardOpen("h", 1).encode() + b"!"), "forward open has 1 trailing bytes"),
-        (encode_frame(ForwardFrame.OPEN, b"\x00\x00\x01\x00" + b"h" * 256 + b"\x00\x01"), "host is 256 bytes"),
-        (bytes((ForwardFrame.OPEN,)) + (MAX_OPEN_PAYLOAD + 1).to_bytes(4, "big"), "declares 1025 bytes"),
+        (
+            encode_frame(ForwardFrame.OPEN, ForwardOpen("h", 1).encode()[:-2] + b"\x00\x00"),
+            "forward open: port 0",
+        ),
+        (
+            encode_frame(ForwardFrame.OPEN, ForwardOpen("h", 1).encode() + b"!"),
+            "forward open has 1 trailing bytes",
+        ),
+        (
+            encode_frame(ForwardFrame.OPEN, b"\x00\x00\x01\x00" + b"h" * 256 + b"\x00\x01"),
+            "host is 256 bytes",
+        ),
+        (
+            bytes((ForwardFrame.OPEN,)) + (MAX_OPEN_PAYLOAD + 1).to_bytes(4, "big"),
+            "declares 1025 bytes",
+        ),
     ],
 )
 def test_server_refuses_a_bad_first_frame(wire: bytes, message: str) -> None:
@@ -285,10 +300,16 @@ def test_server_commands_in_the_wrong_state() -> None:
 @pytest.mark.parametrize(
     ("wire", "message"),
     [
-        (encode_frame(ForwardFrame.OPEN, b""), "expected OPENED on the forward stream, got frame type 0x01"),
+        (
+            encode_frame(ForwardFrame.OPEN, b""),
+            "expected OPENED on the forward stream, got frame type 0x01",
+        ),
         (encode_frame(0x42, b""), "got frame type 0x42"),
         (encode_frame(ERROR_FRAME, b"\x00"), "error frame: code truncated"),
-        (bytes((ForwardFrame.OPENED,)) + (64 * 1024 + 1).to_bytes(4, "big"), "declares 65537 bytes"),
+        (
+            bytes((ForwardFrame.OPENED,)) + (64 * 1024 + 1).to_bytes(4, "big"),
+            "declares 65537 bytes",
+        ),
     ],
 )
 def test_client_refuses_a_bad_answer(wire: bytes, message: str) -> None:

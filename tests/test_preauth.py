@@ -213,9 +213,7 @@ def never_answered_initials(count: int, port: int, source: str) -> None:
         sock.bind((source, 0))
         for _ in range(count):
             quic = QuicConnection(
-                configuration=QuicConfiguration(
-                    is_client=True, alpn_protocols=list(ALPN_PROTOCOLS)
-                )
+                configuration=QuicConfiguration(is_client=True, alpn_protocols=list(ALPN_PROTOCOLS))
             )
             quic.connect(("127.0.0.1", port), now=0.0)
             for datagram, _ in quic.datagrams_to_send(now=0.0):
@@ -467,4 +465,3 @@ def test_init_warns_about_a_weak_token_at_start(tmp_path: Path, fly_api: Any) ->
         init.stop()
     assert "ACCESS_TOKEN is weak" in text
     assert "hunter2" not in text
-

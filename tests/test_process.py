@@ -297,9 +297,7 @@ def test_pty_stdin_echo_and_close_stdin_ends_cat() -> None:
 
 
 @pytest.mark.parametrize("pty", [False, True], ids=["pipes", "pty"])
-def test_send_signal_reaches_the_process_group(
-    pty: bool, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_send_signal_reaches_the_process_group(pty: bool, caplog: pytest.LogCaptureFixture) -> None:
     async def scenario() -> None:
         output = Output()
         # The grandchild ignores the SIGHUP a PTY's group gets when the shell (the session

@@ -13,9 +13,7 @@ from flyvault.protocol.tar_header import decode_header, encode_header
 ASCII_NAME = st.text(
     alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=120
 )
-ANY_NAME = st.one_of(
-    ASCII_NAME, st.text(min_size=1, max_size=60).filter(lambda s: "\0" not in s)
-)
+ANY_NAME = st.one_of(ASCII_NAME, st.text(min_size=1, max_size=60).filter(lambda s: "\0" not in s))
 KINDS = st.sampled_from(
     [
         tarfile.REGTYPE,

@@ -16,7 +16,9 @@ STREAMS = st.lists(st.tuples(st.binary(min_size=0, max_size=LIMIT), st.booleans(
 
 @settings(max_examples=300, deadline=None)
 @given(STREAMS)
-def test_pieces_keep_the_bytes_the_limit_and_the_digest_order(stream: list[tuple[bytes, bool]]) -> None:
+def test_pieces_keep_the_bytes_the_limit_and_the_digest_order(
+    stream: list[tuple[bytes, bool]],
+) -> None:
     batcher: PieceBatcher[tuple[str, int]] = PieceBatcher(LIMIT)
     out: list[bytes | tuple[str, int]] = []
     ends: list[int] = []  # where each digest's file ended, in stream offsets

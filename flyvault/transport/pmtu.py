@@ -79,7 +79,9 @@ def loopback_payload_limit(family: int) -> int | None:
     the kernel does not say (not Linux)."""
     try:
         with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            probe.connect(("::1" if family == socket.AF_INET6 else "127.0.0.1", 9))  # UDP: nothing sent
+            probe.connect(
+                ("::1" if family == socket.AF_INET6 else "127.0.0.1", 9)
+            )  # UDP: nothing sent
             return _route_payload(probe)
     except OSError:
         return None
