@@ -36,6 +36,8 @@ import urllib.parse
 from collections.abc import Iterable
 from typing import Any, TextIO
 
+from flyvault.protocol.codec import printable
+
 REDACTED = "<redacted>"
 #: Secrets shorter than this are matched as whole words only (see the module docstring).
 WHOLE_WORD_BELOW = 8
@@ -119,21 +121,6 @@ def scrub_value(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(scrub_value(v) for v in value)
     return value
-
-
-def printable(text: str) -> str:
-    """``text`` as valid UTF-8, for a transport that must carry it (the MCP server's JSON).
-    A file name's bytes that are not UTF-8 arrive as lone surrogates (surrogateescape);
-    they are shown as ``\\xNN``, any other lone surrogate as ``\\udNNN``."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        pass
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def outgoing(value: Any) -> Any:
@@ -233,6 +220,7 @@ __all__ = [
     "contains_secret",
     "install_log_filter",
     "occurs",
+    "printable",
     "register",
     "register_all",
     "scrub",

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from flyvault.errors import SpawnError, shell_status, spawn_error
+from flyvault.protocol.codec import quoted
 
 from .accounts import Account
 from .outputlog import STDERR, STDOUT
@@ -149,9 +150,11 @@ def _spawn_error(command: Sequence[str], cwd: str | None, exc: OSError) -> Spawn
     reason = exc.strerror or str(exc)
     # subprocess names the cwd as the failing filename when chdir failed.
     if cwd is not None and exc.filename == cwd:
-        message = f"cannot run {command[0]!r}: cannot change directory to {cwd!r}: {reason}"
+        message = (
+            f"cannot run {quoted(command[0])}: cannot change directory to {quoted(cwd)}: {reason}"
+        )
     else:
-        message = f"cannot run {command[0]!r}: {reason}"
+        message = f"cannot run {quoted(command[0])}: {reason}"
     return spawn_error(message, shell_status(exc))
 
 
@@ -278,7 +281,7 @@ class ManagedProcess:
             except OSError as exc:
                 raise _spawn_error(command, cwd, exc) from None
             except subprocess.SubprocessError as exc:  # the preexec hook failed
-                raise SpawnError(f"cannot run {command[0]!r}: {exc}") from None
+                raise SpawnError(f"cannot run {quoted(command[0])}: {exc}") from None
             # The child has its copies; ours must go or EOF/EIO would never come.
             for fd in set(child_fds):
                 owned.remove(fd)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from flyvault.errors import ProvisionError, SpawnError, shell_status, spawn_error
+from flyvault.protocol.codec import quoted
 
 from .accounts import Account, switch_to
 
@@ -233,7 +234,7 @@ class WorkloadEntry:
                     raise not_running() from None
                 raise _spawn_error(argv, exc) from None
             except subprocess.SubprocessError as exc:  # the PTY hook failed
-                raise SpawnError(f"cannot run {argv[0]!r}: {exc}") from None
+                raise SpawnError(f"cannot run {quoted(argv[0])}: {exc}") from None
             os.close(error_write)
             fds.remove(error_write)
             report = b""
@@ -259,5 +260,5 @@ def not_running() -> ProvisionError:
 
 
 def _spawn_error(argv: Sequence[str], exc: OSError) -> SpawnError:
-    message = f"cannot run {argv[0]!r} in the workload: {exc.strerror or exc}"
+    message = f"cannot run {quoted(argv[0])} in the workload: {exc.strerror or exc}"
     return spawn_error(message, shell_status(exc))

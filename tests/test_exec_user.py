@@ -117,6 +117,41 @@ def test_unknown_user_and_missing_cwd_are_refused(vault: str) -> None:
     assert "no exec sessions" in fv("list-exec", vault).stdout  # nothing was left behind
 
 
+def test_bytes_that_are_not_utf8_reach_the_command_as_they_are(vault: str, tmp_path: Path) -> None:
+    """A Latin-1 file name in an argument, --cwd or an --env value crashed the client (or
+    the keeper) with a UnicodeEncodeError: the bytes now travel as they are, as ssh's do."""
+    odd = tmp_path / os.fsdecode(b"caf\xe9")
+    odd.mkdir()
+    script = b'printf "%s|%s|%s" "$1" "$ODD" "$(pwd)"'
+    options = [b"--cwd", os.fsencode(odd), b"--env", b"ODD=\xff\xfe"]
+    command = ["sh", "-c", script, "sh", b"caf\xe9"]
+    run = subprocess.run(
+        [sys.executable, "-m", "flyvault.cli.main", "exec", *options, vault, "--", *command],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == b"caf\xe9|\xff\xfe|" + os.fsencode(odd)
+    missing = subprocess.run(
+        [sys.executable, "-m", "flyvault.cli.main", "exec", vault, "--", b"/no/caf\xe9"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=60,
+    )
+    assert missing.returncode == 127, missing.stderr
+    assert b"cannot run '/no/caf\\xe9': No such file or directory" in missing.stderr
+    assert b"Traceback" not in missing.stderr
+
+
+def test_a_lone_surrogate_is_no_byte_and_is_refused_before_connecting() -> None:
+    for fields in ({"argv": ("echo", "\ud800")}, {"argv": ("true",), "cwd": "/\udfff"}):
+        with pytest.raises(UsageError, match="lone surrogate"):
+            ExecRequest(session_id="s", **fields)  # type: ignore[arg-type]
+    # A byte that is not UTF-8 (surrogateescape) is a byte, and counts as one.
+    ExecRequest(session_id="s", argv=("echo", "caf\udce9"), env=(("X", "\udcff"),))
+
+
 @needs_root
 def test_reattach_keeps_the_sessions_own_user(vault: str) -> None:
     first = fv("exec", vault, "--session", "as-nobody", "--user", "nobody", "--", "id", "-un")

@@ -27,6 +27,7 @@ from flyvault.cli.terminal import (
 )
 from flyvault.client.exec_request import failure_status
 from flyvault.errors import TransportError, UsageError, VaultError
+from flyvault.redact import printable
 
 # asyncio is imported where a direct connection is made: exec, list-exec and kill through
 # the connection keeper (flyvault.cli.mux) must not load it.
@@ -476,7 +477,7 @@ def run_list_exec(args: argparse.Namespace) -> int:
         else:
             state = f"exit {info['exit_code']}"
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["started_at"]))
-        command = " ".join(info["argv"]) if info["kind"] == "exec" else "(shell)"
+        command = printable(" ".join(info["argv"])) if info["kind"] == "exec" else "(shell)"
         rows.append(
             (
                 info["session_id"],

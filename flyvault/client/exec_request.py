@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from flyvault.errors import RemoteProtocolError, UsageError
+from flyvault.protocol.codec import COMMAND_BYTES
 from flyvault.protocol.limits import (
     MAX_ARG_LENGTH,
     MAX_ARGV,
@@ -297,7 +298,14 @@ def _check_text(what: str, text: str | None, limit: int) -> None:
         return
     if "\0" in text:
         raise UsageError(f"exec request: {what} contains a NUL byte")
-    size = len(text.encode("utf-8", "surrogatepass"))
+    try:
+        size = len(text.encode("utf-8", COMMAND_BYTES))  # bytes that are not UTF-8 go as is
+    except UnicodeEncodeError:
+        raise UsageError(
+            f"exec request: {what} holds a lone surrogate (U+D800-U+DFFF), which is not "
+            "text and stands for no byte",
+            hint="pass the text itself (a name's own bytes are carried as they are)",
+        ) from None
     if size > limit:
         raise UsageError(f"exec request: {what} is {size} bytes, more than {limit}")
 

@@ -25,6 +25,41 @@ _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 
+#: How a command line's bytes travel: os.fsencode's error handler, so an argument, a
+#: directory or an environment value that is not UTF-8 (a Latin-1 file name) arrives as
+#: the same bytes.
+COMMAND_BYTES = "surrogateescape"
+
+
+def wire_size(text: str) -> int:
+    """Bytes ``text`` takes on the wire as a command line's text (``COMMAND_BYTES``); a
+    lone surrogate no byte stands for counts as UTF-8 would pass it (3 bytes)."""
+    try:
+        return len(text.encode("utf-8", COMMAND_BYTES))
+    except UnicodeEncodeError:
+        return len(text.encode("utf-8", "surrogatepass"))
+
+
+def printable(text: str) -> str:
+    """``text`` as valid UTF-8, for a message or a JSON that must carry it. The bytes of a
+    name that is not UTF-8 arrive as lone surrogates (surrogateescape); they are shown as
+    ``\\xNN``, any other lone surrogate as ``\\udNNN``."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", COMMAND_BYTES).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def quoted(text: str) -> str:
+    """``text`` in single quotes for a message, ``printable``: a command named with bytes
+    that are not UTF-8 reads ``'caf\\xe9'``, where ``repr`` would say ``'caf\\udce9'``."""
+    return f"'{printable(text)}'"
+
 
 @dataclass(frozen=True, slots=True)
 class Frame:
@@ -300,20 +335,22 @@ class PayloadReader:
             )
         return self._take(length, field)
 
-    def text(self, field: str, max_length: int) -> str:
+    def text(self, field: str, max_length: int, errors: str = "strict") -> str:
+        """UTF-8; ``errors="surrogateescape"`` for the fields that carry a command line's
+        bytes (arguments, a directory, environment values), which need not be UTF-8."""
         data = self.blob(field, max_length)
         try:
-            return data.decode("utf-8")
+            return data.decode("utf-8", errors)
         except UnicodeDecodeError:
             raise RemoteProtocolError(f"{self._what}: {field} is not valid UTF-8") from None
 
-    def optional_text(self, field: str, max_length: int) -> str | None:
+    def optional_text(self, field: str, max_length: int, errors: str = "strict") -> str | None:
         flag = self.u8(f"{field} flag")
         if flag == 0:
             return None
         if flag != 1:
             raise RemoteProtocolError(f"{self._what}: {field} flag must be 0 or 1, got {flag}")
-        return self.text(field, max_length)
+        return self.text(field, max_length, errors)
 
     def rest(self) -> bytes:
         chunk = self._data[self._offset :]
@@ -356,13 +393,13 @@ class PayloadWriter:
             raise LocalProtocolError(f"field of {len(data)} bytes does not fit a u32 length")
         return self.u32(len(data)).raw(data)
 
-    def text(self, value: str) -> PayloadWriter:
-        return self.blob(value.encode("utf-8"))
+    def text(self, value: str, errors: str = "strict") -> PayloadWriter:
+        return self.blob(value.encode("utf-8", errors))
 
-    def optional_text(self, value: str | None) -> PayloadWriter:
+    def optional_text(self, value: str | None, errors: str = "strict") -> PayloadWriter:
         if value is None:
             return self.u8(0)
-        return self.u8(1).text(value)
+        return self.u8(1).text(value, errors)
 
     def getvalue(self) -> bytes:
         return b"".join(self._parts)

@@ -27,7 +27,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flyvault.errors import RemoteProtocolError, VaultError
-from flyvault.protocol.codec import Frame, FrameDecoder, PayloadReader, PayloadWriter, encode_frame
+from flyvault.protocol.codec import (
+    COMMAND_BYTES,
+    Frame,
+    FrameDecoder,
+    PayloadReader,
+    PayloadWriter,
+    encode_frame,
+)
 from flyvault.protocol.constants import ERROR_FRAME, MAX_PAYLOAD
 from flyvault.protocol.limits import (
     MAX_ARG_LENGTH,
@@ -115,11 +122,11 @@ class OpenSession:
         argv = self.argv or ()
         writer.u32(len(argv))
         for arg in argv:
-            writer.text(arg)
+            writer.text(arg, COMMAND_BYTES)
         writer.optional_text(self.context).text(self.term).u16(self.rows).u16(self.cols)
-        writer.optional_text(self.cwd).u32(len(self.env))
+        writer.optional_text(self.cwd, COMMAND_BYTES).u32(len(self.env))
         for key, value in self.env:
-            writer.text(key).text(value)
+            writer.text(key).text(value, COMMAND_BYTES)
         writer.u64(self.resume_offset)
         if self.user is not None:
             writer.text(self.user)
@@ -137,17 +144,20 @@ class OpenSession:
         count = reader.u32("argv count")
         if count > MAX_ARGV:
             raise RemoteProtocolError(f"console open: {count} arguments, more than {MAX_ARGV}")
-        args = tuple(reader.text("argument", MAX_ARG_LENGTH) for _ in range(count))
+        args = tuple(reader.text("argument", MAX_ARG_LENGTH, COMMAND_BYTES) for _ in range(count))
         context = reader.optional_text("context", MAX_CONTEXT_LENGTH)
         term = reader.text("term", MAX_TERM_LENGTH)
         rows = reader.u16("rows")
         cols = reader.u16("cols")
-        cwd = reader.optional_text("cwd", MAX_PATH_LENGTH)
+        cwd = reader.optional_text("cwd", MAX_PATH_LENGTH, COMMAND_BYTES)
         env_count = reader.u32("env count")
         if env_count > MAX_ENV:
             raise RemoteProtocolError(f"console open: {env_count} variables, more than {MAX_ENV}")
         env = tuple(
-            (reader.text("env name", MAX_ENV_NAME_LENGTH), reader.text("env value", MAX_ARG_LENGTH))
+            (
+                reader.text("env name", MAX_ENV_NAME_LENGTH),
+                reader.text("env value", MAX_ARG_LENGTH, COMMAND_BYTES),
+            )
             for _ in range(env_count)
         )
         resume = reader.u64("resume offset")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 from flyvault.errors import RemoteProtocolError
+from flyvault.protocol.codec import wire_size
 
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_ARGV = 4096
@@ -63,8 +64,7 @@ def check_env(env: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
             raise RemoteProtocolError(f"invalid environment variable name {name[:40]!r}")
         if "\0" in value:
             raise RemoteProtocolError(f"environment variable {name[:40]} contains a NUL byte")
-        total += len(name.encode("utf-8", "surrogatepass"))
-        total += len(value.encode("utf-8", "surrogatepass"))
+        total += wire_size(name) + wire_size(value)
     if total > MAX_ENV_TOTAL:
         raise RemoteProtocolError(
             f"the environment variables add up to {total} bytes, more than {MAX_ENV_TOTAL}"

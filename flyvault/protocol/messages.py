@@ -15,7 +15,7 @@ from flyvault.errors import (
     VaultError,
     exception_for,
 )
-from flyvault.protocol.codec import PayloadReader, PayloadWriter
+from flyvault.protocol.codec import PayloadReader, PayloadWriter, printable
 from flyvault.protocol.constants import (
     MAX_JWT_LENGTH,
     MAX_MESSAGE_LENGTH,
@@ -55,7 +55,9 @@ class ErrorMessage:
     message: str
 
     def encode(self) -> bytes:
-        return PayloadWriter().u16(self.code).text(self.message[:MAX_MESSAGE_LENGTH]).getvalue()
+        # printable: a message may name a command or a path whose bytes are not UTF-8.
+        message = printable(self.message[:MAX_MESSAGE_LENGTH])
+        return PayloadWriter().u16(self.code).text(message).getvalue()
 
     @classmethod
     def decode(cls, payload: bytes) -> ErrorMessage:
