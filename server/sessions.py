@@ -114,6 +114,20 @@ class SpawnPolicy:
         return ["/bin/sh", "-l"]
 
 
+def _start_in(env: dict[str, str], explicit: dict[str, str], directory: str | None) -> None:
+    """PWD names the directory the command starts in, and OLDPWD goes, as a login's shell
+    sets them; host mode's environment is init's own, whose PWD named init's directory (a
+    Makefile's $(PWD), node's process.env.PWD read that). An --env value stays."""
+    if "OLDPWD" not in explicit:
+        env.pop("OLDPWD", None)
+    if "PWD" in explicit:
+        return
+    if directory:
+        env["PWD"] = directory
+    else:
+        env.pop("PWD", None)
+
+
 #: Variables of the server's own login session, dropped when a session runs as another
 #: account (sshd starts such a session without them too).
 OWN_SESSION_VARS = (
@@ -461,9 +475,12 @@ class SessionRegistry:
             argv = list(request.argv or ())
         session = Session(request, argv, self.buffer_size, self._clock, self._disk_log(request))
         session.user = account.name if account is not None else _own_user_name()
-        env.update(dict(request.env))
-        if request.term:
-            env["TERM"] = request.term
+        explicit = dict(request.env)
+        # --env TERM=... wins over the terminal's own, as any --env wins over the login's.
+        term = None if "TERM" in explicit else request.term
+        if term:
+            env["TERM"] = term
+        env.update(explicit)
         self.sessions[session.id] = session
         try:
             entry: Entry | None = None
@@ -472,16 +489,18 @@ class SessionRegistry:
             if policy.entry is not None:
                 # The login's home unless the request names a directory (which must exist).
                 home = account.home if account is not None else "/"
+                _start_in(env, explicit, cwd or home)
                 entry = policy.entry(cwd or home, cwd is not None, switch)
             else:
                 if switch is not None and cwd is None:  # the login's home, if it has one
                     cwd = switch.home if os.path.isdir(switch.home) else "/"
+                _start_in(env, explicit, cwd or policy.default_cwd)
                 wrapper, cwd = policy.prepare(cwd)
             session.process = await ManagedProcess.spawn(
                 argv,
                 pty=session.pty,
                 on_output=session.on_output,
-                term=request.term,
+                term=term,
                 rows=request.rows,
                 cols=request.cols,
                 cwd=cwd,

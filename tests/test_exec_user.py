@@ -144,6 +144,27 @@ def test_bytes_that_are_not_utf8_reach_the_command_as_they_are(vault: str, tmp_p
     assert b"Traceback" not in missing.stderr
 
 
+def test_pwd_names_the_start_directory_and_env_term_wins_over_the_terminals(
+    vault: str, tmp_path: Path
+) -> None:
+    """Host mode handed a command init's own PWD and OLDPWD (python saw PWD=<init's
+    directory> in --cwd /tmp), and a PTY's TERM overrode --env TERM=..."""
+    show = "import os; print(os.getcwd(), os.environ.get('PWD'), os.environ.get('OLDPWD'))"
+    moved = fv("exec", vault, "--cwd", str(tmp_path), "--", sys.executable, "-c", show)
+    assert moved.returncode == 0, moved.stderr
+    assert moved.stdout.split() == [str(tmp_path), str(tmp_path), "None"]
+    home = fv("exec", vault, "--", sys.executable, "-c", show)
+    where = home.stdout.split()
+    assert where[0] == where[1] and where[2] == "None", home.stdout
+    chosen = fv("exec", vault, "--env", "PWD=/x", "--", sys.executable, "-c", show)
+    assert chosen.stdout.split()[1] == "/x"
+    term = fv("exec", vault, "-t", "--env", "TERM=dumb", "--", "printenv", "TERM")
+    assert term.returncode == 0, term.stderr
+    assert term.stdout.strip() == "dumb"
+    plain = fv("exec", vault, "-t", "--", "printenv", "TERM")
+    assert plain.stdout.strip() not in ("", "dumb")
+
+
 def test_a_lone_surrogate_is_no_byte_and_is_refused_before_connecting() -> None:
     for fields in ({"argv": ("echo", "\ud800")}, {"argv": ("true",), "cwd": "/\udfff"}):
         with pytest.raises(UsageError, match="lone surrogate"):
