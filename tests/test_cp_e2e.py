@@ -57,6 +57,36 @@ def test_a_file_round_trip_binary_empty_and_5_mb(
     assert not [name for name in os.listdir(back) if name.startswith(".fv-part-")]
 
 
+def test_files_that_end_in_zero_blocks_keep_their_length_both_ways(
+    init_process: InitProcess, issuer: OidcIssuer, sides: tuple[Path, Path]
+) -> None:
+    """A download of a file ending in aligned zero blocks (a disk image, a database) lost
+    that tail, and said "verified": the digest is of the bytes received, and the writer's
+    trailing hole never got its length. A large one in a tree failed every time."""
+    here, there = sides
+    tree = there / "images"
+    tree.mkdir()
+    payloads = {
+        "tail": os.urandom(60 * 1024) + bytes(8192),
+        "zeros": bytes(MiB),
+        "large": os.urandom(MiB) + bytes(9 * MiB),  # over LARGE_FILE: goes on its own
+    }
+    for name, data in payloads.items():
+        (tree / name).write_bytes(data)
+    single = cp(init_process, issuer, [f"dev:{tree}/tail"], str(here / "tail"))
+    assert single.verified and (here / "tail").read_bytes() == payloads["tail"]
+    whole = cp(init_process, issuer, [f"dev:{tree}"], str(here), recursive=True)
+    assert whole.verified and whole.files == 3
+    for name, data in payloads.items():
+        copied = here / "images" / name
+        assert copied.stat().st_size == len(data), name
+        assert copied.read_bytes() == data, name
+    back = cp(init_process, issuer, [str(here / "images")], f"dev:{there}/back", recursive=True)
+    assert back.verified
+    for name, data in payloads.items():
+        assert (there / "back" / name).read_bytes() == data, name
+
+
 def test_a_new_name_and_preserve(
     init_process: InitProcess, issuer: OidcIssuer, sides: tuple[Path, Path]
 ) -> None:

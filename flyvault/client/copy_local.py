@@ -123,6 +123,11 @@ class SparseWriter:
             self._write_at(view[start:])
 
     def _write_at(self, data: bytes | memoryview) -> None:
+        if not data:
+            # Nothing written: the length must not move. Taking ``position`` here, past a
+            # trailing hole seeked over, hid that hole from ``finish``, which then skipped
+            # the ftruncate and the file lost its zero tail (with its digest still "matching").
+            return
         view = memoryview(data)
         while view:
             written = os.pwrite(self.fd, view, self.position)
