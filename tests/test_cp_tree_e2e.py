@@ -185,6 +185,16 @@ def test_tree_dst_semantics_both_ways(
     assert (here / "down" / "d" / "f").read_bytes() == b"f"
     cp(init_process, issuer, [f"dev:{there}/new"], str(here / "down"), recursive=True)
     assert (here / "down" / "new" / "src" / "d" / "f").read_bytes() == b"f"
+    # A file where the tree's directory would go is refused both ways, and kept: a
+    # download deleted it and put the directory in its place.
+    (here / "precious").write_bytes(b"mine")
+    with pytest.raises(FileOpError, match="precious: a file of that name is here"):
+        cp(init_process, issuer, [f"dev:{there}/new"], str(here / "precious"), recursive=True)
+    assert (here / "precious").read_bytes() == b"mine"
+    (there / "precious").write_bytes(b"theirs")
+    with pytest.raises(FileOpError, match="would replace a file with a directory"):
+        cp(init_process, issuer, [str(tree)], f"dev:{there}/precious", recursive=True)
+    assert (there / "precious").read_bytes() == b"theirs"
 
 
 def test_a_tar_stream_on_standard_input_and_output(

@@ -360,8 +360,10 @@ class LocalTreeWriter:
         except FileExistsError:
             info = os.stat(name, dir_fd=parent, follow_symlinks=False)
             if not stat.S_ISDIR(info.st_mode):
-                self._free_name(parent, name, entry)
-                os.mkdir(name, 0o700, dir_fd=parent)
+                # As cp -r and tar refuse: it may be the user's own file (DST itself).
+                kind = "a file" if stat.S_ISREG(info.st_mode) else "an entry"
+                here = os.path.join(self.destination, *parts)
+                raise _in_the_way(here, kind) from None
         self._dir_fd(parts, entry)
 
     def _start_file(
@@ -472,6 +474,16 @@ class _Pending:
     writer: SparseWriter
     #: Created with its final mode (``_start_file`` without -p): no chmod when it lands.
     mode_set: bool = False
+
+
+def _in_the_way(path: str, what: str) -> VaultError:
+    from flyvault.errors import FileOpError
+
+    return FileOpError(
+        f"{path}: {what} of that name is here, and the vault's directory would replace it; "
+        "nothing was removed (cp -r: cannot overwrite non-directory with directory)",
+        hint="move or remove it, or copy to another DST",
+    )
 
 
 def local_error(entry: str, exc: OSError) -> VaultError:
