@@ -87,6 +87,21 @@ def test_files_that_end_in_zero_blocks_keep_their_length_both_ways(
         assert (there / "back" / name).read_bytes() == data, name
 
 
+def test_a_named_fifo_or_device_is_refused_not_read(
+    init_process: InitProcess, issuer: OidcIssuer, sides: tuple[Path, Path]
+) -> None:
+    """Without -r, a FIFO blocked the copy for ever and /dev/zero was read until memory
+    ran out (a tree skips them with a notice; a named one is an error, as scp's)."""
+    here, there = sides
+    fifo = here / "fifo"
+    os.mkfifo(fifo)
+    (here / "ok").write_bytes(b"ok")
+    for sources in ([str(fifo)], ["/dev/zero"], [str(here / "ok"), str(fifo)]):
+        with pytest.raises(FileOpError, match=r"not a regular file: .*nothing was copied"):
+            cp(init_process, issuer, sources, f"dev:{there}")
+    assert list(there.iterdir()) == []
+
+
 def test_a_new_name_and_preserve(
     init_process: InitProcess, issuer: OidcIssuer, sides: tuple[Path, Path]
 ) -> None:

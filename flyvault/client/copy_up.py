@@ -42,12 +42,17 @@ async def upload(
     locals_ = [source.path for source in sources]
     names = [os.path.basename(path.rstrip("/")) or path for path in locals_]
     if not options.recursive:
-        scan(
+        named = scan(
             [(path, name) for path, name in zip(locals_, names, strict=True)],
             recursive=False,
             follow_symlinks=True,
             preserve=options.preserve,
         )
+        if named.skipped:  # a FIFO would block for ever, /dev/zero read without end
+            raise FileOpError(
+                f"not a regular file: {', '.join(named.skipped)}; nothing was copied",
+                hint="cp copies regular files, symlinks and (with -r) directories",
+            )
     target = _remote_path(dest)
     info = await _stat_or_none(files, target)
     if info is not None and info.kind == "dir":
