@@ -113,8 +113,9 @@ def tar_get(
     walk = _Walk(_Out(channel), follow, Accounts.load(), defer_above, exact_mtimes)
     try:
         for top in paths:
-            os.stat(top, follow_symlinks=follow)  # a missing top is an error naming it
-            _add(walk, top, os.path.basename(top.rstrip("/")) or ".")
+            os.stat(top)  # a missing top is an error naming it
+            # A symlink named as a top is followed, as cp -r and scp -r follow it.
+            _add(walk, top, os.path.basename(top.rstrip("/")) or ".", frozenset(), True)
     except Exception:
         # The files that ended before the error still land, verified (their digests were
         # held for the frame): the client keeps what was verified before the ERROR.
@@ -126,8 +127,15 @@ def tar_get(
     channel.result(walk.counts)
 
 
-def _add(walk: _Walk, path: str, name: str) -> None:
-    st = os.stat(path, follow_symlinks=walk.follow)
+def _add(
+    walk: _Walk,
+    path: str,
+    name: str,
+    ancestors: frozenset[tuple[int, int]] = frozenset(),
+    top: bool = False,
+) -> None:
+    """``ancestors``: the directories above (device, inode), for -L's loops."""
+    st = os.stat(path, follow_symlinks=walk.follow or top)
     info = tarfile.TarInfo(name)
     info.mode, info.uid, info.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
     info.uname = walk.accounts.users.get(st.st_uid, "")
@@ -138,11 +146,16 @@ def _add(walk: _Walk, path: str, name: str) -> None:
         info.pax_headers = {"mtime": f"{seconds}.{nanos:09d}"}
     mode, counts = st.st_mode, walk.counts
     if stat.S_ISDIR(mode):
+        key = (st.st_dev, st.st_ino)
+        if key in ancestors:
+            _add_loop(walk, path, info)
+            return
         info.type = tarfile.DIRTYPE
         walk.out.write(encode_header(info))
         counts["dirs"] += 1
+        below = ancestors | {key}
         for child in sorted(os.listdir(path)):
-            _add(walk, os.path.join(path, child), f"{name}/{child}")
+            _add(walk, os.path.join(path, child), f"{name}/{child}", below)
     elif stat.S_ISLNK(mode):
         info.type, info.linkname = tarfile.SYMTYPE, os.readlink(path)
         walk.out.write(encode_header(info))
@@ -157,6 +170,18 @@ def _add(walk: _Walk, path: str, name: str) -> None:
         info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
         walk.out.write(encode_header(info))
     # sockets cannot be archived: left out, as tar does
+
+
+def _add_loop(walk: _Walk, path: str, info: tarfile.TarInfo) -> None:
+    """-L met a symlink back to a directory above it: it goes as the symlink it is (tar -h
+    and rsync -L leave such a loop out; following it would never end)."""
+    if not os.path.islink(path):  # a bind mount of a directory above: nothing to keep
+        raise FileOpError(f"{path}: a directory that contains itself (a bind mount); not copied")
+    lst = os.lstat(path)
+    info.mode = stat.S_IMODE(lst.st_mode)
+    info.type, info.linkname = tarfile.SYMTYPE, os.readlink(path)
+    walk.out.write(encode_header(info))
+    walk.counts["symlinks"] += 1
 
 
 def _add_file(walk: _Walk, path: str, info: tarfile.TarInfo, st: os.stat_result) -> None:

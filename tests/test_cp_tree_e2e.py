@@ -169,6 +169,35 @@ def test_follow_symlinks_copies_what_they_point_to(
     assert (here / "F" / "link2").read_bytes() == (tree / "sub" / "data.bin").read_bytes()
 
 
+def test_a_named_symlink_is_followed_and_a_loop_under_l_is_kept_as_a_symlink(
+    init_process: InitProcess, issuer: OidcIssuer, sides: tuple[Path, Path]
+) -> None:
+    """A download of a symlink named as SRC copied the symlink (an upload follows it, as
+    cp -r and scp -r do), and -L walked a symlink back to a directory above it 40 levels
+    deep, then failed with ELOOP."""
+    here, there = sides
+    (there / "L" / "real").mkdir(parents=True)
+    (there / "L" / "real" / "f").write_bytes(b"f")
+    os.symlink("real", there / "L" / "link")
+    os.symlink("..", there / "L" / "real" / "loop")
+    cp(init_process, issuer, [f"dev:{there}/L/link"], str(here / "named"), recursive=True)
+    assert not (here / "named").is_symlink()
+    assert (here / "named" / "f").read_bytes() == b"f"
+    assert os.readlink(here / "named" / "loop") == ".."  # not followed without -L
+    summary = cp(
+        init_process,
+        issuer,
+        [f"dev:{there}/L"],
+        str(here / "F"),
+        recursive=True,
+        follow_symlinks=True,
+    )
+    assert (here / "F" / "link" / "f").read_bytes() == b"f"  # followed once
+    assert os.readlink(here / "F" / "real" / "loop") == ".."  # the loop: kept as a link
+    assert os.readlink(here / "F" / "link" / "loop") == ".."
+    assert summary.symlinks == 2
+
+
 def test_tree_dst_semantics_both_ways(
     init_process: InitProcess, issuer: OidcIssuer, sides: tuple[Path, Path]
 ) -> None:
