@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TOKEN, InitProcess, on_vault
+from conftest import TOKEN, InitProcess, on_vault, start_init
 
-from flyvault.client import CopyEndpoint, CopyProgress, copy, parse_endpoint
+from flyvault.client import CopyEndpoint, CopyProgress, check_endpoints, copy, parse_endpoint
 from flyvault.client.copy_engine import LARGE_FILE
-from flyvault.errors import FileOpError
-from flyvault.standins import OidcIssuer
+from flyvault.errors import FileOpError, UsageError
+from flyvault.standins import FlyApiSocket, OidcIssuer
 
 MiB = 1024 * 1024
 NS = 1_500_000_000_123_456_789
@@ -196,6 +196,32 @@ def test_a_named_symlink_is_followed_and_a_loop_under_l_is_kept_as_a_symlink(
     assert os.readlink(here / "F" / "real" / "loop") == ".."  # the loop: kept as a link
     assert os.readlink(here / "F" / "link" / "loop") == ".."
     assert summary.symlinks == 2
+
+
+def test_the_vaults_home_as_dot_arrives_under_its_own_name(
+    tmp_path: Path,
+    fly_api: FlyApiSocket,
+    issuer: OidcIssuer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``cp -r VAULT:. DST`` (and ``VAULT:``) was refused as a hostile tree: the client
+    named the top "." while the vault sent its entries under "."."""
+    home = tmp_path / "home" / "someone"
+    (home / "proj").mkdir(parents=True)
+    (home / "proj" / "f").write_bytes(b"f")
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.setenv("HOME", str(home))  # the vault's user's home: where "." is
+    init = start_init(tmp_path, fly_api.path)
+    try:
+        cp(init, issuer, ["dev:."], str(here), recursive=True)
+        assert (here / "someone" / "proj" / "f").read_bytes() == b"f"
+        cp(init, issuer, ["dev:"], str(here / "new"), recursive=True)
+        assert (here / "new" / "proj" / "f").read_bytes() == b"f"
+    finally:
+        init.stop()
+    with pytest.raises(UsageError, match="whole / is not supported"):
+        check_endpoints([parse_endpoint("dev:/")], parse_endpoint(str(here)), recursive=True)
 
 
 def test_tree_dst_semantics_both_ways(

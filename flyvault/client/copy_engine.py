@@ -128,6 +128,11 @@ def check_endpoints(sources: Sequence[CopyEndpoint], dest: CopyEndpoint, *, recu
         )
     if dest.vault:
         return "up"
+    if recursive and any(_remote_path(source.path) in ("/", "//") for source in sources):
+        raise UsageError(
+            "copying the vault's whole / is not supported: name the directories under it",
+            hint="fly-vault cp -r VAULT:/etc VAULT:/srv ... DST",
+        )
     if len(remote_sources) > 1 or any(not source.vault for source in sources):
         raise UsageError("all SRC must be on the same vault when DST is local")
     if dest.stdio and len(sources) > 1 and not recursive:
@@ -258,6 +263,17 @@ def _remote_path(path: str) -> str:
     return posixpath.normpath(path) if path not in ("", ".") else "."
 
 
+async def _named(files: Any, path: str) -> str:
+    """A tree's SRC as the vault names it: ``.`` (the user's home, ``VAULT:``) is the
+    directory it is, so that it arrives under its own name, as ``cp -r /root DST`` would."""
+    if path != ".":
+        return path  # "/" was refused by check_endpoints
+    resolved = str((await files.stat(path, follow=True)).path)
+    if resolved in (".", "/"):
+        raise UsageError(f"'.' is {resolved!r} on the vault: name the directory to copy")
+    return resolved
+
+
 def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, TransportError)
 
@@ -270,7 +286,8 @@ async def _download(
 ) -> CopySummary:
     into_dir = os.path.isdir(dest)
     if options.recursive:
-        names = [posixpath.basename(path) or "/" for path in paths]
+        paths = [await _named(files, path) for path in paths]
+        names = [posixpath.basename(path) for path in paths]
         if len(set(names)) != len(names):
             raise UsageError("two SRC have the same name; copy them one at a time")
         if into_dir:
