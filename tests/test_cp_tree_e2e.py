@@ -649,6 +649,44 @@ def test_a_users_tree_sent_again_after_a_drop_lands_under_its_read_only_director
     assert sorted(p.name for p in landed.iterdir()) == [f"f{n:02d}" for n in range(40)]
 
 
+@root_only
+def test_a_users_large_file_lands_under_its_read_only_directory(
+    init_process: InitProcess, issuer: OidcIssuer, sides: tuple[Path, Path], shared_dir: Path
+) -> None:
+    """The stream set ``ro``'s 0555 before the large file went, so nobody's copy of it was
+    refused (EACCES), and every retry too."""
+    here, _ = sides
+    tree = here / "P"
+    (tree / "ro" / "deeper").mkdir(parents=True)
+    data = os.urandom(LARGE_FILE + 1)
+    (tree / "ro" / "big").write_bytes(data)
+    (tree / "ro" / "deeper" / "big2").write_bytes(data)
+    (tree / "ro" / "small").write_bytes(b"s")
+    for directory in (tree / "ro" / "deeper", tree / "ro"):
+        directory.chmod(0o555)
+    try:
+        for preserve in (False, True):
+            dest = f"dev:{shared_dir}/{'p' if preserve else 'n'}"
+            summary = cp(
+                init_process,
+                issuer,
+                [str(tree)],
+                dest,
+                recursive=True,
+                user="nobody",
+                preserve=preserve,
+            )
+            landed = shared_dir / ("p" if preserve else "n")
+            assert summary.files == 3
+            assert (landed / "ro" / "big").read_bytes() == data
+            assert (landed / "ro" / "deeper" / "big2").read_bytes() == data
+            for directory in (landed / "ro", landed / "ro" / "deeper"):
+                assert stat.S_IMODE(directory.stat().st_mode) == 0o555
+    finally:
+        for directory in (tree / "ro", tree / "ro" / "deeper"):
+            directory.chmod(0o755)
+
+
 def test_a_request_given_up_while_the_vaults_worker_is_blocked_ends_that_worker(
     init_process: InitProcess, issuer: OidcIssuer, sides: tuple[Path, Path]
 ) -> None:

@@ -11,11 +11,13 @@ after the prefix the vault verified. With ``-r`` everything goes as one tar stre
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import os
 import posixpath
 import tarfile
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from flyvault.errors import FileOpError, IntegrityError, NotFoundError, UsageError
@@ -221,6 +223,9 @@ async def _upload_tree(
     tracker.progress.bytes_total = tree.bytes
     tracker.progress.files_total = tree.files
     small, large = split_large(tree)
+    # The mode the vault gives a directory: all its bits only with -p (and as root).
+    mask = 0o7777 if options.preserve else 0o1777
+    small, locked = _writable_until_large_files_land(small, large, mask)
     base = tracker.progress.bytes_done, tracker.progress.files_done
     for attempt in range(MAX_ATTEMPTS):
         tracker.progress.bytes_done, tracker.progress.files_done = base
@@ -239,11 +244,43 @@ async def _upload_tree(
     for entry in large:
         target = posixpath.join(into, entry.info.name)
         await _upload_file(files, entry.path, target, options, tracker, counted=True)
+    for name, mode in locked:  # deepest first: a parent's mode must not shut out its child
+        await files.chmod(posixpath.join(into, name), mode)
     if options.preserve:
         await _restore_dir_mtimes(files, into, tree, large)
     return tracker.summary(
         result.files + len(large), result.dirs, result.symlinks, skipped=tuple(tree.skipped)
     )
+
+
+def _writable_until_large_files_land(
+    small: LocalTree, large: list[LocalEntry], mask: int
+) -> tuple[LocalTree, list[tuple[str, int]]]:
+    """The stream sets a directory's mode when it ends, before the large files go: a
+    directory above one that its owner may not write or enter (0555, a user's read-only
+    tree) would refuse them (EACCES, and again on every retry). Such directories go with
+    u+rwx, and get their own mode back once the large files are in: (name, mode) of
+    each, deepest first."""
+    above: set[str] = set()
+    for entry in large:
+        name = posixpath.dirname(entry.info.name)
+        while name and name not in above:
+            above.add(name)
+            name = posixpath.dirname(name)
+    locked: list[tuple[str, int]] = []
+    entries: list[LocalEntry] = []
+    for entry in small.entries:
+        info = entry.info
+        if info.type == tarfile.DIRTYPE and info.name in above and info.mode & 0o700 != 0o700:
+            locked.append((info.name, info.mode & mask))
+            opened = copy.copy(info)
+            opened.mode = info.mode | 0o700
+            entry = LocalEntry(opened, entry.path)
+        entries.append(entry)
+    if not locked:
+        return small, []
+    locked.sort(key=lambda item: item[0].count("/"), reverse=True)
+    return replace(small, entries=entries), locked
 
 
 def split_large(tree: LocalTree) -> tuple[LocalTree, list[LocalEntry]]:
