@@ -273,6 +273,21 @@ class Conflict(RemoteError):
     remote_hint = "read the file again, redo the change on what is there now, and write again"
 
 
+def printable(text: str) -> str:
+    """``text`` as valid UTF-8, for a message or a JSON that must carry it. The bytes of a
+    name that is not UTF-8 arrive as lone surrogates (surrogateescape); they are shown as
+    ``\\xNN``, any other lone surrogate as ``\\udNNN``."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def file_error(path: str, number: int | None, detail: str | None = None) -> VaultError:
     """The error for an ``OSError`` on ``path``: ``PathNotFound`` for ENOENT, else
     ``FileOpError``; both read "<path>: <errno in words> (<ERRNO name>)"."""

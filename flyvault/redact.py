@@ -36,7 +36,7 @@ import urllib.parse
 from collections.abc import Iterable
 from typing import Any, TextIO
 
-from flyvault.protocol.codec import printable
+from flyvault.errors import printable
 
 REDACTED = "<redacted>"
 #: Secrets shorter than this are matched as whole words only (see the module docstring).

@@ -59,7 +59,8 @@ from flyvault.protocol.files_messages import (
     encode_result,
 )
 from flyvault.protocol.messages import ErrorMessage
-from flyvault.writeback import Writeback, prepare
+from flyvault.sparse import SparseWriter
+from flyvault.writeback import prepare
 
 from . import files_tar
 from .accounts import MAX_ACCOUNT_FILE, parse_groups, parse_passwd, switch_to
@@ -544,23 +545,21 @@ def _receive_into(channel: Channel, request: FileRequest, path: str, fd: int, te
     if offset != have:
         os.ftruncate(fd, offset)
         digest = _prefix_digest(fd, offset)
-    os.lseek(fd, offset, os.SEEK_SET)
-    size = offset
-    writeback = Writeback(fd, offset) if request.fsync else None
+    # Zero blocks stay holes (a disk image's, a sparse file's), as a download's do.
+    writer = SparseWriter(fd, offset, fsync_follows=request.fsync)
     while True:
         frame = channel.receive()
         if frame is None:
-            return resumable  # the connection went: keep what arrived
+            # The connection went: keep what arrived. What the writer still held (up to
+            # a block, or a trailing hole) is sent again: a resume starts at the file's size.
+            return resumable
         kind, payload = frame
         if kind == FileFrame.END:
             break
-        view = memoryview(payload)
-        while view:
-            view = view[os.write(fd, view) :]
+        writer.write(payload)
         digest.update(payload)
-        size += len(payload)
-        if writeback is not None:
-            writeback.wrote(size)
+    size = writer.size
+    writer.finish()
     found = digest.hexdigest()
     # The handler's machine checked END's payload: empty, or the whole file's SHA-256.
     expected = request.sha256 or (payload.hex() if payload else None)

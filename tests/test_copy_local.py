@@ -25,7 +25,6 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from flyvault.client import CopyEndpoint, copy, parse_endpoint
-from flyvault.client.copy_local import HOLD, SPARSE_BLOCK, SparseWriter
 from flyvault.errors import (
     ConnectionLost,
     IntegrityError,
@@ -34,6 +33,7 @@ from flyvault.errors import (
     UsageError,
 )
 from flyvault.protocol.tar_stream import TarReader, TarStreamError
+from flyvault.sparse import HOLD, SPARSE_BLOCK, SparseWriter
 
 Member = tuple[tarfile.TarInfo, bytes | None]
 

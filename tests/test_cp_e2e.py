@@ -87,6 +87,30 @@ def test_files_that_end_in_zero_blocks_keep_their_length_both_ways(
         assert (there / "back" / name).read_bytes() == data, name
 
 
+def test_a_sparse_file_stays_sparse_on_the_vault(
+    init_process: InitProcess, issuer: OidcIssuer, sides: tuple[Path, Path]
+) -> None:
+    """An upload wrote every zero: a 100 MiB sparse image became 100 MiB on the vault's
+    disk, alone or as a large file of a tree (a download kept its holes)."""
+    here, there = sides
+    image = here / "images" / "disk.img"
+    image.parent.mkdir()
+    with open(image, "wb") as handle:
+        handle.truncate(40 * MiB)
+        handle.seek(20 * MiB)
+        handle.write(b"data")
+    if image.stat().st_blocks * 512 > MiB:
+        pytest.skip("this file system does not keep holes")
+    cp(init_process, issuer, [str(image)], f"dev:{there}/single.img")
+    cp(init_process, issuer, [str(image.parent)], f"dev:{there}", recursive=True)
+    for copied in (there / "single.img", there / "images" / "disk.img"):
+        assert copied.stat().st_size == 40 * MiB
+        assert copied.stat().st_blocks * 512 < MiB, "the zero blocks became holes"
+        with open(copied, "rb") as handle:
+            handle.seek(20 * MiB)
+            assert handle.read(4) == b"data"
+
+
 def test_a_named_fifo_or_device_is_refused_not_read(
     init_process: InitProcess, issuer: OidcIssuer, sides: tuple[Path, Path]
 ) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from flyvault import writeback
-from flyvault.client.copy_local import SparseWriter
+from flyvault.sparse import SparseWriter
 from flyvault.writeback import STEP, Writeback, start_writeback
 
 

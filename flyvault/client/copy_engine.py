@@ -483,7 +483,7 @@ async def _fetch_into(
     """Fill ``fd`` with the vault's ``path`` after the prefix it already verifiably holds;
     raises IntegrityError (the partial emptied) when the whole does not match.
     ``fsync_follows``: the caller fsyncs the file, so its writeback starts as it arrives."""
-    from .copy_local import SparseWriter
+    from flyvault.sparse import SparseWriter
 
     sha = await _verified_prefix(files, path, fd, tracker)
     writer = SparseWriter(fd, os.fstat(fd).st_size, fsync_follows=fsync_follows)

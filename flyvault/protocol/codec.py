@@ -17,7 +17,7 @@ import struct
 from collections import deque
 from dataclasses import dataclass
 
-from flyvault.errors import LocalProtocolError, RemoteProtocolError
+from flyvault.errors import LocalProtocolError, RemoteProtocolError, printable
 from flyvault.protocol.constants import FRAME_HEADER_SIZE
 
 _HEADER = struct.Struct(">BI")
@@ -38,21 +38,6 @@ def wire_size(text: str) -> int:
         return len(text.encode("utf-8", COMMAND_BYTES))
     except UnicodeEncodeError:
         return len(text.encode("utf-8", "surrogatepass"))
-
-
-def printable(text: str) -> str:
-    """``text`` as valid UTF-8, for a message or a JSON that must carry it. The bytes of a
-    name that is not UTF-8 arrive as lone surrogates (surrogateescape); they are shown as
-    ``\\xNN``, any other lone surrogate as ``\\udNNN``."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        pass
-    try:
-        return text.encode("utf-8", COMMAND_BYTES).decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def quoted(text: str) -> str:

@@ -14,8 +14,9 @@ from flyvault.errors import (
     RemoteProtocolError,
     VaultError,
     exception_for,
+    printable,
 )
-from flyvault.protocol.codec import PayloadReader, PayloadWriter, printable
+from flyvault.protocol.codec import PayloadReader, PayloadWriter
 from flyvault.protocol.constants import (
     MAX_JWT_LENGTH,
     MAX_MESSAGE_LENGTH,
