@@ -14,6 +14,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -199,6 +200,62 @@ def test_refused_port_names_the_target_and_exits_with_its_code(vault: str) -> No
     assert proc.returncode == TargetUnreachable.exit_code, err
     assert f"cannot connect to 127.0.0.1:{port}: connection refused" in err.decode()
     assert out == b""
+
+
+def test_a_target_that_resets_is_named_and_is_not_a_lost_vault(vault: str) -> None:
+    """A reset from the target said "peer reset stream 68 (code 1)" and exited 4, the code
+    of a lost connection to the vault."""
+
+    def reset(conn: socket.socket) -> None:
+        conn.sendall(b"some")
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    with target(reset) as server:
+        proc = pipe(f"127.0.0.1:{server.port}")
+        assert proc.stdin is not None and proc.stderr is not None
+        try:
+            assert proc.wait(timeout=60) == 10  # stdin still open: the reset ended it
+            err = proc.stderr.read().decode()
+        finally:
+            proc.stdin.close()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert f"the connection to 127.0.0.1:{server.port} was reset" in err, err
+    assert "peer reset stream" not in err
+
+
+def test_a_stdout_that_fails_or_a_closed_stdin_is_one_line(vault: str) -> None:
+    """/dev/full as stdout ended in a 51-line traceback; a closed stdin let the event
+    loop's own descriptor take fd 0."""
+
+    def talk(conn: socket.socket) -> None:
+        conn.sendall(b"x" * 100_000)
+        with contextlib.suppress(OSError):
+            while conn.recv(65536):
+                pass
+
+    with target(talk) as server, open("/dev/full", "wb") as full:
+        proc = subprocess.run(
+            fly_vault("forward", "--stdio", "t", f"127.0.0.1:{server.port}"),
+            stdin=subprocess.PIPE,  # held open by the child until it fails
+            stdout=full,
+            stderr=subprocess.PIPE,
+            timeout=60,
+        )
+    err = proc.stderr.decode()
+    assert proc.returncode == 10, err
+    assert "forward --stdio: standard output: no space left on device (ENOSPC)" in err
+    assert "Traceback" not in err
+    closed = subprocess.run(
+        fly_vault("forward", "--stdio", "t", "127.0.0.1:1"),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        preexec_fn=lambda: os.close(0),
+        timeout=60,
+    )
+    assert closed.returncode == 2
+    assert b"standard input is closed" in closed.stderr
 
 
 def test_stdin_eof_half_closes_and_the_answer_still_arrives(vault: str) -> None:

@@ -55,6 +55,16 @@ def run(args: argparse.Namespace) -> int:
             hint="e.g. fly-vault forward --stdio VAULT localhost:22",
         )
     host, port = parse_target(args.specs[0])
+    for fd, name in ((STDIN, "standard input"), (STDOUT, "standard output")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            # Closed: the event loop's own descriptors would take its number, and the
+            # pipe's bytes would go to (or come from) one of those.
+            raise UsageError(
+                f"forward --stdio: {name} is closed; it carries the connection's bytes",
+                hint="give it a pipe, a file or /dev/null (e.g. </dev/null)",
+            ) from None
     from flyvault.cli.mux import keeper_socket
     from flyvault.config import load_vault
 
@@ -136,6 +146,18 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
         future.set_result(result)
 
 
+def _stdio_error(name: str, exc: OSError) -> Exception:
+    """A failed read or write of stdin/stdout (a full disk, an I/O error): one line, not
+    a traceback."""
+    import errno
+
+    from flyvault.errors import FileOpError
+
+    code = errno.errorcode.get(exc.errno or 0, "EIO")
+    words = (exc.strerror or str(exc)).lower()
+    return FileOpError(f"forward --stdio: {name}: {words} ({code})")
+
+
 def _wait_ready(fd: int, *, write: bool) -> None:
     # A descriptor inherited in non-blocking mode (some IDEs hand those out): wait, then
     # retry, instead of failing with EAGAIN.
@@ -157,6 +179,8 @@ class FdSource:
                 return os.read(self.fd, size)
             except BlockingIOError:
                 _wait_ready(self.fd, write=False)
+            except OSError as exc:
+                raise _stdio_error("standard input", exc) from None
 
 
 class FdSink:
@@ -177,6 +201,10 @@ class FdSink:
                 view = view[os.write(self.fd, view) :]
             except BlockingIOError:
                 _wait_ready(self.fd, write=True)
+            except BrokenPipeError:
+                raise  # the reader left: exit 141, as any pipe's writer
+            except OSError as exc:
+                raise _stdio_error("standard output", exc) from None
 
     def _close(self) -> None:
         # A socket may be stdin too (one socketpair end for both): only a shutdown tells

@@ -27,7 +27,7 @@ import contextlib
 import logging
 from typing import Protocol
 
-from flyvault.errors import StreamReset, Timeout, TransportError
+from flyvault.errors import RemoteError, StreamReset, Timeout, TransportError
 from flyvault.protocol.constants import StreamTag
 from flyvault.protocol.forward import (
     OPEN_TIMEOUT,
@@ -43,6 +43,11 @@ from flyvault.transport.relay import CHUNK_SIZE, Relayed, held_data, next_openin
 from .vault import Vault
 
 log = logging.getLogger("flyvault.forward")
+
+
+class TargetReset(RemoteError):
+    """The target's TCP connection was reset after it opened (exit 10, as a refusal): the
+    connection to the vault is not at fault."""
 
 
 class ByteSource(Protocol):
@@ -108,6 +113,8 @@ class _Pipe:
         self.settled = asyncio.Event()
         #: The vault's side finished sending (its FIN arrived and the sink was closed).
         self.remote_done = False
+        #: The vault reached the target (OPENED).
+        self.opened = False
 
     async def run(self, source: ByteSource, sink: ByteSink) -> None:
         # Download first: when both fail, its error (the vault's refusal) explains best.
@@ -120,6 +127,13 @@ class _Pipe:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in tasks:
                 error = task.exception() if task.done() else None
+                if isinstance(error, StreamReset) and self.opened:
+                    # The connection to the vault is fine (its loss is another error): the
+                    # vault reset this one stream because the TCP connection it carried was.
+                    raise TargetReset(
+                        f"the connection to {self.target} was reset: the target closed it "
+                        "abruptly (or the vault's side of it failed)"
+                    ) from error
                 if error is not None:
                     raise error
             clean = True
@@ -142,6 +156,7 @@ class _Pipe:
         if isinstance(event, Refused):
             raise event.error.to_exception()
         assert isinstance(event, Opened), event
+        self.opened = True
         log.debug("forward --stdio %s: connected (%s)", self.target, event.peer)
         return held_data(self.machine)
 
