@@ -405,7 +405,41 @@ def test_ssh_config_prints_a_host_block(vault: str) -> None:
     assert "User dev" in lines
     assert "Port 2222" in lines
     assert "HostKeyAlias fly-vault.t" in lines
-    assert f"ProxyCommand {FLY_VAULT} forward --stdio t localhost:%p" in lines
+    # The config was found through XDG_CONFIG_HOME (the tests' own): pinned, since an IDE's
+    # ssh runs without that variable and would look in ~/.config.
+    config = Path(os.environ["XDG_CONFIG_HOME"]).resolve() / "fly-vault" / "config.toml"
+    pinned = f"ProxyCommand env FLY_VAULT_CONFIG={config} {FLY_VAULT} forward --stdio t"
+    assert f"{pinned} localhost:%p" in lines
+    home = Path(os.environ["XDG_CONFIG_HOME"]).parent / "home"
+    (home / ".config" / "fly-vault").mkdir(parents=True)
+    (home / ".config" / "fly-vault" / "config.toml").write_bytes(config.read_bytes())
+    plain_env = {k: v for k, v in os.environ.items() if k != "XDG_CONFIG_HOME"}
+    plain = subprocess.run(
+        fly_vault("ssh-config", vault),
+        capture_output=True,
+        timeout=30,
+        env=plain_env | {"HOME": str(home)},
+    )
+    assert plain.returncode == 0, plain.stderr
+    assert f"ProxyCommand {FLY_VAULT} forward --stdio t localhost:%p" in plain.stdout.decode()
+
+
+def test_a_vault_name_that_is_no_host_alias_asks_for_one(issuer: OidcIssuer) -> None:
+    """It said "invalid --host-alias '_dev'" of a --host-alias never given."""
+    from flyvault.config import save_vault
+
+    save_vault(vault_entry(9, issuer, name="_dev"))
+    result = subprocess.run(fly_vault("ssh-config", "_dev"), capture_output=True, timeout=30)
+    assert result.returncode == 2
+    err = result.stderr.decode()
+    assert "vault name '_dev' cannot be an ssh Host alias" in err
+    assert "fly-vault ssh-config _dev --host-alias NAME" in err
+    named = fly_vault("ssh-config", "_dev", "--host-alias", "dev")
+    assert subprocess.run(named, capture_output=True, timeout=30).returncode == 0
+    plain = subprocess.run(
+        fly_vault("forward", "_dev", "localhost:22"), capture_output=True, timeout=30
+    )
+    assert plain.returncode == 2 and b"forward --stdio" in plain.stderr
 
 
 # A real OpenSSH client and sshd through the pipe -------------------------------------------

@@ -50,7 +50,10 @@ def _parse_forwards(values: list[str], label: str) -> list[Any]:
         try:
             spec = parse_forward_spec(value)
         except ConfigError as exc:
-            raise UsageError(f"{label} {value!r}: {exc.message}", hint=exc.hint) from None
+            hint = exc.hint
+            if label == "forward spec" and value.count(":") == 1:  # HOST:PORT: a pipe?
+                hint = f"to join stdin/stdout to {value} (an ssh ProxyCommand): forward --stdio"
+            raise UsageError(f"{label} {value!r}: {exc.message}", hint=hint) from None
         if spec.local_port in specs:
             raise UsageError(
                 f"{label} {value!r}: local port {spec.local_port} is given twice",

@@ -24,6 +24,12 @@ _USER = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.-]{0,63}")
 
 def run(args: argparse.Namespace) -> int:
     alias = args.host_alias or args.vault
+    if not args.host_alias and not _ALIAS.fullmatch(alias):
+        raise UsageError(
+            f"vault name {alias!r} cannot be an ssh Host alias (1-128 letters, digits, '.', "
+            "'_' or '-', starting with a letter or digit)",
+            hint=f"name the alias: fly-vault ssh-config {args.vault} --host-alias NAME",
+        )
     if not _ALIAS.fullmatch(alias):
         raise UsageError(
             f"invalid --host-alias {alias!r}: use 1-128 letters, digits, '.', '_' or '-', "
@@ -71,7 +77,8 @@ def host_block(vault: str, alias: str, user: str, port: int, command: list[str])
 
 def fly_vault_command() -> list[str]:
     """How ssh must start this fly-vault, as absolute words (plus the config's place when
-    FLY_VAULT_CONFIG chose it: ssh started by an IDE will not have that variable)."""
+    FLY_VAULT_CONFIG or XDG_CONFIG_HOME chose it: ssh started by an IDE will not have
+    those variables)."""
     here = Path(sys.executable).parent / "fly-vault"
     invoked = Path(sys.argv[0])
     if invoked.name == "fly-vault" and invoked.exists():
@@ -80,8 +87,8 @@ def fly_vault_command() -> list[str]:
         command = [str(here)]
     else:  # run as `python -m flyvault.cli.main` outside an environment with the script
         command = [sys.executable, "-m", "flyvault.cli.main"]
-    override = os.environ.get("FLY_VAULT_CONFIG")
-    if override:
+    # The config found through XDG_CONFIG_HOME is pinned too: an IDE's ssh has neither.
+    if os.environ.get("FLY_VAULT_CONFIG") or os.environ.get("XDG_CONFIG_HOME"):
         from flyvault import paths
 
         command = ["env", f"FLY_VAULT_CONFIG={paths.config_file().resolve()}", *command]
