@@ -115,7 +115,7 @@ def tar_get(
         for top in paths:
             os.stat(top)  # a missing top is an error naming it
             # A symlink named as a top is followed, as cp -r and scp -r follow it.
-            _add(walk, top, os.path.basename(top.rstrip("/")) or ".", frozenset(), True)
+            _add(walk, top, os.path.basename(top.rstrip("/")) or ".")
     except Exception:
         # The files that ended before the error still land, verified (their digests were
         # held for the frame): the client keeps what was verified before the ERROR.
@@ -127,14 +127,25 @@ def tar_get(
     channel.result(walk.counts)
 
 
-def _add(
-    walk: _Walk,
-    path: str,
-    name: str,
-    ancestors: frozenset[tuple[int, int]] = frozenset(),
-    top: bool = False,
-) -> None:
-    """``ancestors``: the directories above (device, inode), for -L's loops."""
+def _add(walk: _Walk, path: str, name: str) -> None:
+    """``path`` (a top, followed if a symlink) and all below it, depth first in name order,
+    with a stack of its own: a chain of a thousand directories went past Python's
+    recursion limit."""
+    todo = [(path, name, frozenset[tuple[int, int]](), True)]
+    while todo:
+        path, name, above, top = todo.pop()
+        children, below = _add_one(walk, path, name, above, top)
+        todo.extend(
+            (os.path.join(path, child), f"{name}/{child}", below, False)
+            for child in reversed(children)
+        )
+
+
+def _add_one(
+    walk: _Walk, path: str, name: str, ancestors: frozenset[tuple[int, int]], top: bool
+) -> tuple[list[str], frozenset[tuple[int, int]]]:
+    """One entry; a directory's children (sorted) come back, with the directories above
+    them (device, inode: -L's loops)."""
     st = os.stat(path, follow_symlinks=walk.follow or top)
     info = tarfile.TarInfo(name)
     info.mode, info.uid, info.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
@@ -149,13 +160,11 @@ def _add(
         key = (st.st_dev, st.st_ino)
         if key in ancestors:
             _add_loop(walk, path, info)
-            return
+            return [], ancestors
         info.type = tarfile.DIRTYPE
         walk.out.write(encode_header(info))
         counts["dirs"] += 1
-        below = ancestors | {key}
-        for child in sorted(os.listdir(path)):
-            _add(walk, os.path.join(path, child), f"{name}/{child}", below)
+        return sorted(os.listdir(path)), ancestors | {key}
     elif stat.S_ISLNK(mode):
         info.type, info.linkname = tarfile.SYMTYPE, os.readlink(path)
         walk.out.write(encode_header(info))
@@ -170,6 +179,7 @@ def _add(
         info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
         walk.out.write(encode_header(info))
     # sockets cannot be archived: left out, as tar does
+    return [], ancestors
 
 
 def _add_loop(walk: _Walk, path: str, info: tarfile.TarInfo) -> None:

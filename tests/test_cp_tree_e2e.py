@@ -224,6 +224,29 @@ def test_the_vaults_home_as_dot_arrives_under_its_own_name(
         check_endpoints([parse_endpoint("dev:/")], parse_endpoint(str(here)), recursive=True)
 
 
+def test_a_tree_deeper_than_the_recursion_limit_goes_both_ways(
+    init_process: InitProcess, issuer: OidcIssuer, sides: tuple[Path, Path]
+) -> None:
+    """A chain of 1,100 directories (2,200 characters, well under PATH_MAX) was a
+    RecursionError traceback up, and an "internal error" after 973 directories down."""
+    here, there = sides
+    depth = 1100
+    (here / "deep").mkdir()
+    fd = os.open(here / "deep", os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):  # pathlib's mkdir(parents=True) recurses too far itself
+        os.mkdir("a", dir_fd=fd)
+        fd, parent = os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
+        os.close(parent)
+    os.close(fd)
+    (here / "deep" / "/".join(["a"] * depth) / "f").write_bytes(b"bottom")
+    cp(init_process, issuer, [str(here / "deep")], f"dev:{there}", recursive=True)
+    landed = there / "deep" / "/".join(["a"] * depth) / "f"
+    assert landed.read_bytes() == b"bottom"
+    summary = cp(init_process, issuer, [f"dev:{there}/deep"], str(here / "back"), recursive=True)
+    assert summary.dirs == depth + 1
+    assert (here / "back" / "/".join(["a"] * depth) / "f").read_bytes() == b"bottom"
+
+
 def test_tree_dst_semantics_both_ways(
     init_process: InitProcess, issuer: OidcIssuer, sides: tuple[Path, Path]
 ) -> None:

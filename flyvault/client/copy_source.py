@@ -88,6 +88,37 @@ def _add(
     preserve: bool,
     ancestors: set[tuple[int, int]],
 ) -> None:
+    """``path`` and all below it, depth first in name order, with a stack of its own: a
+    chain of a thousand directories went past Python's recursion limit."""
+    todo: list[tuple[str, str, os.stat_result | None, frozenset[tuple[int, int]]]] = [
+        (path, name, info, frozenset(ancestors))
+    ]
+    while todo:
+        path, name, found, above = todo.pop()
+        if found is None:
+            found = os.stat(path, follow_symlinks=False)
+            if follow and stat.S_ISLNK(found.st_mode):
+                # A dangling symlink is copied as the symlink it is.
+                with contextlib.suppress(OSError):
+                    found = os.stat(path)
+        children = _add_one(tree, path, name, found, links, preserve, above)
+        if children:
+            below = above | {(found.st_dev, found.st_ino)}
+            todo.extend(
+                (child.path, f"{name}/{child.name}", None, below) for child in reversed(children)
+            )
+
+
+def _add_one(
+    tree: LocalTree,
+    path: str,
+    name: str,
+    info: os.stat_result,
+    links: dict[tuple[int, int], str],
+    preserve: bool,
+    ancestors: frozenset[tuple[int, int]],
+) -> list[os.DirEntry[str]]:
+    """One entry; a directory's children (sorted by name) are returned, to be added next."""
     mode = info.st_mode
     if stat.S_ISLNK(mode):
         entry = _tar_info(name, info, preserve, tarfile.SYMTYPE)
@@ -106,34 +137,18 @@ def _add(
         tree.files += 1
         tree.entries.append(LocalEntry(entry, path))
     elif stat.S_ISDIR(mode):
-        key = (info.st_dev, info.st_ino)
-        if key in ancestors:  # -L through a symlink to an ancestor: a loop
+        if (info.st_dev, info.st_ino) in ancestors:  # -L through a symlink to an ancestor
             tree.skipped.append(f"{path} (a symlink loop)")
-            return
+            return []
         tree.entries.append(LocalEntry(_tar_info(name, info, preserve, tarfile.DIRTYPE), path))
         try:
-            children = sorted(os.scandir(path), key=lambda child: child.name)
+            return sorted(os.scandir(path), key=lambda child: child.name)
         except OSError as exc:
             raise FileOpError(_os_words(path, exc)) from None
-        for child in children:
-            child_info = os.stat(child.path, follow_symlinks=False)
-            if follow and stat.S_ISLNK(child_info.st_mode):
-                # A dangling symlink is copied as the symlink it is.
-                with contextlib.suppress(OSError):
-                    child_info = os.stat(child.path)
-            _add(
-                tree,
-                child.path,
-                f"{name}/{child.name}",
-                child_info,
-                links,
-                follow,
-                preserve,
-                ancestors | {key},
-            )
     else:
         kind = "socket" if stat.S_ISSOCK(mode) else "FIFO" if stat.S_ISFIFO(mode) else "device"
         tree.skipped.append(f"{path} (a {kind})")
+    return []
 
 
 def _tar_info(name: str, info: os.stat_result, preserve: bool, kind: bytes) -> tarfile.TarInfo:
