@@ -492,6 +492,9 @@ def write_file(channel: Channel, request: FileRequest, path: str) -> None:
     check_expected(path, request.expect_sha256)
     if request.parents:
         os.makedirs(directory, 0o755, exist_ok=True)
+    if os.path.isdir(path) and not os.path.islink(path):
+        # Before any data moves: the rename would fail at the end, naming the temp file.
+        raise OSError(errno.EISDIR, "Is a directory", path)
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     if request.resume_key is not None:
         temp = partial_name(path, request.resume_key)
@@ -639,7 +642,10 @@ def _install(temp: str, path: str, expected: str | None) -> None:
             if code not in (errno.EINVAL, errno.ENOSYS):
                 raise OSError(code, os.strerror(code), path)
     check_expected(path, expected)
-    os.rename(temp, path)
+    try:
+        os.rename(temp, path)
+    except IsADirectoryError:  # one made since the write began: name it, not the temp file
+        raise OSError(errno.EISDIR, "Is a directory", path) from None
 
 
 def _fsync_dir(directory: str) -> None:

@@ -111,6 +111,20 @@ def test_a_sparse_file_stays_sparse_on_the_vault(
             assert handle.read(4) == b"data"
 
 
+def test_a_file_onto_a_directory_of_its_name_names_that_directory(
+    init_process: InitProcess, issuer: OidcIssuer, sides: tuple[Path, Path]
+) -> None:
+    """The error named the vault's temporary file (".flyvault-partial-...: is a
+    directory"), after the whole file had been sent."""
+    here, there = sides
+    (here / "f").write_bytes(b"x" * 1000)
+    (there / "f").mkdir()
+    with pytest.raises(FileOpError) as caught:
+        cp(init_process, issuer, [str(here / "f")], f"dev:{there}")
+    assert caught.value.message == f"{there}/f: is a directory (EISDIR)"
+    assert [p.name for p in there.iterdir()] == ["f"]
+
+
 def test_a_named_fifo_or_device_is_refused_not_read(
     init_process: InitProcess, issuer: OidcIssuer, sides: tuple[Path, Path]
 ) -> None:

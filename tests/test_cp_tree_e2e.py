@@ -239,12 +239,19 @@ def test_a_tree_deeper_than_the_recursion_limit_goes_both_ways(
         os.close(parent)
     os.close(fd)
     (here / "deep" / "/".join(["a"] * depth) / "f").write_bytes(b"bottom")
-    cp(init_process, issuer, [str(here / "deep")], f"dev:{there}", recursive=True)
-    landed = there / "deep" / "/".join(["a"] * depth) / "f"
-    assert landed.read_bytes() == b"bottom"
-    summary = cp(init_process, issuer, [f"dev:{there}/deep"], str(here / "back"), recursive=True)
-    assert summary.dirs == depth + 1
-    assert (here / "back" / "/".join(["a"] * depth) / "f").read_bytes() == b"bottom"
+    try:
+        cp(init_process, issuer, [str(here / "deep")], f"dev:{there}", recursive=True)
+        landed = there / "deep" / "/".join(["a"] * depth) / "f"
+        assert landed.read_bytes() == b"bottom"
+        back = here / "back"
+        summary = cp(init_process, issuer, [f"dev:{there}/deep"], str(back), recursive=True)
+        assert summary.dirs == depth + 1
+        assert (back / "/".join(["a"] * depth) / "f").read_bytes() == b"bottom"
+    finally:
+        # Removed here, by rm (fts walks without recursion): pytest's own clean-up of old
+        # temporary directories (shutil.rmtree) fails on such a chain at the next session.
+        for chain in (here / "deep", there / "deep", here / "back"):
+            subprocess.run(["rm", "-rf", str(chain)], check=True, timeout=60)
 
 
 def test_tree_dst_semantics_both_ways(
