@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from flyvault.client import CopyEndpoint, copy, parse_endpoint
 from flyvault.errors import (
     ConnectionLost,
+    FileOpError,
     IntegrityError,
     NotFoundError,
     UnsafeEntry,
@@ -252,9 +253,23 @@ def test_a_file_over_an_existing_directory_is_refused_and_the_directory_kept(
     dest, _ = area
     (dest / "app" / "data").mkdir(parents=True)
     (dest / "app" / "data" / "keep").write_text("mine")
-    raw = tar_bytes([member("app", tarfile.DIRTYPE), member("app/data", data=b"file")])
-    _refused(raw, area, "app/data", "would replace a directory of the same name")
-    assert (dest / "app" / "data" / "keep").read_text() == "mine"
+    # A conflict with what is here, not a hostile vault: exit 10 naming the local path.
+    for incoming, raw in (
+        ("file", tar_bytes([member("app", tarfile.DIRTYPE), member("app/data", data=b"file")])),
+        (
+            "symlink",
+            tar_bytes([member("app", tarfile.DIRTYPE), member("app/data", tarfile.SYMTYPE)]),
+        ),
+    ):
+        with pytest.raises(FileOpError) as caught:
+            fetch(raw, "/srv/app", dest)
+        assert caught.value.message == (
+            f"{dest}/app/data: a directory of that name is here, and the vault's {incoming} "
+            "would replace it; nothing was removed"
+        )
+        assert caught.value.exit_code == 10
+        assert (dest / "app" / "data" / "keep").read_text() == "mine"
+        assert not any(".fv-part-" in name for name in listing(dest))
 
 
 def test_device_node_is_refused(area: tuple[Path, Path]) -> None:

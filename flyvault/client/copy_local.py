@@ -205,7 +205,7 @@ class LocalTreeWriter:
             elif info.isreg():
                 self._start_file(info, mtime_ns, parent, parts)
             elif info.issym():
-                self._free_name(parent, name, entry)
+                self._free_name(parent, parts, "symlink")
                 os.symlink(info.linkname, name, dir_fd=parent)
                 self._metadata(info, mtime_ns, name=name, dir_fd=parent, link=True)
                 self.counts.symlinks += 1
@@ -266,14 +266,15 @@ class LocalTreeWriter:
         self._dirs[parts] = child
         return child
 
-    def _free_name(self, parent: int, name: str, entry: str) -> None:
-        """Make room for a non-directory ``name``: an old file or symlink goes, a dir stays."""
+    def _free_name(self, parent: int, parts: tuple[str, ...], incoming: str) -> None:
+        """Make room for a non-directory: an old file or symlink goes, a dir stays."""
+        name = parts[-1]
         try:
             info = os.stat(name, dir_fd=parent, follow_symlinks=False)
         except FileNotFoundError:
             return
         if stat.S_ISDIR(info.st_mode):
-            raise refuse(entry, "it would replace a directory of the same name")
+            raise _in_the_way(os.path.join(self.destination, *parts), "a directory", incoming)
         os.unlink(name, dir_fd=parent)
 
     def _directory(self, parent: int, parts: tuple[str, ...], entry: str) -> None:
@@ -306,14 +307,14 @@ class LocalTreeWriter:
         pending, self._pending = self._pending, None
         assert pending is not None
         fd = pending.writer.fd
-        entry = pending.info.name
         try:
             self._metadata(pending.info, pending.mtime_ns, fd=fd, mode_set=pending.mode_set)
             name = pending.parts[-1]
             try:
                 os.rename(pending.temp, name, src_dir_fd=pending.parent, dst_dir_fd=pending.parent)
             except IsADirectoryError:  # rename(2) never replaces a directory with a file
-                raise refuse(entry, "it would replace a directory of the same name") from None
+                here = os.path.join(self.destination, *pending.parts)
+                raise _in_the_way(here, "a directory", "file") from None
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -333,7 +334,7 @@ class LocalTreeWriter:
                 f"it is a hardlink to {info.linkname!r}, which is not a file of this copy",
             )
         target_parent = self._dir_fd(target[:-1], entry)
-        self._free_name(parent, parts[-1], entry)
+        self._free_name(parent, parts, "hardlink")
         os.link(
             target[-1],
             parts[-1],
@@ -399,12 +400,15 @@ class _Pending:
     mode_set: bool = False
 
 
-def _in_the_way(path: str, what: str) -> VaultError:
+def _in_the_way(path: str, what: str, incoming: str = "directory") -> VaultError:
+    """A local entry the vault's would replace, which a copy does not do (cp -r refuses
+    to overwrite a directory with a non-directory, or the other way): a conflict here,
+    not a hostile vault."""
     from flyvault.errors import FileOpError
 
     return FileOpError(
-        f"{path}: {what} of that name is here, and the vault's directory would replace it; "
-        "nothing was removed (cp -r: cannot overwrite non-directory with directory)",
+        f"{path}: {what} of that name is here, and the vault's {incoming} would replace it; "
+        "nothing was removed",
         hint="move or remove it, or copy to another DST",
     )
 
