@@ -92,14 +92,19 @@ class CopyProgressBar:
             self._shown = False
 
 
+#: Before this much of a copy has run, its rate says little (the connection, the first
+#: round trip): no ETA is shown rather than one of days.
+ETA_AFTER = 1.0
+
+
 def render_copy(progress: Any, elapsed: float) -> str:
     done, total = progress.bytes_done, progress.bytes_total
     rate = done / elapsed if elapsed > 0 else 0.0
     text = f"{done / 1e6:8.1f}"
     if total:
-        eta = (total - done) / rate if rate > 0 else 0.0
+        eta = f"{max((total - done) / rate, 0.0):4.0f}" if rate and elapsed >= ETA_AFTER else "  --"
         text += f" / {total / 1e6:.1f} MB {100.0 * done / total:5.1f}%"
-        text += f"  {rate / 1e6:6.1f} MB/s  ETA {max(eta, 0.0):4.0f} s"
+        text += f"  {rate / 1e6:6.1f} MB/s  ETA {eta} s"
     else:
         text += f" MB  {rate / 1e6:6.1f} MB/s"
     files = f"{progress.files_done}"
