@@ -169,6 +169,10 @@ def test_remote_dst_semantics(
     with pytest.raises(Exception, match="no such directory on the vault"):
         cp(init_process, issuer, [str(here / "a")], f"dev:{there}/nodir/")
     assert os.listdir(there) == []
+    (there / "file").write_bytes(b"f")  # a file named as a directory: the kernel's ENOTDIR
+    with pytest.raises(FileOpError, match=r"file/: not a directory on the vault \(ENOTDIR\)"):
+        cp(init_process, issuer, [str(here / "a")], f"dev:{there}/file/")
+    assert os.listdir(there) == ["file"]
 
 
 def test_standard_input_and_output(

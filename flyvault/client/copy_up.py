@@ -65,6 +65,8 @@ async def upload(
                 f"{dest}: not a directory on the vault; several sources need an existing "
                 "directory as DST"
             )
+        if dest.endswith("/") and info is not None:
+            raise FileOpError(f"{dest}: not a directory on the vault (ENOTDIR)")
         if dest.endswith("/"):
             raise NotFoundError(f"{dest}: no such directory on the vault (ENOENT)")
         into, new_names = posixpath.dirname(target) or ".", [posixpath.basename(target)]
