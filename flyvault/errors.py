@@ -242,6 +242,10 @@ class TargetUnreachable(RemoteError):
     out); the message says which target and why."""
 
     code = ErrorCode.CONNECT_FAILED
+    remote_hint = (
+        "the address is as the vault sees it: is a server listening there? "
+        "(fly-vault exec VAULT -- ss -ltn)"
+    )
 
 
 class PathNotFound(NotFoundError):

@@ -207,12 +207,17 @@ def test_a_target_that_resets_is_named_and_is_not_a_lost_vault(vault: str) -> No
     of a lost connection to the vault."""
 
     def reset(conn: socket.socket) -> None:
+        # Our bytes arrived: the vault's connect is complete (a reset before that is a
+        # failed connect, "cannot connect to ...", another error).
+        assert conn.recv(2) == b"hi"
         conn.sendall(b"some")
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
     with target(reset) as server:
         proc = pipe(f"127.0.0.1:{server.port}")
         assert proc.stdin is not None and proc.stderr is not None
+        proc.stdin.write(b"hi")
+        proc.stdin.flush()
         try:
             assert proc.wait(timeout=60) == 10  # stdin still open: the reset ended it
             err = proc.stderr.read().decode()
