@@ -114,7 +114,7 @@ def tar_get(
     try:
         for top in paths:
             os.stat(top)  # a missing top is an error naming it
-            # A symlink named as a top is followed, as cp -r and scp -r follow it.
+            # A symlink named as a top is followed, as scp -r follows it (and uploads).
             _add(walk, top, os.path.basename(top.rstrip("/")) or ".")
     except Exception:
         # The files that ended before the error still land, verified (their digests were

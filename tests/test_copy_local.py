@@ -13,7 +13,9 @@ import asyncio
 import hashlib
 import io
 import os
+import shutil
 import stat
+import subprocess
 import tarfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -270,6 +272,35 @@ def test_a_file_over_an_existing_directory_is_refused_and_the_directory_kept(
         assert caught.value.exit_code == 10
         assert (dest / "app" / "data" / "keep").read_text() == "mine"
         assert not any(".fv-part-" in name for name in listing(dest))
+
+
+def test_a_name_sent_twice_is_the_vaults_doing_not_a_local_conflict(
+    area: tuple[Path, Path],
+) -> None:
+    """A symlink, then a directory of the same name: refused as unsafe (exit 7), as before
+    a local entry in the way became a conflict of its own (exit 10)."""
+    dest, _ = area
+    for first, second in (
+        (member("app/x", tarfile.SYMTYPE, linkname="/outside"), member("app/x", tarfile.DIRTYPE)),
+        (member("app/x", tarfile.DIRTYPE), member("app/x", data=b"file")),
+    ):
+        shutil.rmtree(dest / "app", ignore_errors=True)
+        raw = tar_bytes([member("app", tarfile.DIRTYPE), first, second])
+        _refused(raw, area, "app/x", "this copy made again")
+
+
+def test_an_entry_a_thousand_levels_below_anything_listed_is_no_recursion_error(
+    area: tuple[Path, Path],
+) -> None:
+    dest, _ = area
+    deep = "app/" + "/".join(["d"] * 1500) + "/f"
+    try:
+        fetch(
+            tar_bytes([member("app", tarfile.DIRTYPE), member(deep, data=b"x")]), "/srv/app", dest
+        )
+        assert (dest / deep).read_bytes() == b"x"
+    finally:
+        subprocess.run(["rm", "-rf", str(dest / "app")], check=True, timeout=60)
 
 
 def test_device_node_is_refused(area: tuple[Path, Path]) -> None:

@@ -712,6 +712,12 @@ def test_a_users_large_file_lands_under_its_read_only_directory(
             assert (landed / "ro" / "deeper" / "big2").read_bytes() == data
             for directory in (landed / "ro", landed / "ro" / "deeper"):
                 assert stat.S_IMODE(directory.stat().st_mode) == 0o555
+        # A large file that fails (a directory where it goes) leaves the modes restored.
+        (shared_dir / "f" / "P" / "ro" / "big").mkdir(parents=True)
+        with pytest.raises(FileOpError, match="is a directory"):
+            cp(init_process, issuer, [str(tree)], f"dev:{shared_dir}/f", recursive=True)
+        for directory in (shared_dir / "f" / "P" / "ro", shared_dir / "f" / "P" / "ro" / "deeper"):
+            assert stat.S_IMODE(directory.stat().st_mode) == 0o555
     finally:
         for directory in (tree / "ro", tree / "ro" / "deeper"):
             directory.chmod(0o755)

@@ -95,6 +95,8 @@ class LocalTreeWriter:
         self._dirs: dict[tuple[str, ...], int] = {}
         self._deferred: dict[tuple[str, ...], tuple[tarfile.TarInfo, int]] = {}
         self._files: set[tuple[str, ...]] = set()
+        #: Entries this copy made (not the user's): one in the way is the vault's doing.
+        self._created: set[tuple[str, ...]] = set()
         self._pending: _Pending | None = None
         self._nonce = secrets.token_hex(8)
         self._made = 0
@@ -207,6 +209,7 @@ class LocalTreeWriter:
             elif info.issym():
                 self._free_name(parent, parts, "symlink")
                 os.symlink(info.linkname, name, dir_fd=parent)
+                self._created.add(parts)
                 self._metadata(info, mtime_ns, name=name, dir_fd=parent, link=True)
                 self.counts.symlinks += 1
             else:
@@ -243,19 +246,25 @@ class LocalTreeWriter:
             )
 
     def _dir_fd(self, parts: tuple[str, ...], entry: str) -> int:
-        """The directory ``parts`` under DST, never reached through a symlink."""
-        if not parts:
-            return self._root_fd
-        cached = self._dirs.get(parts)
-        if cached is not None:
-            return cached
-        fd = self._dir_fd(parts[:-1], entry)
+        """The directory ``parts`` under DST, never reached through a symlink: from the
+        deepest one already open, down a level at a time (no recursion: a hostile stream
+        may name an entry a thousand levels below anything it listed)."""
+        known = len(parts)
+        while known and parts[:known] not in self._dirs:
+            known -= 1
+        fd = self._dirs[parts[:known]] if known else self._root_fd
+        for level in range(known + 1, len(parts) + 1):
+            fd = self._open_dir(fd, parts[:level], entry)
+        return fd
+
+    def _open_dir(self, parent: int, parts: tuple[str, ...], entry: str) -> int:
         try:
-            child = os.open(parts[-1], DIR_FLAGS, dir_fd=fd)
+            child = os.open(parts[-1], DIR_FLAGS, dir_fd=parent)
         except FileNotFoundError:
             # A parent the stream did not list: made like tar does, then opened safely.
-            os.mkdir(parts[-1], 0o755, dir_fd=fd)
-            child = os.open(parts[-1], DIR_FLAGS, dir_fd=fd)
+            os.mkdir(parts[-1], 0o755, dir_fd=parent)
+            self._created.add(parts)
+            child = os.open(parts[-1], DIR_FLAGS, dir_fd=parent)
         except OSError as exc:
             if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
                 raise
@@ -274,21 +283,29 @@ class LocalTreeWriter:
         except FileNotFoundError:
             return
         if stat.S_ISDIR(info.st_mode):
-            raise _in_the_way(os.path.join(self.destination, *parts), "a directory", incoming)
+            raise self._conflict(parts, "a directory", incoming)
         os.unlink(name, dir_fd=parent)
 
     def _directory(self, parent: int, parts: tuple[str, ...], entry: str) -> None:
         name = parts[-1]
         try:
             os.mkdir(name, 0o700, dir_fd=parent)
+            self._created.add(parts)
         except FileExistsError:
             info = os.stat(name, dir_fd=parent, follow_symlinks=False)
             if not stat.S_ISDIR(info.st_mode):
                 # As cp -r and tar refuse: it may be the user's own file (DST itself).
                 kind = "a file" if stat.S_ISREG(info.st_mode) else "an entry"
-                here = os.path.join(self.destination, *parts)
-                raise _in_the_way(here, kind) from None
+                raise self._conflict(parts, kind, "directory") from None
         self._dir_fd(parts, entry)
+
+    def _conflict(self, parts: tuple[str, ...], what: str, incoming: str) -> VaultError:
+        """An entry in the way: one this copy made is the vault naming a path twice (as a
+        symlink, then as a directory: refused as any unsafe entry); one that was here
+        before is the user's, kept (``_in_the_way``)."""
+        if parts in self._created or parts in self._files:
+            return refuse("/".join(parts), f"it names {what} this copy made again, as a {incoming}")
+        return _in_the_way(os.path.join(self.destination, *parts), what, incoming)
 
     def _start_file(
         self, info: tarfile.TarInfo, mtime_ns: int, parent: int, parts: tuple[str, ...]
@@ -313,8 +330,8 @@ class LocalTreeWriter:
             try:
                 os.rename(pending.temp, name, src_dir_fd=pending.parent, dst_dir_fd=pending.parent)
             except IsADirectoryError:  # rename(2) never replaces a directory with a file
-                here = os.path.join(self.destination, *pending.parts)
-                raise _in_the_way(here, "a directory", "file") from None
+                raise self._conflict(pending.parts, "a directory", "file") from None
+            self._created.add(pending.parts)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):

@@ -63,7 +63,7 @@ def scan(
     links: dict[tuple[int, int], str] = {}
     for path, name in paths:
         try:
-            # A symlink named on the command line is followed, as cp and scp do.
+            # A symlink named on the command line is followed, as scp does (cp -r: with -H).
             info = os.stat(path)
         except FileNotFoundError:
             raise NotFoundError(f"{path}: no such file or directory (ENOENT)") from None

@@ -11,6 +11,7 @@ after the prefix the vault verified. With ``-r`` everything goes as one tar stre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import hashlib
 import os
@@ -225,9 +226,7 @@ async def _upload_tree(
     tracker.progress.bytes_total = tree.bytes
     tracker.progress.files_total = tree.files
     small, large = split_large(tree)
-    # The mode the vault gives a directory: all its bits only with -p (and as root).
-    mask = 0o7777 if options.preserve else 0o1777
-    small, locked = _writable_until_large_files_land(small, large, mask)
+    small, locked = _writable_until_large_files_land(small, large)
     base = tracker.progress.bytes_done, tracker.progress.files_done
     for attempt in range(MAX_ATTEMPTS):
         tracker.progress.bytes_done, tracker.progress.files_done = base
@@ -243,11 +242,18 @@ async def _upload_tree(
         except Exception as exc:
             if not _retryable(exc) or attempt == MAX_ATTEMPTS - 1:
                 raise
-    for entry in large:
-        target = posixpath.join(into, entry.info.name)
-        await _upload_file(files, entry.path, target, options, tracker, counted=True)
-    for name, mode in locked:  # deepest first: a parent's mode must not shut out its child
-        await files.chmod(posixpath.join(into, name), mode)
+    try:
+        for entry in large:
+            target = posixpath.join(into, entry.info.name)
+            await _upload_file(files, entry.path, target, options, tracker, counted=True)
+    except BaseException:
+        if locked:  # best effort: the connection may be what failed
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(LOCK_AGAIN_WAIT):
+                    await _lock_again(files, into, locked, options)
+        raise
+    if locked:
+        await _lock_again(files, into, locked, options)
     if options.preserve:
         await _restore_dir_mtimes(files, into, tree, large)
     return tracker.summary(
@@ -255,34 +261,50 @@ async def _upload_tree(
     )
 
 
+#: How long a failed upload tries to give its opened directories their modes back.
+LOCK_AGAIN_WAIT = 10.0
+
+
 def _writable_until_large_files_land(
-    small: LocalTree, large: list[LocalEntry], mask: int
-) -> tuple[LocalTree, list[tuple[str, int]]]:
+    small: LocalTree, large: list[LocalEntry]
+) -> tuple[LocalTree, list[LocalEntry]]:
     """The stream sets a directory's mode when it ends, before the large files go: a
     directory above one that its owner may not write or enter (0555, a user's read-only
     tree) would refuse them (EACCES, and again on every retry). Such directories go with
-    u+rwx, and get their own mode back once the large files are in: (name, mode) of
-    each, deepest first."""
+    u+rwx; the entries returned (their own modes, parents first) go again once the large
+    files are in (``_lock_again``)."""
     above: set[str] = set()
     for entry in large:
         name = posixpath.dirname(entry.info.name)
         while name and name not in above:
             above.add(name)
             name = posixpath.dirname(name)
-    locked: list[tuple[str, int]] = []
+    locked: list[LocalEntry] = []
     entries: list[LocalEntry] = []
     for entry in small.entries:
         info = entry.info
         if info.type == tarfile.DIRTYPE and info.name in above and info.mode & 0o700 != 0o700:
-            locked.append((info.name, info.mode & mask))
+            locked.append(entry)
             opened = copy.copy(info)
             opened.mode = info.mode | 0o700
             entry = LocalEntry(opened, entry.path)
         entries.append(entry)
     if not locked:
         return small, []
-    locked.sort(key=lambda item: item[0].count("/"), reverse=True)
     return replace(small, entries=entries), locked
+
+
+async def _lock_again(files: Any, into: str, locked: list[LocalEntry], options: _Options) -> None:
+    """The opened directories' own modes (and, with -p, mtimes), set by a second stream of
+    their headers alone: the vault applies them as it did the first's (its rules for the
+    mode's bits, directory descriptors that follow no symlink), not a chmod by path."""
+    from . import files as files_module
+
+    def ignore(_: object) -> None:
+        pass
+
+    pieces = tree_pieces(LocalTree(entries=list(locked)), files_module.MemberDigest, ignore, ignore)
+    await files.tar_put(into, pieces, preserve=options.preserve)
 
 
 def split_large(tree: LocalTree) -> tuple[LocalTree, list[LocalEntry]]:
