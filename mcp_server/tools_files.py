@@ -302,6 +302,11 @@ def _tail(
     ``cut``: its one line is only the end of a line longer than MAX_BYTES. Fewer lines
     than ``asked``, with lines before them: the result says where the rest is. More than
     ``limit``: the first ``limit`` of them, and where the later ones are."""
+    if skipped is None and limit is not None and limit < asked and 0 < len(lines) < asked:
+        # A big file's tail whose lines asked for begin before the last MAX_BYTES: the
+        # window of ``limit`` from there is not in what was read. Say where it is instead
+        # of showing later lines as if they were it.
+        lines = []
     shown = lines if limit is None else lines[:limit]
     result = _text(vault, path, size, digest, shown, skipped, total)
     later = len(lines) - len(shown)
@@ -326,7 +331,7 @@ def _tail(
             f"the {earlier} lines before did not fit in {MAX_BYTES} bytes: "
             f"read_file(offset={skipped - earlier}, limit={earlier})"
         )
-    elif missing > 0 and skipped is None and len(lines) and size > MAX_BYTES:
+    elif missing > 0 and skipped is None and size > MAX_BYTES:
         step = (
             f"earlier lines lie before the last {MAX_BYTES} bytes this reads of a big file: "
             f"exec tail -n {asked} {path}"

@@ -74,3 +74,19 @@ def test_a_file_written_through_every_read_is_returned_with_a_warning() -> None:
     assert warned is not None and "may mix old and new bytes" in warned
     more = _mixed(result.model_copy(update={"next_step": "more: read_file(offset=1)"}), True)
     assert more.next_step is not None and more.next_step.endswith("; more: read_file(offset=1)")
+
+
+def test_a_big_files_tail_window_before_what_was_read_is_not_faked() -> None:
+    """offset=-50, limit=10 of a big file whose last 128 KiB hold 30 lines showed the 30th
+    to 21st last lines as if they were the 50th to 41st."""
+    from flyvault.mcp_server.tools_files import MAX_BYTES, _tail
+
+    lines = [b"line %d\n" % n for n in range(30)]
+    result = _tail("dev", "/big", 10 * MAX_BYTES, "0" * 64, lines, None, None, 50, False, 10)
+    assert result.content == "" and result.lines == 0 and result.truncated is True
+    assert result.next_step is not None
+    assert "exec tail -n 50 /big | head -n 10" in result.next_step
+    last = lines[10:]  # what tail_lines picks for 20
+    whole = _tail("dev", "/big", 10 * MAX_BYTES, "0" * 64, last, None, None, 20, False, 5)
+    assert whole.content == "".join(f"line {n}\n" for n in range(10, 15))
+    assert whole.next_offset == -15 and whole.next_step == "more: read_file(offset=-15)"
