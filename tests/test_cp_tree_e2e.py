@@ -218,6 +218,8 @@ def test_the_vaults_home_as_dot_arrives_under_its_own_name(
         assert (here / "someone" / "proj" / "f").read_bytes() == b"f"
         cp(init, issuer, ["dev:"], str(here / "new"), recursive=True)
         assert (here / "new" / "proj" / "f").read_bytes() == b"f"
+        cp(init, issuer, ["dev:.."], str(here / "up"), recursive=True)  # home's parent
+        assert (here / "up" / "someone" / "proj" / "f").read_bytes() == b"f"
     finally:
         init.stop()
     with pytest.raises(UsageError, match="whole / is not supported"):

@@ -264,13 +264,14 @@ def _remote_path(path: str) -> str:
 
 
 async def _named(files: Any, path: str) -> str:
-    """A tree's SRC as the vault names it: ``.`` (the user's home, ``VAULT:``) is the
-    directory it is, so that it arrives under its own name, as ``cp -r /root DST`` would."""
-    if path != ".":
+    """A tree's SRC as the vault names it: ``.`` (the user's home, ``VAULT:``) or ``..`` is
+    the directory it is, so that it arrives under its own name, as ``cp -r /root DST``
+    would."""
+    if posixpath.basename(path) not in (".", ".."):
         return path  # "/" was refused by check_endpoints
     resolved = str((await files.stat(path, follow=True)).path)
-    if resolved in (".", "/"):
-        raise UsageError(f"'.' is {resolved!r} on the vault: name the directory to copy")
+    if posixpath.basename(resolved) in ("", ".", ".."):
+        raise UsageError(f"{path!r} is {resolved!r} on the vault: name the directory to copy")
     return resolved
 
 
