@@ -211,7 +211,7 @@ class WorkloadEntry:
                 except OSError as exc:
                     if strict:
                         fail(
-                            f"cannot change directory to {cwd!r}: {exc.strerror or exc}",
+                            f"cannot change directory to {quoted(cwd)}: {exc.strerror or exc}",
                             shell_status(exc),
                         )
                     os.chdir("/")

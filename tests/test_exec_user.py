@@ -171,6 +171,9 @@ def test_a_lone_surrogate_is_no_byte_and_is_refused_before_connecting() -> None:
             ExecRequest(session_id="s", **fields)  # type: ignore[arg-type]
     # A byte that is not UTF-8 (surrogateescape) is a byte, and counts as one.
     ExecRequest(session_id="s", argv=("echo", "caf\udce9"), env=(("X", "\udcff"),))
+    # A context is a label, not a command line's bytes: text only (it crashed the client).
+    with pytest.raises(UsageError, match="context is not UTF-8 text"):
+        ExecRequest(session_id="s", argv=("true",), context="c\udce9")
 
 
 @needs_root

@@ -27,7 +27,7 @@ from flyvault.cli.terminal import (
 )
 from flyvault.client.exec_request import failure_status
 from flyvault.errors import TransportError, UsageError, VaultError
-from flyvault.redact import printable
+from flyvault.redact import outgoing, printable
 
 # asyncio is imported where a direct connection is made: exec, list-exec and kill through
 # the connection keeper (flyvault.cli.mux) must not load it.
@@ -466,7 +466,7 @@ def run_list_exec(args: argparse.Namespace) -> int:
         vault_config = _load(args.vault)
         sessions = asyncio.run(_with_vault(vault_config, lambda v: v.list_sessions()))
     if args.json:
-        print(json.dumps(sessions, indent=2))
+        print(json.dumps(outgoing(sessions), indent=2))  # \xNN for bytes that are not UTF-8
         return 0
     if not sessions:
         print("no exec sessions")

@@ -196,9 +196,9 @@ class ExecRequest:
         valid_session_id(self.session_id)
         if self.argv is not None:
             _check_argv(self.argv, self.shell)
-        _check_text("context", self.context, MAX_CONTEXT_LENGTH)
+        _check_text("context", self.context, MAX_CONTEXT_LENGTH, command_bytes=False)
         _check_text("cwd", self.cwd, MAX_PATH_LENGTH)
-        _check_text("term", self.term, MAX_TERM_LENGTH)
+        _check_text("term", self.term, MAX_TERM_LENGTH, command_bytes=False)
         _check_env(self.env)
         _usage(check_cwd, self.cwd)
         _usage(check_user, self.user)
@@ -292,15 +292,22 @@ def _usage(check: Callable[[T], object], value: T | None) -> None:
         raise UsageError(f"exec request: {exc.message}") from None
 
 
-def _check_text(what: str, text: str | None, limit: int) -> None:
-    """Lengths as the wire counts them (UTF-8 bytes); a NUL would cut the string in exec."""
+def _check_text(what: str, text: str | None, limit: int, *, command_bytes: bool = True) -> None:
+    """Lengths as the wire counts them (UTF-8 bytes); a NUL would cut the string in exec.
+    ``command_bytes``: a command line's field (an argument, the directory, a value), whose
+    bytes need not be UTF-8; the others (a context label, TERM) are text."""
     if text is None:
         return
     if "\0" in text:
         raise UsageError(f"exec request: {what} contains a NUL byte")
     try:
-        size = len(text.encode("utf-8", COMMAND_BYTES))  # bytes that are not UTF-8 go as is
+        size = len(text.encode("utf-8", COMMAND_BYTES if command_bytes else "strict"))
     except UnicodeEncodeError:
+        if not command_bytes:
+            raise UsageError(
+                f"exec request: {what} is not UTF-8 text",
+                hint="give it in UTF-8 (a context is a label shown by list-exec)",
+            ) from None
         raise UsageError(
             f"exec request: {what} holds a lone surrogate (U+D800-U+DFFF), which is not "
             "text and stands for no byte",
