@@ -489,7 +489,9 @@ class SessionRegistry:
             if policy.entry is not None:
                 # The login's home unless the request names a directory (which must exist).
                 home = account.home if account is not None else "/"
-                _start_in(env, explicit, cwd or home)
+                # The entry starts in "/" when the home is missing: PWD says where it is.
+                start = cwd or (home if policy.exists is None or policy.exists(home) else "/")
+                _start_in(env, explicit, start)
                 entry = policy.entry(cwd or home, cwd is not None, switch)
             else:
                 if switch is not None and cwd is None:  # the login's home, if it has one

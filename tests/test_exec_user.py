@@ -294,7 +294,7 @@ def test_client_never_sends_a_user_to_an_older_server() -> None:
 
 # VM mode --------------------------------------------------------------------------------
 
-APPLETS = ("sh", "id", "echo", "cat", "ls", "true")
+APPLETS = ("sh", "id", "echo", "cat", "ls", "true", "env")
 
 
 def _rootfs(path: Path) -> Path:
@@ -310,7 +310,8 @@ def _rootfs(path: Path) -> Path:
             directory("etc"),
             regular(
                 "etc/passwd",
-                b"root:x:0:0:root:/root:/bin/sh\ndev:x:1000:1000::/home/dev:/bin/sh\n",
+                b"root:x:0:0:root:/root:/bin/sh\ndev:x:1000:1000::/home/dev:/bin/sh\n"
+                b"gone:x:1001:1001::/home/gone:/bin/sh\n",
             ),
             regular(
                 "etc/group", b"root:x:0:\ndev:x:1000:\nwheel:x:10:root,dev\ndocker:x:999:dev\n"
@@ -355,6 +356,12 @@ def test_vm_mode_runs_as_an_account_of_the_images_passwd(vm_vault: str) -> None:
     assert (elsewhere.returncode, elsewhere.stdout) == (0, "/srv\n"), elsewhere.stderr
     root = fv("exec", vm_vault, "--", "sh", "-c", "id -un; pwd")
     assert (root.returncode, root.stdout.split()) == (0, ["root", "/root"]), root.stderr
+    # A home that is missing: the command starts in /, and PWD says so (env: no shell to
+    # correct it). It said the missing home.
+    gone = fv("exec", vm_vault, "--user", "gone", "--", "env")
+    assert gone.returncode == 0, gone.stderr
+    assert "PWD=/" in gone.stdout.splitlines(), gone.stdout
+    assert "OLDPWD" not in gone.stdout
 
     unknown = fv("exec", vm_vault, "--user", "ghost", "--", "true")
     assert unknown.returncode == 255
